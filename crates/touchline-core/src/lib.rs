@@ -1,0 +1,25 @@
+//! Touchline's domain, free of I/O: the identifiers, the touchpoint and its validation, the
+//! envelope that travels through Kafka, the projection folds, and the store trait that the
+//! storage adapters implement.
+//!
+//! Everything here is plain data and pure functions so that the folds can be property-tested and
+//! replayed anywhere; tonic, prost, rdkafka and sled live in the adapter crates.
+
+pub mod envelope;
+pub mod fold;
+pub mod ids;
+pub mod store;
+pub mod time;
+pub mod touchpoint;
+pub mod validate;
+
+pub use envelope::{Envelope, LogPosition, TimelineEntry};
+pub use fold::{CustomerSummary, apply_summary};
+pub use ids::{CustomerId, EventId, EventType, IdError, PartnerId};
+pub use store::{
+    ApplyOutcome, ConsumedRecord, EventStore, RecordContent, StoreError, StreamIdentity,
+    TimelineCursor, TimelineFilter, TimelinePage, TimelineQuery,
+};
+pub use time::UnixNanos;
+pub use touchpoint::{Channel, JourneyStage, Outcome, Sentiment, Touchpoint};
+pub use validate::{Limits, RawTouchpoint, RejectReason, Rejection, validate, validate_batch};

@@ -1,0 +1,167 @@
+//! The store that holds the log and its projections, as a trait so that storage engines can be
+//! swapped and measured against each other. The sled implementation lives in
+//! `touchline-projection`.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::{
+    CustomerId, CustomerSummary, Envelope, JourneyStage, PartnerId, TimelineEntry, UnixNanos,
+};
+
+/// The Kafka stream a set of stored positions belongs to: the cluster id and the topic. When it
+/// changes (a new broker, a recreated topic, the embedded broker's every start) stored offsets
+/// mean nothing and the projector reads the new stream from its beginning.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct StreamIdentity {
+    pub cluster_id: String,
+    pub topic: String,
+}
+
+impl StreamIdentity {
+    /// A stable textual key for storage.
+    #[must_use]
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.cluster_id, self.topic)
+    }
+}
+
+/// One record as consumed from Kafka.
+#[derive(Debug, Clone)]
+pub struct ConsumedRecord {
+    pub partition: i32,
+    pub offset: i64,
+    pub content: RecordContent,
+}
+
+/// A consumed record is either a decoded event (kept with its raw bytes, which the log stores
+/// as the system of record) or something that could not be decoded.
+#[derive(Debug, Clone)]
+pub enum RecordContent {
+    Event {
+        envelope: Box<Envelope>,
+        raw: Vec<u8>,
+    },
+    Undecodable {
+        reason: String,
+        key: Option<Vec<u8>>,
+        value: Option<Vec<u8>>,
+    },
+}
+
+/// What applying one batch did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ApplyOutcome {
+    /// Events appended to the log and projected.
+    pub appended: u64,
+    /// Events dropped because their (partner, event id) was already in the log.
+    pub duplicates: u64,
+    /// Records that went to the dead-letter store.
+    pub dead_lettered: u64,
+    /// The next offset to read per partition, as stored with the batch.
+    pub next_offsets: BTreeMap<i32, i64>,
+}
+
+/// A position in a timeline: the order key of the last entry returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct TimelineCursor {
+    pub occurred_at: UnixNanos,
+    pub sequence: u64,
+}
+
+/// Which entries of a timeline to return. Empty sets mean "all".
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TimelineFilter {
+    /// Inclusive lower bound on `occurred_at`.
+    pub from: Option<UnixNanos>,
+    /// Exclusive upper bound on `occurred_at`.
+    pub to: Option<UnixNanos>,
+    pub partners: BTreeSet<PartnerId>,
+    pub event_types: BTreeSet<String>,
+    pub stages: BTreeSet<JourneyStage>,
+}
+
+impl TimelineFilter {
+    #[must_use]
+    pub fn matches(&self, entry: &TimelineEntry) -> bool {
+        let occurred_at = entry.touchpoint.occurred_at;
+        self.from.is_none_or(|from| occurred_at >= from)
+            && self.to.is_none_or(|to| occurred_at < to)
+            && (self.partners.is_empty() || self.partners.contains(&entry.partner_id))
+            && (self.event_types.is_empty()
+                || self
+                    .event_types
+                    .contains(entry.touchpoint.event_type.as_str()))
+            && (self.stages.is_empty() || self.stages.contains(&entry.touchpoint.stage))
+    }
+}
+
+/// A page request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TimelineQuery {
+    pub customer_id: CustomerId,
+    pub page_size: usize,
+    /// Return entries strictly after this cursor.
+    pub after: Option<TimelineCursor>,
+    pub filter: TimelineFilter,
+}
+
+/// A page of a timeline. `next` is set when more entries may follow.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TimelinePage {
+    pub entries: Vec<TimelineEntry>,
+    pub next: Option<TimelineCursor>,
+}
+
+/// Why the store failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("stored {what} at key {key} cannot be decoded: {reason}")]
+    Corrupt {
+        what: &'static str,
+        key: String,
+        reason: String,
+    },
+    #[error("storage backend failed: {0}")]
+    Backend(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+/// The log and its projections. Implementations must make [`EventStore::apply`] atomic: log
+/// appends, dedupe markers, projection updates, dead letters and positions of one batch are
+/// stored together or not at all (invariant 6).
+pub trait EventStore: Send + Sync + std::fmt::Debug {
+    /// Applies a batch of consumed records of `stream`: appends new events to the log, drops
+    /// duplicates of (partner, event id), updates the projections, keeps undecodable records as
+    /// dead letters, and stores the next offset of each partition, all in one atomic write.
+    ///
+    /// # Errors
+    /// When the backend fails; then nothing of the batch is stored.
+    fn apply(
+        &self,
+        stream: &StreamIdentity,
+        records: Vec<ConsumedRecord>,
+    ) -> Result<ApplyOutcome, StoreError>;
+
+    /// The next offset to read per partition of `stream`; empty when the stream is new.
+    ///
+    /// # Errors
+    /// When the backend fails or a stored position is corrupt.
+    fn next_offsets(&self, stream: &StreamIdentity) -> Result<BTreeMap<i32, i64>, StoreError>;
+
+    /// A page of a customer's timeline.
+    ///
+    /// # Errors
+    /// When the backend fails or an entry is corrupt.
+    fn timeline(&self, query: &TimelineQuery) -> Result<TimelinePage, StoreError>;
+
+    /// A customer's summary; `None` for a customer without touchpoints.
+    ///
+    /// # Errors
+    /// When the backend fails or the summary is corrupt.
+    fn summary(&self, customer_id: &CustomerId) -> Result<Option<CustomerSummary>, StoreError>;
+
+    /// Makes every applied batch durable (fsync).
+    ///
+    /// # Errors
+    /// When the backend fails to sync.
+    fn flush(&self) -> Result<(), StoreError>;
+}

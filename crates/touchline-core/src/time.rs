@@ -1,0 +1,191 @@
+//! Event time: nanoseconds since the Unix epoch.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+/// An instant as nanoseconds since 1970-01-01T00:00:00Z. `i64` covers 1677..2262, wider than any
+/// touchpoint Touchline accepts (1970 up to a few minutes from now).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct UnixNanos(pub i64);
+
+const NANOS_PER_SECOND: i64 = 1_000_000_000;
+
+impl UnixNanos {
+    /// The current wall clock time.
+    #[must_use]
+    pub fn now() -> Self {
+        let since_epoch = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        Self(i64::try_from(since_epoch.as_nanos()).unwrap_or(i64::MAX))
+    }
+
+    /// Builds an instant from protobuf-style seconds and nanos; `None` when out of range.
+    #[must_use]
+    pub fn from_parts(seconds: i64, nanos: i32) -> Option<Self> {
+        if !(0..NANOS_PER_SECOND).contains(&i64::from(nanos)) {
+            return None;
+        }
+        seconds
+            .checked_mul(NANOS_PER_SECOND)
+            .and_then(|total| total.checked_add(i64::from(nanos)))
+            .map(Self)
+    }
+
+    /// Splits into protobuf-style seconds and nanos (nanos always in `0..1e9`).
+    #[must_use]
+    pub fn to_parts(self) -> (i64, i32) {
+        let seconds = self.0.div_euclid(NANOS_PER_SECOND);
+        let nanos = i32::try_from(self.0.rem_euclid(NANOS_PER_SECOND)).unwrap_or_default();
+        (seconds, nanos)
+    }
+
+    #[must_use]
+    pub fn saturating_add_nanos(self, nanos: i64) -> Self {
+        Self(self.0.saturating_add(nanos))
+    }
+
+    /// Formats as RFC 3339 UTC with millisecond precision, for people.
+    #[must_use]
+    pub fn to_rfc3339(self) -> String {
+        let (seconds, nanos) = self.to_parts();
+        let days = seconds.div_euclid(86_400);
+        let second_of_day = seconds.rem_euclid(86_400);
+        let (year, month, day) = civil_from_days(days);
+        format!(
+            "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+            second_of_day / 3600,
+            second_of_day % 3600 / 60,
+            second_of_day % 60,
+            nanos / 1_000_000
+        )
+    }
+
+    /// Parses RFC 3339 (`2026-11-25T10:00:00Z`, `2026-11-25T10:00:00.250+01:00`).
+    #[must_use]
+    pub fn parse_rfc3339(text: &str) -> Option<Self> {
+        let bytes = text.as_bytes();
+        if bytes.len() < 20
+            || bytes[4] != b'-'
+            || bytes[7] != b'-'
+            || !matches!(bytes[10], b'T' | b't' | b' ')
+        {
+            return None;
+        }
+        let number = |range: std::ops::Range<usize>| -> Option<i64> {
+            let part = text.get(range)?;
+            if !part.bytes().all(|byte| byte.is_ascii_digit()) {
+                return None;
+            }
+            part.parse().ok()
+        };
+        let (year, month, day) = (number(0..4)?, number(5..7)?, number(8..10)?);
+        let (hour, minute, second) = (number(11..13)?, number(14..16)?, number(17..19)?);
+        if bytes[13] != b':'
+            || bytes[16] != b':'
+            || !(1..=12).contains(&month)
+            || !(1..=31).contains(&day)
+            || hour > 23
+            || minute > 59
+            || second > 60
+        {
+            return None;
+        }
+        let mut rest = &text[19..];
+        let mut nanos = 0_i64;
+        if let Some(fraction) = rest.strip_prefix('.') {
+            let digits = fraction.bytes().take_while(u8::is_ascii_digit).count();
+            if digits == 0 || digits > 9 {
+                return None;
+            }
+            nanos = fraction[..digits].parse::<i64>().ok()?
+                * 10_i64.pow(9 - u32::try_from(digits).ok()?);
+            rest = &fraction[digits..];
+        }
+        let offset_seconds = match rest {
+            "Z" | "z" => 0,
+            _ if rest.len() == 6 && matches!(&rest[..1], "+" | "-") && &rest[3..4] == ":" => {
+                let hours: i64 = rest[1..3].parse().ok()?;
+                let minutes: i64 = rest[4..6].parse().ok()?;
+                let magnitude = hours * 3600 + minutes * 60;
+                if rest.starts_with('-') {
+                    -magnitude
+                } else {
+                    magnitude
+                }
+            }
+            _ => return None,
+        };
+        let days = days_from_civil(year, month, day);
+        let seconds = days * 86_400 + hour * 3600 + minute * 60 + second - offset_seconds;
+        Self::from_parts(seconds, i32::try_from(nanos).ok()?)
+    }
+}
+
+/// Howard Hinnant's `civil_from_days`: days since 1970-01-01 to (year, month, day).
+fn civil_from_days(days: i64) -> (i64, i64, i64) {
+    let shifted = days + 719_468;
+    let era = shifted.div_euclid(146_097);
+    let day_of_era = shifted.rem_euclid(146_097);
+    let year_of_era =
+        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
+    let month_index = (5 * day_of_year + 2) / 153;
+    let day = day_of_year - (153 * month_index + 2) / 5 + 1;
+    let month = if month_index < 10 {
+        month_index + 3
+    } else {
+        month_index - 9
+    };
+    let year = year_of_era + era * 400 + i64::from(month <= 2);
+    (year, month, day)
+}
+
+/// The inverse of [`civil_from_days`].
+fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
+    let year = if month <= 2 { year - 1 } else { year };
+    let era = year.div_euclid(400);
+    let year_of_era = year.rem_euclid(400);
+    let month_index = if month > 2 { month - 3 } else { month + 9 };
+    let day_of_year = (153 * month_index + 2) / 5 + day - 1;
+    let day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
+    era * 146_097 + day_of_era - 719_468
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parts_round_trip() {
+        let instant = UnixNanos::from_parts(1_700_000_000, 123_456_789);
+        assert_eq!(instant, Some(UnixNanos(1_700_000_000_123_456_789)));
+        assert_eq!(
+            instant.map(UnixNanos::to_parts),
+            Some((1_700_000_000, 123_456_789))
+        );
+        assert_eq!(UnixNanos::from_parts(1, 1_000_000_000), None);
+        assert_eq!(UnixNanos::from_parts(1, -1), None);
+        assert_eq!(UnixNanos::from_parts(i64::MAX, 0), None);
+    }
+
+    #[test]
+    fn rfc3339_round_trips() {
+        let instant = UnixNanos::parse_rfc3339("2026-11-25T10:09:31.250Z");
+        assert_eq!(
+            instant.map(UnixNanos::to_rfc3339).as_deref(),
+            Some("2026-11-25T10:09:31.250Z")
+        );
+        assert_eq!(
+            UnixNanos::parse_rfc3339("2026-11-25T11:09:31+01:00"),
+            UnixNanos::parse_rfc3339("2026-11-25T10:09:31Z")
+        );
+        assert_eq!(
+            UnixNanos::parse_rfc3339("1970-01-01T00:00:00Z"),
+            Some(UnixNanos(0))
+        );
+        assert_eq!(UnixNanos::parse_rfc3339("yesterday"), None);
+        assert_eq!(UnixNanos::parse_rfc3339("2026-13-01T00:00:00Z"), None);
+    }
+}

@@ -1,0 +1,32 @@
+//! Compiles `proto/touchline/v1/*.proto` with protox (a pure-Rust protobuf compiler), so a fresh
+//! machine needs no `protoc`, and generates the prost messages and tonic services from it. The
+//! encoded descriptor set is kept in `OUT_DIR` for gRPC server reflection.
+
+use std::path::PathBuf;
+
+use prost::Message as _;
+
+const PROTO_FILES: &[&str] = &[
+    "touchline/v1/touchpoint.proto",
+    "touchline/v1/ingest.proto",
+    "touchline/v1/timeline.proto",
+    "touchline/v1/envelope.proto",
+];
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let proto_root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../proto");
+    println!("cargo:rerun-if-changed={}", proto_root.display());
+
+    let descriptor_set = protox::compile(PROTO_FILES, [&proto_root])?;
+    let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
+    std::fs::write(
+        out_dir.join("touchline_descriptor.bin"),
+        descriptor_set.encode_to_vec(),
+    )?;
+
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .compile_fds(descriptor_set)?;
+    Ok(())
+}
