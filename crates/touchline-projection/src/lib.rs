@@ -1,1 +1,12 @@
-//! placeholder
+//! The projector: consumes the touchpoints topic, appends to the append-only event log in sled,
+//! drops duplicates, maintains the timeline and summary projections, and stores the consumer
+//! positions in the same atomic write (invariant 6).
+
+pub mod error;
+pub mod keys;
+pub mod projector;
+pub mod sled_store;
+
+pub use error::{Error, Result};
+pub use projector::{AppliedOffsets, Projector, ProjectorHandle, ProjectorOptions};
+pub use sled_store::{DeadLetter, SledStore};

@@ -1,0 +1,71 @@
+//! Ingest errors and their one mapping to gRPC statuses with rich error details.
+
+use std::time::Duration;
+
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt as _};
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// The `ErrorInfo.domain` of every Touchline error.
+pub const ERROR_DOMAIN: &str = "touchline.dev";
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("missing or malformed authorization header, expected `authorization: Bearer <token>`")]
+    TokenMissing,
+    #[error("the bearer token is not valid")]
+    TokenInvalid,
+    #[error("the request has no events")]
+    BatchEmpty,
+    #[error("the request has {len} events, the limit is {max}")]
+    BatchTooLarge { len: usize, max: usize },
+    #[error("the event log is unavailable: {reason}")]
+    Unavailable { reason: String, retry_after: Duration },
+    #[error("the event log did not confirm within {}ms", .timeout.as_millis())]
+    AckTimeout { timeout: Duration },
+    #[error("invalid partners file: {0}")]
+    PartnersFile(String),
+    #[error("kafka producer: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+}
+
+impl Error {
+    /// The stable reason code sent in `ErrorInfo.reason`.
+    #[must_use]
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::TokenMissing => "TOKEN_MISSING",
+            Self::TokenInvalid => "TOKEN_INVALID",
+            Self::BatchEmpty => "BATCH_EMPTY",
+            Self::BatchTooLarge { .. } => "BATCH_TOO_LARGE",
+            Self::Unavailable { .. } | Self::Kafka(_) => "LOG_UNAVAILABLE",
+            Self::AckTimeout { .. } => "ACK_TIMEOUT",
+            Self::PartnersFile(_) => "INTERNAL",
+        }
+    }
+}
+
+impl From<Error> for Status {
+    fn from(error: Error) -> Self {
+        let mut details = ErrorDetails::with_error_info(error.reason(), ERROR_DOMAIN, []);
+        let code = match &error {
+            Error::TokenMissing | Error::TokenInvalid => Code::Unauthenticated,
+            Error::BatchEmpty => Code::InvalidArgument,
+            Error::BatchTooLarge { len, max } => {
+                details.add_bad_request_violation("events", format!("{len} events, the limit is {max}"));
+                Code::InvalidArgument
+            }
+            Error::Unavailable { retry_after, .. } => {
+                details.set_retry_info(Some(*retry_after));
+                Code::Unavailable
+            }
+            Error::AckTimeout { .. } | Error::Kafka(_) => {
+                details.set_retry_info(Some(Duration::from_secs(1)));
+                Code::Unavailable
+            }
+            Error::PartnersFile(_) => Code::Internal,
+        };
+        Status::with_error_details(code, error.to_string(), details)
+    }
+}

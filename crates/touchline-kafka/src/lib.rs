@@ -1,0 +1,160 @@
+//! Kafka for Touchline, in one place: the connection options every role shares, the producer and
+//! consumer configurations built from them (with librdkafka property pass-through), and the
+//! embedded broker (librdkafka's in-process mock cluster) that `touchline dev` and the tests use.
+
+pub mod embedded;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use rdkafka::ClientConfig;
+use rdkafka::client::{Client, ClientContext};
+use serde::{Deserialize, Serialize};
+
+pub use embedded::EmbeddedBroker;
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("the embedded kafka broker failed to start: {0}")]
+    EmbeddedStart(String),
+    #[error("kafka: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    #[error("the broker did not report a cluster id within {}ms", .timeout.as_millis())]
+    ClusterIdUnavailable { timeout: Duration },
+    #[error("topic {topic} does not exist or has no partitions")]
+    TopicMissing { topic: String },
+}
+
+/// How to reach Kafka and which topic carries touchpoints.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct KafkaOptions {
+    /// Comma-separated `host:port` list. Ignored by `touchline dev`, which starts its own broker.
+    pub bootstrap_servers: String,
+    /// The touchpoints topic. Record key: customer id; value: a `touchline.v1.Envelope`.
+    pub topic: String,
+    /// Partitions of the topic when Touchline creates it (the embedded broker always does).
+    pub partitions: i32,
+    /// The consumer group id the projector commits its (advisory) offsets under.
+    pub group_id: String,
+    /// librdkafka properties applied to every client last, overriding Touchline's settings
+    /// (for example `security.protocol`, `sasl.mechanisms`, `linger.ms`).
+    pub properties: BTreeMap<String, String>,
+    /// Extra librdkafka properties for the producer only.
+    pub producer_properties: BTreeMap<String, String>,
+    /// Extra librdkafka properties for the consumer only.
+    pub consumer_properties: BTreeMap<String, String>,
+}
+
+impl Default for KafkaOptions {
+    fn default() -> Self {
+        Self {
+            bootstrap_servers: "127.0.0.1:9092".to_owned(),
+            topic: "touchline.touchpoints.v1".to_owned(),
+            partitions: 6,
+            group_id: "touchline-projector".to_owned(),
+            properties: BTreeMap::new(),
+            producer_properties: BTreeMap::new(),
+            consumer_properties: BTreeMap::new(),
+        }
+    }
+}
+
+fn apply_overrides(config: &mut ClientConfig, properties: &BTreeMap<String, String>) {
+    for (key, value) in properties {
+        config.set(key, value);
+    }
+}
+
+impl KafkaOptions {
+    /// The producer: idempotent, `acks=all`, murmur2 partitioning (what Java clients use, so a
+    /// customer lands on the same partition whichever client produced it), a short linger so that
+    /// concurrent partners share requests.
+    #[must_use]
+    pub fn producer_config(&self) -> ClientConfig {
+        let mut config = ClientConfig::new();
+        config
+            .set("bootstrap.servers", &self.bootstrap_servers)
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("partitioner", "murmur2_random")
+            .set("linger.ms", "2")
+            .set("compression.type", "lz4")
+            .set("queue.buffering.max.messages", "200000")
+            .set("message.timeout.ms", "30000");
+        apply_overrides(&mut config, &self.properties);
+        apply_overrides(&mut config, &self.producer_properties);
+        config
+    }
+
+    /// The consumer: manual assignment (positions live in the store, invariant 6), no automatic
+    /// commits (commits are advisory, for lag monitoring), read only committed records.
+    #[must_use]
+    pub fn consumer_config(&self) -> ClientConfig {
+        let mut config = ClientConfig::new();
+        config
+            .set("bootstrap.servers", &self.bootstrap_servers)
+            .set("group.id", &self.group_id)
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("isolation.level", "read_committed")
+            .set("fetch.wait.max.ms", "100")
+            .set("enable.partition.eof", "false");
+        apply_overrides(&mut config, &self.properties);
+        apply_overrides(&mut config, &self.consumer_properties);
+        config
+    }
+}
+
+/// Asks the broker for its cluster id. Blocking: call it from a blocking context.
+///
+/// # Errors
+/// When the broker does not answer within `timeout`.
+pub fn fetch_cluster_id<C: ClientContext>(client: &Client<C>, timeout: Duration) -> Result<String> {
+    client
+        .fetch_cluster_id(timeout)
+        .ok_or(Error::ClusterIdUnavailable { timeout })
+}
+
+/// The partitions of `topic`, sorted. Blocking: call it from a blocking context.
+///
+/// # Errors
+/// When metadata cannot be fetched or the topic has no partitions.
+pub fn fetch_partitions<C: ClientContext>(client: &Client<C>, topic: &str, timeout: Duration) -> Result<Vec<i32>> {
+    let metadata = client.fetch_metadata(Some(topic), timeout)?;
+    let mut partitions: Vec<i32> = metadata
+        .topics()
+        .iter()
+        .filter(|candidate| candidate.name() == topic && candidate.error().is_none())
+        .flat_map(|candidate| candidate.partitions().iter().map(rdkafka::metadata::MetadataPartition::id))
+        .collect();
+    partitions.sort_unstable();
+    if partitions.is_empty() {
+        return Err(Error::TopicMissing { topic: topic.to_owned() });
+    }
+    Ok(partitions)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overrides_win_over_touchline_settings() {
+        let options = KafkaOptions {
+            properties: BTreeMap::from([("linger.ms".to_owned(), "20".to_owned())]),
+            producer_properties: BTreeMap::from([("acks".to_owned(), "all".to_owned())]),
+            consumer_properties: BTreeMap::from([("fetch.wait.max.ms".to_owned(), "5".to_owned())]),
+            ..KafkaOptions::default()
+        };
+        let producer = options.producer_config();
+        assert_eq!(producer.get("linger.ms"), Some("20"));
+        assert_eq!(producer.get("enable.idempotence"), Some("true"));
+        assert_eq!(producer.get("partitioner"), Some("murmur2_random"));
+        assert_eq!(options.consumer_config().get("fetch.wait.max.ms"), Some("5"));
+        assert_eq!(options.consumer_config().get("linger.ms"), Some("20"));
+    }
+}

@@ -1,0 +1,29 @@
+//! The projection crate's errors.
+
+use touchline_core::StoreError;
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("failed to open the store at {path}: {source}")]
+    OpenStore {
+        path: String,
+        #[source]
+        source: sled::Error,
+    },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("kafka client failed: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    #[error("topic {topic} has no partitions or does not exist")]
+    TopicMissing { topic: String },
+    #[error("cannot set up the consumer: {0}")]
+    Setup(String),
+    #[error("a blocking store task failed: {0}")]
+    Blocking(#[from] tokio::task::JoinError),
+}
+
+pub(crate) fn backend(error: impl std::error::Error + Send + Sync + 'static) -> StoreError {
+    StoreError::Backend(Box::new(error))
+}

@@ -1,0 +1,239 @@
+//! The projector service: consumes its partitions of the touchpoints topic and applies each
+//! consumed batch to the store in one atomic write that also stores the positions it covers
+//! (invariant 6). On start it seeks to the stored positions; Kafka commits are advisory, for lag
+//! monitoring only.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt as _;
+use rdkafka::consumer::{CommitMode, Consumer as _, StreamConsumer};
+use rdkafka::message::{BorrowedMessage, Message as _};
+use rdkafka::{Offset, TopicPartitionList};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use touchline_core::{ConsumedRecord, EventStore, RecordContent, StreamIdentity};
+use touchline_kafka::KafkaOptions;
+use tracing::{debug, info, warn};
+
+use crate::{Error, Result};
+
+const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What the projector needs to run.
+#[derive(Debug, Clone)]
+pub struct ProjectorOptions {
+    pub kafka: KafkaOptions,
+    /// The partitions this node owns; `None` for every partition of the topic.
+    pub partitions: Option<Vec<i32>>,
+    /// The most records applied in one store write.
+    pub max_batch: usize,
+}
+
+impl ProjectorOptions {
+    #[must_use]
+    pub fn new(kafka: KafkaOptions) -> Self {
+        Self {
+            kafka,
+            partitions: None,
+            max_batch: 1000,
+        }
+    }
+}
+
+/// The next offset to read per partition, published after each batch is durable (flushed). Ingest
+/// in dev mode waits on it: there, an event is acknowledged once it is in the local log.
+pub type AppliedOffsets = watch::Receiver<BTreeMap<i32, i64>>;
+
+/// A cheap handle on a running projector.
+#[derive(Debug, Clone)]
+pub struct ProjectorHandle {
+    applied: AppliedOffsets,
+}
+
+impl ProjectorHandle {
+    /// Durable positions, updated after each flushed batch.
+    #[must_use]
+    pub fn applied_offsets(&self) -> AppliedOffsets {
+        self.applied.clone()
+    }
+}
+
+/// The projector: `new` connects and seeks, `run` consumes until shut down.
+pub struct Projector {
+    consumer: StreamConsumer,
+    store: Arc<dyn EventStore>,
+    stream: StreamIdentity,
+    max_batch: usize,
+    applied: watch::Sender<BTreeMap<i32, i64>>,
+}
+
+impl std::fmt::Debug for Projector {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("Projector")
+            .field("stream", &self.stream)
+            .field("max_batch", &self.max_batch)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Projector {
+    /// Connects to Kafka, identifies the stream (cluster id and topic) and assigns the owned
+    /// partitions at the positions stored for that stream: from the beginning of a stream the
+    /// store has never seen, since stored offsets of another broker or topic mean nothing.
+    ///
+    /// # Errors
+    /// When Kafka cannot be reached, the topic is missing or the store fails.
+    pub async fn new(options: ProjectorOptions, store: Arc<dyn EventStore>) -> Result<(Self, ProjectorHandle)> {
+        let consumer: StreamConsumer = options.kafka.consumer_config().create()?;
+        let consumer = Arc::new(consumer);
+        let topic = options.kafka.topic.clone();
+        let (consumer, stream, assignment, applied_start) = tokio::task::spawn_blocking({
+            let store = Arc::clone(&store);
+            move || -> Result<_> {
+                let cluster_id = touchline_kafka::fetch_cluster_id(consumer.client(), METADATA_TIMEOUT)
+                    .map_err(|error| kafka_setup(&error))?;
+                let stream = StreamIdentity { cluster_id, topic: topic.clone() };
+                let all = touchline_kafka::fetch_partitions(consumer.client(), &topic, METADATA_TIMEOUT)
+                    .map_err(|error| kafka_setup(&error))?;
+                let owned = options.partitions.unwrap_or(all);
+                let stored = store.next_offsets(&stream)?;
+                let mut assignment = TopicPartitionList::new();
+                let mut applied = BTreeMap::new();
+                for partition in owned {
+                    let (low, high) = consumer.fetch_watermarks(&topic, partition, METADATA_TIMEOUT)?;
+                    let offset = match stored.get(&partition) {
+                        Some(&next) if next > high => {
+                            // The broker has fewer records than we consumed: a new incarnation
+                            // that happens to share the cluster id. Read it from the start.
+                            warn!(partition, next, high, "stored position is past the end of the partition, reading it from the beginning");
+                            Offset::Beginning
+                        }
+                        Some(&next) if next < low => {
+                            warn!(partition, next, low, "records between the stored position and the start of the partition were deleted by retention");
+                            Offset::Beginning
+                        }
+                        Some(&next) => {
+                            applied.insert(partition, next);
+                            Offset::Offset(next)
+                        }
+                        None => Offset::Beginning,
+                    };
+                    info!(partition, ?offset, low, high, "assigning partition");
+                    assignment.add_partition_offset(&topic, partition, offset)?;
+                }
+                Ok((consumer, stream, assignment, applied))
+            }
+        })
+        .await??;
+        consumer.assign(&assignment)?;
+        let consumer = Arc::into_inner(consumer).ok_or(Error::TopicMissing { topic: options.kafka.topic })?;
+        let (applied, receiver) = watch::channel(applied_start);
+        info!(cluster_id = %stream.cluster_id, topic = %stream.topic, "projector assigned");
+        Ok((
+            Self {
+                consumer,
+                store,
+                stream,
+                max_batch: options.max_batch.max(1),
+                applied,
+            },
+            ProjectorHandle { applied: receiver },
+        ))
+    }
+
+    /// The stream this projector consumes.
+    #[must_use]
+    pub fn stream(&self) -> &StreamIdentity {
+        &self.stream
+    }
+
+    /// Consumes and applies batches until `shutdown` is cancelled. Every batch is flushed before
+    /// its positions are published; on shutdown the in-flight batch completes first.
+    ///
+    /// # Errors
+    /// When the store fails: the projector stops rather than skip records.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<()> {
+        let mut batches = self.consumer.stream().ready_chunks(self.max_batch);
+        loop {
+            let batch = tokio::select! {
+                biased;
+                () = shutdown.cancelled() => break,
+                batch = batches.next() => batch,
+            };
+            let Some(batch) = batch else { break };
+            let mut records = Vec::with_capacity(batch.len());
+            for message in batch {
+                match message {
+                    Ok(message) => records.push(consumed_record(&message)),
+                    // librdkafka retries by itself; errors here are informational.
+                    Err(error) => warn!(%error, "kafka consumer error"),
+                }
+            }
+            if records.is_empty() {
+                continue;
+            }
+            let store = Arc::clone(&self.store);
+            let stream = self.stream.clone();
+            let outcome = tokio::task::spawn_blocking(move || {
+                let outcome = store.apply(&stream, records)?;
+                store.flush()?;
+                Ok::<_, Error>(outcome)
+            })
+            .await??;
+            debug!(appended = outcome.appended, duplicates = outcome.duplicates, dead_lettered = outcome.dead_lettered, "applied batch");
+            if outcome.dead_lettered > 0 {
+                warn!(count = outcome.dead_lettered, "undecodable records moved to the dead-letter store");
+            }
+            self.commit_advisory(&outcome.next_offsets);
+            self.applied.send_modify(|applied| applied.extend(&outcome.next_offsets));
+        }
+        drop(batches);
+        info!("projector stopped");
+        Ok(())
+    }
+
+    /// Commits positions to Kafka for lag monitoring. Never read back: the store's positions are
+    /// the truth, so a failed commit is only logged.
+    fn commit_advisory(&self, next_offsets: &BTreeMap<i32, i64>) {
+        let mut list = TopicPartitionList::new();
+        for (partition, offset) in next_offsets {
+            if let Err(error) = list.add_partition_offset(&self.stream.topic, *partition, Offset::Offset(*offset)) {
+                warn!(%error, partition, "cannot build the advisory commit");
+                return;
+            }
+        }
+        if let Err(error) = self.consumer.commit(&list, CommitMode::Async) {
+            debug!(%error, "advisory offset commit failed");
+        }
+    }
+}
+
+fn kafka_setup(error: &touchline_kafka::Error) -> Error {
+    match error {
+        touchline_kafka::Error::TopicMissing { topic } => Error::TopicMissing { topic: topic.clone() },
+        other => Error::Setup(other.to_string()),
+    }
+}
+
+/// Decodes a consumed message; anything undecodable becomes a dead letter with its reason.
+fn consumed_record(message: &BorrowedMessage<'_>) -> ConsumedRecord {
+    let content = match touchline_proto::decode_envelope(message.payload()) {
+        Ok(envelope) => RecordContent::Event {
+            envelope: Box::new(envelope),
+            raw: message.payload().unwrap_or_default().to_vec(),
+        },
+        Err(error) => RecordContent::Undecodable {
+            reason: error.to_string(),
+            key: message.key().map(<[u8]>::to_vec),
+            value: message.payload().map(<[u8]>::to_vec),
+        },
+    };
+    ConsumedRecord {
+        partition: message.partition(),
+        offset: message.offset(),
+        content,
+    }
+}

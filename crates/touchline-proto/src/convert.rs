@@ -1,0 +1,244 @@
+//! Wire <-> domain conversions. Nothing else in the workspace builds domain types from wire
+//! messages or the reverse.
+
+use prost::Message as _;
+use touchline_core::{
+    CustomerSummary, Envelope, JourneyStage, Limits, LogPosition, PartnerId, RawTouchpoint,
+    Rejection, TimelineEntry, Touchpoint, UnixNanos,
+};
+
+use crate::v1;
+
+/// The envelope format version this build writes and reads.
+pub const ENVELOPE_VERSION: u32 = 1;
+
+/// Why a Kafka record could not be decoded as an envelope. The text is what the dead-letter store
+/// keeps.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("record has no value")]
+    MissingValue,
+    #[error("record value is not a protobuf envelope: {0}")]
+    Protobuf(String),
+    #[error("envelope version {0} is not supported")]
+    UnsupportedVersion(u32),
+    #[error("envelope has an invalid partner_id: {0}")]
+    InvalidPartner(String),
+    #[error("envelope has no touchpoint")]
+    MissingTouchpoint,
+    #[error("envelope touchpoint is invalid: {} in {}: {}", .0.reason.code(), .0.field, .0.message)]
+    InvalidTouchpoint(Rejection),
+}
+
+fn timestamp(instant: UnixNanos) -> prost_types::Timestamp {
+    let (seconds, nanos) = instant.to_parts();
+    prost_types::Timestamp { seconds, nanos }
+}
+
+/// The wire timestamp as a domain instant; `None` when it is out of range.
+#[must_use]
+pub fn instant(timestamp: &prost_types::Timestamp) -> Option<UnixNanos> {
+    UnixNanos::from_parts(timestamp.seconds, timestamp.nanos)
+}
+
+/// A wire touchpoint as the raw input that `touchline_core::validate` checks.
+#[must_use]
+pub fn raw_touchpoint(touchpoint: v1::Touchpoint) -> RawTouchpoint {
+    RawTouchpoint {
+        event_id: touchpoint.event_id,
+        customer_id: touchpoint.customer_id,
+        event_type: touchpoint.r#type,
+        occurred_at: touchpoint.occurred_at.map(|at| (at.seconds, at.nanos)),
+        channel: touchpoint.channel,
+        stage: touchpoint.stage,
+        outcome: touchpoint.outcome.map(|outcome| (outcome.sentiment, outcome.score)),
+        attributes: touchpoint.attributes.into_iter().collect(),
+        payload: touchpoint.payload,
+    }
+}
+
+/// A validated touchpoint on the wire.
+#[must_use]
+pub fn wire_touchpoint(touchpoint: &Touchpoint) -> v1::Touchpoint {
+    v1::Touchpoint {
+        event_id: touchpoint.event_id.to_string(),
+        customer_id: touchpoint.customer_id.to_string(),
+        r#type: touchpoint.event_type.to_string(),
+        occurred_at: Some(timestamp(touchpoint.occurred_at)),
+        channel: touchpoint.channel.number(),
+        stage: touchpoint.stage.number(),
+        outcome: touchpoint.outcome.map(|outcome| v1::Outcome {
+            sentiment: outcome.sentiment.number(),
+            score: outcome.score,
+        }),
+        attributes: touchpoint
+            .attributes
+            .iter()
+            .map(|(key, value)| (key.clone(), value.clone()))
+            .collect(),
+        payload: touchpoint.payload.clone(),
+    }
+}
+
+/// Encodes an envelope as the value of a Kafka record.
+#[must_use]
+pub fn encode_envelope(envelope: &Envelope) -> Vec<u8> {
+    v1::Envelope {
+        version: ENVELOPE_VERSION,
+        partner_id: envelope.partner_id.to_string(),
+        touchpoint: Some(wire_touchpoint(&envelope.touchpoint)),
+        received_at: Some(timestamp(envelope.received_at)),
+    }
+    .encode_to_vec()
+}
+
+/// Decodes the value of a Kafka record. The touchpoint is validated again (anyone with write
+/// access to the topic can produce to it), except for the clock check: an event accepted long ago
+/// is replayed long after.
+///
+/// # Errors
+/// A [`DecodeError`] that says what is wrong, for the dead-letter store.
+pub fn decode_envelope(value: Option<&[u8]>) -> Result<Envelope, DecodeError> {
+    let value = value.ok_or(DecodeError::MissingValue)?;
+    let envelope =
+        v1::Envelope::decode(value).map_err(|error| DecodeError::Protobuf(error.to_string()))?;
+    if envelope.version != ENVELOPE_VERSION {
+        return Err(DecodeError::UnsupportedVersion(envelope.version));
+    }
+    let partner_id = PartnerId::parse(envelope.partner_id)
+        .map_err(|error| DecodeError::InvalidPartner(error.to_string()))?;
+    let touchpoint = envelope.touchpoint.ok_or(DecodeError::MissingTouchpoint)?;
+    let touchpoint = touchline_core::validate(
+        raw_touchpoint(touchpoint),
+        UnixNanos(i64::MAX),
+        &Limits::default(),
+    )
+    .map_err(DecodeError::InvalidTouchpoint)?;
+    let received_at = envelope
+        .received_at
+        .as_ref()
+        .and_then(instant)
+        .unwrap_or(touchpoint.occurred_at);
+    Ok(Envelope {
+        partner_id,
+        touchpoint,
+        received_at,
+    })
+}
+
+/// A timeline entry on the wire.
+#[must_use]
+pub fn wire_timeline_entry(entry: &TimelineEntry) -> v1::TimelineEntry {
+    v1::TimelineEntry {
+        partner_id: entry.partner_id.to_string(),
+        touchpoint: Some(wire_touchpoint(&entry.touchpoint)),
+        position: Some(wire_position(entry.position)),
+        received_at: Some(timestamp(entry.received_at)),
+    }
+}
+
+fn wire_position(position: LogPosition) -> v1::LogPosition {
+    v1::LogPosition {
+        partition: position.partition,
+        offset: position.offset,
+        sequence: position.sequence,
+    }
+}
+
+/// A customer summary on the wire.
+#[must_use]
+pub fn wire_summary(summary: &CustomerSummary) -> v1::CustomerSummary {
+    v1::CustomerSummary {
+        customer_id: summary.customer_id.to_string(),
+        first_touch: Some(wire_timeline_entry(&summary.first_touch)),
+        last_touch: Some(wire_timeline_entry(&summary.last_touch)),
+        total_touchpoints: summary.total,
+        by_stage: summary
+            .by_stage
+            .iter()
+            .map(|(stage, count)| (stage.name().to_owned(), *count))
+            .collect(),
+        by_sentiment: summary
+            .by_sentiment
+            .iter()
+            .map(|(sentiment, count)| (sentiment.name().to_owned(), *count))
+            .collect(),
+        by_partner: summary
+            .by_partner
+            .iter()
+            .map(|(partner, count)| (partner.to_string(), *count))
+            .collect(),
+        current_stage: summary.current_stage().number(),
+    }
+}
+
+/// A journey stage from its wire number, for query filters.
+#[must_use]
+pub fn journey_stage(number: i32) -> Option<JourneyStage> {
+    JourneyStage::from_number(number)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use touchline_core::{Channel, CustomerId, EventId, EventType, Outcome, Sentiment};
+
+    use super::*;
+
+    fn envelope() -> Envelope {
+        Envelope {
+            partner_id: PartnerId::parse("courier").expect("valid partner"),
+            touchpoint: Touchpoint {
+                event_id: EventId::parse("e-1").expect("valid id"),
+                customer_id: CustomerId::parse("c-1").expect("valid id"),
+                event_type: EventType::parse("delivery.completed").expect("valid type"),
+                occurred_at: UnixNanos(1_700_000_000_000_000_001),
+                channel: Channel::Doorstep,
+                stage: JourneyStage::Fulfil,
+                outcome: Some(Outcome {
+                    sentiment: Sentiment::Negative,
+                    score: Some(12.5),
+                }),
+                attributes: BTreeMap::from([("order".to_owned(), "o-9".to_owned())]),
+                payload: vec![1, 2, 3],
+            },
+            received_at: UnixNanos(1_700_000_000_500_000_000),
+        }
+    }
+
+    #[test]
+    fn envelopes_round_trip() {
+        let original = envelope();
+        let decoded = decode_envelope(Some(&encode_envelope(&original)));
+        assert_eq!(decoded, Ok(original));
+    }
+
+    #[test]
+    fn undecodable_records_say_why() {
+        assert_eq!(decode_envelope(None), Err(DecodeError::MissingValue));
+        assert!(matches!(
+            decode_envelope(Some(b"\xff\xff\xff")),
+            Err(DecodeError::Protobuf(_))
+        ));
+        let wrong_version = v1::Envelope {
+            version: 9,
+            ..v1::Envelope::default()
+        }
+        .encode_to_vec();
+        assert_eq!(
+            decode_envelope(Some(&wrong_version)),
+            Err(DecodeError::UnsupportedVersion(9))
+        );
+        let no_touchpoint = v1::Envelope {
+            version: 1,
+            partner_id: "p".into(),
+            ..v1::Envelope::default()
+        }
+        .encode_to_vec();
+        assert_eq!(
+            decode_envelope(Some(&no_touchpoint)),
+            Err(DecodeError::MissingTouchpoint)
+        );
+    }
+}

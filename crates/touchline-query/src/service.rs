@@ -1,0 +1,142 @@
+//! The `TimelineService` gRPC implementation. Store reads run on the blocking pool: a page may
+//! scan up to thousands of entries.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+use touchline_core::{CustomerId, EventStore, PartnerId, TimelineFilter, TimelineQuery};
+use touchline_proto::convert::{instant, journey_stage, wire_summary, wire_timeline_entry};
+use touchline_proto::v1;
+
+use crate::{Error, Result, page_token};
+
+/// Entries per page when the request does not say.
+pub const DEFAULT_PAGE_SIZE: usize = 50;
+/// The largest page.
+pub const MAX_PAGE_SIZE: usize = 1000;
+
+/// Serves timelines and summaries from a store. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct TimelineService {
+    store: Arc<dyn EventStore>,
+}
+
+impl TimelineService {
+    #[must_use]
+    pub fn new(store: Arc<dyn EventStore>) -> Self {
+        Self { store }
+    }
+
+    /// The tonic server for this service.
+    #[must_use]
+    pub fn into_server(self) -> v1::timeline_service_server::TimelineServiceServer<Self> {
+        v1::timeline_service_server::TimelineServiceServer::new(self)
+    }
+}
+
+fn invalid(field: &'static str, reason: impl Into<String>) -> Error {
+    Error::InvalidArgument {
+        field,
+        reason: reason.into(),
+    }
+}
+
+fn customer_id(value: String) -> Result<CustomerId> {
+    CustomerId::parse(value).map_err(|error| invalid("customer_id", format!("customer_id {error}")))
+}
+
+/// Turns a request into a store query, checking every field.
+fn timeline_query(request: v1::GetTimelineRequest) -> Result<TimelineQuery> {
+    let customer_id = customer_id(request.customer_id)?;
+    let page_size = match usize::try_from(request.page_size).unwrap_or(usize::MAX) {
+        0 => DEFAULT_PAGE_SIZE,
+        size if size > MAX_PAGE_SIZE => {
+            return Err(invalid("page_size", format!("page_size is at most {MAX_PAGE_SIZE}")));
+        }
+        size => size,
+    };
+    let after = if request.page_token.is_empty() {
+        None
+    } else {
+        Some(
+            page_token::decode(&customer_id, &request.page_token)
+                .ok_or_else(|| invalid("page_token", "page_token was not issued for this customer"))?,
+        )
+    };
+    let from = request
+        .from
+        .map(|at| instant(&at).ok_or_else(|| invalid("from", "from is not a valid timestamp")))
+        .transpose()?;
+    let to = request
+        .to
+        .map(|at| instant(&at).ok_or_else(|| invalid("to", "to is not a valid timestamp")))
+        .transpose()?;
+    if let (Some(from), Some(to)) = (from, to)
+        && from > to
+    {
+        return Err(invalid("to", "to is before from"));
+    }
+    let partners = request
+        .partner_ids
+        .into_iter()
+        .map(|partner| PartnerId::parse(partner).map_err(|error| invalid("partner_ids", format!("partner id {error}"))))
+        .collect::<Result<BTreeSet<_>>>()?;
+    let stages = request
+        .stages
+        .into_iter()
+        .map(|number| journey_stage(number).ok_or_else(|| invalid("stages", format!("stage {number} is not a journey stage"))))
+        .collect::<Result<BTreeSet<_>>>()?;
+    Ok(TimelineQuery {
+        customer_id,
+        page_size,
+        after,
+        filter: TimelineFilter {
+            from,
+            to,
+            partners,
+            event_types: request.types.into_iter().collect(),
+            stages,
+        },
+    })
+}
+
+#[tonic::async_trait]
+impl v1::timeline_service_server::TimelineService for TimelineService {
+    async fn get_timeline(
+        &self,
+        request: Request<v1::GetTimelineRequest>,
+    ) -> Result<Response<v1::GetTimelineResponse>, Status> {
+        let query = timeline_query(request.into_inner())?;
+        let store = Arc::clone(&self.store);
+        let page = tokio::task::spawn_blocking(move || store.timeline(&query).map(|page| (query.customer_id, page)))
+            .await
+            .map_err(Error::from)?
+            .map_err(Error::from);
+        let (customer_id, page) = page?;
+        Ok(Response::new(v1::GetTimelineResponse {
+            entries: page.entries.iter().map(wire_timeline_entry).collect(),
+            next_page_token: page
+                .next
+                .map(|cursor| page_token::encode(&customer_id, cursor))
+                .unwrap_or_default(),
+        }))
+    }
+
+    async fn get_customer_summary(
+        &self,
+        request: Request<v1::GetCustomerSummaryRequest>,
+    ) -> Result<Response<v1::CustomerSummary>, Status> {
+        let customer_id = customer_id(request.into_inner().customer_id)?;
+        let store = Arc::clone(&self.store);
+        let lookup = customer_id.clone();
+        let summary = tokio::task::spawn_blocking(move || store.summary(&lookup))
+            .await
+            .map_err(Error::from)?
+            .map_err(Error::from)?;
+        let summary = summary.ok_or(Error::CustomerNotFound {
+            customer_id: customer_id.to_string(),
+        })?;
+        Ok(Response::new(wire_summary(&summary)))
+    }
+}
