@@ -1,1 +1,10 @@
-//! placeholder
+//! The `touchline` binary's library: configuration, wiring of the roles into a node, the demo
+//! demand chain and the command-line clients. `main.rs` only parses the command line.
+
+pub mod client;
+pub mod config;
+pub mod demo;
+pub mod node;
+
+pub use config::Config;
+pub use node::{BrokerChoice, Node};

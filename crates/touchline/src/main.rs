@@ -1,1 +1,233 @@
-fn main() {}
+//! `touchline`: run a node (`dev`, `serve`) or talk to one (`publish`, `timeline`, `summary`).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use touchline::config::DEFAULT_PORT;
+use touchline::{BrokerChoice, Config, Node, client, demo, node};
+use touchline_core::{JourneyStage, UnixNanos};
+use touchline_ingest::PartnerRegistry;
+use touchline_proto::v1;
+use tracing_subscriber::EnvFilter;
+
+#[derive(Debug, Parser)]
+#[command(name = "touchline", version, about = "Customer touchpoints from every partner, as one timeline per customer")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, clap::Args)]
+struct NodeArgs {
+    /// TOML configuration file; `TOUCHLINE_*` variables override it.
+    #[arg(long, short, env = "TOUCHLINE_CONFIG")]
+    config: Option<PathBuf>,
+    /// Address to listen on (overrides server.listen).
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Folder of the event log and projections (overrides store.path).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, clap::Args)]
+struct Endpoint {
+    /// The Touchline gRPC endpoint.
+    #[arg(long, env = "TOUCHLINE_ENDPOINT", default_value_t = format!("http://127.0.0.1:{DEFAULT_PORT}"))]
+    endpoint: String,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Every role in one process on the embedded Kafka broker, data in a local folder.
+    Dev {
+        #[command(flatten)]
+        node: NodeArgs,
+        /// Publish a demo demand chain through the real ingest path once started.
+        #[arg(long)]
+        demo: bool,
+        /// Customers in the demo.
+        #[arg(long, default_value_t = 300)]
+        demo_customers: usize,
+    },
+    /// The enabled roles against an external Kafka (kafka.bootstrap-servers).
+    Serve {
+        #[command(flatten)]
+        node: NodeArgs,
+    },
+    /// Print the effective configuration (defaults, file, environment) as TOML.
+    Config {
+        #[command(flatten)]
+        node: NodeArgs,
+    },
+    /// Stream touchpoints from a JSON Lines file as a partner.
+    Publish {
+        #[command(flatten)]
+        endpoint: Endpoint,
+        /// The partner's bearer token.
+        #[arg(long, env = "TOUCHLINE_TOKEN", hide_env_values = true)]
+        token: String,
+        /// JSON Lines file, one touchpoint per line (see the README).
+        #[arg(long)]
+        file: PathBuf,
+        /// Events per request.
+        #[arg(long, default_value_t = 500)]
+        batch_size: usize,
+    },
+    /// Print a customer's timeline in event-time order.
+    Timeline {
+        customer_id: String,
+        #[command(flatten)]
+        endpoint: Endpoint,
+        /// Print at most this many entries.
+        #[arg(long)]
+        limit: Option<usize>,
+        /// Only these partners (repeatable).
+        #[arg(long = "partner")]
+        partners: Vec<String>,
+        /// Only these event types (repeatable).
+        #[arg(long = "type")]
+        types: Vec<String>,
+        /// Only these journey stages (repeatable): discover, purchase, fulfil, use, support, advocate.
+        #[arg(long = "stage")]
+        stages: Vec<String>,
+        /// Only touches at or after this RFC 3339 instant.
+        #[arg(long)]
+        from: Option<String>,
+        /// Only touches before this RFC 3339 instant.
+        #[arg(long)]
+        to: Option<String>,
+    },
+    /// Print a customer's summary.
+    Summary {
+        customer_id: String,
+        #[command(flatten)]
+        endpoint: Endpoint,
+    },
+    /// Print the SHA-256 of a token, as the partners file stores it.
+    HashToken { token: String },
+}
+
+fn load_config(args: &NodeArgs) -> anyhow::Result<Config> {
+    let mut config = Config::load(args.config.as_deref())?;
+    if let Some(listen) = args.listen {
+        config.server.listen = listen;
+    }
+    if let Some(data_dir) = &args.data_dir {
+        config.store.path.clone_from(data_dir);
+    }
+    Ok(config)
+}
+
+fn init_tracing(config: &Config) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.log.filter));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+fn timestamp(text: Option<String>, flag: &str) -> anyhow::Result<Option<prost_types::Timestamp>> {
+    text.map(|text| {
+        let instant = UnixNanos::parse_rfc3339(&text).with_context(|| format!("--{flag} {text:?} is not RFC 3339"))?;
+        let (seconds, nanos) = instant.to_parts();
+        Ok(prost_types::Timestamp { seconds, nanos })
+    })
+    .transpose()
+}
+
+async fn run_node(config: Config, broker: BrokerChoice, demo_customers: Option<usize>) -> anyhow::Result<()> {
+    let partners = match &config.ingest.partners_file {
+        Some(path) => PartnerRegistry::load(path)?,
+        None if broker == BrokerChoice::Embedded => demo::demo_registry(),
+        None if config.ingest.enabled => anyhow::bail!("ingest.partners-file is required to serve partners"),
+        None => PartnerRegistry::default(),
+    };
+    let mut node = Node::start(config, broker, partners).await?;
+    let endpoint = node.endpoint();
+    if broker == BrokerChoice::Embedded {
+        println!("touchline dev is serving on {endpoint}");
+        println!("demo partner tokens (dev only):");
+        for (partner, token) in demo::DEMO_PARTNERS {
+            println!("  {partner:<18} {token}");
+        }
+        println!("try: touchline timeline {} --endpoint {endpoint}", demo::demo_customer(7));
+    }
+    if let Some(customers) = demo_customers {
+        let endpoint = endpoint.clone();
+        tokio::spawn(async move {
+            match demo::publish_demo(&endpoint, customers, 2026).await {
+                Ok(report) => println!(
+                    "demo published: {} accepted, {} rejected, across {customers} customers (e.g. {})",
+                    report.accepted,
+                    report.rejected,
+                    demo::demo_customer(7)
+                ),
+                Err(error) => eprintln!("demo failed: {error:#}"),
+            }
+        });
+    }
+    let failure = tokio::select! {
+        () = node::shutdown_signal() => None,
+        error = node.failed() => Some(error),
+    };
+    let stopped = node.shutdown().await;
+    match failure {
+        Some(error) => Err(error),
+        None => stopped,
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Dev { node, demo, demo_customers } => {
+            let config = load_config(&node)?;
+            init_tracing(&config);
+            run_node(config, BrokerChoice::Embedded, demo.then_some(demo_customers)).await
+        }
+        Command::Serve { node } => {
+            let config = load_config(&node)?;
+            init_tracing(&config);
+            run_node(config, BrokerChoice::External, None).await
+        }
+        Command::Config { node } => {
+            let config = load_config(&node)?;
+            config.validate()?;
+            print!("{}", config.to_toml()?);
+            Ok(())
+        }
+        Command::Publish { endpoint, token, file, batch_size } => {
+            let events = client::read_json_lines(&file)?;
+            let count = events.len();
+            let report = client::publish(&endpoint.endpoint, &token, events, batch_size).await?;
+            println!("{count} events: {} accepted, {} rejected", report.accepted, report.rejected);
+            anyhow::ensure!(report.rejected == 0, "{} events were rejected", report.rejected);
+            Ok(())
+        }
+        Command::Timeline { customer_id, endpoint, limit, partners, types, stages, from, to } => {
+            let stages = stages
+                .iter()
+                .map(|name| JourneyStage::from_name(name).map(JourneyStage::number).with_context(|| format!("unknown stage {name:?}")))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let request = v1::GetTimelineRequest {
+                customer_id,
+                page_size: 200,
+                page_token: String::new(),
+                from: timestamp(from, "from")?,
+                to: timestamp(to, "to")?,
+                partner_ids: partners,
+                types,
+                stages,
+            };
+            let printed = client::print_timeline(&endpoint.endpoint, request, limit).await?;
+            println!("({printed} touchpoints)");
+            Ok(())
+        }
+        Command::Summary { customer_id, endpoint } => client::print_summary(&endpoint.endpoint, customer_id).await,
+        Command::HashToken { token } => {
+            println!("{}", touchline_ingest::hash_token(&token));
+            Ok(())
+        }
+    }
+}

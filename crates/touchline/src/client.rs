@@ -1,0 +1,298 @@
+//! The command-line clients: `publish` (a partner streaming JSON Lines), `timeline` and `summary`
+//! (an internal service reading, printed for people).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use anyhow::{Context as _, bail};
+use serde::Deserialize;
+use tonic::metadata::MetadataValue;
+use tonic::transport::Channel;
+use touchline_core::{Channel as TouchChannel, JourneyStage, RejectReason, Sentiment, UnixNanos};
+use touchline_proto::v1;
+use touchline_proto::v1::ingest_service_client::IngestServiceClient;
+use touchline_proto::v1::timeline_service_client::TimelineServiceClient;
+
+/// One line of a `touchline publish` file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JsonTouchpoint {
+    pub event_id: String,
+    pub customer_id: String,
+    #[serde(rename = "type")]
+    pub event_type: String,
+    /// RFC 3339, e.g. `2026-11-25T10:00:00Z`.
+    pub occurred_at: String,
+    #[serde(default)]
+    pub channel: Option<String>,
+    pub stage: String,
+    #[serde(default)]
+    pub outcome: Option<JsonOutcome>,
+    #[serde(default)]
+    pub attributes: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JsonOutcome {
+    pub sentiment: String,
+    #[serde(default)]
+    pub score: Option<f64>,
+}
+
+impl JsonTouchpoint {
+    /// The wire touchpoint. Names that the contract does not know are refused here, before
+    /// anything is sent.
+    ///
+    /// # Errors
+    /// When the time, channel, stage or sentiment cannot be represented.
+    pub fn into_wire(self) -> anyhow::Result<v1::Touchpoint> {
+        let occurred_at = UnixNanos::parse_rfc3339(&self.occurred_at)
+            .with_context(|| format!("occurred_at {:?} is not RFC 3339", self.occurred_at))?;
+        let (seconds, nanos) = occurred_at.to_parts();
+        let channel = match self.channel.as_deref() {
+            None => TouchChannel::Unspecified,
+            Some(name) => TouchChannel::from_name(name).with_context(|| format!("unknown channel {name:?}"))?,
+        };
+        let stage = JourneyStage::from_name(&self.stage).with_context(|| format!("unknown stage {:?}", self.stage))?;
+        let outcome = self
+            .outcome
+            .map(|outcome| {
+                Sentiment::from_name(&outcome.sentiment)
+                    .map(|sentiment| v1::Outcome { sentiment: sentiment.number(), score: outcome.score })
+                    .with_context(|| format!("unknown sentiment {:?}", outcome.sentiment))
+            })
+            .transpose()?;
+        Ok(v1::Touchpoint {
+            event_id: self.event_id,
+            customer_id: self.customer_id,
+            r#type: self.event_type,
+            occurred_at: Some(prost_types_timestamp(seconds, nanos)),
+            channel: channel.number(),
+            stage: stage.number(),
+            outcome,
+            attributes: self.attributes.into_iter().collect(),
+            payload: Vec::new(),
+        })
+    }
+}
+
+fn prost_types_timestamp(seconds: i64, nanos: i32) -> ::prost_types::Timestamp {
+    ::prost_types::Timestamp { seconds, nanos }
+}
+
+/// Adds `authorization: Bearer TOKEN` to a request.
+///
+/// # Errors
+/// When the token cannot be a header value.
+pub fn with_token<T>(message: T, token: &str) -> anyhow::Result<tonic::Request<T>> {
+    let mut request = tonic::Request::new(message);
+    let value: MetadataValue<_> = format!("Bearer {token}").parse().context("the token is not a valid header value")?;
+    request.metadata_mut().insert("authorization", value);
+    Ok(request)
+}
+
+/// Reads a JSON Lines file into wire touchpoints, with the line number of each.
+///
+/// # Errors
+/// When the file cannot be read or a line is invalid (the message names the line).
+pub fn read_json_lines(path: &Path) -> anyhow::Result<Vec<(usize, v1::Touchpoint)>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let mut events = Vec::new();
+    for (index, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let parsed: JsonTouchpoint = serde_json::from_str(line).with_context(|| format!("line {}: invalid JSON touchpoint", index + 1))?;
+        events.push((index + 1, parsed.into_wire().with_context(|| format!("line {}", index + 1))?));
+    }
+    Ok(events)
+}
+
+/// Totals of a publish run.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct PublishReport {
+    pub accepted: u64,
+    pub rejected: u64,
+}
+
+/// Streams `events` in batches over `PublishStream` and prints each rejection with its line.
+///
+/// # Errors
+/// When the server cannot be reached or ends the stream with an error.
+pub async fn publish(endpoint: &str, token: &str, events: Vec<(usize, v1::Touchpoint)>, batch_size: usize) -> anyhow::Result<PublishReport> {
+    let mut client = IngestServiceClient::connect(endpoint.to_owned())
+        .await
+        .with_context(|| format!("cannot connect to {endpoint}"))?;
+    let batch_size = batch_size.max(1);
+    let mut lines = Vec::with_capacity(events.len());
+    let mut batches = Vec::new();
+    let mut current = Vec::new();
+    for (line, event) in events {
+        lines.push(line);
+        current.push(event);
+        if current.len() == batch_size {
+            batches.push(std::mem::take(&mut current));
+        }
+    }
+    if !current.is_empty() {
+        batches.push(current);
+    }
+    let requests: Vec<v1::PublishRequest> = batches
+        .into_iter()
+        .enumerate()
+        .map(|(index, events)| v1::PublishRequest { events, batch_id: index.to_string() })
+        .collect();
+    let expected = requests.len();
+    let mut responses = client
+        .publish_stream(with_token(futures::stream::iter(requests), token)?)
+        .await?
+        .into_inner();
+    let mut report = PublishReport::default();
+    let mut answered = 0;
+    while let Some(response) = responses.message().await? {
+        let first_line = answered * batch_size;
+        for result in &response.results {
+            if let Some(v1::event_result::Result::Rejected(rejected)) = &result.result {
+                let line = lines.get(first_line + result.index as usize).copied().unwrap_or_default();
+                let reason = v1::RejectReason::try_from(rejected.reason).map_or_else(|_| rejected.reason.to_string(), |reason| reason.as_str_name().to_owned());
+                println!("line {line}: rejected {reason} ({}): {}", rejected.field, rejected.message);
+            }
+        }
+        report.accepted += u64::from(response.accepted);
+        report.rejected += u64::from(response.rejected);
+        answered += 1;
+    }
+    if answered != expected {
+        bail!("the server answered {answered} of {expected} batches");
+    }
+    Ok(report)
+}
+
+/// A reason number's contract name, for people.
+#[must_use]
+pub fn reason_name(reason: RejectReason) -> String {
+    format!("REASON_{}", reason.code())
+}
+
+async fn timeline_client(endpoint: &str) -> anyhow::Result<TimelineServiceClient<Channel>> {
+    TimelineServiceClient::connect(endpoint.to_owned())
+        .await
+        .with_context(|| format!("cannot connect to {endpoint}"))
+}
+
+fn timestamp_text(timestamp: Option<&::prost_types::Timestamp>) -> String {
+    timestamp
+        .and_then(touchline_proto::convert::instant)
+        .map_or_else(|| "-".to_owned(), UnixNanos::to_rfc3339)
+}
+
+fn enum_name<T>(number: i32, from_number: fn(i32) -> Option<T>, name: fn(T) -> &'static str) -> String {
+    from_number(number).map_or_else(|| number.to_string(), |value| name(value).to_owned())
+}
+
+/// One timeline entry as a line of text.
+#[must_use]
+pub fn format_entry(entry: &v1::TimelineEntry) -> String {
+    let Some(touchpoint) = &entry.touchpoint else {
+        return String::from("(empty entry)");
+    };
+    let outcome = touchpoint.outcome.map_or_else(String::new, |outcome| {
+        let sentiment = enum_name(outcome.sentiment, Sentiment::from_number, Sentiment::name);
+        match outcome.score {
+            Some(score) => format!("{sentiment} {score:.0}"),
+            None => sentiment,
+        }
+    });
+    let mut attributes: Vec<_> = touchpoint.attributes.iter().map(|(key, value)| format!("{key}={value}")).collect();
+    attributes.sort();
+    format!(
+        "{}  {:<9} {:<18} {:<26} {:<11} {:<12} {}",
+        timestamp_text(touchpoint.occurred_at.as_ref()),
+        enum_name(touchpoint.stage, JourneyStage::from_number, JourneyStage::name),
+        entry.partner_id,
+        touchpoint.r#type,
+        enum_name(touchpoint.channel, TouchChannel::from_number, TouchChannel::name),
+        outcome,
+        attributes.join(" "),
+    )
+}
+
+/// Prints a customer's whole timeline (every page), or at most `limit` entries.
+///
+/// # Errors
+/// When the server cannot be reached or refuses the request.
+pub async fn print_timeline(endpoint: &str, mut request: v1::GetTimelineRequest, limit: Option<usize>) -> anyhow::Result<usize> {
+    let mut client = timeline_client(endpoint).await?;
+    let mut printed = 0;
+    println!(
+        "{:<24}  {:<9} {:<18} {:<26} {:<11} {:<12} attributes",
+        "occurred at", "stage", "partner", "type", "channel", "outcome"
+    );
+    loop {
+        let page = client.get_timeline(request.clone()).await?.into_inner();
+        for entry in &page.entries {
+            if limit.is_some_and(|limit| printed >= limit) {
+                return Ok(printed);
+            }
+            println!("{}", format_entry(entry));
+            printed += 1;
+        }
+        if page.next_page_token.is_empty() {
+            return Ok(printed);
+        }
+        request.page_token = page.next_page_token;
+    }
+}
+
+/// Prints a customer's summary.
+///
+/// # Errors
+/// When the server cannot be reached or has no such customer.
+pub async fn print_summary(endpoint: &str, customer_id: String) -> anyhow::Result<()> {
+    let mut client = timeline_client(endpoint).await?;
+    let summary = client
+        .get_customer_summary(v1::GetCustomerSummaryRequest { customer_id })
+        .await?
+        .into_inner();
+    let counts = |map: &std::collections::HashMap<String, u64>| {
+        let mut pairs: Vec<_> = map.iter().map(|(key, count)| format!("{key} {count}")).collect();
+        pairs.sort();
+        pairs.join(", ")
+    };
+    println!("customer       {}", summary.customer_id);
+    println!("touchpoints    {}", summary.total_touchpoints);
+    println!("current stage  {}", enum_name(summary.current_stage, JourneyStage::from_number, JourneyStage::name));
+    if let Some(first) = &summary.first_touch {
+        println!("first touch    {}", format_entry(first));
+    }
+    if let Some(last) = &summary.last_touch {
+        println!("last touch     {}", format_entry(last));
+    }
+    println!("by stage       {}", counts(&summary.by_stage));
+    println!("by sentiment   {}", counts(&summary.by_sentiment));
+    println!("by partner     {}", counts(&summary.by_partner));
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_lines_become_wire_touchpoints() {
+        let line = r#"{"event_id":"e1","customer_id":"c1","type":"order.placed","occurred_at":"2026-11-01T10:00:00Z","channel":"web","stage":"purchase","outcome":{"sentiment":"positive","score":80},"attributes":{"order":"o-1"}}"#;
+        let parsed: JsonTouchpoint = serde_json::from_str(line).expect("parses");
+        let wire = parsed.into_wire().expect("converts");
+        assert_eq!(wire.stage, JourneyStage::Purchase.number());
+        assert_eq!(wire.channel, TouchChannel::Web.number());
+        assert_eq!(wire.outcome.map(|outcome| outcome.score), Some(Some(80.0)));
+    }
+
+    #[test]
+    fn unknown_names_are_refused_before_sending() {
+        let line = r#"{"event_id":"e1","customer_id":"c1","type":"x","occurred_at":"2026-11-01T10:00:00Z","stage":"teleport"}"#;
+        let parsed: JsonTouchpoint = serde_json::from_str(line).expect("parses");
+        assert!(parsed.into_wire().is_err());
+    }
+}

@@ -1,0 +1,237 @@
+//! Wiring: builds every enabled role from the configuration, serves them on one gRPC listener and
+//! shuts them down in order (stop accepting, drain in-flight acks, stop the projector, flush).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use touchline_core::EventStore;
+use touchline_ingest::{Durability, IngestOptions, IngestService, PartnerRegistry, Publisher};
+use touchline_kafka::EmbeddedBroker;
+use touchline_projection::{Projector, ProjectorOptions, SledStore};
+use touchline_query::TimelineService;
+use tracing::{error, info, warn};
+
+use crate::config::Config;
+
+/// Which Kafka the node talks to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BrokerChoice {
+    /// Start the in-process mock cluster. It keeps data in memory only, so ingest acknowledges an
+    /// event once it is durably in the local event log.
+    Embedded,
+    /// Use `kafka.bootstrap-servers`; ingest acknowledges once Kafka confirmed (`acks=all`).
+    External,
+}
+
+/// A running node.
+#[derive(Debug)]
+pub struct Node {
+    local_addr: SocketAddr,
+    server_shutdown: CancellationToken,
+    projector_shutdown: CancellationToken,
+    server: JoinHandle<Result<(), tonic::transport::Error>>,
+    projector: Option<JoinHandle<touchline_projection::Result<()>>>,
+    store: Option<Arc<SledStore>>,
+    broker: Option<EmbeddedBroker>,
+    shutdown_grace: Duration,
+}
+
+impl Node {
+    /// Starts every enabled role.
+    ///
+    /// # Errors
+    /// When the store cannot be opened, Kafka cannot be reached, the topic is missing or the
+    /// listener cannot bind.
+    pub async fn start(mut config: Config, broker: BrokerChoice, partners: PartnerRegistry) -> anyhow::Result<Self> {
+        config.validate()?;
+        let embedded = match broker {
+            BrokerChoice::Embedded => {
+                let embedded = EmbeddedBroker::start(1, &config.kafka.topic, config.kafka.partitions)?;
+                config.kafka.bootstrap_servers = embedded.bootstrap_servers().to_owned();
+                Some(embedded)
+            }
+            BrokerChoice::External => None,
+        };
+
+        let projector_shutdown = CancellationToken::new();
+        let mut store = None;
+        let mut projector_task = None;
+        let mut applied_offsets = None;
+        if config.projector.enabled {
+            let path = config.store.path.clone();
+            let opened = tokio::task::spawn_blocking(move || SledStore::open(&path))
+                .await?
+                .with_context(|| format!("cannot open the store in {}", config.store.path.display()))?;
+            let opened = Arc::new(opened);
+            let options = ProjectorOptions {
+                kafka: config.kafka.clone(),
+                partitions: (!config.projector.partitions.is_empty()).then(|| config.projector.partitions.clone()),
+                max_batch: config.projector.max_batch,
+            };
+            let shared: Arc<dyn EventStore> = opened.clone();
+            let (projector, handle) = Projector::new(options, shared)
+                .await
+                .context("cannot start the projector")?;
+            applied_offsets = Some(handle.applied_offsets());
+            projector_task = Some(tokio::spawn(projector.run(projector_shutdown.clone())));
+            store = Some(opened);
+        }
+
+        let ingest = if config.ingest.enabled {
+            let durability = match (broker, applied_offsets) {
+                (BrokerChoice::Embedded, Some(applied)) => Durability::LocalLog(applied),
+                (BrokerChoice::Embedded, None) => anyhow::bail!("the embedded broker needs the projector in the same process"),
+                (BrokerChoice::External, _) => Durability::Broker,
+            };
+            let publisher = Publisher::new(&config.kafka, durability, Duration::from_millis(config.ingest.ack_timeout_ms))?;
+            let options = IngestOptions {
+                max_batch_events: config.ingest.max_batch_events,
+                stream_window: config.ingest.stream_window,
+                ..IngestOptions::default()
+            };
+            Some(IngestService::new(partners, publisher, options).into_server())
+        } else {
+            None
+        };
+        let query = match (&store, config.query.enabled) {
+            (Some(store), true) => {
+                let shared: Arc<dyn EventStore> = store.clone();
+                Some(TimelineService::new(shared).into_server())
+            }
+            _ => None,
+        };
+
+        let listener = TcpListener::bind(config.server.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", config.server.listen))?;
+        let local_addr = listener.local_addr()?;
+        let server_shutdown = CancellationToken::new();
+        let server = tonic::transport::Server::builder()
+            .add_optional_service(ingest)
+            .add_optional_service(query)
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), server_shutdown.clone().cancelled_owned());
+        let server = tokio::spawn(server);
+        info!(%local_addr, ingest = config.ingest.enabled, projector = config.projector.enabled, query = config.query.enabled, "touchline is serving");
+        Ok(Self {
+            local_addr,
+            server_shutdown,
+            projector_shutdown,
+            server,
+            projector: projector_task,
+            store,
+            broker: embedded,
+            shutdown_grace: Duration::from_millis(config.server.shutdown_grace_ms),
+        })
+    }
+
+    /// The address the gRPC server listens on.
+    #[must_use]
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// `http://ADDR`, for clients.
+    #[must_use]
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.local_addr)
+    }
+
+    /// The local store, when the projector runs here.
+    #[must_use]
+    pub fn store(&self) -> Option<&Arc<SledStore>> {
+        self.store.as_ref()
+    }
+
+    /// The embedded broker, when the node started one.
+    #[must_use]
+    pub fn embedded_broker(&self) -> Option<&EmbeddedBroker> {
+        self.broker.as_ref()
+    }
+
+    /// Resolves when a role stops by itself (it failed): the node should then shut down.
+    pub async fn failed(&mut self) -> anyhow::Error {
+        let projector = async {
+            match self.projector.as_mut() {
+                Some(task) => match task.await {
+                    Ok(Ok(())) => anyhow::anyhow!("the projector stopped"),
+                    Ok(Err(error)) => anyhow::Error::new(error).context("the projector failed"),
+                    Err(error) => anyhow::Error::new(error).context("the projector panicked"),
+                },
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            error = projector => { self.projector = None; error }
+            result = &mut self.server => match result {
+                Ok(Ok(())) => anyhow::anyhow!("the gRPC server stopped"),
+                Ok(Err(error)) => anyhow::Error::new(error).context("the gRPC server failed"),
+                Err(error) => anyhow::Error::new(error).context("the gRPC server panicked"),
+            },
+        }
+    }
+
+    /// Graceful shutdown: stop accepting calls and let in-flight ones finish (their acks need the
+    /// projector in dev mode, so it keeps running meanwhile), then stop the projector after its
+    /// current batch, flush the store and stop the embedded broker.
+    ///
+    /// # Errors
+    /// When a role failed while stopping or the final flush failed.
+    pub async fn shutdown(self) -> anyhow::Result<()> {
+        info!("shutting down: no new calls, draining in-flight ones");
+        self.server_shutdown.cancel();
+        let mut server = self.server;
+        match tokio::time::timeout(self.shutdown_grace, &mut server).await {
+            Ok(result) => result?.context("the gRPC server failed")?,
+            Err(_) => {
+                warn!(grace_ms = self.shutdown_grace.as_millis(), "in-flight calls did not finish in time, stopping them");
+                server.abort();
+            }
+        }
+        self.projector_shutdown.cancel();
+        if let Some(projector) = self.projector {
+            projector.await?.context("the projector failed")?;
+        }
+        if let Some(store) = self.store {
+            tokio::task::spawn_blocking(move || store.flush())
+                .await?
+                .context("the final flush failed")?;
+        }
+        drop(self.broker);
+        info!("touchline stopped");
+        Ok(())
+    }
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let interrupt = async {
+        if let Err(error) = tokio::signal::ctrl_c().await {
+            error!(%error, "cannot listen for Ctrl-C");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(error) => {
+                error!(%error, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = interrupt => info!("received Ctrl-C"),
+        () = terminate => info!("received SIGTERM"),
+    }
+}
