@@ -1,1 +1,184 @@
-//! placeholder
+//! Shared harness of the end-to-end tests: a real Kafka-protocol broker (the in-process mock
+//! cluster), real nodes on `127.0.0.1:0` with sled on temporary directories, and the generated
+//! gRPC clients.
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tonic::transport::Channel;
+use touchline::{BrokerChoice, Config, Node};
+use touchline_core::PartnerId;
+use touchline_ingest::PartnerRegistry;
+use touchline_kafka::EmbeddedBroker;
+use touchline_proto::v1;
+use touchline_proto::v1::ingest_service_client::IngestServiceClient;
+use touchline_proto::v1::timeline_service_client::TimelineServiceClient;
+
+pub use touchline_proto::v1::{JourneyStage, PublishRequest, Touchpoint};
+
+/// The test partners: (id, token).
+pub const COURIER: (&str, &str) = ("swift-courier", "courier-secret-token");
+pub const RETAILER: (&str, &str) = ("northwind-retail", "retailer-secret-token");
+
+/// How long a test waits for a condition before it fails.
+pub const DEADLINE: Duration = Duration::from_secs(30);
+
+pub const TOPIC: &str = "touchpoints-test";
+pub const PARTITIONS: i32 = 3;
+
+/// The partners every test node knows.
+#[must_use]
+pub fn partners() -> PartnerRegistry {
+    PartnerRegistry::from_tokens([COURIER, RETAILER].map(|(id, token)| (PartnerId::parse(id).expect("valid partner id"), token)))
+}
+
+/// Starts an in-process mock cluster with the test topic.
+///
+/// # Panics
+/// When the broker cannot start.
+#[must_use]
+pub fn start_broker() -> EmbeddedBroker {
+    EmbeddedBroker::start(1, TOPIC, PARTITIONS).expect("the embedded broker starts")
+}
+
+/// A configuration for a test node on `bootstrap`, listening on a free port, storing in `dir`.
+#[must_use]
+pub fn config(bootstrap: &str, dir: &std::path::Path) -> Config {
+    let mut config = Config::default();
+    config.server.listen = "127.0.0.1:0".parse().expect("valid address");
+    config.kafka.bootstrap_servers = bootstrap.to_owned();
+    config.kafka.topic = TOPIC.to_owned();
+    config.kafka.partitions = PARTITIONS;
+    config.kafka.producer_properties.insert("linger.ms".to_owned(), "1".to_owned());
+    config.store.path = dir.join("store");
+    config.server.shutdown_grace_ms = 5_000;
+    config
+}
+
+/// Starts a node with every role on `broker`, storing in `dir`.
+///
+/// # Errors
+/// When the node cannot start.
+pub async fn start_node(broker: &EmbeddedBroker, dir: &std::path::Path) -> anyhow::Result<Node> {
+    Node::start(config(broker.bootstrap_servers(), dir), BrokerChoice::External, partners()).await
+}
+
+/// A connected ingest client.
+///
+/// # Errors
+/// When the endpoint cannot be reached.
+pub async fn ingest_client(node: &Node) -> anyhow::Result<IngestServiceClient<Channel>> {
+    IngestServiceClient::connect(node.endpoint()).await.context("connects to ingest")
+}
+
+/// A connected timeline client.
+///
+/// # Errors
+/// When the endpoint cannot be reached.
+pub async fn timeline_client(node: &Node) -> anyhow::Result<TimelineServiceClient<Channel>> {
+    TimelineServiceClient::connect(node.endpoint()).await.context("connects to query")
+}
+
+/// A request carrying `authorization: Bearer TOKEN`.
+///
+/// # Panics
+/// When the token is not a valid header value.
+#[must_use]
+pub fn authorized<T>(message: T, token: &str) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().expect("valid header"));
+    request
+}
+
+/// Seconds since the epoch, some days in the past, as a base for event times.
+pub const BASE_SECONDS: i64 = 1_780_000_000;
+
+/// A valid touchpoint.
+#[must_use]
+pub fn touchpoint(event_id: &str, customer_id: &str, event_type: &str, offset_seconds: i64, stage: JourneyStage) -> Touchpoint {
+    Touchpoint {
+        event_id: event_id.to_owned(),
+        customer_id: customer_id.to_owned(),
+        r#type: event_type.to_owned(),
+        occurred_at: Some(prost_types::Timestamp { seconds: BASE_SECONDS + offset_seconds, nanos: 0 }),
+        channel: v1::Channel::Web as i32,
+        stage: stage as i32,
+        outcome: Some(v1::Outcome { sentiment: v1::Sentiment::Positive as i32, score: Some(80.0) }),
+        attributes: std::collections::HashMap::new(),
+        payload: Vec::new(),
+    }
+}
+
+/// Publishes one batch as `partner` and returns the response.
+///
+/// # Errors
+/// When the call fails.
+pub async fn publish(client: &mut IngestServiceClient<Channel>, token: &str, events: Vec<Touchpoint>) -> Result<v1::PublishResponse, tonic::Status> {
+    client
+        .publish(authorized(PublishRequest { events, batch_id: String::new() }, token))
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+/// Every entry of a customer's timeline, following pages.
+///
+/// # Errors
+/// When a call fails.
+pub async fn full_timeline(client: &mut TimelineServiceClient<Channel>, customer_id: &str) -> Result<Vec<v1::TimelineEntry>, tonic::Status> {
+    let mut request = v1::GetTimelineRequest { customer_id: customer_id.to_owned(), page_size: 1000, ..Default::default() };
+    let mut entries = Vec::new();
+    loop {
+        let page = client.get_timeline(request.clone()).await?.into_inner();
+        entries.extend(page.entries);
+        if page.next_page_token.is_empty() {
+            return Ok(entries);
+        }
+        request.page_token = page.next_page_token;
+    }
+}
+
+/// Polls a customer's timeline until it has at least `count` entries, or fails at the deadline.
+///
+/// # Errors
+/// When the deadline passes first or a call fails.
+pub async fn wait_for_timeline(client: &mut TimelineServiceClient<Channel>, customer_id: &str, count: usize) -> anyhow::Result<Vec<v1::TimelineEntry>> {
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    let mut poll = tokio::time::interval(Duration::from_millis(20));
+    loop {
+        poll.tick().await;
+        let entries = full_timeline(client, customer_id).await?;
+        if entries.len() >= count {
+            return Ok(entries);
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "customer {customer_id} has {} of {count} entries after {DEADLINE:?}",
+            entries.len()
+        );
+    }
+}
+
+/// Polls `condition` until it holds, or fails at the deadline.
+///
+/// # Errors
+/// When the deadline passes first.
+pub async fn wait_until(what: &str, mut condition: impl FnMut() -> bool) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    let mut poll = tokio::time::interval(Duration::from_millis(20));
+    while !condition() {
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        poll.tick().await;
+    }
+    Ok(())
+}
+
+/// The event ids of timeline entries, in timeline order.
+#[must_use]
+pub fn event_ids(entries: &[v1::TimelineEntry]) -> Vec<String> {
+    entries
+        .iter()
+        .map(|entry| entry.touchpoint.as_ref().map(|t| t.event_id.clone()).unwrap_or_default())
+        .collect()
+}
