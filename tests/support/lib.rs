@@ -182,3 +182,43 @@ pub fn event_ids(entries: &[v1::TimelineEntry]) -> Vec<String> {
         .map(|entry| entry.touchpoint.as_ref().map(|t| t.event_id.clone()).unwrap_or_default())
         .collect()
 }
+
+/// Records in the test topic, summed over partitions (high watermarks): what reached Kafka.
+///
+/// # Errors
+/// When the broker cannot be asked.
+pub async fn records_in_topic(bootstrap: &str) -> anyhow::Result<i64> {
+    use rdkafka::consumer::{BaseConsumer, Consumer as _};
+    let bootstrap = bootstrap.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let consumer: BaseConsumer = rdkafka::ClientConfig::new().set("bootstrap.servers", &bootstrap).create()?;
+        let mut total = 0;
+        for partition in 0..PARTITIONS {
+            let (low, high) = consumer.fetch_watermarks(TOPIC, partition, DEADLINE)?;
+            total += high - low;
+        }
+        Ok(total)
+    })
+    .await?
+}
+
+/// Produces raw record values keyed by customer, as another producer (or a replay) would.
+///
+/// # Errors
+/// When a delivery fails.
+pub async fn produce_raw(bootstrap: &str, records: Vec<(String, Vec<u8>)>) -> anyhow::Result<()> {
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let producer: FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("enable.idempotence", "true")
+        .set("partitioner", "murmur2_random")
+        .create()?;
+    let deliveries: Vec<_> = records
+        .iter()
+        .map(|(key, value)| producer.send_result(FutureRecord::to(TOPIC).key(key).payload(value)).map_err(|(error, _)| error))
+        .collect::<Result<_, _>>()?;
+    for delivery in deliveries {
+        delivery.await?.map_err(|(error, _)| error)?;
+    }
+    Ok(())
+}
