@@ -29,7 +29,10 @@ pub const PARTITIONS: i32 = 3;
 /// The partners every test node knows.
 #[must_use]
 pub fn partners() -> PartnerRegistry {
-    PartnerRegistry::from_tokens([COURIER, RETAILER].map(|(id, token)| (PartnerId::parse(id).expect("valid partner id"), token)))
+    PartnerRegistry::from_tokens(
+        [COURIER, RETAILER]
+            .map(|(id, token)| (PartnerId::parse(id).expect("valid partner id"), token)),
+    )
 }
 
 /// Starts an in-process mock cluster with the test topic.
@@ -49,7 +52,10 @@ pub fn config(bootstrap: &str, dir: &std::path::Path) -> Config {
     config.kafka.bootstrap_servers = bootstrap.to_owned();
     config.kafka.topic = TOPIC.to_owned();
     config.kafka.partitions = PARTITIONS;
-    config.kafka.producer_properties.insert("linger.ms".to_owned(), "1".to_owned());
+    config
+        .kafka
+        .producer_properties
+        .insert("linger.ms".to_owned(), "1".to_owned());
     config.store.path = dir.join("store");
     config.server.shutdown_grace_ms = 5_000;
     config
@@ -60,7 +66,12 @@ pub fn config(bootstrap: &str, dir: &std::path::Path) -> Config {
 /// # Errors
 /// When the node cannot start.
 pub async fn start_node(broker: &EmbeddedBroker, dir: &std::path::Path) -> anyhow::Result<Node> {
-    Node::start(config(broker.bootstrap_servers(), dir), BrokerChoice::External, partners()).await
+    Node::start(
+        config(broker.bootstrap_servers(), dir),
+        BrokerChoice::External,
+        partners(),
+    )
+    .await
 }
 
 /// A connected ingest client.
@@ -68,7 +79,9 @@ pub async fn start_node(broker: &EmbeddedBroker, dir: &std::path::Path) -> anyho
 /// # Errors
 /// When the endpoint cannot be reached.
 pub async fn ingest_client(node: &Node) -> anyhow::Result<IngestServiceClient<Channel>> {
-    IngestServiceClient::connect(node.endpoint()).await.context("connects to ingest")
+    IngestServiceClient::connect(node.endpoint())
+        .await
+        .context("connects to ingest")
 }
 
 /// A connected timeline client.
@@ -76,7 +89,9 @@ pub async fn ingest_client(node: &Node) -> anyhow::Result<IngestServiceClient<Ch
 /// # Errors
 /// When the endpoint cannot be reached.
 pub async fn timeline_client(node: &Node) -> anyhow::Result<TimelineServiceClient<Channel>> {
-    TimelineServiceClient::connect(node.endpoint()).await.context("connects to query")
+    TimelineServiceClient::connect(node.endpoint())
+        .await
+        .context("connects to query")
 }
 
 /// A request carrying `authorization: Bearer TOKEN`.
@@ -86,9 +101,10 @@ pub async fn timeline_client(node: &Node) -> anyhow::Result<TimelineServiceClien
 #[must_use]
 pub fn authorized<T>(message: T, token: &str) -> tonic::Request<T> {
     let mut request = tonic::Request::new(message);
-    request
-        .metadata_mut()
-        .insert("authorization", format!("Bearer {token}").parse().expect("valid header"));
+    request.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {token}").parse().expect("valid header"),
+    );
     request
 }
 
@@ -97,15 +113,27 @@ pub const BASE_SECONDS: i64 = 1_780_000_000;
 
 /// A valid touchpoint.
 #[must_use]
-pub fn touchpoint(event_id: &str, customer_id: &str, event_type: &str, offset_seconds: i64, stage: JourneyStage) -> Touchpoint {
+pub fn touchpoint(
+    event_id: &str,
+    customer_id: &str,
+    event_type: &str,
+    offset_seconds: i64,
+    stage: JourneyStage,
+) -> Touchpoint {
     Touchpoint {
         event_id: event_id.to_owned(),
         customer_id: customer_id.to_owned(),
         r#type: event_type.to_owned(),
-        occurred_at: Some(prost_types::Timestamp { seconds: BASE_SECONDS + offset_seconds, nanos: 0 }),
+        occurred_at: Some(prost_types::Timestamp {
+            seconds: BASE_SECONDS + offset_seconds,
+            nanos: 0,
+        }),
         channel: v1::Channel::Web as i32,
         stage: stage as i32,
-        outcome: Some(v1::Outcome { sentiment: v1::Sentiment::Positive as i32, score: Some(80.0) }),
+        outcome: Some(v1::Outcome {
+            sentiment: v1::Sentiment::Positive as i32,
+            score: Some(80.0),
+        }),
         attributes: std::collections::HashMap::new(),
         payload: Vec::new(),
     }
@@ -115,9 +143,19 @@ pub fn touchpoint(event_id: &str, customer_id: &str, event_type: &str, offset_se
 ///
 /// # Errors
 /// When the call fails.
-pub async fn publish(client: &mut IngestServiceClient<Channel>, token: &str, events: Vec<Touchpoint>) -> Result<v1::PublishResponse, tonic::Status> {
+pub async fn publish(
+    client: &mut IngestServiceClient<Channel>,
+    token: &str,
+    events: Vec<Touchpoint>,
+) -> Result<v1::PublishResponse, tonic::Status> {
     client
-        .publish(authorized(PublishRequest { events, batch_id: String::new() }, token))
+        .publish(authorized(
+            PublishRequest {
+                events,
+                batch_id: String::new(),
+            },
+            token,
+        ))
         .await
         .map(tonic::Response::into_inner)
 }
@@ -126,8 +164,15 @@ pub async fn publish(client: &mut IngestServiceClient<Channel>, token: &str, eve
 ///
 /// # Errors
 /// When a call fails.
-pub async fn full_timeline(client: &mut TimelineServiceClient<Channel>, customer_id: &str) -> Result<Vec<v1::TimelineEntry>, tonic::Status> {
-    let mut request = v1::GetTimelineRequest { customer_id: customer_id.to_owned(), page_size: 1000, ..Default::default() };
+pub async fn full_timeline(
+    client: &mut TimelineServiceClient<Channel>,
+    customer_id: &str,
+) -> Result<Vec<v1::TimelineEntry>, tonic::Status> {
+    let mut request = v1::GetTimelineRequest {
+        customer_id: customer_id.to_owned(),
+        page_size: 1000,
+        ..Default::default()
+    };
     let mut entries = Vec::new();
     loop {
         let page = client.get_timeline(request.clone()).await?.into_inner();
@@ -143,7 +188,11 @@ pub async fn full_timeline(client: &mut TimelineServiceClient<Channel>, customer
 ///
 /// # Errors
 /// When the deadline passes first or a call fails.
-pub async fn wait_for_timeline(client: &mut TimelineServiceClient<Channel>, customer_id: &str, count: usize) -> anyhow::Result<Vec<v1::TimelineEntry>> {
+pub async fn wait_for_timeline(
+    client: &mut TimelineServiceClient<Channel>,
+    customer_id: &str,
+    count: usize,
+) -> anyhow::Result<Vec<v1::TimelineEntry>> {
     let deadline = tokio::time::Instant::now() + DEADLINE;
     let mut poll = tokio::time::interval(Duration::from_millis(20));
     loop {
@@ -168,7 +217,10 @@ pub async fn wait_until(what: &str, mut condition: impl FnMut() -> bool) -> anyh
     let deadline = tokio::time::Instant::now() + DEADLINE;
     let mut poll = tokio::time::interval(Duration::from_millis(20));
     while !condition() {
-        anyhow::ensure!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
         poll.tick().await;
     }
     Ok(())
@@ -179,7 +231,13 @@ pub async fn wait_until(what: &str, mut condition: impl FnMut() -> bool) -> anyh
 pub fn event_ids(entries: &[v1::TimelineEntry]) -> Vec<String> {
     entries
         .iter()
-        .map(|entry| entry.touchpoint.as_ref().map(|t| t.event_id.clone()).unwrap_or_default())
+        .map(|entry| {
+            entry
+                .touchpoint
+                .as_ref()
+                .map(|t| t.event_id.clone())
+                .unwrap_or_default()
+        })
         .collect()
 }
 
@@ -191,7 +249,9 @@ pub async fn records_in_topic(bootstrap: &str) -> anyhow::Result<i64> {
     use rdkafka::consumer::{BaseConsumer, Consumer as _};
     let bootstrap = bootstrap.to_owned();
     tokio::task::spawn_blocking(move || {
-        let consumer: BaseConsumer = rdkafka::ClientConfig::new().set("bootstrap.servers", &bootstrap).create()?;
+        let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", &bootstrap)
+            .create()?;
         let mut total = 0;
         for partition in 0..PARTITIONS {
             let (low, high) = consumer.fetch_watermarks(TOPIC, partition, DEADLINE)?;
@@ -202,11 +262,15 @@ pub async fn records_in_topic(bootstrap: &str) -> anyhow::Result<i64> {
     .await?
 }
 
-/// Produces raw record values keyed by customer, as another producer (or a replay) would.
+/// Produces raw record values keyed by customer, as another producer (or a replay) would, and
+/// returns where each landed (partition, offset).
 ///
 /// # Errors
 /// When a delivery fails.
-pub async fn produce_raw(bootstrap: &str, records: Vec<(String, Vec<u8>)>) -> anyhow::Result<()> {
+pub async fn produce_raw(
+    bootstrap: &str,
+    records: Vec<(String, Vec<u8>)>,
+) -> anyhow::Result<Vec<(i32, i64)>> {
     use rdkafka::producer::{FutureProducer, FutureRecord};
     let producer: FutureProducer = rdkafka::ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
@@ -215,10 +279,16 @@ pub async fn produce_raw(bootstrap: &str, records: Vec<(String, Vec<u8>)>) -> an
         .create()?;
     let deliveries: Vec<_> = records
         .iter()
-        .map(|(key, value)| producer.send_result(FutureRecord::to(TOPIC).key(key).payload(value)).map_err(|(error, _)| error))
+        .map(|(key, value)| {
+            producer
+                .send_result(FutureRecord::to(TOPIC).key(key).payload(value))
+                .map_err(|(error, _)| error)
+        })
         .collect::<Result<_, _>>()?;
+    let mut positions = Vec::with_capacity(deliveries.len());
     for delivery in deliveries {
-        delivery.await?.map_err(|(error, _)| error)?;
+        let delivered = delivery.await?.map_err(|(error, _)| error)?;
+        positions.push((delivered.partition, delivered.offset));
     }
-    Ok(())
+    Ok(positions)
 }

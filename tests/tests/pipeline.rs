@@ -17,30 +17,62 @@ async fn published_touchpoints_form_an_event_time_ordered_timeline() -> anyhow::
     let mut ingest = ingest_client(&node).await?;
     let mut timeline = timeline_client(&node).await?;
 
-    let retailer = publish(&mut ingest, RETAILER.1, vec![
-        touchpoint("r-1", "alice", "product.viewed", 0, JourneyStage::Discover),
-        touchpoint("r-2", "alice", "order.placed", 100, JourneyStage::Purchase),
-        touchpoint("r-3", "alice", "review.posted", 900, JourneyStage::Advocate),
-    ]).await?;
+    let retailer = publish(
+        &mut ingest,
+        RETAILER.1,
+        vec![
+            touchpoint("r-1", "alice", "product.viewed", 0, JourneyStage::Discover),
+            touchpoint("r-2", "alice", "order.placed", 100, JourneyStage::Purchase),
+            touchpoint("r-3", "alice", "review.posted", 900, JourneyStage::Advocate),
+        ],
+    )
+    .await?;
     assert_eq!((retailer.accepted, retailer.rejected), (3, 0));
     for result in &retailer.results {
-        assert!(matches!(result.result, Some(v1::event_result::Result::Accepted(_))), "every event is accepted with its position");
+        assert!(
+            matches!(result.result, Some(v1::event_result::Result::Accepted(_))),
+            "every event is accepted with its position"
+        );
     }
     let first = wait_for_timeline(&mut timeline, "alice", 3).await?;
     assert_eq!(event_ids(&first), ["r-1", "r-2", "r-3"]);
 
     // The courier reports later, about things that happened in between: they land in their place.
-    publish(&mut ingest, COURIER.1, vec![
-        touchpoint("c-2", "alice", "delivery.completed", 500, JourneyStage::Fulfil),
-        touchpoint("c-1", "alice", "parcel.picked-up", 200, JourneyStage::Fulfil),
-    ]).await?;
+    publish(
+        &mut ingest,
+        COURIER.1,
+        vec![
+            touchpoint(
+                "c-2",
+                "alice",
+                "delivery.completed",
+                500,
+                JourneyStage::Fulfil,
+            ),
+            touchpoint(
+                "c-1",
+                "alice",
+                "parcel.picked-up",
+                200,
+                JourneyStage::Fulfil,
+            ),
+        ],
+    )
+    .await?;
     let entries = wait_for_timeline(&mut timeline, "alice", 5).await?;
     assert_eq!(event_ids(&entries), ["r-1", "r-2", "c-1", "c-2", "r-3"]);
     let partners: Vec<_> = entries.iter().map(|e| e.partner_id.as_str()).collect();
-    assert_eq!(partners, [RETAILER.0, RETAILER.0, COURIER.0, COURIER.0, RETAILER.0]);
+    assert_eq!(
+        partners,
+        [RETAILER.0, RETAILER.0, COURIER.0, COURIER.0, RETAILER.0]
+    );
 
     // Pages of two, following the opaque token, give the same timeline exactly once.
-    let mut request = GetTimelineRequest { customer_id: "alice".into(), page_size: 2, ..Default::default() };
+    let mut request = GetTimelineRequest {
+        customer_id: "alice".into(),
+        page_size: 2,
+        ..Default::default()
+    };
     let mut paged = Vec::new();
     let mut pages = 0;
     loop {
@@ -59,26 +91,108 @@ async fn published_touchpoints_form_an_event_time_ordered_timeline() -> anyhow::
     // Each filter.
     let filtered = |request: GetTimelineRequest| {
         let mut timeline = timeline.clone();
-        async move { timeline.get_timeline(request).await.map(|r| event_ids(&r.into_inner().entries)) }
+        async move {
+            timeline
+                .get_timeline(request)
+                .await
+                .map(|r| event_ids(&r.into_inner().entries))
+        }
     };
-    let base = || GetTimelineRequest { customer_id: "alice".into(), ..Default::default() };
-    let at = |offset| Some(prost_types::Timestamp { seconds: touchline_tests::BASE_SECONDS + offset, nanos: 0 });
-    assert_eq!(filtered(GetTimelineRequest { from: at(100), to: at(500), ..base() }).await?, ["r-2", "c-1"]);
-    assert_eq!(filtered(GetTimelineRequest { partner_ids: vec![COURIER.0.into()], ..base() }).await?, ["c-1", "c-2"]);
-    assert_eq!(filtered(GetTimelineRequest { types: vec!["order.placed".into(), "review.posted".into()], ..base() }).await?, ["r-2", "r-3"]);
-    assert_eq!(filtered(GetTimelineRequest { stages: vec![JourneyStage::Fulfil as i32, JourneyStage::Discover as i32], ..base() }).await?, ["r-1", "c-1", "c-2"]);
+    let base = || GetTimelineRequest {
+        customer_id: "alice".into(),
+        ..Default::default()
+    };
+    let at = |offset| {
+        Some(prost_types::Timestamp {
+            seconds: touchline_tests::BASE_SECONDS + offset,
+            nanos: 0,
+        })
+    };
+    assert_eq!(
+        filtered(GetTimelineRequest {
+            from: at(100),
+            to: at(500),
+            ..base()
+        })
+        .await?,
+        ["r-2", "c-1"]
+    );
+    assert_eq!(
+        filtered(GetTimelineRequest {
+            partner_ids: vec![COURIER.0.into()],
+            ..base()
+        })
+        .await?,
+        ["c-1", "c-2"]
+    );
+    assert_eq!(
+        filtered(GetTimelineRequest {
+            types: vec!["order.placed".into(), "review.posted".into()],
+            ..base()
+        })
+        .await?,
+        ["r-2", "r-3"]
+    );
+    assert_eq!(
+        filtered(GetTimelineRequest {
+            stages: vec![JourneyStage::Fulfil as i32, JourneyStage::Discover as i32],
+            ..base()
+        })
+        .await?,
+        ["r-1", "c-1", "c-2"]
+    );
 
     // The summary.
-    let summary = timeline.get_customer_summary(v1::GetCustomerSummaryRequest { customer_id: "alice".into() }).await?.into_inner();
+    let summary = timeline
+        .get_customer_summary(v1::GetCustomerSummaryRequest {
+            customer_id: "alice".into(),
+        })
+        .await?
+        .into_inner();
     assert_eq!(summary.total_touchpoints, 5);
     assert_eq!(summary.current_stage, JourneyStage::Advocate as i32);
-    assert_eq!(summary.first_touch.and_then(|e| e.touchpoint).map(|t| t.event_id).as_deref(), Some("r-1"));
-    assert_eq!(summary.last_touch.and_then(|e| e.touchpoint).map(|t| t.event_id).as_deref(), Some("r-3"));
-    assert_eq!(summary.by_stage, HashMap::from([("discover".into(), 1), ("purchase".into(), 1), ("fulfil".into(), 2), ("advocate".into(), 1)]));
-    assert_eq!(summary.by_partner, HashMap::from([(COURIER.0.into(), 2), (RETAILER.0.into(), 3)]));
-    assert_eq!(summary.by_sentiment, HashMap::from([("positive".into(), 5)]));
-    let missing = timeline.get_customer_summary(v1::GetCustomerSummaryRequest { customer_id: "nobody".into() }).await;
-    assert_eq!(missing.map_err(|status| status.code()).err(), Some(tonic::Code::NotFound));
+    assert_eq!(
+        summary
+            .first_touch
+            .and_then(|e| e.touchpoint)
+            .map(|t| t.event_id)
+            .as_deref(),
+        Some("r-1")
+    );
+    assert_eq!(
+        summary
+            .last_touch
+            .and_then(|e| e.touchpoint)
+            .map(|t| t.event_id)
+            .as_deref(),
+        Some("r-3")
+    );
+    assert_eq!(
+        summary.by_stage,
+        HashMap::from([
+            ("discover".into(), 1),
+            ("purchase".into(), 1),
+            ("fulfil".into(), 2),
+            ("advocate".into(), 1)
+        ])
+    );
+    assert_eq!(
+        summary.by_partner,
+        HashMap::from([(COURIER.0.into(), 2), (RETAILER.0.into(), 3)])
+    );
+    assert_eq!(
+        summary.by_sentiment,
+        HashMap::from([("positive".into(), 5)])
+    );
+    let missing = timeline
+        .get_customer_summary(v1::GetCustomerSummaryRequest {
+            customer_id: "nobody".into(),
+        })
+        .await;
+    assert_eq!(
+        missing.map_err(|status| status.code()).err(),
+        Some(tonic::Code::NotFound)
+    );
 
     node.shutdown().await
 }
@@ -91,12 +205,33 @@ async fn the_same_event_published_twice_appears_once() -> anyhow::Result<()> {
     let mut ingest = ingest_client(&node).await?;
     let mut timeline = timeline_client(&node).await?;
 
-    let event = touchpoint("dup-1", "bob", "delivery.completed", 10, JourneyStage::Fulfil);
+    let event = touchpoint(
+        "dup-1",
+        "bob",
+        "delivery.completed",
+        10,
+        JourneyStage::Fulfil,
+    );
     let first = publish(&mut ingest, COURIER.1, vec![event.clone()]).await?;
     let again = publish(&mut ingest, COURIER.1, vec![event.clone()]).await?;
-    assert_eq!((first.accepted, again.accepted), (1, 1), "a resend is acknowledged (it is safe)");
+    assert_eq!(
+        (first.accepted, again.accepted),
+        (1, 1),
+        "a resend is acknowledged (it is safe)"
+    );
     // A marker published after both: once it is projected, both copies have been consumed.
-    publish(&mut ingest, COURIER.1, vec![touchpoint("marker", "bob", "delivery.completed", 20, JourneyStage::Fulfil)]).await?;
+    publish(
+        &mut ingest,
+        COURIER.1,
+        vec![touchpoint(
+            "marker",
+            "bob",
+            "delivery.completed",
+            20,
+            JourneyStage::Fulfil,
+        )],
+    )
+    .await?;
     let entries = wait_for_timeline(&mut timeline, "bob", 2).await?;
     assert_eq!(event_ids(&entries), ["dup-1", "marker"]);
     let store = node.store().expect("the node has a store");
@@ -113,19 +248,64 @@ async fn a_partner_cannot_act_as_another_partner() -> anyhow::Result<()> {
     let mut timeline = timeline_client(&node).await?;
 
     // The retailer's event.
-    publish(&mut ingest, RETAILER.1, vec![touchpoint("shared-id", "carol", "order.placed", 0, JourneyStage::Purchase)]).await?;
+    publish(
+        &mut ingest,
+        RETAILER.1,
+        vec![touchpoint(
+            "shared-id",
+            "carol",
+            "order.placed",
+            0,
+            JourneyStage::Purchase,
+        )],
+    )
+    .await?;
     // The courier names the retailer everywhere it can: metadata and attributes. It also reuses the
     // retailer's event id, trying to overwrite or suppress the retailer's event.
-    let mut spoof = touchpoint("shared-id", "carol", "delivery.completed", 10, JourneyStage::Fulfil);
-    spoof.attributes.insert("partner_id".into(), RETAILER.0.into());
-    let mut request = authorized(v1::PublishRequest { events: vec![spoof], batch_id: String::new() }, COURIER.1);
-    request.metadata_mut().insert("x-partner-id", RETAILER.0.parse()?);
+    let mut spoof = touchpoint(
+        "shared-id",
+        "carol",
+        "delivery.completed",
+        10,
+        JourneyStage::Fulfil,
+    );
+    spoof
+        .attributes
+        .insert("partner_id".into(), RETAILER.0.into());
+    let mut request = authorized(
+        v1::PublishRequest {
+            events: vec![spoof],
+            batch_id: String::new(),
+        },
+        COURIER.1,
+    );
+    request
+        .metadata_mut()
+        .insert("x-partner-id", RETAILER.0.parse()?);
     ingest.publish(request).await?;
 
     let entries = wait_for_timeline(&mut timeline, "carol", 2).await?;
-    let by_partner: Vec<_> = entries.iter().map(|e| (e.partner_id.as_str(), e.touchpoint.as_ref().map(|t| t.r#type.as_str()))).collect();
-    assert_eq!(by_partner, [(RETAILER.0, Some("order.placed")), (COURIER.0, Some("delivery.completed"))]);
+    let by_partner: Vec<_> = entries
+        .iter()
+        .map(|e| {
+            (
+                e.partner_id.as_str(),
+                e.touchpoint.as_ref().map(|t| t.r#type.as_str()),
+            )
+        })
+        .collect();
+    assert_eq!(
+        by_partner,
+        [
+            (RETAILER.0, Some("order.placed")),
+            (COURIER.0, Some("delivery.completed"))
+        ]
+    );
     let full = full_timeline(&mut timeline, "carol").await?;
-    assert_eq!(full.len(), 2, "the retailer's event is untouched and the courier's is its own");
+    assert_eq!(
+        full.len(),
+        2,
+        "the retailer's event is untouched and the courier's is its own"
+    );
     node.shutdown().await
 }

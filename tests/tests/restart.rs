@@ -30,7 +30,8 @@ async fn a_projector_restarted_mid_stream_loses_and_doubles_nothing() -> anyhow:
     let mut projector_config = config(broker.bootstrap_servers(), dir.path());
     projector_config.ingest.enabled = false;
     projector_config.projector.max_batch = 7;
-    let projector = Node::start(projector_config.clone(), BrokerChoice::External, partners()).await?;
+    let projector =
+        Node::start(projector_config.clone(), BrokerChoice::External, partners()).await?;
 
     let mut ingest = ingest_client(&ingest_node).await?;
     let mut acked = BTreeMap::<String, BTreeSet<String>>::new();
@@ -42,7 +43,13 @@ async fn a_projector_restarted_mid_stream_loses_and_doubles_nothing() -> anyhow:
                 (0..10)
                     .map(|i| {
                         let index = batch_number * 10 + i;
-                        touchpoint(&format!("evt-{index}"), &customer(index), "delivery.completed", i64::try_from(index).unwrap_or_default(), JourneyStage::Fulfil)
+                        touchpoint(
+                            &format!("evt-{index}"),
+                            &customer(index),
+                            "delivery.completed",
+                            i64::try_from(index).unwrap_or_default(),
+                            JourneyStage::Fulfil,
+                        )
                     })
                     .collect()
             })
@@ -54,7 +61,10 @@ async fn a_projector_restarted_mid_stream_loses_and_doubles_nothing() -> anyhow:
         let response = publish(&mut ingest, COURIER.1, batch.clone()).await?;
         assert_eq!(response.accepted, 10);
         for event in batch {
-            acked.entry(event.customer_id).or_default().insert(event.event_id);
+            acked
+                .entry(event.customer_id)
+                .or_default()
+                .insert(event.event_id);
         }
     }
     // Stop the projector while it is consuming, keep publishing, then start it again.
@@ -63,14 +73,20 @@ async fn a_projector_restarted_mid_stream_loses_and_doubles_nothing() -> anyhow:
         let response = publish(&mut ingest, COURIER.1, batch.clone()).await?;
         assert_eq!(response.accepted, 10);
         for event in batch {
-            acked.entry(event.customer_id).or_default().insert(event.event_id);
+            acked
+                .entry(event.customer_id)
+                .or_default()
+                .insert(event.event_id);
         }
     }
     let projector = Node::start(projector_config, BrokerChoice::External, partners()).await?;
     for batch in send_batches(5) {
         publish(&mut ingest, COURIER.1, batch.clone()).await?;
         for event in batch {
-            acked.entry(event.customer_id).or_default().insert(event.event_id);
+            acked
+                .entry(event.customer_id)
+                .or_default()
+                .insert(event.event_id);
         }
     }
 
@@ -80,8 +96,16 @@ async fn a_projector_restarted_mid_stream_loses_and_doubles_nothing() -> anyhow:
     for (customer, expected) in &acked {
         let entries = wait_for_timeline(&mut timeline, customer, expected.len()).await?;
         let ids = event_ids(&entries);
-        assert_eq!(ids.len(), expected.len(), "customer {customer}: nothing doubled");
-        assert_eq!(ids.iter().cloned().collect::<BTreeSet<_>>(), *expected, "customer {customer}: nothing lost");
+        assert_eq!(
+            ids.len(),
+            expected.len(),
+            "customer {customer}: nothing doubled"
+        );
+        assert_eq!(
+            ids.iter().cloned().collect::<BTreeSet<_>>(),
+            *expected,
+            "customer {customer}: nothing lost"
+        );
     }
     assert_eq!(projector.store().map(|store| store.log_len()), Some(total));
     projector.shutdown().await?;
@@ -94,7 +118,17 @@ async fn records_consumed_again_after_a_restart_appear_once() -> anyhow::Result<
     let first_broker = start_broker();
     let node = start_node(&first_broker, dir.path()).await?;
     let mut ingest = ingest_client(&node).await?;
-    let events: Vec<_> = (0..20).map(|i| touchpoint(&format!("e{i}"), &customer(i), "ticket.solved", i64::try_from(i).unwrap_or_default(), JourneyStage::Support)).collect();
+    let events: Vec<_> = (0..20)
+        .map(|i| {
+            touchpoint(
+                &format!("e{i}"),
+                &customer(i),
+                "ticket.solved",
+                i64::try_from(i).unwrap_or_default(),
+                JourneyStage::Support,
+            )
+        })
+        .collect();
     assert_eq!(publish(&mut ingest, COURIER.1, events).await?.accepted, 20);
     let store = node.store().cloned().expect("the node has a store");
     wait_until("all 20 events in the log", || store.log_len() == 20).await?;
@@ -117,13 +151,27 @@ async fn records_consumed_again_after_a_restart_appear_once() -> anyhow::Result<
     produce_raw(second_broker.bootstrap_servers(), records).await?;
     let node = start_node(&second_broker, dir.path()).await?;
     let mut ingest = ingest_client(&node).await?;
-    publish(&mut ingest, COURIER.1, vec![touchpoint("marker", &customer(0), "ticket.solved", 100, JourneyStage::Support)]).await?;
+    publish(
+        &mut ingest,
+        COURIER.1,
+        vec![touchpoint(
+            "marker",
+            &customer(0),
+            "ticket.solved",
+            100,
+            JourneyStage::Support,
+        )],
+    )
+    .await?;
     let mut timeline = timeline_client(&node).await?;
     let entries = wait_for_timeline(&mut timeline, &customer(0), 4).await?;
     assert_eq!(event_ids(&entries), ["e0", "e7", "e14", "marker"]);
     for index in 1..CUSTOMERS {
         let ids = event_ids(&full_timeline(&mut timeline, &customer(index)).await?);
-        let expected: Vec<String> = (index..20).step_by(CUSTOMERS).map(|i| format!("e{i}")).collect();
+        let expected: Vec<String> = (index..20)
+            .step_by(CUSTOMERS)
+            .map(|i| format!("e{i}"))
+            .collect();
         assert_eq!(ids, expected, "customer {}", customer(index));
     }
     assert_eq!(node.store().map(|store| store.log_len()), Some(21));

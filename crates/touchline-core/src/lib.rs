@@ -17,8 +17,8 @@ pub use envelope::{Envelope, LogPosition, TimelineEntry};
 pub use fold::{CustomerSummary, apply_summary};
 pub use ids::{CustomerId, EventId, EventType, IdError, PartnerId};
 pub use store::{
-    ApplyOutcome, ConsumedRecord, EventStore, RecordContent, StoreError, StreamIdentity,
-    TimelineCursor, TimelineFilter, TimelinePage, TimelineQuery,
+    ApplyOutcome, ConsumedRecord, EventStore, RecordContent, StoreError, StoredPosition,
+    StreamIdentity, TimelineCursor, TimelineFilter, TimelinePage, TimelineQuery, fingerprint,
 };
 pub use time::UnixNanos;
 pub use touchpoint::{Channel, JourneyStage, Outcome, Sentiment, Touchpoint};

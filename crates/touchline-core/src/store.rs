@@ -48,6 +48,35 @@ pub enum RecordContent {
     },
 }
 
+/// A stable 64-bit fingerprint (FNV-1a) of a record value, stored with each position so that a
+/// restart can check that the broker still holds the record the position was taken after.
+#[must_use]
+pub fn fingerprint(value: Option<&[u8]>) -> u64 {
+    let Some(value) = value else { return 0 };
+    value.iter().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
+        (hash ^ u64::from(*byte)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+impl RecordContent {
+    /// The fingerprint of the record's value.
+    #[must_use]
+    pub fn fingerprint(&self) -> u64 {
+        match self {
+            Self::Event { raw, .. } => fingerprint(Some(raw)),
+            Self::Undecodable { value, .. } => fingerprint(value.as_deref()),
+        }
+    }
+}
+
+/// A stored consumer position: the next offset to read, and the fingerprint of the record just
+/// before it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoredPosition {
+    pub next_offset: i64,
+    pub last_fingerprint: u64,
+}
+
 /// What applying one batch did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ApplyOutcome {
@@ -141,11 +170,14 @@ pub trait EventStore: Send + Sync + std::fmt::Debug {
         records: Vec<ConsumedRecord>,
     ) -> Result<ApplyOutcome, StoreError>;
 
-    /// The next offset to read per partition of `stream`; empty when the stream is new.
+    /// The stored position per partition of `stream`; empty when the stream is new.
     ///
     /// # Errors
     /// When the backend fails or a stored position is corrupt.
-    fn next_offsets(&self, stream: &StreamIdentity) -> Result<BTreeMap<i32, i64>, StoreError>;
+    fn positions(
+        &self,
+        stream: &StreamIdentity,
+    ) -> Result<BTreeMap<i32, StoredPosition>, StoreError>;
 
     /// A page of a customer's timeline.
     ///

@@ -92,7 +92,7 @@ impl UnixNanos {
         {
             return None;
         }
-        let mut rest = &text[19..];
+        let mut rest = text.get(19..)?;
         let mut nanos = 0_i64;
         if let Some(fraction) = rest.strip_prefix('.') {
             let digits = fraction.bytes().take_while(u8::is_ascii_digit).count();
@@ -103,17 +103,17 @@ impl UnixNanos {
                 * 10_i64.pow(9 - u32::try_from(digits).ok()?);
             rest = &fraction[digits..];
         }
-        let offset_seconds = match rest {
-            "Z" | "z" => 0,
-            _ if rest.len() == 6 && matches!(&rest[..1], "+" | "-") && &rest[3..4] == ":" => {
-                let hours: i64 = rest[1..3].parse().ok()?;
-                let minutes: i64 = rest[4..6].parse().ok()?;
-                let magnitude = hours * 3600 + minutes * 60;
-                if rest.starts_with('-') {
-                    -magnitude
-                } else {
-                    magnitude
+        let offset_seconds = match rest.as_bytes() {
+            b"Z" | b"z" => 0,
+            [sign @ (b'+' | b'-'), h1, h2, b':', m1, m2] => {
+                let digit = |byte: &u8| byte.is_ascii_digit().then(|| i64::from(byte - b'0'));
+                let hours = digit(h1)? * 10 + digit(h2)?;
+                let minutes = digit(m1)? * 10 + digit(m2)?;
+                if hours > 23 || minutes > 59 {
+                    return None;
                 }
+                let magnitude = hours * 3600 + minutes * 60;
+                if *sign == b'-' { -magnitude } else { magnitude }
             }
             _ => return None,
         };
@@ -187,5 +187,17 @@ mod tests {
         );
         assert_eq!(UnixNanos::parse_rfc3339("yesterday"), None);
         assert_eq!(UnixNanos::parse_rfc3339("2026-13-01T00:00:00Z"), None);
+        assert_eq!(
+            UnixNanos::parse_rfc3339("2026-01-01T00:00:00\u{e9}1234"),
+            None
+        );
+        assert_eq!(UnixNanos::parse_rfc3339("2026-01-01T00:00:00.\u{e9}"), None);
+        assert_eq!(UnixNanos::parse_rfc3339("2026-01-01T00:00:00+99:00"), None);
+        assert_eq!(
+            UnixNanos::parse_rfc3339(
+                "\u{e9}\u{e9}\u{e9}\u{e9}\u{e9}\u{e9}\u{e9}\u{e9}\u{e9}\u{e9}"
+            ),
+            None
+        );
     }
 }

@@ -66,19 +66,26 @@ impl PartnerRegistry {
         let mut credentials = Vec::new();
         let mut ids = std::collections::BTreeSet::new();
         for entry in &file.partners {
-            let id = PartnerId::parse(entry.id.clone())
-                .map_err(|error| Error::PartnersFile(format!("partner id {:?} {error}", entry.id)))?;
+            let id = PartnerId::parse(entry.id.clone()).map_err(|error| {
+                Error::PartnersFile(format!("partner id {:?} {error}", entry.id))
+            })?;
             if !ids.insert(id.clone()) {
                 return Err(Error::PartnersFile(format!("partner {id} is listed twice")));
             }
             if entry.token_sha256.is_empty() {
-                return Err(Error::PartnersFile(format!("partner {id} has no token-sha256")));
+                return Err(Error::PartnersFile(format!(
+                    "partner {id} has no token-sha256"
+                )));
             }
             for hash in &entry.token_sha256 {
                 let bytes = hex::decode(hash)
                     .ok()
                     .and_then(|bytes| <[u8; 32]>::try_from(bytes).ok())
-                    .ok_or_else(|| Error::PartnersFile(format!("partner {id}: token-sha256 entries are 64 hex characters")))?;
+                    .ok_or_else(|| {
+                        Error::PartnersFile(format!(
+                            "partner {id}: token-sha256 entries are 64 hex characters"
+                        ))
+                    })?;
                 credentials.push((id.clone(), bytes));
             }
         }
@@ -90,8 +97,9 @@ impl PartnerRegistry {
     /// # Errors
     /// [`Error::PartnersFile`] when the file cannot be read or is invalid.
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|error| Error::PartnersFile(format!("cannot read {}: {error}", path.display())))?;
+        let text = std::fs::read_to_string(path).map_err(|error| {
+            Error::PartnersFile(format!("cannot read {}: {error}", path.display()))
+        })?;
         let file: PartnersFile = toml::from_str(&text)
             .map_err(|error| Error::PartnersFile(format!("{}: {error}", path.display())))?;
         Self::from_file(&file)
@@ -155,7 +163,11 @@ mod tests {
     #[test]
     fn tokens_authenticate_their_partner_including_both_rotation_tokens() {
         let registry = registry();
-        let id = |token| registry.authenticate(token).map(|partner| partner.to_string());
+        let id = |token| {
+            registry
+                .authenticate(token)
+                .map(|partner| partner.to_string())
+        };
         assert_eq!(id("old-courier-token").as_deref(), Some("courier"));
         assert_eq!(id("new-courier-token").as_deref(), Some("courier"));
         assert_eq!(id("store-token").as_deref(), Some("store"));
@@ -174,7 +186,9 @@ mod tests {
         ))
         .expect("parses");
         assert!(PartnerRegistry::from_file(&twice).is_err());
-        assert!(toml::from_str::<PartnersFile>("[[partner]]\nid = \"p\"\ntoken = \"plain\"\n").is_err());
+        assert!(
+            toml::from_str::<PartnersFile>("[[partner]]\nid = \"p\"\ntoken = \"plain\"\n").is_err()
+        );
     }
 
     #[test]

@@ -21,7 +21,10 @@ pub enum Error {
     #[error("the request has {len} events, the limit is {max}")]
     BatchTooLarge { len: usize, max: usize },
     #[error("the event log is unavailable: {reason}")]
-    Unavailable { reason: String, retry_after: Duration },
+    Unavailable {
+        reason: String,
+        retry_after: Duration,
+    },
     #[error("the event log did not confirm within {}ms", .timeout.as_millis())]
     AckTimeout { timeout: Duration },
     #[error("invalid partners file: {0}")]
@@ -53,7 +56,10 @@ impl From<Error> for Status {
             Error::TokenMissing | Error::TokenInvalid => Code::Unauthenticated,
             Error::BatchEmpty => Code::InvalidArgument,
             Error::BatchTooLarge { len, max } => {
-                details.add_bad_request_violation("events", format!("{len} events, the limit is {max}"));
+                details.add_bad_request_violation(
+                    "events",
+                    format!("{len} events, the limit is {max}"),
+                );
                 Code::InvalidArgument
             }
             Error::Unavailable { retry_after, .. } => {

@@ -58,7 +58,11 @@ impl Publisher {
     ///
     /// # Errors
     /// When librdkafka refuses the configuration.
-    pub fn new(kafka: &KafkaOptions, durability: Durability, ack_timeout: Duration) -> Result<Self> {
+    pub fn new(
+        kafka: &KafkaOptions,
+        durability: Durability,
+        ack_timeout: Duration,
+    ) -> Result<Self> {
         let producer: FutureProducer = kafka.producer_config().create()?;
         Ok(Self {
             producer,
@@ -115,6 +119,12 @@ impl Publisher {
 
 async fn delivered(delivery: DeliveryFuture) -> Result<Produced> {
     match delivery.await {
+        // A negative offset means the broker did not report one (acks other than all): nothing
+        // says the event is durable.
+        Ok(Ok(delivery)) if delivery.offset < 0 => Err(unavailable(format!(
+            "the broker reported no offset for partition {}",
+            delivery.partition
+        ))),
         Ok(Ok(delivery)) => Ok(Produced {
             partition: delivery.partition,
             offset: delivery.offset,
@@ -138,14 +148,17 @@ fn unavailable(reason: String) -> Error {
 async fn wait_until_logged(mut applied: AppliedOffsets, produced: &[Produced]) -> Result<()> {
     let mut needed = std::collections::BTreeMap::<i32, i64>::new();
     for position in produced {
-        let next = needed.entry(position.partition).or_insert(position.offset + 1);
-        *next = (*next).max(position.offset + 1);
+        let after = position.offset.saturating_add(1);
+        let next = needed.entry(position.partition).or_insert(after);
+        *next = (*next).max(after);
     }
     applied
         .wait_for(|offsets| {
-            needed
-                .iter()
-                .all(|(partition, next)| offsets.get(partition).is_some_and(|applied| applied >= next))
+            needed.iter().all(|(partition, next)| {
+                offsets
+                    .get(partition)
+                    .is_some_and(|applied| applied >= next)
+            })
         })
         .await
         .map_err(|_| unavailable("the projector stopped".to_owned()))?;

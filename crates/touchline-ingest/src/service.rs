@@ -83,7 +83,11 @@ impl Inner {
     }
 
     /// Validates every event, produces the valid ones and answers each event in request order.
-    async fn publish(&self, partner: &PartnerId, request: v1::PublishRequest) -> Result<v1::PublishResponse> {
+    async fn publish(
+        &self,
+        partner: &PartnerId,
+        request: v1::PublishRequest,
+    ) -> Result<v1::PublishResponse> {
         let count = request.events.len();
         if count == 0 {
             return Err(Error::BatchEmpty);
@@ -134,7 +138,15 @@ impl Inner {
             let result = match slot {
                 Ok(position) => {
                     response.accepted += 1;
-                    let produced = produced[position];
+                    let produced =
+                        produced
+                            .get(position)
+                            .copied()
+                            .ok_or_else(|| Error::Unavailable {
+                                reason: "the producer reported fewer deliveries than events"
+                                    .to_owned(),
+                                retry_after: std::time::Duration::from_secs(1),
+                            })?;
                     event_result::Result::Accepted(v1::Accepted {
                         partition: produced.partition,
                         offset: produced.offset,
@@ -173,7 +185,10 @@ type ResponseStream = Pin<Box<dyn Stream<Item = Result<v1::PublishResponse, Stat
 
 #[tonic::async_trait]
 impl v1::ingest_service_server::IngestService for IngestService {
-    async fn publish(&self, request: Request<v1::PublishRequest>) -> Result<Response<v1::PublishResponse>, Status> {
+    async fn publish(
+        &self,
+        request: Request<v1::PublishRequest>,
+    ) -> Result<Response<v1::PublishResponse>, Status> {
         let partner = self.inner.authenticate(request.metadata())?;
         let response = self.inner.publish(&partner, request.into_inner()).await?;
         Ok(Response::new(response))

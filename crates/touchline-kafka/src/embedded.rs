@@ -56,16 +56,20 @@ impl EmbeddedBroker {
                     let (result, reply) = match command {
                         Command::BrokerDown(reply) => (cluster.broker_down(-1), reply),
                         Command::BrokerUp(reply) => (cluster.broker_up(-1), reply),
-                        Command::RoundTripTime(delay, reply) => (cluster.broker_round_trip_time(-1, delay), reply),
-                        Command::CreateTopic(name, partitions, reply) => (cluster.create_topic(&name, partitions, 1), reply),
+                        Command::RoundTripTime(delay, reply) => {
+                            (cluster.broker_round_trip_time(-1, delay), reply)
+                        }
+                        Command::CreateTopic(name, partitions, reply) => {
+                            (cluster.create_topic(&name, partitions, 1), reply)
+                        }
                     };
                     let _ = reply.send(result.map_err(Error::from));
                 }
             })
             .map_err(|error| Error::EmbeddedStart(error.to_string()))?;
-        let bootstrap_servers = ready
-            .recv()
-            .map_err(|_| Error::EmbeddedStart("the broker thread ended before it was ready".to_owned()))??;
+        let bootstrap_servers = ready.recv().map_err(|_| {
+            Error::EmbeddedStart("the broker thread ended before it was ready".to_owned())
+        })??;
         tracing::info!(%bootstrap_servers, brokers, partitions, "embedded kafka broker started");
         Ok(Self {
             bootstrap_servers,

@@ -123,17 +123,28 @@ pub fn fetch_cluster_id<C: ClientContext>(client: &Client<C>, timeout: Duration)
 ///
 /// # Errors
 /// When metadata cannot be fetched or the topic has no partitions.
-pub fn fetch_partitions<C: ClientContext>(client: &Client<C>, topic: &str, timeout: Duration) -> Result<Vec<i32>> {
+pub fn fetch_partitions<C: ClientContext>(
+    client: &Client<C>,
+    topic: &str,
+    timeout: Duration,
+) -> Result<Vec<i32>> {
     let metadata = client.fetch_metadata(Some(topic), timeout)?;
     let mut partitions: Vec<i32> = metadata
         .topics()
         .iter()
         .filter(|candidate| candidate.name() == topic && candidate.error().is_none())
-        .flat_map(|candidate| candidate.partitions().iter().map(rdkafka::metadata::MetadataPartition::id))
+        .flat_map(|candidate| {
+            candidate
+                .partitions()
+                .iter()
+                .map(rdkafka::metadata::MetadataPartition::id)
+        })
         .collect();
     partitions.sort_unstable();
     if partitions.is_empty() {
-        return Err(Error::TopicMissing { topic: topic.to_owned() });
+        return Err(Error::TopicMissing {
+            topic: topic.to_owned(),
+        });
     }
     Ok(partitions)
 }
@@ -154,7 +165,10 @@ mod tests {
         assert_eq!(producer.get("linger.ms"), Some("20"));
         assert_eq!(producer.get("enable.idempotence"), Some("true"));
         assert_eq!(producer.get("partitioner"), Some("murmur2_random"));
-        assert_eq!(options.consumer_config().get("fetch.wait.max.ms"), Some("5"));
+        assert_eq!(
+            options.consumer_config().get("fetch.wait.max.ms"),
+            Some("5")
+        );
         assert_eq!(options.consumer_config().get("linger.ms"), Some("20"));
     }
 }

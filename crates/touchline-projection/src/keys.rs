@@ -87,7 +87,11 @@ mod tests {
         for pair in values.windows(2) {
             assert!(ordered_i64(pair[0]) < ordered_i64(pair[1]));
         }
-        assert!(values.iter().all(|value| from_ordered_i64(ordered_i64(*value)) == *value));
+        assert!(
+            values
+                .iter()
+                .all(|value| from_ordered_i64(ordered_i64(*value)) == *value)
+        );
     }
 
     #[test]
@@ -98,7 +102,10 @@ mod tests {
         assert!(early_late_seq < late_early_seq);
         assert_eq!(
             timeline_cursor(&late_early_seq),
-            Some(TimelineCursor { occurred_at: UnixNanos(11), sequence: 1 })
+            Some(TimelineCursor {
+                occurred_at: UnixNanos(11),
+                sequence: 1
+            })
         );
         let other = CustomerId::parse("cc").expect("valid id");
         assert!(!timeline(&other, UnixNanos(0), 0).starts_with(&customer_prefix(&customer)));

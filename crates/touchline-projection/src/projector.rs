@@ -8,12 +8,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt as _;
-use rdkafka::consumer::{CommitMode, Consumer as _, StreamConsumer};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, Message as _};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use touchline_core::{ConsumedRecord, EventStore, RecordContent, StreamIdentity};
+use touchline_core::{
+    ConsumedRecord, EventStore, RecordContent, StoredPosition, StreamIdentity, fingerprint,
+};
 use touchline_kafka::KafkaOptions;
 use tracing::{debug, info, warn};
 
@@ -86,42 +88,48 @@ impl Projector {
     ///
     /// # Errors
     /// When Kafka cannot be reached, the topic is missing or the store fails.
-    pub async fn new(options: ProjectorOptions, store: Arc<dyn EventStore>) -> Result<(Self, ProjectorHandle)> {
+    pub async fn new(
+        options: ProjectorOptions,
+        store: Arc<dyn EventStore>,
+    ) -> Result<(Self, ProjectorHandle)> {
         let consumer: StreamConsumer = options.kafka.consumer_config().create()?;
         let consumer = Arc::new(consumer);
         let topic = options.kafka.topic.clone();
         let (consumer, stream, assignment, applied_start) = tokio::task::spawn_blocking({
             let store = Arc::clone(&store);
             move || -> Result<_> {
-                let cluster_id = touchline_kafka::fetch_cluster_id(consumer.client(), METADATA_TIMEOUT)
-                    .map_err(|error| kafka_setup(&error))?;
-                let stream = StreamIdentity { cluster_id, topic: topic.clone() };
-                let all = touchline_kafka::fetch_partitions(consumer.client(), &topic, METADATA_TIMEOUT)
-                    .map_err(|error| kafka_setup(&error))?;
+                let cluster_id =
+                    touchline_kafka::fetch_cluster_id(consumer.client(), METADATA_TIMEOUT)
+                        .map_err(|error| kafka_setup(&error))?;
+                let stream = StreamIdentity {
+                    cluster_id,
+                    topic: topic.clone(),
+                };
+                let all =
+                    touchline_kafka::fetch_partitions(consumer.client(), &topic, METADATA_TIMEOUT)
+                        .map_err(|error| kafka_setup(&error))?;
                 let owned = options.partitions.unwrap_or(all);
-                let stored = store.next_offsets(&stream)?;
+                let stored = store.positions(&stream)?;
                 let mut assignment = TopicPartitionList::new();
                 let mut applied = BTreeMap::new();
                 for partition in owned {
-                    let (low, high) = consumer.fetch_watermarks(&topic, partition, METADATA_TIMEOUT)?;
                     let offset = match stored.get(&partition) {
-                        Some(&next) if next > high => {
-                            // The broker has fewer records than we consumed: a new incarnation
-                            // that happens to share the cluster id. Read it from the start.
-                            warn!(partition, next, high, "stored position is past the end of the partition, reading it from the beginning");
-                            Offset::Beginning
-                        }
-                        Some(&next) if next < low => {
-                            warn!(partition, next, low, "records between the stored position and the start of the partition were deleted by retention");
-                            Offset::Beginning
-                        }
-                        Some(&next) => {
-                            applied.insert(partition, next);
-                            Offset::Offset(next)
-                        }
+                        Some(position) => match check_position(
+                            &consumer,
+                            &options.kafka,
+                            &topic,
+                            partition,
+                            *position,
+                        )? {
+                            Some(next) => {
+                                applied.insert(partition, next);
+                                Offset::Offset(next)
+                            }
+                            None => Offset::Beginning,
+                        },
                         None => Offset::Beginning,
                     };
-                    info!(partition, ?offset, low, high, "assigning partition");
+                    info!(partition, ?offset, "assigning partition");
                     assignment.add_partition_offset(&topic, partition, offset)?;
                 }
                 Ok((consumer, stream, assignment, applied))
@@ -129,7 +137,8 @@ impl Projector {
         })
         .await??;
         consumer.assign(&assignment)?;
-        let consumer = Arc::into_inner(consumer).ok_or(Error::TopicMissing { topic: options.kafka.topic })?;
+        let consumer = Arc::into_inner(consumer)
+            .ok_or_else(|| Error::Setup("the consumer is still shared after setup".to_owned()))?;
         let (applied, receiver) = watch::channel(applied_start);
         info!(cluster_id = %stream.cluster_id, topic = %stream.topic, "projector assigned");
         Ok((
@@ -183,12 +192,21 @@ impl Projector {
                 Ok::<_, Error>(outcome)
             })
             .await??;
-            debug!(appended = outcome.appended, duplicates = outcome.duplicates, dead_lettered = outcome.dead_lettered, "applied batch");
+            debug!(
+                appended = outcome.appended,
+                duplicates = outcome.duplicates,
+                dead_lettered = outcome.dead_lettered,
+                "applied batch"
+            );
             if outcome.dead_lettered > 0 {
-                warn!(count = outcome.dead_lettered, "undecodable records moved to the dead-letter store");
+                warn!(
+                    count = outcome.dead_lettered,
+                    "undecodable records moved to the dead-letter store"
+                );
             }
             self.commit_advisory(&outcome.next_offsets);
-            self.applied.send_modify(|applied| applied.extend(&outcome.next_offsets));
+            self.applied
+                .send_modify(|applied| applied.extend(&outcome.next_offsets));
         }
         drop(batches);
         info!("projector stopped");
@@ -200,7 +218,9 @@ impl Projector {
     fn commit_advisory(&self, next_offsets: &BTreeMap<i32, i64>) {
         let mut list = TopicPartitionList::new();
         for (partition, offset) in next_offsets {
-            if let Err(error) = list.add_partition_offset(&self.stream.topic, *partition, Offset::Offset(*offset)) {
+            if let Err(error) =
+                list.add_partition_offset(&self.stream.topic, *partition, Offset::Offset(*offset))
+            {
                 warn!(%error, partition, "cannot build the advisory commit");
                 return;
             }
@@ -211,9 +231,81 @@ impl Projector {
     }
 }
 
+/// Checks that a stored position belongs to the stream the broker serves now: the partition must
+/// hold the offset, and the record just before it must be the one the position was taken after
+/// (same fingerprint). Cluster ids alone are not enough: the embedded broker's id can repeat, and
+/// a wiped broker keeps its id. `None` means "a new incarnation: read from the beginning".
+fn check_position(
+    consumer: &StreamConsumer,
+    kafka: &KafkaOptions,
+    topic: &str,
+    partition: i32,
+    position: StoredPosition,
+) -> Result<Option<i64>> {
+    let next = position.next_offset;
+    let (low, high) = consumer.fetch_watermarks(topic, partition, METADATA_TIMEOUT)?;
+    if next > high {
+        warn!(
+            partition,
+            next,
+            high,
+            "stored position is past the end of the partition: a new broker or topic, reading it from the beginning"
+        );
+        return Ok(None);
+    }
+    if next <= low {
+        if next < low {
+            warn!(
+                partition,
+                next,
+                low,
+                "records after the stored position were deleted by retention before they were projected; reading from the oldest record left"
+            );
+        }
+        return Ok(Some(next.max(low)));
+    }
+    let probe: BaseConsumer = kafka
+        .consumer_config()
+        .set("enable.auto.commit", "false")
+        .create()?;
+    let mut list = TopicPartitionList::new();
+    list.add_partition_offset(topic, partition, Offset::Offset(next - 1))?;
+    probe.assign(&list)?;
+    let deadline = std::time::Instant::now() + METADATA_TIMEOUT;
+    while std::time::Instant::now() < deadline {
+        match probe.poll(Duration::from_millis(200)) {
+            Some(Ok(message))
+                if message.partition() == partition && message.offset() == next - 1 =>
+            {
+                if fingerprint(message.payload()) == position.last_fingerprint {
+                    return Ok(Some(next));
+                }
+                warn!(
+                    partition,
+                    offset = next - 1,
+                    "the record before the stored position is not the one projected: a new broker or topic, reading it from the beginning"
+                );
+                return Ok(None);
+            }
+            Some(Ok(_)) | None => {}
+            Some(Err(error)) => {
+                warn!(partition, %error, "cannot read the record before the stored position");
+            }
+        }
+    }
+    // Unreadable (for example compacted away): trust the offset rather than reprocess a partition.
+    warn!(
+        partition,
+        next, "cannot verify the stored position, resuming from it"
+    );
+    Ok(Some(next))
+}
+
 fn kafka_setup(error: &touchline_kafka::Error) -> Error {
     match error {
-        touchline_kafka::Error::TopicMissing { topic } => Error::TopicMissing { topic: topic.clone() },
+        touchline_kafka::Error::TopicMissing { topic } => Error::TopicMissing {
+            topic: topic.clone(),
+        },
         other => Error::Setup(other.to_string()),
     }
 }

@@ -11,8 +11,8 @@ use sled::Transactional as _;
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 use touchline_core::{
     ApplyOutcome, ConsumedRecord, CustomerId, CustomerSummary, EventStore, LogPosition,
-    RecordContent, StoreError, StreamIdentity, TimelineEntry, TimelinePage, TimelineQuery,
-    UnixNanos, apply_summary,
+    RecordContent, StoreError, StoredPosition, StreamIdentity, TimelineEntry, TimelinePage,
+    TimelineQuery, UnixNanos, apply_summary,
 };
 
 use crate::error::backend;
@@ -63,7 +63,11 @@ fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
     postcard::to_stdvec(value).map_err(backend)
 }
 
-fn decode<'a, T: Deserialize<'a>>(what: &'static str, key: &[u8], bytes: &'a [u8]) -> Result<T, StoreError> {
+fn decode<'a, T: Deserialize<'a>>(
+    what: &'static str,
+    key: &[u8],
+    bytes: &'a [u8],
+) -> Result<T, StoreError> {
     postcard::from_bytes(bytes).map_err(|error| StoreError::Corrupt {
         what,
         key: format!("{key:02x?}"),
@@ -107,11 +111,11 @@ impl SledStore {
         Self::from_db(db)
     }
 
-    /// Opens a store on an already opened sled database.
+    /// Opens the store's trees. Private: two stores on one database would be two writers.
     ///
     /// # Errors
     /// When a tree cannot be opened or a stored counter is corrupt.
-    pub fn from_db(db: sled::Db) -> crate::Result<Self> {
+    fn from_db(db: sled::Db) -> crate::Result<Self> {
         let tree = |name: &str| db.open_tree(name).map_err(backend);
         let meta = tree("meta")?;
         let counter = |key: &[u8]| -> Result<u64, StoreError> {
@@ -186,8 +190,18 @@ impl SledStore {
             key: sequence.to_string(),
             reason: "shorter than its 12-byte header".to_owned(),
         };
-        let partition = i32::from_be_bytes(value.get(..4).and_then(|b| b.try_into().ok()).ok_or_else(corrupt)?);
-        let offset = i64::from_be_bytes(value.get(4..12).and_then(|b| b.try_into().ok()).ok_or_else(corrupt)?);
+        let partition = i32::from_be_bytes(
+            value
+                .get(..4)
+                .and_then(|b| b.try_into().ok())
+                .ok_or_else(corrupt)?,
+        );
+        let offset = i64::from_be_bytes(
+            value
+                .get(4..12)
+                .and_then(|b| b.try_into().ok())
+                .ok_or_else(corrupt)?,
+        );
         Ok(Some((partition, offset, value[12..].to_vec())))
     }
 
@@ -213,10 +227,17 @@ struct PendingBatch {
 }
 
 impl EventStore for SledStore {
-    fn apply(&self, stream: &StreamIdentity, records: Vec<ConsumedRecord>) -> Result<ApplyOutcome, StoreError> {
+    fn apply(
+        &self,
+        stream: &StreamIdentity,
+        records: Vec<ConsumedRecord>,
+    ) -> Result<ApplyOutcome, StoreError> {
         // One writer at a time: the dedupe reads below and the counters are only consistent with
         // the transaction because nobody else writes in between.
-        let mut writer = self.writer.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut writer = self
+            .writer
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let stream_key = stream.key();
         let now = UnixNanos::now();
         let mut pending = PendingBatch::default();
@@ -225,13 +246,26 @@ impl EventStore for SledStore {
         let mut summaries: HashMap<CustomerId, Option<CustomerSummary>> = HashMap::new();
         let mut next_sequence = writer.next_sequence;
         let mut next_dead_letter = writer.next_dead_letter;
+        let mut last_fingerprints: BTreeMap<i32, (i64, u64)> = BTreeMap::new();
 
         for record in records {
-            let next_offset = outcome.next_offsets.entry(record.partition).or_insert(record.offset + 1);
-            *next_offset = (*next_offset).max(record.offset + 1);
+            let after = record.offset.saturating_add(1);
+            let next_offset = outcome
+                .next_offsets
+                .entry(record.partition)
+                .or_insert(after);
+            *next_offset = (*next_offset).max(after);
+            let fingerprint = record.content.fingerprint();
+            let last = last_fingerprints
+                .entry(record.partition)
+                .or_insert((record.offset, fingerprint));
+            if record.offset >= last.0 {
+                *last = (record.offset, fingerprint);
+            }
             match record.content {
                 RecordContent::Event { envelope, raw } => {
-                    let dedupe_key = keys::dedupe(&envelope.partner_id, &envelope.touchpoint.event_id);
+                    let dedupe_key =
+                        keys::dedupe(&envelope.partner_id, &envelope.touchpoint.event_id);
                     if seen_in_batch.contains_key(&dedupe_key)
                         || self.dedupe.contains_key(&dedupe_key).map_err(backend)?
                     {
@@ -240,11 +274,20 @@ impl EventStore for SledStore {
                     }
                     let sequence = next_sequence;
                     next_sequence += 1;
-                    let position = LogPosition { partition: record.partition, offset: record.offset, sequence };
+                    let position = LogPosition {
+                        partition: record.partition,
+                        offset: record.offset,
+                        sequence,
+                    };
                     let entry = TimelineEntry::new(*envelope, position);
                     let customer = entry.touchpoint.customer_id.clone();
-                    pending.log.insert(&sequence.to_be_bytes(), log_value(record.partition, record.offset, &raw));
-                    pending.dedupe.insert(dedupe_key.as_slice(), &sequence.to_be_bytes());
+                    pending.log.insert(
+                        &sequence.to_be_bytes(),
+                        log_value(record.partition, record.offset, &raw),
+                    );
+                    pending
+                        .dedupe
+                        .insert(dedupe_key.as_slice(), &sequence.to_be_bytes());
                     pending.timeline.insert(
                         keys::timeline(&customer, entry.touchpoint.occurred_at, sequence),
                         encode(&entry)?,
@@ -270,7 +313,9 @@ impl EventStore for SledStore {
                         value,
                         dead_lettered_at: now,
                     };
-                    pending.dead_letters.insert(&id.to_be_bytes(), encode(&dead_letter)?);
+                    pending
+                        .dead_letters
+                        .insert(&id.to_be_bytes(), encode(&dead_letter)?);
                     outcome.dead_lettered += 1;
                 }
             }
@@ -281,10 +326,21 @@ impl EventStore for SledStore {
             }
         }
         for (partition, next_offset) in &outcome.next_offsets {
-            pending.positions.insert(keys::position(&stream_key, *partition), &next_offset.to_be_bytes());
+            let last_fingerprint = last_fingerprints
+                .get(partition)
+                .map_or(0, |(_, fingerprint)| *fingerprint);
+            let mut value = next_offset.to_be_bytes().to_vec();
+            value.extend_from_slice(&last_fingerprint.to_be_bytes());
+            pending
+                .positions
+                .insert(keys::position(&stream_key, *partition), value);
         }
-        pending.meta.insert(NEXT_SEQUENCE, &next_sequence.to_be_bytes());
-        pending.meta.insert(NEXT_DEAD_LETTER, &next_dead_letter.to_be_bytes());
+        pending
+            .meta
+            .insert(NEXT_SEQUENCE, &next_sequence.to_be_bytes());
+        pending
+            .meta
+            .insert(NEXT_DEAD_LETTER, &next_dead_letter.to_be_bytes());
 
         (
             &self.log,
@@ -295,16 +351,18 @@ impl EventStore for SledStore {
             &self.dead_letters,
             &self.meta,
         )
-            .transaction(|(log, dedupe, timeline, summary, positions, dead_letters, meta)| {
-                log.apply_batch(&pending.log)?;
-                dedupe.apply_batch(&pending.dedupe)?;
-                timeline.apply_batch(&pending.timeline)?;
-                summary.apply_batch(&pending.summary)?;
-                positions.apply_batch(&pending.positions)?;
-                dead_letters.apply_batch(&pending.dead_letters)?;
-                meta.apply_batch(&pending.meta)?;
-                Ok::<(), ConflictableTransactionError<StoreError>>(())
-            })
+            .transaction(
+                |(log, dedupe, timeline, summary, positions, dead_letters, meta)| {
+                    log.apply_batch(&pending.log)?;
+                    dedupe.apply_batch(&pending.dedupe)?;
+                    timeline.apply_batch(&pending.timeline)?;
+                    summary.apply_batch(&pending.summary)?;
+                    positions.apply_batch(&pending.positions)?;
+                    dead_letters.apply_batch(&pending.dead_letters)?;
+                    meta.apply_batch(&pending.meta)?;
+                    Ok::<(), ConflictableTransactionError<StoreError>>(())
+                },
+            )
             .map_err(|error| match error {
                 TransactionError::Abort(error) => error,
                 TransactionError::Storage(error) => backend(error),
@@ -314,48 +372,66 @@ impl EventStore for SledStore {
         Ok(outcome)
     }
 
-    fn next_offsets(&self, stream: &StreamIdentity) -> Result<BTreeMap<i32, i64>, StoreError> {
+    fn positions(
+        &self,
+        stream: &StreamIdentity,
+    ) -> Result<BTreeMap<i32, StoredPosition>, StoreError> {
         let prefix = keys::position_prefix(&stream.key());
         self.positions
             .scan_prefix(&prefix)
             .map(|item| {
                 let (key, value) = item.map_err(backend)?;
-                let partition_bytes: [u8; 4] = key[prefix.len()..].try_into().map_err(|_| StoreError::Corrupt {
-                    what: "position key",
-                    key: format!("{key:02x?}"),
-                    reason: "partition is not 4 bytes".to_owned(),
-                })?;
+                let partition_bytes: [u8; 4] =
+                    key[prefix.len()..]
+                        .try_into()
+                        .map_err(|_| StoreError::Corrupt {
+                            what: "position key",
+                            key: format!("{key:02x?}"),
+                            reason: "partition is not 4 bytes".to_owned(),
+                        })?;
                 let mut ordered = [0x80, 0, 0, 0, 0, 0, 0, 0];
                 ordered[4..].copy_from_slice(&partition_bytes);
                 let partition = i32::try_from(keys::from_ordered_i64(ordered)).unwrap_or_default();
-                let offset = read_u64("position", &key, &value)?.cast_signed();
-                Ok((partition, offset))
+                let next_offset =
+                    read_u64("position", &key, value.get(..8).unwrap_or_default())?.cast_signed();
+                let last_fingerprint =
+                    read_u64("position", &key, value.get(8..).unwrap_or_default())?;
+                Ok((
+                    partition,
+                    StoredPosition {
+                        next_offset,
+                        last_fingerprint,
+                    },
+                ))
             })
             .collect()
     }
 
     fn timeline(&self, query: &TimelineQuery) -> Result<TimelinePage, StoreError> {
-        let prefix = keys::customer_prefix(&query.customer_id);
+        use std::ops::Bound::{Excluded, Included};
+        let customer = &query.customer_id;
         let start = match (query.after, query.filter.from) {
             (Some(after), from) if from.is_none_or(|from| after.occurred_at >= from) => {
-                // Strictly after the cursor: the key of (occurred_at, sequence + 1).
-                keys::timeline(&query.customer_id, after.occurred_at, after.sequence.saturating_add(1))
+                Excluded(keys::timeline(customer, after.occurred_at, after.sequence))
             }
-            (_, Some(from)) => keys::timeline(&query.customer_id, from, 0),
-            (_, None) => prefix.clone(),
+            (_, Some(from)) => Included(keys::timeline(customer, from, 0)),
+            (_, None) => Included(keys::customer_prefix(customer)),
         };
         let end = match query.filter.to {
-            Some(to) => keys::timeline(&query.customer_id, to, 0),
-            None => {
-                let mut end = prefix.clone();
-                end.push(0xff);
-                end.extend_from_slice(&[0xff; 16]);
-                end
-            }
+            Some(to) => Excluded(keys::timeline(customer, to, 0)),
+            None => Included(keys::timeline(customer, UnixNanos(i64::MAX), u64::MAX)),
         };
+        let empty_range = match (&start, &end) {
+            (Included(start) | Excluded(start), Excluded(end)) => start >= end,
+            (Included(start) | Excluded(start), Included(end)) => start > end,
+            _ => false,
+        };
+        if empty_range {
+            return Ok(TimelinePage::default());
+        }
         let mut page = TimelinePage::default();
         let mut last_scanned = None;
-        for (scanned, item) in self.timeline.range(start..end).enumerate() {
+        for (scanned, item) in self.timeline.range((start, end)).enumerate() {
             let (key, value) = item.map_err(backend)?;
             if scanned >= MAX_SCAN_PER_PAGE {
                 page.next = last_scanned;
@@ -368,10 +444,13 @@ impl EventStore for SledStore {
             }
             if page.entries.len() == query.page_size {
                 // One more match exists: the page is full and there is a next one.
-                page.next = page.entries.last().map(|last| touchline_core::TimelineCursor {
-                    occurred_at: last.touchpoint.occurred_at,
-                    sequence: last.position.sequence,
-                });
+                page.next = page
+                    .entries
+                    .last()
+                    .map(|last| touchline_core::TimelineCursor {
+                        occurred_at: last.touchpoint.occurred_at,
+                        sequence: last.position.sequence,
+                    });
                 return Ok(page);
             }
             page.entries.push(entry);

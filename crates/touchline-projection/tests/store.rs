@@ -2,6 +2,8 @@
 //! letters, timeline order and pagination, and the property that delivery order, duplication and
 //! crashes between batches do not change the projections.
 
+#![allow(clippy::cast_possible_wrap, reason = "small test indices")]
+
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 
 use proptest::prelude::*;
@@ -13,10 +15,19 @@ use touchline_core::{
 use touchline_projection::SledStore;
 
 fn stream(cluster: &str) -> StreamIdentity {
-    StreamIdentity { cluster_id: cluster.to_owned(), topic: "touchpoints".to_owned() }
+    StreamIdentity {
+        cluster_id: cluster.to_owned(),
+        topic: "touchpoints".to_owned(),
+    }
 }
 
-fn envelope(partner: &str, event: &str, customer: &str, occurred_at: i64, stage: JourneyStage) -> Envelope {
+fn envelope(
+    partner: &str,
+    event: &str,
+    customer: &str,
+    occurred_at: i64,
+    stage: JourneyStage,
+) -> Envelope {
     Envelope {
         partner_id: PartnerId::parse(partner).expect("valid partner"),
         touchpoint: Touchpoint {
@@ -26,7 +37,10 @@ fn envelope(partner: &str, event: &str, customer: &str, occurred_at: i64, stage:
             occurred_at: UnixNanos(occurred_at),
             channel: Channel::Web,
             stage,
-            outcome: Some(Outcome { sentiment: Sentiment::Neutral, score: None }),
+            outcome: Some(Outcome {
+                sentiment: Sentiment::Neutral,
+                score: None,
+            }),
             attributes: BTreeMap::new(),
             payload: Vec::new(),
         },
@@ -36,7 +50,14 @@ fn envelope(partner: &str, event: &str, customer: &str, occurred_at: i64, stage:
 
 fn record(partition: i32, offset: i64, envelope: Envelope) -> ConsumedRecord {
     let raw = touchline_proto::encode_envelope(&envelope);
-    ConsumedRecord { partition, offset, content: RecordContent::Event { envelope: Box::new(envelope), raw } }
+    ConsumedRecord {
+        partition,
+        offset,
+        content: RecordContent::Event {
+            envelope: Box::new(envelope),
+            raw,
+        },
+    }
 }
 
 fn open(dir: &tempfile::TempDir) -> SledStore {
@@ -48,7 +69,12 @@ fn customer(id: &str) -> CustomerId {
 }
 
 fn query(customer_id: &str, page_size: usize) -> TimelineQuery {
-    TimelineQuery { customer_id: customer(customer_id), page_size, after: None, filter: TimelineFilter::default() }
+    TimelineQuery {
+        customer_id: customer(customer_id),
+        page_size,
+        after: None,
+        filter: TimelineFilter::default(),
+    }
 }
 
 fn event_ids(store: &SledStore, query: &TimelineQuery) -> Vec<String> {
@@ -69,24 +95,65 @@ fn a_batch_appends_projects_and_stores_its_positions() {
         .apply(
             &stream("a"),
             vec![
-                record(0, 10, envelope("courier", "e1", "alice", 300, JourneyStage::Fulfil)),
-                record(1, 4, envelope("retailer", "e2", "alice", 100, JourneyStage::Purchase)),
-                record(0, 11, envelope("retailer", "e3", "bob", 200, JourneyStage::Discover)),
+                record(
+                    0,
+                    10,
+                    envelope("courier", "e1", "alice", 300, JourneyStage::Fulfil),
+                ),
+                record(
+                    1,
+                    4,
+                    envelope("retailer", "e2", "alice", 100, JourneyStage::Purchase),
+                ),
+                record(
+                    0,
+                    11,
+                    envelope("retailer", "e3", "bob", 200, JourneyStage::Discover),
+                ),
             ],
         )
         .expect("applies");
     assert_eq!(outcome.appended, 3);
     assert_eq!(outcome.next_offsets, BTreeMap::from([(0, 12), (1, 5)]));
-    assert_eq!(store.next_offsets(&stream("a")).expect("reads"), BTreeMap::from([(0, 12), (1, 5)]));
-    assert!(store.next_offsets(&stream("b")).expect("reads").is_empty(), "positions belong to their stream");
+    let positions = store.positions(&stream("a")).expect("reads");
+    let next: BTreeMap<i32, i64> = positions
+        .iter()
+        .map(|(partition, position)| (*partition, position.next_offset))
+        .collect();
+    assert_eq!(next, BTreeMap::from([(0, 12), (1, 5)]));
+    let last_on_0 = touchline_proto::encode_envelope(&envelope(
+        "retailer",
+        "e3",
+        "bob",
+        200,
+        JourneyStage::Discover,
+    ));
+    assert_eq!(
+        positions.get(&0).map(|p| p.last_fingerprint),
+        Some(touchline_core::fingerprint(Some(&last_on_0))),
+        "the fingerprint of the record before the position"
+    );
+    assert!(
+        store.positions(&stream("b")).expect("reads").is_empty(),
+        "positions belong to their stream"
+    );
     assert_eq!(event_ids(&store, &query("alice", 10)), ["e2", "e1"]);
-    let summary = store.summary(&customer("alice")).expect("reads").expect("alice has a summary");
+    let summary = store
+        .summary(&customer("alice"))
+        .expect("reads")
+        .expect("alice has a summary");
     assert_eq!(summary.total, 2);
     assert_eq!(summary.current_stage(), JourneyStage::Fulfil);
     assert_eq!(store.log_len(), 3);
-    let (partition, offset, raw) = store.log_record(1).expect("reads").expect("first log record");
+    let (partition, offset, raw) = store
+        .log_record(1)
+        .expect("reads")
+        .expect("first log record");
     assert_eq!((partition, offset), (0, 10));
-    assert_eq!(touchline_proto::decode_envelope(Some(&raw)).map(|e| e.touchpoint.event_id.to_string()), Ok("e1".to_owned()));
+    assert_eq!(
+        touchline_proto::decode_envelope(Some(&raw)).map(|e| e.touchpoint.event_id.to_string()),
+        Ok("e1".to_owned())
+    );
 }
 
 #[test]
@@ -95,24 +162,57 @@ fn duplicates_are_dropped_within_a_batch_across_batches_and_after_reopening() {
     let event = || envelope("courier", "e1", "alice", 100, JourneyStage::Fulfil);
     {
         let store = open(&dir);
-        let outcome = store.apply(&stream("a"), vec![record(0, 0, event()), record(0, 1, event())]).expect("applies");
+        let outcome = store
+            .apply(
+                &stream("a"),
+                vec![record(0, 0, event()), record(0, 1, event())],
+            )
+            .expect("applies");
         assert_eq!((outcome.appended, outcome.duplicates), (1, 1));
-        let outcome = store.apply(&stream("a"), vec![record(0, 2, event())]).expect("applies");
+        let outcome = store
+            .apply(&stream("a"), vec![record(0, 2, event())])
+            .expect("applies");
         assert_eq!((outcome.appended, outcome.duplicates), (0, 1));
         store.flush().expect("flushes");
     }
     let store = open(&dir);
     // A new broker incarnation redelivers the same event: still once.
-    let outcome = store.apply(&stream("b"), vec![record(0, 0, event())]).expect("applies");
+    let outcome = store
+        .apply(&stream("b"), vec![record(0, 0, event())])
+        .expect("applies");
     assert_eq!((outcome.appended, outcome.duplicates), (0, 1));
     // The same event id from another partner is another event.
-    let outcome = store.apply(&stream("b"), vec![record(0, 1, envelope("retailer", "e1", "alice", 100, JourneyStage::Purchase))]).expect("applies");
+    let outcome = store
+        .apply(
+            &stream("b"),
+            vec![record(
+                0,
+                1,
+                envelope("retailer", "e1", "alice", 100, JourneyStage::Purchase),
+            )],
+        )
+        .expect("applies");
     assert_eq!(outcome.appended, 1);
     assert_eq!(store.log_len(), 2);
-    assert_eq!(store.summary(&customer("alice")).expect("reads").map(|s| s.total), Some(2));
+    assert_eq!(
+        store
+            .summary(&customer("alice"))
+            .expect("reads")
+            .map(|s| s.total),
+        Some(2)
+    );
     // Sequences continue after reopening.
-    let sequences: Vec<u64> = store.timeline(&query("alice", 10)).expect("reads").entries.iter().map(|e| e.position.sequence).collect();
-    assert_eq!(sequences.iter().copied().collect::<BTreeSet<_>>(), BTreeSet::from([1, 2]));
+    let sequences: Vec<u64> = store
+        .timeline(&query("alice", 10))
+        .expect("reads")
+        .entries
+        .iter()
+        .map(|e| e.position.sequence)
+        .collect();
+    assert_eq!(
+        sequences.iter().copied().collect::<BTreeSet<_>>(),
+        BTreeSet::from([1, 2])
+    );
 }
 
 #[test]
@@ -122,14 +222,33 @@ fn undecodable_records_become_dead_letters_and_the_partition_moves_on() {
     let garbage = ConsumedRecord {
         partition: 2,
         offset: 7,
-        content: RecordContent::Undecodable { reason: "record value is not a protobuf envelope".to_owned(), key: Some(b"k".to_vec()), value: Some(vec![0xff]) },
+        content: RecordContent::Undecodable {
+            reason: "record value is not a protobuf envelope".to_owned(),
+            key: Some(b"k".to_vec()),
+            value: Some(vec![0xff]),
+        },
     };
-    let outcome = store.apply(&stream("a"), vec![garbage, record(2, 8, envelope("courier", "e1", "alice", 1, JourneyStage::Use))]).expect("applies");
+    let outcome = store
+        .apply(
+            &stream("a"),
+            vec![
+                garbage,
+                record(
+                    2,
+                    8,
+                    envelope("courier", "e1", "alice", 1, JourneyStage::Use),
+                ),
+            ],
+        )
+        .expect("applies");
     assert_eq!((outcome.appended, outcome.dead_lettered), (1, 1));
     assert_eq!(outcome.next_offsets.get(&2), Some(&9));
     let dead = store.dead_letters(10).expect("reads");
     assert_eq!(dead.len(), 1);
-    assert_eq!((dead[0].partition, dead[0].offset, dead[0].reason.as_str()), (2, 7, "record value is not a protobuf envelope"));
+    assert_eq!(
+        (dead[0].partition, dead[0].offset, dead[0].reason.as_str()),
+        (2, 7, "record value is not a protobuf envelope")
+    );
     assert_eq!(store.log_len(), 1, "a dead letter is not in the log");
 }
 
@@ -142,8 +261,16 @@ fn timelines_page_in_event_time_order_with_late_events_in_place_and_every_filter
             let stage = JourneyStage::ALL[i % JourneyStage::ALL.len()];
             let partner = if i % 2 == 0 { "courier" } else { "retailer" };
             // Arrival order is not event-time order: every third event is "late".
-            let occurred_at = if i % 3 == 0 { 1000 - i as i64 } else { 2000 + i as i64 };
-            record(0, i as i64, envelope(partner, &format!("e{i:02}"), "alice", occurred_at, stage))
+            let occurred_at = if i % 3 == 0 {
+                1000 - i as i64
+            } else {
+                2000 + i as i64
+            };
+            record(
+                0,
+                i as i64,
+                envelope(partner, &format!("e{i:02}"), "alice", occurred_at, stage),
+            )
         })
         .collect();
     store.apply(&stream("a"), records).expect("applies");
@@ -151,8 +278,15 @@ fn timelines_page_in_event_time_order_with_late_events_in_place_and_every_filter
     assert_eq!(all.entries.len(), 25);
     assert!(all.next.is_none());
     let order: Vec<_> = all.entries.iter().map(|e| e.timeline_order()).collect();
-    assert!(order.windows(2).all(|pair| pair[0] < pair[1]), "event-time order");
-    assert_eq!(all.entries[0].touchpoint.event_id.as_str(), "e24", "the latest-arriving late event is first");
+    assert!(
+        order.windows(2).all(|pair| pair[0] < pair[1]),
+        "event-time order"
+    );
+    assert_eq!(
+        all.entries[0].touchpoint.event_id.as_str(),
+        "e24",
+        "the latest-arriving late event is first"
+    );
 
     // Pages of 7 cover the timeline exactly once, in order.
     let mut paged = Vec::new();
@@ -160,38 +294,107 @@ fn timelines_page_in_event_time_order_with_late_events_in_place_and_every_filter
     loop {
         let page = store.timeline(&page_query).expect("reads");
         assert!(page.entries.len() <= 7);
-        paged.extend(page.entries.iter().map(|e| e.touchpoint.event_id.to_string()));
+        paged.extend(
+            page.entries
+                .iter()
+                .map(|e| e.touchpoint.event_id.to_string()),
+        );
         match page.next {
             Some(cursor) => page_query.after = Some(cursor),
             None => break,
         }
     }
-    let everything: Vec<_> = all.entries.iter().map(|e| e.touchpoint.event_id.to_string()).collect();
+    let everything: Vec<_> = all
+        .entries
+        .iter()
+        .map(|e| e.touchpoint.event_id.to_string())
+        .collect();
     assert_eq!(paged, everything);
 
     let filtered = |filter: TimelineFilter| {
-        let query = TimelineQuery { filter, ..query("alice", 100) };
+        let query = TimelineQuery {
+            filter,
+            ..query("alice", 100)
+        };
         store.timeline(&query).expect("reads").entries
     };
-    let by_time = filtered(TimelineFilter { from: Some(UnixNanos(990)), to: Some(UnixNanos(2005)), ..TimelineFilter::default() });
+    let by_time = filtered(TimelineFilter {
+        from: Some(UnixNanos(990)),
+        to: Some(UnixNanos(2005)),
+        ..TimelineFilter::default()
+    });
     assert!(!by_time.is_empty());
-    assert!(by_time.iter().all(|e| (990..2005).contains(&e.touchpoint.occurred_at.0)));
-    assert_eq!(by_time.len(), all.entries.iter().filter(|e| (990..2005).contains(&e.touchpoint.occurred_at.0)).count());
-    let by_partner = filtered(TimelineFilter { partners: BTreeSet::from([PartnerId::parse("courier").expect("valid")]), ..TimelineFilter::default() });
+    assert!(
+        by_time
+            .iter()
+            .all(|e| (990..2005).contains(&e.touchpoint.occurred_at.0))
+    );
+    assert_eq!(
+        by_time.len(),
+        all.entries
+            .iter()
+            .filter(|e| (990..2005).contains(&e.touchpoint.occurred_at.0))
+            .count()
+    );
+    let by_partner = filtered(TimelineFilter {
+        partners: BTreeSet::from([PartnerId::parse("courier").expect("valid")]),
+        ..TimelineFilter::default()
+    });
     assert_eq!(by_partner.len(), 13);
-    assert!(by_partner.iter().all(|e| e.partner_id.as_str() == "courier"));
-    let by_stage = filtered(TimelineFilter { stages: BTreeSet::from([JourneyStage::Support]), ..TimelineFilter::default() });
-    assert!(!by_stage.is_empty() && by_stage.iter().all(|e| e.touchpoint.stage == JourneyStage::Support));
-    let by_type = filtered(TimelineFilter { event_types: BTreeSet::from(["use.seen".to_owned()]), ..TimelineFilter::default() });
-    assert!(!by_type.is_empty() && by_type.iter().all(|e| e.touchpoint.event_type.as_str() == "use.seen"));
+    assert!(
+        by_partner
+            .iter()
+            .all(|e| e.partner_id.as_str() == "courier")
+    );
+    let by_stage = filtered(TimelineFilter {
+        stages: BTreeSet::from([JourneyStage::Support]),
+        ..TimelineFilter::default()
+    });
+    assert!(
+        !by_stage.is_empty()
+            && by_stage
+                .iter()
+                .all(|e| e.touchpoint.stage == JourneyStage::Support)
+    );
+    let by_type = filtered(TimelineFilter {
+        event_types: BTreeSet::from(["use.seen".to_owned()]),
+        ..TimelineFilter::default()
+    });
+    assert!(
+        !by_type.is_empty()
+            && by_type
+                .iter()
+                .all(|e| e.touchpoint.event_type.as_str() == "use.seen")
+    );
     // A cursor past the end gives an empty last page.
-    let after_end = TimelineQuery { after: Some(TimelineCursor { occurred_at: UnixNanos(i64::MAX), sequence: u64::MAX }), ..query("alice", 10) };
-    assert!(store.timeline(&after_end).expect("reads").entries.is_empty());
-    assert!(store.timeline(&query("nobody", 10)).expect("reads").entries.is_empty());
+    let after_end = TimelineQuery {
+        after: Some(TimelineCursor {
+            occurred_at: UnixNanos(i64::MAX),
+            sequence: u64::MAX,
+        }),
+        ..query("alice", 10)
+    };
+    assert!(
+        store
+            .timeline(&after_end)
+            .expect("reads")
+            .entries
+            .is_empty()
+    );
+    assert!(
+        store
+            .timeline(&query("nobody", 10))
+            .expect("reads")
+            .entries
+            .is_empty()
+    );
 }
 
+/// Per customer: summary total and timeline as (occurred_at, partner, event id).
+type Observed = BTreeMap<String, (u64, Vec<(i64, String, String)>)>;
+
 /// A clean fold: every distinct (partner, event id), applied once in one batch.
-fn clean_projection(events: &[Envelope]) -> BTreeMap<String, (u64, Vec<(i64, String, String)>)> {
+fn clean_projection(events: &[Envelope]) -> Observed {
     let dir = tempfile::tempdir().expect("temp dir");
     let store = open(&dir);
     let mut seen = HashSet::new();
@@ -207,21 +410,36 @@ fn clean_projection(events: &[Envelope]) -> BTreeMap<String, (u64, Vec<(i64, Str
 
 /// What a client can observe: per customer the summary total and the timeline as
 /// (occurred_at, partner, event id), ignoring sequence numbers, which depend on arrival order.
-fn snapshot(store: &SledStore, events: &[Envelope]) -> BTreeMap<String, (u64, Vec<(i64, String, String)>)> {
-    let customers: BTreeSet<_> = events.iter().map(|e| e.touchpoint.customer_id.to_string()).collect();
+fn snapshot(store: &SledStore, events: &[Envelope]) -> Observed {
+    let customers: BTreeSet<_> = events
+        .iter()
+        .map(|e| e.touchpoint.customer_id.to_string())
+        .collect();
     customers
         .into_iter()
         .map(|id| {
-            let summary = store.summary(&customer(&id)).expect("reads").expect("summary exists");
+            let summary = store
+                .summary(&customer(&id))
+                .expect("reads")
+                .expect("summary exists");
             let mut timeline: Vec<_> = store
                 .timeline(&query(&id, 1000))
                 .expect("reads")
                 .entries
                 .iter()
-                .map(|e| (e.touchpoint.occurred_at.0, e.partner_id.to_string(), e.touchpoint.event_id.to_string()))
+                .map(|e| {
+                    (
+                        e.touchpoint.occurred_at.0,
+                        e.partner_id.to_string(),
+                        e.touchpoint.event_id.to_string(),
+                    )
+                })
                 .collect();
             let times: Vec<_> = timeline.iter().map(|t| t.0).collect();
-            assert!(times.windows(2).all(|pair| pair[0] <= pair[1]), "event-time order");
+            assert!(
+                times.windows(2).all(|pair| pair[0] <= pair[1]),
+                "event-time order"
+            );
             timeline.sort();
             (id, (summary.total, timeline))
         })

@@ -51,7 +51,9 @@ pub fn raw_touchpoint(touchpoint: v1::Touchpoint) -> RawTouchpoint {
         occurred_at: touchpoint.occurred_at.map(|at| (at.seconds, at.nanos)),
         channel: touchpoint.channel,
         stage: touchpoint.stage,
-        outcome: touchpoint.outcome.map(|outcome| (outcome.sentiment, outcome.score)),
+        outcome: touchpoint
+            .outcome
+            .map(|outcome| (outcome.sentiment, outcome.score)),
         attributes: touchpoint.attributes.into_iter().collect(),
         payload: touchpoint.payload,
     }

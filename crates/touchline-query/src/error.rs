@@ -28,7 +28,9 @@ impl From<Error> for Status {
                 details.add_bad_request_violation(*field, reason.clone());
                 (Code::InvalidArgument, "INVALID_ARGUMENT", details)
             }
-            Error::CustomerNotFound { .. } => (Code::NotFound, "CUSTOMER_NOT_FOUND", ErrorDetails::new()),
+            Error::CustomerNotFound { .. } => {
+                (Code::NotFound, "CUSTOMER_NOT_FOUND", ErrorDetails::new())
+            }
             Error::Store(_) | Error::Blocking(_) => {
                 tracing::error!(%error, "query failed");
                 (Code::Internal, "STORE_FAILED", ErrorDetails::new())

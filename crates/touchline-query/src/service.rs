@@ -52,17 +52,12 @@ fn timeline_query(request: v1::GetTimelineRequest) -> Result<TimelineQuery> {
     let page_size = match usize::try_from(request.page_size).unwrap_or(usize::MAX) {
         0 => DEFAULT_PAGE_SIZE,
         size if size > MAX_PAGE_SIZE => {
-            return Err(invalid("page_size", format!("page_size is at most {MAX_PAGE_SIZE}")));
+            return Err(invalid(
+                "page_size",
+                format!("page_size is at most {MAX_PAGE_SIZE}"),
+            ));
         }
         size => size,
-    };
-    let after = if request.page_token.is_empty() {
-        None
-    } else {
-        Some(
-            page_token::decode(&customer_id, &request.page_token)
-                .ok_or_else(|| invalid("page_token", "page_token was not issued for this customer"))?,
-        )
     };
     let from = request
         .from
@@ -80,24 +75,44 @@ fn timeline_query(request: v1::GetTimelineRequest) -> Result<TimelineQuery> {
     let partners = request
         .partner_ids
         .into_iter()
-        .map(|partner| PartnerId::parse(partner).map_err(|error| invalid("partner_ids", format!("partner id {error}"))))
+        .map(|partner| {
+            PartnerId::parse(partner)
+                .map_err(|error| invalid("partner_ids", format!("partner id {error}")))
+        })
         .collect::<Result<BTreeSet<_>>>()?;
     let stages = request
         .stages
         .into_iter()
-        .map(|number| journey_stage(number).ok_or_else(|| invalid("stages", format!("stage {number} is not a journey stage"))))
+        .map(|number| {
+            journey_stage(number)
+                .ok_or_else(|| invalid("stages", format!("stage {number} is not a journey stage")))
+        })
         .collect::<Result<BTreeSet<_>>>()?;
+    let filter = TimelineFilter {
+        from,
+        to,
+        partners,
+        event_types: request.types.into_iter().collect(),
+        stages,
+    };
+    let after = if request.page_token.is_empty() {
+        None
+    } else {
+        let filters = page_token::filter_fingerprint(&filter);
+        Some(
+            page_token::decode(&customer_id, filters, &request.page_token).ok_or_else(|| {
+                invalid(
+                    "page_token",
+                    "page_token was not issued for this customer and these filters",
+                )
+            })?,
+        )
+    };
     Ok(TimelineQuery {
         customer_id,
         page_size,
         after,
-        filter: TimelineFilter {
-            from,
-            to,
-            partners,
-            event_types: request.types.into_iter().collect(),
-            stages,
-        },
+        filter,
     })
 }
 
@@ -108,17 +123,20 @@ impl v1::timeline_service_server::TimelineService for TimelineService {
         request: Request<v1::GetTimelineRequest>,
     ) -> Result<Response<v1::GetTimelineResponse>, Status> {
         let query = timeline_query(request.into_inner())?;
+        let filters = page_token::filter_fingerprint(&query.filter);
         let store = Arc::clone(&self.store);
-        let page = tokio::task::spawn_blocking(move || store.timeline(&query).map(|page| (query.customer_id, page)))
-            .await
-            .map_err(Error::from)?
-            .map_err(Error::from);
+        let page = tokio::task::spawn_blocking(move || {
+            store.timeline(&query).map(|page| (query.customer_id, page))
+        })
+        .await
+        .map_err(Error::from)?
+        .map_err(Error::from);
         let (customer_id, page) = page?;
         Ok(Response::new(v1::GetTimelineResponse {
             entries: page.entries.iter().map(wire_timeline_entry).collect(),
             next_page_token: page
                 .next
-                .map(|cursor| page_token::encode(&customer_id, cursor))
+                .map(|cursor| page_token::encode(&customer_id, filters, cursor))
                 .unwrap_or_default(),
         }))
     }

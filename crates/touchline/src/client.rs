@@ -52,14 +52,19 @@ impl JsonTouchpoint {
         let (seconds, nanos) = occurred_at.to_parts();
         let channel = match self.channel.as_deref() {
             None => TouchChannel::Unspecified,
-            Some(name) => TouchChannel::from_name(name).with_context(|| format!("unknown channel {name:?}"))?,
+            Some(name) => TouchChannel::from_name(name)
+                .with_context(|| format!("unknown channel {name:?}"))?,
         };
-        let stage = JourneyStage::from_name(&self.stage).with_context(|| format!("unknown stage {:?}", self.stage))?;
+        let stage = JourneyStage::from_name(&self.stage)
+            .with_context(|| format!("unknown stage {:?}", self.stage))?;
         let outcome = self
             .outcome
             .map(|outcome| {
                 Sentiment::from_name(&outcome.sentiment)
-                    .map(|sentiment| v1::Outcome { sentiment: sentiment.number(), score: outcome.score })
+                    .map(|sentiment| v1::Outcome {
+                        sentiment: sentiment.number(),
+                        score: outcome.score,
+                    })
                     .with_context(|| format!("unknown sentiment {:?}", outcome.sentiment))
             })
             .transpose()?;
@@ -87,7 +92,9 @@ fn prost_types_timestamp(seconds: i64, nanos: i32) -> ::prost_types::Timestamp {
 /// When the token cannot be a header value.
 pub fn with_token<T>(message: T, token: &str) -> anyhow::Result<tonic::Request<T>> {
     let mut request = tonic::Request::new(message);
-    let value: MetadataValue<_> = format!("Bearer {token}").parse().context("the token is not a valid header value")?;
+    let value: MetadataValue<_> = format!("Bearer {token}")
+        .parse()
+        .context("the token is not a valid header value")?;
     request.metadata_mut().insert("authorization", value);
     Ok(request)
 }
@@ -97,14 +104,21 @@ pub fn with_token<T>(message: T, token: &str) -> anyhow::Result<tonic::Request<T
 /// # Errors
 /// When the file cannot be read or a line is invalid (the message names the line).
 pub fn read_json_lines(path: &Path) -> anyhow::Result<Vec<(usize, v1::Touchpoint)>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     let mut events = Vec::new();
     for (index, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
             continue;
         }
-        let parsed: JsonTouchpoint = serde_json::from_str(line).with_context(|| format!("line {}: invalid JSON touchpoint", index + 1))?;
-        events.push((index + 1, parsed.into_wire().with_context(|| format!("line {}", index + 1))?));
+        let parsed: JsonTouchpoint = serde_json::from_str(line)
+            .with_context(|| format!("line {}: invalid JSON touchpoint", index + 1))?;
+        events.push((
+            index + 1,
+            parsed
+                .into_wire()
+                .with_context(|| format!("line {}", index + 1))?,
+        ));
     }
     Ok(events)
 }
@@ -120,7 +134,12 @@ pub struct PublishReport {
 ///
 /// # Errors
 /// When the server cannot be reached or ends the stream with an error.
-pub async fn publish(endpoint: &str, token: &str, events: Vec<(usize, v1::Touchpoint)>, batch_size: usize) -> anyhow::Result<PublishReport> {
+pub async fn publish(
+    endpoint: &str,
+    token: &str,
+    events: Vec<(usize, v1::Touchpoint)>,
+    batch_size: usize,
+) -> anyhow::Result<PublishReport> {
     let mut client = IngestServiceClient::connect(endpoint.to_owned())
         .await
         .with_context(|| format!("cannot connect to {endpoint}"))?;
@@ -141,7 +160,10 @@ pub async fn publish(endpoint: &str, token: &str, events: Vec<(usize, v1::Touchp
     let requests: Vec<v1::PublishRequest> = batches
         .into_iter()
         .enumerate()
-        .map(|(index, events)| v1::PublishRequest { events, batch_id: index.to_string() })
+        .map(|(index, events)| v1::PublishRequest {
+            events,
+            batch_id: index.to_string(),
+        })
         .collect();
     let expected = requests.len();
     let mut responses = client
@@ -154,9 +176,18 @@ pub async fn publish(endpoint: &str, token: &str, events: Vec<(usize, v1::Touchp
         let first_line = answered * batch_size;
         for result in &response.results {
             if let Some(v1::event_result::Result::Rejected(rejected)) = &result.result {
-                let line = lines.get(first_line + result.index as usize).copied().unwrap_or_default();
-                let reason = v1::RejectReason::try_from(rejected.reason).map_or_else(|_| rejected.reason.to_string(), |reason| reason.as_str_name().to_owned());
-                println!("line {line}: rejected {reason} ({}): {}", rejected.field, rejected.message);
+                let line = lines
+                    .get(first_line + result.index as usize)
+                    .copied()
+                    .unwrap_or_default();
+                let reason = v1::RejectReason::try_from(rejected.reason).map_or_else(
+                    |_| rejected.reason.to_string(),
+                    |reason| reason.as_str_name().to_owned(),
+                );
+                println!(
+                    "line {line}: rejected {reason} ({}): {}",
+                    rejected.field, rejected.message
+                );
             }
         }
         report.accepted += u64::from(response.accepted);
@@ -187,7 +218,11 @@ fn timestamp_text(timestamp: Option<&::prost_types::Timestamp>) -> String {
         .map_or_else(|| "-".to_owned(), UnixNanos::to_rfc3339)
 }
 
-fn enum_name<T>(number: i32, from_number: fn(i32) -> Option<T>, name: fn(T) -> &'static str) -> String {
+fn enum_name<T>(
+    number: i32,
+    from_number: fn(i32) -> Option<T>,
+    name: fn(T) -> &'static str,
+) -> String {
     from_number(number).map_or_else(|| number.to_string(), |value| name(value).to_owned())
 }
 
@@ -204,15 +239,27 @@ pub fn format_entry(entry: &v1::TimelineEntry) -> String {
             None => sentiment,
         }
     });
-    let mut attributes: Vec<_> = touchpoint.attributes.iter().map(|(key, value)| format!("{key}={value}")).collect();
+    let mut attributes: Vec<_> = touchpoint
+        .attributes
+        .iter()
+        .map(|(key, value)| format!("{key}={value}"))
+        .collect();
     attributes.sort();
     format!(
         "{}  {:<9} {:<18} {:<26} {:<11} {:<12} {}",
         timestamp_text(touchpoint.occurred_at.as_ref()),
-        enum_name(touchpoint.stage, JourneyStage::from_number, JourneyStage::name),
+        enum_name(
+            touchpoint.stage,
+            JourneyStage::from_number,
+            JourneyStage::name
+        ),
         entry.partner_id,
         touchpoint.r#type,
-        enum_name(touchpoint.channel, TouchChannel::from_number, TouchChannel::name),
+        enum_name(
+            touchpoint.channel,
+            TouchChannel::from_number,
+            TouchChannel::name
+        ),
         outcome,
         attributes.join(" "),
     )
@@ -222,7 +269,11 @@ pub fn format_entry(entry: &v1::TimelineEntry) -> String {
 ///
 /// # Errors
 /// When the server cannot be reached or refuses the request.
-pub async fn print_timeline(endpoint: &str, mut request: v1::GetTimelineRequest, limit: Option<usize>) -> anyhow::Result<usize> {
+pub async fn print_timeline(
+    endpoint: &str,
+    mut request: v1::GetTimelineRequest,
+    limit: Option<usize>,
+) -> anyhow::Result<usize> {
     let mut client = timeline_client(endpoint).await?;
     let mut printed = 0;
     println!(
@@ -256,13 +307,23 @@ pub async fn print_summary(endpoint: &str, customer_id: String) -> anyhow::Resul
         .await?
         .into_inner();
     let counts = |map: &std::collections::HashMap<String, u64>| {
-        let mut pairs: Vec<_> = map.iter().map(|(key, count)| format!("{key} {count}")).collect();
+        let mut pairs: Vec<_> = map
+            .iter()
+            .map(|(key, count)| format!("{key} {count}"))
+            .collect();
         pairs.sort();
         pairs.join(", ")
     };
     println!("customer       {}", summary.customer_id);
     println!("touchpoints    {}", summary.total_touchpoints);
-    println!("current stage  {}", enum_name(summary.current_stage, JourneyStage::from_number, JourneyStage::name));
+    println!(
+        "current stage  {}",
+        enum_name(
+            summary.current_stage,
+            JourneyStage::from_number,
+            JourneyStage::name
+        )
+    );
     if let Some(first) = &summary.first_touch {
         println!("first touch    {}", format_entry(first));
     }

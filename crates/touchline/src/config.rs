@@ -148,10 +148,16 @@ impl Config {
     pub fn load(file: Option<&Path>) -> anyhow::Result<Self> {
         let mut figment = Figment::from(Serialized::defaults(Self::default()));
         if let Some(file) = file {
-            anyhow::ensure!(file.exists(), "config file {} does not exist", file.display());
+            anyhow::ensure!(
+                file.exists(),
+                "config file {} does not exist",
+                file.display()
+            );
             figment = figment.merge(Toml::file(file));
         }
-        figment = figment.merge(Env::prefixed("TOUCHLINE_").map(|key| {
+        // TOUCHLINE_CONFIG, _ENDPOINT and _TOKEN belong to the command line, not to the file.
+        let env = Env::prefixed("TOUCHLINE_").ignore(&["config", "endpoint", "token"]);
+        figment = figment.merge(env.map(|key| {
             // TOUCHLINE_KAFKA__BOOTSTRAP_SERVERS -> kafka.bootstrap-servers
             key.as_str().replace("__", ".").replace('_', "-").into()
         }));
@@ -171,8 +177,29 @@ impl Config {
             self.ingest.enabled || self.projector.enabled,
             "nothing to run: enable ingest, projector or both"
         );
-        anyhow::ensure!(self.kafka.partitions > 0, "kafka.partitions must be positive");
-        anyhow::ensure!(self.ingest.max_batch_events > 0, "ingest.max-batch-events must be positive");
+        anyhow::ensure!(
+            self.kafka.partitions > 0,
+            "kafka.partitions must be positive"
+        );
+        // Pass-through properties may tune the clients, not weaken what an acknowledgement means.
+        for properties in [&self.kafka.properties, &self.kafka.producer_properties] {
+            if let Some(acks) = properties.get("acks") {
+                anyhow::ensure!(
+                    matches!(acks.as_str(), "all" | "-1"),
+                    "kafka property acks={acks} is refused: an acknowledged event must be on every in-sync replica (acks=all)"
+                );
+            }
+            if let Some(idempotence) = properties.get("enable.idempotence") {
+                anyhow::ensure!(
+                    idempotence == "true",
+                    "kafka property enable.idempotence={idempotence} is refused: retries must not duplicate or reorder events"
+                );
+            }
+        }
+        anyhow::ensure!(
+            self.ingest.max_batch_events > 0,
+            "ingest.max-batch-events must be positive"
+        );
         Ok(())
     }
 
@@ -213,22 +240,55 @@ mod tests {
         .expect("writes");
         let config = Config::load(Some(file.path())).expect("loads");
         assert_eq!(config.kafka.bootstrap_servers, "broker:9092");
-        assert_eq!(config.kafka.properties.get("security.protocol").map(String::as_str), Some("ssl"));
+        assert_eq!(
+            config
+                .kafka
+                .properties
+                .get("security.protocol")
+                .map(String::as_str),
+            Some("ssl")
+        );
         assert_eq!(config.projector.partitions, vec![0, 1]);
         assert_eq!(config.kafka.topic, KafkaOptions::default().topic);
     }
 
     #[test]
+    #[allow(
+        clippy::result_large_err,
+        reason = "figment::Jail fixes the closure type"
+    )]
     fn environment_variables_override_the_file() {
         figment::Jail::expect_with(|jail| {
-            jail.create_file("touchline.toml", "[kafka]\nbootstrap-servers = \"from-file:9092\"\n")?;
+            jail.create_file(
+                "touchline.toml",
+                "[kafka]\nbootstrap-servers = \"from-file:9092\"\n",
+            )?;
             jail.set_env("TOUCHLINE_KAFKA__BOOTSTRAP_SERVERS", "from-env:9092");
             jail.set_env("TOUCHLINE_INGEST__MAX_BATCH_EVENTS", "10");
-            let config = Config::load(Some(Path::new("touchline.toml"))).map_err(|error| error.to_string())?;
+            jail.set_env("TOUCHLINE_CONFIG", "touchline.toml");
+            jail.set_env("TOUCHLINE_TOKEN", "a-partner-token");
+            let config = Config::load(Some(Path::new("touchline.toml")))
+                .map_err(|error| error.to_string())?;
             assert_eq!(config.kafka.bootstrap_servers, "from-env:9092");
             assert_eq!(config.ingest.max_batch_events, 10);
             Ok(())
         });
+    }
+
+    #[test]
+    fn weakening_acknowledgements_is_refused() {
+        let mut config = Config::default();
+        config
+            .kafka
+            .producer_properties
+            .insert("acks".to_owned(), "1".to_owned());
+        assert!(config.validate().is_err());
+        let mut config = Config::default();
+        config
+            .kafka
+            .properties
+            .insert("enable.idempotence".to_owned(), "false".to_owned());
+        assert!(config.validate().is_err());
     }
 
     #[test]

@@ -50,7 +50,17 @@ struct Journey<'a> {
 
 impl Journey<'_> {
     #[allow(clippy::too_many_arguments)]
-    fn touch(&mut self, partner: usize, event_type: &str, after: i64, channel: Channel, stage: JourneyStage, sentiment: Sentiment, score: Option<f64>, attributes: &[(&str, String)]) {
+    fn touch(
+        &mut self,
+        partner: usize,
+        event_type: &str,
+        after: i64,
+        channel: Channel,
+        stage: JourneyStage,
+        sentiment: Sentiment,
+        score: Option<f64>,
+        attributes: &[(&str, String)],
+    ) {
         self.clock += after;
         let number = self.events.iter().map(Vec::len).sum::<usize>();
         let (seconds, nanos) = UnixNanos(self.clock).to_parts();
@@ -61,8 +71,14 @@ impl Journey<'_> {
             occurred_at: Some(prost_types::Timestamp { seconds, nanos }),
             channel: channel.number(),
             stage: stage.number(),
-            outcome: Some(v1::Outcome { sentiment: sentiment.number(), score }),
-            attributes: attributes.iter().map(|(key, value)| ((*key).to_owned(), value.clone())).collect(),
+            outcome: Some(v1::Outcome {
+                sentiment: sentiment.number(),
+                score,
+            }),
+            attributes: attributes
+                .iter()
+                .map(|(key, value)| ((*key).to_owned(), value.clone()))
+                .collect(),
             payload: Vec::new(),
         });
     }
@@ -76,34 +92,167 @@ pub fn generate(customers: usize, seed: u64, now: UnixNanos) -> [Vec<v1::Touchpo
     let mut by_partner: [Vec<v1::Touchpoint>; 4] = Default::default();
     for index in 0..customers {
         let customer = demo_customer(index);
-        let mut journey = Journey { customer: &customer, events: Default::default(), clock: now.0 - rng.random_range(15 * DAY..45 * DAY) };
+        let mut journey = Journey {
+            customer: &customer,
+            events: Default::default(),
+            clock: now.0 - rng.random_range(15 * DAY..45 * DAY),
+        };
         let order = format!("ord-{index:05}");
-        journey.touch(RETAILER, "product.viewed", 0, Channel::Web, JourneyStage::Discover, Sentiment::Neutral, None, &[("sku", format!("sku-{}", rng.random_range(100..140)))]);
-        let purchase_channel = if rng.random_bool(0.7) { Channel::Web } else { Channel::Store };
-        journey.touch(RETAILER, "order.placed", rng.random_range(10 * MINUTE..2 * DAY), purchase_channel, JourneyStage::Purchase, Sentiment::Positive, None, &[("order", order.clone())]);
-        journey.touch(COURIER, "parcel.picked-up", rng.random_range(HOUR..6 * HOUR), Channel::Other, JourneyStage::Fulfil, Sentiment::Neutral, None, &[("order", order.clone())]);
-        journey.touch(COURIER, "delivery.out-for-delivery", rng.random_range(HOUR..4 * HOUR), Channel::Sms, JourneyStage::Fulfil, Sentiment::Neutral, None, &[("order", order.clone())]);
+        journey.touch(
+            RETAILER,
+            "product.viewed",
+            0,
+            Channel::Web,
+            JourneyStage::Discover,
+            Sentiment::Neutral,
+            None,
+            &[("sku", format!("sku-{}", rng.random_range(100..140)))],
+        );
+        let purchase_channel = if rng.random_bool(0.7) {
+            Channel::Web
+        } else {
+            Channel::Store
+        };
+        journey.touch(
+            RETAILER,
+            "order.placed",
+            rng.random_range(10 * MINUTE..2 * DAY),
+            purchase_channel,
+            JourneyStage::Purchase,
+            Sentiment::Positive,
+            None,
+            &[("order", order.clone())],
+        );
+        journey.touch(
+            COURIER,
+            "parcel.picked-up",
+            rng.random_range(HOUR..6 * HOUR),
+            Channel::Other,
+            JourneyStage::Fulfil,
+            Sentiment::Neutral,
+            None,
+            &[("order", order.clone())],
+        );
+        journey.touch(
+            COURIER,
+            "delivery.out-for-delivery",
+            rng.random_range(HOUR..4 * HOUR),
+            Channel::Sms,
+            JourneyStage::Fulfil,
+            Sentiment::Neutral,
+            None,
+            &[("order", order.clone())],
+        );
         let roll: f64 = rng.random();
         if roll < 0.1 {
-            journey.touch(COURIER, "delivery.failed", rng.random_range(HOUR..5 * HOUR), Channel::Doorstep, JourneyStage::Fulfil, Sentiment::Negative, Some(10.0), &[("order", order.clone()), ("reason", "customer-absent".to_owned())]);
-            journey.touch(COURIER, "delivery.completed", rng.random_range(20 * HOUR..30 * HOUR), Channel::Doorstep, JourneyStage::Fulfil, Sentiment::Neutral, Some(55.0), &[("order", order.clone()), ("attempt", "2".to_owned())]);
+            journey.touch(
+                COURIER,
+                "delivery.failed",
+                rng.random_range(HOUR..5 * HOUR),
+                Channel::Doorstep,
+                JourneyStage::Fulfil,
+                Sentiment::Negative,
+                Some(10.0),
+                &[
+                    ("order", order.clone()),
+                    ("reason", "customer-absent".to_owned()),
+                ],
+            );
+            journey.touch(
+                COURIER,
+                "delivery.completed",
+                rng.random_range(20 * HOUR..30 * HOUR),
+                Channel::Doorstep,
+                JourneyStage::Fulfil,
+                Sentiment::Neutral,
+                Some(55.0),
+                &[("order", order.clone()), ("attempt", "2".to_owned())],
+            );
         } else if roll < 0.3 {
-            journey.touch(COURIER, "delivery.late", rng.random_range(5 * HOUR..9 * HOUR), Channel::Doorstep, JourneyStage::Fulfil, Sentiment::Negative, Some(30.0), &[("order", order.clone()), ("minutes-late", rng.random_range(30..240).to_string())]);
+            journey.touch(
+                COURIER,
+                "delivery.late",
+                rng.random_range(5 * HOUR..9 * HOUR),
+                Channel::Doorstep,
+                JourneyStage::Fulfil,
+                Sentiment::Negative,
+                Some(30.0),
+                &[
+                    ("order", order.clone()),
+                    ("minutes-late", rng.random_range(30..240).to_string()),
+                ],
+            );
         } else {
-            journey.touch(COURIER, "delivery.completed", rng.random_range(HOUR..4 * HOUR), Channel::Doorstep, JourneyStage::Fulfil, Sentiment::Positive, Some(rng.random_range(70.0..100.0_f64).round()), &[("order", order.clone())]);
+            journey.touch(
+                COURIER,
+                "delivery.completed",
+                rng.random_range(HOUR..4 * HOUR),
+                Channel::Doorstep,
+                JourneyStage::Fulfil,
+                Sentiment::Positive,
+                Some(rng.random_range(70.0..100.0_f64).round()),
+                &[("order", order.clone())],
+            );
         }
         if rng.random_bool(0.4) {
-            journey.touch(INSTALLER, "installation.scheduled", rng.random_range(HOUR..DAY), Channel::Phone, JourneyStage::Fulfil, Sentiment::Neutral, None, &[("order", order.clone())]);
+            journey.touch(
+                INSTALLER,
+                "installation.scheduled",
+                rng.random_range(HOUR..DAY),
+                Channel::Phone,
+                JourneyStage::Fulfil,
+                Sentiment::Neutral,
+                None,
+                &[("order", order.clone())],
+            );
             let good = rng.random_bool(0.8);
-            let (sentiment, score) = if good { (Sentiment::Positive, 90.0) } else { (Sentiment::Negative, 25.0) };
-            journey.touch(INSTALLER, "installation.completed", rng.random_range(DAY..3 * DAY), Channel::Doorstep, JourneyStage::Use, sentiment, Some(score), &[("order", order.clone()), ("technician", format!("tech-{}", rng.random_range(1..20)))]);
+            let (sentiment, score) = if good {
+                (Sentiment::Positive, 90.0)
+            } else {
+                (Sentiment::Negative, 25.0)
+            };
+            journey.touch(
+                INSTALLER,
+                "installation.completed",
+                rng.random_range(DAY..3 * DAY),
+                Channel::Doorstep,
+                JourneyStage::Use,
+                sentiment,
+                Some(score),
+                &[
+                    ("order", order.clone()),
+                    ("technician", format!("tech-{}", rng.random_range(1..20))),
+                ],
+            );
         }
         if rng.random_bool(0.35) {
             let ticket = format!("tkt-{index:05}");
-            journey.touch(SUPPORT, "ticket.opened", rng.random_range(HOUR..2 * DAY), Channel::Chat, JourneyStage::Support, Sentiment::Negative, None, &[("ticket", ticket.clone())]);
+            journey.touch(
+                SUPPORT,
+                "ticket.opened",
+                rng.random_range(HOUR..2 * DAY),
+                Channel::Chat,
+                JourneyStage::Support,
+                Sentiment::Negative,
+                None,
+                &[("ticket", ticket.clone())],
+            );
             let score = rng.random_range(40.0..100.0_f64).round();
-            let sentiment = if score >= 70.0 { Sentiment::Positive } else { Sentiment::Neutral };
-            journey.touch(SUPPORT, "ticket.solved", rng.random_range(10 * MINUTE..DAY), Channel::Chat, JourneyStage::Support, sentiment, Some(score), &[("ticket", ticket)]);
+            let sentiment = if score >= 70.0 {
+                Sentiment::Positive
+            } else {
+                Sentiment::Neutral
+            };
+            journey.touch(
+                SUPPORT,
+                "ticket.solved",
+                rng.random_range(10 * MINUTE..DAY),
+                Channel::Chat,
+                JourneyStage::Support,
+                sentiment,
+                Some(score),
+                &[("ticket", ticket)],
+            );
         }
         if rng.random_bool(0.5) {
             let stars: u8 = rng.random_range(1..=5);
@@ -112,7 +261,16 @@ pub fn generate(customers: usize, seed: u64, now: UnixNanos) -> [Vec<v1::Touchpo
                 3 => Sentiment::Neutral,
                 _ => Sentiment::Positive,
             };
-            journey.touch(RETAILER, "review.posted", rng.random_range(HOUR..3 * DAY), Channel::Web, JourneyStage::Advocate, sentiment, Some(f64::from(stars) * 20.0), &[("stars", stars.to_string())]);
+            journey.touch(
+                RETAILER,
+                "review.posted",
+                rng.random_range(HOUR..3 * DAY),
+                Channel::Web,
+                JourneyStage::Advocate,
+                sentiment,
+                Some(f64::from(stars) * 20.0),
+                &[("stars", stars.to_string())],
+            );
         }
         for (partner, events) in journey.events.into_iter().enumerate() {
             by_partner[partner].extend(events);
@@ -128,7 +286,12 @@ pub fn generate(customers: usize, seed: u64, now: UnixNanos) -> [Vec<v1::Touchpo
             }
         }
     }
-    debug_assert!(by_partner.iter().flatten().all(|event| CustomerId::parse(event.customer_id.clone()).is_ok()));
+    debug_assert!(
+        by_partner
+            .iter()
+            .flatten()
+            .all(|event| CustomerId::parse(event.customer_id.clone()).is_ok())
+    );
     by_partner
 }
 
@@ -136,7 +299,11 @@ pub fn generate(customers: usize, seed: u64, now: UnixNanos) -> [Vec<v1::Touchpo
 ///
 /// # Errors
 /// When a partner's stream fails.
-pub async fn publish_demo(endpoint: &str, customers: usize, seed: u64) -> anyhow::Result<crate::client::PublishReport> {
+pub async fn publish_demo(
+    endpoint: &str,
+    customers: usize,
+    seed: u64,
+) -> anyhow::Result<crate::client::PublishReport> {
     let by_partner = generate(customers, seed, UnixNanos::now());
     let mut tasks = tokio::task::JoinSet::new();
     for (partner, events) in by_partner.into_iter().enumerate() {
@@ -165,7 +332,11 @@ mod tests {
         assert_eq!(first, generate(50, 7, now));
         assert!(first.iter().all(|events| !events.is_empty()));
         let all: Vec<_> = first.iter().flatten().collect();
-        assert!(all.iter().all(|event| event.occurred_at.is_some_and(|at| at.seconds < now.to_parts().0)));
+        assert!(all.iter().all(|event| {
+            event
+                .occurred_at
+                .is_some_and(|at| at.seconds < now.to_parts().0)
+        }));
         let ids: std::collections::HashSet<_> = all.iter().map(|event| &event.event_id).collect();
         assert_eq!(ids.len(), all.len(), "event ids are unique");
     }

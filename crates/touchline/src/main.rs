@@ -13,7 +13,11 @@ use touchline_proto::v1;
 use tracing_subscriber::EnvFilter;
 
 #[derive(Debug, Parser)]
-#[command(name = "touchline", version, about = "Customer touchpoints from every partner, as one timeline per customer")]
+#[command(
+    name = "touchline",
+    version,
+    about = "Customer touchpoints from every partner, as one timeline per customer"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -122,24 +126,35 @@ fn load_config(args: &NodeArgs) -> anyhow::Result<Config> {
 }
 
 fn init_tracing(config: &Config) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.log.filter));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.log.filter));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
 }
 
 fn timestamp(text: Option<String>, flag: &str) -> anyhow::Result<Option<prost_types::Timestamp>> {
     text.map(|text| {
-        let instant = UnixNanos::parse_rfc3339(&text).with_context(|| format!("--{flag} {text:?} is not RFC 3339"))?;
+        let instant = UnixNanos::parse_rfc3339(&text)
+            .with_context(|| format!("--{flag} {text:?} is not RFC 3339"))?;
         let (seconds, nanos) = instant.to_parts();
         Ok(prost_types::Timestamp { seconds, nanos })
     })
     .transpose()
 }
 
-async fn run_node(config: Config, broker: BrokerChoice, demo_customers: Option<usize>) -> anyhow::Result<()> {
+async fn run_node(
+    config: Config,
+    broker: BrokerChoice,
+    demo_customers: Option<usize>,
+) -> anyhow::Result<()> {
     let partners = match &config.ingest.partners_file {
         Some(path) => PartnerRegistry::load(path)?,
         None if broker == BrokerChoice::Embedded => demo::demo_registry(),
-        None if config.ingest.enabled => anyhow::bail!("ingest.partners-file is required to serve partners"),
+        None if config.ingest.enabled => {
+            anyhow::bail!("ingest.partners-file is required to serve partners")
+        }
         None => PartnerRegistry::default(),
     };
     let mut node = Node::start(config, broker, partners).await?;
@@ -150,7 +165,10 @@ async fn run_node(config: Config, broker: BrokerChoice, demo_customers: Option<u
         for (partner, token) in demo::DEMO_PARTNERS {
             println!("  {partner:<18} {token}");
         }
-        println!("try: touchline timeline {} --endpoint {endpoint}", demo::demo_customer(7));
+        println!(
+            "try: touchline timeline {} --endpoint {endpoint}",
+            demo::demo_customer(7)
+        );
     }
     if let Some(customers) = demo_customers {
         let endpoint = endpoint.clone();
@@ -181,10 +199,19 @@ async fn run_node(config: Config, broker: BrokerChoice, demo_customers: Option<u
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        Command::Dev { node, demo, demo_customers } => {
+        Command::Dev {
+            node,
+            demo,
+            demo_customers,
+        } => {
             let config = load_config(&node)?;
             init_tracing(&config);
-            run_node(config, BrokerChoice::Embedded, demo.then_some(demo_customers)).await
+            run_node(
+                config,
+                BrokerChoice::Embedded,
+                demo.then_some(demo_customers),
+            )
+            .await
         }
         Command::Serve { node } => {
             let config = load_config(&node)?;
@@ -197,18 +224,43 @@ async fn main() -> anyhow::Result<()> {
             print!("{}", config.to_toml()?);
             Ok(())
         }
-        Command::Publish { endpoint, token, file, batch_size } => {
+        Command::Publish {
+            endpoint,
+            token,
+            file,
+            batch_size,
+        } => {
             let events = client::read_json_lines(&file)?;
             let count = events.len();
             let report = client::publish(&endpoint.endpoint, &token, events, batch_size).await?;
-            println!("{count} events: {} accepted, {} rejected", report.accepted, report.rejected);
-            anyhow::ensure!(report.rejected == 0, "{} events were rejected", report.rejected);
+            println!(
+                "{count} events: {} accepted, {} rejected",
+                report.accepted, report.rejected
+            );
+            anyhow::ensure!(
+                report.rejected == 0,
+                "{} events were rejected",
+                report.rejected
+            );
             Ok(())
         }
-        Command::Timeline { customer_id, endpoint, limit, partners, types, stages, from, to } => {
+        Command::Timeline {
+            customer_id,
+            endpoint,
+            limit,
+            partners,
+            types,
+            stages,
+            from,
+            to,
+        } => {
             let stages = stages
                 .iter()
-                .map(|name| JourneyStage::from_name(name).map(JourneyStage::number).with_context(|| format!("unknown stage {name:?}")))
+                .map(|name| {
+                    JourneyStage::from_name(name)
+                        .map(JourneyStage::number)
+                        .with_context(|| format!("unknown stage {name:?}"))
+                })
                 .collect::<anyhow::Result<Vec<_>>>()?;
             let request = v1::GetTimelineRequest {
                 customer_id,
@@ -224,7 +276,10 @@ async fn main() -> anyhow::Result<()> {
             println!("({printed} touchpoints)");
             Ok(())
         }
-        Command::Summary { customer_id, endpoint } => client::print_summary(&endpoint.endpoint, customer_id).await,
+        Command::Summary {
+            customer_id,
+            endpoint,
+        } => client::print_summary(&endpoint.endpoint, customer_id).await,
         Command::HashToken { token } => {
             println!("{}", touchline_ingest::hash_token(&token));
             Ok(())

@@ -35,7 +35,7 @@ pub struct Node {
     local_addr: SocketAddr,
     server_shutdown: CancellationToken,
     projector_shutdown: CancellationToken,
-    server: JoinHandle<Result<(), tonic::transport::Error>>,
+    server: Option<JoinHandle<Result<(), tonic::transport::Error>>>,
     projector: Option<JoinHandle<touchline_projection::Result<()>>>,
     store: Option<Arc<SledStore>>,
     broker: Option<EmbeddedBroker>,
@@ -48,11 +48,16 @@ impl Node {
     /// # Errors
     /// When the store cannot be opened, Kafka cannot be reached, the topic is missing or the
     /// listener cannot bind.
-    pub async fn start(mut config: Config, broker: BrokerChoice, partners: PartnerRegistry) -> anyhow::Result<Self> {
+    pub async fn start(
+        mut config: Config,
+        broker: BrokerChoice,
+        partners: PartnerRegistry,
+    ) -> anyhow::Result<Self> {
         config.validate()?;
         let embedded = match broker {
             BrokerChoice::Embedded => {
-                let embedded = EmbeddedBroker::start(1, &config.kafka.topic, config.kafka.partitions)?;
+                let embedded =
+                    EmbeddedBroker::start(1, &config.kafka.topic, config.kafka.partitions)?;
                 config.kafka.bootstrap_servers = embedded.bootstrap_servers().to_owned();
                 Some(embedded)
             }
@@ -67,11 +72,14 @@ impl Node {
             let path = config.store.path.clone();
             let opened = tokio::task::spawn_blocking(move || SledStore::open(&path))
                 .await?
-                .with_context(|| format!("cannot open the store in {}", config.store.path.display()))?;
+                .with_context(|| {
+                    format!("cannot open the store in {}", config.store.path.display())
+                })?;
             let opened = Arc::new(opened);
             let options = ProjectorOptions {
                 kafka: config.kafka.clone(),
-                partitions: (!config.projector.partitions.is_empty()).then(|| config.projector.partitions.clone()),
+                partitions: (!config.projector.partitions.is_empty())
+                    .then(|| config.projector.partitions.clone()),
                 max_batch: config.projector.max_batch,
             };
             let shared: Arc<dyn EventStore> = opened.clone();
@@ -86,10 +94,16 @@ impl Node {
         let ingest = if config.ingest.enabled {
             let durability = match (broker, applied_offsets) {
                 (BrokerChoice::Embedded, Some(applied)) => Durability::LocalLog(applied),
-                (BrokerChoice::Embedded, None) => anyhow::bail!("the embedded broker needs the projector in the same process"),
+                (BrokerChoice::Embedded, None) => {
+                    anyhow::bail!("the embedded broker needs the projector in the same process")
+                }
                 (BrokerChoice::External, _) => Durability::Broker,
             };
-            let publisher = Publisher::new(&config.kafka, durability, Duration::from_millis(config.ingest.ack_timeout_ms))?;
+            let publisher = Publisher::new(
+                &config.kafka,
+                durability,
+                Duration::from_millis(config.ingest.ack_timeout_ms),
+            )?;
             let options = IngestOptions {
                 max_batch_events: config.ingest.max_batch_events,
                 stream_window: config.ingest.stream_window,
@@ -107,22 +121,34 @@ impl Node {
             _ => None,
         };
 
-        let listener = TcpListener::bind(config.server.listen)
-            .await
-            .with_context(|| format!("cannot listen on {}", config.server.listen))?;
+        let listener = match TcpListener::bind(config.server.listen).await {
+            Ok(listener) => listener,
+            Err(error) => {
+                // Do not leave the projector running (and the store locked) behind a failed start.
+                projector_shutdown.cancel();
+                if let Some(task) = projector_task {
+                    let _ = task.await;
+                }
+                return Err(anyhow::Error::new(error)
+                    .context(format!("cannot listen on {}", config.server.listen)));
+            }
+        };
         let local_addr = listener.local_addr()?;
         let server_shutdown = CancellationToken::new();
         let server = tonic::transport::Server::builder()
             .add_optional_service(ingest)
             .add_optional_service(query)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), server_shutdown.clone().cancelled_owned());
+            .serve_with_incoming_shutdown(
+                TcpListenerStream::new(listener),
+                server_shutdown.clone().cancelled_owned(),
+            );
         let server = tokio::spawn(server);
         info!(%local_addr, ingest = config.ingest.enabled, projector = config.projector.enabled, query = config.query.enabled, "touchline is serving");
         Ok(Self {
             local_addr,
             server_shutdown,
             projector_shutdown,
-            server,
+            server: Some(server),
             projector: projector_task,
             store,
             broker: embedded,
@@ -158,53 +184,94 @@ impl Node {
     pub async fn failed(&mut self) -> anyhow::Error {
         let projector = async {
             match self.projector.as_mut() {
-                Some(task) => match task.await {
+                Some(task) => Some(match task.await {
                     Ok(Ok(())) => anyhow::anyhow!("the projector stopped"),
                     Ok(Err(error)) => anyhow::Error::new(error).context("the projector failed"),
                     Err(error) => anyhow::Error::new(error).context("the projector panicked"),
-                },
+                }),
                 None => std::future::pending().await,
             }
         };
+        let server = async {
+            match self.server.as_mut() {
+                Some(task) => Some(match task.await {
+                    Ok(Ok(())) => anyhow::anyhow!("the gRPC server stopped"),
+                    Ok(Err(error)) => anyhow::Error::new(error).context("the gRPC server failed"),
+                    Err(error) => anyhow::Error::new(error).context("the gRPC server panicked"),
+                }),
+                None => std::future::pending().await,
+            }
+        };
+        // A finished task is taken out so that shutdown does not await it again.
         tokio::select! {
-            error = projector => { self.projector = None; error }
-            result = &mut self.server => match result {
-                Ok(Ok(())) => anyhow::anyhow!("the gRPC server stopped"),
-                Ok(Err(error)) => anyhow::Error::new(error).context("the gRPC server failed"),
-                Err(error) => anyhow::Error::new(error).context("the gRPC server panicked"),
-            },
+            error = projector => { self.projector = None; error.unwrap_or_else(|| anyhow::anyhow!("the projector stopped")) }
+            error = server => { self.server = None; error.unwrap_or_else(|| anyhow::anyhow!("the gRPC server stopped")) }
         }
     }
 
     /// Graceful shutdown: stop accepting calls and let in-flight ones finish (their acks need the
     /// projector in dev mode, so it keeps running meanwhile), then stop the projector after its
-    /// current batch, flush the store and stop the embedded broker.
+    /// current batch, flush the store and stop the embedded broker. Every step runs even when an
+    /// earlier one failed; the first failure is returned.
     ///
     /// # Errors
     /// When a role failed while stopping or the final flush failed.
     pub async fn shutdown(self) -> anyhow::Result<()> {
         info!("shutting down: no new calls, draining in-flight ones");
+        let mut errors: Vec<anyhow::Error> = Vec::new();
         self.server_shutdown.cancel();
-        let mut server = self.server;
-        match tokio::time::timeout(self.shutdown_grace, &mut server).await {
-            Ok(result) => result?.context("the gRPC server failed")?,
-            Err(_) => {
-                warn!(grace_ms = self.shutdown_grace.as_millis(), "in-flight calls did not finish in time, stopping them");
-                server.abort();
+        if let Some(mut server) = self.server {
+            match tokio::time::timeout(self.shutdown_grace, &mut server).await {
+                Ok(Ok(Ok(()))) => {}
+                Ok(Ok(Err(error))) => {
+                    errors.push(anyhow::Error::new(error).context("the gRPC server failed"));
+                }
+                Ok(Err(error)) => {
+                    errors.push(anyhow::Error::new(error).context("the gRPC server panicked"));
+                }
+                Err(_) => {
+                    warn!(
+                        grace_ms = self.shutdown_grace.as_millis(),
+                        "in-flight calls did not finish in time, stopping them"
+                    );
+                    server.abort();
+                }
             }
         }
         self.projector_shutdown.cancel();
         if let Some(projector) = self.projector {
-            projector.await?.context("the projector failed")?;
+            match projector.await {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => {
+                    errors.push(anyhow::Error::new(error).context("the projector failed"));
+                }
+                Err(error) => {
+                    errors.push(anyhow::Error::new(error).context("the projector panicked"));
+                }
+            }
         }
         if let Some(store) = self.store {
-            tokio::task::spawn_blocking(move || store.flush())
-                .await?
-                .context("the final flush failed")?;
+            match tokio::task::spawn_blocking(move || store.flush()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => {
+                    errors.push(anyhow::Error::new(error).context("the final flush failed"));
+                }
+                Err(error) => {
+                    errors.push(anyhow::Error::new(error).context("the final flush panicked"));
+                }
+            }
         }
         drop(self.broker);
-        info!("touchline stopped");
-        Ok(())
+        for error in &errors {
+            error!(error = format!("{error:#}"), "shutdown step failed");
+        }
+        match errors.into_iter().next() {
+            Some(error) => Err(error),
+            None => {
+                info!("touchline stopped");
+                Ok(())
+            }
+        }
     }
 }
 

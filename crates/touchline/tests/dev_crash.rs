@@ -58,7 +58,10 @@ fn event(index: usize) -> v1::Touchpoint {
 
 fn authorized<T>(message: T) -> tonic::Request<T> {
     let mut request = tonic::Request::new(message);
-    request.metadata_mut().insert("authorization", format!("Bearer {TOKEN}").parse().expect("valid header"));
+    request.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {TOKEN}").parse().expect("valid header"),
+    );
     request
 }
 
@@ -78,7 +81,12 @@ async fn sigkill_of_dev_loses_no_acknowledged_event() -> anyhow::Result<()> {
             for batch in 0..50 {
                 let first = (worker * 50 + batch) * 5;
                 let events: Vec<_> = (first..first + 5).map(event).collect();
-                let response = client.publish(authorized(v1::PublishRequest { events: events.clone(), batch_id: String::new() })).await;
+                let response = client
+                    .publish(authorized(v1::PublishRequest {
+                        events: events.clone(),
+                        batch_id: String::new(),
+                    }))
+                    .await;
                 let failed = response.is_err();
                 if results.send((events, response)).await.is_err() || failed {
                     return;
@@ -94,7 +102,10 @@ async fn sigkill_of_dev_loses_no_acknowledged_event() -> anyhow::Result<()> {
         let Ok(response) = response else { continue };
         for (event, result) in events.iter().zip(&response.into_inner().results) {
             if matches!(result.result, Some(v1::event_result::Result::Accepted(_))) {
-                acked.entry(event.customer_id.clone()).or_default().insert(event.event_id.clone());
+                acked
+                    .entry(event.customer_id.clone())
+                    .or_default()
+                    .insert(event.event_id.clone());
                 acked_count += 1;
             }
         }
@@ -111,14 +122,28 @@ async fn sigkill_of_dev_loses_no_acknowledged_event() -> anyhow::Result<()> {
     let mut timeline = TimelineServiceClient::connect(endpoint).await?;
     for (customer, expected) in &acked {
         let entries = timeline
-            .get_timeline(v1::GetTimelineRequest { customer_id: customer.clone(), page_size: 1000, ..Default::default() })
+            .get_timeline(v1::GetTimelineRequest {
+                customer_id: customer.clone(),
+                page_size: 1000,
+                ..Default::default()
+            })
             .await?
             .into_inner()
             .entries;
-        let ids: Vec<String> = entries.iter().filter_map(|entry| entry.touchpoint.as_ref().map(|t| t.event_id.clone())).collect();
+        let ids: Vec<String> = entries
+            .iter()
+            .filter_map(|entry| entry.touchpoint.as_ref().map(|t| t.event_id.clone()))
+            .collect();
         let unique: BTreeSet<String> = ids.iter().cloned().collect();
-        assert_eq!(unique.len(), ids.len(), "customer {customer}: no event twice");
-        assert!(unique.is_superset(expected), "customer {customer}: every acknowledged event survived the kill");
+        assert_eq!(
+            unique.len(),
+            ids.len(),
+            "customer {customer}: no event twice"
+        );
+        assert!(
+            unique.is_superset(expected),
+            "customer {customer}: every acknowledged event survived the kill"
+        );
     }
     child.start_kill()?;
     child.wait().await?;
