@@ -7,22 +7,39 @@ use touchline::Config;
 use touchline_ingest::PartnerRegistry;
 
 fn deploy(file: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../deploy").join(file)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../deploy")
+        .join(file)
 }
 
 #[test]
 fn the_example_configuration_loads_and_validates() -> anyhow::Result<()> {
     let config = Config::load(Some(&deploy("touchline.example.toml")))?;
     config.validate()?;
-    assert_eq!(config.kafka.bootstrap_servers, "kafka-1:9092,kafka-2:9092,kafka-3:9092");
+    assert_eq!(
+        config.kafka.bootstrap_servers,
+        "kafka-1:9092,kafka-2:9092,kafka-3:9092"
+    );
     Ok(())
 }
 
 #[test]
 fn the_example_partners_file_authenticates_the_documented_tokens() -> anyhow::Result<()> {
     let registry = PartnerRegistry::load(&deploy("partners.example.toml"))?;
-    assert_eq!(registry.authenticate("example-courier-token").map(|p| p.to_string()).as_deref(), Some("swift-courier"));
-    assert_eq!(registry.authenticate("example-retail-token").map(|p| p.to_string()).as_deref(), Some("northwind-retail"));
+    assert_eq!(
+        registry
+            .authenticate("example-courier-token")
+            .map(|p| p.to_string())
+            .as_deref(),
+        Some("swift-courier")
+    );
+    assert_eq!(
+        registry
+            .authenticate("example-retail-token")
+            .map(|p| p.to_string())
+            .as_deref(),
+        Some("northwind-retail")
+    );
     Ok(())
 }
 
