@@ -6,6 +6,7 @@ use std::sync::Arc;
 use futures::{Stream, StreamExt as _};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
 use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status, Streaming};
 use touchline_core::{Envelope, Limits, PartnerId, UnixNanos, validate_batch};
@@ -49,16 +50,25 @@ struct Inner {
     partners: PartnerRegistry,
     publisher: Publisher,
     options: IngestOptions,
+    /// Cancelled when the server starts shutting down: streams stop reading new batches, answer
+    /// the ones in flight and end with `UNAVAILABLE` so the partner reconnects elsewhere.
+    draining: CancellationToken,
 }
 
 impl IngestService {
     #[must_use]
-    pub fn new(partners: PartnerRegistry, publisher: Publisher, options: IngestOptions) -> Self {
+    pub fn new(
+        partners: PartnerRegistry,
+        publisher: Publisher,
+        options: IngestOptions,
+        draining: CancellationToken,
+    ) -> Self {
         Self {
             inner: Arc::new(Inner {
                 partners,
                 publisher,
                 options,
+                draining,
             }),
         }
     }
@@ -203,11 +213,13 @@ impl v1::ingest_service_server::IngestService for IngestService {
         let partner = self.inner.authenticate(request.metadata())?;
         let window = self.inner.options.stream_window.max(1);
         let inner = Arc::clone(&self.inner);
+        let draining = self.inner.draining.clone();
         // `buffered` keeps up to `window` batches in flight and yields their answers in request
         // order; when the window is full it stops pulling from the stream, so HTTP/2 flow control
         // pushes back on the partner instead of the server buffering.
         let mut answers = request
             .into_inner()
+            .take_until(draining.clone().cancelled_owned())
             .map(move |batch| {
                 let inner = Arc::clone(&inner);
                 let partner = partner.clone();
@@ -216,7 +228,8 @@ impl v1::ingest_service_server::IngestService for IngestService {
                     inner.publish(&partner, batch).await.map_err(Status::from)
                 }
             })
-            .buffered(window);
+            .buffered(window)
+            .boxed();
         let (sender, receiver) = mpsc::channel(window);
         tokio::spawn(async move {
             while let Some(answer) = answers.next().await {
@@ -228,6 +241,12 @@ impl v1::ingest_service_server::IngestService for IngestService {
                 if failed {
                     return;
                 }
+            }
+            if draining.is_cancelled() {
+                let status = Status::unavailable(
+                    "the server is shutting down: reconnect and resend every batch without an answer",
+                );
+                let _ = sender.send(Err(status)).await;
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))

@@ -65,6 +65,7 @@ impl Node {
         };
 
         let projector_shutdown = CancellationToken::new();
+        let server_shutdown = CancellationToken::new();
         let mut store = None;
         let mut projector_task = None;
         let mut applied_offsets = None;
@@ -109,7 +110,10 @@ impl Node {
                 stream_window: config.ingest.stream_window,
                 ..IngestOptions::default()
             };
-            Some(IngestService::new(partners, publisher, options).into_server())
+            Some(
+                IngestService::new(partners, publisher, options, server_shutdown.clone())
+                    .into_server(),
+            )
         } else {
             None
         };
@@ -134,7 +138,6 @@ impl Node {
             }
         };
         let local_addr = listener.local_addr()?;
-        let server_shutdown = CancellationToken::new();
         let server = tonic::transport::Server::builder()
             .add_optional_service(ingest)
             .add_optional_service(query)
