@@ -1,6 +1,10 @@
-//! Shared harness of the end-to-end tests: a real Kafka-protocol broker (the in-process mock
-//! cluster), real nodes on `127.0.0.1:0` with sled on temporary directories, and the generated
-//! gRPC clients.
+//! Shared harness of the end-to-end tests: a real Kafka-protocol broker, real nodes on
+//! `127.0.0.1:0` with sled on temporary directories, and the generated gRPC clients.
+//!
+//! The broker is the in-process mock cluster by default. When `TOUCHLINE_TEST_KAFKA` names
+//! bootstrap servers (for example a Tansu broker started by `deploy/tansu.sh`), the same tests run
+//! against that broker instead, each on a topic of its own. Tests that need the mock cluster's
+//! fault injection call [`TestBroker::embedded`] and say so.
 
 use std::time::Duration;
 
@@ -23,8 +27,59 @@ pub const RETAILER: (&str, &str) = ("northwind-retail", "retailer-secret-token")
 /// How long a test waits for a condition before it fails.
 pub const DEADLINE: Duration = Duration::from_secs(30);
 
-pub const TOPIC: &str = "touchpoints-test";
 pub const PARTITIONS: i32 = 3;
+
+/// The variable that points the end-to-end suite at an external broker.
+pub const EXTERNAL_BROKER_VARIABLE: &str = "TOUCHLINE_TEST_KAFKA";
+
+/// The broker of one test: the in-process mock cluster, or a fresh topic on an external broker.
+#[derive(Debug)]
+pub enum TestBroker {
+    Embedded {
+        broker: EmbeddedBroker,
+        topic: String,
+    },
+    External {
+        bootstrap: String,
+        topic: String,
+    },
+}
+
+impl TestBroker {
+    #[must_use]
+    pub fn bootstrap_servers(&self) -> &str {
+        match self {
+            Self::Embedded { broker, .. } => broker.bootstrap_servers(),
+            Self::External { bootstrap, .. } => bootstrap,
+        }
+    }
+
+    #[must_use]
+    pub fn topic(&self) -> &str {
+        match self {
+            Self::Embedded { topic, .. } | Self::External { topic, .. } => topic,
+        }
+    }
+
+    /// The mock cluster, for fault injection; `None` against an external broker.
+    #[must_use]
+    pub fn embedded(&self) -> Option<&EmbeddedBroker> {
+        match self {
+            Self::Embedded { broker, .. } => Some(broker),
+            Self::External { .. } => None,
+        }
+    }
+}
+
+fn unique_topic() -> String {
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default();
+    let count = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("touchline-test-{}-{nanos}-{count}", std::process::id())
+}
 
 /// The partners every test node knows.
 #[must_use]
@@ -35,22 +90,41 @@ pub fn partners() -> PartnerRegistry {
     )
 }
 
-/// Starts an in-process mock cluster with the test topic.
+/// The broker for one test: a new mock cluster, or a new topic on the external broker named by
+/// `TOUCHLINE_TEST_KAFKA`.
 ///
 /// # Panics
-/// When the broker cannot start.
-#[must_use]
-pub fn start_broker() -> EmbeddedBroker {
-    EmbeddedBroker::start(1, TOPIC, PARTITIONS).expect("the embedded broker starts")
+/// When the broker cannot start or the topic cannot be created.
+pub async fn start_broker() -> TestBroker {
+    let topic = unique_topic();
+    match std::env::var(EXTERNAL_BROKER_VARIABLE) {
+        Ok(bootstrap) if !bootstrap.is_empty() => {
+            let options = touchline_kafka::KafkaOptions {
+                bootstrap_servers: bootstrap.clone(),
+                topic: topic.clone(),
+                partitions: PARTITIONS,
+                ..touchline_kafka::KafkaOptions::default()
+            };
+            touchline_kafka::ensure_topic(&options)
+                .await
+                .expect("the test topic is created on the external broker");
+            TestBroker::External { bootstrap, topic }
+        }
+        _ => TestBroker::Embedded {
+            broker: EmbeddedBroker::start(1, &topic, PARTITIONS)
+                .expect("the embedded broker starts"),
+            topic,
+        },
+    }
 }
 
-/// A configuration for a test node on `bootstrap`, listening on a free port, storing in `dir`.
+/// A configuration for a test node on `broker`, listening on a free port, storing in `dir`.
 #[must_use]
-pub fn config(bootstrap: &str, dir: &std::path::Path) -> Config {
+pub fn config(broker: &TestBroker, dir: &std::path::Path) -> Config {
     let mut config = Config::default();
     config.server.listen = "127.0.0.1:0".parse().expect("valid address");
-    config.kafka.bootstrap_servers = bootstrap.to_owned();
-    config.kafka.topic = TOPIC.to_owned();
+    config.kafka.bootstrap_servers = broker.bootstrap_servers().to_owned();
+    config.kafka.topic = broker.topic().to_owned();
     config.kafka.partitions = PARTITIONS;
     config
         .kafka
@@ -65,13 +139,8 @@ pub fn config(bootstrap: &str, dir: &std::path::Path) -> Config {
 ///
 /// # Errors
 /// When the node cannot start.
-pub async fn start_node(broker: &EmbeddedBroker, dir: &std::path::Path) -> anyhow::Result<Node> {
-    Node::start(
-        config(broker.bootstrap_servers(), dir),
-        BrokerChoice::External,
-        partners(),
-    )
-    .await
+pub async fn start_node(broker: &TestBroker, dir: &std::path::Path) -> anyhow::Result<Node> {
+    Node::start(config(broker, dir), BrokerChoice::External, partners()).await
 }
 
 /// A connected ingest client.
@@ -245,16 +314,17 @@ pub fn event_ids(entries: &[v1::TimelineEntry]) -> Vec<String> {
 ///
 /// # Errors
 /// When the broker cannot be asked.
-pub async fn records_in_topic(bootstrap: &str) -> anyhow::Result<i64> {
+pub async fn records_in_topic(broker: &TestBroker) -> anyhow::Result<i64> {
     use rdkafka::consumer::{BaseConsumer, Consumer as _};
-    let bootstrap = bootstrap.to_owned();
+    let bootstrap = broker.bootstrap_servers().to_owned();
+    let topic = broker.topic().to_owned();
     tokio::task::spawn_blocking(move || {
         let consumer: BaseConsumer = rdkafka::ClientConfig::new()
             .set("bootstrap.servers", &bootstrap)
             .create()?;
         let mut total = 0;
         for partition in 0..PARTITIONS {
-            let (low, high) = consumer.fetch_watermarks(TOPIC, partition, DEADLINE)?;
+            let (low, high) = consumer.fetch_watermarks(&topic, partition, DEADLINE)?;
             total += high - low;
         }
         Ok(total)
@@ -268,12 +338,12 @@ pub async fn records_in_topic(bootstrap: &str) -> anyhow::Result<i64> {
 /// # Errors
 /// When a delivery fails.
 pub async fn produce_raw(
-    bootstrap: &str,
+    broker: &TestBroker,
     records: Vec<(String, Vec<u8>)>,
 ) -> anyhow::Result<Vec<(i32, i64)>> {
     use rdkafka::producer::{FutureProducer, FutureRecord};
     let producer: FutureProducer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
+        .set("bootstrap.servers", broker.bootstrap_servers())
         .set("enable.idempotence", "true")
         .set("partitioner", "murmur2_random")
         .create()?;
@@ -281,7 +351,7 @@ pub async fn produce_raw(
         .iter()
         .map(|(key, value)| {
             producer
-                .send_result(FutureRecord::to(TOPIC).key(key).payload(value))
+                .send_result(FutureRecord::to(broker.topic()).key(key).payload(value))
                 .map_err(|(error, _)| error)
         })
         .collect::<Result<_, _>>()?;

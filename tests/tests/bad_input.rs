@@ -21,7 +21,7 @@ fn valid(event_id: &str) -> v1::Touchpoint {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_invalid_event_gets_its_reason_and_nothing_is_written() -> anyhow::Result<()> {
-    let broker = start_broker();
+    let broker = start_broker().await;
     let dir = tempfile::tempdir()?;
     let node = start_node(&broker, dir.path()).await?;
     let mut ingest = ingest_client(&node).await?;
@@ -248,7 +248,7 @@ async fn each_invalid_event_gets_its_reason_and_nothing_is_written() -> anyhow::
     assert_eq!(event_ids(&entries), ["ok-1"]);
     assert_eq!(node.store().map(|store| store.log_len()), Some(1));
     assert_eq!(
-        records_in_topic(broker.bootstrap_servers()).await?,
+        records_in_topic(&broker).await?,
         1,
         "only the valid event reached Kafka"
     );
@@ -261,7 +261,7 @@ fn reason(status: &tonic::Status) -> Option<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batch_errors_and_credentials_are_refused_with_their_codes() -> anyhow::Result<()> {
-    let broker = start_broker();
+    let broker = start_broker().await;
     let dir = tempfile::tempdir()?;
     let node = start_node(&broker, dir.path()).await?;
     let mut ingest = ingest_client(&node).await?;
@@ -364,10 +364,6 @@ async fn batch_errors_and_credentials_are_refused_with_their_codes() -> anyhow::
         Some(0),
         "nothing was written"
     );
-    assert_eq!(
-        records_in_topic(broker.bootstrap_servers()).await?,
-        0,
-        "nothing reached Kafka"
-    );
+    assert_eq!(records_in_topic(&broker).await?, 0, "nothing reached Kafka");
     node.shutdown().await
 }

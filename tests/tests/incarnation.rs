@@ -12,8 +12,7 @@ use touchline_core::{
 };
 use touchline_projection::SledStore;
 use touchline_tests::{
-    COURIER, TOPIC, event_ids, produce_raw, start_broker, start_node, timeline_client,
-    wait_for_timeline,
+    COURIER, event_ids, produce_raw, start_broker, start_node, timeline_client, wait_for_timeline,
 };
 
 fn envelope(event_id: &str, seconds: i64) -> Envelope {
@@ -38,7 +37,7 @@ fn envelope(event_id: &str, seconds: i64) -> Envelope {
 /// offset 4 of that partition, with `stored_at_4` as the record it saw there. Returns the event ids
 /// the node ends up with.
 async fn resume_with(stored_at_4: Envelope, expect_entries: usize) -> anyhow::Result<Vec<String>> {
-    let broker = start_broker();
+    let broker = start_broker().await;
     let records: Vec<(String, Vec<u8>)> = (0..10)
         .map(|i| {
             (
@@ -47,7 +46,7 @@ async fn resume_with(stored_at_4: Envelope, expect_entries: usize) -> anyhow::Re
             )
         })
         .collect();
-    let positions = produce_raw(broker.bootstrap_servers(), records).await?;
+    let positions = produce_raw(&broker, records).await?;
     let partition = positions[0].0;
     assert!(
         positions
@@ -73,7 +72,7 @@ async fn resume_with(stored_at_4: Envelope, expect_entries: usize) -> anyhow::Re
         let raw = touchline_proto::encode_envelope(&stored_at_4);
         let stream = StreamIdentity {
             cluster_id,
-            topic: TOPIC.to_owned(),
+            topic: broker.topic().to_owned(),
         };
         store.apply(
             &stream,

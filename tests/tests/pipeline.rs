@@ -11,7 +11,7 @@ use touchline_tests::{
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn published_touchpoints_form_an_event_time_ordered_timeline() -> anyhow::Result<()> {
-    let broker = start_broker();
+    let broker = start_broker().await;
     let dir = tempfile::tempdir()?;
     let node = start_node(&broker, dir.path()).await?;
     let mut ingest = ingest_client(&node).await?;
@@ -199,7 +199,7 @@ async fn published_touchpoints_form_an_event_time_ordered_timeline() -> anyhow::
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_same_event_published_twice_appears_once() -> anyhow::Result<()> {
-    let broker = start_broker();
+    let broker = start_broker().await;
     let dir = tempfile::tempdir()?;
     let node = start_node(&broker, dir.path()).await?;
     let mut ingest = ingest_client(&node).await?;
@@ -241,7 +241,7 @@ async fn the_same_event_published_twice_appears_once() -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_partner_cannot_act_as_another_partner() -> anyhow::Result<()> {
-    let broker = start_broker();
+    let broker = start_broker().await;
     let dir = tempfile::tempdir()?;
     let node = start_node(&broker, dir.path()).await?;
     let mut ingest = ingest_client(&node).await?;

@@ -19,15 +19,15 @@ fn customer(index: usize) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_projector_restarted_mid_stream_loses_and_doubles_nothing() -> anyhow::Result<()> {
-    let broker = start_broker();
+    let broker = start_broker().await;
     let dir = tempfile::tempdir()?;
     // Ingest and projector in separate nodes, so ingest keeps acknowledging while the projector is
     // down.
-    let mut ingest_config = config(broker.bootstrap_servers(), &dir.path().join("ingest"));
+    let mut ingest_config = config(&broker, &dir.path().join("ingest"));
     ingest_config.projector.enabled = false;
     ingest_config.query.enabled = false;
     let ingest_node = Node::start(ingest_config, BrokerChoice::External, partners()).await?;
-    let mut projector_config = config(broker.bootstrap_servers(), dir.path());
+    let mut projector_config = config(&broker, dir.path());
     projector_config.ingest.enabled = false;
     projector_config.projector.max_batch = 7;
     let projector =
@@ -115,7 +115,7 @@ async fn a_projector_restarted_mid_stream_loses_and_doubles_nothing() -> anyhow:
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn records_consumed_again_after_a_restart_appear_once() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let first_broker = start_broker();
+    let first_broker = start_broker().await;
     let node = start_node(&first_broker, dir.path()).await?;
     let mut ingest = ingest_client(&node).await?;
     let events: Vec<_> = (0..20)
@@ -146,9 +146,9 @@ async fn records_consumed_again_after_a_restart_appear_once() -> anyhow::Result<
 
     // A new broker incarnation holding the same records: the projector reads it from its start,
     // consumes every record again, and drops each as a duplicate.
-    let second_broker = start_broker();
-    produce_raw(second_broker.bootstrap_servers(), records.clone()).await?;
-    produce_raw(second_broker.bootstrap_servers(), records).await?;
+    let second_broker = start_broker().await;
+    produce_raw(&second_broker, records.clone()).await?;
+    produce_raw(&second_broker, records).await?;
     let node = start_node(&second_broker, dir.path()).await?;
     let mut ingest = ingest_client(&node).await?;
     publish(

@@ -13,7 +13,7 @@ use touchline_tests::{
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_drains_open_streams_and_keeps_every_acknowledged_event() -> anyhow::Result<()> {
-    let broker = start_broker();
+    let broker = start_broker().await;
     let dir = tempfile::tempdir()?;
     let node = start_node(&broker, dir.path()).await?;
     let mut ingest = ingest_client(&node).await?;

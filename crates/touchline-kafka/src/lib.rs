@@ -3,6 +3,7 @@
 //! embedded broker (librdkafka's in-process mock cluster) that `touchline dev` and the tests use.
 
 pub mod embedded;
+pub mod topic;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -12,6 +13,7 @@ use rdkafka::client::{Client, ClientContext};
 use serde::{Deserialize, Serialize};
 
 pub use embedded::EmbeddedBroker;
+pub use topic::{TopicState, ensure_topic};
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -25,6 +27,16 @@ pub enum Error {
     ClusterIdUnavailable { timeout: Duration },
     #[error("topic {topic} does not exist or has no partitions")]
     TopicMissing { topic: String },
+    #[error(
+        "topic {topic} has {actual} partitions but kafka.partitions is {expected}: a different partition count would move customers between partitions; set kafka.partitions = {actual} or use another topic"
+    )]
+    PartitionMismatch {
+        topic: String,
+        expected: i32,
+        actual: i32,
+    },
+    #[error("cannot create topic {topic}: {reason}")]
+    CreateTopic { topic: String, reason: String },
 }
 
 /// How to reach Kafka and which topic carries touchpoints.
@@ -35,8 +47,20 @@ pub struct KafkaOptions {
     pub bootstrap_servers: String,
     /// The touchpoints topic. Record key: customer id; value: a `touchline.v1.Envelope`.
     pub topic: String,
-    /// Partitions of the topic when Touchline creates it (the embedded broker always does).
+    /// Partitions of the topic. Touchline creates the topic with this many when it is missing and
+    /// refuses to start when an existing topic has another count (customers would move between
+    /// partitions).
     pub partitions: i32,
+    /// Create the topic when it is missing (through the Kafka admin API).
+    pub create_topic: bool,
+    /// Replication factor of a topic Touchline creates. Use 3 on a production cluster.
+    pub replication_factor: i32,
+    /// `retention.ms` of a topic Touchline creates; the broker's default when unset. Replays read
+    /// the topic, so keep it as long as you may need to recover a log.
+    pub retention_ms: Option<i64>,
+    /// `min.insync.replicas` of a topic Touchline creates; the broker's default when unset. With
+    /// `acks=all`, 2 on a 3-replica topic survives one broker loss without losing acknowledged data.
+    pub min_insync_replicas: Option<i32>,
     /// The consumer group id the projector commits its (advisory) offsets under.
     pub group_id: String,
     /// librdkafka properties applied to every client last, overriding Touchline's settings
@@ -54,6 +78,10 @@ impl Default for KafkaOptions {
             bootstrap_servers: "127.0.0.1:9092".to_owned(),
             topic: "touchline.touchpoints.v1".to_owned(),
             partitions: 6,
+            create_topic: true,
+            replication_factor: 1,
+            retention_ms: None,
+            min_insync_replicas: None,
             group_id: "touchline-projector".to_owned(),
             properties: BTreeMap::new(),
             producer_properties: BTreeMap::new(),

@@ -61,7 +61,13 @@ impl Node {
                 config.kafka.bootstrap_servers = embedded.bootstrap_servers().to_owned();
                 Some(embedded)
             }
-            BrokerChoice::External => None,
+            BrokerChoice::External => {
+                let state = touchline_kafka::ensure_topic(&config.kafka)
+                    .await
+                    .with_context(|| format!("topic {} is not usable", config.kafka.topic))?;
+                info!(topic = %config.kafka.topic, ?state, "topic ready");
+                None
+            }
         };
 
         let projector_shutdown = CancellationToken::new();
