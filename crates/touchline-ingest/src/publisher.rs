@@ -3,14 +3,16 @@
 //! log) confirmed it.
 
 use std::collections::VecDeque;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use futures::future::try_join_all;
+use rdkafka::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer as _};
 use touchline_core::Envelope;
 use touchline_kafka::KafkaOptions;
-use tracing::warn;
+use tracing::{error, warn};
 
 use crate::{Error, Result};
 
@@ -34,10 +36,19 @@ pub struct Produced {
     pub offset: i64,
 }
 
-/// A cloneable handle on the idempotent producer.
+/// The current producer and how many times it was replaced.
+struct ProducerSlot {
+    generation: u64,
+    producer: FutureProducer,
+}
+
+/// A cloneable handle on the idempotent producer. An idempotent producer that hits a fatal error
+/// (its sequence state can no longer be trusted, for example after a broker lost it) refuses every
+/// later send; the publisher then replaces it, so ingest recovers without a restart.
 #[derive(Clone)]
 pub struct Publisher {
-    producer: FutureProducer,
+    slot: Arc<RwLock<ProducerSlot>>,
+    config: ClientConfig,
     topic: String,
     durability: Durability,
     ack_timeout: Duration,
@@ -63,9 +74,14 @@ impl Publisher {
         durability: Durability,
         ack_timeout: Duration,
     ) -> Result<Self> {
-        let producer: FutureProducer = kafka.producer_config().create()?;
+        let config = kafka.producer_config();
+        let producer: FutureProducer = config.create()?;
         Ok(Self {
-            producer,
+            slot: Arc::new(RwLock::new(ProducerSlot {
+                generation: 0,
+                producer,
+            })),
+            config,
             topic: kafka.topic.clone(),
             durability,
             ack_timeout,
@@ -85,14 +101,59 @@ impl Publisher {
             .map_err(|_| Error::AckTimeout { timeout })?
     }
 
+    fn current_producer(&self) -> (u64, FutureProducer) {
+        let slot = self
+            .slot
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        (slot.generation, slot.producer.clone())
+    }
+
+    /// Replaces the producer of `generation` when it has hit a fatal error.
+    fn replace_if_fatal(&self, generation: u64, producer: &FutureProducer) {
+        let Some((code, reason)) = producer.client().fatal_error() else {
+            return;
+        };
+        let mut slot = self
+            .slot
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if slot.generation != generation {
+            return; // another call replaced it already
+        }
+        match self.config.create::<FutureProducer>() {
+            Ok(fresh) => {
+                error!(%code, %reason, generation, "the idempotent producer hit a fatal error; replaced it");
+                slot.producer = fresh;
+                slot.generation += 1;
+            }
+            Err(create_error) => {
+                error!(%code, %reason, %create_error, "the idempotent producer hit a fatal error and cannot be replaced")
+            }
+        }
+    }
+
     async fn publish_unbounded(&self, envelopes: &[(Envelope, Vec<u8>)]) -> Result<Vec<Produced>> {
+        let (generation, producer) = self.current_producer();
+        let result = self.produce_all(&producer, envelopes).await;
+        if result.is_err() {
+            self.replace_if_fatal(generation, &producer);
+        }
+        result
+    }
+
+    async fn produce_all(
+        &self,
+        producer: &FutureProducer,
+        envelopes: &[(Envelope, Vec<u8>)],
+    ) -> Result<Vec<Produced>> {
         let mut deliveries: VecDeque<DeliveryFuture> = VecDeque::with_capacity(envelopes.len());
         let mut done: Vec<Produced> = Vec::with_capacity(envelopes.len());
         for (envelope, value) in envelopes {
             let key = envelope.touchpoint.customer_id.as_str();
             loop {
                 let record = FutureRecord::to(&self.topic).key(key).payload(value);
-                match self.producer.send_result(record) {
+                match producer.send_result(record) {
                     Ok(delivery) => {
                         deliveries.push_back(delivery);
                         break;

@@ -49,3 +49,18 @@ fn the_example_events_convert() -> anyhow::Result<()> {
     assert_eq!(events.len(), 3);
     Ok(())
 }
+
+#[test]
+fn the_compose_role_configurations_load_and_validate() -> anyhow::Result<()> {
+    let ingest = Config::load(Some(&deploy("compose/ingest.toml")))?;
+    ingest.validate()?;
+    assert!(ingest.ingest.enabled && !ingest.projector.enabled && !ingest.query.enabled);
+    let projector = Config::load(Some(&deploy("compose/projector.toml")))?;
+    projector.validate()?;
+    assert!(!projector.ingest.enabled && projector.projector.enabled && projector.query.enabled);
+    assert_eq!(
+        ingest.kafka.partitions, projector.kafka.partitions,
+        "both roles agree on the topic"
+    );
+    Ok(())
+}

@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# Tansu (a Kafka-compatible broker written in Rust) for CI, tests and developers.
+#
+#   deploy/tansu.sh install                   install tansu 0.6.0 with cargo when missing
+#   deploy/tansu.sh start STATE_DIR [memory|sqlite]
+#                                             start a broker on a free 127.0.0.1 port; waits until it
+#                                             answers Kafka metadata requests; prints its bootstrap
+#                                             address; keeps pid, port, storage and log in STATE_DIR
+#   deploy/tansu.sh stop STATE_DIR            stop the broker started in STATE_DIR (by its pid)
+#   deploy/tansu.sh restart STATE_DIR         stop it and start it again on the same port and storage
+#   deploy/tansu.sh bootstrap STATE_DIR       print its bootstrap address
+#
+# sqlite storage keeps data in STATE_DIR/tansu.db across restarts; memory storage does not.
+set -euo pipefail
+
+TANSU_VERSION=0.6.0
+here=$(cd "$(dirname "$0")" && pwd)
+
+die() { echo "tansu.sh: $*" >&2; exit 1; }
+
+tansu_bin() {
+    if command -v tansu >/dev/null 2>&1; then command -v tansu; return; fi
+    local cargo_bin="${CARGO_HOME:-$HOME/.cargo}/bin/tansu"
+    [ -x "$cargo_bin" ] && { echo "$cargo_bin"; return; }
+    return 1
+}
+
+install() {
+    if bin=$(tansu_bin) && "$bin" --version 2>/dev/null | grep -q "$TANSU_VERSION"; then
+        echo "tansu $TANSU_VERSION is installed: $bin"
+        return
+    fi
+    echo "installing tansu $TANSU_VERSION (about 11 minutes on 2 cores)" >&2
+    cargo install tansu --version "$TANSU_VERSION" --locked --features dynostore,libsql >&2
+}
+
+free_port() {
+    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()'
+}
+
+start() {
+    local dir=${1:?usage: tansu.sh start STATE_DIR [memory|sqlite]} storage=${2:-memory} port=${3:-}
+    mkdir -p "$dir"
+    dir=$(cd "$dir" && pwd)
+    local bin
+    bin=$(tansu_bin) || die "tansu is not installed: run deploy/tansu.sh install"
+    [ -n "$port" ] || port=$(free_port)
+    local engine
+    case "$storage" in
+        memory) engine="memory://tansu/" ;;
+        sqlite) engine="sqlite://$dir/tansu.db" ;;
+        *) die "storage is memory or sqlite, not $storage" ;;
+    esac
+    nohup "$bin" broker \
+        --listener-url "tcp://127.0.0.1:$port" \
+        --advertised-listener-url "tcp://127.0.0.1:$port" \
+        --storage-engine "$engine" >>"$dir/tansu.log" 2>&1 &
+    echo $! >"$dir/pid"
+    echo "$port" >"$dir/port"
+    echo "$storage" >"$dir/storage"
+    if ! python3 "$here/kafka_ping.py" "127.0.0.1:$port" 60; then
+        tail -n 20 "$dir/tansu.log" >&2 || true
+        stop "$dir"
+        die "tansu did not answer metadata requests on 127.0.0.1:$port"
+    fi
+    echo "127.0.0.1:$port"
+}
+
+stop() {
+    local dir=${1:?usage: tansu.sh stop STATE_DIR}
+    [ -f "$dir/pid" ] || return 0
+    local pid
+    pid=$(cat "$dir/pid")
+    if kill -0 "$pid" 2>/dev/null; then
+        kill "$pid" 2>/dev/null || true
+        for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+        kill -9 "$pid" 2>/dev/null || true
+    fi
+    rm -f "$dir/pid"
+}
+
+restart() {
+    local dir=${1:?usage: tansu.sh restart STATE_DIR}
+    stop "$dir"
+    start "$dir" "$(cat "$dir/storage")" "$(cat "$dir/port")"
+}
+
+case "${1:-}" in
+    install) install ;;
+    start) shift; start "$@" ;;
+    stop) shift; stop "$@" ;;
+    restart) shift; restart "$@" ;;
+    bootstrap) echo "127.0.0.1:$(cat "${2:?usage: tansu.sh bootstrap STATE_DIR}/port")" ;;
+    *) sed -n '2,14p' "$0"; exit 2 ;;
+esac
