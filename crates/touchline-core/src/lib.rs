@@ -22,4 +22,7 @@ pub use store::{
 };
 pub use time::UnixNanos;
 pub use touchpoint::{Channel, JourneyStage, Outcome, Sentiment, Touchpoint};
-pub use validate::{Limits, RawTouchpoint, RejectReason, Rejection, validate, validate_batch};
+pub use validate::{
+    Limits, RawTouchpoint, RejectReason, Rejection, reject_duplicates_in_batch, validate,
+    validate_batch,
+};

@@ -16,6 +16,8 @@ pub struct Limits {
     pub max_attribute_key_len: usize,
     pub max_attribute_value_len: usize,
     pub max_payload_len: usize,
+    /// The most bytes of one encoded event, all fields included.
+    pub max_event_len: usize,
     /// How far ahead of the server's clock `occurred_at` may be (clock skew allowance).
     pub max_future_skew_nanos: i64,
 }
@@ -27,6 +29,7 @@ impl Default for Limits {
             max_attribute_key_len: 64,
             max_attribute_value_len: 1024,
             max_payload_len: 16 * 1024,
+            max_event_len: 64 * 1024,
             max_future_skew_nanos: 5 * 60 * 1_000_000_000,
         }
     }
@@ -75,6 +78,9 @@ pub enum RejectReason {
     AttributeValueInvalid = 21,
     PayloadTooLarge = 22,
     DuplicateInBatch = 23,
+    EventTooLarge = 24,
+    TypeNotAllowed = 25,
+    ChannelNotAllowed = 26,
 }
 
 impl RejectReason {
@@ -111,6 +117,9 @@ impl RejectReason {
             Self::AttributeValueInvalid => "ATTRIBUTE_VALUE_INVALID",
             Self::PayloadTooLarge => "PAYLOAD_TOO_LARGE",
             Self::DuplicateInBatch => "DUPLICATE_IN_BATCH",
+            Self::EventTooLarge => "EVENT_TOO_LARGE",
+            Self::TypeNotAllowed => "TYPE_NOT_ALLOWED",
+            Self::ChannelNotAllowed => "CHANNEL_NOT_ALLOWED",
         }
     }
 }
@@ -124,7 +133,9 @@ pub struct Rejection {
 }
 
 impl Rejection {
-    fn new(reason: RejectReason, field: impl Into<String>, message: impl Into<String>) -> Self {
+    /// A rejection of `field` for `reason`, explained by `message`.
+    #[must_use]
+    pub fn new(reason: RejectReason, field: impl Into<String>, message: impl Into<String>) -> Self {
         Self {
             reason,
             field: field.into(),
@@ -357,20 +368,28 @@ pub fn validate_batch(
     now: UnixNanos,
     limits: &Limits,
 ) -> Vec<Result<Touchpoint, Rejection>> {
-    let mut seen = HashSet::with_capacity(raws.len());
-    raws.into_iter()
-        .map(|raw| {
-            let touchpoint = validate(raw, now, limits)?;
-            if !seen.insert(touchpoint.event_id.clone()) {
-                return Err(Rejection::new(
-                    RejectReason::DuplicateInBatch,
-                    "event_id",
-                    "an earlier event in this request has the same event_id",
-                ));
-            }
-            Ok(touchpoint)
-        })
-        .collect()
+    let mut results: Vec<_> = raws
+        .into_iter()
+        .map(|raw| validate(raw, now, limits))
+        .collect();
+    reject_duplicates_in_batch(&mut results);
+    results
+}
+
+/// Rejects every valid event whose `event_id` an earlier valid event of the batch already has.
+pub fn reject_duplicates_in_batch(results: &mut [Result<Touchpoint, Rejection>]) {
+    let mut seen = HashSet::with_capacity(results.len());
+    for result in results.iter_mut() {
+        if let Ok(touchpoint) = result
+            && !seen.insert(touchpoint.event_id.clone())
+        {
+            *result = Err(Rejection::new(
+                RejectReason::DuplicateInBatch,
+                "event_id",
+                "an earlier event in this request has the same event_id",
+            ));
+        }
+    }
 }
 
 #[cfg(test)]

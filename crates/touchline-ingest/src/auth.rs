@@ -1,13 +1,16 @@
-//! Partner authentication. Partners and the SHA-256 hashes of their tokens come from a TOML file;
-//! a presented token is hashed and compared with every stored hash in constant time, so neither
-//! the token nor which partner nearly matched leaks through timing. Tokens are never logged.
+//! Partner authentication and contracts. Partners, the SHA-256 hashes of their tokens and what
+//! each may send come from a TOML file; a presented token is hashed and compared with every
+//! stored hash in constant time, so neither the token nor which partner nearly matched leaks
+//! through timing. Tokens are never logged.
 
+use std::collections::BTreeSet;
 use std::path::Path;
+use std::sync::Arc;
 
 use serde::Deserialize;
 use sha2::{Digest as _, Sha256};
 use subtle::ConstantTimeEq as _;
-use touchline_core::PartnerId;
+use touchline_core::{Channel, PartnerId, RejectReason, Rejection, Touchpoint, UnixNanos};
 
 use crate::{Error, Result};
 
@@ -16,8 +19,14 @@ use crate::{Error, Result};
 /// ```toml
 /// [[partner]]
 /// id = "swift-courier"
-/// name = "Swift Courier"                       # optional, for people
-/// token-sha256 = ["<64 hex chars>", "..."]     # two while rotating
+/// name = "Swift Courier"                        # optional, for people
+/// token-sha256 = ["<64 hex chars>"]             # tokens without expiry
+/// tokens = [{ sha256 = "<64 hex>", expires-at = "2026-12-31T00:00:00Z" }]   # rotation
+/// event-types = ["parcel.*", "delivery.*"]      # optional contract: allowed types
+/// channels = ["doorstep", "sms"]                # optional contract: allowed channels
+/// rate-per-second = 500                         # optional, overrides ingest.rate-per-second
+/// burst = 2000                                  # optional, overrides ingest.burst
+/// max-streams = 4                               # optional, overrides ingest.max-streams-per-partner
 /// ```
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
@@ -32,7 +41,28 @@ pub struct PartnerEntry {
     pub id: String,
     #[serde(default)]
     pub name: Option<String>,
+    #[serde(default)]
     pub token_sha256: Vec<String>,
+    #[serde(default)]
+    pub tokens: Vec<TokenEntry>,
+    #[serde(default)]
+    pub event_types: Option<Vec<String>>,
+    #[serde(default)]
+    pub channels: Option<Vec<String>>,
+    #[serde(default)]
+    pub rate_per_second: Option<f64>,
+    #[serde(default)]
+    pub burst: Option<f64>,
+    #[serde(default)]
+    pub max_streams: Option<usize>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct TokenEntry {
+    pub sha256: String,
+    #[serde(default)]
+    pub expires_at: Option<String>,
 }
 
 /// The SHA-256 of a token, hex encoded: what the partners file stores.
@@ -41,10 +71,95 @@ pub fn hash_token(token: &str) -> String {
     hex::encode(Sha256::digest(token.as_bytes()))
 }
 
-/// Known partners and their token hashes.
+/// An allowed event type: exact, or every type under a prefix (`delivery.*`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum TypePattern {
+    Exact(String),
+    Prefix(String),
+}
+
+impl TypePattern {
+    fn parse(pattern: &str) -> Self {
+        match pattern.strip_suffix('*') {
+            Some(prefix) => Self::Prefix(prefix.to_owned()),
+            None => Self::Exact(pattern.to_owned()),
+        }
+    }
+
+    fn matches(&self, event_type: &str) -> bool {
+        match self {
+            Self::Exact(exact) => exact == event_type,
+            Self::Prefix(prefix) => event_type.starts_with(prefix.as_str()),
+        }
+    }
+}
+
+/// What one partner may do. `None` means "no restriction from the file": the server's defaults
+/// apply to rates and streams.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PartnerContract {
+    event_types: Option<Vec<TypePattern>>,
+    channels: Option<BTreeSet<Channel>>,
+    pub rate_per_second: Option<f64>,
+    pub burst: Option<f64>,
+    pub max_streams: Option<usize>,
+}
+
+impl PartnerContract {
+    /// Checks an event against the contract.
+    ///
+    /// # Errors
+    /// [`RejectReason::TypeNotAllowed`] or [`RejectReason::ChannelNotAllowed`].
+    pub fn check(&self, touchpoint: &Touchpoint) -> Result<(), Rejection> {
+        if let Some(patterns) = &self.event_types
+            && !patterns
+                .iter()
+                .any(|pattern| pattern.matches(touchpoint.event_type.as_str()))
+        {
+            return Err(Rejection::new(
+                RejectReason::TypeNotAllowed,
+                "type",
+                format!(
+                    "type {} is not in this partner's contract",
+                    touchpoint.event_type
+                ),
+            ));
+        }
+        if let Some(channels) = &self.channels
+            && !channels.contains(&touchpoint.channel)
+        {
+            return Err(Rejection::new(
+                RejectReason::ChannelNotAllowed,
+                "channel",
+                format!(
+                    "channel {} is not in this partner's contract",
+                    touchpoint.channel
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A partner authenticated by its token.
+#[derive(Debug, Clone)]
+pub struct Authenticated {
+    pub partner_id: PartnerId,
+    pub contract: Arc<PartnerContract>,
+}
+
+#[derive(Clone)]
+struct Credential {
+    partner: usize,
+    hash: [u8; 32],
+    expires_at: Option<UnixNanos>,
+}
+
+/// Known partners, their contracts and their token hashes.
 #[derive(Clone, Default)]
 pub struct PartnerRegistry {
-    credentials: Vec<(PartnerId, [u8; 32])>,
+    partners: Vec<Authenticated>,
+    credentials: Vec<Credential>,
 }
 
 impl std::fmt::Debug for PartnerRegistry {
@@ -57,39 +172,100 @@ impl std::fmt::Debug for PartnerRegistry {
     }
 }
 
+fn invalid(message: String) -> Error {
+    Error::PartnersFile(message)
+}
+
+fn parse_hash(id: &PartnerId, hash: &str) -> Result<[u8; 32]> {
+    hex::decode(hash)
+        .ok()
+        .and_then(|bytes| <[u8; 32]>::try_from(bytes).ok())
+        .ok_or_else(|| invalid(format!("partner {id}: token hashes are 64 hex characters")))
+}
+
+fn parse_contract(id: &PartnerId, entry: &PartnerEntry) -> Result<PartnerContract> {
+    let channels = entry
+        .channels
+        .as_ref()
+        .map(|names| {
+            names
+                .iter()
+                .map(|name| {
+                    Channel::from_name(name)
+                        .ok_or_else(|| invalid(format!("partner {id}: unknown channel {name:?}")))
+                })
+                .collect::<Result<BTreeSet<_>>>()
+        })
+        .transpose()?;
+    let positive = |value: Option<f64>, key: &str| -> Result<Option<f64>> {
+        match value {
+            Some(value) if !(value.is_finite() && value > 0.0) => {
+                Err(invalid(format!("partner {id}: {key} must be positive")))
+            }
+            other => Ok(other),
+        }
+    };
+    Ok(PartnerContract {
+        event_types: entry
+            .event_types
+            .as_ref()
+            .map(|patterns| patterns.iter().map(|p| TypePattern::parse(p)).collect()),
+        channels,
+        rate_per_second: positive(entry.rate_per_second, "rate-per-second")?,
+        burst: positive(entry.burst, "burst")?,
+        max_streams: entry.max_streams,
+    })
+}
+
 impl PartnerRegistry {
     /// Builds the registry from a parsed partners file.
     ///
     /// # Errors
-    /// [`Error::PartnersFile`] when an id or a hash is invalid or an id repeats.
+    /// [`Error::PartnersFile`] when an id, hash, date or contract entry is invalid or an id
+    /// repeats.
     pub fn from_file(file: &PartnersFile) -> Result<Self> {
-        let mut credentials = Vec::new();
-        let mut ids = std::collections::BTreeSet::new();
+        let mut registry = Self::default();
+        let mut ids = BTreeSet::new();
         for entry in &file.partners {
-            let id = PartnerId::parse(entry.id.clone()).map_err(|error| {
-                Error::PartnersFile(format!("partner id {:?} {error}", entry.id))
-            })?;
+            let id = PartnerId::parse(entry.id.clone())
+                .map_err(|error| invalid(format!("partner id {:?} {error}", entry.id)))?;
             if !ids.insert(id.clone()) {
-                return Err(Error::PartnersFile(format!("partner {id} is listed twice")));
+                return Err(invalid(format!("partner {id} is listed twice")));
             }
-            if entry.token_sha256.is_empty() {
-                return Err(Error::PartnersFile(format!(
-                    "partner {id} has no token-sha256"
-                )));
+            if entry.token_sha256.is_empty() && entry.tokens.is_empty() {
+                return Err(invalid(format!("partner {id} has no token")));
             }
+            let index = registry.partners.len();
             for hash in &entry.token_sha256 {
-                let bytes = hex::decode(hash)
-                    .ok()
-                    .and_then(|bytes| <[u8; 32]>::try_from(bytes).ok())
-                    .ok_or_else(|| {
-                        Error::PartnersFile(format!(
-                            "partner {id}: token-sha256 entries are 64 hex characters"
-                        ))
-                    })?;
-                credentials.push((id.clone(), bytes));
+                registry.credentials.push(Credential {
+                    partner: index,
+                    hash: parse_hash(&id, hash)?,
+                    expires_at: None,
+                });
             }
+            for token in &entry.tokens {
+                let expires_at = token
+                    .expires_at
+                    .as_deref()
+                    .map(|text| {
+                        UnixNanos::parse_rfc3339(text).ok_or_else(|| {
+                            invalid(format!("partner {id}: expires-at {text:?} is not RFC 3339"))
+                        })
+                    })
+                    .transpose()?;
+                registry.credentials.push(Credential {
+                    partner: index,
+                    hash: parse_hash(&id, &token.sha256)?,
+                    expires_at,
+                });
+            }
+            let contract = Arc::new(parse_contract(&id, entry)?);
+            registry.partners.push(Authenticated {
+                partner_id: id,
+                contract,
+            });
         }
-        Ok(Self { credentials })
+        Ok(registry)
     }
 
     /// Reads and parses a partners file.
@@ -97,43 +273,64 @@ impl PartnerRegistry {
     /// # Errors
     /// [`Error::PartnersFile`] when the file cannot be read or is invalid.
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|error| {
-            Error::PartnersFile(format!("cannot read {}: {error}", path.display()))
-        })?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|error| invalid(format!("cannot read {}: {error}", path.display())))?;
         let file: PartnersFile = toml::from_str(&text)
-            .map_err(|error| Error::PartnersFile(format!("{}: {error}", path.display())))?;
+            .map_err(|error| invalid(format!("{}: {error}", path.display())))?;
         Self::from_file(&file)
     }
 
-    /// A registry of (partner, token) pairs, hashing the tokens; for dev mode and tests.
+    /// A registry of (partner, token) pairs without contracts, hashing the tokens; for dev mode
+    /// and tests.
     #[must_use]
     pub fn from_tokens<'a>(pairs: impl IntoIterator<Item = (PartnerId, &'a str)>) -> Self {
-        let credentials = pairs
-            .into_iter()
-            .map(|(id, token)| (id, Sha256::digest(token.as_bytes()).into()))
-            .collect();
-        Self { credentials }
+        let mut registry = Self::default();
+        for (partner_id, token) in pairs {
+            registry.credentials.push(Credential {
+                partner: registry.partners.len(),
+                hash: Sha256::digest(token.as_bytes()).into(),
+                expires_at: None,
+            });
+            registry.partners.push(Authenticated {
+                partner_id,
+                contract: Arc::default(),
+            });
+        }
+        registry
     }
 
     /// The partner a token belongs to. Compares against every credential, in constant time each.
-    #[must_use]
-    pub fn authenticate(&self, token: &str) -> Option<PartnerId> {
+    ///
+    /// # Errors
+    /// [`Error::TokenInvalid`] for an unknown token, [`Error::TokenExpired`] for an expired one.
+    pub fn authenticate(&self, token: &str, now: UnixNanos) -> Result<Authenticated> {
         let presented: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         let mut found = None;
-        for (partner, hash) in &self.credentials {
-            if bool::from(hash.ct_eq(&presented)) {
-                found = Some(partner.clone());
+        for credential in &self.credentials {
+            if bool::from(credential.hash.ct_eq(&presented)) {
+                found = Some(credential);
             }
         }
-        found
+        let credential = found.ok_or(Error::TokenInvalid)?;
+        if credential
+            .expires_at
+            .is_some_and(|expires_at| expires_at <= now)
+        {
+            return Err(Error::TokenExpired);
+        }
+        self.partners
+            .get(credential.partner)
+            .cloned()
+            .ok_or(Error::TokenInvalid)
     }
 
     /// The known partner ids.
     #[must_use]
     pub fn partner_ids(&self) -> Vec<&PartnerId> {
-        let mut ids: Vec<_> = self.credentials.iter().map(|(id, _)| id).collect();
-        ids.dedup();
-        ids
+        self.partners
+            .iter()
+            .map(|partner| &partner.partner_id)
+            .collect()
     }
 }
 
@@ -147,48 +344,153 @@ pub fn bearer_token(header: &str) -> Option<&str> {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
+    use touchline_core::{CustomerId, EventId, EventType, JourneyStage};
+
     use super::*;
+
+    const NOW: UnixNanos = UnixNanos(1_800_000_000_000_000_000);
 
     fn registry() -> PartnerRegistry {
         let file: PartnersFile = toml::from_str(&format!(
-            "[[partner]]\nid = \"courier\"\ntoken-sha256 = [\"{}\", \"{}\"]\n[[partner]]\nid = \"store\"\ntoken-sha256 = [\"{}\"]\n",
-            hash_token("old-courier-token"),
+            r#"
+            [[partner]]
+            id = "courier"
+            token-sha256 = ["{}"]
+            tokens = [{{ sha256 = "{}", expires-at = "2020-01-01T00:00:00Z" }}, {{ sha256 = "{}", expires-at = "2099-01-01T00:00:00Z" }}]
+            event-types = ["parcel.*", "delivery.completed"]
+            channels = ["doorstep", "sms"]
+            [[partner]]
+            id = "store"
+            token-sha256 = ["{}"]
+            "#,
             hash_token("new-courier-token"),
+            hash_token("expired-courier-token"),
+            hash_token("rotating-courier-token"),
             hash_token("store-token"),
         ))
         .expect("valid partners file");
         PartnerRegistry::from_file(&file).expect("valid registry")
     }
 
+    fn id(registry: &PartnerRegistry, token: &str) -> Result<String> {
+        registry
+            .authenticate(token, NOW)
+            .map(|partner| partner.partner_id.to_string())
+    }
+
     #[test]
-    fn tokens_authenticate_their_partner_including_both_rotation_tokens() {
+    fn tokens_authenticate_their_partner_during_rotation_until_expiry() {
         let registry = registry();
-        let id = |token| {
-            registry
-                .authenticate(token)
-                .map(|partner| partner.to_string())
+        assert_eq!(
+            id(&registry, "new-courier-token").ok().as_deref(),
+            Some("courier")
+        );
+        assert_eq!(
+            id(&registry, "rotating-courier-token").ok().as_deref(),
+            Some("courier")
+        );
+        assert!(matches!(
+            id(&registry, "expired-courier-token"),
+            Err(Error::TokenExpired)
+        ));
+        assert_eq!(id(&registry, "store-token").ok().as_deref(), Some("store"));
+        assert!(matches!(
+            id(&registry, "store-token "),
+            Err(Error::TokenInvalid)
+        ));
+        assert!(matches!(id(&registry, ""), Err(Error::TokenInvalid)));
+    }
+
+    fn touchpoint(event_type: &str, channel: Channel) -> Touchpoint {
+        Touchpoint {
+            event_id: EventId::parse("e").expect("valid"),
+            customer_id: CustomerId::parse("c").expect("valid"),
+            event_type: EventType::parse(event_type).expect("valid"),
+            occurred_at: UnixNanos(0),
+            channel,
+            stage: JourneyStage::Fulfil,
+            outcome: None,
+            attributes: BTreeMap::new(),
+            payload: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn contracts_limit_event_types_and_channels() {
+        let registry = registry();
+        let courier = registry
+            .authenticate("new-courier-token", NOW)
+            .expect("authenticates");
+        assert!(
+            courier
+                .contract
+                .check(&touchpoint("parcel.scanned", Channel::Doorstep))
+                .is_ok()
+        );
+        assert!(
+            courier
+                .contract
+                .check(&touchpoint("delivery.completed", Channel::Sms))
+                .is_ok()
+        );
+        let reason = |t: &Touchpoint| {
+            courier
+                .contract
+                .check(t)
+                .err()
+                .map(|rejection| rejection.reason)
         };
-        assert_eq!(id("old-courier-token").as_deref(), Some("courier"));
-        assert_eq!(id("new-courier-token").as_deref(), Some("courier"));
-        assert_eq!(id("store-token").as_deref(), Some("store"));
-        assert_eq!(id("store-token "), None);
-        assert_eq!(id(""), None);
+        assert_eq!(
+            reason(&touchpoint("delivery.late", Channel::Doorstep)),
+            Some(RejectReason::TypeNotAllowed)
+        );
+        assert_eq!(
+            reason(&touchpoint("parcel.scanned", Channel::Web)),
+            Some(RejectReason::ChannelNotAllowed)
+        );
+        let store = registry
+            .authenticate("store-token", NOW)
+            .expect("authenticates");
+        assert!(
+            store
+                .contract
+                .check(&touchpoint("anything.at-all", Channel::Web))
+                .is_ok()
+        );
     }
 
     #[test]
     fn bad_partner_files_are_refused() {
-        let bad_hash: PartnersFile =
-            toml::from_str("[[partner]]\nid = \"p\"\ntoken-sha256 = [\"abc\"]\n").expect("parses");
-        assert!(PartnerRegistry::from_file(&bad_hash).is_err());
-        let twice: PartnersFile = toml::from_str(&format!(
-            "[[partner]]\nid = \"p\"\ntoken-sha256 = [\"{0}\"]\n[[partner]]\nid = \"p\"\ntoken-sha256 = [\"{0}\"]\n",
-            hash_token("t")
-        ))
-        .expect("parses");
-        assert!(PartnerRegistry::from_file(&twice).is_err());
-        assert!(
-            toml::from_str::<PartnersFile>("[[partner]]\nid = \"p\"\ntoken = \"plain\"\n").is_err()
-        );
+        let refused = |text: &str| {
+            toml::from_str::<PartnersFile>(text)
+                .map_err(|error| error.to_string())
+                .and_then(|file| {
+                    PartnerRegistry::from_file(&file)
+                        .map(|_| ())
+                        .map_err(|error| error.to_string())
+                })
+                .is_err()
+        };
+        let hash = hash_token("t");
+        assert!(refused(
+            "[[partner]]\nid = \"p\"\ntoken-sha256 = [\"abc\"]\n"
+        ));
+        assert!(refused(&format!(
+            "[[partner]]\nid = \"p\"\ntoken-sha256 = [\"{hash}\"]\n[[partner]]\nid = \"p\"\ntoken-sha256 = [\"{hash}\"]\n"
+        )));
+        assert!(refused("[[partner]]\nid = \"p\"\ntoken = \"plain\"\n"));
+        assert!(refused("[[partner]]\nid = \"p\"\n"));
+        assert!(refused(&format!(
+            "[[partner]]\nid = \"p\"\ntoken-sha256 = [\"{hash}\"]\nchannels = [\"carrier-pigeon\"]\n"
+        )));
+        assert!(refused(&format!(
+            "[[partner]]\nid = \"p\"\ntokens = [{{ sha256 = \"{hash}\", expires-at = \"soon\" }}]\n"
+        )));
+        assert!(refused(&format!(
+            "[[partner]]\nid = \"p\"\ntoken-sha256 = [\"{hash}\"]\nrate-per-second = -1\n"
+        )));
     }
 
     #[test]

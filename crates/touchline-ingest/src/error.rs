@@ -16,10 +16,23 @@ pub enum Error {
     TokenMissing,
     #[error("the bearer token is not valid")]
     TokenInvalid,
+    #[error("the bearer token has expired: use the partner's current token")]
+    TokenExpired,
     #[error("the request has no events")]
     BatchEmpty,
     #[error("the request has {len} events, the limit is {max}")]
     BatchTooLarge { len: usize, max: usize },
+    #[error("over the partner's rate of {rate_per_second} events per second")]
+    RateLimited {
+        rate_per_second: f64,
+        retry_after: Duration,
+    },
+    #[error("the partner already has {max} streams open")]
+    TooManyStreams { max: usize },
+    #[error("the server is overloaded, retry shortly")]
+    Overloaded { retry_after: Duration },
+    #[error("the server is shutting down: reconnect and resend every batch without an answer")]
+    ShuttingDown,
     #[error("the event log is unavailable: {reason}")]
     Unavailable {
         reason: String,
@@ -40,8 +53,13 @@ impl Error {
         match self {
             Self::TokenMissing => "TOKEN_MISSING",
             Self::TokenInvalid => "TOKEN_INVALID",
+            Self::TokenExpired => "TOKEN_EXPIRED",
             Self::BatchEmpty => "BATCH_EMPTY",
             Self::BatchTooLarge { .. } => "BATCH_TOO_LARGE",
+            Self::RateLimited { .. } => "RATE_LIMITED",
+            Self::TooManyStreams { .. } => "TOO_MANY_STREAMS",
+            Self::Overloaded { .. } => "OVERLOADED",
+            Self::ShuttingDown => "SHUTTING_DOWN",
             Self::Unavailable { .. } | Self::Kafka(_) => "LOG_UNAVAILABLE",
             Self::AckTimeout { .. } => "ACK_TIMEOUT",
             Self::PartnersFile(_) => "INTERNAL",
@@ -53,7 +71,9 @@ impl From<Error> for Status {
     fn from(error: Error) -> Self {
         let mut details = ErrorDetails::with_error_info(error.reason(), ERROR_DOMAIN, []);
         let code = match &error {
-            Error::TokenMissing | Error::TokenInvalid => Code::Unauthenticated,
+            Error::TokenMissing | Error::TokenInvalid | Error::TokenExpired => {
+                Code::Unauthenticated
+            }
             Error::BatchEmpty => Code::InvalidArgument,
             Error::BatchTooLarge { len, max } => {
                 details.add_bad_request_violation(
@@ -62,11 +82,16 @@ impl From<Error> for Status {
                 );
                 Code::InvalidArgument
             }
+            Error::RateLimited { retry_after, .. } | Error::Overloaded { retry_after } => {
+                details.set_retry_info(Some(*retry_after));
+                Code::ResourceExhausted
+            }
+            Error::TooManyStreams { .. } => Code::ResourceExhausted,
             Error::Unavailable { retry_after, .. } => {
                 details.set_retry_info(Some(*retry_after));
                 Code::Unavailable
             }
-            Error::AckTimeout { .. } | Error::Kafka(_) => {
+            Error::ShuttingDown | Error::AckTimeout { .. } | Error::Kafka(_) => {
                 details.set_retry_info(Some(Duration::from_secs(1)));
                 Code::Unavailable
             }

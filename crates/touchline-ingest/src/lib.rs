@@ -3,11 +3,14 @@
 //! `acks=all`, many deliveries in flight) and acknowledges an event only once it is durable.
 
 pub mod auth;
+pub mod directory;
 pub mod error;
+pub mod limits;
 pub mod publisher;
 pub mod service;
 
-pub use auth::{PartnerRegistry, PartnersFile, hash_token};
+pub use auth::{Authenticated, PartnerContract, PartnerRegistry, PartnersFile, hash_token};
+pub use directory::PartnerDirectory;
 pub use error::{Error, Result};
 pub use publisher::{Durability, Publisher};
 pub use service::{IngestOptions, IngestService};

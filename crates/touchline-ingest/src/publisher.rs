@@ -94,11 +94,36 @@ impl Publisher {
     ///
     /// # Errors
     /// [`Error::Unavailable`] when Kafka does not confirm, [`Error::AckTimeout`] past the deadline.
-    pub async fn publish(&self, envelopes: &[(Envelope, Vec<u8>)]) -> Result<Vec<Produced>> {
-        let timeout = self.ack_timeout;
-        tokio::time::timeout(timeout, self.publish_unbounded(envelopes))
-            .await
-            .map_err(|_| Error::AckTimeout { timeout })?
+    pub async fn publish(
+        &self,
+        envelopes: &[(Envelope, Vec<u8>)],
+        call_timeout: Option<Duration>,
+    ) -> Result<Vec<Produced>> {
+        // Answer before the partner's own deadline expires, so that it gets UNAVAILABLE with retry
+        // information rather than a bare DEADLINE_EXCEEDED.
+        let within_call = call_timeout.map(|timeout| {
+            timeout
+                .saturating_sub(timeout / 10)
+                .saturating_sub(Duration::from_millis(5))
+        });
+        match within_call {
+            Some(timeout) if timeout < self.ack_timeout => {
+                tokio::time::timeout(timeout, self.publish_unbounded(envelopes))
+                    .await
+                    .map_err(|_| {
+                        unavailable(format!(
+                            "kafka did not confirm within the call's deadline ({}ms)",
+                            timeout.as_millis()
+                        ))
+                    })?
+            }
+            _ => {
+                let timeout = self.ack_timeout;
+                tokio::time::timeout(timeout, self.publish_unbounded(envelopes))
+                    .await
+                    .map_err(|_| Error::AckTimeout { timeout })?
+            }
+        }
     }
 
     fn current_producer(&self) -> (u64, FutureProducer) {
@@ -128,7 +153,7 @@ impl Publisher {
                 slot.generation += 1;
             }
             Err(create_error) => {
-                error!(%code, %reason, %create_error, "the idempotent producer hit a fatal error and cannot be replaced")
+                error!(%code, %reason, %create_error, "the idempotent producer hit a fatal error and cannot be replaced");
             }
         }
     }

@@ -1,32 +1,52 @@
-//! The `IngestService` gRPC implementation.
+//! The `IngestService` gRPC implementation: authentication, admission (rate, streams, server-wide
+//! concurrency), per-event validation against the limits and the partner's contract, and
+//! acknowledgement once durable.
 
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures::{Stream, StreamExt as _};
-use tokio::sync::mpsc;
+use prost::Message as _;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status, Streaming};
-use touchline_core::{Envelope, Limits, PartnerId, UnixNanos, validate_batch};
+use touchline_core::{
+    Envelope, Limits, RejectReason, Rejection, Touchpoint, UnixNanos, reject_duplicates_in_batch,
+    validate,
+};
 use touchline_proto::convert::raw_touchpoint;
 use touchline_proto::v1::{self, event_result};
 use tracing::{debug, info};
 
-use crate::auth::bearer_token;
-use crate::{Error, PartnerRegistry, Publisher, Result};
+use crate::auth::{Authenticated, bearer_token};
+use crate::limits::{RateLimiter, StreamCounter, grpc_timeout};
+use crate::{Error, PartnerDirectory, Publisher, Result};
 
-/// Ingest limits and tunables.
+/// Ingest limits and tunables. Every one is configurable (`[ingest]` in the configuration).
 #[derive(Debug, Clone)]
 pub struct IngestOptions {
     /// The most events in one request.
     pub max_batch_events: usize,
     /// Per-event size limits.
     pub limits: Limits,
-    /// Batches of one `PublishStream` being made durable at once; past that the server stops
-    /// reading the stream until the oldest is answered.
-    pub stream_window: usize,
+    /// The largest gRPC message the server decodes.
+    pub max_message_bytes: usize,
+    /// Unacknowledged events of one `PublishStream`; when the window is full the server stops
+    /// reading the stream, so HTTP/2 flow control pushes back on the partner.
+    pub stream_window_events: usize,
+    /// Default events per second per partner (a partner's contract can override it); `None` for
+    /// no limit.
+    pub rate_per_second: Option<f64>,
+    /// Default burst of the per-partner token bucket.
+    pub burst: f64,
+    /// Default open `PublishStream` calls per partner.
+    pub max_streams_per_partner: usize,
+    /// Batches being made durable at once, server-wide. Unary calls past it are shed with
+    /// `RESOURCE_EXHAUSTED`; streams wait (backpressure).
+    pub max_in_flight_batches: usize,
 }
 
 impl Default for IngestOptions {
@@ -34,7 +54,12 @@ impl Default for IngestOptions {
         Self {
             max_batch_events: 1000,
             limits: Limits::default(),
-            stream_window: 8,
+            max_message_bytes: 4 * 1024 * 1024,
+            stream_window_events: 10_000,
+            rate_per_second: Some(5_000.0),
+            burst: 20_000.0,
+            max_streams_per_partner: 8,
+            max_in_flight_batches: 512,
         }
     }
 }
@@ -47,9 +72,12 @@ pub struct IngestService {
 
 #[derive(Debug)]
 struct Inner {
-    partners: PartnerRegistry,
+    partners: PartnerDirectory,
     publisher: Publisher,
     options: IngestOptions,
+    rates: RateLimiter,
+    streams: StreamCounter,
+    in_flight: Arc<Semaphore>,
     /// Cancelled when the server starts shutting down: streams stop reading new batches, answer
     /// the ones in flight and end with `UNAVAILABLE` so the partner reconnects elsewhere.
     draining: CancellationToken,
@@ -58,16 +86,20 @@ struct Inner {
 impl IngestService {
     #[must_use]
     pub fn new(
-        partners: PartnerRegistry,
+        partners: PartnerDirectory,
         publisher: Publisher,
         options: IngestOptions,
         draining: CancellationToken,
     ) -> Self {
+        let in_flight = Arc::new(Semaphore::new(options.max_in_flight_batches.max(1)));
         Self {
             inner: Arc::new(Inner {
                 partners,
                 publisher,
                 options,
+                rates: RateLimiter::default(),
+                streams: StreamCounter::default(),
+                in_flight,
                 draining,
             }),
         }
@@ -76,54 +108,110 @@ impl IngestService {
     /// The tonic server for this service.
     #[must_use]
     pub fn into_server(self) -> v1::ingest_service_server::IngestServiceServer<Self> {
+        let max = self.inner.options.max_message_bytes;
         v1::ingest_service_server::IngestServiceServer::new(self)
-            .max_decoding_message_size(16 * 1024 * 1024)
+            .max_decoding_message_size(max)
+            .max_encoding_message_size(max.max(4 * 1024 * 1024))
     }
+}
+
+/// Validates one event: fields first (each problem has its own reason), then the whole encoded
+/// size, then the partner's contract.
+fn check_event(
+    event: v1::Touchpoint,
+    partner: &Authenticated,
+    now: UnixNanos,
+    limits: &Limits,
+) -> Result<Touchpoint, Rejection> {
+    let size = event.encoded_len();
+    let touchpoint = validate(raw_touchpoint(event), now, limits)?;
+    if size > limits.max_event_len {
+        return Err(Rejection::new(
+            RejectReason::EventTooLarge,
+            "",
+            format!(
+                "the event is {size} bytes encoded, the limit is {}",
+                limits.max_event_len
+            ),
+        ));
+    }
+    partner.contract.check(&touchpoint)?;
+    Ok(touchpoint)
 }
 
 impl Inner {
     /// The partner the call's bearer token authenticates. The only source of partner identity.
-    fn authenticate(&self, metadata: &MetadataMap) -> Result<PartnerId> {
+    fn authenticate(&self, metadata: &MetadataMap) -> Result<Authenticated> {
         let header = metadata
             .get("authorization")
             .and_then(|value| value.to_str().ok())
             .ok_or(Error::TokenMissing)?;
         let token = bearer_token(header).ok_or(Error::TokenMissing)?;
-        self.partners.authenticate(token).ok_or(Error::TokenInvalid)
+        self.partners
+            .current()
+            .authenticate(token, UnixNanos::now())
+    }
+
+    /// Checks the batch's shape and the partner's rate before any work is done for it.
+    fn admit(&self, partner: &Authenticated, events: usize) -> Result<()> {
+        if events == 0 {
+            return Err(Error::BatchEmpty);
+        }
+        if events > self.options.max_batch_events {
+            return Err(Error::BatchTooLarge {
+                len: events,
+                max: self.options.max_batch_events,
+            });
+        }
+        let rate = partner
+            .contract
+            .rate_per_second
+            .or(self.options.rate_per_second);
+        if let Some(rate) = rate {
+            let burst = partner
+                .contract
+                .burst
+                .unwrap_or(self.options.burst)
+                .max(1.0);
+            self.rates
+                .try_take(&partner.partner_id, rate, burst, events)
+                .map_err(|retry_after| Error::RateLimited {
+                    rate_per_second: rate,
+                    retry_after,
+                })?;
+        }
+        Ok(())
     }
 
     /// Validates every event, produces the valid ones and answers each event in request order.
     async fn publish(
         &self,
-        partner: &PartnerId,
+        partner: &Authenticated,
         request: v1::PublishRequest,
+        call_timeout: Option<Duration>,
     ) -> Result<v1::PublishResponse> {
         let count = request.events.len();
-        if count == 0 {
-            return Err(Error::BatchEmpty);
-        }
-        if count > self.options.max_batch_events {
-            return Err(Error::BatchTooLarge {
-                len: count,
-                max: self.options.max_batch_events,
-            });
-        }
         let event_ids: Vec<String> = request
             .events
             .iter()
             .map(|event| truncate(&event.event_id, 128))
             .collect();
         let now = UnixNanos::now();
-        let raws = request.events.into_iter().map(raw_touchpoint).collect();
-        let validated = validate_batch(raws, now, &self.options.limits);
+        let limits = &self.options.limits;
+        let mut checked: Vec<Result<Touchpoint, Rejection>> = request
+            .events
+            .into_iter()
+            .map(|event| check_event(event, partner, now, limits))
+            .collect();
+        reject_duplicates_in_batch(&mut checked);
 
         let mut envelopes = Vec::new();
         let mut slots = Vec::with_capacity(count);
-        for result in validated {
+        for result in checked {
             match result {
                 Ok(touchpoint) => {
                     let envelope = Envelope {
-                        partner_id: partner.clone(),
+                        partner_id: partner.partner_id.clone(),
                         touchpoint,
                         received_at: now,
                     };
@@ -137,7 +225,7 @@ impl Inner {
         let produced = if envelopes.is_empty() {
             Vec::new()
         } else {
-            self.publisher.publish(&envelopes).await?
+            self.publisher.publish(&envelopes, call_timeout).await?
         };
 
         let mut response = v1::PublishResponse {
@@ -147,7 +235,6 @@ impl Inner {
         for (index, (slot, event_id)) in slots.into_iter().zip(event_ids).enumerate() {
             let result = match slot {
                 Ok(position) => {
-                    response.accepted += 1;
                     let produced =
                         produced
                             .get(position)
@@ -155,8 +242,9 @@ impl Inner {
                             .ok_or_else(|| Error::Unavailable {
                                 reason: "the producer reported fewer deliveries than events"
                                     .to_owned(),
-                                retry_after: std::time::Duration::from_secs(1),
+                                retry_after: Duration::from_secs(1),
                             })?;
+                    response.accepted += 1;
                     event_result::Result::Accepted(v1::Accepted {
                         partition: produced.partition,
                         offset: produced.offset,
@@ -177,9 +265,37 @@ impl Inner {
                 result: Some(result),
             });
         }
-        debug!(partner = %partner, accepted = response.accepted, rejected = response.rejected, "published batch");
+        debug!(partner = %partner.partner_id, accepted = response.accepted, rejected = response.rejected, "published batch");
         Ok(response)
     }
+
+    /// One batch of a stream: admitted, then made durable while holding its share of the stream
+    /// window and a server-wide slot.
+    async fn publish_in_stream(
+        self: Arc<Self>,
+        partner: Authenticated,
+        batch: v1::PublishRequest,
+        window: Arc<Semaphore>,
+    ) -> Result<v1::PublishResponse> {
+        self.admit(&partner, batch.events.len())?;
+        let _window = acquire(&window, batch.events.len()).await?;
+        let _slot = Arc::clone(&self.in_flight)
+            .acquire_owned()
+            .await
+            .map_err(|_| Error::ShuttingDown)?;
+        self.publish(&partner, batch, None).await
+    }
+}
+
+/// Takes `events` permits of a stream window (at most the whole window).
+async fn acquire(window: &Arc<Semaphore>, events: usize) -> Result<OwnedSemaphorePermit> {
+    let permits = u32::try_from(events)
+        .unwrap_or(u32::MAX)
+        .clamp(1, u32::try_from(Semaphore::MAX_PERMITS).unwrap_or(u32::MAX));
+    Arc::clone(window)
+        .acquire_many_owned(permits)
+        .await
+        .map_err(|_| Error::ShuttingDown)
 }
 
 /// Cuts a partner-provided string to at most `max` bytes on a character boundary.
@@ -200,7 +316,16 @@ impl v1::ingest_service_server::IngestService for IngestService {
         request: Request<v1::PublishRequest>,
     ) -> Result<Response<v1::PublishResponse>, Status> {
         let partner = self.inner.authenticate(request.metadata())?;
-        let response = self.inner.publish(&partner, request.into_inner()).await?;
+        let call_timeout = grpc_timeout(request.metadata());
+        let request = request.into_inner();
+        self.inner.admit(&partner, request.events.len())?;
+        // Load shedding: a unary call that finds the server full is refused at once.
+        let _slot = Arc::clone(&self.inner.in_flight)
+            .try_acquire_owned()
+            .map_err(|_| Error::Overloaded {
+                retry_after: Duration::from_millis(200),
+            })?;
+        let response = self.inner.publish(&partner, request, call_timeout).await?;
         Ok(Response::new(response))
     }
 
@@ -211,27 +336,48 @@ impl v1::ingest_service_server::IngestService for IngestService {
         request: Request<Streaming<v1::PublishRequest>>,
     ) -> Result<Response<Self::PublishStreamStream>, Status> {
         let partner = self.inner.authenticate(request.metadata())?;
-        let window = self.inner.options.stream_window.max(1);
+        let max_streams = partner
+            .contract
+            .max_streams
+            .unwrap_or(self.inner.options.max_streams_per_partner);
+        let stream_slot = self
+            .inner
+            .streams
+            .try_open(&partner.partner_id, max_streams)
+            .ok_or(Error::TooManyStreams { max: max_streams })?;
+        let window_events = self
+            .inner
+            .options
+            .stream_window_events
+            .max(self.inner.options.max_batch_events)
+            .max(1);
+        let window = Arc::new(Semaphore::new(window_events));
+        // Batches in flight at once: bounded by the window in events; `buffered` keeps them in
+        // request order and stops pulling from the stream when this many are pending.
+        let max_pending = (window_events / self.inner.options.max_batch_events.max(1)).clamp(1, 64);
         let inner = Arc::clone(&self.inner);
         let draining = self.inner.draining.clone();
-        // `buffered` keeps up to `window` batches in flight and yields their answers in request
-        // order; when the window is full it stops pulling from the stream, so HTTP/2 flow control
-        // pushes back on the partner instead of the server buffering.
         let mut answers = request
             .into_inner()
             .take_until(draining.clone().cancelled_owned())
             .map(move |batch| {
                 let inner = Arc::clone(&inner);
                 let partner = partner.clone();
+                let window = Arc::clone(&window);
                 async move {
-                    let batch = batch?;
-                    inner.publish(&partner, batch).await.map_err(Status::from)
+                    inner
+                        .publish_in_stream(partner, batch?, window)
+                        .await
+                        .map_err(Status::from)
                 }
             })
-            .buffered(window)
+            .buffered(max_pending)
             .boxed();
-        let (sender, receiver) = mpsc::channel(window);
+        // A small answer queue: a partner that stops reading answers stops the stream from being
+        // read, instead of answers piling up in memory.
+        let (sender, receiver) = mpsc::channel(1);
         tokio::spawn(async move {
+            let _stream_slot = stream_slot;
             while let Some(answer) = answers.next().await {
                 let failed = answer.is_err();
                 if sender.send(answer).await.is_err() {
@@ -243,10 +389,7 @@ impl v1::ingest_service_server::IngestService for IngestService {
                 }
             }
             if draining.is_cancelled() {
-                let status = Status::unavailable(
-                    "the server is shutting down: reconnect and resend every batch without an answer",
-                );
-                let _ = sender.send(Err(status)).await;
+                let _ = sender.send(Err(Error::ShuttingDown.into())).await;
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))

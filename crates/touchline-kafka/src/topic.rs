@@ -85,7 +85,7 @@ pub async fn ensure_topic(options: &KafkaOptions) -> Result<TopicState> {
     for result in results {
         match result {
             Ok(_) => {
-                info!(%topic, partitions = options.partitions, replication_factor = options.replication_factor, "created topic")
+                info!(%topic, partitions = options.partitions, replication_factor = options.replication_factor, "created topic");
             }
             // Another node created it at the same time: verify it like any existing topic.
             Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}

@@ -9,6 +9,8 @@ use anyhow::Context as _;
 use figment::Figment;
 use figment::providers::{Env, Format as _, Serialized, Toml};
 use serde::{Deserialize, Serialize};
+use touchline_core::Limits;
+use touchline_ingest::IngestOptions;
 use touchline_kafka::KafkaOptions;
 
 /// The port `touchline dev` and `touchline serve` listen on unless told otherwise.
@@ -67,25 +69,108 @@ impl Default for StoreConfig {
 #[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
 pub struct IngestConfig {
     pub enabled: bool,
-    /// The partners file (ids and SHA-256 token hashes). Required when ingest is enabled, except
-    /// in `touchline dev`, which falls back to its demo partners.
+    /// The partners file (ids, token hashes, contracts). Required when ingest is enabled, except
+    /// in `touchline dev`, which falls back to its demo partners. Reloaded on SIGHUP and when it
+    /// changes.
     pub partners_file: Option<PathBuf>,
     /// The most events in one request.
     pub max_batch_events: usize,
-    /// How long a batch may wait for Kafka's confirmation before the call fails with UNAVAILABLE.
+    /// The largest gRPC message the server decodes, in bytes.
+    pub max_message_bytes: usize,
+    /// How long a batch may wait for Kafka's confirmation before the call fails with UNAVAILABLE
+    /// (the call's own deadline, when shorter, wins).
     pub ack_timeout_ms: u64,
-    /// Batches of one `PublishStream` in flight at once.
-    pub stream_window: usize,
+    /// Unacknowledged events of one `PublishStream` before the server stops reading it.
+    pub stream_window_events: usize,
+    /// Events per second per partner (token bucket); a partner's `rate-per-second` overrides it.
+    /// Remove the key for no limit.
+    pub rate_per_second: Option<f64>,
+    /// Bucket size: how many events a partner may send at once after being idle.
+    pub burst: f64,
+    /// `PublishStream` calls one partner may keep open.
+    pub max_streams_per_partner: usize,
+    /// Batches being made durable at once, server-wide; unary calls past it are shed.
+    pub max_in_flight_batches: usize,
+    /// Per-event limits.
+    pub limits: LimitsConfig,
 }
 
 impl Default for IngestConfig {
     fn default() -> Self {
+        let defaults = IngestOptions::default();
         Self {
             enabled: true,
             partners_file: None,
-            max_batch_events: 1000,
+            max_batch_events: defaults.max_batch_events,
+            max_message_bytes: defaults.max_message_bytes,
             ack_timeout_ms: 30_000,
-            stream_window: 8,
+            stream_window_events: defaults.stream_window_events,
+            rate_per_second: defaults.rate_per_second,
+            burst: defaults.burst,
+            max_streams_per_partner: defaults.max_streams_per_partner,
+            max_in_flight_batches: defaults.max_in_flight_batches,
+            limits: LimitsConfig::default(),
+        }
+    }
+}
+
+impl IngestConfig {
+    /// The ingest service's options.
+    #[must_use]
+    pub fn options(&self) -> IngestOptions {
+        IngestOptions {
+            max_batch_events: self.max_batch_events,
+            limits: self.limits.limits(),
+            max_message_bytes: self.max_message_bytes,
+            stream_window_events: self.stream_window_events,
+            rate_per_second: self.rate_per_second,
+            burst: self.burst,
+            max_streams_per_partner: self.max_streams_per_partner,
+            max_in_flight_batches: self.max_in_flight_batches,
+        }
+    }
+}
+
+/// Limits of one event. Rejections name the field and the limit.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct LimitsConfig {
+    pub max_attributes: usize,
+    pub max_attribute_key_bytes: usize,
+    pub max_attribute_value_bytes: usize,
+    pub max_payload_bytes: usize,
+    /// The whole encoded event.
+    pub max_event_bytes: usize,
+    /// How far ahead of the server clock `occurred_at` may be.
+    pub max_future_skew_ms: u64,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        let limits = Limits::default();
+        Self {
+            max_attributes: limits.max_attributes,
+            max_attribute_key_bytes: limits.max_attribute_key_len,
+            max_attribute_value_bytes: limits.max_attribute_value_len,
+            max_payload_bytes: limits.max_payload_len,
+            max_event_bytes: limits.max_event_len,
+            max_future_skew_ms: u64::try_from(limits.max_future_skew_nanos / 1_000_000)
+                .unwrap_or(u64::MAX),
+        }
+    }
+}
+
+impl LimitsConfig {
+    #[must_use]
+    pub fn limits(&self) -> Limits {
+        Limits {
+            max_attributes: self.max_attributes,
+            max_attribute_key_len: self.max_attribute_key_bytes,
+            max_attribute_value_len: self.max_attribute_value_bytes,
+            max_payload_len: self.max_payload_bytes,
+            max_event_len: self.max_event_bytes,
+            max_future_skew_nanos: i64::try_from(self.max_future_skew_ms.saturating_mul(1_000_000))
+                .unwrap_or(i64::MAX),
         }
     }
 }
@@ -199,6 +284,16 @@ impl Config {
         anyhow::ensure!(
             self.ingest.max_batch_events > 0,
             "ingest.max-batch-events must be positive"
+        );
+        if let Some(rate) = self.ingest.rate_per_second {
+            anyhow::ensure!(
+                rate.is_finite() && rate > 0.0,
+                "ingest.rate-per-second must be positive"
+            );
+        }
+        anyhow::ensure!(
+            self.ingest.burst.is_finite() && self.ingest.burst >= 1.0,
+            "ingest.burst must be at least 1"
         );
         Ok(())
     }

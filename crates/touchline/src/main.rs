@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand};
 use touchline::config::DEFAULT_PORT;
 use touchline::{BrokerChoice, Config, Node, client, demo, node};
 use touchline_core::{JourneyStage, UnixNanos};
-use touchline_ingest::PartnerRegistry;
+use touchline_ingest::{PartnerDirectory, PartnerRegistry};
 use touchline_proto::v1;
 use tracing_subscriber::EnvFilter;
 
@@ -150,12 +150,12 @@ async fn run_node(
     demo_customers: Option<usize>,
 ) -> anyhow::Result<()> {
     let partners = match &config.ingest.partners_file {
-        Some(path) => PartnerRegistry::load(path)?,
-        None if broker == BrokerChoice::Embedded => demo::demo_registry(),
+        Some(path) => PartnerDirectory::load(path)?,
+        None if broker == BrokerChoice::Embedded => demo::demo_registry().into(),
         None if config.ingest.enabled => {
             anyhow::bail!("ingest.partners-file is required to serve partners")
         }
-        None => PartnerRegistry::default(),
+        None => PartnerRegistry::default().into(),
     };
     let mut node = Node::start(config, broker, partners).await?;
     let endpoint = node.endpoint();

@@ -11,7 +11,7 @@ use tokio::task::JoinHandle;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use touchline_core::EventStore;
-use touchline_ingest::{Durability, IngestOptions, IngestService, PartnerRegistry, Publisher};
+use touchline_ingest::{Durability, IngestService, PartnerDirectory, Publisher};
 use touchline_kafka::EmbeddedBroker;
 use touchline_projection::{Projector, ProjectorOptions, SledStore};
 use touchline_query::TimelineService;
@@ -51,7 +51,7 @@ impl Node {
     pub async fn start(
         mut config: Config,
         broker: BrokerChoice,
-        partners: PartnerRegistry,
+        partners: impl Into<PartnerDirectory>,
     ) -> anyhow::Result<Self> {
         config.validate()?;
         let embedded = match broker {
@@ -111,14 +111,16 @@ impl Node {
                 durability,
                 Duration::from_millis(config.ingest.ack_timeout_ms),
             )?;
-            let options = IngestOptions {
-                max_batch_events: config.ingest.max_batch_events,
-                stream_window: config.ingest.stream_window,
-                ..IngestOptions::default()
-            };
+            let partners: PartnerDirectory = partners.into();
+            tokio::spawn(partners.clone().watch(server_shutdown.clone()));
             Some(
-                IngestService::new(partners, publisher, options, server_shutdown.clone())
-                    .into_server(),
+                IngestService::new(
+                    partners,
+                    publisher,
+                    config.ingest.options(),
+                    server_shutdown.clone(),
+                )
+                .into_server(),
             )
         } else {
             None

@@ -28,15 +28,17 @@ fn the_example_partners_file_authenticates_the_documented_tokens() -> anyhow::Re
     let registry = PartnerRegistry::load(&deploy("partners.example.toml"))?;
     assert_eq!(
         registry
-            .authenticate("example-courier-token")
-            .map(|p| p.to_string())
+            .authenticate("example-courier-token", touchline_core::UnixNanos::now())
+            .map(|p| p.partner_id.to_string())
+            .ok()
             .as_deref(),
         Some("swift-courier")
     );
     assert_eq!(
         registry
-            .authenticate("example-retail-token")
-            .map(|p| p.to_string())
+            .authenticate("example-retail-token", touchline_core::UnixNanos::now())
+            .map(|p| p.partner_id.to_string())
+            .ok()
             .as_deref(),
         Some("northwind-retail")
     );

@@ -1,0 +1,121 @@
+//! The live partners file: reloaded on SIGHUP and when the file changes, without a restart. A file
+//! that fails to load keeps the previous registry in force, with a logged error.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, PoisonError, RwLock};
+use std::time::{Duration, SystemTime};
+
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info};
+
+use crate::{PartnerRegistry, Result};
+
+/// How often the file's modification time is checked.
+const POLL_INTERVAL: Duration = Duration::from_secs(2);
+
+/// A cheap, cloneable handle on the registry in force.
+#[derive(Debug, Clone)]
+pub struct PartnerDirectory {
+    current: Arc<RwLock<Arc<PartnerRegistry>>>,
+    path: Option<PathBuf>,
+}
+
+fn modified(path: &Path) -> Option<SystemTime> {
+    std::fs::metadata(path)
+        .and_then(|metadata| metadata.modified())
+        .ok()
+}
+
+impl From<PartnerRegistry> for PartnerDirectory {
+    fn from(registry: PartnerRegistry) -> Self {
+        Self::fixed(registry)
+    }
+}
+
+impl PartnerDirectory {
+    /// A registry that never changes (dev mode, tests).
+    #[must_use]
+    pub fn fixed(registry: PartnerRegistry) -> Self {
+        Self {
+            current: Arc::new(RwLock::new(Arc::new(registry))),
+            path: None,
+        }
+    }
+
+    /// Loads the partners file at `path`.
+    ///
+    /// # Errors
+    /// When the file cannot be read or is invalid.
+    pub fn load(path: &Path) -> Result<Self> {
+        let registry = PartnerRegistry::load(path)?;
+        Ok(Self {
+            current: Arc::new(RwLock::new(Arc::new(registry))),
+            path: Some(path.to_owned()),
+        })
+    }
+
+    /// The registry in force.
+    #[must_use]
+    pub fn current(&self) -> Arc<PartnerRegistry> {
+        Arc::clone(&self.current.read().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// Reloads the file. On failure the registry in force stays.
+    ///
+    /// # Errors
+    /// When the file cannot be read or is invalid.
+    pub fn reload(&self) -> Result<()> {
+        let Some(path) = &self.path else {
+            return Ok(());
+        };
+        let registry = PartnerRegistry::load(path)?;
+        let partners = registry.partner_ids().len();
+        *self.current.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(registry);
+        info!(path = %path.display(), partners, "partners file reloaded");
+        Ok(())
+    }
+
+    fn reload_logged(&self) {
+        if let Err(error) = self.reload() {
+            error!(%error, "partners file not reloaded, the previous one stays in force");
+        }
+    }
+
+    /// Reloads on SIGHUP and when the file's modification time changes, until `shutdown`.
+    pub async fn watch(self, shutdown: CancellationToken) {
+        let Some(path) = self.path.clone() else {
+            return;
+        };
+        let mut last_modified = modified(&path);
+        let mut poll = tokio::time::interval(POLL_INTERVAL);
+        #[cfg(unix)]
+        let mut hangup =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+        loop {
+            #[cfg(unix)]
+            let hangup_received = async {
+                match hangup.as_mut() {
+                    Some(signal) => signal.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
+            #[cfg(not(unix))]
+            let hangup_received = std::future::pending::<Option<()>>();
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                _ = hangup_received => {
+                    info!("SIGHUP: reloading the partners file");
+                    last_modified = modified(&path);
+                    self.reload_logged();
+                }
+                _ = poll.tick() => {
+                    let now_modified = modified(&path);
+                    if now_modified != last_modified {
+                        last_modified = now_modified;
+                        self.reload_logged();
+                    }
+                }
+            }
+        }
+    }
+}

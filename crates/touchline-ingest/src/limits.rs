@@ -1,0 +1,180 @@
+//! Admission control: a token bucket per partner (events per second with a burst), a cap on the
+//! `PublishStream` calls one partner keeps open, and the `grpc-timeout` of a call.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use touchline_core::PartnerId;
+
+/// Token buckets, one per partner, refilled continuously.
+#[derive(Debug, Default)]
+pub struct RateLimiter {
+    buckets: Mutex<HashMap<PartnerId, Bucket>>,
+}
+
+#[derive(Debug)]
+struct Bucket {
+    tokens: f64,
+    refilled_at: Instant,
+}
+
+impl RateLimiter {
+    /// Takes `cost` tokens from `partner`'s bucket (rate `rate` per second, capacity `burst`).
+    ///
+    /// # Errors
+    /// How long to wait until the bucket holds `cost` tokens; nothing is taken then.
+    #[allow(clippy::cast_precision_loss, reason = "batch sizes are far below 2^52")]
+    pub fn try_take(
+        &self,
+        partner: &PartnerId,
+        rate: f64,
+        burst: f64,
+        cost: usize,
+    ) -> Result<(), Duration> {
+        let now = Instant::now();
+        // A batch larger than the burst could never pass: charge it as a full bucket.
+        let cost = (cost as f64).min(burst);
+        let mut buckets = self.buckets.lock().unwrap_or_else(PoisonError::into_inner);
+        let bucket = buckets.entry(partner.clone()).or_insert(Bucket {
+            tokens: burst,
+            refilled_at: now,
+        });
+        let elapsed = now.duration_since(bucket.refilled_at).as_secs_f64();
+        bucket.tokens = (bucket.tokens + elapsed * rate).min(burst);
+        bucket.refilled_at = now;
+        if bucket.tokens >= cost {
+            bucket.tokens -= cost;
+            return Ok(());
+        }
+        Err(Duration::from_secs_f64(
+            ((cost - bucket.tokens) / rate).max(0.001),
+        ))
+    }
+}
+
+/// Open `PublishStream` calls per partner.
+#[derive(Debug, Default, Clone)]
+pub struct StreamCounter {
+    open: Arc<Mutex<HashMap<PartnerId, usize>>>,
+}
+
+/// Holds one stream slot of a partner; frees it when dropped.
+#[derive(Debug)]
+pub struct StreamSlot {
+    counter: StreamCounter,
+    partner: PartnerId,
+}
+
+impl StreamCounter {
+    /// A slot for one more stream of `partner`, unless it already has `max` open.
+    #[must_use]
+    pub fn try_open(&self, partner: &PartnerId, max: usize) -> Option<StreamSlot> {
+        let mut open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
+        let count = open.entry(partner.clone()).or_default();
+        if *count >= max {
+            return None;
+        }
+        *count += 1;
+        Some(StreamSlot {
+            counter: self.clone(),
+            partner: partner.clone(),
+        })
+    }
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        let mut open = self
+            .counter
+            .open
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(count) = open.get_mut(&self.partner) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                open.remove(&self.partner);
+            }
+        }
+    }
+}
+
+/// The `grpc-timeout` of a call (`<digits><H|M|S|m|u|n>`), as a duration.
+#[must_use]
+pub fn grpc_timeout(metadata: &tonic::metadata::MetadataMap) -> Option<Duration> {
+    let value = metadata.get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 {
+        return None;
+    }
+    let amount: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(amount.saturating_mul(3600)),
+        "M" => Duration::from_secs(amount.saturating_mul(60)),
+        "S" => Duration::from_secs(amount),
+        "m" => Duration::from_millis(amount),
+        "u" => Duration::from_micros(amount),
+        "n" => Duration::from_nanos(amount),
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn partner(id: &str) -> PartnerId {
+        PartnerId::parse(id).expect("valid id")
+    }
+
+    #[test]
+    fn buckets_allow_the_burst_then_ask_to_wait_and_are_per_partner() {
+        let limiter = RateLimiter::default();
+        let a = partner("a");
+        assert!(limiter.try_take(&a, 10.0, 100.0, 60).is_ok());
+        assert!(limiter.try_take(&a, 10.0, 100.0, 40).is_ok());
+        let wait = limiter
+            .try_take(&a, 10.0, 100.0, 20)
+            .expect_err("empty bucket");
+        assert!(
+            wait > Duration::from_millis(1500) && wait <= Duration::from_secs(2),
+            "{wait:?}"
+        );
+        assert!(
+            limiter.try_take(&partner("b"), 10.0, 100.0, 100).is_ok(),
+            "another partner is unaffected"
+        );
+    }
+
+    #[test]
+    fn stream_slots_are_counted_per_partner_and_freed_on_drop() {
+        let counter = StreamCounter::default();
+        let a = partner("a");
+        let first = counter.try_open(&a, 2);
+        let second = counter.try_open(&a, 2);
+        assert!(first.is_some() && second.is_some());
+        assert!(counter.try_open(&a, 2).is_none());
+        assert!(counter.try_open(&partner("b"), 2).is_some());
+        drop(first);
+        assert!(counter.try_open(&a, 2).is_some());
+    }
+
+    #[test]
+    fn grpc_timeouts_are_parsed() {
+        let mut metadata = tonic::metadata::MetadataMap::new();
+        assert_eq!(grpc_timeout(&metadata), None);
+        for (value, expected) in [
+            ("250m", Duration::from_millis(250)),
+            ("3S", Duration::from_secs(3)),
+            ("1H", Duration::from_secs(3600)),
+            ("10u", Duration::from_micros(10)),
+        ] {
+            metadata.insert("grpc-timeout", value.parse().expect("valid"));
+            assert_eq!(grpc_timeout(&metadata), Some(expected));
+        }
+        for value in ["", "m", "12x", "123456789S", "-1S"] {
+            metadata.insert("grpc-timeout", value.parse().expect("valid"));
+            assert_eq!(grpc_timeout(&metadata), None, "{value}");
+        }
+    }
+}
