@@ -7,7 +7,8 @@
 #                                             answers Kafka metadata requests; prints its bootstrap
 #                                             address; keeps pid, port, storage and log in STATE_DIR
 #   deploy/tansu.sh stop STATE_DIR            stop the broker started in STATE_DIR (by its pid)
-#   deploy/tansu.sh restart STATE_DIR         stop it and start it again on the same port and storage
+#   deploy/tansu.sh resume STATE_DIR          start a stopped broker again on the same port and storage
+#   deploy/tansu.sh restart STATE_DIR         stop, then resume
 #   deploy/tansu.sh bootstrap STATE_DIR       print its bootstrap address
 #
 # sqlite storage keeps data in STATE_DIR/tansu.db across restarts; memory storage does not.
@@ -48,21 +49,26 @@ start() {
     local engine
     case "$storage" in
         memory) engine="memory://tansu/" ;;
-        sqlite) engine="sqlite://$dir/tansu.db" ;;
+        # Tansu 0.6 reads the sqlite path relative to its working directory (a leading / is lost).
+        sqlite) engine="sqlite://tansu.db" ;;
         *) die "storage is memory or sqlite, not $storage" ;;
     esac
-    nohup "$bin" broker \
+    (cd "$dir" && exec nohup "$bin" broker \
         --listener-url "tcp://127.0.0.1:$port" \
         --advertised-listener-url "tcp://127.0.0.1:$port" \
-        --storage-engine "$engine" >>"$dir/tansu.log" 2>&1 &
-    echo $! >"$dir/pid"
+        --storage-engine "$engine" >>"$dir/tansu.log" 2>&1) &
+    local pid=$!
+    echo "$pid" >"$dir/pid"
     echo "$port" >"$dir/port"
     echo "$storage" >"$dir/storage"
-    if ! python3 "$here/kafka_ping.py" "127.0.0.1:$port" 60; then
-        tail -n 20 "$dir/tansu.log" >&2 || true
-        stop "$dir"
-        die "tansu did not answer metadata requests on 127.0.0.1:$port"
-    fi
+    local deadline=$(( $(date +%s) + 60 ))
+    until python3 "$here/kafka_ping.py" "127.0.0.1:$port" 1; do
+        if ! kill -0 "$pid" 2>/dev/null || [ "$(date +%s)" -ge "$deadline" ]; then
+            tail -n 20 "$dir/tansu.log" >&2 || true
+            stop "$dir"
+            die "tansu did not answer metadata requests on 127.0.0.1:$port"
+        fi
+    done
     echo "127.0.0.1:$port"
 }
 
@@ -79,10 +85,14 @@ stop() {
     rm -f "$dir/pid"
 }
 
-restart() {
-    local dir=${1:?usage: tansu.sh restart STATE_DIR}
-    stop "$dir"
+resume() {
+    local dir=${1:?usage: tansu.sh resume STATE_DIR}
     start "$dir" "$(cat "$dir/storage")" "$(cat "$dir/port")"
+}
+
+restart() {
+    stop "${1:?usage: tansu.sh restart STATE_DIR}"
+    resume "$1"
 }
 
 case "${1:-}" in
@@ -90,6 +100,7 @@ case "${1:-}" in
     start) shift; start "$@" ;;
     stop) shift; stop "$@" ;;
     restart) shift; restart "$@" ;;
+    resume) shift; resume "$@" ;;
     bootstrap) echo "127.0.0.1:$(cat "${2:?usage: tansu.sh bootstrap STATE_DIR}/port")" ;;
-    *) sed -n '2,14p' "$0"; exit 2 ;;
+    *) sed -n '2,15p' "$0"; exit 2 ;;
 esac

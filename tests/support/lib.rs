@@ -71,6 +71,16 @@ impl TestBroker {
     }
 }
 
+/// Logs of the code under test, shown for failing tests; `RUST_LOG` picks what (default: warnings).
+pub fn init_logs() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_test_writer()
+        .try_init();
+}
+
 fn unique_topic() -> String {
     static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let nanos = std::time::SystemTime::now()
@@ -96,6 +106,7 @@ pub fn partners() -> PartnerRegistry {
 /// # Panics
 /// When the broker cannot start or the topic cannot be created.
 pub async fn start_broker() -> TestBroker {
+    init_logs();
     let topic = unique_topic();
     match std::env::var(EXTERNAL_BROKER_VARIABLE) {
         Ok(bootstrap) if !bootstrap.is_empty() => {

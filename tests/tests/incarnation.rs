@@ -46,7 +46,12 @@ async fn resume_with(stored_at_4: Envelope, expect_entries: usize) -> anyhow::Re
             )
         })
         .collect();
-    let positions = produce_raw(&broker, records).await?;
+    // One record per produce request, so that every offset starts a batch: Tansu 0.6 cannot fetch
+    // from the middle of a batch.
+    let mut positions = Vec::new();
+    for record in records {
+        positions.extend(produce_raw(&broker, vec![record]).await?);
+    }
     let partition = positions[0].0;
     assert!(
         positions

@@ -3,13 +3,15 @@
 //! log) confirmed it.
 
 use std::collections::VecDeque;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
 use futures::future::try_join_all;
 use rdkafka::ClientConfig;
+use rdkafka::client::ClientContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer as _};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer as _, PurgeConfig};
+use tokio::sync::watch;
 use touchline_core::Envelope;
 use touchline_kafka::KafkaOptions;
 use tracing::{error, warn};
@@ -36,15 +38,50 @@ pub struct Produced {
     pub offset: i64,
 }
 
-/// The current producer and how many times it was replaced.
-struct ProducerSlot {
-    generation: u64,
-    producer: FutureProducer,
+/// The producer's client context: librdkafka reports through it when every broker is down.
+struct ConnectionWatch {
+    all_brokers_down: watch::Sender<u64>,
 }
 
-/// A cloneable handle on the idempotent producer. An idempotent producer that hits a fatal error
-/// (its sequence state can no longer be trusted, for example after a broker lost it) refuses every
-/// later send; the publisher then replaces it, so ingest recovers without a restart.
+impl ClientContext for ConnectionWatch {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if matches!(error, KafkaError::Global(RDKafkaErrorCode::AllBrokersDown)) {
+            self.all_brokers_down.send_modify(|count| *count += 1);
+        }
+        warn!(%error, reason, "kafka producer error");
+    }
+}
+
+type Producer = FutureProducer<ConnectionWatch>;
+
+/// The current producer, how many times it was replaced, and its broker-loss signal.
+struct ProducerSlot {
+    generation: u64,
+    producer: Producer,
+    all_brokers_down: watch::Receiver<u64>,
+}
+
+impl ProducerSlot {
+    fn create(config: &ClientConfig, generation: u64) -> Result<Self> {
+        let (sender, all_brokers_down) = watch::channel(0);
+        let producer = config.create_with_context(ConnectionWatch {
+            all_brokers_down: sender,
+        })?;
+        Ok(Self {
+            generation,
+            producer,
+            all_brokers_down,
+        })
+    }
+}
+
+/// A cloneable handle on the idempotent producer.
+///
+/// The producer is replaced, with its queue purged, when it loses every broker or hits a fatal
+/// error: batches waiting on it fail at once with `UNAVAILABLE` (partners resend; dedupe makes that
+/// safe) instead of hanging until their deadline, and the next batch starts a fresh producer
+/// session. A fresh session matters for brokers that do not keep idempotent-producer state across
+/// a restart (Tansu 0.6 with sqlite storage fails every later produce of the old session).
 #[derive(Clone)]
 pub struct Publisher {
     slot: Arc<RwLock<ProducerSlot>>,
@@ -75,12 +112,9 @@ impl Publisher {
         ack_timeout: Duration,
     ) -> Result<Self> {
         let config = kafka.producer_config();
-        let producer: FutureProducer = config.create()?;
+        let slot = ProducerSlot::create(&config, 0)?;
         Ok(Self {
-            slot: Arc::new(RwLock::new(ProducerSlot {
-                generation: 0,
-                producer,
-            })),
+            slot: Arc::new(RwLock::new(slot)),
             config,
             topic: kafka.topic.clone(),
             durability,
@@ -126,50 +160,61 @@ impl Publisher {
         }
     }
 
-    fn current_producer(&self) -> (u64, FutureProducer) {
-        let slot = self
-            .slot
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        (slot.generation, slot.producer.clone())
+    fn current_producer(&self) -> (u64, Producer, watch::Receiver<u64>) {
+        let slot = self.slot.read().unwrap_or_else(PoisonError::into_inner);
+        (
+            slot.generation,
+            slot.producer.clone(),
+            slot.all_brokers_down.clone(),
+        )
     }
 
-    /// Replaces the producer of `generation` when it has hit a fatal error.
-    fn replace_if_fatal(&self, generation: u64, producer: &FutureProducer) {
-        let Some((code, reason)) = producer.client().fatal_error() else {
-            return;
-        };
-        let mut slot = self
-            .slot
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+    /// Replaces the producer of `generation` (unless another call did already), purging what is
+    /// still queued or in flight on it.
+    fn replace(&self, generation: u64, why: &str) {
+        let mut slot = self.slot.write().unwrap_or_else(PoisonError::into_inner);
         if slot.generation != generation {
-            return; // another call replaced it already
+            return;
         }
-        match self.config.create::<FutureProducer>() {
+        match ProducerSlot::create(&self.config, generation + 1) {
             Ok(fresh) => {
-                error!(%code, %reason, generation, "the idempotent producer hit a fatal error; replaced it");
-                slot.producer = fresh;
-                slot.generation += 1;
+                let old = std::mem::replace(&mut *slot, fresh);
+                old.producer
+                    .purge(PurgeConfig::default().queue().inflight().non_blocking());
+                warn!(
+                    generation = generation + 1,
+                    why, "started a new producer session"
+                );
             }
-            Err(create_error) => {
-                error!(%code, %reason, %create_error, "the idempotent producer hit a fatal error and cannot be replaced");
-            }
+            Err(create_error) => error!(%create_error, why, "cannot start a new producer session"),
         }
     }
 
     async fn publish_unbounded(&self, envelopes: &[(Envelope, Vec<u8>)]) -> Result<Vec<Produced>> {
-        let (generation, producer) = self.current_producer();
-        let result = self.produce_all(&producer, envelopes).await;
+        let (mut generation, mut producer, mut all_brokers_down) = self.current_producer();
+        if *all_brokers_down.borrow_and_update() > 0 {
+            self.replace(generation, "the producer lost every broker");
+            (generation, producer, all_brokers_down) = self.current_producer();
+            all_brokers_down.borrow_and_update();
+        }
+        let result = tokio::select! {
+            result = self.produce_all(&producer, envelopes) => result,
+            _ = all_brokers_down.changed() => Err(unavailable("no Kafka broker is reachable".to_owned())),
+        };
         if result.is_err() {
-            self.replace_if_fatal(generation, &producer);
+            if let Some((code, reason)) = producer.client().fatal_error() {
+                error!(%code, %reason, "the idempotent producer hit a fatal error");
+                self.replace(generation, "fatal producer error");
+            } else if *all_brokers_down.borrow() > 0 {
+                self.replace(generation, "the producer lost every broker");
+            }
         }
         result
     }
 
     async fn produce_all(
         &self,
-        producer: &FutureProducer,
+        producer: &Producer,
         envelopes: &[(Envelope, Vec<u8>)],
     ) -> Result<Vec<Produced>> {
         let mut deliveries: VecDeque<DeliveryFuture> = VecDeque::with_capacity(envelopes.len());

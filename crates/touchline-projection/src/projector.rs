@@ -69,6 +69,9 @@ pub struct Projector {
     stream: StreamIdentity,
     max_batch: usize,
     applied: watch::Sender<BTreeMap<i32, i64>>,
+    /// Per partition, the first offset not yet applied: resuming fetches from the verified record
+    /// just before it, which is dropped here.
+    skip_below: BTreeMap<i32, i64>,
 }
 
 impl std::fmt::Debug for Projector {
@@ -95,47 +98,53 @@ impl Projector {
         let consumer: StreamConsumer = options.kafka.consumer_config().create()?;
         let consumer = Arc::new(consumer);
         let topic = options.kafka.topic.clone();
-        let (consumer, stream, assignment, applied_start) = tokio::task::spawn_blocking({
-            let store = Arc::clone(&store);
-            move || -> Result<_> {
-                let cluster_id =
-                    touchline_kafka::fetch_cluster_id(consumer.client(), METADATA_TIMEOUT)
-                        .map_err(|error| kafka_setup(&error))?;
-                let stream = StreamIdentity {
-                    cluster_id,
-                    topic: topic.clone(),
-                };
-                let all =
-                    touchline_kafka::fetch_partitions(consumer.client(), &topic, METADATA_TIMEOUT)
-                        .map_err(|error| kafka_setup(&error))?;
-                let owned = options.partitions.unwrap_or(all);
-                let stored = store.positions(&stream)?;
-                let mut assignment = TopicPartitionList::new();
-                let mut applied = BTreeMap::new();
-                for partition in owned {
-                    let offset = match stored.get(&partition) {
-                        Some(position) => match check_position(
-                            &consumer,
-                            &options.kafka,
-                            &topic,
-                            partition,
-                            *position,
-                        )? {
-                            Some(next) => {
-                                applied.insert(partition, next);
-                                Offset::Offset(next)
-                            }
-                            None => Offset::Beginning,
-                        },
-                        None => Offset::Beginning,
+        let (consumer, stream, assignment, (applied_start, skip_below)) =
+            tokio::task::spawn_blocking({
+                let store = Arc::clone(&store);
+                move || -> Result<_> {
+                    let cluster_id =
+                        touchline_kafka::fetch_cluster_id(consumer.client(), METADATA_TIMEOUT)
+                            .map_err(|error| kafka_setup(&error))?;
+                    let stream = StreamIdentity {
+                        cluster_id,
+                        topic: topic.clone(),
                     };
-                    info!(partition, ?offset, "assigning partition");
-                    assignment.add_partition_offset(&topic, partition, offset)?;
+                    let all = touchline_kafka::fetch_partitions(
+                        consumer.client(),
+                        &topic,
+                        METADATA_TIMEOUT,
+                    )
+                    .map_err(|error| kafka_setup(&error))?;
+                    let owned = options.partitions.unwrap_or(all);
+                    let stored = store.positions(&stream)?;
+                    let mut assignment = TopicPartitionList::new();
+                    let mut applied = BTreeMap::new();
+                    let mut skip_below = BTreeMap::new();
+                    for partition in owned {
+                        let offset = match stored.get(&partition) {
+                            Some(position) => match check_position(
+                                &consumer,
+                                &options.kafka,
+                                &topic,
+                                partition,
+                                *position,
+                            )? {
+                                Some(resume) => {
+                                    applied.insert(partition, resume.next);
+                                    skip_below.insert(partition, resume.next);
+                                    Offset::Offset(resume.fetch_from)
+                                }
+                                None => Offset::Beginning,
+                            },
+                            None => Offset::Beginning,
+                        };
+                        info!(partition, ?offset, "assigning partition");
+                        assignment.add_partition_offset(&topic, partition, offset)?;
+                    }
+                    Ok((consumer, stream, assignment, (applied, skip_below)))
                 }
-                Ok((consumer, stream, assignment, applied))
-            }
-        })
-        .await??;
+            })
+            .await??;
         consumer.assign(&assignment)?;
         let consumer = Arc::into_inner(consumer)
             .ok_or_else(|| Error::Setup("the consumer is still shared after setup".to_owned()))?;
@@ -148,6 +157,7 @@ impl Projector {
                 stream,
                 max_batch: options.max_batch.max(1),
                 applied,
+                skip_below,
             },
             ProjectorHandle { applied: receiver },
         ))
@@ -176,6 +186,13 @@ impl Projector {
             let mut records = Vec::with_capacity(batch.len());
             for message in batch {
                 match message {
+                    Ok(message)
+                        if message.offset()
+                            < self
+                                .skip_below
+                                .get(&message.partition())
+                                .copied()
+                                .unwrap_or(i64::MIN) => {}
                     Ok(message) => records.push(consumed_record(&message)),
                     // librdkafka retries by itself; errors here are informational.
                     Err(error) => warn!(%error, "kafka consumer error"),
@@ -231,27 +248,33 @@ impl Projector {
     }
 }
 
-/// Checks that a stored position belongs to the stream the broker serves now: the partition must
-/// hold the offset, and the record just before it must be the one the position was taken after
-/// (same fingerprint). Cluster ids alone are not enough: the embedded broker's id can repeat, and
-/// a wiped broker keeps its id. `None` means "a new incarnation: read from the beginning".
+/// Where to resume a partition: fetch from `fetch_from`, apply from `next`.
+#[derive(Debug, Clone, Copy)]
+struct Resume {
+    fetch_from: i64,
+    next: i64,
+}
+
+/// Checks that a stored position belongs to the stream the broker serves now: the record just
+/// before it must be the one the position was taken after (same fingerprint). Cluster ids alone are
+/// not enough (the embedded broker's id can repeat, a wiped broker keeps its id), and high
+/// watermarks are not reliable on every broker (Tansu 0.6 reports the base offset of the last
+/// batch, and cannot fetch from the middle of a batch). `None` means "a new incarnation, or no
+/// proof it is the same: read from the beginning"; re-reading is safe, events are deduplicated.
 fn check_position(
     consumer: &StreamConsumer,
     kafka: &KafkaOptions,
     topic: &str,
     partition: i32,
     position: StoredPosition,
-) -> Result<Option<i64>> {
+) -> Result<Option<Resume>> {
     let next = position.next_offset;
-    let (low, high) = consumer.fetch_watermarks(topic, partition, METADATA_TIMEOUT)?;
-    if next > high {
-        warn!(
-            partition,
-            next,
-            high,
-            "stored position is past the end of the partition: a new broker or topic, reading it from the beginning"
-        );
-        return Ok(None);
+    let (low, _high) = consumer.fetch_watermarks(topic, partition, METADATA_TIMEOUT)?;
+    if next <= 0 {
+        return Ok(Some(Resume {
+            fetch_from: 0,
+            next: 0,
+        }));
     }
     if next <= low {
         if next < low {
@@ -262,10 +285,14 @@ fn check_position(
                 "records after the stored position were deleted by retention before they were projected; reading from the oldest record left"
             );
         }
-        return Ok(Some(next.max(low)));
+        return Ok(Some(Resume {
+            fetch_from: low,
+            next: low,
+        }));
     }
     let probe: BaseConsumer = kafka
         .consumer_config()
+        .set("auto.offset.reset", "error")
         .set("enable.auto.commit", "false")
         .create()?;
     let mut list = TopicPartitionList::new();
@@ -278,7 +305,12 @@ fn check_position(
                 if message.partition() == partition && message.offset() == next - 1 =>
             {
                 if fingerprint(message.payload()) == position.last_fingerprint {
-                    return Ok(Some(next));
+                    // Fetch from the verified record rather than from `next`: some brokers cannot
+                    // fetch from the middle of a batch, and this offset is known to be fetchable.
+                    return Ok(Some(Resume {
+                        fetch_from: next - 1,
+                        next,
+                    }));
                 }
                 warn!(
                     partition,
@@ -287,18 +319,27 @@ fn check_position(
                 );
                 return Ok(None);
             }
+            Some(Ok(message)) if message.partition() == partition && message.offset() >= next => {
+                warn!(
+                    partition,
+                    offset = next - 1,
+                    "the record before the stored position is gone: reading the partition from the beginning"
+                );
+                return Ok(None);
+            }
             Some(Ok(_)) | None => {}
             Some(Err(error)) => {
-                warn!(partition, %error, "cannot read the record before the stored position");
+                warn!(partition, next, %error, "the record before the stored position cannot be read (a new broker or topic?): reading the partition from the beginning");
+                return Ok(None);
             }
         }
     }
-    // Unreadable (for example compacted away): trust the offset rather than reprocess a partition.
     warn!(
         partition,
-        next, "cannot verify the stored position, resuming from it"
+        next,
+        "the stored position could not be verified in time: reading the partition from the beginning"
     );
-    Ok(Some(next))
+    Ok(None)
 }
 
 fn kafka_setup(error: &touchline_kafka::Error) -> Error {

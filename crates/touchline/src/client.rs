@@ -4,13 +4,12 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
 use serde::Deserialize;
 use tonic::metadata::MetadataValue;
 use tonic::transport::Channel;
-use touchline_core::{Channel as TouchChannel, JourneyStage, RejectReason, Sentiment, UnixNanos};
+use touchline_core::{Channel as TouchChannel, JourneyStage, Sentiment, UnixNanos};
 use touchline_proto::v1;
-use touchline_proto::v1::ingest_service_client::IngestServiceClient;
 use touchline_proto::v1::timeline_service_client::TimelineServiceClient;
 
 /// One line of a `touchline publish` file.
@@ -121,89 +120,6 @@ pub fn read_json_lines(path: &Path) -> anyhow::Result<Vec<(usize, v1::Touchpoint
         ));
     }
     Ok(events)
-}
-
-/// Totals of a publish run.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct PublishReport {
-    pub accepted: u64,
-    pub rejected: u64,
-}
-
-/// Streams `events` in batches over `PublishStream` and prints each rejection with its line.
-///
-/// # Errors
-/// When the server cannot be reached or ends the stream with an error.
-pub async fn publish(
-    endpoint: &str,
-    token: &str,
-    events: Vec<(usize, v1::Touchpoint)>,
-    batch_size: usize,
-) -> anyhow::Result<PublishReport> {
-    let mut client = IngestServiceClient::connect(endpoint.to_owned())
-        .await
-        .with_context(|| format!("cannot connect to {endpoint}"))?;
-    let batch_size = batch_size.max(1);
-    let mut lines = Vec::with_capacity(events.len());
-    let mut batches = Vec::new();
-    let mut current = Vec::new();
-    for (line, event) in events {
-        lines.push(line);
-        current.push(event);
-        if current.len() == batch_size {
-            batches.push(std::mem::take(&mut current));
-        }
-    }
-    if !current.is_empty() {
-        batches.push(current);
-    }
-    let requests: Vec<v1::PublishRequest> = batches
-        .into_iter()
-        .enumerate()
-        .map(|(index, events)| v1::PublishRequest {
-            events,
-            batch_id: index.to_string(),
-        })
-        .collect();
-    let expected = requests.len();
-    let mut responses = client
-        .publish_stream(with_token(futures::stream::iter(requests), token)?)
-        .await?
-        .into_inner();
-    let mut report = PublishReport::default();
-    let mut answered = 0;
-    while let Some(response) = responses.message().await? {
-        let first_line = answered * batch_size;
-        for result in &response.results {
-            if let Some(v1::event_result::Result::Rejected(rejected)) = &result.result {
-                let line = lines
-                    .get(first_line + result.index as usize)
-                    .copied()
-                    .unwrap_or_default();
-                let reason = v1::RejectReason::try_from(rejected.reason).map_or_else(
-                    |_| rejected.reason.to_string(),
-                    |reason| reason.as_str_name().to_owned(),
-                );
-                println!(
-                    "line {line}: rejected {reason} ({}): {}",
-                    rejected.field, rejected.message
-                );
-            }
-        }
-        report.accepted += u64::from(response.accepted);
-        report.rejected += u64::from(response.rejected);
-        answered += 1;
-    }
-    if answered != expected {
-        bail!("the server answered {answered} of {expected} batches");
-    }
-    Ok(report)
-}
-
-/// A reason number's contract name, for people.
-#[must_use]
-pub fn reason_name(reason: RejectReason) -> String {
-    format!("REASON_{}", reason.code())
 }
 
 async fn timeline_client(endpoint: &str) -> anyhow::Result<TimelineServiceClient<Channel>> {

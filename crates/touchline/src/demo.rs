@@ -303,16 +303,22 @@ pub async fn publish_demo(
     endpoint: &str,
     customers: usize,
     seed: u64,
-) -> anyhow::Result<crate::client::PublishReport> {
+) -> anyhow::Result<crate::stream_client::PublishReport> {
     let by_partner = generate(customers, seed, UnixNanos::now());
     let mut tasks = tokio::task::JoinSet::new();
     for (partner, events) in by_partner.into_iter().enumerate() {
         let endpoint = endpoint.to_owned();
         let token = DEMO_PARTNERS[partner].1;
         let numbered = events.into_iter().enumerate().collect();
-        tasks.spawn(async move { crate::client::publish(&endpoint, token, numbered, 100).await });
+        let options = crate::stream_client::PublishOptions {
+            batch_size: 100,
+            ..Default::default()
+        };
+        tasks.spawn(async move {
+            crate::stream_client::publish(&endpoint, token, numbered, &options).await
+        });
     }
-    let mut total = crate::client::PublishReport::default();
+    let mut total = crate::stream_client::PublishReport::default();
     while let Some(report) = tasks.join_next().await {
         let report = report??;
         total.accepted += report.accepted;

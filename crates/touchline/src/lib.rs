@@ -5,6 +5,7 @@ pub mod client;
 pub mod config;
 pub mod demo;
 pub mod node;
+pub mod stream_client;
 
 pub use config::Config;
 pub use node::{BrokerChoice, Node};

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use touchline::config::DEFAULT_PORT;
-use touchline::{BrokerChoice, Config, Node, client, demo, node};
+use touchline::{BrokerChoice, Config, Node, client, demo, node, stream_client};
 use touchline_core::{JourneyStage, UnixNanos};
 use touchline_ingest::{PartnerDirectory, PartnerRegistry};
 use touchline_proto::v1;
@@ -79,6 +79,9 @@ enum Command {
         /// Events per request.
         #[arg(long, default_value_t = 500)]
         batch_size: usize,
+        /// Requests sent and not yet answered; after a disconnect they are sent again.
+        #[arg(long, default_value_t = 8)]
+        window: usize,
     },
     /// Print a customer's timeline in event-time order.
     Timeline {
@@ -229,10 +232,17 @@ async fn main() -> anyhow::Result<()> {
             token,
             file,
             batch_size,
+            window,
         } => {
             let events = client::read_json_lines(&file)?;
             let count = events.len();
-            let report = client::publish(&endpoint.endpoint, &token, events, batch_size).await?;
+            let options = stream_client::PublishOptions {
+                batch_size,
+                window,
+                ..Default::default()
+            };
+            let report =
+                stream_client::publish(&endpoint.endpoint, &token, events, &options).await?;
             println!(
                 "{count} events: {} accepted, {} rejected",
                 report.accepted, report.rejected

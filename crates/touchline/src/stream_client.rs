@@ -1,0 +1,238 @@
+//! The partner side of `PublishStream`, as `touchline publish` and the demo use it: batches go out
+//! with a bounded window of unanswered ones; when the stream breaks (server restart, network,
+//! shutdown) the client reconnects with backoff and resends every unanswered batch, in order.
+//! Resending is safe: events are deduplicated by (partner, event id).
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use anyhow::bail;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Code;
+use tonic_types::StatusExt as _;
+use touchline_proto::v1;
+use touchline_proto::v1::ingest_service_client::IngestServiceClient;
+
+use crate::client::with_token;
+
+/// How a publish run behaves.
+#[derive(Debug, Clone)]
+pub struct PublishOptions {
+    /// Events per request.
+    pub batch_size: usize,
+    /// Batches sent and not yet answered.
+    pub window: usize,
+    /// Reconnection attempts in a row before giving up.
+    pub max_attempts: u32,
+    /// Print each rejection with its line number.
+    pub print_rejections: bool,
+}
+
+impl Default for PublishOptions {
+    fn default() -> Self {
+        Self {
+            batch_size: 500,
+            window: 8,
+            max_attempts: 30,
+            print_rejections: true,
+        }
+    }
+}
+
+/// Totals of a publish run.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct PublishReport {
+    pub accepted: u64,
+    pub rejected: u64,
+    /// Times the stream was opened again after it broke.
+    pub reconnects: u32,
+}
+
+struct Batch {
+    id: String,
+    lines: Vec<usize>,
+    events: Vec<v1::Touchpoint>,
+}
+
+/// Whether a failed stream is worth opening again, and after how long.
+fn retry_delay(status: &tonic::Status, attempt: u32) -> Option<Duration> {
+    match status.code() {
+        Code::Unavailable
+        | Code::ResourceExhausted
+        | Code::Cancelled
+        | Code::DeadlineExceeded
+        | Code::Unknown
+        | Code::Aborted => {}
+        _ => return None,
+    }
+    let backoff = Duration::from_millis(100).saturating_mul(2_u32.saturating_pow(attempt.min(6)));
+    let suggested = status
+        .get_details_retry_info()
+        .and_then(|info| info.retry_delay);
+    Some(
+        suggested
+            .unwrap_or(backoff)
+            .max(backoff)
+            .min(Duration::from_secs(5)),
+    )
+}
+
+/// Publishes `events` (with their line numbers) as the partner of `token`.
+///
+/// # Errors
+/// When the server refuses the credential or a batch for good, or stays unreachable for
+/// `max_attempts` attempts.
+pub async fn publish(
+    endpoint: &str,
+    token: &str,
+    events: Vec<(usize, v1::Touchpoint)>,
+    options: &PublishOptions,
+) -> anyhow::Result<PublishReport> {
+    let batch_size = options.batch_size.max(1);
+    let window = options.window.max(1);
+    let mut pending: VecDeque<Batch> = VecDeque::new();
+    let mut chunk = Batch {
+        id: String::new(),
+        lines: Vec::new(),
+        events: Vec::new(),
+    };
+    let mut number = 0_usize;
+    for (line, event) in events {
+        chunk.lines.push(line);
+        chunk.events.push(event);
+        if chunk.events.len() == batch_size {
+            chunk.id = number.to_string();
+            number += 1;
+            pending.push_back(std::mem::replace(
+                &mut chunk,
+                Batch {
+                    id: String::new(),
+                    lines: Vec::new(),
+                    events: Vec::new(),
+                },
+            ));
+        }
+    }
+    if !chunk.events.is_empty() {
+        chunk.id = number.to_string();
+        pending.push_back(chunk);
+    }
+
+    let mut report = PublishReport::default();
+    let mut attempt = 0_u32;
+    while !pending.is_empty() {
+        match stream_once(endpoint, token, &mut pending, window, options, &mut report).await {
+            Ok(()) => {}
+            Err(status) => {
+                let Some(delay) = retry_delay(&status, attempt) else {
+                    bail!(
+                        "the server refused the stream: {} ({:?})",
+                        status.message(),
+                        status.code()
+                    );
+                };
+                attempt += 1;
+                if attempt > options.max_attempts {
+                    bail!("gave up after {attempt} attempts: {}", status.message());
+                }
+                tracing::warn!(code = ?status.code(), message = status.message(), unanswered = pending.len(), ?delay, "stream broke, reconnecting");
+                tokio::time::sleep(delay).await;
+                report.reconnects += 1;
+                continue;
+            }
+        }
+        attempt = 0;
+    }
+    Ok(report)
+}
+
+/// One stream: sends batches from the front of `pending` with at most `window` unanswered, and
+/// removes each batch once answered. Returns when everything is answered or the stream breaks.
+async fn stream_once(
+    endpoint: &str,
+    token: &str,
+    pending: &mut VecDeque<Batch>,
+    window: usize,
+    options: &PublishOptions,
+    report: &mut PublishReport,
+) -> Result<(), tonic::Status> {
+    let mut client = IngestServiceClient::connect(endpoint.to_owned())
+        .await
+        .map_err(|error| {
+            tonic::Status::unavailable(format!("cannot connect to {endpoint}: {error}"))
+        })?
+        .max_decoding_message_size(64 * 1024 * 1024);
+    let (requests, outgoing) = mpsc::channel(window);
+    let request = with_token(ReceiverStream::new(outgoing), token)
+        .map_err(|error| tonic::Status::invalid_argument(error.to_string()))?;
+    let mut answers = client.publish_stream(request).await?.into_inner();
+    let mut sent = 0;
+    loop {
+        // Fill the window; the channel has room for all of it, so this never waits.
+        while sent < pending.len() && sent < window {
+            let batch = &pending[sent];
+            let request = v1::PublishRequest {
+                events: batch.events.clone(),
+                batch_id: batch.id.clone(),
+            };
+            if requests.send(request).await.is_err() {
+                return Err(tonic::Status::unavailable("the stream closed"));
+            }
+            sent += 1;
+        }
+        if sent == 0 {
+            return Ok(());
+        }
+        let Some(answer) = answers.message().await? else {
+            return Err(tonic::Status::unavailable(
+                "the server ended the stream with batches unanswered",
+            ));
+        };
+        let batch = pending
+            .pop_front()
+            .ok_or_else(|| tonic::Status::internal("an answer without a batch"))?;
+        if answer.batch_id != batch.id {
+            return Err(tonic::Status::internal(format!(
+                "answer for batch {} while waiting for {}",
+                answer.batch_id, batch.id
+            )));
+        }
+        sent -= 1;
+        report.accepted += u64::from(answer.accepted);
+        report.rejected += u64::from(answer.rejected);
+        if options.print_rejections {
+            for result in &answer.results {
+                if let Some(v1::event_result::Result::Rejected(rejected)) = &result.result {
+                    let line = batch
+                        .lines
+                        .get(result.index as usize)
+                        .copied()
+                        .unwrap_or_default();
+                    let reason = v1::RejectReason::try_from(rejected.reason).map_or_else(
+                        |_| rejected.reason.to_string(),
+                        |reason| reason.as_str_name().to_owned(),
+                    );
+                    println!(
+                        "line {line}: rejected {reason} ({}): {}",
+                        rejected.field, rejected.message
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_transient_failures_are_retried_with_growing_backoff() {
+        assert_eq!(retry_delay(&tonic::Status::unauthenticated("no"), 0), None);
+        assert_eq!(retry_delay(&tonic::Status::invalid_argument("no"), 0), None);
+        let first = retry_delay(&tonic::Status::unavailable("down"), 0).expect("retried");
+        let later = retry_delay(&tonic::Status::unavailable("down"), 4).expect("retried");
+        assert!(first < later && later <= Duration::from_secs(5));
+    }
+}
