@@ -154,6 +154,43 @@ pub async fn start_node(broker: &TestBroker, dir: &std::path::Path) -> anyhow::R
     Node::start(config(broker, dir), BrokerChoice::External, partners()).await
 }
 
+/// Starts a node on `broker` with `partners`, after `adjust` changed its configuration.
+///
+/// # Errors
+/// When the node cannot start.
+pub async fn start_node_with(
+    broker: &TestBroker,
+    dir: &std::path::Path,
+    partners: impl Into<touchline_ingest::PartnerDirectory>,
+    adjust: impl FnOnce(&mut Config),
+) -> anyhow::Result<Node> {
+    let mut config = config(broker, dir);
+    adjust(&mut config);
+    Node::start(config, BrokerChoice::External, partners).await
+}
+
+/// The `ErrorInfo.reason` of a status, if it has one.
+#[must_use]
+pub fn error_reason(status: &tonic::Status) -> Option<String> {
+    use tonic_types::StatusExt as _;
+    status.get_details_error_info().map(|info| info.reason)
+}
+
+/// The reject reason of each event of a response, `None` for accepted events.
+#[must_use]
+pub fn reject_reasons(response: &v1::PublishResponse) -> Vec<Option<v1::RejectReason>> {
+    response
+        .results
+        .iter()
+        .map(|result| match &result.result {
+            Some(v1::event_result::Result::Rejected(rejected)) => {
+                v1::RejectReason::try_from(rejected.reason).ok()
+            }
+            _ => None,
+        })
+        .collect()
+}
+
 /// A connected ingest client.
 ///
 /// # Errors

@@ -9,6 +9,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use rdkafka::mocking::MockCluster;
+use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 
 use crate::{Error, Result};
 
@@ -17,6 +18,7 @@ enum Command {
     BrokerUp(mpsc::Sender<Result<()>>),
     RoundTripTime(Duration, mpsc::Sender<Result<()>>),
     CreateTopic(String, i32, mpsc::Sender<Result<()>>),
+    ProduceErrors(Vec<RDKafkaRespErr>, mpsc::Sender<Result<()>>),
 }
 
 /// A running in-process mock Kafka cluster. Dropping it stops the cluster.
@@ -61,6 +63,10 @@ impl EmbeddedBroker {
                         }
                         Command::CreateTopic(name, partitions, reply) => {
                             (cluster.create_topic(&name, partitions, 1), reply)
+                        }
+                        Command::ProduceErrors(errors, reply) => {
+                            cluster.request_errors(RDKafkaApiKey::Produce, &errors);
+                            (Ok(()), reply)
                         }
                     };
                     let _ = reply.send(result.map_err(Error::from));
@@ -117,6 +123,15 @@ impl EmbeddedBroker {
     /// When the cluster is stopped or refuses.
     pub fn set_round_trip_time(&self, delay: Duration) -> Result<()> {
         self.call(|reply| Command::RoundTripTime(delay, reply))
+    }
+
+    /// Makes the next Produce requests fail, one per error, in order.
+    ///
+    /// # Errors
+    /// When the cluster is stopped.
+    pub fn fail_next_produces(&self, errors: &[RDKafkaRespErr]) -> Result<()> {
+        let errors = errors.to_vec();
+        self.call(|reply| Command::ProduceErrors(errors, reply))
     }
 
     /// Creates another topic.

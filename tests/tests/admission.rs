@@ -1,0 +1,200 @@
+//! Admission control and partner contracts: per-partner rates answered with RESOURCE_EXHAUSTED
+//! and retry information while other partners are unaffected, a cap on open streams per partner,
+//! server-wide load shedding, and event types and channels outside a partner's contract.
+
+use std::time::Duration;
+
+use tonic::Code;
+use tonic_types::StatusExt as _;
+use touchline_ingest::{PartnerRegistry, PartnersFile, hash_token};
+use touchline_proto::v1::{self, JourneyStage, RejectReason};
+use touchline_tests::{
+    COURIER, RETAILER, authorized, error_reason, ingest_client, partners, publish, reject_reasons,
+    start_broker, start_node_with, touchpoint,
+};
+
+fn batch(prefix: &str, count: usize) -> Vec<v1::Touchpoint> {
+    (0..count)
+        .map(|i| {
+            touchpoint(
+                &format!("{prefix}-{i}"),
+                "gina",
+                "parcel.scanned",
+                i64::try_from(i).unwrap_or_default(),
+                JourneyStage::Fulfil,
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partner_over_its_rate_gets_resource_exhausted_while_another_is_unaffected()
+-> anyhow::Result<()> {
+    let broker = start_broker().await;
+    let dir = tempfile::tempdir()?;
+    let node = start_node_with(&broker, dir.path(), partners(), |config| {
+        config.ingest.rate_per_second = Some(1.0);
+        config.ingest.burst = 20.0;
+    })
+    .await?;
+    let mut ingest = ingest_client(&node).await?;
+    assert_eq!(
+        publish(&mut ingest, COURIER.1, batch("a", 20))
+            .await?
+            .accepted,
+        20,
+        "the burst passes"
+    );
+    let limited = publish(&mut ingest, COURIER.1, batch("b", 5))
+        .await
+        .expect_err("over the rate");
+    assert_eq!(
+        (limited.code(), error_reason(&limited).as_deref()),
+        (Code::ResourceExhausted, Some("RATE_LIMITED"))
+    );
+    let retry = limited
+        .get_details_retry_info()
+        .and_then(|info| info.retry_delay)
+        .expect("retry information");
+    assert!(
+        retry > Duration::from_secs(1) && retry <= Duration::from_secs(5),
+        "{retry:?}"
+    );
+    assert_eq!(
+        publish(&mut ingest, RETAILER.1, batch("c", 20))
+            .await?
+            .accepted,
+        20,
+        "another partner is unaffected"
+    );
+    node.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partner_cannot_open_more_streams_than_allowed() -> anyhow::Result<()> {
+    let broker = start_broker().await;
+    let dir = tempfile::tempdir()?;
+    let node = start_node_with(&broker, dir.path(), partners(), |config| {
+        config.ingest.max_streams_per_partner = 1
+    })
+    .await?;
+    let mut ingest = ingest_client(&node).await?;
+    let (_keep_open, requests) = tokio::sync::mpsc::channel::<v1::PublishRequest>(1);
+    let _first = ingest
+        .publish_stream(authorized(
+            tokio_stream::wrappers::ReceiverStream::new(requests),
+            COURIER.1,
+        ))
+        .await?;
+    let second = ingest
+        .publish_stream(authorized(
+            futures::stream::iter(Vec::<v1::PublishRequest>::new()),
+            COURIER.1,
+        ))
+        .await
+        .expect_err("over the cap");
+    assert_eq!(
+        (second.code(), error_reason(&second).as_deref()),
+        (Code::ResourceExhausted, Some("TOO_MANY_STREAMS"))
+    );
+    let other = ingest
+        .publish_stream(authorized(
+            futures::stream::iter(vec![v1::PublishRequest {
+                events: batch("r", 1),
+                batch_id: "0".into(),
+            }]),
+            RETAILER.1,
+        ))
+        .await?;
+    let mut other = other.into_inner();
+    assert_eq!(
+        other.message().await?.map(|answer| answer.accepted),
+        Some(1),
+        "another partner's stream works"
+    );
+    node.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_sheds_load_past_its_in_flight_limit() -> anyhow::Result<()> {
+    let broker = start_broker().await;
+    // Needs the mock cluster's fault injection (slow broker responses): mock-only.
+    let Some(mock) = broker.embedded() else {
+        eprintln!("skipped against an external broker: needs the mock cluster's fault injection");
+        return Ok(());
+    };
+    let dir = tempfile::tempdir()?;
+    let node = start_node_with(&broker, dir.path(), partners(), |config| {
+        config.ingest.max_in_flight_batches = 1
+    })
+    .await?;
+    let ingest = ingest_client(&node).await?;
+    mock.set_round_trip_time(Duration::from_millis(1500))?;
+    let mut slow = ingest.clone();
+    let first = tokio::spawn(async move { publish(&mut slow, COURIER.1, batch("slow", 1)).await });
+    let mut shed = None;
+    let mut fast = ingest.clone();
+    let deadline = tokio::time::Instant::now() + touchline_tests::DEADLINE;
+    let mut poll = tokio::time::interval(Duration::from_millis(20));
+    while shed.is_none() && !first.is_finished() && tokio::time::Instant::now() < deadline {
+        poll.tick().await;
+        if let Err(status) = publish(&mut fast, RETAILER.1, batch("fast", 1)).await {
+            shed = Some(status);
+        }
+    }
+    let shed = shed.expect("a call arriving while the only slot is busy is shed");
+    assert_eq!(
+        (shed.code(), error_reason(&shed).as_deref()),
+        (Code::ResourceExhausted, Some("OVERLOADED"))
+    );
+    assert!(shed.get_details_retry_info().is_some());
+    mock.set_round_trip_time(Duration::ZERO)?;
+    assert_eq!(
+        first.await??.accepted,
+        1,
+        "the call holding the slot completes"
+    );
+    node.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_outside_a_partners_contract_are_rejected_with_their_reason() -> anyhow::Result<()> {
+    let broker = start_broker().await;
+    let dir = tempfile::tempdir()?;
+    let file: PartnersFile = toml::from_str(&format!(
+        "[[partner]]\nid = \"{}\"\ntoken-sha256 = [\"{}\"]\nevent-types = [\"parcel.*\", \"delivery.completed\"]\nchannels = [\"doorstep\", \"web\"]\n",
+        COURIER.0,
+        hash_token(COURIER.1)
+    ))?;
+    let node = start_node_with(
+        &broker,
+        dir.path(),
+        PartnerRegistry::from_file(&file)?,
+        |_| {},
+    )
+    .await?;
+    let mut ingest = ingest_client(&node).await?;
+    let mut wrong_channel = touchpoint("e3", "gina", "parcel.scanned", 3, JourneyStage::Fulfil);
+    wrong_channel.channel = v1::Channel::Phone as i32;
+    let response = publish(
+        &mut ingest,
+        COURIER.1,
+        vec![
+            touchpoint("e1", "gina", "parcel.scanned", 1, JourneyStage::Fulfil),
+            touchpoint("e2", "gina", "review.posted", 2, JourneyStage::Advocate),
+            wrong_channel,
+            touchpoint("e4", "gina", "delivery.completed", 4, JourneyStage::Fulfil),
+        ],
+    )
+    .await?;
+    assert_eq!(
+        reject_reasons(&response),
+        [
+            None,
+            Some(RejectReason::ReasonTypeNotAllowed),
+            Some(RejectReason::ReasonChannelNotAllowed),
+            None
+        ]
+    );
+    node.shutdown().await
+}

@@ -1,0 +1,175 @@
+//! Kafka down: ingest answers UNAVAILABLE within the call's deadline and acknowledges nothing,
+//! in-flight work stays bounded, and it recovers by itself when the broker returns, with every
+//! acknowledged event present exactly once. Needs the mock cluster's fault injection
+//! (`broker_down`/`broker_up`, injected produce errors): mock-only.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use rdkafka::types::RDKafkaRespErr;
+use tonic::Code;
+use tonic_types::StatusExt as _;
+use touchline_proto::v1::{self, JourneyStage};
+use touchline_tests::{
+    COURIER, authorized, error_reason, event_ids, ingest_client, publish, start_broker,
+    start_node_with, timeline_client, touchpoint, wait_for_timeline,
+};
+
+fn event(id: &str, second: i64) -> v1::Touchpoint {
+    touchpoint(id, "hana", "parcel.scanned", second, JourneyStage::Fulfil)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_broker_down_publishes_fail_fast_and_recover_afterwards() -> anyhow::Result<()> {
+    let broker = start_broker().await;
+    let Some(mock) = broker.embedded() else {
+        eprintln!(
+            "skipped against an external broker: needs the mock cluster's broker_down/broker_up"
+        );
+        return Ok(());
+    };
+    let dir = tempfile::tempdir()?;
+    let node = start_node_with(&broker, dir.path(), touchline_tests::partners(), |config| {
+        config.ingest.max_in_flight_batches = 4
+    })
+    .await?;
+    let mut ingest = ingest_client(&node).await?;
+    let mut acked = BTreeSet::new();
+    assert_eq!(
+        publish(&mut ingest, COURIER.1, vec![event("before", 0)])
+            .await?
+            .accepted,
+        1
+    );
+    acked.insert("before".to_owned());
+
+    mock.broker_down()?;
+    let mut failures = 0;
+    for attempt in 0..3 {
+        let mut request = authorized(
+            v1::PublishRequest {
+                events: vec![event(&format!("down-{attempt}"), 1)],
+                batch_id: String::new(),
+            },
+            COURIER.1,
+        );
+        request.set_timeout(Duration::from_secs(2));
+        let started = tokio::time::Instant::now();
+        match ingest.publish(request).await {
+            Ok(response) => {
+                // Kafka confirmed it before the broker went away: it must be in the timeline.
+                acked.extend(
+                    response
+                        .into_inner()
+                        .results
+                        .into_iter()
+                        .map(|result| result.event_id),
+                );
+            }
+            Err(status) => {
+                failures += 1;
+                assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+                assert_eq!(error_reason(&status).as_deref(), Some("LOG_UNAVAILABLE"));
+                assert!(
+                    status.get_details_retry_info().is_some(),
+                    "retry information"
+                );
+                assert!(
+                    started.elapsed() < Duration::from_secs(2),
+                    "answered within the call's deadline"
+                );
+            }
+        }
+    }
+    assert!(failures >= 2, "publishes fail while the broker is down");
+
+    mock.broker_up()?;
+    // The partner resends until acknowledged; ingest recovers without a restart.
+    let deadline = tokio::time::Instant::now() + touchline_tests::DEADLINE;
+    let mut poll = tokio::time::interval(Duration::from_millis(100));
+    let mut recovered = false;
+    while !recovered && tokio::time::Instant::now() < deadline {
+        poll.tick().await;
+        let mut request = authorized(
+            v1::PublishRequest {
+                events: (0..3)
+                    .map(|i| event(&format!("down-{i}"), 1))
+                    .chain([event("after", 2)])
+                    .collect(),
+                batch_id: String::new(),
+            },
+            COURIER.1,
+        );
+        request.set_timeout(Duration::from_secs(2));
+        if let Ok(response) = ingest.publish(request).await {
+            acked.extend(
+                response
+                    .into_inner()
+                    .results
+                    .into_iter()
+                    .map(|result| result.event_id),
+            );
+            recovered = true;
+        }
+    }
+    assert!(recovered, "ingest recovered after the broker returned");
+
+    let mut timeline = timeline_client(&node).await?;
+    let entries = wait_for_timeline(&mut timeline, "hana", acked.len()).await?;
+    let ids = event_ids(&entries);
+    assert_eq!(ids.len(), acked.len(), "nothing twice");
+    assert_eq!(
+        ids.into_iter().collect::<BTreeSet<_>>(),
+        acked,
+        "every acknowledged event, exactly once"
+    );
+    node.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn injected_produce_errors_are_retried_or_answered_unavailable_never_acknowledged()
+-> anyhow::Result<()> {
+    let broker = start_broker().await;
+    let Some(mock) = broker.embedded() else {
+        eprintln!("skipped against an external broker: needs the mock cluster's injected errors");
+        return Ok(());
+    };
+    let dir = tempfile::tempdir()?;
+    let node = start_node_with(&broker, dir.path(), touchline_tests::partners(), |_| {}).await?;
+    let mut ingest = ingest_client(&node).await?;
+
+    // Retriable errors: librdkafka retries and the batch is acknowledged once Kafka took it.
+    mock.fail_next_produces(&[
+        RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS,
+        RDKafkaRespErr::RD_KAFKA_RESP_ERR_REQUEST_TIMED_OUT,
+    ])?;
+    let retried = publish(&mut ingest, COURIER.1, vec![event("retried", 0)]).await;
+    assert_eq!(
+        retried
+            .map(|response| response.accepted)
+            .map_err(|status| status.message().to_owned()),
+        Ok(1),
+        "the retried batch"
+    );
+
+    // A permanent error: nothing is acknowledged.
+    mock.fail_next_produces(&[RDKafkaRespErr::RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE])?;
+    let refused = publish(&mut ingest, COURIER.1, vec![event("refused", 1)])
+        .await
+        .expect_err("not acknowledged");
+    assert_eq!(refused.code(), Code::Unavailable);
+
+    // The next call works, and only acknowledged events are in the timeline, once.
+    let after = publish(&mut ingest, COURIER.1, vec![event("after", 2)]).await;
+    assert_eq!(
+        after
+            .map(|response| response.accepted)
+            .map_err(|status| status.message().to_owned()),
+        Ok(1),
+        "the call after"
+    );
+    let mut timeline = timeline_client(&node).await?;
+    let entries = wait_for_timeline(&mut timeline, "hana", 2).await?;
+    assert_eq!(event_ids(&entries), ["retried", "after"]);
+    node.shutdown().await
+}

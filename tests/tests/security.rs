@@ -1,0 +1,176 @@
+//! Credentials: no token, a wrong token, a revoked token (removed from the partners file, reloaded
+//! without a restart), an expired rotation token, both tokens valid during a rotation, a bad
+//! partners file that keeps the previous one in force, and tokens that never appear in logs or
+//! error messages.
+
+use std::io::Write as _;
+use std::sync::{Arc, Mutex};
+
+use tonic::Code;
+use touchline_ingest::{PartnerDirectory, hash_token};
+use touchline_proto::v1::{self, JourneyStage};
+use touchline_tests::{
+    error_reason, ingest_client, publish, start_broker, start_node_with, touchpoint, wait_until,
+};
+
+const OLD: &str = "old-token-of-the-courier-7f3a";
+const NEW: &str = "new-token-of-the-courier-91bc";
+const EXPIRED: &str = "expired-token-of-the-courier-55d0";
+
+fn partners_file(tokens: &[&str]) -> String {
+    format!(
+        "[[partner]]\nid = \"swift-courier\"\ntoken-sha256 = [{}]\ntokens = [{{ sha256 = \"{}\", expires-at = \"2020-01-01T00:00:00Z\" }}]\n",
+        tokens
+            .iter()
+            .map(|token| format!("\"{}\"", hash_token(token)))
+            .collect::<Vec<_>>()
+            .join(", "),
+        hash_token(EXPIRED),
+    )
+}
+
+/// Everything the code under test logs on this thread.
+#[derive(Clone, Default)]
+struct CapturedLogs(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for CapturedLogs {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .map_err(|_| std::io::Error::other("poisoned"))?
+            .extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+// A current-thread runtime, so that the node's tasks log through this test's subscriber.
+#[tokio::test(flavor = "current_thread")]
+async fn tokens_rotate_expire_and_are_revoked_without_a_restart_and_never_leak()
+-> anyhow::Result<()> {
+    let logs = CapturedLogs::default();
+    let writer = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_env_filter("trace,h2=info,hyper=info,tower=info")
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let broker = start_broker().await;
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("partners.toml");
+    std::fs::write(&path, partners_file(&[OLD, NEW]))?;
+    let node = start_node_with(&broker, dir.path(), PartnerDirectory::load(&path)?, |_| {}).await?;
+    let mut ingest = ingest_client(&node).await?;
+    let event = |id: &str| {
+        vec![touchpoint(
+            id,
+            "ivan",
+            "parcel.scanned",
+            1,
+            JourneyStage::Fulfil,
+        )]
+    };
+
+    // During a rotation both tokens work.
+    assert_eq!(publish(&mut ingest, OLD, event("a")).await?.accepted, 1);
+    assert_eq!(publish(&mut ingest, NEW, event("b")).await?.accepted, 1);
+    // No token, a wrong token, an expired rotation token.
+    let none = ingest
+        .publish(tonic::Request::new(v1::PublishRequest {
+            events: event("c"),
+            batch_id: String::new(),
+        }))
+        .await
+        .expect_err("refused");
+    assert_eq!(
+        (none.code(), error_reason(&none).as_deref()),
+        (Code::Unauthenticated, Some("TOKEN_MISSING"))
+    );
+    let wrong = publish(&mut ingest, "not-a-token-at-all", event("c"))
+        .await
+        .expect_err("refused");
+    assert_eq!(
+        (wrong.code(), error_reason(&wrong).as_deref()),
+        (Code::Unauthenticated, Some("TOKEN_INVALID"))
+    );
+    let expired = publish(&mut ingest, EXPIRED, event("c"))
+        .await
+        .expect_err("refused");
+    assert_eq!(
+        (expired.code(), error_reason(&expired).as_deref()),
+        (Code::Unauthenticated, Some("TOKEN_EXPIRED"))
+    );
+
+    // Revoke the old token: the file is reloaded when it changes, without a restart.
+    std::fs::write(&path, partners_file(&[NEW]))?;
+    let mut revoked = None;
+    let mut client = ingest.clone();
+    let deadline = tokio::time::Instant::now() + touchline_tests::DEADLINE;
+    let mut poll = tokio::time::interval(std::time::Duration::from_millis(100));
+    while revoked.is_none() && tokio::time::Instant::now() < deadline {
+        poll.tick().await;
+        if let Err(status) = publish(&mut client, OLD, event("d")).await {
+            revoked = Some(status);
+        }
+    }
+    let revoked = revoked.expect("the revoked token is refused after the reload");
+    assert_eq!(
+        (revoked.code(), error_reason(&revoked).as_deref()),
+        (Code::Unauthenticated, Some("TOKEN_INVALID"))
+    );
+    assert_eq!(publish(&mut ingest, NEW, event("e")).await?.accepted, 1);
+
+    // A broken file keeps the previous one in force, with a logged error.
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(&path)?
+        .write_all(b"\n[[partner]\nthis is not toml")?;
+    let log_text = || {
+        String::from_utf8_lossy(&logs.0.lock().map(|bytes| bytes.clone()).unwrap_or_default())
+            .into_owned()
+    };
+    wait_until("the reload error to be logged", || {
+        log_text().contains("partners file not reloaded")
+    })
+    .await?;
+    assert_eq!(
+        publish(&mut ingest, NEW, event("f")).await?.accepted,
+        1,
+        "the previous file stays in force"
+    );
+
+    // Tokens appear in no log line and no error message.
+    let text = log_text();
+    assert!(text.contains("partners file reloaded"), "the capture works");
+    for token in [OLD, NEW, EXPIRED, "not-a-token-at-all"] {
+        assert!(!text.contains(token), "a token leaked into the logs");
+    }
+    for status in [&none, &wrong, &expired, &revoked] {
+        assert!(
+            ![OLD, NEW, EXPIRED, "not-a-token-at-all"]
+                .iter()
+                .any(|token| status.message().contains(token))
+        );
+    }
+    // SIGHUP reloads too: bring the old token back and signal.
+    std::fs::write(&path, partners_file(&[OLD, NEW]))?;
+    let status = std::process::Command::new("kill")
+        .args(["-HUP", &std::process::id().to_string()])
+        .status()?;
+    assert!(status.success());
+    wait_until("the SIGHUP reload", || {
+        log_text().contains("SIGHUP: reloading the partners file")
+    })
+    .await?;
+    let mut restored = false;
+    let deadline = tokio::time::Instant::now() + touchline_tests::DEADLINE;
+    while !restored && tokio::time::Instant::now() < deadline {
+        poll.tick().await;
+        restored = publish(&mut client, OLD, event("g")).await.is_ok();
+    }
+    assert!(restored, "the token is valid again after the SIGHUP reload");
+    node.shutdown().await
+}
