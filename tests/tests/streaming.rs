@@ -1,0 +1,154 @@
+//! `PublishStream` flow control: a partner that stops reading acknowledgements is pushed back
+//! (its sends block) instead of the server buffering without bound; and the `touchline publish`
+//! client keeps a window in flight and, after the server goes away mid-stream, reconnects and
+//! resends what was not answered, with every event stored exactly once.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use tokio_stream::wrappers::ReceiverStream;
+use touchline::stream_client::{PublishOptions, publish};
+use touchline_proto::v1::{self, JourneyStage};
+use touchline_tests::{
+    COURIER, authorized, event_ids, ingest_client, partners, records_in_topic, start_broker,
+    start_node_with, timeline_client, touchpoint, wait_for_timeline,
+};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partner_that_stops_reading_acknowledgements_is_pushed_back() -> anyhow::Result<()> {
+    let broker = start_broker().await;
+    let dir = tempfile::tempdir()?;
+    let node = start_node_with(&broker, dir.path(), partners(), |config| {
+        config.ingest.stream_window_events = 100;
+        config.ingest.max_batch_events = 100;
+        config.ingest.rate_per_second = None;
+    })
+    .await?;
+    let mut ingest = ingest_client(&node).await?;
+    let (requests, outgoing) = tokio::sync::mpsc::channel(1);
+    // The partner opens a stream and never reads a single answer.
+    let _answers = ingest
+        .publish_stream(authorized(ReceiverStream::new(outgoing), COURIER.1))
+        .await?;
+    const ATTEMPTS: usize = 4000;
+    let mut sent = 0;
+    for batch in 0..ATTEMPTS {
+        let events = (0..100)
+            .map(|i| {
+                touchpoint(
+                    &format!("b{batch}-{i}"),
+                    &format!("c{i}"),
+                    "parcel.scanned",
+                    i64::from(i),
+                    JourneyStage::Fulfil,
+                )
+            })
+            .collect();
+        // Blocking for a while is the thing under test: once it blocks, the server is not reading.
+        match tokio::time::timeout(
+            Duration::from_secs(3),
+            requests.send(v1::PublishRequest {
+                events,
+                batch_id: batch.to_string(),
+            }),
+        )
+        .await
+        {
+            Ok(result) => {
+                result?;
+                sent += 1;
+            }
+            Err(_) => break,
+        }
+    }
+    assert!(
+        sent < ATTEMPTS,
+        "the partner's sends block once the server stops reading"
+    );
+    let processed = records_in_topic(&broker).await?;
+    println!("batches the partner could send: {sent}; events the server made durable: {processed}");
+    // The server keeps at most its stream window of unanswered events; the answers it did make
+    // wait in the partner's HTTP/2 receive window (about 2 MiB with tonic's defaults), not in the
+    // server. Everything the partner sent past that stayed with the partner.
+    assert!(processed <= i64::try_from(sent * 100)?);
+    assert!(
+        sent * 2 < ATTEMPTS,
+        "the partner was stopped well before sending everything: {sent}"
+    );
+    node.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_publish_client_resends_unanswered_batches_after_the_server_restarts()
+-> anyhow::Result<()> {
+    let broker = start_broker().await;
+    // The broker is slowed down so that the stream is still busy when the server restarts.
+    let Some(mock) = broker.embedded() else {
+        eprintln!("skipped against an external broker: needs the mock cluster's round-trip delay");
+        return Ok(());
+    };
+    mock.set_round_trip_time(Duration::from_millis(50))?;
+    let dir = tempfile::tempdir()?;
+    // A fixed port, so that the client finds the restarted server where it was.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let listen = move |config: &mut touchline::Config| {
+        config.server.listen = format!("127.0.0.1:{port}").parse().expect("valid address");
+        config.ingest.rate_per_second = None;
+    };
+    let node = start_node_with(&broker, dir.path(), partners(), listen).await?;
+    let endpoint = node.endpoint();
+    let events: Vec<(usize, v1::Touchpoint)> = (0..3000)
+        .map(|i| {
+            (
+                i + 1,
+                touchpoint(
+                    &format!("s-{i}"),
+                    &format!("cust-{}", i % 4),
+                    "parcel.scanned",
+                    i64::try_from(i).unwrap_or_default(),
+                    JourneyStage::Fulfil,
+                ),
+            )
+        })
+        .collect();
+    let expected: BTreeSet<String> = events
+        .iter()
+        .map(|(_, event)| event.event_id.clone())
+        .collect();
+    let options = PublishOptions {
+        batch_size: 20,
+        window: 4,
+        max_attempts: 100,
+        print_rejections: true,
+    };
+    let client = tokio::spawn(async move { publish(&endpoint, COURIER.1, events, &options).await });
+
+    // Restart the server while the client is streaming.
+    let store = node.store().cloned().expect("a store");
+    touchline_tests::wait_until("the client to be streaming", || store.log_len() > 200).await?;
+    assert!(!client.is_finished(), "the restart happens mid-stream");
+    drop(store);
+    node.shutdown().await?;
+    let node = start_node_with(&broker, dir.path(), partners(), listen).await?;
+    let report = client.await??;
+    assert_eq!(
+        (report.accepted, report.rejected),
+        (3000, 0),
+        "every event acknowledged once from the client's side"
+    );
+    assert!(report.reconnects >= 1, "the client reconnected");
+
+    let mut timeline = timeline_client(&node).await?;
+    let mut stored = BTreeSet::new();
+    let mut total = 0;
+    for customer in 0..4 {
+        let entries = wait_for_timeline(&mut timeline, &format!("cust-{customer}"), 750).await?;
+        total += entries.len();
+        stored.extend(event_ids(&entries));
+    }
+    assert_eq!(total, 3000, "nothing twice");
+    assert_eq!(stored, expected, "nothing lost");
+    node.shutdown().await
+}
