@@ -75,7 +75,7 @@ async fn a_partner_cannot_open_more_streams_than_allowed() -> anyhow::Result<()>
     let broker = start_broker().await;
     let dir = tempfile::tempdir()?;
     let node = start_node_with(&broker, dir.path(), partners(), |config| {
-        config.ingest.max_streams_per_partner = 1
+        config.ingest.max_streams_per_partner = 1;
     })
     .await?;
     let mut ingest = ingest_client(&node).await?;
@@ -125,7 +125,7 @@ async fn the_server_sheds_load_past_its_in_flight_limit() -> anyhow::Result<()> 
     };
     let dir = tempfile::tempdir()?;
     let node = start_node_with(&broker, dir.path(), partners(), |config| {
-        config.ingest.max_in_flight_batches = 1
+        config.ingest.max_in_flight_batches = 1;
     })
     .await?;
     let ingest = ingest_client(&node).await?;

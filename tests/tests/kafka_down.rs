@@ -30,7 +30,7 @@ async fn with_the_broker_down_publishes_fail_fast_and_recover_afterwards() -> an
     };
     let dir = tempfile::tempdir()?;
     let node = start_node_with(&broker, dir.path(), touchline_tests::partners(), |config| {
-        config.ingest.max_in_flight_batches = 4
+        config.ingest.max_in_flight_batches = 4;
     })
     .await?;
     let mut ingest = ingest_client(&node).await?;
