@@ -1,0 +1,131 @@
+//! The ceilings, measured in the same run on the same records: what the broker does with raw
+//! rdkafka clients, and what sled does with batched writes of the log and timeline keys.
+
+use std::time::{Duration, Instant};
+
+use futures::StreamExt as _;
+use rdkafka::consumer::{Consumer as _, StreamConsumer};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{Message as _, Offset, TopicPartitionList};
+use serde::Serialize;
+use touchline_kafka::KafkaOptions;
+
+/// Raw broker rates, records per second.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct BrokerCeiling {
+    pub produce_per_second: f64,
+    pub consume_per_second: f64,
+    /// The lower of the two: a pipeline that produces and consumes at once cannot beat it.
+    pub per_second: f64,
+}
+
+#[allow(clippy::cast_precision_loss, reason = "record counts far below 2^52")]
+fn rate(count: usize, elapsed: Duration) -> f64 {
+    count as f64 / elapsed.as_secs_f64().max(1e-9)
+}
+
+/// Produces the records with every delivery in flight (idempotent, `acks=all`, the producer
+/// settings Touchline uses), then consumes them all back.
+///
+/// # Errors
+/// When the broker refuses.
+pub async fn broker(
+    kafka: &KafkaOptions,
+    records: &[(String, Vec<u8>)],
+) -> anyhow::Result<BrokerCeiling> {
+    let producer: FutureProducer = kafka.producer_config().create()?;
+    let started = Instant::now();
+    let mut deliveries = Vec::with_capacity(records.len());
+    for (key, value) in records {
+        loop {
+            match producer.send_result(FutureRecord::to(&kafka.topic).key(key).payload(value)) {
+                Ok(delivery) => {
+                    deliveries.push(delivery);
+                    break;
+                }
+                Err((
+                    rdkafka::error::KafkaError::MessageProduction(
+                        rdkafka::types::RDKafkaErrorCode::QueueFull,
+                    ),
+                    _,
+                )) => {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                Err((error, _)) => return Err(error.into()),
+            }
+        }
+    }
+    for delivery in deliveries {
+        delivery.await?.map_err(|(error, _)| error)?;
+    }
+    let produce = started.elapsed();
+
+    let consumer: StreamConsumer = kafka
+        .consumer_config()
+        .set("group.id", "touchline-bench-ceiling")
+        .create()?;
+    let partitions = touchline_kafka::fetch_partitions(
+        consumer.client(),
+        &kafka.topic,
+        Duration::from_secs(10),
+    )?;
+    let mut assignment = TopicPartitionList::new();
+    for partition in partitions {
+        assignment.add_partition_offset(&kafka.topic, partition, Offset::Beginning)?;
+    }
+    consumer.assign(&assignment)?;
+    let started = Instant::now();
+    let mut consumed = 0;
+    let mut stream = consumer.stream();
+    while consumed < records.len() {
+        match tokio::time::timeout(Duration::from_secs(30), stream.next()).await {
+            Ok(Some(Ok(message))) => {
+                consumed += usize::from(message.payload().is_some());
+            }
+            Ok(Some(Err(error))) => return Err(error.into()),
+            Ok(None) | Err(_) => anyhow::bail!("consumed {consumed} of {} records", records.len()),
+        }
+    }
+    let consume = started.elapsed();
+    let produce_per_second = rate(records.len(), produce);
+    let consume_per_second = rate(records.len(), consume);
+    Ok(BrokerCeiling {
+        produce_per_second,
+        consume_per_second,
+        per_second: produce_per_second.min(consume_per_second),
+    })
+}
+
+/// Raw sled: each record appended to a log tree and indexed in a timeline tree, in batches of
+/// `batch` with one flush per batch, as the projector writes.
+///
+/// # Errors
+/// When sled fails.
+pub fn sled_rate(
+    dir: &std::path::Path,
+    records: &[(String, Vec<u8>)],
+    batch: usize,
+) -> anyhow::Result<f64> {
+    let db = sled::Config::new()
+        .path(dir)
+        .cache_capacity(256 * 1024 * 1024)
+        .open()?;
+    let log = db.open_tree("log")?;
+    let timeline = db.open_tree("timeline")?;
+    let started = Instant::now();
+    for (chunk_index, chunk) in records.chunks(batch.max(1)).enumerate() {
+        let mut log_batch = sled::Batch::default();
+        let mut timeline_batch = sled::Batch::default();
+        for (offset, (key, value)) in chunk.iter().enumerate() {
+            let sequence = (chunk_index * batch + offset) as u64;
+            log_batch.insert(&sequence.to_be_bytes(), value.as_slice());
+            let mut timeline_key = key.as_bytes().to_vec();
+            timeline_key.extend_from_slice(&sequence.to_be_bytes());
+            timeline_batch.insert(timeline_key, value.as_slice());
+        }
+        log.apply_batch(log_batch)?;
+        timeline.apply_batch(timeline_batch)?;
+        db.flush()?;
+    }
+    Ok(rate(records.len(), started.elapsed()))
+}

@@ -1,0 +1,331 @@
+//! `touchline-bench`: measures the pipeline against its ceilings in one run, on the same machine,
+//! broker and records, and prints a table (and JSON with `--json`).
+//!
+//! Phases: (1) the broker ceiling (raw rdkafka produce then consume), (2) the sled ceiling
+//! (batched log + timeline writes), (3) the pipeline at full speed with K partners on
+//! `PublishStream` (end-to-end throughput until the last event is queryable, acknowledgement
+//! latency), (4) the pipeline paced open-loop at half that rate (acknowledgement and
+//! ingest-to-queryable latency, `GetTimeline` latency with Q readers during ingest), (5) reads after
+//! ingest, and the peak RSS.
+
+mod ceilings;
+mod pipeline;
+mod stats;
+mod workload;
+
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+use serde::Serialize;
+use touchline_kafka::{EmbeddedBroker, KafkaOptions};
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Preset {
+    /// 2,000 events, 200 customers: a smoke test.
+    Tiny,
+    /// 100,000 events, 10,000 customers.
+    Quick,
+    /// 1,000,000 events, 100,000 customers.
+    Full,
+}
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "touchline-bench",
+    about = "Measures Touchline against its ceilings in one run"
+)]
+struct Args {
+    #[arg(long, value_enum, default_value_t = Preset::Full)]
+    preset: Preset,
+    /// Events (overrides the preset).
+    #[arg(long)]
+    events: Option<usize>,
+    /// Customers (overrides the preset).
+    #[arg(long)]
+    customers: Option<usize>,
+    /// Concurrent partner clients (K).
+    #[arg(long, default_value_t = 4)]
+    clients: usize,
+    /// Events per request.
+    #[arg(long, default_value_t = 500)]
+    batch_size: usize,
+    /// Unanswered requests per client.
+    #[arg(long, default_value_t = 8)]
+    window: usize,
+    /// Concurrent timeline readers (Q).
+    #[arg(long, default_value_t = 4)]
+    readers: usize,
+    /// Bootstrap servers of an external broker (for example Tansu); the embedded mock cluster when
+    /// not given.
+    #[arg(long)]
+    kafka: Option<String>,
+    /// Also write the figures as JSON to this file.
+    #[arg(long)]
+    json: Option<std::path::PathBuf>,
+}
+
+#[derive(Debug, Serialize)]
+struct Report {
+    broker: String,
+    shape: pipeline::Shape,
+    record_bytes: usize,
+    broker_ceiling: ceilings::BrokerCeiling,
+    sled_ceiling_per_second: f64,
+    full_speed: pipeline::Run,
+    full_speed_ratio: f64,
+    half_rate: pipeline::Run,
+    reads_after: stats::Percentiles,
+    reads_after_per_second: f64,
+    peak_rss_mib: Option<f64>,
+}
+
+const PARTITIONS: i32 = 6;
+
+/// A broker for one phase: a topic of its own on the external broker, or a fresh mock cluster.
+async fn broker_for(
+    args: &Args,
+    name: &str,
+    keep: &mut Vec<EmbeddedBroker>,
+) -> anyhow::Result<KafkaOptions> {
+    let topic = format!("touchline-bench-{name}-{}", std::process::id());
+    let bootstrap = match &args.kafka {
+        Some(bootstrap) => bootstrap.clone(),
+        None => {
+            let broker = EmbeddedBroker::start(1, &topic, PARTITIONS)?;
+            let bootstrap = broker.bootstrap_servers().to_owned();
+            keep.push(broker);
+            bootstrap
+        }
+    };
+    let options = KafkaOptions {
+        bootstrap_servers: bootstrap,
+        topic,
+        partitions: PARTITIONS,
+        ..KafkaOptions::default()
+    };
+    touchline_kafka::ensure_topic(&options).await?;
+    Ok(options)
+}
+
+#[allow(clippy::needless_pass_by_value, reason = "the call sites build the strings inline")]
+fn line(name: &str, value: String, ceiling: String, ratio: String) {
+    println!("{name:<44} {value:>18} {ceiling:>18} {ratio:>8}");
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let (events, customers) = match args.preset {
+        Preset::Tiny => (2_000, 200),
+        Preset::Quick => (100_000, 10_000),
+        Preset::Full => (1_000_000, 100_000),
+    };
+    let shape = pipeline::Shape {
+        events: args.events.unwrap_or(events),
+        customers: args.customers.unwrap_or(customers),
+        clients: args.clients.max(1),
+        batch_size: args.batch_size.max(1),
+        window: args.window.max(1),
+        readers: args.readers,
+    };
+    let broker_name = args.kafka.clone().map_or_else(
+        || "embedded mock cluster".to_owned(),
+        |bootstrap| format!("external {bootstrap}"),
+    );
+    eprintln!(
+        "touchline-bench: {} events over {} customers, {} clients, broker: {broker_name}",
+        shape.events, shape.customers, shape.clients
+    );
+    let mut brokers = Vec::new();
+    let records: Vec<(String, Vec<u8>)> = (0..shape.events)
+        .map(|index| {
+            let (key, value, _) = workload::record(index, shape.customers, 1_760_000_000);
+            (key, value)
+        })
+        .collect();
+    let record_bytes =
+        records.iter().map(|(_, value)| value.len()).sum::<usize>() / records.len().max(1);
+
+    eprintln!("1/5 broker ceiling");
+    let kafka = broker_for(&args, "ceiling", &mut brokers).await?;
+    let broker_ceiling = ceilings::broker(&kafka, &records).await?;
+    brokers.clear();
+    eprintln!("2/5 sled ceiling");
+    let sled_dir = tempfile::tempdir()?;
+    let sled_ceiling = {
+        let records = records.clone();
+        let path = sled_dir.path().to_owned();
+        tokio::task::spawn_blocking(move || ceilings::sled_rate(&path, &records, 1000)).await??
+    };
+    drop(records);
+
+    eprintln!("3/5 pipeline at full speed");
+    let kafka = broker_for(&args, "full", &mut brokers).await?;
+    let dir = tempfile::tempdir()?;
+    let node = pipeline::start_node(
+        &kafka.bootstrap_servers,
+        &kafka.topic,
+        dir.path(),
+        shape.clients,
+    )
+    .await?;
+    let full_shape = pipeline::Shape {
+        readers: 0,
+        ..shape.clone()
+    };
+    let full_speed = pipeline::run(&node, &full_shape, None).await?;
+    node.shutdown().await?;
+    brokers.clear();
+
+    eprintln!("4/5 pipeline at half rate, with readers");
+    let kafka = broker_for(&args, "half", &mut brokers).await?;
+    let dir = tempfile::tempdir()?;
+    let node = pipeline::start_node(
+        &kafka.bootstrap_servers,
+        &kafka.topic,
+        dir.path(),
+        shape.clients,
+    )
+    .await?;
+    let half_rate =
+        pipeline::run(&node, &shape, Some(full_speed.end_to_end_per_second / 2.0)).await?;
+    eprintln!("5/5 reads after ingest");
+    let (reads_after, reads_after_per_second) =
+        pipeline::reads_after(&node, &shape, Duration::from_secs(3)).await?;
+    node.shutdown().await?;
+    brokers.clear();
+
+    let ceiling = broker_ceiling.per_second.min(sled_ceiling);
+    let report = Report {
+        broker: broker_name,
+        shape,
+        record_bytes,
+        broker_ceiling,
+        sled_ceiling_per_second: sled_ceiling,
+        full_speed_ratio: full_speed.end_to_end_per_second / ceiling.max(1e-9),
+        full_speed,
+        half_rate,
+        reads_after,
+        reads_after_per_second,
+        peak_rss_mib: stats::peak_rss_mib(),
+    };
+
+    println!();
+    line(
+        "figure",
+        "measured".into(),
+        "ceiling".into(),
+        "ratio".into(),
+    );
+    line(
+        "broker: raw produce (records/s)",
+        format!("{:.0}", report.broker_ceiling.produce_per_second),
+        String::new(),
+        String::new(),
+    );
+    line(
+        "broker: raw consume (records/s)",
+        format!("{:.0}", report.broker_ceiling.consume_per_second),
+        String::new(),
+        String::new(),
+    );
+    line(
+        "sled: batched log + timeline writes (rec/s)",
+        format!("{:.0}", report.sled_ceiling_per_second),
+        String::new(),
+        String::new(),
+    );
+    line(
+        "end-to-end throughput, full speed (ev/s)",
+        format!("{:.0}", report.full_speed.end_to_end_per_second),
+        format!("{ceiling:.0}"),
+        format!("{:.2}", report.full_speed_ratio),
+    );
+    let ms = |value: f64| format!("{value:.2} ms");
+    line(
+        "ack latency p50 / p99, full speed",
+        format!(
+            "{} / {}",
+            ms(report.full_speed.ack_latency.p50_ms),
+            ms(report.full_speed.ack_latency.p99_ms)
+        ),
+        String::new(),
+        String::new(),
+    );
+    line(
+        "half rate (ev/s)",
+        format!("{:.0}", report.half_rate.end_to_end_per_second),
+        String::new(),
+        String::new(),
+    );
+    line(
+        "ack latency p50 / p99 / p99.9, half rate",
+        format!(
+            "{} / {} / {}",
+            ms(report.half_rate.ack_latency.p50_ms),
+            ms(report.half_rate.ack_latency.p99_ms),
+            ms(report.half_rate.ack_latency.p999_ms)
+        ),
+        "20 ms p99".into(),
+        format!("{:.2}", report.half_rate.ack_latency.p99_ms / 20.0),
+    );
+    line(
+        "ingest-to-queryable p50 / p99, half rate",
+        format!(
+            "{} / {}",
+            ms(report.half_rate.ingest_to_queryable.p50_ms),
+            ms(report.half_rate.ingest_to_queryable.p99_ms)
+        ),
+        "100 ms p99".into(),
+        format!("{:.2}", report.half_rate.ingest_to_queryable.p99_ms / 100.0),
+    );
+    line(
+        "GetTimeline(50) p50 / p99 during ingest",
+        format!(
+            "{} / {}",
+            ms(report.half_rate.reads_during.p50_ms),
+            ms(report.half_rate.reads_during.p99_ms)
+        ),
+        "5 ms p99".into(),
+        format!("{:.2}", report.half_rate.reads_during.p99_ms / 5.0),
+    );
+    line(
+        "GetTimeline reads/s during ingest",
+        format!("{:.0}", report.half_rate.reads_during_per_second),
+        String::new(),
+        String::new(),
+    );
+    line(
+        "GetTimeline(50) p50 / p99 after ingest",
+        format!(
+            "{} / {}",
+            ms(report.reads_after.p50_ms),
+            ms(report.reads_after.p99_ms)
+        ),
+        String::new(),
+        String::new(),
+    );
+    line(
+        "GetTimeline reads/s after ingest",
+        format!("{:.0}", report.reads_after_per_second),
+        String::new(),
+        String::new(),
+    );
+    line(
+        "peak RSS (MiB)",
+        report
+            .peak_rss_mib
+            .map_or_else(|| "n/a".to_owned(), |rss| format!("{rss:.0}")),
+        String::new(),
+        String::new(),
+    );
+    println!(
+        "record size: {} bytes; rebuild throughput: not measured (no rebuild yet)",
+        report.record_bytes
+    );
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_string_pretty(&report)?)?;
+        eprintln!("figures written to {}", path.display());
+    }
+    Ok(())
+}

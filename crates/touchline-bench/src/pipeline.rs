@@ -1,0 +1,365 @@
+//! The whole pipeline over real gRPC: K partner clients on `PublishStream`, a node with every role,
+//! and readers on `TimelineService`.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
+use touchline::{BrokerChoice, Config, Node};
+use touchline_core::PartnerId;
+use touchline_ingest::PartnerRegistry;
+use touchline_proto::v1;
+use touchline_proto::v1::ingest_service_client::IngestServiceClient;
+use touchline_proto::v1::timeline_service_client::TimelineServiceClient;
+
+use crate::stats::Percentiles;
+use crate::workload;
+
+/// The shape of a pipeline run.
+#[derive(Debug, Clone, Serialize)]
+pub struct Shape {
+    pub events: usize,
+    pub customers: usize,
+    pub clients: usize,
+    pub batch_size: usize,
+    pub window: usize,
+    pub readers: usize,
+}
+
+const BASE_SECONDS: i64 = 1_760_000_000;
+
+fn token(client: usize) -> String {
+    format!("bench-token-{client}")
+}
+
+/// A node with every role on `bootstrap`, on a free port, storing in `dir`, no rate limits.
+///
+/// # Errors
+/// When the node cannot start.
+pub async fn start_node(
+    bootstrap: &str,
+    topic: &str,
+    dir: &std::path::Path,
+    clients: usize,
+) -> anyhow::Result<Node> {
+    let mut config = Config::default();
+    config.server.listen = "127.0.0.1:0".parse()?;
+    config.kafka.bootstrap_servers = bootstrap.to_owned();
+    config.kafka.topic = topic.to_owned();
+    config.store.path = dir.join("store");
+    config.ingest.rate_per_second = None;
+    config.ingest.max_streams_per_partner = 4;
+    let tokens: Vec<String> = (0..clients).map(token).collect();
+    let registry =
+        PartnerRegistry::from_tokens(tokens.iter().enumerate().map(|(client, token)| {
+            (
+                PartnerId::parse(format!("bench-partner-{client}")).expect("valid id"),
+                token.as_str(),
+            )
+        }));
+    Node::start(config, BrokerChoice::External, registry).await
+}
+
+/// When each batch was (or was meant to be) sent, to measure acknowledgement latency.
+type SendTimes = Arc<Mutex<HashMap<String, Instant>>>;
+
+/// One partner: streams its events in batches with at most `window` unanswered. With `pace`,
+/// batches are scheduled at fixed intervals (open loop) and latency counts from the schedule.
+async fn partner(
+    endpoint: String,
+    client: usize,
+    shape: Shape,
+    pace: Option<Duration>,
+    sampled: Option<tokio::sync::mpsc::UnboundedSender<(Instant, v1::Touchpoint)>>,
+) -> anyhow::Result<Vec<Duration>> {
+    let mut ingest = IngestServiceClient::connect(endpoint).await?;
+    let events: Vec<usize> = (client..shape.events).step_by(shape.clients).collect();
+    let batches: Vec<Vec<usize>> = events
+        .chunks(shape.batch_size)
+        .map(<[usize]>::to_vec)
+        .collect();
+    let (requests, outgoing) = tokio::sync::mpsc::channel(shape.window);
+    let mut request = tonic::Request::new(ReceiverStream::new(outgoing));
+    request.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {}", token(client)).parse()?,
+    );
+    let mut answers = ingest.publish_stream(request).await?.into_inner();
+    let send_times: SendTimes = Arc::default();
+    let window = Arc::new(tokio::sync::Semaphore::new(shape.window));
+    let sender = {
+        let send_times = Arc::clone(&send_times);
+        let window = Arc::clone(&window);
+        let customers = shape.customers;
+        tokio::spawn(async move {
+            let started = Instant::now();
+            for (number, batch) in batches.into_iter().enumerate() {
+                let scheduled = match pace {
+                    Some(interval) => {
+                        let at = started
+                            + interval.saturating_mul(u32::try_from(number).unwrap_or(u32::MAX));
+                        tokio::time::sleep_until(at.into()).await;
+                        at
+                    }
+                    None => Instant::now(),
+                };
+                let permit = window.acquire().await?;
+                permit.forget();
+                let events: Vec<v1::Touchpoint> = batch
+                    .iter()
+                    .map(|index| workload::touchpoint(*index, customers, BASE_SECONDS))
+                    .collect();
+                if number % 10 == 0
+                    && let (Some(sampled), Some(last)) = (&sampled, events.last())
+                {
+                    let _ = sampled.send((scheduled, last.clone()));
+                }
+                send_times
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .insert(number.to_string(), scheduled);
+                requests
+                    .send(v1::PublishRequest {
+                        events,
+                        batch_id: number.to_string(),
+                    })
+                    .await?;
+            }
+            anyhow::Ok(())
+        })
+    };
+    let mut latencies = Vec::new();
+    while let Some(answer) = answers.message().await? {
+        let sent = send_times
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&answer.batch_id);
+        if let Some(sent) = sent {
+            latencies.push(sent.elapsed());
+        }
+        anyhow::ensure!(
+            answer.rejected == 0,
+            "the server rejected {} events",
+            answer.rejected
+        );
+        window.add_permits(1);
+        if sender.is_finished()
+            && send_times
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .is_empty()
+        {
+            break;
+        }
+    }
+    sender.await??;
+    Ok(latencies)
+}
+
+/// Throughput and acknowledgement latency of one run.
+#[derive(Debug, Clone, Serialize)]
+pub struct Run {
+    pub events: usize,
+    pub seconds: f64,
+    /// Events per second from the first send until the last event was projected (queryable).
+    pub end_to_end_per_second: f64,
+    pub ack_latency: Percentiles,
+    pub ingest_to_queryable: Percentiles,
+    pub reads_during: Percentiles,
+    pub reads_during_per_second: f64,
+}
+
+#[allow(clippy::cast_precision_loss, reason = "counts far below 2^52")]
+fn per_second(count: usize, elapsed: Duration) -> f64 {
+    count as f64 / elapsed.as_secs_f64().max(1e-9)
+}
+
+/// Timeline readers: random customers, pages of 50, until `stop`.
+fn readers(
+    endpoint: &str,
+    count: usize,
+    customers: usize,
+    stop: &tokio_util_stop::Stop,
+) -> Vec<tokio::task::JoinHandle<anyhow::Result<Vec<Duration>>>> {
+    (0..count)
+        .map(|reader| {
+            let endpoint = endpoint.to_owned();
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let mut timeline = TimelineServiceClient::connect(endpoint).await?;
+                let mut latencies = Vec::new();
+                let mut state = 0x9e37_79b9_7f4a_7c15_u64 ^ (reader as u64 + 1);
+                while !stop.is_stopped() {
+                    state ^= state << 13;
+                    state ^= state >> 7;
+                    state ^= state << 17;
+                    let customer =
+                        usize::try_from(state % customers.max(1) as u64).unwrap_or_default();
+                    let started = Instant::now();
+                    timeline
+                        .get_timeline(v1::GetTimelineRequest {
+                            customer_id: format!("bench-customer-{customer:07}"),
+                            page_size: 50,
+                            ..Default::default()
+                        })
+                        .await?;
+                    latencies.push(started.elapsed());
+                }
+                Ok(latencies)
+            })
+        })
+        .collect()
+}
+
+/// Polls for sampled events until each is queryable, recording how long after its send it became so.
+async fn watch_queryable(
+    endpoint: String,
+    mut sampled: tokio::sync::mpsc::UnboundedReceiver<(Instant, v1::Touchpoint)>,
+) -> anyhow::Result<Vec<Duration>> {
+    let mut timeline: TimelineServiceClient<Channel> =
+        TimelineServiceClient::connect(endpoint).await?;
+    let mut latencies = Vec::new();
+    while let Some((sent, event)) = sampled.recv().await {
+        let request = v1::GetTimelineRequest {
+            customer_id: event.customer_id.clone(),
+            page_size: 1000,
+            from: event.occurred_at,
+            to: event.occurred_at.map(|at| prost_types::Timestamp {
+                seconds: at.seconds + 1,
+                nanos: at.nanos,
+            }),
+            ..Default::default()
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let page = timeline.get_timeline(request.clone()).await?.into_inner();
+            if page.entries.iter().any(|entry| {
+                entry
+                    .touchpoint
+                    .as_ref()
+                    .is_some_and(|t| t.event_id == event.event_id)
+            }) {
+                latencies.push(sent.elapsed());
+                break;
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "event {} never became queryable",
+                event.event_id
+            );
+            tokio::time::sleep(Duration::from_micros(500)).await;
+        }
+    }
+    Ok(latencies)
+}
+
+/// One run: every partner at full speed (`rate` `None`) or paced at `rate` events per second.
+///
+/// # Errors
+/// When a client or the node fails.
+pub async fn run(node: &Node, shape: &Shape, rate: Option<f64>) -> anyhow::Result<Run> {
+    let endpoint = node.endpoint();
+    let store = node
+        .store()
+        .cloned()
+        .ok_or_else(|| anyhow::anyhow!("the node has no store"))?;
+    let already = store.log_len();
+    let pace = rate.map(|rate| {
+        Duration::from_secs_f64(shape.batch_size as f64 * shape.clients as f64 / rate.max(1.0))
+    });
+    let (sampled, samples) = tokio::sync::mpsc::unbounded_channel();
+    let watcher = tokio::spawn(watch_queryable(endpoint.clone(), samples));
+    let stop = tokio_util_stop::Stop::default();
+    let reading = readers(&endpoint, shape.readers, shape.customers, &stop);
+    let started = Instant::now();
+    let partners: Vec<_> = (0..shape.clients)
+        .map(|client| {
+            tokio::spawn(partner(
+                endpoint.clone(),
+                client,
+                shape.clone(),
+                pace,
+                Some(sampled.clone()),
+            ))
+        })
+        .collect();
+    drop(sampled);
+    let mut acks = Vec::new();
+    for partner in partners {
+        acks.extend(partner.await??);
+    }
+    let target = already + shape.events;
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while store.log_len() < target {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "only {} of {target} events were projected",
+            store.log_len()
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let elapsed = started.elapsed();
+    stop.stop();
+    let mut reads = Vec::new();
+    for reader in reading {
+        reads.extend(reader.await??);
+    }
+    let mut queryable = watcher.await??;
+    Ok(Run {
+        events: shape.events,
+        seconds: elapsed.as_secs_f64(),
+        end_to_end_per_second: per_second(shape.events, elapsed),
+        ack_latency: Percentiles::of(&mut acks),
+        ingest_to_queryable: Percentiles::of(&mut queryable),
+        reads_during_per_second: per_second(reads.len(), elapsed),
+        reads_during: Percentiles::of(&mut reads),
+    })
+}
+
+/// Timeline reads after ingest: `readers` readers for `duration`.
+///
+/// # Errors
+/// When a read fails.
+pub async fn reads_after(
+    node: &Node,
+    shape: &Shape,
+    duration: Duration,
+) -> anyhow::Result<(Percentiles, f64)> {
+    let stop = tokio_util_stop::Stop::default();
+    let reading = readers(
+        &node.endpoint(),
+        shape.readers.max(1),
+        shape.customers,
+        &stop,
+    );
+    tokio::time::sleep(duration).await;
+    stop.stop();
+    let mut reads = Vec::new();
+    for reader in reading {
+        reads.extend(reader.await??);
+    }
+    let rate = per_second(reads.len(), duration);
+    Ok((Percentiles::of(&mut reads), rate))
+}
+
+/// A tiny stop flag shared by reader tasks.
+mod tokio_util_stop {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    #[derive(Debug, Clone, Default)]
+    pub struct Stop(Arc<AtomicBool>);
+
+    impl Stop {
+        pub fn stop(&self) {
+            self.0.store(true, Ordering::Relaxed);
+        }
+
+        pub fn is_stopped(&self) -> bool {
+            self.0.load(Ordering::Relaxed)
+        }
+    }
+}

@@ -1,0 +1,45 @@
+//! The benchmark runs end to end on its tiny preset and writes its figures, so it cannot rot. It
+//! asserts what it reports, not how fast anything is.
+
+#[test]
+fn the_benchmark_runs_on_the_tiny_preset() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let json = dir.path().join("figures.json");
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_touchline-bench"))
+        .args([
+            "--preset",
+            "tiny",
+            "--clients",
+            "2",
+            "--readers",
+            "1",
+            "--batch-size",
+            "100",
+            "--json",
+        ])
+        .arg(&json)
+        .output()?;
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let figures: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json)?)?;
+    assert_eq!(figures["shape"]["events"], 2000);
+    for figure in [
+        "/broker_ceiling/per_second",
+        "/sled_ceiling_per_second",
+        "/full_speed/end_to_end_per_second",
+        "/half_rate/ack_latency/count",
+    ] {
+        assert!(
+            figures
+                .pointer(figure)
+                .and_then(serde_json::Value::as_f64)
+                .is_some_and(|value| value > 0.0),
+            "{figure} is reported"
+        );
+    }
+    assert!(String::from_utf8_lossy(&output.stdout).contains("end-to-end throughput"));
+    Ok(())
+}
