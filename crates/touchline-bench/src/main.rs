@@ -107,7 +107,10 @@ async fn broker_for(
     Ok(options)
 }
 
-#[allow(clippy::needless_pass_by_value, reason = "the call sites build the strings inline")]
+#[allow(
+    clippy::needless_pass_by_value,
+    reason = "the call sites build the strings inline"
+)]
 fn line(name: &str, value: String, ceiling: String, ratio: String) {
     println!("{name:<44} {value:>18} {ceiling:>18} {ratio:>8}");
 }

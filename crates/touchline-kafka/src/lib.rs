@@ -129,7 +129,7 @@ impl KafkaOptions {
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
             .set("isolation.level", "read_committed")
-            .set("fetch.wait.max.ms", "100")
+            .set("fetch.wait.max.ms", "10")
             .set("enable.partition.eof", "false");
         apply_overrides(&mut config, &self.properties);
         apply_overrides(&mut config, &self.consumer_properties);

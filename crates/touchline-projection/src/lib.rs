@@ -6,6 +6,7 @@ pub mod error;
 pub mod keys;
 pub mod projector;
 pub mod sled_store;
+pub mod table;
 
 pub use error::{Error, Result};
 pub use projector::{AppliedOffsets, Projector, ProjectorHandle, ProjectorOptions};

@@ -175,6 +175,15 @@ impl Projector {
     /// # Errors
     /// When the store fails: the projector stops rather than skip records.
     pub async fn run(self, shutdown: CancellationToken) -> Result<()> {
+        // Group commit: batches are applied (atomically, in memory and sled's log) one after the
+        // other while a flusher makes them durable; each flush covers every batch applied before
+        // it started, and only flushed positions are published (dev-mode acks wait on them).
+        let (unflushed, pending) = watch::channel(BTreeMap::new());
+        let flusher = tokio::spawn(flush_loop(
+            Arc::clone(&self.store),
+            pending,
+            self.applied.clone(),
+        ));
         let mut batches = self.consumer.stream().ready_chunks(self.max_batch);
         loop {
             let batch = tokio::select! {
@@ -203,12 +212,8 @@ impl Projector {
             }
             let store = Arc::clone(&self.store);
             let stream = self.stream.clone();
-            let outcome = tokio::task::spawn_blocking(move || {
-                let outcome = store.apply(&stream, records)?;
-                store.flush()?;
-                Ok::<_, Error>(outcome)
-            })
-            .await??;
+            let outcome =
+                tokio::task::spawn_blocking(move || store.apply(&stream, records)).await??;
             debug!(
                 appended = outcome.appended,
                 duplicates = outcome.duplicates,
@@ -221,11 +226,17 @@ impl Projector {
                     "undecodable records moved to the dead-letter store"
                 );
             }
-            self.commit_advisory(&outcome.next_offsets);
-            self.applied
-                .send_modify(|applied| applied.extend(&outcome.next_offsets));
+            unflushed.send_modify(|offsets| offsets.extend(&outcome.next_offsets));
+            let flushed = self.applied.borrow().clone();
+            self.commit_advisory(&flushed);
+            if flusher.is_finished() {
+                break;
+            }
         }
         drop(batches);
+        // The flusher makes the last batches durable, then ends.
+        drop(unflushed);
+        flusher.await??;
         info!("projector stopped");
         Ok(())
     }
@@ -244,6 +255,25 @@ impl Projector {
         }
         if let Err(error) = self.consumer.commit(&list, CommitMode::Async) {
             debug!(%error, "advisory offset commit failed");
+        }
+    }
+}
+
+/// Flushes the store whenever batches were applied since the last flush, then publishes the
+/// positions that flush made durable. Ends, after a last flush, when the projector drops `pending`.
+async fn flush_loop(
+    store: Arc<dyn EventStore>,
+    mut pending: watch::Receiver<BTreeMap<i32, i64>>,
+    applied: watch::Sender<BTreeMap<i32, i64>>,
+) -> Result<()> {
+    loop {
+        let more = pending.changed().await.is_ok();
+        let covered = pending.borrow_and_update().clone();
+        let flushing = Arc::clone(&store);
+        tokio::task::spawn_blocking(move || flushing.flush()).await??;
+        applied.send_modify(|offsets| offsets.extend(&covered));
+        if !more {
+            return Ok(());
         }
     }
 }

@@ -1,14 +1,13 @@
 //! The sled implementation of [`EventStore`]: the append-only event log, the dedupe index, the
 //! timeline and summary projections, dead letters and consumer positions, each a tree of one sled
-//! database, written together in one transaction per consumed batch.
+//! database, written together in one atomic batch per consumed batch.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
-use sled::Transactional as _;
-use sled::transaction::{ConflictableTransactionError, TransactionError};
+use std::sync::atomic::{AtomicU64, Ordering};
 use touchline_core::{
     ApplyOutcome, ConsumedRecord, CustomerId, CustomerSummary, EventStore, LogPosition,
     RecordContent, StoreError, StoredPosition, StreamIdentity, TimelineEntry, TimelinePage,
@@ -17,6 +16,7 @@ use touchline_core::{
 
 use crate::error::backend;
 use crate::keys;
+use crate::table::Table;
 
 /// The most timeline entries one page request reads. A selective filter on a long timeline
 /// returns a short (even empty) page with a cursor rather than scanning without bound.
@@ -45,18 +45,22 @@ struct WriterState {
     next_dead_letter: u64,
 }
 
-/// The event log and projections in one sled database.
+/// The event log and projections in one sled database, one tree, one table (key prefix) each.
 #[derive(Debug)]
 pub struct SledStore {
     db: sled::Db,
-    log: sled::Tree,
-    dedupe: sled::Tree,
-    timeline: sled::Tree,
-    summary: sled::Tree,
-    positions: sled::Tree,
-    dead_letters: sled::Tree,
-    meta: sled::Tree,
+    tree: sled::Tree,
+    log: Table,
+    dedupe: Table,
+    timeline: Table,
+    summary: Table,
+    positions: Table,
+    dead_letters: Table,
+    meta: Table,
     writer: Mutex<WriterState>,
+    /// Events in the log and dead letters, readable without waiting for the writer.
+    log_count: AtomicU64,
+    dead_letter_count: AtomicU64,
 }
 
 fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
@@ -116,8 +120,9 @@ impl SledStore {
     /// # Errors
     /// When a tree cannot be opened or a stored counter is corrupt.
     fn from_db(db: sled::Db) -> crate::Result<Self> {
-        let tree = |name: &str| db.open_tree(name).map_err(backend);
-        let meta = tree("meta")?;
+        let tree = db.open_tree("touchline").map_err(backend)?;
+        let table = |prefix: u8| Table::new(tree.clone(), prefix);
+        let meta = table(b'M');
         let counter = |key: &[u8]| -> Result<u64, StoreError> {
             match meta.get(key).map_err(backend)? {
                 Some(bytes) => read_u64("counter", key, &bytes),
@@ -129,14 +134,17 @@ impl SledStore {
             next_dead_letter: counter(NEXT_DEAD_LETTER)?,
         };
         Ok(Self {
-            log: tree("log")?,
-            dedupe: tree("dedupe")?,
-            timeline: tree("timeline")?,
-            summary: tree("summary")?,
-            positions: tree("positions")?,
-            dead_letters: tree("dead_letters")?,
+            log: table(b'L'),
+            dedupe: table(b'D'),
+            timeline: table(b'T'),
+            summary: table(b'S'),
+            positions: table(b'P'),
+            dead_letters: table(b'X'),
             meta,
+            log_count: AtomicU64::new(writer.next_sequence - 1),
+            dead_letter_count: AtomicU64::new(writer.next_dead_letter - 1),
             writer: Mutex::new(writer),
+            tree,
             db,
         })
     }
@@ -144,13 +152,13 @@ impl SledStore {
     /// Events in the log.
     #[must_use]
     pub fn log_len(&self) -> usize {
-        self.log.len()
+        usize::try_from(self.log_count.load(Ordering::Acquire)).unwrap_or(usize::MAX)
     }
 
     /// Records in the dead-letter store.
     #[must_use]
     pub fn dead_letter_count(&self) -> usize {
-        self.dead_letters.len()
+        usize::try_from(self.dead_letter_count.load(Ordering::Acquire)).unwrap_or(usize::MAX)
     }
 
     /// The oldest `limit` dead letters.
@@ -159,7 +167,7 @@ impl SledStore {
     /// When the backend fails or a dead letter is corrupt.
     pub fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, StoreError> {
         self.dead_letters
-            .iter()
+            .scan_prefix(&[])
             .take(limit)
             .map(|item| {
                 let (key, value) = item.map_err(backend)?;
@@ -214,18 +222,6 @@ impl SledStore {
     }
 }
 
-/// The writes of one batch, built in memory before the transaction that stores them.
-#[derive(Default)]
-struct PendingBatch {
-    log: sled::Batch,
-    dedupe: sled::Batch,
-    timeline: sled::Batch,
-    summary: sled::Batch,
-    positions: sled::Batch,
-    dead_letters: sled::Batch,
-    meta: sled::Batch,
-}
-
 impl EventStore for SledStore {
     fn apply(
         &self,
@@ -240,7 +236,7 @@ impl EventStore for SledStore {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let stream_key = stream.key();
         let now = UnixNanos::now();
-        let mut pending = PendingBatch::default();
+        let mut pending = sled::Batch::default();
         let mut outcome = ApplyOutcome::default();
         let mut seen_in_batch: HashMap<Vec<u8>, u64> = HashMap::new();
         let mut summaries: HashMap<CustomerId, Option<CustomerSummary>> = HashMap::new();
@@ -281,14 +277,18 @@ impl EventStore for SledStore {
                     };
                     let entry = TimelineEntry::new(*envelope, position);
                     let customer = entry.touchpoint.customer_id.clone();
-                    pending.log.insert(
-                        &sequence.to_be_bytes(),
+                    self.log.insert(
+                        &mut pending,
+                        sequence.to_be_bytes(),
                         log_value(record.partition, record.offset, &raw),
                     );
-                    pending
-                        .dedupe
-                        .insert(dedupe_key.as_slice(), &sequence.to_be_bytes());
-                    pending.timeline.insert(
+                    self.dedupe.insert(
+                        &mut pending,
+                        dedupe_key.as_slice(),
+                        &sequence.to_be_bytes(),
+                    );
+                    self.timeline.insert(
+                        &mut pending,
                         keys::timeline(&customer, entry.touchpoint.occurred_at, sequence),
                         encode(&entry)?,
                     );
@@ -313,16 +313,16 @@ impl EventStore for SledStore {
                         value,
                         dead_lettered_at: now,
                     };
-                    pending
-                        .dead_letters
-                        .insert(&id.to_be_bytes(), encode(&dead_letter)?);
+                    self.dead_letters
+                        .insert(&mut pending, id.to_be_bytes(), encode(&dead_letter)?);
                     outcome.dead_lettered += 1;
                 }
             }
         }
         for (customer, summary) in &summaries {
             if let Some(summary) = summary {
-                pending.summary.insert(customer.as_str(), encode(summary)?);
+                self.summary
+                    .insert(&mut pending, customer.as_str(), encode(summary)?);
             }
         }
         for (partition, next_offset) in &outcome.next_offsets {
@@ -331,44 +331,24 @@ impl EventStore for SledStore {
                 .map_or(0, |(_, fingerprint)| *fingerprint);
             let mut value = next_offset.to_be_bytes().to_vec();
             value.extend_from_slice(&last_fingerprint.to_be_bytes());
-            pending
-                .positions
-                .insert(keys::position(&stream_key, *partition), value);
+            self.positions
+                .insert(&mut pending, keys::position(&stream_key, *partition), value);
         }
-        pending
-            .meta
-            .insert(NEXT_SEQUENCE, &next_sequence.to_be_bytes());
-        pending
-            .meta
-            .insert(NEXT_DEAD_LETTER, &next_dead_letter.to_be_bytes());
+        self.meta
+            .insert(&mut pending, NEXT_SEQUENCE, &next_sequence.to_be_bytes());
+        self.meta.insert(
+            &mut pending,
+            NEXT_DEAD_LETTER,
+            &next_dead_letter.to_be_bytes(),
+        );
 
-        (
-            &self.log,
-            &self.dedupe,
-            &self.timeline,
-            &self.summary,
-            &self.positions,
-            &self.dead_letters,
-            &self.meta,
-        )
-            .transaction(
-                |(log, dedupe, timeline, summary, positions, dead_letters, meta)| {
-                    log.apply_batch(&pending.log)?;
-                    dedupe.apply_batch(&pending.dedupe)?;
-                    timeline.apply_batch(&pending.timeline)?;
-                    summary.apply_batch(&pending.summary)?;
-                    positions.apply_batch(&pending.positions)?;
-                    dead_letters.apply_batch(&pending.dead_letters)?;
-                    meta.apply_batch(&pending.meta)?;
-                    Ok::<(), ConflictableTransactionError<StoreError>>(())
-                },
-            )
-            .map_err(|error| match error {
-                TransactionError::Abort(error) => error,
-                TransactionError::Storage(error) => backend(error),
-            })?;
+        // One tree, one batch: atomic (invariant 6).
+        self.tree.apply_batch(pending).map_err(backend)?;
         writer.next_sequence = next_sequence;
         writer.next_dead_letter = next_dead_letter;
+        self.log_count.store(next_sequence - 1, Ordering::Release);
+        self.dead_letter_count
+            .store(next_dead_letter - 1, Ordering::Release);
         Ok(outcome)
     }
 
@@ -431,7 +411,7 @@ impl EventStore for SledStore {
         }
         let mut page = TimelinePage::default();
         let mut last_scanned = None;
-        for (scanned, item) in self.timeline.range((start, end)).enumerate() {
+        for (scanned, item) in self.timeline.range(start, end).enumerate() {
             let (key, value) = item.map_err(backend)?;
             if scanned >= MAX_SCAN_PER_PAGE {
                 page.next = last_scanned;
