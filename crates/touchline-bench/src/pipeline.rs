@@ -112,7 +112,7 @@ async fn partner(
                     .iter()
                     .map(|index| workload::touchpoint(*index, customers, BASE_SECONDS))
                     .collect();
-                if number % 10 == 0
+                if number % 2 == 0
                     && let (Some(sampled), Some(last)) = (&sampled, events.last())
                 {
                     let _ = sampled.send((scheduled, last.clone()));
@@ -214,44 +214,51 @@ fn readers(
         .collect()
 }
 
-/// Polls for sampled events until each is queryable, recording how long after its send it became so.
+/// Polls for each sampled event (concurrently, every millisecond) until it is queryable through
+/// `GetTimeline`, recording how long after its send it became so.
 async fn watch_queryable(
     endpoint: String,
     mut sampled: tokio::sync::mpsc::UnboundedReceiver<(Instant, v1::Touchpoint)>,
 ) -> anyhow::Result<Vec<Duration>> {
-    let mut timeline: TimelineServiceClient<Channel> =
-        TimelineServiceClient::connect(endpoint).await?;
-    let mut latencies = Vec::new();
+    let timeline: TimelineServiceClient<Channel> = TimelineServiceClient::connect(endpoint).await?;
+    let mut watches = tokio::task::JoinSet::new();
     while let Some((sent, event)) = sampled.recv().await {
-        let request = v1::GetTimelineRequest {
-            customer_id: event.customer_id.clone(),
-            page_size: 1000,
-            from: event.occurred_at,
-            to: event.occurred_at.map(|at| prost_types::Timestamp {
-                seconds: at.seconds + 1,
-                nanos: at.nanos,
-            }),
-            ..Default::default()
-        };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let page = timeline.get_timeline(request.clone()).await?.into_inner();
-            if page.entries.iter().any(|entry| {
-                entry
-                    .touchpoint
-                    .as_ref()
-                    .is_some_and(|t| t.event_id == event.event_id)
-            }) {
-                latencies.push(sent.elapsed());
-                break;
+        let mut timeline = timeline.clone();
+        watches.spawn(async move {
+            let request = v1::GetTimelineRequest {
+                customer_id: event.customer_id.clone(),
+                page_size: 1000,
+                from: event.occurred_at,
+                to: event.occurred_at.map(|at| prost_types::Timestamp {
+                    seconds: at.seconds + 1,
+                    nanos: at.nanos,
+                }),
+                ..Default::default()
+            };
+            let deadline = Instant::now() + Duration::from_secs(60);
+            let mut poll = tokio::time::interval(Duration::from_millis(1));
+            loop {
+                poll.tick().await;
+                let page = timeline.get_timeline(request.clone()).await?.into_inner();
+                if page.entries.iter().any(|entry| {
+                    entry
+                        .touchpoint
+                        .as_ref()
+                        .is_some_and(|t| t.event_id == event.event_id)
+                }) {
+                    return Ok(sent.elapsed());
+                }
+                anyhow::ensure!(
+                    Instant::now() < deadline,
+                    "event {} never became queryable",
+                    event.event_id
+                );
             }
-            anyhow::ensure!(
-                Instant::now() < deadline,
-                "event {} never became queryable",
-                event.event_id
-            );
-            tokio::time::sleep(Duration::from_micros(500)).await;
-        }
+        });
+    }
+    let mut latencies = Vec::new();
+    while let Some(latency) = watches.join_next().await {
+        latencies.push(latency??);
     }
     Ok(latencies)
 }
@@ -282,7 +289,7 @@ pub async fn run(node: &Node, shape: &Shape, rate: Option<f64>) -> anyhow::Resul
                 client,
                 shape.clone(),
                 pace,
-                Some(sampled.clone()),
+                rate.map(|_| sampled.clone()),
             ))
         })
         .collect();

@@ -109,6 +109,7 @@ impl KafkaOptions {
             .set("acks", "all")
             .set("partitioner", "murmur2_random")
             .set("linger.ms", "2")
+            .set("socket.nagle.disable", "true")
             .set("compression.type", "lz4")
             .set("queue.buffering.max.messages", "200000")
             .set("message.timeout.ms", "30000");
@@ -130,6 +131,7 @@ impl KafkaOptions {
             .set("auto.offset.reset", "earliest")
             .set("isolation.level", "read_committed")
             .set("fetch.wait.max.ms", "10")
+            .set("socket.nagle.disable", "true")
             .set("enable.partition.eof", "false");
         apply_overrides(&mut config, &self.properties);
         apply_overrides(&mut config, &self.consumer_properties);
