@@ -10,6 +10,8 @@ use rdkafka::{Message as _, Offset, TopicPartitionList};
 use serde::Serialize;
 use touchline_kafka::KafkaOptions;
 
+use crate::stats::per_second as rate;
+
 /// Raw broker rates, records per second.
 #[derive(Debug, Clone, Copy, Serialize)]
 pub struct BrokerCeiling {
@@ -20,11 +22,6 @@ pub struct BrokerCeiling {
     /// Records per second from the first produce until the last record was consumed, producing
     /// and consuming at once: what a pipeline through this broker cannot beat.
     pub per_second: f64,
-}
-
-#[allow(clippy::cast_precision_loss, reason = "record counts far below 2^52")]
-fn rate(count: usize, elapsed: Duration) -> f64 {
-    count as f64 / elapsed.as_secs_f64().max(1e-9)
 }
 
 /// Produces the records with every delivery in flight (idempotent, `acks=all`, the producer

@@ -107,6 +107,19 @@ async fn broker_for(
     Ok(options)
 }
 
+/// A latency row against its p99 target: the ratio is measured p99 / target.
+fn target_line(name: &str, percentiles: &stats::Percentiles, target_ms: f64) {
+    line(
+        name,
+        format!(
+            "{:.2} / {:.2} / {:.2} ms",
+            percentiles.p50_ms, percentiles.p99_ms, percentiles.p999_ms
+        ),
+        format!("{target_ms:.0} ms p99"),
+        format!("{:.2}", percentiles.p99_ms / target_ms),
+    );
+}
+
 #[allow(
     clippy::needless_pass_by_value,
     reason = "the call sites build the strings inline"
@@ -267,36 +280,20 @@ async fn main() -> anyhow::Result<()> {
         String::new(),
         String::new(),
     );
-    line(
-        "ack latency p50 / p99 / p99.9, half rate",
-        format!(
-            "{} / {} / {}",
-            ms(report.half_rate.ack_latency.p50_ms),
-            ms(report.half_rate.ack_latency.p99_ms),
-            ms(report.half_rate.ack_latency.p999_ms)
-        ),
-        "20 ms p99".into(),
-        format!("{:.2}", report.half_rate.ack_latency.p99_ms / 20.0),
+    target_line(
+        "ack latency p50/p99/p99.9, half rate",
+        &report.half_rate.ack_latency,
+        20.0,
     );
-    line(
-        "ingest-to-queryable p50 / p99, half rate",
-        format!(
-            "{} / {}",
-            ms(report.half_rate.ingest_to_queryable.p50_ms),
-            ms(report.half_rate.ingest_to_queryable.p99_ms)
-        ),
-        "100 ms p99".into(),
-        format!("{:.2}", report.half_rate.ingest_to_queryable.p99_ms / 100.0),
+    target_line(
+        "ingest-to-queryable p50/p99/p99.9, half rate",
+        &report.half_rate.ingest_to_queryable,
+        100.0,
     );
-    line(
-        "GetTimeline(50) p50 / p99 during ingest",
-        format!(
-            "{} / {}",
-            ms(report.half_rate.reads_during.p50_ms),
-            ms(report.half_rate.reads_during.p99_ms)
-        ),
-        "5 ms p99".into(),
-        format!("{:.2}", report.half_rate.reads_during.p99_ms / 5.0),
+    target_line(
+        "GetTimeline(50) p50/p99/p99.9 during ingest",
+        &report.half_rate.reads_during,
+        5.0,
     );
     line(
         "GetTimeline reads/s during ingest",

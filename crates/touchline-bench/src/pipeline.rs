@@ -15,7 +15,7 @@ use touchline_proto::v1;
 use touchline_proto::v1::ingest_service_client::IngestServiceClient;
 use touchline_proto::v1::timeline_service_client::TimelineServiceClient;
 
-use crate::stats::Percentiles;
+use crate::stats::{Percentiles, per_second};
 use crate::workload;
 
 /// The shape of a pipeline run.
@@ -170,11 +170,6 @@ pub struct Run {
     pub ingest_to_queryable: Percentiles,
     pub reads_during: Percentiles,
     pub reads_during_per_second: f64,
-}
-
-#[allow(clippy::cast_precision_loss, reason = "counts far below 2^52")]
-fn per_second(count: usize, elapsed: Duration) -> f64 {
-    count as f64 / elapsed.as_secs_f64().max(1e-9)
 }
 
 /// Timeline readers: random customers, pages of 50, until `stop`.

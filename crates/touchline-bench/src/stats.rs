@@ -41,6 +41,13 @@ impl Percentiles {
     }
 }
 
+/// `count` per second over `elapsed`.
+#[allow(clippy::cast_precision_loss, reason = "counts far below 2^52")]
+#[must_use]
+pub fn per_second(count: usize, elapsed: Duration) -> f64 {
+    count as f64 / elapsed.as_secs_f64().max(1e-9)
+}
+
 /// The process's peak resident set size in MiB (`VmHWM`), where the platform tells.
 #[must_use]
 pub fn peak_rss_mib() -> Option<f64> {
