@@ -13,6 +13,30 @@ use touchline_tests::{
 
 const CUSTOMERS: usize = 7;
 
+/// Publishes each batch, checks every event was accepted, and records it as acknowledged.
+async fn publish_all(
+    ingest: &mut touchline_proto::v1::ingest_service_client::IngestServiceClient<
+        tonic::transport::Channel,
+    >,
+    batches: Vec<Vec<v1::Touchpoint>>,
+    acked: &mut BTreeMap<String, BTreeSet<String>>,
+) -> anyhow::Result<()> {
+    for batch in batches {
+        let response = publish(ingest, COURIER.1, batch.clone()).await?;
+        anyhow::ensure!(
+            response.accepted as usize == batch.len(),
+            "every event accepted"
+        );
+        for event in batch {
+            acked
+                .entry(event.customer_id)
+                .or_default()
+                .insert(event.event_id);
+        }
+    }
+    Ok(())
+}
+
 fn customer(index: usize) -> String {
     format!("cust-{}", index % CUSTOMERS)
 }
@@ -57,38 +81,12 @@ async fn a_projector_restarted_mid_stream_loses_and_doubles_nothing() -> anyhow:
         batches
     };
 
-    for batch in send_batches(10) {
-        let response = publish(&mut ingest, COURIER.1, batch.clone()).await?;
-        assert_eq!(response.accepted, 10);
-        for event in batch {
-            acked
-                .entry(event.customer_id)
-                .or_default()
-                .insert(event.event_id);
-        }
-    }
+    publish_all(&mut ingest, send_batches(10), &mut acked).await?;
     // Stop the projector while it is consuming, keep publishing, then start it again.
     projector.shutdown().await?;
-    for batch in send_batches(10) {
-        let response = publish(&mut ingest, COURIER.1, batch.clone()).await?;
-        assert_eq!(response.accepted, 10);
-        for event in batch {
-            acked
-                .entry(event.customer_id)
-                .or_default()
-                .insert(event.event_id);
-        }
-    }
+    publish_all(&mut ingest, send_batches(10), &mut acked).await?;
     let projector = Node::start(projector_config, BrokerChoice::External, partners()).await?;
-    for batch in send_batches(5) {
-        publish(&mut ingest, COURIER.1, batch.clone()).await?;
-        for event in batch {
-            acked
-                .entry(event.customer_id)
-                .or_default()
-                .insert(event.event_id);
-        }
-    }
+    publish_all(&mut ingest, send_batches(5), &mut acked).await?;
 
     let mut timeline = timeline_client(&projector).await?;
     let total: usize = acked.values().map(BTreeSet::len).sum();
