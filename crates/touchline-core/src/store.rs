@@ -191,6 +191,16 @@ pub trait EventStore: Send + Sync + std::fmt::Debug {
     /// When the backend fails or the summary is corrupt.
     fn summary(&self, customer_id: &CustomerId) -> Result<Option<CustomerSummary>, StoreError>;
 
+    /// Whether the log holds the event `event_id` of `partner`.
+    ///
+    /// # Errors
+    /// When the backend fails.
+    fn contains_event(
+        &self,
+        partner: &PartnerId,
+        event_id: &crate::EventId,
+    ) -> Result<bool, StoreError>;
+
     /// Makes every applied batch durable (fsync).
     ///
     /// # Errors

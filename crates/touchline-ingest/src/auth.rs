@@ -260,6 +260,17 @@ impl PartnerRegistry {
                 });
             }
             let contract = Arc::new(parse_contract(&id, entry)?);
+            let hashes: BTreeSet<[u8; 32]> = registry
+                .credentials
+                .iter()
+                .map(|credential| credential.hash)
+                .collect();
+            if hashes.len() != registry.credentials.len() {
+                // A hash listed twice would authenticate as whichever entry comes last.
+                return Err(invalid(format!(
+                    "partner {id}: a token hash is listed more than once in the file"
+                )));
+            }
             registry.partners.push(Authenticated {
                 partner_id: id,
                 contract,
@@ -491,6 +502,16 @@ mod tests {
         assert!(refused(&format!(
             "[[partner]]\nid = \"p\"\ntoken-sha256 = [\"{hash}\"]\nrate-per-second = -1\n"
         )));
+    }
+
+    #[test]
+    fn one_token_hash_for_two_partners_is_refused() {
+        let hash = hash_token("shared");
+        let file: PartnersFile = toml::from_str(&format!(
+            "[[partner]]\nid = \"p\"\ntoken-sha256 = [\"{hash}\"]\n[[partner]]\nid = \"q\"\ntoken-sha256 = [\"{hash}\"]\n"
+        ))
+        .expect("parses");
+        assert!(PartnerRegistry::from_file(&file).is_err());
     }
 
     #[test]

@@ -47,9 +47,8 @@ impl RateLimiter {
             bucket.tokens -= cost;
             return Ok(());
         }
-        Err(Duration::from_secs_f64(
-            ((cost - bucket.tokens) / rate).max(0.001),
-        ))
+        let wait = ((cost - bucket.tokens) / rate.max(f64::MIN_POSITIVE)).clamp(0.001, 3600.0);
+        Err(Duration::try_from_secs_f64(wait).unwrap_or(Duration::from_secs(3600)))
     }
 }
 

@@ -12,7 +12,7 @@ use rdkafka::client::ClientContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer as _, PurgeConfig};
 use tokio::sync::watch;
-use touchline_core::Envelope;
+use touchline_core::{Envelope, EventStore};
 use touchline_kafka::KafkaOptions;
 use tracing::{error, warn};
 
@@ -27,8 +27,10 @@ pub enum Durability {
     /// Once Kafka confirmed it (`acks=all`): for real brokers.
     Broker,
     /// Once Kafka confirmed it and the local projector flushed it to the event log: for the
-    /// embedded broker, which keeps data in memory only.
-    LocalLog(AppliedOffsets),
+    /// embedded broker, which keeps data in memory only (and drops unread records past about
+    /// 5 MiB per partition, so a lagging projector can skip records: each event is looked up in
+    /// the log before it is acknowledged).
+    LocalLog(AppliedOffsets, Arc<dyn EventStore>),
 }
 
 /// The durable position of one produced event.
@@ -181,6 +183,9 @@ impl Publisher {
                 let old = std::mem::replace(&mut *slot, fresh);
                 old.producer
                     .purge(PurgeConfig::default().queue().inflight().non_blocking());
+                // Destroying a librdkafka client blocks (it joins its threads): not on a runtime
+                // thread. Clones still held by calls in flight drop the same way when they end.
+                tokio::task::spawn_blocking(move || drop(old));
                 warn!(
                     generation = generation + 1,
                     why, "started a new producer session"
@@ -241,8 +246,35 @@ impl Publisher {
             }
         }
         done.extend(try_join_all(deliveries.into_iter().map(delivered)).await?);
-        if let Durability::LocalLog(applied) = &self.durability {
+        if let Durability::LocalLog(applied, store) = &self.durability {
             wait_until_logged(applied.clone(), &done).await?;
+            let store = Arc::clone(store);
+            let identities: Vec<_> = envelopes
+                .iter()
+                .map(|(envelope, _)| {
+                    (
+                        envelope.partner_id.clone(),
+                        envelope.touchpoint.event_id.clone(),
+                    )
+                })
+                .collect();
+            let all_logged = tokio::task::spawn_blocking(move || {
+                identities
+                    .iter()
+                    .try_fold(true, |all, (partner, event_id)| {
+                        store
+                            .contains_event(partner, event_id)
+                            .map(|found| all && found)
+                    })
+            })
+            .await
+            .map_err(|error| unavailable(error.to_string()))?
+            .map_err(|error| unavailable(error.to_string()))?;
+            if !all_logged {
+                return Err(unavailable(
+                    "the embedded broker dropped records before the projector read them".to_owned(),
+                ));
+            }
         }
         Ok(done)
     }

@@ -287,6 +287,10 @@ impl Inner {
     }
 }
 
+/// Batches of one stream answered out of order wait at most this many deep; the window in events
+/// is the real limit.
+const MAX_PENDING_BATCHES: usize = 64;
+
 /// Takes `events` permits of a stream window (at most the whole window).
 async fn acquire(window: &Arc<Semaphore>, events: usize) -> Result<OwnedSemaphorePermit> {
     let permits = u32::try_from(events)
@@ -354,7 +358,7 @@ impl v1::ingest_service_server::IngestService for IngestService {
         let window = Arc::new(Semaphore::new(window_events));
         // Batches in flight at once: bounded by the window in events; `buffered` keeps them in
         // request order and stops pulling from the stream when this many are pending.
-        let max_pending = (window_events / self.inner.options.max_batch_events.max(1)).clamp(1, 64);
+        let max_pending = MAX_PENDING_BATCHES;
         let inner = Arc::clone(&self.inner);
         let draining = self.inner.draining.clone();
         let mut answers = request
@@ -364,11 +368,18 @@ impl v1::ingest_service_server::IngestService for IngestService {
                 let inner = Arc::clone(&inner);
                 let partner = partner.clone();
                 let window = Arc::clone(&window);
-                async move {
+                // Each batch runs as a task of its own: it finishes (and frees its server-wide
+                // slot) even while the partner is not reading answers.
+                let work = tokio::spawn(async move {
                     inner
                         .publish_in_stream(partner, batch?, window)
                         .await
                         .map_err(Status::from)
+                });
+                async move {
+                    work.await.unwrap_or_else(|error| {
+                        Err(Status::internal(format!("batch task failed: {error}")))
+                    })
                 }
             })
             .buffered(max_pending)

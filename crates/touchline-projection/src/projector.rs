@@ -184,6 +184,7 @@ impl Projector {
             pending,
             self.applied.clone(),
         ));
+        let mut skip_below = self.skip_below.clone();
         let mut batches = self.consumer.stream().ready_chunks(self.max_batch);
         loop {
             let batch = tokio::select! {
@@ -195,13 +196,14 @@ impl Projector {
             let mut records = Vec::with_capacity(batch.len());
             for message in batch {
                 match message {
+                    // The verified record just before a resume point is read again: drop it once.
                     Ok(message)
-                        if message.offset()
-                            < self
-                                .skip_below
-                                .get(&message.partition())
-                                .copied()
-                                .unwrap_or(i64::MIN) => {}
+                        if skip_below
+                            .get(&message.partition())
+                            .is_some_and(|next| message.offset() < *next) => {}
+                    Ok(message) if skip_below.remove(&message.partition()).is_some() => {
+                        records.push(consumed_record(&message));
+                    }
                     Ok(message) => records.push(consumed_record(&message)),
                     // librdkafka retries by itself; errors here are informational.
                     Err(error) => warn!(%error, "kafka consumer error"),

@@ -442,6 +442,16 @@ impl EventStore for SledStore {
         self.load_summary(customer_id)
     }
 
+    fn contains_event(
+        &self,
+        partner: &touchline_core::PartnerId,
+        event_id: &touchline_core::EventId,
+    ) -> Result<bool, StoreError> {
+        self.dedupe
+            .contains_key(keys::dedupe(partner, event_id))
+            .map_err(backend)
+    }
+
     fn flush(&self) -> Result<(), StoreError> {
         self.db.flush().map(|_| ()).map_err(backend)
     }

@@ -100,7 +100,11 @@ impl Node {
 
         let ingest = if config.ingest.enabled {
             let durability = match (broker, applied_offsets) {
-                (BrokerChoice::Embedded, Some(applied)) => Durability::LocalLog(applied),
+                (BrokerChoice::Embedded, Some(applied)) => {
+                    let shared: Arc<dyn EventStore> =
+                        store.clone().ok_or_else(|| anyhow::anyhow!("no store"))?;
+                    Durability::LocalLog(applied, shared)
+                }
                 (BrokerChoice::Embedded, None) => {
                     anyhow::bail!("the embedded broker needs the projector in the same process")
                 }
