@@ -34,7 +34,8 @@ pub struct IngestOptions {
     pub limits: Limits,
     /// The largest gRPC message the server decodes.
     pub max_message_bytes: usize,
-    /// Unacknowledged events of one `PublishStream`; when the window is full the server stops
+    /// Events of one `PublishStream` being made durable at once; when the window is full (or 64
+    /// answered batches wait for the partner to read them) the server stops
     /// reading the stream, so HTTP/2 flow control pushes back on the partner.
     pub stream_window_events: usize,
     /// Default events per second per partner (a partner's contract can override it); `None` for

@@ -80,7 +80,8 @@ pub struct IngestConfig {
     /// How long a batch may wait for Kafka's confirmation before the call fails with UNAVAILABLE
     /// (the call's own deadline, when shorter, wins).
     pub ack_timeout_ms: u64,
-    /// Unacknowledged events of one `PublishStream` before the server stops reading it.
+    /// Events of one `PublishStream` being made durable at once (answers not yet read by the
+    /// partner are bounded separately, to 64 batches).
     pub stream_window_events: usize,
     /// Events per second per partner (token bucket); a partner's `rate-per-second` overrides it.
     /// Remove the key for no limit.
