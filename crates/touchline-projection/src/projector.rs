@@ -179,10 +179,14 @@ impl Projector {
         // other while a flusher makes them durable; each flush covers every batch applied before
         // it started, and only flushed positions are published (dev-mode acks wait on them).
         let (unflushed, pending) = watch::channel(BTreeMap::new());
+        // Set when the flusher stops, so that a failed flush stops the projector at once rather
+        // than when the next batch arrives.
+        let flusher_stopped = CancellationToken::new();
         let flusher = tokio::spawn(flush_loop(
             Arc::clone(&self.store),
             pending,
             self.applied.clone(),
+            flusher_stopped.clone(),
         ));
         let mut skip_below = self.skip_below.clone();
         let mut batches = self.consumer.stream().ready_chunks(self.max_batch);
@@ -190,6 +194,7 @@ impl Projector {
             let batch = tokio::select! {
                 biased;
                 () = shutdown.cancelled() => break,
+                () = flusher_stopped.cancelled() => break,
                 batch = batches.next() => batch,
             };
             let Some(batch) = batch else { break };
@@ -267,7 +272,9 @@ async fn flush_loop(
     store: Arc<dyn EventStore>,
     mut pending: watch::Receiver<BTreeMap<i32, i64>>,
     applied: watch::Sender<BTreeMap<i32, i64>>,
+    stopped: CancellationToken,
 ) -> Result<()> {
+    let _stopped = stopped.drop_guard();
     loop {
         let more = pending.changed().await.is_ok();
         let covered = pending.borrow_and_update().clone();
