@@ -107,6 +107,11 @@ async fn broker_for(
     Ok(options)
 }
 
+/// A row without a ceiling.
+fn figure(name: &str, value: String) {
+    line(name, value, String::new(), String::new());
+}
+
 /// A latency row against its p99 target: the ratio is measured p99 / target.
 fn target_line(name: &str, percentiles: &stats::Percentiles, target_ms: f64) {
     line(
@@ -233,29 +238,21 @@ async fn main() -> anyhow::Result<()> {
         "ceiling".into(),
         "ratio".into(),
     );
-    line(
+    figure(
         "broker: raw produce (records/s)",
         format!("{:.0}", report.broker_ceiling.produce_per_second),
-        String::new(),
-        String::new(),
     );
-    line(
+    figure(
         "broker: raw consume, alongside (records/s)",
         format!("{:.0}", report.broker_ceiling.consume_per_second),
-        String::new(),
-        String::new(),
     );
-    line(
+    figure(
         "broker: produce-and-consume (records/s)",
         format!("{:.0}", report.broker_ceiling.per_second),
-        String::new(),
-        String::new(),
     );
-    line(
+    figure(
         "sled: batched log + timeline writes (rec/s)",
         format!("{:.0}", report.sled_ceiling_per_second),
-        String::new(),
-        String::new(),
     );
     line(
         "end-to-end throughput, full speed (ev/s)",
@@ -264,21 +261,17 @@ async fn main() -> anyhow::Result<()> {
         format!("{:.2}", report.full_speed_ratio),
     );
     let ms = |value: f64| format!("{value:.2} ms");
-    line(
+    figure(
         "ack latency p50 / p99, full speed",
         format!(
             "{} / {}",
             ms(report.full_speed.ack_latency.p50_ms),
             ms(report.full_speed.ack_latency.p99_ms)
         ),
-        String::new(),
-        String::new(),
     );
-    line(
+    figure(
         "half rate (ev/s)",
         format!("{:.0}", report.half_rate.end_to_end_per_second),
-        String::new(),
-        String::new(),
     );
     target_line(
         "ack latency p50/p99/p99.9, half rate",
@@ -295,35 +288,27 @@ async fn main() -> anyhow::Result<()> {
         &report.half_rate.reads_during,
         5.0,
     );
-    line(
+    figure(
         "GetTimeline reads/s during ingest",
         format!("{:.0}", report.half_rate.reads_during_per_second),
-        String::new(),
-        String::new(),
     );
-    line(
+    figure(
         "GetTimeline(50) p50 / p99 after ingest",
         format!(
             "{} / {}",
             ms(report.reads_after.p50_ms),
             ms(report.reads_after.p99_ms)
         ),
-        String::new(),
-        String::new(),
     );
-    line(
+    figure(
         "GetTimeline reads/s after ingest",
         format!("{:.0}", report.reads_after_per_second),
-        String::new(),
-        String::new(),
     );
-    line(
+    figure(
         "peak RSS (MiB)",
         report
             .peak_rss_mib
             .map_or_else(|| "n/a".to_owned(), |rss| format!("{rss:.0}")),
-        String::new(),
-        String::new(),
     );
     println!(
         "record size: {} bytes; rebuild throughput: not measured (no rebuild yet)",
