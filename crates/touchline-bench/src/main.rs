@@ -125,6 +125,25 @@ fn target_line(name: &str, percentiles: &stats::Percentiles, target_ms: f64) {
     );
 }
 
+/// A fresh broker (or topic) and a node with its own store for one pipeline phase.
+async fn start_phase(
+    args: &Args,
+    name: &str,
+    brokers: &mut Vec<EmbeddedBroker>,
+    shape: &pipeline::Shape,
+) -> anyhow::Result<(touchline::Node, tempfile::TempDir)> {
+    let kafka = broker_for(args, name, brokers).await?;
+    let dir = tempfile::tempdir()?;
+    let node = pipeline::start_node(
+        &kafka.bootstrap_servers,
+        &kafka.topic,
+        dir.path(),
+        shape.clients,
+    )
+    .await?;
+    Ok((node, dir))
+}
+
 #[allow(
     clippy::needless_pass_by_value,
     reason = "the call sites build the strings inline"
@@ -181,15 +200,7 @@ async fn main() -> anyhow::Result<()> {
     drop(records);
 
     eprintln!("3/5 pipeline at full speed");
-    let kafka = broker_for(&args, "full", &mut brokers).await?;
-    let dir = tempfile::tempdir()?;
-    let node = pipeline::start_node(
-        &kafka.bootstrap_servers,
-        &kafka.topic,
-        dir.path(),
-        shape.clients,
-    )
-    .await?;
+    let (node, _dir) = start_phase(&args, "full", &mut brokers, &shape).await?;
     let full_shape = pipeline::Shape {
         readers: 0,
         ..shape.clone()
@@ -199,15 +210,7 @@ async fn main() -> anyhow::Result<()> {
     brokers.clear();
 
     eprintln!("4/5 pipeline at half rate, with readers");
-    let kafka = broker_for(&args, "half", &mut brokers).await?;
-    let dir = tempfile::tempdir()?;
-    let node = pipeline::start_node(
-        &kafka.bootstrap_servers,
-        &kafka.topic,
-        dir.path(),
-        shape.clients,
-    )
-    .await?;
+    let (node, _dir) = start_phase(&args, "half", &mut brokers, &shape).await?;
     let half_rate =
         pipeline::run(&node, &shape, Some(full_speed.end_to_end_per_second / 2.0)).await?;
     eprintln!("5/5 reads after ingest");

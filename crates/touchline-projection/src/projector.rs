@@ -174,7 +174,7 @@ impl Projector {
     ///
     /// # Errors
     /// When the store fails: the projector stops rather than skip records.
-    pub async fn run(self, shutdown: CancellationToken) -> Result<()> {
+    pub async fn run(mut self, shutdown: CancellationToken) -> Result<()> {
         // Group commit: batches are applied (atomically, in memory and sled's log) one after the
         // other while a flusher makes them durable; each flush covers every batch applied before
         // it started, and only flushed positions are published (dev-mode acks wait on them).
@@ -188,7 +188,7 @@ impl Projector {
             self.applied.clone(),
             flusher_stopped.clone(),
         ));
-        let mut skip_below = self.skip_below.clone();
+        let mut skip_below = std::mem::take(&mut self.skip_below);
         let mut batches = self.consumer.stream().ready_chunks(self.max_batch);
         loop {
             let batch = tokio::select! {
