@@ -78,8 +78,10 @@ pub struct StoredPosition {
 }
 
 /// What applying one batch did.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct ApplyOutcome {
+    /// The entries appended, in log order (watchers receive them once they are durable).
+    pub entries: Vec<TimelineEntry>,
     /// Events appended to the log and projected.
     pub appended: u64,
     /// Events dropped because their (partner, event id) was already in the log.
@@ -206,4 +208,8 @@ pub trait EventStore: Send + Sync + std::fmt::Debug {
     /// # Errors
     /// When the backend fails to sync.
     fn flush(&self) -> Result<(), StoreError>;
+
+    /// The log sequence up to which every event is durable: events with a higher sequence may be
+    /// applied but not yet flushed (and renumbered after a crash).
+    fn durable_sequence(&self) -> u64;
 }

@@ -12,6 +12,8 @@ pub enum Error {
         #[source]
         source: sled::Error,
     },
+    #[error("the store cannot be used: {0}")]
+    Format(String),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("kafka client failed: {0}")]

@@ -69,6 +69,14 @@ pub fn position(stream_key: &str, partition: i32) -> Vec<u8> {
     key
 }
 
+/// One record of a stream: (stream, partition, offset).
+#[must_use]
+pub fn record(stream_key: &str, partition: i32, offset: i64) -> Vec<u8> {
+    let mut key = position(stream_key, partition);
+    key.extend_from_slice(&ordered_i64(offset));
+    key
+}
+
 /// The prefix of every position key of a stream.
 #[must_use]
 pub fn position_prefix(stream_key: &str) -> Vec<u8> {

@@ -10,4 +10,6 @@ pub mod table;
 
 pub use error::{Error, Result};
 pub use projector::{AppliedOffsets, Projector, ProjectorHandle, ProjectorOptions};
-pub use sled_store::{DeadLetter, SledStore};
+pub use sled_store::{
+    Checksum, DeadLetter, OpsError, Projection, ProjectionVersions, Requeued, SledStore,
+};

@@ -1,13 +1,19 @@
 //! The sled implementation of [`EventStore`]: the append-only event log, the dedupe index, the
-//! timeline and summary projections, dead letters and consumer positions, each a tree of one sled
-//! database, written together in one atomic batch per consumed batch.
+//! versioned timeline and summary projections, dead letters and consumer positions, each a table
+//! (key prefix) of one sled tree, written together in one atomic batch per consumed batch.
+//!
+//! Projections are versioned so that one can be rebuilt from the log without downtime: a rebuild
+//! writes a new version next to the active one (which keeps serving and being updated), catches up
+//! with the log, and becomes active in the same atomic batch that projects the last events. An
+//! interrupted rebuild leaves its version behind as garbage, dropped on the next open.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard, RwLock};
 
 use serde::{Deserialize, Serialize};
-use std::sync::atomic::{AtomicU64, Ordering};
+use sha2::{Digest as _, Sha256};
 use touchline_core::{
     ApplyOutcome, ConsumedRecord, CustomerId, CustomerSummary, EventStore, LogPosition,
     RecordContent, StoreError, StoredPosition, StreamIdentity, TimelineEntry, TimelinePage,
@@ -22,8 +28,16 @@ use crate::table::Table;
 /// returns a short (even empty) page with a cursor rather than scanning without bound.
 pub const MAX_SCAN_PER_PAGE: usize = 10_000;
 
+/// Keys deleted per atomic batch when a projection version is dropped.
+const DROP_CHUNK: usize = 10_000;
+
 const NEXT_SEQUENCE: &[u8] = b"next_sequence";
 const NEXT_DEAD_LETTER: &[u8] = b"next_dead_letter";
+const DEAD_LETTER_COUNT: &[u8] = b"dead_letter_count";
+/// The key layout of the store. Absent in an empty store; a store with data and another format
+/// is refused rather than misread.
+const FORMAT: &[u8] = b"format";
+const FORMAT_VERSION: u64 = 2;
 
 /// A Kafka record that could not be decoded, kept with its reason.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -38,11 +52,131 @@ pub struct DeadLetter {
     pub dead_lettered_at: UnixNanos,
 }
 
-/// Counters that only the single writer advances; kept in memory, persisted with each batch.
+/// A projection of the log that can be rebuilt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Projection {
+    /// Every customer's touchpoints in event-time order.
+    Timeline,
+    /// Every customer's summary.
+    Summary,
+}
+
+impl Projection {
+    pub const ALL: [Self; 2] = [Self::Timeline, Self::Summary];
+
+    #[must_use]
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Timeline => "timeline",
+            Self::Summary => "summary",
+        }
+    }
+
+    /// Parses a projection name as the CLI and the admin API spell it.
+    #[must_use]
+    pub fn parse(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|projection| projection.name() == name)
+    }
+
+    fn table_byte(self) -> u8 {
+        match self {
+            Self::Timeline => b'T',
+            Self::Summary => b'S',
+        }
+    }
+
+    fn meta_key(self) -> Vec<u8> {
+        format!("projection/{}", self.name()).into_bytes()
+    }
+}
+
+impl std::fmt::Display for Projection {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str(self.name())
+    }
+}
+
+/// The versions of one projection, as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProjectionVersions {
+    /// The version queries read and the projector updates.
+    pub active: u32,
+    /// A version being rebuilt from the log, not yet active.
+    pub building: Option<u32>,
+    /// Versions no longer in use whose entries are being deleted.
+    pub dropping: Vec<u32>,
+    /// The highest version ever started: numbers are not reused, so logs and checksums of an
+    /// abandoned version never get confused with a later one.
+    pub highest: u32,
+}
+
+impl Default for ProjectionVersions {
+    fn default() -> Self {
+        Self {
+            active: 1,
+            building: None,
+            dropping: Vec::new(),
+            highest: 1,
+        }
+    }
+}
+
+impl ProjectionVersions {
+    fn newest(&self) -> u32 {
+        self.dropping
+            .iter()
+            .copied()
+            .chain(self.building)
+            .fold(self.active.max(self.highest), u32::max)
+    }
+}
+
+/// Why a rebuild step or a dead-letter operation was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum OpsError {
+    #[error("a rebuild of {projection} (version {version}) is already running")]
+    RebuildRunning { projection: Projection, version: u32 },
+    #[error("version {version} of {projection} is not being built (cancelled, or replaced)")]
+    NotBuilding { projection: Projection, version: u32 },
+    #[error("no dead letter has id {0}")]
+    DeadLetterNotFound(u64),
+    #[error("dead letter {id} still cannot be decoded: {reason}")]
+    StillUndecodable { id: u64, reason: String },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// The checksum of one table: entries and SHA-256 over every (key, value), in key order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Checksum {
+    pub entries: u64,
+    pub sha256: String,
+}
+
+/// What requeueing a dead letter did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Requeued {
+    /// The record now decodes and was appended to the log and projected.
+    Appended { sequence: u64 },
+    /// The record now decodes, but its event was already in the log.
+    Duplicate,
+}
+
+/// Counters and versions that only the single writer changes; kept in memory, persisted with each
+/// batch that changes them.
 #[derive(Debug)]
 struct WriterState {
     next_sequence: u64,
     next_dead_letter: u64,
+    dead_letters: u64,
+    versions: BTreeMap<Projection, ProjectionVersions>,
+}
+
+/// The tables of the active projection versions.
+#[derive(Debug, Clone)]
+struct Active {
+    timeline: Table,
+    summary: Table,
 }
 
 /// The event log and projections in one sled database, one tree, one table (key prefix) each.
@@ -52,15 +186,19 @@ pub struct SledStore {
     tree: sled::Tree,
     log: Table,
     dedupe: Table,
-    timeline: Table,
-    summary: Table,
     positions: Table,
     dead_letters: Table,
+    /// (stream, partition, offset) of each dead letter -> its id: a record re-read (replay, a
+    /// new incarnation) is dead-lettered once.
+    dead_letter_index: Table,
     meta: Table,
+    active: RwLock<Active>,
     writer: Mutex<WriterState>,
     /// Events in the log and dead letters, readable without waiting for the writer.
     log_count: AtomicU64,
     dead_letter_count: AtomicU64,
+    /// The log sequence up to which every event is durable (flushed).
+    durable_count: AtomicU64,
 }
 
 fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
@@ -98,6 +236,78 @@ fn log_value(partition: i32, offset: i64, raw: &[u8]) -> Vec<u8> {
     value
 }
 
+/// Splits a log value into partition, offset and the raw record value.
+fn split_log_value(sequence: u64, value: &[u8]) -> Result<(i32, i64, &[u8]), StoreError> {
+    let corrupt = || StoreError::Corrupt {
+        what: "log record",
+        key: sequence.to_string(),
+        reason: "shorter than its 12-byte header".to_owned(),
+    };
+    let partition = i32::from_be_bytes(
+        value
+            .get(..4)
+            .and_then(|b| b.try_into().ok())
+            .ok_or_else(corrupt)?,
+    );
+    let offset = i64::from_be_bytes(
+        value
+            .get(4..12)
+            .and_then(|b| b.try_into().ok())
+            .ok_or_else(corrupt)?,
+    );
+    Ok((partition, offset, &value[12..]))
+}
+
+/// Projects events into projection tables: the one piece of code the projector and a rebuild
+/// share, so that a rebuilt projection is the incrementally built one (invariant 5).
+struct Folds<'a> {
+    store: &'a SledStore,
+    timeline: Option<Table>,
+    summary: Option<Table>,
+    summaries: HashMap<CustomerId, CustomerSummary>,
+}
+
+impl<'a> Folds<'a> {
+    fn new(store: &'a SledStore, timeline: Option<Table>, summary: Option<Table>) -> Self {
+        Self {
+            store,
+            timeline,
+            summary,
+            summaries: HashMap::new(),
+        }
+    }
+
+    fn fold(&mut self, batch: &mut sled::Batch, entry: &TimelineEntry) -> Result<(), StoreError> {
+        let customer = &entry.touchpoint.customer_id;
+        if let Some(timeline) = &self.timeline {
+            timeline.insert(
+                batch,
+                keys::timeline(customer, entry.touchpoint.occurred_at, entry.position.sequence),
+                encode(entry)?,
+            );
+        }
+        if let Some(table) = &self.summary {
+            let summary = match self.summaries.remove(customer) {
+                Some(cached) => Some(cached),
+                None => self.store.load_summary(table, customer)?,
+            };
+            self.summaries
+                .insert(customer.clone(), apply_summary(summary, entry));
+        }
+        Ok(())
+    }
+
+    /// Adds the folded summaries to `batch`.
+    fn finish(self, batch: &mut sled::Batch) -> Result<(), StoreError> {
+        if let Some(table) = &self.summary {
+            for (customer, summary) in &self.summaries {
+                table.insert(batch, customer.as_str(), encode(summary)?);
+            }
+        }
+        Ok(())
+    }
+}
+
 impl SledStore {
     /// Opens (or creates) the store in `path`.
     ///
@@ -115,38 +325,122 @@ impl SledStore {
         Self::from_db(db)
     }
 
-    /// Opens the store's trees. Private: two stores on one database would be two writers.
+    /// Opens the store's tables, and drops projection versions that an interrupted rebuild or
+    /// drop left behind. Private: two stores on one database would be two writers.
     ///
     /// # Errors
-    /// When a tree cannot be opened or a stored counter is corrupt.
+    /// When a tree cannot be opened, the store has another format or a stored counter is corrupt.
     fn from_db(db: sled::Db) -> crate::Result<Self> {
         let tree = db.open_tree("touchline").map_err(backend)?;
-        let table = |prefix: u8| Table::new(tree.clone(), prefix);
-        let meta = table(b'M');
-        let counter = |key: &[u8]| -> Result<u64, StoreError> {
+        let table = |prefix: &[u8]| Table::new(tree.clone(), prefix);
+        let meta = table(b"M");
+        match meta.get(FORMAT).map_err(backend)? {
+            Some(bytes) if read_u64("format", FORMAT, &bytes)? == FORMAT_VERSION => {}
+            Some(bytes) => {
+                return Err(crate::Error::Format(format!(
+                    "the store has format {}, this Touchline reads format {FORMAT_VERSION}",
+                    read_u64("format", FORMAT, &bytes)?
+                )));
+            }
+            None if tree.is_empty() => {
+                tree.insert([b"M", FORMAT].concat(), &FORMAT_VERSION.to_be_bytes())
+                    .map_err(backend)?;
+            }
+            None => {
+                return Err(crate::Error::Format(
+                    "the store was written by an earlier Touchline (unversioned projections); move it aside and let the projector rebuild it from Kafka".to_owned(),
+                ));
+            }
+        }
+        let counter = |key: &[u8], default: u64| -> Result<u64, StoreError> {
             match meta.get(key).map_err(backend)? {
                 Some(bytes) => read_u64("counter", key, &bytes),
-                None => Ok(1),
+                None => Ok(default),
             }
         };
+        let mut versions = BTreeMap::new();
+        for projection in Projection::ALL {
+            let key = projection.meta_key();
+            let stored: ProjectionVersions = match meta.get(&key).map_err(backend)? {
+                Some(bytes) => decode("projection versions", &key, &bytes)?,
+                None => ProjectionVersions::default(),
+            };
+            versions.insert(projection, stored);
+        }
+        let next_dead_letter = counter(NEXT_DEAD_LETTER, 1)?;
         let writer = WriterState {
-            next_sequence: counter(NEXT_SEQUENCE)?,
-            next_dead_letter: counter(NEXT_DEAD_LETTER)?,
+            next_sequence: counter(NEXT_SEQUENCE, 1)?,
+            next_dead_letter,
+            dead_letters: counter(DEAD_LETTER_COUNT, next_dead_letter - 1)?,
+            versions,
         };
-        Ok(Self {
-            log: table(b'L'),
-            dedupe: table(b'D'),
-            timeline: table(b'T'),
-            summary: table(b'S'),
-            positions: table(b'P'),
-            dead_letters: table(b'X'),
+        let version_table = |projection: Projection, version: u32| {
+            Table::new(tree.clone(), &version_prefix(projection, version))
+        };
+        let active = Active {
+            timeline: version_table(Projection::Timeline, writer.versions[&Projection::Timeline].active),
+            summary: version_table(Projection::Summary, writer.versions[&Projection::Summary].active),
+        };
+        let log_count = writer.next_sequence - 1;
+        let store = Self {
+            log: table(b"L"),
+            dedupe: table(b"D"),
+            positions: table(b"P"),
+            dead_letters: table(b"X"),
+            dead_letter_index: table(b"Y"),
             meta,
-            log_count: AtomicU64::new(writer.next_sequence - 1),
-            dead_letter_count: AtomicU64::new(writer.next_dead_letter - 1),
+            active: RwLock::new(active),
+            log_count: AtomicU64::new(log_count),
+            dead_letter_count: AtomicU64::new(writer.dead_letters),
+            durable_count: AtomicU64::new(log_count),
             writer: Mutex::new(writer),
             tree,
             db,
-        })
+        };
+        store.drop_leftovers()?;
+        Ok(store)
+    }
+
+    fn lock_writer(&self) -> MutexGuard<'_, WriterState> {
+        self.writer
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn active(&self) -> Active {
+        self.active
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    fn version_table(&self, projection: Projection, version: u32) -> Table {
+        Table::new(self.tree.clone(), &version_prefix(projection, version))
+    }
+
+    /// Drops versions that an interrupted rebuild (crash, cancel) or drop left behind.
+    fn drop_leftovers(&self) -> Result<(), StoreError> {
+        for projection in Projection::ALL {
+            let leftovers = {
+                let mut writer = self.lock_writer();
+                let Some(versions) = writer.versions.get_mut(&projection) else {
+                    continue;
+                };
+                if let Some(building) = versions.building.take() {
+                    tracing::warn!(%projection, version = building, "dropping the version an interrupted rebuild left behind; the active version is untouched");
+                    versions.dropping.push(building);
+                }
+                let versions = versions.clone();
+                self.meta
+                    .insert_now(&projection.meta_key(), encode(&versions)?)
+                    .map_err(backend)?;
+                versions.dropping
+            };
+            for version in leftovers {
+                self.drop_version(projection, version)?;
+            }
+        }
+        Ok(())
     }
 
     /// Events in the log.
@@ -166,8 +460,21 @@ impl SledStore {
     /// # Errors
     /// When the backend fails or a dead letter is corrupt.
     pub fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, StoreError> {
+        self.dead_letters_after(0, limit)
+    }
+
+    /// Up to `limit` dead letters with an id above `after`, oldest first.
+    ///
+    /// # Errors
+    /// When the backend fails or a dead letter is corrupt.
+    pub fn dead_letters_after(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<DeadLetter>, StoreError> {
+        use std::ops::Bound::{Excluded, Unbounded};
         self.dead_letters
-            .scan_prefix(&[])
+            .range(Excluded(after.to_be_bytes().to_vec()), Unbounded)
             .take(limit)
             .map(|item| {
                 let (key, value) = item.map_err(backend)?;
@@ -193,55 +500,48 @@ impl SledStore {
         let Some(value) = self.log.get(key).map_err(backend)? else {
             return Ok(None);
         };
-        let corrupt = || StoreError::Corrupt {
-            what: "log record",
-            key: sequence.to_string(),
-            reason: "shorter than its 12-byte header".to_owned(),
-        };
-        let partition = i32::from_be_bytes(
-            value
-                .get(..4)
-                .and_then(|b| b.try_into().ok())
-                .ok_or_else(corrupt)?,
-        );
-        let offset = i64::from_be_bytes(
-            value
-                .get(4..12)
-                .and_then(|b| b.try_into().ok())
-                .ok_or_else(corrupt)?,
-        );
-        Ok(Some((partition, offset, value[12..].to_vec())))
+        let (partition, offset, raw) = split_log_value(sequence, &value)?;
+        Ok(Some((partition, offset, raw.to_vec())))
     }
 
-    fn load_summary(&self, customer: &CustomerId) -> Result<Option<CustomerSummary>, StoreError> {
-        self.summary
+    fn load_summary(
+        &self,
+        table: &Table,
+        customer: &CustomerId,
+    ) -> Result<Option<CustomerSummary>, StoreError> {
+        table
             .get(customer.as_str())
             .map_err(backend)?
             .map(|bytes| decode("summary", customer.as_str().as_bytes(), &bytes))
             .transpose()
     }
-}
 
-impl EventStore for SledStore {
-    fn apply(
+    /// The versions of every projection.
+    #[must_use]
+    pub fn projection_versions(&self) -> BTreeMap<Projection, ProjectionVersions> {
+        self.lock_writer().versions.clone()
+    }
+
+    /// Applies consumed records while holding the writer: dedupe, log, active projections, dead
+    /// letters and (when `stream_positions`) the positions, plus whatever `batch` already holds, in
+    /// one atomic batch.
+    fn apply_locked(
         &self,
-        stream: &StreamIdentity,
+        writer: &mut WriterState,
+        stream_key: &str,
         records: Vec<ConsumedRecord>,
+        store_positions: bool,
+        mut batch: sled::Batch,
     ) -> Result<ApplyOutcome, StoreError> {
-        // One writer at a time: the dedupe reads below and the counters are only consistent with
-        // the transaction because nobody else writes in between.
-        let mut writer = self
-            .writer
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let stream_key = stream.key();
         let now = UnixNanos::now();
-        let mut pending = sled::Batch::default();
+        let active = self.active();
+        let mut folds = Folds::new(self, Some(active.timeline), Some(active.summary));
         let mut outcome = ApplyOutcome::default();
         let mut seen_in_batch: HashMap<Vec<u8>, u64> = HashMap::new();
-        let mut summaries: HashMap<CustomerId, Option<CustomerSummary>> = HashMap::new();
+        let mut dead_in_batch: HashMap<Vec<u8>, u64> = HashMap::new();
         let mut next_sequence = writer.next_sequence;
         let mut next_dead_letter = writer.next_dead_letter;
+        let mut dead_letters = writer.dead_letters;
         let mut last_fingerprints: BTreeMap<i32, (i64, u64)> = BTreeMap::new();
 
         for record in records {
@@ -276,36 +576,35 @@ impl EventStore for SledStore {
                         sequence,
                     };
                     let entry = TimelineEntry::new(*envelope, position);
-                    let customer = entry.touchpoint.customer_id.clone();
                     self.log.insert(
-                        &mut pending,
+                        &mut batch,
                         sequence.to_be_bytes(),
                         log_value(record.partition, record.offset, &raw),
                     );
-                    self.dedupe.insert(
-                        &mut pending,
-                        dedupe_key.as_slice(),
-                        &sequence.to_be_bytes(),
-                    );
-                    self.timeline.insert(
-                        &mut pending,
-                        keys::timeline(&customer, entry.touchpoint.occurred_at, sequence),
-                        encode(&entry)?,
-                    );
-                    let summary = match summaries.remove(&customer) {
-                        Some(cached) => cached,
-                        None => self.load_summary(&customer)?,
-                    };
-                    summaries.insert(customer, Some(apply_summary(summary, &entry)));
+                    self.dedupe
+                        .insert(&mut batch, dedupe_key.as_slice(), &sequence.to_be_bytes());
+                    folds.fold(&mut batch, &entry)?;
                     seen_in_batch.insert(dedupe_key, sequence);
+                    outcome.entries.push(entry);
                     outcome.appended += 1;
                 }
                 RecordContent::Undecodable { reason, key, value } => {
+                    let index_key = keys::record(stream_key, record.partition, record.offset);
+                    if dead_in_batch.contains_key(&index_key)
+                        || self
+                            .dead_letter_index
+                            .contains_key(&index_key)
+                            .map_err(backend)?
+                    {
+                        // Read again (replay, redelivery): it is already a dead letter.
+                        continue;
+                    }
                     let id = next_dead_letter;
                     next_dead_letter += 1;
+                    dead_letters += 1;
                     let dead_letter = DeadLetter {
                         id,
-                        stream: stream_key.clone(),
+                        stream: stream_key.to_owned(),
                         partition: record.partition,
                         offset: record.offset,
                         reason,
@@ -314,42 +613,397 @@ impl EventStore for SledStore {
                         dead_lettered_at: now,
                     };
                     self.dead_letters
-                        .insert(&mut pending, id.to_be_bytes(), encode(&dead_letter)?);
+                        .insert(&mut batch, id.to_be_bytes(), encode(&dead_letter)?);
+                    self.dead_letter_index
+                        .insert(&mut batch, index_key.as_slice(), &id.to_be_bytes());
+                    dead_in_batch.insert(index_key, id);
                     outcome.dead_lettered += 1;
                 }
             }
         }
-        for (customer, summary) in &summaries {
-            if let Some(summary) = summary {
-                self.summary
-                    .insert(&mut pending, customer.as_str(), encode(summary)?);
+        folds.finish(&mut batch)?;
+        if store_positions {
+            for (partition, next_offset) in &outcome.next_offsets {
+                let last_fingerprint = last_fingerprints
+                    .get(partition)
+                    .map_or(0, |(_, fingerprint)| *fingerprint);
+                let mut value = next_offset.to_be_bytes().to_vec();
+                value.extend_from_slice(&last_fingerprint.to_be_bytes());
+                self.positions
+                    .insert(&mut batch, keys::position(stream_key, *partition), value);
             }
-        }
-        for (partition, next_offset) in &outcome.next_offsets {
-            let last_fingerprint = last_fingerprints
-                .get(partition)
-                .map_or(0, |(_, fingerprint)| *fingerprint);
-            let mut value = next_offset.to_be_bytes().to_vec();
-            value.extend_from_slice(&last_fingerprint.to_be_bytes());
-            self.positions
-                .insert(&mut pending, keys::position(&stream_key, *partition), value);
+        } else {
+            outcome.next_offsets.clear();
         }
         self.meta
-            .insert(&mut pending, NEXT_SEQUENCE, &next_sequence.to_be_bytes());
-        self.meta.insert(
-            &mut pending,
-            NEXT_DEAD_LETTER,
-            &next_dead_letter.to_be_bytes(),
-        );
+            .insert(&mut batch, NEXT_SEQUENCE, &next_sequence.to_be_bytes());
+        self.meta
+            .insert(&mut batch, NEXT_DEAD_LETTER, &next_dead_letter.to_be_bytes());
+        self.meta
+            .insert(&mut batch, DEAD_LETTER_COUNT, &dead_letters.to_be_bytes());
 
         // One tree, one batch: atomic (invariant 6).
-        self.tree.apply_batch(pending).map_err(backend)?;
+        self.tree.apply_batch(batch).map_err(backend)?;
         writer.next_sequence = next_sequence;
         writer.next_dead_letter = next_dead_letter;
+        writer.dead_letters = dead_letters;
         self.log_count.store(next_sequence - 1, Ordering::Release);
-        self.dead_letter_count
-            .store(next_dead_letter - 1, Ordering::Release);
+        self.dead_letter_count.store(dead_letters, Ordering::Release);
         Ok(outcome)
+    }
+
+    /// Applies records re-read from Kafka by a replay: new events are appended and projected,
+    /// events already in the log are dropped, undecodable records become dead letters (once).
+    /// Stored positions are not touched: the projector's own reading goes on where it was.
+    ///
+    /// # Errors
+    /// When the backend fails; then nothing of the batch is stored.
+    pub fn apply_replayed(
+        &self,
+        stream: &StreamIdentity,
+        records: Vec<ConsumedRecord>,
+    ) -> Result<ApplyOutcome, StoreError> {
+        let mut writer = self.lock_writer();
+        self.apply_locked(
+            &mut writer,
+            &stream.key(),
+            records,
+            false,
+            sled::Batch::default(),
+        )
+    }
+
+    /// Decodes a dead letter again (a newer Touchline may understand it) and, when it decodes,
+    /// appends it to the log and projects it, removing the dead letter in the same batch.
+    ///
+    /// # Errors
+    /// [`OpsError::DeadLetterNotFound`], [`OpsError::StillUndecodable`] (nothing changes), or a
+    /// backend failure.
+    pub fn requeue_dead_letter(&self, id: u64) -> Result<Requeued, OpsError> {
+        let mut writer = self.lock_writer();
+        let dead_letter = self.dead_letter(id)?;
+        let envelope = touchline_proto::decode_envelope(dead_letter.value.as_deref()).map_err(
+            |error| OpsError::StillUndecodable {
+                id,
+                reason: error.to_string(),
+            },
+        )?;
+        let mut batch = sled::Batch::default();
+        self.remove_dead_letter(&mut batch, &dead_letter);
+        writer.dead_letters = writer.dead_letters.saturating_sub(1);
+        let record = ConsumedRecord {
+            partition: dead_letter.partition,
+            offset: dead_letter.offset,
+            content: RecordContent::Event {
+                envelope: Box::new(envelope),
+                raw: dead_letter.value.clone().unwrap_or_default(),
+            },
+        };
+        let result = self.apply_locked(&mut writer, &dead_letter.stream, vec![record], false, batch);
+        if result.is_err() {
+            writer.dead_letters += 1;
+        }
+        let outcome = result?;
+        Ok(match outcome.entries.first() {
+            Some(entry) => Requeued::Appended {
+                sequence: entry.position.sequence,
+            },
+            None => Requeued::Duplicate,
+        })
+    }
+
+    /// Deletes a dead letter for good.
+    ///
+    /// # Errors
+    /// [`OpsError::DeadLetterNotFound`] or a backend failure.
+    pub fn discard_dead_letter(&self, id: u64) -> Result<DeadLetter, OpsError> {
+        let mut writer = self.lock_writer();
+        let dead_letter = self.dead_letter(id)?;
+        let mut batch = sled::Batch::default();
+        self.remove_dead_letter(&mut batch, &dead_letter);
+        let remaining = writer.dead_letters.saturating_sub(1);
+        self.meta
+            .insert(&mut batch, DEAD_LETTER_COUNT, &remaining.to_be_bytes());
+        self.tree.apply_batch(batch).map_err(backend)?;
+        writer.dead_letters = remaining;
+        self.dead_letter_count.store(remaining, Ordering::Release);
+        Ok(dead_letter)
+    }
+
+    fn dead_letter(&self, id: u64) -> Result<DeadLetter, OpsError> {
+        let key = id.to_be_bytes();
+        let bytes = self
+            .dead_letters
+            .get(key)
+            .map_err(backend)?
+            .ok_or(OpsError::DeadLetterNotFound(id))?;
+        Ok(decode("dead letter", &key, &bytes)?)
+    }
+
+    /// Removes the dead letter but keeps its index entry, so that reading the record again does
+    /// not make it a dead letter again.
+    fn remove_dead_letter(&self, batch: &mut sled::Batch, dead_letter: &DeadLetter) {
+        self.dead_letters.remove(batch, dead_letter.id.to_be_bytes());
+    }
+
+    /// Starts building a new version of `projection`: returns the version and the log's length
+    /// now (the events to fold before catching up).
+    ///
+    /// # Errors
+    /// [`OpsError::RebuildRunning`] when a version is already being built.
+    pub fn begin_rebuild(&self, projection: Projection) -> Result<(u32, u64), OpsError> {
+        let mut writer = self.lock_writer();
+        let log_len = writer.next_sequence - 1;
+        let versions = writer.versions.entry(projection).or_default();
+        if let Some(version) = versions.building {
+            return Err(OpsError::RebuildRunning {
+                projection,
+                version,
+            });
+        }
+        let version = versions.newest() + 1;
+        let mut updated = versions.clone();
+        updated.building = Some(version);
+        updated.highest = version;
+        // A version number is never reused, so a leftover of it cannot exist: start clean anyway.
+        self.version_table(projection, version)
+            .clear(DROP_CHUNK)
+            .map_err(backend)?;
+        self.meta
+            .insert_now(&projection.meta_key(), encode(&updated)?)
+            .map_err(backend)?;
+        *versions = updated;
+        Ok((version, log_len))
+    }
+
+    /// Folds the log events from `from_sequence` (at most `max` of them) into the version being
+    /// built, in one atomic batch; returns the next sequence to fold. Runs beside the projector:
+    /// it reads only the log (append-only) and writes only the new version.
+    ///
+    /// # Errors
+    /// [`OpsError::NotBuilding`] when the rebuild was cancelled, or a backend failure.
+    pub fn rebuild_step(
+        &self,
+        projection: Projection,
+        version: u32,
+        from_sequence: u64,
+        max: usize,
+    ) -> Result<u64, OpsError> {
+        self.check_building(projection, version)?;
+        let mut batch = sled::Batch::default();
+        let next = self.fold_log_into(projection, version, from_sequence, max, &mut batch)?;
+        self.tree.apply_batch(batch).map_err(backend)?;
+        Ok(next)
+    }
+
+    /// Folds the rest of the log into the version being built and makes it the active one, in
+    /// one atomic batch taken under the writer (so no event is projected in between); the
+    /// previous version is then dropped. Returns the previous version.
+    ///
+    /// # Errors
+    /// [`OpsError::NotBuilding`] when the rebuild was cancelled, or a backend failure (then the
+    /// active version stays as it was).
+    pub fn finish_rebuild(
+        &self,
+        projection: Projection,
+        version: u32,
+        from_sequence: u64,
+    ) -> Result<u32, OpsError> {
+        let previous = {
+            let mut writer = self.lock_writer();
+            self.check_building_locked(&writer, projection, version)?;
+            let mut batch = sled::Batch::default();
+            let mut next = from_sequence;
+            while next < writer.next_sequence {
+                next = self.fold_log_into(projection, version, next, usize::MAX, &mut batch)?;
+            }
+            let versions = writer.versions.entry(projection).or_default();
+            let mut updated = versions.clone();
+            let previous = updated.active;
+            updated.active = version;
+            updated.building = None;
+            updated.dropping.push(previous);
+            self.meta
+                .insert(&mut batch, projection.meta_key(), encode(&updated)?);
+            self.tree.apply_batch(batch).map_err(backend)?;
+            *versions = updated;
+            let table = self.version_table(projection, version);
+            let mut active = self
+                .active
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            match projection {
+                Projection::Timeline => active.timeline = table,
+                Projection::Summary => active.summary = table,
+            }
+            previous
+        };
+        self.drop_version(projection, previous)?;
+        Ok(previous)
+    }
+
+    /// Abandons the version being built and drops what it wrote.
+    ///
+    /// # Errors
+    /// [`OpsError::NotBuilding`] or a backend failure.
+    pub fn cancel_rebuild(&self, projection: Projection, version: u32) -> Result<(), OpsError> {
+        {
+            let mut writer = self.lock_writer();
+            self.check_building_locked(&writer, projection, version)?;
+            let versions = writer.versions.entry(projection).or_default();
+            let mut updated = versions.clone();
+            updated.building = None;
+            updated.dropping.push(version);
+            self.meta
+                .insert_now(&projection.meta_key(), encode(&updated)?)
+                .map_err(backend)?;
+            *versions = updated;
+        }
+        self.drop_version(projection, version)?;
+        Ok(())
+    }
+
+    fn check_building(&self, projection: Projection, version: u32) -> Result<(), OpsError> {
+        let writer = self.lock_writer();
+        self.check_building_locked(&writer, projection, version)
+    }
+
+    #[allow(clippy::unused_self)]
+    fn check_building_locked(
+        &self,
+        writer: &WriterState,
+        projection: Projection,
+        version: u32,
+    ) -> Result<(), OpsError> {
+        match writer.versions.get(&projection) {
+            Some(versions) if versions.building == Some(version) => Ok(()),
+            _ => Err(OpsError::NotBuilding {
+                projection,
+                version,
+            }),
+        }
+    }
+
+    /// Folds log events `from_sequence..` (at most `max`) into one version; returns the next.
+    fn fold_log_into(
+        &self,
+        projection: Projection,
+        version: u32,
+        from_sequence: u64,
+        max: usize,
+        batch: &mut sled::Batch,
+    ) -> Result<u64, StoreError> {
+        use std::ops::Bound::{Included, Unbounded};
+        let table = self.version_table(projection, version);
+        let mut folds = match projection {
+            Projection::Timeline => Folds::new(self, Some(table), None),
+            Projection::Summary => Folds::new(self, None, Some(table)),
+        };
+        let mut next = from_sequence;
+        for item in self
+            .log
+            .range(Included(from_sequence.to_be_bytes().to_vec()), Unbounded)
+            .take(max)
+        {
+            let (key, value) = item.map_err(backend)?;
+            let sequence = read_u64("log key", &key, &key)?;
+            let (partition, offset, raw) = split_log_value(sequence, &value)?;
+            let envelope =
+                touchline_proto::decode_envelope(Some(raw)).map_err(|error| StoreError::Corrupt {
+                    what: "log record",
+                    key: sequence.to_string(),
+                    reason: error.to_string(),
+                })?;
+            let entry = TimelineEntry::new(
+                envelope,
+                LogPosition {
+                    partition,
+                    offset,
+                    sequence,
+                },
+            );
+            folds.fold(batch, &entry)?;
+            next = sequence + 1;
+        }
+        folds.finish(batch)?;
+        Ok(next)
+    }
+
+    /// Deletes a version's entries, then forgets it.
+    fn drop_version(&self, projection: Projection, version: u32) -> Result<(), StoreError> {
+        let deleted = self
+            .version_table(projection, version)
+            .clear(DROP_CHUNK)
+            .map_err(backend)?;
+        tracing::info!(%projection, version, deleted, "dropped projection version");
+        let mut writer = self.lock_writer();
+        let versions = writer.versions.entry(projection).or_default();
+        let mut updated = versions.clone();
+        updated.dropping.retain(|dropping| *dropping != version);
+        self.meta
+            .insert_now(&projection.meta_key(), encode(&updated)?)
+            .map_err(backend)?;
+        *versions = updated;
+        Ok(())
+    }
+
+    /// The checksum of a projection version (default: the active one).
+    ///
+    /// # Errors
+    /// When the backend fails.
+    pub fn checksum(&self, projection: Projection, version: u32) -> Result<Checksum, StoreError> {
+        checksum(&self.version_table(projection, version))
+    }
+
+    /// The checksum of the log.
+    ///
+    /// # Errors
+    /// When the backend fails.
+    pub fn log_checksum(&self) -> Result<Checksum, StoreError> {
+        checksum(&self.log)
+    }
+}
+
+/// The prefix of a projection version's table: the projection's byte, then the version.
+fn version_prefix(projection: Projection, version: u32) -> Vec<u8> {
+    let mut prefix = vec![projection.table_byte()];
+    prefix.extend_from_slice(&version.to_be_bytes());
+    prefix
+}
+
+fn checksum(table: &Table) -> Result<Checksum, StoreError> {
+    let mut hasher = Sha256::new();
+    let mut entries = 0;
+    for item in table.scan_prefix(&[]) {
+        let (key, value) = item.map_err(backend)?;
+        hasher.update((key.len() as u64).to_be_bytes());
+        hasher.update(&key);
+        hasher.update((value.len() as u64).to_be_bytes());
+        hasher.update(&value);
+        entries += 1;
+    }
+    Ok(Checksum {
+        entries,
+        sha256: hex::encode(hasher.finalize()),
+    })
+}
+
+impl EventStore for SledStore {
+    fn apply(
+        &self,
+        stream: &StreamIdentity,
+        records: Vec<ConsumedRecord>,
+    ) -> Result<ApplyOutcome, StoreError> {
+        // One writer at a time: the dedupe reads and the counters are only consistent with the
+        // batch because nobody else writes in between.
+        let mut writer = self.lock_writer();
+        self.apply_locked(
+            &mut writer,
+            &stream.key(),
+            records,
+            true,
+            sled::Batch::default(),
+        )
     }
 
     fn positions(
@@ -411,7 +1065,8 @@ impl EventStore for SledStore {
         }
         let mut page = TimelinePage::default();
         let mut last_scanned = None;
-        for (scanned, item) in self.timeline.range(start, end).enumerate() {
+        let timeline = self.active().timeline;
+        for (scanned, item) in timeline.range(start, end).enumerate() {
             let (key, value) = item.map_err(backend)?;
             if scanned >= MAX_SCAN_PER_PAGE {
                 page.next = last_scanned;
@@ -439,7 +1094,7 @@ impl EventStore for SledStore {
     }
 
     fn summary(&self, customer_id: &CustomerId) -> Result<Option<CustomerSummary>, StoreError> {
-        self.load_summary(customer_id)
+        self.load_summary(&self.active().summary, customer_id)
     }
 
     fn contains_event(
@@ -453,6 +1108,13 @@ impl EventStore for SledStore {
     }
 
     fn flush(&self) -> Result<(), StoreError> {
-        self.db.flush().map(|_| ()).map_err(backend)
+        let covered = self.log_count.load(Ordering::Acquire);
+        self.db.flush().map_err(backend)?;
+        self.durable_count.fetch_max(covered, Ordering::AcqRel);
+        Ok(())
+    }
+
+    fn durable_sequence(&self) -> u64 {
+        self.durable_count.load(Ordering::Acquire)
     }
 }
