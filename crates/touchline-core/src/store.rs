@@ -78,10 +78,8 @@ pub struct StoredPosition {
 }
 
 /// What applying one batch did.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ApplyOutcome {
-    /// The entries appended, in log order (watchers receive them once they are durable).
-    pub entries: Vec<TimelineEntry>,
     /// Events appended to the log and projected.
     pub appended: u64,
     /// Events dropped because their (partner, event id) was already in the log.

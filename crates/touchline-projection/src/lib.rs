@@ -4,6 +4,8 @@
 
 pub mod error;
 pub mod keys;
+pub mod metrics;
+pub mod ops;
 pub mod projector;
 pub mod sled_store;
 pub mod table;
@@ -11,5 +13,6 @@ pub mod table;
 pub use error::{Error, Result};
 pub use projector::{AppliedOffsets, Projector, ProjectorHandle, ProjectorOptions};
 pub use sled_store::{
-    Checksum, DeadLetter, OpsError, Projection, ProjectionVersions, Requeued, SledStore,
+    Checksum, DeadLetter, OpsError, ProjectedEntries, Projection, ProjectionVersions, Requeued,
+    SledStore, WATCH_BUFFER,
 };

@@ -19,7 +19,7 @@ use touchline_core::{
 use touchline_kafka::KafkaOptions;
 use tracing::{debug, info, warn};
 
-use crate::{Error, Result};
+use crate::{Error, Result, metrics};
 
 const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -221,6 +221,9 @@ impl Projector {
             let stream = self.stream.clone();
             let outcome =
                 tokio::task::spawn_blocking(move || store.apply(&stream, records)).await??;
+            metrics::PROJECTOR.applied.inc_by(outcome.appended);
+            metrics::PROJECTOR.duplicates.inc_by(outcome.duplicates);
+            metrics::PROJECTOR.dead_lettered.inc_by(outcome.dead_lettered);
             debug!(
                 appended = outcome.appended,
                 duplicates = outcome.duplicates,
@@ -381,7 +384,7 @@ fn check_position(
     Ok(None)
 }
 
-fn kafka_setup(error: &touchline_kafka::Error) -> Error {
+pub(crate) fn kafka_setup(error: &touchline_kafka::Error) -> Error {
     match error {
         touchline_kafka::Error::TopicMissing { topic } => Error::TopicMissing {
             topic: topic.clone(),
@@ -391,7 +394,7 @@ fn kafka_setup(error: &touchline_kafka::Error) -> Error {
 }
 
 /// Decodes a consumed message; anything undecodable becomes a dead letter with its reason.
-fn consumed_record(message: &BorrowedMessage<'_>) -> ConsumedRecord {
+pub(crate) fn consumed_record(message: &BorrowedMessage<'_>) -> ConsumedRecord {
     let content = match touchline_proto::decode_envelope(message.payload()) {
         Ok(envelope) => RecordContent::Event {
             envelope: Box::new(envelope),

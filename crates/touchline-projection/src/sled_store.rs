@@ -10,7 +10,9 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+
+use tokio::sync::broadcast;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
@@ -199,7 +201,19 @@ pub struct SledStore {
     dead_letter_count: AtomicU64,
     /// The log sequence up to which every event is durable (flushed).
     durable_count: AtomicU64,
+    /// Entries appended since the last flush, in log order, kept only while someone watches.
+    unflushed: Mutex<Vec<TimelineEntry>>,
+    /// Entries as they become durable, one message per flush, in log order.
+    watchers: broadcast::Sender<ProjectedEntries>,
+    /// Flushes one at a time, so that entries reach watchers in log order.
+    flushing: Mutex<()>,
 }
+
+/// Entries that one flush made durable, in log order.
+pub type ProjectedEntries = Arc<[TimelineEntry]>;
+
+/// How many flushes a slow watcher may fall behind before it is told it lagged.
+pub const WATCH_BUFFER: usize = 1024;
 
 fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
     postcard::to_stdvec(value).map_err(backend)
@@ -393,6 +407,9 @@ impl SledStore {
             log_count: AtomicU64::new(log_count),
             dead_letter_count: AtomicU64::new(writer.dead_letters),
             durable_count: AtomicU64::new(log_count),
+            unflushed: Mutex::new(Vec::new()),
+            watchers: broadcast::channel(WATCH_BUFFER).0,
+            flushing: Mutex::new(()),
             writer: Mutex::new(writer),
             tree,
             db,
@@ -402,9 +419,15 @@ impl SledStore {
     }
 
     fn lock_writer(&self) -> MutexGuard<'_, WriterState> {
-        self.writer
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        lock(&self.writer)
+    }
+
+    /// Entries as they become durable (after each flush), in log order: the feed of live
+    /// timelines. Never slows the writer: a receiver more than [`WATCH_BUFFER`] flushes behind
+    /// gets `Lagged`.
+    #[must_use]
+    pub fn watch_sender(&self) -> broadcast::Sender<ProjectedEntries> {
+        self.watchers.clone()
     }
 
     fn active(&self) -> Active {
@@ -537,6 +560,8 @@ impl SledStore {
         let active = self.active();
         let mut folds = Folds::new(self, Some(active.timeline), Some(active.summary));
         let mut outcome = ApplyOutcome::default();
+        let watched = self.watchers.receiver_count() > 0;
+        let mut appended = Vec::new();
         let mut seen_in_batch: HashMap<Vec<u8>, u64> = HashMap::new();
         let mut dead_in_batch: HashMap<Vec<u8>, u64> = HashMap::new();
         let mut next_sequence = writer.next_sequence;
@@ -585,7 +610,9 @@ impl SledStore {
                         .insert(&mut batch, dedupe_key.as_slice(), &sequence.to_be_bytes());
                     folds.fold(&mut batch, &entry)?;
                     seen_in_batch.insert(dedupe_key, sequence);
-                    outcome.entries.push(entry);
+                    if watched {
+                        appended.push(entry);
+                    }
                     outcome.appended += 1;
                 }
                 RecordContent::Undecodable { reason, key, value } => {
@@ -644,6 +671,10 @@ impl SledStore {
 
         // One tree, one batch: atomic (invariant 6).
         self.tree.apply_batch(batch).map_err(backend)?;
+        if !appended.is_empty() {
+            // Under the writer: entries queue in log order.
+            lock(&self.unflushed).append(&mut appended);
+        }
         writer.next_sequence = next_sequence;
         writer.next_dead_letter = next_dead_letter;
         writer.dead_letters = dead_letters;
@@ -699,16 +730,15 @@ impl SledStore {
                 raw: dead_letter.value.clone().unwrap_or_default(),
             },
         };
+        let sequence = writer.next_sequence;
         let result = self.apply_locked(&mut writer, &dead_letter.stream, vec![record], false, batch);
         if result.is_err() {
             writer.dead_letters += 1;
         }
-        let outcome = result?;
-        Ok(match outcome.entries.first() {
-            Some(entry) => Requeued::Appended {
-                sequence: entry.position.sequence,
-            },
-            None => Requeued::Duplicate,
+        Ok(if result?.appended == 1 {
+            Requeued::Appended { sequence }
+        } else {
+            Requeued::Duplicate
         })
     }
 
@@ -964,6 +994,12 @@ impl SledStore {
     }
 }
 
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// The prefix of a projection version's table: the projection's byte, then the version.
 fn version_prefix(projection: Projection, version: u32) -> Vec<u8> {
     let mut prefix = vec![projection.table_byte()];
@@ -1108,9 +1144,16 @@ impl EventStore for SledStore {
     }
 
     fn flush(&self) -> Result<(), StoreError> {
+        let _one_at_a_time = lock(&self.flushing);
+        // Everything applied before the flush starts is durable after it.
         let covered = self.log_count.load(Ordering::Acquire);
+        let entries = std::mem::take(&mut *lock(&self.unflushed));
         self.db.flush().map_err(backend)?;
         self.durable_count.fetch_max(covered, Ordering::AcqRel);
+        if !entries.is_empty() {
+            // No receiver left is fine: nobody watches.
+            let _ = self.watchers.send(entries.into());
+        }
         Ok(())
     }
 

@@ -1,0 +1,64 @@
+//! The projector's Prometheus metrics. Process-wide, like a default registry: a node registers
+//! them in the registry it serves on `/metrics`.
+
+use std::sync::LazyLock;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+/// A projection, as a label.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct ProjectionLabel {
+    pub projection: String,
+}
+
+/// Counters and gauges of the projector, rebuilds and replays.
+#[derive(Debug, Default)]
+pub struct ProjectorMetrics {
+    pub applied: Counter,
+    pub duplicates: Counter,
+    pub dead_lettered: Counter,
+    pub rebuild_done: Family<ProjectionLabel, Gauge>,
+    pub rebuild_total: Family<ProjectionLabel, Gauge>,
+    pub replayed: Counter,
+}
+
+pub static PROJECTOR: LazyLock<ProjectorMetrics> = LazyLock::new(ProjectorMetrics::default);
+
+/// Registers the projector's metrics.
+pub fn register(registry: &mut Registry) {
+    let metrics = &*PROJECTOR;
+    registry.register(
+        "touchline_projector_applied_events",
+        "Events appended to the log and projected",
+        metrics.applied.clone(),
+    );
+    registry.register(
+        "touchline_projector_duplicate_events",
+        "Events dropped because their (partner, event id) was already in the log",
+        metrics.duplicates.clone(),
+    );
+    registry.register(
+        "touchline_projector_dead_lettered_records",
+        "Records that could not be decoded and went to the dead-letter store",
+        metrics.dead_lettered.clone(),
+    );
+    registry.register(
+        "touchline_rebuild_done_events",
+        "Log events folded into the version being rebuilt",
+        metrics.rebuild_done.clone(),
+    );
+    registry.register(
+        "touchline_rebuild_total_events",
+        "Log events the running rebuild has to fold (grows while events arrive)",
+        metrics.rebuild_total.clone(),
+    );
+    registry.register(
+        "touchline_replay_read_records",
+        "Records re-read from Kafka by replays",
+        metrics.replayed.clone(),
+    );
+}
