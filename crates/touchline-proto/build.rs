@@ -11,6 +11,7 @@ const PROTO_FILES: &[&str] = &[
     "touchline/v1/ingest.proto",
     "touchline/v1/timeline.proto",
     "touchline/v1/envelope.proto",
+    "touchline/v1/admin.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

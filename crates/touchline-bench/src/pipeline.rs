@@ -47,6 +47,7 @@ pub async fn start_node(
 ) -> anyhow::Result<Node> {
     let mut config = Config::default();
     config.server.listen = "127.0.0.1:0".parse()?;
+    config.metrics.listen = None;
     config.kafka.bootstrap_servers = bootstrap.to_owned();
     config.kafka.topic = topic.to_owned();
     config.store.path = dir.join("store");

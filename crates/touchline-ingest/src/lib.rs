@@ -6,6 +6,7 @@ pub mod auth;
 pub mod directory;
 pub mod error;
 pub mod limits;
+pub mod metrics;
 pub mod publisher;
 pub mod service;
 

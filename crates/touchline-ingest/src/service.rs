@@ -23,6 +23,7 @@ use tracing::{debug, info};
 
 use crate::auth::{Authenticated, bearer_token};
 use crate::limits::{RateLimiter, StreamCounter, grpc_timeout};
+use crate::metrics::INGEST;
 use crate::{Error, PartnerDirectory, Publisher, Result};
 
 /// Ingest limits and tunables. Every one is configurable (`[ingest]` in the configuration).
@@ -226,7 +227,10 @@ impl Inner {
         let produced = if envelopes.is_empty() {
             Vec::new()
         } else {
-            self.publisher.publish(&envelopes, call_timeout).await?
+            let started = std::time::Instant::now();
+            let produced = self.publisher.publish(&envelopes, call_timeout).await?;
+            INGEST.observe_produce(started.elapsed());
+            produced
         };
 
         let mut response = v1::PublishResponse {
@@ -253,6 +257,7 @@ impl Inner {
                 }
                 Err(rejection) => {
                     response.rejected += 1;
+                    INGEST.count(&partner.partner_id, "rejected", rejection.reason.code(), 1);
                     event_result::Result::Rejected(v1::Rejected {
                         reason: rejection.reason.number(),
                         field: rejection.field,
@@ -266,6 +271,12 @@ impl Inner {
                 result: Some(result),
             });
         }
+        INGEST.count(
+            &partner.partner_id,
+            "accepted",
+            "",
+            u64::from(response.accepted),
+        );
         debug!(partner = %partner.partner_id, accepted = response.accepted, rejected = response.rejected, "published batch");
         Ok(response)
     }
@@ -278,6 +289,19 @@ impl Inner {
         batch: v1::PublishRequest,
         window: Arc<Semaphore>,
     ) -> Result<v1::PublishResponse> {
+        let events = batch.events.len();
+        let result = self.publish_in_window(&partner, batch, window).await;
+        count_failed(&partner, events, result.as_ref().err());
+        result
+    }
+
+    async fn publish_in_window(
+        &self,
+        partner: &Authenticated,
+        batch: v1::PublishRequest,
+        window: Arc<Semaphore>,
+    ) -> Result<v1::PublishResponse> {
+        let partner = partner.clone();
         self.admit(&partner, batch.events.len())?;
         let _window = acquire(&window, batch.events.len()).await?;
         let _slot = Arc::clone(&self.in_flight)
@@ -285,6 +309,18 @@ impl Inner {
             .await
             .map_err(|_| Error::ShuttingDown)?;
         self.publish(&partner, batch, None).await
+    }
+}
+
+/// Counts the events of a call that failed as a whole as rejected with the call's reason.
+fn count_failed(partner: &Authenticated, events: usize, error: Option<&Error>) {
+    if let Some(error) = error {
+        INGEST.count(
+            &partner.partner_id,
+            "rejected",
+            error.reason(),
+            u64::try_from(events).unwrap_or(u64::MAX),
+        );
     }
 }
 
@@ -323,15 +359,23 @@ impl v1::ingest_service_server::IngestService for IngestService {
         let partner = self.inner.authenticate(request.metadata())?;
         let call_timeout = grpc_timeout(request.metadata());
         let request = request.into_inner();
-        self.inner.admit(&partner, request.events.len())?;
-        // Load shedding: a unary call that finds the server full is refused at once.
-        let _slot = Arc::clone(&self.inner.in_flight)
-            .try_acquire_owned()
-            .map_err(|_| Error::Overloaded {
-                retry_after: Duration::from_millis(200),
-            })?;
-        let response = self.inner.publish(&partner, request, call_timeout).await?;
-        Ok(Response::new(response))
+        let events = request.events.len();
+        let result = async {
+            // Load shedding first: a unary call that finds the server full is refused at once,
+            // before it spends the partner's rate.
+            let slot = Arc::clone(&self.inner.in_flight)
+                .try_acquire_owned()
+                .map_err(|_| Error::Overloaded {
+                    retry_after: Duration::from_millis(200),
+                })?;
+            self.inner.admit(&partner, events)?;
+            let response = self.inner.publish(&partner, request, call_timeout).await;
+            drop(slot);
+            response
+        }
+        .await;
+        count_failed(&partner, events, result.as_ref().err());
+        Ok(Response::new(result?))
     }
 
     type PublishStreamStream = ResponseStream;

@@ -14,5 +14,5 @@ pub use error::{Error, Result};
 pub use projector::{AppliedOffsets, Projector, ProjectorHandle, ProjectorOptions};
 pub use sled_store::{
     Checksum, DeadLetter, OpsError, ProjectedEntries, Projection, ProjectionVersions, Requeued,
-    SledStore, WATCH_BUFFER,
+    SledStore, VersionChecksum, VersionRole, WATCH_BUFFER,
 };

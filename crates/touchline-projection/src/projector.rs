@@ -52,9 +52,23 @@ pub type AppliedOffsets = watch::Receiver<BTreeMap<i32, i64>>;
 #[derive(Debug, Clone)]
 pub struct ProjectorHandle {
     applied: AppliedOffsets,
+    stream: StreamIdentity,
+    partitions: Vec<i32>,
 }
 
 impl ProjectorHandle {
+    /// The stream the projector consumes.
+    #[must_use]
+    pub fn stream(&self) -> &StreamIdentity {
+        &self.stream
+    }
+
+    /// The partitions it owns.
+    #[must_use]
+    pub fn partitions(&self) -> &[i32] {
+        &self.partitions
+    }
+
     /// Durable positions, updated after each flushed batch.
     #[must_use]
     pub fn applied_offsets(&self) -> AppliedOffsets {
@@ -98,7 +112,7 @@ impl Projector {
         let consumer: StreamConsumer = options.kafka.consumer_config().create()?;
         let consumer = Arc::new(consumer);
         let topic = options.kafka.topic.clone();
-        let (consumer, stream, assignment, (applied_start, skip_below)) =
+        let (consumer, stream, assignment, partitions, (applied_start, skip_below)) =
             tokio::task::spawn_blocking({
                 let store = Arc::clone(&store);
                 move || -> Result<_> {
@@ -116,6 +130,7 @@ impl Projector {
                     )
                     .map_err(|error| kafka_setup(&error))?;
                     let owned = options.partitions.unwrap_or(all);
+                    let partitions = owned.clone();
                     let stored = store.positions(&stream)?;
                     let mut assignment = TopicPartitionList::new();
                     let mut applied = BTreeMap::new();
@@ -141,7 +156,7 @@ impl Projector {
                         info!(partition, ?offset, "assigning partition");
                         assignment.add_partition_offset(&topic, partition, offset)?;
                     }
-                    Ok((consumer, stream, assignment, (applied, skip_below)))
+                    Ok((consumer, stream, assignment, partitions, (applied, skip_below)))
                 }
             })
             .await??;
@@ -154,12 +169,16 @@ impl Projector {
             Self {
                 consumer,
                 store,
-                stream,
+                stream: stream.clone(),
                 max_batch: options.max_batch.max(1),
                 applied,
                 skip_below,
             },
-            ProjectorHandle { applied: receiver },
+            ProjectorHandle {
+                applied: receiver,
+                stream,
+                partitions,
+            },
         ))
     }
 

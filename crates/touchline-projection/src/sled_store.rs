@@ -155,6 +155,26 @@ pub struct Checksum {
     pub sha256: String,
 }
 
+/// What a checksummed table is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VersionRole {
+    Log,
+    Active,
+    Building,
+    Dropping,
+}
+
+/// The checksum of the log or of one projection version.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VersionChecksum {
+    /// "log" or the projection's name.
+    pub name: &'static str,
+    /// The projection version (0 for the log).
+    pub version: u32,
+    pub role: VersionRole,
+    pub checksum: Checksum,
+}
+
 /// What requeueing a dead letter did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Requeued {
@@ -991,6 +1011,35 @@ impl SledStore {
     /// When the backend fails.
     pub fn log_checksum(&self) -> Result<Checksum, StoreError> {
         checksum(&self.log)
+    }
+
+    /// Checksums of the log and of every version of every projection, taken at one point of the
+    /// log: the writer waits meanwhile. Returns the log's length then, and the checksums.
+    ///
+    /// # Errors
+    /// When the backend fails.
+    pub fn verify(&self) -> Result<(u64, Vec<VersionChecksum>), StoreError> {
+        let writer = self.lock_writer();
+        let mut checksums = vec![VersionChecksum {
+            name: "log",
+            version: 0,
+            role: VersionRole::Log,
+            checksum: checksum(&self.log)?,
+        }];
+        for (projection, versions) in &writer.versions {
+            let roles = std::iter::once((versions.active, VersionRole::Active))
+                .chain(versions.building.map(|v| (v, VersionRole::Building)))
+                .chain(versions.dropping.iter().map(|v| (*v, VersionRole::Dropping)));
+            for (version, role) in roles {
+                checksums.push(VersionChecksum {
+                    name: projection.name(),
+                    version,
+                    role,
+                    checksum: self.checksum(*projection, version)?,
+                });
+            }
+        }
+        Ok((writer.next_sequence - 1, checksums))
     }
 }
 

@@ -30,7 +30,7 @@ pub enum DecodeError {
     InvalidTouchpoint(Rejection),
 }
 
-fn timestamp(instant: UnixNanos) -> prost_types::Timestamp {
+pub fn timestamp(instant: UnixNanos) -> prost_types::Timestamp {
     let (seconds, nanos) = instant.to_parts();
     prost_types::Timestamp { seconds, nanos }
 }

@@ -6,7 +6,7 @@ use touchline_core::StoreError;
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-const ERROR_DOMAIN: &str = "touchline.dev";
+pub(crate) const ERROR_DOMAIN: &str = "touchline.dev";
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -14,6 +14,12 @@ pub enum Error {
     InvalidArgument { field: &'static str, reason: String },
     #[error("customer {customer_id} has no touchpoints")]
     CustomerNotFound { customer_id: String },
+    #[error("{message}")]
+    Rejected {
+        code: Code,
+        reason: &'static str,
+        message: String,
+    },
     #[error("the store failed: {0}")]
     Store(#[from] StoreError),
     #[error("a blocking query task failed: {0}")]
@@ -31,6 +37,7 @@ impl From<Error> for Status {
             Error::CustomerNotFound { .. } => {
                 (Code::NotFound, "CUSTOMER_NOT_FOUND", ErrorDetails::new())
             }
+            Error::Rejected { code, reason, .. } => (*code, *reason, ErrorDetails::new()),
             Error::Store(_) | Error::Blocking(_) => {
                 tracing::error!(%error, "query failed");
                 (Code::Internal, "STORE_FAILED", ErrorDetails::new())

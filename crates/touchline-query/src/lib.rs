@@ -1,9 +1,14 @@
 //! Touchline query: `TimelineService`, serving customer timelines and summaries from the
 //! projections in the store.
 
+pub mod admin;
 pub mod error;
+pub mod metrics;
 pub mod page_token;
 pub mod service;
+pub mod watch;
+
+pub(crate) use error::ERROR_DOMAIN;
 
 pub use error::{Error, Result};
 pub use service::TimelineService;

@@ -3,13 +3,18 @@
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
+use std::time::Instant;
+
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
 
 use tonic::{Request, Response, Status};
 use touchline_core::{CustomerId, EventStore, PartnerId, TimelineFilter, TimelineQuery};
 use touchline_proto::convert::{instant, journey_stage, wire_summary, wire_timeline_entry};
 use touchline_proto::v1;
 
-use crate::{Error, Result, page_token};
+use crate::watch::{Feed, Watch, decode_cursor};
+use crate::{Error, Result, metrics, page_token};
 
 /// Entries per page when the request does not say.
 pub const DEFAULT_PAGE_SIZE: usize = 50;
@@ -20,12 +25,28 @@ pub const MAX_PAGE_SIZE: usize = 1000;
 #[derive(Debug, Clone)]
 pub struct TimelineService {
     store: Arc<dyn EventStore>,
+    feed: Option<Feed>,
+    shutdown: CancellationToken,
 }
 
 impl TimelineService {
+    /// A service without live timelines (`WatchTimeline` answers UNIMPLEMENTED).
     #[must_use]
     pub fn new(store: Arc<dyn EventStore>) -> Self {
-        Self { store }
+        Self {
+            store,
+            feed: None,
+            shutdown: CancellationToken::new(),
+        }
+    }
+
+    /// Serves live timelines from `feed` (the store's durable entries); watchers end when
+    /// `shutdown` is cancelled, so that a graceful shutdown does not wait for them.
+    #[must_use]
+    pub fn with_feed(mut self, feed: Feed, shutdown: CancellationToken) -> Self {
+        self.feed = Some(feed);
+        self.shutdown = shutdown;
+        self
     }
 
     /// The tonic server for this service.
@@ -118,7 +139,59 @@ fn timeline_query(request: v1::GetTimelineRequest) -> Result<TimelineQuery> {
 
 #[tonic::async_trait]
 impl v1::timeline_service_server::TimelineService for TimelineService {
+    type WatchTimelineStream = ReceiverStream<Result<v1::WatchTimelineResponse, Status>>;
+
     async fn get_timeline(
+        &self,
+        request: Request<v1::GetTimelineRequest>,
+    ) -> Result<Response<v1::GetTimelineResponse>, Status> {
+        let started = Instant::now();
+        let result = self.timeline_page(request).await;
+        metrics::observe("GetTimeline", started);
+        result
+    }
+
+    async fn get_customer_summary(
+        &self,
+        request: Request<v1::GetCustomerSummaryRequest>,
+    ) -> Result<Response<v1::CustomerSummary>, Status> {
+        let started = Instant::now();
+        let result = self.customer_summary(request).await;
+        metrics::observe("GetCustomerSummary", started);
+        result
+    }
+
+    async fn watch_timeline(
+        &self,
+        request: Request<v1::WatchTimelineRequest>,
+    ) -> Result<Response<Self::WatchTimelineStream>, Status> {
+        let request = request.into_inner();
+        let customer = customer_id(request.customer_id)?;
+        let after = if request.cursor.is_empty() {
+            0
+        } else {
+            decode_cursor(&customer, &request.cursor).ok_or_else(|| {
+                invalid("cursor", "cursor was not issued for this customer")
+            })?
+        };
+        let Some(feed) = &self.feed else {
+            return Err(Status::unimplemented(
+                "this node does not serve live timelines",
+            ));
+        };
+        let watch = Watch {
+            store: Arc::clone(&self.store),
+            customer,
+            after,
+            live: feed.subscribe(),
+            shutdown: self.shutdown.clone(),
+        };
+        Ok(Response::new(ReceiverStream::new(watch.spawn())))
+    }
+}
+
+impl TimelineService {
+    async fn timeline_page(
         &self,
         request: Request<v1::GetTimelineRequest>,
     ) -> Result<Response<v1::GetTimelineResponse>, Status> {
@@ -141,7 +214,7 @@ impl v1::timeline_service_server::TimelineService for TimelineService {
         }))
     }
 
-    async fn get_customer_summary(
+    async fn customer_summary(
         &self,
         request: Request<v1::GetCustomerSummaryRequest>,
     ) -> Result<Response<v1::CustomerSummary>, Status> {

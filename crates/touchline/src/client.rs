@@ -122,13 +122,13 @@ pub fn read_json_lines(path: &Path) -> anyhow::Result<Vec<(usize, v1::Touchpoint
     Ok(events)
 }
 
-async fn timeline_client(endpoint: &str) -> anyhow::Result<TimelineServiceClient<Channel>> {
+pub async fn timeline_client(endpoint: &str) -> anyhow::Result<TimelineServiceClient<Channel>> {
     TimelineServiceClient::connect(endpoint.to_owned())
         .await
         .with_context(|| format!("cannot connect to {endpoint}"))
 }
 
-fn timestamp_text(timestamp: Option<&::prost_types::Timestamp>) -> String {
+pub fn timestamp_text(timestamp: Option<&::prost_types::Timestamp>) -> String {
     timestamp
         .and_then(touchline_proto::convert::instant)
         .map_or_else(|| "-".to_owned(), UnixNanos::to_rfc3339)

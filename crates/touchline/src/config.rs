@@ -15,6 +15,8 @@ use touchline_kafka::KafkaOptions;
 
 /// The port `touchline dev` and `touchline serve` listen on unless told otherwise.
 pub const DEFAULT_PORT: u16 = 7451;
+/// The port of `/metrics` unless told otherwise.
+pub const DEFAULT_METRICS_PORT: u16 = 7452;
 
 /// Everything a node needs.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -26,7 +28,34 @@ pub struct Config {
     pub ingest: IngestConfig,
     pub projector: ProjectorConfig,
     pub query: QueryConfig,
+    pub admin: AdminConfig,
+    pub metrics: MetricsConfig,
     pub log: LogConfig,
+}
+
+/// Who may call the `AdminService`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct AdminConfig {
+    /// SHA-256 (hex) of each admin token (`touchline hash-token` prints one). Empty: every admin
+    /// call is refused, except in `touchline dev`, which accepts its development admin token.
+    pub token_sha256: Vec<String>,
+}
+
+/// The Prometheus endpoint.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct MetricsConfig {
+    /// Where `GET /metrics` is served (plain HTTP). Remove the key to serve no metrics.
+    pub listen: Option<SocketAddr>,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            listen: Some(SocketAddr::from(([127, 0, 0, 1], DEFAULT_METRICS_PORT))),
+        }
+    }
 }
 
 /// The gRPC listener that every enabled service shares.
@@ -216,12 +245,24 @@ impl Default for QueryConfig {
 pub struct LogConfig {
     /// `tracing` filter directives, e.g. `info,touchline_projection=debug`. `RUST_LOG` wins.
     pub filter: String,
+    /// "text" (human-readable) or "json" (one JSON object per line, for log shippers).
+    pub format: LogFormat,
+}
+
+/// How log lines look.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
 }
 
 impl Default for LogConfig {
     fn default() -> Self {
         Self {
             filter: "info,rdkafka=warn".to_owned(),
+            format: LogFormat::Text,
         }
     }
 }
@@ -241,8 +282,9 @@ impl Config {
             );
             figment = figment.merge(Toml::file(file));
         }
-        // TOUCHLINE_CONFIG, _ENDPOINT and _TOKEN belong to the command line, not to the file.
-        let env = Env::prefixed("TOUCHLINE_").ignore(&["config", "endpoint", "token"]);
+        // TOUCHLINE_CONFIG, _ENDPOINT, _TOKEN and _ADMIN_TOKEN belong to the command line.
+        let env =
+            Env::prefixed("TOUCHLINE_").ignore(&["config", "endpoint", "token", "admin_token"]);
         figment = figment.merge(env.map(|key| {
             // TOUCHLINE_KAFKA__BOOTSTRAP_SERVERS -> kafka.bootstrap-servers
             key.as_str().replace("__", ".").replace('_', "-").into()
@@ -281,6 +323,12 @@ impl Config {
                     "kafka property enable.idempotence={idempotence} is refused: retries must not duplicate or reorder events"
                 );
             }
+        }
+        for hash in &self.admin.token_sha256 {
+            anyhow::ensure!(
+                hash.len() == 64 && hash.bytes().all(|byte| byte.is_ascii_hexdigit()),
+                "admin.token-sha256 entries must be 64 hex characters (touchline hash-token prints one)"
+            );
         }
         anyhow::ensure!(
             self.ingest.max_batch_events > 0,

@@ -1,11 +1,14 @@
-//! `touchline`: run a node (`dev`, `serve`) or talk to one (`publish`, `timeline`, `summary`).
+//! `touchline`: run a node (`dev`, `serve`) or talk to one (`publish`, `timeline`, `summary`,
+//! `watch`, and the ops commands `status`, `rebuild`, `replay`, `dead-letters`, `verify`).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use touchline::config::DEFAULT_PORT;
+use touchline::admin_auth::DEV_ADMIN_TOKEN;
+use touchline::admin_client::{self, DeadLetterAction};
+use touchline::config::{DEFAULT_PORT, LogFormat};
 use touchline::{BrokerChoice, Config, Node, client, demo, node, stream_client};
 use touchline_core::{JourneyStage, UnixNanos};
 use touchline_ingest::{PartnerDirectory, PartnerRegistry};
@@ -34,6 +37,21 @@ struct NodeArgs {
     /// Folder of the event log and projections (overrides store.path).
     #[arg(long)]
     data_dir: Option<PathBuf>,
+    /// Address of the Prometheus `/metrics` endpoint (overrides metrics.listen).
+    #[arg(long)]
+    metrics_listen: Option<SocketAddr>,
+    /// Log lines as text or JSON (overrides log.format).
+    #[arg(long, value_enum)]
+    log_format: Option<LogFormat>,
+}
+
+#[derive(Debug, clap::Args)]
+struct Admin {
+    #[command(flatten)]
+    endpoint: Endpoint,
+    /// An admin token (`touchline dev` accepts the development token, the default here).
+    #[arg(long, env = "TOUCHLINE_ADMIN_TOKEN", hide_env_values = true, default_value = DEV_ADMIN_TOKEN)]
+    admin_token: String,
 }
 
 #[derive(Debug, clap::Args)]
@@ -113,8 +131,56 @@ enum Command {
         #[command(flatten)]
         endpoint: Endpoint,
     },
-    /// Print the SHA-256 of a token, as the partners file stores it.
+    /// Print the SHA-256 of a token, as the partners file and admin.token-sha256 store it.
     HashToken { token: String },
+    /// The pipeline at a glance: lag per partition, the log, projection versions, dead letters.
+    Status {
+        #[command(flatten)]
+        admin: Admin,
+    },
+    /// Rebuild a projection ("timeline" or "summary") from the log without downtime, with a
+    /// progress bar; or cancel the running rebuild.
+    Rebuild {
+        projection: String,
+        /// Cancel the running rebuild instead (the active version stays).
+        #[arg(long)]
+        cancel: bool,
+        #[command(flatten)]
+        admin: Admin,
+    },
+    /// Re-read the Kafka topic into the log (events it lacks are appended, the rest skipped).
+    Replay {
+        /// Where to start: "earliest", an offset, or an RFC 3339 instant.
+        #[arg(long)]
+        from: String,
+        /// Only this partition (repeatable); every partition when absent.
+        #[arg(long = "partition")]
+        partitions: Vec<i32>,
+        #[command(flatten)]
+        admin: Admin,
+    },
+    /// List, requeue or discard dead letters (records that could not be decoded).
+    DeadLetters {
+        #[command(subcommand)]
+        action: Option<DeadLetterAction>,
+        #[command(flatten)]
+        admin: Admin,
+    },
+    /// Checksums of the log and of every projection version, to compare a rebuild with the
+    /// version it replaced, or two replicas.
+    Verify {
+        #[command(flatten)]
+        admin: Admin,
+    },
+    /// Print a customer's timeline, then new entries live as they are projected.
+    Watch {
+        customer_id: String,
+        /// Resume after this cursor (printed by an earlier watch).
+        #[arg(long, default_value = "")]
+        cursor: String,
+        #[command(flatten)]
+        endpoint: Endpoint,
+    },
 }
 
 fn load_config(args: &NodeArgs) -> anyhow::Result<Config> {
@@ -125,16 +191,25 @@ fn load_config(args: &NodeArgs) -> anyhow::Result<Config> {
     if let Some(data_dir) = &args.data_dir {
         config.store.path.clone_from(data_dir);
     }
+    if let Some(listen) = args.metrics_listen {
+        config.metrics.listen = Some(listen);
+    }
+    if let Some(format) = args.log_format {
+        config.log.format = format;
+    }
     Ok(config)
 }
 
 fn init_tracing(config: &Config) {
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.log.filter));
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match config.log.format {
+        LogFormat::Text => logs.init(),
+        LogFormat::Json => logs.json().flatten_event(true).with_current_span(false).init(),
+    }
 }
 
 fn timestamp(text: Option<String>, flag: &str) -> anyhow::Result<Option<prost_types::Timestamp>> {
@@ -294,5 +369,45 @@ async fn main() -> anyhow::Result<()> {
             println!("{}", touchline_ingest::hash_token(&token));
             Ok(())
         }
+        Command::Status { admin } => {
+            admin_client::print_status(&admin.endpoint.endpoint, &admin.admin_token).await
+        }
+        Command::Rebuild {
+            projection,
+            cancel,
+            admin,
+        } => {
+            admin_client::rebuild(
+                &admin.endpoint.endpoint,
+                &admin.admin_token,
+                &projection,
+                cancel,
+            )
+            .await
+        }
+        Command::Replay {
+            from,
+            partitions,
+            admin,
+        } => {
+            let from = admin_client::replay_start(&from)?;
+            admin_client::replay(&admin.endpoint.endpoint, &admin.admin_token, from, partitions)
+                .await
+        }
+        Command::DeadLetters { action, admin } => {
+            let action = action.unwrap_or(DeadLetterAction::List {
+                after: 0,
+                limit: 100,
+            });
+            admin_client::dead_letters(&admin.endpoint.endpoint, &admin.admin_token, action).await
+        }
+        Command::Verify { admin } => {
+            admin_client::verify(&admin.endpoint.endpoint, &admin.admin_token).await
+        }
+        Command::Watch {
+            customer_id,
+            cursor,
+            endpoint,
+        } => admin_client::watch(&endpoint.endpoint, customer_id, cursor).await,
     }
 }

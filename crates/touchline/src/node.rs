@@ -11,13 +11,26 @@ use tokio::task::JoinHandle;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use touchline_core::EventStore;
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
 use touchline_ingest::{Durability, IngestService, PartnerDirectory, Publisher};
 use touchline_kafka::EmbeddedBroker;
+use touchline_projection::ops::{KafkaProbe, Rebuilds};
 use touchline_projection::{Projector, ProjectorOptions, SledStore};
 use touchline_query::TimelineService;
+use touchline_query::admin::{AdminContext, AdminService};
 use tracing::{error, info, warn};
 
+use crate::admin_auth::{self, DEV_ADMIN_TOKEN};
 use crate::config::Config;
+
+/// How often health reflects Kafka connectivity and the projector's state.
+const HEALTH_INTERVAL: Duration = Duration::from_secs(2);
+const HEALTH_PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+/// The gRPC services whose health is reported (besides "" for the whole node).
+const INGEST_SERVICE: &str = "touchline.v1.IngestService";
+const TIMELINE_SERVICE: &str = "touchline.v1.TimelineService";
+const ADMIN_SERVICE: &str = "touchline.v1.AdminService";
 
 /// Which Kafka the node talks to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,8 +51,13 @@ pub struct Node {
     server: Option<JoinHandle<Result<(), tonic::transport::Error>>>,
     projector: Option<JoinHandle<touchline_projection::Result<()>>>,
     store: Option<Arc<SledStore>>,
+    rebuilds: Option<Arc<Rebuilds>>,
     broker: Option<EmbeddedBroker>,
     shutdown_grace: Duration,
+    health: HealthReporter,
+    background: Vec<JoinHandle<()>>,
+    background_shutdown: CancellationToken,
+    metrics_addr: Option<SocketAddr>,
 }
 
 impl Node {
@@ -72,9 +90,15 @@ impl Node {
 
         let projector_shutdown = CancellationToken::new();
         let server_shutdown = CancellationToken::new();
+        let background_shutdown = CancellationToken::new();
+        let projector_stopped = CancellationToken::new();
+        let partners: PartnerDirectory = partners.into();
+        let probe = Arc::new(KafkaProbe::new(&config.kafka)?);
         let mut store = None;
         let mut projector_task = None;
         let mut applied_offsets = None;
+        let mut admin = None;
+        let mut rebuilds = None;
         if config.projector.enabled {
             let path = config.store.path.clone();
             let opened = tokio::task::spawn_blocking(move || SledStore::open(&path))
@@ -94,7 +118,37 @@ impl Node {
                 .await
                 .context("cannot start the projector")?;
             applied_offsets = Some(handle.applied_offsets());
-            projector_task = Some(tokio::spawn(projector.run(projector_shutdown.clone())));
+            let stopped = projector_stopped.clone();
+            let shutdown = projector_shutdown.clone();
+            projector_task = Some(tokio::spawn(async move {
+                let result = projector.run(shutdown).await;
+                stopped.cancel();
+                result
+            }));
+            let mut admin_hashes = config.admin.token_sha256.clone();
+            if admin_hashes.is_empty() {
+                if broker == BrokerChoice::Embedded {
+                    admin_hashes.push(touchline_ingest::hash_token(DEV_ADMIN_TOKEN));
+                } else {
+                    warn!("admin.token-sha256 is empty: every AdminService call will be refused");
+                }
+            }
+            let node_rebuilds = Arc::new(Rebuilds::new(Arc::clone(&opened)));
+            admin = Some(AdminService::new(
+                AdminContext {
+                    store: Arc::clone(&opened),
+                    rebuilds: Arc::clone(&node_rebuilds),
+                    kafka: config.kafka.clone(),
+                    probe: Arc::clone(&probe),
+                    stream: handle.stream().clone(),
+                    partitions: handle.partitions().to_vec(),
+                    applied: handle.applied_offsets(),
+                    projector_stopped: projector_stopped.clone(),
+                    shutdown: server_shutdown.clone(),
+                },
+                admin_auth::authorizer(admin_hashes, partners.clone()),
+            ));
+            rebuilds = Some(node_rebuilds);
             store = Some(opened);
         }
 
@@ -115,7 +169,6 @@ impl Node {
                 durability,
                 Duration::from_millis(config.ingest.ack_timeout_ms),
             )?;
-            let partners: PartnerDirectory = partners.into();
             tokio::spawn(partners.clone().watch(server_shutdown.clone()));
             Some(
                 IngestService::new(
@@ -132,10 +185,46 @@ impl Node {
         let query = match (&store, config.query.enabled) {
             (Some(store), true) => {
                 let shared: Arc<dyn EventStore> = store.clone();
-                Some(TimelineService::new(shared).into_server())
+                Some(
+                    TimelineService::new(shared)
+                        .with_feed(store.watch_sender(), server_shutdown.clone())
+                        .into_server(),
+                )
             }
             _ => None,
         };
+        let (health, health_service) = tonic_health::server::health_reporter();
+        let reflection_v1 = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(touchline_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()?;
+        let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(touchline_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1alpha()?;
+        let mut background = Vec::new();
+        let metrics_addr = match config.metrics.listen {
+            Some(listen) => {
+                let (addr, task) =
+                    crate::metrics::serve(listen, admin.clone(), background_shutdown.clone())
+                        .await?;
+                background.push(task);
+                info!(%addr, "metrics on http://{addr}/metrics");
+                Some(addr)
+            }
+            None => None,
+        };
+        background.push(tokio::spawn(report_health(
+            health.clone(),
+            Arc::clone(&probe),
+            Roles {
+                ingest: config.ingest.enabled,
+                projector: config.projector.enabled,
+                query: config.query.enabled,
+            },
+            projector_stopped,
+            background_shutdown.clone(),
+        )));
 
         let listener = match TcpListener::bind(config.server.listen).await {
             Ok(listener) => listener,
@@ -151,8 +240,12 @@ impl Node {
         };
         let local_addr = listener.local_addr()?;
         let server = tonic::transport::Server::builder()
+            .add_service(health_service)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
             .add_optional_service(ingest)
             .add_optional_service(query)
+            .add_optional_service(admin.map(AdminService::into_server))
             .serve_with_incoming_shutdown(
                 incoming_without_delay(listener),
                 server_shutdown.clone().cancelled_owned(),
@@ -166,9 +259,20 @@ impl Node {
             server: Some(server),
             projector: projector_task,
             store,
+            rebuilds,
             broker: embedded,
             shutdown_grace: Duration::from_millis(config.server.shutdown_grace_ms),
+            health,
+            background,
+            background_shutdown,
+            metrics_addr,
         })
+    }
+
+    /// The address `/metrics` is served on, when enabled.
+    #[must_use]
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     /// The address the gRPC server listens on.
@@ -234,6 +338,13 @@ impl Node {
     pub async fn shutdown(self) -> anyhow::Result<()> {
         info!("shutting down: no new calls, draining in-flight ones");
         let mut errors: Vec<anyhow::Error> = Vec::new();
+        // Load balancers stop sending first.
+        self.background_shutdown.cancel();
+        for service in ["", INGEST_SERVICE, TIMELINE_SERVICE, ADMIN_SERVICE] {
+            self.health
+                .set_service_status(service, ServingStatus::NotServing)
+                .await;
+        }
         self.server_shutdown.cancel();
         if let Some(mut server) = self.server {
             match tokio::time::timeout(self.shutdown_grace, &mut server).await {
@@ -252,6 +363,10 @@ impl Node {
                     server.abort();
                 }
             }
+        }
+        if let Some(rebuilds) = &self.rebuilds {
+            // An unfinished rebuild is cancelled: the active version stays as it is.
+            rebuilds.shutdown().await;
         }
         self.projector_shutdown.cancel();
         if let Some(projector) = self.projector {
@@ -276,6 +391,9 @@ impl Node {
                 }
             }
         }
+        for task in self.background {
+            let _ = task.await;
+        }
         drop(self.broker);
         for error in &errors {
             error!(error = format!("{error:#}"), "shutdown step failed");
@@ -286,6 +404,64 @@ impl Node {
                 info!("touchline stopped");
                 Ok(())
             }
+        }
+    }
+}
+
+/// The roles a node runs, for health.
+#[derive(Debug, Clone, Copy)]
+struct Roles {
+    ingest: bool,
+    projector: bool,
+    query: bool,
+}
+
+/// Keeps the standard gRPC health service true: ingest is SERVING while Kafka answers, the
+/// timeline and admin services while the projector runs, the node ("") when all of its roles are.
+async fn report_health(
+    health: HealthReporter,
+    probe: Arc<KafkaProbe>,
+    roles: Roles,
+    projector_stopped: CancellationToken,
+    shutdown: CancellationToken,
+) {
+    let status = |up: bool| {
+        if up {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        }
+    };
+    loop {
+        let probing = Arc::clone(&probe);
+        let kafka_up = tokio::task::spawn_blocking(move || probing.reachable(HEALTH_PROBE_TIMEOUT))
+            .await
+            .unwrap_or(false);
+        if shutdown.is_cancelled() {
+            return;
+        }
+        let projector_up = roles.projector && !projector_stopped.is_cancelled();
+        if roles.ingest {
+            health
+                .set_service_status(INGEST_SERVICE, status(kafka_up))
+                .await;
+        }
+        if roles.query {
+            health
+                .set_service_status(TIMELINE_SERVICE, status(projector_up))
+                .await;
+        }
+        if roles.projector {
+            health
+                .set_service_status(ADMIN_SERVICE, status(projector_up))
+                .await;
+        }
+        health
+            .set_service_status("", status(kafka_up && (projector_up || !roles.projector)))
+            .await;
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(HEALTH_INTERVAL) => {}
         }
     }
 }

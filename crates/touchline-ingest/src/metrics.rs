@@ -1,0 +1,69 @@
+//! Ingest metrics: events accepted and rejected by partner and reason, produce latency.
+//! Process-wide; a node registers them for `/metrics`.
+
+use std::sync::LazyLock;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use touchline_core::PartnerId;
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct EventLabels {
+    pub partner: String,
+    /// "accepted" or "rejected".
+    pub outcome: &'static str,
+    /// The rejection reason (an event's `RejectReason` or the call's `ErrorInfo` reason); empty
+    /// for accepted events.
+    pub reason: &'static str,
+}
+
+/// The ingest metrics.
+#[derive(Debug)]
+pub struct IngestMetrics {
+    pub events: Family<EventLabels, Counter>,
+    pub produce_seconds: Histogram,
+}
+
+pub static INGEST: LazyLock<IngestMetrics> = LazyLock::new(|| IngestMetrics {
+    events: Family::default(),
+    // 500 us .. ~16 s.
+    produce_seconds: Histogram::new(exponential_buckets(0.000_5, 2.0, 16)),
+});
+
+impl IngestMetrics {
+    /// Counts `count` events of `partner` with an outcome and reason.
+    pub fn count(&self, partner: &PartnerId, outcome: &'static str, reason: &'static str, count: u64) {
+        if count > 0 {
+            self.events
+                .get_or_create(&EventLabels {
+                    partner: partner.to_string(),
+                    outcome,
+                    reason,
+                })
+                .inc_by(count);
+        }
+    }
+
+    /// Observes how long Kafka (or the local log, in dev mode) took to make a batch durable.
+    pub fn observe_produce(&self, elapsed: Duration) {
+        self.produce_seconds.observe(elapsed.as_secs_f64());
+    }
+}
+
+/// Registers the ingest metrics.
+pub fn register(registry: &mut Registry) {
+    registry.register(
+        "touchline_ingest_events",
+        "Events received from partners, by partner, outcome and reason",
+        INGEST.events.clone(),
+    );
+    registry.register(
+        "touchline_ingest_produce_duration_seconds",
+        "Time from producing a batch to every event of it being durable (acks=all)",
+        INGEST.produce_seconds.clone(),
+    );
+}

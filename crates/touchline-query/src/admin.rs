@@ -1,0 +1,586 @@
+//! The `AdminService` gRPC implementation: status, rebuilds, replays, dead letters, checksums.
+//! Served by nodes that run the projector (they own the store). Every call is authorized first
+//! by the node's admin check (admin tokens; partner tokens are refused).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::metadata::MetadataMap;
+use tonic::{Code, Request, Response, Status};
+use touchline_core::{EventStore as _, StreamIdentity};
+use touchline_kafka::KafkaOptions;
+use touchline_projection::ops::{
+    KafkaProbe, RebuildProgress, RebuildState, Rebuilds, ReplayError, ReplayFrom, ReplayProgress,
+    replay,
+};
+use touchline_projection::{
+    AppliedOffsets, DeadLetter, OpsError, Projection, Requeued, SledStore, VersionRole,
+};
+use touchline_proto::convert::{instant, timestamp};
+use touchline_proto::v1;
+
+use crate::Error;
+
+/// Checks a call's metadata: `Ok` for an admin, the status to answer otherwise.
+pub type Authorize = Arc<dyn Fn(&MetadataMap) -> Result<(), Status> + Send + Sync>;
+
+/// How long status waits for the broker.
+const STATUS_TIMEOUT: Duration = Duration::from_millis(1500);
+/// Dead letters per page when the request does not say, and at most.
+const DEFAULT_DEAD_LETTERS: usize = 100;
+const MAX_DEAD_LETTERS: usize = 1000;
+
+/// What the admin service works on: the projector's store and stream.
+pub struct AdminContext {
+    pub store: Arc<SledStore>,
+    pub rebuilds: Arc<Rebuilds>,
+    pub kafka: KafkaOptions,
+    pub probe: Arc<KafkaProbe>,
+    pub stream: StreamIdentity,
+    /// The partitions this node owns.
+    pub partitions: Vec<i32>,
+    /// Durably projected offsets.
+    pub applied: AppliedOffsets,
+    /// Cancelled when the projector stops.
+    pub projector_stopped: CancellationToken,
+    /// Cancelled when the server shuts down: replays stop.
+    pub shutdown: CancellationToken,
+}
+
+impl std::fmt::Debug for AdminContext {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("AdminContext")
+            .field("stream", &self.stream)
+            .field("partitions", &self.partitions)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The admin service. Cheap to clone.
+#[derive(Clone)]
+pub struct AdminService {
+    context: Arc<AdminContext>,
+    authorize: Authorize,
+    replay_running: Arc<AtomicBool>,
+}
+
+impl std::fmt::Debug for AdminService {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("AdminService")
+            .field("context", &self.context)
+            .finish_non_exhaustive()
+    }
+}
+
+fn rejected(code: Code, reason: &'static str, message: impl Into<String>) -> Status {
+    Error::Rejected {
+        code,
+        reason,
+        message: message.into(),
+    }
+    .into()
+}
+
+fn projection(name: &str) -> Result<Projection, Status> {
+    Projection::parse(name).ok_or_else(|| {
+        rejected(
+            Code::InvalidArgument,
+            "UNKNOWN_PROJECTION",
+            format!("unknown projection {name:?}: use \"timeline\" or \"summary\""),
+        )
+    })
+}
+
+fn ops_status(error: OpsError) -> Status {
+    match error {
+        OpsError::DeadLetterNotFound(_) => {
+            rejected(Code::NotFound, "DEAD_LETTER_NOT_FOUND", error.to_string())
+        }
+        OpsError::StillUndecodable { .. } => {
+            rejected(Code::FailedPrecondition, "STILL_UNDECODABLE", error.to_string())
+        }
+        OpsError::RebuildRunning { .. } | OpsError::NotBuilding { .. } => {
+            rejected(Code::FailedPrecondition, "REBUILD_CONFLICT", error.to_string())
+        }
+        OpsError::Store(error) => Error::Store(error).into(),
+    }
+}
+
+fn blocking(error: tokio::task::JoinError) -> Status {
+    Error::Blocking(error).into()
+}
+
+fn count(value: usize) -> u64 {
+    u64::try_from(value).unwrap_or(u64::MAX)
+}
+
+/// The wire form of a rebuild's progress.
+#[must_use]
+pub fn wire_rebuild(progress: &RebuildProgress) -> v1::RebuildProgress {
+    let (state, previous_version, error) = match &progress.state {
+        RebuildState::Running => (v1::RebuildState::Running, 0, String::new()),
+        RebuildState::Switched { previous } => {
+            (v1::RebuildState::Switched, *previous, String::new())
+        }
+        RebuildState::Cancelled => (v1::RebuildState::Cancelled, 0, String::new()),
+        RebuildState::Failed(error) => (v1::RebuildState::Failed, 0, error.clone()),
+    };
+    v1::RebuildProgress {
+        projection: progress.projection.name().to_owned(),
+        version: progress.version,
+        done: progress.done,
+        total: progress.total,
+        rate: progress.rate,
+        state: state.into(),
+        previous_version,
+        error,
+        started_at: Some(timestamp(progress.started_at)),
+    }
+}
+
+fn wire_replay(progress: &ReplayProgress) -> v1::ReplayProgress {
+    v1::ReplayProgress {
+        read: progress.read,
+        appended: progress.appended,
+        duplicates: progress.duplicates,
+        dead_lettered: progress.dead_lettered,
+        ranges: progress
+            .ranges
+            .iter()
+            .map(|(partition, (start, end))| v1::PartitionRange {
+                partition: *partition,
+                start_offset: *start,
+                end_offset: *end,
+            })
+            .collect(),
+        partitions_done: u32::try_from(progress.partitions_done).unwrap_or(u32::MAX),
+        finished: progress.finished,
+    }
+}
+
+fn wire_dead_letter(dead_letter: DeadLetter) -> v1::DeadLetter {
+    v1::DeadLetter {
+        id: dead_letter.id,
+        stream: dead_letter.stream,
+        partition: dead_letter.partition,
+        offset: dead_letter.offset,
+        reason: dead_letter.reason,
+        key: dead_letter.key,
+        value: dead_letter.value,
+        dead_lettered_at: Some(timestamp(dead_letter.dead_lettered_at)),
+    }
+}
+
+fn wire_role(role: VersionRole) -> v1::VersionState {
+    match role {
+        VersionRole::Active | VersionRole::Log => v1::VersionState::Active,
+        VersionRole::Building => v1::VersionState::Building,
+        VersionRole::Dropping => v1::VersionState::Dropping,
+    }
+}
+
+/// Streams a watch channel's values until `done` says the last one was sent.
+fn stream_progress<T, W>(
+    mut progress: watch::Receiver<T>,
+    wire: impl Fn(&T) -> W + Send + 'static,
+    done: impl Fn(&T) -> bool + Send + 'static,
+) -> ReceiverStream<Result<W, Status>>
+where
+    T: Clone + Send + Sync + 'static,
+    W: Send + 'static,
+{
+    let (sender, receiver) = tokio::sync::mpsc::channel(16);
+    tokio::spawn(async move {
+        loop {
+            let current = progress.borrow_and_update().clone();
+            if sender.send(Ok(wire(&current))).await.is_err() || done(&current) {
+                return;
+            }
+            // Updates are coalesced: at most one message per change, never a backlog. Ends when
+            // the producer of the progress is gone (its last value was seen).
+            if progress.changed().await.is_err() {
+                return;
+            }
+        }
+    });
+    ReceiverStream::new(receiver)
+}
+
+impl AdminService {
+    #[must_use]
+    pub fn new(context: AdminContext, authorize: Authorize) -> Self {
+        Self {
+            context: Arc::new(context),
+            authorize,
+            replay_running: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// The tonic server for this service.
+    #[must_use]
+    pub fn into_server(self) -> v1::admin_service_server::AdminServiceServer<Self> {
+        v1::admin_service_server::AdminServiceServer::new(self)
+    }
+
+    fn check<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        (self.authorize)(request.metadata())
+    }
+
+    /// The pipeline's status (also what `/metrics` reports as lag). Blocks on the broker for up
+    /// to a few seconds: call it off the async threads.
+    ///
+    /// # Errors
+    /// When the store fails.
+    pub fn status(&self) -> Result<v1::GetStatusResponse, Error> {
+        let context = &self.context;
+        let store = &context.store;
+        let stored = store.positions(&context.stream)?;
+        let applied = context.applied.borrow().clone();
+        let marks = context
+            .probe
+            .watermarks(&context.partitions, STATUS_TIMEOUT);
+        let partitions = context
+            .partitions
+            .iter()
+            .map(|partition| {
+                let (low, high) = marks
+                    .as_ref()
+                    .and_then(|marks| marks.get(partition).copied())
+                    .unwrap_or((-1, -1));
+                let log_end = stored.get(partition).map_or(0, |p| p.next_offset);
+                let projected = applied.get(partition).copied().unwrap_or(0);
+                v1::PartitionStatus {
+                    partition: *partition,
+                    low_watermark: low,
+                    high_watermark: high,
+                    log_end_offset: log_end,
+                    projected_offset: projected,
+                    lag: if high < 0 {
+                        -1
+                    } else {
+                        (high - projected).max(0)
+                    },
+                }
+            })
+            .collect();
+        let rebuilds = context.rebuilds.progress();
+        let projections = store
+            .projection_versions()
+            .into_iter()
+            .map(|(projection, versions)| {
+                let mut list = vec![v1::ProjectionVersion {
+                    version: versions.active,
+                    state: v1::VersionState::Active.into(),
+                }];
+                list.extend(versions.building.map(|version| v1::ProjectionVersion {
+                    version,
+                    state: v1::VersionState::Building.into(),
+                }));
+                list.extend(versions.dropping.iter().map(|version| v1::ProjectionVersion {
+                    version: *version,
+                    state: v1::VersionState::Dropping.into(),
+                }));
+                v1::ProjectionStatus {
+                    name: projection.name().to_owned(),
+                    active_version: versions.active,
+                    versions: list,
+                    last_rebuild: rebuilds.get(&projection).map(wire_rebuild),
+                }
+            })
+            .collect();
+        Ok(v1::GetStatusResponse {
+            cluster_id: context.stream.cluster_id.clone(),
+            topic: context.stream.topic.clone(),
+            kafka_reachable: marks.is_some(),
+            projector_state: if context.projector_stopped.is_cancelled() {
+                "stopped"
+            } else {
+                "running"
+            }
+            .to_owned(),
+            partitions,
+            log_events: count(store.log_len()),
+            log_durable_events: store.durable_sequence(),
+            store_bytes: store.size_on_disk()?,
+            projections,
+            dead_letters: count(store.dead_letter_count()),
+        })
+    }
+}
+
+fn replay_from(from: Option<v1::replay_request::From>) -> Result<ReplayFrom, Status> {
+    let invalid = |message: &str| {
+        rejected(Code::InvalidArgument, "INVALID_REPLAY_START", message.to_owned())
+    };
+    match from {
+        Some(v1::replay_request::From::Earliest(true)) => Ok(ReplayFrom::Earliest),
+        Some(v1::replay_request::From::Offset(offset)) if offset >= 0 => {
+            Ok(ReplayFrom::Offset(offset))
+        }
+        Some(v1::replay_request::From::Offset(_)) => Err(invalid("offset must not be negative")),
+        Some(v1::replay_request::From::Timestamp(at)) => instant(&at)
+            .map(ReplayFrom::Timestamp)
+            .ok_or_else(|| invalid("timestamp is not a valid instant")),
+        Some(v1::replay_request::From::Earliest(false)) | None => Err(invalid(
+            "say where to start: earliest, an offset or a timestamp",
+        )),
+    }
+}
+
+/// Clears the replay flag when the replay ends, however it ends.
+struct ReplaySlot(Arc<AtomicBool>);
+
+impl Drop for ReplaySlot {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
+
+#[tonic::async_trait]
+impl v1::admin_service_server::AdminService for AdminService {
+    type RebuildProjectionStream = ReceiverStream<Result<v1::RebuildProgress, Status>>;
+    type ReplayStream = ReceiverStream<Result<v1::ReplayProgress, Status>>;
+
+    async fn get_status(
+        &self,
+        request: Request<v1::GetStatusRequest>,
+    ) -> Result<Response<v1::GetStatusResponse>, Status> {
+        self.check(&request)?;
+        let service = self.clone();
+        let status = tokio::task::spawn_blocking(move || service.status())
+            .await
+            .map_err(blocking)??;
+        Ok(Response::new(status))
+    }
+
+    async fn rebuild_projection(
+        &self,
+        request: Request<v1::RebuildProjectionRequest>,
+    ) -> Result<Response<Self::RebuildProjectionStream>, Status> {
+        self.check(&request)?;
+        let projection = projection(&request.into_inner().projection)?;
+        let rebuilds = Arc::clone(&self.context.rebuilds);
+        let (progress, _started) = tokio::task::spawn_blocking(move || rebuilds.start(projection))
+            .await
+            .map_err(blocking)?
+            .map_err(ops_status)?;
+        Ok(Response::new(stream_progress(
+            progress,
+            wire_rebuild,
+            RebuildProgress::is_finished,
+        )))
+    }
+
+    async fn cancel_rebuild(
+        &self,
+        request: Request<v1::CancelRebuildRequest>,
+    ) -> Result<Response<v1::RebuildProgress>, Status> {
+        self.check(&request)?;
+        let projection = projection(&request.into_inner().projection)?;
+        let mut progress = self.context.rebuilds.cancel(projection).ok_or_else(|| {
+            rejected(
+                Code::NotFound,
+                "NO_REBUILD",
+                format!("no rebuild of {projection} is running"),
+            )
+        })?;
+        // Report the end: the rebuild stops after its current chunk.
+        let _ = progress
+            .wait_for(RebuildProgress::is_finished)
+            .await
+            .map(|_| ());
+        let last = progress.borrow().clone();
+        Ok(Response::new(wire_rebuild(&last)))
+    }
+
+    async fn replay(
+        &self,
+        request: Request<v1::ReplayRequest>,
+    ) -> Result<Response<Self::ReplayStream>, Status> {
+        self.check(&request)?;
+        let request = request.into_inner();
+        let from = replay_from(request.from)?;
+        if self
+            .replay_running
+            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            return Err(rejected(
+                Code::FailedPrecondition,
+                "REPLAY_RUNNING",
+                "another replay is running on this node; wait for it to end",
+            ));
+        }
+        let slot = ReplaySlot(Arc::clone(&self.replay_running));
+        let (sender, progress) = watch::channel(ReplayProgress::default());
+        let (messages, receiver) = tokio::sync::mpsc::channel(16);
+        let context = Arc::clone(&self.context);
+        tokio::spawn(async move {
+            let _slot = slot;
+            let forward = stream_progress(progress, wire_replay, |p: &ReplayProgress| p.finished);
+            let forwarding = tokio::spawn({
+                let messages = messages.clone();
+                async move {
+                    use futures::StreamExt as _;
+                    let mut forward = forward;
+                    while let Some(message) = forward.next().await {
+                        if messages.send(message).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+            let result = replay(
+                &context.kafka,
+                Arc::clone(&context.store),
+                from,
+                &request.partitions,
+                &sender,
+                &context.shutdown,
+            )
+            .await;
+            drop(sender);
+            let _ = forwarding.await;
+            if let Err(error) = result {
+                let status = match error {
+                    ReplayError::UnknownPartition { .. } => rejected(
+                        Code::InvalidArgument,
+                        "UNKNOWN_PARTITION",
+                        error.to_string(),
+                    ),
+                    ReplayError::Projection(touchline_projection::Error::Store(error)) => {
+                        Error::Store(error).into()
+                    }
+                    ReplayError::Projection(error) => rejected(
+                        Code::Unavailable,
+                        "KAFKA_UNAVAILABLE",
+                        format!("the replay could not read Kafka: {error}"),
+                    ),
+                };
+                let _ = messages.send(Err(status)).await;
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(receiver)))
+    }
+
+    async fn list_dead_letters(
+        &self,
+        request: Request<v1::ListDeadLettersRequest>,
+    ) -> Result<Response<v1::ListDeadLettersResponse>, Status> {
+        self.check(&request)?;
+        let request = request.into_inner();
+        let limit = match usize::try_from(request.limit).unwrap_or(usize::MAX) {
+            0 => DEFAULT_DEAD_LETTERS,
+            limit if limit > MAX_DEAD_LETTERS => {
+                return Err(Error::InvalidArgument {
+                    field: "limit",
+                    reason: format!("limit is at most {MAX_DEAD_LETTERS}"),
+                }
+                .into());
+            }
+            limit => limit,
+        };
+        let store = Arc::clone(&self.context.store);
+        let (dead_letters, total) = tokio::task::spawn_blocking(move || {
+            store
+                .dead_letters_after(request.after_id, limit)
+                .map(|list| (list, store.dead_letter_count()))
+        })
+        .await
+        .map_err(blocking)?
+        .map_err(Error::from)?;
+        Ok(Response::new(v1::ListDeadLettersResponse {
+            dead_letters: dead_letters.into_iter().map(wire_dead_letter).collect(),
+            total: count(total),
+        }))
+    }
+
+    async fn requeue_dead_letter(
+        &self,
+        request: Request<v1::DeadLetterRequest>,
+    ) -> Result<Response<v1::RequeueDeadLetterResponse>, Status> {
+        self.check(&request)?;
+        let id = request.into_inner().id;
+        let store = Arc::clone(&self.context.store);
+        let requeued = tokio::task::spawn_blocking(move || {
+            let requeued = store.requeue_dead_letter(id)?;
+            store.flush()?;
+            Ok::<_, OpsError>(requeued)
+        })
+        .await
+        .map_err(blocking)?
+        .map_err(ops_status)?;
+        Ok(Response::new(match requeued {
+            Requeued::Appended { sequence } => v1::RequeueDeadLetterResponse {
+                appended: true,
+                sequence,
+            },
+            Requeued::Duplicate => v1::RequeueDeadLetterResponse {
+                appended: false,
+                sequence: 0,
+            },
+        }))
+    }
+
+    async fn discard_dead_letter(
+        &self,
+        request: Request<v1::DeadLetterRequest>,
+    ) -> Result<Response<v1::DiscardDeadLetterResponse>, Status> {
+        self.check(&request)?;
+        let id = request.into_inner().id;
+        let store = Arc::clone(&self.context.store);
+        let discarded = tokio::task::spawn_blocking(move || {
+            let discarded = store.discard_dead_letter(id)?;
+            store.flush()?;
+            Ok::<_, OpsError>(discarded)
+        })
+        .await
+        .map_err(blocking)?
+        .map_err(ops_status)?;
+        Ok(Response::new(v1::DiscardDeadLetterResponse {
+            discarded: Some(wire_dead_letter(discarded)),
+        }))
+    }
+
+    async fn verify_projections(
+        &self,
+        request: Request<v1::VerifyProjectionsRequest>,
+    ) -> Result<Response<v1::VerifyProjectionsResponse>, Status> {
+        self.check(&request)?;
+        let store = Arc::clone(&self.context.store);
+        let (log_events, checksums) = tokio::task::spawn_blocking(move || store.verify())
+            .await
+            .map_err(blocking)?
+            .map_err(Error::from)?;
+        Ok(Response::new(v1::VerifyProjectionsResponse {
+            checksums: checksums
+                .into_iter()
+                .map(|checksum| v1::Checksum {
+                    name: checksum.name.to_owned(),
+                    version: checksum.version,
+                    state: wire_role(checksum.role).into(),
+                    entries: checksum.checksum.entries,
+                    sha256: checksum.checksum.sha256,
+                })
+                .collect(),
+            log_events,
+        }))
+    }
+}
+
+/// Lag per partition from a status, for metrics.
+#[must_use]
+pub fn lag_by_partition(status: &v1::GetStatusResponse) -> BTreeMap<i32, i64> {
+    status
+        .partitions
+        .iter()
+        .map(|partition| (partition.partition, partition.lag))
+        .collect()
+}

@@ -1,0 +1,40 @@
+//! Query metrics: latency per method. Process-wide; a node registers them for `/metrics`.
+
+use std::sync::LazyLock;
+use std::time::Instant;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct MethodLabel {
+    pub method: &'static str,
+}
+
+type Latency = Family<MethodLabel, Histogram, fn() -> Histogram>;
+
+fn histogram() -> Histogram {
+    // 100 us .. ~3 s.
+    Histogram::new(exponential_buckets(0.000_1, 2.0, 16))
+}
+
+pub static QUERY_SECONDS: LazyLock<Latency> =
+    LazyLock::new(|| Family::new_with_constructor(histogram as fn() -> Histogram));
+
+/// Observes the time since `started` for `method`.
+pub fn observe(method: &'static str, started: Instant) {
+    QUERY_SECONDS
+        .get_or_create(&MethodLabel { method })
+        .observe(started.elapsed().as_secs_f64());
+}
+
+/// Registers the query metrics.
+pub fn register(registry: &mut Registry) {
+    registry.register(
+        "touchline_query_duration_seconds",
+        "Time to answer a TimelineService call",
+        QUERY_SECONDS.clone(),
+    );
+}

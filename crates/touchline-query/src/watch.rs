@@ -1,0 +1,226 @@
+//! `WatchTimeline`: a customer's durable timeline from a cursor, then its new entries live.
+//!
+//! The cursor is a log sequence bound to the customer: everything of the customer up to it has
+//! been delivered. Live entries come from the store's feed, which publishes each flush's entries
+//! in log order; subscribing before reading the durable sequence means an entry is either in the
+//! catch-up (sequence up to the durable one) or in the feed (after it), never in neither.
+
+use std::sync::Arc;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use tokio::sync::{broadcast, mpsc};
+use tokio_util::sync::CancellationToken;
+use tonic::Status;
+use tonic::metadata::MetadataValue;
+use tonic_types::{ErrorDetails, StatusExt as _};
+use touchline_core::{
+    CustomerId, EventStore, TimelineCursor, TimelineEntry, TimelineFilter, TimelineQuery,
+    UnixNanos, fingerprint,
+};
+use touchline_proto::convert::wire_timeline_entry;
+use touchline_proto::v1;
+
+use crate::{Error, ERROR_DOMAIN};
+
+/// Entries of a durable batch, as the store publishes them.
+pub type Feed = broadcast::Sender<Arc<[TimelineEntry]>>;
+
+/// Messages a watcher buffers before it waits for its client (then the feed may lag it).
+const CLIENT_BUFFER: usize = 256;
+/// Entries read per catch-up page.
+const CATCH_UP_PAGE: usize = 1000;
+const CURSOR_VERSION: u8 = 1;
+
+/// Encodes a watch cursor: the log sequence, bound to the customer.
+#[must_use]
+pub fn encode_cursor(customer: &CustomerId, sequence: u64) -> String {
+    let mut bytes = Vec::with_capacity(17);
+    bytes.push(CURSOR_VERSION);
+    bytes.extend_from_slice(&sequence.to_be_bytes());
+    bytes.extend_from_slice(&fingerprint(Some(customer.as_str().as_bytes())).to_be_bytes());
+    URL_SAFE_NO_PAD.encode(bytes)
+}
+
+/// Decodes a cursor issued for `customer`.
+#[must_use]
+pub fn decode_cursor(customer: &CustomerId, cursor: &str) -> Option<u64> {
+    let bytes = URL_SAFE_NO_PAD.decode(cursor).ok()?;
+    if bytes.len() != 17 || bytes[0] != CURSOR_VERSION {
+        return None;
+    }
+    let sequence = u64::from_be_bytes(bytes[1..9].try_into().ok()?);
+    let bound = u64::from_be_bytes(bytes[9..17].try_into().ok()?);
+    (bound == fingerprint(Some(customer.as_str().as_bytes()))).then_some(sequence)
+}
+
+type Message = Result<v1::WatchTimelineResponse, Status>;
+
+/// One watcher: sends the catch-up, then live entries, until the client goes, the server stops
+/// or the feed lags it.
+#[allow(missing_debug_implementations, reason = "holds a store handle and channels")]
+pub struct Watch {
+    pub store: Arc<dyn EventStore>,
+    pub customer: CustomerId,
+    pub after: u64,
+    pub live: broadcast::Receiver<Arc<[TimelineEntry]>>,
+    pub shutdown: CancellationToken,
+}
+
+impl Watch {
+    /// Starts the watcher; the receiver is the response stream.
+    #[must_use]
+    pub fn spawn(self) -> mpsc::Receiver<Message> {
+        let (sender, receiver) = mpsc::channel(CLIENT_BUFFER);
+        tokio::spawn(async move {
+            let shutdown = self.shutdown.clone();
+            tokio::select! {
+                () = self.run(&sender) => {}
+                () = shutdown.cancelled() => {
+                    let _ = sender.try_send(Err(shutting_down()));
+                }
+            }
+        });
+        receiver
+    }
+
+    async fn run(mut self, sender: &mpsc::Sender<Message>) {
+        // Subscribed before this read: later entries come through the feed.
+        let durable = self.store.durable_sequence();
+        let mut latest: Option<(UnixNanos, u64)> = None;
+        let mut page_after: Option<TimelineCursor> = None;
+        loop {
+            let store = Arc::clone(&self.store);
+            let query = TimelineQuery {
+                customer_id: self.customer.clone(),
+                page_size: CATCH_UP_PAGE,
+                after: page_after,
+                filter: TimelineFilter::default(),
+            };
+            let page = match tokio::task::spawn_blocking(move || store.timeline(&query)).await {
+                Ok(Ok(page)) => page,
+                Ok(Err(error)) => {
+                    let _ = sender.send(Err(Error::from(error).into())).await;
+                    return;
+                }
+                Err(error) => {
+                    let _ = sender.send(Err(Error::from(error).into())).await;
+                    return;
+                }
+            };
+            for entry in &page.entries {
+                let sequence = entry.position.sequence;
+                if sequence <= self.after || sequence > durable {
+                    continue;
+                }
+                latest = latest.max(Some(entry.timeline_order()));
+                // Until caught up the cursor stays where the watch started.
+                if !self.send(sender, entry, self.after, false).await {
+                    return;
+                }
+            }
+            match page.next {
+                Some(next) => page_after = Some(next),
+                None => break,
+            }
+        }
+        let caught_up = v1::WatchTimelineResponse {
+            event: Some(v1::watch_timeline_response::Event::CaughtUp(v1::CaughtUp {})),
+            cursor: encode_cursor(&self.customer, durable.max(self.after)),
+            late: false,
+        };
+        if sender.send(Ok(caught_up)).await.is_err() {
+            return;
+        }
+        let mut delivered = durable.max(self.after);
+        loop {
+            let batch = match self.live.recv().await {
+                Ok(batch) => batch,
+                Err(broadcast::error::RecvError::Lagged(_)) => {
+                    let _ = sender
+                        .send(Err(lagged(&encode_cursor(&self.customer, delivered))))
+                        .await;
+                    return;
+                }
+                Err(broadcast::error::RecvError::Closed) => {
+                    let _ = sender.send(Err(shutting_down())).await;
+                    return;
+                }
+            };
+            for entry in batch.iter() {
+                let sequence = entry.position.sequence;
+                if sequence <= delivered || entry.touchpoint.customer_id != self.customer {
+                    continue;
+                }
+                let order = entry.timeline_order();
+                let late = latest.is_some_and(|latest| order < latest);
+                latest = latest.max(Some(order));
+                delivered = sequence;
+                if !self.send(sender, entry, sequence, late).await {
+                    return;
+                }
+            }
+        }
+    }
+
+    async fn send(
+        &self,
+        sender: &mpsc::Sender<Message>,
+        entry: &TimelineEntry,
+        cursor: u64,
+        late: bool,
+    ) -> bool {
+        let message = v1::WatchTimelineResponse {
+            event: Some(v1::watch_timeline_response::Event::Entry(
+                wire_timeline_entry(entry),
+            )),
+            cursor: encode_cursor(&self.customer, cursor),
+            late,
+        };
+        sender.send(Ok(message)).await.is_ok()
+    }
+}
+
+fn lagged(cursor: &str) -> Status {
+    let mut details = ErrorDetails::new();
+    details.set_error_info(
+        "WATCH_LAGGED",
+        ERROR_DOMAIN,
+        [("cursor".to_owned(), cursor.to_owned())],
+    );
+    let mut status = Status::with_error_details(
+        tonic::Code::Aborted,
+        "the watcher fell too far behind the projector; resume from the cursor",
+        details,
+    );
+    if let Ok(value) = MetadataValue::try_from(cursor) {
+        status.metadata_mut().insert("cursor", value);
+    }
+    status
+}
+
+fn shutting_down() -> Status {
+    let mut details = ErrorDetails::new();
+    details.set_error_info("SHUTTING_DOWN", ERROR_DOMAIN, []);
+    Status::with_error_details(
+        tonic::Code::Unavailable,
+        "the server is shutting down; resume from the last cursor on another node or later",
+        details,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cursors_round_trip_and_are_bound_to_their_customer() {
+        let alice = CustomerId::parse("alice").expect("valid");
+        let bob = CustomerId::parse("bob").expect("valid");
+        let cursor = encode_cursor(&alice, 42);
+        assert_eq!(decode_cursor(&alice, &cursor), Some(42));
+        assert_eq!(decode_cursor(&bob, &cursor), None);
+        assert_eq!(decode_cursor(&alice, "garbage"), None);
+        assert_eq!(decode_cursor(&alice, ""), None);
+    }
+}

@@ -1,0 +1,425 @@
+//! The ops commands: `status`, `rebuild`, `replay`, `dead-letters`, `verify` (over the
+//! `AdminService`) and `watch` (a live timeline over `TimelineService.WatchTimeline`).
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use futures::StreamExt as _;
+use indicatif::{ProgressBar, ProgressStyle};
+use tonic::Code;
+use tonic::transport::Channel;
+use touchline_core::UnixNanos;
+use touchline_proto::v1;
+use touchline_proto::v1::admin_service_client::AdminServiceClient;
+
+use crate::client::{format_entry, timeline_client, timestamp_text, with_token};
+
+async fn admin_client(endpoint: &str) -> anyhow::Result<AdminServiceClient<Channel>> {
+    AdminServiceClient::connect(endpoint.to_owned())
+        .await
+        .with_context(|| format!("cannot connect to {endpoint}"))
+}
+
+/// Where `touchline replay` starts: `earliest`, an offset, or an RFC 3339 instant.
+///
+/// # Errors
+/// When the text is none of those.
+pub fn replay_start(text: &str) -> anyhow::Result<v1::replay_request::From> {
+    if text == "earliest" {
+        return Ok(v1::replay_request::From::Earliest(true));
+    }
+    if let Ok(offset) = text.parse::<i64>() {
+        anyhow::ensure!(offset >= 0, "--from offset must not be negative");
+        return Ok(v1::replay_request::From::Offset(offset));
+    }
+    let instant = UnixNanos::parse_rfc3339(text).with_context(|| {
+        format!("--from {text:?} is neither \"earliest\", an offset nor an RFC 3339 instant")
+    })?;
+    let (seconds, nanos) = instant.to_parts();
+    Ok(v1::replay_request::From::Timestamp(prost_types::Timestamp {
+        seconds,
+        nanos,
+    }))
+}
+
+fn version_state(state: i32) -> &'static str {
+    match v1::VersionState::try_from(state) {
+        Ok(v1::VersionState::Active) => "active",
+        Ok(v1::VersionState::Building) => "building",
+        Ok(v1::VersionState::Dropping) => "dropping",
+        _ => "?",
+    }
+}
+
+fn rebuild_state(state: i32) -> &'static str {
+    match v1::RebuildState::try_from(state) {
+        Ok(v1::RebuildState::Running) => "running",
+        Ok(v1::RebuildState::Switched) => "switched",
+        Ok(v1::RebuildState::Cancelled) => "cancelled",
+        Ok(v1::RebuildState::Failed) => "failed",
+        _ => "?",
+    }
+}
+
+fn known(value: i64) -> String {
+    if value < 0 {
+        "?".to_owned()
+    } else {
+        value.to_string()
+    }
+}
+
+/// Prints the status as a compact table.
+///
+/// # Errors
+/// When the server cannot be reached or refuses the call.
+pub async fn print_status(endpoint: &str, token: &str) -> anyhow::Result<()> {
+    let status = admin_client(endpoint)
+        .await?
+        .get_status(with_token(v1::GetStatusRequest {}, token)?)
+        .await?
+        .into_inner();
+    println!(
+        "stream      {}/{}   kafka {}   projector {}",
+        status.cluster_id,
+        status.topic,
+        if status.kafka_reachable {
+            "reachable"
+        } else {
+            "UNREACHABLE"
+        },
+        status.projector_state
+    );
+    println!(
+        "log         {} events ({} durable), store {:.1} MiB, {} dead letters",
+        status.log_events,
+        status.log_durable_events,
+        f64::from(u32::try_from(status.store_bytes / 1024).unwrap_or(u32::MAX)) / 1024.0,
+        status.dead_letters
+    );
+    println!();
+    println!(
+        "{:>9} {:>12} {:>12} {:>12} {:>12} {:>8}",
+        "partition", "low", "high", "log end", "projected", "lag"
+    );
+    for partition in &status.partitions {
+        println!(
+            "{:>9} {:>12} {:>12} {:>12} {:>12} {:>8}",
+            partition.partition,
+            known(partition.low_watermark),
+            known(partition.high_watermark),
+            partition.log_end_offset,
+            partition.projected_offset,
+            known(partition.lag)
+        );
+    }
+    println!();
+    println!("{:<10} {:>7}  {:<28} last rebuild", "projection", "active", "versions");
+    for projection in &status.projections {
+        let versions: Vec<String> = projection
+            .versions
+            .iter()
+            .map(|v| format!("v{} {}", v.version, version_state(v.state)))
+            .collect();
+        let rebuild = projection.last_rebuild.as_ref().map_or_else(
+            || "-".to_owned(),
+            |r| {
+                format!(
+                    "v{} {} {}/{} ({:.0}/s)",
+                    r.version,
+                    rebuild_state(r.state),
+                    r.done,
+                    r.total,
+                    r.rate
+                )
+            },
+        );
+        println!(
+            "{:<10} {:>7}  {:<28} {rebuild}",
+            projection.name,
+            format!("v{}", projection.active_version),
+            versions.join(", ")
+        );
+    }
+    Ok(())
+}
+
+/// Rebuilds a projection with a progress bar (rate, ETA); or cancels the running rebuild.
+///
+/// # Errors
+/// When the server refuses, the stream breaks or the rebuild fails or is cancelled.
+pub async fn rebuild(endpoint: &str, token: &str, projection: &str, cancel: bool) -> anyhow::Result<()> {
+    let mut client = admin_client(endpoint).await?;
+    if cancel {
+        let progress = client
+            .cancel_rebuild(with_token(
+                v1::CancelRebuildRequest {
+                    projection: projection.to_owned(),
+                },
+                token,
+            )?)
+            .await?
+            .into_inner();
+        println!(
+            "rebuild of {projection} v{}: {} after {} events",
+            progress.version,
+            rebuild_state(progress.state),
+            progress.done
+        );
+        return Ok(());
+    }
+    let mut stream = client
+        .rebuild_projection(with_token(
+            v1::RebuildProjectionRequest {
+                projection: projection.to_owned(),
+            },
+            token,
+        )?)
+        .await?
+        .into_inner();
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{msg} [{elapsed_precise}] {wide_bar} {human_pos}/{human_len} events  {per_sec}  ETA {eta}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let mut last = None;
+    while let Some(progress) = stream.next().await {
+        let progress = progress?;
+        if last.is_none() {
+            bar.set_message(format!("rebuilding {} v{}", progress.projection, progress.version));
+        }
+        bar.set_length(progress.total);
+        bar.set_position(progress.done);
+        last = Some(progress);
+    }
+    bar.finish();
+    let last = last.context("the server sent no progress")?;
+    match v1::RebuildState::try_from(last.state) {
+        Ok(v1::RebuildState::Switched) => {
+            println!(
+                "{} v{} is active ({} events, {:.0} events/s); v{} dropped",
+                last.projection, last.version, last.done, last.rate, last.previous_version
+            );
+            Ok(())
+        }
+        Ok(v1::RebuildState::Running) => anyhow::bail!(
+            "the progress stream ended while the rebuild runs on; `touchline rebuild {projection}` attaches to it again"
+        ),
+        _ => anyhow::bail!(
+            "rebuild of {} v{} {}{}; the active version is untouched",
+            last.projection,
+            last.version,
+            rebuild_state(last.state),
+            if last.error.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", last.error)
+            }
+        ),
+    }
+}
+
+/// Replays the topic into the log, printing progress.
+///
+/// # Errors
+/// When the server refuses or the replay fails.
+pub async fn replay(
+    endpoint: &str,
+    token: &str,
+    from: v1::replay_request::From,
+    partitions: Vec<i32>,
+) -> anyhow::Result<()> {
+    let mut stream = admin_client(endpoint)
+        .await?
+        .replay(with_token(
+            v1::ReplayRequest {
+                from: Some(from),
+                partitions,
+            },
+            token,
+        )?)
+        .await?
+        .into_inner();
+    let mut last = None;
+    while let Some(progress) = stream.next().await {
+        let progress = progress?;
+        if last.is_none() {
+            for range in &progress.ranges {
+                println!(
+                    "partition {}: offsets {}..{}",
+                    range.partition, range.start_offset, range.end_offset
+                );
+            }
+        }
+        eprint!(
+            "\rread {}  appended {}  duplicates {}  dead letters {}  partitions done {}/{}",
+            progress.read,
+            progress.appended,
+            progress.duplicates,
+            progress.dead_lettered,
+            progress.partitions_done,
+            progress.ranges.len()
+        );
+        last = Some(progress);
+    }
+    eprintln!();
+    let last = last.context("the server sent no progress")?;
+    anyhow::ensure!(
+        last.finished,
+        "the replay stopped before reading every partition to its end (the server is shutting down?)"
+    );
+    println!(
+        "replay done: {} records read, {} events appended, {} already in the log",
+        last.read, last.appended, last.duplicates
+    );
+    Ok(())
+}
+
+/// What `touchline dead-letters` does.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum DeadLetterAction {
+    /// List dead letters, oldest first.
+    List {
+        /// Only dead letters after this id.
+        #[arg(long, default_value_t = 0)]
+        after: u64,
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+    },
+    /// Decode a dead letter again and, when it decodes now, append it to the log.
+    Requeue { id: u64 },
+    /// Delete a dead letter.
+    Discard { id: u64 },
+}
+
+fn print_dead_letter(dead_letter: &v1::DeadLetter) {
+    println!(
+        "{:>6}  {}  partition {} offset {}  {}  ({} value bytes)",
+        dead_letter.id,
+        timestamp_text(dead_letter.dead_lettered_at.as_ref()),
+        dead_letter.partition,
+        dead_letter.offset,
+        dead_letter.reason,
+        dead_letter.value.as_ref().map_or(0, Vec::len)
+    );
+}
+
+/// Lists, requeues or discards dead letters.
+///
+/// # Errors
+/// When the server refuses the call.
+pub async fn dead_letters(endpoint: &str, token: &str, action: DeadLetterAction) -> anyhow::Result<()> {
+    let mut client = admin_client(endpoint).await?;
+    match action {
+        DeadLetterAction::List { after, limit } => {
+            let listed = client
+                .list_dead_letters(with_token(
+                    v1::ListDeadLettersRequest {
+                        after_id: after,
+                        limit,
+                    },
+                    token,
+                )?)
+                .await?
+                .into_inner();
+            for dead_letter in &listed.dead_letters {
+                print_dead_letter(dead_letter);
+            }
+            println!("({} shown, {} in the store)", listed.dead_letters.len(), listed.total);
+        }
+        DeadLetterAction::Requeue { id } => {
+            let requeued = client
+                .requeue_dead_letter(with_token(v1::DeadLetterRequest { id }, token)?)
+                .await?
+                .into_inner();
+            if requeued.appended {
+                println!("dead letter {id} appended to the log as event {}", requeued.sequence);
+            } else {
+                println!("dead letter {id} decodes, and its event was already in the log; removed");
+            }
+        }
+        DeadLetterAction::Discard { id } => {
+            client
+                .discard_dead_letter(with_token(v1::DeadLetterRequest { id }, token)?)
+                .await?;
+            println!("dead letter {id} discarded");
+        }
+    }
+    Ok(())
+}
+
+/// Prints the checksums of the log and of every projection version.
+///
+/// # Errors
+/// When the server refuses the call.
+pub async fn verify(endpoint: &str, token: &str) -> anyhow::Result<()> {
+    let verified = admin_client(endpoint)
+        .await?
+        .verify_projections(with_token(v1::VerifyProjectionsRequest {}, token)?)
+        .await?
+        .into_inner();
+    println!("at log event {}", verified.log_events);
+    println!("{:<10} {:>7} {:<9} {:>10}  sha256", "table", "version", "state", "entries");
+    for checksum in &verified.checksums {
+        println!(
+            "{:<10} {:>7} {:<9} {:>10}  {}",
+            checksum.name,
+            if checksum.name == "log" {
+                "-".to_owned()
+            } else {
+                format!("v{}", checksum.version)
+            },
+            version_state(checksum.state),
+            checksum.entries,
+            checksum.sha256
+        );
+    }
+    Ok(())
+}
+
+/// Prints a customer's timeline, then new entries as they are projected; reconnects with the
+/// last cursor when the stream breaks.
+///
+/// # Errors
+/// When the server refuses the call (other than by lag or shutdown).
+pub async fn watch(endpoint: &str, customer_id: String, mut cursor: String) -> anyhow::Result<()> {
+    loop {
+        let mut client = timeline_client(endpoint).await?;
+        let mut stream = client
+            .watch_timeline(v1::WatchTimelineRequest {
+                customer_id: customer_id.clone(),
+                cursor: cursor.clone(),
+            })
+            .await?
+            .into_inner();
+        let ended = loop {
+            match stream.next().await {
+                Some(Ok(message)) => {
+                    match &message.event {
+                        Some(v1::watch_timeline_response::Event::Entry(entry)) => {
+                            let marker = if message.late { "late " } else { "" };
+                            println!("{marker}{}", format_entry(entry));
+                        }
+                        Some(v1::watch_timeline_response::Event::CaughtUp(_)) => {
+                            println!("-- caught up; live from here --");
+                        }
+                        None => {}
+                    }
+                    cursor = message.cursor;
+                }
+                Some(Err(status)) => break Some(status),
+                None => break None,
+            }
+        };
+        match ended {
+            Some(status) if matches!(status.code(), Code::Aborted | Code::Unavailable) => {
+                eprintln!("watch interrupted ({}); resuming from the last cursor", status.message());
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Some(status) => return Err(status.into()),
+            None => return Ok(()),
+        }
+    }
+}

@@ -1,0 +1,186 @@
+//! `GET /metrics` in the Prometheus text format: the process-wide metrics of every role, plus
+//! gauges read at scrape time from the pipeline's status (lag per partition, log size, dead
+//! letters, Kafka reachability).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use touchline_query::admin::AdminService;
+use tracing::warn;
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct PartitionLabel {
+    partition: i32,
+}
+
+/// Gauges refreshed from the status on each scrape.
+#[derive(Debug, Default)]
+struct StatusGauges {
+    lag: Family<PartitionLabel, Gauge>,
+    high_watermark: Family<PartitionLabel, Gauge>,
+    projected: Family<PartitionLabel, Gauge>,
+    log_events: Gauge,
+    dead_letters: Gauge,
+    kafka_up: Gauge,
+    projector_up: Gauge,
+}
+
+/// What the endpoint serves.
+struct Exporter {
+    registry: Registry,
+    gauges: StatusGauges,
+    admin: Option<AdminService>,
+}
+
+impl std::fmt::Debug for Exporter {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.debug_struct("Exporter").finish_non_exhaustive()
+    }
+}
+
+fn build(admin: Option<AdminService>) -> Exporter {
+    let mut registry = Registry::default();
+    touchline_ingest::metrics::register(&mut registry);
+    touchline_projection::metrics::register(&mut registry);
+    touchline_query::metrics::register(&mut registry);
+    let gauges = StatusGauges::default();
+    registry.register(
+        "touchline_consumer_lag",
+        "Records in the partition not yet durably projected (high watermark - projected offset)",
+        gauges.lag.clone(),
+    );
+    registry.register(
+        "touchline_partition_high_watermark",
+        "The broker's high watermark of the partition",
+        gauges.high_watermark.clone(),
+    );
+    registry.register(
+        "touchline_partition_projected_offset",
+        "The next offset durably projected",
+        gauges.projected.clone(),
+    );
+    registry.register(
+        "touchline_log_events",
+        "Events in the local append-only log",
+        gauges.log_events.clone(),
+    );
+    registry.register(
+        "touchline_dead_letters",
+        "Records in the dead-letter store",
+        gauges.dead_letters.clone(),
+    );
+    registry.register(
+        "touchline_kafka_up",
+        "1 when the broker answered the last scrape's metadata request",
+        gauges.kafka_up.clone(),
+    );
+    registry.register(
+        "touchline_projector_up",
+        "1 while the projector runs",
+        gauges.projector_up.clone(),
+    );
+    Exporter {
+        registry,
+        gauges,
+        admin,
+    }
+}
+
+impl Exporter {
+    fn refresh(&self) {
+        let Some(admin) = &self.admin else { return };
+        match admin.status() {
+            Ok(status) => {
+                for partition in &status.partitions {
+                    let label = PartitionLabel {
+                        partition: partition.partition,
+                    };
+                    self.gauges.lag.get_or_create(&label).set(partition.lag);
+                    self.gauges
+                        .high_watermark
+                        .get_or_create(&label)
+                        .set(partition.high_watermark);
+                    self.gauges
+                        .projected
+                        .get_or_create(&label)
+                        .set(partition.projected_offset);
+                }
+                let count = |value: u64| i64::try_from(value).unwrap_or(i64::MAX);
+                self.gauges.log_events.set(count(status.log_events));
+                self.gauges.dead_letters.set(count(status.dead_letters));
+                self.gauges.kafka_up.set(i64::from(status.kafka_reachable));
+                self.gauges
+                    .projector_up
+                    .set(i64::from(status.projector_state == "running"));
+            }
+            Err(error) => warn!(%error, "cannot read the status for metrics"),
+        }
+    }
+
+    fn encode(&self) -> Result<String, std::fmt::Error> {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &self.registry)?;
+        Ok(text)
+    }
+}
+
+async fn scrape(exporter: Arc<Exporter>) -> axum::response::Response {
+    let encoded = tokio::task::spawn_blocking(move || {
+        exporter.refresh();
+        exporter.encode()
+    })
+    .await;
+    match encoded {
+        Ok(Ok(text)) => (
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            text,
+        )
+            .into_response(),
+        Ok(Err(error)) => {
+            (StatusCode::INTERNAL_SERVER_ERROR, error.to_string()).into_response()
+        }
+        Err(error) => (StatusCode::INTERNAL_SERVER_ERROR, error.to_string()).into_response(),
+    }
+}
+
+/// Serves `/metrics` on `listen` until `shutdown`; returns the bound address and the task.
+///
+/// # Errors
+/// When the address cannot be bound.
+pub async fn serve(
+    listen: SocketAddr,
+    admin: Option<AdminService>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<(SocketAddr, JoinHandle<()>)> {
+    let exporter = Arc::new(build(admin));
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || scrape(Arc::clone(&exporter))),
+    );
+    let listener = TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen for metrics on {listen}"))?;
+    let local = listener.local_addr()?;
+    let task = tokio::spawn(async move {
+        let served = axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown.cancelled_owned())
+            .await;
+        if let Err(error) = served {
+            warn!(%error, "the metrics endpoint stopped");
+        }
+    });
+    Ok((local, task))
+}
