@@ -23,6 +23,8 @@ pub use touchline_proto::v1::{JourneyStage, PublishRequest, Touchpoint};
 /// The test partners: (id, token).
 pub const COURIER: (&str, &str) = ("swift-courier", "courier-secret-token");
 pub const RETAILER: (&str, &str) = ("northwind-retail", "retailer-secret-token");
+/// The admin token of test nodes.
+pub const ADMIN_TOKEN: &str = "admin-secret-token";
 
 /// How long a test waits for a condition before it fails.
 pub const DEADLINE: Duration = Duration::from_secs(30);
@@ -135,6 +137,7 @@ pub fn config(broker: &TestBroker, dir: &std::path::Path) -> Config {
     let mut config = Config::default();
     config.server.listen = "127.0.0.1:0".parse().expect("valid address");
     config.metrics.listen = Some("127.0.0.1:0".parse().expect("valid address"));
+    config.admin.token_sha256 = vec![touchline_ingest::hash_token(ADMIN_TOKEN)];
     config.kafka.bootstrap_servers = broker.bootstrap_servers().to_owned();
     config.kafka.topic = broker.topic().to_owned();
     config.kafka.partitions = PARTITIONS;
@@ -200,6 +203,19 @@ pub async fn ingest_client(node: &Node) -> anyhow::Result<IngestServiceClient<Ch
     IngestServiceClient::connect(node.endpoint())
         .await
         .context("connects to ingest")
+}
+
+/// A client of the node's `AdminService` (send [`ADMIN_TOKEN`]).
+///
+/// # Errors
+/// When the endpoint cannot be reached.
+pub async fn admin_client(
+    node: &Node,
+) -> anyhow::Result<touchline_proto::v1::admin_service_client::AdminServiceClient<Channel>> {
+    Ok(
+        touchline_proto::v1::admin_service_client::AdminServiceClient::connect(node.endpoint())
+            .await?,
+    )
 }
 
 /// A connected timeline client.

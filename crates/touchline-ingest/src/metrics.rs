@@ -36,7 +36,13 @@ pub static INGEST: LazyLock<IngestMetrics> = LazyLock::new(|| IngestMetrics {
 
 impl IngestMetrics {
     /// Counts `count` events of `partner` with an outcome and reason.
-    pub fn count(&self, partner: &PartnerId, outcome: &'static str, reason: &'static str, count: u64) {
+    pub fn count(
+        &self,
+        partner: &PartnerId,
+        outcome: &'static str,
+        reason: &'static str,
+        count: u64,
+    ) {
         if count > 0 {
             self.events
                 .get_or_create(&EventLabels {

@@ -22,7 +22,7 @@ use crate::metrics::{PROJECTOR, ProjectionLabel};
 use crate::projector::{consumed_record, kafka_setup};
 use crate::{Error, OpsError, Projection, SledStore};
 
-/// Log events folded per atomic batch of a rebuild.
+/// Log events folded per atomic batch of a rebuild, unless configured otherwise.
 pub const REBUILD_CHUNK: usize = 2000;
 
 const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
@@ -74,14 +74,17 @@ struct Job {
 #[derive(Debug)]
 pub struct Rebuilds {
     store: Arc<SledStore>,
+    chunk: usize,
     jobs: Mutex<HashMap<Projection, Job>>,
 }
 
 impl Rebuilds {
+    /// Rebuilds of `store`, folding `chunk` log events per atomic batch.
     #[must_use]
-    pub fn new(store: Arc<SledStore>) -> Self {
+    pub fn new(store: Arc<SledStore>, chunk: usize) -> Self {
         Self {
             store,
+            chunk: chunk.max(1),
             jobs: Mutex::new(HashMap::new()),
         }
     }
@@ -121,9 +124,10 @@ impl Rebuilds {
         });
         let cancel = CancellationToken::new();
         let store = Arc::clone(&self.store);
+        let chunk = self.chunk;
         let task = tokio::task::spawn_blocking({
             let cancel = cancel.clone();
-            move || run_rebuild(&store, projection, version, &sender, &cancel)
+            move || run_rebuild(&store, projection, version, chunk, &sender, &cancel)
         });
         jobs.insert(
             projection,
@@ -179,6 +183,7 @@ fn run_rebuild(
     store: &SledStore,
     projection: Projection,
     version: u32,
+    chunk: usize,
     progress: &watch::Sender<RebuildProgress>,
     cancel: &CancellationToken,
 ) {
@@ -189,13 +194,23 @@ fn run_rebuild(
     let report = |done: u64, state: RebuildState| {
         let total = u64::try_from(store.log_len()).unwrap_or(u64::MAX);
         let elapsed = started.elapsed().as_secs_f64();
-        PROJECTOR.rebuild_done.get_or_create(&label).set(gauge(done));
-        PROJECTOR.rebuild_total.get_or_create(&label).set(gauge(total));
+        PROJECTOR
+            .rebuild_done
+            .get_or_create(&label)
+            .set(gauge(done));
+        PROJECTOR
+            .rebuild_total
+            .get_or_create(&label)
+            .set(gauge(total));
         progress.send_modify(|progress| {
             progress.done = done;
             progress.total = total.max(done);
             #[allow(clippy::cast_precision_loss, reason = "a rate")]
-            let rate = if elapsed > 0.0 { done as f64 / elapsed } else { 0.0 };
+            let rate = if elapsed > 0.0 {
+                done as f64 / elapsed
+            } else {
+                0.0
+            };
             progress.rate = rate;
             progress.state = state;
         });
@@ -207,12 +222,12 @@ fn run_rebuild(
         }
         let end = u64::try_from(store.log_len()).unwrap_or(u64::MAX) + 1;
         // Close to the end: the last chunk is folded under the writer, with the switch.
-        if end.saturating_sub(next) <= REBUILD_CHUNK as u64 {
+        if end.saturating_sub(next) <= chunk as u64 {
             break store
                 .finish_rebuild(projection, version, next)
                 .map_err(Some);
         }
-        match store.rebuild_step(projection, version, next, REBUILD_CHUNK) {
+        match store.rebuild_step(projection, version, next, chunk) {
             Ok(after) => next = after,
             Err(error) => break Err(Some(error)),
         }
@@ -444,11 +459,22 @@ pub async fn replay(
         .map_err(Error::from)??;
     state.finished = open.is_empty();
     progress.send_replace(state.clone());
-    info!(read = state.read, appended = state.appended, duplicates = state.duplicates, dead_lettered = state.dead_lettered, finished = state.finished, "replay ended");
+    info!(
+        read = state.read,
+        appended = state.appended,
+        duplicates = state.duplicates,
+        dead_lettered = state.dead_lettered,
+        finished = state.finished,
+        "replay ended"
+    );
     Ok(state)
 }
 
-type Plan = (StreamIdentity, BTreeMap<i32, (i64, i64)>, TopicPartitionList);
+type Plan = (
+    StreamIdentity,
+    BTreeMap<i32, (i64, i64)>,
+    TopicPartitionList,
+);
 
 /// Resolves the stream, each partition's range and the assignment to read it.
 fn plan_replay(
@@ -461,7 +487,11 @@ fn plan_replay(
         .map_err(|error| kafka_setup(&error))?;
     let all = touchline_kafka::fetch_partitions(consumer.client(), topic, METADATA_TIMEOUT)
         .map_err(|error| kafka_setup(&error))?;
-    let partitions = if wanted.is_empty() { all.clone() } else { wanted };
+    let partitions = if wanted.is_empty() {
+        all.clone()
+    } else {
+        wanted
+    };
     if let Some(partition) = partitions.iter().find(|p| !all.contains(p)) {
         return Err(ReplayError::UnknownPartition {
             partition: *partition,

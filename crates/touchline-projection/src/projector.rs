@@ -156,7 +156,13 @@ impl Projector {
                         info!(partition, ?offset, "assigning partition");
                         assignment.add_partition_offset(&topic, partition, offset)?;
                     }
-                    Ok((consumer, stream, assignment, partitions, (applied, skip_below)))
+                    Ok((
+                        consumer,
+                        stream,
+                        assignment,
+                        partitions,
+                        (applied, skip_below),
+                    ))
                 }
             })
             .await??;
@@ -242,7 +248,9 @@ impl Projector {
                 tokio::task::spawn_blocking(move || store.apply(&stream, records)).await??;
             metrics::PROJECTOR.applied.inc_by(outcome.appended);
             metrics::PROJECTOR.duplicates.inc_by(outcome.duplicates);
-            metrics::PROJECTOR.dead_lettered.inc_by(outcome.dead_lettered);
+            metrics::PROJECTOR
+                .dead_lettered
+                .inc_by(outcome.dead_lettered);
             debug!(
                 appended = outcome.appended,
                 duplicates = outcome.duplicates,

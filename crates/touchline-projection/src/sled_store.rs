@@ -30,6 +30,9 @@ use crate::table::Table;
 /// returns a short (even empty) page with a cursor rather than scanning without bound.
 pub const MAX_SCAN_PER_PAGE: usize = 10_000;
 
+/// How long dropping a replaced version waits for the reads still running on it.
+const READERS_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Keys deleted per atomic batch when a projection version is dropped.
 const DROP_CHUNK: usize = 10_000;
 
@@ -77,7 +80,9 @@ impl Projection {
     /// Parses a projection name as the CLI and the admin API spell it.
     #[must_use]
     pub fn parse(name: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|projection| projection.name() == name)
+        Self::ALL
+            .into_iter()
+            .find(|projection| projection.name() == name)
     }
 
     fn table_byte(self) -> u8 {
@@ -137,9 +142,15 @@ impl ProjectionVersions {
 #[derive(Debug, thiserror::Error)]
 pub enum OpsError {
     #[error("a rebuild of {projection} (version {version}) is already running")]
-    RebuildRunning { projection: Projection, version: u32 },
+    RebuildRunning {
+        projection: Projection,
+        version: u32,
+    },
     #[error("version {version} of {projection} is not being built (cancelled, or replaced)")]
-    NotBuilding { projection: Projection, version: u32 },
+    NotBuilding {
+        projection: Projection,
+        version: u32,
+    },
     #[error("no dead letter has id {0}")]
     DeadLetterNotFound(u64),
     #[error("dead letter {id} still cannot be decoded: {reason}")]
@@ -194,11 +205,12 @@ struct WriterState {
     versions: BTreeMap<Projection, ProjectionVersions>,
 }
 
-/// The tables of the active projection versions.
+/// The tables of the active projection versions. A reader holds its version's `Arc` while it
+/// reads, so a replaced version is dropped only once no reader uses it.
 #[derive(Debug, Clone)]
 struct Active {
-    timeline: Table,
-    summary: Table,
+    timeline: Arc<Table>,
+    summary: Arc<Table>,
 }
 
 /// The event log and projections in one sled database, one tree, one table (key prefix) each.
@@ -316,7 +328,11 @@ impl<'a> Folds<'a> {
         if let Some(timeline) = &self.timeline {
             timeline.insert(
                 batch,
-                keys::timeline(customer, entry.touchpoint.occurred_at, entry.position.sequence),
+                keys::timeline(
+                    customer,
+                    entry.touchpoint.occurred_at,
+                    entry.position.sequence,
+                ),
                 encode(entry)?,
             );
         }
@@ -412,8 +428,14 @@ impl SledStore {
             Table::new(tree.clone(), &version_prefix(projection, version))
         };
         let active = Active {
-            timeline: version_table(Projection::Timeline, writer.versions[&Projection::Timeline].active),
-            summary: version_table(Projection::Summary, writer.versions[&Projection::Summary].active),
+            timeline: Arc::new(version_table(
+                Projection::Timeline,
+                writer.versions[&Projection::Timeline].active,
+            )),
+            summary: Arc::new(version_table(
+                Projection::Summary,
+                writer.versions[&Projection::Summary].active,
+            )),
         };
         let log_count = writer.next_sequence - 1;
         let store = Self {
@@ -578,7 +600,11 @@ impl SledStore {
     ) -> Result<ApplyOutcome, StoreError> {
         let now = UnixNanos::now();
         let active = self.active();
-        let mut folds = Folds::new(self, Some(active.timeline), Some(active.summary));
+        let mut folds = Folds::new(
+            self,
+            Some(Table::clone(&active.timeline)),
+            Some(Table::clone(&active.summary)),
+        );
         let mut outcome = ApplyOutcome::default();
         let watched = self.watchers.receiver_count() > 0;
         let mut appended = Vec::new();
@@ -661,8 +687,11 @@ impl SledStore {
                     };
                     self.dead_letters
                         .insert(&mut batch, id.to_be_bytes(), encode(&dead_letter)?);
-                    self.dead_letter_index
-                        .insert(&mut batch, index_key.as_slice(), &id.to_be_bytes());
+                    self.dead_letter_index.insert(
+                        &mut batch,
+                        index_key.as_slice(),
+                        &id.to_be_bytes(),
+                    );
                     dead_in_batch.insert(index_key, id);
                     outcome.dead_lettered += 1;
                 }
@@ -684,8 +713,11 @@ impl SledStore {
         }
         self.meta
             .insert(&mut batch, NEXT_SEQUENCE, &next_sequence.to_be_bytes());
-        self.meta
-            .insert(&mut batch, NEXT_DEAD_LETTER, &next_dead_letter.to_be_bytes());
+        self.meta.insert(
+            &mut batch,
+            NEXT_DEAD_LETTER,
+            &next_dead_letter.to_be_bytes(),
+        );
         self.meta
             .insert(&mut batch, DEAD_LETTER_COUNT, &dead_letters.to_be_bytes());
 
@@ -699,7 +731,8 @@ impl SledStore {
         writer.next_dead_letter = next_dead_letter;
         writer.dead_letters = dead_letters;
         self.log_count.store(next_sequence - 1, Ordering::Release);
-        self.dead_letter_count.store(dead_letters, Ordering::Release);
+        self.dead_letter_count
+            .store(dead_letters, Ordering::Release);
         Ok(outcome)
     }
 
@@ -733,12 +766,13 @@ impl SledStore {
     pub fn requeue_dead_letter(&self, id: u64) -> Result<Requeued, OpsError> {
         let mut writer = self.lock_writer();
         let dead_letter = self.dead_letter(id)?;
-        let envelope = touchline_proto::decode_envelope(dead_letter.value.as_deref()).map_err(
-            |error| OpsError::StillUndecodable {
-                id,
-                reason: error.to_string(),
-            },
-        )?;
+        let envelope =
+            touchline_proto::decode_envelope(dead_letter.value.as_deref()).map_err(|error| {
+                OpsError::StillUndecodable {
+                    id,
+                    reason: error.to_string(),
+                }
+            })?;
         let mut batch = sled::Batch::default();
         self.remove_dead_letter(&mut batch, &dead_letter);
         writer.dead_letters = writer.dead_letters.saturating_sub(1);
@@ -751,7 +785,8 @@ impl SledStore {
             },
         };
         let sequence = writer.next_sequence;
-        let result = self.apply_locked(&mut writer, &dead_letter.stream, vec![record], false, batch);
+        let result =
+            self.apply_locked(&mut writer, &dead_letter.stream, vec![record], false, batch);
         if result.is_err() {
             writer.dead_letters += 1;
         }
@@ -793,7 +828,8 @@ impl SledStore {
     /// Removes the dead letter but keeps its index entry, so that reading the record again does
     /// not make it a dead letter again.
     fn remove_dead_letter(&self, batch: &mut sled::Batch, dead_letter: &DeadLetter) {
-        self.dead_letters.remove(batch, dead_letter.id.to_be_bytes());
+        self.dead_letters
+            .remove(batch, dead_letter.id.to_be_bytes());
     }
 
     /// Starts building a new version of `projection`: returns the version and the log's length
@@ -877,17 +913,24 @@ impl SledStore {
                 .insert(&mut batch, projection.meta_key(), encode(&updated)?);
             self.tree.apply_batch(batch).map_err(backend)?;
             *versions = updated;
-            let table = self.version_table(projection, version);
+            let table = Arc::new(self.version_table(projection, version));
             let mut active = self
                 .active
                 .write()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            match projection {
-                Projection::Timeline => active.timeline = table,
-                Projection::Summary => active.summary = table,
-            }
-            previous
+            let replaced = match projection {
+                Projection::Timeline => std::mem::replace(&mut active.timeline, table),
+                Projection::Summary => std::mem::replace(&mut active.summary, table),
+            };
+            (previous, replaced)
         };
+        let (previous, replaced) = previous;
+        // Readers that started on the old version finish on it before it is deleted.
+        let deadline = std::time::Instant::now() + READERS_GRACE;
+        while Arc::strong_count(&replaced) > 1 && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        drop(replaced);
         self.drop_version(projection, previous)?;
         Ok(previous)
     }
@@ -958,12 +1001,13 @@ impl SledStore {
             let (key, value) = item.map_err(backend)?;
             let sequence = read_u64("log key", &key, &key)?;
             let (partition, offset, raw) = split_log_value(sequence, &value)?;
-            let envelope =
-                touchline_proto::decode_envelope(Some(raw)).map_err(|error| StoreError::Corrupt {
+            let envelope = touchline_proto::decode_envelope(Some(raw)).map_err(|error| {
+                StoreError::Corrupt {
                     what: "log record",
                     key: sequence.to_string(),
                     reason: error.to_string(),
-                })?;
+                }
+            })?;
             let entry = TimelineEntry::new(
                 envelope,
                 LogPosition {
@@ -1029,7 +1073,12 @@ impl SledStore {
         for (projection, versions) in &writer.versions {
             let roles = std::iter::once((versions.active, VersionRole::Active))
                 .chain(versions.building.map(|v| (v, VersionRole::Building)))
-                .chain(versions.dropping.iter().map(|v| (*v, VersionRole::Dropping)));
+                .chain(
+                    versions
+                        .dropping
+                        .iter()
+                        .map(|v| (*v, VersionRole::Dropping)),
+                );
             for (version, role) in roles {
                 checksums.push(VersionChecksum {
                     name: projection.name(),

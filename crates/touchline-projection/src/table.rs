@@ -89,7 +89,12 @@ impl Table {
         loop {
             let mut batch = sled::Batch::default();
             let mut in_batch = 0;
-            for item in self.tree.scan_prefix(&self.prefix).keys().take(chunk.max(1)) {
+            for item in self
+                .tree
+                .scan_prefix(&self.prefix)
+                .keys()
+                .take(chunk.max(1))
+            {
                 batch.remove(item?);
                 in_batch += 1;
             }

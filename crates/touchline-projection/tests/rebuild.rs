@@ -154,7 +154,10 @@ fn a_rebuild_beside_the_projector_equals_the_incremental_projection_and_swaps_at
         .expect("applies");
     let rebuilt = checksums(&store);
     let expected = checksums(&incremental);
-    assert_eq!(rebuilt, expected, "rebuilt projections equal incremental ones");
+    assert_eq!(
+        rebuilt, expected,
+        "rebuilt projections equal incremental ones"
+    );
     assert_ne!(before, rebuilt, "later events changed the projections");
     assert!(
         whole_timeline(&store, "cust-3").len() > timeline_before.len(),
@@ -231,16 +234,17 @@ fn dead_letters_are_kept_once_and_can_be_discarded_or_requeued() {
         .expect("applies");
     assert_eq!(store.dead_letter_count(), 2);
     let listed = store.dead_letters(10).expect("lists");
-    assert_eq!(
-        listed.iter().map(|d| d.offset).collect::<Vec<_>>(),
-        [5, 6]
-    );
+    assert_eq!(listed.iter().map(|d| d.offset).collect::<Vec<_>>(), [5, 6]);
 
     assert!(matches!(
         store.requeue_dead_letter(listed[0].id),
         Err(OpsError::StillUndecodable { .. })
     ));
-    assert_eq!(store.dead_letter_count(), 2, "a failed requeue changes nothing");
+    assert_eq!(
+        store.dead_letter_count(),
+        2,
+        "a failed requeue changes nothing"
+    );
     assert!(matches!(
         store.discard_dead_letter(999),
         Err(OpsError::DeadLetterNotFound(999))
@@ -248,7 +252,10 @@ fn dead_letters_are_kept_once_and_can_be_discarded_or_requeued() {
     store.discard_dead_letter(listed[0].id).expect("discards");
     assert_eq!(store.dead_letter_count(), 1);
     assert_eq!(
-        store.dead_letters_after(listed[0].id, 10).expect("lists").len(),
+        store
+            .dead_letters_after(listed[0].id, 10)
+            .expect("lists")
+            .len(),
         1
     );
 

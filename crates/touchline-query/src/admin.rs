@@ -103,12 +103,16 @@ fn ops_status(error: OpsError) -> Status {
         OpsError::DeadLetterNotFound(_) => {
             rejected(Code::NotFound, "DEAD_LETTER_NOT_FOUND", error.to_string())
         }
-        OpsError::StillUndecodable { .. } => {
-            rejected(Code::FailedPrecondition, "STILL_UNDECODABLE", error.to_string())
-        }
-        OpsError::RebuildRunning { .. } | OpsError::NotBuilding { .. } => {
-            rejected(Code::FailedPrecondition, "REBUILD_CONFLICT", error.to_string())
-        }
+        OpsError::StillUndecodable { .. } => rejected(
+            Code::FailedPrecondition,
+            "STILL_UNDECODABLE",
+            error.to_string(),
+        ),
+        OpsError::RebuildRunning { .. } | OpsError::NotBuilding { .. } => rejected(
+            Code::FailedPrecondition,
+            "REBUILD_CONFLICT",
+            error.to_string(),
+        ),
         OpsError::Store(error) => Error::Store(error).into(),
     }
 }
@@ -283,10 +287,15 @@ impl AdminService {
                     version,
                     state: v1::VersionState::Building.into(),
                 }));
-                list.extend(versions.dropping.iter().map(|version| v1::ProjectionVersion {
-                    version: *version,
-                    state: v1::VersionState::Dropping.into(),
-                }));
+                list.extend(
+                    versions
+                        .dropping
+                        .iter()
+                        .map(|version| v1::ProjectionVersion {
+                            version: *version,
+                            state: v1::VersionState::Dropping.into(),
+                        }),
+                );
                 v1::ProjectionStatus {
                     name: projection.name().to_owned(),
                     active_version: versions.active,
@@ -317,7 +326,11 @@ impl AdminService {
 
 fn replay_from(from: Option<v1::replay_request::From>) -> Result<ReplayFrom, Status> {
     let invalid = |message: &str| {
-        rejected(Code::InvalidArgument, "INVALID_REPLAY_START", message.to_owned())
+        rejected(
+            Code::InvalidArgument,
+            "INVALID_REPLAY_START",
+            message.to_owned(),
+        )
     };
     match from {
         Some(v1::replay_request::From::Earliest(true)) => Ok(ReplayFrom::Earliest),
@@ -424,12 +437,17 @@ impl v1::admin_service_server::AdminService for AdminService {
         let context = Arc::clone(&self.context);
         tokio::spawn(async move {
             let _slot = slot;
-            let forward = stream_progress(progress, wire_replay, |p: &ReplayProgress| p.finished);
             let forwarding = tokio::spawn({
                 let messages = messages.clone();
+                let mut progress = progress;
                 async move {
                     use futures::StreamExt as _;
-                    let mut forward = forward;
+                    // Nothing until the replay has planned its ranges (or failed to).
+                    if progress.changed().await.is_err() {
+                        return;
+                    }
+                    let mut forward =
+                        stream_progress(progress, wire_replay, |p: &ReplayProgress| p.finished);
                     while let Some(message) = forward.next().await {
                         if messages.send(message).await.is_err() {
                             return;

@@ -170,9 +170,8 @@ impl v1::timeline_service_server::TimelineService for TimelineService {
         let after = if request.cursor.is_empty() {
             0
         } else {
-            decode_cursor(&customer, &request.cursor).ok_or_else(|| {
-                invalid("cursor", "cursor was not issued for this customer")
-            })?
+            decode_cursor(&customer, &request.cursor)
+                .ok_or_else(|| invalid("cursor", "cursor was not issued for this customer"))?
         };
         let Some(feed) = &self.feed else {
             return Err(Status::unimplemented(

@@ -21,7 +21,7 @@ use touchline_core::{
 use touchline_proto::convert::wire_timeline_entry;
 use touchline_proto::v1;
 
-use crate::{Error, ERROR_DOMAIN};
+use crate::{ERROR_DOMAIN, Error};
 
 /// Entries of a durable batch, as the store publishes them.
 pub type Feed = broadcast::Sender<Arc<[TimelineEntry]>>;
@@ -58,7 +58,10 @@ type Message = Result<v1::WatchTimelineResponse, Status>;
 
 /// One watcher: sends the catch-up, then live entries, until the client goes, the server stops
 /// or the feed lags it.
-#[allow(missing_debug_implementations, reason = "holds a store handle and channels")]
+#[allow(
+    missing_debug_implementations,
+    reason = "holds a store handle and channels"
+)]
 pub struct Watch {
     pub store: Arc<dyn EventStore>,
     pub customer: CustomerId,
@@ -125,7 +128,9 @@ impl Watch {
             }
         }
         let caught_up = v1::WatchTimelineResponse {
-            event: Some(v1::watch_timeline_response::Event::CaughtUp(v1::CaughtUp {})),
+            event: Some(v1::watch_timeline_response::Event::CaughtUp(
+                v1::CaughtUp {},
+            )),
             cursor: encode_cursor(&self.customer, durable.max(self.after)),
             late: false,
         };

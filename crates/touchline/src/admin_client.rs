@@ -36,10 +36,9 @@ pub fn replay_start(text: &str) -> anyhow::Result<v1::replay_request::From> {
         format!("--from {text:?} is neither \"earliest\", an offset nor an RFC 3339 instant")
     })?;
     let (seconds, nanos) = instant.to_parts();
-    Ok(v1::replay_request::From::Timestamp(prost_types::Timestamp {
-        seconds,
-        nanos,
-    }))
+    Ok(v1::replay_request::From::Timestamp(
+        prost_types::Timestamp { seconds, nanos },
+    ))
 }
 
 fn version_state(state: i32) -> &'static str {
@@ -114,7 +113,10 @@ pub async fn print_status(endpoint: &str, token: &str) -> anyhow::Result<()> {
         );
     }
     println!();
-    println!("{:<10} {:>7}  {:<28} last rebuild", "projection", "active", "versions");
+    println!(
+        "{:<10} {:>7}  {:<28} last rebuild",
+        "projection", "active", "versions"
+    );
     for projection in &status.projections {
         let versions: Vec<String> = projection
             .versions
@@ -148,7 +150,12 @@ pub async fn print_status(endpoint: &str, token: &str) -> anyhow::Result<()> {
 ///
 /// # Errors
 /// When the server refuses, the stream breaks or the rebuild fails or is cancelled.
-pub async fn rebuild(endpoint: &str, token: &str, projection: &str, cancel: bool) -> anyhow::Result<()> {
+pub async fn rebuild(
+    endpoint: &str,
+    token: &str,
+    projection: &str,
+    cancel: bool,
+) -> anyhow::Result<()> {
     let mut client = admin_client(endpoint).await?;
     if cancel {
         let progress = client
@@ -188,7 +195,10 @@ pub async fn rebuild(endpoint: &str, token: &str, projection: &str, cancel: bool
     while let Some(progress) = stream.next().await {
         let progress = progress?;
         if last.is_none() {
-            bar.set_message(format!("rebuilding {} v{}", progress.projection, progress.version));
+            bar.set_message(format!(
+                "rebuilding {} v{}",
+                progress.projection, progress.version
+            ));
         }
         bar.set_length(progress.total);
         bar.set_position(progress.done);
@@ -242,10 +252,10 @@ pub async fn replay(
         )?)
         .await?
         .into_inner();
-    let mut last = None;
+    let mut last: Option<v1::ReplayProgress> = None;
     while let Some(progress) = stream.next().await {
         let progress = progress?;
-        if last.is_none() {
+        if last.as_ref().is_none_or(|last| last.ranges.is_empty()) {
             for range in &progress.ranges {
                 println!(
                     "partition {}: offsets {}..{}",
@@ -310,7 +320,11 @@ fn print_dead_letter(dead_letter: &v1::DeadLetter) {
 ///
 /// # Errors
 /// When the server refuses the call.
-pub async fn dead_letters(endpoint: &str, token: &str, action: DeadLetterAction) -> anyhow::Result<()> {
+pub async fn dead_letters(
+    endpoint: &str,
+    token: &str,
+    action: DeadLetterAction,
+) -> anyhow::Result<()> {
     let mut client = admin_client(endpoint).await?;
     match action {
         DeadLetterAction::List { after, limit } => {
@@ -327,7 +341,11 @@ pub async fn dead_letters(endpoint: &str, token: &str, action: DeadLetterAction)
             for dead_letter in &listed.dead_letters {
                 print_dead_letter(dead_letter);
             }
-            println!("({} shown, {} in the store)", listed.dead_letters.len(), listed.total);
+            println!(
+                "({} shown, {} in the store)",
+                listed.dead_letters.len(),
+                listed.total
+            );
         }
         DeadLetterAction::Requeue { id } => {
             let requeued = client
@@ -335,7 +353,10 @@ pub async fn dead_letters(endpoint: &str, token: &str, action: DeadLetterAction)
                 .await?
                 .into_inner();
             if requeued.appended {
-                println!("dead letter {id} appended to the log as event {}", requeued.sequence);
+                println!(
+                    "dead letter {id} appended to the log as event {}",
+                    requeued.sequence
+                );
             } else {
                 println!("dead letter {id} decodes, and its event was already in the log; removed");
             }
@@ -361,7 +382,10 @@ pub async fn verify(endpoint: &str, token: &str) -> anyhow::Result<()> {
         .await?
         .into_inner();
     println!("at log event {}", verified.log_events);
-    println!("{:<10} {:>7} {:<9} {:>10}  sha256", "table", "version", "state", "entries");
+    println!(
+        "{:<10} {:>7} {:<9} {:>10}  sha256",
+        "table", "version", "state", "entries"
+    );
     for checksum in &verified.checksums {
         println!(
             "{:<10} {:>7} {:<9} {:>10}  {}",
@@ -415,7 +439,10 @@ pub async fn watch(endpoint: &str, customer_id: String, mut cursor: String) -> a
         };
         match ended {
             Some(status) if matches!(status.code(), Code::Aborted | Code::Unavailable) => {
-                eprintln!("watch interrupted ({}); resuming from the last cursor", status.message());
+                eprintln!(
+                    "watch interrupted ({}); resuming from the last cursor",
+                    status.message()
+                );
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
             Some(status) => return Err(status.into()),

@@ -214,6 +214,9 @@ pub struct ProjectorConfig {
     pub partitions: Vec<i32>,
     /// The most records applied in one atomic store write.
     pub max_batch: usize,
+    /// Log events a rebuild folds per atomic batch. Smaller batches hold the store's writer for
+    /// less time when a rebuild catches up; larger ones rebuild faster.
+    pub rebuild_batch: usize,
 }
 
 impl Default for ProjectorConfig {
@@ -222,6 +225,7 @@ impl Default for ProjectorConfig {
             enabled: true,
             partitions: Vec::new(),
             max_batch: 1000,
+            rebuild_batch: touchline_projection::ops::REBUILD_CHUNK,
         }
     }
 }

@@ -208,7 +208,11 @@ fn init_tracing(config: &Config) {
         .with_writer(std::io::stderr);
     match config.log.format {
         LogFormat::Text => logs.init(),
-        LogFormat::Json => logs.json().flatten_event(true).with_current_span(false).init(),
+        LogFormat::Json => logs
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .init(),
     }
 }
 
@@ -391,8 +395,13 @@ async fn main() -> anyhow::Result<()> {
             admin,
         } => {
             let from = admin_client::replay_start(&from)?;
-            admin_client::replay(&admin.endpoint.endpoint, &admin.admin_token, from, partitions)
-                .await
+            admin_client::replay(
+                &admin.endpoint.endpoint,
+                &admin.admin_token,
+                from,
+                partitions,
+            )
+            .await
         }
         Command::DeadLetters { action, admin } => {
             let action = action.unwrap_or(DeadLetterAction::List {

@@ -149,9 +149,7 @@ async fn scrape(exporter: Arc<Exporter>) -> axum::response::Response {
             text,
         )
             .into_response(),
-        Ok(Err(error)) => {
-            (StatusCode::INTERNAL_SERVER_ERROR, error.to_string()).into_response()
-        }
+        Ok(Err(error)) => (StatusCode::INTERNAL_SERVER_ERROR, error.to_string()).into_response(),
         Err(error) => (StatusCode::INTERNAL_SERVER_ERROR, error.to_string()).into_response(),
     }
 }

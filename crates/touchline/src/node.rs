@@ -10,9 +10,9 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
-use touchline_core::EventStore;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
+use touchline_core::EventStore;
 use touchline_ingest::{Durability, IngestService, PartnerDirectory, Publisher};
 use touchline_kafka::EmbeddedBroker;
 use touchline_projection::ops::{KafkaProbe, Rebuilds};
@@ -133,7 +133,10 @@ impl Node {
                     warn!("admin.token-sha256 is empty: every AdminService call will be refused");
                 }
             }
-            let node_rebuilds = Arc::new(Rebuilds::new(Arc::clone(&opened)));
+            let node_rebuilds = Arc::new(Rebuilds::new(
+                Arc::clone(&opened),
+                config.projector.rebuild_batch,
+            ));
             admin = Some(AdminService::new(
                 AdminContext {
                     store: Arc::clone(&opened),

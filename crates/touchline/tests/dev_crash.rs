@@ -19,7 +19,14 @@ const TOKEN: &str = "dev-token-swift-courier";
 /// Starts `touchline dev` on a free port and returns it with its endpoint, read from its banner.
 async fn start_dev(data_dir: &std::path::Path) -> anyhow::Result<(Child, String)> {
     let mut child = Command::new(env!("CARGO_BIN_EXE_touchline"))
-        .args(["dev", "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--data-dir"])
+        .args([
+            "dev",
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--data-dir",
+        ])
         .arg(data_dir)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
