@@ -497,7 +497,7 @@ impl SledStore {
                 }
                 let versions = versions.clone();
                 self.meta
-                    .insert_now(&projection.meta_key(), encode(&versions)?)
+                    .insert_now(projection.meta_key(), encode(&versions)?)
                     .map_err(backend)?;
                 versions.dropping
             };
@@ -856,7 +856,7 @@ impl SledStore {
             .clear(DROP_CHUNK)
             .map_err(backend)?;
         self.meta
-            .insert_now(&projection.meta_key(), encode(&updated)?)
+            .insert_now(projection.meta_key(), encode(&updated)?)
             .map_err(backend)?;
         *versions = updated;
         Ok((version, log_len))
@@ -948,7 +948,7 @@ impl SledStore {
             updated.building = None;
             updated.dropping.push(version);
             self.meta
-                .insert_now(&projection.meta_key(), encode(&updated)?)
+                .insert_now(projection.meta_key(), encode(&updated)?)
                 .map_err(backend)?;
             *versions = updated;
         }
@@ -1035,7 +1035,7 @@ impl SledStore {
         let mut updated = versions.clone();
         updated.dropping.retain(|dropping| *dropping != version);
         self.meta
-            .insert_now(&projection.meta_key(), encode(&updated)?)
+            .insert_now(projection.meta_key(), encode(&updated)?)
             .map_err(backend)?;
         *versions = updated;
         Ok(())

@@ -1,6 +1,9 @@
-//! `touchline dev` killed with SIGKILL in the middle of a stream of publishes: after a restart on
-//! the same data folder, every acknowledged event is in the timeline exactly once. The embedded
-//! broker loses everything at the kill; the local event log must not.
+//! The `touchline dev` process, stopped the hard way and the polite way. Killed with SIGKILL in the
+//! middle of a stream of publishes: after a restart on the same data folder, every acknowledged
+//! event is in the timeline exactly once (the embedded broker loses everything at the kill; the
+//! local event log must not). Sent SIGTERM under load: it drains, flushes, exits 0, and loses
+//! nothing acknowledged. Killed in the middle of a projection rebuild: the old version is still
+//! active and intact after the restart, and a new rebuild runs cleanly.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::process::Stdio;
@@ -10,6 +13,7 @@ use anyhow::Context as _;
 use tokio::io::{AsyncBufReadExt as _, BufReader};
 use tokio::process::{Child, Command};
 use touchline_proto::v1;
+use touchline_proto::v1::admin_service_client::AdminServiceClient;
 use touchline_proto::v1::ingest_service_client::IngestServiceClient;
 use touchline_proto::v1::timeline_service_client::TimelineServiceClient;
 
@@ -18,6 +22,14 @@ const TOKEN: &str = "dev-token-swift-courier";
 
 /// Starts `touchline dev` on a free port and returns it with its endpoint, read from its banner.
 async fn start_dev(data_dir: &std::path::Path) -> anyhow::Result<(Child, String)> {
+    start_dev_with(data_dir, &[]).await
+}
+
+/// Starts `touchline dev` with extra environment variables.
+async fn start_dev_with(
+    data_dir: &std::path::Path,
+    env: &[(&str, &str)],
+) -> anyhow::Result<(Child, String)> {
     let mut child = Command::new(env!("CARGO_BIN_EXE_touchline"))
         .args([
             "dev",
@@ -28,6 +40,7 @@ async fn start_dev(data_dir: &std::path::Path) -> anyhow::Result<(Child, String)
             "--data-dir",
         ])
         .arg(data_dir)
+        .envs(env.iter().copied())
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -72,14 +85,16 @@ fn authorized<T>(message: T) -> tonic::Request<T> {
     request
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigkill_of_dev_loses_no_acknowledged_event() -> anyhow::Result<()> {
-    let dir = tempfile::tempdir()?;
-    let (mut child, endpoint) = start_dev(dir.path()).await?;
-    let ingest = IngestServiceClient::connect(endpoint.clone()).await?;
+/// Acknowledged event ids per customer.
+type Acked = BTreeMap<String, BTreeSet<String>>;
 
-    // Four partners' worth of concurrent publishers, each sending batches one after another until
-    // a call fails; the process is killed once some batches are acknowledged, with others in flight.
+/// Four publishers send batches one after another until a call fails; `stop` is called once 100
+/// events are acknowledged (with other batches in flight). Returns what was acknowledged.
+async fn publish_until_stopped(
+    endpoint: &str,
+    stop: impl FnOnce() -> anyhow::Result<()>,
+) -> anyhow::Result<Acked> {
+    let ingest = IngestServiceClient::connect(endpoint.to_owned()).await?;
     let (results, mut answers) = tokio::sync::mpsc::channel(64);
     for worker in 0..4 {
         let mut client = ingest.clone();
@@ -102,9 +117,9 @@ async fn sigkill_of_dev_loses_no_acknowledged_event() -> anyhow::Result<()> {
         });
     }
     drop(results);
-    let mut acked = BTreeMap::<String, BTreeSet<String>>::new();
+    let mut acked = Acked::new();
     let mut acked_count = 0;
-    let mut killed = false;
+    let mut stop = Some(stop);
     while let Some((events, response)) = answers.recv().await {
         let Ok(response) = response else { continue };
         for (event, result) in events.iter().zip(&response.into_inner().results) {
@@ -116,18 +131,20 @@ async fn sigkill_of_dev_loses_no_acknowledged_event() -> anyhow::Result<()> {
                 acked_count += 1;
             }
         }
-        if acked_count >= 100 && !killed {
-            child.start_kill()?;
-            killed = true;
+        if acked_count >= 100
+            && let Some(stop) = stop.take()
+        {
+            stop()?;
         }
     }
-    assert!(killed, "the process was killed mid-stream");
-    child.wait().await?;
-    drop(ingest);
+    anyhow::ensure!(stop.is_none(), "the process was stopped mid-stream");
+    Ok(acked)
+}
 
-    let (mut child, endpoint) = start_dev(dir.path()).await?;
-    let mut timeline = TimelineServiceClient::connect(endpoint).await?;
-    for (customer, expected) in &acked {
+/// Every acknowledged event is in its customer's timeline, once.
+async fn assert_all_there_once(endpoint: &str, acked: &Acked) -> anyhow::Result<()> {
+    let mut timeline = TimelineServiceClient::connect(endpoint.to_owned()).await?;
+    for (customer, expected) in acked {
         let entries = timeline
             .get_timeline(v1::GetTimelineRequest {
                 customer_id: customer.clone(),
@@ -149,9 +166,138 @@ async fn sigkill_of_dev_loses_no_acknowledged_event() -> anyhow::Result<()> {
         );
         assert!(
             unique.is_superset(expected),
-            "customer {customer}: every acknowledged event survived the kill"
+            "customer {customer}: every acknowledged event survived"
         );
     }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_of_dev_loses_no_acknowledged_event() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (mut child, endpoint) = start_dev(dir.path()).await?;
+    let acked = publish_until_stopped(&endpoint, || Ok(child.start_kill()?)).await?;
+    child.wait().await?;
+
+    let (mut child, endpoint) = start_dev(dir.path()).await?;
+    assert_all_there_once(&endpoint, &acked).await?;
+    child.start_kill()?;
+    child.wait().await?;
+    Ok(())
+}
+
+/// Sends SIGTERM (through kill(1): the crate forbids unsafe code).
+fn terminate(child: &Child) -> anyhow::Result<()> {
+    let pid = child.id().context("the process is running")?;
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()?;
+    anyhow::ensure!(status.success(), "kill -TERM {pid} failed");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_under_load_drains_flushes_and_loses_nothing_acknowledged() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (mut child, endpoint) = start_dev(dir.path()).await?;
+    let acked = publish_until_stopped(&endpoint, || terminate(&child)).await?;
+    let status = tokio::time::timeout(DEADLINE, child.wait())
+        .await
+        .context("touchline dev did not stop after SIGTERM")??;
+    assert!(status.success(), "a graceful shutdown exits 0: {status:?}");
+
+    let (mut child, endpoint) = start_dev(dir.path()).await?;
+    assert_all_there_once(&endpoint, &acked).await?;
+    child.start_kill()?;
+    child.wait().await?;
+    Ok(())
+}
+
+fn admin<T>(message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.metadata_mut().insert(
+        "authorization",
+        "Bearer dev-admin-token".parse().expect("valid header"),
+    );
+    request
+}
+
+async fn active_checksums(endpoint: &str) -> anyhow::Result<Vec<(String, u32, u64, String)>> {
+    let verified = AdminServiceClient::connect(endpoint.to_owned())
+        .await?
+        .verify_projections(admin(v1::VerifyProjectionsRequest {}))
+        .await?
+        .into_inner();
+    Ok(verified
+        .checksums
+        .into_iter()
+        .map(|c| (c.name, c.version, c.entries, c.sha256))
+        .collect())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kill_during_a_rebuild_leaves_the_old_version_active_and_intact() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    // One log event per rebuild step: the rebuild is still running when the kill lands.
+    let slow_rebuild = [("TOUCHLINE_PROJECTOR__REBUILD_BATCH", "1")];
+    let (mut child, endpoint) = start_dev_with(dir.path(), &slow_rebuild).await?;
+    let mut ingest = IngestServiceClient::connect(endpoint.clone()).await?;
+    for batch in 0..4 {
+        let events: Vec<_> = (batch * 500..(batch + 1) * 500).map(event).collect();
+        ingest
+            .publish(authorized(v1::PublishRequest {
+                events,
+                batch_id: String::new(),
+            }))
+            .await?;
+    }
+    let before = active_checksums(&endpoint).await?;
+    assert_eq!(before[0].2, 2000, "every event is in the log: {before:?}");
+
+    let mut progress = AdminServiceClient::connect(endpoint.clone())
+        .await?
+        .rebuild_projection(admin(v1::RebuildProjectionRequest {
+            projection: "timeline".to_owned(),
+        }))
+        .await?
+        .into_inner();
+    let first = tokio::time::timeout(DEADLINE, progress.message())
+        .await??
+        .context("progress")?;
+    assert_eq!(first.state, v1::RebuildState::Running as i32);
+    assert!(first.done < first.total, "{first:?}");
+    child.start_kill()?;
+    child.wait().await?;
+
+    let (mut child, endpoint) = start_dev_with(dir.path(), &slow_rebuild).await?;
+    assert_eq!(
+        active_checksums(&endpoint).await?,
+        before,
+        "the old version is active and intact; the half-built one is gone"
+    );
+    let mut progress = AdminServiceClient::connect(endpoint.clone())
+        .await?
+        .rebuild_projection(admin(v1::RebuildProjectionRequest {
+            projection: "timeline".to_owned(),
+        }))
+        .await?
+        .into_inner();
+    let mut last = None;
+    while let Some(message) = tokio::time::timeout(DEADLINE, progress.message()).await?? {
+        last = Some(message);
+    }
+    let last = last.context("progress")?;
+    assert_eq!(last.state, v1::RebuildState::Switched as i32, "{last:?}");
+    let after: Vec<_> = active_checksums(&endpoint)
+        .await?
+        .into_iter()
+        .map(|(name, _, entries, sha)| (name, entries, sha))
+        .collect();
+    let expected: Vec<_> = before
+        .into_iter()
+        .map(|(name, _, entries, sha)| (name, entries, sha))
+        .collect();
+    assert_eq!(after, expected, "the new rebuild equals the old version");
     child.start_kill()?;
     child.wait().await?;
     Ok(())
