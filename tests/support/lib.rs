@@ -218,6 +218,43 @@ pub async fn admin_client(
     )
 }
 
+/// Polls the node's gRPC health service until `service` reports `serving` (or not).
+///
+/// # Errors
+/// When the deadline passes first.
+pub async fn wait_for_health(node: &Node, service: &str, serving: bool) -> anyhow::Result<()> {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_check_response::ServingStatus;
+    let channel = Channel::from_shared(node.endpoint())?.connect().await?;
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let wanted = if serving {
+        ServingStatus::Serving
+    } else {
+        ServingStatus::NotServing
+    } as i32;
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    let mut poll = tokio::time::interval(Duration::from_millis(50));
+    loop {
+        poll.tick().await;
+        let answer = health
+            .check(HealthCheckRequest {
+                service: service.to_owned(),
+            })
+            .await;
+        if answer
+            .as_ref()
+            .is_ok_and(|answer| answer.get_ref().status == wanted)
+        {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "health of {service:?} never became {}: {answer:?}",
+            if serving { "SERVING" } else { "NOT_SERVING" }
+        );
+    }
+}
+
 /// A connected timeline client.
 ///
 /// # Errors

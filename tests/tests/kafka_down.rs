@@ -82,6 +82,8 @@ async fn with_the_broker_down_publishes_fail_fast_and_recover_afterwards() -> an
         }
     }
     assert!(failures >= 2, "publishes fail while the broker is down");
+    touchline_tests::wait_for_health(&node, "touchline.v1.IngestService", false).await?;
+    touchline_tests::wait_for_health(&node, "", false).await?;
 
     mock.broker_up()?;
     // The partner resends until acknowledged; ingest recovers without a restart.
@@ -113,6 +115,8 @@ async fn with_the_broker_down_publishes_fail_fast_and_recover_afterwards() -> an
         }
     }
     assert!(recovered, "ingest recovered after the broker returned");
+    touchline_tests::wait_for_health(&node, "touchline.v1.IngestService", true).await?;
+    touchline_tests::wait_for_health(&node, "", true).await?;
 
     let mut timeline = timeline_client(&node).await?;
     let entries = wait_for_timeline(&mut timeline, "hana", acked.len()).await?;

@@ -4,7 +4,6 @@
 //! that resume from a cursor; health, reflection and `/metrics`.
 
 use std::collections::BTreeSet;
-use std::time::Duration;
 
 use futures::StreamExt as _;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -12,9 +11,31 @@ use tonic::Code;
 use touchline_proto::v1::{self, JourneyStage};
 use touchline_tests::{
     ADMIN_TOKEN, COURIER, DEADLINE, admin_client, authorized, error_reason, ingest_client, publish,
-    start_broker, start_node, start_node_with, timeline_client, touchpoint, wait_for_timeline,
-    wait_until,
+    start_broker, start_node, start_node_with, timeline_client, touchpoint, wait_for_health,
+    wait_for_timeline, wait_until,
 };
+
+async fn replay_to_end(
+    admin: &mut v1::admin_service_client::AdminServiceClient<tonic::transport::Channel>,
+    from: v1::replay_request::From,
+    partitions: Vec<i32>,
+) -> anyhow::Result<v1::ReplayProgress> {
+    let mut stream = admin
+        .replay(authorized(
+            v1::ReplayRequest {
+                from: Some(from),
+                partitions,
+            },
+            ADMIN_TOKEN,
+        ))
+        .await?
+        .into_inner();
+    let mut last = None;
+    while let Some(progress) = tokio::time::timeout(DEADLINE, stream.next()).await? {
+        last = Some(progress?);
+    }
+    last.ok_or_else(|| anyhow::anyhow!("no progress"))
+}
 
 fn checksums(verified: &v1::VerifyProjectionsResponse) -> Vec<(String, u64, String)> {
     verified
@@ -330,6 +351,45 @@ async fn replay_restores_nothing_twice_and_dead_letters_can_be_listed_and_discar
     assert_eq!(store.log_len(), 30, "a replay appends nothing the log has");
     assert_eq!(store.dead_letter_count(), 1, "a dead letter is kept once");
 
+    // From an offset, on one partition; from a timestamp after every record: nothing to read.
+    let partition = last
+        .ranges
+        .iter()
+        .find(|r| r.end_offset > 2)
+        .expect("a partition with records");
+    let from_offset = replay_to_end(
+        &mut admin,
+        v1::replay_request::From::Offset(2),
+        vec![partition.partition],
+    )
+    .await?;
+    assert!(from_offset.finished);
+    assert_eq!(
+        from_offset
+            .ranges
+            .iter()
+            .map(|r| (r.partition, r.start_offset))
+            .collect::<Vec<_>>(),
+        [(partition.partition, 2)]
+    );
+    assert_eq!(
+        from_offset.read,
+        u64::try_from(partition.end_offset - 2)?,
+        "{from_offset:?}"
+    );
+    let later = prost_types::Timestamp {
+        seconds: 4_000_000_000,
+        nanos: 0,
+    };
+    let from_time = replay_to_end(
+        &mut admin,
+        v1::replay_request::From::Timestamp(later),
+        Vec::new(),
+    )
+    .await?;
+    assert!(from_time.finished);
+    assert_eq!(from_time.read, 0, "{from_time:?}");
+
     let listed = admin
         .list_dead_letters(authorized(
             v1::ListDeadLettersRequest::default(),
@@ -500,8 +560,6 @@ async fn http_get(addr: std::net::SocketAddr, path: &str) -> anyhow::Result<Stri
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_reflection_and_metrics_describe_the_node() -> anyhow::Result<()> {
-    use tonic_health::pb::health_check_response::ServingStatus;
-    use tonic_health::pb::health_client::HealthClient;
     use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
     use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
     use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
@@ -537,36 +595,13 @@ async fn health_reflection_and_metrics_describe_the_node() -> anyhow::Result<()>
     assert_eq!(rejected.rejected, 1);
 
     // Health: every service SERVING once the first probe ran.
-    let mut health = HealthClient::new(
-        tonic::transport::Channel::from_shared(node.endpoint())?
-            .connect()
-            .await?,
-    );
     for service in [
         "",
         "touchline.v1.IngestService",
         "touchline.v1.TimelineService",
         "touchline.v1.AdminService",
     ] {
-        let deadline = tokio::time::Instant::now() + DEADLINE;
-        loop {
-            let answer = health
-                .check(tonic_health::pb::HealthCheckRequest {
-                    service: service.to_owned(),
-                })
-                .await;
-            if answer
-                .as_ref()
-                .is_ok_and(|a| a.get_ref().status == ServingStatus::Serving as i32)
-            {
-                break;
-            }
-            anyhow::ensure!(
-                tokio::time::Instant::now() < deadline,
-                "{service:?} never SERVING: {answer:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        wait_for_health(&node, service, true).await?;
     }
 
     // Reflection lists every service, as grpcurl would see them.

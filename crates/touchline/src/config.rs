@@ -379,25 +379,33 @@ mod tests {
     }
 
     #[test]
+    #[allow(
+        clippy::result_large_err,
+        reason = "figment::Jail fixes the closure type"
+    )]
     fn files_are_layered_over_defaults() {
-        let file = tempfile::NamedTempFile::new().expect("temp file");
-        std::fs::write(
-            file.path(),
-            "[kafka]\nbootstrap-servers = \"broker:9092\"\n[kafka.properties]\n\"security.protocol\" = \"ssl\"\n[projector]\nenabled = true\npartitions = [0, 1]\n",
-        )
-        .expect("writes");
-        let config = Config::load(Some(file.path())).expect("loads");
-        assert_eq!(config.kafka.bootstrap_servers, "broker:9092");
-        assert_eq!(
-            config
-                .kafka
-                .properties
-                .get("security.protocol")
-                .map(String::as_str),
-            Some("ssl")
-        );
-        assert_eq!(config.projector.partitions, vec![0, 1]);
-        assert_eq!(config.kafka.topic, KafkaOptions::default().topic);
+        // In a jail: another test sets TOUCHLINE_* variables, which must not leak in here.
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "touchline.toml",
+                "[kafka]\nbootstrap-servers = \"broker:9092\"\n[kafka.properties]\n\"security.protocol\" = \"ssl\"\n[projector]\nenabled = true\npartitions = [0, 1]\n[log]\nformat = \"json\"\n",
+            )?;
+            let config = Config::load(Some(Path::new("touchline.toml")))
+                .map_err(|error| error.to_string())?;
+            assert_eq!(config.kafka.bootstrap_servers, "broker:9092");
+            assert_eq!(
+                config
+                    .kafka
+                    .properties
+                    .get("security.protocol")
+                    .map(String::as_str),
+                Some("ssl")
+            );
+            assert_eq!(config.projector.partitions, vec![0, 1]);
+            assert_eq!(config.kafka.topic, KafkaOptions::default().topic);
+            assert_eq!(config.log.format, LogFormat::Json);
+            Ok(())
+        });
     }
 
     #[test]
@@ -415,10 +423,16 @@ mod tests {
             jail.set_env("TOUCHLINE_INGEST__MAX_BATCH_EVENTS", "10");
             jail.set_env("TOUCHLINE_CONFIG", "touchline.toml");
             jail.set_env("TOUCHLINE_TOKEN", "a-partner-token");
+            jail.set_env("TOUCHLINE_ADMIN_TOKEN", "an-admin-token");
+            jail.set_env("TOUCHLINE_METRICS__LISTEN", "0.0.0.0:9100");
             let config = Config::load(Some(Path::new("touchline.toml")))
                 .map_err(|error| error.to_string())?;
             assert_eq!(config.kafka.bootstrap_servers, "from-env:9092");
             assert_eq!(config.ingest.max_batch_events, 10);
+            assert_eq!(
+                config.metrics.listen,
+                Some(SocketAddr::from(([0, 0, 0, 0], 9100)))
+            );
             Ok(())
         });
     }
