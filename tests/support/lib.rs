@@ -136,7 +136,7 @@ pub async fn start_broker() -> TestBroker {
 pub fn config(broker: &TestBroker, dir: &std::path::Path) -> Config {
     let mut config = Config::default();
     config.server.listen = "127.0.0.1:0".parse().expect("valid address");
-    config.metrics.listen = Some("127.0.0.1:0".parse().expect("valid address"));
+    config.metrics.listen = "127.0.0.1:0".parse().expect("valid address");
     config.admin.token_sha256 = vec![touchline_ingest::hash_token(ADMIN_TOKEN)];
     config.kafka.bootstrap_servers = broker.bootstrap_servers().to_owned();
     config.kafka.topic = broker.topic().to_owned();

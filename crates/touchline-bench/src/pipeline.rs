@@ -31,6 +31,41 @@ pub struct Shape {
 
 const BASE_SECONDS: i64 = 1_760_000_000;
 
+/// The admin token of the bench's nodes.
+const ADMIN_TOKEN: &str = "bench-admin-token";
+
+/// Rebuilds the timeline projection of `node` through the admin API, as ops would; returns the
+/// events folded per second, from the start to the new version being active and the old one
+/// dropped.
+///
+/// # Errors
+/// When the call fails or the rebuild does not switch.
+pub async fn rebuild(node: &Node) -> anyhow::Result<(u64, f64)> {
+    use futures::StreamExt as _;
+    let mut admin = v1::admin_service_client::AdminServiceClient::connect(node.endpoint()).await?;
+    let mut request = tonic::Request::new(v1::RebuildProjectionRequest {
+        projection: "timeline".to_owned(),
+    });
+    request
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {ADMIN_TOKEN}").parse()?);
+    let started = Instant::now();
+    let mut progress = admin.rebuild_projection(request).await?.into_inner();
+    let mut last = None;
+    while let Some(message) = progress.next().await {
+        last = Some(message?);
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let last = last.ok_or_else(|| anyhow::anyhow!("no rebuild progress"))?;
+    anyhow::ensure!(
+        last.state == v1::RebuildState::Switched as i32,
+        "the rebuild did not switch: {last:?}"
+    );
+    #[allow(clippy::cast_precision_loss, reason = "a rate")]
+    let rate = last.done as f64 / elapsed.max(1e-9);
+    Ok((last.done, rate))
+}
+
 fn token(client: usize) -> String {
     format!("bench-token-{client}")
 }
@@ -47,12 +82,13 @@ pub async fn start_node(
 ) -> anyhow::Result<Node> {
     let mut config = Config::default();
     config.server.listen = "127.0.0.1:0".parse()?;
-    config.metrics.listen = None;
+    config.metrics.enabled = false;
     config.kafka.bootstrap_servers = bootstrap.to_owned();
     config.kafka.topic = topic.to_owned();
     config.store.path = dir.join("store");
     config.ingest.rate_per_second = None;
     config.ingest.max_streams_per_partner = 4;
+    config.admin.token_sha256 = vec![touchline_ingest::hash_token(ADMIN_TOKEN)];
     let tokens: Vec<String> = (0..clients).map(token).collect();
     let registry =
         PartnerRegistry::from_tokens(tokens.iter().enumerate().map(|(client, token)| {

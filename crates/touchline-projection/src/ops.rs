@@ -422,6 +422,13 @@ pub async fn replay(
                     let Some(end) = open.get(&partition).copied() else {
                         continue;
                     };
+                    if ranges
+                        .get(&partition)
+                        .is_some_and(|(start, _)| message.offset() < *start)
+                    {
+                        // Read from the oldest record, skipped up to the start (see plan_replay).
+                        continue;
+                    }
                     // Records past the end that arrive with the same fetch are applied too: some
                     // brokers (Tansu 0.6) report the base offset of the last batch + 1 as the
                     // high watermark, and re-reading is harmless.
@@ -530,7 +537,10 @@ fn plan_replay(
             },
         };
         ranges.insert(partition, (start, high));
-        assignment.add_partition_offset(topic, partition, Offset::Offset(start))?;
+        // Fetch from the oldest record and skip to the start: some brokers (Tansu 0.6) cannot
+        // fetch from the middle of a record batch and would silently skip the rest of it. A
+        // replay is rare; reading more than needed is the price of losing nothing.
+        assignment.add_partition_offset(topic, partition, Offset::Offset(low.min(start)))?;
     }
     Ok((
         StreamIdentity {

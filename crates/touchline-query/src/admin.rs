@@ -420,6 +420,19 @@ impl v1::admin_service_server::AdminService for AdminService {
         self.check(&request)?;
         let request = request.into_inner();
         let from = replay_from(request.from)?;
+        let owned = &self.context.partitions;
+        if let Some(partition) = request.partitions.iter().find(|p| !owned.contains(p)) {
+            return Err(rejected(
+                Code::InvalidArgument,
+                "UNKNOWN_PARTITION",
+                format!("this node does not own partition {partition} (it owns {owned:?})"),
+            ));
+        }
+        let partitions = if request.partitions.is_empty() {
+            owned.clone()
+        } else {
+            request.partitions
+        };
         if self
             .replay_running
             .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
@@ -459,7 +472,7 @@ impl v1::admin_service_server::AdminService for AdminService {
                 &context.kafka,
                 Arc::clone(&context.store),
                 from,
-                &request.partitions,
+                &partitions,
                 &sender,
                 &context.shutdown,
             )

@@ -209,7 +209,7 @@ fn shutting_down() -> Status {
     details.set_error_info("SHUTTING_DOWN", ERROR_DOMAIN, []);
     Status::with_error_details(
         tonic::Code::Unavailable,
-        "the server is shutting down; resume from the last cursor on another node or later",
+        "the server is shutting down; resume from the last cursor once it is back",
         details,
     )
 }

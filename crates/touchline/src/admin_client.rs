@@ -424,10 +424,10 @@ pub async fn watch(endpoint: &str, customer_id: String, mut cursor: String) -> a
                     match &message.event {
                         Some(v1::watch_timeline_response::Event::Entry(entry)) => {
                             let marker = if message.late { "late " } else { "" };
-                            println!("{marker}{}", format_entry(entry));
+                            println!("{marker}{}  cursor={}", format_entry(entry), message.cursor);
                         }
                         Some(v1::watch_timeline_response::Event::CaughtUp(_)) => {
-                            println!("-- caught up; live from here --");
+                            println!("-- caught up; live from here -- cursor={}", message.cursor);
                         }
                         None => {}
                     }

@@ -46,14 +46,17 @@ pub struct AdminConfig {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
 pub struct MetricsConfig {
-    /// Where `GET /metrics` is served (plain HTTP). Remove the key to serve no metrics.
-    pub listen: Option<SocketAddr>,
+    /// Serve `GET /metrics`.
+    pub enabled: bool,
+    /// Where `/metrics` is served (plain HTTP). Port 0 picks a free port.
+    pub listen: SocketAddr,
 }
 
 impl Default for MetricsConfig {
     fn default() -> Self {
         Self {
-            listen: Some(SocketAddr::from(([127, 0, 0, 1], DEFAULT_METRICS_PORT))),
+            enabled: true,
+            listen: SocketAddr::from(([127, 0, 0, 1], DEFAULT_METRICS_PORT)),
         }
     }
 }
@@ -113,7 +116,7 @@ pub struct IngestConfig {
     /// partner are bounded separately, to 64 batches).
     pub stream_window_events: usize,
     /// Events per second per partner (token bucket); a partner's `rate-per-second` overrides it.
-    /// Remove the key for no limit.
+    /// 0 means no limit.
     pub rate_per_second: Option<f64>,
     /// Bucket size: how many events a partner may send at once after being idle.
     pub burst: f64,
@@ -153,7 +156,7 @@ impl IngestConfig {
             limits: self.limits.limits(),
             max_message_bytes: self.max_message_bytes,
             stream_window_events: self.stream_window_events,
-            rate_per_second: self.rate_per_second,
+            rate_per_second: self.rate_per_second.filter(|rate| *rate > 0.0),
             burst: self.burst,
             max_streams_per_partner: self.max_streams_per_partner,
             max_in_flight_batches: self.max_in_flight_batches,
@@ -340,8 +343,8 @@ impl Config {
         );
         if let Some(rate) = self.ingest.rate_per_second {
             anyhow::ensure!(
-                rate.is_finite() && rate > 0.0,
-                "ingest.rate-per-second must be positive"
+                rate.is_finite() && rate >= 0.0,
+                "ingest.rate-per-second must be positive (or 0 for no limit)"
             );
         }
         anyhow::ensure!(
@@ -431,7 +434,7 @@ mod tests {
             assert_eq!(config.ingest.max_batch_events, 10);
             assert_eq!(
                 config.metrics.listen,
-                Some(SocketAddr::from(([0, 0, 0, 0], 9100)))
+                SocketAddr::from(([0, 0, 0, 0], 9100))
             );
             Ok(())
         });

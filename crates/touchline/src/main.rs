@@ -166,8 +166,8 @@ enum Command {
         #[command(flatten)]
         admin: Admin,
     },
-    /// Checksums of the log and of every projection version, to compare a rebuild with the
-    /// version it replaced, or two replicas.
+    /// Checksums of the log and of every projection version (taken at one point of the log), to
+    /// compare a rebuilt version with the one it replaced.
     Verify {
         #[command(flatten)]
         admin: Admin,
@@ -175,7 +175,7 @@ enum Command {
     /// Print a customer's timeline, then new entries live as they are projected.
     Watch {
         customer_id: String,
-        /// Resume after this cursor (printed by an earlier watch).
+        /// Resume after this cursor (the last `cursor=` an earlier watch printed).
         #[arg(long, default_value = "")]
         cursor: String,
         #[command(flatten)]
@@ -192,7 +192,7 @@ fn load_config(args: &NodeArgs) -> anyhow::Result<Config> {
         config.store.path.clone_from(data_dir);
     }
     if let Some(listen) = args.metrics_listen {
-        config.metrics.listen = Some(listen);
+        config.metrics.listen = listen;
     }
     if let Some(format) = args.log_format {
         config.log.format = format;

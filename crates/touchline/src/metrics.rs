@@ -54,6 +54,18 @@ fn build(admin: Option<AdminService>) -> Exporter {
     touchline_projection::metrics::register(&mut registry);
     touchline_query::metrics::register(&mut registry);
     let gauges = StatusGauges::default();
+    if admin.is_some() {
+        register_status(&mut registry, &gauges);
+    }
+    Exporter {
+        registry,
+        gauges,
+        admin,
+    }
+}
+
+/// The gauges read from the status: only on nodes that run the projector (they have one).
+fn register_status(registry: &mut Registry, gauges: &StatusGauges) {
     registry.register(
         "touchline_consumer_lag",
         "Records in the partition not yet durably projected (high watermark - projected offset)",
@@ -89,11 +101,6 @@ fn build(admin: Option<AdminService>) -> Exporter {
         "1 while the projector runs",
         gauges.projector_up.clone(),
     );
-    Exporter {
-        registry,
-        gauges,
-        admin,
-    }
 }
 
 impl Exporter {

@@ -206,7 +206,7 @@ impl Node {
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .build_v1alpha()?;
         let mut background = Vec::new();
-        let metrics_addr = match config.metrics.listen {
+        let metrics_addr = match config.metrics.enabled.then_some(config.metrics.listen) {
             Some(listen) => {
                 let (addr, task) =
                     crate::metrics::serve(listen, admin.clone(), background_shutdown.clone())
