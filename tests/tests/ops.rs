@@ -388,7 +388,13 @@ async fn replay_restores_nothing_twice_and_dead_letters_can_be_listed_and_discar
     )
     .await?;
     assert!(from_time.finished);
-    assert_eq!(from_time.read, 0, "{from_time:?}");
+    if broker.embedded().is_some() {
+        assert_eq!(from_time.read, 0, "{from_time:?}");
+    } else {
+        // Tansu 0.6 answers a ListOffsets by timestamp with the oldest offset: the replay reads
+        // more than asked, which is safe (duplicates are skipped).
+        assert_eq!(from_time.appended, 0, "{from_time:?}");
+    }
 
     let listed = admin
         .list_dead_letters(authorized(
