@@ -463,6 +463,12 @@ async fn a_watcher_gets_the_timeline_then_live_entries_and_resumes_from_its_curs
     };
     publish(&mut ingest, COURIER.1, vec![event("a", 10), event("b", 20)]).await?;
     wait_for_timeline(&mut timeline, "cust-w", 2).await?;
+    // The catch-up holds durable entries; applied ones not yet flushed come live after it.
+    let store = node.store().expect("projects").clone();
+    wait_until("both events to be durable", || {
+        touchline_core::EventStore::durable_sequence(&*store) >= 2
+    })
+    .await?;
 
     let mut watch = timeline
         .watch_timeline(v1::WatchTimelineRequest {

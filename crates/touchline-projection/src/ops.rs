@@ -25,6 +25,13 @@ use crate::{Error, OpsError, Projection, SledStore};
 /// Log events folded per atomic batch of a rebuild, unless configured otherwise.
 pub const REBUILD_CHUNK: usize = 2000;
 
+/// Rebuild rounds in a row without closing the gap to the log's end before the rebuild switches
+/// anyway (folding the gap while the projector waits).
+const MAX_ROUNDS_NOT_GAINING: u32 = 50;
+
+/// A replay that receives nothing for this long (the broker is gone) ends with an error.
+const REPLAY_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
 const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Where a rebuild stands.
@@ -108,6 +115,8 @@ impl Rebuilds {
         let mut jobs = self.jobs();
         if let Some(job) = jobs.get(&projection)
             && !job.progress.borrow().is_finished()
+            // A rebuild task that panicked never reports an end.
+            && !job.task.is_finished()
         {
             return Ok((job.progress.clone(), false));
         }
@@ -216,13 +225,25 @@ fn run_rebuild(
         });
     };
     let mut next = 1;
+    // Rounds in a row in which the projector appended as fast as the rebuild folded.
+    let mut not_gaining = 0;
+    let mut last_gap = u64::MAX;
     let result = loop {
         if cancel.is_cancelled() {
             break Err(None);
         }
         let end = u64::try_from(store.log_len()).unwrap_or(u64::MAX) + 1;
-        // Close to the end: the last chunk is folded under the writer, with the switch.
-        if end.saturating_sub(next) <= chunk as u64 {
+        let gap = end.saturating_sub(next);
+        if gap >= last_gap {
+            not_gaining += 1;
+        } else {
+            not_gaining = 0;
+        }
+        last_gap = gap;
+        // Close to the end: the rest is folded under the writer, with the switch. Under an
+        // ingest rate the rebuild cannot outrun, it switches anyway after a while: the projector
+        // then waits while the gap is folded.
+        if gap <= chunk as u64 || not_gaining >= MAX_ROUNDS_NOT_GAINING {
             break store
                 .finish_rebuild(projection, version, next)
                 .map_err(Some);
@@ -408,9 +429,18 @@ pub async fn replay(
     progress.send_replace(state.clone());
     info!(?from, ?ranges, "replay started");
     let mut batches = consumer.stream().ready_chunks(1000);
+    let mut failure = None;
     while !open.is_empty() {
         let batch = tokio::select! {
             () = cancel.cancelled() => break,
+            () = tokio::time::sleep(REPLAY_IDLE_TIMEOUT) => {
+                failure = Some(ReplayError::Projection(Error::Setup(format!(
+                    "nothing received from Kafka for {}s with partitions {:?} unfinished",
+                    REPLAY_IDLE_TIMEOUT.as_secs(),
+                    open.keys().collect::<Vec<_>>()
+                ))));
+                break;
+            }
             batch = batches.next() => batch,
         };
         let Some(batch) = batch else { break };
@@ -448,10 +478,22 @@ pub async fn replay(
         if !records.is_empty() {
             let applying = Arc::clone(&store);
             let stream = stream.clone();
-            let outcome =
-                tokio::task::spawn_blocking(move || applying.apply_replayed(&stream, records))
-                    .await
-                    .map_err(Error::from)??;
+            // Applied and flushed per batch: what a replay restored is durable (and reaches
+            // watchers) even if it stops early.
+            let applied = tokio::task::spawn_blocking(move || {
+                let outcome = applying.apply_replayed(&stream, records)?;
+                applying.flush()?;
+                Ok::<_, touchline_core::StoreError>(outcome)
+            })
+            .await
+            .map_err(Error::from)?;
+            let outcome = match applied {
+                Ok(outcome) => outcome,
+                Err(error) => {
+                    failure = Some(error.into());
+                    break;
+                }
+            };
             state.appended += outcome.appended;
             state.duplicates += outcome.duplicates;
             state.dead_lettered += outcome.dead_lettered;
@@ -460,10 +502,9 @@ pub async fn replay(
         progress.send_replace(state.clone());
     }
     drop(batches);
-    let flushing = Arc::clone(&store);
-    tokio::task::spawn_blocking(move || flushing.flush())
-        .await
-        .map_err(Error::from)??;
+    if let Some(failure) = failure {
+        return Err(failure);
+    }
     state.finished = open.is_empty();
     progress.send_replace(state.clone());
     info!(
@@ -525,18 +566,18 @@ fn plan_replay(
         let (low, high) = consumer.fetch_watermarks(topic, partition, METADATA_TIMEOUT)?;
         let start = match from {
             ReplayFrom::Earliest => low,
-            ReplayFrom::Offset(offset) => offset.clamp(low, high),
+            ReplayFrom::Offset(offset) => offset.max(low).min(high.max(low)),
             ReplayFrom::Timestamp(_) => match by_time
                 .as_ref()
                 .and_then(|list| list.find_partition(topic, partition))
                 .map(|element| element.offset())
             {
-                Some(Offset::Offset(offset)) => offset.clamp(low, high),
+                Some(Offset::Offset(offset)) => offset.max(low).min(high.max(low)),
                 // No record at or after the instant.
                 _ => high,
             },
         };
-        ranges.insert(partition, (start, high));
+        ranges.insert(partition, (start, high.max(start)));
         // Fetch from the oldest record and skip to the start: some brokers (Tansu 0.6) cannot
         // fetch from the middle of a record batch and would silently skip the rest of it. A
         // replay is rare; reading more than needed is the price of losing nothing.

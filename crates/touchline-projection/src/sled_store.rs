@@ -421,7 +421,7 @@ impl SledStore {
         let writer = WriterState {
             next_sequence: counter(NEXT_SEQUENCE, 1)?,
             next_dead_letter,
-            dead_letters: counter(DEAD_LETTER_COUNT, next_dead_letter - 1)?,
+            dead_letters: counter(DEAD_LETTER_COUNT, next_dead_letter.saturating_sub(1))?,
             versions,
         };
         let version_table = |projection: Projection, version: u32| {
@@ -437,7 +437,7 @@ impl SledStore {
                 writer.versions[&Projection::Summary].active,
             )),
         };
-        let log_count = writer.next_sequence - 1;
+        let log_count = writer.next_sequence.saturating_sub(1);
         let store = Self {
             log: table(b"L"),
             dedupe: table(b"D"),
@@ -606,9 +606,9 @@ impl SledStore {
             Some(Table::clone(&active.summary)),
         );
         let mut outcome = ApplyOutcome::default();
-        let watched = self.watchers.receiver_count() > 0;
         let mut appended = Vec::new();
         let mut seen_in_batch: HashMap<Vec<u8>, u64> = HashMap::new();
+        // (stream, partition, offset) -> fingerprint of the record dead-lettered there.
         let mut dead_in_batch: HashMap<Vec<u8>, u64> = HashMap::new();
         let mut next_sequence = writer.next_sequence;
         let mut next_dead_letter = writer.next_dead_letter;
@@ -656,20 +656,26 @@ impl SledStore {
                         .insert(&mut batch, dedupe_key.as_slice(), &sequence.to_be_bytes());
                     folds.fold(&mut batch, &entry)?;
                     seen_in_batch.insert(dedupe_key, sequence);
-                    if watched {
-                        appended.push(entry);
-                    }
+                    // Kept whether or not anyone watches now: a watcher that subscribes before the
+                    // flush must get these entries from the feed.
+                    appended.push(entry);
                     outcome.appended += 1;
                 }
                 RecordContent::Undecodable { reason, key, value } => {
                     let index_key = keys::record(stream_key, record.partition, record.offset);
-                    if dead_in_batch.contains_key(&index_key)
-                        || self
+                    let known = match dead_in_batch.get(&index_key) {
+                        Some(seen) => Some(*seen),
+                        None => self
                             .dead_letter_index
-                            .contains_key(&index_key)
+                            .get(&index_key)
                             .map_err(backend)?
-                    {
-                        // Read again (replay, redelivery): it is already a dead letter.
+                            .and_then(|value| value.get(8..16).map(<[u8]>::to_vec))
+                            .and_then(|bytes| bytes.try_into().ok().map(u64::from_be_bytes)),
+                    };
+                    if known == Some(fingerprint) {
+                        // The same record read again (replay, redelivery): already a dead letter.
+                        // Another record at the same place (a wiped broker that kept its cluster
+                        // id) is a new dead letter.
                         continue;
                     }
                     let id = next_dead_letter;
@@ -687,12 +693,11 @@ impl SledStore {
                     };
                     self.dead_letters
                         .insert(&mut batch, id.to_be_bytes(), encode(&dead_letter)?);
-                    self.dead_letter_index.insert(
-                        &mut batch,
-                        index_key.as_slice(),
-                        &id.to_be_bytes(),
-                    );
-                    dead_in_batch.insert(index_key, id);
+                    let mut index_value = id.to_be_bytes().to_vec();
+                    index_value.extend_from_slice(&fingerprint.to_be_bytes());
+                    self.dead_letter_index
+                        .insert(&mut batch, index_key.as_slice(), index_value);
+                    dead_in_batch.insert(index_key, fingerprint);
                     outcome.dead_lettered += 1;
                 }
             }
@@ -730,7 +735,8 @@ impl SledStore {
         writer.next_sequence = next_sequence;
         writer.next_dead_letter = next_dead_letter;
         writer.dead_letters = dead_letters;
-        self.log_count.store(next_sequence - 1, Ordering::Release);
+        self.log_count
+            .store(next_sequence.saturating_sub(1), Ordering::Release);
         self.dead_letter_count
             .store(dead_letters, Ordering::Release);
         Ok(outcome)
@@ -839,7 +845,7 @@ impl SledStore {
     /// [`OpsError::RebuildRunning`] when a version is already being built.
     pub fn begin_rebuild(&self, projection: Projection) -> Result<(u32, u64), OpsError> {
         let mut writer = self.lock_writer();
-        let log_len = writer.next_sequence - 1;
+        let log_len = writer.next_sequence.saturating_sub(1);
         let versions = writer.versions.entry(projection).or_default();
         if let Some(version) = versions.building {
             return Err(OpsError::RebuildRunning {
@@ -876,8 +882,11 @@ impl SledStore {
         max: usize,
     ) -> Result<u64, OpsError> {
         self.check_building(projection, version)?;
+        // Only what is in the log now: never a batch the projector is writing meanwhile.
+        let end = (self.log_count.load(Ordering::Acquire) + 1)
+            .min(from_sequence.saturating_add(u64::try_from(max).unwrap_or(u64::MAX)));
         let mut batch = sled::Batch::default();
-        let next = self.fold_log_into(projection, version, from_sequence, max, &mut batch)?;
+        let next = self.fold_log_into(projection, version, from_sequence, end, &mut batch)?;
         self.tree.apply_batch(batch).map_err(backend)?;
         Ok(next)
     }
@@ -899,10 +908,13 @@ impl SledStore {
             let mut writer = self.lock_writer();
             self.check_building_locked(&writer, projection, version)?;
             let mut batch = sled::Batch::default();
-            let mut next = from_sequence;
-            while next < writer.next_sequence {
-                next = self.fold_log_into(projection, version, next, usize::MAX, &mut batch)?;
-            }
+            self.fold_log_into(
+                projection,
+                version,
+                from_sequence,
+                writer.next_sequence,
+                &mut batch,
+            )?;
             let versions = writer.versions.entry(projection).or_default();
             let mut updated = versions.clone();
             let previous = updated.active;
@@ -931,7 +943,11 @@ impl SledStore {
             std::thread::sleep(std::time::Duration::from_millis(1));
         }
         drop(replaced);
-        self.drop_version(projection, previous)?;
+        // The switch is done: a failed drop leaves garbage (dropped on the next open), not a
+        // failed rebuild.
+        if let Err(error) = self.drop_version(projection, previous) {
+            tracing::warn!(%projection, version = previous, %error, "cannot drop the replaced version now; it is dropped on the next start");
+        }
         Ok(previous)
     }
 
@@ -977,27 +993,29 @@ impl SledStore {
         }
     }
 
-    /// Folds log events `from_sequence..` (at most `max`) into one version; returns the next.
+    /// Folds log events `from_sequence..end` into one version; returns the next to fold.
     fn fold_log_into(
         &self,
         projection: Projection,
         version: u32,
         from_sequence: u64,
-        max: usize,
+        end: u64,
         batch: &mut sled::Batch,
     ) -> Result<u64, StoreError> {
-        use std::ops::Bound::{Included, Unbounded};
+        use std::ops::Bound::{Excluded, Included};
+        if from_sequence >= end {
+            return Ok(from_sequence);
+        }
         let table = self.version_table(projection, version);
         let mut folds = match projection {
             Projection::Timeline => Folds::new(self, Some(table), None),
             Projection::Summary => Folds::new(self, None, Some(table)),
         };
         let mut next = from_sequence;
-        for item in self
-            .log
-            .range(Included(from_sequence.to_be_bytes().to_vec()), Unbounded)
-            .take(max)
-        {
+        for item in self.log.range(
+            Included(from_sequence.to_be_bytes().to_vec()),
+            Excluded(end.to_be_bytes().to_vec()),
+        ) {
             let (key, value) = item.map_err(backend)?;
             let sequence = read_u64("log key", &key, &key)?;
             let (partition, offset, raw) = split_log_value(sequence, &value)?;
@@ -1088,7 +1106,7 @@ impl SledStore {
                 });
             }
         }
-        Ok((writer.next_sequence - 1, checksums))
+        Ok((writer.next_sequence.saturating_sub(1), checksums))
     }
 }
 
@@ -1243,13 +1261,18 @@ impl EventStore for SledStore {
 
     fn flush(&self) -> Result<(), StoreError> {
         let _one_at_a_time = lock(&self.flushing);
-        // Everything applied before the flush starts is durable after it.
-        let covered = self.log_count.load(Ordering::Acquire);
+        // Everything applied before the flush starts is durable after it: the log's length, or
+        // the last entry queued (an apply queues its entries before it updates the length).
         let entries = std::mem::take(&mut *lock(&self.unflushed));
+        let covered = entries
+            .last()
+            .map_or(0, |entry| entry.position.sequence)
+            .max(self.log_count.load(Ordering::Acquire));
         self.db.flush().map_err(backend)?;
         self.durable_count.fetch_max(covered, Ordering::AcqRel);
-        if !entries.is_empty() {
-            // No receiver left is fine: nobody watches.
+        // Nobody watching now means every later watcher reads a durable sequence that covers
+        // these entries: they are in its catch-up.
+        if !entries.is_empty() && self.watchers.receiver_count() > 0 {
             let _ = self.watchers.send(entries.into());
         }
         Ok(())

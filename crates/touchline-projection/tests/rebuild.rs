@@ -251,6 +251,17 @@ fn dead_letters_are_kept_once_and_can_be_discarded_or_requeued() {
     assert_eq!(store.dead_letter_count(), 2);
     let listed = store.dead_letters(10).expect("lists");
     assert_eq!(listed.iter().map(|d| d.offset).collect::<Vec<_>>(), [5, 6]);
+    // Another record at a known place (a wiped broker that kept its cluster id) is not the same
+    // record: it becomes a dead letter of its own.
+    let mut other = garbage(6);
+    if let RecordContent::Undecodable { value, .. } = &mut other.content {
+        *value = Some(b"another bad record".to_vec());
+    }
+    store.apply(&stream(), vec![other]).expect("applies");
+    assert_eq!(store.dead_letter_count(), 3);
+    let newest = store.dead_letters(10).expect("lists")[2].id;
+    store.discard_dead_letter(newest).expect("discards");
+    assert_eq!(store.dead_letter_count(), 2);
 
     assert!(matches!(
         store.requeue_dead_letter(listed[0].id),

@@ -190,11 +190,13 @@ fn wire_role(role: VersionRole) -> v1::VersionState {
     }
 }
 
-/// Streams a watch channel's values until `done` says the last one was sent.
+/// Streams a watch channel's values until `done` says the last one was sent, or the server shuts
+/// down (then the stream ends with UNAVAILABLE, so that a graceful shutdown does not wait for it).
 fn stream_progress<T, W>(
     mut progress: watch::Receiver<T>,
     wire: impl Fn(&T) -> W + Send + 'static,
     done: impl Fn(&T) -> bool + Send + 'static,
+    shutdown: CancellationToken,
 ) -> ReceiverStream<Result<W, Status>>
 where
     T: Clone + Send + Sync + 'static,
@@ -209,8 +211,20 @@ where
             }
             // Updates are coalesced: at most one message per change, never a backlog. Ends when
             // the producer of the progress is gone (its last value was seen).
-            if progress.changed().await.is_err() {
-                return;
+            tokio::select! {
+                changed = progress.changed() => if changed.is_err() {
+                    return;
+                },
+                () = shutdown.cancelled() => {
+                    let _ = sender
+                        .send(Err(rejected(
+                            Code::Unavailable,
+                            "SHUTTING_DOWN",
+                            "the server is shutting down; what was done so far stays",
+                        )))
+                        .await;
+                    return;
+                }
             }
         }
     });
@@ -339,8 +353,9 @@ fn replay_from(from: Option<v1::replay_request::From>) -> Result<ReplayFrom, Sta
         }
         Some(v1::replay_request::From::Offset(_)) => Err(invalid("offset must not be negative")),
         Some(v1::replay_request::From::Timestamp(at)) => instant(&at)
+            .filter(|at| at.0 >= 0)
             .map(ReplayFrom::Timestamp)
-            .ok_or_else(|| invalid("timestamp is not a valid instant")),
+            .ok_or_else(|| invalid("timestamp is not a valid instant at or after 1970")),
         Some(v1::replay_request::From::Earliest(false)) | None => Err(invalid(
             "say where to start: earliest, an offset or a timestamp",
         )),
@@ -388,6 +403,7 @@ impl v1::admin_service_server::AdminService for AdminService {
             progress,
             wire_rebuild,
             RebuildProgress::is_finished,
+            self.context.shutdown.clone(),
         )))
     }
 
@@ -448,10 +464,13 @@ impl v1::admin_service_server::AdminService for AdminService {
         let (sender, progress) = watch::channel(ReplayProgress::default());
         let (messages, receiver) = tokio::sync::mpsc::channel(16);
         let context = Arc::clone(&self.context);
+        // A replay stops when the server shuts down or the caller goes away.
+        let cancel = context.shutdown.child_token();
         tokio::spawn(async move {
             let _slot = slot;
             let forwarding = tokio::spawn({
                 let messages = messages.clone();
+                let cancel = cancel.clone();
                 let mut progress = progress;
                 async move {
                     use futures::StreamExt as _;
@@ -459,10 +478,15 @@ impl v1::admin_service_server::AdminService for AdminService {
                     if progress.changed().await.is_err() {
                         return;
                     }
-                    let mut forward =
-                        stream_progress(progress, wire_replay, |p: &ReplayProgress| p.finished);
+                    let mut forward = stream_progress(
+                        progress,
+                        wire_replay,
+                        |p: &ReplayProgress| p.finished,
+                        CancellationToken::new(),
+                    );
                     while let Some(message) = forward.next().await {
                         if messages.send(message).await.is_err() {
+                            cancel.cancel();
                             return;
                         }
                     }
@@ -474,11 +498,21 @@ impl v1::admin_service_server::AdminService for AdminService {
                 from,
                 &partitions,
                 &sender,
-                &context.shutdown,
+                &cancel,
             )
             .await;
             drop(sender);
             let _ = forwarding.await;
+            if result.as_ref().is_ok_and(|state| !state.finished) && context.shutdown.is_cancelled()
+            {
+                let _ = messages
+                    .send(Err(rejected(
+                        Code::Unavailable,
+                        "SHUTTING_DOWN",
+                        "the server is shutting down; what was replayed so far stays",
+                    )))
+                    .await;
+            }
             if let Err(error) = result {
                 let status = match error {
                     ReplayError::UnknownPartition { .. } => rejected(

@@ -139,7 +139,12 @@ impl Watch {
         }
         let mut delivered = durable.max(self.after);
         loop {
-            let batch = match self.live.recv().await {
+            // A client that went away ends the watcher even when its customer is quiet.
+            let received = tokio::select! {
+                received = self.live.recv() => received,
+                () = sender.closed() => return,
+            };
+            let batch = match received {
                 Ok(batch) => batch,
                 Err(broadcast::error::RecvError::Lagged(_)) => {
                     let _ = sender

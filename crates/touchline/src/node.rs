@@ -92,6 +92,12 @@ impl Node {
         let server_shutdown = CancellationToken::new();
         let background_shutdown = CancellationToken::new();
         let projector_stopped = CancellationToken::new();
+        // A start that fails half-way stops what it started (the projector, health, metrics).
+        let start_guard = StopOnDrop(Some(vec![
+            projector_shutdown.clone(),
+            server_shutdown.clone(),
+            background_shutdown.clone(),
+        ]));
         let partners: PartnerDirectory = partners.into();
         let probe = Arc::new(KafkaProbe::new(&config.kafka)?);
         let mut store = None;
@@ -255,6 +261,7 @@ impl Node {
             );
         let server = tokio::spawn(server);
         info!(%local_addr, ingest = config.ingest.enabled, projector = config.projector.enabled, query = config.query.enabled, "touchline is serving");
+        start_guard.defuse();
         Ok(Self {
             local_addr,
             server_shutdown,
@@ -341,8 +348,12 @@ impl Node {
     pub async fn shutdown(self) -> anyhow::Result<()> {
         info!("shutting down: no new calls, draining in-flight ones");
         let mut errors: Vec<anyhow::Error> = Vec::new();
-        // Load balancers stop sending first.
+        // Health and metrics stop first (so that health cannot turn back to SERVING), then load
+        // balancers are told to stop sending.
         self.background_shutdown.cancel();
+        for task in self.background {
+            let _ = task.await;
+        }
         for service in ["", INGEST_SERVICE, TIMELINE_SERVICE, ADMIN_SERVICE] {
             self.health
                 .set_service_status(service, ServingStatus::NotServing)
@@ -394,9 +405,6 @@ impl Node {
                 }
             }
         }
-        for task in self.background {
-            let _ = task.await;
-        }
         drop(self.broker);
         for error in &errors {
             error!(error = format!("{error:#}"), "shutdown step failed");
@@ -407,6 +415,23 @@ impl Node {
                 info!("touchline stopped");
                 Ok(())
             }
+        }
+    }
+}
+
+/// Cancels its tokens when dropped, unless defused.
+struct StopOnDrop(Option<Vec<CancellationToken>>);
+
+impl StopOnDrop {
+    fn defuse(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        for token in self.0.iter().flatten() {
+            token.cancel();
         }
     }
 }
