@@ -5,16 +5,64 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::{CustomerId, JourneyStage, PartnerId, Sentiment, TimelineEntry};
+use crate::{
+    CustomerId, EventId, JourneyStage, PartnerId, Sentiment, TimelineCursor, TimelineEntry,
+    UnixNanos,
+};
+
+/// A reference to one touch of a customer's timeline: enough to order touches by identity and to
+/// read the entry from the timeline. The summary keeps references, not copies of entries, so that
+/// rewriting it on every event stays cheap.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TouchRef {
+    pub occurred_at: UnixNanos,
+    pub partner_id: PartnerId,
+    pub event_id: EventId,
+    /// Its log sequence: with `occurred_at`, its place in the timeline.
+    pub sequence: u64,
+    pub stage: JourneyStage,
+}
+
+impl TouchRef {
+    #[must_use]
+    pub fn of(entry: &TimelineEntry) -> Self {
+        Self {
+            occurred_at: entry.touchpoint.occurred_at,
+            partner_id: entry.partner_id.clone(),
+            event_id: entry.touchpoint.event_id.clone(),
+            sequence: entry.position.sequence,
+            stage: entry.touchpoint.stage,
+        }
+    }
+
+    /// See [`TimelineEntry::identity_order`].
+    #[must_use]
+    pub fn identity_order(&self) -> (UnixNanos, &str, &str) {
+        (
+            self.occurred_at,
+            self.partner_id.as_str(),
+            self.event_id.as_str(),
+        )
+    }
+
+    /// Where the touch sits in the customer's timeline.
+    #[must_use]
+    pub fn cursor(&self) -> TimelineCursor {
+        TimelineCursor {
+            occurred_at: self.occurred_at,
+            sequence: self.sequence,
+        }
+    }
+}
 
 /// A customer's experience at a glance.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CustomerSummary {
     pub customer_id: CustomerId,
     /// The earliest touch by event time (ties: partner id, then event id).
-    pub first_touch: TimelineEntry,
+    pub first_touch: TouchRef,
     /// The latest touch by event time (ties: partner id, then event id).
-    pub last_touch: TimelineEntry,
+    pub last_touch: TouchRef,
     pub total: u64,
     pub by_stage: BTreeMap<JourneyStage, u64>,
     pub by_sentiment: BTreeMap<Sentiment, u64>,
@@ -25,7 +73,7 @@ impl CustomerSummary {
     /// The stage of the latest touch.
     #[must_use]
     pub fn current_stage(&self) -> JourneyStage {
-        self.last_touch.touchpoint.stage
+        self.last_touch.stage
     }
 }
 
@@ -36,18 +84,18 @@ impl CustomerSummary {
 pub fn apply_summary(summary: Option<CustomerSummary>, entry: &TimelineEntry) -> CustomerSummary {
     let mut summary = summary.unwrap_or_else(|| CustomerSummary {
         customer_id: entry.touchpoint.customer_id.clone(),
-        first_touch: entry.clone(),
-        last_touch: entry.clone(),
+        first_touch: TouchRef::of(entry),
+        last_touch: TouchRef::of(entry),
         total: 0,
         by_stage: BTreeMap::new(),
         by_sentiment: BTreeMap::new(),
         by_partner: BTreeMap::new(),
     });
     if entry.identity_order() < summary.first_touch.identity_order() {
-        summary.first_touch = entry.clone();
+        summary.first_touch = TouchRef::of(entry);
     }
     if entry.identity_order() > summary.last_touch.identity_order() {
-        summary.last_touch = entry.clone();
+        summary.last_touch = TouchRef::of(entry);
     }
     summary.total += 1;
     *summary.by_stage.entry(entry.touchpoint.stage).or_default() += 1;
@@ -117,8 +165,9 @@ pub(crate) mod tests {
             .fold(None, |state, event| Some(apply_summary(state, event)));
         let summary = summary.expect("three events folded");
         assert_eq!(summary.total, 3);
-        assert_eq!(summary.first_touch.touchpoint.event_id.as_str(), "e2");
-        assert_eq!(summary.last_touch.touchpoint.event_id.as_str(), "e3");
+        assert_eq!(summary.first_touch.event_id.as_str(), "e2");
+        assert_eq!(summary.last_touch.event_id.as_str(), "e3");
+        assert_eq!(summary.first_touch.cursor().sequence, 2);
         assert_eq!(summary.current_stage(), JourneyStage::Support);
         assert_eq!(summary.by_stage.get(&JourneyStage::Fulfil), Some(&1));
         assert_eq!(summary.by_sentiment.get(&Sentiment::Positive), Some(&3));

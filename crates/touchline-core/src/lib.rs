@@ -14,7 +14,7 @@ pub mod touchpoint;
 pub mod validate;
 
 pub use envelope::{Envelope, LogPosition, TimelineEntry};
-pub use fold::{CustomerSummary, apply_summary};
+pub use fold::{CustomerSummary, TouchRef, apply_summary};
 pub use ids::{CustomerId, EventId, EventType, IdError, PartnerId};
 pub use store::{
     ApplyOutcome, ConsumedRecord, EventStore, RecordContent, StoreError, StoredPosition,

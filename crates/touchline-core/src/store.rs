@@ -191,6 +191,16 @@ pub trait EventStore: Send + Sync + std::fmt::Debug {
     /// When the backend fails or the summary is corrupt.
     fn summary(&self, customer_id: &CustomerId) -> Result<Option<CustomerSummary>, StoreError>;
 
+    /// The entry at `at` in a customer's timeline (a summary's first or last touch).
+    ///
+    /// # Errors
+    /// When the backend fails or the entry is corrupt.
+    fn timeline_entry(
+        &self,
+        customer_id: &CustomerId,
+        at: TimelineCursor,
+    ) -> Result<Option<TimelineEntry>, StoreError>;
+
     /// Whether the log holds the event `event_id` of `partner`.
     ///
     /// # Errors

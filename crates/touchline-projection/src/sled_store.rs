@@ -42,7 +42,7 @@ const DEAD_LETTER_COUNT: &[u8] = b"dead_letter_count";
 /// The key layout of the store. Absent in an empty store; a store with data and another format
 /// is refused rather than misread.
 const FORMAT: &[u8] = b"format";
-const FORMAT_VERSION: u64 = 2;
+const FORMAT_VERSION: u64 = 3;
 
 /// A Kafka record that could not be decoded, kept with its reason.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -1243,6 +1243,20 @@ impl EventStore for SledStore {
             page.entries.push(entry);
         }
         Ok(page)
+    }
+
+    fn timeline_entry(
+        &self,
+        customer_id: &CustomerId,
+        at: touchline_core::TimelineCursor,
+    ) -> Result<Option<TimelineEntry>, StoreError> {
+        let key = keys::timeline(customer_id, at.occurred_at, at.sequence);
+        self.active()
+            .timeline
+            .get(&key)
+            .map_err(backend)?
+            .map(|bytes| decode("timeline entry", &key, &bytes))
+            .transpose()
     }
 
     fn summary(&self, customer_id: &CustomerId) -> Result<Option<CustomerSummary>, StoreError> {

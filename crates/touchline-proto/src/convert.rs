@@ -149,11 +149,15 @@ fn wire_position(position: LogPosition) -> v1::LogPosition {
 
 /// A customer summary on the wire.
 #[must_use]
-pub fn wire_summary(summary: &CustomerSummary) -> v1::CustomerSummary {
+pub fn wire_summary(
+    summary: &CustomerSummary,
+    first_touch: Option<&TimelineEntry>,
+    last_touch: Option<&TimelineEntry>,
+) -> v1::CustomerSummary {
     v1::CustomerSummary {
         customer_id: summary.customer_id.to_string(),
-        first_touch: Some(wire_timeline_entry(&summary.first_touch)),
-        last_touch: Some(wire_timeline_entry(&summary.last_touch)),
+        first_touch: first_touch.map(wire_timeline_entry),
+        last_touch: last_touch.map(wire_timeline_entry),
         total_touchpoints: summary.total,
         by_stage: summary
             .by_stage

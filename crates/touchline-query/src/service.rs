@@ -220,13 +220,25 @@ impl TimelineService {
         let customer_id = customer_id(request.into_inner().customer_id)?;
         let store = Arc::clone(&self.store);
         let lookup = customer_id.clone();
-        let summary = tokio::task::spawn_blocking(move || store.summary(&lookup))
-            .await
-            .map_err(Error::from)?
-            .map_err(Error::from)?;
-        let summary = summary.ok_or(Error::CustomerNotFound {
+        // The summary refers to its first and last touch; they are read from the timeline.
+        let found = tokio::task::spawn_blocking(move || {
+            let Some(summary) = store.summary(&lookup)? else {
+                return Ok(None);
+            };
+            let first = store.timeline_entry(&lookup, summary.first_touch.cursor())?;
+            let last = store.timeline_entry(&lookup, summary.last_touch.cursor())?;
+            Ok::<_, touchline_core::StoreError>(Some((summary, first, last)))
+        })
+        .await
+        .map_err(Error::from)?
+        .map_err(Error::from)?;
+        let (summary, first, last) = found.ok_or(Error::CustomerNotFound {
             customer_id: customer_id.to_string(),
         })?;
-        Ok(Response::new(wire_summary(&summary)))
+        Ok(Response::new(wire_summary(
+            &summary,
+            first.as_ref(),
+            last.as_ref(),
+        )))
     }
 }
