@@ -40,7 +40,8 @@ const NEXT_SEQUENCE: &[u8] = b"next_sequence";
 const NEXT_DEAD_LETTER: &[u8] = b"next_dead_letter";
 const DEAD_LETTER_COUNT: &[u8] = b"dead_letter_count";
 /// The key layout of the store. Absent in an empty store; a store with data and another format
-/// is refused rather than misread.
+/// is refused rather than misread. 2: versioned projections; 3: summaries refer to their first
+/// and last touch instead of copying them.
 const FORMAT: &[u8] = b"format";
 const FORMAT_VERSION: u64 = 3;
 
@@ -388,7 +389,7 @@ impl SledStore {
             Some(bytes) if read_u64("format", FORMAT, &bytes)? == FORMAT_VERSION => {}
             Some(bytes) => {
                 return Err(crate::Error::Format(format!(
-                    "the store has format {}, this Touchline reads format {FORMAT_VERSION}",
+                    "the store has format {}, this Touchline reads format {FORMAT_VERSION}; move it aside and let the projector rebuild it from Kafka",
                     read_u64("format", FORMAT, &bytes)?
                 )));
             }
@@ -937,6 +938,11 @@ impl SledStore {
             (previous, replaced)
         };
         let (previous, replaced) = previous;
+        // The switch is durable before it is reported (a failed flush leaves it to the next one:
+        // the switch is done either way).
+        if let Err(error) = self.db.flush() {
+            tracing::warn!(%projection, version, %error, "cannot flush the switch now");
+        }
         // Readers that started on the old version finish on it before it is deleted.
         let deadline = std::time::Instant::now() + READERS_GRACE;
         while Arc::strong_count(&replaced) > 1 && std::time::Instant::now() < deadline {
