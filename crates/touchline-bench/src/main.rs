@@ -35,8 +35,10 @@ enum Preset {
     about = "Measures Touchline against its ceilings in one run"
 )]
 struct Args {
-    #[arg(long, value_enum, default_value_t = Preset::Full)]
-    preset: Preset,
+    /// The workload. Default: full with `--kafka`, quick on the embedded mock cluster (which keeps
+    /// only about 5 MiB per partition and cannot hold the full preset's backlog).
+    #[arg(long, value_enum)]
+    preset: Option<Preset>,
     /// Events (overrides the preset).
     #[arg(long)]
     events: Option<usize>,
@@ -160,7 +162,12 @@ fn line(name: &str, value: String, ceiling: String, ratio: String) {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let (events, customers) = match args.preset {
+    let preset = args.preset.unwrap_or(if args.kafka.is_some() {
+        Preset::Full
+    } else {
+        Preset::Quick
+    });
+    let (events, customers) = match preset {
         Preset::Tiny => (2_000, 200),
         Preset::Quick => (100_000, 10_000),
         Preset::Full => (1_000_000, 100_000),

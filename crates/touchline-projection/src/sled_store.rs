@@ -754,12 +754,24 @@ impl SledStore {
         stream: &StreamIdentity,
         records: Vec<ConsumedRecord>,
     ) -> Result<ApplyOutcome, StoreError> {
+        self.apply_records(stream, records, false)
+    }
+
+    /// Applies consumed records, storing their positions or not, as one writer.
+    fn apply_records(
+        &self,
+        stream: &StreamIdentity,
+        records: Vec<ConsumedRecord>,
+        store_positions: bool,
+    ) -> Result<ApplyOutcome, StoreError> {
+        // One writer at a time: the dedupe reads and the counters are only consistent with the
+        // batch because nobody else writes in between.
         let mut writer = self.lock_writer();
         self.apply_locked(
             &mut writer,
             &stream.key(),
             records,
-            false,
+            store_positions,
             sled::Batch::default(),
         )
     }
@@ -1152,16 +1164,7 @@ impl EventStore for SledStore {
         stream: &StreamIdentity,
         records: Vec<ConsumedRecord>,
     ) -> Result<ApplyOutcome, StoreError> {
-        // One writer at a time: the dedupe reads and the counters are only consistent with the
-        // batch because nobody else writes in between.
-        let mut writer = self.lock_writer();
-        self.apply_locked(
-            &mut writer,
-            &stream.key(),
-            records,
-            true,
-            sled::Batch::default(),
-        )
+        self.apply_records(stream, records, true)
     }
 
     fn positions(
