@@ -12,6 +12,8 @@ use touchline_core::{
 };
 use touchline_projection::{OpsError, Projection, Requeued, SledStore};
 
+mod support;
+
 fn stream() -> StreamIdentity {
     StreamIdentity {
         cluster_id: "c".to_owned(),
@@ -169,22 +171,6 @@ fn a_rebuild_beside_the_projector_equals_the_incremental_projection_and_swaps_at
     );
 }
 
-/// Opens the store again once the dropped instance has let go of it: sled releases its lock from
-/// a background thread, which can lag under load.
-fn reopen(path: &std::path::Path) -> SledStore {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    loop {
-        match SledStore::open(path) {
-            Ok(store) => return store,
-            Err(error) if std::time::Instant::now() < deadline => {
-                eprintln!("store not yet released: {error}");
-                std::thread::sleep(std::time::Duration::from_millis(20));
-            }
-            Err(error) => panic!("the store does not reopen: {error}"),
-        }
-    }
-}
-
 #[test]
 fn an_interrupted_rebuild_leaves_the_active_version_intact_and_a_new_one_starts_cleanly() {
     let dir = tempfile::tempdir().expect("temp dir");
@@ -199,7 +185,7 @@ fn an_interrupted_rebuild_leaves_the_active_version_intact_and_a_new_one_starts_
         checksums(&store)
         // Dropped here without finishing: a crash as far as the store can tell.
     };
-    let store = reopen(dir.path());
+    let store = support::open_when_released(dir.path());
     let versions = &store.projection_versions()[&Projection::Timeline];
     assert_eq!((versions.active, versions.building), (1, None));
     assert!(versions.dropping.is_empty());

@@ -14,6 +14,8 @@ use touchline_core::{
 };
 use touchline_projection::SledStore;
 
+mod support;
+
 fn stream(cluster: &str) -> StreamIdentity {
     StreamIdentity {
         cluster_id: cluster.to_owned(),
@@ -61,7 +63,7 @@ fn record(partition: i32, offset: i64, envelope: Envelope) -> ConsumedRecord {
 }
 
 fn open(dir: &tempfile::TempDir) -> SledStore {
-    SledStore::open(dir.path()).expect("store opens")
+    support::open_when_released(dir.path())
 }
 
 fn customer(id: &str) -> CustomerId {

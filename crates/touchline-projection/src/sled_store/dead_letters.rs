@@ -1,0 +1,137 @@
+//! Dead letters: records that could not be decoded, kept once each with their reason, listed,
+//! requeued (decoded again and appended) or discarded.
+
+use super::*;
+
+/// A Kafka record that could not be decoded, kept with its reason.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeadLetter {
+    pub id: u64,
+    pub stream: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub reason: String,
+    pub key: Option<Vec<u8>>,
+    pub value: Option<Vec<u8>>,
+    pub dead_lettered_at: UnixNanos,
+}
+
+/// What requeueing a dead letter did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Requeued {
+    /// The record now decodes and was appended to the log and projected.
+    Appended { sequence: u64 },
+    /// The record now decodes, but its event was already in the log.
+    Duplicate,
+}
+
+impl SledStore {
+    /// Records in the dead-letter store.
+    #[must_use]
+    pub fn dead_letter_count(&self) -> usize {
+        usize::try_from(self.dead_letter_count.load(Ordering::Acquire)).unwrap_or(usize::MAX)
+    }
+
+    /// The oldest `limit` dead letters.
+    ///
+    /// # Errors
+    /// When the backend fails or a dead letter is corrupt.
+    pub fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, StoreError> {
+        self.dead_letters_after(0, limit)
+    }
+
+    /// Up to `limit` dead letters with an id above `after`, oldest first.
+    ///
+    /// # Errors
+    /// When the backend fails or a dead letter is corrupt.
+    pub fn dead_letters_after(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<DeadLetter>, StoreError> {
+        use std::ops::Bound::{Excluded, Unbounded};
+        self.dead_letters
+            .range(Excluded(after.to_be_bytes().to_vec()), Unbounded)
+            .take(limit)
+            .map(|item| {
+                let (key, value) = item.map_err(backend)?;
+                decode("dead letter", &key, &value)
+            })
+            .collect()
+    }
+
+    /// Decodes a dead letter again (a newer Touchline may understand it) and, when it decodes,
+    /// appends it to the log and projects it, removing the dead letter in the same batch.
+    ///
+    /// # Errors
+    /// [`OpsError::DeadLetterNotFound`], [`OpsError::StillUndecodable`] (nothing changes), or a
+    /// backend failure.
+    pub fn requeue_dead_letter(&self, id: u64) -> Result<Requeued, OpsError> {
+        let mut writer = self.lock_writer();
+        let dead_letter = self.dead_letter(id)?;
+        let envelope =
+            touchline_proto::decode_envelope(dead_letter.value.as_deref()).map_err(|error| {
+                OpsError::StillUndecodable {
+                    id,
+                    reason: error.to_string(),
+                }
+            })?;
+        let mut batch = sled::Batch::default();
+        self.remove_dead_letter(&mut batch, &dead_letter);
+        writer.dead_letters = writer.dead_letters.saturating_sub(1);
+        let record = ConsumedRecord {
+            partition: dead_letter.partition,
+            offset: dead_letter.offset,
+            content: RecordContent::Event {
+                envelope: Box::new(envelope),
+                raw: dead_letter.value.clone().unwrap_or_default(),
+            },
+        };
+        let sequence = writer.next_sequence;
+        let result =
+            self.apply_locked(&mut writer, &dead_letter.stream, vec![record], false, batch);
+        if result.is_err() {
+            writer.dead_letters += 1;
+        }
+        Ok(if result?.appended == 1 {
+            Requeued::Appended { sequence }
+        } else {
+            Requeued::Duplicate
+        })
+    }
+
+    /// Deletes a dead letter for good.
+    ///
+    /// # Errors
+    /// [`OpsError::DeadLetterNotFound`] or a backend failure.
+    pub fn discard_dead_letter(&self, id: u64) -> Result<DeadLetter, OpsError> {
+        let mut writer = self.lock_writer();
+        let dead_letter = self.dead_letter(id)?;
+        let mut batch = sled::Batch::default();
+        self.remove_dead_letter(&mut batch, &dead_letter);
+        let remaining = writer.dead_letters.saturating_sub(1);
+        self.meta
+            .insert(&mut batch, DEAD_LETTER_COUNT, &remaining.to_be_bytes());
+        self.tree.apply_batch(batch).map_err(backend)?;
+        writer.dead_letters = remaining;
+        self.dead_letter_count.store(remaining, Ordering::Release);
+        Ok(dead_letter)
+    }
+
+    fn dead_letter(&self, id: u64) -> Result<DeadLetter, OpsError> {
+        let key = id.to_be_bytes();
+        let bytes = self
+            .dead_letters
+            .get(key)
+            .map_err(backend)?
+            .ok_or(OpsError::DeadLetterNotFound(id))?;
+        Ok(decode("dead letter", &key, &bytes)?)
+    }
+
+    /// Removes the dead letter but keeps its index entry, so that reading the record again does
+    /// not make it a dead letter again.
+    fn remove_dead_letter(&self, batch: &mut sled::Batch, dead_letter: &DeadLetter) {
+        self.dead_letters
+            .remove(batch, dead_letter.id.to_be_bytes());
+    }
+}

@@ -1,0 +1,457 @@
+//! Versioned projections: a projection (timeline, summary) lives in one table per version; a
+//! rebuild folds the append-only log into a new version beside the active one, then switches
+//! atomically under the writer; replaced and abandoned versions are dropped. Checksums let ops
+//! compare versions.
+
+use super::*;
+
+/// How long dropping a replaced version waits for the reads still running on it.
+const READERS_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Keys deleted per atomic batch when a projection version is dropped.
+const DROP_CHUNK: usize = 10_000;
+
+/// A projection of the log that can be rebuilt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Projection {
+    /// Every customer's touchpoints in event-time order.
+    Timeline,
+    /// Every customer's summary.
+    Summary,
+}
+
+impl Projection {
+    pub const ALL: [Self; 2] = [Self::Timeline, Self::Summary];
+
+    #[must_use]
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Timeline => "timeline",
+            Self::Summary => "summary",
+        }
+    }
+
+    /// Parses a projection name as the CLI and the admin API spell it.
+    #[must_use]
+    pub fn parse(name: &str) -> Option<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|projection| projection.name() == name)
+    }
+
+    pub(super) fn table_byte(self) -> u8 {
+        match self {
+            Self::Timeline => b'T',
+            Self::Summary => b'S',
+        }
+    }
+
+    pub(super) fn meta_key(self) -> Vec<u8> {
+        format!("projection/{}", self.name()).into_bytes()
+    }
+}
+
+impl std::fmt::Display for Projection {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str(self.name())
+    }
+}
+
+/// The versions of one projection, as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProjectionVersions {
+    /// The version queries read and the projector updates.
+    pub active: u32,
+    /// A version being rebuilt from the log, not yet active.
+    pub building: Option<u32>,
+    /// Versions no longer in use whose entries are being deleted.
+    pub dropping: Vec<u32>,
+    /// The highest version ever started: numbers are not reused, so logs and checksums of an
+    /// abandoned version never get confused with a later one.
+    pub highest: u32,
+}
+
+impl Default for ProjectionVersions {
+    fn default() -> Self {
+        Self {
+            active: 1,
+            building: None,
+            dropping: Vec::new(),
+            highest: 1,
+        }
+    }
+}
+
+impl ProjectionVersions {
+    fn newest(&self) -> u32 {
+        self.dropping
+            .iter()
+            .copied()
+            .chain(self.building)
+            .fold(self.active.max(self.highest), u32::max)
+    }
+}
+
+/// The checksum of one table: entries and SHA-256 over every (key, value), in key order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Checksum {
+    pub entries: u64,
+    pub sha256: String,
+}
+
+/// What a checksummed table is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VersionRole {
+    Log,
+    Active,
+    Building,
+    Dropping,
+}
+
+/// The checksum of the log or of one projection version.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VersionChecksum {
+    /// "log" or the projection's name.
+    pub name: &'static str,
+    /// The projection version (0 for the log).
+    pub version: u32,
+    pub role: VersionRole,
+    pub checksum: Checksum,
+}
+
+/// The prefix of a projection version's table: the projection's byte, then the version.
+pub(super) fn version_prefix(projection: Projection, version: u32) -> Vec<u8> {
+    let mut prefix = vec![projection.table_byte()];
+    prefix.extend_from_slice(&version.to_be_bytes());
+    prefix
+}
+
+fn checksum(table: &Table) -> Result<Checksum, StoreError> {
+    let mut hasher = Sha256::new();
+    let mut entries = 0;
+    for item in table.scan_prefix(&[]) {
+        let (key, value) = item.map_err(backend)?;
+        hasher.update((key.len() as u64).to_be_bytes());
+        hasher.update(&key);
+        hasher.update((value.len() as u64).to_be_bytes());
+        hasher.update(&value);
+        entries += 1;
+    }
+    Ok(Checksum {
+        entries,
+        sha256: hex::encode(hasher.finalize()),
+    })
+}
+
+impl SledStore {
+    pub(super) fn version_table(&self, projection: Projection, version: u32) -> Table {
+        Table::new(self.tree.clone(), &version_prefix(projection, version))
+    }
+
+    /// Drops versions that an interrupted rebuild (crash, cancel) or drop left behind.
+    pub(super) fn drop_leftovers(&self) -> Result<(), StoreError> {
+        for projection in Projection::ALL {
+            let leftovers = {
+                let mut writer = self.lock_writer();
+                let Some(versions) = writer.versions.get_mut(&projection) else {
+                    continue;
+                };
+                if let Some(building) = versions.building.take() {
+                    tracing::warn!(%projection, version = building, "dropping the version an interrupted rebuild left behind; the active version is untouched");
+                    versions.dropping.push(building);
+                }
+                let versions = versions.clone();
+                self.meta
+                    .insert_now(projection.meta_key(), encode(&versions)?)
+                    .map_err(backend)?;
+                versions.dropping
+            };
+            for version in leftovers {
+                self.drop_version(projection, version)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The versions of every projection.
+    #[must_use]
+    pub fn projection_versions(&self) -> BTreeMap<Projection, ProjectionVersions> {
+        self.lock_writer().versions.clone()
+    }
+
+    /// Starts building a new version of `projection`: returns the version and the log's length
+    /// now (the events to fold before catching up).
+    ///
+    /// # Errors
+    /// [`OpsError::RebuildRunning`] when a version is already being built.
+    pub fn begin_rebuild(&self, projection: Projection) -> Result<(u32, u64), OpsError> {
+        let mut writer = self.lock_writer();
+        let log_len = writer.next_sequence.saturating_sub(1);
+        let versions = writer.versions.entry(projection).or_default();
+        if let Some(version) = versions.building {
+            return Err(OpsError::RebuildRunning {
+                projection,
+                version,
+            });
+        }
+        let version = versions.newest() + 1;
+        let mut updated = versions.clone();
+        updated.building = Some(version);
+        updated.highest = version;
+        // A version number is never reused, so a leftover of it cannot exist: start clean anyway.
+        self.version_table(projection, version)
+            .clear(DROP_CHUNK)
+            .map_err(backend)?;
+        self.meta
+            .insert_now(projection.meta_key(), encode(&updated)?)
+            .map_err(backend)?;
+        *versions = updated;
+        Ok((version, log_len))
+    }
+
+    /// Folds the log events from `from_sequence` (at most `max` of them) into the version being
+    /// built, in one atomic batch; returns the next sequence to fold. Runs beside the projector:
+    /// it reads only the log (append-only) and writes only the new version.
+    ///
+    /// # Errors
+    /// [`OpsError::NotBuilding`] when the rebuild was cancelled, or a backend failure.
+    pub fn rebuild_step(
+        &self,
+        projection: Projection,
+        version: u32,
+        from_sequence: u64,
+        max: usize,
+    ) -> Result<u64, OpsError> {
+        self.check_building(projection, version)?;
+        // Only what is in the log now: never a batch the projector is writing meanwhile.
+        let end = (self.log_count.load(Ordering::Acquire) + 1)
+            .min(from_sequence.saturating_add(u64::try_from(max).unwrap_or(u64::MAX)));
+        let mut batch = sled::Batch::default();
+        let next = self.fold_log_into(projection, version, from_sequence, end, &mut batch)?;
+        self.tree.apply_batch(batch).map_err(backend)?;
+        Ok(next)
+    }
+
+    /// Folds the rest of the log into the version being built and makes it the active one, in
+    /// one atomic batch taken under the writer (so no event is projected in between); the
+    /// previous version is then dropped. Returns the previous version.
+    ///
+    /// # Errors
+    /// [`OpsError::NotBuilding`] when the rebuild was cancelled, or a backend failure (then the
+    /// active version stays as it was).
+    pub fn finish_rebuild(
+        &self,
+        projection: Projection,
+        version: u32,
+        from_sequence: u64,
+    ) -> Result<u32, OpsError> {
+        let previous = {
+            let mut writer = self.lock_writer();
+            self.check_building_locked(&writer, projection, version)?;
+            let mut batch = sled::Batch::default();
+            self.fold_log_into(
+                projection,
+                version,
+                from_sequence,
+                writer.next_sequence,
+                &mut batch,
+            )?;
+            let versions = writer.versions.entry(projection).or_default();
+            let mut updated = versions.clone();
+            let previous = updated.active;
+            updated.active = version;
+            updated.building = None;
+            updated.dropping.push(previous);
+            self.meta
+                .insert(&mut batch, projection.meta_key(), encode(&updated)?);
+            self.tree.apply_batch(batch).map_err(backend)?;
+            *versions = updated;
+            let table = Arc::new(self.version_table(projection, version));
+            let mut active = self
+                .active
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let replaced = match projection {
+                Projection::Timeline => std::mem::replace(&mut active.timeline, table),
+                Projection::Summary => std::mem::replace(&mut active.summary, table),
+            };
+            (previous, replaced)
+        };
+        let (previous, replaced) = previous;
+        // The switch is durable before it is reported (a failed flush leaves it to the next one:
+        // the switch is done either way).
+        if let Err(error) = self.db.flush() {
+            tracing::warn!(%projection, version, %error, "cannot flush the switch now");
+        }
+        // Readers that started on the old version finish on it before it is deleted.
+        let deadline = std::time::Instant::now() + READERS_GRACE;
+        while Arc::strong_count(&replaced) > 1 && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        drop(replaced);
+        // The switch is done: a failed drop leaves garbage (dropped on the next open), not a
+        // failed rebuild.
+        if let Err(error) = self.drop_version(projection, previous) {
+            tracing::warn!(%projection, version = previous, %error, "cannot drop the replaced version now; it is dropped on the next start");
+        }
+        Ok(previous)
+    }
+
+    /// Abandons the version being built and drops what it wrote.
+    ///
+    /// # Errors
+    /// [`OpsError::NotBuilding`] or a backend failure.
+    pub fn cancel_rebuild(&self, projection: Projection, version: u32) -> Result<(), OpsError> {
+        {
+            let mut writer = self.lock_writer();
+            self.check_building_locked(&writer, projection, version)?;
+            let versions = writer.versions.entry(projection).or_default();
+            let mut updated = versions.clone();
+            updated.building = None;
+            updated.dropping.push(version);
+            self.meta
+                .insert_now(projection.meta_key(), encode(&updated)?)
+                .map_err(backend)?;
+            *versions = updated;
+        }
+        self.drop_version(projection, version)?;
+        Ok(())
+    }
+
+    fn check_building(&self, projection: Projection, version: u32) -> Result<(), OpsError> {
+        let writer = self.lock_writer();
+        self.check_building_locked(&writer, projection, version)
+    }
+
+    #[allow(clippy::unused_self)]
+    fn check_building_locked(
+        &self,
+        writer: &WriterState,
+        projection: Projection,
+        version: u32,
+    ) -> Result<(), OpsError> {
+        match writer.versions.get(&projection) {
+            Some(versions) if versions.building == Some(version) => Ok(()),
+            _ => Err(OpsError::NotBuilding {
+                projection,
+                version,
+            }),
+        }
+    }
+
+    /// Folds log events `from_sequence..end` into one version; returns the next to fold.
+    fn fold_log_into(
+        &self,
+        projection: Projection,
+        version: u32,
+        from_sequence: u64,
+        end: u64,
+        batch: &mut sled::Batch,
+    ) -> Result<u64, StoreError> {
+        use std::ops::Bound::{Excluded, Included};
+        if from_sequence >= end {
+            return Ok(from_sequence);
+        }
+        let table = self.version_table(projection, version);
+        let mut folds = match projection {
+            Projection::Timeline => Folds::new(self, Some(table), None),
+            Projection::Summary => Folds::new(self, None, Some(table)),
+        };
+        let mut next = from_sequence;
+        for item in self.log.range(
+            Included(from_sequence.to_be_bytes().to_vec()),
+            Excluded(end.to_be_bytes().to_vec()),
+        ) {
+            let (key, value) = item.map_err(backend)?;
+            let sequence = read_u64("log key", &key, &key)?;
+            let (partition, offset, raw) = split_log_value(sequence, &value)?;
+            let envelope = touchline_proto::decode_envelope(Some(raw)).map_err(|error| {
+                StoreError::Corrupt {
+                    what: "log record",
+                    key: sequence.to_string(),
+                    reason: error.to_string(),
+                }
+            })?;
+            let entry = TimelineEntry::new(
+                envelope,
+                LogPosition {
+                    partition,
+                    offset,
+                    sequence,
+                },
+            );
+            folds.fold(batch, &entry)?;
+            next = sequence + 1;
+        }
+        folds.finish(batch)?;
+        Ok(next)
+    }
+
+    /// Deletes a version's entries, then forgets it.
+    fn drop_version(&self, projection: Projection, version: u32) -> Result<(), StoreError> {
+        let deleted = self
+            .version_table(projection, version)
+            .clear(DROP_CHUNK)
+            .map_err(backend)?;
+        tracing::info!(%projection, version, deleted, "dropped projection version");
+        let mut writer = self.lock_writer();
+        let versions = writer.versions.entry(projection).or_default();
+        let mut updated = versions.clone();
+        updated.dropping.retain(|dropping| *dropping != version);
+        self.meta
+            .insert_now(projection.meta_key(), encode(&updated)?)
+            .map_err(backend)?;
+        *versions = updated;
+        Ok(())
+    }
+
+    /// The checksum of a projection version (default: the active one).
+    ///
+    /// # Errors
+    /// When the backend fails.
+    pub fn checksum(&self, projection: Projection, version: u32) -> Result<Checksum, StoreError> {
+        checksum(&self.version_table(projection, version))
+    }
+
+    /// The checksum of the log.
+    ///
+    /// # Errors
+    /// When the backend fails.
+    pub fn log_checksum(&self) -> Result<Checksum, StoreError> {
+        checksum(&self.log)
+    }
+
+    /// Checksums of the log and of every version of every projection, taken at one point of the
+    /// log: the writer waits meanwhile. Returns the log's length then, and the checksums.
+    ///
+    /// # Errors
+    /// When the backend fails.
+    pub fn verify(&self) -> Result<(u64, Vec<VersionChecksum>), StoreError> {
+        let writer = self.lock_writer();
+        let mut checksums = vec![VersionChecksum {
+            name: "log",
+            version: 0,
+            role: VersionRole::Log,
+            checksum: checksum(&self.log)?,
+        }];
+        for (projection, versions) in &writer.versions {
+            let roles = std::iter::once((versions.active, VersionRole::Active))
+                .chain(versions.building.map(|v| (v, VersionRole::Building)))
+                .chain(
+                    versions
+                        .dropping
+                        .iter()
+                        .map(|v| (*v, VersionRole::Dropping)),
+                );
+            for (version, role) in roles {
+                checksums.push(VersionChecksum {
+                    name: projection.name(),
+                    version,
+                    role,
+                    checksum: self.checksum(*projection, version)?,
+                });
+            }
+        }
+        Ok((writer.next_sequence.saturating_sub(1), checksums))
+    }
+}
