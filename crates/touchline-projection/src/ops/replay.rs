@@ -1,0 +1,285 @@
+//! Replays: re-reading partitions of the topic into the log, from the oldest record, an offset or
+//! a timestamp. Dedupe makes a replay safe at any time, beside the projector.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt as _;
+use rdkafka::consumer::{Consumer as _, StreamConsumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::Message as _;
+use rdkafka::{Offset, TopicPartitionList};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use touchline_core::{EventStore as _, StreamIdentity, UnixNanos};
+use touchline_kafka::KafkaOptions;
+use tracing::{info, warn};
+
+use crate::metrics::PROJECTOR;
+use crate::projector::{consumed_record, kafka_setup};
+use crate::{Error, SledStore};
+
+/// A replay that receives nothing for this long (the broker is gone) ends with an error.
+const REPLAY_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Where a replay starts reading each partition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplayFrom {
+    /// The oldest record the broker still has.
+    Earliest,
+    /// This offset (or the oldest record, when retention deleted it).
+    Offset(i64),
+    /// The first record with a timestamp at or after this instant.
+    Timestamp(UnixNanos),
+}
+
+/// Progress of a replay.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReplayProgress {
+    /// Records read from Kafka.
+    pub read: u64,
+    /// Events the log did not have, now appended and projected.
+    pub appended: u64,
+    /// Events already in the log.
+    pub duplicates: u64,
+    /// Records that cannot be decoded (kept once in the dead-letter store).
+    pub dead_lettered: u64,
+    /// Per partition: (start offset, end offset), the end being the high watermark when the
+    /// replay started.
+    pub ranges: BTreeMap<i32, (i64, i64)>,
+    /// Partitions read to their end.
+    pub partitions_done: usize,
+    pub finished: bool,
+}
+
+/// Why a replay could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayError {
+    #[error("partition {partition} does not exist (the topic has {partitions})")]
+    UnknownPartition { partition: i32, partitions: usize },
+    #[error(transparent)]
+    Projection(#[from] Error),
+}
+
+impl From<KafkaError> for ReplayError {
+    fn from(error: KafkaError) -> Self {
+        Self::Projection(Error::Kafka(error))
+    }
+}
+
+impl From<touchline_core::StoreError> for ReplayError {
+    fn from(error: touchline_core::StoreError) -> Self {
+        Self::Projection(Error::Store(error))
+    }
+}
+
+/// Re-reads `partitions` (every partition when empty) of the topic from `from` up to the high
+/// watermark at the start, into the log: events it lacks are appended and projected, the rest
+/// are duplicates (invariant 3 makes a replay safe at any time, beside the projector). Stored
+/// positions do not move. Progress is published on `progress`; `cancel` stops it between
+/// batches (what was applied stays).
+///
+/// # Errors
+/// When a partition does not exist, Kafka cannot be reached or the store fails.
+pub async fn replay(
+    kafka: &KafkaOptions,
+    store: Arc<SledStore>,
+    from: ReplayFrom,
+    partitions: &[i32],
+    progress: &watch::Sender<ReplayProgress>,
+    cancel: &CancellationToken,
+) -> std::result::Result<ReplayProgress, ReplayError> {
+    let consumer: StreamConsumer = kafka
+        .consumer_config()
+        .set("enable.partition.eof", "true")
+        .create()
+        .map_err(Error::from)?;
+    let consumer = Arc::new(consumer);
+    let (stream, ranges, assignment) = tokio::task::spawn_blocking({
+        let consumer = Arc::clone(&consumer);
+        let topic = kafka.topic.clone();
+        let wanted = partitions.to_vec();
+        move || plan_replay(&consumer, &topic, from, wanted)
+    })
+    .await
+    .map_err(Error::from)??;
+    consumer.assign(&assignment)?;
+    let mut state = ReplayProgress {
+        ranges: ranges.clone(),
+        ..ReplayProgress::default()
+    };
+    let mut open: BTreeMap<i32, i64> = ranges
+        .iter()
+        .filter(|(_, (start, end))| start < end)
+        .map(|(partition, (_, end))| (*partition, *end))
+        .collect();
+    state.partitions_done = ranges.len() - open.len();
+    progress.send_replace(state.clone());
+    info!(?from, ?ranges, "replay started");
+    let mut batches = consumer.stream().ready_chunks(1000);
+    let mut failure = None;
+    while !open.is_empty() {
+        let batch = tokio::select! {
+            () = cancel.cancelled() => break,
+            () = tokio::time::sleep(REPLAY_IDLE_TIMEOUT) => {
+                failure = Some(ReplayError::Projection(Error::Setup(format!(
+                    "nothing received from Kafka for {}s with partitions {:?} unfinished",
+                    REPLAY_IDLE_TIMEOUT.as_secs(),
+                    open.keys().collect::<Vec<_>>()
+                ))));
+                break;
+            }
+            batch = batches.next() => batch,
+        };
+        let Some(batch) = batch else { break };
+        let mut records = Vec::with_capacity(batch.len());
+        for message in batch {
+            match message {
+                Ok(message) => {
+                    let partition = message.partition();
+                    let Some(end) = open.get(&partition).copied() else {
+                        continue;
+                    };
+                    if ranges
+                        .get(&partition)
+                        .is_some_and(|(start, _)| message.offset() < *start)
+                    {
+                        // Read from the oldest record, skipped up to the start (see plan_replay).
+                        continue;
+                    }
+                    // Records past the end that arrive with the same fetch are applied too: some
+                    // brokers (Tansu 0.6) report the base offset of the last batch + 1 as the
+                    // high watermark, and re-reading is harmless.
+                    records.push(consumed_record(&message));
+                    if message.offset() + 1 >= end {
+                        open.remove(&partition);
+                    }
+                }
+                Err(KafkaError::PartitionEOF(partition)) => {
+                    open.remove(&partition);
+                }
+                Err(error) => warn!(%error, "kafka consumer error during replay"),
+            }
+        }
+        state.read += records.len() as u64;
+        PROJECTOR.replayed.inc_by(records.len() as u64);
+        if !records.is_empty() {
+            let applying = Arc::clone(&store);
+            let stream = stream.clone();
+            // Applied and flushed per batch: what a replay restored is durable (and reaches
+            // watchers) even if it stops early.
+            let applied = tokio::task::spawn_blocking(move || {
+                let outcome = applying.apply_replayed(&stream, records)?;
+                applying.flush()?;
+                Ok::<_, touchline_core::StoreError>(outcome)
+            })
+            .await
+            .map_err(Error::from)?;
+            let outcome = match applied {
+                Ok(outcome) => outcome,
+                Err(error) => {
+                    failure = Some(error.into());
+                    break;
+                }
+            };
+            state.appended += outcome.appended;
+            state.duplicates += outcome.duplicates;
+            state.dead_lettered += outcome.dead_lettered;
+        }
+        state.partitions_done = ranges.len() - open.len();
+        progress.send_replace(state.clone());
+    }
+    drop(batches);
+    if let Some(failure) = failure {
+        return Err(failure);
+    }
+    state.finished = open.is_empty();
+    progress.send_replace(state.clone());
+    info!(
+        read = state.read,
+        appended = state.appended,
+        duplicates = state.duplicates,
+        dead_lettered = state.dead_lettered,
+        finished = state.finished,
+        "replay ended"
+    );
+    Ok(state)
+}
+
+type Plan = (
+    StreamIdentity,
+    BTreeMap<i32, (i64, i64)>,
+    TopicPartitionList,
+);
+
+/// Resolves the stream, each partition's range and the assignment to read it.
+fn plan_replay(
+    consumer: &StreamConsumer,
+    topic: &str,
+    from: ReplayFrom,
+    wanted: Vec<i32>,
+) -> std::result::Result<Plan, ReplayError> {
+    let cluster_id = touchline_kafka::fetch_cluster_id(consumer.client(), METADATA_TIMEOUT)
+        .map_err(|error| kafka_setup(&error))?;
+    let all = touchline_kafka::fetch_partitions(consumer.client(), topic, METADATA_TIMEOUT)
+        .map_err(|error| kafka_setup(&error))?;
+    let partitions = if wanted.is_empty() {
+        all.clone()
+    } else {
+        wanted
+    };
+    if let Some(partition) = partitions.iter().find(|p| !all.contains(p)) {
+        return Err(ReplayError::UnknownPartition {
+            partition: *partition,
+            partitions: all.len(),
+        });
+    }
+    let by_time = match from {
+        ReplayFrom::Timestamp(at) => {
+            let mut query = TopicPartitionList::new();
+            for partition in &partitions {
+                query.add_partition_offset(
+                    topic,
+                    *partition,
+                    Offset::Offset(at.0.div_euclid(1_000_000)),
+                )?;
+            }
+            Some(consumer.offsets_for_times(query, METADATA_TIMEOUT)?)
+        }
+        _ => None,
+    };
+    let mut ranges = BTreeMap::new();
+    let mut assignment = TopicPartitionList::new();
+    for partition in partitions {
+        let (low, high) = consumer.fetch_watermarks(topic, partition, METADATA_TIMEOUT)?;
+        let start = match from {
+            ReplayFrom::Earliest => low,
+            ReplayFrom::Offset(offset) => offset.max(low).min(high.max(low)),
+            ReplayFrom::Timestamp(_) => match by_time
+                .as_ref()
+                .and_then(|list| list.find_partition(topic, partition))
+                .map(|element| element.offset())
+            {
+                Some(Offset::Offset(offset)) => offset.max(low).min(high.max(low)),
+                // No record at or after the instant.
+                _ => high,
+            },
+        };
+        ranges.insert(partition, (start, high.max(start)));
+        // Fetch from the oldest record and skip to the start: some brokers (Tansu 0.6) cannot
+        // fetch from the middle of a record batch and would silently skip the rest of it. A
+        // replay is rare; reading more than needed is the price of losing nothing.
+        assignment.add_partition_offset(topic, partition, Offset::Offset(low.min(start)))?;
+    }
+    Ok((
+        StreamIdentity {
+            cluster_id,
+            topic: topic.to_owned(),
+        },
+        ranges,
+        assignment,
+    ))
+}
