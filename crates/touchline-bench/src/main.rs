@@ -57,6 +57,9 @@ struct Args {
     /// Concurrent timeline readers (Q).
     #[arg(long, default_value_t = 4)]
     readers: usize,
+    /// Records the projector applies in one store write at most (`projector.max-batch`).
+    #[arg(long, default_value_t = 1000)]
+    projector_batch: usize,
     /// Bootstrap servers of an external broker (for example Tansu); the embedded mock cluster when
     /// not given.
     #[arg(long)]
@@ -141,13 +144,8 @@ async fn start_phase(
 ) -> anyhow::Result<(touchline::Node, tempfile::TempDir)> {
     let kafka = broker_for(args, name, brokers).await?;
     let dir = tempfile::tempdir()?;
-    let node = pipeline::start_node(
-        &kafka.bootstrap_servers,
-        &kafka.topic,
-        dir.path(),
-        shape.clients,
-    )
-    .await?;
+    let node =
+        pipeline::start_node(&kafka.bootstrap_servers, &kafka.topic, dir.path(), shape).await?;
     Ok((node, dir))
 }
 
@@ -179,6 +177,7 @@ async fn main() -> anyhow::Result<()> {
         batch_size: args.batch_size.max(1),
         window: args.window.max(1),
         readers: args.readers,
+        projector_batch: args.projector_batch,
     };
     let broker_name = args.kafka.clone().map_or_else(
         || "embedded mock cluster".to_owned(),

@@ -27,6 +27,8 @@ pub struct Shape {
     pub batch_size: usize,
     pub window: usize,
     pub readers: usize,
+    /// Records the projector applies in one store write at most (`projector.max-batch`).
+    pub projector_batch: usize,
 }
 
 const BASE_SECONDS: i64 = 1_760_000_000;
@@ -81,9 +83,11 @@ pub async fn start_node(
     bootstrap: &str,
     topic: &str,
     dir: &std::path::Path,
-    clients: usize,
+    shape: &Shape,
 ) -> anyhow::Result<Node> {
+    let clients = shape.clients;
     let mut config = Config::default();
+    config.projector.max_batch = shape.projector_batch;
     config.server.listen = "127.0.0.1:0".parse()?;
     config.metrics.enabled = false;
     config.kafka.bootstrap_servers = bootstrap.to_owned();
@@ -134,8 +138,15 @@ async fn partner(
         let send_times = Arc::clone(&send_times);
         let window = Arc::clone(&window);
         let customers = shape.customers;
+        let clients = u32::try_from(shape.clients.max(1)).unwrap_or(u32::MAX);
+        let client_number = u32::try_from(client).unwrap_or(u32::MAX);
         tokio::spawn(async move {
-            let started = Instant::now();
+            // Partners are not synchronized: each client's schedule is offset by its share of
+            // the interval, so that arrivals are spread evenly rather than in bursts of K batches.
+            let started = Instant::now()
+                + pace.map_or(Duration::ZERO, |interval| {
+                    interval / clients * client_number
+                });
             for (number, batch) in batches.into_iter().enumerate() {
                 let scheduled = match pace {
                     Some(interval) => {
