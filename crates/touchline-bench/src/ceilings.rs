@@ -107,10 +107,7 @@ pub fn sled_rate(
     records: &[(String, Vec<u8>)],
     batch: usize,
 ) -> anyhow::Result<f64> {
-    let db = sled::Config::new()
-        .path(dir)
-        .cache_capacity(256 * 1024 * 1024)
-        .open()?;
+    let db = touchline_projection::sled_store::sled_config(dir).open()?;
     let log = db.open_tree("log")?;
     let timeline = db.open_tree("timeline")?;
     let started = Instant::now();
