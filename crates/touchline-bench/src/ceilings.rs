@@ -107,7 +107,11 @@ pub fn sled_rate(
     records: &[(String, Vec<u8>)],
     batch: usize,
 ) -> anyhow::Result<f64> {
-    let db = touchline_projection::sled_store::sled_config(dir).open()?;
+    let db = touchline_projection::sled_store::sled_config(
+        dir,
+        touchline_projection::sled_store::DEFAULT_CACHE_BYTES,
+    )
+    .open()?;
     let log = db.open_tree("log")?;
     let timeline = db.open_tree("timeline")?;
     let started = Instant::now();

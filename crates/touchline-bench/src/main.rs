@@ -87,6 +87,11 @@ struct Report {
     reads_after: stats::Percentiles,
     reads_after_per_second: f64,
     peak_rss_mib: Option<f64>,
+    /// Peak RSS of the ceiling phases (all records in memory, the broker's and sled's work).
+    ceilings_peak_rss_mib: Option<f64>,
+    /// Peak RSS of the pipeline phases alone (the ceilings' records and stores are gone by then;
+    /// the peak is reset before phase 3). `None` where the kernel cannot reset it.
+    pipeline_peak_rss_mib: Option<f64>,
 }
 
 const PARTITIONS: i32 = 6;
@@ -210,6 +215,8 @@ async fn main() -> anyhow::Result<()> {
     };
     drop(records);
 
+    let ceilings_peak = stats::peak_rss_mib();
+    let peak_reset = stats::reset_peak_rss();
     eprintln!("3/5 pipeline at full speed");
     let (node, _dir) = start_phase(&args, "full", &mut brokers, &shape).await?;
     let full_shape = pipeline::Shape {
@@ -247,7 +254,16 @@ async fn main() -> anyhow::Result<()> {
         half_rate,
         reads_after,
         reads_after_per_second,
-        peak_rss_mib: stats::peak_rss_mib(),
+        peak_rss_mib: match (ceilings_peak, stats::peak_rss_mib()) {
+            (Some(before), Some(after)) => Some(before.max(after)),
+            (before, after) => before.or(after),
+        },
+        ceilings_peak_rss_mib: ceilings_peak,
+        pipeline_peak_rss_mib: if peak_reset {
+            stats::peak_rss_mib()
+        } else {
+            None
+        },
     };
 
     println!();
@@ -330,9 +346,21 @@ async fn main() -> anyhow::Result<()> {
         format!("{:.0}", report.reads_after_per_second),
     );
     figure(
-        "peak RSS (MiB)",
+        "peak RSS, whole run (MiB)",
         report
             .peak_rss_mib
+            .map_or_else(|| "n/a".to_owned(), |rss| format!("{rss:.0}")),
+    );
+    figure(
+        "peak RSS, ceiling phases (MiB)",
+        report
+            .ceilings_peak_rss_mib
+            .map_or_else(|| "n/a".to_owned(), |rss| format!("{rss:.0}")),
+    );
+    figure(
+        "peak RSS, pipeline phases (MiB)",
+        report
+            .pipeline_peak_rss_mib
             .map_or_else(|| "n/a".to_owned(), |rss| format!("{rss:.0}")),
     );
     println!(

@@ -230,15 +230,17 @@ impl<'a> Folds<'a> {
     }
 }
 
+/// sled's page cache unless configured otherwise. sled's resident memory runs well above it (it
+/// counts serialized sizes), so it is kept modest; see BENCHMARKS.md (memory).
+pub const DEFAULT_CACHE_BYTES: u64 = 64 * 1024 * 1024;
+
 /// The sled configuration of the store (the bench's sled ceiling uses it too, so that the two are
-/// compared like for like): a 256 MiB cache, sled's defaults otherwise. (The high-throughput mode
+/// compared like for like): the cache size, sled's defaults otherwise. (The high-throughput mode
 /// without the periodic background flush was measured: +12% end-to-end throughput, but a worse
 /// ingest-to-queryable tail; see BENCHMARKS.md.)
 #[must_use]
-pub fn sled_config(path: &Path) -> sled::Config {
-    sled::Config::new()
-        .path(path)
-        .cache_capacity(256 * 1024 * 1024)
+pub fn sled_config(path: &Path, cache_bytes: u64) -> sled::Config {
+    sled::Config::new().path(path).cache_capacity(cache_bytes)
 }
 
 impl SledStore {
@@ -247,12 +249,21 @@ impl SledStore {
     /// # Errors
     /// When sled cannot open the folder or a stored counter is corrupt.
     pub fn open(path: &Path) -> crate::Result<Self> {
-        let db = sled_config(path)
-            .open()
-            .map_err(|source| crate::Error::OpenStore {
-                path: path.display().to_string(),
-                source,
-            })?;
+        Self::open_with_cache(path, DEFAULT_CACHE_BYTES)
+    }
+
+    /// Opens (or creates) the store in `path` with a page cache of `cache_bytes`.
+    ///
+    /// # Errors
+    /// When sled cannot open the folder or a stored counter is corrupt.
+    pub fn open_with_cache(path: &Path, cache_bytes: u64) -> crate::Result<Self> {
+        let db =
+            sled_config(path, cache_bytes)
+                .open()
+                .map_err(|source| crate::Error::OpenStore {
+                    path: path.display().to_string(),
+                    source,
+                })?;
         Self::from_db(db)
     }
 

@@ -86,12 +86,15 @@ impl Default for ServerConfig {
 pub struct StoreConfig {
     /// Folder of the sled database; created when missing.
     pub path: PathBuf,
+    /// sled's page cache, in MiB. sled's resident memory runs well above it.
+    pub cache_mib: u64,
 }
 
 impl Default for StoreConfig {
     fn default() -> Self {
         Self {
             path: PathBuf::from("touchline-data"),
+            cache_mib: touchline_projection::sled_store::DEFAULT_CACHE_BYTES / (1024 * 1024),
         }
     }
 }

@@ -107,11 +107,13 @@ impl Node {
         let mut rebuilds = None;
         if config.projector.enabled {
             let path = config.store.path.clone();
-            let opened = tokio::task::spawn_blocking(move || SledStore::open(&path))
-                .await?
-                .with_context(|| {
-                    format!("cannot open the store in {}", config.store.path.display())
-                })?;
+            let cache_bytes = config.store.cache_mib.saturating_mul(1024 * 1024);
+            let opened =
+                tokio::task::spawn_blocking(move || SledStore::open_with_cache(&path, cache_bytes))
+                    .await?
+                    .with_context(|| {
+                        format!("cannot open the store in {}", config.store.path.display())
+                    })?;
             let opened = Arc::new(opened);
             let options = ProjectorOptions {
                 kafka: config.kafka.clone(),
