@@ -345,6 +345,15 @@ impl PartnerRegistry {
     }
 }
 
+/// The bearer token of a call's `authorization` metadata, if it has one.
+#[must_use]
+pub fn request_token(metadata: &tonic::metadata::MetadataMap) -> Option<&str> {
+    metadata
+        .get("authorization")
+        .and_then(|value| value.to_str().ok())
+        .and_then(bearer_token)
+}
+
 /// The token of an `authorization: Bearer <token>` header value.
 #[must_use]
 pub fn bearer_token(header: &str) -> Option<&str> {

@@ -21,7 +21,7 @@ use touchline_proto::convert::raw_touchpoint;
 use touchline_proto::v1::{self, event_result};
 use tracing::{debug, info};
 
-use crate::auth::{Authenticated, bearer_token};
+use crate::auth::{Authenticated, request_token};
 use crate::limits::{RateLimiter, StreamCounter, grpc_timeout};
 use crate::metrics::INGEST;
 use crate::{Error, PartnerDirectory, Publisher, Result};
@@ -144,11 +144,7 @@ fn check_event(
 impl Inner {
     /// The partner the call's bearer token authenticates. The only source of partner identity.
     fn authenticate(&self, metadata: &MetadataMap) -> Result<Authenticated> {
-        let header = metadata
-            .get("authorization")
-            .and_then(|value| value.to_str().ok())
-            .ok_or(Error::TokenMissing)?;
-        let token = bearer_token(header).ok_or(Error::TokenMissing)?;
+        let token = request_token(metadata).ok_or(Error::TokenMissing)?;
         self.partners
             .current()
             .authenticate(token, UnixNanos::now())

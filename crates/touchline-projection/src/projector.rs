@@ -188,12 +188,6 @@ impl Projector {
         ))
     }
 
-    /// The stream this projector consumes.
-    #[must_use]
-    pub fn stream(&self) -> &StreamIdentity {
-        &self.stream
-    }
-
     /// Consumes and applies batches until `shutdown` is cancelled. Every batch is flushed before
     /// its positions are published; on shutdown the in-flight batch completes first.
     ///

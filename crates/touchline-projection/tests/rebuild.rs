@@ -3,60 +3,39 @@
 //! active atomically, and an interrupted rebuild leaves the active version untouched. Dead letters
 //! are kept once, and can be requeued or discarded.
 
-use std::collections::BTreeMap;
-
 use touchline_core::{
-    Channel, ConsumedRecord, CustomerId, Envelope, EventId, EventStore as _, EventType,
-    JourneyStage, Outcome, PartnerId, RecordContent, Sentiment, StreamIdentity, TimelineFilter,
-    TimelineQuery, Touchpoint, UnixNanos,
+    ConsumedRecord, CustomerId, Envelope, EventStore as _, JourneyStage, RecordContent,
+    StreamIdentity, TimelineFilter, TimelineQuery,
 };
 use touchline_projection::{OpsError, Projection, Requeued, SledStore};
 
 mod support;
 
 fn stream() -> StreamIdentity {
-    StreamIdentity {
-        cluster_id: "c".to_owned(),
-        topic: "touchpoints".to_owned(),
-    }
+    support::stream("c")
 }
 
+/// Event `i`: three partners, seven customers, every stage, event times out of order on purpose
+/// (late events land in their place).
 fn envelope(i: u64) -> Envelope {
     let stage = JourneyStage::ALL[usize::try_from(i).unwrap_or_default() % JourneyStage::ALL.len()];
-    Envelope {
-        partner_id: PartnerId::parse(format!("partner-{}", i % 3)).expect("valid partner"),
-        touchpoint: Touchpoint {
-            event_id: EventId::parse(format!("e{i}")).expect("valid event id"),
-            customer_id: CustomerId::parse(format!("cust-{}", i % 7)).expect("valid customer"),
-            event_type: EventType::parse("delivery.seen").expect("valid type"),
-            // Out of order on purpose: late events land in their place.
-            occurred_at: UnixNanos(i64::try_from((i * 7919) % 1000).unwrap_or_default()),
-            channel: Channel::Web,
-            stage,
-            outcome: Some(Outcome {
-                sentiment: Sentiment::Neutral,
-                score: None,
-            }),
-            attributes: BTreeMap::new(),
-            payload: Vec::new(),
-        },
-        received_at: UnixNanos(0),
-    }
+    support::envelope(
+        &format!("partner-{}", i % 3),
+        &format!("e{i}"),
+        &format!("cust-{}", i % 7),
+        i64::try_from((i * 7919) % 1000).unwrap_or_default(),
+        stage,
+    )
 }
 
 fn records(range: std::ops::Range<u64>) -> Vec<ConsumedRecord> {
     range
         .map(|i| {
-            let envelope = envelope(i);
-            let raw = touchline_proto::encode_envelope(&envelope);
-            ConsumedRecord {
-                partition: i32::try_from(i % 2).unwrap_or_default(),
-                offset: i64::try_from(i).unwrap_or_default(),
-                content: RecordContent::Event {
-                    envelope: Box::new(envelope),
-                    raw,
-                },
-            }
+            support::record(
+                i32::try_from(i % 2).unwrap_or_default(),
+                i64::try_from(i).unwrap_or_default(),
+                envelope(i),
+            )
         })
         .collect()
 }

@@ -8,59 +8,14 @@ use std::collections::{BTreeMap, BTreeSet, HashSet};
 
 use proptest::prelude::*;
 use touchline_core::{
-    Channel, ConsumedRecord, CustomerId, Envelope, EventId, EventStore as _, EventType,
-    JourneyStage, Outcome, PartnerId, RecordContent, Sentiment, StreamIdentity, TimelineCursor,
-    TimelineFilter, TimelineQuery, Touchpoint, UnixNanos,
+    ConsumedRecord, CustomerId, Envelope, EventStore as _, JourneyStage, PartnerId, RecordContent,
+    TimelineCursor, TimelineFilter, TimelineQuery, UnixNanos,
 };
 use touchline_projection::SledStore;
 
 mod support;
 
-fn stream(cluster: &str) -> StreamIdentity {
-    StreamIdentity {
-        cluster_id: cluster.to_owned(),
-        topic: "touchpoints".to_owned(),
-    }
-}
-
-fn envelope(
-    partner: &str,
-    event: &str,
-    customer: &str,
-    occurred_at: i64,
-    stage: JourneyStage,
-) -> Envelope {
-    Envelope {
-        partner_id: PartnerId::parse(partner).expect("valid partner"),
-        touchpoint: Touchpoint {
-            event_id: EventId::parse(event).expect("valid event id"),
-            customer_id: CustomerId::parse(customer).expect("valid customer"),
-            event_type: EventType::parse(format!("{}.seen", stage.name())).expect("valid type"),
-            occurred_at: UnixNanos(occurred_at),
-            channel: Channel::Web,
-            stage,
-            outcome: Some(Outcome {
-                sentiment: Sentiment::Neutral,
-                score: None,
-            }),
-            attributes: BTreeMap::new(),
-            payload: Vec::new(),
-        },
-        received_at: UnixNanos(occurred_at),
-    }
-}
-
-fn record(partition: i32, offset: i64, envelope: Envelope) -> ConsumedRecord {
-    let raw = touchline_proto::encode_envelope(&envelope);
-    ConsumedRecord {
-        partition,
-        offset,
-        content: RecordContent::Event {
-            envelope: Box::new(envelope),
-            raw,
-        },
-    }
-}
+use support::{envelope, record, stream};
 
 fn open(dir: &tempfile::TempDir) -> SledStore {
     support::open_when_released(dir.path())

@@ -2,7 +2,6 @@
 //! Served by nodes that run the projector (they own the store). Every call is authorized first
 //! by the node's admin check (admin tokens; partner tokens are refused).
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -638,14 +637,4 @@ impl v1::admin_service_server::AdminService for AdminService {
             log_events,
         }))
     }
-}
-
-/// Lag per partition from a status, for metrics.
-#[must_use]
-pub fn lag_by_partition(status: &v1::GetStatusResponse) -> BTreeMap<i32, i64> {
-    status
-        .partitions
-        .iter()
-        .map(|partition| (partition.partition, partition.lag))
-        .collect()
 }

@@ -210,13 +210,13 @@ fn lagged(cursor: &str) -> Status {
 }
 
 fn shutting_down() -> Status {
-    let mut details = ErrorDetails::new();
-    details.set_error_info("SHUTTING_DOWN", ERROR_DOMAIN, []);
-    Status::with_error_details(
-        tonic::Code::Unavailable,
-        "the server is shutting down; resume from the last cursor once it is back",
-        details,
-    )
+    Error::Rejected {
+        code: tonic::Code::Unavailable,
+        reason: "SHUTTING_DOWN",
+        message: "the server is shutting down; resume from the last cursor once it is back"
+            .to_owned(),
+    }
+    .into()
 }
 
 #[cfg(test)]

@@ -7,19 +7,21 @@ use std::sync::Arc;
 use subtle::ConstantTimeEq as _;
 use tonic::metadata::MetadataMap;
 use tonic::{Code, Status};
-use tonic_types::{ErrorDetails, StatusExt as _};
 use touchline_core::UnixNanos;
-use touchline_ingest::auth::bearer_token;
+use touchline_ingest::auth::request_token;
 use touchline_ingest::{PartnerDirectory, hash_token};
 use touchline_query::admin::Authorize;
 
 /// The admin token `touchline dev` accepts when the configuration names none. Development only.
 pub const DEV_ADMIN_TOKEN: &str = "dev-admin-token";
 
-fn refused(code: Code, reason: &str, message: &str) -> Status {
-    let mut details = ErrorDetails::new();
-    details.set_error_info(reason, "touchline.dev", []);
-    Status::with_error_details(code, message, details)
+fn refused(code: Code, reason: &'static str, message: &str) -> Status {
+    touchline_query::Error::Rejected {
+        code,
+        reason,
+        message: message.to_owned(),
+    }
+    .into()
 }
 
 /// The check of every admin call: `hashes` are the admin tokens' SHA-256 in hex.
@@ -27,17 +29,13 @@ fn refused(code: Code, reason: &str, message: &str) -> Status {
 pub fn authorizer(hashes: Vec<String>, partners: PartnerDirectory) -> Authorize {
     let hashes: Vec<String> = hashes.into_iter().map(|hash| hash.to_lowercase()).collect();
     Arc::new(move |metadata: &MetadataMap| {
-        let token = metadata
-            .get("authorization")
-            .and_then(|value| value.to_str().ok())
-            .and_then(bearer_token)
-            .ok_or_else(|| {
-                refused(
-                    Code::Unauthenticated,
-                    "TOKEN_MISSING",
-                    "send `authorization: Bearer <admin token>`",
-                )
-            })?;
+        let token = request_token(metadata).ok_or_else(|| {
+            refused(
+                Code::Unauthenticated,
+                "TOKEN_MISSING",
+                "send `authorization: Bearer <admin token>`",
+            )
+        })?;
         let digest = hash_token(token);
         // Every hash is compared, in constant time each.
         let admin = hashes.iter().fold(false, |found, hash| {

@@ -222,6 +222,17 @@ fn admin<T>(message: T) -> tonic::Request<T> {
     request
 }
 
+/// Starts a rebuild of the timeline projection; returns its progress stream.
+async fn rebuild_timeline(endpoint: &str) -> anyhow::Result<tonic::Streaming<v1::RebuildProgress>> {
+    Ok(AdminServiceClient::connect(endpoint.to_owned())
+        .await?
+        .rebuild_projection(admin(v1::RebuildProjectionRequest {
+            projection: "timeline".to_owned(),
+        }))
+        .await?
+        .into_inner())
+}
+
 async fn active_checksums(endpoint: &str) -> anyhow::Result<Vec<(String, u32, u64, String)>> {
     let verified = AdminServiceClient::connect(endpoint.to_owned())
         .await?
@@ -254,13 +265,7 @@ async fn a_kill_during_a_rebuild_leaves_the_old_version_active_and_intact() -> a
     let before = active_checksums(&endpoint).await?;
     assert_eq!(before[0].2, 2000, "every event is in the log: {before:?}");
 
-    let mut progress = AdminServiceClient::connect(endpoint.clone())
-        .await?
-        .rebuild_projection(admin(v1::RebuildProjectionRequest {
-            projection: "timeline".to_owned(),
-        }))
-        .await?
-        .into_inner();
+    let mut progress = rebuild_timeline(&endpoint).await?;
     let first = tokio::time::timeout(DEADLINE, progress.message())
         .await??
         .context("progress")?;
@@ -275,13 +280,7 @@ async fn a_kill_during_a_rebuild_leaves_the_old_version_active_and_intact() -> a
         before,
         "the old version is active and intact; the half-built one is gone"
     );
-    let mut progress = AdminServiceClient::connect(endpoint.clone())
-        .await?
-        .rebuild_projection(admin(v1::RebuildProjectionRequest {
-            projection: "timeline".to_owned(),
-        }))
-        .await?
-        .into_inner();
+    let mut progress = rebuild_timeline(&endpoint).await?;
     let mut last = None;
     while let Some(message) = tokio::time::timeout(DEADLINE, progress.message()).await?? {
         last = Some(message);

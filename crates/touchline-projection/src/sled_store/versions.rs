@@ -159,12 +159,11 @@ impl SledStore {
                 if let Some(building) = versions.building.take() {
                     tracing::warn!(%projection, version = building, "dropping the version an interrupted rebuild left behind; the active version is untouched");
                     versions.dropping.push(building);
+                    self.meta
+                        .insert_now(projection.meta_key(), encode(&*versions)?)
+                        .map_err(backend)?;
                 }
-                let versions = versions.clone();
-                self.meta
-                    .insert_now(projection.meta_key(), encode(&versions)?)
-                    .map_err(backend)?;
-                versions.dropping
+                versions.dropping.clone()
             };
             for version in leftovers {
                 self.drop_version(projection, version)?;
@@ -222,7 +221,7 @@ impl SledStore {
         from_sequence: u64,
         max: usize,
     ) -> Result<u64, OpsError> {
-        self.check_building(projection, version)?;
+        self.lock_writer().check_building(projection, version)?;
         // Only what is in the log now: never a batch the projector is writing meanwhile.
         let end = (self.log_count.load(Ordering::Acquire) + 1)
             .min(from_sequence.saturating_add(u64::try_from(max).unwrap_or(u64::MAX)));
@@ -247,7 +246,7 @@ impl SledStore {
     ) -> Result<u32, OpsError> {
         let previous = {
             let mut writer = self.lock_writer();
-            self.check_building_locked(&writer, projection, version)?;
+            writer.check_building(projection, version)?;
             let mut batch = sled::Batch::default();
             self.fold_log_into(
                 projection,
@@ -304,7 +303,7 @@ impl SledStore {
     pub fn cancel_rebuild(&self, projection: Projection, version: u32) -> Result<(), OpsError> {
         {
             let mut writer = self.lock_writer();
-            self.check_building_locked(&writer, projection, version)?;
+            writer.check_building(projection, version)?;
             let versions = writer.versions.entry(projection).or_default();
             let mut updated = versions.clone();
             updated.building = None;
@@ -316,27 +315,6 @@ impl SledStore {
         }
         self.drop_version(projection, version)?;
         Ok(())
-    }
-
-    fn check_building(&self, projection: Projection, version: u32) -> Result<(), OpsError> {
-        let writer = self.lock_writer();
-        self.check_building_locked(&writer, projection, version)
-    }
-
-    #[allow(clippy::unused_self)]
-    fn check_building_locked(
-        &self,
-        writer: &WriterState,
-        projection: Projection,
-        version: u32,
-    ) -> Result<(), OpsError> {
-        match writer.versions.get(&projection) {
-            Some(versions) if versions.building == Some(version) => Ok(()),
-            _ => Err(OpsError::NotBuilding {
-                projection,
-                version,
-            }),
-        }
     }
 
     /// Folds log events `from_sequence..end` into one version; returns the next to fold.
@@ -453,5 +431,18 @@ impl SledStore {
             }
         }
         Ok((writer.next_sequence.saturating_sub(1), checksums))
+    }
+}
+
+impl WriterState {
+    /// Whether `version` of `projection` is the one being built (not cancelled, not replaced).
+    fn check_building(&self, projection: Projection, version: u32) -> Result<(), OpsError> {
+        match self.versions.get(&projection) {
+            Some(versions) if versions.building == Some(version) => Ok(()),
+            _ => Err(OpsError::NotBuilding {
+                projection,
+                version,
+            }),
+        }
     }
 }

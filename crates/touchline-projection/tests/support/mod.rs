@@ -1,5 +1,13 @@
 //! Shared by the store tests.
 
+#![allow(dead_code, reason = "each test file uses its share")]
+
+use std::collections::BTreeMap;
+
+use touchline_core::{
+    Channel, ConsumedRecord, CustomerId, Envelope, EventId, EventType, JourneyStage, Outcome,
+    PartnerId, RecordContent, Sentiment, StreamIdentity, Touchpoint, UnixNanos,
+};
 use touchline_projection::SledStore;
 
 /// Opens the store in `path`, waiting for an instance dropped just before to let go of it: sled
@@ -19,5 +27,51 @@ pub fn open_when_released(path: &std::path::Path) -> SledStore {
             }
             Err(error) => panic!("the store does not open: {error}"),
         }
+    }
+}
+
+pub fn stream(cluster: &str) -> StreamIdentity {
+    StreamIdentity {
+        cluster_id: cluster.to_owned(),
+        topic: "touchpoints".to_owned(),
+    }
+}
+
+pub fn envelope(
+    partner: &str,
+    event: &str,
+    customer: &str,
+    occurred_at: i64,
+    stage: JourneyStage,
+) -> Envelope {
+    Envelope {
+        partner_id: PartnerId::parse(partner).expect("valid partner"),
+        touchpoint: Touchpoint {
+            event_id: EventId::parse(event).expect("valid event id"),
+            customer_id: CustomerId::parse(customer).expect("valid customer"),
+            event_type: EventType::parse(format!("{}.seen", stage.name())).expect("valid type"),
+            occurred_at: UnixNanos(occurred_at),
+            channel: Channel::Web,
+            stage,
+            outcome: Some(Outcome {
+                sentiment: Sentiment::Neutral,
+                score: None,
+            }),
+            attributes: BTreeMap::new(),
+            payload: Vec::new(),
+        },
+        received_at: UnixNanos(occurred_at),
+    }
+}
+
+pub fn record(partition: i32, offset: i64, envelope: Envelope) -> ConsumedRecord {
+    let raw = touchline_proto::encode_envelope(&envelope);
+    ConsumedRecord {
+        partition,
+        offset,
+        content: RecordContent::Event {
+            envelope: Box::new(envelope),
+            raw,
+        },
     }
 }
