@@ -90,6 +90,19 @@ pub struct ApplyOutcome {
     pub next_offsets: BTreeMap<i32, i64>,
 }
 
+impl ApplyOutcome {
+    /// Adds what applying a later part of the same batch did.
+    pub fn absorb(&mut self, later: Self) {
+        self.appended += later.appended;
+        self.duplicates += later.duplicates;
+        self.dead_lettered += later.dead_lettered;
+        for (partition, next_offset) in later.next_offsets {
+            let next = self.next_offsets.entry(partition).or_insert(next_offset);
+            *next = (*next).max(next_offset);
+        }
+    }
+}
+
 /// A position in a timeline: the order key of the last entry returned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct TimelineCursor {
@@ -155,15 +168,17 @@ pub enum StoreError {
 }
 
 /// The log and its projections. Implementations must make [`EventStore::apply`] atomic: log
-/// appends, dedupe markers, projection updates, dead letters and positions of one batch are
-/// stored together or not at all (invariant 6).
+/// appends, dedupe markers, projection updates, dead letters and the positions they cover are
+/// stored together or not at all (invariant 6). A store may split a batch into several such
+/// atomic writes, in order, each storing the positions of the records it covers.
 pub trait EventStore: Send + Sync + std::fmt::Debug {
     /// Applies a batch of consumed records of `stream`: appends new events to the log, drops
     /// duplicates of (partner, event id), updates the projections, keeps undecodable records as
-    /// dead letters, and stores the next offset of each partition, all in one atomic write.
+    /// dead letters, and stores the next offset of each partition with the records it covers.
     ///
     /// # Errors
-    /// When the backend fails; then nothing of the batch is stored.
+    /// When the backend fails; then at most a prefix of the batch is stored, with its positions
+    /// (re-reading the rest is safe: events are deduplicated).
     fn apply(
         &self,
         stream: &StreamIdentity,

@@ -141,6 +141,56 @@ fn check_event(
     Ok(touchpoint)
 }
 
+/// A batch checked and encoded, ready to produce.
+struct Prepared {
+    /// The events' ids as given (truncated), for the answers.
+    event_ids: Vec<String>,
+    /// Per event: its place in `envelopes`, or why it was rejected.
+    slots: Vec<Result<usize, Rejection>>,
+    /// The accepted events and their encoded records.
+    envelopes: Vec<(Envelope, Vec<u8>)>,
+}
+
+/// Validates every event of a batch (duplicates within it included) and encodes the accepted ones.
+fn prepare(
+    events: Vec<v1::Touchpoint>,
+    partner: &Authenticated,
+    now: UnixNanos,
+    limits: &Limits,
+) -> Prepared {
+    let event_ids = events
+        .iter()
+        .map(|event| truncate(&event.event_id, 128))
+        .collect();
+    let mut checked: Vec<Result<Touchpoint, Rejection>> = events
+        .into_iter()
+        .map(|event| check_event(event, partner, now, limits))
+        .collect();
+    reject_duplicates_in_batch(&mut checked);
+    let mut envelopes = Vec::new();
+    let mut slots = Vec::with_capacity(checked.len());
+    for result in checked {
+        match result {
+            Ok(touchpoint) => {
+                let envelope = Envelope {
+                    partner_id: partner.partner_id.clone(),
+                    touchpoint,
+                    received_at: now,
+                };
+                let value = touchline_proto::encode_envelope(&envelope);
+                slots.push(Ok(envelopes.len()));
+                envelopes.push((envelope, value));
+            }
+            Err(rejection) => slots.push(Err(rejection)),
+        }
+    }
+    Prepared {
+        event_ids,
+        slots,
+        envelopes,
+    }
+}
+
 impl Inner {
     /// The partner the call's bearer token authenticates. The only source of partner identity.
     fn authenticate(&self, metadata: &MetadataMap) -> Result<Authenticated> {
@@ -188,38 +238,22 @@ impl Inner {
         request: v1::PublishRequest,
         call_timeout: Option<Duration>,
     ) -> Result<v1::PublishResponse> {
-        let count = request.events.len();
-        let event_ids: Vec<String> = request
-            .events
-            .iter()
-            .map(|event| truncate(&event.event_id, 128))
-            .collect();
         let now = UnixNanos::now();
-        let limits = &self.options.limits;
-        let mut checked: Vec<Result<Touchpoint, Rejection>> = request
-            .events
-            .into_iter()
-            .map(|event| check_event(event, partner, now, limits))
-            .collect();
-        reject_duplicates_in_batch(&mut checked);
-
-        let mut envelopes = Vec::new();
-        let mut slots = Vec::with_capacity(count);
-        for result in checked {
-            match result {
-                Ok(touchpoint) => {
-                    let envelope = Envelope {
-                        partner_id: partner.partner_id.clone(),
-                        touchpoint,
-                        received_at: now,
-                    };
-                    let value = touchline_proto::encode_envelope(&envelope);
-                    slots.push(Ok(envelopes.len()));
-                    envelopes.push((envelope, value));
-                }
-                Err(rejection) => slots.push(Err(rejection)),
-            }
-        }
+        // Validating and encoding a batch takes a millisecond or more: off the async runtime, so
+        // that other calls (reads, acknowledgements) do not queue behind it.
+        let (checking_partner, limits) = (partner.clone(), self.options.limits);
+        let Prepared {
+            event_ids,
+            slots,
+            envelopes,
+        } = tokio::task::spawn_blocking(move || {
+            prepare(request.events, &checking_partner, now, &limits)
+        })
+        .await
+        .map_err(|error| Error::Unavailable {
+            reason: format!("validation stopped: {error}"),
+            retry_after: Duration::from_secs(1),
+        })?;
         let produced = if envelopes.is_empty() {
             Vec::new()
         } else {

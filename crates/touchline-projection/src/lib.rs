@@ -3,6 +3,7 @@
 //! positions in the same atomic write (invariant 6).
 
 pub mod error;
+pub mod garbage;
 pub mod keys;
 pub mod metrics;
 pub mod ops;

@@ -22,7 +22,7 @@ pub use probe::KafkaProbe;
 pub use replay::{ReplayError, ReplayFrom, ReplayProgress, replay};
 
 /// Log events folded per atomic batch of a rebuild, unless configured otherwise.
-pub const REBUILD_CHUNK: usize = 2000;
+pub const REBUILD_CHUNK: usize = 250;
 
 /// Rebuild rounds in a row without closing the gap to the log's end before the rebuild switches
 /// anyway (folding the gap while the projector waits).

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use futures::StreamExt as _;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _, StreamConsumer};
-use rdkafka::message::{BorrowedMessage, Message as _};
+use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -217,7 +217,7 @@ impl Projector {
                 batch = batches.next() => batch,
             };
             let Some(batch) = batch else { break };
-            let mut records = Vec::with_capacity(batch.len());
+            let mut messages = Vec::with_capacity(batch.len());
             for message in batch {
                 match message {
                     // The verified record just before a resume point is read again: drop it once.
@@ -226,20 +226,24 @@ impl Projector {
                             .get(&message.partition())
                             .is_some_and(|next| message.offset() < *next) => {}
                     Ok(message) if skip_below.remove(&message.partition()).is_some() => {
-                        records.push(consumed_record(&message));
+                        messages.push(message.detach());
                     }
-                    Ok(message) => records.push(consumed_record(&message)),
+                    Ok(message) => messages.push(message.detach()),
                     // librdkafka retries by itself; errors here are informational.
                     Err(error) => warn!(%error, "kafka consumer error"),
                 }
             }
-            if records.is_empty() {
+            if messages.is_empty() {
                 continue;
             }
             let store = Arc::clone(&self.store);
             let stream = self.stream.clone();
-            let outcome =
-                tokio::task::spawn_blocking(move || store.apply(&stream, records)).await??;
+            // Decoding a batch takes milliseconds: with the write, off the async runtime.
+            let outcome = tokio::task::spawn_blocking(move || {
+                let records = messages.iter().map(consumed_record).collect();
+                store.apply(&stream, records)
+            })
+            .await??;
             metrics::PROJECTOR.applied.inc_by(outcome.appended);
             metrics::PROJECTOR.duplicates.inc_by(outcome.duplicates);
             metrics::PROJECTOR
@@ -415,7 +419,7 @@ pub(crate) fn kafka_setup(error: &touchline_kafka::Error) -> Error {
 }
 
 /// Decodes a consumed message; anything undecodable becomes a dead letter with its reason.
-pub(crate) fn consumed_record(message: &BorrowedMessage<'_>) -> ConsumedRecord {
+pub(crate) fn consumed_record(message: &impl Message) -> ConsumedRecord {
     let content = match touchline_proto::decode_envelope(message.payload()) {
         Ok(envelope) => RecordContent::Event {
             envelope: Box::new(envelope),

@@ -33,6 +33,12 @@ pub use dead_letters::{DeadLetter, Requeued};
 use versions::version_prefix;
 pub use versions::{Checksum, Projection, ProjectionVersions, VersionChecksum, VersionRole};
 
+/// The most records one atomic write covers. sled 0.34 holds a process-wide lock while it applies
+/// a batch, and every read (each step of a scan) waits for it: a consumer batch of 2,000 records
+/// (about 8,000 writes) in one piece kept `GetTimeline` waiting for tens of milliseconds. Smaller
+/// writes, each atomic with the positions it covers, bound that wait.
+pub const RECORDS_PER_WRITE: usize = 64;
+
 /// The most timeline entries one page request reads. A selective filter on a long timeline
 /// returns a short (even empty) page with a cursor rather than scanning without bound.
 pub const MAX_SCAN_PER_PAGE: usize = 10_000;
@@ -437,6 +443,8 @@ impl SledStore {
         let mut next_dead_letter = writer.next_dead_letter;
         let mut dead_letters = writer.dead_letters;
         let mut last_fingerprints: BTreeMap<i32, (i64, u64)> = BTreeMap::new();
+        // Log, dedupe, timeline and summary: about four writes a record.
+        let writes = records.len() * 4;
 
         for record in records {
             let after = record.offset.saturating_add(1);
@@ -551,6 +559,7 @@ impl SledStore {
 
         // One tree, one batch: atomic (invariant 6).
         self.tree.apply_batch(batch).map_err(backend)?;
+        crate::garbage::collect_after(writes);
         if !appended.is_empty() {
             // Under the writer: entries queue in log order.
             lock(&self.unflushed).append(&mut appended);
@@ -570,7 +579,7 @@ impl SledStore {
     /// Stored positions are not touched: the projector's own reading goes on where it was.
     ///
     /// # Errors
-    /// When the backend fails; then nothing of the batch is stored.
+    /// When the backend fails; then at most a prefix of the batch is stored.
     pub fn apply_replayed(
         &self,
         stream: &StreamIdentity,
@@ -589,13 +598,20 @@ impl SledStore {
         // One writer at a time: the dedupe reads and the counters are only consistent with the
         // batch because nobody else writes in between.
         let mut writer = self.lock_writer();
-        self.apply_locked(
-            &mut writer,
-            &stream.key(),
-            records,
-            store_positions,
-            sled::Batch::default(),
-        )
+        let stream_key = stream.key();
+        let mut outcome = ApplyOutcome::default();
+        let mut records = records.into_iter().peekable();
+        while records.peek().is_some() {
+            let part: Vec<ConsumedRecord> = records.by_ref().take(RECORDS_PER_WRITE).collect();
+            outcome.absorb(self.apply_locked(
+                &mut writer,
+                &stream_key,
+                part,
+                store_positions,
+                sled::Batch::default(),
+            )?);
+        }
+        Ok(outcome)
     }
 }
 

@@ -102,6 +102,7 @@ impl Table {
                 return Ok(deleted);
             }
             self.tree.apply_batch(batch)?;
+            crate::garbage::collect_after(usize::try_from(in_batch).unwrap_or(usize::MAX));
             deleted += in_batch;
         }
     }

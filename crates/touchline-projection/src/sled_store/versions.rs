@@ -228,6 +228,7 @@ impl SledStore {
         let mut batch = sled::Batch::default();
         let next = self.fold_log_into(projection, version, from_sequence, end, &mut batch)?;
         self.tree.apply_batch(batch).map_err(backend)?;
+        crate::garbage::collect_after(folded(from_sequence, next));
         Ok(next)
     }
 
@@ -248,7 +249,7 @@ impl SledStore {
             let mut writer = self.lock_writer();
             writer.check_building(projection, version)?;
             let mut batch = sled::Batch::default();
-            self.fold_log_into(
+            let next = self.fold_log_into(
                 projection,
                 version,
                 from_sequence,
@@ -264,6 +265,7 @@ impl SledStore {
             self.meta
                 .insert(&mut batch, projection.meta_key(), encode(&updated)?);
             self.tree.apply_batch(batch).map_err(backend)?;
+            crate::garbage::collect_after(folded(from_sequence, next));
             *versions = updated;
             let table = Arc::new(self.version_table(projection, version));
             let mut active = self
@@ -445,4 +447,9 @@ impl WriterState {
             }),
         }
     }
+}
+
+/// Events folded by a step from `from_sequence` up to `next`.
+fn folded(from_sequence: u64, next: u64) -> usize {
+    usize::try_from(next.saturating_sub(from_sequence)).unwrap_or(usize::MAX)
 }
