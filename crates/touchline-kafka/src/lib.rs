@@ -119,7 +119,10 @@ impl KafkaOptions {
     }
 
     /// The consumer: manual assignment (positions live in the store, invariant 6), no automatic
-    /// commits (commits are advisory, for lag monitoring), read only committed records.
+    /// commits (commits are advisory, for lag monitoring), read only committed records. Records
+    /// read ahead are capped at 16 MiB / 20,000 per partition (librdkafka's defaults, 64 MiB and
+    /// 100,000, let a lagging projector hold hundreds of MiB; the projector writes 2,000 at most
+    /// at once).
     #[must_use]
     pub fn consumer_config(&self) -> ClientConfig {
         let mut config = ClientConfig::new();
@@ -131,6 +134,8 @@ impl KafkaOptions {
             .set("auto.offset.reset", "earliest")
             .set("isolation.level", "read_committed")
             .set("fetch.wait.max.ms", "10")
+            .set("queued.max.messages.kbytes", "16384")
+            .set("queued.min.messages", "20000")
             .set("socket.nagle.disable", "true")
             .set("enable.partition.eof", "false");
         apply_overrides(&mut config, &self.properties);

@@ -12,6 +12,11 @@ use touchline::config::{DEFAULT_PORT, LogFormat};
 use touchline::{BrokerChoice, Config, Node, client, demo, node, stream_client};
 use touchline_core::{JourneyStage, UnixNanos};
 use touchline_ingest::{PartnerDirectory, PartnerRegistry};
+
+/// mimalloc rather than the system allocator: with glibc's, memory that sled frees after a write
+/// stayed resident and the process grew with every event (BENCHMARKS.md, Memory).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use touchline_proto::v1;
 use tracing_subscriber::EnvFilter;
 
