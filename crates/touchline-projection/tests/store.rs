@@ -114,6 +114,61 @@ fn a_batch_appends_projects_and_stores_its_positions() {
 }
 
 #[test]
+fn a_batch_larger_than_one_write_is_stored_whole_in_order_with_every_position() {
+    use touchline_projection::sled_store::RECORDS_PER_WRITE;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = open(&dir);
+    // Several write pieces, two partitions, a duplicate in a later piece of an event in the first.
+    let count = RECORDS_PER_WRITE * 3 + 5;
+    let mut records: Vec<ConsumedRecord> = (0..count)
+        .map(|index| {
+            record(
+                (index % 2) as i32,
+                (index / 2) as i64,
+                envelope(
+                    "courier",
+                    &format!("e{index}"),
+                    &format!("cust-{}", index % 7),
+                    index as i64,
+                    JourneyStage::Fulfil,
+                ),
+            )
+        })
+        .collect();
+    records.push(record(
+        0,
+        (count / 2 + 1) as i64,
+        envelope("courier", "e0", "cust-0", 0, JourneyStage::Fulfil),
+    ));
+    let outcome = store.apply(&stream("a"), records).expect("applies");
+    assert_eq!(outcome.appended, count as u64);
+    assert_eq!(outcome.duplicates, 1, "deduplicated across write pieces");
+    let expected_next = BTreeMap::from([(0, (count / 2 + 2) as i64), (1, (count / 2) as i64)]);
+    assert_eq!(outcome.next_offsets, expected_next);
+    let stored: BTreeMap<i32, i64> = store
+        .positions(&stream("a"))
+        .expect("reads")
+        .into_iter()
+        .map(|(partition, position)| (partition, position.next_offset))
+        .collect();
+    assert_eq!(stored, expected_next, "the last piece stored the last positions");
+    assert_eq!(store.log_len(), count);
+    for sequence in [1, count as u64] {
+        let (partition, offset, _) = store
+            .log_record(sequence)
+            .expect("reads")
+            .expect("in the log");
+        let index = sequence as usize - 1;
+        assert_eq!((partition, offset), ((index % 2) as i32, (index / 2) as i64));
+    }
+    let summary = store
+        .summary(&customer("cust-3"))
+        .expect("reads")
+        .expect("has a summary");
+    assert_eq!(summary.total, (0..count).filter(|index| index % 7 == 3).count() as u64);
+}
+
+#[test]
 fn duplicates_are_dropped_within_a_batch_across_batches_and_after_reopening() {
     let dir = tempfile::tempdir().expect("temp dir");
     let event = || envelope("courier", "e1", "alice", 100, JourneyStage::Fulfil);
