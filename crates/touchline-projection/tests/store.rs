@@ -151,7 +151,10 @@ fn a_batch_larger_than_one_write_is_stored_whole_in_order_with_every_position() 
         .into_iter()
         .map(|(partition, position)| (partition, position.next_offset))
         .collect();
-    assert_eq!(stored, expected_next, "the last piece stored the last positions");
+    assert_eq!(
+        stored, expected_next,
+        "the last piece stored the last positions"
+    );
     assert_eq!(store.log_len(), count);
     for sequence in [1, count as u64] {
         let (partition, offset, _) = store
@@ -159,13 +162,19 @@ fn a_batch_larger_than_one_write_is_stored_whole_in_order_with_every_position() 
             .expect("reads")
             .expect("in the log");
         let index = sequence as usize - 1;
-        assert_eq!((partition, offset), ((index % 2) as i32, (index / 2) as i64));
+        assert_eq!(
+            (partition, offset),
+            ((index % 2) as i32, (index / 2) as i64)
+        );
     }
     let summary = store
         .summary(&customer("cust-3"))
         .expect("reads")
         .expect("has a summary");
-    assert_eq!(summary.total, (0..count).filter(|index| index % 7 == 3).count() as u64);
+    assert_eq!(
+        summary.total,
+        (0..count).filter(|index| index % 7 == 3).count() as u64
+    );
 }
 
 #[test]
