@@ -122,7 +122,7 @@ impl KafkaOptions {
     /// commits (commits are advisory, for lag monitoring), read only committed records. Records
     /// read ahead are capped at 16 MiB / 20,000 per partition (librdkafka's defaults, 64 MiB and
     /// 100,000, let a lagging projector hold hundreds of MiB; the projector writes 2,000 at most
-    /// at once).
+    /// at once), and a partition whose read-ahead is full is fetched again after 20 ms.
     #[must_use]
     pub fn consumer_config(&self) -> ClientConfig {
         let mut config = ClientConfig::new();
@@ -136,6 +136,9 @@ impl KafkaOptions {
             .set("fetch.wait.max.ms", "10")
             .set("queued.max.messages.kbytes", "16384")
             .set("queued.min.messages", "20000")
+            // Once the read-ahead is full, look again soon (librdkafka waits 1 s by default,
+            // which stalled a consumer that keeps up).
+            .set("fetch.queue.backoff.ms", "20")
             .set("socket.nagle.disable", "true")
             .set("enable.partition.eof", "false");
         apply_overrides(&mut config, &self.properties);

@@ -249,10 +249,13 @@ fn run_rebuild(
         report(next - 1, RebuildState::Running);
     };
     match result {
-        Ok(previous) => {
+        Ok(switched) => {
             let done = u64::try_from(store.log_len()).unwrap_or(u64::MAX);
+            let previous = switched.previous;
             info!(%projection, version, previous, done, seconds = started.elapsed().as_secs_f64(), "rebuild switched");
             report(done, RebuildState::Switched { previous });
+            // The new version serves from the switch; deleting the old one is cleanup.
+            store.retire(switched);
         }
         Err(None) => {
             if let Err(error) = store.cancel_rebuild(projection, version) {

@@ -31,7 +31,9 @@ mod versions;
 
 pub use dead_letters::{DeadLetter, Requeued};
 use versions::version_prefix;
-pub use versions::{Checksum, Projection, ProjectionVersions, VersionChecksum, VersionRole};
+pub use versions::{
+    Checksum, Projection, ProjectionVersions, Switched, VersionChecksum, VersionRole,
+};
 
 /// The most records one atomic write covers. sled 0.34 holds a process-wide lock while it applies
 /// a batch, and every read (each step of a scan) waits for it: a consumer batch of 2,000 records

@@ -112,10 +112,18 @@ fn a_rebuild_beside_the_projector_equals_the_incremental_projection_and_swaps_at
                 "the old version stays active while building"
             );
         }
-        let previous = store
+        let switched = store
             .finish_rebuild(projection, version, next)
             .expect("finishes");
-        assert_eq!(previous, 1);
+        assert_eq!(switched.previous, 1);
+        let versions = &store.projection_versions()[&projection];
+        assert_eq!(versions.active, 2, "active from the switch");
+        assert_eq!(
+            versions.dropping,
+            [1],
+            "the old version waits to be retired"
+        );
+        store.retire(switched);
         let versions = &store.projection_versions()[&projection];
         assert_eq!((versions.active, versions.building), (2, None));
         assert!(versions.dropping.is_empty(), "the old version is dropped");
@@ -196,9 +204,10 @@ fn an_interrupted_rebuild_leaves_the_active_version_intact_and_a_new_one_starts_
         .rebuild_step(Projection::Timeline, version, 1, usize::MAX)
         .expect("steps");
     assert_eq!(next, total + 1);
-    store
+    let switched = store
         .finish_rebuild(Projection::Timeline, version, next)
         .expect("finishes");
+    store.retire(switched);
     assert_eq!(checksums(&store), before, "same log, same projection");
 }
 

@@ -8,8 +8,9 @@ use super::*;
 /// How long dropping a replaced version waits for the reads still running on it.
 const READERS_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
 
-/// Keys deleted per atomic batch when a projection version is dropped.
-const DROP_CHUNK: usize = 10_000;
+/// Keys deleted per atomic batch when a projection version is dropped: small, because sled makes
+/// every read wait while it applies a batch.
+const DROP_CHUNK: usize = 500;
 
 /// A projection of the log that can be rebuilt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -233,8 +234,8 @@ impl SledStore {
     }
 
     /// Folds the rest of the log into the version being built and makes it the active one, in
-    /// one atomic batch taken under the writer (so no event is projected in between); the
-    /// previous version is then dropped. Returns the previous version.
+    /// one atomic batch taken under the writer (so no event is projected in between). The
+    /// previous version is listed as dropping; [`SledStore::retire`] deletes it.
     ///
     /// # Errors
     /// [`OpsError::NotBuilding`] when the rebuild was cancelled, or a backend failure (then the
@@ -244,7 +245,7 @@ impl SledStore {
         projection: Projection,
         version: u32,
         from_sequence: u64,
-    ) -> Result<u32, OpsError> {
+    ) -> Result<Switched, OpsError> {
         let previous = {
             let mut writer = self.lock_writer();
             writer.check_building(projection, version)?;
@@ -284,18 +285,30 @@ impl SledStore {
         if let Err(error) = self.db.flush() {
             tracing::warn!(%projection, version, %error, "cannot flush the switch now");
         }
-        // Readers that started on the old version finish on it before it is deleted.
+        Ok(Switched {
+            projection,
+            previous,
+            replaced,
+        })
+    }
+
+    /// Deletes the version a switch replaced, once the reads that started on it have ended (or
+    /// after a grace period). The switch is done either way: a failed drop leaves garbage, listed
+    /// as dropping and deleted on the next open, not a failed rebuild.
+    pub fn retire(&self, switched: Switched) {
+        let Switched {
+            projection,
+            previous,
+            replaced,
+        } = switched;
         let deadline = std::time::Instant::now() + READERS_GRACE;
         while Arc::strong_count(&replaced) > 1 && std::time::Instant::now() < deadline {
             std::thread::sleep(std::time::Duration::from_millis(1));
         }
         drop(replaced);
-        // The switch is done: a failed drop leaves garbage (dropped on the next open), not a
-        // failed rebuild.
         if let Err(error) = self.drop_version(projection, previous) {
             tracing::warn!(%projection, version = previous, %error, "cannot drop the replaced version now; it is dropped on the next start");
         }
-        Ok(previous)
     }
 
     /// Abandons the version being built and drops what it wrote.
@@ -447,6 +460,18 @@ impl WriterState {
             }),
         }
     }
+}
+
+/// A switch to a rebuilt version: the version it replaced, still to be deleted
+/// ([`SledStore::retire`]).
+#[derive(Debug)]
+#[must_use = "the replaced version stays on disk until it is retired"]
+pub struct Switched {
+    projection: Projection,
+    /// The version that was active before the switch.
+    pub previous: u32,
+    /// Held by the reads that started on the previous version.
+    replaced: Arc<Table>,
 }
 
 /// Events folded by a step from `from_sequence` up to `next`.
