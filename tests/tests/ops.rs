@@ -4,6 +4,7 @@
 //! that resume from a cursor; health, reflection and `/metrics`.
 
 use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
 
 use futures::StreamExt as _;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -194,7 +195,23 @@ async fn a_rebuild_during_ingest_keeps_serving_and_equals_a_clean_rebuild() -> a
     let after_load = verify(&mut admin).await?;
     rebuild(&mut admin, "timeline").await?;
     rebuild(&mut admin, "summary").await?;
-    let clean = verify(&mut admin).await?;
+    // The replaced versions are deleted after the switch is reported.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let clean = loop {
+        let verified = verify(&mut admin).await?;
+        if verified
+            .checksums
+            .iter()
+            .all(|c| c.state != v1::VersionState::Dropping as i32)
+        {
+            break verified;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "replaced versions still dropping: {verified:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     assert_eq!(after_load.log_events, clean.log_events);
     assert_eq!(checksums(&after_load), checksums(&clean));
     assert_eq!(

@@ -239,9 +239,11 @@ async fn active_checksums(endpoint: &str) -> anyhow::Result<Vec<(String, u32, u6
         .verify_projections(admin(v1::VerifyProjectionsRequest {}))
         .await?
         .into_inner();
+    // A version replaced by a switch may still be being deleted (state dropping).
     Ok(verified
         .checksums
         .into_iter()
+        .filter(|c| c.state == v1::VersionState::Active as i32)
         .map(|c| (c.name, c.version, c.entries, c.sha256))
         .collect())
 }
