@@ -83,7 +83,7 @@ struct Report {
     full_speed: pipeline::Run,
     full_speed_ratio: f64,
     /// Events folded per second by a rebuild of the timeline projection (of the full-speed run's
-    /// log), from the start to the switch and the old version dropped.
+    /// log), from the start to the switch (the old version is deleted after it).
     rebuild_per_second: f64,
     rebuild_events: u64,
     rebuild_ratio: f64,

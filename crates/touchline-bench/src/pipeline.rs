@@ -40,8 +40,8 @@ const STALL: Duration = Duration::from_secs(30);
 const ADMIN_TOKEN: &str = "bench-admin-token";
 
 /// Rebuilds the timeline projection of `node` through the admin API, as ops would; returns the
-/// events folded per second, from the start to the new version being active and the old one
-/// dropped.
+/// events folded per second, from the start to the switch (the new version serves; the old one is
+/// deleted after, in the background).
 ///
 /// # Errors
 /// When the call fails or the rebuild does not switch.

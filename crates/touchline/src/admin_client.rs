@@ -209,7 +209,7 @@ pub async fn rebuild(
     match v1::RebuildState::try_from(last.state) {
         Ok(v1::RebuildState::Switched) => {
             println!(
-                "{} v{} is active ({} events, {:.0} events/s); v{} dropped",
+                "{} v{} is active ({} events, {:.0} events/s); v{} is deleted in the background",
                 last.projection, last.version, last.done, last.rate, last.previous_version
             );
             Ok(())
