@@ -39,7 +39,7 @@ pub use versions::{
 /// a batch, and every read (each step of a scan) waits for it: a consumer batch of 2,000 records
 /// (about 8,000 writes) in one piece kept `GetTimeline` waiting for tens of milliseconds. Smaller
 /// writes, each atomic with the positions it covers, bound that wait.
-pub const RECORDS_PER_WRITE: usize = 64;
+pub const RECORDS_PER_WRITE: usize = 32;
 
 /// The most timeline entries one page request reads. A selective filter on a long timeline
 /// returns a short (even empty) page with a cursor rather than scanning without bound.
