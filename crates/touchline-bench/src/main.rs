@@ -155,6 +155,7 @@ async fn start_phase(
     let dir = tempfile::tempdir()?;
     let node =
         pipeline::start_node(&kafka.bootstrap_servers, &kafka.topic, dir.path(), shape).await?;
+    pipeline::warm_up(&node, shape).await?;
     Ok((node, dir))
 }
 

@@ -107,6 +107,45 @@ pub async fn start_node(
     Node::start(config, BrokerChoice::External, registry).await
 }
 
+/// Publishes one event per partner client and waits until they are projected, so that measured
+/// runs do not include the node's first connections (an idempotent producer waits about 0.5-1 s
+/// for its producer id on Tansu, for instance). The events are on a customer of their own.
+///
+/// # Errors
+/// When a publish fails or the events are not projected within a minute.
+pub async fn warm_up(node: &Node, shape: &Shape) -> anyhow::Result<()> {
+    let store = node
+        .store()
+        .cloned()
+        .ok_or_else(|| anyhow::anyhow!("the node has no store"))?;
+    let before = store.log_len();
+    let mut ingest = IngestServiceClient::connect(node.endpoint()).await?;
+    for client in 0..shape.clients {
+        let mut event = workload::touchpoint(0, 1, BASE_SECONDS);
+        event.event_id = format!("bench-warm-up-{client}");
+        event.customer_id = "bench-warm-up".to_owned();
+        let mut request = tonic::Request::new(v1::PublishRequest {
+            events: vec![event],
+            batch_id: String::new(),
+        });
+        request.metadata_mut().insert(
+            "authorization",
+            format!("Bearer {}", token(client)).parse()?,
+        );
+        let answer = ingest.publish(request).await?.into_inner();
+        anyhow::ensure!(answer.accepted == 1, "warm-up event refused: {answer:?}");
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while store.log_len() < before + shape.clients {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the warm-up events were not projected within a minute"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    Ok(())
+}
+
 /// When each batch was (or was meant to be) sent, to measure acknowledgement latency.
 type SendTimes = Arc<Mutex<HashMap<String, Instant>>>;
 
