@@ -197,21 +197,41 @@ async fn a_rebuild_during_ingest_keeps_serving_and_equals_a_clean_rebuild() -> a
     rebuild(&mut admin, "summary").await?;
     // The replaced versions are deleted after the switch is reported.
     let deadline = Instant::now() + Duration::from_secs(30);
-    let clean = loop {
-        let verified = verify(&mut admin).await?;
-        if verified
-            .checksums
+    loop {
+        let status = admin
+            .get_status(authorized(v1::GetStatusRequest {}, ADMIN_TOKEN))
+            .await?
+            .into_inner();
+        let versions: Vec<(String, u32, i32)> = status
+            .projections
             .iter()
-            .all(|c| c.state != v1::VersionState::Dropping as i32)
+            .flat_map(|p| {
+                p.versions
+                    .iter()
+                    .map(|v| (p.name.clone(), v.version, v.state))
+            })
+            .collect();
+        if versions
+            .iter()
+            .all(|(_, _, state)| *state != v1::VersionState::Dropping as i32)
         {
-            break verified;
+            assert_eq!(
+                versions,
+                [
+                    ("timeline".to_owned(), 3, v1::VersionState::Active as i32),
+                    ("summary".to_owned(), 3, v1::VersionState::Active as i32)
+                ],
+                "the clean rebuild is version 3 of each projection, the only one left"
+            );
+            break;
         }
         anyhow::ensure!(
             Instant::now() < deadline,
-            "replaced versions still dropping: {verified:?}"
+            "replaced versions still dropping: {versions:?}"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    }
+    let clean = verify(&mut admin).await?;
     assert_eq!(after_load.log_events, clean.log_events);
     assert_eq!(checksums(&after_load), checksums(&clean));
     assert_eq!(

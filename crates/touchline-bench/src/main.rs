@@ -61,7 +61,7 @@ struct Args {
     /// Concurrent timeline readers (Q).
     #[arg(long, default_value_t = 4)]
     readers: usize,
-    /// Records the projector applies in one store write at most (`projector.max-batch`).
+    /// Records the projector takes from the consumer at once (`projector.max-batch`).
     #[arg(long, default_value_t = 1000)]
     projector_batch: usize,
     /// Bootstrap servers of an external broker (for example Tansu); the embedded mock cluster when

@@ -27,7 +27,7 @@ pub struct Shape {
     pub batch_size: usize,
     pub window: usize,
     pub readers: usize,
-    /// Records the projector applies in one store write at most (`projector.max-batch`).
+    /// Records the projector takes from the consumer at once (`projector.max-batch`).
     pub projector_batch: usize,
 }
 

@@ -167,10 +167,10 @@ pub enum StoreError {
     Backend(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 
-/// The log and its projections. Implementations must make [`EventStore::apply`] atomic: log
-/// appends, dedupe markers, projection updates, dead letters and the positions they cover are
-/// stored together or not at all (invariant 6). A store may split a batch into several such
-/// atomic writes, in order, each storing the positions of the records it covers.
+/// The log and its projections. [`EventStore::apply`] writes atomically: log appends, dedupe
+/// markers, projection updates, dead letters and the positions they cover are stored together or
+/// not at all (invariant 6); a store may split a batch into several such atomic writes, in order,
+/// each storing the positions of the records it covers.
 pub trait EventStore: Send + Sync + std::fmt::Debug {
     /// Applies a batch of consumed records of `stream`: appends new events to the log, drops
     /// duplicates of (partner, event id), updates the projections, keeps undecodable records as

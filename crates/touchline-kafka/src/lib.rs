@@ -120,9 +120,9 @@ impl KafkaOptions {
 
     /// The consumer: manual assignment (positions live in the store, invariant 6), no automatic
     /// commits (commits are advisory, for lag monitoring), read only committed records. Records
-    /// read ahead are capped at 16 MiB / 20,000 per partition (librdkafka's defaults, 64 MiB and
-    /// 100,000, let a lagging projector hold hundreds of MiB; the projector writes 2,000 at most
-    /// at once), and a partition whose read-ahead is full is fetched again after 20 ms.
+    /// read ahead are capped at 16 MiB and 20,000 records (librdkafka's defaults, 64 MiB and
+    /// 100,000, let a lagging projector hold hundreds of MiB; the projector takes 1,000 at most at
+    /// once by default), and a partition whose read-ahead is full is fetched again after 20 ms.
     #[must_use]
     pub fn consumer_config(&self) -> ClientConfig {
         let mut config = ClientConfig::new();

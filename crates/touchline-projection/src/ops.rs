@@ -33,7 +33,7 @@ const MAX_ROUNDS_NOT_GAINING: u32 = 50;
 pub enum RebuildState {
     /// Folding the log into the new version.
     Running,
-    /// The new version is active; the previous one was dropped.
+    /// The new version is active; the previous one is deleted after (in the background).
     Switched { previous: u32 },
     /// Cancelled: the new version was dropped, the active one is untouched.
     Cancelled,
@@ -77,6 +77,9 @@ pub struct Rebuilds {
     store: Arc<SledStore>,
     chunk: usize,
     jobs: Mutex<HashMap<Projection, Job>>,
+    /// Switched rebuilds whose task still deletes the version they replaced when a new rebuild
+    /// of the same projection starts: shutdown stops and awaits them too.
+    retiring: Mutex<Vec<Job>>,
 }
 
 impl Rebuilds {
@@ -87,6 +90,7 @@ impl Rebuilds {
             store,
             chunk: chunk.max(1),
             jobs: Mutex::new(HashMap::new()),
+            retiring: Mutex::new(Vec::new()),
         }
     }
 
@@ -132,7 +136,7 @@ impl Rebuilds {
             let cancel = cancel.clone();
             move || run_rebuild(&store, projection, version, chunk, &sender, &cancel)
         });
-        jobs.insert(
+        let replaced = jobs.insert(
             projection,
             Job {
                 progress: progress.clone(),
@@ -140,6 +144,14 @@ impl Rebuilds {
                 task,
             },
         );
+        if let Some(job) = replaced.filter(|job| !job.task.is_finished()) {
+            let mut retiring = self
+                .retiring
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            retiring.retain(|job| !job.task.is_finished());
+            retiring.push(job);
+        }
         Ok((progress, true))
     }
 
@@ -164,12 +176,21 @@ impl Rebuilds {
             .collect()
     }
 
-    /// Cancels every running rebuild and waits for them to stop (shutdown).
+    /// Cancels every running rebuild (and the deletion of replaced versions) and waits for them
+    /// to stop (shutdown).
     pub async fn shutdown(&self) {
+        let retiring = std::mem::take(
+            &mut *self
+                .retiring
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
         let tasks: Vec<JoinHandle<()>> = self
             .jobs()
             .drain()
-            .map(|(_, job)| {
+            .map(|(_, job)| job)
+            .chain(retiring)
+            .map(|job| {
                 job.cancel.cancel();
                 job.task
             })
@@ -255,7 +276,7 @@ fn run_rebuild(
             info!(%projection, version, previous, done, seconds = started.elapsed().as_secs_f64(), "rebuild switched");
             report(done, RebuildState::Switched { previous });
             // The new version serves from the switch; deleting the old one is cleanup.
-            store.retire(switched);
+            store.retire(switched, cancel);
         }
         Err(None) => {
             if let Err(error) = store.cancel_rebuild(projection, version) {

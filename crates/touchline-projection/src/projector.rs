@@ -1,5 +1,5 @@
 //! The projector service: consumes its partitions of the touchpoints topic and applies each
-//! consumed batch to the store in one atomic write that also stores the positions it covers
+//! consumed batch to the store in atomic writes that also store the positions they cover
 //! (invariant 6). On start it seeks to the stored positions; Kafka commits are advisory, for lag
 //! monitoring only.
 

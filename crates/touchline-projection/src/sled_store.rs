@@ -1,6 +1,7 @@
 //! The sled implementation of [`EventStore`]: the append-only event log, the dedupe index, the
 //! versioned timeline and summary projections, dead letters and consumer positions, each a table
-//! (key prefix) of one sled tree, written together in one atomic batch per consumed batch.
+//! (key prefix) of one sled tree, written together in atomic batches of at most
+//! [`RECORDS_PER_WRITE`] consumed records, each with the positions it covers.
 //!
 //! Projections are versioned so that one can be rebuilt from the log without downtime: a rebuild
 //! writes a new version next to the active one (which keeps serving and being updated), catches up
@@ -36,9 +37,10 @@ pub use versions::{
 };
 
 /// The most records one atomic write covers. sled 0.34 holds a process-wide lock while it applies
-/// a batch, and every read (each step of a scan) waits for it: a consumer batch of 2,000 records
-/// (about 8,000 writes) in one piece kept `GetTimeline` waiting for tens of milliseconds. Smaller
-/// writes, each atomic with the positions it covers, bound that wait.
+/// a batch, and every read (each step of a scan) waits for it: a consumer batch of 1,000 records
+/// (about 4,000 writes) in one piece kept `GetTimeline` waiting for milliseconds (p99 9.5 ms
+/// against 4 ms now, BENCHMARKS.md). Smaller writes, each atomic with the positions it covers,
+/// bound that wait, and are cheaper per write in sled.
 pub const RECORDS_PER_WRITE: usize = 32;
 
 /// The most timeline entries one page request reads. A selective filter on a long timeline

@@ -80,13 +80,17 @@ impl Table {
             .map(move |item| strip(item, skip))
     }
 
-    /// Deletes every entry of the table, `chunk` keys per atomic batch; returns how many.
+    /// Deletes every entry of the table, `chunk` keys per atomic batch; returns how many, or
+    /// `None` when `stop` said to stop (checked between batches) before the table was empty.
     ///
     /// # Errors
     /// When sled fails; the entries deleted so far stay deleted.
-    pub fn clear(&self, chunk: usize) -> sled::Result<u64> {
+    pub fn clear(&self, chunk: usize, stop: &dyn Fn() -> bool) -> sled::Result<Option<u64>> {
         let mut deleted = 0;
         loop {
+            if stop() {
+                return Ok(None);
+            }
             let mut batch = sled::Batch::default();
             let mut in_batch = 0;
             for item in self
@@ -99,7 +103,7 @@ impl Table {
                 in_batch += 1;
             }
             if in_batch == 0 {
-                return Ok(deleted);
+                return Ok(Some(deleted));
             }
             self.tree.apply_batch(batch)?;
             crate::garbage::collect_after(usize::try_from(in_batch).unwrap_or(usize::MAX));

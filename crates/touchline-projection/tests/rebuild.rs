@@ -123,7 +123,7 @@ fn a_rebuild_beside_the_projector_equals_the_incremental_projection_and_swaps_at
             [1],
             "the old version waits to be retired"
         );
-        store.retire(switched);
+        store.retire(switched, &tokio_util::sync::CancellationToken::new());
         let versions = &store.projection_versions()[&projection];
         assert_eq!((versions.active, versions.building), (2, None));
         assert!(versions.dropping.is_empty(), "the old version is dropped");
@@ -207,8 +207,52 @@ fn an_interrupted_rebuild_leaves_the_active_version_intact_and_a_new_one_starts_
     let switched = store
         .finish_rebuild(Projection::Timeline, version, next)
         .expect("finishes");
-    store.retire(switched);
+    store.retire(switched, &tokio_util::sync::CancellationToken::new());
     assert_eq!(checksums(&store), before, "same log, same projection");
+}
+
+#[test]
+fn a_replaced_version_whose_deletion_stopped_is_deleted_on_the_next_open() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = SledStore::open(dir.path()).expect("opens");
+    store.apply(&stream(), records(0..40)).expect("applies");
+    let before = checksums(&store);
+    let (version, _) = store.begin_rebuild(Projection::Timeline).expect("begins");
+    let next = store
+        .rebuild_step(Projection::Timeline, version, 1, usize::MAX)
+        .expect("steps");
+    let switched = store
+        .finish_rebuild(Projection::Timeline, version, next)
+        .expect("finishes");
+    // Shutdown came first: the deletion stops before it starts.
+    let stopped = tokio_util::sync::CancellationToken::new();
+    stopped.cancel();
+    store.retire(switched, &stopped);
+    let versions = &store.projection_versions()[&Projection::Timeline];
+    assert_eq!((versions.active, versions.dropping.clone()), (2, vec![1]));
+    assert_eq!(
+        store
+            .checksum(Projection::Timeline, 1)
+            .expect("checksums")
+            .entries,
+        40,
+        "nothing of the old version was deleted"
+    );
+    assert_eq!(checksums(&store), before, "the new version serves the same");
+    drop(store);
+
+    let store = support::open_when_released(dir.path());
+    let versions = &store.projection_versions()[&Projection::Timeline];
+    assert_eq!((versions.active, versions.dropping.clone()), (2, vec![]));
+    assert_eq!(
+        store
+            .checksum(Projection::Timeline, 1)
+            .expect("checksums")
+            .entries,
+        0,
+        "deleted when the store opened"
+    );
+    assert_eq!(checksums(&store), before);
 }
 
 #[test]

@@ -218,7 +218,8 @@ pub struct ProjectorConfig {
     pub enabled: bool,
     /// Partitions this node owns; empty for every partition of the topic.
     pub partitions: Vec<i32>,
-    /// The most records applied in one atomic store write.
+    /// The most records the projector takes from the consumer at once (the store writes them in
+    /// atomic pieces of `RECORDS_PER_WRITE`, each with the positions it covers).
     pub max_batch: usize,
     /// Log events a rebuild folds per atomic batch. Smaller batches hold the store's writer for
     /// less time when a rebuild catches up; larger ones rebuild faster.

@@ -153,7 +153,7 @@ pub async fn replay(
                     // Records past the end that arrive with the same fetch are applied too: some
                     // brokers (Tansu 0.6) report the base offset of the last batch + 1 as the
                     // high watermark, and re-reading is harmless.
-                    records.push(consumed_record(&message));
+                    records.push(message.detach());
                     if message.offset() + 1 >= end {
                         open.remove(&partition);
                     }
@@ -171,7 +171,9 @@ pub async fn replay(
             let stream = stream.clone();
             // Applied and flushed per batch: what a replay restored is durable (and reaches
             // watchers) even if it stops early.
+            // Decoded with the write, off the async runtime.
             let applied = tokio::task::spawn_blocking(move || {
+                let records = records.iter().map(consumed_record).collect();
                 let outcome = applying.apply_replayed(&stream, records)?;
                 applying.flush()?;
                 Ok::<_, touchline_core::StoreError>(outcome)

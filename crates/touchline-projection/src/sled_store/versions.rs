@@ -3,6 +3,8 @@
 //! atomically under the writer; replaced and abandoned versions are dropped. Checksums let ops
 //! compare versions.
 
+use tokio_util::sync::CancellationToken;
+
 use super::*;
 
 /// How long dropping a replaced version waits for the reads still running on it.
@@ -167,7 +169,7 @@ impl SledStore {
                 versions.dropping.clone()
             };
             for version in leftovers {
-                self.drop_version(projection, version)?;
+                self.drop_version(projection, version, &|| false)?;
             }
         }
         Ok(())
@@ -200,7 +202,7 @@ impl SledStore {
         updated.highest = version;
         // A version number is never reused, so a leftover of it cannot exist: start clean anyway.
         self.version_table(projection, version)
-            .clear(DROP_CHUNK)
+            .clear(DROP_CHUNK, &|| false)
             .map_err(backend)?;
         self.meta
             .insert_now(projection.meta_key(), encode(&updated)?)
@@ -266,7 +268,6 @@ impl SledStore {
             self.meta
                 .insert(&mut batch, projection.meta_key(), encode(&updated)?);
             self.tree.apply_batch(batch).map_err(backend)?;
-            crate::garbage::collect_after(folded(from_sequence, next));
             *versions = updated;
             let table = Arc::new(self.version_table(projection, version));
             let mut active = self
@@ -277,9 +278,10 @@ impl SledStore {
                 Projection::Timeline => std::mem::replace(&mut active.timeline, table),
                 Projection::Summary => std::mem::replace(&mut active.summary, table),
             };
-            (previous, replaced)
+            (previous, replaced, folded(from_sequence, next))
         };
-        let (previous, replaced) = previous;
+        let (previous, replaced, folded_under_writer) = previous;
+        crate::garbage::collect_after(folded_under_writer);
         // The switch is durable before it is reported (a failed flush leaves it to the next one:
         // the switch is done either way).
         if let Err(error) = self.db.flush() {
@@ -293,21 +295,31 @@ impl SledStore {
     }
 
     /// Deletes the version a switch replaced, once the reads that started on it have ended (or
-    /// after a grace period). The switch is done either way: a failed drop leaves garbage, listed
-    /// as dropping and deleted on the next open, not a failed rebuild.
-    pub fn retire(&self, switched: Switched) {
+    /// after a grace period). The switch is done either way: a failed or stopped drop leaves
+    /// garbage, listed as dropping and deleted on the next open, not a failed rebuild. Stops
+    /// between batches when `stop` is cancelled (shutdown).
+    pub fn retire(&self, switched: Switched, stop: &CancellationToken) {
         let Switched {
             projection,
             previous,
             replaced,
         } = switched;
         let deadline = std::time::Instant::now() + READERS_GRACE;
-        while Arc::strong_count(&replaced) > 1 && std::time::Instant::now() < deadline {
+        while Arc::strong_count(&replaced) > 1
+            && std::time::Instant::now() < deadline
+            && !stop.is_cancelled()
+        {
             std::thread::sleep(std::time::Duration::from_millis(1));
         }
         drop(replaced);
-        if let Err(error) = self.drop_version(projection, previous) {
-            tracing::warn!(%projection, version = previous, %error, "cannot drop the replaced version now; it is dropped on the next start");
+        match self.drop_version(projection, previous, &|| stop.is_cancelled()) {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::info!(%projection, version = previous, "stopped dropping the replaced version; it is dropped on the next start");
+            }
+            Err(error) => {
+                tracing::warn!(%projection, version = previous, %error, "cannot drop the replaced version now; it is dropped on the next start");
+            }
         }
     }
 
@@ -328,7 +340,7 @@ impl SledStore {
                 .map_err(backend)?;
             *versions = updated;
         }
-        self.drop_version(projection, version)?;
+        self.drop_version(projection, version, &|| false)?;
         Ok(())
     }
 
@@ -380,12 +392,21 @@ impl SledStore {
         Ok(next)
     }
 
-    /// Deletes a version's entries, then forgets it.
-    fn drop_version(&self, projection: Projection, version: u32) -> Result<(), StoreError> {
-        let deleted = self
+    /// Deletes a version's entries, then forgets it; `false` when `stop` said to stop first (the
+    /// version stays listed as dropping).
+    fn drop_version(
+        &self,
+        projection: Projection,
+        version: u32,
+        stop: &dyn Fn() -> bool,
+    ) -> Result<bool, StoreError> {
+        let Some(deleted) = self
             .version_table(projection, version)
-            .clear(DROP_CHUNK)
-            .map_err(backend)?;
+            .clear(DROP_CHUNK, stop)
+            .map_err(backend)?
+        else {
+            return Ok(false);
+        };
         tracing::info!(%projection, version, deleted, "dropped projection version");
         let mut writer = self.lock_writer();
         let versions = writer.versions.entry(projection).or_default();
@@ -395,7 +416,7 @@ impl SledStore {
             .insert_now(projection.meta_key(), encode(&updated)?)
             .map_err(backend)?;
         *versions = updated;
-        Ok(())
+        Ok(true)
     }
 
     /// The checksum of a projection version (default: the active one).
@@ -414,8 +435,10 @@ impl SledStore {
         checksum(&self.log)
     }
 
-    /// Checksums of the log and of every version of every projection, taken at one point of the
-    /// log: the writer waits meanwhile. Returns the log's length then, and the checksums.
+    /// Checksums of the log and of every active or building version of every projection, taken
+    /// at one point of the log: the writer waits meanwhile. Versions being deleted are left out
+    /// (half deleted, their checksum means nothing). Returns the log's length then, and the
+    /// checksums.
     ///
     /// # Errors
     /// When the backend fails.
@@ -429,13 +452,7 @@ impl SledStore {
         }];
         for (projection, versions) in &writer.versions {
             let roles = std::iter::once((versions.active, VersionRole::Active))
-                .chain(versions.building.map(|v| (v, VersionRole::Building)))
-                .chain(
-                    versions
-                        .dropping
-                        .iter()
-                        .map(|v| (*v, VersionRole::Dropping)),
-                );
+                .chain(versions.building.map(|v| (v, VersionRole::Building)));
             for (version, role) in roles {
                 checksums.push(VersionChecksum {
                     name: projection.name(),
