@@ -133,3 +133,45 @@ pub fn sled_rate(
     }
     Ok(rate(records.len(), started.elapsed()))
 }
+
+/// The store's own rate: the same records decoded and applied with `SledStore::apply` (dedupe,
+/// log, timeline, summary, positions) in batches of `batch`, with a flush per batch, as the
+/// projector does without Kafka, gRPC or ingest around it. Not a ceiling the target is measured
+/// against: it says how much of the pipeline's time the store's own work takes.
+///
+/// # Errors
+/// When the store fails.
+pub fn store_rate(
+    dir: &std::path::Path,
+    records: &[(String, Vec<u8>)],
+    batch: usize,
+) -> anyhow::Result<f64> {
+    use touchline_core::{ConsumedRecord, EventStore as _, RecordContent, StreamIdentity};
+    let store = touchline_projection::SledStore::open(dir)?;
+    let stream = StreamIdentity {
+        cluster_id: "bench".to_owned(),
+        topic: "store".to_owned(),
+    };
+    let started = Instant::now();
+    for (chunk_index, chunk) in records.chunks(batch.max(1)).enumerate() {
+        let consumed = chunk
+            .iter()
+            .enumerate()
+            .map(|(offset, (_, value))| {
+                let index = chunk_index * batch + offset;
+                let envelope = touchline_proto::decode_envelope(Some(value))?;
+                Ok(ConsumedRecord {
+                    partition: i32::try_from(index % 6).unwrap_or_default(),
+                    offset: i64::try_from(index / 6).unwrap_or_default(),
+                    content: RecordContent::Event {
+                        envelope: Box::new(envelope),
+                        raw: value.clone(),
+                    },
+                })
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        store.apply(&stream, consumed)?;
+        store.flush()?;
+    }
+    Ok(rate(records.len(), started.elapsed()))
+}

@@ -80,6 +80,11 @@ struct Report {
     record_bytes: usize,
     broker_ceiling: ceilings::BrokerCeiling,
     sled_ceiling_per_second: f64,
+    /// The store's own apply of the same records (`SledStore::apply`, decode included, batches
+    /// of 1,000, a flush each): how much of the pipeline's time the store's work takes.
+    store_per_second: f64,
+    /// End-to-end throughput over the store's own apply rate.
+    full_speed_vs_store: f64,
     full_speed: pipeline::Run,
     full_speed_ratio: f64,
     /// Events folded per second by a rebuild of the timeline projection (of the full-speed run's
@@ -245,7 +250,12 @@ async fn main() -> anyhow::Result<()> {
         let path = sled_dir.path().to_owned();
         tokio::task::spawn_blocking(move || ceilings::sled_rate(&path, &records, 1000)).await??
     };
-    drop(records);
+    eprintln!("   the store's own apply");
+    let store_dir = tempfile::tempdir()?;
+    let store_per_second = {
+        let path = store_dir.path().to_owned();
+        tokio::task::spawn_blocking(move || ceilings::store_rate(&path, &records, 1000)).await??
+    };
     let ceilings_peak = if peak_reset {
         stats::peak_rss_mib()
     } else {
@@ -258,6 +268,8 @@ async fn main() -> anyhow::Result<()> {
         record_bytes,
         broker_ceiling,
         sled_ceiling_per_second: sled_ceiling,
+        store_per_second,
+        full_speed_vs_store: full_speed.end_to_end_per_second / store_per_second.max(1e-9),
         full_speed_ratio: full_speed.end_to_end_per_second / ceiling.max(1e-9),
         full_speed,
         rebuild_per_second,
@@ -302,6 +314,12 @@ async fn main() -> anyhow::Result<()> {
         format!("{:.0}", report.full_speed.end_to_end_per_second),
         format!("{ceiling:.0}"),
         format!("{:.2}", report.full_speed_ratio),
+    );
+    line(
+        "  the same, against the store's own apply",
+        String::new(),
+        format!("{:.0}", report.store_per_second),
+        format!("{:.2}", report.full_speed_vs_store),
     );
     line(
         "rebuild of the timeline (ev/s), target 0.7",

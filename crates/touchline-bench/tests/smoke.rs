@@ -29,6 +29,7 @@ fn the_benchmark_runs_on_the_tiny_preset() -> anyhow::Result<()> {
     for figure in [
         "/broker_ceiling/per_second",
         "/sled_ceiling_per_second",
+        "/store_per_second",
         "/full_speed/end_to_end_per_second",
         "/half_rate/ack_latency/count",
     ] {
