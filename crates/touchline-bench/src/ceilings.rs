@@ -125,10 +125,9 @@ pub fn sled_rate(
             timeline_key.extend_from_slice(&sequence.to_be_bytes());
             timeline_batch.insert(timeline_key, value.as_slice());
         }
-        log.apply_batch(log_batch)?;
-        timeline.apply_batch(timeline_batch)?;
-        // As the store does: sled 0.34 alone leaves replaced pages resident.
-        touchline_projection::garbage::collect_after(2 * chunk.len());
+        // As the store writes: sled 0.34 alone leaves replaced pages resident.
+        touchline_projection::garbage::apply_batch(&log, log_batch, chunk.len())?;
+        touchline_projection::garbage::apply_batch(&timeline, timeline_batch, chunk.len())?;
         db.flush()?;
     }
     Ok(rate(records.len(), started.elapsed()))

@@ -48,12 +48,12 @@ const ADMIN_TOKEN: &str = "bench-admin-token";
 pub async fn rebuild(node: &Node) -> anyhow::Result<(u64, f64)> {
     use futures::StreamExt as _;
     let mut admin = v1::admin_service_client::AdminServiceClient::connect(node.endpoint()).await?;
-    let mut request = tonic::Request::new(v1::RebuildProjectionRequest {
-        projection: "timeline".to_owned(),
-    });
-    request
-        .metadata_mut()
-        .insert("authorization", format!("Bearer {ADMIN_TOKEN}").parse()?);
+    let request = authorized(
+        v1::RebuildProjectionRequest {
+            projection: "timeline".to_owned(),
+        },
+        ADMIN_TOKEN,
+    )?;
     let started = Instant::now();
     let mut progress = admin.rebuild_projection(request).await?.into_inner();
     let mut last = None;
@@ -69,6 +69,15 @@ pub async fn rebuild(node: &Node) -> anyhow::Result<(u64, f64)> {
     #[allow(clippy::cast_precision_loss, reason = "a rate")]
     let rate = last.done as f64 / elapsed.max(1e-9);
     Ok((last.done, rate))
+}
+
+/// A request carrying `token` as its bearer token.
+fn authorized<T>(message: T, token: &str) -> anyhow::Result<tonic::Request<T>> {
+    let mut request = tonic::Request::new(message);
+    request
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse()?);
+    Ok(request)
 }
 
 fn token(client: usize) -> String {
@@ -124,14 +133,13 @@ pub async fn warm_up(node: &Node, shape: &Shape) -> anyhow::Result<()> {
         let mut event = workload::touchpoint(0, 1, BASE_SECONDS);
         event.event_id = format!("bench-warm-up-{client}");
         event.customer_id = "bench-warm-up".to_owned();
-        let mut request = tonic::Request::new(v1::PublishRequest {
-            events: vec![event],
-            batch_id: String::new(),
-        });
-        request.metadata_mut().insert(
-            "authorization",
-            format!("Bearer {}", token(client)).parse()?,
-        );
+        let request = authorized(
+            v1::PublishRequest {
+                events: vec![event],
+                batch_id: String::new(),
+            },
+            &token(client),
+        )?;
         let answer = ingest.publish(request).await?.into_inner();
         anyhow::ensure!(answer.accepted == 1, "warm-up event refused: {answer:?}");
     }
@@ -165,11 +173,7 @@ async fn partner(
         .map(<[usize]>::to_vec)
         .collect();
     let (requests, outgoing) = tokio::sync::mpsc::channel(shape.window);
-    let mut request = tonic::Request::new(ReceiverStream::new(outgoing));
-    request.metadata_mut().insert(
-        "authorization",
-        format!("Bearer {}", token(client)).parse()?,
-    );
+    let request = authorized(ReceiverStream::new(outgoing), &token(client))?;
     let mut answers = ingest.publish_stream(request).await?.into_inner();
     let send_times: SendTimes = Arc::default();
     let window = Arc::new(tokio::sync::Semaphore::new(shape.window));

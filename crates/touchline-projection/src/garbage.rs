@@ -13,9 +13,20 @@
 /// write leaves one to a few.
 const WRITES_PER_STEP: usize = 16;
 
+/// Applies `batch` (about `writes` inserts and removes) to `tree`, then frees what it replaced.
+/// Every sled batch of the store goes through here.
+///
+/// # Errors
+/// When sled fails to apply the batch (nothing of it is applied).
+pub fn apply_batch(tree: &sled::Tree, batch: sled::Batch, writes: usize) -> sled::Result<()> {
+    tree.apply_batch(batch)?;
+    collect_after(writes);
+    Ok(())
+}
+
 /// Runs the epoch collector in proportion to `writes` just applied. Cheap when there is nothing
-/// to free (an epoch check); called after each batch, off the async runtime.
-pub fn collect_after(writes: usize) {
+/// to free (an epoch check); off the async runtime.
+fn collect_after(writes: usize) {
     for _ in 0..=writes / WRITES_PER_STEP {
         crossbeam_epoch::pin().flush();
     }

@@ -562,8 +562,7 @@ impl SledStore {
             .insert(&mut batch, DEAD_LETTER_COUNT, &dead_letters.to_be_bytes());
 
         // One tree, one batch: atomic (invariant 6).
-        self.tree.apply_batch(batch).map_err(backend)?;
-        crate::garbage::collect_after(writes);
+        crate::garbage::apply_batch(&self.tree, batch, writes).map_err(backend)?;
         if !appended.is_empty() {
             // Under the writer: entries queue in log order.
             lock(&self.unflushed).append(&mut appended);

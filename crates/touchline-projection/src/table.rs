@@ -105,8 +105,11 @@ impl Table {
             if in_batch == 0 {
                 return Ok(Some(deleted));
             }
-            self.tree.apply_batch(batch)?;
-            crate::garbage::collect_after(usize::try_from(in_batch).unwrap_or(usize::MAX));
+            crate::garbage::apply_batch(
+                &self.tree,
+                batch,
+                usize::try_from(in_batch).unwrap_or(usize::MAX),
+            )?;
             deleted += in_batch;
         }
     }

@@ -112,7 +112,7 @@ impl SledStore {
         let remaining = writer.dead_letters.saturating_sub(1);
         self.meta
             .insert(&mut batch, DEAD_LETTER_COUNT, &remaining.to_be_bytes());
-        self.tree.apply_batch(batch).map_err(backend)?;
+        crate::garbage::apply_batch(&self.tree, batch, 2).map_err(backend)?;
         writer.dead_letters = remaining;
         self.dead_letter_count.store(remaining, Ordering::Release);
         Ok(dead_letter)

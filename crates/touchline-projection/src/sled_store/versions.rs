@@ -230,8 +230,8 @@ impl SledStore {
             .min(from_sequence.saturating_add(u64::try_from(max).unwrap_or(u64::MAX)));
         let mut batch = sled::Batch::default();
         let next = self.fold_log_into(projection, version, from_sequence, end, &mut batch)?;
-        self.tree.apply_batch(batch).map_err(backend)?;
-        crate::garbage::collect_after(folded(from_sequence, next));
+        crate::garbage::apply_batch(&self.tree, batch, folded(from_sequence, next))
+            .map_err(backend)?;
         Ok(next)
     }
 
@@ -267,7 +267,8 @@ impl SledStore {
             updated.dropping.push(previous);
             self.meta
                 .insert(&mut batch, projection.meta_key(), encode(&updated)?);
-            self.tree.apply_batch(batch).map_err(backend)?;
+            crate::garbage::apply_batch(&self.tree, batch, folded(from_sequence, next))
+                .map_err(backend)?;
             *versions = updated;
             let table = Arc::new(self.version_table(projection, version));
             let mut active = self
@@ -278,10 +279,9 @@ impl SledStore {
                 Projection::Timeline => std::mem::replace(&mut active.timeline, table),
                 Projection::Summary => std::mem::replace(&mut active.summary, table),
             };
-            (previous, replaced, folded(from_sequence, next))
+            (previous, replaced)
         };
-        let (previous, replaced, folded_under_writer) = previous;
-        crate::garbage::collect_after(folded_under_writer);
+        let (previous, replaced) = previous;
         // The switch is durable before it is reported (a failed flush leaves it to the next one:
         // the switch is done either way).
         if let Err(error) = self.db.flush() {
