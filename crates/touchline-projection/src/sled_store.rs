@@ -28,9 +28,11 @@ use crate::keys;
 use crate::table::Table;
 
 mod dead_letters;
+mod log;
 mod versions;
 
 pub use dead_letters::{DeadLetter, Requeued};
+pub use log::LogRecord;
 use versions::version_prefix;
 pub use versions::{
     Checksum, Projection, ProjectionVersions, Switched, VersionChecksum, VersionRole,
@@ -51,10 +53,11 @@ const NEXT_SEQUENCE: &[u8] = b"next_sequence";
 const NEXT_DEAD_LETTER: &[u8] = b"next_dead_letter";
 const DEAD_LETTER_COUNT: &[u8] = b"dead_letter_count";
 /// The key layout of the store. Absent in an empty store; a store with data and another format
-/// is refused rather than misread. 2: versioned projections; 3: summaries refer to their first
-/// and last touch instead of copying them.
+/// is refused rather than misread, but format 3 is migrated when opened. 2: versioned
+/// projections; 3: summaries refer to their first and last touch instead of copying them; 4: the
+/// log is stored in chunks of consecutive events, one key per write ([`log`]).
 const FORMAT: &[u8] = b"format";
-const FORMAT_VERSION: u64 = 3;
+const FORMAT_VERSION: u64 = 4;
 
 /// Why a rebuild step or a dead-letter operation was refused.
 #[derive(Debug, thiserror::Error)]
@@ -152,38 +155,6 @@ fn read_u64(what: &'static str, key: &[u8], bytes: &[u8]) -> Result<u64, StoreEr
         reason: format!("expected 8 bytes, found {}", bytes.len()),
     })?;
     Ok(u64::from_be_bytes(array))
-}
-
-/// The log's value layout: partition (4 bytes BE), offset (8 bytes BE), then the Kafka record's
-/// value exactly as consumed. The log keeps the original bytes: it is the system of record.
-fn log_value(partition: i32, offset: i64, raw: &[u8]) -> Vec<u8> {
-    let mut value = Vec::with_capacity(12 + raw.len());
-    value.extend_from_slice(&partition.to_be_bytes());
-    value.extend_from_slice(&offset.to_be_bytes());
-    value.extend_from_slice(raw);
-    value
-}
-
-/// Splits a log value into partition, offset and the raw record value.
-fn split_log_value(sequence: u64, value: &[u8]) -> Result<(i32, i64, &[u8]), StoreError> {
-    let corrupt = || StoreError::Corrupt {
-        what: "log record",
-        key: sequence.to_string(),
-        reason: "shorter than its 12-byte header".to_owned(),
-    };
-    let partition = i32::from_be_bytes(
-        value
-            .get(..4)
-            .and_then(|b| b.try_into().ok())
-            .ok_or_else(corrupt)?,
-    );
-    let offset = i64::from_be_bytes(
-        value
-            .get(4..12)
-            .and_then(|b| b.try_into().ok())
-            .ok_or_else(corrupt)?,
-    );
-    Ok((partition, offset, &value[12..]))
 }
 
 /// Projects events into projection tables: the one piece of code the projector and a rebuild
@@ -288,6 +259,15 @@ impl SledStore {
         let meta = table(b"M");
         match meta.get(FORMAT).map_err(backend)? {
             Some(bytes) if read_u64("format", FORMAT, &bytes)? == FORMAT_VERSION => {}
+            Some(bytes) if read_u64("format", FORMAT, &bytes)? == 3 => {
+                let moved = log::migrate_format_3(&tree)?;
+                meta.insert_now(FORMAT, &FORMAT_VERSION.to_be_bytes())
+                    .map_err(backend)?;
+                tracing::info!(
+                    events = moved,
+                    "migrated the store from format 3 to {FORMAT_VERSION}: the log is now stored in chunks"
+                );
+            }
             Some(bytes) => {
                 return Err(crate::Error::Format(format!(
                     "the store has format {}, this Touchline reads format {FORMAT_VERSION}; move it aside and let the projector rebuild it from Kafka",
@@ -341,7 +321,7 @@ impl SledStore {
         };
         let log_count = writer.next_sequence.saturating_sub(1);
         let store = Self {
-            log: table(b"L"),
+            log: table(log::PREFIX),
             dedupe: table(b"D"),
             positions: table(b"P"),
             dead_letters: table(b"X"),
@@ -400,12 +380,7 @@ impl SledStore {
     /// # Errors
     /// When the backend fails or the log value is shorter than its header.
     pub fn log_record(&self, sequence: u64) -> Result<Option<(i32, i64, Vec<u8>)>, StoreError> {
-        let key = sequence.to_be_bytes();
-        let Some(value) = self.log.get(key).map_err(backend)? else {
-            return Ok(None);
-        };
-        let (partition, offset, raw) = split_log_value(sequence, &value)?;
-        Ok(Some((partition, offset, raw.to_vec())))
+        log::get(&self.log, sequence)
     }
 
     fn load_summary(
@@ -447,8 +422,9 @@ impl SledStore {
         let mut next_dead_letter = writer.next_dead_letter;
         let mut dead_letters = writer.dead_letters;
         let mut last_fingerprints: BTreeMap<i32, (i64, u64)> = BTreeMap::new();
-        // Log, dedupe, timeline and summary: about four writes a record.
-        let writes = records.len() * 4;
+        // Dedupe, timeline and summary: about three writes a record, and the log's chunk.
+        let mut writes = records.len() * 3;
+        let mut chunk = log::Chunk::default();
 
         for record in records {
             let after = record.offset.saturating_add(1);
@@ -482,11 +458,12 @@ impl SledStore {
                         sequence,
                     };
                     let entry = TimelineEntry::new(*envelope, position);
-                    self.log.insert(
-                        &mut batch,
-                        sequence.to_be_bytes(),
-                        log_value(record.partition, record.offset, &raw),
-                    );
+                    chunk.push(LogRecord {
+                        sequence,
+                        partition: record.partition,
+                        offset: record.offset,
+                        raw: &raw,
+                    });
                     self.dedupe
                         .insert(&mut batch, dedupe_key.as_slice(), &sequence.to_be_bytes());
                     folds.fold(&mut batch, &entry)?;
@@ -537,6 +514,7 @@ impl SledStore {
                 }
             }
         }
+        writes += chunk.write(&self.log, &mut batch);
         folds.finish(&mut batch)?;
         if store_positions {
             for (partition, next_offset) in &outcome.next_offsets {

@@ -119,7 +119,7 @@ impl Table {
         &self,
         start: Bound<Vec<u8>>,
         end: Bound<Vec<u8>>,
-    ) -> impl Iterator<Item = sled::Result<(Vec<u8>, IVec)>> + use<> {
+    ) -> impl DoubleEndedIterator<Item = sled::Result<(Vec<u8>, IVec)>> + use<> {
         let skip = self.prefix.len();
         let (start, end) = match (start, end) {
             // Unbounded means the table's own bounds, not the tree's.

@@ -156,7 +156,8 @@ fn a_batch_larger_than_one_write_is_stored_whole_in_order_with_every_position() 
         "the last piece stored the last positions"
     );
     assert_eq!(store.log_len(), count);
-    for sequence in [1, count as u64] {
+    // Each write piece is one chunk of the log: every event is found in its own.
+    for sequence in 1..=count as u64 {
         let (partition, offset, _) = store
             .log_record(sequence)
             .expect("reads")
@@ -167,6 +168,7 @@ fn a_batch_larger_than_one_write_is_stored_whole_in_order_with_every_position() 
             ((index % 2) as i32, (index / 2) as i64)
         );
     }
+    assert_eq!(store.log_record(count as u64 + 1).expect("reads"), None);
     let summary = store
         .summary(&customer("cust-3"))
         .expect("reads")
@@ -174,6 +176,108 @@ fn a_batch_larger_than_one_write_is_stored_whole_in_order_with_every_position() 
     assert_eq!(
         summary.total,
         (0..count).filter(|index| index % 7 == 3).count() as u64
+    );
+}
+
+/// Rewrites a store's chunked log (format 4) as format 3 wrote it: one key per event under `L`,
+/// value partition, offset, record.
+fn downgrade_to_format_3(path: &std::path::Path) {
+    let db = sled::open(path).expect("sled opens");
+    let tree = db.open_tree("touchline").expect("tree");
+    let chunks: Vec<(sled::IVec, sled::IVec)> = tree
+        .scan_prefix(b"C")
+        .collect::<Result<_, _>>()
+        .expect("chunks read");
+    for (key, value) in chunks {
+        let mut sequence = u64::from_be_bytes(key[1..].try_into().expect("8-byte key"));
+        let mut rest = &value[..];
+        while !rest.is_empty() {
+            let length = u32::from_be_bytes(rest[12..16].try_into().expect("length")) as usize;
+            let mut old = rest[..12].to_vec();
+            old.extend_from_slice(&rest[16..16 + length]);
+            tree.insert([b"L".as_slice(), &sequence.to_be_bytes()].concat(), old)
+                .expect("insert");
+            rest = &rest[16 + length..];
+            sequence += 1;
+        }
+        tree.remove(key).expect("remove");
+    }
+    tree.insert(b"Mformat", &3_u64.to_be_bytes())
+        .expect("format");
+    db.flush().expect("flush");
+}
+
+#[test]
+fn a_format_3_store_is_migrated_on_open_and_keeps_every_event() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let count = 70;
+    let events: Vec<ConsumedRecord> = (0..count)
+        .map(|index| {
+            record(
+                0,
+                index as i64,
+                envelope(
+                    "courier",
+                    &format!("e{index}"),
+                    "alice",
+                    index as i64,
+                    JourneyStage::Use,
+                ),
+            )
+        })
+        .collect();
+    let checksum = {
+        let store = open(&dir);
+        store.apply(&stream("a"), events).expect("applies");
+        store.flush().expect("flushes");
+        store.log_checksum().expect("checksum")
+    };
+    // sled lets go of its lock from a background thread: wait until it does.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while sled::Config::new().path(dir.path()).open().is_err() {
+        assert!(std::time::Instant::now() < deadline, "sled keeps its lock");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    downgrade_to_format_3(dir.path());
+    let store = open(&dir);
+    assert_eq!(store.log_len(), count);
+    assert_eq!(
+        store.log_checksum().expect("checksum"),
+        checksum,
+        "the same events, chunked"
+    );
+    assert_eq!(
+        store
+            .log_record(42)
+            .expect("reads")
+            .map(|(_, offset, _)| offset),
+        Some(41)
+    );
+    let more = record(
+        0,
+        count as i64,
+        envelope("courier", "e-new", "alice", 1_000, JourneyStage::Use),
+    );
+    let again = record(
+        0,
+        count as i64 + 1,
+        envelope("courier", "e3", "alice", 3, JourneyStage::Use),
+    );
+    let outcome = store
+        .apply(&stream("a"), vec![more, again])
+        .expect("applies");
+    assert_eq!((outcome.appended, outcome.duplicates), (1, 1));
+    assert_eq!(
+        store
+            .log_record(count as u64 + 1)
+            .expect("reads")
+            .map(|(_, offset, _)| offset),
+        Some(count as i64)
+    );
+    assert_eq!(
+        event_ids(&store, &query("alice", 200)).len(),
+        count + 1,
+        "the timeline is untouched"
     );
 }
 

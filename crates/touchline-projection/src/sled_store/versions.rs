@@ -353,7 +353,6 @@ impl SledStore {
         end: u64,
         batch: &mut sled::Batch,
     ) -> Result<u64, StoreError> {
-        use std::ops::Bound::{Excluded, Included};
         if from_sequence >= end {
             return Ok(from_sequence);
         }
@@ -363,31 +362,26 @@ impl SledStore {
             Projection::Summary => Folds::new(self, None, Some(table)),
         };
         let mut next = from_sequence;
-        for item in self.log.range(
-            Included(from_sequence.to_be_bytes().to_vec()),
-            Excluded(end.to_be_bytes().to_vec()),
-        ) {
-            let (key, value) = item.map_err(backend)?;
-            let sequence = read_u64("log key", &key, &key)?;
-            let (partition, offset, raw) = split_log_value(sequence, &value)?;
-            let envelope = touchline_proto::decode_envelope(Some(raw)).map_err(|error| {
+        log::for_each(&self.log, from_sequence, end, |record| {
+            let envelope = touchline_proto::decode_envelope(Some(record.raw)).map_err(|error| {
                 StoreError::Corrupt {
                     what: "log record",
-                    key: sequence.to_string(),
+                    key: record.sequence.to_string(),
                     reason: error.to_string(),
                 }
             })?;
             let entry = TimelineEntry::new(
                 envelope,
                 LogPosition {
-                    partition,
-                    offset,
-                    sequence,
+                    partition: record.partition,
+                    offset: record.offset,
+                    sequence: record.sequence,
                 },
             );
             folds.fold(batch, &entry)?;
-            next = sequence + 1;
-        }
+            next = record.sequence + 1;
+            Ok(())
+        })?;
         folds.finish(batch)?;
         Ok(next)
     }
@@ -432,7 +426,7 @@ impl SledStore {
     /// # Errors
     /// When the backend fails.
     pub fn log_checksum(&self) -> Result<Checksum, StoreError> {
-        checksum(&self.log)
+        log::checksum(&self.log)
     }
 
     /// Checksums of the log and of every active or building version of every projection, taken
@@ -448,7 +442,7 @@ impl SledStore {
             name: "log",
             version: 0,
             role: VersionRole::Log,
-            checksum: checksum(&self.log)?,
+            checksum: log::checksum(&self.log)?,
         }];
         for (projection, versions) in &writer.versions {
             let roles = std::iter::once((versions.active, VersionRole::Active))
