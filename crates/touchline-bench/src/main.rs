@@ -321,6 +321,10 @@ async fn main() -> anyhow::Result<()> {
         format!("{:.0}", report.store_per_second),
         format!("{:.2}", report.full_speed_vs_store),
     );
+    figure(
+        "  acknowledged (all events acked), full speed",
+        format!("{:.0}", report.full_speed.acknowledged_per_second),
+    );
     line(
         "rebuild of the timeline (ev/s), target 0.7",
         format!("{:.0}", report.rebuild_per_second),

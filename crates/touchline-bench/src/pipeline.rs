@@ -260,6 +260,9 @@ pub struct Run {
     pub seconds: f64,
     /// Events per second from the first send until the last event was projected (queryable).
     pub end_to_end_per_second: f64,
+    /// Events per second from the first send until the last acknowledgement: above the
+    /// end-to-end rate when the projector, not ingest, bounds the run.
+    pub acknowledged_per_second: f64,
     pub ack_latency: Percentiles,
     pub ingest_to_queryable: Percentiles,
     pub reads_during: Percentiles,
@@ -387,6 +390,7 @@ pub async fn run(node: &Node, shape: &Shape, rate: Option<f64>) -> anyhow::Resul
     for partner in partners {
         acks.extend(partner.await??);
     }
+    let acknowledged = started.elapsed();
     let target = already + shape.events;
     // Every event was acknowledged; if the log stops growing short of them, the broker lost
     // records (the embedded mock keeps about 5 MiB per partition and drops older unread data).
@@ -414,6 +418,7 @@ pub async fn run(node: &Node, shape: &Shape, rate: Option<f64>) -> anyhow::Resul
         events: shape.events,
         seconds: elapsed.as_secs_f64(),
         end_to_end_per_second: per_second(shape.events, elapsed),
+        acknowledged_per_second: per_second(shape.events, acknowledged),
         ack_latency: Percentiles::of(&mut acks),
         ingest_to_queryable: Percentiles::of(&mut queryable),
         reads_during_per_second: per_second(reads.len(), elapsed),

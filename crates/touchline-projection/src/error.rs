@@ -24,6 +24,10 @@ pub enum Error {
     Setup(String),
     #[error("a blocking store task failed: {0}")]
     Blocking(#[from] tokio::task::JoinError),
+    #[error(transparent)]
+    WorkerGone(#[from] crate::worker::WorkerGone),
+    #[error("cannot start a thread: {0}")]
+    Thread(#[source] std::io::Error),
 }
 
 pub(crate) fn backend(error: impl std::error::Error + Send + Sync + 'static) -> StoreError {

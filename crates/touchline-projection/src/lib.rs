@@ -10,6 +10,7 @@ pub mod ops;
 pub mod projector;
 pub mod sled_store;
 pub mod table;
+pub mod worker;
 
 pub use error::{Error, Result};
 pub use projector::{AppliedOffsets, Projector, ProjectorHandle, ProjectorOptions};

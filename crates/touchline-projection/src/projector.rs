@@ -207,6 +207,8 @@ impl Projector {
             self.applied.clone(),
             flusher_stopped.clone(),
         ));
+        // Every write of this projector on one thread (see `worker`).
+        let writer = crate::worker::Worker::start("tl-projector").map_err(Error::Thread)?;
         let mut skip_below = std::mem::take(&mut self.skip_below);
         let mut batches = self.consumer.stream().ready_chunks(self.max_batch);
         loop {
@@ -239,11 +241,12 @@ impl Projector {
             let store = Arc::clone(&self.store);
             let stream = self.stream.clone();
             // Decoding a batch takes milliseconds: with the write, off the async runtime.
-            let outcome = tokio::task::spawn_blocking(move || {
-                let records = messages.iter().map(consumed_record).collect();
-                store.apply(&stream, records)
-            })
-            .await??;
+            let outcome = writer
+                .run(move || {
+                    let records = messages.iter().map(consumed_record).collect();
+                    store.apply(&stream, records)
+                })
+                .await??;
             metrics::PROJECTOR.applied.inc_by(outcome.appended);
             metrics::PROJECTOR.duplicates.inc_by(outcome.duplicates);
             metrics::PROJECTOR
