@@ -48,15 +48,13 @@ pub fn per_second(count: usize, elapsed: Duration) -> f64 {
     count as f64 / elapsed.as_secs_f64().max(1e-9)
 }
 
-/// The process's peak resident set size in MiB (`VmHWM`), where the platform tells.
-#[must_use]
 /// Resets the peak RSS (Linux: `clear_refs` 5), so that a later [`peak_rss_mib`] covers only
 /// what ran since. Returns whether the kernel took it.
 pub fn reset_peak_rss() -> bool {
     std::fs::write("/proc/self/clear_refs", "5").is_ok()
 }
 
-/// The process's peak resident set (`VmHWM`), in MiB.
+/// The process's peak resident set size in MiB (`VmHWM`), where the platform tells.
 #[must_use]
 pub fn peak_rss_mib() -> Option<f64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;

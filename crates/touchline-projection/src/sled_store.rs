@@ -32,7 +32,7 @@ mod log;
 mod versions;
 
 pub use dead_letters::{DeadLetter, Requeued};
-pub use log::LogRecord;
+use log::LogRecord;
 use versions::version_prefix;
 pub use versions::{
     Checksum, Projection, ProjectionVersions, Switched, VersionChecksum, VersionRole,

@@ -181,8 +181,7 @@ fn a_batch_larger_than_one_write_is_stored_whole_in_order_with_every_position() 
 
 /// Rewrites a store's chunked log (format 4) as format 3 wrote it: one key per event under `L`,
 /// value partition, offset, record.
-fn downgrade_to_format_3(path: &std::path::Path) {
-    let db = sled::open(path).expect("sled opens");
+fn downgrade_to_format_3(db: &sled::Db) {
     let tree = db.open_tree("touchline").expect("tree");
     let chunks: Vec<(sled::IVec, sled::IVec)> = tree
         .scan_prefix(b"C")
@@ -232,13 +231,7 @@ fn a_format_3_store_is_migrated_on_open_and_keeps_every_event() {
         store.flush().expect("flushes");
         store.log_checksum().expect("checksum")
     };
-    // sled lets go of its lock from a background thread: wait until it does.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while sled::Config::new().path(dir.path()).open().is_err() {
-        assert!(std::time::Instant::now() < deadline, "sled keeps its lock");
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    downgrade_to_format_3(dir.path());
+    downgrade_to_format_3(&support::when_released(|| sled::open(dir.path())));
     let store = open(&dir);
     assert_eq!(store.log_len(), count);
     assert_eq!(

@@ -185,7 +185,6 @@ fn wire_role(role: VersionRole) -> v1::VersionState {
     match role {
         VersionRole::Active | VersionRole::Log => v1::VersionState::Active,
         VersionRole::Building => v1::VersionState::Building,
-        VersionRole::Dropping => v1::VersionState::Dropping,
     }
 }
 

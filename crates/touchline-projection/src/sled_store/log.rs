@@ -32,12 +32,12 @@ const HEADER: usize = 16;
 
 /// One event of the log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct LogRecord<'a> {
-    pub sequence: u64,
-    pub partition: i32,
-    pub offset: i64,
+pub(super) struct LogRecord<'a> {
+    pub(super) sequence: u64,
+    pub(super) partition: i32,
+    pub(super) offset: i64,
     /// The Kafka record's value as consumed.
-    pub raw: &'a [u8],
+    pub(super) raw: &'a [u8],
 }
 
 /// The events of one write, as they are appended.

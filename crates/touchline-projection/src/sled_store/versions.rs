@@ -108,7 +108,6 @@ pub enum VersionRole {
     Log,
     Active,
     Building,
-    Dropping,
 }
 
 /// The checksum of the log or of one projection version.

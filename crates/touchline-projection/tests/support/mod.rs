@@ -17,15 +17,24 @@ use touchline_projection::SledStore;
 /// When the store does not open within 30 s.
 #[must_use]
 pub fn open_when_released(path: &std::path::Path) -> SledStore {
+    when_released(|| SledStore::open(path))
+}
+
+/// Calls `open` until it succeeds: sled releases its file lock from a background thread, which
+/// can lag on a loaded machine.
+///
+/// # Panics
+/// When `open` still fails after 30 s.
+pub fn when_released<T, E: std::fmt::Display>(open: impl Fn() -> Result<T, E>) -> T {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     loop {
-        match SledStore::open(path) {
-            Ok(store) => return store,
+        match open() {
+            Ok(opened) => return opened,
             Err(error) if std::time::Instant::now() < deadline => {
-                eprintln!("store not yet released: {error}");
+                eprintln!("not yet released: {error}");
                 std::thread::sleep(std::time::Duration::from_millis(20));
             }
-            Err(error) => panic!("the store does not open: {error}"),
+            Err(error) => panic!("does not open: {error}"),
         }
     }
 }
