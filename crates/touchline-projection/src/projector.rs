@@ -14,7 +14,8 @@ use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use touchline_core::{
-    ConsumedRecord, EventStore, RecordContent, StoredPosition, StreamIdentity, fingerprint,
+    ApplyOutcome, ConsumedRecord, EventStore, RecordContent, StoredPosition, StreamIdentity,
+    fingerprint,
 };
 use touchline_kafka::KafkaOptions;
 use tracing::{debug, info, warn};
@@ -22,6 +23,18 @@ use tracing::{debug, info, warn};
 use crate::{Error, Result, metrics};
 
 const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A batch given to the writer thread: its outcome once applied.
+type PendingWrite = std::pin::Pin<
+    Box<
+        dyn Future<
+                Output = std::result::Result<
+                    std::result::Result<ApplyOutcome, touchline_core::StoreError>,
+                    crate::worker::WorkerGone,
+                >,
+            > + Send,
+    >,
+>;
 
 /// What the projector needs to run.
 #[derive(Debug, Clone)]
@@ -211,11 +224,29 @@ impl Projector {
         let writer = crate::worker::Worker::start("tl-projector").map_err(Error::Thread)?;
         let mut skip_below = std::mem::take(&mut self.skip_below);
         let mut batches = self.consumer.stream().ready_chunks(self.max_batch);
+        // At most one batch is being written while the next one is read and decoded (on the
+        // blocking pool, beside the writer: decoding was 6% of the writer's time). Never more: a
+        // batch is written only once the one before it is applied, so a failed write stops the
+        // projector before anything after it is stored.
+        let mut in_flight: Option<PendingWrite> = None;
         loop {
             let batch = tokio::select! {
                 biased;
                 () = shutdown.cancelled() => break,
                 () = flusher_stopped.cancelled() => break,
+                outcome = async {
+                    match in_flight.as_mut() {
+                        Some(write) => write.await,
+                        None => std::future::pending().await,
+                    }
+                }, if in_flight.is_some() => {
+                    in_flight = None;
+                    self.batch_applied(&outcome??, &unflushed);
+                    if flusher.is_finished() {
+                        break;
+                    }
+                    continue;
+                }
                 batch = batches.next() => batch,
             };
             let Some(batch) = batch else { break };
@@ -238,45 +269,55 @@ impl Projector {
             if messages.is_empty() {
                 continue;
             }
+            // Decoding a batch takes milliseconds: off the async runtime.
+            let records = tokio::task::spawn_blocking(move || {
+                messages.iter().map(consumed_record).collect::<Vec<_>>()
+            })
+            .await?;
+            if let Some(write) = in_flight.take() {
+                self.batch_applied(&write.await??, &unflushed);
+                if flusher.is_finished() {
+                    break;
+                }
+            }
             let store = Arc::clone(&self.store);
             let stream = self.stream.clone();
-            // Decoding a batch takes milliseconds: with the write, off the async runtime.
-            let outcome = writer
-                .run(move || {
-                    let records = messages.iter().map(consumed_record).collect();
-                    store.apply(&stream, records)
-                })
-                .await??;
-            metrics::PROJECTOR.applied.inc_by(outcome.appended);
-            metrics::PROJECTOR.duplicates.inc_by(outcome.duplicates);
-            metrics::PROJECTOR
-                .dead_lettered
-                .inc_by(outcome.dead_lettered);
-            debug!(
-                appended = outcome.appended,
-                duplicates = outcome.duplicates,
-                dead_lettered = outcome.dead_lettered,
-                "applied batch"
-            );
-            if outcome.dead_lettered > 0 {
-                warn!(
-                    count = outcome.dead_lettered,
-                    "undecodable records moved to the dead-letter store"
-                );
-            }
-            unflushed.send_modify(|offsets| offsets.extend(&outcome.next_offsets));
-            let flushed = self.applied.borrow().clone();
-            self.commit_advisory(&flushed);
-            if flusher.is_finished() {
-                break;
-            }
+            in_flight = Some(Box::pin(writer.run(move || store.apply(&stream, records))));
         }
         drop(batches);
-        // The flusher makes the last batches durable, then ends.
+        // The batch being written completes and is flushed; the flusher makes the last batches
+        // durable, then ends.
+        if let Some(write) = in_flight.take() {
+            self.batch_applied(&write.await??, &unflushed);
+        }
         drop(unflushed);
         flusher.await??;
         info!("projector stopped");
         Ok(())
+    }
+
+    /// Accounts for an applied batch and hands its positions to the flusher.
+    fn batch_applied(&self, outcome: &ApplyOutcome, unflushed: &watch::Sender<BTreeMap<i32, i64>>) {
+        metrics::PROJECTOR.applied.inc_by(outcome.appended);
+        metrics::PROJECTOR.duplicates.inc_by(outcome.duplicates);
+        metrics::PROJECTOR
+            .dead_lettered
+            .inc_by(outcome.dead_lettered);
+        debug!(
+            appended = outcome.appended,
+            duplicates = outcome.duplicates,
+            dead_lettered = outcome.dead_lettered,
+            "applied batch"
+        );
+        if outcome.dead_lettered > 0 {
+            warn!(
+                count = outcome.dead_lettered,
+                "undecodable records moved to the dead-letter store"
+            );
+        }
+        unflushed.send_modify(|offsets| offsets.extend(&outcome.next_offsets));
+        let flushed = self.applied.borrow().clone();
+        self.commit_advisory(&flushed);
     }
 
     /// Commits positions to Kafka for lag monitoring. Never read back: the store's positions are

@@ -43,22 +43,29 @@ impl Worker {
         Ok(Self { name, jobs })
     }
 
-    /// Runs `work` on the thread and returns its result.
+    /// Gives `work` to the thread at once (before the returned future is polled) and returns a
+    /// future of its result, so that the caller can prepare the next work meanwhile.
     ///
     /// # Errors
-    /// When the thread is gone: a closure before panicked.
-    pub async fn run<T: Send + 'static>(
+    /// The future fails when the thread is gone: a closure before panicked.
+    pub fn run<T: Send + 'static>(
         &self,
         work: impl FnOnce() -> T + Send + 'static,
-    ) -> Result<T, WorkerGone> {
+    ) -> impl Future<Output = Result<T, WorkerGone>> + Send + 'static {
         let name = self.name;
         let (done, result) = oneshot::channel();
-        self.jobs
+        let sent = self
+            .jobs
             .send(Box::new(move || {
                 let _ = done.send(work());
             }))
-            .map_err(|_| WorkerGone(name))?;
-        result.await.map_err(|_| WorkerGone(name))
+            .is_ok();
+        async move {
+            if !sent {
+                return Err(WorkerGone(name));
+            }
+            result.await.map_err(|_| WorkerGone(name))
+        }
     }
 }
 
@@ -84,6 +91,13 @@ mod tests {
                 .map(|index| (index, Some("tl-test-worker".to_owned())))
                 .collect::<Vec<_>>()
         );
+        // Given at once: the work runs although its future is not polled yet.
+        let (ran, seen_run) = std::sync::mpsc::channel();
+        let pending = worker.run(move || ran.send(()).is_ok());
+        seen_run
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("the work ran before its future was polled");
+        assert!(matches!(pending.await, Ok(true)));
         let panicked = worker.run(|| panic!("a closure that panics")).await;
         assert!(matches!(panicked, Err(WorkerGone("tl-test-worker"))));
         assert!(

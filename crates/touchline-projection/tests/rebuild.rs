@@ -134,6 +134,12 @@ fn a_rebuild_beside_the_projector_equals_the_incremental_projection_and_swaps_at
         );
     }
 
+    // The projector goes on after the switches: it folds into the new versions (the writer's
+    // cached summaries were the old version's).
+    store
+        .apply(&stream(), records(applied_during..applied_during + 30))
+        .expect("applies after the switches");
+
     // Compare with a store that only ever projected incrementally, fed the same log.
     let incremental_dir = tempfile::tempdir().expect("temp dir");
     let incremental = SledStore::open(incremental_dir.path()).expect("opens");

@@ -79,6 +79,11 @@ impl SledStore {
         let mut batch = sled::Batch::default();
         self.remove_dead_letter(&mut batch, &dead_letter);
         writer.dead_letters = writer.dead_letters.saturating_sub(1);
+        self.meta.insert(
+            &mut batch,
+            DEAD_LETTER_COUNT,
+            &writer.dead_letters.to_be_bytes(),
+        );
         let record = ConsumedRecord {
             partition: dead_letter.partition,
             offset: dead_letter.offset,
