@@ -29,7 +29,6 @@ use crate::table::Table;
 
 mod dead_letters;
 mod log;
-mod summary_cache;
 mod versions;
 
 pub use dead_letters::{DeadLetter, Requeued};
@@ -89,8 +88,6 @@ struct WriterState {
     next_dead_letter: u64,
     dead_letters: u64,
     versions: BTreeMap<Projection, ProjectionVersions>,
-    /// The active summaries as last written (see [`summary_cache`]).
-    summaries: summary_cache::SummaryCache,
 }
 
 /// The tables of the active projection versions. A reader holds its version's `Arc` while it
@@ -167,9 +164,6 @@ struct Folds<'a> {
     timeline: Option<Table>,
     summary: Option<Table>,
     summaries: HashMap<CustomerId, CustomerSummary>,
-    /// Where summaries are taken from before they are read from the store: the writer's cache,
-    /// when these folds write the active version.
-    cache: Option<&'a mut summary_cache::SummaryCache>,
 }
 
 impl<'a> Folds<'a> {
@@ -179,14 +173,7 @@ impl<'a> Folds<'a> {
             timeline,
             summary,
             summaries: HashMap::new(),
-            cache: None,
         }
-    }
-
-    /// Takes summaries from `cache` before reading them from the store.
-    fn with_cache(mut self, cache: &'a mut summary_cache::SummaryCache) -> Self {
-        self.cache = Some(cache);
-        self
     }
 
     fn fold(&mut self, batch: &mut sled::Batch, entry: &TimelineEntry) -> Result<(), StoreError> {
@@ -204,15 +191,8 @@ impl<'a> Folds<'a> {
         }
         if let Some(table) = &self.summary {
             let summary = match self.summaries.remove(customer) {
-                Some(folded) => Some(folded),
-                None => match self
-                    .cache
-                    .as_mut()
-                    .and_then(|cache| cache.take(table.prefix(), customer))
-                {
-                    Some(cached) => Some(cached),
-                    None => self.store.load_summary(table, customer)?,
-                },
+                Some(cached) => Some(cached),
+                None => self.store.load_summary(table, customer)?,
             };
             self.summaries
                 .insert(customer.clone(), apply_summary(summary, entry));
@@ -220,17 +200,14 @@ impl<'a> Folds<'a> {
         Ok(())
     }
 
-    /// Adds the folded summaries to `batch`; returns them, to be cached once `batch` is applied.
-    fn finish(
-        self,
-        batch: &mut sled::Batch,
-    ) -> Result<HashMap<CustomerId, CustomerSummary>, StoreError> {
+    /// Adds the folded summaries to `batch`.
+    fn finish(self, batch: &mut sled::Batch) -> Result<(), StoreError> {
         if let Some(table) = &self.summary {
             for (customer, summary) in &self.summaries {
                 table.insert(batch, customer.as_str(), encode(summary)?);
             }
         }
-        Ok(self.summaries)
+        Ok(())
     }
 }
 
@@ -328,7 +305,6 @@ impl SledStore {
             next_dead_letter,
             dead_letters: counter(DEAD_LETTER_COUNT, next_dead_letter.saturating_sub(1))?,
             versions,
-            summaries: summary_cache::SummaryCache::default(),
         };
         let version_table = |projection: Projection, version: u32| {
             Table::new(tree.clone(), &version_prefix(projection, version))
@@ -436,8 +412,7 @@ impl SledStore {
             self,
             Some(Table::clone(&active.timeline)),
             Some(Table::clone(&active.summary)),
-        )
-        .with_cache(&mut writer.summaries);
+        );
         let mut outcome = ApplyOutcome::default();
         let mut appended = Vec::new();
         let mut seen_in_batch: HashMap<Vec<u8>, u64> = HashMap::new();
@@ -548,7 +523,7 @@ impl SledStore {
             }
         }
         writes += chunk.write(&self.log, &mut batch);
-        let summaries = folds.finish(&mut batch)?;
+        folds.finish(&mut batch)?;
         if store_positions {
             for (partition, next_offset) in &outcome.next_offsets {
                 let last_fingerprint = last_fingerprints.get(partition).copied().unwrap_or(0);
@@ -564,6 +539,8 @@ impl SledStore {
             self.meta
                 .insert(&mut batch, NEXT_SEQUENCE, &next_sequence.to_be_bytes());
         }
+        // The dead-letter counters change only with dead letters (a requeue or a discard writes
+        // the count itself).
         if outcome.dead_lettered > 0 {
             self.meta.insert(
                 &mut batch,
@@ -576,7 +553,6 @@ impl SledStore {
 
         // One tree, one batch: atomic (invariant 6).
         crate::garbage::apply_batch(&self.tree, batch, writes).map_err(backend)?;
-        writer.summaries.put(active.summary.prefix(), summaries);
         if !appended.is_empty() {
             // Under the writer: entries queue in log order.
             lock(&self.unflushed).append(&mut appended);

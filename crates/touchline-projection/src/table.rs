@@ -24,12 +24,6 @@ impl Table {
         }
     }
 
-    /// The table's prefix in the tree: what tells its keys (and a projection version) apart.
-    #[must_use]
-    pub fn prefix(&self) -> &[u8] {
-        &self.prefix
-    }
-
     fn key(&self, key: &[u8]) -> Vec<u8> {
         let mut prefixed = Vec::with_capacity(key.len() + self.prefix.len());
         prefixed.extend_from_slice(&self.prefix);

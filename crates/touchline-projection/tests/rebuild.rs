@@ -339,4 +339,21 @@ fn dead_letters_are_kept_once_and_can_be_discarded_or_requeued() {
         store.requeue_dead_letter(id),
         Err(OpsError::DeadLetterNotFound(_))
     ));
+
+    // The counters are written only by the writes that change them: what a restart reads back.
+    store.apply(&stream(), records(2..4)).expect("applies");
+    store.flush().expect("flushes");
+    drop(store);
+    let store = support::open_when_released(dir.path());
+    assert_eq!(store.dead_letter_count(), 1);
+    assert_eq!(store.log_len(), 3);
+    store.apply(&stream(), vec![garbage(20)]).expect("applies");
+    let ids: Vec<u64> = store
+        .dead_letters(10)
+        .expect("lists")
+        .iter()
+        .map(|dead| dead.id)
+        .collect();
+    assert_eq!(ids.len(), 2);
+    assert!(ids[1] > id, "dead letter ids are never reused: {ids:?}");
 }

@@ -269,10 +269,6 @@ impl SledStore {
             crate::garbage::apply_batch(&self.tree, batch, folded(from_sequence, next))
                 .map_err(backend)?;
             *versions = updated;
-            if projection == Projection::Summary {
-                // The cached summaries are the replaced version's.
-                writer.summaries = summary_cache::SummaryCache::default();
-            }
             let table = Arc::new(self.version_table(projection, version));
             let mut active = self
                 .active
@@ -385,7 +381,6 @@ impl SledStore {
             next = record.sequence + 1;
             Ok(())
         })?;
-        // Not the active version: nothing to cache.
         folds.finish(batch)?;
         Ok(next)
     }
