@@ -1,7 +1,8 @@
 //! Kafka down: ingest answers UNAVAILABLE within the call's deadline and acknowledges nothing,
 //! in-flight work stays bounded, and it recovers by itself when the broker returns, with every
-//! acknowledged event present exactly once. Needs the mock cluster's fault injection
-//! (`broker_down`/`broker_up`, injected produce errors): mock-only.
+//! acknowledged event present exactly once; a producer that hits a fatal error is replaced.
+//! Needs the mock cluster's fault injection (`broker_down`/`broker_up`, injected produce errors):
+//! mock-only.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -175,5 +176,52 @@ async fn injected_produce_errors_are_retried_or_answered_unavailable_never_ackno
     let mut timeline = timeline_client(&node).await?;
     let entries = wait_for_timeline(&mut timeline, "hana", 2).await?;
     assert_eq!(event_ids(&entries), ["retried", "after"]);
+    node.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fatal_producer_error_starts_a_new_producer_session_and_loses_nothing()
+-> anyhow::Result<()> {
+    let broker = start_broker().await;
+    let Some(mock) = broker.embedded() else {
+        eprintln!("skipped against an external broker: needs the mock cluster's injected errors");
+        return Ok(());
+    };
+    let dir = tempfile::tempdir()?;
+    // With the gap-less guarantee (a librdkafka property passed through), a permanent produce
+    // error is fatal to the idempotent producer: it refuses every later message.
+    let node = start_node_with(&broker, dir.path(), touchline_tests::partners(), |config| {
+        config
+            .kafka
+            .producer_properties
+            .insert("enable.gapless.guarantee".to_owned(), "true".to_owned());
+    })
+    .await?;
+    let mut ingest = ingest_client(&node).await?;
+    let before = publish(&mut ingest, COURIER.1, vec![event("before", 0)]).await;
+    assert_eq!(before.map(|response| response.accepted).ok(), Some(1));
+
+    mock.fail_next_produces(&[RDKafkaRespErr::RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE])?;
+    let refused = publish(&mut ingest, COURIER.1, vec![event("refused", 1)])
+        .await
+        .expect_err("not acknowledged");
+    assert_eq!(refused.code(), Code::Unavailable);
+    assert_eq!(error_reason(&refused).as_deref(), Some("LOG_UNAVAILABLE"));
+
+    // The producer that hit the fatal error was replaced: the next batches are acknowledged,
+    // and resending the refused one is safe.
+    for (id, second) in [("after", 2), ("refused", 1)] {
+        let answer = publish(&mut ingest, COURIER.1, vec![event(id, second)]).await;
+        assert_eq!(
+            answer
+                .map(|response| response.accepted)
+                .map_err(|status| status.message().to_owned()),
+            Ok(1),
+            "{id} on the new producer session"
+        );
+    }
+    let mut timeline = timeline_client(&node).await?;
+    let entries = wait_for_timeline(&mut timeline, "hana", 3).await?;
+    assert_eq!(event_ids(&entries), ["before", "refused", "after"]);
     node.shutdown().await
 }
