@@ -56,9 +56,36 @@ impl ClientContext for ConnectionWatch {
 
 type Producer = FutureProducer<ConnectionWatch>;
 
-/// The current producer, how many times it was replaced, and its broker-loss signal.
+/// The shortest time between two producer replacements for a lost broker. While Kafka stays
+/// unreachable every call would otherwise start a new producer (a librdkafka client, with a thread
+/// per broker) and tear the last one down; calls in between are answered `UNAVAILABLE` (with
+/// `RetryInfo`) by the current producer. A fatal error replaces the producer at once: it would
+/// refuse everything.
+const MIN_REPLACE_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Why a producer is replaced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Replacement {
+    /// It lost every broker.
+    Lost,
+    /// It hit a fatal error.
+    Fatal,
+}
+
+impl Replacement {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Lost => "the producer lost every broker",
+            Self::Fatal => "fatal producer error",
+        }
+    }
+}
+
+/// The current producer, how many times it was replaced, when it started, and its broker-loss
+/// signal.
 struct ProducerSlot {
     generation: u64,
+    started: std::time::Instant,
     producer: Producer,
     all_brokers_down: watch::Receiver<u64>,
 }
@@ -71,6 +98,7 @@ impl ProducerSlot {
         })?;
         Ok(Self {
             generation,
+            started: std::time::Instant::now(),
             producer,
             all_brokers_down,
         })
@@ -171,11 +199,19 @@ impl Publisher {
         )
     }
 
-    /// Replaces the producer of `generation` (unless another call did already), purging what is
-    /// still queued or in flight on it.
-    fn replace(&self, generation: u64, why: &str) {
+    /// Replaces the producer of `generation` (unless another call did already, or, for `Lost`,
+    /// it started less than [`MIN_REPLACE_INTERVAL`] ago), purging what is still queued or in
+    /// flight on it.
+    fn replace(&self, generation: u64, why: Replacement) {
         let mut slot = self.slot.write().unwrap_or_else(PoisonError::into_inner);
         if slot.generation != generation {
+            return;
+        }
+        if why == Replacement::Lost && slot.started.elapsed() < MIN_REPLACE_INTERVAL {
+            tracing::debug!(
+                generation,
+                "the producer lost every broker, but started moments ago: kept for now"
+            );
             return;
         }
         match ProducerSlot::create(&self.config, generation + 1) {
@@ -188,17 +224,20 @@ impl Publisher {
                 tokio::task::spawn_blocking(move || drop(old));
                 warn!(
                     generation = generation + 1,
-                    why, "started a new producer session"
+                    why = why.as_str(),
+                    "started a new producer session"
                 );
             }
-            Err(create_error) => error!(%create_error, why, "cannot start a new producer session"),
+            Err(create_error) => {
+                error!(%create_error, why = why.as_str(), "cannot start a new producer session");
+            }
         }
     }
 
     async fn publish_unbounded(&self, envelopes: &[(Envelope, Vec<u8>)]) -> Result<Vec<Produced>> {
         let (mut generation, mut producer, mut all_brokers_down) = self.current_producer();
         if *all_brokers_down.borrow_and_update() > 0 {
-            self.replace(generation, "the producer lost every broker");
+            self.replace(generation, Replacement::Lost);
             (generation, producer, all_brokers_down) = self.current_producer();
             all_brokers_down.borrow_and_update();
         }
@@ -209,9 +248,9 @@ impl Publisher {
         if result.is_err() {
             if let Some((code, reason)) = producer.client().fatal_error() {
                 error!(%code, %reason, "the idempotent producer hit a fatal error");
-                self.replace(generation, "fatal producer error");
+                self.replace(generation, Replacement::Fatal);
             } else if *all_brokers_down.borrow() > 0 {
-                self.replace(generation, "the producer lost every broker");
+                self.replace(generation, Replacement::Lost);
             }
         }
         result
@@ -326,4 +365,60 @@ async fn wait_until_logged(mut applied: AppliedOffsets, produced: &[Produced]) -
         .await
         .map_err(|_| unavailable("the projector stopped".to_owned()))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn generation(publisher: &Publisher) -> u64 {
+        publisher
+            .slot
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .generation
+    }
+
+    fn started_ago(publisher: &Publisher, ago: Duration) {
+        let mut slot = publisher
+            .slot
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        slot.started = std::time::Instant::now()
+            .checked_sub(ago)
+            .unwrap_or_else(std::time::Instant::now);
+    }
+
+    #[tokio::test]
+    async fn a_lost_broker_replaces_the_producer_at_most_once_a_second_a_fatal_error_at_once() {
+        // Nothing listens there: creating a producer does not connect.
+        let kafka = KafkaOptions {
+            bootstrap_servers: "127.0.0.1:9".to_owned(),
+            ..KafkaOptions::default()
+        };
+        let publisher =
+            Publisher::new(&kafka, Durability::Broker, Duration::from_secs(1)).expect("creates");
+        started_ago(&publisher, Duration::ZERO);
+        publisher.replace(0, Replacement::Lost);
+        assert_eq!(generation(&publisher), 0, "kept: it started moments ago");
+        publisher.replace(0, Replacement::Fatal);
+        assert_eq!(
+            generation(&publisher),
+            1,
+            "a fatal error replaces it at once"
+        );
+        publisher.replace(0, Replacement::Fatal);
+        assert_eq!(
+            generation(&publisher),
+            1,
+            "another call replaced generation 0 already"
+        );
+        started_ago(&publisher, MIN_REPLACE_INTERVAL);
+        publisher.replace(1, Replacement::Lost);
+        assert_eq!(
+            generation(&publisher),
+            2,
+            "replaced once the interval passed"
+        );
+    }
 }
