@@ -77,9 +77,17 @@ pub struct Rebuilds {
     store: Arc<SledStore>,
     chunk: usize,
     jobs: Mutex<HashMap<Projection, Job>>,
-    /// Switched rebuilds whose task still deletes the version they replaced when a new rebuild
-    /// of the same projection starts: shutdown stops and awaits them too.
-    retiring: Mutex<Vec<Job>>,
+    /// Deletions running in the background (of the version a switched rebuild replaced, when a
+    /// new rebuild of the same projection starts; of leftovers found on open): shutdown stops and
+    /// awaits them too.
+    retiring: Mutex<Vec<Background>>,
+}
+
+/// A task of this store's ops running in the background: cancelled, then awaited, at shutdown.
+#[derive(Debug)]
+struct Background {
+    cancel: CancellationToken,
+    task: JoinHandle<()>,
 }
 
 impl Rebuilds {
@@ -149,10 +157,38 @@ impl Rebuilds {
                 .retiring
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            retiring.retain(|job| !job.task.is_finished());
-            retiring.push(job);
+            retiring.retain(|background| !background.task.is_finished());
+            retiring.push(Background {
+                cancel: job.cancel,
+                task: job.task,
+            });
         }
         Ok((progress, true))
+    }
+
+    /// Deletes, in the background, the projection versions the store listed as dropping when it
+    /// opened (an interrupted rebuild's, or a deletion a shutdown stopped): opening does not wait
+    /// for them. Shutdown stops and awaits the deletion like a retiring version's; what is left is
+    /// deleted after the next open.
+    pub fn drop_leftovers(&self) {
+        let cancel = CancellationToken::new();
+        let store = Arc::clone(&self.store);
+        let task = tokio::task::spawn_blocking({
+            let cancel = cancel.clone();
+            move || match store.drop_leftovers(&cancel) {
+                Ok(true) => {}
+                Ok(false) => info!(
+                    "stopped dropping leftover projection versions; they are dropped after the next start"
+                ),
+                Err(error) => {
+                    warn!(%error, "cannot drop leftover projection versions now; they are dropped after the next start");
+                }
+            }
+        });
+        self.retiring
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(Background { cancel, task });
     }
 
     /// Cancels the running rebuild of `projection`; returns its progress, `None` when none runs.
@@ -188,11 +224,14 @@ impl Rebuilds {
         let tasks: Vec<JoinHandle<()>> = self
             .jobs()
             .drain()
-            .map(|(_, job)| job)
+            .map(|(_, job)| Background {
+                cancel: job.cancel,
+                task: job.task,
+            })
             .chain(retiring)
-            .map(|job| {
-                job.cancel.cancel();
-                job.task
+            .map(|background| {
+                background.cancel.cancel();
+                background.task
             })
             .collect();
         for task in tasks {

@@ -6,7 +6,8 @@
 //! Projections are versioned so that one can be rebuilt from the log without downtime: a rebuild
 //! writes a new version next to the active one (which keeps serving and being updated), catches up
 //! with the log, and becomes active in the same atomic batch that projects the last events. An
-//! interrupted rebuild leaves its version behind as garbage, dropped on the next open.
+//! interrupted rebuild leaves its version behind as garbage, deleted in the background after the
+//! next open ([`SledStore::drop_leftovers`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -248,8 +249,9 @@ impl SledStore {
         Self::from_db(db)
     }
 
-    /// Opens the store's tables, and drops projection versions that an interrupted rebuild or
-    /// drop left behind. Private: two stores on one database would be two writers.
+    /// Opens the store's tables, and lists the version an interrupted rebuild left behind as
+    /// dropping ([`SledStore::drop_leftovers`] deletes it). Private: two stores on one database
+    /// would be two writers.
     ///
     /// # Errors
     /// When a tree cannot be opened, the store has another format or a stored counter is corrupt.
@@ -338,7 +340,7 @@ impl SledStore {
             tree,
             db,
         };
-        store.drop_leftovers()?;
+        store.mark_leftovers()?;
         Ok(store)
     }
 

@@ -181,8 +181,30 @@ fn an_interrupted_rebuild_leaves_the_active_version_intact_and_a_new_one_starts_
     let store = support::open_when_released(dir.path());
     let versions = &store.projection_versions()[&Projection::Timeline];
     assert_eq!((versions.active, versions.building), (1, None));
-    assert!(versions.dropping.is_empty());
+    assert_eq!(
+        versions.dropping,
+        [2],
+        "listed for deletion when the store opened"
+    );
     assert_eq!(checksums(&store), before, "the active version is untouched");
+    // A stopped deletion leaves it listed; the next one deletes it.
+    let stopped = tokio_util::sync::CancellationToken::new();
+    stopped.cancel();
+    assert!(!store.drop_leftovers(&stopped).expect("stops"));
+    assert_eq!(
+        store.projection_versions()[&Projection::Timeline].dropping,
+        [2]
+    );
+    assert!(
+        store
+            .drop_leftovers(&tokio_util::sync::CancellationToken::new())
+            .expect("drops")
+    );
+    assert!(
+        store.projection_versions()[&Projection::Timeline]
+            .dropping
+            .is_empty()
+    );
     assert_eq!(
         store
             .checksum(Projection::Timeline, 2)
@@ -218,7 +240,7 @@ fn an_interrupted_rebuild_leaves_the_active_version_intact_and_a_new_one_starts_
 }
 
 #[test]
-fn a_replaced_version_whose_deletion_stopped_is_deleted_on_the_next_open() {
+fn a_replaced_version_whose_deletion_stopped_is_deleted_after_the_next_open() {
     let dir = tempfile::tempdir().expect("temp dir");
     let store = SledStore::open(dir.path()).expect("opens");
     store.apply(&stream(), records(0..40)).expect("applies");
@@ -249,6 +271,17 @@ fn a_replaced_version_whose_deletion_stopped_is_deleted_on_the_next_open() {
 
     let store = support::open_when_released(dir.path());
     let versions = &store.projection_versions()[&Projection::Timeline];
+    assert_eq!(
+        (versions.active, versions.dropping.clone()),
+        (2, vec![1]),
+        "opening does not wait for the deletion"
+    );
+    assert!(
+        store
+            .drop_leftovers(&tokio_util::sync::CancellationToken::new())
+            .expect("drops")
+    );
+    let versions = &store.projection_versions()[&Projection::Timeline];
     assert_eq!((versions.active, versions.dropping.clone()), (2, vec![]));
     assert_eq!(
         store
@@ -256,7 +289,7 @@ fn a_replaced_version_whose_deletion_stopped_is_deleted_on_the_next_open() {
             .expect("checksums")
             .entries,
         0,
-        "deleted when the store opened"
+        "deleted after the store opened"
     );
     assert_eq!(checksums(&store), before);
 }

@@ -145,6 +145,7 @@ impl Node {
                 Arc::clone(&opened),
                 config.projector.rebuild_batch,
             ));
+            node_rebuilds.drop_leftovers();
             admin = Some(AdminService::new(
                 AdminContext {
                     store: Arc::clone(&opened),

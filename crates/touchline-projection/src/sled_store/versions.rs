@@ -150,28 +150,46 @@ impl SledStore {
         Table::new(self.tree.clone(), &version_prefix(projection, version))
     }
 
-    /// Drops versions that an interrupted rebuild (crash, cancel) or drop left behind.
-    pub(super) fn drop_leftovers(&self) -> Result<(), StoreError> {
+    /// Lists the version an interrupted rebuild left behind as dropping (on open: quick, the
+    /// entries are deleted by [`SledStore::drop_leftovers`], in the background).
+    pub(super) fn mark_leftovers(&self) -> Result<(), StoreError> {
+        let mut writer = self.lock_writer();
         for projection in Projection::ALL {
-            let leftovers = {
-                let mut writer = self.lock_writer();
-                let Some(versions) = writer.versions.get_mut(&projection) else {
-                    continue;
-                };
-                if let Some(building) = versions.building.take() {
-                    tracing::warn!(%projection, version = building, "dropping the version an interrupted rebuild left behind; the active version is untouched");
-                    versions.dropping.push(building);
-                    self.meta
-                        .insert_now(projection.meta_key(), encode(&*versions)?)
-                        .map_err(backend)?;
-                }
-                versions.dropping.clone()
+            let Some(versions) = writer.versions.get_mut(&projection) else {
+                continue;
             };
-            for version in leftovers {
-                self.drop_version(projection, version, &|| false)?;
+            if let Some(building) = versions.building.take() {
+                tracing::warn!(%projection, version = building, "the version an interrupted rebuild left behind is dropped in the background; the active version is untouched");
+                versions.dropping.push(building);
+                self.meta
+                    .insert_now(projection.meta_key(), encode(&*versions)?)
+                    .map_err(backend)?;
             }
         }
         Ok(())
+    }
+
+    /// Deletes the versions listed as dropping when the store was opened (left by an interrupted
+    /// rebuild, or by a deletion that a shutdown stopped), in batches beside the projector;
+    /// `false` when `stop` was cancelled first (they stay listed, and are deleted next time).
+    ///
+    /// # Errors
+    /// When the backend fails (the versions stay listed as dropping).
+    pub fn drop_leftovers(&self, stop: &CancellationToken) -> Result<bool, StoreError> {
+        for projection in Projection::ALL {
+            let leftovers = self
+                .lock_writer()
+                .versions
+                .get(&projection)
+                .map(|versions| versions.dropping.clone())
+                .unwrap_or_default();
+            for version in leftovers {
+                if !self.drop_version(projection, version, &|| stop.is_cancelled())? {
+                    return Ok(false);
+                }
+            }
+        }
+        Ok(true)
     }
 
     /// The versions of every projection.
