@@ -1,5 +1,5 @@
 //! Admission control and partner contracts: per-partner rates answered with RESOURCE_EXHAUSTED
-//! and retry information while other partners are unaffected, a cap on open streams per partner,
+//! and retry information (unary calls) or paced (streams) while other partners are unaffected, a cap on open streams per partner,
 //! server-wide load shedding, and event types and channels outside a partner's contract.
 
 use std::time::Duration;
@@ -66,6 +66,66 @@ async fn a_partner_over_its_rate_gets_resource_exhausted_while_another_is_unaffe
             .accepted,
         20,
         "another partner is unaffected"
+    );
+    node.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_over_its_rate_is_paced_not_ended() -> anyhow::Result<()> {
+    let broker = start_broker().await;
+    let dir = tempfile::tempdir()?;
+    let node = start_node_with(&broker, dir.path(), partners(), |config| {
+        config.ingest.rate_per_second = Some(100.0);
+        config.ingest.burst = 20.0;
+    })
+    .await?;
+    let mut ingest = ingest_client(&node).await?;
+    // Three times the burst on one stream: the first batch passes at once, the others wait for
+    // their tokens (about 0.2 s each) instead of ending the stream with RATE_LIMITED.
+    let requests: Vec<v1::PublishRequest> = (0..3)
+        .map(|number| v1::PublishRequest {
+            events: batch(&format!("paced-{number}"), 20),
+            batch_id: number.to_string(),
+        })
+        .collect();
+    let mut answers = ingest
+        .publish_stream(authorized(futures::stream::iter(requests), COURIER.1))
+        .await?
+        .into_inner();
+    let mut accepted = Vec::new();
+    while let Some(answer) = answers.message().await? {
+        accepted.push((answer.batch_id, answer.accepted));
+    }
+    assert_eq!(
+        accepted,
+        [
+            ("0".to_owned(), 20),
+            ("1".to_owned(), 20),
+            ("2".to_owned(), 20)
+        ],
+        "every batch answered, the stream ended by the partner"
+    );
+    // A unary call over the rate is still refused with retry information.
+    let mut limited = None;
+    for number in 0..10 {
+        match publish(
+            &mut ingest,
+            COURIER.1,
+            batch(&format!("unary-{number}"), 20),
+        )
+        .await
+        {
+            Ok(_) => {}
+            Err(status) => {
+                limited = Some(status);
+                break;
+            }
+        }
+    }
+    let limited = limited.expect("a unary call over the rate is refused");
+    assert_eq!(
+        (limited.code(), error_reason(&limited).as_deref()),
+        (Code::ResourceExhausted, Some("RATE_LIMITED"))
     );
     node.shutdown().await
 }

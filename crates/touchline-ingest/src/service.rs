@@ -202,6 +202,11 @@ impl Inner {
 
     /// Checks the batch's shape and the partner's rate before any work is done for it.
     fn admit(&self, partner: &Authenticated, events: usize) -> Result<()> {
+        self.check_shape(events)?;
+        self.take_rate(partner, events)
+    }
+
+    fn check_shape(&self, events: usize) -> Result<()> {
         if events == 0 {
             return Err(Error::BatchEmpty);
         }
@@ -211,6 +216,11 @@ impl Inner {
                 max: self.options.max_batch_events,
             });
         }
+        Ok(())
+    }
+
+    /// Takes `events` from the partner's rate, or says how long to wait for them.
+    fn take_rate(&self, partner: &Authenticated, events: usize) -> Result<()> {
         let rate = partner
             .contract
             .rate_per_second
@@ -311,8 +321,10 @@ impl Inner {
         Ok(response)
     }
 
-    /// One batch of a stream: admitted, then made durable while holding its share of the stream
-    /// window and a server-wide slot.
+    /// One batch of a stream: checked, then made durable while holding its share of the stream
+    /// window and a server-wide slot. Over the partner's rate it waits for its tokens rather than
+    /// end the stream (as Kafka's quotas delay responses): the stream is paced, and a partner that
+    /// keeps sending faster fills its window and is held back by HTTP/2 flow control.
     async fn publish_in_stream(
         self: Arc<Self>,
         partner: Authenticated,
@@ -332,8 +344,21 @@ impl Inner {
         window: Arc<Semaphore>,
     ) -> Result<v1::PublishResponse> {
         let partner = partner.clone();
-        self.admit(&partner, batch.events.len())?;
-        let _window = acquire(&window, batch.events.len()).await?;
+        let events = batch.events.len();
+        self.check_shape(events)?;
+        let _window = acquire(&window, events).await?;
+        loop {
+            match self.take_rate(&partner, events) {
+                Err(Error::RateLimited { retry_after, .. }) => {
+                    debug!(partner = %partner.partner_id, ?retry_after, "stream batch over the partner's rate: waiting");
+                    tokio::select! {
+                        () = tokio::time::sleep(retry_after) => {}
+                        () = self.draining.cancelled() => return Err(Error::ShuttingDown),
+                    }
+                }
+                other => break other?,
+            }
+        }
         let _slot = Arc::clone(&self.in_flight)
             .acquire_owned()
             .await
