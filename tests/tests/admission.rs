@@ -88,6 +88,7 @@ async fn a_stream_over_its_rate_is_paced_not_ended() -> anyhow::Result<()> {
             batch_id: number.to_string(),
         })
         .collect();
+    let started = std::time::Instant::now();
     let mut answers = ingest
         .publish_stream(authorized(futures::stream::iter(requests), COURIER.1))
         .await?
@@ -104,6 +105,13 @@ async fn a_stream_over_its_rate_is_paced_not_ended() -> anyhow::Result<()> {
             ("2".to_owned(), 20)
         ],
         "every batch answered, the stream ended by the partner"
+    );
+    // Paced: 40 events over the burst at 100 per second take at least 0.4 s (a lower bound,
+    // which a slow machine only exceeds).
+    assert!(
+        started.elapsed() >= Duration::from_millis(350),
+        "the rate was not applied: {:?}",
+        started.elapsed()
     );
     // A unary call over the rate is still refused with retry information.
     let mut limited = None;

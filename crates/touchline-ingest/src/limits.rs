@@ -52,6 +52,31 @@ impl RateLimiter {
     }
 }
 
+impl RateLimiter {
+    /// Takes `cost` tokens from `partner`'s bucket whether it holds them or not (it may go into
+    /// debt) and returns how long to wait until they are paid for: zero when the bucket held them.
+    /// Callers that wait are served in the order they took, and [`Self::try_take`] refuses while
+    /// the bucket is in debt.
+    #[allow(clippy::cast_precision_loss, reason = "batch sizes are far below 2^52")]
+    pub fn take_owing(&self, partner: &PartnerId, rate: f64, burst: f64, cost: usize) -> Duration {
+        let now = Instant::now();
+        let cost = (cost as f64).min(burst);
+        let mut buckets = self.buckets.lock().unwrap_or_else(PoisonError::into_inner);
+        let bucket = buckets.entry(partner.clone()).or_insert(Bucket {
+            tokens: burst,
+            refilled_at: now,
+        });
+        let elapsed = now.duration_since(bucket.refilled_at).as_secs_f64();
+        bucket.tokens = (bucket.tokens + elapsed * rate).min(burst) - cost;
+        bucket.refilled_at = now;
+        if bucket.tokens >= 0.0 {
+            return Duration::ZERO;
+        }
+        let wait = (-bucket.tokens / rate.max(f64::MIN_POSITIVE)).clamp(0.001, 3600.0);
+        Duration::try_from_secs_f64(wait).unwrap_or(Duration::from_secs(3600))
+    }
+}
+
 /// Open `PublishStream` calls per partner.
 #[derive(Debug, Default, Clone)]
 pub struct StreamCounter {
@@ -143,6 +168,26 @@ mod tests {
             limiter.try_take(&partner("b"), 10.0, 100.0, 100).is_ok(),
             "another partner is unaffected"
         );
+    }
+
+    #[test]
+    fn owing_takes_now_and_waits_in_turn_while_a_refusal_takes_nothing() {
+        let limiter = RateLimiter::default();
+        let a = partner("a");
+        assert_eq!(limiter.take_owing(&a, 10.0, 100.0, 100), Duration::ZERO);
+        let first = limiter.take_owing(&a, 10.0, 100.0, 20);
+        let second = limiter.take_owing(&a, 10.0, 100.0, 20);
+        assert!(
+            first > Duration::from_millis(1900) && first <= Duration::from_secs(2),
+            "{first:?}"
+        );
+        assert!(
+            second > first + Duration::from_millis(1900),
+            "the second waits behind the first: {first:?} then {second:?}"
+        );
+        // In debt: a plain take is refused (and takes nothing) until the debt is paid.
+        let refused = limiter.try_take(&a, 10.0, 100.0, 1).expect_err("in debt");
+        assert!(refused > second, "{refused:?}");
     }
 
     #[test]

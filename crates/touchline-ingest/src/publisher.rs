@@ -238,7 +238,13 @@ impl Publisher {
         let (mut generation, mut producer, mut all_brokers_down) = self.current_producer();
         if *all_brokers_down.borrow_and_update() > 0 {
             self.replace(generation, Replacement::Lost);
+            let kept = generation;
             (generation, producer, all_brokers_down) = self.current_producer();
+            if generation == kept {
+                // Kept (it started moments ago, or a new one could not start): it has lost every
+                // broker, so the call fails now rather than wait for its deadline.
+                return Err(unavailable("no Kafka broker is reachable".to_owned()));
+            }
             all_brokers_down.borrow_and_update();
         }
         let result = tokio::select! {
@@ -420,5 +426,52 @@ mod tests {
             2,
             "replaced once the interval passed"
         );
+    }
+
+    #[tokio::test]
+    async fn a_call_on_a_producer_kept_after_losing_every_broker_fails_at_once() {
+        let kafka = KafkaOptions {
+            bootstrap_servers: "127.0.0.1:9".to_owned(),
+            ..KafkaOptions::default()
+        };
+        let publisher =
+            Publisher::new(&kafka, Durability::Broker, Duration::from_secs(60)).expect("creates");
+        started_ago(&publisher, Duration::ZERO);
+        // librdkafka's error callback reports that the producer lost every broker.
+        publisher
+            .slot
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .producer
+            .context()
+            .error(
+                KafkaError::Global(RDKafkaErrorCode::AllBrokersDown),
+                "1/1 brokers are down",
+            );
+        let envelope = touchline_core::Envelope {
+            partner_id: touchline_core::PartnerId::parse("partner").expect("valid"),
+            touchpoint: touchline_core::Touchpoint {
+                event_id: touchline_core::EventId::parse("e1").expect("valid"),
+                customer_id: touchline_core::CustomerId::parse("c1").expect("valid"),
+                event_type: touchline_core::EventType::parse("parcel.scanned").expect("valid"),
+                occurred_at: touchline_core::UnixNanos(0),
+                channel: touchline_core::Channel::Doorstep,
+                stage: touchline_core::JourneyStage::Fulfil,
+                outcome: None,
+                attributes: std::collections::BTreeMap::new(),
+                payload: Vec::new(),
+            },
+            received_at: touchline_core::UnixNanos(0),
+        };
+        let value = touchline_proto::encode_envelope(&envelope);
+        let error = publisher
+            .publish(&[(envelope, value)], Some(Duration::from_secs(30)))
+            .await
+            .expect_err("no broker");
+        assert!(
+            matches!(&error, Error::Unavailable { reason, .. } if reason == "no Kafka broker is reachable"),
+            "answered at once, not at the call's deadline: {error:?}"
+        );
+        assert_eq!(generation(&publisher), 0, "kept: it started moments ago");
     }
 }

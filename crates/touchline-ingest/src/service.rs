@@ -219,18 +219,23 @@ impl Inner {
         Ok(())
     }
 
-    /// Takes `events` from the partner's rate, or says how long to wait for them.
-    fn take_rate(&self, partner: &Authenticated, events: usize) -> Result<()> {
+    /// The partner's rate and burst, `None` without a limit.
+    fn rate_of(&self, partner: &Authenticated) -> Option<(f64, f64)> {
         let rate = partner
             .contract
             .rate_per_second
-            .or(self.options.rate_per_second);
-        if let Some(rate) = rate {
-            let burst = partner
-                .contract
-                .burst
-                .unwrap_or(self.options.burst)
-                .max(1.0);
+            .or(self.options.rate_per_second)?;
+        let burst = partner
+            .contract
+            .burst
+            .unwrap_or(self.options.burst)
+            .max(1.0);
+        Some((rate, burst))
+    }
+
+    /// Takes `events` from the partner's rate, or says how long to wait for them.
+    fn take_rate(&self, partner: &Authenticated, events: usize) -> Result<()> {
+        if let Some((rate, burst)) = self.rate_of(partner) {
             self.rates
                 .try_take(&partner.partner_id, rate, burst, events)
                 .map_err(|retry_after| Error::RateLimited {
@@ -330,9 +335,12 @@ impl Inner {
         partner: Authenticated,
         batch: v1::PublishRequest,
         window: Arc<Semaphore>,
+        stream_gone: CancellationToken,
     ) -> Result<v1::PublishResponse> {
         let events = batch.events.len();
-        let result = self.publish_in_window(&partner, batch, window).await;
+        let result = self
+            .publish_in_window(&partner, batch, window, &stream_gone)
+            .await;
         count_failed(&partner, events, result.as_ref().err());
         result
     }
@@ -342,21 +350,24 @@ impl Inner {
         partner: &Authenticated,
         batch: v1::PublishRequest,
         window: Arc<Semaphore>,
+        stream_gone: &CancellationToken,
     ) -> Result<v1::PublishResponse> {
         let partner = partner.clone();
         let events = batch.events.len();
         self.check_shape(events)?;
         let _window = acquire(&window, events).await?;
-        loop {
-            match self.take_rate(&partner, events) {
-                Err(Error::RateLimited { retry_after, .. }) => {
-                    debug!(partner = %partner.partner_id, ?retry_after, "stream batch over the partner's rate: waiting");
-                    tokio::select! {
-                        () = tokio::time::sleep(retry_after) => {}
-                        () = self.draining.cancelled() => return Err(Error::ShuttingDown),
-                    }
+        if let Some((rate, burst)) = self.rate_of(&partner) {
+            // Taken now, paid for by waiting: batches over the rate go in the order they came.
+            let wait = self
+                .rates
+                .take_owing(&partner.partner_id, rate, burst, events);
+            if !wait.is_zero() {
+                debug!(partner = %partner.partner_id, ?wait, "stream batch over the partner's rate: waiting");
+                tokio::select! {
+                    () = tokio::time::sleep(wait) => {}
+                    () = self.draining.cancelled() => return Err(Error::ShuttingDown),
+                    () = stream_gone.cancelled() => return Err(Error::ShuttingDown),
                 }
-                other => break other?,
             }
         }
         let _slot = Arc::clone(&self.in_flight)
@@ -461,6 +472,10 @@ impl v1::ingest_service_server::IngestService for IngestService {
         let max_pending = MAX_PENDING_BATCHES;
         let inner = Arc::clone(&self.inner);
         let draining = self.inner.draining.clone();
+        // Cancelled when the stream ends (the partner went, or a batch failed): its batches that
+        // still wait for the partner's rate stop waiting.
+        let stream_gone = CancellationToken::new();
+        let batches_gone = stream_gone.clone();
         let mut answers = request
             .into_inner()
             .take_until(draining.clone().cancelled_owned())
@@ -468,11 +483,12 @@ impl v1::ingest_service_server::IngestService for IngestService {
                 let inner = Arc::clone(&inner);
                 let partner = partner.clone();
                 let window = Arc::clone(&window);
+                let stream_gone = batches_gone.clone();
                 // Each batch runs as a task of its own: it finishes (and frees its server-wide
                 // slot) even while the partner is not reading answers.
                 let work = tokio::spawn(async move {
                     inner
-                        .publish_in_stream(partner, batch?, window)
+                        .publish_in_stream(partner, batch?, window, stream_gone)
                         .await
                         .map_err(Status::from)
                 });
@@ -489,6 +505,7 @@ impl v1::ingest_service_server::IngestService for IngestService {
         let (sender, receiver) = mpsc::channel(1);
         tokio::spawn(async move {
             let _stream_slot = stream_slot;
+            let _gone = stream_gone.drop_guard();
             while let Some(answer) = answers.next().await {
                 let failed = answer.is_err();
                 if sender.send(answer).await.is_err() {

@@ -273,9 +273,19 @@ impl Projector {
                 continue;
             }
             // Decoding a batch takes milliseconds: off the async runtime.
-            let records = decoder
+            let records = match decoder
                 .run(move || messages.iter().map(consumed_record).collect::<Vec<_>>())
-                .await?;
+                .await
+            {
+                Ok(records) => records,
+                Err(gone) => {
+                    // The batch being written still completes and reaches the flusher.
+                    if let Some(write) = in_flight.take() {
+                        self.batch_applied(&write.await??, &unflushed);
+                    }
+                    return Err(gone.into());
+                }
+            };
             if let Some(write) = in_flight.take() {
                 self.batch_applied(&write.await??, &unflushed);
                 if flusher.is_finished() {

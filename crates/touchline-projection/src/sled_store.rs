@@ -125,6 +125,9 @@ pub struct SledStore {
     watchers: broadcast::Sender<ProjectedEntries>,
     /// Flushes one at a time, so that entries reach watchers in log order.
     flushing: Mutex<()>,
+    /// The versions listed as dropping when the store opened: what [`SledStore::drop_leftovers`]
+    /// deletes (a version a rebuild replaces later is its rebuild's to delete).
+    leftovers: Mutex<Vec<(Projection, u32)>>,
 }
 
 /// Entries that one flush made durable, in log order.
@@ -336,6 +339,7 @@ impl SledStore {
             unflushed: Mutex::new(Vec::new()),
             watchers: broadcast::channel(WATCH_BUFFER).0,
             flushing: Mutex::new(()),
+            leftovers: Mutex::new(Vec::new()),
             writer: Mutex::new(writer),
             tree,
             db,

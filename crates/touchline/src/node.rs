@@ -145,7 +145,6 @@ impl Node {
                 Arc::clone(&opened),
                 config.projector.rebuild_batch,
             ));
-            node_rebuilds.drop_leftovers();
             admin = Some(AdminService::new(
                 AdminContext {
                     store: Arc::clone(&opened),
@@ -251,6 +250,10 @@ impl Node {
             }
         };
         let local_addr = listener.local_addr()?;
+        if let Some(rebuilds) = &rebuilds {
+            // Started once nothing of the start can fail any more: shutdown stops and awaits it.
+            rebuilds.drop_leftovers();
+        }
         let server = tonic::transport::Server::builder()
             .add_service(health_service)
             .add_service(reflection_v1)

@@ -150,10 +150,12 @@ impl SledStore {
         Table::new(self.tree.clone(), &version_prefix(projection, version))
     }
 
-    /// Lists the version an interrupted rebuild left behind as dropping (on open: quick, the
-    /// entries are deleted by [`SledStore::drop_leftovers`], in the background).
+    /// Lists the version an interrupted rebuild left behind as dropping, and notes every version
+    /// listed as dropping now (an interrupted rebuild's, or one whose deletion a shutdown stopped)
+    /// for [`SledStore::drop_leftovers`]. On open: quick, nothing is deleted yet.
     pub(super) fn mark_leftovers(&self) -> Result<(), StoreError> {
         let mut writer = self.lock_writer();
+        let mut leftovers = Vec::new();
         for projection in Projection::ALL {
             let Some(versions) = writer.versions.get_mut(&projection) else {
                 continue;
@@ -165,27 +167,33 @@ impl SledStore {
                     .insert_now(projection.meta_key(), encode(&*versions)?)
                     .map_err(backend)?;
             }
+            leftovers.extend(
+                versions
+                    .dropping
+                    .iter()
+                    .map(|version| (projection, *version)),
+            );
         }
+        *lock(&self.leftovers) = leftovers;
         Ok(())
     }
 
-    /// Deletes the versions listed as dropping when the store was opened (left by an interrupted
-    /// rebuild, or by a deletion that a shutdown stopped), in batches beside the projector;
-    /// `false` when `stop` was cancelled first (they stay listed, and are deleted next time).
+    /// Deletes the versions that were listed as dropping when the store opened, in batches beside
+    /// the projector; `false` when `stop` was cancelled first (what is left stays listed, and is
+    /// deleted by the next call or after the next open).
     ///
     /// # Errors
     /// When the backend fails (the versions stay listed as dropping).
     pub fn drop_leftovers(&self, stop: &CancellationToken) -> Result<bool, StoreError> {
-        for projection in Projection::ALL {
-            let leftovers = self
-                .lock_writer()
-                .versions
-                .get(&projection)
-                .map(|versions| versions.dropping.clone())
-                .unwrap_or_default();
-            for version in leftovers {
-                if !self.drop_version(projection, version, &|| stop.is_cancelled())? {
-                    return Ok(false);
+        let mut leftovers = std::mem::take(&mut *lock(&self.leftovers));
+        while let Some((projection, version)) = leftovers.first().copied() {
+            match self.drop_version(projection, version, &|| stop.is_cancelled()) {
+                Ok(true) => {
+                    leftovers.remove(0);
+                }
+                stopped_or_failed => {
+                    lock(&self.leftovers).extend(leftovers);
+                    return stopped_or_failed;
                 }
             }
         }
