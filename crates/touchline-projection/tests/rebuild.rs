@@ -390,3 +390,69 @@ fn dead_letters_are_kept_once_and_can_be_discarded_or_requeued() {
     assert_eq!(ids.len(), 2);
     assert!(ids[1] > id, "dead letter ids are never reused: {ids:?}");
 }
+
+#[test]
+fn the_leftover_deletion_leaves_a_version_a_later_rebuild_replaced_to_that_rebuild() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    {
+        let store = SledStore::open(dir.path()).expect("opens");
+        store.apply(&stream(), records(0..60)).expect("applies");
+        let (version, _) = store.begin_rebuild(Projection::Timeline).expect("begins");
+        store
+            .rebuild_step(Projection::Timeline, version, 1, 10)
+            .expect("steps");
+        store.flush().expect("flushes");
+        // Dropped without finishing: version 2 of the timeline is a leftover.
+    }
+    let store = support::open_when_released(dir.path());
+    // Before the leftovers are deleted, a rebuild of the summary switches: its replaced version 1
+    // is listed as dropping too, and readers may still be on it until it is retired.
+    let (version, _) = store.begin_rebuild(Projection::Summary).expect("begins");
+    let next = store
+        .rebuild_step(Projection::Summary, version, 1, usize::MAX)
+        .expect("steps");
+    let switched = store
+        .finish_rebuild(Projection::Summary, version, next)
+        .expect("finishes");
+    let replaced_entries = store
+        .checksum(Projection::Summary, 1)
+        .expect("checksums")
+        .entries;
+    assert!(replaced_entries > 0);
+
+    assert!(
+        store
+            .drop_leftovers(&tokio_util::sync::CancellationToken::new())
+            .expect("drops")
+    );
+    assert_eq!(
+        store
+            .checksum(Projection::Timeline, 2)
+            .expect("checksums")
+            .entries,
+        0,
+        "the leftover is gone"
+    );
+    assert_eq!(
+        store
+            .checksum(Projection::Summary, 1)
+            .expect("checksums")
+            .entries,
+        replaced_entries,
+        "the replaced version is its rebuild's to delete"
+    );
+    store.retire(switched, &tokio_util::sync::CancellationToken::new());
+    assert_eq!(
+        store
+            .checksum(Projection::Summary, 1)
+            .expect("checksums")
+            .entries,
+        0
+    );
+    assert!(
+        store
+            .projection_versions()
+            .values()
+            .all(|versions| versions.dropping.is_empty())
+    );
+}
