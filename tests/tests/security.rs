@@ -1,7 +1,7 @@
 //! Credentials: no token, a wrong token, a revoked token (removed from the partners file, reloaded
 //! without a restart), an expired rotation token, both tokens valid during a rotation, a bad
 //! partners file that keeps the previous one in force, and tokens that never appear in logs or
-//! error messages.
+//! error messages; query tokens for the `TimelineService`.
 
 use std::io::Write as _;
 use std::sync::{Arc, Mutex};
@@ -172,5 +172,99 @@ async fn tokens_rotate_expire_and_are_revoked_without_a_restart_and_never_leak()
         restored = publish(&mut client, OLD, event("g")).await.is_ok();
     }
     assert!(restored, "the token is valid again after the SIGHUP reload");
+    node.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_query_tokens_configured_the_timeline_service_needs_one() -> anyhow::Result<()> {
+    const QUERY: &str = "query-token-of-the-crm-3e1d";
+    let broker = start_broker().await;
+    let dir = tempfile::tempdir()?;
+    let node = start_node_with(&broker, dir.path(), touchline_tests::partners(), |config| {
+        config.query.token_sha256 = vec![hash_token(QUERY)];
+    })
+    .await?;
+    let mut ingest = ingest_client(&node).await?;
+    publish(
+        &mut ingest,
+        touchline_tests::COURIER.1,
+        vec![touchpoint(
+            "q-1",
+            "ida",
+            "parcel.scanned",
+            0,
+            JourneyStage::Fulfil,
+        )],
+    )
+    .await?;
+    let mut timeline = touchline_tests::timeline_client(&node).await?;
+    let request = || v1::GetTimelineRequest {
+        customer_id: "ida".to_owned(),
+        page_size: 10,
+        ..Default::default()
+    };
+
+    let missing = timeline
+        .get_timeline(request())
+        .await
+        .expect_err("no token");
+    assert_eq!(
+        (missing.code(), error_reason(&missing).as_deref()),
+        (Code::Unauthenticated, Some("TOKEN_MISSING"))
+    );
+    let partner = timeline
+        .get_timeline(touchline_tests::authorized(
+            request(),
+            touchline_tests::COURIER.1,
+        ))
+        .await
+        .expect_err("a partner's token");
+    assert_eq!(
+        (partner.code(), error_reason(&partner).as_deref()),
+        (Code::PermissionDenied, Some("INTERNAL_ONLY"))
+    );
+    let wrong = timeline
+        .get_timeline(touchline_tests::authorized(request(), "not-a-token"))
+        .await
+        .expect_err("an unknown token");
+    assert_eq!(
+        (wrong.code(), error_reason(&wrong).as_deref()),
+        (Code::Unauthenticated, Some("TOKEN_INVALID"))
+    );
+    let watch = timeline
+        .watch_timeline(v1::WatchTimelineRequest {
+            customer_id: "ida".to_owned(),
+            cursor: String::new(),
+        })
+        .await
+        .expect_err("watching needs the token too");
+    assert_eq!(watch.code(), Code::Unauthenticated);
+
+    // With the token: the timeline (once the event is projected) and the summary.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let page = timeline
+            .get_timeline(touchline_tests::authorized(request(), QUERY))
+            .await?
+            .into_inner();
+        if page.entries.len() == 1 {
+            break;
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "the event was never projected"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    let summary = timeline
+        .get_customer_summary(touchline_tests::authorized(
+            v1::GetCustomerSummaryRequest {
+                customer_id: "ida".to_owned(),
+            },
+            QUERY,
+        ))
+        .await?
+        .into_inner();
+    assert_eq!(summary.total_touchpoints, 1);
     node.shutdown().await
 }

@@ -1,6 +1,7 @@
-//! Who may call the `AdminService`: holders of an admin token (its SHA-256 is in the
-//! configuration). A partner's token is recognised and refused with PERMISSION_DENIED, so that a
-//! partner learns it is authenticated but not allowed, rather than that its token is wrong.
+//! Who may call the `AdminService` (holders of an admin token) and the `TimelineService` (holders
+//! of a query token, when any is configured): the tokens' SHA-256 are in the configuration. A
+//! partner's token is recognised and refused with PERMISSION_DENIED, so that a partner learns it
+//! is authenticated but not allowed, rather than that its token is wrong.
 
 use std::sync::Arc;
 
@@ -27,21 +28,58 @@ fn refused(code: Code, reason: &'static str, message: &str) -> Status {
 /// The check of every admin call: `hashes` are the admin tokens' SHA-256 in hex.
 #[must_use]
 pub fn authorizer(hashes: Vec<String>, partners: PartnerDirectory) -> Authorize {
+    token_authorizer(
+        hashes,
+        partners,
+        "admin",
+        "an admin token",
+        "ADMIN_ONLY",
+        "the admin API",
+    )
+}
+
+/// The check of every `TimelineService` call: `hashes` are the internal services' tokens'
+/// SHA-256 in hex; none means the service is open.
+#[must_use]
+pub fn query_authorizer(hashes: Vec<String>, partners: PartnerDirectory) -> Authorize {
+    if hashes.is_empty() {
+        return Arc::new(|_: &MetadataMap| Ok(()));
+    }
+    token_authorizer(
+        hashes,
+        partners,
+        "query",
+        "a query token",
+        "INTERNAL_ONLY",
+        "TimelineService",
+    )
+}
+
+/// A bearer token whose SHA-256 is one of `hashes`; a partner's token is refused with
+/// `PERMISSION_DENIED` and `partner_reason`.
+fn token_authorizer(
+    hashes: Vec<String>,
+    partners: PartnerDirectory,
+    kind: &'static str,
+    a_token: &'static str,
+    partner_reason: &'static str,
+    service: &'static str,
+) -> Authorize {
     let hashes: Vec<String> = hashes.into_iter().map(|hash| hash.to_lowercase()).collect();
     Arc::new(move |metadata: &MetadataMap| {
         let token = request_token(metadata).ok_or_else(|| {
             refused(
                 Code::Unauthenticated,
                 "TOKEN_MISSING",
-                "send `authorization: Bearer <admin token>`",
+                &format!("send `authorization: Bearer <{kind} token>`"),
             )
         })?;
         let digest = hash_token(token);
         // Every hash is compared, in constant time each.
-        let admin = hashes.iter().fold(false, |found, hash| {
+        let known = hashes.iter().fold(false, |found, hash| {
             found | bool::from(hash.as_bytes().ct_eq(digest.as_bytes()))
         });
-        if admin {
+        if known {
             return Ok(());
         }
         if partners
@@ -51,14 +89,14 @@ pub fn authorizer(hashes: Vec<String>, partners: PartnerDirectory) -> Authorize 
         {
             return Err(refused(
                 Code::PermissionDenied,
-                "ADMIN_ONLY",
-                "this is a partner token; the admin API needs an admin token",
+                partner_reason,
+                &format!("this is a partner token; {service} needs {a_token}"),
             ));
         }
         Err(refused(
             Code::Unauthenticated,
             "TOKEN_INVALID",
-            "the token is not an admin token",
+            &format!("the token is not {a_token}"),
         ))
     })
 }

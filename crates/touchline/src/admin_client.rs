@@ -408,9 +408,14 @@ pub async fn verify(endpoint: &str, token: &str) -> anyhow::Result<()> {
 ///
 /// # Errors
 /// When the server refuses the call (other than by lag or shutdown).
-pub async fn watch(endpoint: &str, customer_id: String, mut cursor: String) -> anyhow::Result<()> {
+pub async fn watch(
+    endpoint: &str,
+    token: Option<&str>,
+    customer_id: String,
+    mut cursor: String,
+) -> anyhow::Result<()> {
     loop {
-        let mut client = timeline_client(endpoint).await?;
+        let mut client = timeline_client(endpoint, token).await?;
         let mut stream = client
             .watch_timeline(v1::WatchTimelineRequest {
                 customer_id: customer_id.clone(),

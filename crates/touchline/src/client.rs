@@ -7,6 +7,7 @@ use std::path::Path;
 use anyhow::Context as _;
 use serde::Deserialize;
 use tonic::metadata::MetadataValue;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 use touchline_core::{Channel as TouchChannel, JourneyStage, Sentiment, UnixNanos};
 use touchline_proto::v1;
@@ -122,10 +123,47 @@ pub fn read_json_lines(path: &Path) -> anyhow::Result<Vec<(usize, v1::Touchpoint
     Ok(events)
 }
 
-pub async fn timeline_client(endpoint: &str) -> anyhow::Result<TimelineServiceClient<Channel>> {
-    TimelineServiceClient::connect(endpoint.to_owned())
+pub async fn timeline_client(
+    endpoint: &str,
+    token: Option<&str>,
+) -> anyhow::Result<TimelineClient> {
+    let token = token
+        .map(|token| {
+            format!("Bearer {token}")
+                .parse::<MetadataValue<_>>()
+                .context("the query token is not a valid header value")
+        })
+        .transpose()?;
+    let channel = tonic::transport::Endpoint::from_shared(endpoint.to_owned())
+        .with_context(|| format!("{endpoint} is not an endpoint"))?
+        .connect()
         .await
-        .with_context(|| format!("cannot connect to {endpoint}"))
+        .with_context(|| format!("cannot connect to {endpoint}"))?;
+    Ok(TimelineServiceClient::with_interceptor(
+        channel,
+        BearerToken(token),
+    ))
+}
+
+/// A `TimelineService` client that sends the query token, if any, with every call.
+pub type TimelineClient = TimelineServiceClient<InterceptedService<Channel, BearerToken>>;
+
+/// Adds `authorization: Bearer TOKEN` to every call, when there is a token.
+#[derive(Debug, Clone)]
+pub struct BearerToken(Option<MetadataValue<tonic::metadata::Ascii>>);
+
+impl tonic::service::Interceptor for BearerToken {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(token) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", token.clone());
+        }
+        Ok(request)
+    }
 }
 
 pub fn timestamp_text(timestamp: Option<&::prost_types::Timestamp>) -> String {
@@ -187,10 +225,11 @@ pub fn format_entry(entry: &v1::TimelineEntry) -> String {
 /// When the server cannot be reached or refuses the request.
 pub async fn print_timeline(
     endpoint: &str,
+    token: Option<&str>,
     mut request: v1::GetTimelineRequest,
     limit: Option<usize>,
 ) -> anyhow::Result<usize> {
-    let mut client = timeline_client(endpoint).await?;
+    let mut client = timeline_client(endpoint, token).await?;
     let mut printed = 0;
     println!(
         "{:<24}  {:<9} {:<18} {:<26} {:<11} {:<12} attributes",
@@ -216,8 +255,12 @@ pub async fn print_timeline(
 ///
 /// # Errors
 /// When the server cannot be reached or has no such customer.
-pub async fn print_summary(endpoint: &str, customer_id: String) -> anyhow::Result<()> {
-    let mut client = timeline_client(endpoint).await?;
+pub async fn print_summary(
+    endpoint: &str,
+    token: Option<&str>,
+    customer_id: String,
+) -> anyhow::Result<()> {
+    let mut client = timeline_client(endpoint, token).await?;
     let summary = client
         .get_customer_summary(v1::GetCustomerSummaryRequest { customer_id })
         .await?

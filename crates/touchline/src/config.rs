@@ -242,11 +242,18 @@ impl Default for ProjectorConfig {
 #[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
 pub struct QueryConfig {
     pub enabled: bool,
+    /// SHA-256 (hex) of each token internal services call `TimelineService` with
+    /// (`touchline hash-token` prints one). Empty: the service is open to anyone who can reach it
+    /// (internal networks only; a node on a real Kafka warns at start).
+    pub token_sha256: Vec<String>,
 }
 
 impl Default for QueryConfig {
     fn default() -> Self {
-        Self { enabled: true }
+        Self {
+            enabled: true,
+            token_sha256: Vec::new(),
+        }
     }
 }
 
@@ -335,11 +342,16 @@ impl Config {
                 );
             }
         }
-        for hash in &self.admin.token_sha256 {
-            anyhow::ensure!(
-                hash.len() == 64 && hash.bytes().all(|byte| byte.is_ascii_hexdigit()),
-                "admin.token-sha256 entries must be 64 hex characters (touchline hash-token prints one)"
-            );
+        for (name, hashes) in [
+            ("admin.token-sha256", &self.admin.token_sha256),
+            ("query.token-sha256", &self.query.token_sha256),
+        ] {
+            for hash in hashes {
+                anyhow::ensure!(
+                    hash.len() == 64 && hash.bytes().all(|byte| byte.is_ascii_hexdigit()),
+                    "{name} entries must be 64 hex characters (touchline hash-token prints one)"
+                );
+            }
         }
         anyhow::ensure!(
             self.ingest.max_batch_events > 0,

@@ -63,6 +63,15 @@ struct Admin {
 }
 
 #[derive(Debug, clap::Args)]
+struct Query {
+    #[command(flatten)]
+    endpoint: Endpoint,
+    /// A query token, for a node with `query.token-sha256` set.
+    #[arg(long, env = "TOUCHLINE_QUERY_TOKEN", hide_env_values = true)]
+    query_token: Option<String>,
+}
+
+#[derive(Debug, clap::Args)]
 struct Endpoint {
     /// The Touchline gRPC endpoint.
     #[arg(long, env = "TOUCHLINE_ENDPOINT", default_value_t = format!("http://127.0.0.1:{DEFAULT_PORT}"))]
@@ -113,7 +122,7 @@ enum Command {
     Timeline {
         customer_id: String,
         #[command(flatten)]
-        endpoint: Endpoint,
+        query: Query,
         /// Print at most this many entries.
         #[arg(long)]
         limit: Option<usize>,
@@ -137,7 +146,7 @@ enum Command {
     Summary {
         customer_id: String,
         #[command(flatten)]
-        endpoint: Endpoint,
+        query: Query,
     },
     /// Print the SHA-256 of a token, as the partners file and admin.token-sha256 store it.
     HashToken { token: String },
@@ -187,7 +196,7 @@ enum Command {
         #[arg(long, default_value = "")]
         cursor: String,
         #[command(flatten)]
-        endpoint: Endpoint,
+        query: Query,
     },
 }
 
@@ -343,7 +352,7 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Timeline {
             customer_id,
-            endpoint,
+            query,
             limit,
             partners,
             types,
@@ -369,14 +378,24 @@ async fn main() -> anyhow::Result<()> {
                 types,
                 stages,
             };
-            let printed = client::print_timeline(&endpoint.endpoint, request, limit).await?;
+            let printed = client::print_timeline(
+                &query.endpoint.endpoint,
+                query.query_token.as_deref(),
+                request,
+                limit,
+            )
+            .await?;
             println!("({printed} touchpoints)");
             Ok(())
         }
-        Command::Summary {
-            customer_id,
-            endpoint,
-        } => client::print_summary(&endpoint.endpoint, customer_id).await,
+        Command::Summary { customer_id, query } => {
+            client::print_summary(
+                &query.endpoint.endpoint,
+                query.query_token.as_deref(),
+                customer_id,
+            )
+            .await
+        }
         Command::HashToken { token } => {
             println!("{}", touchline_ingest::hash_token(&token));
             Ok(())
@@ -424,7 +443,15 @@ async fn main() -> anyhow::Result<()> {
         Command::Watch {
             customer_id,
             cursor,
-            endpoint,
-        } => admin_client::watch(&endpoint.endpoint, customer_id, cursor).await,
+            query,
+        } => {
+            admin_client::watch(
+                &query.endpoint.endpoint,
+                query.query_token.as_deref(),
+                customer_id,
+                cursor,
+            )
+            .await
+        }
     }
 }

@@ -183,7 +183,7 @@ impl Node {
             tokio::spawn(partners.clone().watch(server_shutdown.clone()));
             Some(
                 IngestService::new(
-                    partners,
+                    partners.clone(),
                     publisher,
                     config.ingest.options(),
                     server_shutdown.clone(),
@@ -196,11 +196,24 @@ impl Node {
         let query = match (&store, config.query.enabled) {
             (Some(store), true) => {
                 let shared: Arc<dyn EventStore> = store.clone();
-                Some(
+                if config.query.token_sha256.is_empty() && broker != BrokerChoice::Embedded {
+                    warn!(
+                        "query.token-sha256 is empty: TimelineService answers anyone who can reach it; keep it on an internal network"
+                    );
+                }
+                let authorize = admin_auth::query_authorizer(
+                    config.query.token_sha256.clone(),
+                    partners.clone(),
+                );
+                Some(tonic::service::interceptor::InterceptedService::new(
                     TimelineService::new(shared)
                         .with_feed(store.watch_sender(), server_shutdown.clone())
                         .into_server(),
-                )
+                    move |request: tonic::Request<()>| {
+                        authorize(request.metadata())?;
+                        Ok(request)
+                    },
+                ))
             }
             _ => None,
         };
