@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use rdkafka::types::RDKafkaRespErr;
 use tonic::Code;
+use tonic::transport::Channel;
 use tonic_types::StatusExt as _;
+use touchline_proto::v1::ingest_service_client::IngestServiceClient;
 use touchline_proto::v1::{self, JourneyStage};
 use touchline_tests::{
     COURIER, authorized, error_reason, event_ids, ingest_client, publish, start_broker,
@@ -18,6 +20,18 @@ use touchline_tests::{
 
 fn event(id: &str, second: i64) -> v1::Touchpoint {
     touchpoint(id, "hana", "parcel.scanned", second, JourneyStage::Fulfil)
+}
+
+/// Publishes one event as the courier: how many were accepted, or the refusal's message.
+async fn accepted(
+    ingest: &mut IngestServiceClient<Channel>,
+    id: &str,
+    second: i64,
+) -> Result<u32, String> {
+    publish(ingest, COURIER.1, vec![event(id, second)])
+        .await
+        .map(|response| response.accepted)
+        .map_err(|status| status.message().to_owned())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -148,11 +162,8 @@ async fn injected_produce_errors_are_retried_or_answered_unavailable_never_ackno
         RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS,
         RDKafkaRespErr::RD_KAFKA_RESP_ERR_REQUEST_TIMED_OUT,
     ])?;
-    let retried = publish(&mut ingest, COURIER.1, vec![event("retried", 0)]).await;
     assert_eq!(
-        retried
-            .map(|response| response.accepted)
-            .map_err(|status| status.message().to_owned()),
+        accepted(&mut ingest, "retried", 0).await,
         Ok(1),
         "the retried batch"
     );
@@ -165,11 +176,8 @@ async fn injected_produce_errors_are_retried_or_answered_unavailable_never_ackno
     assert_eq!(refused.code(), Code::Unavailable);
 
     // The next call works, and only acknowledged events are in the timeline, once.
-    let after = publish(&mut ingest, COURIER.1, vec![event("after", 2)]).await;
     assert_eq!(
-        after
-            .map(|response| response.accepted)
-            .map_err(|status| status.message().to_owned()),
+        accepted(&mut ingest, "after", 2).await,
         Ok(1),
         "the call after"
     );
@@ -211,11 +219,8 @@ async fn a_fatal_producer_error_starts_a_new_producer_session_and_loses_nothing(
     // The producer that hit the fatal error was replaced: the next batches are acknowledged,
     // and resending the refused one is safe.
     for (id, second) in [("after", 2), ("refused", 1)] {
-        let answer = publish(&mut ingest, COURIER.1, vec![event(id, second)]).await;
         assert_eq!(
-            answer
-                .map(|response| response.accepted)
-                .map_err(|status| status.message().to_owned()),
+            accepted(&mut ingest, id, second).await,
             Ok(1),
             "{id} on the new producer session"
         );

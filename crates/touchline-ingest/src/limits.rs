@@ -24,7 +24,6 @@ impl RateLimiter {
     ///
     /// # Errors
     /// How long to wait until the bucket holds `cost` tokens; nothing is taken then.
-    #[allow(clippy::cast_precision_loss, reason = "batch sizes are far below 2^52")]
     pub fn try_take(
         &self,
         partner: &PartnerId,
@@ -32,9 +31,44 @@ impl RateLimiter {
         burst: f64,
         cost: usize,
     ) -> Result<(), Duration> {
+        self.refilled(partner, rate, burst, cost, |tokens, cost| {
+            if *tokens >= cost {
+                *tokens -= cost;
+                Ok(())
+            } else {
+                Err(wait_for(cost - *tokens, rate))
+            }
+        })
+    }
+
+    /// Takes `cost` tokens from `partner`'s bucket whether it holds them or not (it may go into
+    /// debt) and returns how long to wait until they are paid for: zero when the bucket held them.
+    /// Callers that wait are served in the order they took, and [`Self::try_take`] refuses while
+    /// the bucket is in debt.
+    pub fn take_owing(&self, partner: &PartnerId, rate: f64, burst: f64, cost: usize) -> Duration {
+        self.refilled(partner, rate, burst, cost, |tokens, cost| {
+            *tokens -= cost;
+            if *tokens >= 0.0 {
+                Duration::ZERO
+            } else {
+                wait_for(-*tokens, rate)
+            }
+        })
+    }
+
+    /// Refills `partner`'s bucket for the time since it was last used, then lets `take` take
+    /// `cost` from its tokens. A batch larger than the burst could never pass: it is charged as a
+    /// full bucket.
+    #[allow(clippy::cast_precision_loss, reason = "batch sizes are far below 2^52")]
+    fn refilled<R>(
+        &self,
+        partner: &PartnerId,
+        rate: f64,
+        burst: f64,
+        cost: usize,
+        take: impl FnOnce(&mut f64, f64) -> R,
+    ) -> R {
         let now = Instant::now();
-        // A batch larger than the burst could never pass: charge it as a full bucket.
-        let cost = (cost as f64).min(burst);
         let mut buckets = self.buckets.lock().unwrap_or_else(PoisonError::into_inner);
         let bucket = buckets.entry(partner.clone()).or_insert(Bucket {
             tokens: burst,
@@ -43,38 +77,14 @@ impl RateLimiter {
         let elapsed = now.duration_since(bucket.refilled_at).as_secs_f64();
         bucket.tokens = (bucket.tokens + elapsed * rate).min(burst);
         bucket.refilled_at = now;
-        if bucket.tokens >= cost {
-            bucket.tokens -= cost;
-            return Ok(());
-        }
-        let wait = ((cost - bucket.tokens) / rate.max(f64::MIN_POSITIVE)).clamp(0.001, 3600.0);
-        Err(Duration::try_from_secs_f64(wait).unwrap_or(Duration::from_secs(3600)))
+        take(&mut bucket.tokens, (cost as f64).min(burst))
     }
 }
 
-impl RateLimiter {
-    /// Takes `cost` tokens from `partner`'s bucket whether it holds them or not (it may go into
-    /// debt) and returns how long to wait until they are paid for: zero when the bucket held them.
-    /// Callers that wait are served in the order they took, and [`Self::try_take`] refuses while
-    /// the bucket is in debt.
-    #[allow(clippy::cast_precision_loss, reason = "batch sizes are far below 2^52")]
-    pub fn take_owing(&self, partner: &PartnerId, rate: f64, burst: f64, cost: usize) -> Duration {
-        let now = Instant::now();
-        let cost = (cost as f64).min(burst);
-        let mut buckets = self.buckets.lock().unwrap_or_else(PoisonError::into_inner);
-        let bucket = buckets.entry(partner.clone()).or_insert(Bucket {
-            tokens: burst,
-            refilled_at: now,
-        });
-        let elapsed = now.duration_since(bucket.refilled_at).as_secs_f64();
-        bucket.tokens = (bucket.tokens + elapsed * rate).min(burst) - cost;
-        bucket.refilled_at = now;
-        if bucket.tokens >= 0.0 {
-            return Duration::ZERO;
-        }
-        let wait = (-bucket.tokens / rate.max(f64::MIN_POSITIVE)).clamp(0.001, 3600.0);
-        Duration::try_from_secs_f64(wait).unwrap_or(Duration::from_secs(3600))
-    }
+/// How long `tokens` take to come back at `rate` per second (between 1 ms and an hour).
+fn wait_for(tokens: f64, rate: f64) -> Duration {
+    let seconds = (tokens / rate.max(f64::MIN_POSITIVE)).clamp(0.001, 3600.0);
+    Duration::try_from_secs_f64(seconds).unwrap_or(Duration::from_secs(3600))
 }
 
 /// Open `PublishStream` calls per partner.
