@@ -1,0 +1,177 @@
+//! The projector on the embedded Kafka broker and a real sled: batches are written one at a time,
+//! in order (the next one is decoded while the current one is written), and a store write that
+//! fails stops the projector before any later batch is stored. The failure is injected by a
+//! wrapper that hands every call to the real store except the apply it is told to refuse.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use tokio_util::sync::CancellationToken;
+use touchline_core::{
+    ApplyOutcome, ConsumedRecord, CustomerId, EventStore, JourneyStage, PartnerId, StoreError,
+    StoredPosition, StreamIdentity, TimelineCursor, TimelineEntry, TimelinePage, TimelineQuery,
+};
+use touchline_kafka::{EmbeddedBroker, KafkaOptions};
+use touchline_projection::{Projector, ProjectorOptions, SledStore};
+
+mod support;
+
+const TOPIC: &str = "touchpoints";
+const EVENTS: usize = 600;
+
+/// The real store, except that apply number `fail_at` (counting from 1) fails without writing.
+#[derive(Debug)]
+struct RefusingStore {
+    inner: Arc<SledStore>,
+    fail_at: usize,
+    applies: AtomicUsize,
+    /// Records in each apply that went through, in order.
+    applied: Mutex<Vec<usize>>,
+}
+
+impl EventStore for RefusingStore {
+    fn apply(
+        &self,
+        stream: &StreamIdentity,
+        records: Vec<ConsumedRecord>,
+    ) -> Result<ApplyOutcome, StoreError> {
+        let number = self.applies.fetch_add(1, Ordering::SeqCst) + 1;
+        if number == self.fail_at {
+            return Err(StoreError::Backend("injected write failure".into()));
+        }
+        let count = records.len();
+        let outcome = self.inner.apply(stream, records)?;
+        self.applied
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(count);
+        Ok(outcome)
+    }
+
+    fn positions(
+        &self,
+        stream: &StreamIdentity,
+    ) -> Result<BTreeMap<i32, StoredPosition>, StoreError> {
+        self.inner.positions(stream)
+    }
+
+    fn timeline(&self, query: &TimelineQuery) -> Result<TimelinePage, StoreError> {
+        self.inner.timeline(query)
+    }
+
+    fn summary(
+        &self,
+        customer_id: &CustomerId,
+    ) -> Result<Option<touchline_core::CustomerSummary>, StoreError> {
+        self.inner.summary(customer_id)
+    }
+
+    fn timeline_entry(
+        &self,
+        customer_id: &CustomerId,
+        at: TimelineCursor,
+    ) -> Result<Option<TimelineEntry>, StoreError> {
+        self.inner.timeline_entry(customer_id, at)
+    }
+
+    fn contains_event(
+        &self,
+        partner: &PartnerId,
+        event_id: &touchline_core::EventId,
+    ) -> Result<bool, StoreError> {
+        self.inner.contains_event(partner, event_id)
+    }
+
+    fn flush(&self) -> Result<(), StoreError> {
+        self.inner.flush()
+    }
+
+    fn durable_sequence(&self) -> u64 {
+        self.inner.durable_sequence()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_write_stops_the_projector_before_any_later_batch_is_stored() {
+    let broker = EmbeddedBroker::start(1, TOPIC, 1).expect("broker starts");
+    let kafka = KafkaOptions {
+        bootstrap_servers: broker.bootstrap_servers().to_owned(),
+        topic: TOPIC.to_owned(),
+        ..KafkaOptions::default()
+    };
+    // Every event is in the topic before the projector starts: it reads full batches back to
+    // back, so the next batch is being decoded while the one before is written.
+    let producer: FutureProducer = kafka.producer_config().create().expect("producer");
+    let deliveries: Vec<_> = (0..EVENTS)
+        .map(|index| {
+            let envelope = support::envelope(
+                "partner",
+                &format!("e{index}"),
+                &format!("customer-{}", index % 7),
+                i64::try_from(index).unwrap_or_default(),
+                JourneyStage::Fulfil,
+            );
+            let value = touchline_proto::encode_envelope(&envelope);
+            let key = envelope.touchpoint.customer_id.as_str().to_owned();
+            producer
+                .send_result(FutureRecord::to(TOPIC).key(&key).payload(&value))
+                .map_err(|(error, _)| error)
+        })
+        .collect::<Result<_, _>>()
+        .expect("queued");
+    for delivery in deliveries {
+        delivery.await.expect("delivered").expect("acknowledged");
+    }
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let sled = Arc::new(SledStore::open(dir.path()).expect("opens"));
+    let store = Arc::new(RefusingStore {
+        inner: Arc::clone(&sled),
+        fail_at: 3,
+        applies: AtomicUsize::new(0),
+        applied: Mutex::new(Vec::new()),
+    });
+    let mut options = ProjectorOptions::new(kafka);
+    options.max_batch = 100;
+    let shared: Arc<dyn EventStore> = store.clone();
+    let (projector, handle) = Projector::new(options, shared).await.expect("starts");
+    let stream = handle.stream().clone();
+    let stopped = tokio::time::timeout(
+        Duration::from_secs(60),
+        projector.run(CancellationToken::new()),
+    )
+    .await
+    .expect("the projector stops by itself");
+    assert!(
+        stopped.is_err(),
+        "the failed write is reported: {stopped:?}"
+    );
+
+    let applied = store
+        .applied
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone();
+    assert_eq!(applied.len(), 2, "the two writes before the failed one");
+    assert_eq!(
+        store.applies.load(Ordering::SeqCst),
+        3,
+        "nothing was written after the failed write"
+    );
+    let stored: usize = applied.iter().sum();
+    assert!(stored > 0 && stored < EVENTS, "{applied:?}");
+    assert_eq!(
+        sled.log_len(),
+        stored,
+        "the log holds exactly those batches"
+    );
+    let positions = sled.positions(&stream).expect("positions");
+    assert_eq!(
+        positions.get(&0).map(|position| position.next_offset),
+        Some(i64::try_from(stored).unwrap_or_default()),
+        "the stored position is right after the last stored record: reading resumes there"
+    );
+}
