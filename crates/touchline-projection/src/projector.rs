@@ -228,9 +228,9 @@ impl Projector {
         let mut skip_below = std::mem::take(&mut self.skip_below);
         let mut batches = self.consumer.stream().ready_chunks(self.max_batch);
         // At most one batch is being written while the next one is read and decoded (beside the
-        // writer: decoding was 6% of the writer's time). Never more: a
-        // batch is written only once the one before it is applied, so a failed write stops the
-        // projector before anything after it is stored.
+        // writer: decoding was 6% of the writer's time). Never more: a batch is written only once
+        // the one before it is applied, so a failed write stops the projector before anything
+        // after it is stored.
         let mut in_flight: Option<PendingWrite> = None;
         loop {
             let batch = tokio::select! {
