@@ -204,33 +204,30 @@ async fn with_query_tokens_configured_the_timeline_service_needs_one() -> anyhow
         ..Default::default()
     };
 
-    let missing = timeline
-        .get_timeline(request())
-        .await
-        .expect_err("no token");
-    assert_eq!(
-        (missing.code(), error_reason(&missing).as_deref()),
-        (Code::Unauthenticated, Some("TOKEN_MISSING"))
-    );
-    let partner = timeline
-        .get_timeline(touchline_tests::authorized(
-            request(),
-            touchline_tests::COURIER.1,
-        ))
-        .await
-        .expect_err("a partner's token");
-    assert_eq!(
-        (partner.code(), error_reason(&partner).as_deref()),
-        (Code::PermissionDenied, Some("INTERNAL_ONLY"))
-    );
-    let wrong = timeline
-        .get_timeline(touchline_tests::authorized(request(), "not-a-token"))
-        .await
-        .expect_err("an unknown token");
-    assert_eq!(
-        (wrong.code(), error_reason(&wrong).as_deref()),
-        (Code::Unauthenticated, Some("TOKEN_INVALID"))
-    );
+    for (token, expected, what) in [
+        (None, (Code::Unauthenticated, "TOKEN_MISSING"), "no token"),
+        (
+            Some(touchline_tests::COURIER.1),
+            (Code::PermissionDenied, "INTERNAL_ONLY"),
+            "a partner's token",
+        ),
+        (
+            Some("not-a-token"),
+            (Code::Unauthenticated, "TOKEN_INVALID"),
+            "an unknown token",
+        ),
+    ] {
+        let call = match token {
+            Some(token) => touchline_tests::authorized(request(), token),
+            None => tonic::Request::new(request()),
+        };
+        let refused = timeline.get_timeline(call).await.expect_err(what);
+        assert_eq!(
+            (refused.code(), error_reason(&refused).as_deref()),
+            (expected.0, Some(expected.1)),
+            "{what}"
+        );
+    }
     let watch = timeline
         .watch_timeline(v1::WatchTimelineRequest {
             customer_id: "ida".to_owned(),

@@ -395,16 +395,21 @@ mod tests {
             .unwrap_or_else(std::time::Instant::now);
     }
 
-    #[tokio::test]
-    async fn a_lost_broker_replaces_the_producer_at_most_once_a_second_a_fatal_error_at_once() {
-        // Nothing listens there: creating a producer does not connect.
+    /// A publisher whose producer started just now, on an address where nothing listens
+    /// (creating a producer does not connect).
+    fn fresh_publisher(ack_timeout: Duration) -> Publisher {
         let kafka = KafkaOptions {
             bootstrap_servers: "127.0.0.1:9".to_owned(),
             ..KafkaOptions::default()
         };
-        let publisher =
-            Publisher::new(&kafka, Durability::Broker, Duration::from_secs(1)).expect("creates");
+        let publisher = Publisher::new(&kafka, Durability::Broker, ack_timeout).expect("creates");
         started_ago(&publisher, Duration::ZERO);
+        publisher
+    }
+
+    #[tokio::test]
+    async fn a_lost_broker_replaces_the_producer_at_most_once_a_second_a_fatal_error_at_once() {
+        let publisher = fresh_publisher(Duration::from_secs(1));
         publisher.replace(0, Replacement::Lost);
         assert_eq!(generation(&publisher), 0, "kept: it started moments ago");
         publisher.replace(0, Replacement::Fatal);
@@ -430,13 +435,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_call_on_a_producer_kept_after_losing_every_broker_fails_at_once() {
-        let kafka = KafkaOptions {
-            bootstrap_servers: "127.0.0.1:9".to_owned(),
-            ..KafkaOptions::default()
-        };
-        let publisher =
-            Publisher::new(&kafka, Durability::Broker, Duration::from_secs(60)).expect("creates");
-        started_ago(&publisher, Duration::ZERO);
+        let publisher = fresh_publisher(Duration::from_secs(60));
         // librdkafka's error callback reports that the producer lost every broker.
         publisher
             .slot

@@ -280,17 +280,13 @@ impl Projector {
                 Ok(records) => records,
                 Err(gone) => {
                     // The batch being written still completes and reaches the flusher.
-                    if let Some(write) = in_flight.take() {
-                        self.batch_applied(&write.await??, &unflushed);
-                    }
+                    self.settle(&mut in_flight, &unflushed).await?;
                     return Err(gone.into());
                 }
             };
-            if let Some(write) = in_flight.take() {
-                self.batch_applied(&write.await??, &unflushed);
-                if flusher.is_finished() {
-                    break;
-                }
+            self.settle(&mut in_flight, &unflushed).await?;
+            if flusher.is_finished() {
+                break;
             }
             let store = Arc::clone(&self.store);
             let stream = self.stream.clone();
@@ -299,12 +295,22 @@ impl Projector {
         drop(batches);
         // The batch being written completes and is flushed; the flusher makes the last batches
         // durable, then ends.
-        if let Some(write) = in_flight.take() {
-            self.batch_applied(&write.await??, &unflushed);
-        }
+        self.settle(&mut in_flight, &unflushed).await?;
         drop(unflushed);
         flusher.await??;
         info!("projector stopped");
+        Ok(())
+    }
+
+    /// Waits for the batch being written, if any, and accounts for it.
+    async fn settle(
+        &self,
+        in_flight: &mut Option<PendingWrite>,
+        unflushed: &watch::Sender<BTreeMap<i32, i64>>,
+    ) -> Result<()> {
+        if let Some(write) = in_flight.take() {
+            self.batch_applied(&write.await??, unflushed);
+        }
         Ok(())
     }
 

@@ -92,11 +92,17 @@ fn prost_types_timestamp(seconds: i64, nanos: i32) -> ::prost_types::Timestamp {
 /// When the token cannot be a header value.
 pub fn with_token<T>(message: T, token: &str) -> anyhow::Result<tonic::Request<T>> {
     let mut request = tonic::Request::new(message);
-    let value: MetadataValue<_> = format!("Bearer {token}")
-        .parse()
-        .context("the token is not a valid header value")?;
-    request.metadata_mut().insert("authorization", value);
+    request
+        .metadata_mut()
+        .insert("authorization", bearer(token)?);
     Ok(request)
+}
+
+/// The `authorization` header value for `token`.
+fn bearer(token: &str) -> anyhow::Result<MetadataValue<tonic::metadata::Ascii>> {
+    format!("Bearer {token}")
+        .parse()
+        .context("the token is not a valid header value")
 }
 
 /// Reads a JSON Lines file into wire touchpoints, with the line number of each.
@@ -127,13 +133,7 @@ pub async fn timeline_client(
     endpoint: &str,
     token: Option<&str>,
 ) -> anyhow::Result<TimelineClient> {
-    let token = token
-        .map(|token| {
-            format!("Bearer {token}")
-                .parse::<MetadataValue<_>>()
-                .context("the query token is not a valid header value")
-        })
-        .transpose()?;
+    let token = token.map(bearer).transpose()?;
     let channel = tonic::transport::Endpoint::from_shared(endpoint.to_owned())
         .with_context(|| format!("{endpoint} is not an endpoint"))?
         .connect()
