@@ -325,6 +325,18 @@ async fn main() -> anyhow::Result<()> {
         "  acknowledged (all events acked), full speed",
         format!("{:.0}", report.full_speed.acknowledged_per_second),
     );
+    figure(
+        "  projected by then",
+        format!("{}", report.full_speed.projected_when_acknowledged),
+    );
+    if let Some(after) = report.full_speed.projected_after_ingest_per_second {
+        line(
+            "  projected after ingest (ev/s), vs store's own",
+            format!("{after:.0}"),
+            format!("{:.0}", report.store_per_second),
+            format!("{:.2}", after / report.store_per_second.max(1e-9)),
+        );
+    }
     line(
         "rebuild of the timeline (ev/s), target 0.7",
         format!("{:.0}", report.rebuild_per_second),

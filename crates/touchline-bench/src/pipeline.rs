@@ -263,6 +263,11 @@ pub struct Run {
     /// Events per second from the first send until the last acknowledgement: above the
     /// end-to-end rate when the projector, not ingest, bounds the run.
     pub acknowledged_per_second: f64,
+    /// Events projected when the last acknowledgement came.
+    pub projected_when_acknowledged: usize,
+    /// Events per second projected from the last acknowledgement to the end: the projector's rate
+    /// with ingest no longer taking CPU (`None` when it had caught up by then).
+    pub projected_after_ingest_per_second: Option<f64>,
     pub ack_latency: Percentiles,
     pub ingest_to_queryable: Percentiles,
     pub reads_during: Percentiles,
@@ -391,6 +396,7 @@ pub async fn run(node: &Node, shape: &Shape, rate: Option<f64>) -> anyhow::Resul
         acks.extend(partner.await??);
     }
     let acknowledged = started.elapsed();
+    let projected_when_acknowledged = store.log_len().saturating_sub(already);
     let target = already + shape.events;
     // Every event was acknowledged; if the log stops growing short of them, the broker lost
     // records (the embedded mock keeps about 5 MiB per partition and drops older unread data).
@@ -419,6 +425,15 @@ pub async fn run(node: &Node, shape: &Shape, rate: Option<f64>) -> anyhow::Resul
         seconds: elapsed.as_secs_f64(),
         end_to_end_per_second: per_second(shape.events, elapsed),
         acknowledged_per_second: per_second(shape.events, acknowledged),
+        projected_when_acknowledged,
+        projected_after_ingest_per_second: (projected_when_acknowledged < shape.events).then(
+            || {
+                per_second(
+                    shape.events - projected_when_acknowledged,
+                    elapsed.saturating_sub(acknowledged),
+                )
+            },
+        ),
         ack_latency: Percentiles::of(&mut acks),
         ingest_to_queryable: Percentiles::of(&mut queryable),
         reads_during_per_second: per_second(reads.len(), elapsed),

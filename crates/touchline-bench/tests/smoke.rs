@@ -41,6 +41,13 @@ fn the_benchmark_runs_on_the_tiny_preset() -> anyhow::Result<()> {
             "{figure} is reported"
         );
     }
+    assert!(
+        figures
+            .pointer("/full_speed/projected_when_acknowledged")
+            .and_then(serde_json::Value::as_u64)
+            .is_some_and(|projected| projected <= 2000),
+        "the events projected by the last acknowledgement are reported, at most all of them"
+    );
     assert!(String::from_utf8_lossy(&output.stdout).contains("end-to-end throughput"));
     Ok(())
 }
