@@ -14,16 +14,18 @@ use tonic::{Code, Request, Response, Status};
 use touchline_core::{EventStore as _, StreamIdentity};
 use touchline_kafka::KafkaOptions;
 use touchline_projection::ops::{
-    KafkaProbe, RebuildProgress, RebuildState, Rebuilds, ReplayError, ReplayFrom, ReplayProgress,
-    replay,
+    KafkaProbe, RebuildProgress, Rebuilds, ReplayError, ReplayProgress, replay,
 };
-use touchline_projection::{
-    AppliedOffsets, DeadLetter, OpsError, Projection, Requeued, SledStore, VersionRole,
-};
-use touchline_proto::convert::{instant, timestamp};
+use touchline_projection::{AppliedOffsets, OpsError, Projection, Requeued, SledStore};
 use touchline_proto::v1;
 
 use crate::Error;
+
+mod wire;
+
+use wire::{
+    count, replay_from, stream_progress, wire_dead_letter, wire_rebuild, wire_replay, wire_role,
+};
 
 /// Checks a call's metadata: `Ok` for an admin, the status to answer otherwise.
 pub type Authorize = Arc<dyn Fn(&MetadataMap) -> Result<(), Status> + Send + Sync>;
@@ -118,115 +120,6 @@ fn ops_status(error: OpsError) -> Status {
 
 fn blocking(error: tokio::task::JoinError) -> Status {
     Error::Blocking(error).into()
-}
-
-fn count(value: usize) -> u64 {
-    u64::try_from(value).unwrap_or(u64::MAX)
-}
-
-/// The wire form of a rebuild's progress.
-#[must_use]
-pub fn wire_rebuild(progress: &RebuildProgress) -> v1::RebuildProgress {
-    let (state, previous_version, error) = match &progress.state {
-        RebuildState::Running => (v1::RebuildState::Running, 0, String::new()),
-        RebuildState::Switched { previous } => {
-            (v1::RebuildState::Switched, *previous, String::new())
-        }
-        RebuildState::Cancelled => (v1::RebuildState::Cancelled, 0, String::new()),
-        RebuildState::Failed(error) => (v1::RebuildState::Failed, 0, error.clone()),
-    };
-    v1::RebuildProgress {
-        projection: progress.projection.name().to_owned(),
-        version: progress.version,
-        done: progress.done,
-        total: progress.total,
-        rate: progress.rate,
-        state: state.into(),
-        previous_version,
-        error,
-        started_at: Some(timestamp(progress.started_at)),
-    }
-}
-
-fn wire_replay(progress: &ReplayProgress) -> v1::ReplayProgress {
-    v1::ReplayProgress {
-        read: progress.read,
-        appended: progress.appended,
-        duplicates: progress.duplicates,
-        dead_lettered: progress.dead_lettered,
-        ranges: progress
-            .ranges
-            .iter()
-            .map(|(partition, (start, end))| v1::PartitionRange {
-                partition: *partition,
-                start_offset: *start,
-                end_offset: *end,
-            })
-            .collect(),
-        partitions_done: u32::try_from(progress.partitions_done).unwrap_or(u32::MAX),
-        finished: progress.finished,
-    }
-}
-
-fn wire_dead_letter(dead_letter: DeadLetter) -> v1::DeadLetter {
-    v1::DeadLetter {
-        id: dead_letter.id,
-        stream: dead_letter.stream,
-        partition: dead_letter.partition,
-        offset: dead_letter.offset,
-        reason: dead_letter.reason,
-        key: dead_letter.key,
-        value: dead_letter.value,
-        dead_lettered_at: Some(timestamp(dead_letter.dead_lettered_at)),
-    }
-}
-
-fn wire_role(role: VersionRole) -> v1::VersionState {
-    match role {
-        VersionRole::Active | VersionRole::Log => v1::VersionState::Active,
-        VersionRole::Building => v1::VersionState::Building,
-    }
-}
-
-/// Streams a watch channel's values until `done` says the last one was sent, or the server shuts
-/// down (then the stream ends with UNAVAILABLE, so that a graceful shutdown does not wait for it).
-fn stream_progress<T, W>(
-    mut progress: watch::Receiver<T>,
-    wire: impl Fn(&T) -> W + Send + 'static,
-    done: impl Fn(&T) -> bool + Send + 'static,
-    shutdown: CancellationToken,
-) -> ReceiverStream<Result<W, Status>>
-where
-    T: Clone + Send + Sync + 'static,
-    W: Send + 'static,
-{
-    let (sender, receiver) = tokio::sync::mpsc::channel(16);
-    tokio::spawn(async move {
-        loop {
-            let current = progress.borrow_and_update().clone();
-            if sender.send(Ok(wire(&current))).await.is_err() || done(&current) {
-                return;
-            }
-            // Updates are coalesced: at most one message per change, never a backlog. Ends when
-            // the producer of the progress is gone (its last value was seen).
-            tokio::select! {
-                changed = progress.changed() => if changed.is_err() {
-                    return;
-                },
-                () = shutdown.cancelled() => {
-                    let _ = sender
-                        .send(Err(rejected(
-                            Code::Unavailable,
-                            "SHUTTING_DOWN",
-                            "the server is shutting down; what was done so far stays",
-                        )))
-                        .await;
-                    return;
-                }
-            }
-        }
-    });
-    ReceiverStream::new(receiver)
 }
 
 impl AdminService {
@@ -333,30 +226,6 @@ impl AdminService {
             projections,
             dead_letters: count(store.dead_letter_count()),
         })
-    }
-}
-
-fn replay_from(from: Option<v1::replay_request::From>) -> Result<ReplayFrom, Status> {
-    let invalid = |message: &str| {
-        rejected(
-            Code::InvalidArgument,
-            "INVALID_REPLAY_START",
-            message.to_owned(),
-        )
-    };
-    match from {
-        Some(v1::replay_request::From::Earliest(true)) => Ok(ReplayFrom::Earliest),
-        Some(v1::replay_request::From::Offset(offset)) if offset >= 0 => {
-            Ok(ReplayFrom::Offset(offset))
-        }
-        Some(v1::replay_request::From::Offset(_)) => Err(invalid("offset must not be negative")),
-        Some(v1::replay_request::From::Timestamp(at)) => instant(&at)
-            .filter(|at| at.0 >= 0)
-            .map(ReplayFrom::Timestamp)
-            .ok_or_else(|| invalid("timestamp is not a valid instant at or after 1970")),
-        Some(v1::replay_request::From::Earliest(false)) | None => Err(invalid(
-            "say where to start: earliest, an offset or a timestamp",
-        )),
     }
 }
 

@@ -1,0 +1,312 @@
+//! The store's write path: consumed records applied in atomic pieces of at most
+//! [`RECORDS_PER_WRITE`] records (dedupe, log, active projections, dead letters and the positions
+//! they cover), and the folds that a rebuild shares with it.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::Ordering;
+
+use touchline_core::{
+    ApplyOutcome, ConsumedRecord, CustomerId, CustomerSummary, LogPosition, RecordContent,
+    StoreError, StreamIdentity, TimelineEntry, UnixNanos, apply_summary,
+};
+
+use super::{
+    DEAD_LETTER_COUNT, DeadLetter, LogRecord, NEXT_DEAD_LETTER, NEXT_SEQUENCE, RECORDS_PER_WRITE,
+    SledStore, WriterState, decode, encode, lock, log,
+};
+use crate::error::backend;
+use crate::keys;
+use crate::table::Table;
+
+/// Projects events into projection tables: the one piece of code the projector and a rebuild
+/// share, so that a rebuilt projection is the incrementally built one (invariant 5).
+pub(super) struct Folds<'a> {
+    store: &'a SledStore,
+    timeline: Option<Table>,
+    summary: Option<Table>,
+    summaries: HashMap<CustomerId, CustomerSummary>,
+}
+
+impl<'a> Folds<'a> {
+    pub(super) fn new(
+        store: &'a SledStore,
+        timeline: Option<Table>,
+        summary: Option<Table>,
+    ) -> Self {
+        Self {
+            store,
+            timeline,
+            summary,
+            summaries: HashMap::new(),
+        }
+    }
+
+    pub(super) fn fold(
+        &mut self,
+        batch: &mut sled::Batch,
+        entry: &TimelineEntry,
+    ) -> Result<(), StoreError> {
+        let customer = &entry.touchpoint.customer_id;
+        if let Some(timeline) = &self.timeline {
+            timeline.insert(
+                batch,
+                keys::timeline(
+                    customer,
+                    entry.touchpoint.occurred_at,
+                    entry.position.sequence,
+                ),
+                encode(entry)?,
+            );
+        }
+        if let Some(table) = &self.summary {
+            let summary = match self.summaries.remove(customer) {
+                Some(cached) => Some(cached),
+                None => self.store.load_summary(table, customer)?,
+            };
+            self.summaries
+                .insert(customer.clone(), apply_summary(summary, entry));
+        }
+        Ok(())
+    }
+
+    /// Adds the folded summaries to `batch`.
+    pub(super) fn finish(self, batch: &mut sled::Batch) -> Result<(), StoreError> {
+        if let Some(table) = &self.summary {
+            for (customer, summary) in &self.summaries {
+                table.insert(batch, customer.as_str(), encode(summary)?);
+            }
+        }
+        Ok(())
+    }
+}
+
+impl SledStore {
+    pub(super) fn load_summary(
+        &self,
+        table: &Table,
+        customer: &CustomerId,
+    ) -> Result<Option<CustomerSummary>, StoreError> {
+        table
+            .get(customer.as_str())
+            .map_err(backend)?
+            .map(|bytes| decode("summary", customer.as_str().as_bytes(), &bytes))
+            .transpose()
+    }
+
+    /// Applies consumed records while holding the writer: dedupe, log, active projections, dead
+    /// letters and (when `stream_positions`) the positions, plus whatever `batch` already holds, in
+    /// one atomic batch.
+    pub(super) fn apply_locked(
+        &self,
+        writer: &mut WriterState,
+        stream_key: &str,
+        records: Vec<ConsumedRecord>,
+        store_positions: bool,
+        mut batch: sled::Batch,
+    ) -> Result<ApplyOutcome, StoreError> {
+        let now = UnixNanos::now();
+        let active = self.active();
+        let mut folds = Folds::new(
+            self,
+            Some(Table::clone(&active.timeline)),
+            Some(Table::clone(&active.summary)),
+        );
+        let mut outcome = ApplyOutcome::default();
+        let mut appended = Vec::new();
+        let mut seen_in_batch: HashMap<Vec<u8>, u64> = HashMap::new();
+        // (stream, partition, offset) -> fingerprint of the record dead-lettered there.
+        let mut dead_in_batch: HashMap<Vec<u8>, u64> = HashMap::new();
+        let mut next_sequence = writer.next_sequence;
+        let mut next_dead_letter = writer.next_dead_letter;
+        let mut dead_letters = writer.dead_letters;
+        // Per partition, the record with the highest offset: its fingerprint is stored with the
+        // position. Fingerprints are computed only for those and for dead letters.
+        let mut last_records: BTreeMap<i32, (i64, usize)> = BTreeMap::new();
+        for (index, record) in records.iter().enumerate() {
+            let last = last_records
+                .entry(record.partition)
+                .or_insert((record.offset, index));
+            if record.offset >= last.0 {
+                *last = (record.offset, index);
+            }
+        }
+        let mut last_fingerprints: BTreeMap<i32, u64> = BTreeMap::new();
+        // Dedupe, timeline and summary: about three writes a record, and the log's chunk.
+        let mut writes = records.len() * 3;
+        let mut chunk = log::Chunk::default();
+
+        for (index, record) in records.into_iter().enumerate() {
+            let after = record.offset.saturating_add(1);
+            let next_offset = outcome
+                .next_offsets
+                .entry(record.partition)
+                .or_insert(after);
+            *next_offset = (*next_offset).max(after);
+            if last_records.get(&record.partition).map(|(_, last)| *last) == Some(index) {
+                last_fingerprints.insert(record.partition, record.content.fingerprint());
+            }
+            match record.content {
+                RecordContent::Event { envelope, raw } => {
+                    let dedupe_key =
+                        keys::dedupe(&envelope.partner_id, &envelope.touchpoint.event_id);
+                    if seen_in_batch.contains_key(&dedupe_key)
+                        || self.dedupe.contains_key(&dedupe_key).map_err(backend)?
+                    {
+                        outcome.duplicates += 1;
+                        continue;
+                    }
+                    let sequence = next_sequence;
+                    next_sequence += 1;
+                    let position = LogPosition {
+                        partition: record.partition,
+                        offset: record.offset,
+                        sequence,
+                    };
+                    let entry = TimelineEntry::new(*envelope, position);
+                    chunk.push(LogRecord {
+                        sequence,
+                        partition: record.partition,
+                        offset: record.offset,
+                        raw: &raw,
+                    });
+                    self.dedupe
+                        .insert(&mut batch, dedupe_key.as_slice(), &sequence.to_be_bytes());
+                    folds.fold(&mut batch, &entry)?;
+                    seen_in_batch.insert(dedupe_key, sequence);
+                    // Kept whether or not anyone watches now: a watcher that subscribes before the
+                    // flush must get these entries from the feed.
+                    appended.push(entry);
+                    outcome.appended += 1;
+                }
+                RecordContent::Undecodable { reason, key, value } => {
+                    let fingerprint = touchline_core::fingerprint(value.as_deref());
+                    let index_key = keys::record(stream_key, record.partition, record.offset);
+                    let known = match dead_in_batch.get(&index_key) {
+                        Some(seen) => Some(*seen),
+                        None => self
+                            .dead_letter_index
+                            .get(&index_key)
+                            .map_err(backend)?
+                            .and_then(|value| value.get(8..16).map(<[u8]>::to_vec))
+                            .and_then(|bytes| bytes.try_into().ok().map(u64::from_be_bytes)),
+                    };
+                    if known == Some(fingerprint) {
+                        // The same record read again (replay, redelivery): already a dead letter.
+                        // Another record at the same place (a wiped broker that kept its cluster
+                        // id) is a new dead letter.
+                        continue;
+                    }
+                    let id = next_dead_letter;
+                    next_dead_letter += 1;
+                    dead_letters += 1;
+                    let dead_letter = DeadLetter {
+                        id,
+                        stream: stream_key.to_owned(),
+                        partition: record.partition,
+                        offset: record.offset,
+                        reason,
+                        key,
+                        value,
+                        dead_lettered_at: now,
+                    };
+                    self.dead_letters
+                        .insert(&mut batch, id.to_be_bytes(), encode(&dead_letter)?);
+                    let mut index_value = id.to_be_bytes().to_vec();
+                    index_value.extend_from_slice(&fingerprint.to_be_bytes());
+                    self.dead_letter_index
+                        .insert(&mut batch, index_key.as_slice(), index_value);
+                    dead_in_batch.insert(index_key, fingerprint);
+                    outcome.dead_lettered += 1;
+                }
+            }
+        }
+        writes += chunk.write(&self.log, &mut batch);
+        folds.finish(&mut batch)?;
+        if store_positions {
+            for (partition, next_offset) in &outcome.next_offsets {
+                let last_fingerprint = last_fingerprints.get(partition).copied().unwrap_or(0);
+                let mut value = next_offset.to_be_bytes().to_vec();
+                value.extend_from_slice(&last_fingerprint.to_be_bytes());
+                self.positions
+                    .insert(&mut batch, keys::position(stream_key, *partition), value);
+            }
+        } else {
+            outcome.next_offsets.clear();
+        }
+        if next_sequence != writer.next_sequence {
+            self.meta
+                .insert(&mut batch, NEXT_SEQUENCE, &next_sequence.to_be_bytes());
+        }
+        // The dead-letter counters change only with dead letters (a requeue or a discard writes
+        // the count itself).
+        if outcome.dead_lettered > 0 {
+            self.meta.insert(
+                &mut batch,
+                NEXT_DEAD_LETTER,
+                &next_dead_letter.to_be_bytes(),
+            );
+            self.meta
+                .insert(&mut batch, DEAD_LETTER_COUNT, &dead_letters.to_be_bytes());
+        }
+
+        // One tree, one batch: atomic (invariant 6).
+        crate::garbage::apply_batch(&self.tree, batch, writes).map_err(backend)?;
+        if !appended.is_empty() {
+            // Under the writer: entries queue in log order.
+            lock(&self.unflushed).append(&mut appended);
+        }
+        writer.next_sequence = next_sequence;
+        writer.next_dead_letter = next_dead_letter;
+        writer.dead_letters = dead_letters;
+        self.log_count
+            .store(next_sequence.saturating_sub(1), Ordering::Release);
+        self.dead_letter_count
+            .store(dead_letters, Ordering::Release);
+        Ok(outcome)
+    }
+
+    /// Applies records re-read from Kafka by a replay: new events are appended and projected,
+    /// events already in the log are dropped, undecodable records become dead letters (once).
+    /// Stored positions are not touched: the projector's own reading goes on where it was.
+    ///
+    /// # Errors
+    /// When the backend fails; then at most a prefix of the batch is stored.
+    pub fn apply_replayed(
+        &self,
+        stream: &StreamIdentity,
+        records: Vec<ConsumedRecord>,
+    ) -> Result<ApplyOutcome, StoreError> {
+        self.apply_records(stream, records, false)
+    }
+
+    /// Applies consumed records, storing their positions or not, as one writer.
+    pub(super) fn apply_records(
+        &self,
+        stream: &StreamIdentity,
+        records: Vec<ConsumedRecord>,
+        store_positions: bool,
+    ) -> Result<ApplyOutcome, StoreError> {
+        // One writer at a time: the dedupe reads and the counters are only consistent with the
+        // batch because nobody else writes in between.
+        let mut writer = self.lock_writer();
+        let stream_key = stream.key();
+        let mut outcome = ApplyOutcome::default();
+        let mut records = records.into_iter().peekable();
+        while records.peek().is_some() {
+            let part: Vec<ConsumedRecord> = records.by_ref().take(RECORDS_PER_WRITE).collect();
+            outcome.absorb(self.apply_locked(
+                &mut writer,
+                &stream_key,
+                part,
+                store_positions,
+                sled::Batch::default(),
+            )?);
+            if records.peek().is_some() {
+                // Readers parked on sled's lock during this piece get their turn before the
+                // next piece takes it again (GetTimeline p99 during ingest 5.7 -> 3.6 ms).
+                std::thread::yield_now();
+            }
+        }
+        Ok(outcome)
+    }
+}
