@@ -574,9 +574,9 @@ async fn a_watcher_gets_the_timeline_then_live_entries_and_resumes_from_its_curs
         }
     }
     assert_eq!(
-        ids.into_iter().collect::<BTreeSet<_>>(),
-        BTreeSet::from(["d".to_owned(), "e".to_owned()]),
-        "a resumed watch gets exactly what it missed"
+        ids,
+        ["e", "d"],
+        "a resumed watch gets exactly what it missed, in timeline order (it came in log order d, e)"
     );
 
     let bad = timeline

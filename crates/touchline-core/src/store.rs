@@ -216,6 +216,19 @@ pub trait EventStore: Send + Sync + std::fmt::Debug {
         at: TimelineCursor,
     ) -> Result<Option<TimelineEntry>, StoreError>;
 
+    /// The entries of `customer_id` among the log's events with sequences in `from..end`, in log
+    /// order, as the timeline projection holds them (what a resumed watch missed, read from the
+    /// log when that range is shorter than the customer's timeline).
+    ///
+    /// # Errors
+    /// When the backend fails or a log record is corrupt.
+    fn log_entries(
+        &self,
+        customer_id: &CustomerId,
+        from: u64,
+        end: u64,
+    ) -> Result<Vec<TimelineEntry>, StoreError>;
+
     /// Whether the log holds the event `event_id` of `partner`.
     ///
     /// # Errors

@@ -19,9 +19,9 @@ use tokio::sync::broadcast;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 use touchline_core::{
-    ApplyOutcome, ConsumedRecord, CustomerId, CustomerSummary, EventStore, LogPosition,
-    RecordContent, StoreError, StoredPosition, StreamIdentity, TimelineEntry, TimelinePage,
-    TimelineQuery, UnixNanos,
+    ApplyOutcome, ConsumedRecord, CustomerId, CustomerSummary, EventStore, RecordContent,
+    StoreError, StoredPosition, StreamIdentity, TimelineEntry, TimelinePage, TimelineQuery,
+    UnixNanos,
 };
 
 use crate::error::backend;
@@ -456,6 +456,23 @@ impl EventStore for SledStore {
 
     fn summary(&self, customer_id: &CustomerId) -> Result<Option<CustomerSummary>, StoreError> {
         self.load_summary(&self.active().summary, customer_id)
+    }
+
+    fn log_entries(
+        &self,
+        customer_id: &CustomerId,
+        from: u64,
+        end: u64,
+    ) -> Result<Vec<TimelineEntry>, StoreError> {
+        let mut entries = Vec::new();
+        log::for_each(&self.log, from, end, |record| {
+            let entry = record.entry()?;
+            if entry.touchpoint.customer_id == *customer_id {
+                entries.push(entry);
+            }
+            Ok(())
+        })?;
+        Ok(entries)
     }
 
     fn contains_event(

@@ -58,6 +58,15 @@ impl EventStore for RefusingStore {
         self.inner.positions(stream)
     }
 
+    fn log_entries(
+        &self,
+        customer_id: &CustomerId,
+        from: u64,
+        end: u64,
+    ) -> Result<Vec<TimelineEntry>, StoreError> {
+        self.inner.log_entries(customer_id, from, end)
+    }
+
     fn timeline(&self, query: &TimelineQuery) -> Result<TimelinePage, StoreError> {
         self.inner.timeline(query)
     }

@@ -1,6 +1,6 @@
 //! The sled store on a temporary directory: atomic batches, dedupe, positions per stream, dead
-//! letters, timeline order and pagination, and the property that delivery order, duplication and
-//! crashes between batches do not change the projections.
+//! letters, timeline order and pagination, log ranges per customer, and the property that delivery
+//! order, duplication and crashes between batches do not change the projections.
 
 #![allow(clippy::cast_possible_wrap, reason = "small test indices")]
 
@@ -609,4 +609,69 @@ proptest! {
         }
         prop_assert_eq!(snapshot(&store, &events), clean);
     }
+}
+
+#[test]
+fn log_entries_are_the_timeline_entries_of_a_log_range_in_log_order() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = open(&dir);
+    let mut with_attributes = envelope("courier", "e1", "alice", 300, JourneyStage::Fulfil);
+    with_attributes
+        .touchpoint
+        .attributes
+        .insert("order".to_owned(), "o-1".to_owned());
+    store
+        .apply(
+            &stream("a"),
+            vec![
+                record(0, 0, with_attributes),
+                record(
+                    0,
+                    1,
+                    envelope("courier", "e2", "bob", 100, JourneyStage::Fulfil),
+                ),
+                record(
+                    1,
+                    0,
+                    envelope("retailer", "e3", "alice", 100, JourneyStage::Purchase),
+                ),
+                record(
+                    1,
+                    1,
+                    envelope("retailer", "e4", "alice", 200, JourneyStage::Purchase),
+                ),
+            ],
+        )
+        .expect("applies");
+    let timeline = store.timeline(&query("alice", 10)).expect("reads").entries;
+    let all = store
+        .log_entries(&customer("alice"), 1, 5)
+        .expect("reads the log");
+    assert_eq!(
+        all.iter()
+            .map(|entry| entry.position.sequence)
+            .collect::<Vec<_>>(),
+        [1, 3, 4],
+        "alice's events, in log order"
+    );
+    let mut sorted = all;
+    sorted.sort_by_key(touchline_core::TimelineEntry::timeline_order);
+    assert_eq!(sorted, timeline, "the same entries the timeline holds");
+    let range = store
+        .log_entries(&customer("alice"), 2, 4)
+        .expect("reads the log");
+    assert_eq!(
+        range
+            .iter()
+            .map(|entry| entry.position.sequence)
+            .collect::<Vec<_>>(),
+        [3],
+        "only sequences in from..end"
+    );
+    assert!(
+        store
+            .log_entries(&customer("carol"), 1, 5)
+            .expect("reads the log")
+            .is_empty()
+    );
 }

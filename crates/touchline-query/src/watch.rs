@@ -15,8 +15,8 @@ use tonic::Status;
 use tonic::metadata::MetadataValue;
 use tonic_types::{ErrorDetails, StatusExt as _};
 use touchline_core::{
-    CustomerId, EventStore, TimelineCursor, TimelineEntry, TimelineFilter, TimelineQuery,
-    UnixNanos, fingerprint,
+    CustomerId, EventStore, StoreError, TimelineCursor, TimelineEntry, TimelineFilter,
+    TimelineQuery, UnixNanos, fingerprint,
 };
 use touchline_proto::convert::wire_timeline_entry;
 use touchline_proto::v1;
@@ -31,6 +31,9 @@ const CLIENT_BUFFER: usize = 256;
 /// Entries read per catch-up page.
 const CATCH_UP_PAGE: usize = 1000;
 const CURSOR_VERSION: u8 = 1;
+/// Log events a resumed watch reads instead of the customer's timeline, at most (when the
+/// customer has more entries than events were logged since its cursor).
+const MAX_LOG_CATCH_UP: u64 = 10_000;
 
 /// Encodes a watch cursor: the log sequence, bound to the customer.
 #[must_use]
@@ -90,43 +93,9 @@ impl Watch {
     async fn run(mut self, sender: &mpsc::Sender<Message>) {
         // Subscribed before this read: later entries come through the feed.
         let durable = self.store.durable_sequence();
-        let mut latest: Option<(UnixNanos, u64)> = None;
-        let mut page_after: Option<TimelineCursor> = None;
-        loop {
-            let store = Arc::clone(&self.store);
-            let query = TimelineQuery {
-                customer_id: self.customer.clone(),
-                page_size: CATCH_UP_PAGE,
-                after: page_after,
-                filter: TimelineFilter::default(),
-            };
-            let page = match tokio::task::spawn_blocking(move || store.timeline(&query)).await {
-                Ok(Ok(page)) => page,
-                Ok(Err(error)) => {
-                    let _ = sender.send(Err(Error::from(error).into())).await;
-                    return;
-                }
-                Err(error) => {
-                    let _ = sender.send(Err(Error::from(error).into())).await;
-                    return;
-                }
-            };
-            for entry in &page.entries {
-                let sequence = entry.position.sequence;
-                if sequence <= self.after || sequence > durable {
-                    continue;
-                }
-                latest = latest.max(Some(entry.timeline_order()));
-                // Until caught up the cursor stays where the watch started.
-                if !self.send(sender, entry, self.after, false).await {
-                    return;
-                }
-            }
-            match page.next {
-                Some(next) => page_after = Some(next),
-                None => break,
-            }
-        }
+        let Some(mut latest) = self.catch_up(sender, durable).await else {
+            return;
+        };
         let caught_up = v1::WatchTimelineResponse {
             event: Some(v1::watch_timeline_response::Event::CaughtUp(
                 v1::CaughtUp {},
@@ -173,6 +142,87 @@ impl Watch {
         }
     }
 
+    /// Sends the durable entries after the cursor, in timeline order. Returns the latest
+    /// timeline order sent, or `None` when the watch is over (the client went, or the store failed
+    /// and the client was told).
+    async fn catch_up(
+        &self,
+        sender: &mpsc::Sender<Message>,
+        durable: u64,
+    ) -> Option<Option<(UnixNanos, u64)>> {
+        let mut latest = None;
+        let missed = match self.missed_in_log(durable).await {
+            Ok(missed) => missed,
+            Err(status) => {
+                let _ = sender.send(Err(status)).await;
+                return None;
+            }
+        };
+        if let Some(mut entries) = missed {
+            entries.sort_by_key(TimelineEntry::timeline_order);
+            for entry in &entries {
+                latest = latest.max(Some(entry.timeline_order()));
+                // Until caught up the cursor stays where the watch started.
+                if !self.send(sender, entry, self.after, false).await {
+                    return None;
+                }
+            }
+            return Some(latest);
+        }
+        let mut page_after: Option<TimelineCursor> = None;
+        loop {
+            let query = TimelineQuery {
+                customer_id: self.customer.clone(),
+                page_size: CATCH_UP_PAGE,
+                after: page_after,
+                filter: TimelineFilter::default(),
+            };
+            let page = match read(&self.store, move |store| store.timeline(&query)).await {
+                Ok(page) => page,
+                Err(status) => {
+                    let _ = sender.send(Err(status)).await;
+                    return None;
+                }
+            };
+            for entry in &page.entries {
+                let sequence = entry.position.sequence;
+                if sequence <= self.after || sequence > durable {
+                    continue;
+                }
+                latest = latest.max(Some(entry.timeline_order()));
+                if !self.send(sender, entry, self.after, false).await {
+                    return None;
+                }
+            }
+            match page.next {
+                Some(next) => page_after = Some(next),
+                None => return Some(latest),
+            }
+        }
+    }
+
+    /// What a resumed watch missed, read from the log when that is the shorter read: at most
+    /// [`MAX_LOG_CATCH_UP`] log events, and fewer than the customer's entries (a short break in
+    /// a long timeline). `None`: read the timeline instead.
+    async fn missed_in_log(&self, durable: u64) -> Result<Option<Vec<TimelineEntry>>, Status> {
+        let missed_events = durable.saturating_sub(self.after);
+        if self.after == 0 || missed_events > MAX_LOG_CATCH_UP {
+            return Ok(None);
+        }
+        let customer = self.customer.clone();
+        let from = self.after.saturating_add(1);
+        read(&self.store, move |store| {
+            let entries = store.summary(&customer)?.map_or(0, |summary| summary.total);
+            if missed_events >= entries {
+                return Ok(None);
+            }
+            store
+                .log_entries(&customer, from, durable.saturating_add(1))
+                .map(Some)
+        })
+        .await
+    }
+
     async fn send(
         &self,
         sender: &mpsc::Sender<Message>,
@@ -188,6 +238,19 @@ impl Watch {
             late,
         };
         sender.send(Ok(message)).await.is_ok()
+    }
+}
+
+/// Runs a store read on the blocking pool.
+async fn read<T: Send + 'static>(
+    store: &Arc<dyn EventStore>,
+    work: impl FnOnce(&dyn EventStore) -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, Status> {
+    let store = Arc::clone(store);
+    match tokio::task::spawn_blocking(move || work(&*store)).await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(error)) => Err(Error::from(error).into()),
+        Err(error) => Err(Error::from(error).into()),
     }
 }
 

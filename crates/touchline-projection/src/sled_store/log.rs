@@ -14,7 +14,7 @@
 use std::ops::Bound::{Excluded, Included, Unbounded};
 
 use sha2::{Digest as _, Sha256};
-use touchline_core::StoreError;
+use touchline_core::{LogPosition, StoreError, TimelineEntry};
 
 use super::{Checksum, read_u64};
 use crate::error::backend;
@@ -38,6 +38,31 @@ pub(super) struct LogRecord<'a> {
     pub(super) offset: i64,
     /// The Kafka record's value as consumed.
     pub(super) raw: &'a [u8],
+}
+
+impl LogRecord<'_> {
+    /// The timeline entry of this event, as the projector made it: what rebuilds fold and a
+    /// resumed watch reads.
+    ///
+    /// # Errors
+    /// When the stored record is not an envelope (the log holds only decoded events: corrupt).
+    pub(super) fn entry(&self) -> Result<TimelineEntry, StoreError> {
+        let envelope = touchline_proto::decode_envelope(Some(self.raw)).map_err(|error| {
+            StoreError::Corrupt {
+                what: "log record",
+                key: self.sequence.to_string(),
+                reason: error.to_string(),
+            }
+        })?;
+        Ok(TimelineEntry::new(
+            envelope,
+            LogPosition {
+                partition: self.partition,
+                offset: self.offset,
+                sequence: self.sequence,
+            },
+        ))
+    }
 }
 
 /// The events of one write, as they are appended.

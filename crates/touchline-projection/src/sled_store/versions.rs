@@ -388,22 +388,7 @@ impl SledStore {
         };
         let mut next = from_sequence;
         log::for_each(&self.log, from_sequence, end, |record| {
-            let envelope = touchline_proto::decode_envelope(Some(record.raw)).map_err(|error| {
-                StoreError::Corrupt {
-                    what: "log record",
-                    key: record.sequence.to_string(),
-                    reason: error.to_string(),
-                }
-            })?;
-            let entry = TimelineEntry::new(
-                envelope,
-                LogPosition {
-                    partition: record.partition,
-                    offset: record.offset,
-                    sequence: record.sequence,
-                },
-            );
-            folds.fold(batch, &entry)?;
+            folds.fold(batch, &record.entry()?)?;
             next = record.sequence + 1;
             Ok(())
         })?;

@@ -1,0 +1,258 @@
+//! A resumed watch gets exactly the durable entries of its customer after its cursor, in timeline
+//! order, whichever way it reads them: from the log when fewer events were logged since the cursor
+//! than the customer has entries (a short break in a long timeline), from the timeline otherwise.
+//! The store is the real sled store; a wrapper counts which of the two reads the watcher made.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
+use touchline_core::{
+    ApplyOutcome, Channel, ConsumedRecord, CustomerId, CustomerSummary, Envelope, EventId,
+    EventStore, EventType, JourneyStage, PartnerId, RecordContent, StoreError, StoredPosition,
+    StreamIdentity, TimelineCursor, TimelineEntry, TimelinePage, TimelineQuery, Touchpoint,
+    UnixNanos,
+};
+use touchline_projection::SledStore;
+use touchline_proto::v1;
+use touchline_query::watch::{Watch, decode_cursor};
+
+/// The real store, counting the watcher's two ways of reading what it missed.
+#[derive(Debug)]
+struct CountingStore {
+    inner: SledStore,
+    log_reads: AtomicUsize,
+    timeline_reads: AtomicUsize,
+}
+
+impl EventStore for CountingStore {
+    fn apply(
+        &self,
+        stream: &StreamIdentity,
+        records: Vec<ConsumedRecord>,
+    ) -> Result<ApplyOutcome, StoreError> {
+        self.inner.apply(stream, records)
+    }
+
+    fn positions(
+        &self,
+        stream: &StreamIdentity,
+    ) -> Result<BTreeMap<i32, StoredPosition>, StoreError> {
+        self.inner.positions(stream)
+    }
+
+    fn timeline(&self, query: &TimelineQuery) -> Result<TimelinePage, StoreError> {
+        self.timeline_reads.fetch_add(1, Ordering::SeqCst);
+        self.inner.timeline(query)
+    }
+
+    fn summary(&self, customer_id: &CustomerId) -> Result<Option<CustomerSummary>, StoreError> {
+        self.inner.summary(customer_id)
+    }
+
+    fn timeline_entry(
+        &self,
+        customer_id: &CustomerId,
+        at: TimelineCursor,
+    ) -> Result<Option<TimelineEntry>, StoreError> {
+        self.inner.timeline_entry(customer_id, at)
+    }
+
+    fn log_entries(
+        &self,
+        customer_id: &CustomerId,
+        from: u64,
+        end: u64,
+    ) -> Result<Vec<TimelineEntry>, StoreError> {
+        self.log_reads.fetch_add(1, Ordering::SeqCst);
+        self.inner.log_entries(customer_id, from, end)
+    }
+
+    fn contains_event(&self, partner: &PartnerId, event_id: &EventId) -> Result<bool, StoreError> {
+        self.inner.contains_event(partner, event_id)
+    }
+
+    fn flush(&self) -> Result<(), StoreError> {
+        self.inner.flush()
+    }
+
+    fn durable_sequence(&self) -> u64 {
+        self.inner.durable_sequence()
+    }
+}
+
+fn customer(id: &str) -> CustomerId {
+    CustomerId::parse(id).expect("valid customer")
+}
+
+/// Event `id` of customer `customer_id` at event time `at` (seconds).
+fn event(id: &str, customer_id: &str, at: i64) -> Envelope {
+    Envelope {
+        partner_id: PartnerId::parse("courier").expect("valid partner"),
+        touchpoint: Touchpoint {
+            event_id: EventId::parse(id).expect("valid event id"),
+            customer_id: customer(customer_id),
+            event_type: EventType::parse("delivery.completed").expect("valid type"),
+            occurred_at: UnixNanos(at * 1_000_000_000),
+            channel: Channel::Doorstep,
+            stage: JourneyStage::Fulfil,
+            outcome: None,
+            attributes: BTreeMap::new(),
+            payload: Vec::new(),
+        },
+        received_at: UnixNanos(0),
+    }
+}
+
+/// Applies `events` as the next records of partition 0; flushed (durable) when `flush`.
+fn apply(store: &CountingStore, offset: &mut i64, events: Vec<Envelope>, flush: bool) {
+    let stream = StreamIdentity {
+        cluster_id: "test".to_owned(),
+        topic: "touchpoints".to_owned(),
+    };
+    let records = events
+        .into_iter()
+        .map(|envelope| {
+            *offset += 1;
+            ConsumedRecord {
+                partition: 0,
+                offset: *offset,
+                content: RecordContent::Event {
+                    raw: touchline_proto::encode_envelope(&envelope),
+                    envelope: Box::new(envelope),
+                },
+            }
+        })
+        .collect();
+    store.apply(&stream, records).expect("applies");
+    if flush {
+        store.flush().expect("flushes");
+    }
+}
+
+/// Resumes a watch of `customer_id` after log sequence `after`: the event ids of the catch-up,
+/// and the cursor of its `caught_up`.
+async fn resume(
+    store: &Arc<CountingStore>,
+    customer_id: &str,
+    after: u64,
+) -> anyhow::Result<(Vec<String>, u64)> {
+    let (_feed, live) = broadcast::channel(16);
+    let store: Arc<dyn EventStore> = Arc::clone(store) as Arc<dyn EventStore>;
+    let mut client = Watch {
+        store,
+        customer: customer(customer_id),
+        after,
+        live,
+        shutdown: CancellationToken::new(),
+    }
+    .spawn();
+    let mut ids = Vec::new();
+    loop {
+        let message = tokio::time::timeout(std::time::Duration::from_secs(10), client.recv())
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("the watch ended before catching up"))??;
+        match message.event {
+            Some(v1::watch_timeline_response::Event::Entry(entry)) => {
+                assert_eq!(
+                    decode_cursor(&customer(customer_id), &message.cursor),
+                    Some(after),
+                    "catch-up messages carry the cursor the watch started from"
+                );
+                ids.push(entry.touchpoint.map(|t| t.event_id).unwrap_or_default());
+            }
+            Some(v1::watch_timeline_response::Event::CaughtUp(_)) => {
+                let cursor = decode_cursor(&customer(customer_id), &message.cursor)
+                    .ok_or_else(|| anyhow::anyhow!("a cursor for this customer"))?;
+                return Ok((ids, cursor));
+            }
+            None => anyhow::bail!("a message without an event"),
+        }
+    }
+}
+
+fn reads(store: &CountingStore) -> (usize, usize) {
+    (
+        store.log_reads.swap(0, Ordering::SeqCst),
+        store.timeline_reads.swap(0, Ordering::SeqCst),
+    )
+}
+
+#[tokio::test]
+async fn a_resumed_watch_gets_what_it_missed_in_timeline_order_from_the_log_or_the_timeline()
+-> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let store = Arc::new(CountingStore {
+        inner: SledStore::open(dir.path())?,
+        log_reads: AtomicUsize::new(0),
+        timeline_reads: AtomicUsize::new(0),
+    });
+    let mut offset = -1;
+    // Sequences 1..=20: a long timeline of "alice" (event times 100, 110, ...).
+    let history = (0..20)
+        .map(|i| event(&format!("old-{i:02}"), "alice", 100 + 10 * i))
+        .collect();
+    apply(&store, &mut offset, history, true);
+    // Sequences 21..=25: the break. Two of alice's, the second late (it sorts before everything:
+    // log order is not timeline order), and three of another customer's that her watch must not
+    // get.
+    apply(
+        &store,
+        &mut offset,
+        vec![
+            event("new-last", "alice", 900),
+            event("bob-1", "bob", 60),
+            event("new-late", "alice", 50),
+            event("bob-2", "bob", 70),
+            event("bob-3", "bob", 80),
+        ],
+        true,
+    );
+    // Applied, not flushed: not durable, so not in any catch-up (it comes live, after it).
+    apply(
+        &store,
+        &mut offset,
+        vec![event("not-durable", "alice", 5)],
+        false,
+    );
+    let durable = store.durable_sequence();
+    assert_eq!(durable, 25);
+
+    // 5 events logged since sequence 20, alice has 23 entries: read from the log.
+    let (ids, caught_up) = resume(&store, "alice", 20).await?;
+    assert_eq!(
+        ids,
+        ["new-late", "new-last"],
+        "timeline order, alice's only"
+    );
+    assert_eq!(caught_up, durable);
+    assert_eq!(reads(&store), (1, 0), "read from the log, not the timeline");
+
+    // 23 events logged since sequence 2, alice has 23 entries: read from the timeline.
+    let (ids, caught_up) = resume(&store, "alice", 2).await?;
+    let mut expected = vec!["new-late".to_owned()];
+    expected.extend((2..20).map(|i| format!("old-{i:02}")));
+    expected.push("new-last".to_owned());
+    assert_eq!(
+        ids, expected,
+        "timeline order, from the entry after the cursor"
+    );
+    assert_eq!(caught_up, durable);
+    let (log_reads, timeline_reads) = reads(&store);
+    assert_eq!(log_reads, 0, "read from the timeline, not the log");
+    assert!(timeline_reads > 0);
+
+    // Bob has 3 entries, 5 events since sequence 20: the timeline too, with the same answer a
+    // log read would give.
+    let (ids, _) = resume(&store, "bob", 20).await?;
+    assert_eq!(ids, ["bob-1", "bob-2", "bob-3"]);
+    assert_eq!(reads(&store).0, 0);
+
+    // A cursor at the durable end: nothing missed, from either read.
+    let (ids, caught_up) = resume(&store, "alice", durable).await?;
+    assert!(ids.is_empty());
+    assert_eq!(caught_up, durable);
+    Ok(())
+}
