@@ -10,7 +10,6 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
-use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 use touchline_core::EventStore;
 use touchline_ingest::{Durability, IngestService, PartnerDirectory, Publisher};
@@ -24,13 +23,9 @@ use tracing::{error, info, warn};
 use crate::admin_auth::{self, DEV_ADMIN_TOKEN};
 use crate::config::Config;
 
-/// How often health reflects Kafka connectivity and the projector's state.
-const HEALTH_INTERVAL: Duration = Duration::from_secs(2);
-const HEALTH_PROBE_TIMEOUT: Duration = Duration::from_secs(1);
-/// The gRPC services whose health is reported (besides "" for the whole node).
-const INGEST_SERVICE: &str = "touchline.v1.IngestService";
-const TIMELINE_SERVICE: &str = "touchline.v1.TimelineService";
-const ADMIN_SERVICE: &str = "touchline.v1.AdminService";
+mod health;
+
+use health::{Roles, report_health};
 
 /// Which Kafka the node talks to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -373,11 +368,7 @@ impl Node {
         for task in self.background {
             let _ = task.await;
         }
-        for service in ["", INGEST_SERVICE, TIMELINE_SERVICE, ADMIN_SERVICE] {
-            self.health
-                .set_service_status(service, ServingStatus::NotServing)
-                .await;
-        }
+        health::not_serving(&self.health).await;
         self.server_shutdown.cancel();
         if let Some(mut server) = self.server {
             match tokio::time::timeout(self.shutdown_grace, &mut server).await {
@@ -451,64 +442,6 @@ impl Drop for StopOnDrop {
     fn drop(&mut self) {
         for token in self.0.iter().flatten() {
             token.cancel();
-        }
-    }
-}
-
-/// The roles a node runs, for health.
-#[derive(Debug, Clone, Copy)]
-struct Roles {
-    ingest: bool,
-    projector: bool,
-    query: bool,
-}
-
-/// Keeps the standard gRPC health service true: ingest is SERVING while Kafka answers, the
-/// timeline and admin services while the projector runs, the node ("") when all of its roles are.
-async fn report_health(
-    health: HealthReporter,
-    probe: Arc<KafkaProbe>,
-    roles: Roles,
-    projector_stopped: CancellationToken,
-    shutdown: CancellationToken,
-) {
-    let status = |up: bool| {
-        if up {
-            ServingStatus::Serving
-        } else {
-            ServingStatus::NotServing
-        }
-    };
-    loop {
-        let probing = Arc::clone(&probe);
-        let kafka_up = tokio::task::spawn_blocking(move || probing.reachable(HEALTH_PROBE_TIMEOUT))
-            .await
-            .unwrap_or(false);
-        if shutdown.is_cancelled() {
-            return;
-        }
-        let projector_up = roles.projector && !projector_stopped.is_cancelled();
-        if roles.ingest {
-            health
-                .set_service_status(INGEST_SERVICE, status(kafka_up))
-                .await;
-        }
-        if roles.query {
-            health
-                .set_service_status(TIMELINE_SERVICE, status(projector_up))
-                .await;
-        }
-        if roles.projector {
-            health
-                .set_service_status(ADMIN_SERVICE, status(projector_up))
-                .await;
-        }
-        health
-            .set_service_status("", status(kafka_up && (projector_up || !roles.projector)))
-            .await;
-        tokio::select! {
-            () = shutdown.cancelled() => return,
-            () = tokio::time::sleep(HEALTH_INTERVAL) => {}
         }
     }
 }
