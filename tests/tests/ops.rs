@@ -558,6 +558,11 @@ async fn a_watcher_gets_the_timeline_then_live_entries_and_resumes_from_its_curs
     )
     .await?;
     wait_for_timeline(&mut timeline, "cust-w", 6).await?;
+    // Durable, so that the catch-up has them (applied but unflushed ones would come live).
+    wait_until("the missed events to be durable", || {
+        touchline_core::EventStore::durable_sequence(&*store) >= 7
+    })
+    .await?;
     let mut resumed = timeline
         .watch_timeline(v1::WatchTimelineRequest {
             customer_id: "cust-w".to_owned(),

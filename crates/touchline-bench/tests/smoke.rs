@@ -45,8 +45,14 @@ fn the_benchmark_runs_on_the_tiny_preset() -> anyhow::Result<()> {
         figures
             .pointer("/full_speed/projected_when_acknowledged")
             .and_then(serde_json::Value::as_u64)
-            .is_some_and(|projected| projected <= 2000),
-        "the events projected by the last acknowledgement are reported, at most all of them"
+            .is_some(),
+        "the events projected by the last acknowledgement are reported"
+    );
+    assert!(
+        figures
+            .pointer("/full_speed/projected_after_ingest_per_second")
+            .is_some_and(|rate| rate.is_null() || rate.as_f64().is_some_and(|rate| rate > 0.0)),
+        "the projector's rate after ingest is reported (null when it had caught up by then)"
     );
     assert!(String::from_utf8_lossy(&output.stdout).contains("end-to-end throughput"));
     Ok(())

@@ -20,6 +20,7 @@ use touchline_core::{
 };
 use touchline_proto::convert::wire_timeline_entry;
 use touchline_proto::v1;
+use tracing::warn;
 
 use crate::{ERROR_DOMAIN, Error};
 
@@ -32,7 +33,8 @@ const CLIENT_BUFFER: usize = 256;
 const CATCH_UP_PAGE: usize = 1000;
 const CURSOR_VERSION: u8 = 1;
 /// Log events a resumed watch reads instead of the customer's timeline, at most (when the
-/// customer has more entries than events were logged since its cursor).
+/// customer has more entries than events were logged since its cursor, and at most a page of them
+/// are missed).
 const MAX_LOG_CATCH_UP: u64 = 10_000;
 
 /// Encodes a watch cursor: the log sequence, bound to the customer.
@@ -151,14 +153,7 @@ impl Watch {
         durable: u64,
     ) -> Option<Option<(UnixNanos, u64)>> {
         let mut latest = None;
-        let missed = match self.missed_in_log(durable).await {
-            Ok(missed) => missed,
-            Err(status) => {
-                let _ = sender.send(Err(status)).await;
-                return None;
-            }
-        };
-        if let Some(mut entries) = missed {
+        if let Some(mut entries) = self.missed_in_log(durable).await {
             entries.sort_by_key(TimelineEntry::timeline_order);
             for entry in &entries {
                 latest = latest.max(Some(entry.timeline_order()));
@@ -202,25 +197,52 @@ impl Watch {
     }
 
     /// What a resumed watch missed, read from the log when that is the shorter read: at most
-    /// [`MAX_LOG_CATCH_UP`] log events, and fewer than the customer's entries (a short break in
-    /// a long timeline). `None`: read the timeline instead.
-    async fn missed_in_log(&self, durable: u64) -> Result<Option<Vec<TimelineEntry>>, Status> {
+    /// [`MAX_LOG_CATCH_UP`] log events, fewer than the customer's entries (a short break in a
+    /// long timeline), read a page of [`CATCH_UP_PAGE`] events at a time and given up past
+    /// [`CATCH_UP_PAGE`] entries (so that it holds no more than a page of the timeline read
+    /// would). `None`: read the timeline instead, also when the log read fails (the timeline read
+    /// answers for itself).
+    async fn missed_in_log(&self, durable: u64) -> Option<Vec<TimelineEntry>> {
         let missed_events = durable.saturating_sub(self.after);
         if self.after == 0 || missed_events > MAX_LOG_CATCH_UP {
-            return Ok(None);
+            return None;
         }
         let customer = self.customer.clone();
-        let from = self.after.saturating_add(1);
-        read(&self.store, move |store| {
-            let entries = store.summary(&customer)?.map_or(0, |summary| summary.total);
-            if missed_events >= entries {
-                return Ok(None);
-            }
-            store
-                .log_entries(&customer, from, durable.saturating_add(1))
-                .map(Some)
+        let entries = read(&self.store, move |store| {
+            Ok(store.summary(&customer)?.map_or(0, |summary| summary.total))
         })
-        .await
+        .await;
+        match entries {
+            Ok(entries) if missed_events < entries => {}
+            Ok(_) => return None,
+            Err(status) => {
+                warn!(customer = %self.customer, %status, "resume: cannot read the summary; reading the timeline");
+                return None;
+            }
+        }
+        let mut missed = Vec::new();
+        let end = durable.saturating_add(1);
+        let mut from = self.after.saturating_add(1);
+        while from < end {
+            let page_end = from.saturating_add(CATCH_UP_PAGE as u64).min(end);
+            let customer = self.customer.clone();
+            let page = read(&self.store, move |store| {
+                store.log_entries(&customer, from, page_end)
+            })
+            .await;
+            match page {
+                Ok(page) => missed.extend(page),
+                Err(status) => {
+                    warn!(customer = %self.customer, %status, "resume: cannot read the log; reading the timeline");
+                    return None;
+                }
+            }
+            if missed.len() > CATCH_UP_PAGE {
+                return None;
+            }
+            from = page_end;
+        }
+        Some(missed)
     }
 
     async fn send(

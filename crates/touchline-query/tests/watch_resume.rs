@@ -1,11 +1,12 @@
 //! A resumed watch gets exactly the durable entries of its customer after its cursor, in timeline
 //! order, whichever way it reads them: from the log when fewer events were logged since the cursor
 //! than the customer has entries (a short break in a long timeline), from the timeline otherwise.
-//! The store is the real sled store; a wrapper counts which of the two reads the watcher made.
+//! The store is the real sled store; a wrapper counts which of the two reads the watcher made (and
+//! makes the log read fail when told, to show the watcher falls back to the timeline).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
@@ -25,6 +26,19 @@ struct CountingStore {
     inner: SledStore,
     log_reads: AtomicUsize,
     timeline_reads: AtomicUsize,
+    /// Log reads fail (after being counted) while set.
+    fail_log_reads: AtomicBool,
+}
+
+impl CountingStore {
+    fn open(dir: &tempfile::TempDir) -> anyhow::Result<Arc<Self>> {
+        Ok(Arc::new(Self {
+            inner: SledStore::open(dir.path())?,
+            log_reads: AtomicUsize::new(0),
+            timeline_reads: AtomicUsize::new(0),
+            fail_log_reads: AtomicBool::new(false),
+        }))
+    }
 }
 
 impl EventStore for CountingStore {
@@ -67,6 +81,9 @@ impl EventStore for CountingStore {
         end: u64,
     ) -> Result<Vec<TimelineEntry>, StoreError> {
         self.log_reads.fetch_add(1, Ordering::SeqCst);
+        if self.fail_log_reads.load(Ordering::SeqCst) {
+            return Err(StoreError::Backend("injected log read failure".into()));
+        }
         self.inner.log_entries(customer_id, from, end)
     }
 
@@ -184,11 +201,7 @@ fn reads(store: &CountingStore) -> (usize, usize) {
 async fn a_resumed_watch_gets_what_it_missed_in_timeline_order_from_the_log_or_the_timeline()
 -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let store = Arc::new(CountingStore {
-        inner: SledStore::open(dir.path())?,
-        log_reads: AtomicUsize::new(0),
-        timeline_reads: AtomicUsize::new(0),
-    });
+    let store = CountingStore::open(&dir)?;
     let mut offset = -1;
     // Sequences 1..=20: a long timeline of "alice" (event times 100, 110, ...).
     let history = (0..20)
@@ -250,9 +263,48 @@ async fn a_resumed_watch_gets_what_it_missed_in_timeline_order_from_the_log_or_t
     assert_eq!(ids, ["bob-1", "bob-2", "bob-3"]);
     assert_eq!(reads(&store).0, 0);
 
-    // A cursor at the durable end: nothing missed, from either read.
-    let (ids, caught_up) = resume(&store, "alice", durable).await?;
-    assert!(ids.is_empty());
-    assert_eq!(caught_up, durable);
+    // A cursor at the durable end, or beyond it: nothing missed, nothing read.
+    for after in [durable, 100] {
+        let (ids, caught_up) = resume(&store, "alice", after).await?;
+        assert!(ids.is_empty());
+        assert_eq!(caught_up, after.max(durable));
+        assert_eq!(reads(&store), (0, 0));
+    }
+
+    // The log read fails: the timeline answers instead, with the same entries.
+    store.fail_log_reads.store(true, Ordering::SeqCst);
+    let (ids, _) = resume(&store, "alice", 20).await?;
+    assert_eq!(ids, ["new-late", "new-last"]);
+    let (log_reads, timeline_reads) = reads(&store);
+    assert_eq!(log_reads, 1, "the log was tried first");
+    assert!(timeline_reads > 0, "then the timeline");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_resume_that_missed_more_than_a_page_of_entries_reads_the_timeline() -> anyhow::Result<()>
+{
+    let dir = tempfile::tempdir()?;
+    let store = CountingStore::open(&dir)?;
+    let mut offset = -1;
+    let history = (0..1500)
+        .map(|i| event(&format!("old-{i:04}"), "alice", 10_000 + i))
+        .collect();
+    apply(&store, &mut offset, history, true);
+    // 1,100 missed, newest first in the log: more than a page of the catch-up.
+    let missed: Vec<Envelope> = (0..1100)
+        .map(|i| event(&format!("new-{i:04}"), "alice", 20_000 - i))
+        .collect();
+    apply(&store, &mut offset, missed, true);
+    let (ids, caught_up) = resume(&store, "alice", 1500).await?;
+    let expected: Vec<String> = (0..1100).rev().map(|i| format!("new-{i:04}")).collect();
+    assert_eq!(ids, expected, "every missed entry, in timeline order");
+    assert_eq!(caught_up, 2600);
+    let (log_reads, timeline_reads) = reads(&store);
+    assert_eq!(
+        log_reads, 2,
+        "two pages of the log read, then given up: more entries than a page"
+    );
+    assert!(timeline_reads > 0, "read from the timeline instead");
     Ok(())
 }
