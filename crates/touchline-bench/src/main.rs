@@ -345,11 +345,12 @@ async fn main() -> anyhow::Result<()> {
     );
     let ms = |value: f64| format!("{value:.2} ms");
     figure(
-        "ack latency p50 / p99, full speed",
+        "ack latency p50/p99/p99.9, full speed",
         format!(
-            "{} / {}",
-            ms(report.full_speed.ack_latency.p50_ms),
-            ms(report.full_speed.ack_latency.p99_ms)
+            "{:.2} / {:.2} / {:.2} ms",
+            report.full_speed.ack_latency.p50_ms,
+            report.full_speed.ack_latency.p99_ms,
+            report.full_speed.ack_latency.p999_ms
         ),
     );
     figure(
