@@ -106,12 +106,9 @@ pub fn sled_rate(
     dir: &std::path::Path,
     records: &[(String, Vec<u8>)],
     batch: usize,
+    cache_bytes: u64,
 ) -> anyhow::Result<f64> {
-    let db = touchline_projection::sled_store::sled_config(
-        dir,
-        touchline_projection::sled_store::DEFAULT_CACHE_BYTES,
-    )
-    .open()?;
+    let db = touchline_projection::sled_store::sled_config(dir, cache_bytes).open()?;
     let log = db.open_tree("log")?;
     let timeline = db.open_tree("timeline")?;
     let started = Instant::now();
@@ -144,9 +141,10 @@ pub fn store_rate(
     dir: &std::path::Path,
     records: &[(String, Vec<u8>)],
     batch: usize,
+    cache_bytes: u64,
 ) -> anyhow::Result<f64> {
     use touchline_core::{ConsumedRecord, EventStore as _, RecordContent, StreamIdentity};
-    let store = touchline_projection::SledStore::open(dir)?;
+    let store = touchline_projection::SledStore::open_with_cache(dir, cache_bytes)?;
     let stream = StreamIdentity {
         cluster_id: "bench".to_owned(),
         topic: "store".to_owned(),

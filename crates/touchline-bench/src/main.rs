@@ -64,6 +64,10 @@ struct Args {
     /// Records the projector takes from the consumer at once (`projector.max-batch`).
     #[arg(long, default_value_t = 1000)]
     projector_batch: usize,
+    /// sled's page cache in MiB (`store.cache-mib`): the node's store, the sled ceiling and the
+    /// store's own apply all use it. Default: the node's default.
+    #[arg(long, default_value_t = touchline_projection::sled_store::DEFAULT_CACHE_BYTES / (1024 * 1024))]
+    cache_mib: u64,
     /// Bootstrap servers of an external broker (for example Tansu); the embedded mock cluster when
     /// not given.
     #[arg(long)]
@@ -193,6 +197,7 @@ async fn main() -> anyhow::Result<()> {
         window: args.window.max(1),
         readers: args.readers,
         projector_batch: args.projector_batch,
+        cache_mib: args.cache_mib.max(1),
     };
     let broker_name = args.kafka.clone().map_or_else(
         || "embedded mock cluster".to_owned(),
@@ -248,13 +253,19 @@ async fn main() -> anyhow::Result<()> {
     let sled_ceiling = {
         let records = records.clone();
         let path = sled_dir.path().to_owned();
-        tokio::task::spawn_blocking(move || ceilings::sled_rate(&path, &records, 1000)).await??
+        let cache_bytes = shape.cache_mib.saturating_mul(1024 * 1024);
+        tokio::task::spawn_blocking(move || ceilings::sled_rate(&path, &records, 1000, cache_bytes))
+            .await??
     };
     eprintln!("   the store's own apply");
     let store_dir = tempfile::tempdir()?;
     let store_per_second = {
         let path = store_dir.path().to_owned();
-        tokio::task::spawn_blocking(move || ceilings::store_rate(&path, &records, 1000)).await??
+        let cache_bytes = shape.cache_mib.saturating_mul(1024 * 1024);
+        tokio::task::spawn_blocking(move || {
+            ceilings::store_rate(&path, &records, 1000, cache_bytes)
+        })
+        .await??
     };
     let ceilings_peak = if peak_reset {
         stats::peak_rss_mib()

@@ -29,6 +29,8 @@ pub struct Shape {
     pub readers: usize,
     /// Records the projector takes from the consumer at once (`projector.max-batch`).
     pub projector_batch: usize,
+    /// sled's page cache (`store.cache-mib`), for the node's store and the sled ceilings alike.
+    pub cache_mib: u64,
 }
 
 const BASE_SECONDS: i64 = 1_760_000_000;
@@ -97,6 +99,7 @@ pub async fn start_node(
     let clients = shape.clients;
     let mut config = Config::default();
     config.projector.max_batch = shape.projector_batch;
+    config.store.cache_mib = shape.cache_mib;
     config.server.listen = "127.0.0.1:0".parse()?;
     config.metrics.enabled = false;
     config.kafka.bootstrap_servers = bootstrap.to_owned();
