@@ -249,11 +249,11 @@ async fn main() -> anyhow::Result<()> {
     let broker_ceiling = ceilings::broker(&kafka, &records).await?;
     brokers.clear();
     eprintln!("5/5 sled ceiling");
+    let cache_bytes = shape.cache_mib.saturating_mul(1024 * 1024);
     let sled_dir = tempfile::tempdir()?;
     let sled_ceiling = {
         let records = records.clone();
         let path = sled_dir.path().to_owned();
-        let cache_bytes = shape.cache_mib.saturating_mul(1024 * 1024);
         tokio::task::spawn_blocking(move || ceilings::sled_rate(&path, &records, 1000, cache_bytes))
             .await??
     };
@@ -261,7 +261,6 @@ async fn main() -> anyhow::Result<()> {
     let store_dir = tempfile::tempdir()?;
     let store_per_second = {
         let path = store_dir.path().to_owned();
-        let cache_bytes = shape.cache_mib.saturating_mul(1024 * 1024);
         tokio::task::spawn_blocking(move || {
             ceilings::store_rate(&path, &records, 1000, cache_bytes)
         })

@@ -196,14 +196,10 @@ impl TimelineService {
     ) -> Result<Response<v1::GetTimelineResponse>, Status> {
         let query = timeline_query(request.into_inner())?;
         let filters = page_token::filter_fingerprint(&query.filter);
-        let store = Arc::clone(&self.store);
-        let page = tokio::task::spawn_blocking(move || {
+        let (customer_id, page) = read_store(&self.store, move |store| {
             store.timeline(&query).map(|page| (query.customer_id, page))
         })
-        .await
-        .map_err(Error::from)?
-        .map_err(Error::from);
-        let (customer_id, page) = page?;
+        .await?;
         Ok(Response::new(v1::GetTimelineResponse {
             entries: page.entries.iter().map(wire_timeline_entry).collect(),
             next_page_token: page
@@ -218,20 +214,17 @@ impl TimelineService {
         request: Request<v1::GetCustomerSummaryRequest>,
     ) -> Result<Response<v1::CustomerSummary>, Status> {
         let customer_id = customer_id(request.into_inner().customer_id)?;
-        let store = Arc::clone(&self.store);
         let lookup = customer_id.clone();
         // The summary refers to its first and last touch; they are read from the timeline.
-        let found = tokio::task::spawn_blocking(move || {
+        let found = read_store(&self.store, move |store| {
             let Some(summary) = store.summary(&lookup)? else {
                 return Ok(None);
             };
             let first = store.timeline_entry(&lookup, summary.first_touch.cursor())?;
             let last = store.timeline_entry(&lookup, summary.last_touch.cursor())?;
-            Ok::<_, touchline_core::StoreError>(Some((summary, first, last)))
+            Ok(Some((summary, first, last)))
         })
-        .await
-        .map_err(Error::from)?
-        .map_err(Error::from)?;
+        .await?;
         let (summary, first, last) = found.ok_or(Error::CustomerNotFound {
             customer_id: customer_id.to_string(),
         })?;
@@ -240,5 +233,18 @@ impl TimelineService {
             first.as_ref(),
             last.as_ref(),
         )))
+    }
+}
+
+/// Runs a store read on the blocking pool; a failure is the status to answer.
+pub(crate) async fn read_store<T: Send + 'static>(
+    store: &Arc<dyn EventStore>,
+    work: impl FnOnce(&dyn EventStore) -> Result<T, touchline_core::StoreError> + Send + 'static,
+) -> Result<T, Status> {
+    let store = Arc::clone(store);
+    match tokio::task::spawn_blocking(move || work(&*store)).await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(error)) => Err(Error::from(error).into()),
+        Err(error) => Err(Error::from(error).into()),
     }
 }

@@ -15,13 +15,14 @@ use tonic::Status;
 use tonic::metadata::MetadataValue;
 use tonic_types::{ErrorDetails, StatusExt as _};
 use touchline_core::{
-    CustomerId, EventStore, StoreError, TimelineCursor, TimelineEntry, TimelineFilter,
-    TimelineQuery, UnixNanos, fingerprint,
+    CustomerId, EventStore, TimelineCursor, TimelineEntry, TimelineFilter, TimelineQuery,
+    UnixNanos, fingerprint,
 };
 use touchline_proto::convert::wire_timeline_entry;
 use touchline_proto::v1;
 use tracing::warn;
 
+use crate::service::read_store;
 use crate::{ERROR_DOMAIN, Error};
 
 /// Entries of a durable batch, as the store publishes them.
@@ -172,7 +173,7 @@ impl Watch {
                 after: page_after,
                 filter: TimelineFilter::default(),
             };
-            let page = match read(&self.store, move |store| store.timeline(&query)).await {
+            let page = match read_store(&self.store, move |store| store.timeline(&query)).await {
                 Ok(page) => page,
                 Err(status) => {
                     let _ = sender.send(Err(status)).await;
@@ -208,7 +209,7 @@ impl Watch {
             return None;
         }
         let customer = self.customer.clone();
-        let entries = read(&self.store, move |store| {
+        let entries = read_store(&self.store, move |store| {
             Ok(store.summary(&customer)?.map_or(0, |summary| summary.total))
         })
         .await;
@@ -226,7 +227,7 @@ impl Watch {
         while from < end {
             let page_end = from.saturating_add(CATCH_UP_PAGE as u64).min(end);
             let customer = self.customer.clone();
-            let page = read(&self.store, move |store| {
+            let page = read_store(&self.store, move |store| {
                 store.log_entries(&customer, from, page_end)
             })
             .await;
@@ -260,19 +261,6 @@ impl Watch {
             late,
         };
         sender.send(Ok(message)).await.is_ok()
-    }
-}
-
-/// Runs a store read on the blocking pool.
-async fn read<T: Send + 'static>(
-    store: &Arc<dyn EventStore>,
-    work: impl FnOnce(&dyn EventStore) -> Result<T, StoreError> + Send + 'static,
-) -> Result<T, Status> {
-    let store = Arc::clone(store);
-    match tokio::task::spawn_blocking(move || work(&*store)).await {
-        Ok(Ok(value)) => Ok(value),
-        Ok(Err(error)) => Err(Error::from(error).into()),
-        Err(error) => Err(Error::from(error).into()),
     }
 }
 
