@@ -68,6 +68,9 @@ struct Args {
     /// store's own apply all use it. Default: the node's default.
     #[arg(long, default_value_t = touchline_projection::sled_store::DEFAULT_CACHE_BYTES / (1024 * 1024))]
     cache_mib: u64,
+    /// Store reads the node serves at once (`query.read-concurrency`; 0: as many as the cores).
+    #[arg(long, default_value_t = 0)]
+    read_concurrency: usize,
     /// Bootstrap servers of an external broker (for example Tansu); the embedded mock cluster when
     /// not given.
     #[arg(long)]
@@ -198,6 +201,11 @@ async fn main() -> anyhow::Result<()> {
         readers: args.readers,
         projector_batch: args.projector_batch,
         cache_mib: args.cache_mib.max(1),
+        // Resolved here so that the JSON says what ran.
+        read_concurrency: match args.read_concurrency {
+            0 => touchline_query::reads::default_concurrency(),
+            n => n,
+        },
     };
     let broker_name = args.kafka.clone().map_or_else(
         || "embedded mock cluster".to_owned(),

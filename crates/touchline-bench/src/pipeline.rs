@@ -31,6 +31,8 @@ pub struct Shape {
     pub projector_batch: usize,
     /// sled's page cache (`store.cache-mib`), for the node's store and the sled ceilings alike.
     pub cache_mib: u64,
+    /// Store reads the node serves at once (`query.read-concurrency`).
+    pub read_concurrency: usize,
 }
 
 const BASE_SECONDS: i64 = 1_760_000_000;
@@ -100,6 +102,7 @@ pub async fn start_node(
     let mut config = Config::default();
     config.projector.max_batch = shape.projector_batch;
     config.store.cache_mib = shape.cache_mib;
+    config.query.read_concurrency = shape.read_concurrency;
     config.server.listen = "127.0.0.1:0".parse()?;
     config.metrics.enabled = false;
     config.kafka.bootstrap_servers = bootstrap.to_owned();

@@ -5,10 +5,12 @@ pub mod admin;
 pub mod error;
 pub mod metrics;
 pub mod page_token;
+pub mod reads;
 pub mod service;
 pub mod watch;
 
 pub(crate) use error::ERROR_DOMAIN;
 
 pub use error::{Error, Result};
+pub use reads::StoreReads;
 pub use service::TimelineService;

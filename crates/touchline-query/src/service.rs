@@ -1,5 +1,5 @@
-//! The `TimelineService` gRPC implementation. Store reads run on the blocking pool: a page may
-//! scan up to thousands of entries.
+//! The `TimelineService` gRPC implementation. Store reads run on the blocking pool (a page may
+//! scan up to thousands of entries), a bounded number at once ([`StoreReads`]).
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -13,6 +13,7 @@ use touchline_core::{CustomerId, EventStore, PartnerId, TimelineFilter, Timeline
 use touchline_proto::convert::{instant, journey_stage, wire_summary, wire_timeline_entry};
 use touchline_proto::v1;
 
+use crate::reads::StoreReads;
 use crate::watch::{Feed, Watch, decode_cursor};
 use crate::{Error, Result, metrics, page_token};
 
@@ -24,17 +25,18 @@ pub const MAX_PAGE_SIZE: usize = 1000;
 /// Serves timelines and summaries from a store. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct TimelineService {
-    store: Arc<dyn EventStore>,
+    reads: StoreReads,
     feed: Option<Feed>,
     shutdown: CancellationToken,
 }
 
 impl TimelineService {
-    /// A service without live timelines (`WatchTimeline` answers UNIMPLEMENTED).
+    /// A service without live timelines (`WatchTimeline` answers UNIMPLEMENTED), reading at most
+    /// [`reads::default_concurrency`](crate::reads::default_concurrency) store reads at once.
     #[must_use]
     pub fn new(store: Arc<dyn EventStore>) -> Self {
         Self {
-            store,
+            reads: StoreReads::new(store, 0),
             feed: None,
             shutdown: CancellationToken::new(),
         }
@@ -46,6 +48,13 @@ impl TimelineService {
     pub fn with_feed(mut self, feed: Feed, shutdown: CancellationToken) -> Self {
         self.feed = Some(feed);
         self.shutdown = shutdown;
+        self
+    }
+
+    /// At most `concurrency` store reads at once (0: as many as the cores).
+    #[must_use]
+    pub fn with_read_concurrency(mut self, concurrency: usize) -> Self {
+        self.reads = StoreReads::new(Arc::clone(self.reads.store()), concurrency);
         self
     }
 
@@ -179,7 +188,7 @@ impl v1::timeline_service_server::TimelineService for TimelineService {
             ));
         };
         let watch = Watch {
-            store: Arc::clone(&self.store),
+            reads: self.reads.clone(),
             customer,
             after,
             live: feed.subscribe(),
@@ -196,10 +205,10 @@ impl TimelineService {
     ) -> Result<Response<v1::GetTimelineResponse>, Status> {
         let query = timeline_query(request.into_inner())?;
         let filters = page_token::filter_fingerprint(&query.filter);
-        let (customer_id, page) = read_store(&self.store, move |store| {
-            store.timeline(&query).map(|page| (query.customer_id, page))
-        })
-        .await?;
+        let (customer_id, page) = self
+            .reads
+            .run(move |store| store.timeline(&query).map(|page| (query.customer_id, page)))
+            .await?;
         Ok(Response::new(v1::GetTimelineResponse {
             entries: page.entries.iter().map(wire_timeline_entry).collect(),
             next_page_token: page
@@ -216,15 +225,17 @@ impl TimelineService {
         let customer_id = customer_id(request.into_inner().customer_id)?;
         let lookup = customer_id.clone();
         // The summary refers to its first and last touch; they are read from the timeline.
-        let found = read_store(&self.store, move |store| {
-            let Some(summary) = store.summary(&lookup)? else {
-                return Ok(None);
-            };
-            let first = store.timeline_entry(&lookup, summary.first_touch.cursor())?;
-            let last = store.timeline_entry(&lookup, summary.last_touch.cursor())?;
-            Ok(Some((summary, first, last)))
-        })
-        .await?;
+        let found = self
+            .reads
+            .run(move |store| {
+                let Some(summary) = store.summary(&lookup)? else {
+                    return Ok(None);
+                };
+                let first = store.timeline_entry(&lookup, summary.first_touch.cursor())?;
+                let last = store.timeline_entry(&lookup, summary.last_touch.cursor())?;
+                Ok(Some((summary, first, last)))
+            })
+            .await?;
         let (summary, first, last) = found.ok_or(Error::CustomerNotFound {
             customer_id: customer_id.to_string(),
         })?;
@@ -233,18 +244,5 @@ impl TimelineService {
             first.as_ref(),
             last.as_ref(),
         )))
-    }
-}
-
-/// Runs a store read on the blocking pool; a failure is the status to answer.
-pub(crate) async fn read_store<T: Send + 'static>(
-    store: &Arc<dyn EventStore>,
-    work: impl FnOnce(&dyn EventStore) -> Result<T, touchline_core::StoreError> + Send + 'static,
-) -> Result<T, Status> {
-    let store = Arc::clone(store);
-    match tokio::task::spawn_blocking(move || work(&*store)).await {
-        Ok(Ok(value)) => Ok(value),
-        Ok(Err(error)) => Err(Error::from(error).into()),
-        Err(error) => Err(Error::from(error).into()),
     }
 }

@@ -15,14 +15,14 @@ use tonic::Status;
 use tonic::metadata::MetadataValue;
 use tonic_types::{ErrorDetails, StatusExt as _};
 use touchline_core::{
-    CustomerId, EventStore, TimelineCursor, TimelineEntry, TimelineFilter, TimelineQuery,
-    UnixNanos, fingerprint,
+    CustomerId, TimelineCursor, TimelineEntry, TimelineFilter, TimelineQuery, UnixNanos,
+    fingerprint,
 };
 use touchline_proto::convert::wire_timeline_entry;
 use touchline_proto::v1;
 use tracing::warn;
 
-use crate::service::read_store;
+use crate::reads::StoreReads;
 use crate::{ERROR_DOMAIN, Error};
 
 /// Entries of a durable batch, as the store publishes them.
@@ -69,7 +69,7 @@ type Message = Result<v1::WatchTimelineResponse, Status>;
     reason = "holds a store handle and channels"
 )]
 pub struct Watch {
-    pub store: Arc<dyn EventStore>,
+    pub reads: StoreReads,
     pub customer: CustomerId,
     pub after: u64,
     pub live: broadcast::Receiver<Arc<[TimelineEntry]>>,
@@ -95,7 +95,7 @@ impl Watch {
 
     async fn run(mut self, sender: &mpsc::Sender<Message>) {
         // Subscribed before this read: later entries come through the feed.
-        let durable = self.store.durable_sequence();
+        let durable = self.reads.store().durable_sequence();
         let Some(mut latest) = self.catch_up(sender, durable).await else {
             return;
         };
@@ -173,7 +173,7 @@ impl Watch {
                 after: page_after,
                 filter: TimelineFilter::default(),
             };
-            let page = match read_store(&self.store, move |store| store.timeline(&query)).await {
+            let page = match self.reads.run(move |store| store.timeline(&query)).await {
                 Ok(page) => page,
                 Err(status) => {
                     let _ = sender.send(Err(status)).await;
@@ -209,10 +209,10 @@ impl Watch {
             return None;
         }
         let customer = self.customer.clone();
-        let entries = read_store(&self.store, move |store| {
-            Ok(store.summary(&customer)?.map_or(0, |summary| summary.total))
-        })
-        .await;
+        let entries = self
+            .reads
+            .run(move |store| Ok(store.summary(&customer)?.map_or(0, |summary| summary.total)))
+            .await;
         match entries {
             Ok(entries) if missed_events < entries => {}
             Ok(_) => return None,
@@ -227,10 +227,10 @@ impl Watch {
         while from < end {
             let page_end = from.saturating_add(CATCH_UP_PAGE as u64).min(end);
             let customer = self.customer.clone();
-            let page = read_store(&self.store, move |store| {
-                store.log_entries(&customer, from, page_end)
-            })
-            .await;
+            let page = self
+                .reads
+                .run(move |store| store.log_entries(&customer, from, page_end))
+                .await;
             match page {
                 Ok(page) => missed.extend(page),
                 Err(status) => {

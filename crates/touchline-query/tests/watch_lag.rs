@@ -15,6 +15,7 @@ use touchline_core::{
 };
 use touchline_projection::SledStore;
 use touchline_proto::v1;
+use touchline_query::StoreReads;
 use touchline_query::watch::{Watch, decode_cursor};
 
 fn entry(sequence: u64) -> TimelineEntry {
@@ -47,7 +48,7 @@ async fn a_watcher_that_falls_behind_is_told_where_to_resume() -> anyhow::Result
     let (feed, live) = broadcast::channel(4);
     let customer = CustomerId::parse("cust").expect("valid");
     let mut client = Watch {
-        store,
+        reads: StoreReads::new(store, 1),
         customer: customer.clone(),
         after: 0,
         live,

@@ -18,6 +18,7 @@ use touchline_core::{
 };
 use touchline_projection::SledStore;
 use touchline_proto::v1;
+use touchline_query::StoreReads;
 use touchline_query::watch::{Watch, decode_cursor};
 
 /// The real store, counting the watcher's two ways of reading what it missed.
@@ -159,7 +160,7 @@ async fn resume(
     let (_feed, live) = broadcast::channel(16);
     let store: Arc<dyn EventStore> = Arc::clone(store) as Arc<dyn EventStore>;
     let mut client = Watch {
-        store,
+        reads: StoreReads::new(store, 1),
         customer: customer(customer_id),
         after,
         live,

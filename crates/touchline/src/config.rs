@@ -246,6 +246,9 @@ pub struct QueryConfig {
     /// (`touchline hash-token` prints one). Empty: the service is open to anyone who can reach it
     /// (internal networks only; a node on a real Kafka warns at start).
     pub token_sha256: Vec<String>,
+    /// Store reads at once (timeline pages, summaries, watch catch-ups); more wait their turn.
+    /// 0: as many as the cores, so that reads do not crowd out the projector's writer.
+    pub read_concurrency: usize,
 }
 
 impl Default for QueryConfig {
@@ -253,6 +256,7 @@ impl Default for QueryConfig {
         Self {
             enabled: true,
             token_sha256: Vec::new(),
+            read_concurrency: 0,
         }
     }
 }

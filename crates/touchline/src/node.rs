@@ -202,6 +202,7 @@ impl Node {
                 );
                 Some(tonic::service::interceptor::InterceptedService::new(
                     TimelineService::new(shared)
+                        .with_read_concurrency(config.query.read_concurrency)
                         .with_feed(store.watch_sender(), server_shutdown.clone())
                         .into_server(),
                     move |request: tonic::Request<()>| {
