@@ -693,6 +693,8 @@ async fn health_reflection_and_metrics_describe_the_node() -> anyhow::Result<()>
         "touchline_ingest_events_total{partner=\"swift-courier\",outcome=\"rejected\",reason=\"EVENT_ID_MISSING\"}",
         "touchline_ingest_produce_duration_seconds_count",
         "touchline_query_duration_seconds_count{method=\"GetTimeline\"}",
+        // Registered (its value is process-wide: other tests read beside this one).
+        "touchline_query_reads_waiting ",
         "touchline_kafka_up 1",
         "touchline_log_events 1",
     ] {

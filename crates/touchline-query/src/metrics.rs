@@ -1,10 +1,12 @@
-//! Query metrics: latency per method. Process-wide; a node registers them for `/metrics`.
+//! Query metrics: latency per method, and store reads waiting for a permit. Process-wide; a node
+//! registers them for `/metrics`.
 
 use std::sync::LazyLock;
 use std::time::Instant;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
@@ -23,6 +25,10 @@ fn histogram() -> Histogram {
 pub static QUERY_SECONDS: LazyLock<Latency> =
     LazyLock::new(|| Family::new_with_constructor(histogram as fn() -> Histogram));
 
+/// Store reads waiting for a permit (`query.read-concurrency`): above zero, the bound is what
+/// keeps reads from going faster.
+pub static READS_WAITING: LazyLock<Gauge> = LazyLock::new(Gauge::default);
+
 /// Observes the time since `started` for `method`.
 pub fn observe(method: &'static str, started: Instant) {
     QUERY_SECONDS
@@ -36,5 +42,10 @@ pub fn register(registry: &mut Registry) {
         "touchline_query_duration_seconds",
         "Time to answer a TimelineService call",
         QUERY_SECONDS.clone(),
+    );
+    registry.register(
+        "touchline_query_reads_waiting",
+        "Store reads waiting for a permit (query.read-concurrency)",
+        READS_WAITING.clone(),
     );
 }

@@ -14,7 +14,7 @@ use tokio::sync::Semaphore;
 use tonic::Status;
 use touchline_core::{EventStore, StoreError};
 
-use crate::Error;
+use crate::{Error, metrics};
 
 /// A store and the permits its reads take. Cheap to clone: clones share the permits.
 #[derive(Debug, Clone)]
@@ -67,10 +67,12 @@ impl StoreReads {
         &self,
         work: impl FnOnce(&dyn EventStore) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, Status> {
+        let waiting = Waiting::start();
         let permit = Arc::clone(&self.permits)
             .acquire_owned()
             .await
             .map_err(|_| Status::unavailable("the node is shutting down"))?;
+        drop(waiting);
         let store = Arc::clone(&self.store);
         let read = tokio::task::spawn_blocking(move || {
             let result = work(&*store);
@@ -82,6 +84,23 @@ impl StoreReads {
             Ok(Err(error)) => Err(Error::from(error).into()),
             Err(error) => Err(Error::from(error).into()),
         }
+    }
+}
+
+/// Counts a read in [`metrics::READS_WAITING`] until dropped (also when the request is
+/// cancelled while it waits).
+struct Waiting;
+
+impl Waiting {
+    fn start() -> Self {
+        metrics::READS_WAITING.inc();
+        Self
+    }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        metrics::READS_WAITING.dec();
     }
 }
 
@@ -114,16 +133,20 @@ mod tests {
         let reads = StoreReads::new(store, 2);
         let running = Arc::new(AtomicUsize::new(0));
         let most = Arc::new(AtomicUsize::new(0));
+        let most_waiting = Arc::new(AtomicUsize::new(0));
         let mut tasks = Vec::new();
         for _ in 0..16 {
             let reads = reads.clone();
             let running = Arc::clone(&running);
             let most = Arc::clone(&most);
+            let most_waiting = Arc::clone(&most_waiting);
             tasks.push(tokio::spawn(async move {
                 reads
                     .run(move |store| {
                         let now = running.fetch_add(1, Ordering::SeqCst) + 1;
                         most.fetch_max(now, Ordering::SeqCst);
+                        let waiting = usize::try_from(metrics::READS_WAITING.get()).unwrap_or(0);
+                        most_waiting.fetch_max(waiting, Ordering::SeqCst);
                         // Long enough for the other reads to pile up behind the permits.
                         std::thread::sleep(Duration::from_millis(5));
                         running.fetch_sub(1, Ordering::SeqCst);
@@ -136,6 +159,9 @@ mod tests {
             task.await??;
         }
         assert_eq!(most.load(Ordering::SeqCst), 2);
+        // The others waited, and were counted while they did.
+        assert!(most_waiting.load(Ordering::SeqCst) > 0);
+        assert_eq!(metrics::READS_WAITING.get(), 0);
         Ok(())
     }
 }
