@@ -202,10 +202,7 @@ async fn main() -> anyhow::Result<()> {
         projector_batch: args.projector_batch,
         cache_mib: args.cache_mib.max(1),
         // Resolved here so that the JSON says what ran.
-        read_concurrency: match args.read_concurrency {
-            0 => touchline_query::reads::default_concurrency(),
-            n => n,
-        },
+        read_concurrency: touchline_query::reads::resolve_concurrency(args.read_concurrency),
     };
     let broker_name = args.kafka.clone().map_or_else(
         || "embedded mock cluster".to_owned(),

@@ -21,27 +21,26 @@ use crate::{Error, metrics};
 pub struct StoreReads {
     store: Arc<dyn EventStore>,
     permits: Arc<Semaphore>,
-    concurrency: usize,
 }
 
-/// Reads at once when not configured: as many as the cores.
+/// The reads at once that `configured` (`query.read-concurrency`) means: 0 is as many as the
+/// cores.
 #[must_use]
-pub fn default_concurrency() -> usize {
-    std::thread::available_parallelism().map_or(1, NonZeroUsize::get)
+pub fn resolve_concurrency(configured: usize) -> usize {
+    match configured {
+        0 => std::thread::available_parallelism().map_or(1, NonZeroUsize::get),
+        n => n.min(Semaphore::MAX_PERMITS),
+    }
 }
 
 impl StoreReads {
-    /// Reads of `store`, at most `concurrency` at once (0: [`default_concurrency`]).
+    /// Reads of `store`, at most `concurrency` at once ([`resolve_concurrency`]: 0 is as many as
+    /// the cores).
     #[must_use]
     pub fn new(store: Arc<dyn EventStore>, concurrency: usize) -> Self {
-        let concurrency = match concurrency {
-            0 => default_concurrency(),
-            n => n.min(Semaphore::MAX_PERMITS),
-        };
         Self {
             store,
-            permits: Arc::new(Semaphore::new(concurrency)),
-            concurrency,
+            permits: Arc::new(Semaphore::new(resolve_concurrency(concurrency))),
         }
     }
 
@@ -49,12 +48,6 @@ impl StoreReads {
     #[must_use]
     pub fn store(&self) -> &Arc<dyn EventStore> {
         &self.store
-    }
-
-    /// Reads at once.
-    #[must_use]
-    pub fn concurrency(&self) -> usize {
-        self.concurrency
     }
 
     /// Runs `work` on the blocking pool once a permit is free; a failure is the status to answer.
@@ -114,16 +107,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn zero_means_as_many_as_the_cores() -> anyhow::Result<()> {
-        let dir = tempfile::tempdir()?;
-        let store: Arc<dyn EventStore> = Arc::new(SledStore::open(dir.path())?);
-        assert_eq!(
-            StoreReads::new(Arc::clone(&store), 0).concurrency(),
-            default_concurrency()
-        );
-        assert!(default_concurrency() >= 1);
-        assert_eq!(StoreReads::new(store, 3).concurrency(), 3);
-        Ok(())
+    fn zero_means_as_many_as_the_cores() {
+        let cores = std::thread::available_parallelism().map_or(1, NonZeroUsize::get);
+        assert_eq!(resolve_concurrency(0), cores);
+        assert!(resolve_concurrency(0) >= 1);
+        assert_eq!(resolve_concurrency(3), 3);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -31,8 +31,8 @@ pub struct TimelineService {
 }
 
 impl TimelineService {
-    /// A service without live timelines (`WatchTimeline` answers UNIMPLEMENTED), reading at most
-    /// [`reads::default_concurrency`](crate::reads::default_concurrency) store reads at once.
+    /// A service without live timelines (`WatchTimeline` answers UNIMPLEMENTED), serving as many
+    /// store reads at once as the cores.
     #[must_use]
     pub fn new(store: Arc<dyn EventStore>) -> Self {
         Self {
