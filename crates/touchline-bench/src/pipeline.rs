@@ -122,6 +122,12 @@ pub async fn start_node(
     Node::start(config, BrokerChoice::External, registry).await
 }
 
+/// Events in the node's log that queries can see: the durable ones (`GetTimeline` shows an entry
+/// once it is flushed).
+fn queryable(store: &touchline_projection::SledStore) -> usize {
+    usize::try_from(touchline_core::EventStore::durable_sequence(store)).unwrap_or(usize::MAX)
+}
+
 /// Publishes one event per partner client and waits until they are projected, so that measured
 /// runs do not include the node's first connections (an idempotent producer waits about 0.5-1 s
 /// for its producer id on Tansu, for instance). The events are on a customer of their own.
@@ -133,7 +139,7 @@ pub async fn warm_up(node: &Node, shape: &Shape) -> anyhow::Result<()> {
         .store()
         .cloned()
         .ok_or_else(|| anyhow::anyhow!("the node has no store"))?;
-    let before = store.log_len();
+    let before = queryable(&store);
     let mut ingest = IngestServiceClient::connect(node.endpoint()).await?;
     for client in 0..shape.clients {
         let mut event = workload::touchpoint(0, 1, BASE_SECONDS);
@@ -150,7 +156,7 @@ pub async fn warm_up(node: &Node, shape: &Shape) -> anyhow::Result<()> {
         anyhow::ensure!(answer.accepted == 1, "warm-up event refused: {answer:?}");
     }
     let deadline = Instant::now() + Duration::from_secs(60);
-    while store.log_len() < before + shape.clients {
+    while queryable(&store) < before + shape.clients {
         anyhow::ensure!(
             Instant::now() < deadline,
             "the warm-up events were not projected within a minute"
@@ -264,12 +270,13 @@ async fn partner(
 pub struct Run {
     pub events: usize,
     pub seconds: f64,
-    /// Events per second from the first send until the last event was projected (queryable).
+    /// Events per second from the first send until the last event was projected and flushed
+    /// (queryable: `GetTimeline` serves durable entries).
     pub end_to_end_per_second: f64,
     /// Events per second from the first send until the last acknowledgement: above the
     /// end-to-end rate when the projector, not ingest, bounds the run.
     pub acknowledged_per_second: f64,
-    /// Events projected when the last acknowledgement came.
+    /// Events projected and flushed when the last acknowledgement came.
     pub projected_when_acknowledged: usize,
     /// Events per second projected from the last acknowledgement to the end: the projector's rate
     /// with ingest no longer taking CPU (`None` when it had caught up by then).
@@ -376,7 +383,7 @@ pub async fn run(node: &Node, shape: &Shape, rate: Option<f64>) -> anyhow::Resul
         .store()
         .cloned()
         .ok_or_else(|| anyhow::anyhow!("the node has no store"))?;
-    let already = store.log_len();
+    let already = queryable(&store);
     let pace = rate.map(|rate| {
         Duration::from_secs_f64(shape.batch_size as f64 * shape.clients as f64 / rate.max(1.0))
     });
@@ -402,13 +409,13 @@ pub async fn run(node: &Node, shape: &Shape, rate: Option<f64>) -> anyhow::Resul
         acks.extend(partner.await??);
     }
     let acknowledged = started.elapsed();
-    let projected_when_acknowledged = store.log_len().saturating_sub(already);
+    let projected_when_acknowledged = queryable(&store).saturating_sub(already);
     let target = already + shape.events;
     // Every event was acknowledged; if the log stops growing short of them, the broker lost
     // records (the embedded mock keeps about 5 MiB per partition and drops older unread data).
-    let mut last = (store.log_len(), Instant::now());
-    while store.log_len() < target {
-        let now = store.log_len();
+    let mut last = (queryable(&store), Instant::now());
+    while queryable(&store) < target {
+        let now = queryable(&store);
         if now != last.0 {
             last = (now, Instant::now());
         }

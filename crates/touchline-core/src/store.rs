@@ -145,6 +145,11 @@ pub struct TimelineQuery {
     /// Return entries strictly after this cursor.
     pub after: Option<TimelineCursor>,
     pub filter: TimelineFilter,
+    /// Only entries whose log sequence is at most this; `None`: every applied entry. What is
+    /// served to clients passes the store's [`EventStore::durable_sequence`], so that no client
+    /// sees an entry that a crash could take back (to be applied again, perhaps under another
+    /// sequence, from Kafka).
+    pub up_to_sequence: Option<u64>,
 }
 
 /// A page of a timeline. `next` is set when more entries may follow.

@@ -420,6 +420,12 @@ impl EventStore for SledStore {
                 return Ok(page);
             }
             last_scanned = keys::timeline_cursor(&key);
+            if let (Some(up_to), Some(scanned)) = (query.up_to_sequence, last_scanned)
+                && scanned.sequence > up_to
+            {
+                // Applied, not yet durable: shown once flushed.
+                continue;
+            }
             let entry: TimelineEntry = decode("timeline entry", &key, &value)?;
             if !query.filter.matches(&entry) {
                 continue;

@@ -72,6 +72,7 @@ fn whole_timeline(store: &SledStore, customer: &str) -> Vec<String> {
             page_size: 1000,
             after: None,
             filter: TimelineFilter::default(),
+            up_to_sequence: None,
         })
         .expect("reads")
         .entries

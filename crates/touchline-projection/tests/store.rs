@@ -31,6 +31,7 @@ fn query(customer_id: &str, page_size: usize) -> TimelineQuery {
         page_size,
         after: None,
         filter: TimelineFilter::default(),
+        up_to_sequence: None,
     }
 }
 
@@ -505,6 +506,75 @@ fn timelines_page_in_event_time_order_with_late_events_in_place_and_every_filter
             .expect("reads")
             .entries
             .is_empty()
+    );
+}
+
+#[test]
+fn a_sequence_bound_hides_later_entries_and_still_fills_pages() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = open(&dir);
+    let fulfil = JourneyStage::Fulfil;
+    store
+        .apply(
+            &stream("a"),
+            vec![
+                record(0, 0, envelope("courier", "e1", "alice", 100, fulfil)),
+                record(0, 1, envelope("courier", "e2", "alice", 300, fulfil)),
+            ],
+        )
+        .expect("applies");
+    // Not flushed yet: nothing is durable, so a durable read shows nothing.
+    let durable = |store: &SledStore| TimelineQuery {
+        up_to_sequence: Some(store.durable_sequence()),
+        ..query("alice", 10)
+    };
+    assert_eq!(store.durable_sequence(), 0);
+    assert!(event_ids(&store, &durable(&store)).is_empty());
+    store.flush().expect("flushes");
+    assert_eq!(event_ids(&store, &durable(&store)), ["e1", "e2"]);
+
+    // Sequences 3 and 4: a late event between the two, and a later one.
+    store
+        .apply(
+            &stream("a"),
+            vec![
+                record(0, 2, envelope("courier", "e3", "alice", 200, fulfil)),
+                record(0, 3, envelope("courier", "e4", "alice", 400, fulfil)),
+            ],
+        )
+        .expect("applies");
+    assert_eq!(
+        event_ids(&store, &query("alice", 10)),
+        ["e1", "e3", "e2", "e4"]
+    );
+    assert_eq!(event_ids(&store, &durable(&store)), ["e1", "e2"]);
+    // Pages of one skip the hidden entry and still hold one entry each, up to the bound.
+    let mut paged = Vec::new();
+    let mut after = None;
+    loop {
+        let page = store
+            .timeline(&TimelineQuery {
+                after,
+                up_to_sequence: Some(2),
+                ..query("alice", 1)
+            })
+            .expect("reads");
+        paged.extend(
+            page.entries
+                .iter()
+                .map(|e| e.touchpoint.event_id.to_string()),
+        );
+        match page.next {
+            Some(next) => after = Some(next),
+            None => break,
+        }
+    }
+    assert_eq!(paged, ["e1", "e2"]);
+    store.flush().expect("flushes");
+    assert_eq!(store.durable_sequence(), 4);
+    assert_eq!(
+        event_ids(&store, &durable(&store)),
+        ["e1", "e3", "e2", "e4"]
     );
 }
 

@@ -143,6 +143,8 @@ fn timeline_query(request: v1::GetTimelineRequest) -> Result<TimelineQuery> {
         page_size,
         after,
         filter,
+        // Set when the store is read: what is durable then.
+        up_to_sequence: None,
     })
 }
 
@@ -203,11 +205,15 @@ impl TimelineService {
         &self,
         request: Request<v1::GetTimelineRequest>,
     ) -> Result<Response<v1::GetTimelineResponse>, Status> {
-        let query = timeline_query(request.into_inner())?;
+        let mut query = timeline_query(request.into_inner())?;
         let filters = page_token::filter_fingerprint(&query.filter);
         let (customer_id, page) = self
             .reads
-            .run(move |store| store.timeline(&query).map(|page| (query.customer_id, page)))
+            .run(move |store| {
+                // Durable entries only, as WatchTimeline sends them.
+                query.up_to_sequence = Some(store.durable_sequence());
+                store.timeline(&query).map(|page| (query.customer_id, page))
+            })
             .await?;
         Ok(Response::new(v1::GetTimelineResponse {
             entries: page.entries.iter().map(wire_timeline_entry).collect(),

@@ -172,6 +172,7 @@ impl Watch {
                 page_size: CATCH_UP_PAGE,
                 after: page_after,
                 filter: TimelineFilter::default(),
+                up_to_sequence: Some(durable),
             };
             let page = match self.reads.run(move |store| store.timeline(&query)).await {
                 Ok(page) => page,
@@ -182,7 +183,7 @@ impl Watch {
             };
             for entry in &page.entries {
                 let sequence = entry.position.sequence;
-                if sequence <= self.after || sequence > durable {
+                if sequence <= self.after {
                     continue;
                 }
                 latest = latest.max(Some(entry.timeline_order()));
