@@ -7,17 +7,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{Stream, StreamExt as _};
-use prost::Message as _;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status, Streaming};
-use touchline_core::{
-    Envelope, Limits, RejectReason, Rejection, Touchpoint, UnixNanos, reject_duplicates_in_batch,
-    validate,
-};
-use touchline_proto::convert::raw_touchpoint;
+use touchline_core::{Limits, UnixNanos};
 use touchline_proto::v1::{self, event_result};
 use tracing::{debug, info};
 
@@ -25,6 +20,10 @@ use crate::auth::{Authenticated, request_token};
 use crate::limits::{RateLimiter, StreamCounter, grpc_timeout};
 use crate::metrics::INGEST;
 use crate::{Error, PartnerDirectory, Publisher, Result};
+
+mod prepare;
+
+use prepare::{Prepared, prepare};
 
 /// Ingest limits and tunables. Every one is configurable (`[ingest]` in the configuration).
 #[derive(Debug, Clone)]
@@ -114,80 +113,6 @@ impl IngestService {
         v1::ingest_service_server::IngestServiceServer::new(self)
             .max_decoding_message_size(max)
             .max_encoding_message_size(max.max(4 * 1024 * 1024))
-    }
-}
-
-/// Validates one event: fields first (each problem has its own reason), then the whole encoded
-/// size, then the partner's contract.
-fn check_event(
-    event: v1::Touchpoint,
-    partner: &Authenticated,
-    now: UnixNanos,
-    limits: &Limits,
-) -> Result<Touchpoint, Rejection> {
-    let size = event.encoded_len();
-    let touchpoint = validate(raw_touchpoint(event), now, limits)?;
-    if size > limits.max_event_len {
-        return Err(Rejection::new(
-            RejectReason::EventTooLarge,
-            "",
-            format!(
-                "the event is {size} bytes encoded, the limit is {}",
-                limits.max_event_len
-            ),
-        ));
-    }
-    partner.contract.check(&touchpoint)?;
-    Ok(touchpoint)
-}
-
-/// A batch checked and encoded, ready to produce.
-struct Prepared {
-    /// The events' ids as given (truncated), for the answers.
-    event_ids: Vec<String>,
-    /// Per event: its place in `envelopes`, or why it was rejected.
-    slots: Vec<Result<usize, Rejection>>,
-    /// The accepted events and their encoded records.
-    envelopes: Vec<(Envelope, Vec<u8>)>,
-}
-
-/// Validates every event of a batch (duplicates within it included) and encodes the accepted ones.
-fn prepare(
-    events: Vec<v1::Touchpoint>,
-    partner: &Authenticated,
-    now: UnixNanos,
-    limits: &Limits,
-) -> Prepared {
-    let event_ids = events
-        .iter()
-        .map(|event| truncate(&event.event_id, 128))
-        .collect();
-    let mut checked: Vec<Result<Touchpoint, Rejection>> = events
-        .into_iter()
-        .map(|event| check_event(event, partner, now, limits))
-        .collect();
-    reject_duplicates_in_batch(&mut checked);
-    let mut envelopes = Vec::new();
-    let mut slots = Vec::with_capacity(checked.len());
-    for result in checked {
-        match result {
-            Ok(touchpoint) => {
-                let envelope = Envelope {
-                    partner_id: partner.partner_id.clone(),
-                    touchpoint,
-                    received_at: now,
-                };
-                let value = touchline_proto::encode_envelope(&envelope);
-                slots.push(Ok(envelopes.len()));
-                envelopes.push((envelope, value));
-            }
-            Err(rejection) => slots.push(Err(rejection)),
-        }
-    }
-    Prepared {
-        event_ids,
-        slots,
-        envelopes,
     }
 }
 
@@ -405,15 +330,6 @@ async fn acquire(window: &Arc<Semaphore>, events: usize) -> Result<OwnedSemaphor
         .map_err(|_| Error::ShuttingDown)
 }
 
-/// Cuts a partner-provided string to at most `max` bytes on a character boundary.
-fn truncate(text: &str, max: usize) -> String {
-    let mut end = text.len().min(max);
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    text[..end].to_owned()
-}
-
 type ResponseStream = Pin<Box<dyn Stream<Item = Result<v1::PublishResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -521,17 +437,5 @@ impl v1::ingest_service_server::IngestService for IngestService {
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::truncate;
-
-    #[test]
-    fn truncation_respects_character_boundaries() {
-        assert_eq!(truncate("abc", 2), "ab");
-        assert_eq!(truncate("\u{e9}\u{e9}", 3), "\u{e9}");
-        assert_eq!(truncate("short", 128), "short");
     }
 }

@@ -1,0 +1,186 @@
+//! [`EventStore`] for the sled store: `apply` and `flush` hand over to the write path
+//! ([`apply`](super::apply)) and the flusher's bookkeeping; the reads (positions, timeline pages,
+//! summaries, log ranges, dedupe look-ups) read sled directly, without the writer.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+
+use touchline_core::{
+    ApplyOutcome, ConsumedRecord, CustomerId, CustomerSummary, EventStore, StoreError,
+    StoredPosition, StreamIdentity, TimelineEntry, TimelinePage, TimelineQuery, UnixNanos,
+};
+
+use super::{MAX_SCAN_PER_PAGE, SledStore, decode, lock, log, read_u64};
+use crate::error::backend;
+use crate::keys;
+
+impl EventStore for SledStore {
+    fn apply(
+        &self,
+        stream: &StreamIdentity,
+        records: Vec<ConsumedRecord>,
+    ) -> Result<ApplyOutcome, StoreError> {
+        self.apply_records(stream, records, true)
+    }
+
+    fn positions(
+        &self,
+        stream: &StreamIdentity,
+    ) -> Result<BTreeMap<i32, StoredPosition>, StoreError> {
+        let prefix = keys::position_prefix(&stream.key());
+        self.positions
+            .scan_prefix(&prefix)
+            .map(|item| {
+                let (key, value) = item.map_err(backend)?;
+                let partition_bytes: [u8; 4] =
+                    key[prefix.len()..]
+                        .try_into()
+                        .map_err(|_| StoreError::Corrupt {
+                            what: "position key",
+                            key: format!("{key:02x?}"),
+                            reason: "partition is not 4 bytes".to_owned(),
+                        })?;
+                let mut ordered = [0x80, 0, 0, 0, 0, 0, 0, 0];
+                ordered[4..].copy_from_slice(&partition_bytes);
+                let partition = i32::try_from(keys::from_ordered_i64(ordered)).unwrap_or_default();
+                let next_offset =
+                    read_u64("position", &key, value.get(..8).unwrap_or_default())?.cast_signed();
+                let last_fingerprint =
+                    read_u64("position", &key, value.get(8..).unwrap_or_default())?;
+                Ok((
+                    partition,
+                    StoredPosition {
+                        next_offset,
+                        last_fingerprint,
+                    },
+                ))
+            })
+            .collect()
+    }
+
+    fn timeline(&self, query: &TimelineQuery) -> Result<TimelinePage, StoreError> {
+        use std::ops::Bound::{Excluded, Included};
+        let customer = &query.customer_id;
+        let start = match (query.after, query.filter.from) {
+            (Some(after), from) if from.is_none_or(|from| after.occurred_at >= from) => {
+                Excluded(keys::timeline(customer, after.occurred_at, after.sequence))
+            }
+            (_, Some(from)) => Included(keys::timeline(customer, from, 0)),
+            (_, None) => Included(keys::customer_prefix(customer)),
+        };
+        let end = match query.filter.to {
+            Some(to) => Excluded(keys::timeline(customer, to, 0)),
+            None => Included(keys::timeline(customer, UnixNanos(i64::MAX), u64::MAX)),
+        };
+        let empty_range = match (&start, &end) {
+            (Included(start) | Excluded(start), Excluded(end)) => start >= end,
+            (Included(start) | Excluded(start), Included(end)) => start > end,
+            _ => false,
+        };
+        if empty_range {
+            return Ok(TimelinePage::default());
+        }
+        let mut page = TimelinePage::default();
+        let mut last_scanned = None;
+        let timeline = self.active().timeline;
+        for (scanned, item) in timeline.range(start, end).enumerate() {
+            let (key, value) = item.map_err(backend)?;
+            if scanned >= MAX_SCAN_PER_PAGE {
+                page.next = last_scanned;
+                return Ok(page);
+            }
+            last_scanned = keys::timeline_cursor(&key);
+            if let (Some(up_to), Some(scanned)) = (query.up_to_sequence, last_scanned)
+                && scanned.sequence > up_to
+            {
+                // Applied, not yet durable: shown once flushed.
+                continue;
+            }
+            let entry: TimelineEntry = decode("timeline entry", &key, &value)?;
+            if !query.filter.matches(&entry) {
+                continue;
+            }
+            if page.entries.len() == query.page_size {
+                // One more match exists: the page is full and there is a next one.
+                page.next = page
+                    .entries
+                    .last()
+                    .map(|last| touchline_core::TimelineCursor {
+                        occurred_at: last.touchpoint.occurred_at,
+                        sequence: last.position.sequence,
+                    });
+                return Ok(page);
+            }
+            page.entries.push(entry);
+        }
+        Ok(page)
+    }
+
+    fn timeline_entry(
+        &self,
+        customer_id: &CustomerId,
+        at: touchline_core::TimelineCursor,
+    ) -> Result<Option<TimelineEntry>, StoreError> {
+        let key = keys::timeline(customer_id, at.occurred_at, at.sequence);
+        self.active()
+            .timeline
+            .get(&key)
+            .map_err(backend)?
+            .map(|bytes| decode("timeline entry", &key, &bytes))
+            .transpose()
+    }
+
+    fn summary(&self, customer_id: &CustomerId) -> Result<Option<CustomerSummary>, StoreError> {
+        self.load_summary(&self.active().summary, customer_id)
+    }
+
+    fn log_entries(
+        &self,
+        customer_id: &CustomerId,
+        from: u64,
+        end: u64,
+    ) -> Result<Vec<TimelineEntry>, StoreError> {
+        let mut entries = Vec::new();
+        log::for_each(&self.log, from, end, |record| {
+            let entry = record.entry()?;
+            if entry.touchpoint.customer_id == *customer_id {
+                entries.push(entry);
+            }
+            Ok(())
+        })?;
+        Ok(entries)
+    }
+
+    fn contains_event(
+        &self,
+        partner: &touchline_core::PartnerId,
+        event_id: &touchline_core::EventId,
+    ) -> Result<bool, StoreError> {
+        self.dedupe
+            .contains_key(keys::dedupe(partner, event_id))
+            .map_err(backend)
+    }
+
+    fn flush(&self) -> Result<(), StoreError> {
+        let _one_at_a_time = lock(&self.flushing);
+        // Everything applied before the flush starts is durable after it: the log's length, or
+        // the last entry queued (an apply queues its entries before it updates the length).
+        let entries = std::mem::take(&mut *lock(&self.unflushed));
+        let covered = entries
+            .last()
+            .map_or(0, |entry| entry.position.sequence)
+            .max(self.log_count.load(Ordering::Acquire));
+        self.db.flush().map_err(backend)?;
+        self.durable_count.fetch_max(covered, Ordering::AcqRel);
+        // Nobody watching now means every later watcher reads a durable sequence that covers
+        // these entries: they are in its catch-up.
+        if !entries.is_empty() && self.watchers.receiver_count() > 0 {
+            let _ = self.watchers.send(entries.into());
+        }
+        Ok(())
+    }
+
+    fn durable_sequence(&self) -> u64 {
+        self.durable_count.load(Ordering::Acquire)
+    }
+}

@@ -1,0 +1,97 @@
+//! `GetStatus`: the pipeline's status composed from the store (positions, log, versions, dead
+//! letters), the projector's applied offsets, rebuild progress and the broker's watermarks.
+
+use touchline_core::EventStore as _;
+use touchline_proto::v1;
+
+use super::wire::{count, wire_rebuild};
+use super::{AdminService, STATUS_TIMEOUT};
+use crate::Error;
+
+impl AdminService {
+    /// The pipeline's status (also what `/metrics` reports as lag). Blocks on the broker for up
+    /// to a few seconds: call it off the async threads.
+    ///
+    /// # Errors
+    /// When the store fails.
+    pub fn status(&self) -> Result<v1::GetStatusResponse, Error> {
+        let context = &self.context;
+        let store = &context.store;
+        let stored = store.positions(&context.stream)?;
+        let applied = context.applied.borrow().clone();
+        let marks = context
+            .probe
+            .watermarks(&context.partitions, STATUS_TIMEOUT);
+        let partitions = context
+            .partitions
+            .iter()
+            .map(|partition| {
+                let (low, high) = marks
+                    .as_ref()
+                    .and_then(|marks| marks.get(partition).copied())
+                    .unwrap_or((-1, -1));
+                let log_end = stored.get(partition).map_or(0, |p| p.next_offset);
+                let projected = applied.get(partition).copied().unwrap_or(0);
+                v1::PartitionStatus {
+                    partition: *partition,
+                    low_watermark: low,
+                    high_watermark: high,
+                    log_end_offset: log_end,
+                    projected_offset: projected,
+                    lag: if high < 0 {
+                        -1
+                    } else {
+                        (high - projected).max(0)
+                    },
+                }
+            })
+            .collect();
+        let rebuilds = context.rebuilds.progress();
+        let projections = store
+            .projection_versions()
+            .into_iter()
+            .map(|(projection, versions)| {
+                let mut list = vec![v1::ProjectionVersion {
+                    version: versions.active,
+                    state: v1::VersionState::Active.into(),
+                }];
+                list.extend(versions.building.map(|version| v1::ProjectionVersion {
+                    version,
+                    state: v1::VersionState::Building.into(),
+                }));
+                list.extend(
+                    versions
+                        .dropping
+                        .iter()
+                        .map(|version| v1::ProjectionVersion {
+                            version: *version,
+                            state: v1::VersionState::Dropping.into(),
+                        }),
+                );
+                v1::ProjectionStatus {
+                    name: projection.name().to_owned(),
+                    active_version: versions.active,
+                    versions: list,
+                    last_rebuild: rebuilds.get(&projection).map(wire_rebuild),
+                }
+            })
+            .collect();
+        Ok(v1::GetStatusResponse {
+            cluster_id: context.stream.cluster_id.clone(),
+            topic: context.stream.topic.clone(),
+            kafka_reachable: marks.is_some(),
+            projector_state: if context.projector_stopped.is_cancelled() {
+                "stopped"
+            } else {
+                "running"
+            }
+            .to_owned(),
+            partitions,
+            log_events: count(store.log_len()),
+            log_durable_events: store.durable_sequence(),
+            store_bytes: store.size_on_disk()?,
+            projections,
+            dead_letters: count(store.dead_letter_count()),
+        })
+    }
+}
