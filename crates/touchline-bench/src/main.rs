@@ -108,6 +108,9 @@ struct Report {
     ceilings_peak_rss_mib: Option<f64>,
     /// Peak RSS of the pipeline phases (they run first, so this is the process's peak until then).
     pipeline_peak_rss_mib: Option<f64>,
+    /// The first acknowledgement of each phase's just-started node (full speed, half rate), from
+    /// just after the node started, the partner client's connection included.
+    first_ack_after_start_ms: Vec<f64>,
 }
 
 const PARTITIONS: i32 = 6;
@@ -162,13 +165,13 @@ async fn start_phase(
     name: &str,
     brokers: &mut Vec<EmbeddedBroker>,
     shape: &pipeline::Shape,
-) -> anyhow::Result<(touchline::Node, tempfile::TempDir)> {
+) -> anyhow::Result<(touchline::Node, tempfile::TempDir, Duration)> {
     let kafka = broker_for(args, name, brokers).await?;
     let dir = tempfile::tempdir()?;
     let node =
         pipeline::start_node(&kafka.bootstrap_servers, &kafka.topic, dir.path(), shape).await?;
-    pipeline::warm_up(&node, shape).await?;
-    Ok((node, dir))
+    let first_ack = pipeline::warm_up(&node, shape).await?;
+    Ok((node, dir, first_ack))
 }
 
 #[allow(
@@ -214,7 +217,7 @@ async fn main() -> anyhow::Result<()> {
     );
     let mut brokers = Vec::new();
     eprintln!("1/5 pipeline at full speed");
-    let (node, _dir) = start_phase(&args, "full", &mut brokers, &shape).await?;
+    let (node, _dir, full_first_ack) = start_phase(&args, "full", &mut brokers, &shape).await?;
     let full_shape = pipeline::Shape {
         readers: 0,
         ..shape.clone()
@@ -226,7 +229,7 @@ async fn main() -> anyhow::Result<()> {
     brokers.clear();
 
     eprintln!("2/5 pipeline at half rate, with readers");
-    let (node, _dir) = start_phase(&args, "half", &mut brokers, &shape).await?;
+    let (node, _dir, half_first_ack) = start_phase(&args, "half", &mut brokers, &shape).await?;
     let half_rate =
         pipeline::run(&node, &shape, Some(full_speed.end_to_end_per_second / 2.0)).await?;
     eprintln!("3/5 reads after ingest");
@@ -298,6 +301,10 @@ async fn main() -> anyhow::Result<()> {
             (before, after) => before.or(after),
         },
         ceilings_peak_rss_mib: ceilings_peak,
+        first_ack_after_start_ms: [full_first_ack, half_first_ack]
+            .iter()
+            .map(|first| first.as_secs_f64() * 1000.0)
+            .collect(),
         pipeline_peak_rss_mib: pipeline_peak,
     };
 
@@ -420,6 +427,15 @@ async fn main() -> anyhow::Result<()> {
         report
             .pipeline_peak_rss_mib
             .map_or_else(|| "n/a".to_owned(), |rss| format!("{rss:.0}")),
+    );
+    figure(
+        "first ack of a just-started node (ms)",
+        report
+            .first_ack_after_start_ms
+            .iter()
+            .map(|ms| format!("{ms:.0}"))
+            .collect::<Vec<_>>()
+            .join(" / "),
     );
     println!(
         "record size: {} bytes; rebuild folded {} events",

@@ -129,12 +129,15 @@ fn queryable(store: &touchline_projection::SledStore) -> usize {
 }
 
 /// Publishes one event per partner client and waits until they are projected, so that measured
-/// runs do not include the node's first connections (an idempotent producer waits about 0.5-1 s
-/// for its producer id on Tansu, for instance). The events are on a customer of their own.
+/// runs do not include the node's first connections. The events are on a customer of their own.
+/// Returns how long the first acknowledgement took, from the call (just after the node started)
+/// with the client's connection: what a partner sending at once to a just-started node waits.
 ///
 /// # Errors
 /// When a publish fails or the events are not projected within a minute.
-pub async fn warm_up(node: &Node, shape: &Shape) -> anyhow::Result<()> {
+pub async fn warm_up(node: &Node, shape: &Shape) -> anyhow::Result<Duration> {
+    let started = Instant::now();
+    let mut first_ack = None;
     let store = node
         .store()
         .cloned()
@@ -154,6 +157,7 @@ pub async fn warm_up(node: &Node, shape: &Shape) -> anyhow::Result<()> {
         )?;
         let answer = ingest.publish(request).await?.into_inner();
         anyhow::ensure!(answer.accepted == 1, "warm-up event refused: {answer:?}");
+        first_ack.get_or_insert_with(|| started.elapsed());
     }
     let deadline = Instant::now() + Duration::from_secs(60);
     while queryable(&store) < before + shape.clients {
@@ -163,7 +167,7 @@ pub async fn warm_up(node: &Node, shape: &Shape) -> anyhow::Result<()> {
         );
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
-    Ok(())
+    Ok(first_ack.unwrap_or_default())
 }
 
 /// When each batch was (or was meant to be) sent, to measure acknowledgement latency.

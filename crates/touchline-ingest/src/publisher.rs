@@ -4,7 +4,7 @@
 
 use std::collections::VecDeque;
 use std::sync::{Arc, PoisonError, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::future::try_join_all;
 use rdkafka::ClientConfig;
@@ -14,7 +14,7 @@ use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer a
 use tokio::sync::watch;
 use touchline_core::{Envelope, EventStore};
 use touchline_kafka::KafkaOptions;
-use tracing::{error, warn};
+use tracing::{debug, error, warn};
 
 use crate::{Error, Result};
 
@@ -91,17 +91,76 @@ struct ProducerSlot {
 }
 
 impl ProducerSlot {
-    fn create(config: &ClientConfig, generation: u64) -> Result<Self> {
+    /// Creates a producer and starts its session early ([`warm_up`]).
+    fn create(config: &ClientConfig, topic: &str, generation: u64) -> Result<Self> {
         let (sender, all_brokers_down) = watch::channel(0);
-        let producer = config.create_with_context(ConnectionWatch {
+        let producer: Producer = config.create_with_context(ConnectionWatch {
             all_brokers_down: sender,
         })?;
+        spawn_warm_up(producer.clone(), topic.to_owned());
         Ok(Self {
             generation,
             started: std::time::Instant::now(),
             producer,
             all_brokers_down,
         })
+    }
+}
+
+/// Metadata requests a warm-up makes at most.
+const WARM_UP_ATTEMPTS: usize = 10;
+/// How long one warm-up metadata request may wait.
+const WARM_UP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Starts a new producer's session early, and returns the id of the broker that answered.
+///
+/// An idempotent producer sends nothing before it has its producer id. librdkafka asks for the
+/// id on a 500 ms timer after the producer is created, or as soon as a metadata reply comes from
+/// a broker it knows by id, so a node's first acknowledgement came about half a second late
+/// (measured on Tansu: 502 ms for the first produce, 2.4 ms for the next). This asks for the
+/// topic's metadata until such a broker answered (a first reply can come from the bootstrap
+/// address, which has no id): the id is then requested at once. Best effort: a producer that is
+/// not warmed up still gets its id on the timer.
+///
+/// Blocks for up to [`WARM_UP_ATTEMPTS`] requests of [`WARM_UP_TIMEOUT`] each: off the async
+/// threads.
+#[must_use]
+pub fn warm_up<C: ClientContext>(producer: &FutureProducer<C>, topic: &str) -> Option<i32> {
+    let started = Instant::now();
+    for attempt in 1..=WARM_UP_ATTEMPTS {
+        match producer
+            .client()
+            .fetch_metadata(Some(topic), WARM_UP_TIMEOUT)
+        {
+            Ok(metadata) if metadata.orig_broker_id() >= 0 => {
+                debug!(
+                    broker = metadata.orig_broker_id(),
+                    attempt,
+                    elapsed_ms = started.elapsed().as_millis(),
+                    "producer warmed up"
+                );
+                return Some(metadata.orig_broker_id());
+            }
+            // The bootstrap address answered; the next request goes to a broker by id.
+            Ok(_) => std::thread::sleep(Duration::from_millis(10)),
+            Err(error) => {
+                debug!(%error, "producer warm-up: no metadata (Kafka unreachable?)");
+                return None;
+            }
+        }
+    }
+    None
+}
+
+/// Runs [`warm_up`] on a thread of its own: nothing waits for it.
+fn spawn_warm_up(producer: Producer, topic: String) {
+    let spawned = std::thread::Builder::new()
+        .name("tl-producer-warm-up".to_owned())
+        .spawn(move || {
+            let _ = warm_up(&producer, &topic);
+        });
+    if let Err(error) = spawned {
+        warn!(%error, "cannot start the producer warm-up thread; the first produce may wait for the producer id");
     }
 }
 
@@ -142,7 +201,7 @@ impl Publisher {
         ack_timeout: Duration,
     ) -> Result<Self> {
         let config = kafka.producer_config();
-        let slot = ProducerSlot::create(&config, 0)?;
+        let slot = ProducerSlot::create(&config, &kafka.topic, 0)?;
         Ok(Self {
             slot: Arc::new(RwLock::new(slot)),
             config,
@@ -214,7 +273,7 @@ impl Publisher {
             );
             return;
         }
-        match ProducerSlot::create(&self.config, generation + 1) {
+        match ProducerSlot::create(&self.config, &self.topic, generation + 1) {
             Ok(fresh) => {
                 let old = std::mem::replace(&mut *slot, fresh);
                 old.producer
@@ -405,6 +464,31 @@ mod tests {
         let publisher = Publisher::new(&kafka, Durability::Broker, ack_timeout).expect("creates");
         started_ago(&publisher, Duration::ZERO);
         publisher
+    }
+
+    #[test]
+    fn a_warm_up_reaches_a_broker_by_id_and_the_producer_then_produces() {
+        let broker = touchline_kafka::EmbeddedBroker::start(1, "warm", 2).expect("broker starts");
+        let kafka = KafkaOptions {
+            bootstrap_servers: broker.bootstrap_servers().to_owned(),
+            topic: "warm".to_owned(),
+            ..KafkaOptions::default()
+        };
+        let producer: FutureProducer = kafka.producer_config().create().expect("creates");
+        let answered = warm_up(&producer, "warm");
+        assert!(
+            answered.is_some_and(|id| id >= 0),
+            "a broker known by its id answered: {answered:?}"
+        );
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let delivered = runtime.block_on(producer.send(
+            FutureRecord::<str, str>::to("warm").key("c1").payload("v"),
+            Duration::from_secs(10),
+        ));
+        assert!(delivered.is_ok(), "{delivered:?}");
     }
 
     #[tokio::test]
