@@ -78,7 +78,7 @@ pub async fn print_status(endpoint: &str, token: &str) -> anyhow::Result<()> {
         .get_status(with_token(v1::GetStatusRequest {}, token)?)
         .await?
         .into_inner();
-    println!(
+    crate::outln!(
         "stream      {}/{}   kafka {}   projector {}",
         status.cluster_id,
         status.topic,
@@ -88,21 +88,26 @@ pub async fn print_status(endpoint: &str, token: &str) -> anyhow::Result<()> {
             "UNREACHABLE"
         },
         status.projector_state
-    );
-    println!(
+    )?;
+    crate::outln!(
         "log         {} events ({} durable), store {:.1} MiB, {} dead letters",
         status.log_events,
         status.log_durable_events,
         f64::from(u32::try_from(status.store_bytes / 1024).unwrap_or(u32::MAX)) / 1024.0,
         status.dead_letters
-    );
-    println!();
-    println!(
+    )?;
+    crate::outln!()?;
+    crate::outln!(
         "{:>9} {:>12} {:>12} {:>12} {:>12} {:>8}",
-        "partition", "low", "high", "log end", "projected", "lag"
-    );
+        "partition",
+        "low",
+        "high",
+        "log end",
+        "projected",
+        "lag"
+    )?;
     for partition in &status.partitions {
-        println!(
+        crate::outln!(
             "{:>9} {:>12} {:>12} {:>12} {:>12} {:>8}",
             partition.partition,
             known(partition.low_watermark),
@@ -110,13 +115,15 @@ pub async fn print_status(endpoint: &str, token: &str) -> anyhow::Result<()> {
             partition.log_end_offset,
             partition.projected_offset,
             known(partition.lag)
-        );
+        )?;
     }
-    println!();
-    println!(
+    crate::outln!()?;
+    crate::outln!(
         "{:<10} {:>7}  {:<28} last rebuild",
-        "projection", "active", "versions"
-    );
+        "projection",
+        "active",
+        "versions"
+    )?;
     for projection in &status.projections {
         let versions: Vec<String> = projection
             .versions
@@ -136,12 +143,12 @@ pub async fn print_status(endpoint: &str, token: &str) -> anyhow::Result<()> {
                 )
             },
         );
-        println!(
+        crate::outln!(
             "{:<10} {:>7}  {:<28} {rebuild}",
             projection.name,
             format!("v{}", projection.active_version),
             versions.join(", ")
-        );
+        )?;
     }
     Ok(())
 }
@@ -167,12 +174,12 @@ pub async fn rebuild(
             )?)
             .await?
             .into_inner();
-        println!(
+        crate::outln!(
             "rebuild of {projection} v{}: {} after {} events",
             progress.version,
             rebuild_state(progress.state),
             progress.done
-        );
+        )?;
         return Ok(());
     }
     let mut stream = client
@@ -208,10 +215,14 @@ pub async fn rebuild(
     let last = last.context("the server sent no progress")?;
     match v1::RebuildState::try_from(last.state) {
         Ok(v1::RebuildState::Switched) => {
-            println!(
+            crate::outln!(
                 "{} v{} is active ({} events, {:.0} events/s); v{} is deleted in the background",
-                last.projection, last.version, last.done, last.rate, last.previous_version
-            );
+                last.projection,
+                last.version,
+                last.done,
+                last.rate,
+                last.previous_version
+            )?;
             Ok(())
         }
         Ok(v1::RebuildState::Running) => anyhow::bail!(
@@ -257,10 +268,12 @@ pub async fn replay(
         let progress = progress?;
         if last.as_ref().is_none_or(|last| last.ranges.is_empty()) {
             for range in &progress.ranges {
-                println!(
+                crate::outln!(
                     "partition {}: offsets {}..{}",
-                    range.partition, range.start_offset, range.end_offset
-                );
+                    range.partition,
+                    range.start_offset,
+                    range.end_offset
+                )?;
             }
         }
         eprint!(
@@ -280,10 +293,12 @@ pub async fn replay(
         last.finished,
         "the replay stopped before reading every partition to its end (the server is shutting down?)"
     );
-    println!(
+    crate::outln!(
         "replay done: {} records read, {} events appended, {} already in the log",
-        last.read, last.appended, last.duplicates
-    );
+        last.read,
+        last.appended,
+        last.duplicates
+    )?;
     Ok(())
 }
 
@@ -304,8 +319,8 @@ pub enum DeadLetterAction {
     Discard { id: u64 },
 }
 
-fn print_dead_letter(dead_letter: &v1::DeadLetter) {
-    println!(
+fn print_dead_letter(dead_letter: &v1::DeadLetter) -> std::io::Result<()> {
+    crate::outln!(
         "{:>6}  {}  partition {} offset {}  {}  ({} value bytes)",
         dead_letter.id,
         timestamp_text(dead_letter.dead_lettered_at.as_ref()),
@@ -313,7 +328,7 @@ fn print_dead_letter(dead_letter: &v1::DeadLetter) {
         dead_letter.offset,
         dead_letter.reason,
         dead_letter.value.as_ref().map_or(0, Vec::len)
-    );
+    )
 }
 
 /// Lists, requeues or discards dead letters.
@@ -339,13 +354,13 @@ pub async fn dead_letters(
                 .await?
                 .into_inner();
             for dead_letter in &listed.dead_letters {
-                print_dead_letter(dead_letter);
+                print_dead_letter(dead_letter)?;
             }
-            println!(
+            crate::outln!(
                 "({} shown, {} in the store)",
                 listed.dead_letters.len(),
                 listed.total
-            );
+            )?;
         }
         DeadLetterAction::Requeue { id } => {
             let requeued = client
@@ -353,19 +368,21 @@ pub async fn dead_letters(
                 .await?
                 .into_inner();
             if requeued.appended {
-                println!(
+                crate::outln!(
                     "dead letter {id} appended to the log as event {}",
                     requeued.sequence
-                );
+                )?;
             } else {
-                println!("dead letter {id} decodes, and its event was already in the log; removed");
+                crate::outln!(
+                    "dead letter {id} decodes, and its event was already in the log; removed"
+                )?;
             }
         }
         DeadLetterAction::Discard { id } => {
             client
                 .discard_dead_letter(with_token(v1::DeadLetterRequest { id }, token)?)
                 .await?;
-            println!("dead letter {id} discarded");
+            crate::outln!("dead letter {id} discarded")?;
         }
     }
     Ok(())
@@ -381,13 +398,16 @@ pub async fn verify(endpoint: &str, token: &str) -> anyhow::Result<()> {
         .verify_projections(with_token(v1::VerifyProjectionsRequest {}, token)?)
         .await?
         .into_inner();
-    println!("at log event {}", verified.log_events);
-    println!(
+    crate::outln!("at log event {}", verified.log_events)?;
+    crate::outln!(
         "{:<10} {:>7} {:<9} {:>10}  sha256",
-        "table", "version", "state", "entries"
-    );
+        "table",
+        "version",
+        "state",
+        "entries"
+    )?;
     for checksum in &verified.checksums {
-        println!(
+        crate::outln!(
             "{:<10} {:>7} {:<9} {:>10}  {}",
             checksum.name,
             if checksum.name == "log" {
@@ -398,7 +418,7 @@ pub async fn verify(endpoint: &str, token: &str) -> anyhow::Result<()> {
             version_state(checksum.state),
             checksum.entries,
             checksum.sha256
-        );
+        )?;
     }
     Ok(())
 }
@@ -429,10 +449,17 @@ pub async fn watch(
                     match &message.event {
                         Some(v1::watch_timeline_response::Event::Entry(entry)) => {
                             let marker = if message.late { "late " } else { "" };
-                            println!("{marker}{}  cursor={}", format_entry(entry), message.cursor);
+                            crate::outln!(
+                                "{marker}{}  cursor={}",
+                                format_entry(entry),
+                                message.cursor
+                            )?;
                         }
                         Some(v1::watch_timeline_response::Event::CaughtUp(_)) => {
-                            println!("-- caught up; live from here -- cursor={}", message.cursor);
+                            crate::outln!(
+                                "-- caught up; live from here -- cursor={}",
+                                message.cursor
+                            )?;
                         }
                         None => {}
                     }

@@ -231,17 +231,22 @@ pub async fn print_timeline(
 ) -> anyhow::Result<usize> {
     let mut client = timeline_client(endpoint, token).await?;
     let mut printed = 0;
-    println!(
+    crate::outln!(
         "{:<24}  {:<9} {:<18} {:<26} {:<11} {:<12} attributes",
-        "occurred at", "stage", "partner", "type", "channel", "outcome"
-    );
+        "occurred at",
+        "stage",
+        "partner",
+        "type",
+        "channel",
+        "outcome"
+    )?;
     loop {
         let page = client.get_timeline(request.clone()).await?.into_inner();
         for entry in &page.entries {
             if limit.is_some_and(|limit| printed >= limit) {
                 return Ok(printed);
             }
-            println!("{}", format_entry(entry));
+            crate::outln!("{}", format_entry(entry))?;
             printed += 1;
         }
         if page.next_page_token.is_empty() {
@@ -273,25 +278,25 @@ pub async fn print_summary(
         pairs.sort();
         pairs.join(", ")
     };
-    println!("customer       {}", summary.customer_id);
-    println!("touchpoints    {}", summary.total_touchpoints);
-    println!(
+    crate::outln!("customer       {}", summary.customer_id)?;
+    crate::outln!("touchpoints    {}", summary.total_touchpoints)?;
+    crate::outln!(
         "current stage  {}",
         enum_name(
             summary.current_stage,
             JourneyStage::from_number,
             JourneyStage::name
         )
-    );
+    )?;
     if let Some(first) = &summary.first_touch {
-        println!("first touch    {}", format_entry(first));
+        crate::outln!("first touch    {}", format_entry(first))?;
     }
     if let Some(last) = &summary.last_touch {
-        println!("last touch     {}", format_entry(last));
+        crate::outln!("last touch     {}", format_entry(last))?;
     }
-    println!("by stage       {}", counts(&summary.by_stage));
-    println!("by sentiment   {}", counts(&summary.by_sentiment));
-    println!("by partner     {}", counts(&summary.by_partner));
+    crate::outln!("by stage       {}", counts(&summary.by_stage))?;
+    crate::outln!("by sentiment   {}", counts(&summary.by_sentiment))?;
+    crate::outln!("by partner     {}", counts(&summary.by_partner))?;
     Ok(())
 }
 

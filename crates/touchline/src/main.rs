@@ -259,12 +259,12 @@ async fn run_node(
     let mut node = Node::start(config, broker, partners).await?;
     let endpoint = node.endpoint();
     if broker == BrokerChoice::Embedded {
-        println!("touchline dev is serving on {endpoint}");
-        println!("demo partner tokens (dev only):");
+        let _ = touchline::outln!("touchline dev is serving on {endpoint}");
+        let _ = touchline::outln!("demo partner tokens (dev only):");
         for (partner, token) in demo::DEMO_PARTNERS {
-            println!("  {partner:<18} {token}");
+            let _ = touchline::outln!("  {partner:<18} {token}");
         }
-        println!(
+        let _ = touchline::outln!(
             "try: touchline timeline {} --endpoint {endpoint}",
             demo::demo_customer(7)
         );
@@ -273,12 +273,14 @@ async fn run_node(
         let endpoint = endpoint.clone();
         tokio::spawn(async move {
             match demo::publish_demo(&endpoint, customers, 2026).await {
-                Ok(report) => println!(
-                    "demo published: {} accepted, {} rejected, across {customers} customers (e.g. {})",
-                    report.accepted,
-                    report.rejected,
-                    demo::demo_customer(7)
-                ),
+                Ok(report) => {
+                    let _ = touchline::outln!(
+                        "demo published: {} accepted, {} rejected, across {customers} customers (e.g. {})",
+                        report.accepted,
+                        report.rejected,
+                        demo::demo_customer(7)
+                    );
+                }
                 Err(error) => eprintln!("demo failed: {error:#}"),
             }
         });
@@ -296,7 +298,23 @@ async fn run_node(
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+    match run(Cli::parse()).await {
+        // Output piped into a reader that stopped (`touchline timeline c | head`): done.
+        Err(error) if is_broken_pipe(&error) => Ok(()),
+        result => result,
+    }
+}
+
+/// Whether the command failed because its standard output was closed.
+fn is_broken_pipe(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Dev {
             node,
@@ -320,7 +338,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Config { node } => {
             let config = load_config(&node)?;
             config.validate()?;
-            print!("{}", config.to_toml()?);
+            touchline::out!("{}", config.to_toml()?)?;
             Ok(())
         }
         Command::Publish {
@@ -339,10 +357,11 @@ async fn main() -> anyhow::Result<()> {
             };
             let report =
                 stream_client::publish(&endpoint.endpoint, &token, events, &options).await?;
-            println!(
+            touchline::outln!(
                 "{count} events: {} accepted, {} rejected",
-                report.accepted, report.rejected
-            );
+                report.accepted,
+                report.rejected
+            )?;
             anyhow::ensure!(
                 report.rejected == 0,
                 "{} events were rejected",
@@ -385,7 +404,7 @@ async fn main() -> anyhow::Result<()> {
                 limit,
             )
             .await?;
-            println!("({printed} touchpoints)");
+            touchline::outln!("({printed} touchpoints)")?;
             Ok(())
         }
         Command::Summary { customer_id, query } => {
@@ -397,7 +416,7 @@ async fn main() -> anyhow::Result<()> {
             .await
         }
         Command::HashToken { token } => {
-            println!("{}", touchline_ingest::hash_token(&token));
+            touchline::outln!("{}", touchline_ingest::hash_token(&token))?;
             Ok(())
         }
         Command::Status { admin } => {

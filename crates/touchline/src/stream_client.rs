@@ -213,10 +213,11 @@ async fn stream_once(
                         |_| rejected.reason.to_string(),
                         |reason| reason.as_str_name().to_owned(),
                     );
-                    println!(
+                    crate::outln!(
                         "line {line}: rejected {reason} ({}): {}",
-                        rejected.field, rejected.message
-                    );
+                        rejected.field,
+                        rejected.message
+                    )?;
                 }
             }
         }
