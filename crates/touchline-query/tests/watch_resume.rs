@@ -11,15 +11,18 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 use touchline_core::{
-    ApplyOutcome, Channel, ConsumedRecord, CustomerId, CustomerSummary, Envelope, EventId,
-    EventStore, EventType, JourneyStage, PartnerId, RecordContent, StoreError, StoredPosition,
-    StreamIdentity, TimelineCursor, TimelineEntry, TimelinePage, TimelineQuery, Touchpoint,
-    UnixNanos,
+    ApplyOutcome, ConsumedRecord, CustomerId, CustomerSummary, Envelope, EventId, EventStore,
+    PartnerId, StoreError, StoredPosition, StreamIdentity, TimelineCursor, TimelineEntry,
+    TimelinePage, TimelineQuery,
 };
 use touchline_projection::SledStore;
 use touchline_proto::v1;
 use touchline_query::StoreReads;
 use touchline_query::watch::{Watch, decode_cursor};
+
+mod support;
+
+use support::{apply, customer, event};
 
 /// The real store, counting the watcher's two ways of reading what it missed.
 #[derive(Debug)]
@@ -101,55 +104,6 @@ impl EventStore for CountingStore {
     }
 }
 
-fn customer(id: &str) -> CustomerId {
-    CustomerId::parse(id).expect("valid customer")
-}
-
-/// Event `id` of customer `customer_id` at event time `at` (seconds).
-fn event(id: &str, customer_id: &str, at: i64) -> Envelope {
-    Envelope {
-        partner_id: PartnerId::parse("courier").expect("valid partner"),
-        touchpoint: Touchpoint {
-            event_id: EventId::parse(id).expect("valid event id"),
-            customer_id: customer(customer_id),
-            event_type: EventType::parse("delivery.completed").expect("valid type"),
-            occurred_at: UnixNanos(at * 1_000_000_000),
-            channel: Channel::Doorstep,
-            stage: JourneyStage::Fulfil,
-            outcome: None,
-            attributes: BTreeMap::new(),
-            payload: Vec::new(),
-        },
-        received_at: UnixNanos(0),
-    }
-}
-
-/// Applies `events` as the next records of partition 0; flushed (durable) when `flush`.
-fn apply(store: &CountingStore, offset: &mut i64, events: Vec<Envelope>, flush: bool) {
-    let stream = StreamIdentity {
-        cluster_id: "test".to_owned(),
-        topic: "touchpoints".to_owned(),
-    };
-    let records = events
-        .into_iter()
-        .map(|envelope| {
-            *offset += 1;
-            ConsumedRecord {
-                partition: 0,
-                offset: *offset,
-                content: RecordContent::Event {
-                    raw: touchline_proto::encode_envelope(&envelope),
-                    envelope: Box::new(envelope),
-                },
-            }
-        })
-        .collect();
-    store.apply(&stream, records).expect("applies");
-    if flush {
-        store.flush().expect("flushes");
-    }
-}
-
 /// Resumes a watch of `customer_id` after log sequence `after`: the event ids of the catch-up,
 /// and the cursor of its `caught_up`.
 async fn resume(
@@ -208,12 +162,12 @@ async fn a_resumed_watch_gets_what_it_missed_in_timeline_order_from_the_log_or_t
     let history = (0..20)
         .map(|i| event(&format!("old-{i:02}"), "alice", 100 + 10 * i))
         .collect();
-    apply(&store, &mut offset, history, true);
+    apply(&*store, &mut offset, history, true);
     // Sequences 21..=25: the break. Two of alice's, the second late (it sorts before everything:
     // log order is not timeline order), and three of another customer's that her watch must not
     // get.
     apply(
-        &store,
+        &*store,
         &mut offset,
         vec![
             event("new-last", "alice", 900),
@@ -226,7 +180,7 @@ async fn a_resumed_watch_gets_what_it_missed_in_timeline_order_from_the_log_or_t
     );
     // Applied, not flushed: not durable, so not in any catch-up (it comes live, after it).
     apply(
-        &store,
+        &*store,
         &mut offset,
         vec![event("not-durable", "alice", 5)],
         false,
@@ -291,12 +245,12 @@ async fn a_resume_that_missed_more_than_a_page_of_entries_reads_the_timeline() -
     let history = (0..1500)
         .map(|i| event(&format!("old-{i:04}"), "alice", 10_000 + i))
         .collect();
-    apply(&store, &mut offset, history, true);
+    apply(&*store, &mut offset, history, true);
     // 1,100 missed, newest first in the log: more than a page of the catch-up.
     let missed: Vec<Envelope> = (0..1100)
         .map(|i| event(&format!("new-{i:04}"), "alice", 20_000 - i))
         .collect();
-    apply(&store, &mut offset, missed, true);
+    apply(&*store, &mut offset, missed, true);
     let (ids, caught_up) = resume(&store, "alice", 1500).await?;
     let expected: Vec<String> = (0..1100).rev().map(|i| format!("new-{i:04}")).collect();
     assert_eq!(ids, expected, "every missed entry, in timeline order");
