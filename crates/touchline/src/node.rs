@@ -24,8 +24,10 @@ use crate::admin_auth::{self, DEV_ADMIN_TOKEN};
 use crate::config::Config;
 
 mod health;
+mod own_thread;
 
 use health::{Roles, report_health};
+use own_thread::spawn_on_own_thread;
 
 /// Which Kafka the node talks to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -123,11 +125,11 @@ impl Node {
             applied_offsets = Some(handle.applied_offsets());
             let stopped = projector_stopped.clone();
             let shutdown = projector_shutdown.clone();
-            projector_task = Some(tokio::spawn(async move {
+            projector_task = Some(spawn_on_own_thread("tl-consumer", async move {
                 let result = projector.run(shutdown).await;
                 stopped.cancel();
                 result
-            }));
+            })?);
             let mut admin_hashes = config.admin.token_sha256.clone();
             if admin_hashes.is_empty() {
                 if broker == BrokerChoice::Embedded {
