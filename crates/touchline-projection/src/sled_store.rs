@@ -27,6 +27,7 @@ mod apply;
 mod dead_letters;
 mod event_store;
 mod log;
+mod verify;
 mod versions;
 
 use apply::Folds;

@@ -128,23 +128,6 @@ pub(super) fn version_prefix(projection: Projection, version: u32) -> Vec<u8> {
     prefix
 }
 
-fn checksum(table: &Table) -> Result<Checksum, StoreError> {
-    let mut hasher = Sha256::new();
-    let mut entries = 0;
-    for item in table.scan_prefix(&[]) {
-        let (key, value) = item.map_err(backend)?;
-        hasher.update((key.len() as u64).to_be_bytes());
-        hasher.update(&key);
-        hasher.update((value.len() as u64).to_be_bytes());
-        hasher.update(&value);
-        entries += 1;
-    }
-    Ok(Checksum {
-        entries,
-        sha256: hex::encode(hasher.finalize()),
-    })
-}
-
 impl SledStore {
     pub(super) fn version_table(&self, projection: Projection, version: u32) -> Table {
         Table::new(self.tree.clone(), &version_prefix(projection, version))
@@ -421,52 +404,6 @@ impl SledStore {
             .map_err(backend)?;
         *versions = updated;
         Ok(true)
-    }
-
-    /// The checksum of a projection version (default: the active one).
-    ///
-    /// # Errors
-    /// When the backend fails.
-    pub fn checksum(&self, projection: Projection, version: u32) -> Result<Checksum, StoreError> {
-        checksum(&self.version_table(projection, version))
-    }
-
-    /// The checksum of the log.
-    ///
-    /// # Errors
-    /// When the backend fails.
-    pub fn log_checksum(&self) -> Result<Checksum, StoreError> {
-        log::checksum(&self.log)
-    }
-
-    /// Checksums of the log and of every active or building version of every projection, taken
-    /// at one point of the log: the writer waits meanwhile. Versions being deleted are left out
-    /// (half deleted, their checksum means nothing). Returns the log's length then, and the
-    /// checksums.
-    ///
-    /// # Errors
-    /// When the backend fails.
-    pub fn verify(&self) -> Result<(u64, Vec<VersionChecksum>), StoreError> {
-        let writer = self.lock_writer();
-        let mut checksums = vec![VersionChecksum {
-            name: "log",
-            version: 0,
-            role: VersionRole::Log,
-            checksum: log::checksum(&self.log)?,
-        }];
-        for (projection, versions) in &writer.versions {
-            let roles = std::iter::once((versions.active, VersionRole::Active))
-                .chain(versions.building.map(|v| (v, VersionRole::Building)));
-            for (version, role) in roles {
-                checksums.push(VersionChecksum {
-                    name: projection.name(),
-                    version,
-                    role,
-                    checksum: self.checksum(*projection, version)?,
-                });
-            }
-        }
-        Ok((writer.next_sequence.saturating_sub(1), checksums))
     }
 }
 

@@ -1,0 +1,90 @@
+//! `verify` is taken at one point of the log, though the writer goes on while it reads the log and
+//! the active timeline: run over and over while batches are applied on another thread, each of its
+//! answers equals the checksums of a store that applied exactly that many events. Real sled stores
+//! on temporary directories.
+
+use std::collections::BTreeMap;
+
+use touchline_core::{ConsumedRecord, EventStore as _, JourneyStage};
+use touchline_projection::{SledStore, VersionChecksum};
+
+mod support;
+
+/// Events `from..to`: forty customers, event times out of order on purpose (late events land
+/// between entries a scan may already have passed).
+fn records(from: i64, to: i64) -> Vec<ConsumedRecord> {
+    (from..to)
+        .map(|i| {
+            support::record(
+                0,
+                i,
+                support::envelope(
+                    &format!("partner-{}", i % 3),
+                    &format!("e{i}"),
+                    &format!("cust-{:02}", i % 40),
+                    (i * 7919) % 100_000,
+                    JourneyStage::ALL[usize::try_from(i).unwrap_or_default() % 6],
+                ),
+            )
+        })
+        .collect()
+}
+
+const HISTORY: i64 = 8_000;
+const BATCH: i64 = 100;
+const BATCHES: i64 = 40;
+
+#[test]
+fn verify_under_a_running_writer_answers_for_one_point_of_the_log() {
+    let stream = support::stream("c");
+    // The reference: the same batches applied one after the other, verified after each.
+    let reference_dir = tempfile::tempdir().expect("temp dir");
+    let reference = support::open_when_released(reference_dir.path());
+    reference
+        .apply(&stream, records(0, HISTORY))
+        .expect("applies");
+    let mut expected: BTreeMap<u64, Vec<VersionChecksum>> = BTreeMap::new();
+    let (events, checksums) = reference.verify().expect("verifies");
+    expected.insert(events, checksums);
+    for batch in 0..BATCHES {
+        let from = HISTORY + batch * BATCH;
+        reference
+            .apply(&stream, records(from, from + BATCH))
+            .expect("applies");
+        let (events, checksums) = reference.verify().expect("verifies");
+        expected.insert(events, checksums);
+    }
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store: SledStore = support::open_when_released(dir.path());
+    store.apply(&stream, records(0, HISTORY)).expect("applies");
+    let answers = std::thread::scope(|scope| {
+        let writer = scope.spawn(|| {
+            for batch in 0..BATCHES {
+                let from = HISTORY + batch * BATCH;
+                store
+                    .apply(&stream, records(from, from + BATCH))
+                    .expect("applies");
+            }
+        });
+        let mut answers = Vec::new();
+        while !writer.is_finished() {
+            answers.push(store.verify().expect("verifies"));
+        }
+        writer.join().expect("the writer thread ends");
+        answers.push(store.verify().expect("verifies"));
+        answers
+    });
+
+    for (events, checksums) in &answers {
+        let Some(reference) = expected.get(events) else {
+            panic!("verify answered at {events} events, not at a batch's end");
+        };
+        assert_eq!(checksums, reference, "at {events} events");
+    }
+    let last = answers.last().map(|(events, _)| *events);
+    assert_eq!(
+        last,
+        Some(u64::try_from(HISTORY + BATCHES * BATCH).unwrap_or_default())
+    );
+}
