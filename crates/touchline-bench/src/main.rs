@@ -10,6 +10,7 @@
 
 mod ceilings;
 mod pipeline;
+mod readers;
 mod stats;
 mod workload;
 
@@ -234,7 +235,7 @@ async fn main() -> anyhow::Result<()> {
         pipeline::run(&node, &shape, Some(full_speed.end_to_end_per_second / 2.0)).await?;
     eprintln!("3/5 reads after ingest");
     let (reads_after, reads_after_per_second) =
-        pipeline::reads_after(&node, &shape, Duration::from_secs(3)).await?;
+        readers::reads_after(&node, &shape, Duration::from_secs(3)).await?;
     node.shutdown().await?;
     brokers.clear();
 

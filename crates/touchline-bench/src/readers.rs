@@ -1,0 +1,141 @@
+//! The bench's readers on `TimelineService`: closed-loop `GetTimeline` readers of random
+//! customers, the watcher that polls sampled events until they are queryable, and the reads
+//! after ingest.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use tonic::transport::Channel;
+use touchline::Node;
+use touchline_proto::v1;
+use touchline_proto::v1::timeline_service_client::TimelineServiceClient;
+
+use crate::pipeline::Shape;
+use crate::stats::{Percentiles, per_second};
+
+/// Timeline readers: random customers, pages of 50, until `stop`.
+pub(crate) fn readers(
+    endpoint: &str,
+    count: usize,
+    customers: usize,
+    stop: &Stop,
+) -> Vec<tokio::task::JoinHandle<anyhow::Result<Vec<Duration>>>> {
+    (0..count)
+        .map(|reader| {
+            let endpoint = endpoint.to_owned();
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let mut timeline = TimelineServiceClient::connect(endpoint).await?;
+                let mut latencies = Vec::new();
+                let mut state = 0x9e37_79b9_7f4a_7c15_u64 ^ (reader as u64 + 1);
+                while !stop.is_stopped() {
+                    state ^= state << 13;
+                    state ^= state >> 7;
+                    state ^= state << 17;
+                    let customer =
+                        usize::try_from(state % customers.max(1) as u64).unwrap_or_default();
+                    let started = Instant::now();
+                    timeline
+                        .get_timeline(v1::GetTimelineRequest {
+                            customer_id: format!("bench-customer-{customer:07}"),
+                            page_size: 50,
+                            ..Default::default()
+                        })
+                        .await?;
+                    latencies.push(started.elapsed());
+                }
+                Ok(latencies)
+            })
+        })
+        .collect()
+}
+
+/// Polls for each sampled event (concurrently, every millisecond) until it is queryable through
+/// `GetTimeline`, recording how long after its send it became so.
+pub(crate) async fn watch_queryable(
+    endpoint: String,
+    mut sampled: tokio::sync::mpsc::UnboundedReceiver<(Instant, v1::Touchpoint)>,
+) -> anyhow::Result<Vec<Duration>> {
+    let timeline: TimelineServiceClient<Channel> = TimelineServiceClient::connect(endpoint).await?;
+    let mut watches = tokio::task::JoinSet::new();
+    while let Some((sent, event)) = sampled.recv().await {
+        let mut timeline = timeline.clone();
+        watches.spawn(async move {
+            let request = v1::GetTimelineRequest {
+                customer_id: event.customer_id.clone(),
+                page_size: 1000,
+                from: event.occurred_at,
+                to: event.occurred_at.map(|at| prost_types::Timestamp {
+                    seconds: at.seconds + 1,
+                    nanos: at.nanos,
+                }),
+                ..Default::default()
+            };
+            let deadline = Instant::now() + Duration::from_secs(60);
+            let mut poll = tokio::time::interval(Duration::from_millis(1));
+            loop {
+                poll.tick().await;
+                let page = timeline.get_timeline(request.clone()).await?.into_inner();
+                if page.entries.iter().any(|entry| {
+                    entry
+                        .touchpoint
+                        .as_ref()
+                        .is_some_and(|t| t.event_id == event.event_id)
+                }) {
+                    return Ok(sent.elapsed());
+                }
+                anyhow::ensure!(
+                    Instant::now() < deadline,
+                    "event {} never became queryable",
+                    event.event_id
+                );
+            }
+        });
+    }
+    let mut latencies = Vec::new();
+    while let Some(latency) = watches.join_next().await {
+        latencies.push(latency??);
+    }
+    Ok(latencies)
+}
+
+/// Timeline reads after ingest: `readers` readers for `duration`.
+///
+/// # Errors
+/// When a read fails.
+pub async fn reads_after(
+    node: &Node,
+    shape: &Shape,
+    duration: Duration,
+) -> anyhow::Result<(Percentiles, f64)> {
+    let stop = Stop::default();
+    let reading = readers(
+        &node.endpoint(),
+        shape.readers.max(1),
+        shape.customers,
+        &stop,
+    );
+    tokio::time::sleep(duration).await;
+    stop.stop();
+    let mut reads = Vec::new();
+    for reader in reading {
+        reads.extend(reader.await??);
+    }
+    let rate = per_second(reads.len(), duration);
+    Ok((Percentiles::of(&mut reads), rate))
+}
+
+/// A stop flag shared by reader tasks.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Stop(Arc<AtomicBool>);
+
+impl Stop {
+    pub(crate) fn stop(&self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+
+    fn is_stopped(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+}
