@@ -109,8 +109,9 @@ impl ProducerSlot {
 
 /// Metadata requests a warm-up makes at most.
 const WARM_UP_ATTEMPTS: usize = 10;
-/// How long one warm-up metadata request may wait.
-const WARM_UP_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long one warm-up metadata request may wait. Short: while Kafka is unreachable the warm-up
+/// thread holds its producer this long (a replaced producer is destroyed only when it lets go).
+const WARM_UP_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Starts a new producer's session early, and returns the id of the broker that answered.
 ///

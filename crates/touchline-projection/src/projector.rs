@@ -8,19 +8,20 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt as _;
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _, StreamConsumer};
+use rdkafka::consumer::{CommitMode, Consumer as _, StreamConsumer};
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use touchline_core::{
-    ApplyOutcome, ConsumedRecord, EventStore, RecordContent, StoredPosition, StreamIdentity,
-    fingerprint,
-};
+use touchline_core::{ApplyOutcome, ConsumedRecord, EventStore, RecordContent, StreamIdentity};
 use touchline_kafka::KafkaOptions;
 use tracing::{debug, info, warn};
 
 use crate::{Error, Result, metrics};
+
+mod resume;
+
+use resume::check_position;
 
 const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -220,12 +221,42 @@ impl Projector {
             self.applied.clone(),
             flusher_stopped.clone(),
         ));
+        let skip_below = std::mem::take(&mut self.skip_below);
+        // However the consuming ends (a stop, a failed write), what was applied is made durable
+        // and published before the projector reports: dev-mode acknowledgements wait on it.
+        let consumed = self
+            .consume(
+                &shutdown,
+                &flusher_stopped,
+                &flusher,
+                &unflushed,
+                skip_below,
+            )
+            .await;
+        drop(unflushed);
+        let flushed = flusher.await;
+        consumed?;
+        flushed??;
+        info!("projector stopped");
+        Ok(())
+    }
+
+    /// The consuming loop of [`Projector::run`]: reads, decodes and applies batches until
+    /// `shutdown` is cancelled, the flusher stops or a write fails; the batch being written when
+    /// it stops completes first.
+    async fn consume(
+        &self,
+        shutdown: &CancellationToken,
+        flusher_stopped: &CancellationToken,
+        flusher: &tokio::task::JoinHandle<Result<()>>,
+        unflushed: &watch::Sender<BTreeMap<i32, i64>>,
+        mut skip_below: BTreeMap<i32, i64>,
+    ) -> Result<()> {
         // Every write of this projector on one thread (see `worker`), and the decoding of the next
         // batch on another (one long-lived thread rather than the blocking pool's: the decoded
         // records are allocated in its share of the allocator, freed by the writer).
         let writer = crate::worker::Worker::start("tl-projector").map_err(Error::Thread)?;
         let decoder = crate::worker::Worker::start("tl-decoder").map_err(Error::Thread)?;
-        let mut skip_below = std::mem::take(&mut self.skip_below);
         let mut batches = self.consumer.stream().ready_chunks(self.max_batch);
         // At most one batch is being written while the next one is read and decoded (beside the
         // writer: decoding was 6% of the writer's time). Never more: a batch is written only once
@@ -244,7 +275,7 @@ impl Projector {
                     }
                 }, if in_flight.is_some() => {
                     in_flight = None;
-                    self.batch_applied(&outcome??, &unflushed);
+                    self.batch_applied(&outcome??, unflushed);
                     if flusher.is_finished() {
                         break;
                     }
@@ -280,11 +311,11 @@ impl Projector {
                 Ok(records) => records,
                 Err(gone) => {
                     // The batch being written still completes and reaches the flusher.
-                    self.settle(&mut in_flight, &unflushed).await?;
+                    self.settle(&mut in_flight, unflushed).await?;
                     return Err(gone.into());
                 }
             };
-            self.settle(&mut in_flight, &unflushed).await?;
+            self.settle(&mut in_flight, unflushed).await?;
             if flusher.is_finished() {
                 break;
             }
@@ -293,13 +324,8 @@ impl Projector {
             in_flight = Some(Box::pin(writer.run(move || store.apply(&stream, records))));
         }
         drop(batches);
-        // The batch being written completes and is flushed; the flusher makes the last batches
-        // durable, then ends.
-        self.settle(&mut in_flight, &unflushed).await?;
-        drop(unflushed);
-        flusher.await??;
-        info!("projector stopped");
-        Ok(())
+        // The batch being written completes; the flusher makes the last batches durable.
+        self.settle(&mut in_flight, unflushed).await
     }
 
     /// Waits for the batch being written, if any, and accounts for it.
@@ -375,100 +401,6 @@ async fn flush_loop(
             return Ok(());
         }
     }
-}
-
-/// Where to resume a partition: fetch from `fetch_from`, apply from `next`.
-#[derive(Debug, Clone, Copy)]
-struct Resume {
-    fetch_from: i64,
-    next: i64,
-}
-
-/// Checks that a stored position belongs to the stream the broker serves now: the record just
-/// before it must be the one the position was taken after (same fingerprint). Cluster ids alone are
-/// not enough (the embedded broker's id can repeat, a wiped broker keeps its id), and high
-/// watermarks are not reliable on every broker (Tansu 0.6 reports the base offset of the last
-/// batch, and cannot fetch from the middle of a batch). `None` means "a new incarnation, or no
-/// proof it is the same: read from the beginning"; re-reading is safe, events are deduplicated.
-fn check_position(
-    consumer: &StreamConsumer,
-    kafka: &KafkaOptions,
-    topic: &str,
-    partition: i32,
-    position: StoredPosition,
-) -> Result<Option<Resume>> {
-    let next = position.next_offset;
-    let (low, _high) = consumer.fetch_watermarks(topic, partition, METADATA_TIMEOUT)?;
-    if next <= 0 {
-        return Ok(Some(Resume {
-            fetch_from: 0,
-            next: 0,
-        }));
-    }
-    if next <= low {
-        if next < low {
-            warn!(
-                partition,
-                next,
-                low,
-                "records after the stored position were deleted by retention before they were projected; reading from the oldest record left"
-            );
-        }
-        return Ok(Some(Resume {
-            fetch_from: low,
-            next: low,
-        }));
-    }
-    let probe: BaseConsumer = kafka
-        .consumer_config()
-        .set("auto.offset.reset", "error")
-        .set("enable.auto.commit", "false")
-        .create()?;
-    let mut list = TopicPartitionList::new();
-    list.add_partition_offset(topic, partition, Offset::Offset(next - 1))?;
-    probe.assign(&list)?;
-    let deadline = std::time::Instant::now() + METADATA_TIMEOUT;
-    while std::time::Instant::now() < deadline {
-        match probe.poll(Duration::from_millis(200)) {
-            Some(Ok(message))
-                if message.partition() == partition && message.offset() == next - 1 =>
-            {
-                if fingerprint(message.payload()) == position.last_fingerprint {
-                    // Fetch from the verified record rather than from `next`: some brokers cannot
-                    // fetch from the middle of a batch, and this offset is known to be fetchable.
-                    return Ok(Some(Resume {
-                        fetch_from: next - 1,
-                        next,
-                    }));
-                }
-                warn!(
-                    partition,
-                    offset = next - 1,
-                    "the record before the stored position is not the one projected: a new broker or topic, reading it from the beginning"
-                );
-                return Ok(None);
-            }
-            Some(Ok(message)) if message.partition() == partition && message.offset() >= next => {
-                warn!(
-                    partition,
-                    offset = next - 1,
-                    "the record before the stored position is gone: reading the partition from the beginning"
-                );
-                return Ok(None);
-            }
-            Some(Ok(_)) | None => {}
-            Some(Err(error)) => {
-                warn!(partition, next, %error, "the record before the stored position cannot be read (a new broker or topic?): reading the partition from the beginning");
-                return Ok(None);
-            }
-        }
-    }
-    warn!(
-        partition,
-        next,
-        "the stored position could not be verified in time: reading the partition from the beginning"
-    );
-    Ok(None)
 }
 
 pub(crate) fn kafka_setup(error: &touchline_kafka::Error) -> Error {

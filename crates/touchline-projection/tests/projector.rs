@@ -183,4 +183,14 @@ async fn a_failed_write_stops_the_projector_before_any_later_batch_is_stored() {
         Some(i64::try_from(stored).unwrap_or_default()),
         "the stored position is right after the last stored record: reading resumes there"
     );
+    // What was applied before the failure was made durable and published before the projector
+    // reported (dev-mode acknowledgements wait on the published offsets).
+    assert_eq!(
+        sled.durable_sequence(),
+        u64::try_from(stored).unwrap_or_default()
+    );
+    assert_eq!(
+        handle.applied_offsets().borrow().get(&0).copied(),
+        Some(i64::try_from(stored).unwrap_or_default())
+    );
 }

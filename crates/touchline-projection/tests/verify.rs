@@ -58,8 +58,10 @@ fn verify_under_a_running_writer_answers_for_one_point_of_the_log() {
     let dir = tempfile::tempdir().expect("temp dir");
     let store: SledStore = support::open_when_released(dir.path());
     store.apply(&stream, records(0, HISTORY)).expect("applies");
+    let start = std::sync::Barrier::new(2);
     let answers = std::thread::scope(|scope| {
         let writer = scope.spawn(|| {
+            start.wait();
             for batch in 0..BATCHES {
                 let from = HISTORY + batch * BATCH;
                 store
@@ -68,6 +70,7 @@ fn verify_under_a_running_writer_answers_for_one_point_of_the_log() {
             }
         });
         let mut answers = Vec::new();
+        start.wait();
         while !writer.is_finished() {
             answers.push(store.verify().expect("verifies"));
         }
@@ -82,9 +85,11 @@ fn verify_under_a_running_writer_answers_for_one_point_of_the_log() {
         };
         assert_eq!(checksums, reference, "at {events} events");
     }
-    let last = answers.last().map(|(events, _)| *events);
-    assert_eq!(
-        last,
-        Some(u64::try_from(HISTORY + BATCHES * BATCH).unwrap_or_default())
+    let all = u64::try_from(HISTORY + BATCHES * BATCH).unwrap_or_default();
+    assert_eq!(answers.last().map(|(events, _)| *events), Some(all));
+    assert!(
+        answers.iter().any(|(events, _)| *events < all),
+        "verify ran while the writer was applying ({} answers)",
+        answers.len()
     );
 }

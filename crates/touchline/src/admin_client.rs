@@ -319,7 +319,7 @@ pub enum DeadLetterAction {
     Discard { id: u64 },
 }
 
-fn print_dead_letter(dead_letter: &v1::DeadLetter) -> std::io::Result<()> {
+fn print_dead_letter(dead_letter: &v1::DeadLetter) -> Result<(), crate::OutputError> {
     crate::outln!(
         "{:>6}  {}  partition {} offset {}  {}  ({} value bytes)",
         dead_letter.id,

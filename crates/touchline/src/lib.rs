@@ -11,14 +11,40 @@ pub mod node;
 pub mod stream_client;
 
 pub use config::Config;
+pub use node::{BrokerChoice, Node};
 
-/// `println!` for the command-line clients: returns the write's error instead of panicking when
-/// standard output is closed (`touchline timeline cust-0007 | head`); `main` then ends quietly.
+/// A write to standard output failed: what [`outln!`] and [`out!`] return, so that `main` can
+/// tell a closed output (`touchline timeline cust-0007 | head`) from any other failure.
+#[derive(Debug)]
+pub struct OutputError(pub std::io::Error);
+
+impl OutputError {
+    /// Whether the reader of standard output went away.
+    #[must_use]
+    pub fn is_closed(&self) -> bool {
+        self.0.kind() == std::io::ErrorKind::BrokenPipe
+    }
+}
+
+impl std::fmt::Display for OutputError {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(formatter, "cannot write to standard output: {}", self.0)
+    }
+}
+
+impl std::error::Error for OutputError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.0)
+    }
+}
+
+/// `println!` for the command-line clients: returns an [`OutputError`] instead of panicking when
+/// standard output cannot be written; `main` ends quietly when it was closed.
 #[macro_export]
 macro_rules! outln {
     ($($arg:tt)*) => {{
         use ::std::io::Write as _;
-        ::std::writeln!(::std::io::stdout().lock(), $($arg)*)
+        ::std::writeln!(::std::io::stdout().lock(), $($arg)*).map_err($crate::OutputError)
     }};
 }
 
@@ -27,7 +53,6 @@ macro_rules! outln {
 macro_rules! out {
     ($($arg:tt)*) => {{
         use ::std::io::Write as _;
-        ::std::write!(::std::io::stdout().lock(), $($arg)*)
+        ::std::write!(::std::io::stdout().lock(), $($arg)*).map_err($crate::OutputError)
     }};
 }
-pub use node::{BrokerChoice, Node};

@@ -305,12 +305,13 @@ async fn main() -> anyhow::Result<()> {
     }
 }
 
-/// Whether the command failed because its standard output was closed.
+/// Whether the command failed because its standard output was closed (not a broken connection
+/// to the server, which fails the command).
 fn is_broken_pipe(error: &anyhow::Error) -> bool {
     error.chain().any(|cause| {
         cause
-            .downcast_ref::<std::io::Error>()
-            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+            .downcast_ref::<touchline::OutputError>()
+            .is_some_and(touchline::OutputError::is_closed)
     })
 }
 
@@ -357,16 +358,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             let report =
                 stream_client::publish(&endpoint.endpoint, &token, events, &options).await?;
-            touchline::outln!(
+            let printed = touchline::outln!(
                 "{count} events: {} accepted, {} rejected",
                 report.accepted,
                 report.rejected
-            )?;
+            );
+            // Rejections fail the command whether or not the summary could be printed.
             anyhow::ensure!(
                 report.rejected == 0,
                 "{} events were rejected",
                 report.rejected
             );
+            printed?;
             Ok(())
         }
         Command::Timeline {

@@ -55,6 +55,9 @@ pub struct Node {
     background: Vec<JoinHandle<()>>,
     background_shutdown: CancellationToken,
     metrics_addr: Option<SocketAddr>,
+    /// Stops the projector when the node is dropped without [`Node::shutdown`]: it runs on a
+    /// thread of its own, which would otherwise outlive the node (and keep the store open).
+    _projector_stop_on_drop: tokio_util::sync::DropGuard,
 }
 
 impl Node {
@@ -282,6 +285,7 @@ impl Node {
         Ok(Self {
             local_addr,
             server_shutdown,
+            _projector_stop_on_drop: projector_shutdown.clone().drop_guard(),
             projector_shutdown,
             server: Some(server),
             projector: projector_task,

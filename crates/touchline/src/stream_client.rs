@@ -213,11 +213,13 @@ async fn stream_once(
                         |_| rejected.reason.to_string(),
                         |reason| reason.as_str_name().to_owned(),
                     );
-                    crate::outln!(
+                    // A closed output does not stop the publishing: the rejections are
+                    // counted, and the command fails on them at the end.
+                    let _ = crate::outln!(
                         "line {line}: rejected {reason} ({}): {}",
                         rejected.field,
                         rejected.message
-                    )?;
+                    );
                 }
             }
         }

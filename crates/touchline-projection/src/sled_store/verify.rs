@@ -42,8 +42,8 @@ enum Pending {
     Done(VersionChecksum),
     /// The log, through the log's end.
     Log,
-    /// The active timeline version, through the log's end; its table is held so that a switch
-    /// meanwhile does not delete it under the scan ([`SledStore::retire`] waits for holders).
+    /// The active timeline version, through the log's end; its table is held, so that a switch
+    /// meanwhile waits before deleting it ([`SledStore::retire`]).
     ActiveTimeline {
         version: u32,
         table: Arc<Table>,
@@ -116,15 +116,51 @@ impl SledStore {
                         role: VersionRole::Log,
                         checksum: log::checksum(&self.log, log_end)?,
                     },
-                    Pending::ActiveTimeline { version, table } => VersionChecksum {
-                        name: Projection::Timeline.name(),
-                        version,
-                        role: VersionRole::Active,
-                        checksum: checksum(&table, Some(log_end))?,
-                    },
+                    Pending::ActiveTimeline { version, table } => {
+                        self.active_timeline_checksum(version, table, log_end)?
+                    }
                 })
             })
             .collect::<Result<Vec<_>, StoreError>>()?;
         Ok((log_end, checksums))
+    }
+
+    /// The active timeline's checksum through `log_end`, read without the writer. A rebuild that
+    /// switches the timeline meanwhile deletes the replaced version once no reader holds it, or
+    /// after 30 s whatever holds it: so when the version read is no longer the active one, the
+    /// new active version is read instead, which holds the same entries through `log_end`
+    /// (projections are folds of the log), and is reported under its own number.
+    fn active_timeline_checksum(
+        &self,
+        mut version: u32,
+        mut table: Arc<Table>,
+        log_end: u64,
+    ) -> Result<VersionChecksum, StoreError> {
+        const ATTEMPTS: usize = 3;
+        for _ in 0..ATTEMPTS {
+            let checksum = checksum(&table, Some(log_end))?;
+            let (active, now) = {
+                let writer = self.lock_writer();
+                let active = writer
+                    .versions
+                    .get(&Projection::Timeline)
+                    .map_or(version, |versions| versions.active);
+                (active, self.active().timeline)
+            };
+            if Arc::ptr_eq(&table, &now) {
+                return Ok(VersionChecksum {
+                    name: Projection::Timeline.name(),
+                    version,
+                    role: VersionRole::Active,
+                    checksum,
+                });
+            }
+            (version, table) = (active, now);
+        }
+        Err(StoreError::Backend(Box::new(std::io::Error::other(
+            format!(
+                "the timeline was switched by a rebuild {ATTEMPTS} times while it was verified; verify again"
+            ),
+        ))))
     }
 }

@@ -9,21 +9,30 @@ use anyhow::Context as _;
 use tokio::task::JoinHandle;
 
 /// Runs `task` on a thread of its own, on a runtime of its own, so that requests flooding the
-/// node's runtime do not delay it; the returned handle ends with it. A task that panics ends
-/// the handle with [`touchline_projection::Error::Thread`].
+/// node's runtime do not delay it. The returned handle ends once the task has ended and its
+/// runtime is gone (with whatever it still held, the store among it), so that what follows a
+/// stop finds everything released. A task that panics, or a runtime that cannot start, ends the
+/// handle with [`touchline_projection::Error::Thread`].
 pub(super) fn spawn_on_own_thread(
     name: &str,
     task: impl Future<Output = touchline_projection::Result<()>> + Send + 'static,
 ) -> anyhow::Result<JoinHandle<touchline_projection::Result<()>>> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("cannot start a runtime")?;
     let (done, ended) = tokio::sync::oneshot::channel();
     std::thread::Builder::new()
         .name(name.to_owned())
         .spawn(move || {
-            let _ = done.send(runtime.block_on(task));
+            let result = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(runtime) => {
+                    let result = runtime.block_on(task);
+                    drop(runtime);
+                    result
+                }
+                Err(error) => Err(touchline_projection::Error::Thread(error)),
+            };
+            let _ = done.send(result);
         })
         .with_context(|| format!("cannot start the {name} thread"))?;
     let name = name.to_owned();
