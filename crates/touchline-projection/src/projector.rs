@@ -235,6 +235,14 @@ impl Projector {
             .await;
         drop(unflushed);
         let flushed = flusher.await;
+        if consumed.is_err() {
+            // The consuming's error is the one reported; a flush failure beside it is logged.
+            match &flushed {
+                Ok(Err(error)) => warn!(%error, "the last flush failed too"),
+                Err(error) => warn!(%error, "the flusher panicked too"),
+                Ok(Ok(())) => {}
+            }
+        }
         consumed?;
         flushed??;
         info!("projector stopped");

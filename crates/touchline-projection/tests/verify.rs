@@ -1,7 +1,9 @@
 //! `verify` is taken at one point of the log, though the writer goes on while it reads the log and
 //! the active timeline: run over and over while batches are applied on another thread, each of its
-//! answers equals the checksums of a store that applied exactly that many events. Real sled stores
-//! on temporary directories.
+//! answers equals the checksums of a store that applied exactly that many events; run beside
+//! rebuilds that switch the timeline, each answer lists one version per role, and the active
+//! timeline's checksum is the same whichever version it is. Real sled stores on temporary
+//! directories.
 
 use std::collections::BTreeMap;
 
@@ -67,6 +69,8 @@ fn verify_under_a_running_writer_answers_for_one_point_of_the_log() {
                 store
                     .apply(&stream, records(from, from + BATCH))
                     .expect("applies");
+                // The verifier waiting for the writer gets its turn between batches.
+                std::thread::yield_now();
             }
         });
         let mut answers = Vec::new();
@@ -91,5 +95,67 @@ fn verify_under_a_running_writer_answers_for_one_point_of_the_log() {
         answers.iter().any(|(events, _)| *events < all),
         "verify ran while the writer was applying ({} answers)",
         answers.len()
+    );
+}
+
+#[test]
+fn verify_beside_rebuilds_of_the_timeline_answers_for_one_version_at_one_point() {
+    use touchline_projection::{Projection, VersionRole};
+    let stream = support::stream("c");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = support::open_when_released(dir.path());
+    store.apply(&stream, records(0, HISTORY)).expect("applies");
+    let (events, before) = store.verify().expect("verifies");
+    let timeline = |checksums: &[VersionChecksum]| {
+        checksums
+            .iter()
+            .find(|c| c.name == "timeline" && c.role == VersionRole::Active)
+            .map(|c| c.checksum.clone())
+    };
+    const REBUILDS: usize = 6;
+    let start = std::sync::Barrier::new(2);
+    let answers = std::thread::scope(|scope| {
+        let rebuilder = scope.spawn(|| {
+            start.wait();
+            for _ in 0..REBUILDS {
+                let (version, _) = store.begin_rebuild(Projection::Timeline).expect("begins");
+                let next = store
+                    .rebuild_step(Projection::Timeline, version, 1, usize::MAX)
+                    .expect("steps");
+                let switched = store
+                    .finish_rebuild(Projection::Timeline, version, next)
+                    .expect("finishes");
+                // Deleting the replaced version waits for the verification reading it.
+                store.retire(switched, &tokio_util::sync::CancellationToken::new());
+            }
+        });
+        let mut answers = Vec::new();
+        start.wait();
+        while !rebuilder.is_finished() {
+            answers.push(store.verify().expect("verifies"));
+        }
+        rebuilder.join().expect("the rebuilder ends");
+        answers
+    });
+    assert!(!answers.is_empty());
+    for (at, checksums) in &answers {
+        assert_eq!(*at, events, "no event was applied");
+        // Projections are folds of the log: every version holds what the first one held.
+        assert_eq!(timeline(checksums), timeline(&before));
+        let mut versions: Vec<(&str, u32)> =
+            checksums.iter().map(|c| (c.name, c.version)).collect();
+        let listed = versions.len();
+        versions.sort_unstable();
+        versions.dedup();
+        assert_eq!(
+            versions.len(),
+            listed,
+            "a version listed twice: {checksums:?}"
+        );
+    }
+    let versions = &store.projection_versions()[&Projection::Timeline];
+    assert_eq!(
+        versions.active,
+        1 + u32::try_from(REBUILDS).unwrap_or_default()
     );
 }

@@ -55,9 +55,10 @@ pub struct Node {
     background: Vec<JoinHandle<()>>,
     background_shutdown: CancellationToken,
     metrics_addr: Option<SocketAddr>,
-    /// Stops the projector when the node is dropped without [`Node::shutdown`]: it runs on a
-    /// thread of its own, which would otherwise outlive the node (and keep the store open).
-    _projector_stop_on_drop: tokio_util::sync::DropGuard,
+    /// Stops the server, the projector and the background tasks when the node is dropped without
+    /// [`Node::shutdown`] (abruptly: nothing is drained). The projector runs on a thread of its
+    /// own, which would otherwise outlive the node and keep the store open.
+    _stop_on_drop: StopOnDrop,
 }
 
 impl Node {
@@ -92,12 +93,13 @@ impl Node {
         let server_shutdown = CancellationToken::new();
         let background_shutdown = CancellationToken::new();
         let projector_stopped = CancellationToken::new();
-        // A start that fails half-way stops what it started (the projector, health, metrics).
-        let start_guard = StopOnDrop(Some(vec![
+        // A start that fails half-way stops what it started (the projector, health, metrics); a
+        // node dropped without shutdown stops everything the same way.
+        let start_guard = StopOnDrop(vec![
             projector_shutdown.clone(),
             server_shutdown.clone(),
             background_shutdown.clone(),
-        ]));
+        ]);
         let partners: PartnerDirectory = partners.into();
         let probe = Arc::new(KafkaProbe::new(&config.kafka)?);
         let mut store = None;
@@ -281,11 +283,10 @@ impl Node {
             );
         let server = tokio::spawn(server);
         info!(%local_addr, ingest = config.ingest.enabled, projector = config.projector.enabled, query = config.query.enabled, "touchline is serving");
-        start_guard.defuse();
         Ok(Self {
             local_addr,
             server_shutdown,
-            _projector_stop_on_drop: projector_shutdown.clone().drop_guard(),
+            _stop_on_drop: start_guard,
             projector_shutdown,
             server: Some(server),
             projector: projector_task,
@@ -436,18 +437,13 @@ impl Node {
     }
 }
 
-/// Cancels its tokens when dropped, unless defused.
-struct StopOnDrop(Option<Vec<CancellationToken>>);
-
-impl StopOnDrop {
-    fn defuse(mut self) {
-        self.0 = None;
-    }
-}
+/// Cancels its tokens when dropped.
+#[derive(Debug)]
+struct StopOnDrop(Vec<CancellationToken>);
 
 impl Drop for StopOnDrop {
     fn drop(&mut self) {
-        for token in self.0.iter().flatten() {
+        for token in &self.0 {
             token.cancel();
         }
     }

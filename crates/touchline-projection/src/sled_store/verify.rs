@@ -37,13 +37,16 @@ fn checksum(table: &Table, through: Option<u64>) -> Result<Checksum, StoreError>
     })
 }
 
+/// How many times [`SledStore::verify`] starts again when a rebuild switched the timeline under it.
+const VERIFY_ATTEMPTS: usize = 3;
+
 /// A checksum of `verify`, computed under the writer or after it.
 enum Pending {
     Done(VersionChecksum),
     /// The log, through the log's end.
     Log,
     /// The active timeline version, through the log's end; its table is held, so that a switch
-    /// meanwhile waits before deleting it ([`SledStore::retire`]).
+    /// meanwhile waits (up to 30 s) before deleting it ([`SledStore::retire`]).
     ActiveTimeline {
         version: u32,
         table: Arc<Table>,
@@ -73,9 +76,29 @@ impl SledStore {
     /// that point. Versions being deleted are left out (half deleted, their checksum means
     /// nothing). Returns the log's length at that point, and the checksums.
     ///
+    /// A rebuild that switches the timeline during the unlocked part starts the whole
+    /// verification again (the replaced version is deleted after 30 s whatever holds it, and the
+    /// answer's building and active versions would no longer belong to one point), at most
+    /// [`VERIFY_ATTEMPTS`] times.
+    ///
     /// # Errors
-    /// When the backend fails.
+    /// When the backend fails, or the timeline was switched during every attempt.
     pub fn verify(&self) -> Result<(u64, Vec<VersionChecksum>), StoreError> {
+        for _ in 0..VERIFY_ATTEMPTS {
+            if let Some(verified) = self.verify_once()? {
+                return Ok(verified);
+            }
+        }
+        Err(StoreError::Backend(Box::new(std::io::Error::other(
+            format!(
+                "a rebuild switched the timeline during each of {VERIFY_ATTEMPTS} verifications; verify again"
+            ),
+        ))))
+    }
+
+    /// One attempt of [`SledStore::verify`]: `None` when a rebuild switched the timeline while it
+    /// was read.
+    fn verify_once(&self) -> Result<Option<(u64, Vec<VersionChecksum>)>, StoreError> {
         let (log_end, pending) = {
             let writer = self.lock_writer();
             let log_end = writer.next_sequence.saturating_sub(1);
@@ -105,62 +128,30 @@ impl SledStore {
             }
             (log_end, pending)
         };
-        let checksums = pending
-            .into_iter()
-            .map(|pending| {
-                Ok(match pending {
-                    Pending::Done(done) => done,
-                    Pending::Log => VersionChecksum {
-                        name: "log",
-                        version: 0,
-                        role: VersionRole::Log,
-                        checksum: log::checksum(&self.log, log_end)?,
-                    },
-                    Pending::ActiveTimeline { version, table } => {
-                        self.active_timeline_checksum(version, table, log_end)?
+        let mut checksums = Vec::with_capacity(pending.len());
+        for pending in pending {
+            checksums.push(match pending {
+                Pending::Done(done) => done,
+                Pending::Log => VersionChecksum {
+                    name: "log",
+                    version: 0,
+                    role: VersionRole::Log,
+                    checksum: log::checksum(&self.log, log_end)?,
+                },
+                Pending::ActiveTimeline { version, table } => {
+                    let checksum = checksum(&table, Some(log_end))?;
+                    if !Arc::ptr_eq(&table, &self.active().timeline) {
+                        return Ok(None);
                     }
-                })
-            })
-            .collect::<Result<Vec<_>, StoreError>>()?;
-        Ok((log_end, checksums))
-    }
-
-    /// The active timeline's checksum through `log_end`, read without the writer. A rebuild that
-    /// switches the timeline meanwhile deletes the replaced version once no reader holds it, or
-    /// after 30 s whatever holds it: so when the version read is no longer the active one, the
-    /// new active version is read instead, which holds the same entries through `log_end`
-    /// (projections are folds of the log), and is reported under its own number.
-    fn active_timeline_checksum(
-        &self,
-        mut version: u32,
-        mut table: Arc<Table>,
-        log_end: u64,
-    ) -> Result<VersionChecksum, StoreError> {
-        const ATTEMPTS: usize = 3;
-        for _ in 0..ATTEMPTS {
-            let checksum = checksum(&table, Some(log_end))?;
-            let (active, now) = {
-                let writer = self.lock_writer();
-                let active = writer
-                    .versions
-                    .get(&Projection::Timeline)
-                    .map_or(version, |versions| versions.active);
-                (active, self.active().timeline)
-            };
-            if Arc::ptr_eq(&table, &now) {
-                return Ok(VersionChecksum {
-                    name: Projection::Timeline.name(),
-                    version,
-                    role: VersionRole::Active,
-                    checksum,
-                });
-            }
-            (version, table) = (active, now);
+                    VersionChecksum {
+                        name: Projection::Timeline.name(),
+                        version,
+                        role: VersionRole::Active,
+                        checksum,
+                    }
+                }
+            });
         }
-        Err(StoreError::Backend(Box::new(std::io::Error::other(
-            format!(
-                "the timeline was switched by a rebuild {ATTEMPTS} times while it was verified; verify again"
-            ),
-        ))))
+        Ok(Some((log_end, checksums)))
     }
 }
