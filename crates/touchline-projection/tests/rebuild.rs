@@ -228,14 +228,8 @@ fn an_interrupted_rebuild_leaves_the_active_version_intact_and_a_new_one_starts_
         Err(OpsError::NotBuilding { .. })
     ));
     assert_eq!(checksums(&store), before);
-    let (version, _) = store.begin_rebuild(Projection::Timeline).expect("begins");
-    let next = store
-        .rebuild_step(Projection::Timeline, version, 1, usize::MAX)
-        .expect("steps");
-    assert_eq!(next, total + 1);
-    let switched = store
-        .finish_rebuild(Projection::Timeline, version, next)
-        .expect("finishes");
+    let switched = support::rebuild_timeline(&store);
+    assert_eq!(store.log_len(), usize::try_from(total).unwrap_or_default());
     store.retire(switched, &tokio_util::sync::CancellationToken::new());
     assert_eq!(checksums(&store), before, "same log, same projection");
 }
@@ -246,13 +240,7 @@ fn a_replaced_version_whose_deletion_stopped_is_deleted_after_the_next_open() {
     let store = SledStore::open(dir.path()).expect("opens");
     store.apply(&stream(), records(0..40)).expect("applies");
     let before = checksums(&store);
-    let (version, _) = store.begin_rebuild(Projection::Timeline).expect("begins");
-    let next = store
-        .rebuild_step(Projection::Timeline, version, 1, usize::MAX)
-        .expect("steps");
-    let switched = store
-        .finish_rebuild(Projection::Timeline, version, next)
-        .expect("finishes");
+    let switched = support::rebuild_timeline(&store);
     // Shutdown came first: the deletion stops before it starts.
     let stopped = tokio_util::sync::CancellationToken::new();
     stopped.cancel();

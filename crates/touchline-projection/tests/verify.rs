@@ -118,13 +118,7 @@ fn verify_beside_rebuilds_of_the_timeline_answers_for_one_version_at_one_point()
         let rebuilder = scope.spawn(|| {
             start.wait();
             for _ in 0..REBUILDS {
-                let (version, _) = store.begin_rebuild(Projection::Timeline).expect("begins");
-                let next = store
-                    .rebuild_step(Projection::Timeline, version, 1, usize::MAX)
-                    .expect("steps");
-                let switched = store
-                    .finish_rebuild(Projection::Timeline, version, next)
-                    .expect("finishes");
+                let switched = support::rebuild_timeline(&store);
                 // Deleting the replaced version waits for the verification reading it.
                 store.retire(switched, &tokio_util::sync::CancellationToken::new());
             }

@@ -8,7 +8,8 @@ use touchline_core::{
     Channel, ConsumedRecord, CustomerId, Envelope, EventId, EventType, JourneyStage, Outcome,
     PartnerId, RecordContent, Sentiment, StreamIdentity, Touchpoint, UnixNanos,
 };
-use touchline_projection::SledStore;
+use touchline_projection::sled_store::Switched;
+use touchline_projection::{Projection, SledStore};
 
 /// Opens the store in `path`, waiting for an instance dropped just before to let go of it: sled
 /// releases its file lock from a background thread, which can lag on a loaded machine.
@@ -83,4 +84,16 @@ pub fn record(partition: i32, offset: i64, envelope: Envelope) -> ConsumedRecord
             raw,
         },
     }
+}
+
+/// Rebuilds the whole timeline in one step and switches to it; the replaced version is left to
+/// the caller to retire.
+pub fn rebuild_timeline(store: &SledStore) -> Switched {
+    let (version, _) = store.begin_rebuild(Projection::Timeline).expect("begins");
+    let next = store
+        .rebuild_step(Projection::Timeline, version, 1, usize::MAX)
+        .expect("steps");
+    store
+        .finish_rebuild(Projection::Timeline, version, next)
+        .expect("finishes")
 }
