@@ -2,7 +2,7 @@
 //! [`RECORDS_PER_WRITE`] records (dedupe, log, active projections, dead letters and the positions
 //! they cover), and the folds that a rebuild shares with it.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::Ordering;
 
 use touchline_core::{
@@ -113,7 +113,8 @@ impl SledStore {
         );
         let mut outcome = ApplyOutcome::default();
         let mut appended = Vec::new();
-        let mut seen_in_batch: HashMap<Vec<u8>, u64> = HashMap::new();
+        // Dedupe keys of the events appended by this piece.
+        let mut seen_in_batch: HashSet<Vec<u8>> = HashSet::new();
         // (stream, partition, offset) -> fingerprint of the record dead-lettered there.
         let mut dead_in_batch: HashMap<Vec<u8>, u64> = HashMap::new();
         let mut next_sequence = writer.next_sequence;
@@ -149,7 +150,7 @@ impl SledStore {
                 RecordContent::Event { envelope, raw } => {
                     let dedupe_key =
                         keys::dedupe(&envelope.partner_id, &envelope.touchpoint.event_id);
-                    if seen_in_batch.contains_key(&dedupe_key)
+                    if seen_in_batch.contains(&dedupe_key)
                         || self.dedupe.contains_key(&dedupe_key).map_err(backend)?
                     {
                         outcome.duplicates += 1;
@@ -172,7 +173,7 @@ impl SledStore {
                     self.dedupe
                         .insert(&mut batch, dedupe_key.as_slice(), &sequence.to_be_bytes());
                     folds.fold(&mut batch, &entry)?;
-                    seen_in_batch.insert(dedupe_key, sequence);
+                    seen_in_batch.insert(dedupe_key);
                     // Kept whether or not anyone watches now: a watcher that subscribes before the
                     // flush must get these entries from the feed.
                     appended.push(entry);
