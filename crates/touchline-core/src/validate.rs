@@ -35,6 +35,21 @@ impl Default for Limits {
     }
 }
 
+impl Limits {
+    /// No size limits and no clock check: what a consumer checks a record against. The ingest
+    /// that accepted the event enforced its configured limits (which may be above the defaults),
+    /// and the broker bounds a record's size; a consumer that applied the defaults again would
+    /// dead-letter events that were acknowledged under larger limits.
+    pub const DECODING: Self = Self {
+        max_attributes: usize::MAX,
+        max_attribute_key_len: usize::MAX,
+        max_attribute_value_len: usize::MAX,
+        max_payload_len: usize::MAX,
+        max_event_len: usize::MAX,
+        max_future_skew_nanos: i64::MAX,
+    };
+}
+
 /// A touchpoint as received, before validation. The proto crate fills it from the wire message,
 /// keeping enum numbers raw so that unknown values can be rejected with their own reason.
 #[derive(Debug, Clone, Default, PartialEq)]

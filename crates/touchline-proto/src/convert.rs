@@ -95,8 +95,9 @@ pub fn encode_envelope(envelope: &Envelope) -> Vec<u8> {
 }
 
 /// Decodes the value of a Kafka record. The touchpoint is validated again (anyone with write
-/// access to the topic can produce to it), except for the clock check: an event accepted long ago
-/// is replayed long after.
+/// access to the topic can produce to it), except for the clock check (an event accepted long ago
+/// is replayed long after) and the size limits ([`Limits::DECODING`]): ingest enforced its
+/// configured limits, which may be above the defaults, before it acknowledged the event.
 ///
 /// # Errors
 /// A [`DecodeError`] that says what is wrong, for the dead-letter store.
@@ -113,7 +114,7 @@ pub fn decode_envelope(value: Option<&[u8]>) -> Result<Envelope, DecodeError> {
     let touchpoint = touchline_core::validate(
         raw_touchpoint(touchpoint),
         UnixNanos(i64::MAX),
-        &Limits::default(),
+        &Limits::DECODING,
     )
     .map_err(DecodeError::InvalidTouchpoint)?;
     let received_at = envelope
@@ -216,6 +217,24 @@ mod tests {
     #[test]
     fn envelopes_round_trip() {
         let original = envelope();
+        let decoded = decode_envelope(Some(&encode_envelope(&original)));
+        assert_eq!(decoded, Ok(original));
+    }
+
+    /// Ingest may run with limits above the defaults; what it acknowledged must decode.
+    #[test]
+    fn events_over_the_default_limits_decode() {
+        let defaults = Limits::default();
+        let mut original = envelope();
+        original.touchpoint.payload = vec![7; defaults.max_payload_len * 4];
+        original.touchpoint.attributes = (0..=defaults.max_attributes)
+            .map(|index| {
+                (
+                    format!("k{index:0width$}", width = defaults.max_attribute_key_len),
+                    "v".repeat(defaults.max_attribute_value_len + 1),
+                )
+            })
+            .collect();
         let decoded = decode_envelope(Some(&encode_envelope(&original)));
         assert_eq!(decoded, Ok(original));
     }

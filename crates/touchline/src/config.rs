@@ -33,6 +33,21 @@ pub struct Config {
     pub log: LogConfig,
 }
 
+fn count(value: usize) -> u64 {
+    u64::try_from(value).unwrap_or(u64::MAX)
+}
+
+/// `TOUCHLINE_` environment variables that are not configuration keys (lower case, without the
+/// prefix, as figment compares them).
+const NOT_CONFIGURATION: [&str; 6] = [
+    "config",
+    "endpoint",
+    "token",
+    "admin_token",
+    "query_token",
+    "test_kafka",
+];
+
 /// Who may call the `AdminService`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
@@ -304,9 +319,9 @@ impl Config {
             );
             figment = figment.merge(Toml::file(file));
         }
-        // TOUCHLINE_CONFIG, _ENDPOINT, _TOKEN and _ADMIN_TOKEN belong to the command line.
-        let env =
-            Env::prefixed("TOUCHLINE_").ignore(&["config", "endpoint", "token", "admin_token"]);
+        // TOUCHLINE_CONFIG, _ENDPOINT, _TOKEN, _ADMIN_TOKEN and _QUERY_TOKEN belong to the command
+        // line, TOUCHLINE_TEST_KAFKA to the test suites: none is a configuration key.
+        let env = Env::prefixed("TOUCHLINE_").ignore(&NOT_CONFIGURATION);
         figment = figment.merge(env.map(|key| {
             // TOUCHLINE_KAFKA__BOOTSTRAP_SERVERS -> kafka.bootstrap-servers
             key.as_str().replace("__", ".").replace('_', "-").into()
@@ -357,10 +372,7 @@ impl Config {
                 );
             }
         }
-        anyhow::ensure!(
-            self.ingest.max_batch_events > 0,
-            "ingest.max-batch-events must be positive"
-        );
+        self.check_sizes()?;
         if let Some(rate) = self.ingest.rate_per_second {
             anyhow::ensure!(
                 rate.is_finite() && rate >= 0.0,
@@ -371,6 +383,76 @@ impl Config {
             self.ingest.burst.is_finite() && self.ingest.burst >= 1.0,
             "ingest.burst must be at least 1"
         );
+        Ok(())
+    }
+
+    /// Sizes and counts: zero would refuse every request (or silently mean one), and values past
+    /// these bounds are mistakes that would only fail later (a semaphore that cannot hold them).
+    fn check_sizes(&self) -> anyhow::Result<()> {
+        let ingest = &self.ingest;
+        let checks: [(&str, u64, u64, u64); 10] = [
+            (
+                "ingest.max-batch-events",
+                count(ingest.max_batch_events),
+                1,
+                100_000,
+            ),
+            (
+                "ingest.stream-window-events",
+                count(ingest.stream_window_events),
+                count(ingest.max_batch_events),
+                10_000_000,
+            ),
+            (
+                "ingest.max-in-flight-batches",
+                count(ingest.max_in_flight_batches),
+                1,
+                1_000_000,
+            ),
+            (
+                "ingest.max-streams-per-partner",
+                count(ingest.max_streams_per_partner),
+                1,
+                100_000,
+            ),
+            (
+                "ingest.max-message-bytes",
+                count(ingest.max_message_bytes),
+                1024,
+                1 << 30,
+            ),
+            ("ingest.ack-timeout-ms", ingest.ack_timeout_ms, 1, 3_600_000),
+            (
+                "ingest.limits.max-event-bytes",
+                count(ingest.limits.max_event_bytes),
+                1,
+                1 << 30,
+            ),
+            (
+                "projector.max-batch",
+                count(self.projector.max_batch),
+                1,
+                1_000_000,
+            ),
+            (
+                "projector.rebuild-batch",
+                count(self.projector.rebuild_batch),
+                1,
+                1_000_000,
+            ),
+            (
+                "query.read-concurrency",
+                count(self.query.read_concurrency),
+                0,
+                4096,
+            ),
+        ];
+        for (name, value, min, max) in checks {
+            anyhow::ensure!(
+                (min..=max).contains(&value),
+                "{name} = {value} is out of range: it must be between {min} and {max}"
+            );
+        }
         Ok(())
     }
 
@@ -447,6 +529,9 @@ mod tests {
             jail.set_env("TOUCHLINE_CONFIG", "touchline.toml");
             jail.set_env("TOUCHLINE_TOKEN", "a-partner-token");
             jail.set_env("TOUCHLINE_ADMIN_TOKEN", "an-admin-token");
+            jail.set_env("TOUCHLINE_QUERY_TOKEN", "a-query-token");
+            jail.set_env("TOUCHLINE_ENDPOINT", "http://127.0.0.1:7451");
+            jail.set_env("TOUCHLINE_TEST_KAFKA", "127.0.0.1:9092");
             jail.set_env("TOUCHLINE_METRICS__LISTEN", "0.0.0.0:9100");
             let config = Config::load(Some(Path::new("touchline.toml")))
                 .map_err(|error| error.to_string())?;
@@ -458,6 +543,38 @@ mod tests {
             );
             Ok(())
         });
+    }
+
+    #[test]
+    fn sizes_out_of_range_are_refused() {
+        let refused = |change: fn(&mut Config)| {
+            let mut config = Config::default();
+            change(&mut config);
+            config.validate().expect_err("refused").to_string()
+        };
+        assert!(refused(|c| c.ingest.max_batch_events = 0).contains("ingest.max-batch-events"));
+        assert!(
+            refused(|c| c.ingest.max_in_flight_batches = usize::MAX / 4)
+                .contains("ingest.max-in-flight-batches")
+        );
+        assert!(
+            refused(|c| c.ingest.stream_window_events = c.ingest.max_batch_events - 1)
+                .contains("ingest.stream-window-events")
+        );
+        assert!(
+            refused(|c| c.ingest.max_streams_per_partner = 0)
+                .contains("ingest.max-streams-per-partner")
+        );
+        assert!(refused(|c| c.ingest.ack_timeout_ms = 0).contains("ingest.ack-timeout-ms"));
+        assert!(
+            refused(|c| c.ingest.limits.max_event_bytes = 0)
+                .contains("ingest.limits.max-event-bytes")
+        );
+        assert!(refused(|c| c.projector.max_batch = 0).contains("projector.max-batch"));
+        assert!(refused(|c| c.projector.rebuild_batch = 0).contains("projector.rebuild-batch"));
+        Config::default()
+            .validate()
+            .expect("the defaults are valid");
     }
 
     #[test]

@@ -111,11 +111,11 @@ enum Command {
         /// JSON Lines file, one touchpoint per line (see the README).
         #[arg(long)]
         file: PathBuf,
-        /// Events per request.
-        #[arg(long, default_value_t = 500)]
+        /// Events per request (1 to 100000; the server's `ingest.max-batch-events` is the limit).
+        #[arg(long, default_value_t = 500, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=100_000))]
         batch_size: usize,
-        /// Requests sent and not yet answered; after a disconnect they are sent again.
-        #[arg(long, default_value_t = 8)]
+        /// Requests sent and not yet answered (1 to 1024); after a disconnect they are sent again.
+        #[arg(long, default_value_t = 8, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1024))]
         window: usize,
     },
     /// Print a customer's timeline in event-time order.
