@@ -1,6 +1,7 @@
 //! Admission control and partner contracts: per-partner rates answered with RESOURCE_EXHAUSTED
 //! and retry information (unary calls) or paced (streams) while other partners are unaffected, a cap on open streams per partner,
-//! server-wide load shedding, and event types and channels outside a partner's contract.
+//! (freed as soon as a stream's partner disconnects), server-wide load shedding, and event types
+//! and channels outside a partner's contract.
 
 use std::time::Duration;
 
@@ -180,6 +181,86 @@ async fn a_partner_cannot_open_more_streams_than_allowed() -> anyhow::Result<()>
         Some(1),
         "another partner's stream works"
     );
+    node.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disconnected_stream_frees_its_slot_while_its_batch_waits_for_the_rate()
+-> anyhow::Result<()> {
+    let broker = start_broker().await;
+    let dir = tempfile::tempdir()?;
+    let node = start_node_with(&broker, dir.path(), partners(), |config| {
+        config.ingest.max_streams_per_partner = 1;
+        config.ingest.rate_per_second = Some(1.0);
+        config.ingest.burst = 60.0;
+    })
+    .await?;
+    let mut ingest = ingest_client(&node).await?;
+    // The whole burst goes to a unary call: the stream's batch then owes a minute.
+    assert_eq!(
+        publish(&mut ingest, COURIER.1, batch("w", 60))
+            .await?
+            .accepted,
+        60
+    );
+    let (sender, requests) = tokio::sync::mpsc::channel::<v1::PublishRequest>(4);
+    let answers = ingest
+        .publish_stream(authorized(
+            tokio_stream::wrappers::ReceiverStream::new(requests),
+            COURIER.1,
+        ))
+        .await?
+        .into_inner();
+    sender
+        .send(v1::PublishRequest {
+            events: batch("x", 60),
+            batch_id: "0".into(),
+        })
+        .await?;
+    // The batch waits on the server once the partner's bucket owes it: a unary call is then told
+    // to come back in about a minute.
+    let deadline = tokio::time::Instant::now() + touchline_tests::DEADLINE;
+    let mut poll = tokio::time::interval(Duration::from_millis(50));
+    loop {
+        poll.tick().await;
+        let limited = publish(&mut ingest, COURIER.1, batch("probe", 60))
+            .await
+            .expect_err("over the rate");
+        let retry = limited
+            .get_details_retry_info()
+            .and_then(|info| info.retry_delay)
+            .unwrap_or_default();
+        if retry > Duration::from_secs(40) {
+            break;
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the stream's batch never reached the rate limiter"
+        );
+    }
+    // The partner goes away while the batch waits.
+    drop(answers);
+    drop(sender);
+    // Its slot is free again long before the minute is over.
+    let deadline = tokio::time::Instant::now() + touchline_tests::DEADLINE;
+    let mut poll = tokio::time::interval(Duration::from_millis(50));
+    let reopened = loop {
+        poll.tick().await;
+        match ingest
+            .publish_stream(authorized(
+                futures::stream::iter(Vec::<v1::PublishRequest>::new()),
+                COURIER.1,
+            ))
+            .await
+        {
+            Ok(stream) => break Ok(stream),
+            Err(status) if tokio::time::Instant::now() < deadline => {
+                assert_eq!(error_reason(&status).as_deref(), Some("TOO_MANY_STREAMS"));
+            }
+            Err(status) => break Err(status),
+        }
+    };
+    assert!(reopened.is_ok(), "the slot stayed taken: {reopened:?}");
     node.shutdown().await
 }
 

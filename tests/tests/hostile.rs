@@ -419,10 +419,37 @@ async fn hostile_inputs_get_their_documented_reason_and_write_nothing() -> anyho
     let mut grpc = tonic::client::Grpc::new(channel.clone());
     grpc.ready().await?;
     let response = grpc
-        .unary(authorized(spoofed, COURIER.1), path, RawCodec)
+        .unary(authorized(spoofed, COURIER.1), path.clone(), RawCodec)
         .await?;
     let response = v1::PublishResponse::decode(response.into_inner().as_slice())?;
     assert_eq!(response.accepted, 1);
+
+    // Calls are authenticated on their headers, before the body is decoded: without a token, a
+    // body that cannot be decoded (or one over the size limit) is refused as unauthenticated.
+    for (name, body) in [
+        ("undecodable", vec![0x08, 0x96, 0x01]),
+        (
+            "over the limit",
+            one({
+                let mut e = valid("big-anonymous");
+                e.payload = vec![7; 5 << 20];
+                e
+            }),
+        ),
+    ] {
+        let mut grpc =
+            tonic::client::Grpc::new(channel.clone()).max_encoding_message_size(64 << 20);
+        grpc.ready().await?;
+        let refused = grpc
+            .unary(tonic::Request::new(body), path.clone(), RawCodec)
+            .await
+            .expect_err("refused");
+        assert_eq!(
+            (refused.code(), error_reason(&refused).as_deref()),
+            (Code::Unauthenticated, Some("TOKEN_MISSING")),
+            "{name}"
+        );
+    }
 
     let mut timeline = timeline_client(&node).await?;
     let entries = wait_for_timeline(&mut timeline, "hostile-customer", 1).await?;

@@ -175,6 +175,65 @@ async fn tokens_rotate_expire_and_are_revoked_without_a_restart_and_never_leak()
     node.shutdown().await
 }
 
+/// A stream is authenticated again at each batch: revoking its token ends it at its next batch,
+/// without a restart and without waiting for the partner to reconnect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_token_ends_its_open_stream_at_the_next_batch() -> anyhow::Result<()> {
+    let broker = start_broker().await;
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("partners.toml");
+    std::fs::write(&path, partners_file(&[OLD, NEW]))?;
+    let directory = PartnerDirectory::load(&path)?;
+    let node = start_node_with(&broker, dir.path(), directory.clone(), |_| {}).await?;
+    let mut ingest = ingest_client(&node).await?;
+    let batch = |id: &str| v1::PublishRequest {
+        events: vec![touchpoint(
+            id,
+            "ivan",
+            "parcel.scanned",
+            1,
+            JourneyStage::Fulfil,
+        )],
+        batch_id: id.to_owned(),
+    };
+    let (sender, requests) = tokio::sync::mpsc::channel::<v1::PublishRequest>(4);
+    let mut answers = ingest
+        .publish_stream(touchline_tests::authorized(
+            tokio_stream::wrappers::ReceiverStream::new(requests),
+            OLD,
+        ))
+        .await?
+        .into_inner();
+    sender.send(batch("s-1")).await?;
+    assert_eq!(
+        answers.message().await?.map(|answer| answer.accepted),
+        Some(1)
+    );
+
+    std::fs::write(&path, partners_file(&[NEW]))?;
+    directory.reload()?;
+    sender.send(batch("s-2")).await?;
+    let ended = answers.message().await.expect_err("the stream ends");
+    assert_eq!(
+        (ended.code(), error_reason(&ended).as_deref()),
+        (Code::Unauthenticated, Some("TOKEN_INVALID"))
+    );
+    assert_eq!(
+        publish(&mut ingest, NEW, batch("s-3").events)
+            .await?
+            .accepted,
+        1
+    );
+    let mut timeline = touchline_tests::timeline_client(&node).await?;
+    let entries = touchline_tests::wait_for_timeline(&mut timeline, "ivan", 2).await?;
+    assert_eq!(
+        touchline_tests::event_ids(&entries),
+        ["s-1", "s-3"],
+        "the batch sent after the revocation was not written"
+    );
+    node.shutdown().await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_query_tokens_configured_the_timeline_service_needs_one() -> anyhow::Result<()> {
     const QUERY: &str = "query-token-of-the-crm-3e1d";

@@ -14,4 +14,4 @@ pub use auth::{Authenticated, PartnerContract, PartnerRegistry, PartnersFile, ha
 pub use directory::PartnerDirectory;
 pub use error::{Error, Result};
 pub use publisher::{Durability, Publisher};
-pub use service::{IngestOptions, IngestService};
+pub use service::{Authenticator, IngestOptions, IngestServer, IngestService};

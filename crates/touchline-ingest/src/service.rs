@@ -10,7 +10,8 @@ use futures::{Stream, StreamExt as _};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
-use tonic::metadata::MetadataMap;
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Response, Status, Streaming};
 use touchline_core::{Limits, UnixNanos};
 use touchline_proto::v1::{self, event_result};
@@ -106,20 +107,54 @@ impl IngestService {
         }
     }
 
-    /// The tonic server for this service.
+    /// The tonic server for this service. Calls are authenticated on their headers, before the
+    /// request body is read and decoded: a caller without a valid token costs no decoding.
     #[must_use]
-    pub fn into_server(self) -> v1::ingest_service_server::IngestServiceServer<Self> {
+    pub fn into_server(self) -> IngestServer {
         let max = self.inner.options.max_message_bytes;
-        v1::ingest_service_server::IngestServiceServer::new(self)
+        let authenticator = Authenticator {
+            partners: self.inner.partners.clone(),
+        };
+        let server = v1::ingest_service_server::IngestServiceServer::new(self)
             .max_decoding_message_size(max)
-            .max_encoding_message_size(max.max(4 * 1024 * 1024))
+            .max_encoding_message_size(max.max(4 * 1024 * 1024));
+        InterceptedService::new(server, authenticator)
+    }
+}
+
+/// The ingest service as served: behind its [`Authenticator`].
+pub type IngestServer = InterceptedService<
+    v1::ingest_service_server::IngestServiceServer<IngestService>,
+    Authenticator,
+>;
+
+/// Authenticates each call from its bearer token, before its body is decoded, and hands the
+/// partner to the handler in the request's extensions.
+#[derive(Debug, Clone)]
+pub struct Authenticator {
+    partners: PartnerDirectory,
+}
+
+impl Interceptor for Authenticator {
+    fn call(&mut self, mut request: Request<()>) -> std::result::Result<Request<()>, Status> {
+        let token = request_token(request.metadata()).ok_or(Error::TokenMissing)?;
+        let partner = self
+            .partners
+            .current()
+            .authenticate(token, UnixNanos::now())?;
+        request.extensions_mut().insert(partner);
+        Ok(request)
     }
 }
 
 impl Inner {
     /// The partner the call's bearer token authenticates. The only source of partner identity.
-    fn authenticate(&self, metadata: &MetadataMap) -> Result<Authenticated> {
-        let token = request_token(metadata).ok_or(Error::TokenMissing)?;
+    fn authenticate<T>(&self, request: &Request<T>) -> Result<Authenticated> {
+        if let Some(partner) = request.extensions().get::<Authenticated>() {
+            // Authenticated by the server's interceptor, on the same headers.
+            return Ok(partner.clone());
+        }
+        let token = request_token(request.metadata()).ok_or(Error::TokenMissing)?;
         self.partners
             .current()
             .authenticate(token, UnixNanos::now())
@@ -251,43 +286,39 @@ impl Inner {
         Ok(response)
     }
 
-    /// One batch of a stream: checked, then made durable while holding its share of the stream
-    /// window and a server-wide slot. Over the partner's rate it waits for its tokens rather than
+    /// One batch of a stream, holding its share of the stream window: made durable while
+    /// holding a server-wide slot. Over the partner's rate it waits for its tokens rather than
     /// end the stream (as Kafka's quotas delay responses): the stream is paced, and a partner that
     /// keeps sending faster fills its window and is held back by HTTP/2 flow control.
     async fn publish_in_stream(
         self: Arc<Self>,
-        partner: Authenticated,
+        stream: StreamBatches,
         batch: v1::PublishRequest,
-        window: Arc<Semaphore>,
+        share: OwnedSemaphorePermit,
         stream_gone: CancellationToken,
     ) -> Result<v1::PublishResponse> {
         let events = batch.events.len();
-        let result = self
-            .publish_in_window(&partner, batch, window, &stream_gone)
-            .await;
-        count_failed(&partner, events, result.as_ref().err());
+        let result = self.publish_in_window(&stream, batch, &stream_gone).await;
+        drop(share);
+        count_failed(&stream.partner, events, result.as_ref().err());
         result
     }
 
     async fn publish_in_window(
         &self,
-        partner: &Authenticated,
+        stream: &StreamBatches,
         batch: v1::PublishRequest,
-        window: Arc<Semaphore>,
         stream_gone: &CancellationToken,
     ) -> Result<v1::PublishResponse> {
-        let partner = partner.clone();
         let events = batch.events.len();
-        self.check_shape(events)?;
-        let _window = acquire(&window, events).await?;
-        if let Some((rate, burst)) = self.rate_of(&partner) {
+        let opened_as = &stream.partner;
+        if let Some((rate, burst)) = self.rate_of(opened_as) {
             // Taken now, paid for by waiting: batches over the rate go in the order they came.
             let wait = self
                 .rates
-                .take_owing(&partner.partner_id, rate, burst, events);
+                .take_owing(&opened_as.partner_id, rate, burst, events);
             if !wait.is_zero() {
-                debug!(partner = %partner.partner_id, ?wait, "stream batch over the partner's rate: waiting");
+                debug!(partner = %opened_as.partner_id, ?wait, "stream batch over the partner's rate: waiting");
                 tokio::select! {
                     () = tokio::time::sleep(wait) => {}
                     () = self.draining.cancelled() => return Err(Error::ShuttingDown),
@@ -295,11 +326,53 @@ impl Inner {
                 }
             }
         }
+        // The token as the partners file says now, just before the batch is published.
+        let partner = self
+            .partners
+            .current()
+            .authenticate(&stream.token, UnixNanos::now())?;
+        if partner.partner_id != opened_as.partner_id {
+            // The file gave this token to another partner: the stream was opened as the first.
+            return Err(Error::TokenInvalid);
+        }
         let _slot = Arc::clone(&self.in_flight)
             .acquire_owned()
             .await
             .map_err(|_| Error::ShuttingDown)?;
         self.publish(&partner, batch, None).await
+    }
+}
+
+/// What every batch of one `PublishStream` shares.
+#[derive(Debug, Clone)]
+struct StreamBatches {
+    /// The partner the stream was opened as.
+    partner: Authenticated,
+    /// The stream's bearer token, authenticated again for each batch.
+    token: Arc<str>,
+    /// The stream's window in events.
+    window: Arc<Semaphore>,
+}
+
+impl StreamBatches {
+    /// Checks a batch's shape and waits for its share of the window.
+    async fn admit(
+        &self,
+        inner: &Inner,
+        batch: v1::PublishRequest,
+    ) -> std::result::Result<(v1::PublishRequest, OwnedSemaphorePermit), Status> {
+        let events = batch.events.len();
+        let admitted = match inner.check_shape(events) {
+            Ok(()) => acquire(&self.window, events).await,
+            Err(error) => Err(error),
+        };
+        match admitted {
+            Ok(share) => Ok((batch, share)),
+            Err(error) => {
+                count_failed(&self.partner, events, Some(&error));
+                Err(error.into())
+            }
+        }
     }
 }
 
@@ -315,8 +388,8 @@ fn count_failed(partner: &Authenticated, events: usize, error: Option<&Error>) {
     }
 }
 
-/// Batches of one stream answered out of order wait at most this many deep; the window in events
-/// is the real limit.
+/// Batches of one stream waiting for their answer in request order: at most this many; the window
+/// in events is the real limit.
 const MAX_PENDING_BATCHES: usize = 64;
 
 /// Takes `events` permits of a stream window (at most the whole window).
@@ -338,7 +411,7 @@ impl v1::ingest_service_server::IngestService for IngestService {
         &self,
         request: Request<v1::PublishRequest>,
     ) -> Result<Response<v1::PublishResponse>, Status> {
-        let partner = self.inner.authenticate(request.metadata())?;
+        let partner = self.inner.authenticate(&request)?;
         let call_timeout = grpc_timeout(request.metadata());
         let request = request.into_inner();
         let events = request.events.len();
@@ -366,7 +439,12 @@ impl v1::ingest_service_server::IngestService for IngestService {
         &self,
         request: Request<Streaming<v1::PublishRequest>>,
     ) -> Result<Response<Self::PublishStreamStream>, Status> {
-        let partner = self.inner.authenticate(request.metadata())?;
+        let partner = self.inner.authenticate(&request)?;
+        // Kept to authenticate each batch again: a token revoked or expired while its stream is
+        // open stops the stream at its next batch, and contract changes reach open streams.
+        let token: Arc<str> = request_token(request.metadata())
+            .ok_or(Error::TokenMissing)?
+            .into();
         let max_streams = partner
             .contract
             .max_streams
@@ -383,38 +461,54 @@ impl v1::ingest_service_server::IngestService for IngestService {
             .max(self.inner.options.max_batch_events)
             .max(1);
         let window = Arc::new(Semaphore::new(window_events));
-        // Batches in flight at once: bounded by the window in events; `buffered` keeps them in
-        // request order and stops pulling from the stream when this many are pending.
-        let max_pending = MAX_PENDING_BATCHES;
         let inner = Arc::clone(&self.inner);
         let draining = self.inner.draining.clone();
         // Cancelled when the stream ends (the partner went, or a batch failed): its batches that
         // still wait for the partner's rate stop waiting.
         let stream_gone = CancellationToken::new();
         let batches_gone = stream_gone.clone();
+        let stream = StreamBatches {
+            partner,
+            token,
+            window,
+        };
         let mut answers = request
             .into_inner()
             .take_until(draining.clone().cancelled_owned())
-            .map(move |batch| {
+            // One batch at a time: the next one is read only once this one holds its share of the
+            // window, so a full window stops the server reading the stream (HTTP/2 flow control
+            // then holds the partner back).
+            .then(move |batch| {
                 let inner = Arc::clone(&inner);
-                let partner = partner.clone();
-                let window = Arc::clone(&window);
+                let stream = stream.clone();
                 let stream_gone = batches_gone.clone();
-                // Each batch runs as a task of its own: it finishes (and frees its server-wide
-                // slot) even while the partner is not reading answers.
-                let work = tokio::spawn(async move {
-                    inner
-                        .publish_in_stream(partner, batch?, window, stream_gone)
-                        .await
-                        .map_err(Status::from)
-                });
                 async move {
-                    work.await.unwrap_or_else(|error| {
-                        Err(Status::internal(format!("batch task failed: {error}")))
+                    let admitted = match batch {
+                        Ok(batch) => stream.admit(&inner, batch).await,
+                        Err(status) => Err(status),
+                    };
+                    // Each batch runs as a task of its own: it finishes (and frees its server-wide
+                    // slot) even while the partner is not reading answers.
+                    admitted.map(|(batch, share)| {
+                        tokio::spawn(async move {
+                            inner
+                                .publish_in_stream(stream, batch, share, stream_gone)
+                                .await
+                                .map_err(Status::from)
+                        })
                     })
                 }
             })
-            .buffered(max_pending)
+            .map(|admitted| async move {
+                match admitted {
+                    Ok(work) => work.await.unwrap_or_else(|error| {
+                        Err(Status::internal(format!("batch task failed: {error}")))
+                    }),
+                    Err(status) => Err(status),
+                }
+            })
+            // Answers in request order; at most this many batches wait for theirs.
+            .buffered(MAX_PENDING_BATCHES)
             .boxed();
         // A small answer queue: a partner that stops reading answers stops the stream from being
         // read, instead of answers piling up in memory.
@@ -422,17 +516,25 @@ impl v1::ingest_service_server::IngestService for IngestService {
         tokio::spawn(async move {
             let _stream_slot = stream_slot;
             let _gone = stream_gone.drop_guard();
-            while let Some(answer) = answers.next().await {
+            loop {
+                // A partner that disconnects frees its stream slot and window at once, even while
+                // its next answer waits (for the partner's rate, say).
+                let answer = tokio::select! {
+                    answer = answers.next() => answer,
+                    () = sender.closed() => None,
+                };
+                let Some(answer) = answer else { break };
                 let failed = answer.is_err();
                 if sender.send(answer).await.is_err() {
-                    info!("partner closed the stream before reading every answer");
-                    return;
+                    break;
                 }
                 if failed {
                     return;
                 }
             }
-            if draining.is_cancelled() {
+            if sender.is_closed() {
+                info!("partner closed the stream before reading every answer");
+            } else if draining.is_cancelled() {
                 let _ = sender.send(Err(Error::ShuttingDown.into())).await;
             }
         });
