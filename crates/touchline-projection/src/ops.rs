@@ -299,7 +299,7 @@ fn run_rebuild(
         // then waits while the gap is folded.
         if gap <= chunk as u64 || not_gaining >= MAX_ROUNDS_NOT_GAINING {
             break store
-                .finish_rebuild(projection, version, next)
+                .finish_rebuild(projection, version, next, chunk)
                 .map_err(Some);
         }
         match store.rebuild_step(projection, version, next, chunk) {

@@ -114,7 +114,7 @@ fn a_rebuild_beside_the_projector_equals_the_incremental_projection_and_swaps_at
             );
         }
         let switched = store
-            .finish_rebuild(projection, version, next)
+            .finish_rebuild(projection, version, next, usize::MAX)
             .expect("finishes");
         assert_eq!(switched.previous, 1);
         let versions = &store.projection_versions()[&projection];
@@ -163,6 +163,39 @@ fn a_rebuild_beside_the_projector_equals_the_incremental_projection_and_swaps_at
         store.log_checksum().expect("checksums"),
         incremental.log_checksum().expect("checksums")
     );
+}
+
+/// A rebuild that could not outrun ingest switches with a long rest of the log to fold: it is
+/// folded in batches of the rebuild's size, not one batch as large as the log, and the result is
+/// the same.
+#[test]
+fn a_rebuild_finished_with_the_whole_log_left_folds_it_in_bounded_batches() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = SledStore::open(dir.path()).expect("opens");
+    store.apply(&stream(), records(0..250)).expect("applies");
+    let before = checksums(&store);
+    for projection in Projection::ALL {
+        let (version, _) = store.begin_rebuild(projection).expect("begins");
+        // Nothing folded yet: all 250 events are left, in batches of 7 (the last one partial).
+        let switched = store
+            .finish_rebuild(projection, version, 1, 7)
+            .expect("finishes");
+        store.retire(switched, &tokio_util::sync::CancellationToken::new());
+        assert_eq!(store.projection_versions()[&projection].active, version);
+    }
+    assert_eq!(
+        checksums(&store),
+        before,
+        "the same projections as incrementally"
+    );
+    // The projector goes on into the rebuilt versions.
+    store.apply(&stream(), records(250..260)).expect("applies");
+    let incremental_dir = tempfile::tempdir().expect("temp dir");
+    let incremental = SledStore::open(incremental_dir.path()).expect("opens");
+    incremental
+        .apply(&stream(), records(0..260))
+        .expect("applies");
+    assert_eq!(checksums(&store), checksums(&incremental));
 }
 
 #[test]
@@ -401,7 +434,7 @@ fn the_leftover_deletion_leaves_a_version_a_later_rebuild_replaced_to_that_rebui
         .rebuild_step(Projection::Summary, version, 1, usize::MAX)
         .expect("steps");
     let switched = store
-        .finish_rebuild(Projection::Summary, version, next)
+        .finish_rebuild(Projection::Summary, version, next, usize::MAX)
         .expect("finishes");
     let replaced_entries = store
         .checksum(Projection::Summary, 1)

@@ -243,9 +243,11 @@ impl SledStore {
         Ok(next)
     }
 
-    /// Folds the rest of the log into the version being built and makes it the active one, in
-    /// one atomic batch taken under the writer (so no event is projected in between). The
-    /// previous version is listed as dropping; [`SledStore::retire`] deletes it.
+    /// Folds the rest of the log into the version being built and makes it the active one, under
+    /// the writer (so no event is projected in between): the rest in atomic batches of at most
+    /// `max` events (the version being built is not served, so a part of it stored is harmless),
+    /// the last of them with the switch. The previous version is listed as dropping;
+    /// [`SledStore::retire`] deletes it.
     ///
     /// # Errors
     /// [`OpsError::NotBuilding`] when the rebuild was cancelled, or a backend failure (then the
@@ -255,18 +257,30 @@ impl SledStore {
         projection: Projection,
         version: u32,
         from_sequence: u64,
+        max: usize,
     ) -> Result<Switched, OpsError> {
         let previous = {
             let mut writer = self.lock_writer();
             writer.check_building(projection, version)?;
+            let end = writer.next_sequence;
+            let step = u64::try_from(max.max(1)).unwrap_or(u64::MAX);
+            let mut from = from_sequence;
+            // A long rest (ingest the rebuild could not outrun) in bounded batches: the memory of
+            // one batch does not grow with the log, and readers get sled between them.
+            while end.saturating_sub(from) > step {
+                let mut batch = sled::Batch::default();
+                let next =
+                    self.fold_log_into(projection, version, from, from + step, &mut batch)?;
+                crate::garbage::apply_batch(&self.tree, batch, folded(from, next))
+                    .map_err(backend)?;
+                if next <= from {
+                    break;
+                }
+                from = next;
+                std::thread::yield_now();
+            }
             let mut batch = sled::Batch::default();
-            let next = self.fold_log_into(
-                projection,
-                version,
-                from_sequence,
-                writer.next_sequence,
-                &mut batch,
-            )?;
+            let next = self.fold_log_into(projection, version, from, end, &mut batch)?;
             let versions = writer.versions.entry(projection).or_default();
             let mut updated = versions.clone();
             let previous = updated.active;
@@ -275,8 +289,7 @@ impl SledStore {
             updated.dropping.push(previous);
             self.meta
                 .insert(&mut batch, projection.meta_key(), encode(&updated)?);
-            crate::garbage::apply_batch(&self.tree, batch, folded(from_sequence, next))
-                .map_err(backend)?;
+            crate::garbage::apply_batch(&self.tree, batch, folded(from, next)).map_err(backend)?;
             *versions = updated;
             let table = Arc::new(self.version_table(projection, version));
             let mut active = self

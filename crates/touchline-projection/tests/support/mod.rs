@@ -94,6 +94,6 @@ pub fn rebuild_timeline(store: &SledStore) -> Switched {
         .rebuild_step(Projection::Timeline, version, 1, usize::MAX)
         .expect("steps");
     store
-        .finish_rebuild(Projection::Timeline, version, next)
+        .finish_rebuild(Projection::Timeline, version, next, usize::MAX)
         .expect("finishes")
 }
