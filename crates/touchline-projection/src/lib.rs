@@ -15,6 +15,6 @@ pub mod worker;
 pub use error::{Error, Result};
 pub use projector::{AppliedOffsets, Projector, ProjectorHandle, ProjectorOptions};
 pub use sled_store::{
-    Checksum, DeadLetter, OpsError, ProjectedEntries, Projection, ProjectionVersions, Requeued,
-    SledStore, VersionChecksum, VersionRole, WATCH_BUFFER,
+    Checksum, DeadLetter, MAX_PAGE_BYTES, OpsError, ProjectedEntries, Projection,
+    ProjectionVersions, Requeued, SledStore, VersionChecksum, VersionRole, WATCH_BUFFER,
 };

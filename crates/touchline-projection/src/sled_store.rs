@@ -49,6 +49,11 @@ pub const RECORDS_PER_WRITE: usize = 32;
 /// returns a short (even empty) page with a cursor rather than scanning without bound.
 pub const MAX_SCAN_PER_PAGE: usize = 10_000;
 
+/// The most bytes of stored entries one page holds (at least one entry): pages of large events
+/// end early with a cursor, so that an answer stays well under the 4 MiB gRPC clients accept by
+/// default whatever the page size asked for.
+pub const MAX_PAGE_BYTES: usize = 2 * 1024 * 1024;
+
 const NEXT_SEQUENCE: &[u8] = b"next_sequence";
 const NEXT_DEAD_LETTER: &[u8] = b"next_dead_letter";
 const DEAD_LETTER_COUNT: &[u8] = b"dead_letter_count";

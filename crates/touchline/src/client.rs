@@ -139,10 +139,11 @@ pub async fn timeline_client(
         .connect()
         .await
         .with_context(|| format!("cannot connect to {endpoint}"))?;
-    Ok(TimelineServiceClient::with_interceptor(
-        channel,
-        BearerToken(token),
-    ))
+    // Pages stop at about 2 MiB of entries; a single large entry can go past tonic's 4 MiB.
+    Ok(
+        TimelineServiceClient::with_interceptor(channel, BearerToken(token))
+            .max_decoding_message_size(64 * 1024 * 1024),
+    )
 }
 
 /// A `TimelineService` client that sends the query token, if any, with every call.

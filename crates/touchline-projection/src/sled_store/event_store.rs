@@ -10,7 +10,7 @@ use touchline_core::{
     StoredPosition, StreamIdentity, TimelineEntry, TimelinePage, TimelineQuery, UnixNanos,
 };
 
-use super::{MAX_SCAN_PER_PAGE, SledStore, decode, lock, log, read_u64};
+use super::{MAX_PAGE_BYTES, MAX_SCAN_PER_PAGE, SledStore, decode, lock, log, read_u64};
 use crate::error::backend;
 use crate::keys;
 
@@ -81,6 +81,7 @@ impl EventStore for SledStore {
             return Ok(TimelinePage::default());
         }
         let mut page = TimelinePage::default();
+        let mut page_bytes = 0;
         let mut last_scanned = None;
         let timeline = self.active().timeline;
         for (scanned, item) in timeline.range(start, end).enumerate() {
@@ -100,7 +101,10 @@ impl EventStore for SledStore {
             if !query.filter.matches(&entry) {
                 continue;
             }
-            if page.entries.len() == query.page_size {
+            page_bytes += value.len();
+            if page.entries.len() == query.page_size
+                || (page_bytes > MAX_PAGE_BYTES && !page.entries.is_empty())
+            {
                 // One more match exists: the page is full and there is a next one.
                 page.next = page
                     .entries
