@@ -189,6 +189,15 @@ impl v1::timeline_service_server::TimelineService for TimelineService {
                 "this node does not serve live timelines",
             ));
         };
+        // A cursor holds a sequence of the log that issued it, which was durable then; one past
+        // this log's end comes from another node's log (or a store since reset), and would
+        // silently skip this log's entries up to it.
+        if after > self.reads.store().durable_sequence() {
+            return Err(Status::from(invalid(
+                "cursor",
+                "cursor is past the end of this node's log: it was issued by another node, or before this node's store was reset; watch again without a cursor",
+            )));
+        }
         let watch = Watch {
             reads: self.reads.clone(),
             customer,

@@ -62,6 +62,9 @@ pub fn decode_cursor(customer: &CustomerId, cursor: &str) -> Option<u64> {
 
 type Message = Result<v1::WatchTimelineResponse, Status>;
 
+/// How long a stopping server waits to tell a watcher that does not read its answers.
+const SHUTDOWN_NOTICE_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// One watcher: sends the catch-up, then live entries, until the client goes, the server stops
 /// or the feed lags it.
 #[allow(
@@ -86,7 +89,13 @@ impl Watch {
             tokio::select! {
                 () = self.run(&sender) => {}
                 () = shutdown.cancelled() => {
-                    let _ = sender.try_send(Err(shutting_down()));
+                    // Waits a little for room behind answers the client has not read yet: a
+                    // stream that just ended would tell it that nothing more will come.
+                    let _ = tokio::time::timeout(
+                        SHUTDOWN_NOTICE_WAIT,
+                        sender.send(Err(shutting_down())),
+                    )
+                    .await;
                 }
             }
         });

@@ -1,7 +1,8 @@
 //! `GetTimeline` serves durable entries only: an entry applied to the store but not yet flushed
 //! is not shown (a crash could take it back, to be applied again from Kafka, perhaps under
-//! another log sequence); once flushed it is. The real sled store on a temporary directory, the
-//! real `TimelineService` on `127.0.0.1:0`, the generated client.
+//! another log sequence); once flushed it is. A `WatchTimeline` cursor past the durable end of
+//! the log is refused. The real sled store on a temporary directory, the real `TimelineService`
+//! on `127.0.0.1:0`, the generated client.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -72,6 +73,63 @@ async fn get_timeline_shows_an_entry_once_it_is_flushed() -> anyhow::Result<()> 
 
     store.flush()?;
     assert_eq!(event_ids(&mut client).await?, ["e1", "e3", "e2", "e4"]);
+
+    server.abort();
+    let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
+    Ok(())
+}
+
+/// A watch cursor holds a sequence of the log that issued it. One past this log's durable end
+/// was issued by another node (or before the store was reset): resuming from it would skip this
+/// log's entries up to it, so it is refused.
+#[tokio::test]
+async fn a_watch_cursor_past_the_end_of_this_log_is_refused() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let store = Arc::new(SledStore::open(dir.path())?);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let address = listener.local_addr()?;
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(
+                TimelineService::new(Arc::clone(&store) as Arc<dyn EventStore>)
+                    .with_feed(
+                        store.watch_sender(),
+                        tokio_util::sync::CancellationToken::new(),
+                    )
+                    .into_server(),
+            )
+            .serve_with_incoming(TcpListenerStream::new(listener)),
+    );
+    let mut client = TimelineServiceClient::connect(format!("http://{address}")).await?;
+    let mut offset = 0;
+    apply(
+        &*store,
+        &mut offset,
+        vec![event("e1", "alice", 10), event("e2", "alice", 30)],
+        true,
+    );
+    let alice = touchline_core::CustomerId::parse("alice")?;
+    let watch = |cursor: String| v1::WatchTimelineRequest {
+        customer_id: "alice".to_owned(),
+        cursor,
+    };
+
+    let refused = client
+        .watch_timeline(watch(touchline_query::watch::encode_cursor(&alice, 50)))
+        .await
+        .expect_err("a cursor of a longer log");
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+
+    // At the end of this log: nothing missed, caught up at once.
+    let mut watching = client
+        .watch_timeline(watch(touchline_query::watch::encode_cursor(&alice, 2)))
+        .await?
+        .into_inner();
+    let first = watching.message().await?.and_then(|message| message.event);
+    assert!(
+        matches!(first, Some(v1::watch_timeline_response::Event::CaughtUp(_))),
+        "{first:?}"
+    );
 
     server.abort();
     let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
