@@ -143,7 +143,7 @@ impl Projector {
                         METADATA_TIMEOUT,
                     )
                     .map_err(|error| kafka_setup(&error))?;
-                    let owned = options.partitions.unwrap_or(all);
+                    let owned = owned_partitions(&topic, options.partitions, all)?;
                     let partitions = owned.clone();
                     let stored = store.positions(&stream)?;
                     let mut assignment = TopicPartitionList::new();
@@ -437,5 +437,50 @@ pub(crate) fn consumed_record(message: &impl Message) -> ConsumedRecord {
         partition: message.partition(),
         offset: message.offset(),
         content,
+    }
+}
+
+/// The partitions a node owns: the configured ones, each once and each in the topic, or every
+/// partition of the topic. A partition the topic does not have would leave the node reporting
+/// healthy while it serves nothing of it.
+fn owned_partitions(topic: &str, configured: Option<Vec<i32>>, all: Vec<i32>) -> Result<Vec<i32>> {
+    let Some(configured) = configured else {
+        return Ok(all);
+    };
+    let mut seen = std::collections::BTreeSet::new();
+    for partition in &configured {
+        if !seen.insert(*partition) {
+            return Err(Error::Setup(format!(
+                "projector.partitions lists partition {partition} twice"
+            )));
+        }
+        if !all.contains(partition) {
+            return Err(Error::Setup(format!(
+                "projector.partitions names partition {partition}, which topic {topic} does not have (its partitions: {all:?})"
+            )));
+        }
+    }
+    Ok(configured)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn configured_partitions_must_be_the_topics_each_once() {
+        let all = vec![0, 1, 2];
+        assert_eq!(
+            owned_partitions("t", None, all.clone()).ok(),
+            Some(all.clone())
+        );
+        assert_eq!(
+            owned_partitions("t", Some(vec![2, 0]), all.clone()).ok(),
+            Some(vec![2, 0])
+        );
+        let missing = owned_partitions("t", Some(vec![0, 6]), all.clone()).expect_err("refused");
+        assert!(missing.to_string().contains("partition 6"), "{missing}");
+        let twice = owned_partitions("t", Some(vec![1, 1]), all).expect_err("refused");
+        assert!(twice.to_string().contains("twice"), "{twice}");
     }
 }

@@ -221,6 +221,10 @@ impl Node {
             _ => None,
         };
         let (health, health_service) = tonic_health::server::health_reporter();
+        // tonic-health starts the node ("") as SERVING; it is not until the first probe says so.
+        health
+            .set_service_status("", tonic_health::ServingStatus::NotServing)
+            .await;
         let reflection_v1 = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(touchline_proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
