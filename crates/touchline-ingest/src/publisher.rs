@@ -177,6 +177,8 @@ pub struct Publisher {
     slot: Arc<RwLock<ProducerSlot>>,
     config: ClientConfig,
     topic: String,
+    /// The configured partition count: each record's partition is computed from it.
+    partitions: i32,
     durability: Durability,
     ack_timeout: Duration,
 }
@@ -207,6 +209,7 @@ impl Publisher {
             slot: Arc::new(RwLock::new(slot)),
             config,
             topic: kafka.topic.clone(),
+            partitions: kafka.partitions,
             durability,
             ack_timeout,
         })
@@ -332,7 +335,16 @@ impl Publisher {
         for (envelope, value) in envelopes {
             let key = envelope.touchpoint.customer_id.as_str();
             loop {
-                let record = FutureRecord::to(&self.topic).key(key).payload(value);
+                // murmur2 over the configured count, as the partitioner would over the topic's:
+                // partitions added to the topic later do not move a customer away from the
+                // projectors that own it.
+                let record = FutureRecord::to(&self.topic)
+                    .key(key)
+                    .payload(value)
+                    .partition(touchline_kafka::partition_for(
+                        key.as_bytes(),
+                        self.partitions,
+                    ));
                 match producer.send_result(record) {
                     Ok(delivery) => {
                         deliveries.push_back(delivery);
@@ -490,6 +502,43 @@ mod tests {
             Duration::from_secs(10),
         ));
         assert!(delivered.is_ok(), "{delivered:?}");
+    }
+
+    /// Ingest computes each record's partition itself (so that partitions added to the topic
+    /// later do not move customers); it is the partition librdkafka's `murmur2_random`
+    /// partitioner (Java's default) picks for the same key and count.
+    #[tokio::test]
+    async fn the_computed_partition_is_the_one_the_partitioner_picks() {
+        let broker = touchline_kafka::EmbeddedBroker::start(1, "keys", 6).expect("broker starts");
+        let kafka = KafkaOptions {
+            bootstrap_servers: broker.bootstrap_servers().to_owned(),
+            topic: "keys".to_owned(),
+            partitions: 6,
+            ..KafkaOptions::default()
+        };
+        let producer: FutureProducer = kafka.producer_config().create().expect("creates");
+        let keys: Vec<String> = (0..200).map(|i| format!("cust-{i:04}")).collect();
+        let mut deliveries = Vec::new();
+        for key in &keys {
+            let record = FutureRecord::<str, str>::to("keys").key(key).payload("v");
+            deliveries.push(
+                producer
+                    .send_result(record)
+                    .map_err(|(error, _)| error)
+                    .expect("queued"),
+            );
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for (key, delivery) in keys.iter().zip(deliveries) {
+            let produced = delivered(delivery).await.expect("delivered");
+            assert_eq!(
+                produced.partition,
+                touchline_kafka::partition_for(key.as_bytes(), 6),
+                "{key}"
+            );
+            seen.insert(produced.partition);
+        }
+        assert_eq!(seen.len(), 6, "the keys spread over every partition");
     }
 
     #[tokio::test]

@@ -3,6 +3,7 @@
 //! embedded broker (librdkafka's in-process mock cluster) that `touchline dev` and the tests use.
 
 pub mod embedded;
+pub mod partition;
 pub mod topic;
 
 use std::collections::BTreeMap;
@@ -13,6 +14,7 @@ use rdkafka::client::{Client, ClientContext};
 use serde::{Deserialize, Serialize};
 
 pub use embedded::EmbeddedBroker;
+pub use partition::partition_for;
 pub use topic::{TopicState, ensure_topic};
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
