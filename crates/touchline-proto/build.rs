@@ -30,6 +30,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
+        // Prost's codec with the top-level field count checked before decoding (src/codec.rs).
+        .codec_path("crate::codec::BoundedCodec")
         .compile_fds(descriptor_set)?;
     Ok(())
 }

@@ -361,6 +361,12 @@ fn cases() -> Vec<(&'static str, Vec<u8>, Expect)> {
             Status(Code::Internal, None),
         ),
         (
+            // 400 KB that would decode into about 40 MB of empty events: refused before decoding.
+            "more fields than any request holds",
+            field(1, &[]).repeat(200_001),
+            Status(Code::InvalidArgument, Some("TOO_MANY_FIELDS")),
+        ),
+        (
             "a message over the gRPC limit",
             one({
                 let mut e = valid("big");
