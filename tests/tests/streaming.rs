@@ -1,7 +1,8 @@
 //! `PublishStream` flow control: a partner that stops reading acknowledgements is pushed back
 //! (its sends block) instead of the server buffering without bound; and the `touchline publish`
 //! client keeps a window in flight and, after the server goes away mid-stream, reconnects and
-//! resends what was not answered, with every event stored exactly once.
+//! resends what was not answered, with every event stored exactly once; a stream ends at its first
+//! failed batch and publishes nothing after it.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -10,8 +11,8 @@ use tokio_stream::wrappers::ReceiverStream;
 use touchline::stream_client::{PublishOptions, publish};
 use touchline_proto::v1::{self, JourneyStage};
 use touchline_tests::{
-    COURIER, authorized, event_ids, ingest_client, partners, records_in_topic, start_broker,
-    start_node_with, timeline_client, touchpoint, wait_for_timeline,
+    COURIER, authorized, error_reason, event_ids, ingest_client, partners, records_in_topic,
+    start_broker, start_node_with, timeline_client, touchpoint, wait_for_timeline,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -150,5 +151,68 @@ async fn the_publish_client_resends_unanswered_batches_after_the_server_restarts
     }
     assert_eq!(total, 3000, "nothing twice");
     assert_eq!(stored, expected, "nothing lost");
+    node.shutdown().await
+}
+
+/// A stream ends at its first failed batch, and no batch after it is published: nothing reaches
+/// Kafka without an answer the partner can see. The batch after the failed one is read (the
+/// partner sent it) while the one before it is still being made durable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_after_a_failed_batch_of_a_stream_is_published() -> anyhow::Result<()> {
+    let broker = start_broker().await;
+    let Some(mock) = broker.embedded() else {
+        eprintln!("skipped against an external broker: needs the mock cluster's round-trip time");
+        return Ok(());
+    };
+    let dir = tempfile::tempdir()?;
+    let node = start_node_with(&broker, dir.path(), partners(), |config| {
+        config.ingest.rate_per_second = None;
+    })
+    .await?;
+    let mut ingest = ingest_client(&node).await?;
+    let event = |id: &str, second: i64| {
+        touchpoint(id, "nadia", "parcel.scanned", second, JourneyStage::Fulfil)
+    };
+    let batch = |id: &str, events: Vec<v1::Touchpoint>| v1::PublishRequest {
+        events,
+        batch_id: id.to_owned(),
+    };
+    // Kafka answers slowly: the first batch is still in flight when the others arrive.
+    mock.set_round_trip_time(Duration::from_millis(300))?;
+    let requests = vec![
+        batch("a", vec![event("a", 1)]),
+        batch("b", Vec::new()),
+        batch("c", vec![event("c", 3)]),
+    ];
+    let mut answers = ingest
+        .publish_stream(authorized(futures::stream::iter(requests), COURIER.1))
+        .await?
+        .into_inner();
+    assert_eq!(
+        answers.message().await?.map(|answer| answer.accepted),
+        Some(1)
+    );
+    let ended = answers
+        .message()
+        .await
+        .expect_err("the stream ends at the empty batch");
+    assert_eq!(error_reason(&ended).as_deref(), Some("BATCH_EMPTY"));
+    mock.set_round_trip_time(Duration::ZERO)?;
+
+    // A later event of the same customer, in the same partition: it is projected after "c" would
+    // have been.
+    assert_eq!(
+        touchline_tests::publish(&mut ingest, COURIER.1, vec![event("d", 4)])
+            .await?
+            .accepted,
+        1
+    );
+    let mut timeline = timeline_client(&node).await?;
+    let entries = wait_for_timeline(&mut timeline, "nadia", 2).await?;
+    assert_eq!(
+        event_ids(&entries),
+        ["a", "d"],
+        "the batch after the failed one was published"
+    );
     node.shutdown().await
 }

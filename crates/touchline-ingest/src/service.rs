@@ -6,16 +6,15 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::{Stream, StreamExt as _};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
-use tokio_stream::wrappers::ReceiverStream;
+use futures::Stream;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Response, Status, Streaming};
 use touchline_core::{Limits, UnixNanos};
 use touchline_proto::v1::{self, event_result};
-use tracing::{debug, info};
+use tracing::debug;
 
 use crate::auth::{Authenticated, request_token};
 use crate::limits::{RateLimiter, StreamCounter, grpc_timeout};
@@ -23,6 +22,7 @@ use crate::metrics::INGEST;
 use crate::{Error, PartnerDirectory, Publisher, Result};
 
 mod prepare;
+mod stream;
 
 use prepare::{Prepared, prepare};
 
@@ -285,95 +285,6 @@ impl Inner {
         debug!(partner = %partner.partner_id, accepted = response.accepted, rejected = response.rejected, "published batch");
         Ok(response)
     }
-
-    /// One batch of a stream, holding its share of the stream window: made durable while
-    /// holding a server-wide slot. Over the partner's rate it waits for its tokens rather than
-    /// end the stream (as Kafka's quotas delay responses): the stream is paced, and a partner that
-    /// keeps sending faster fills its window and is held back by HTTP/2 flow control.
-    async fn publish_in_stream(
-        self: Arc<Self>,
-        stream: StreamBatches,
-        batch: v1::PublishRequest,
-        share: OwnedSemaphorePermit,
-        stream_gone: CancellationToken,
-    ) -> Result<v1::PublishResponse> {
-        let events = batch.events.len();
-        let result = self.publish_in_window(&stream, batch, &stream_gone).await;
-        drop(share);
-        count_failed(&stream.partner, events, result.as_ref().err());
-        result
-    }
-
-    async fn publish_in_window(
-        &self,
-        stream: &StreamBatches,
-        batch: v1::PublishRequest,
-        stream_gone: &CancellationToken,
-    ) -> Result<v1::PublishResponse> {
-        let events = batch.events.len();
-        let opened_as = &stream.partner;
-        if let Some((rate, burst)) = self.rate_of(opened_as) {
-            // Taken now, paid for by waiting: batches over the rate go in the order they came.
-            let wait = self
-                .rates
-                .take_owing(&opened_as.partner_id, rate, burst, events);
-            if !wait.is_zero() {
-                debug!(partner = %opened_as.partner_id, ?wait, "stream batch over the partner's rate: waiting");
-                tokio::select! {
-                    () = tokio::time::sleep(wait) => {}
-                    () = self.draining.cancelled() => return Err(Error::ShuttingDown),
-                    () = stream_gone.cancelled() => return Err(Error::ShuttingDown),
-                }
-            }
-        }
-        // The token as the partners file says now, just before the batch is published.
-        let partner = self
-            .partners
-            .current()
-            .authenticate(&stream.token, UnixNanos::now())?;
-        if partner.partner_id != opened_as.partner_id {
-            // The file gave this token to another partner: the stream was opened as the first.
-            return Err(Error::TokenInvalid);
-        }
-        let _slot = Arc::clone(&self.in_flight)
-            .acquire_owned()
-            .await
-            .map_err(|_| Error::ShuttingDown)?;
-        self.publish(&partner, batch, None).await
-    }
-}
-
-/// What every batch of one `PublishStream` shares.
-#[derive(Debug, Clone)]
-struct StreamBatches {
-    /// The partner the stream was opened as.
-    partner: Authenticated,
-    /// The stream's bearer token, authenticated again for each batch.
-    token: Arc<str>,
-    /// The stream's window in events.
-    window: Arc<Semaphore>,
-}
-
-impl StreamBatches {
-    /// Checks a batch's shape and waits for its share of the window.
-    async fn admit(
-        &self,
-        inner: &Inner,
-        batch: v1::PublishRequest,
-    ) -> std::result::Result<(v1::PublishRequest, OwnedSemaphorePermit), Status> {
-        let events = batch.events.len();
-        let admitted = match inner.check_shape(events) {
-            Ok(()) => acquire(&self.window, events).await,
-            Err(error) => Err(error),
-        };
-        match admitted {
-            Ok(share) => Ok((batch, share)),
-            Err(error) => {
-                count_failed(&self.partner, events, Some(&error));
-                Err(error.into())
-            }
-        }
-    }
 }
 
 /// Counts the events of a call that failed as a whole as rejected with the call's reason.
@@ -386,21 +297,6 @@ fn count_failed(partner: &Authenticated, events: usize, error: Option<&Error>) {
             u64::try_from(events).unwrap_or(u64::MAX),
         );
     }
-}
-
-/// Batches of one stream waiting for their answer in request order: at most this many; the window
-/// in events is the real limit.
-const MAX_PENDING_BATCHES: usize = 64;
-
-/// Takes `events` permits of a stream window (at most the whole window).
-async fn acquire(window: &Arc<Semaphore>, events: usize) -> Result<OwnedSemaphorePermit> {
-    let permits = u32::try_from(events)
-        .unwrap_or(u32::MAX)
-        .clamp(1, u32::try_from(Semaphore::MAX_PERMITS).unwrap_or(u32::MAX));
-    Arc::clone(window)
-        .acquire_many_owned(permits)
-        .await
-        .map_err(|_| Error::ShuttingDown)
 }
 
 type ResponseStream = Pin<Box<dyn Stream<Item = Result<v1::PublishResponse, Status>> + Send>>;
@@ -439,105 +335,6 @@ impl v1::ingest_service_server::IngestService for IngestService {
         &self,
         request: Request<Streaming<v1::PublishRequest>>,
     ) -> Result<Response<Self::PublishStreamStream>, Status> {
-        let partner = self.inner.authenticate(&request)?;
-        // Kept to authenticate each batch again: a token revoked or expired while its stream is
-        // open stops the stream at its next batch, and contract changes reach open streams.
-        let token: Arc<str> = request_token(request.metadata())
-            .ok_or(Error::TokenMissing)?
-            .into();
-        let max_streams = partner
-            .contract
-            .max_streams
-            .unwrap_or(self.inner.options.max_streams_per_partner);
-        let stream_slot = self
-            .inner
-            .streams
-            .try_open(&partner.partner_id, max_streams)
-            .ok_or(Error::TooManyStreams { max: max_streams })?;
-        let window_events = self
-            .inner
-            .options
-            .stream_window_events
-            .max(self.inner.options.max_batch_events)
-            .max(1);
-        let window = Arc::new(Semaphore::new(window_events));
-        let inner = Arc::clone(&self.inner);
-        let draining = self.inner.draining.clone();
-        // Cancelled when the stream ends (the partner went, or a batch failed): its batches that
-        // still wait for the partner's rate stop waiting.
-        let stream_gone = CancellationToken::new();
-        let batches_gone = stream_gone.clone();
-        let stream = StreamBatches {
-            partner,
-            token,
-            window,
-        };
-        let mut answers = request
-            .into_inner()
-            .take_until(draining.clone().cancelled_owned())
-            // One batch at a time: the next one is read only once this one holds its share of the
-            // window, so a full window stops the server reading the stream (HTTP/2 flow control
-            // then holds the partner back).
-            .then(move |batch| {
-                let inner = Arc::clone(&inner);
-                let stream = stream.clone();
-                let stream_gone = batches_gone.clone();
-                async move {
-                    let admitted = match batch {
-                        Ok(batch) => stream.admit(&inner, batch).await,
-                        Err(status) => Err(status),
-                    };
-                    // Each batch runs as a task of its own: it finishes (and frees its server-wide
-                    // slot) even while the partner is not reading answers.
-                    admitted.map(|(batch, share)| {
-                        tokio::spawn(async move {
-                            inner
-                                .publish_in_stream(stream, batch, share, stream_gone)
-                                .await
-                                .map_err(Status::from)
-                        })
-                    })
-                }
-            })
-            .map(|admitted| async move {
-                match admitted {
-                    Ok(work) => work.await.unwrap_or_else(|error| {
-                        Err(Status::internal(format!("batch task failed: {error}")))
-                    }),
-                    Err(status) => Err(status),
-                }
-            })
-            // Answers in request order; at most this many batches wait for theirs.
-            .buffered(MAX_PENDING_BATCHES)
-            .boxed();
-        // A small answer queue: a partner that stops reading answers stops the stream from being
-        // read, instead of answers piling up in memory.
-        let (sender, receiver) = mpsc::channel(1);
-        tokio::spawn(async move {
-            let _stream_slot = stream_slot;
-            let _gone = stream_gone.drop_guard();
-            loop {
-                // A partner that disconnects frees its stream slot and window at once, even while
-                // its next answer waits (for the partner's rate, say).
-                let answer = tokio::select! {
-                    answer = answers.next() => answer,
-                    () = sender.closed() => None,
-                };
-                let Some(answer) = answer else { break };
-                let failed = answer.is_err();
-                if sender.send(answer).await.is_err() {
-                    break;
-                }
-                if failed {
-                    return;
-                }
-            }
-            if sender.is_closed() {
-                info!("partner closed the stream before reading every answer");
-            } else if draining.is_cancelled() {
-                let _ = sender.send(Err(Error::ShuttingDown.into())).await;
-            }
-        });
-        Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))
+        stream::open(&self.inner, request)
     }
 }
