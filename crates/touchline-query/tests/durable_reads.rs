@@ -35,20 +35,36 @@ async fn event_ids(
         .collect())
 }
 
-#[tokio::test]
-async fn get_timeline_shows_an_entry_once_it_is_flushed() -> anyhow::Result<()> {
-    let dir = tempfile::tempdir()?;
-    let store = Arc::new(SledStore::open(dir.path())?);
+/// The real `TimelineService` over `store` (with the live feed) on `127.0.0.1:0`, and a client.
+async fn serve(
+    store: &Arc<SledStore>,
+) -> anyhow::Result<(
+    TimelineServiceClient<tonic::transport::Channel>,
+    tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+)> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let address = listener.local_addr()?;
     let server = tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(
-                TimelineService::new(Arc::clone(&store) as Arc<dyn EventStore>).into_server(),
+                TimelineService::new(Arc::clone(store) as Arc<dyn EventStore>)
+                    .with_feed(
+                        store.watch_sender(),
+                        tokio_util::sync::CancellationToken::new(),
+                    )
+                    .into_server(),
             )
             .serve_with_incoming(TcpListenerStream::new(listener)),
     );
-    let mut client = TimelineServiceClient::connect(format!("http://{address}")).await?;
+    let client = TimelineServiceClient::connect(format!("http://{address}")).await?;
+    Ok((client, server))
+}
+
+#[tokio::test]
+async fn get_timeline_shows_an_entry_once_it_is_flushed() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let store = Arc::new(SledStore::open(dir.path())?);
+    let (mut client, server) = serve(&store).await?;
     let mut offset = 0;
 
     let flushed = true;
@@ -86,21 +102,7 @@ async fn get_timeline_shows_an_entry_once_it_is_flushed() -> anyhow::Result<()> 
 async fn a_watch_cursor_past_the_end_of_this_log_is_refused() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let store = Arc::new(SledStore::open(dir.path())?);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let address = listener.local_addr()?;
-    let server = tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(
-                TimelineService::new(Arc::clone(&store) as Arc<dyn EventStore>)
-                    .with_feed(
-                        store.watch_sender(),
-                        tokio_util::sync::CancellationToken::new(),
-                    )
-                    .into_server(),
-            )
-            .serve_with_incoming(TcpListenerStream::new(listener)),
-    );
-    let mut client = TimelineServiceClient::connect(format!("http://{address}")).await?;
+    let (mut client, server) = serve(&store).await?;
     let mut offset = 0;
     apply(
         &*store,
