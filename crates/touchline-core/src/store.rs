@@ -170,6 +170,10 @@ pub enum StoreError {
     },
     #[error("storage backend failed: {0}")]
     Backend(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// The store changed under a read that needs it still (a verification beside rebuilds that
+    /// kept switching): nothing is wrong, the read can be tried again.
+    #[error("the store changed during the read: {0}")]
+    Conflict(String),
 }
 
 /// The log and its projections. [`EventStore::apply`] writes atomically: log appends, dedupe

@@ -67,7 +67,11 @@ impl RebuildProgress {
 #[derive(Debug)]
 struct Job {
     progress: watch::Receiver<RebuildProgress>,
+    /// Stops the folding (`CancelRebuild`, or shutdown): the new version is dropped.
     cancel: CancellationToken,
+    /// Stops the task altogether (shutdown), including the deletion of a replaced version after
+    /// a switch, which a `CancelRebuild` arriving too late must not stop. `cancel` is its child.
+    stop: CancellationToken,
     task: JoinHandle<()>,
 }
 
@@ -137,18 +141,20 @@ impl Rebuilds {
             started_at: UnixNanos::now(),
             state: RebuildState::Running,
         });
-        let cancel = CancellationToken::new();
+        let stop = CancellationToken::new();
+        let cancel = stop.child_token();
         let store = Arc::clone(&self.store);
         let chunk = self.chunk;
         let task = tokio::task::spawn_blocking({
-            let cancel = cancel.clone();
-            move || run_rebuild(&store, projection, version, chunk, &sender, &cancel)
+            let (cancel, stop) = (cancel.clone(), stop.clone());
+            move || run_rebuild(&store, projection, version, chunk, &sender, &cancel, &stop)
         });
         let replaced = jobs.insert(
             projection,
             Job {
                 progress: progress.clone(),
                 cancel,
+                stop,
                 task,
             },
         );
@@ -159,7 +165,7 @@ impl Rebuilds {
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
             retiring.retain(|background| !background.task.is_finished());
             retiring.push(Background {
-                cancel: job.cancel,
+                cancel: job.stop,
                 task: job.task,
             });
         }
@@ -225,7 +231,7 @@ impl Rebuilds {
             .jobs()
             .drain()
             .map(|(_, job)| Background {
-                cancel: job.cancel,
+                cancel: job.stop,
                 task: job.task,
             })
             .chain(retiring)
@@ -249,6 +255,7 @@ fn run_rebuild(
     chunk: usize,
     progress: &watch::Sender<RebuildProgress>,
     cancel: &CancellationToken,
+    stop: &CancellationToken,
 ) {
     let started = Instant::now();
     let label = ProjectionLabel {
@@ -315,7 +322,9 @@ fn run_rebuild(
             info!(%projection, version, previous, done, seconds = started.elapsed().as_secs_f64(), "rebuild switched");
             report(done, RebuildState::Switched { previous });
             // The new version serves from the switch; deleting the old one is cleanup.
-            store.retire(switched, cancel);
+            // Past the switch a cancel has nothing left to stop; only shutdown stops the
+            // deletion (what is left is deleted after the next open).
+            store.retire(switched, stop);
         }
         Err(None) => {
             if let Err(error) = store.cancel_rebuild(projection, version) {

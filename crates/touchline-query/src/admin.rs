@@ -195,13 +195,19 @@ impl v1::admin_service_server::AdminService for AdminService {
     ) -> Result<Response<v1::RebuildProgress>, Status> {
         self.check(&request)?;
         let projection = projection(&request.into_inner().projection)?;
-        let mut progress = self.context.rebuilds.cancel(projection).ok_or_else(|| {
-            rejected(
-                Code::NotFound,
-                "NO_REBUILD",
-                format!("no rebuild of {projection} is running"),
-            )
-        })?;
+        // Off the async threads: a rebuild starting meanwhile holds the rebuilds' lock while it
+        // waits for the store's writer.
+        let rebuilds = Arc::clone(&self.context.rebuilds);
+        let mut progress = tokio::task::spawn_blocking(move || rebuilds.cancel(projection))
+            .await
+            .map_err(blocking)?
+            .ok_or_else(|| {
+                rejected(
+                    Code::NotFound,
+                    "NO_REBUILD",
+                    format!("no rebuild of {projection} is running"),
+                )
+            })?;
         // Report the end: the rebuild stops after its current chunk.
         let _ = progress
             .wait_for(RebuildProgress::is_finished)
@@ -226,11 +232,14 @@ impl v1::admin_service_server::AdminService for AdminService {
                 format!("this node does not own partition {partition} (it owns {owned:?})"),
             ));
         }
-        let partitions = if request.partitions.is_empty() {
+        let mut partitions = if request.partitions.is_empty() {
             owned.clone()
         } else {
             request.partitions
         };
+        // A partition named twice is read once (Kafka refuses an assignment that lists it twice).
+        partitions.sort_unstable();
+        partitions.dedup();
         if self
             .replay_running
             .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)

@@ -38,6 +38,9 @@ impl From<Error> for Status {
                 (Code::NotFound, "CUSTOMER_NOT_FOUND", ErrorDetails::new())
             }
             Error::Rejected { code, reason, .. } => (*code, *reason, ErrorDetails::new()),
+            Error::Store(StoreError::Conflict(_)) => {
+                (Code::Aborted, "STORE_CONFLICT", ErrorDetails::new())
+            }
             Error::Store(_) | Error::Blocking(_) => {
                 tracing::error!(%error, "query failed");
                 (Code::Internal, "STORE_FAILED", ErrorDetails::new())

@@ -89,11 +89,9 @@ impl SledStore {
                 return Ok(verified);
             }
         }
-        Err(StoreError::Backend(Box::new(std::io::Error::other(
-            format!(
-                "a rebuild switched the timeline during each of {VERIFY_ATTEMPTS} verifications; verify again"
-            ),
-        ))))
+        Err(StoreError::Conflict(format!(
+            "a rebuild switched the timeline during each of {VERIFY_ATTEMPTS} verifications; verify again"
+        )))
     }
 
     /// One attempt of [`SledStore::verify`]: `None` when a rebuild switched the timeline while it
