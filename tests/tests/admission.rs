@@ -185,7 +185,7 @@ async fn a_partner_cannot_open_more_streams_than_allowed() -> anyhow::Result<()>
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_disconnected_stream_frees_its_slot_while_its_batch_waits_for_the_rate()
+async fn a_disconnected_stream_frees_its_slot_and_its_rate_while_its_batch_waits()
 -> anyhow::Result<()> {
     let broker = start_broker().await;
     let dir = tempfile::tempdir()?;
@@ -261,6 +261,24 @@ async fn a_disconnected_stream_frees_its_slot_while_its_batch_waits_for_the_rate
         }
     };
     assert!(reopened.is_ok(), "the slot stayed taken: {reopened:?}");
+    // The dropped batch gave its minute of rate back: a unary call passes again within seconds.
+    let deadline = tokio::time::Instant::now() + touchline_tests::DEADLINE;
+    loop {
+        poll.tick().await;
+        match publish(&mut ingest, COURIER.1, batch("y", 1)).await {
+            Ok(response) => {
+                assert_eq!(response.accepted, 1);
+                break;
+            }
+            Err(status) => {
+                assert_eq!(error_reason(&status).as_deref(), Some("RATE_LIMITED"));
+                anyhow::ensure!(
+                    tokio::time::Instant::now() < deadline,
+                    "the dropped batch's rate was not given back: {status:?}"
+                );
+            }
+        }
+    }
     node.shutdown().await
 }
 

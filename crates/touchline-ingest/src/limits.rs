@@ -56,6 +56,14 @@ impl RateLimiter {
         })
     }
 
+    /// Gives back `cost` tokens taken for a batch that was then dropped unpublished (its stream
+    /// ended first), up to the bucket's capacity.
+    pub fn refund(&self, partner: &PartnerId, rate: f64, burst: f64, cost: usize) {
+        self.refilled(partner, rate, burst, cost, |tokens, cost| {
+            *tokens = (*tokens + cost).min(burst);
+        });
+    }
+
     /// Refills `partner`'s bucket for the time since it was last used, then lets `take` take
     /// `cost` from its tokens. A batch larger than the burst could never pass: it is charged as a
     /// full bucket.
@@ -198,6 +206,23 @@ mod tests {
         // In debt: a plain take is refused (and takes nothing) until the debt is paid.
         let refused = limiter.try_take(&a, 10.0, 100.0, 1).expect_err("in debt");
         assert!(refused > second, "{refused:?}");
+    }
+
+    #[test]
+    fn a_refund_pays_back_what_a_dropped_batch_owed() {
+        let limiter = RateLimiter::default();
+        let a = partner("a");
+        assert_eq!(limiter.take_owing(&a, 10.0, 100.0, 100), Duration::ZERO);
+        let owed = limiter.take_owing(&a, 10.0, 100.0, 50);
+        assert!(owed > Duration::from_secs(4), "{owed:?}");
+        limiter.refund(&a, 10.0, 100.0, 50);
+        let next = limiter.take_owing(&a, 10.0, 100.0, 10);
+        assert!(next <= Duration::from_secs(1), "the debt is gone: {next:?}");
+        // Never above the capacity.
+        limiter.refund(&a, 10.0, 100.0, 100);
+        limiter.refund(&a, 10.0, 100.0, 100);
+        assert_eq!(limiter.try_take(&a, 10.0, 100.0, 100), Ok(()));
+        assert!(limiter.try_take(&a, 10.0, 100.0, 1).is_err());
     }
 
     #[test]

@@ -78,9 +78,11 @@ impl<U: Message + Default + 'static> Decoder for BoundedDecoder<U> {
         // decoded size is estimated from the events and their fields, and bounded.
         if TypeId::of::<U>() == TypeId::of::<v1::PublishRequest>() {
             let estimate = decoded_publish_request(bytes);
-            if estimate > MAX_DECODED_REQUEST_BYTES {
+            if estimate > MAX_DECODED_REQUEST_BYTES
+                && estimate / MAX_DECODED_PER_ENCODED_BYTE > bytes.len()
+            {
                 return Err(too_many_fields(format!(
-                    "the request would take about {} MiB once decoded (its events and their fields), more than {} MiB",
+                    "the request would take about {} MiB once decoded (its events and their fields): more than {} MiB and {MAX_DECODED_PER_ENCODED_BYTE} times its size",
                     estimate >> 20,
                     MAX_DECODED_REQUEST_BYTES >> 20
                 )));
@@ -94,9 +96,16 @@ impl<U: Message + Default + 'static> Decoder for BoundedDecoder<U> {
     }
 }
 
-/// The most memory a `PublishRequest` may take once decoded, as [`decoded_publish_request`]
-/// estimates it. A request of 1,000 events with 32 attributes each takes about 5 MiB.
+/// A `PublishRequest` is refused when [`decoded_publish_request`] estimates it above this many
+/// bytes once decoded *and* above [`MAX_DECODED_PER_ENCODED_BYTE`] times its encoded size. A
+/// request of 1,000 events with 32 attributes each takes about 5 MiB; ordinary events take 2 to 4
+/// times their encoded size, events of 32 one-letter attributes about 25 times, empty fields 64
+/// to 100 times. Larger legitimate batches (`ingest.max-batch-events` and
+/// `ingest.max-message-bytes` raised) stay under the ratio.
 pub const MAX_DECODED_REQUEST_BYTES: usize = 64 * 1024 * 1024;
+
+/// See [`MAX_DECODED_REQUEST_BYTES`].
+pub const MAX_DECODED_PER_ENCODED_BYTE: usize = 32;
 
 /// What one field nested in an event costs once decoded, beyond its bytes: an attribute is two
 /// strings and a slot of a hash map.
@@ -111,61 +120,102 @@ fn too_many_fields(message: String) -> Status {
 }
 
 /// Estimates the memory an encoded `PublishRequest` takes once decoded: its bytes, plus per event
-/// a `Touchpoint` and per field of the event [`DECODED_FIELD_BYTES`].
+/// a `Touchpoint` and per field of the event [`DECODED_FIELD_BYTES`]. A group anywhere makes it
+/// `usize::MAX` (see [`top_level_fields`]).
 fn decoded_publish_request(bytes: &[u8]) -> usize {
     let mut estimate = bytes.len();
     for field in fields(bytes) {
-        if let Field {
-            number: 1,
-            delimited: Some(event),
-        } = field
-        {
-            estimate = estimate
-                .saturating_add(std::mem::size_of::<v1::Touchpoint>())
-                .saturating_add(fields(event).count().saturating_mul(DECODED_FIELD_BYTES));
+        match field {
+            Field::Group => return usize::MAX,
+            Field::Delimited { number: 1, payload } => {
+                let mut nested = 0_usize;
+                for field in fields(payload) {
+                    if matches!(field, Field::Group) {
+                        return usize::MAX;
+                    }
+                    nested += 1;
+                }
+                estimate = estimate
+                    .saturating_add(std::mem::size_of::<v1::Touchpoint>())
+                    .saturating_add(nested.saturating_mul(DECODED_FIELD_BYTES));
+            }
+            Field::Delimited { .. } | Field::Scalar => {}
         }
     }
     estimate
 }
 
-/// Counts the fields at the top level of an encoded message, stopping past `limit`.
+/// Counts the fields at the top level of an encoded message, stopping past `limit`. A group (a
+/// proto2 wire type no Touchline message has, which prost skips on an unknown field number) counts
+/// as `usize::MAX`: skipped, it would hide the fields after it from the count.
 fn top_level_fields(bytes: &[u8], limit: usize) -> usize {
-    fields(bytes).take(limit.saturating_add(1)).count()
+    let mut count = 0_usize;
+    for field in fields(bytes) {
+        if matches!(field, Field::Group) {
+            return usize::MAX;
+        }
+        count += 1;
+        if count > limit {
+            break;
+        }
+    }
+    count
 }
 
 /// One field of an encoded message.
-struct Field<'a> {
-    number: u64,
-    /// The payload of a length-delimited field.
-    delimited: Option<&'a [u8]>,
+enum Field<'a> {
+    /// A varint or fixed-size field.
+    Scalar,
+    /// A length-delimited field (a string, bytes, a message, a map entry, a packed array).
+    Delimited { number: u64, payload: &'a [u8] },
+    /// The start or end of a group: the iteration ends after it.
+    Group,
 }
 
-/// The fields at the top level of an encoded message, in order. Malformed input ends them where
-/// it stops making sense: prost then reports the error.
+/// The fields at the top level of an encoded message, in order. Malformed input (an invalid wire
+/// type, a truncated field) ends them where it stops making sense: prost then refuses the
+/// message. A group ends them too, after yielding [`Field::Group`].
 fn fields(mut bytes: &[u8]) -> impl Iterator<Item = Field<'_>> {
     std::iter::from_fn(move || {
         if bytes.is_empty() {
             return None;
         }
         let tag = varint(&mut bytes)?;
-        let (skip, delimited) = match tag & 0b111 {
+        let field = match tag & 0b111 {
             // varint
-            0 => (varint(&mut bytes).map(|_| 0)?, false),
+            0 => {
+                varint(&mut bytes)?;
+                Field::Scalar
+            }
             // 64-bit
-            1 => (8, false),
+            1 => {
+                bytes = bytes.get(8..)?;
+                Field::Scalar
+            }
             // length-delimited
-            2 => (usize::try_from(varint(&mut bytes)?).ok()?, true),
+            2 => {
+                let length = usize::try_from(varint(&mut bytes)?).ok()?;
+                let payload = bytes.get(..length)?;
+                bytes = bytes.get(length..)?;
+                Field::Delimited {
+                    number: tag >> 3,
+                    payload,
+                }
+            }
             // 32-bit
-            5 => (4, false),
-            // groups (unused by proto3) and invalid wire types
+            5 => {
+                bytes = bytes.get(4..)?;
+                Field::Scalar
+            }
+            // start and end of a group
+            3 | 4 => {
+                bytes = &[];
+                Field::Group
+            }
+            // invalid wire types
             _ => return None,
         };
-        let payload = bytes.get(..skip)?;
-        bytes = bytes.get(skip..)?;
-        Some(Field {
-            number: tag >> 3,
-            delimited: delimited.then_some(payload),
-        })
+        Some(field)
     })
 }
 
@@ -205,6 +255,25 @@ mod tests {
         // Malformed: a length past the end, an invalid wire type.
         assert_eq!(top_level_fields(&[0x0a, 0x05, 0x01], usize::MAX), 0);
         assert_eq!(top_level_fields(&[0x08, 0x01, 0x0f], usize::MAX), 1);
+    }
+
+    /// prost skips a group on an unknown field number and decodes what follows: a group must not
+    /// hide the fields after it from the count.
+    #[test]
+    fn a_group_is_refused_wherever_it_is() {
+        let mut bytes = vec![0x7b, 0x7c];
+        bytes.extend([0x0a, 0x00].repeat(10));
+        assert_eq!(top_level_fields(&bytes, MAX_TOP_LEVEL_FIELDS), usize::MAX);
+        assert_eq!(decoded_publish_request(&bytes), usize::MAX);
+        // Inside an event, before its attributes.
+        let mut event = vec![0x7b, 0x7c];
+        event.extend([0x42, 0x00].repeat(10));
+        let mut request = vec![0x0a, u8::try_from(event.len()).unwrap_or_default()];
+        request.extend(event);
+        assert_eq!(decoded_publish_request(&request), usize::MAX);
+        // prost does decode such a message: the group is what the count must not skip.
+        let decoded = v1::PublishRequest::decode(bytes.as_slice()).expect("prost skips the group");
+        assert_eq!(decoded.events.len(), 10);
     }
 
     #[test]

@@ -10,18 +10,19 @@
 //! batch after it is published: each one checks, up to the moment it would publish, whether an
 //! earlier batch failed, so that nothing reaches Kafka without an answer the partner can see.
 //! (Batches already being published when an earlier one fails cannot be called back; their
-//! events are in Kafka without an answer, and a resend is stored once.)
+//! events are in Kafka without an answer, and a resend is stored once.) A batch dropped before it
+//! was published gives the partner's rate back. The metrics count the one failure the partner is
+//! told of.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures::StreamExt as _;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
-use touchline_core::UnixNanos;
+use touchline_core::{PartnerId, UnixNanos};
 use touchline_proto::v1;
 use tracing::{debug, info};
 
@@ -32,6 +33,16 @@ use crate::{Error, Result};
 /// Batches of one stream waiting for their answer in request order: at most this many; the window
 /// in events is the real limit.
 const MAX_PENDING_BATCHES: usize = 64;
+
+/// Why a batch got no response.
+enum Failed {
+    /// The batch failed: its events are counted as rejected if the partner is told.
+    Batch { events: usize, error: Error },
+    /// The request stream itself broke (a message that could not be decoded, a reset).
+    Stream(Status),
+}
+
+type Answer = std::result::Result<v1::PublishResponse, Failed>;
 
 /// Opens a stream: checks the partner's stream count, then reads, admits and answers batches.
 pub(super) fn open(
@@ -61,8 +72,7 @@ pub(super) fn open(
         token,
         window: Arc::new(Semaphore::new(window_events)),
         gone: CancellationToken::new(),
-        first_failure: AtomicU64::new(u64::MAX),
-        failed: CancellationToken::new(),
+        first_failure: watch::Sender::new(u64::MAX),
     });
     let draining = inner.draining.clone();
     let batches = Arc::clone(&shared);
@@ -75,31 +85,35 @@ pub(super) fn open(
             let index = next_index;
             next_index += 1;
             async move {
-                let admitted = match batch {
-                    Ok(batch) => shared.admit(index, batch).await,
+                let batch = match batch {
+                    Ok(batch) => batch,
                     Err(status) => {
-                        // The request stream broke (or a message could not be decoded).
                         shared.fail(index);
-                        return Err(status);
+                        return Err(Failed::Stream(status));
                     }
                 };
-                // Each batch runs as a task of its own: it finishes (and frees its server-wide
-                // slot) even while the partner is not reading answers.
-                admitted
-                    .map(|admitted| {
-                        tokio::spawn(async move {
-                            shared.run(index, admitted).await.map_err(Status::from)
-                        })
-                    })
-                    .map_err(Status::from)
+                let events = batch.events.len();
+                match shared.admit(index, batch).await {
+                    // Each batch runs as a task of its own: it finishes (and frees its
+                    // server-wide slot) even while the partner is not reading answers.
+                    Ok(admitted) => Ok(tokio::spawn(async move {
+                        shared
+                            .run(index, admitted)
+                            .await
+                            .map_err(|error| Failed::Batch { events, error })
+                    })),
+                    Err(error) => Err(Failed::Batch { events, error }),
+                }
             }
         })
         .map(|admitted| async move {
             match admitted {
                 Ok(work) => work.await.unwrap_or_else(|error| {
-                    Err(Status::internal(format!("batch task failed: {error}")))
+                    Err(Failed::Stream(Status::internal(format!(
+                        "batch task failed: {error}"
+                    ))))
                 }),
-                Err(status) => Err(status),
+                Err(failed) => Err(failed),
             }
         })
         // Answers in request order; at most this many batches wait for theirs.
@@ -111,25 +125,32 @@ pub(super) fn open(
     tokio::spawn(async move {
         let _stream_slot = stream_slot;
         let _gone = shared.gone.clone().drop_guard();
+        let mut told_failure = false;
         loop {
             // A partner that disconnects frees its stream slot and window at once, even while
             // its next answer waits (for the partner's rate, say).
-            let answer = tokio::select! {
+            let answer: Option<Answer> = tokio::select! {
                 answer = answers.next() => answer,
                 () = sender.closed() => None,
             };
             let Some(answer) = answer else { break };
-            let failed = answer.is_err();
-            if sender.send(answer).await.is_err() {
+            let (message, failed) = match answer {
+                Ok(response) => (Ok(response), false),
+                Err(Failed::Batch { events, error }) => {
+                    // The one failure the partner is told of.
+                    count_failed(&shared.opened_as, events, Some(&error));
+                    (Err(Status::from(error)), true)
+                }
+                Err(Failed::Stream(status)) => (Err(status), true),
+            };
+            told_failure = failed;
+            if sender.send(message).await.is_err() || failed {
                 break;
-            }
-            if failed {
-                return;
             }
         }
         if sender.is_closed() {
             info!("partner closed the stream before reading every answer");
-        } else if draining.is_cancelled() {
+        } else if draining.is_cancelled() && !told_failure {
             let _ = sender.send(Err(Error::ShuttingDown.into())).await;
         }
     });
@@ -149,9 +170,7 @@ struct Shared {
     /// Cancelled when the answers stop (the partner went, or the stream ended).
     gone: CancellationToken,
     /// The lowest index of a batch that failed; `u64::MAX` while none has.
-    first_failure: AtomicU64,
-    /// Cancelled at the first failure: wakes batches that wait, to check whether it was earlier.
-    failed: CancellationToken,
+    first_failure: watch::Sender<u64>,
 }
 
 /// A batch admitted to the stream: authenticated, charged to the partner's rate, holding its
@@ -160,7 +179,17 @@ struct Admitted {
     batch: v1::PublishRequest,
     /// How long the batch waits for the rate it was charged.
     wait: Duration,
+    /// What it was charged, given back if it is dropped unpublished.
+    charge: Option<Charge>,
     share: OwnedSemaphorePermit,
+}
+
+/// Tokens a batch took from its partner's bucket.
+struct Charge {
+    partner: PartnerId,
+    rate: f64,
+    burst: f64,
+    events: usize,
 }
 
 impl Shared {
@@ -178,33 +207,38 @@ impl Shared {
         Ok(partner)
     }
 
+    /// Batch `index` failed: the stream ends at it (or at an earlier failure).
     fn fail(&self, index: u64) {
-        self.first_failure.fetch_min(index, Ordering::SeqCst);
-        self.failed.cancel();
+        self.first_failure.send_if_modified(|first| {
+            let earlier = index < *first;
+            if earlier {
+                *first = index;
+            }
+            earlier
+        });
     }
 
-    /// Whether a batch before `index` failed: the stream ends before batch `index` is answered.
-    fn failed_before(&self, index: u64) -> bool {
-        self.first_failure.load(Ordering::SeqCst) < index
-    }
-
-    /// Whether batch `index` can no longer be answered.
+    /// Whether batch `index` can no longer be answered: the partner went, or an earlier batch
+    /// failed.
     fn ended_for(&self, index: u64) -> bool {
-        self.gone.is_cancelled() || self.failed_before(index)
+        self.gone.is_cancelled() || *self.first_failure.borrow() < index
     }
 
     /// Resolves once batch `index` can no longer be answered.
     async fn wait_ended_for(&self, index: u64) {
-        tokio::select! {
-            () = self.gone.cancelled() => {}
-            () = async {
-                self.failed.cancelled().await;
-                if !self.failed_before(index) {
-                    // A later batch failed: this one is still answered (the forwarder stops at
-                    // the first failure in request order, after it).
-                    std::future::pending::<()>().await;
+        let mut failures = self.first_failure.subscribe();
+        loop {
+            if *failures.borrow_and_update() < index {
+                return;
+            }
+            tokio::select! {
+                () = self.gone.cancelled() => return,
+                changed = failures.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
                 }
-            } => {}
+            }
         }
     }
 
@@ -219,37 +253,78 @@ impl Shared {
             }
             self.inner.check_shape(events)?;
             let partner = self.authenticate()?;
-            let wait = match self.inner.rate_of(&partner) {
+            let (wait, charge) = match self.inner.rate_of(&partner) {
                 Some((rate, burst)) => {
-                    self.inner
-                        .rates
-                        .take_owing(&partner.partner_id, rate, burst, events)
+                    let wait =
+                        self.inner
+                            .rates
+                            .take_owing(&partner.partner_id, rate, burst, events);
+                    let charge = Charge {
+                        partner: partner.partner_id,
+                        rate,
+                        burst,
+                        events,
+                    };
+                    (wait, Some(charge))
                 }
-                None => Duration::ZERO,
+                None => (Duration::ZERO, None),
             };
-            let share = acquire(&self.window, events).await?;
-            Ok(Admitted { batch, wait, share })
+            let share = match acquire(&self.window, events).await {
+                Ok(share) => share,
+                Err(error) => {
+                    self.refund(charge);
+                    return Err(error);
+                }
+            };
+            Ok(Admitted {
+                batch,
+                wait,
+                charge,
+                share,
+            })
         }
         .await;
-        if let Err(error) = &admitted {
-            self.failed(index, events, error);
+        if admitted.is_err() {
+            self.fail(index);
         }
         admitted
     }
 
     /// Publishes an admitted batch once it has waited for the rate it owes and for a server-wide
-    /// slot, unless the stream ended before it meanwhile.
+    /// slot, unless the stream ended before it meanwhile (then its charge is given back).
     async fn run(&self, index: u64, admitted: Admitted) -> Result<v1::PublishResponse> {
-        let events = admitted.batch.events.len();
-        let result = self.publish(index, admitted).await;
-        if let Err(error) = &result {
-            self.failed(index, events, error);
+        let Admitted {
+            batch,
+            wait,
+            charge,
+            share,
+        } = admitted;
+        let ready = self.wait_for_turn(index, wait).await;
+        let result = match ready {
+            Ok((partner, slot)) => {
+                let response = self.inner.publish(&partner, batch, None).await;
+                drop(slot);
+                response
+            }
+            Err(error) => {
+                self.refund(charge);
+                Err(error)
+            }
+        };
+        drop(share);
+        if result.is_err() {
+            self.fail(index);
         }
         result
     }
 
-    async fn publish(&self, index: u64, admitted: Admitted) -> Result<v1::PublishResponse> {
-        let Admitted { batch, wait, share } = admitted;
+    /// Waits for the rate batch `index` owes and for a server-wide slot, then checks its token
+    /// (revoked while it waited?) and the stream (an earlier batch failed meanwhile?).
+    async fn wait_for_turn(
+        &self,
+        index: u64,
+        wait: Duration,
+    ) -> Result<(Authenticated, OwnedSemaphorePermit)> {
         let draining = &self.inner.draining;
         if !wait.is_zero() {
             debug!(partner = %self.opened_as.partner_id, ?wait, "stream batch over the partner's rate: waiting");
@@ -266,26 +341,18 @@ impl Shared {
             () = draining.cancelled() => return Err(Error::ShuttingDown),
             () = self.wait_ended_for(index) => return Err(Error::ShuttingDown),
         };
-        // Checked once more just before publishing: the token (revoked while the batch waited)
-        // and the stream (an earlier batch failed meanwhile).
         let partner = self.authenticate()?;
         if self.ended_for(index) {
             return Err(Error::ShuttingDown);
         }
-        let response = self.inner.publish(&partner, batch, None).await;
-        drop(slot);
-        drop(share);
-        response
+        Ok((partner, slot))
     }
 
-    /// Batch `index` failed: the stream ends at it. Its events are counted as rejected with the
-    /// reason, unless the batch was only stopped because the stream had already ended (then it
-    /// is never answered, and the earlier failure was counted).
-    fn failed(&self, index: u64, events: usize, error: &Error) {
-        let stopped = self.ended_for(index);
-        self.fail(index);
-        if !stopped {
-            count_failed(&self.opened_as, events, Some(error));
+    fn refund(&self, charge: Option<Charge>) {
+        if let Some(charge) = charge {
+            self.inner
+                .rates
+                .refund(&charge.partner, charge.rate, charge.burst, charge.events);
         }
     }
 }
