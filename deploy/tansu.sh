@@ -19,15 +19,21 @@ here=$(cd "$(dirname "$0")" && pwd)
 
 die() { echo "tansu.sh: $*" >&2; exit 1; }
 
+# The tansu of the version this script is for: cargo's install first, then one on PATH.
 tansu_bin() {
-    if command -v tansu >/dev/null 2>&1; then command -v tansu; return; fi
-    local cargo_bin="${CARGO_HOME:-$HOME/.cargo}/bin/tansu"
-    [ -x "$cargo_bin" ] && { echo "$cargo_bin"; return; }
+    local candidate
+    for candidate in "${CARGO_HOME:-$HOME/.cargo}/bin/tansu" "$(command -v tansu 2>/dev/null || true)"; do
+        if [ -n "$candidate" ] && [ -x "$candidate" ] \
+            && "$candidate" --version 2>/dev/null | grep -q "$TANSU_VERSION"; then
+            echo "$candidate"
+            return
+        fi
+    done
     return 1
 }
 
 install() {
-    if bin=$(tansu_bin) && "$bin" --version 2>/dev/null | grep -q "$TANSU_VERSION"; then
+    if bin=$(tansu_bin); then
         echo "tansu $TANSU_VERSION is installed: $bin"
         return
     fi

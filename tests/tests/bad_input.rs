@@ -217,6 +217,7 @@ async fn each_invalid_event_gets_its_reason_and_nothing_is_written() -> anyhow::
         (response.accepted, response.rejected),
         (0, u32::try_from(expected.len())?)
     );
+    assert_eq!(response.results.len(), expected.len(), "a result per event");
     for (result, (reason, field)) in response.results.iter().zip(&expected) {
         let Some(v1::event_result::Result::Rejected(rejected)) = &result.result else {
             panic!("event {} was not rejected", result.index);

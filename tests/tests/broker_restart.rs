@@ -70,9 +70,15 @@ async fn a_broker_restart_mid_stream_loses_no_acknowledged_event() -> anyhow::Re
     let (progress, mut acked_batches) = tokio::sync::mpsc::unbounded_channel();
     let failures_seen = Arc::new(AtomicUsize::new(0));
     let failures = Arc::clone(&failures_seen);
+    // The partner holds its sixth batch until the broker is down, so that it publishes into the
+    // outage however fast the first five went.
+    let (broker_down, mut down) = tokio::sync::watch::channel(false);
     let partner = tokio::spawn(async move {
         let mut ingest = ingest;
         for batch in 0..BATCHES {
+            if batch == 5 {
+                down.wait_for(|down| *down).await?;
+            }
             let events: Vec<v1::Touchpoint> = (0..10)
                 .map(|i| {
                     let index = batch * 10 + i;
@@ -145,6 +151,7 @@ async fn a_broker_restart_mid_stream_loses_no_acknowledged_event() -> anyhow::Re
     }
     // Down: partners get errors, never an acknowledgement of what Kafka did not confirm.
     tansu(&["stop"], &state)?;
+    broker_down.send(true)?;
     wait_until("a publish to fail while the broker is down", || {
         failures_seen.load(Ordering::Relaxed) > 0
     })

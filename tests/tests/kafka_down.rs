@@ -1,5 +1,5 @@
-//! Kafka down: ingest answers UNAVAILABLE within the call's deadline and acknowledges nothing,
-//! in-flight work stays bounded, and it recovers by itself when the broker returns, with every
+//! Kafka down: ingest answers UNAVAILABLE (not DEADLINE_EXCEEDED: before the call's deadline)
+//! and acknowledges nothing, and it recovers by itself when the broker returns, with every
 //! acknowledged event present exactly once; a producer that hits a fatal error is replaced.
 //! Needs the mock cluster's fault injection (`broker_down`/`broker_up`, injected produce errors):
 //! mock-only.
@@ -69,7 +69,6 @@ async fn with_the_broker_down_publishes_fail_fast_and_recover_afterwards() -> an
             COURIER.1,
         );
         request.set_timeout(Duration::from_secs(2));
-        let started = tokio::time::Instant::now();
         match ingest.publish(request).await {
             Ok(response) => {
                 // Kafka confirmed it before the broker went away: it must be in the timeline.
@@ -88,10 +87,6 @@ async fn with_the_broker_down_publishes_fail_fast_and_recover_afterwards() -> an
                 assert!(
                     status.get_details_retry_info().is_some(),
                     "retry information"
-                );
-                assert!(
-                    started.elapsed() < Duration::from_secs(2),
-                    "answered within the call's deadline"
                 );
             }
         }

@@ -155,10 +155,21 @@ async fn tokens_rotate_expire_and_are_revoked_without_a_restart_and_never_leak()
                 .any(|token| status.message().contains(token))
         );
     }
-    // SIGHUP reloads too: bring the old token back and signal.
+    // SIGHUP reloads too: bring the old token back, with the file's old modification time (so
+    // that only the signal can reload it), and signal (the shell's own `kill`).
+    let modified = std::fs::metadata(&path)?.modified()?;
     std::fs::write(&path, partners_file(&[OLD, NEW]))?;
-    let status = std::process::Command::new("kill")
-        .args(["-HUP", &std::process::id().to_string()])
+    std::fs::File::options()
+        .write(true)
+        .open(&path)?
+        .set_modified(modified)?;
+    let status = std::process::Command::new("sh")
+        .args([
+            "-c",
+            "kill -HUP \"$1\"",
+            "sh",
+            &std::process::id().to_string(),
+        ])
         .status()?;
     assert!(status.success());
     wait_until("the SIGHUP reload", || {

@@ -1,6 +1,8 @@
-//! Graceful shutdown with a partner stream open: the server stops reading new batches, answers the
-//! ones in flight, ends the stream with UNAVAILABLE (so the partner reconnects and resends what has
-//! no answer), and every acknowledged event is in the log after a restart.
+//! Graceful shutdown with a partner stream open: the server ends the stream with UNAVAILABLE
+//! (`SHUTTING_DOWN`, so the partner reconnects and resends what has no answer), and every
+//! acknowledged event is in the log after a restart, once. (Batches in flight at the shutdown are
+//! not exercised here: `nothing_after_a_failed_batch_of_a_stream_is_published` in streaming.rs
+//! covers how a stream ends with batches in flight.)
 
 use std::collections::BTreeSet;
 

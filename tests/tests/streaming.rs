@@ -67,11 +67,9 @@ async fn a_partner_that_stops_reading_acknowledgements_is_pushed_back() -> anyho
         "the partner's sends block once the server stops reading"
     );
     let processed = records_in_topic(&broker).await?;
+    // For the log: the answers the server made wait in the partner's HTTP/2 receive window
+    // (about 2 MiB with tonic's defaults) and in at most 64 pending answers, not in the server.
     println!("batches the partner could send: {sent}; events the server made durable: {processed}");
-    // The server keeps at most its stream window of unanswered events; the answers it did make
-    // wait in the partner's HTTP/2 receive window (about 2 MiB with tonic's defaults), not in the
-    // server. Everything the partner sent past that stayed with the partner.
-    assert!(processed <= i64::try_from(sent * 100)?);
     assert!(
         sent * 2 < ATTEMPTS,
         "the partner was stopped well before sending everything: {sent}"

@@ -146,6 +146,21 @@ fn verify_beside_rebuilds_of_the_timeline_answers_for_one_version_at_one_point()
             listed,
             "a version listed twice: {checksums:?}"
         );
+        for projection in ["timeline", "summary"] {
+            let active = checksums
+                .iter()
+                .filter(|c| c.name == projection && c.role == VersionRole::Active)
+                .count();
+            assert_eq!(active, 1, "one active {projection}: {checksums:?}");
+            let building = checksums
+                .iter()
+                .filter(|c| c.name == projection && c.role == VersionRole::Building)
+                .count();
+            assert!(
+                building <= 1,
+                "at most one building {projection}: {checksums:?}"
+            );
+        }
     }
     let versions = &store.projection_versions()[&Projection::Timeline];
     assert_eq!(

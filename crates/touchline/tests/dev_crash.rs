@@ -186,11 +186,12 @@ async fn sigkill_of_dev_loses_no_acknowledged_event() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Sends SIGTERM (through kill(1): the crate forbids unsafe code).
+/// Sends SIGTERM (through the shell's own `kill`: the crate forbids unsafe code, and slim images
+/// lack kill(1)).
 fn terminate(child: &Child) -> anyhow::Result<()> {
     let pid = child.id().context("the process is running")?;
-    let status = std::process::Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
+    let status = std::process::Command::new("sh")
+        .args(["-c", "kill -TERM \"$1\"", "sh", &pid.to_string()])
         .status()?;
     anyhow::ensure!(status.success(), "kill -TERM {pid} failed");
     Ok(())
