@@ -256,6 +256,9 @@ async fn run_node(
         }
         None => PartnerRegistry::default().into(),
     };
+    // SIGHUP reloads the partners file where there is one; anywhere else (and during the start)
+    // it must not end the process, which is the signal's default action.
+    node::ignore_hangups();
     let mut node = Node::start(config, broker, partners).await?;
     let endpoint = node.endpoint();
     if broker == BrokerChoice::Embedded {
@@ -289,6 +292,13 @@ async fn run_node(
         () = node::shutdown_signal() => None,
         error = node.failed() => Some(error),
     };
+    // A second Ctrl-C or SIGTERM while the shutdown drains ends the process at once. What was
+    // acknowledged is safe either way: in Kafka, or flushed before the acknowledgement (dev).
+    tokio::spawn(async {
+        node::shutdown_signal().await;
+        tracing::warn!("second signal: exiting without waiting for the shutdown to finish");
+        std::process::exit(130);
+    });
     let stopped = node.shutdown().await;
     match failure {
         Some(error) => Err(error),

@@ -130,7 +130,11 @@ impl Exporter {
                     .projector_up
                     .set(i64::from(status.projector_state == "running"));
             }
-            Err(error) => warn!(%error, "cannot read the status for metrics"),
+            Err(error) => {
+                // Not the last good values: the status could not be read.
+                warn!(%error, "cannot read the status for metrics");
+                self.gauges.projector_up.set(0);
+            }
         }
     }
 

@@ -68,11 +68,39 @@ impl Node {
     /// When the store cannot be opened, Kafka cannot be reached, the topic is missing or the
     /// listener cannot bind.
     pub async fn start(
-        mut config: Config,
+        config: Config,
         broker: BrokerChoice,
         partners: impl Into<PartnerDirectory>,
     ) -> anyhow::Result<Self> {
+        // Once the projector runs, a start that fails after it stops it and waits for it, so
+        // that the store is closed (and unlocked) when the error is returned.
+        let mut projector = None;
+        let started = Self::start_roles(config, broker, partners.into(), &mut projector).await;
+        if started.is_err()
+            && let Some((shutdown, task)) = projector.take()
+        {
+            shutdown.cancel();
+            let _ = task.await;
+        }
+        started
+    }
+
+    async fn start_roles(
+        mut config: Config,
+        broker: BrokerChoice,
+        partners: PartnerDirectory,
+        projector_slot: &mut Option<(
+            CancellationToken,
+            JoinHandle<touchline_projection::Result<()>>,
+        )>,
+    ) -> anyhow::Result<Self> {
         config.validate()?;
+        anyhow::ensure!(
+            broker != BrokerChoice::Embedded
+                || config.projector.partitions.is_empty()
+                || (0..config.kafka.partitions).all(|p| config.projector.partitions.contains(&p)),
+            "on the embedded broker an event is acknowledged once this node's projector has it: projector.partitions must be empty (every partition) or name every partition"
+        );
         let embedded = match broker {
             BrokerChoice::Embedded => {
                 let embedded =
@@ -100,10 +128,8 @@ impl Node {
             server_shutdown.clone(),
             background_shutdown.clone(),
         ]);
-        let partners: PartnerDirectory = partners.into();
         let probe = Arc::new(KafkaProbe::new(&config.kafka)?);
         let mut store = None;
-        let mut projector_task = None;
         let mut applied_offsets = None;
         let mut admin = None;
         let mut rebuilds = None;
@@ -130,11 +156,12 @@ impl Node {
             applied_offsets = Some(handle.applied_offsets());
             let stopped = projector_stopped.clone();
             let shutdown = projector_shutdown.clone();
-            projector_task = Some(spawn_on_own_thread("tl-consumer", async move {
-                let result = projector.run(shutdown).await;
-                stopped.cancel();
-                result
-            })?);
+            let task = spawn_on_own_thread("tl-consumer", async move {
+                // Health and status learn of the end however it comes, a panic included.
+                let _stopped = stopped.drop_guard();
+                projector.run(shutdown).await
+            })?;
+            *projector_slot = Some((projector_shutdown.clone(), task));
             let mut admin_hashes = config.admin.token_sha256.clone();
             if admin_hashes.is_empty() {
                 if broker == BrokerChoice::Embedded {
@@ -257,18 +284,9 @@ impl Node {
             background_shutdown.clone(),
         )));
 
-        let listener = match TcpListener::bind(config.server.listen).await {
-            Ok(listener) => listener,
-            Err(error) => {
-                // Do not leave the projector running (and the store locked) behind a failed start.
-                projector_shutdown.cancel();
-                if let Some(task) = projector_task {
-                    let _ = task.await;
-                }
-                return Err(anyhow::Error::new(error)
-                    .context(format!("cannot listen on {}", config.server.listen)));
-            }
-        };
+        let listener = TcpListener::bind(config.server.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", config.server.listen))?;
         let local_addr = listener.local_addr()?;
         if let Some(rebuilds) = &rebuilds {
             // Started once nothing of the start can fail any more: shutdown stops and awaits it.
@@ -293,7 +311,7 @@ impl Node {
             _stop_on_drop: start_guard,
             projector_shutdown,
             server: Some(server),
-            projector: projector_task,
+            projector: projector_slot.take().map(|(_, task)| task),
             store,
             rebuilds,
             broker: embedded,
@@ -464,6 +482,22 @@ fn incoming_without_delay(
         stream.set_nodelay(true)?;
         Ok(stream)
     })
+}
+
+/// Listens for SIGHUP for the rest of the process, so that it never ends the process (its default
+/// action). The partners file, where there is one, is reloaded by its own listener.
+pub fn ignore_hangups() {
+    #[cfg(unix)]
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(mut hangups) => {
+            tokio::spawn(async move {
+                while hangups.recv().await.is_some() {
+                    tracing::debug!("SIGHUP received");
+                }
+            });
+        }
+        Err(error) => warn!(%error, "cannot listen for SIGHUP: it would end the process"),
+    }
 }
 
 /// Resolves on Ctrl-C or SIGTERM.

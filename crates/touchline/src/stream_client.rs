@@ -122,7 +122,13 @@ pub async fn publish(
     let mut report = PublishReport::default();
     let mut attempt = 0_u32;
     while !pending.is_empty() {
-        match stream_once(endpoint, token, &mut pending, window, options, &mut report).await {
+        let before = pending.len();
+        let result = stream_once(endpoint, token, &mut pending, window, options, &mut report).await;
+        if pending.len() < before {
+            // The stream got answers before it broke: the attempts count breaks in a row.
+            attempt = 0;
+        }
+        match result {
             Ok(()) => {}
             Err(status) => {
                 let Some(delay) = retry_delay(&status, attempt) else {
@@ -139,10 +145,8 @@ pub async fn publish(
                 tracing::warn!(code = ?status.code(), message = status.message(), unanswered = pending.len(), ?delay, "stream broke, reconnecting");
                 tokio::time::sleep(delay).await;
                 report.reconnects += 1;
-                continue;
             }
         }
-        attempt = 0;
     }
     Ok(report)
 }

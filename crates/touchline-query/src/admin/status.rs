@@ -38,10 +38,12 @@ impl AdminService {
                     high_watermark: high,
                     log_end_offset: log_end,
                     projected_offset: projected,
+                    // What is left to read: records below the low watermark are gone (retention)
+                    // and cannot be read any more.
                     lag: if high < 0 {
                         -1
                     } else {
-                        (high - projected).max(0)
+                        (high - projected.max(low)).max(0)
                     },
                 }
             })
