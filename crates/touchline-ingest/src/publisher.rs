@@ -376,13 +376,20 @@ impl Publisher {
                 })
                 .collect();
             let all_logged = tokio::task::spawn_blocking(move || {
-                identities
+                let all = identities
                     .iter()
                     .try_fold(true, |all, (partner, event_id)| {
                         store
                             .contains_event(partner, event_id)
                             .map(|found| all && found)
-                    })
+                    })?;
+                // An event found may be another copy of it (a resend), applied and not flushed
+                // yet: flushed now, before it is acknowledged (a flush with nothing to write is
+                // cheap).
+                if all {
+                    store.flush()?;
+                }
+                Ok::<_, touchline_core::StoreError>(all)
             })
             .await
             .map_err(|error| unavailable(error.to_string()))?
