@@ -186,21 +186,28 @@ async fn sigkill_of_dev_loses_no_acknowledged_event() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Sends SIGTERM (through the shell's own `kill`: the crate forbids unsafe code, and slim images
+/// Sends a signal (through the shell's own `kill`: the crate forbids unsafe code, and slim images
 /// lack kill(1)).
-fn terminate(child: &Child) -> anyhow::Result<()> {
+fn signal(child: &Child, name: &str) -> anyhow::Result<()> {
     let pid = child.id().context("the process is running")?;
     let status = std::process::Command::new("sh")
-        .args(["-c", "kill -TERM \"$1\"", "sh", &pid.to_string()])
+        .args(["-c", "kill -\"$1\" \"$2\"", "sh", name, &pid.to_string()])
         .status()?;
-    anyhow::ensure!(status.success(), "kill -TERM {pid} failed");
+    anyhow::ensure!(status.success(), "kill -{name} {pid} failed");
     Ok(())
 }
 
+fn terminate(child: &Child) -> anyhow::Result<()> {
+    signal(child, "TERM")
+}
+
+/// Also: a SIGHUP (no partners file to reload in dev) does not end the process; it goes on
+/// serving and exits 0 on the SIGTERM.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_under_load_drains_flushes_and_loses_nothing_acknowledged() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let (mut child, endpoint) = start_dev(dir.path()).await?;
+    signal(&child, "HUP")?;
     let acked = publish_until_stopped(&endpoint, || terminate(&child)).await?;
     let status = tokio::time::timeout(DEADLINE, child.wait())
         .await
