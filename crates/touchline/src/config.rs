@@ -533,10 +533,13 @@ mod tests {
             jail.set_env("TOUCHLINE_ENDPOINT", "http://127.0.0.1:7451");
             jail.set_env("TOUCHLINE_TEST_KAFKA", "127.0.0.1:9092");
             jail.set_env("TOUCHLINE_METRICS__LISTEN", "0.0.0.0:9100");
+            // Values are TOML: a string that looks like a number is quoted.
+            jail.set_env("TOUCHLINE_KAFKA__GROUP_ID", "\"42\"");
             let config = Config::load(Some(Path::new("touchline.toml")))
                 .map_err(|error| error.to_string())?;
             assert_eq!(config.kafka.bootstrap_servers, "from-env:9092");
             assert_eq!(config.ingest.max_batch_events, 10);
+            assert_eq!(config.kafka.group_id, "42");
             assert_eq!(
                 config.metrics.listen,
                 SocketAddr::from(([0, 0, 0, 0], 9100))
