@@ -25,9 +25,11 @@ use crate::config::Config;
 
 mod health;
 mod own_thread;
+mod signals;
 
 use health::{Roles, report_health};
 use own_thread::spawn_on_own_thread;
+pub use signals::{ignore_hangups, shutdown_signal};
 
 /// Which Kafka the node talks to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -482,48 +484,4 @@ fn incoming_without_delay(
         stream.set_nodelay(true)?;
         Ok(stream)
     })
-}
-
-/// Listens for SIGHUP for the rest of the process, so that it never ends the process (its default
-/// action). The partners file, where there is one, is reloaded by its own listener.
-pub fn ignore_hangups() {
-    #[cfg(unix)]
-    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
-        Ok(mut hangups) => {
-            tokio::spawn(async move {
-                while hangups.recv().await.is_some() {
-                    tracing::debug!("SIGHUP received");
-                }
-            });
-        }
-        Err(error) => warn!(%error, "cannot listen for SIGHUP: it would end the process"),
-    }
-}
-
-/// Resolves on Ctrl-C or SIGTERM.
-pub async fn shutdown_signal() {
-    let interrupt = async {
-        if let Err(error) = tokio::signal::ctrl_c().await {
-            error!(%error, "cannot listen for Ctrl-C");
-            std::future::pending::<()>().await;
-        }
-    };
-    #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(error) => {
-                error!(%error, "cannot listen for SIGTERM");
-                std::future::pending::<()>().await;
-            }
-        }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        () = interrupt => info!("received Ctrl-C"),
-        () = terminate => info!("received SIGTERM"),
-    }
 }

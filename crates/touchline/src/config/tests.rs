@@ -1,0 +1,134 @@
+use super::*;
+
+#[test]
+fn defaults_round_trip_through_toml() {
+    let config = Config::default();
+    let text = config.to_toml().expect("prints");
+    let parsed: Config = toml::from_str(&text).expect("parses");
+    assert_eq!(parsed, config);
+}
+
+#[test]
+fn unknown_keys_are_refused() {
+    assert!(toml::from_str::<Config>("[kafka]\nbootstrap = \"x\"\n").is_err());
+    assert!(toml::from_str::<Config>("[nonsense]\n").is_err());
+}
+
+#[test]
+#[allow(
+    clippy::result_large_err,
+    reason = "figment::Jail fixes the closure type"
+)]
+fn files_are_layered_over_defaults() {
+    // In a jail: another test sets TOUCHLINE_* variables, which must not leak in here.
+    figment::Jail::expect_with(|jail| {
+        jail.create_file(
+            "touchline.toml",
+            "[kafka]\nbootstrap-servers = \"broker:9092\"\n[kafka.properties]\n\"security.protocol\" = \"ssl\"\n[projector]\nenabled = true\npartitions = [0, 1]\n[log]\nformat = \"json\"\n",
+        )?;
+        let config =
+            Config::load(Some(Path::new("touchline.toml"))).map_err(|error| error.to_string())?;
+        assert_eq!(config.kafka.bootstrap_servers, "broker:9092");
+        assert_eq!(
+            config
+                .kafka
+                .properties
+                .get("security.protocol")
+                .map(String::as_str),
+            Some("ssl")
+        );
+        assert_eq!(config.projector.partitions, vec![0, 1]);
+        assert_eq!(config.kafka.topic, KafkaOptions::default().topic);
+        assert_eq!(config.log.format, LogFormat::Json);
+        Ok(())
+    });
+}
+
+#[test]
+#[allow(
+    clippy::result_large_err,
+    reason = "figment::Jail fixes the closure type"
+)]
+fn environment_variables_override_the_file() {
+    figment::Jail::expect_with(|jail| {
+        jail.create_file(
+            "touchline.toml",
+            "[kafka]\nbootstrap-servers = \"from-file:9092\"\n",
+        )?;
+        jail.set_env("TOUCHLINE_KAFKA__BOOTSTRAP_SERVERS", "from-env:9092");
+        jail.set_env("TOUCHLINE_INGEST__MAX_BATCH_EVENTS", "10");
+        jail.set_env("TOUCHLINE_CONFIG", "touchline.toml");
+        jail.set_env("TOUCHLINE_TOKEN", "a-partner-token");
+        jail.set_env("TOUCHLINE_ADMIN_TOKEN", "an-admin-token");
+        jail.set_env("TOUCHLINE_QUERY_TOKEN", "a-query-token");
+        jail.set_env("TOUCHLINE_ENDPOINT", "http://127.0.0.1:7451");
+        jail.set_env("TOUCHLINE_TEST_KAFKA", "127.0.0.1:9092");
+        jail.set_env("TOUCHLINE_METRICS__LISTEN", "0.0.0.0:9100");
+        // Values are TOML: a string that looks like a number is quoted.
+        jail.set_env("TOUCHLINE_KAFKA__GROUP_ID", "\"42\"");
+        let config =
+            Config::load(Some(Path::new("touchline.toml"))).map_err(|error| error.to_string())?;
+        assert_eq!(config.kafka.bootstrap_servers, "from-env:9092");
+        assert_eq!(config.ingest.max_batch_events, 10);
+        assert_eq!(config.kafka.group_id, "42");
+        assert_eq!(
+            config.metrics.listen,
+            SocketAddr::from(([0, 0, 0, 0], 9100))
+        );
+        Ok(())
+    });
+}
+
+#[test]
+fn sizes_out_of_range_are_refused() {
+    let refused = |change: fn(&mut Config)| {
+        let mut config = Config::default();
+        change(&mut config);
+        config.validate().expect_err("refused").to_string()
+    };
+    assert!(refused(|c| c.ingest.max_batch_events = 0).contains("ingest.max-batch-events"));
+    assert!(
+        refused(|c| c.ingest.max_in_flight_batches = usize::MAX / 4)
+            .contains("ingest.max-in-flight-batches")
+    );
+    assert!(
+        refused(|c| c.ingest.stream_window_events = c.ingest.max_batch_events - 1)
+            .contains("ingest.stream-window-events")
+    );
+    assert!(
+        refused(|c| c.ingest.max_streams_per_partner = 0)
+            .contains("ingest.max-streams-per-partner")
+    );
+    assert!(refused(|c| c.ingest.ack_timeout_ms = 0).contains("ingest.ack-timeout-ms"));
+    assert!(
+        refused(|c| c.ingest.limits.max_event_bytes = 0).contains("ingest.limits.max-event-bytes")
+    );
+    assert!(refused(|c| c.projector.max_batch = 0).contains("projector.max-batch"));
+    assert!(refused(|c| c.projector.rebuild_batch = 0).contains("projector.rebuild-batch"));
+    Config::default()
+        .validate()
+        .expect("the defaults are valid");
+}
+
+#[test]
+fn weakening_acknowledgements_is_refused() {
+    let mut config = Config::default();
+    config
+        .kafka
+        .producer_properties
+        .insert("acks".to_owned(), "1".to_owned());
+    assert!(config.validate().is_err());
+    let mut config = Config::default();
+    config
+        .kafka
+        .properties
+        .insert("enable.idempotence".to_owned(), "false".to_owned());
+    assert!(config.validate().is_err());
+}
+
+#[test]
+fn a_query_role_without_its_projector_is_refused() {
+    let mut config = Config::default();
+    config.projector.enabled = false;
+    assert!(config.validate().is_err());
+}
