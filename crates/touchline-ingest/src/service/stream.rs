@@ -184,12 +184,33 @@ struct Admitted {
     share: OwnedSemaphorePermit,
 }
 
-/// Tokens a batch took from its partner's bucket.
+/// Tokens a batch took from its partner's bucket: given back when it is dropped before the batch
+/// is published, however that happens (an error, the stream's end, the admission's future
+/// dropped with the stream).
 struct Charge {
+    inner: Arc<Inner>,
     partner: PartnerId,
     rate: f64,
     burst: f64,
     events: usize,
+    spent: bool,
+}
+
+impl Charge {
+    /// The batch is being published: the tokens are spent.
+    fn spend(mut self) {
+        self.spent = true;
+    }
+}
+
+impl Drop for Charge {
+    fn drop(&mut self) {
+        if !self.spent {
+            self.inner
+                .rates
+                .refund(&self.partner, self.rate, self.burst, self.events);
+        }
+    }
 }
 
 impl Shared {
@@ -260,22 +281,18 @@ impl Shared {
                             .rates
                             .take_owing(&partner.partner_id, rate, burst, events);
                     let charge = Charge {
+                        inner: Arc::clone(&self.inner),
                         partner: partner.partner_id,
                         rate,
                         burst,
                         events,
+                        spent: false,
                     };
                     (wait, Some(charge))
                 }
                 None => (Duration::ZERO, None),
             };
-            let share = match acquire(&self.window, events).await {
-                Ok(share) => share,
-                Err(error) => {
-                    self.refund(charge);
-                    return Err(error);
-                }
-            };
+            let share = acquire(&self.window, events).await?;
             Ok(Admitted {
                 batch,
                 wait,
@@ -302,14 +319,15 @@ impl Shared {
         let ready = self.wait_for_turn(index, wait).await;
         let result = match ready {
             Ok((partner, slot)) => {
+                if let Some(charge) = charge {
+                    charge.spend();
+                }
                 let response = self.inner.publish(&partner, batch, None).await;
                 drop(slot);
                 response
             }
-            Err(error) => {
-                self.refund(charge);
-                Err(error)
-            }
+            // Dropped unpublished: the charge is given back.
+            Err(error) => Err(error),
         };
         drop(share);
         if result.is_err() {
@@ -346,14 +364,6 @@ impl Shared {
             return Err(Error::ShuttingDown);
         }
         Ok((partner, slot))
-    }
-
-    fn refund(&self, charge: Option<Charge>) {
-        if let Some(charge) = charge {
-            self.inner
-                .rates
-                .refund(&charge.partner, charge.rate, charge.burst, charge.events);
-        }
     }
 }
 
