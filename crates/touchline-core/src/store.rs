@@ -257,4 +257,9 @@ pub trait EventStore: Send + Sync + std::fmt::Debug {
     /// The log sequence up to which every event is durable: events with a higher sequence may be
     /// applied but not yet flushed (and renumbered after a crash).
     fn durable_sequence(&self) -> u64;
+
+    /// The identity of this log, drawn when the store was created: log sequences mean something
+    /// only within one log (another node's log, or this node's after its store was reset, numbers
+    /// events differently), so positions handed to clients carry it.
+    fn log_id(&self) -> u64;
 }

@@ -63,6 +63,9 @@ const DEAD_LETTER_COUNT: &[u8] = b"dead_letter_count";
 /// log is stored in chunks of consecutive events, one key per write ([`log`]).
 const FORMAT: &[u8] = b"format";
 const FORMAT_VERSION: u64 = 4;
+/// The log's identity ([`touchline_core::EventStore::log_id`]), drawn at random when a store
+/// without one is opened.
+const LOG_ID: &[u8] = b"log_id";
 
 /// Why a rebuild step or a dead-letter operation was refused.
 #[derive(Debug, thiserror::Error)]
@@ -118,6 +121,8 @@ pub struct SledStore {
     meta: Table,
     active: RwLock<Active>,
     writer: Mutex<WriterState>,
+    /// This log's identity (see [`LOG_ID`]).
+    log_id: u64,
     /// Events in the log and dead letters, readable without waiting for the writer.
     log_count: AtomicU64,
     dead_letter_count: AtomicU64,
@@ -139,6 +144,20 @@ pub type ProjectedEntries = Arc<[TimelineEntry]>;
 
 /// How many flushes a slow watcher may fall behind before it is told it lagged.
 pub const WATCH_BUFFER: usize = 1024;
+
+/// A random, nonzero 64-bit identity: the standard library's hasher keys come from the operating
+/// system's randomness, mixed with the clock.
+fn draw_log_id() -> u64 {
+    use std::hash::{BuildHasher as _, Hasher as _};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |elapsed| elapsed.as_nanos()),
+    );
+    hasher.write_u32(std::process::id());
+    hasher.finish().max(1)
+}
 
 fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
     postcard::to_stdvec(value).map_err(backend)
@@ -254,6 +273,16 @@ impl SledStore {
             };
             versions.insert(projection, stored);
         }
+        let log_id = match meta.get(LOG_ID).map_err(backend)? {
+            Some(bytes) => read_u64("log id", LOG_ID, &bytes)?,
+            None => {
+                let drawn = draw_log_id();
+                meta.insert_now(LOG_ID, &drawn.to_be_bytes())
+                    .map_err(backend)?;
+                db.flush().map_err(backend)?;
+                drawn
+            }
+        };
         let next_dead_letter = counter(NEXT_DEAD_LETTER, 1)?;
         let writer = WriterState {
             next_sequence: counter(NEXT_SEQUENCE, 1)?,
@@ -291,6 +320,7 @@ impl SledStore {
             flushing: Mutex::new(()),
             leftovers: Mutex::new(Vec::new()),
             writer: Mutex::new(writer),
+            log_id,
             tree,
             db,
         };

@@ -101,6 +101,10 @@ impl EventStore for RefusingStore {
     fn durable_sequence(&self) -> u64 {
         self.inner.durable_sequence()
     }
+
+    fn log_id(&self) -> u64 {
+        self.inner.log_id()
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

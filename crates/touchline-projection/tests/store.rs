@@ -803,3 +803,15 @@ fn pages_of_large_events_end_early_and_paging_returns_every_entry_once() {
     let expected: Vec<String> = (0..200).map(|i| format!("big-{i:03}")).collect();
     assert_eq!(all, expected, "every entry once, in order");
 }
+
+/// A store draws its log identity once: it stays across reopening, and another store has
+/// another one (watch cursors name the log whose sequence they hold).
+#[test]
+fn the_log_identity_is_drawn_once_and_differs_between_stores() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let first = open(&dir).log_id();
+    assert_ne!(first, 0);
+    assert_eq!(open(&dir).log_id(), first, "the same after reopening");
+    let other = tempfile::tempdir().expect("temp dir");
+    assert_ne!(open(&other).log_id(), first);
+}

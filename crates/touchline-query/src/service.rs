@@ -14,7 +14,7 @@ use touchline_proto::convert::{instant, journey_stage, wire_summary, wire_timeli
 use touchline_proto::v1;
 
 use crate::reads::StoreReads;
-use crate::watch::{Feed, Watch, decode_cursor};
+use crate::watch::{CursorError, Feed, Watch, decode_cursor};
 use crate::{Error, Result, metrics, page_token};
 
 /// Entries per page when the request does not say.
@@ -181,8 +181,17 @@ impl v1::timeline_service_server::TimelineService for TimelineService {
         let after = if request.cursor.is_empty() {
             0
         } else {
-            decode_cursor(&customer, &request.cursor)
-                .ok_or_else(|| invalid("cursor", "cursor was not issued for this customer"))?
+            decode_cursor(&customer, self.reads.store().log_id(), &request.cursor).map_err(
+                |error| match error {
+                    CursorError::NotForCustomer => {
+                        invalid("cursor", "cursor was not issued for this customer")
+                    }
+                    CursorError::OtherLog => invalid(
+                        "cursor",
+                        "cursor is a position in another node's log (or in this node's before its store was reset); watch again without a cursor",
+                    ),
+                },
+            )?
         };
         let Some(feed) = &self.feed else {
             return Err(Status::unimplemented(
@@ -190,8 +199,8 @@ impl v1::timeline_service_server::TimelineService for TimelineService {
             ));
         };
         // A cursor holds a sequence of the log that issued it, which was durable then; one past
-        // this log's end comes from another node's log (or a store since reset), and would
-        // silently skip this log's entries up to it.
+        // this log's end (a cursor of the first format, which does not name its log) comes from
+        // another log, and would silently skip this log's entries up to it.
         if after > self.reads.store().durable_sequence() {
             return Err(Status::from(invalid(
                 "cursor",

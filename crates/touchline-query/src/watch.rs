@@ -32,32 +32,66 @@ pub type Feed = broadcast::Sender<Arc<[TimelineEntry]>>;
 const CLIENT_BUFFER: usize = 256;
 /// Entries read per catch-up page.
 const CATCH_UP_PAGE: usize = 1000;
-const CURSOR_VERSION: u8 = 1;
+/// A cursor: version, log sequence, customer fingerprint, log identity.
+const CURSOR_VERSION: u8 = 2;
+/// Cursors issued before cursors named their log: still accepted, not bound to a log.
+const CURSOR_VERSION_UNBOUND: u8 = 1;
 /// Log events a resumed watch reads instead of the customer's timeline, at most (when the
 /// customer has more entries than events were logged since its cursor, and at most a page of them
 /// are missed).
 const MAX_LOG_CATCH_UP: u64 = 10_000;
 
-/// Encodes a watch cursor: the log sequence, bound to the customer.
+/// Encodes a watch cursor: the log sequence, bound to the customer and to the log
+/// ([`touchline_core::EventStore::log_id`]) whose sequence it is.
 #[must_use]
-pub fn encode_cursor(customer: &CustomerId, sequence: u64) -> String {
-    let mut bytes = Vec::with_capacity(17);
+pub fn encode_cursor(customer: &CustomerId, log: u64, sequence: u64) -> String {
+    let mut bytes = Vec::with_capacity(25);
     bytes.push(CURSOR_VERSION);
     bytes.extend_from_slice(&sequence.to_be_bytes());
     bytes.extend_from_slice(&fingerprint(Some(customer.as_str().as_bytes())).to_be_bytes());
+    bytes.extend_from_slice(&log.to_be_bytes());
     URL_SAFE_NO_PAD.encode(bytes)
 }
 
-/// Decodes a cursor issued for `customer`.
-#[must_use]
-pub fn decode_cursor(customer: &CustomerId, cursor: &str) -> Option<u64> {
-    let bytes = URL_SAFE_NO_PAD.decode(cursor).ok()?;
-    if bytes.len() != 17 || bytes[0] != CURSOR_VERSION {
-        return None;
+/// Why a cursor cannot be resumed from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CursorError {
+    /// Not a cursor, or one issued for another customer.
+    NotForCustomer,
+    /// A cursor of another log (another node's, or this node's before its store was reset): its
+    /// sequence means nothing here.
+    OtherLog,
+}
+
+/// Decodes a cursor issued for `customer` by the log `log`. Cursors of the first format, which
+/// did not name their log, are accepted as they were.
+///
+/// # Errors
+/// [`CursorError`] says why the cursor cannot be used.
+pub fn decode_cursor(customer: &CustomerId, log: u64, cursor: &str) -> Result<u64, CursorError> {
+    let bytes = URL_SAFE_NO_PAD
+        .decode(cursor)
+        .map_err(|_| CursorError::NotForCustomer)?;
+    let field = |at: usize| {
+        bytes
+            .get(at..at + 8)
+            .and_then(|slice| slice.try_into().ok())
+            .map(u64::from_be_bytes)
+            .ok_or(CursorError::NotForCustomer)
+    };
+    let issued_by = match (bytes.len(), bytes.first()) {
+        (25, Some(&CURSOR_VERSION)) => Some(field(17)?),
+        (17, Some(&CURSOR_VERSION_UNBOUND)) => None,
+        _ => return Err(CursorError::NotForCustomer),
+    };
+    let sequence = field(1)?;
+    if field(9)? != fingerprint(Some(customer.as_str().as_bytes())) {
+        return Err(CursorError::NotForCustomer);
     }
-    let sequence = u64::from_be_bytes(bytes[1..9].try_into().ok()?);
-    let bound = u64::from_be_bytes(bytes[9..17].try_into().ok()?);
-    (bound == fingerprint(Some(customer.as_str().as_bytes()))).then_some(sequence)
+    match issued_by {
+        Some(issued_by) if issued_by != log => Err(CursorError::OtherLog),
+        _ => Ok(sequence),
+    }
 }
 
 type Message = Result<v1::WatchTimelineResponse, Status>;
@@ -80,6 +114,11 @@ pub struct Watch {
 }
 
 impl Watch {
+    /// The identity of the log this watcher's cursors are positions in.
+    fn log(&self) -> u64 {
+        self.reads.store().log_id()
+    }
+
     /// Starts the watcher; the receiver is the response stream.
     #[must_use]
     pub fn spawn(self) -> mpsc::Receiver<Message> {
@@ -112,7 +151,7 @@ impl Watch {
             event: Some(v1::watch_timeline_response::Event::CaughtUp(
                 v1::CaughtUp {},
             )),
-            cursor: encode_cursor(&self.customer, durable.max(self.after)),
+            cursor: encode_cursor(&self.customer, self.log(), durable.max(self.after)),
             late: false,
         };
         if sender.send(Ok(caught_up)).await.is_err() {
@@ -129,7 +168,11 @@ impl Watch {
                 Ok(batch) => batch,
                 Err(broadcast::error::RecvError::Lagged(_)) => {
                     let _ = sender
-                        .send(Err(lagged(&encode_cursor(&self.customer, delivered))))
+                        .send(Err(lagged(&encode_cursor(
+                            &self.customer,
+                            self.log(),
+                            delivered,
+                        ))))
                         .await;
                     return;
                 }
@@ -267,7 +310,7 @@ impl Watch {
             event: Some(v1::watch_timeline_response::Event::Entry(
                 wire_timeline_entry(entry),
             )),
-            cursor: encode_cursor(&self.customer, cursor),
+            cursor: encode_cursor(&self.customer, self.log(), cursor),
             late,
         };
         sender.send(Ok(message)).await.is_ok()
@@ -307,13 +350,37 @@ mod tests {
     use super::*;
 
     #[test]
-    fn cursors_round_trip_and_are_bound_to_their_customer() {
+    fn cursors_round_trip_and_are_bound_to_their_customer_and_their_log() {
         let alice = CustomerId::parse("alice").expect("valid");
         let bob = CustomerId::parse("bob").expect("valid");
-        let cursor = encode_cursor(&alice, 42);
-        assert_eq!(decode_cursor(&alice, &cursor), Some(42));
-        assert_eq!(decode_cursor(&bob, &cursor), None);
-        assert_eq!(decode_cursor(&alice, "garbage"), None);
-        assert_eq!(decode_cursor(&alice, ""), None);
+        let cursor = encode_cursor(&alice, 7, 42);
+        assert_eq!(decode_cursor(&alice, 7, &cursor), Ok(42));
+        assert_eq!(
+            decode_cursor(&bob, 7, &cursor),
+            Err(CursorError::NotForCustomer)
+        );
+        assert_eq!(
+            decode_cursor(&alice, 8, &cursor),
+            Err(CursorError::OtherLog)
+        );
+        assert_eq!(
+            decode_cursor(&alice, 7, "garbage"),
+            Err(CursorError::NotForCustomer)
+        );
+        assert_eq!(
+            decode_cursor(&alice, 7, ""),
+            Err(CursorError::NotForCustomer)
+        );
+    }
+
+    /// Cursors issued before cursors named their log still resume, on any log.
+    #[test]
+    fn cursors_of_the_first_format_are_accepted() {
+        let alice = CustomerId::parse("alice").expect("valid");
+        let mut bytes = vec![CURSOR_VERSION_UNBOUND];
+        bytes.extend_from_slice(&42_u64.to_be_bytes());
+        bytes.extend_from_slice(&fingerprint(Some(b"alice")).to_be_bytes());
+        let cursor = URL_SAFE_NO_PAD.encode(bytes);
+        assert_eq!(decode_cursor(&alice, 9, &cursor), Ok(42));
     }
 }

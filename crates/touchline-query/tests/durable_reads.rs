@@ -95,11 +95,12 @@ async fn get_timeline_shows_an_entry_once_it_is_flushed() -> anyhow::Result<()> 
     Ok(())
 }
 
-/// A watch cursor holds a sequence of the log that issued it. One past this log's durable end
-/// was issued by another node (or before the store was reset): resuming from it would skip this
-/// log's entries up to it, so it is refused.
+/// A watch cursor holds a sequence of the log that issued it, and that log's identity. One of
+/// another log (another node's, or before the store was reset), or past this log's durable end,
+/// would resume at a position that means nothing here: it is refused.
 #[tokio::test]
-async fn a_watch_cursor_past_the_end_of_this_log_is_refused() -> anyhow::Result<()> {
+async fn a_watch_cursor_of_another_log_or_past_the_end_of_this_one_is_refused() -> anyhow::Result<()>
+{
     let dir = tempfile::tempdir()?;
     let store = Arc::new(SledStore::open(dir.path())?);
     let (mut client, server) = serve(&store).await?;
@@ -116,15 +117,35 @@ async fn a_watch_cursor_past_the_end_of_this_log_is_refused() -> anyhow::Result<
         cursor,
     };
 
+    let log = store.log_id();
     let refused = client
-        .watch_timeline(watch(touchline_query::watch::encode_cursor(&alice, 50)))
+        .watch_timeline(watch(touchline_query::watch::encode_cursor(
+            &alice, log, 50,
+        )))
         .await
-        .expect_err("a cursor of a longer log");
+        .expect_err("a cursor past this log's end");
     assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+    // Another store's log, at a sequence this log has: its sequences number other events.
+    let other_dir = tempfile::tempdir()?;
+    let other = SledStore::open(other_dir.path())?;
+    assert_ne!(other.log_id(), log, "each store draws its own log identity");
+    let refused = client
+        .watch_timeline(watch(touchline_query::watch::encode_cursor(
+            &alice,
+            other.log_id(),
+            1,
+        )))
+        .await
+        .expect_err("a cursor of another log");
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+    assert!(
+        refused.message().contains("another node's log"),
+        "{refused:?}"
+    );
 
     // At the end of this log: nothing missed, caught up at once.
     let mut watching = client
-        .watch_timeline(watch(touchline_query::watch::encode_cursor(&alice, 2)))
+        .watch_timeline(watch(touchline_query::watch::encode_cursor(&alice, log, 2)))
         .await?
         .into_inner();
     let first = watching.message().await?.and_then(|message| message.event);

@@ -45,6 +45,7 @@ fn entry(sequence: u64) -> TimelineEntry {
 async fn a_watcher_that_falls_behind_is_told_where_to_resume() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let store: Arc<dyn EventStore> = Arc::new(SledStore::open(dir.path())?);
+    let log = store.log_id();
     let (feed, live) = broadcast::channel(4);
     let customer = CustomerId::parse("cust").expect("valid");
     let mut client = Watch {
@@ -75,7 +76,8 @@ async fn a_watcher_that_falls_behind_is_told_where_to_resume() -> anyhow::Result
     let info = status.get_details_error_info().expect("error info");
     assert_eq!(info.reason, "WATCH_LAGGED");
     let cursor = info.metadata.get("cursor").expect("a cursor");
-    let resume = decode_cursor(&customer, cursor).expect("a cursor for this customer");
+    let resume =
+        decode_cursor(&customer, log, cursor).expect("a cursor of this log for this customer");
     assert_eq!(
         Some(resume),
         delivered.last().copied().or(Some(0)),

@@ -102,6 +102,10 @@ impl EventStore for CountingStore {
     fn durable_sequence(&self) -> u64 {
         self.inner.durable_sequence()
     }
+
+    fn log_id(&self) -> u64 {
+        self.inner.log_id()
+    }
 }
 
 /// Resumes a watch of `customer_id` after log sequence `after`: the event ids of the catch-up,
@@ -113,6 +117,7 @@ async fn resume(
 ) -> anyhow::Result<(Vec<String>, u64)> {
     let (_feed, live) = broadcast::channel(16);
     let store: Arc<dyn EventStore> = Arc::clone(store) as Arc<dyn EventStore>;
+    let log = store.log_id();
     let mut client = Watch {
         reads: StoreReads::new(store, 1),
         customer: customer(customer_id),
@@ -129,15 +134,18 @@ async fn resume(
         match message.event {
             Some(v1::watch_timeline_response::Event::Entry(entry)) => {
                 assert_eq!(
-                    decode_cursor(&customer(customer_id), &message.cursor),
-                    Some(after),
+                    decode_cursor(&customer(customer_id), log, &message.cursor),
+                    Ok(after),
                     "catch-up messages carry the cursor the watch started from"
                 );
                 ids.push(entry.touchpoint.map(|t| t.event_id).unwrap_or_default());
             }
             Some(v1::watch_timeline_response::Event::CaughtUp(_)) => {
-                let cursor = decode_cursor(&customer(customer_id), &message.cursor)
-                    .ok_or_else(|| anyhow::anyhow!("a cursor for this customer"))?;
+                let cursor = decode_cursor(&customer(customer_id), log, &message.cursor).map_err(
+                    |error| {
+                        anyhow::anyhow!("not a cursor of this log for this customer: {error:?}")
+                    },
+                )?;
                 return Ok((ids, cursor));
             }
             None => anyhow::bail!("a message without an event"),

@@ -184,6 +184,10 @@ impl EventStore for SledStore {
         Ok(())
     }
 
+    fn log_id(&self) -> u64 {
+        self.log_id
+    }
+
     fn durable_sequence(&self) -> u64 {
         self.durable_count.load(Ordering::Acquire)
     }
