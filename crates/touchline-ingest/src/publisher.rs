@@ -123,7 +123,7 @@ const WARM_UP_TIMEOUT: Duration = Duration::from_secs(2);
 /// address, which has no id): the id is then requested at once. Best effort: a producer that is
 /// not warmed up still gets its id on the timer.
 ///
-/// Blocks for up to [`WARM_UP_ATTEMPTS`] requests of [`WARM_UP_TIMEOUT`] each: off the async
+/// Blocks for up to `WARM_UP_ATTEMPTS` requests of `WARM_UP_TIMEOUT` each: off the async
 /// threads.
 #[must_use]
 pub fn warm_up<C: ClientContext>(producer: &FutureProducer<C>, topic: &str) -> Option<i32> {

@@ -1,4 +1,4 @@
-//! The sled implementation of [`EventStore`]: the append-only event log, the dedupe index, the
+//! The sled implementation of [`EventStore`](touchline_core::EventStore): the append-only event log, the dedupe index, the
 //! versioned timeline and summary projections, dead letters and consumer positions, each a table
 //! (key prefix) of one sled tree, written together in atomic batches of at most
 //! [`RECORDS_PER_WRITE`] consumed records, each with the positions it covers.

@@ -96,7 +96,7 @@ impl<U: Message + Default + 'static> Decoder for BoundedDecoder<U> {
     }
 }
 
-/// A `PublishRequest` is refused when [`decoded_publish_request`] estimates it above this many
+/// A `PublishRequest` is refused when `decoded_publish_request` estimates it above this many
 /// bytes once decoded *and* above [`MAX_DECODED_PER_ENCODED_BYTE`] times its encoded size. A
 /// request of 1,000 events with 32 attributes each takes about 5 MiB; ordinary events take 2 to 4
 /// times their encoded size, events of 32 one-letter attributes about 25 times, empty fields 64

@@ -79,7 +79,7 @@ impl SledStore {
     /// A rebuild that switches the timeline during the unlocked part starts the whole
     /// verification again (the replaced version is deleted after 30 s whatever holds it, and the
     /// answer's building and active versions would no longer belong to one point), at most
-    /// [`VERIFY_ATTEMPTS`] times.
+    /// `VERIFY_ATTEMPTS` times.
     ///
     /// # Errors
     /// When the backend fails, or the timeline was switched during every attempt.
