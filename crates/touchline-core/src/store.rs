@@ -238,15 +238,17 @@ pub trait EventStore: Send + Sync + std::fmt::Debug {
         end: u64,
     ) -> Result<Vec<TimelineEntry>, StoreError>;
 
-    /// Whether the log holds the event `event_id` of `partner`.
+    /// The log sequence of the event `event_id` of `partner`, `None` when the log does not hold
+    /// it (the event may be applied and not yet durable: compare with
+    /// [`Self::durable_sequence`]).
     ///
     /// # Errors
     /// When the backend fails.
-    fn contains_event(
+    fn event_sequence(
         &self,
         partner: &PartnerId,
         event_id: &crate::EventId,
-    ) -> Result<bool, StoreError>;
+    ) -> Result<Option<u64>, StoreError>;
 
     /// Makes every applied batch durable (fsync).
     ///

@@ -375,29 +375,33 @@ impl Publisher {
                     )
                 })
                 .collect();
-            let all_logged = tokio::task::spawn_blocking(move || {
-                let all = identities
+            let looking = Arc::clone(&store);
+            let sequences = tokio::task::spawn_blocking(move || {
+                identities
                     .iter()
-                    .try_fold(true, |all, (partner, event_id)| {
-                        store
-                            .contains_event(partner, event_id)
-                            .map(|found| all && found)
-                    })?;
-                // An event found may be another copy of it (a resend), applied and not flushed
-                // yet: flushed now, before it is acknowledged (a flush with nothing to write is
-                // cheap).
-                if all {
-                    store.flush()?;
-                }
-                Ok::<_, touchline_core::StoreError>(all)
+                    .map(|(partner, event_id)| looking.event_sequence(partner, event_id))
+                    .collect::<Result<Vec<_>, _>>()
             })
             .await
             .map_err(|error| unavailable(error.to_string()))?
             .map_err(|error| unavailable(error.to_string()))?;
-            if !all_logged {
+            let Some(last) = sequences
+                .into_iter()
+                .try_fold(0_u64, |last, sequence| sequence.map(|s| last.max(s)))
+            else {
                 return Err(unavailable(
                     "the embedded broker dropped records before the projector read them".to_owned(),
                 ));
+            };
+            // An event found may be another copy of it (a resend), applied and not flushed yet:
+            // acknowledged once the log is durable up to it (the projector's flushes get there;
+            // each one moves the applied offsets).
+            let mut flushed = applied.clone();
+            while store.durable_sequence() < last {
+                flushed
+                    .changed()
+                    .await
+                    .map_err(|_| unavailable("the projector stopped".to_owned()))?;
             }
         }
         Ok(done)

@@ -86,12 +86,12 @@ impl EventStore for RefusingStore {
         self.inner.timeline_entry(customer_id, at)
     }
 
-    fn contains_event(
+    fn event_sequence(
         &self,
         partner: &PartnerId,
         event_id: &touchline_core::EventId,
-    ) -> Result<bool, StoreError> {
-        self.inner.contains_event(partner, event_id)
+    ) -> Result<Option<u64>, StoreError> {
+        self.inner.event_sequence(partner, event_id)
     }
 
     fn flush(&self) -> Result<(), StoreError> {

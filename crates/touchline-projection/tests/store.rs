@@ -815,3 +815,47 @@ fn the_log_identity_is_drawn_once_and_differs_between_stores() {
     let other = tempfile::tempdir().expect("temp dir");
     assert_ne!(open(&other).log_id(), first);
 }
+
+/// The log sequence of an event, from its dedupe marker: what a dev-mode acknowledgement waits to
+/// be durable.
+#[test]
+fn an_events_sequence_is_found_by_partner_and_event_id() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = open(&dir);
+    store
+        .apply(
+            &stream("a"),
+            vec![
+                record(
+                    0,
+                    0,
+                    envelope("courier", "e1", "alice", 10, JourneyStage::Fulfil),
+                ),
+                record(
+                    0,
+                    1,
+                    envelope("courier", "e2", "alice", 20, JourneyStage::Fulfil),
+                ),
+            ],
+        )
+        .expect("applies");
+    let courier = PartnerId::parse("courier").expect("valid");
+    let event = |id: &str| touchline_core::EventId::parse(id.to_owned()).expect("valid");
+    assert_eq!(
+        store.event_sequence(&courier, &event("e2")).expect("reads"),
+        Some(2)
+    );
+    assert_eq!(
+        store.event_sequence(&courier, &event("e1")).expect("reads"),
+        Some(1)
+    );
+    assert_eq!(
+        store.event_sequence(&courier, &event("e3")).expect("reads"),
+        None
+    );
+    let other = PartnerId::parse("retailer").expect("valid");
+    assert_eq!(
+        store.event_sequence(&other, &event("e1")).expect("reads"),
+        None
+    );
+}

@@ -91,8 +91,12 @@ impl EventStore for CountingStore {
         self.inner.log_entries(customer_id, from, end)
     }
 
-    fn contains_event(&self, partner: &PartnerId, event_id: &EventId) -> Result<bool, StoreError> {
-        self.inner.contains_event(partner, event_id)
+    fn event_sequence(
+        &self,
+        partner: &PartnerId,
+        event_id: &EventId,
+    ) -> Result<Option<u64>, StoreError> {
+        self.inner.event_sequence(partner, event_id)
     }
 
     fn flush(&self) -> Result<(), StoreError> {

@@ -103,6 +103,10 @@ impl Node {
                 || (0..config.kafka.partitions).all(|p| config.projector.partitions.contains(&p)),
             "on the embedded broker an event is acknowledged once this node's projector has it: projector.partitions must be empty (every partition) or name every partition"
         );
+        // Bound first: a port in use fails the start before anything holds the store.
+        let listener = TcpListener::bind(config.server.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", config.server.listen))?;
         let embedded = match broker {
             BrokerChoice::Embedded => {
                 let embedded =
@@ -156,11 +160,12 @@ impl Node {
                 .await
                 .context("cannot start the projector")?;
             applied_offsets = Some(handle.applied_offsets());
-            let stopped = projector_stopped.clone();
+            // Health and status learn of the end however it comes: a panic, or a thread whose
+            // runtime could not start (the future is dropped unpolled).
+            let stopped = projector_stopped.clone().drop_guard();
             let shutdown = projector_shutdown.clone();
             let task = spawn_on_own_thread("tl-consumer", async move {
-                // Health and status learn of the end however it comes, a panic included.
-                let _stopped = stopped.drop_guard();
+                let _stopped = stopped;
                 projector.run(shutdown).await
             })?;
             *projector_slot = Some((projector_shutdown.clone(), task));
@@ -286,9 +291,6 @@ impl Node {
             background_shutdown.clone(),
         )));
 
-        let listener = TcpListener::bind(config.server.listen)
-            .await
-            .with_context(|| format!("cannot listen on {}", config.server.listen))?;
         let local_addr = listener.local_addr()?;
         if let Some(rebuilds) = &rebuilds {
             // Started once nothing of the start can fail any more: shutdown stops and awaits it.

@@ -155,14 +155,18 @@ impl EventStore for SledStore {
         Ok(entries)
     }
 
-    fn contains_event(
+    fn event_sequence(
         &self,
         partner: &touchline_core::PartnerId,
         event_id: &touchline_core::EventId,
-    ) -> Result<bool, StoreError> {
+    ) -> Result<Option<u64>, StoreError> {
+        // The dedupe marker holds the event's log sequence.
+        let key = keys::dedupe(partner, event_id);
         self.dedupe
-            .contains_key(keys::dedupe(partner, event_id))
-            .map_err(backend)
+            .get(&key)
+            .map_err(backend)?
+            .map(|value| read_u64("dedupe marker", &key, &value))
+            .transpose()
     }
 
     fn flush(&self) -> Result<(), StoreError> {
