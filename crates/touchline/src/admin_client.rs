@@ -434,15 +434,36 @@ pub async fn watch(
     customer_id: String,
     mut cursor: String,
 ) -> anyhow::Result<()> {
+    // Whether this attempt resumes a watch this command already ran (not the cursor given).
+    let mut resuming = false;
     loop {
         let mut client = timeline_client(endpoint, token).await?;
-        let mut stream = client
+        let opened = client
             .watch_timeline(v1::WatchTimelineRequest {
                 customer_id: customer_id.clone(),
                 cursor: cursor.clone(),
             })
-            .await?
-            .into_inner();
+            .await;
+        let mut stream = match opened {
+            Ok(stream) => stream.into_inner(),
+            Err(status)
+                if resuming
+                    && !cursor.is_empty()
+                    && status.code() == Code::InvalidArgument
+                    && status.message().contains("cursor") =>
+            {
+                // Reconnected to another node (or to one whose store was reset): the cursor is
+                // not a position in its log. Start over there, and say so.
+                crate::outln!(
+                    "-- the cursor is not a position in this node's log ({}); starting over --",
+                    status.message()
+                )?;
+                cursor.clear();
+                continue;
+            }
+            Err(status) => return Err(status.into()),
+        };
+        resuming = true;
         let ended = loop {
             match stream.next().await {
                 Some(Ok(message)) => {
