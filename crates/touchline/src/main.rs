@@ -289,15 +289,15 @@ async fn run_node(
         });
     }
     let failure = tokio::select! {
-        () = node::shutdown_signal() => None,
+        _ = node::shutdown_signal() => None,
         error = node.failed() => Some(error),
     };
     // A second Ctrl-C or SIGTERM while the shutdown drains ends the process at once. What was
     // acknowledged is safe either way: in Kafka, or flushed before the acknowledgement (dev).
     tokio::spawn(async {
-        node::shutdown_signal().await;
+        let status = node::shutdown_signal().await;
         tracing::warn!("second signal: exiting without waiting for the shutdown to finish");
-        std::process::exit(130);
+        std::process::exit(status);
     });
     let stopped = node.shutdown().await;
     match failure {

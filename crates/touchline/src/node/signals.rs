@@ -19,8 +19,9 @@ pub fn ignore_hangups() {
     }
 }
 
-/// Resolves on Ctrl-C or SIGTERM.
-pub async fn shutdown_signal() {
+/// Resolves on Ctrl-C or SIGTERM, with the exit status a process ended by that signal
+/// conventionally has (130 for Ctrl-C, 143 for SIGTERM).
+pub async fn shutdown_signal() -> i32 {
     let interrupt = async {
         if let Err(error) = tokio::signal::ctrl_c().await {
             error!(%error, "cannot listen for Ctrl-C");
@@ -42,7 +43,13 @@ pub async fn shutdown_signal() {
     #[cfg(not(unix))]
     let terminate = std::future::pending::<()>();
     tokio::select! {
-        () = interrupt => info!("received Ctrl-C"),
-        () = terminate => info!("received SIGTERM"),
+        () = interrupt => {
+            info!("received Ctrl-C");
+            130
+        }
+        () = terminate => {
+            info!("received SIGTERM");
+            143
+        }
     }
 }
