@@ -288,17 +288,21 @@ async fn run_node(
             }
         });
     }
-    let failure = tokio::select! {
-        _ = node::shutdown_signal() => None,
-        error = node.failed() => Some(error),
-    };
-    // A second Ctrl-C or SIGTERM while the shutdown drains ends the process at once. What was
-    // acknowledged is safe either way: in Kafka, or flushed before the acknowledgement (dev).
-    tokio::spawn(async {
+    // The first Ctrl-C or SIGTERM starts the shutdown; a second one while it drains ends the
+    // process at once (listened for as soon as the first arrives). What was acknowledged is safe
+    // either way: in Kafka, or durable in the local log before the acknowledgement (dev).
+    let (first_signal, signalled) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        node::shutdown_signal().await;
+        let _ = first_signal.send(());
         let status = node::shutdown_signal().await;
         tracing::warn!("second signal: exiting without waiting for the shutdown to finish");
         std::process::exit(status);
     });
+    let failure = tokio::select! {
+        _ = signalled => None,
+        error = node.failed() => Some(error),
+    };
     let stopped = node.shutdown().await;
     match failure {
         Some(error) => Err(error),
