@@ -402,6 +402,17 @@ async fn replay_restores_nothing_twice_and_dead_letters_can_be_listed_and_discar
     )
     .await?;
     assert!(from_offset.finished);
+    // GetStatus reports the last replay.
+    let status = admin
+        .get_status(authorized(v1::GetStatusRequest {}, ADMIN_TOKEN))
+        .await?
+        .into_inner();
+    assert!(!status.replay_running, "the replay ended");
+    assert_eq!(
+        status.replay.as_ref(),
+        Some(&from_offset),
+        "the last replay's progress"
+    );
     assert_eq!(
         from_offset
             .ranges

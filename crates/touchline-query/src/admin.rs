@@ -70,6 +70,8 @@ pub struct AdminService {
     context: Arc<AdminContext>,
     authorize: Authorize,
     replay_running: Arc<AtomicBool>,
+    /// The progress of the running or last replay since the node started (`GetStatus`).
+    last_replay: Arc<std::sync::Mutex<Option<watch::Receiver<ReplayProgress>>>>,
 }
 
 impl std::fmt::Debug for AdminService {
@@ -130,6 +132,7 @@ impl AdminService {
             context: Arc::new(context),
             authorize,
             replay_running: Arc::new(AtomicBool::new(false)),
+            last_replay: Arc::default(),
         }
     }
 
@@ -253,6 +256,10 @@ impl v1::admin_service_server::AdminService for AdminService {
         }
         let slot = ReplaySlot(Arc::clone(&self.replay_running));
         let (sender, progress) = watch::channel(ReplayProgress::default());
+        *self
+            .last_replay
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(progress.clone());
         let (messages, receiver) = tokio::sync::mpsc::channel(16);
         let context = Arc::clone(&self.context);
         // A replay stops when the server shuts down or the caller goes away.

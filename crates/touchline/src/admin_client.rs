@@ -150,6 +150,25 @@ pub async fn print_status(endpoint: &str, token: &str) -> anyhow::Result<()> {
             versions.join(", ")
         )?;
     }
+    if let Some(replay) = &status.replay {
+        crate::outln!()?;
+        crate::outln!(
+            "replay      {}: read {}, appended {}, duplicates {}, dead letters {}, partitions done {}/{}",
+            if status.replay_running {
+                "running"
+            } else if replay.finished {
+                "finished"
+            } else {
+                "stopped before the end"
+            },
+            replay.read,
+            replay.appended,
+            replay.duplicates,
+            replay.dead_lettered,
+            replay.partitions_done,
+            replay.ranges.len()
+        )?;
+    }
     Ok(())
 }
 

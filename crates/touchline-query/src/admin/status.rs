@@ -4,7 +4,7 @@
 use touchline_core::EventStore as _;
 use touchline_proto::v1;
 
-use super::wire::{count, wire_rebuild};
+use super::wire::{count, wire_rebuild, wire_replay};
 use super::{AdminService, STATUS_TIMEOUT};
 use crate::Error;
 
@@ -94,6 +94,15 @@ impl AdminService {
             store_bytes: store.size_on_disk()?,
             projections,
             dead_letters: count(store.dead_letter_count()),
+            replay_running: self
+                .replay_running
+                .load(std::sync::atomic::Ordering::Acquire),
+            replay: self
+                .last_replay
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .as_ref()
+                .map(|progress| wire_replay(&progress.borrow())),
         })
     }
 }
