@@ -1,16 +1,18 @@
 //! Graceful shutdown with a partner stream open: the server ends the stream with UNAVAILABLE
 //! (`SHUTTING_DOWN`, so the partner reconnects and resends what has no answer), and every
-//! acknowledged event is in the log after a restart, once. (Batches in flight at the shutdown are
-//! not exercised here: `nothing_after_a_failed_batch_of_a_stream_is_published` in streaming.rs
-//! covers how a stream ends with batches in flight.)
+//! acknowledged event is in the log after a restart, once. A batch still waiting in the server
+//! (for the partner's rate) when it stops is answered `SHUTTING_DOWN` and not published.
 
 use std::collections::BTreeSet;
 
+use std::time::Duration;
 use tokio_stream::wrappers::ReceiverStream;
 use touchline_proto::v1::{self, JourneyStage};
+
+use tonic_types::StatusExt as _;
 use touchline_tests::{
-    COURIER, authorized, event_ids, ingest_client, start_broker, start_node, timeline_client,
-    touchpoint, wait_for_timeline,
+    COURIER, authorized, error_reason, event_ids, ingest_client, partners, publish, start_broker,
+    start_node, start_node_with, timeline_client, touchpoint, wait_for_timeline,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -74,5 +76,87 @@ async fn shutdown_drains_open_streams_and_keeps_every_acknowledged_event() -> an
         acked
     );
     assert_eq!(entries.len(), acked.len());
+    node.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_waiting_in_the_server_at_shutdown_is_answered_and_not_published()
+-> anyhow::Result<()> {
+    let broker = start_broker().await;
+    let dir = tempfile::tempdir()?;
+    let node = start_node_with(&broker, dir.path(), partners(), |config| {
+        config.ingest.rate_per_second = Some(1.0);
+        config.ingest.burst = 5.0;
+    })
+    .await?;
+    let mut ingest = ingest_client(&node).await?;
+    let event = |id: &str| touchpoint(id, "greta", "parcel.scanned", 1, JourneyStage::Fulfil);
+    // The burst goes to a unary call; the stream's batch then owes five seconds.
+    let first: Vec<_> = (0..5).map(|i| event(&format!("unary-{i}"))).collect();
+    assert_eq!(publish(&mut ingest, COURIER.1, first).await?.accepted, 5);
+    let (batches, requests) = tokio::sync::mpsc::channel(4);
+    let mut answers = ingest
+        .publish_stream(authorized(ReceiverStream::new(requests), COURIER.1))
+        .await?
+        .into_inner();
+    batches
+        .send(v1::PublishRequest {
+            events: (0..5).map(|i| event(&format!("waiting-{i}"))).collect(),
+            batch_id: "waiting".to_owned(),
+        })
+        .await?;
+    // The batch waits in the server once the partner's bucket owes it: a unary call is told to
+    // come back in seconds.
+    let deadline = tokio::time::Instant::now() + touchline_tests::DEADLINE;
+    let mut poll = tokio::time::interval(Duration::from_millis(20));
+    loop {
+        poll.tick().await;
+        let limited = publish(&mut ingest, COURIER.1, vec![event("probe")])
+            .await
+            .expect_err("over the rate");
+        let retry = limited
+            .get_details_retry_info()
+            .and_then(|info| info.retry_delay)
+            .unwrap_or_default();
+        if retry > Duration::from_secs(3) {
+            break;
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the stream's batch never reached the rate limiter"
+        );
+    }
+
+    node.shutdown().await?;
+    let ended = answers
+        .message()
+        .await
+        .expect_err("the waiting batch is answered with the shutdown");
+    assert_eq!(
+        (ended.code(), error_reason(&ended).as_deref()),
+        (tonic::Code::Unavailable, Some("SHUTTING_DOWN"))
+    );
+    drop(batches);
+
+    // After a restart: the unary events and a marker, nothing of the waiting batch.
+    let node = start_node(&broker, dir.path()).await?;
+    let mut ingest = ingest_client(&node).await?;
+    assert_eq!(
+        publish(&mut ingest, COURIER.1, vec![event("marker")])
+            .await?
+            .accepted,
+        1
+    );
+    let mut timeline = timeline_client(&node).await?;
+    let entries = wait_for_timeline(&mut timeline, "greta", 6).await?;
+    let mut ids = event_ids(&entries);
+    ids.sort();
+    assert_eq!(
+        ids,
+        [
+            "marker", "unary-0", "unary-1", "unary-2", "unary-3", "unary-4"
+        ],
+        "the batch that waited was not published"
+    );
     node.shutdown().await
 }
