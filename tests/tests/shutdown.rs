@@ -85,13 +85,14 @@ async fn a_batch_waiting_in_the_server_at_shutdown_is_answered_and_not_published
     let broker = start_broker().await;
     let dir = tempfile::tempdir()?;
     let node = start_node_with(&broker, dir.path(), partners(), |config| {
-        config.ingest.rate_per_second = Some(1.0);
+        // A token every five seconds: nothing the test sends later can pass the bucket.
+        config.ingest.rate_per_second = Some(0.2);
         config.ingest.burst = 5.0;
     })
     .await?;
     let mut ingest = ingest_client(&node).await?;
     let event = |id: &str| touchpoint(id, "greta", "parcel.scanned", 1, JourneyStage::Fulfil);
-    // The burst goes to a unary call; the stream's batch then owes five seconds.
+    // The burst goes to a unary call; the stream's batch then owes 25 seconds.
     let first: Vec<_> = (0..5).map(|i| event(&format!("unary-{i}"))).collect();
     assert_eq!(publish(&mut ingest, COURIER.1, first).await?.accepted, 5);
     let (batches, requests) = tokio::sync::mpsc::channel(4);
@@ -105,20 +106,21 @@ async fn a_batch_waiting_in_the_server_at_shutdown_is_answered_and_not_published
             batch_id: "waiting".to_owned(),
         })
         .await?;
-    // The batch waits in the server once the partner's bucket owes it: a unary call is told to
-    // come back in seconds.
+    // The batch waits in the server once the partner's bucket owes it: a unary call (of a whole
+    // burst, which needs the bucket full) is told to come back in tens of seconds.
     let deadline = tokio::time::Instant::now() + touchline_tests::DEADLINE;
     let mut poll = tokio::time::interval(Duration::from_millis(20));
     loop {
         poll.tick().await;
-        let limited = publish(&mut ingest, COURIER.1, vec![event("probe")])
+        let probe: Vec<_> = (0..5).map(|i| event(&format!("probe-{i}"))).collect();
+        let limited = publish(&mut ingest, COURIER.1, probe)
             .await
             .expect_err("over the rate");
         let retry = limited
             .get_details_retry_info()
             .and_then(|info| info.retry_delay)
             .unwrap_or_default();
-        if retry > Duration::from_secs(3) {
+        if retry > Duration::from_secs(30) {
             break;
         }
         anyhow::ensure!(

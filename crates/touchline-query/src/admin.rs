@@ -3,7 +3,6 @@
 //! by the node's admin check (admin tokens; partner tokens are refused).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tokio::sync::watch;
@@ -69,9 +68,23 @@ impl std::fmt::Debug for AdminContext {
 pub struct AdminService {
     context: Arc<AdminContext>,
     authorize: Authorize,
-    replay_running: Arc<AtomicBool>,
-    /// The progress of the running or last replay since the node started (`GetStatus`).
-    last_replay: Arc<std::sync::Mutex<Option<watch::Receiver<ReplayProgress>>>>,
+    /// Whether a replay runs, and the progress of the running or last one since the node started
+    /// (`GetStatus`): one lock, so that both change together.
+    replays: Arc<std::sync::Mutex<Replays>>,
+}
+
+#[derive(Default)]
+struct Replays {
+    running: bool,
+    last: Option<watch::Receiver<ReplayProgress>>,
+}
+
+impl AdminService {
+    fn replays(&self) -> std::sync::MutexGuard<'_, Replays> {
+        self.replays
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
 }
 
 impl std::fmt::Debug for AdminService {
@@ -131,8 +144,7 @@ impl AdminService {
         Self {
             context: Arc::new(context),
             authorize,
-            replay_running: Arc::new(AtomicBool::new(false)),
-            last_replay: Arc::default(),
+            replays: Arc::default(),
         }
     }
 
@@ -148,11 +160,14 @@ impl AdminService {
 }
 
 /// Clears the replay flag when the replay ends, however it ends.
-struct ReplaySlot(Arc<AtomicBool>);
+struct ReplaySlot(Arc<std::sync::Mutex<Replays>>);
 
 impl Drop for ReplaySlot {
     fn drop(&mut self) {
-        self.0.store(false, Ordering::Release);
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .running = false;
     }
 }
 
@@ -243,23 +258,20 @@ impl v1::admin_service_server::AdminService for AdminService {
         // A partition named twice is read once (Kafka refuses an assignment that lists it twice).
         partitions.sort_unstable();
         partitions.dedup();
-        if self
-            .replay_running
-            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
-            .is_err()
-        {
-            return Err(rejected(
-                Code::FailedPrecondition,
-                "REPLAY_RUNNING",
-                "another replay is running on this node; wait for it to end",
-            ));
-        }
-        let slot = ReplaySlot(Arc::clone(&self.replay_running));
         let (sender, progress) = watch::channel(ReplayProgress::default());
-        *self
-            .last_replay
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(progress.clone());
+        {
+            let mut replays = self.replays();
+            if replays.running {
+                return Err(rejected(
+                    Code::FailedPrecondition,
+                    "REPLAY_RUNNING",
+                    "another replay is running on this node; wait for it to end",
+                ));
+            }
+            replays.running = true;
+            replays.last = Some(progress.clone());
+        }
+        let slot = ReplaySlot(Arc::clone(&self.replays));
         let (messages, receiver) = tokio::sync::mpsc::channel(16);
         let context = Arc::clone(&self.context);
         // A replay stops when the server shuts down or the caller goes away.

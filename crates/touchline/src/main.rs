@@ -292,17 +292,25 @@ async fn run_node(
     // process at once (listened for as soon as the first arrives). What was acknowledged is safe
     // either way: in Kafka, or durable in the local log before the acknowledgement (dev).
     let (first_signal, signalled) = tokio::sync::oneshot::channel();
+    let shutting_down = tokio_util::sync::CancellationToken::new();
+    let already = shutting_down.clone();
     tokio::spawn(async move {
-        node::shutdown_signal().await;
-        let _ = first_signal.send(());
         let status = node::shutdown_signal().await;
-        tracing::warn!("second signal: exiting without waiting for the shutdown to finish");
+        // The node failed and is already shutting down: this signal is the one that hurries it.
+        if !already.is_cancelled() {
+            let _ = first_signal.send(());
+            let status = node::shutdown_signal().await;
+            tracing::warn!("second signal: exiting without waiting for the shutdown to finish");
+            std::process::exit(status);
+        }
+        tracing::warn!("signal during the shutdown: exiting without waiting for it to finish");
         std::process::exit(status);
     });
     let failure = tokio::select! {
         _ = signalled => None,
         error = node.failed() => Some(error),
     };
+    shutting_down.cancel();
     let stopped = node.shutdown().await;
     match failure {
         Some(error) => Err(error),

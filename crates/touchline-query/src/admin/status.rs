@@ -78,6 +78,7 @@ impl AdminService {
                 }
             })
             .collect();
+        let replays = self.replays();
         Ok(v1::GetStatusResponse {
             cluster_id: context.stream.cluster_id.clone(),
             topic: context.stream.topic.clone(),
@@ -94,13 +95,9 @@ impl AdminService {
             store_bytes: store.size_on_disk()?,
             projections,
             dead_letters: count(store.dead_letter_count()),
-            replay_running: self
-                .replay_running
-                .load(std::sync::atomic::Ordering::Acquire),
-            replay: self
-                .last_replay
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
+            replay_running: replays.running,
+            replay: replays
+                .last
                 .as_ref()
                 .map(|progress| wire_replay(&progress.borrow())),
         })
