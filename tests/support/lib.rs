@@ -331,6 +331,40 @@ pub async fn publish(
         .map(tonic::Response::into_inner)
 }
 
+/// Waits until the partner of `token` owes its rate bucket more than `more_than`: a unary call of
+/// `probe` events (a whole burst or more, so that it can never pass) is refused with a retry delay
+/// above it. How a test knows that a stream's batch was charged and waits in the server.
+///
+/// # Errors
+/// When a probe is accepted, or the debt is not reached within [`DEADLINE`].
+pub async fn wait_until_rate_owes(
+    client: &mut IngestServiceClient<Channel>,
+    token: &str,
+    probe: impl Fn() -> Vec<Touchpoint>,
+    more_than: Duration,
+) -> anyhow::Result<()> {
+    use tonic_types::StatusExt as _;
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    let mut poll = tokio::time::interval(Duration::from_millis(20));
+    loop {
+        poll.tick().await;
+        let Err(limited) = publish(client, token, probe()).await else {
+            anyhow::bail!("a probe passed the partner's rate");
+        };
+        let retry = limited
+            .get_details_retry_info()
+            .and_then(|info| info.retry_delay)
+            .unwrap_or_default();
+        if retry > more_than {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the stream's batch never reached the rate limiter"
+        );
+    }
+}
+
 /// Every entry of a customer's timeline, following pages.
 ///
 /// # Errors

@@ -219,25 +219,13 @@ async fn a_disconnected_stream_frees_its_slot_and_its_rate_while_its_batch_waits
         .await?;
     // The batch waits on the server once the partner's bucket owes it: a unary call is then told
     // to come back in about a minute.
-    let deadline = tokio::time::Instant::now() + touchline_tests::DEADLINE;
-    let mut poll = tokio::time::interval(Duration::from_millis(50));
-    loop {
-        poll.tick().await;
-        let limited = publish(&mut ingest, COURIER.1, batch("probe", 60))
-            .await
-            .expect_err("over the rate");
-        let retry = limited
-            .get_details_retry_info()
-            .and_then(|info| info.retry_delay)
-            .unwrap_or_default();
-        if retry > Duration::from_secs(40) {
-            break;
-        }
-        anyhow::ensure!(
-            tokio::time::Instant::now() < deadline,
-            "the stream's batch never reached the rate limiter"
-        );
-    }
+    touchline_tests::wait_until_rate_owes(
+        &mut ingest,
+        COURIER.1,
+        || batch("probe", 60),
+        Duration::from_secs(40),
+    )
+    .await?;
     // The partner goes away while the batch waits.
     drop(answers);
     drop(sender);

@@ -9,7 +9,6 @@ use std::time::Duration;
 use tokio_stream::wrappers::ReceiverStream;
 use touchline_proto::v1::{self, JourneyStage};
 
-use tonic_types::StatusExt as _;
 use touchline_tests::{
     COURIER, authorized, error_reason, event_ids, ingest_client, partners, publish, start_broker,
     start_node, start_node_with, timeline_client, touchpoint, wait_for_timeline,
@@ -108,26 +107,13 @@ async fn a_batch_waiting_in_the_server_at_shutdown_is_answered_and_not_published
         .await?;
     // The batch waits in the server once the partner's bucket owes it: a unary call (of a whole
     // burst, which needs the bucket full) is told to come back in tens of seconds.
-    let deadline = tokio::time::Instant::now() + touchline_tests::DEADLINE;
-    let mut poll = tokio::time::interval(Duration::from_millis(20));
-    loop {
-        poll.tick().await;
-        let probe: Vec<_> = (0..5).map(|i| event(&format!("probe-{i}"))).collect();
-        let limited = publish(&mut ingest, COURIER.1, probe)
-            .await
-            .expect_err("over the rate");
-        let retry = limited
-            .get_details_retry_info()
-            .and_then(|info| info.retry_delay)
-            .unwrap_or_default();
-        if retry > Duration::from_secs(30) {
-            break;
-        }
-        anyhow::ensure!(
-            tokio::time::Instant::now() < deadline,
-            "the stream's batch never reached the rate limiter"
-        );
-    }
+    touchline_tests::wait_until_rate_owes(
+        &mut ingest,
+        COURIER.1,
+        || (0..5).map(|i| event(&format!("probe-{i}"))).collect(),
+        Duration::from_secs(30),
+    )
+    .await?;
 
     node.shutdown().await?;
     let ended = answers

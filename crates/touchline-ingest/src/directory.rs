@@ -8,6 +8,9 @@ use std::time::{Duration, SystemTime};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
+use touchline_core::UnixNanos;
+
+use crate::auth::{Authenticated, request_token};
 use crate::{PartnerRegistry, Result};
 
 /// How often the file's modification time is checked.
@@ -58,6 +61,26 @@ impl PartnerDirectory {
     #[must_use]
     pub fn current(&self) -> Arc<PartnerRegistry> {
         Arc::clone(&self.current.read().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// The partner `token` authenticates under the registry in force now.
+    ///
+    /// # Errors
+    /// [`crate::Error::TokenInvalid`] or [`crate::Error::TokenExpired`].
+    pub fn authenticate(&self, token: &str) -> Result<Authenticated> {
+        self.current().authenticate(token, UnixNanos::now())
+    }
+
+    /// The partner a call's bearer token authenticates.
+    ///
+    /// # Errors
+    /// [`crate::Error::TokenMissing`] without a bearer token, else as [`Self::authenticate`].
+    pub fn authenticate_call(
+        &self,
+        metadata: &tonic::metadata::MetadataMap,
+    ) -> Result<Authenticated> {
+        let token = request_token(metadata).ok_or(crate::Error::TokenMissing)?;
+        self.authenticate(token)
     }
 
     /// Reloads the file. On failure the registry in force stays.

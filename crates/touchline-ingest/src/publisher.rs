@@ -365,7 +365,6 @@ impl Publisher {
         done.extend(try_join_all(deliveries.into_iter().map(delivered)).await?);
         if let Durability::LocalLog(applied, store) = &self.durability {
             wait_until_logged(applied.clone(), &done).await?;
-            let store = Arc::clone(store);
             let identities: Vec<_> = envelopes
                 .iter()
                 .map(|(envelope, _)| {
@@ -375,7 +374,7 @@ impl Publisher {
                     )
                 })
                 .collect();
-            let looking = Arc::clone(&store);
+            let looking = Arc::clone(store);
             let sequences = tokio::task::spawn_blocking(move || {
                 identities
                     .iter()

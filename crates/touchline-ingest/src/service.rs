@@ -16,7 +16,7 @@ use touchline_core::{Limits, UnixNanos};
 use touchline_proto::v1::{self, event_result};
 use tracing::debug;
 
-use crate::auth::{Authenticated, request_token};
+use crate::auth::Authenticated;
 use crate::limits::{RateLimiter, StreamCounter, grpc_timeout};
 use crate::metrics::INGEST;
 use crate::{Error, PartnerDirectory, Publisher, Result};
@@ -137,11 +137,7 @@ pub struct Authenticator {
 
 impl Interceptor for Authenticator {
     fn call(&mut self, mut request: Request<()>) -> std::result::Result<Request<()>, Status> {
-        let token = request_token(request.metadata()).ok_or(Error::TokenMissing)?;
-        let partner = self
-            .partners
-            .current()
-            .authenticate(token, UnixNanos::now())?;
+        let partner = self.partners.authenticate_call(request.metadata())?;
         request.extensions_mut().insert(partner);
         Ok(request)
     }
@@ -154,10 +150,7 @@ impl Inner {
             // Authenticated by the server's interceptor, on the same headers.
             return Ok(partner.clone());
         }
-        let token = request_token(request.metadata()).ok_or(Error::TokenMissing)?;
-        self.partners
-            .current()
-            .authenticate(token, UnixNanos::now())
+        self.partners.authenticate_call(request.metadata())
     }
 
     /// Checks the batch's shape and the partner's rate before any work is done for it.

@@ -8,7 +8,6 @@ use std::sync::Arc;
 use subtle::ConstantTimeEq as _;
 use tonic::metadata::MetadataMap;
 use tonic::{Code, Status};
-use touchline_core::UnixNanos;
 use touchline_ingest::auth::request_token;
 use touchline_ingest::{PartnerDirectory, hash_token};
 use touchline_query::admin::Authorize;
@@ -82,11 +81,7 @@ fn token_authorizer(
         if known {
             return Ok(());
         }
-        if partners
-            .current()
-            .authenticate(token, UnixNanos::now())
-            .is_ok()
-        {
+        if partners.authenticate(token).is_ok() {
             return Err(refused(
                 Code::PermissionDenied,
                 partner_reason,

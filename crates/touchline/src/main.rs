@@ -291,23 +291,20 @@ async fn run_node(
     // The first Ctrl-C or SIGTERM starts the shutdown; a second one while it drains ends the
     // process at once (listened for as soon as the first arrives). What was acknowledged is safe
     // either way: in Kafka, or durable in the local log before the acknowledgement (dev).
-    let (first_signal, signalled) = tokio::sync::oneshot::channel();
+    // (A node that failed is shutting down already: then the first signal ends the process.)
     let shutting_down = tokio_util::sync::CancellationToken::new();
-    let already = shutting_down.clone();
+    let signals = shutting_down.clone();
     tokio::spawn(async move {
-        let status = node::shutdown_signal().await;
-        // The node failed and is already shutting down: this signal is the one that hurries it.
-        if !already.is_cancelled() {
-            let _ = first_signal.send(());
-            let status = node::shutdown_signal().await;
-            tracing::warn!("second signal: exiting without waiting for the shutdown to finish");
-            std::process::exit(status);
+        let mut status = node::shutdown_signal().await;
+        if !signals.is_cancelled() {
+            signals.cancel();
+            status = node::shutdown_signal().await;
         }
         tracing::warn!("signal during the shutdown: exiting without waiting for it to finish");
         std::process::exit(status);
     });
     let failure = tokio::select! {
-        _ = signalled => None,
+        () = shutting_down.cancelled() => None,
         error = node.failed() => Some(error),
     };
     shutting_down.cancel();

@@ -22,7 +22,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
-use touchline_core::{PartnerId, UnixNanos};
+use touchline_core::PartnerId;
 use touchline_proto::v1;
 use tracing::{debug, info};
 
@@ -216,11 +216,7 @@ impl Drop for Charge {
 impl Shared {
     /// The partner the stream's token authenticates now; the stream was opened as this partner.
     fn authenticate(&self) -> Result<Authenticated> {
-        let partner = self
-            .inner
-            .partners
-            .current()
-            .authenticate(&self.token, UnixNanos::now())?;
+        let partner = self.inner.partners.authenticate(&self.token)?;
         if partner.partner_id != self.opened_as.partner_id {
             // The file gave this token to another partner.
             return Err(Error::TokenInvalid);
