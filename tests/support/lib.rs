@@ -71,6 +71,16 @@ impl TestBroker {
             Self::External { .. } => None,
         }
     }
+
+    /// The mock cluster of a broker from [`start_mock_broker`], for fault injection.
+    ///
+    /// # Panics
+    /// On an external broker (a test that injects faults starts with [`start_mock_broker`]).
+    #[must_use]
+    pub fn mock(&self) -> &EmbeddedBroker {
+        self.embedded()
+            .expect("fault injection needs the mock cluster: start the test with start_mock_broker")
+    }
 }
 
 /// Logs of the code under test, shown for failing tests; `RUST_LOG` picks what (default: warnings).
@@ -123,11 +133,27 @@ pub async fn start_broker() -> TestBroker {
                 .expect("the test topic is created on the external broker");
             TestBroker::External { bootstrap, topic }
         }
-        _ => TestBroker::Embedded {
-            broker: EmbeddedBroker::start(1, &topic, PARTITIONS)
-                .expect("the embedded broker starts"),
-            topic,
-        },
+        _ => embedded(topic),
+    }
+}
+
+/// The broker for a test that injects faults (a broker down, errors, round-trip delays): always a
+/// new in-process mock cluster, even when `TOUCHLINE_TEST_KAFKA` names an external broker, which
+/// cannot inject them. Such a test runs in full in every run of the suite instead of being skipped;
+/// its mock is [`TestBroker::mock`].
+///
+/// # Panics
+/// When the mock cluster cannot start.
+#[must_use]
+pub fn start_mock_broker() -> TestBroker {
+    init_logs();
+    embedded(unique_topic())
+}
+
+fn embedded(topic: String) -> TestBroker {
+    TestBroker::Embedded {
+        broker: EmbeddedBroker::start(1, &topic, PARTITIONS).expect("the embedded broker starts"),
+        topic,
     }
 }
 

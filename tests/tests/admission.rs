@@ -11,7 +11,7 @@ use touchline_ingest::{PartnerRegistry, PartnersFile, hash_token};
 use touchline_proto::v1::{self, JourneyStage, RejectReason};
 use touchline_tests::{
     COURIER, RETAILER, authorized, error_reason, ingest_client, partners, publish, reject_reasons,
-    start_broker, start_node_with, touchpoint,
+    start_broker, start_mock_broker, start_node_with, touchpoint,
 };
 
 fn batch(prefix: &str, count: usize) -> Vec<v1::Touchpoint> {
@@ -272,12 +272,9 @@ async fn a_disconnected_stream_frees_its_slot_and_its_rate_while_its_batch_waits
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_server_sheds_load_past_its_in_flight_limit() -> anyhow::Result<()> {
-    let broker = start_broker().await;
-    // Needs the mock cluster's fault injection (slow broker responses): mock-only.
-    let Some(mock) = broker.embedded() else {
-        eprintln!("skipped against an external broker: needs the mock cluster's fault injection");
-        return Ok(());
-    };
+    let broker = start_mock_broker();
+    // Needs the mock cluster's fault injection (slow broker responses).
+    let mock = broker.mock();
     let dir = tempfile::tempdir()?;
     let node = start_node_with(&broker, dir.path(), partners(), |config| {
         config.ingest.max_in_flight_batches = 1;

@@ -2,7 +2,7 @@
 //! and acknowledges nothing, and it recovers by itself when the broker returns, with every
 //! acknowledged event present exactly once; a producer that hits a fatal error is replaced.
 //! Needs the mock cluster's fault injection (`broker_down`/`broker_up`, injected produce errors):
-//! mock-only.
+//! always on the mock cluster (`start_mock_broker`), also when the suite runs against Tansu.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -14,7 +14,7 @@ use tonic_types::StatusExt as _;
 use touchline_proto::v1::ingest_service_client::IngestServiceClient;
 use touchline_proto::v1::{self, JourneyStage};
 use touchline_tests::{
-    COURIER, authorized, error_reason, event_ids, ingest_client, publish, start_broker,
+    COURIER, authorized, error_reason, event_ids, ingest_client, publish, start_mock_broker,
     start_node_with, timeline_client, touchpoint, wait_for_timeline,
 };
 
@@ -36,13 +36,8 @@ async fn accepted(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_the_broker_down_publishes_fail_fast_and_recover_afterwards() -> anyhow::Result<()> {
-    let broker = start_broker().await;
-    let Some(mock) = broker.embedded() else {
-        eprintln!(
-            "skipped against an external broker: needs the mock cluster's broker_down/broker_up"
-        );
-        return Ok(());
-    };
+    let broker = start_mock_broker();
+    let mock = broker.mock();
     let dir = tempfile::tempdir()?;
     let node = start_node_with(&broker, dir.path(), touchline_tests::partners(), |config| {
         config.ingest.max_in_flight_batches = 4;
@@ -143,11 +138,8 @@ async fn with_the_broker_down_publishes_fail_fast_and_recover_afterwards() -> an
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn injected_produce_errors_are_retried_or_answered_unavailable_never_acknowledged()
 -> anyhow::Result<()> {
-    let broker = start_broker().await;
-    let Some(mock) = broker.embedded() else {
-        eprintln!("skipped against an external broker: needs the mock cluster's injected errors");
-        return Ok(());
-    };
+    let broker = start_mock_broker();
+    let mock = broker.mock();
     let dir = tempfile::tempdir()?;
     let node = start_node_with(&broker, dir.path(), touchline_tests::partners(), |_| {}).await?;
     let mut ingest = ingest_client(&node).await?;
@@ -185,11 +177,8 @@ async fn injected_produce_errors_are_retried_or_answered_unavailable_never_ackno
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fatal_producer_error_starts_a_new_producer_session_and_loses_nothing()
 -> anyhow::Result<()> {
-    let broker = start_broker().await;
-    let Some(mock) = broker.embedded() else {
-        eprintln!("skipped against an external broker: needs the mock cluster's injected errors");
-        return Ok(());
-    };
+    let broker = start_mock_broker();
+    let mock = broker.mock();
     let dir = tempfile::tempdir()?;
     // With the gap-less guarantee (a librdkafka property passed through), a permanent produce
     // error is fatal to the idempotent producer: it refuses every later message.

@@ -12,7 +12,8 @@ use touchline::stream_client::{PublishOptions, publish};
 use touchline_proto::v1::{self, JourneyStage};
 use touchline_tests::{
     COURIER, authorized, error_reason, event_ids, ingest_client, partners, records_in_topic,
-    start_broker, start_node_with, timeline_client, touchpoint, wait_for_timeline,
+    start_broker, start_mock_broker, start_node_with, timeline_client, touchpoint,
+    wait_for_timeline,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -80,12 +81,9 @@ async fn a_partner_that_stops_reading_acknowledgements_is_pushed_back() -> anyho
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_publish_client_resends_unanswered_batches_after_the_server_restarts()
 -> anyhow::Result<()> {
-    let broker = start_broker().await;
+    let broker = start_mock_broker();
     // The broker is slowed down so that the stream is still busy when the server restarts.
-    let Some(mock) = broker.embedded() else {
-        eprintln!("skipped against an external broker: needs the mock cluster's round-trip delay");
-        return Ok(());
-    };
+    let mock = broker.mock();
     mock.set_round_trip_time(Duration::from_millis(50))?;
     let dir = tempfile::tempdir()?;
     // A fixed port, so that the client finds the restarted server where it was.
@@ -157,11 +155,8 @@ async fn the_publish_client_resends_unanswered_batches_after_the_server_restarts
 /// partner sent it) while the one before it is still being made durable.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nothing_after_a_failed_batch_of_a_stream_is_published() -> anyhow::Result<()> {
-    let broker = start_broker().await;
-    let Some(mock) = broker.embedded() else {
-        eprintln!("skipped against an external broker: needs the mock cluster's round-trip time");
-        return Ok(());
-    };
+    let broker = start_mock_broker();
+    let mock = broker.mock();
     let dir = tempfile::tempdir()?;
     let node = start_node_with(&broker, dir.path(), partners(), |config| {
         config.ingest.rate_per_second = None;
