@@ -226,9 +226,12 @@ pub fn reject_reasons(response: &v1::PublishResponse) -> Vec<Option<v1::RejectRe
 /// # Errors
 /// When the endpoint cannot be reached.
 pub async fn ingest_client(node: &Node) -> anyhow::Result<IngestServiceClient<Channel>> {
-    IngestServiceClient::connect(node.endpoint())
-        .await
-        .context("connects to ingest")
+    Ok(IngestServiceClient::new(
+        node.target()
+            .connect()
+            .await
+            .context("connects to ingest")?,
+    ))
 }
 
 /// A client of the node's `AdminService` (send [`ADMIN_TOKEN`]).
@@ -239,8 +242,9 @@ pub async fn admin_client(
     node: &Node,
 ) -> anyhow::Result<touchline_proto::v1::admin_service_client::AdminServiceClient<Channel>> {
     Ok(
-        touchline_proto::v1::admin_service_client::AdminServiceClient::connect(node.endpoint())
-            .await?,
+        touchline_proto::v1::admin_service_client::AdminServiceClient::new(
+            node.target().connect().await?,
+        ),
     )
 }
 
@@ -251,7 +255,7 @@ pub async fn admin_client(
 pub async fn wait_for_health(node: &Node, service: &str, serving: bool) -> anyhow::Result<()> {
     use tonic_health::pb::HealthCheckRequest;
     use tonic_health::pb::health_check_response::ServingStatus;
-    let channel = Channel::from_shared(node.endpoint())?.connect().await?;
+    let channel = node.target().connect().await?;
     let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
     let wanted = if serving {
         ServingStatus::Serving
@@ -286,9 +290,9 @@ pub async fn wait_for_health(node: &Node, service: &str, serving: bool) -> anyho
 /// # Errors
 /// When the endpoint cannot be reached.
 pub async fn timeline_client(node: &Node) -> anyhow::Result<TimelineServiceClient<Channel>> {
-    TimelineServiceClient::connect(node.endpoint())
-        .await
-        .context("connects to query")
+    Ok(TimelineServiceClient::new(
+        node.target().connect().await.context("connects to query")?,
+    ))
 }
 
 /// A request carrying `authorization: Bearer TOKEN`.

@@ -95,7 +95,7 @@ async fn the_publish_client_resends_unanswered_batches_after_the_server_restarts
         config.ingest.rate_per_second = None;
     };
     let node = start_node_with(&broker, dir.path(), partners(), listen).await?;
-    let endpoint = node.endpoint();
+    let endpoint = node.target().clone();
     let events: Vec<(usize, v1::Touchpoint)> = (0..3000)
         .map(|i| {
             (

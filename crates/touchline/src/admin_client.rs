@@ -13,11 +13,10 @@ use touchline_proto::v1;
 use touchline_proto::v1::admin_service_client::AdminServiceClient;
 
 use crate::client::{format_entry, timeline_client, timestamp_text, with_token};
+use crate::connect::Target;
 
-async fn admin_client(endpoint: &str) -> anyhow::Result<AdminServiceClient<Channel>> {
-    AdminServiceClient::connect(endpoint.to_owned())
-        .await
-        .with_context(|| format!("cannot connect to {endpoint}"))
+async fn admin_client(endpoint: &Target) -> anyhow::Result<AdminServiceClient<Channel>> {
+    Ok(AdminServiceClient::new(endpoint.connect().await?))
 }
 
 /// Where `touchline replay` starts: `earliest`, an offset, or an RFC 3339 instant.
@@ -72,7 +71,7 @@ fn known(value: i64) -> String {
 ///
 /// # Errors
 /// When the server cannot be reached or refuses the call.
-pub async fn print_status(endpoint: &str, token: &str) -> anyhow::Result<()> {
+pub async fn print_status(endpoint: &Target, token: &str) -> anyhow::Result<()> {
     let status = admin_client(endpoint)
         .await?
         .get_status(with_token(v1::GetStatusRequest {}, token)?)
@@ -177,7 +176,7 @@ pub async fn print_status(endpoint: &str, token: &str) -> anyhow::Result<()> {
 /// # Errors
 /// When the server refuses, the stream breaks or the rebuild fails or is cancelled.
 pub async fn rebuild(
-    endpoint: &str,
+    endpoint: &Target,
     token: &str,
     projection: &str,
     cancel: bool,
@@ -266,7 +265,7 @@ pub async fn rebuild(
 /// # Errors
 /// When the server refuses or the replay fails.
 pub async fn replay(
-    endpoint: &str,
+    endpoint: &Target,
     token: &str,
     from: v1::replay_request::From,
     partitions: Vec<i32>,
@@ -355,7 +354,7 @@ fn print_dead_letter(dead_letter: &v1::DeadLetter) -> Result<(), crate::OutputEr
 /// # Errors
 /// When the server refuses the call.
 pub async fn dead_letters(
-    endpoint: &str,
+    endpoint: &Target,
     token: &str,
     action: DeadLetterAction,
 ) -> anyhow::Result<()> {
@@ -411,7 +410,7 @@ pub async fn dead_letters(
 ///
 /// # Errors
 /// When the server refuses the call.
-pub async fn verify(endpoint: &str, token: &str) -> anyhow::Result<()> {
+pub async fn verify(endpoint: &Target, token: &str) -> anyhow::Result<()> {
     let verified = admin_client(endpoint)
         .await?
         .verify_projections(with_token(v1::VerifyProjectionsRequest {}, token)?)
@@ -448,7 +447,7 @@ pub async fn verify(endpoint: &str, token: &str) -> anyhow::Result<()> {
 /// # Errors
 /// When the server refuses the call (other than by lag or shutdown).
 pub async fn watch(
-    endpoint: &str,
+    endpoint: &Target,
     token: Option<&str>,
     customer_id: String,
     mut cursor: String,

@@ -13,6 +13,8 @@ use touchline_core::{Channel as TouchChannel, JourneyStage, Sentiment, UnixNanos
 use touchline_proto::v1;
 use touchline_proto::v1::timeline_service_client::TimelineServiceClient;
 
+use crate::connect::Target;
+
 /// One line of a `touchline publish` file.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -130,15 +132,11 @@ pub fn read_json_lines(path: &Path) -> anyhow::Result<Vec<(usize, v1::Touchpoint
 }
 
 pub async fn timeline_client(
-    endpoint: &str,
+    endpoint: &Target,
     token: Option<&str>,
 ) -> anyhow::Result<TimelineClient> {
     let token = token.map(bearer).transpose()?;
-    let channel = tonic::transport::Endpoint::from_shared(endpoint.to_owned())
-        .with_context(|| format!("{endpoint} is not an endpoint"))?
-        .connect()
-        .await
-        .with_context(|| format!("cannot connect to {endpoint}"))?;
+    let channel = endpoint.connect().await?;
     // Pages stop at about 2 MiB of entries; a single large entry can go past tonic's 4 MiB.
     Ok(
         TimelineServiceClient::with_interceptor(channel, BearerToken(token))
@@ -225,7 +223,7 @@ pub fn format_entry(entry: &v1::TimelineEntry) -> String {
 /// # Errors
 /// When the server cannot be reached or refuses the request.
 pub async fn print_timeline(
-    endpoint: &str,
+    endpoint: &Target,
     token: Option<&str>,
     mut request: v1::GetTimelineRequest,
     limit: Option<usize>,
@@ -262,7 +260,7 @@ pub async fn print_timeline(
 /// # Errors
 /// When the server cannot be reached or has no such customer.
 pub async fn print_summary(
-    endpoint: &str,
+    endpoint: &Target,
     token: Option<&str>,
     customer_id: String,
 ) -> anyhow::Result<()> {

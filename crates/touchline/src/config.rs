@@ -39,9 +39,12 @@ fn count(value: usize) -> u64 {
 
 /// `TOUCHLINE_` environment variables that are not configuration keys (lower case, without the
 /// prefix, as figment compares them).
-const NOT_CONFIGURATION: [&str; 6] = [
+const NOT_CONFIGURATION: [&str; 9] = [
     "config",
     "endpoint",
+    "ca_cert",
+    "client_cert",
+    "client_key",
     "token",
     "admin_token",
     "query_token",
@@ -84,6 +87,8 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     /// How long shutdown waits for in-flight calls to finish.
     pub shutdown_grace_ms: u64,
+    /// TLS for every service on the listener; plaintext when absent.
+    pub tls: Option<TlsConfig>,
 }
 
 impl Default for ServerConfig {
@@ -91,8 +96,24 @@ impl Default for ServerConfig {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], DEFAULT_PORT)),
             shutdown_grace_ms: 10_000,
+            tls: None,
         }
     }
+}
+
+/// The gRPC listener's TLS: its certificate and key, and optionally the CA whose certificates
+/// clients must present (mutual TLS). Files are read once, at start.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct TlsConfig {
+    /// PEM: the server's certificate, then any intermediates.
+    pub cert_file: PathBuf,
+    /// PEM: the private key of `cert-file` (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: PathBuf,
+    /// PEM: the CA certificate(s) that client certificates must chain to. When set, a client
+    /// without such a certificate cannot connect (besides its token, which is still required).
+    #[serde(default)]
+    pub client_ca_file: Option<PathBuf>,
 }
 
 /// The local sled database: event log and projections.
@@ -319,8 +340,8 @@ impl Config {
             );
             figment = figment.merge(Toml::file(file));
         }
-        // TOUCHLINE_CONFIG, _ENDPOINT, _TOKEN, _ADMIN_TOKEN and _QUERY_TOKEN belong to the command
-        // line, TOUCHLINE_TEST_KAFKA to the test suites: none is a configuration key.
+        // TOUCHLINE_CONFIG, _ENDPOINT, _CA_CERT, _CLIENT_CERT, _CLIENT_KEY, _TOKEN, _ADMIN_TOKEN and
+        // _QUERY_TOKEN belong to the command line, TOUCHLINE_TEST_KAFKA to the test suites: none is a configuration key.
         let env = Env::prefixed("TOUCHLINE_").ignore(&NOT_CONFIGURATION);
         figment = figment.merge(env.map(|key| {
             // TOUCHLINE_KAFKA__BOOTSTRAP_SERVERS -> kafka.bootstrap-servers

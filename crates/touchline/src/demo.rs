@@ -300,14 +300,14 @@ pub fn generate(customers: usize, seed: u64, now: UnixNanos) -> [Vec<v1::Touchpo
 /// # Errors
 /// When a partner's stream fails.
 pub async fn publish_demo(
-    endpoint: &str,
+    endpoint: &crate::Target,
     customers: usize,
     seed: u64,
 ) -> anyhow::Result<crate::stream_client::PublishReport> {
     let by_partner = generate(customers, seed, UnixNanos::now());
     let mut tasks = tokio::task::JoinSet::new();
     for (partner, events) in by_partner.into_iter().enumerate() {
-        let endpoint = endpoint.to_owned();
+        let endpoint = endpoint.clone();
         let token = DEMO_PARTNERS[partner].1;
         let numbered = events.into_iter().enumerate().collect();
         let options = crate::stream_client::PublishOptions {

@@ -5,12 +5,14 @@ pub mod admin_auth;
 pub mod admin_client;
 pub mod client;
 pub mod config;
+pub mod connect;
 pub mod demo;
 pub mod metrics;
 pub mod node;
 pub mod stream_client;
 
 pub use config::Config;
+pub use connect::Target;
 pub use node::{BrokerChoice, Node};
 
 /// A write to standard output failed: what [`outln!`] and [`out!`] return, so that `main` can

@@ -8,8 +8,8 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use touchline::admin_auth::DEV_ADMIN_TOKEN;
 use touchline::admin_client::{self, DeadLetterAction};
-use touchline::config::{DEFAULT_PORT, LogFormat};
-use touchline::{BrokerChoice, Config, Node, client, demo, node, stream_client};
+use touchline::config::LogFormat;
+use touchline::{BrokerChoice, Config, Node, Target, client, demo, node, stream_client};
 use touchline_core::{JourneyStage, UnixNanos};
 use touchline_ingest::{PartnerDirectory, PartnerRegistry};
 
@@ -56,7 +56,7 @@ struct NodeArgs {
 #[derive(Debug, clap::Args)]
 struct Admin {
     #[command(flatten)]
-    endpoint: Endpoint,
+    endpoint: Target,
     /// An admin token (`touchline dev` accepts the development token, the default here).
     #[arg(long, env = "TOUCHLINE_ADMIN_TOKEN", hide_env_values = true, default_value = DEV_ADMIN_TOKEN)]
     admin_token: String,
@@ -65,17 +65,10 @@ struct Admin {
 #[derive(Debug, clap::Args)]
 struct Query {
     #[command(flatten)]
-    endpoint: Endpoint,
+    endpoint: Target,
     /// A query token, for a node with `query.token-sha256` set.
     #[arg(long, env = "TOUCHLINE_QUERY_TOKEN", hide_env_values = true)]
     query_token: Option<String>,
-}
-
-#[derive(Debug, clap::Args)]
-struct Endpoint {
-    /// The Touchline gRPC endpoint.
-    #[arg(long, env = "TOUCHLINE_ENDPOINT", default_value_t = format!("http://127.0.0.1:{DEFAULT_PORT}"))]
-    endpoint: String,
 }
 
 #[derive(Debug, Subcommand)]
@@ -104,7 +97,7 @@ enum Command {
     /// Stream touchpoints from a JSON Lines file as a partner.
     Publish {
         #[command(flatten)]
-        endpoint: Endpoint,
+        endpoint: Target,
         /// The partner's bearer token.
         #[arg(long, env = "TOUCHLINE_TOKEN", hide_env_values = true)]
         token: String,
@@ -261,21 +254,26 @@ async fn run_node(
     node::ignore_hangups();
     let mut node = Node::start(config, broker, partners).await?;
     let endpoint = node.endpoint();
+    let target = node.target().clone();
     if broker == BrokerChoice::Embedded {
         let _ = touchline::outln!("touchline dev is serving on {endpoint}");
         let _ = touchline::outln!("demo partner tokens (dev only):");
         for (partner, token) in demo::DEMO_PARTNERS {
             let _ = touchline::outln!("  {partner:<18} {token}");
         }
+        let ca_cert = target
+            .ca_cert
+            .as_ref()
+            .map(|path| format!(" --ca-cert {}", path.display()))
+            .unwrap_or_default();
         let _ = touchline::outln!(
-            "try: touchline timeline {} --endpoint {endpoint}",
+            "try: touchline timeline {} --endpoint {endpoint}{ca_cert}",
             demo::demo_customer(7)
         );
     }
     if let Some(customers) = demo_customers {
-        let endpoint = endpoint.clone();
         tokio::spawn(async move {
-            match demo::publish_demo(&endpoint, customers, 2026).await {
+            match demo::publish_demo(&target, customers, 2026).await {
                 Ok(report) => {
                     let _ = touchline::outln!(
                         "demo published: {} accepted, {} rejected, across {customers} customers (e.g. {})",
@@ -375,8 +373,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 window,
                 ..Default::default()
             };
-            let report =
-                stream_client::publish(&endpoint.endpoint, &token, events, &options).await?;
+            let report = stream_client::publish(&endpoint, &token, events, &options).await?;
             let printed = touchline::outln!(
                 "{count} events: {} accepted, {} rejected",
                 report.accepted,
@@ -420,7 +417,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 stages,
             };
             let printed = client::print_timeline(
-                &query.endpoint.endpoint,
+                &query.endpoint,
                 query.query_token.as_deref(),
                 request,
                 limit,
@@ -430,56 +427,37 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Summary { customer_id, query } => {
-            client::print_summary(
-                &query.endpoint.endpoint,
-                query.query_token.as_deref(),
-                customer_id,
-            )
-            .await
+            client::print_summary(&query.endpoint, query.query_token.as_deref(), customer_id).await
         }
         Command::HashToken { token } => {
             touchline::outln!("{}", touchline_ingest::hash_token(&token))?;
             Ok(())
         }
         Command::Status { admin } => {
-            admin_client::print_status(&admin.endpoint.endpoint, &admin.admin_token).await
+            admin_client::print_status(&admin.endpoint, &admin.admin_token).await
         }
         Command::Rebuild {
             projection,
             cancel,
             admin,
-        } => {
-            admin_client::rebuild(
-                &admin.endpoint.endpoint,
-                &admin.admin_token,
-                &projection,
-                cancel,
-            )
-            .await
-        }
+        } => admin_client::rebuild(&admin.endpoint, &admin.admin_token, &projection, cancel).await,
         Command::Replay {
             from,
             partitions,
             admin,
         } => {
             let from = admin_client::replay_start(&from)?;
-            admin_client::replay(
-                &admin.endpoint.endpoint,
-                &admin.admin_token,
-                from,
-                partitions,
-            )
-            .await
+            admin_client::replay(&admin.endpoint, &admin.admin_token, from, partitions).await
         }
         Command::DeadLetters { action, admin } => {
             let action = action.unwrap_or(DeadLetterAction::List {
                 after: 0,
                 limit: 100,
             });
-            admin_client::dead_letters(&admin.endpoint.endpoint, &admin.admin_token, action).await
+            admin_client::dead_letters(&admin.endpoint, &admin.admin_token, action).await
         }
         Command::Verify { admin } => {
-            admin_client::verify(&admin.endpoint.endpoint, &admin.admin_token).await
+            admin_client::verify(&admin.endpoint, &admin.admin_token).await
         }
         Command::Watch {
             customer_id,
@@ -487,7 +465,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             query,
         } => {
             admin_client::watch(
-                &query.endpoint.endpoint,
+                &query.endpoint,
                 query.query_token.as_deref(),
                 customer_id,
                 cursor,

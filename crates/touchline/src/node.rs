@@ -26,6 +26,7 @@ use crate::config::Config;
 mod health;
 mod own_thread;
 mod signals;
+mod tls;
 
 use health::{Roles, report_health};
 use own_thread::spawn_on_own_thread;
@@ -45,6 +46,7 @@ pub enum BrokerChoice {
 #[derive(Debug)]
 pub struct Node {
     local_addr: SocketAddr,
+    target: crate::Target,
     server_shutdown: CancellationToken,
     projector_shutdown: CancellationToken,
     server: Option<JoinHandle<Result<(), tonic::transport::Error>>>,
@@ -97,6 +99,7 @@ impl Node {
         )>,
     ) -> anyhow::Result<Self> {
         config.validate()?;
+        let mut server = tls::server_builder(config.server.tls.as_ref())?;
         anyhow::ensure!(
             broker != BrokerChoice::Embedded
                 || config.projector.partitions.is_empty()
@@ -296,7 +299,7 @@ impl Node {
             // Started once nothing of the start can fail any more: shutdown stops and awaits it.
             rebuilds.drop_leftovers();
         }
-        let server = tonic::transport::Server::builder()
+        let server = server
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
@@ -311,6 +314,7 @@ impl Node {
         info!(%local_addr, ingest = config.ingest.enabled, projector = config.projector.enabled, query = config.query.enabled, "touchline is serving");
         Ok(Self {
             local_addr,
+            target: tls::own_target(local_addr, config.server.tls.as_ref()),
             server_shutdown,
             _stop_on_drop: start_guard,
             projector_shutdown,
@@ -339,10 +343,17 @@ impl Node {
         self.local_addr
     }
 
-    /// `http://ADDR`, for clients.
+    /// `http://ADDR`, or `https://ADDR` with `server.tls`, for clients.
     #[must_use]
     pub fn endpoint(&self) -> String {
-        format!("http://{}", self.local_addr)
+        self.target.endpoint.clone()
+    }
+
+    /// The gRPC endpoint with the TLS settings this process's own clients use (over TLS, they
+    /// trust the node's certificate file).
+    #[must_use]
+    pub fn target(&self) -> &crate::Target {
+        &self.target
     }
 
     /// The local store, when the projector runs here.

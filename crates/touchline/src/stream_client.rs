@@ -10,11 +10,13 @@ use anyhow::bail;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
+use tonic::transport::Endpoint;
 use tonic_types::StatusExt as _;
 use touchline_proto::v1;
 use touchline_proto::v1::ingest_service_client::IngestServiceClient;
 
 use crate::client::with_token;
+use crate::connect::Target;
 
 /// How a publish run behaves.
 #[derive(Debug, Clone)]
@@ -84,11 +86,13 @@ fn retry_delay(status: &tonic::Status, attempt: u32) -> Option<Duration> {
 /// When the server refuses the credential or a batch for good, or stays unreachable for
 /// `max_attempts` attempts.
 pub async fn publish(
-    endpoint: &str,
+    target: &Target,
     token: &str,
     events: Vec<(usize, v1::Touchpoint)>,
     options: &PublishOptions,
 ) -> anyhow::Result<PublishReport> {
+    // Read once: a TLS file that cannot be read fails now, not at every reconnection.
+    let endpoint = target.endpoint()?;
     let batch_size = options.batch_size.max(1);
     let window = options.window.max(1);
     let mut pending: VecDeque<Batch> = VecDeque::new();
@@ -123,7 +127,8 @@ pub async fn publish(
     let mut attempt = 0_u32;
     while !pending.is_empty() {
         let before = pending.len();
-        let result = stream_once(endpoint, token, &mut pending, window, options, &mut report).await;
+        let result =
+            stream_once(&endpoint, token, &mut pending, window, options, &mut report).await;
         if pending.len() < before {
             // The stream got answers before it broke: the attempts count breaks in a row.
             attempt = 0;
@@ -154,19 +159,17 @@ pub async fn publish(
 /// One stream: sends batches from the front of `pending` with at most `window` unanswered, and
 /// removes each batch once answered. Returns when everything is answered or the stream breaks.
 async fn stream_once(
-    endpoint: &str,
+    endpoint: &Endpoint,
     token: &str,
     pending: &mut VecDeque<Batch>,
     window: usize,
     options: &PublishOptions,
     report: &mut PublishReport,
 ) -> Result<(), tonic::Status> {
-    let mut client = IngestServiceClient::connect(endpoint.to_owned())
-        .await
-        .map_err(|error| {
-            tonic::Status::unavailable(format!("cannot connect to {endpoint}: {error}"))
-        })?
-        .max_decoding_message_size(64 * 1024 * 1024);
+    let channel = endpoint.connect().await.map_err(|error| {
+        tonic::Status::unavailable(format!("cannot connect to {}: {error}", endpoint.uri()))
+    })?;
+    let mut client = IngestServiceClient::new(channel).max_decoding_message_size(64 * 1024 * 1024);
     let (requests, outgoing) = mpsc::channel(window);
     let request = with_token(ReceiverStream::new(outgoing), token)
         .map_err(|error| tonic::Status::invalid_argument(error.to_string()))?;

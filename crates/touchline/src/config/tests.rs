@@ -132,3 +132,38 @@ fn a_query_role_without_its_projector_is_refused() {
     config.projector.enabled = false;
     assert!(config.validate().is_err());
 }
+
+#[test]
+#[allow(
+    clippy::result_large_err,
+    reason = "figment::Jail fixes the closure type"
+)]
+fn server_tls_comes_from_the_file_and_the_environment() {
+    figment::Jail::expect_with(|jail| {
+        jail.create_file(
+            "touchline.toml",
+            "[server.tls]\ncert-file = \"server.pem\"\nkey-file = \"server.key\"\n",
+        )?;
+        jail.set_env("TOUCHLINE_SERVER__TLS__CLIENT_CA_FILE", "clients.pem");
+        let config =
+            Config::load(Some(Path::new("touchline.toml"))).map_err(|error| error.to_string())?;
+        let tls = TlsConfig {
+            cert_file: "server.pem".into(),
+            key_file: "server.key".into(),
+            client_ca_file: Some("clients.pem".into()),
+        };
+        assert_eq!(config.server.tls.as_ref(), Some(&tls));
+        let printed: Config = toml::from_str(&config.to_toml().map_err(|e| e.to_string())?)
+            .map_err(|error| error.to_string())?;
+        assert_eq!(printed.server.tls, Some(tls));
+        Ok(())
+    });
+    // Both files are required, and nothing else is known.
+    assert!(toml::from_str::<Config>("[server.tls]\ncert-file = \"a.pem\"\n").is_err());
+    assert!(
+        toml::from_str::<Config>(
+            "[server.tls]\ncert-file = \"a.pem\"\nkey-file = \"a.key\"\nca-file = \"c.pem\"\n"
+        )
+        .is_err()
+    );
+}

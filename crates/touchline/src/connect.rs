@@ -1,0 +1,136 @@
+//! Where the command-line clients connect: a node's gRPC endpoint, over TLS when it is `https://`.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+
+use crate::config::DEFAULT_PORT;
+
+/// A node's gRPC endpoint and the TLS settings to reach it with.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Target {
+    /// The Touchline gRPC endpoint: `http://` for plaintext, `https://` for a node with
+    /// `server.tls`.
+    #[arg(long, env = "TOUCHLINE_ENDPOINT", default_value_t = format!("http://127.0.0.1:{DEFAULT_PORT}"))]
+    pub endpoint: String,
+    /// PEM file of the CA certificate(s) the node's certificate chains to (`https://` only; the
+    /// system's roots when not given).
+    #[arg(long, env = "TOUCHLINE_CA_CERT")]
+    pub ca_cert: Option<PathBuf>,
+    /// PEM certificate this client presents, for a node that requires client certificates
+    /// (`server.tls.client-ca-file`).
+    #[arg(long, env = "TOUCHLINE_CLIENT_CERT", requires = "client_key")]
+    pub client_cert: Option<PathBuf>,
+    /// PEM private key of `--client-cert`.
+    #[arg(long, env = "TOUCHLINE_CLIENT_KEY", requires = "client_cert")]
+    pub client_key: Option<PathBuf>,
+}
+
+impl Target {
+    /// A plaintext endpoint, or an `https://` one trusting the system's roots.
+    #[must_use]
+    pub fn new(endpoint: impl Into<String>) -> Self {
+        Self {
+            endpoint: endpoint.into(),
+            ca_cert: None,
+            client_cert: None,
+            client_key: None,
+        }
+    }
+
+    /// Trusts the CA certificate(s) in `ca_cert` (PEM) for the node's certificate.
+    #[must_use]
+    pub fn with_ca_cert(mut self, ca_cert: impl Into<PathBuf>) -> Self {
+        self.ca_cert = Some(ca_cert.into());
+        self
+    }
+
+    /// Presents `cert` (PEM) with its `key` to a node that requires client certificates.
+    #[must_use]
+    pub fn with_client_cert(mut self, cert: impl Into<PathBuf>, key: impl Into<PathBuf>) -> Self {
+        self.client_cert = Some(cert.into());
+        self.client_key = Some(key.into());
+        self
+    }
+
+    /// The endpoint with its TLS settings, not yet connected.
+    ///
+    /// # Errors
+    /// When the endpoint is not a URI, a TLS file cannot be read, or TLS files are given for a
+    /// plaintext (`http://`) endpoint.
+    pub fn endpoint(&self) -> anyhow::Result<Endpoint> {
+        let endpoint = Endpoint::from_shared(self.endpoint.clone())
+            .with_context(|| format!("{} is not an endpoint", self.endpoint))?;
+        if endpoint.uri().scheme_str() != Some("https") {
+            anyhow::ensure!(
+                self.ca_cert.is_none() && self.client_cert.is_none(),
+                "{} is plaintext: a CA or client certificate needs an https:// endpoint",
+                self.endpoint
+            );
+            return Ok(endpoint);
+        }
+        let mut tls = ClientTlsConfig::new();
+        tls = match &self.ca_cert {
+            Some(path) => tls.ca_certificate(Certificate::from_pem(read("--ca-cert", path)?)),
+            None => tls.with_native_roots(),
+        };
+        if let (Some(cert), Some(key)) = (&self.client_cert, &self.client_key) {
+            tls = tls.identity(Identity::from_pem(
+                read("--client-cert", cert)?,
+                read("--client-key", key)?,
+            ));
+        }
+        endpoint
+            .tls_config(tls)
+            .with_context(|| format!("cannot set up TLS for {}", self.endpoint))
+    }
+
+    /// Connects.
+    ///
+    /// # Errors
+    /// As [`Target::endpoint`], and when the node cannot be reached or the TLS handshake fails.
+    pub async fn connect(&self) -> anyhow::Result<Channel> {
+        self.endpoint()?
+            .connect()
+            .await
+            .with_context(|| format!("cannot connect to {}", self.endpoint))
+    }
+}
+
+impl fmt::Display for Target {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        formatter.write_str(&self.endpoint)
+    }
+}
+
+fn read(what: &str, path: &Path) -> anyhow::Result<Vec<u8>> {
+    std::fs::read(path).with_context(|| format!("{what} {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn error(target: &Target) -> String {
+        format!("{:#}", target.endpoint().expect_err("refused"))
+    }
+
+    #[test]
+    fn tls_files_need_an_https_endpoint() {
+        let plaintext = Target::new("http://127.0.0.1:7451");
+        assert!(plaintext.endpoint().is_ok());
+        assert!(error(&plaintext.clone().with_ca_cert("ca.pem")).contains("is plaintext"));
+        assert!(
+            error(&plaintext.with_client_cert("client.pem", "client.key")).contains("is plaintext")
+        );
+    }
+
+    #[test]
+    fn unreadable_tls_files_and_bad_endpoints_are_named() {
+        let missing = Target::new("https://localhost:7451").with_ca_cert("/nonexistent/ca.pem");
+        assert!(error(&missing).contains("--ca-cert /nonexistent/ca.pem"));
+        assert!(error(&Target::new("not an endpoint")).contains("is not an endpoint"));
+    }
+}

@@ -1,0 +1,225 @@
+//! TLS on the gRPC listener (`server.tls`): partners publish and internal services read over it,
+//! plaintext and untrusted clients get nothing, a node that names a client CA requires client
+//! certificates (and tokens still), and a certificate the node cannot use stops the start.
+//! The certificates are fixtures (`tests/data/tls/generate.sh`).
+
+use std::path::PathBuf;
+
+use tonic::Code;
+use touchline::Target;
+use touchline::config::TlsConfig;
+use touchline_proto::v1::ingest_service_client::IngestServiceClient;
+use touchline_proto::v1::timeline_service_client::TimelineServiceClient;
+use touchline_proto::v1::{self, JourneyStage};
+use touchline_tests::{
+    COURIER, error_reason, event_ids, ingest_client, partners, publish, start_broker,
+    start_node_with, timeline_client, touchpoint, wait_for_health, wait_for_timeline,
+};
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("data/tls")
+        .join(name)
+}
+
+fn tls(cert: &str, key: &str, client_ca: Option<&str>) -> TlsConfig {
+    TlsConfig {
+        cert_file: fixture(cert),
+        key_file: fixture(key),
+        client_ca_file: client_ca.map(fixture),
+    }
+}
+
+/// The node by the name its certificate carries.
+fn https(node: &touchline::Node) -> Target {
+    Target::new(format!("https://localhost:{}", node.local_addr().port()))
+}
+
+fn event(id: &str) -> v1::Touchpoint {
+    touchpoint(id, "cust-tls", "parcel.delivered", 10, JourneyStage::Fulfil)
+}
+
+async fn publish_over(target: &Target, token: &str, id: &str) -> anyhow::Result<u32> {
+    let mut ingest = IngestServiceClient::new(target.connect().await?);
+    Ok(publish(&mut ingest, token, vec![event(id)]).await?.accepted)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partners_publish_and_services_read_over_tls_and_nothing_else_gets_in() -> anyhow::Result<()>
+{
+    let broker = start_broker().await;
+    let dir = tempfile::tempdir()?;
+    let node = start_node_with(&broker, dir.path(), partners(), |config| {
+        config.server.tls = Some(tls("server.pem", "server.key", None));
+    })
+    .await?;
+    assert!(
+        node.endpoint().starts_with("https://"),
+        "{}",
+        node.endpoint()
+    );
+    let trusted = https(&node).with_ca_cert(fixture("ca.pem"));
+
+    assert_eq!(publish_over(&trusted, COURIER.1, "tls-1").await?, 1);
+    let mut timeline = TimelineServiceClient::new(trusted.connect().await?);
+    let entries = wait_for_timeline(&mut timeline, "cust-tls", 1).await?;
+    assert_eq!(event_ids(&entries), ["tls-1"]);
+
+    // The command-line clients connect through the same `Target`.
+    let mut cli = touchline::client::timeline_client(&trusted, None).await?;
+    let page = cli
+        .get_timeline(v1::GetTimelineRequest {
+            customer_id: "cust-tls".to_owned(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    assert_eq!(event_ids(&page.entries), ["tls-1"]);
+
+    // Plaintext to the TLS port, a client that trusts another CA, and one that trusts only the
+    // system's roots: none gets a call through.
+    let plaintext = Target::new(format!("http://127.0.0.1:{}", node.local_addr().port()));
+    let other_ca = https(&node).with_ca_cert(fixture("other-ca.pem"));
+    let system_roots = https(&node);
+    // (Without the system's roots or with none of them, the test CA is not trusted either way.)
+    for (what, target, expected) in [
+        ("plaintext", &plaintext, "transport error"),
+        ("another CA", &other_ca, "invalid peer certificate"),
+        ("system roots", &system_roots, "cannot connect"),
+    ] {
+        let refused = publish_over(target, COURIER.1, "never").await;
+        let error = format!("{:#}", refused.expect_err(what));
+        assert!(error.contains(expected), "{what}: {error}");
+    }
+
+    // The node serves on: the refused connections changed nothing.
+    assert_eq!(publish_over(&trusted, COURIER.1, "tls-2").await?, 1);
+    let entries = wait_for_timeline(&mut timeline, "cust-tls", 2).await?;
+    assert_eq!(event_ids(&entries), ["tls-1", "tls-2"]);
+    node.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_with_a_client_ca_requires_a_client_certificate_and_still_a_token()
+-> anyhow::Result<()> {
+    let broker = start_broker().await;
+    let dir = tempfile::tempdir()?;
+    let node = start_node_with(&broker, dir.path(), partners(), |config| {
+        config.server.tls = Some(tls("server.pem", "server.key", Some("ca.pem")));
+    })
+    .await?;
+    let without_certificate = https(&node).with_ca_cert(fixture("ca.pem"));
+    let refused = publish_over(&without_certificate, COURIER.1, "no-cert").await;
+    // The server ends the handshake: a transport error, not an answer of the service.
+    let error = format!("{:#}", refused.expect_err("refused without a certificate"));
+    assert!(error.contains("transport error"), "{error}");
+
+    let with_certificate = without_certificate
+        .clone()
+        .with_client_cert(fixture("client.pem"), fixture("client.key"));
+    assert_eq!(
+        publish_over(&with_certificate, COURIER.1, "mtls-1").await?,
+        1
+    );
+
+    // The certificate lets a client connect; the partner is still the token's.
+    let mut ingest = IngestServiceClient::new(with_certificate.connect().await?);
+    let unauthenticated = ingest
+        .publish(v1::PublishRequest {
+            events: vec![event("no-token")],
+            batch_id: String::new(),
+        })
+        .await
+        .expect_err("a call without a token is refused");
+    assert_eq!(unauthenticated.code(), Code::Unauthenticated);
+    assert_eq!(
+        error_reason(&unauthenticated).as_deref(),
+        Some("TOKEN_MISSING")
+    );
+
+    let mut timeline = TimelineServiceClient::new(with_certificate.connect().await?);
+    let entries = wait_for_timeline(&mut timeline, "cust-tls", 1).await?;
+    assert_eq!(event_ids(&entries), ["mtls-1"]);
+    node.shutdown().await
+}
+
+/// A self-signed certificate, as a development node would have: the node's own clients (the
+/// test helpers and `touchline dev --demo` use `Node::target`) trust its certificate file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_with_a_self_signed_certificate_is_reached_by_its_own_clients() -> anyhow::Result<()>
+{
+    let broker = start_broker().await;
+    let dir = tempfile::tempdir()?;
+    let node = start_node_with(&broker, dir.path(), partners(), |config| {
+        config.server.tls = Some(tls("self-signed.pem", "self-signed.key", None));
+    })
+    .await?;
+    wait_for_health(&node, "", true).await?;
+    let mut ingest = ingest_client(&node).await?;
+    let accepted = publish(&mut ingest, COURIER.1, vec![event("self-1")]).await?;
+    assert_eq!(accepted.accepted, 1);
+    let mut timeline = timeline_client(&node).await?;
+    let entries = wait_for_timeline(&mut timeline, "cust-tls", 1).await?;
+    assert_eq!(event_ids(&entries), ["self-1"]);
+    node.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_the_node_cannot_use_stops_the_start() -> anyhow::Result<()> {
+    let broker = start_broker().await;
+    let dir = tempfile::tempdir()?;
+    let not_pem = dir.path().join("not-a-certificate.pem");
+    std::fs::write(&not_pem, "not a certificate\n")?;
+    let cases = [
+        (
+            "a missing certificate file",
+            tls("missing.pem", "server.key", None),
+            "server.tls.cert-file",
+        ),
+        (
+            "a missing key file",
+            tls("server.pem", "missing.key", None),
+            "server.tls.key-file",
+        ),
+        (
+            "a key of another certificate",
+            tls("server.pem", "client.key", None),
+            "server.tls: cannot serve",
+        ),
+        (
+            "a file without a certificate",
+            TlsConfig {
+                cert_file: not_pem.clone(),
+                ..tls("server.pem", "server.key", None)
+            },
+            "server.tls: cannot serve",
+        ),
+        (
+            "a client CA file without a certificate",
+            TlsConfig {
+                client_ca_file: Some(not_pem.clone()),
+                ..tls("server.pem", "server.key", None)
+            },
+            "server.tls: cannot serve",
+        ),
+        (
+            "a missing client CA file",
+            tls("server.pem", "server.key", Some("missing.pem")),
+            "server.tls.client-ca-file",
+        ),
+    ];
+    for (what, settings, expected) in cases {
+        let started = start_node_with(&broker, dir.path(), partners(), |config| {
+            config.server.tls = Some(settings);
+        })
+        .await;
+        let error = format!("{:#}", started.expect_err("the start fails"));
+        assert!(error.contains(expected), "{what}: {error}");
+        // Refused before the store was opened.
+        assert!(
+            !dir.path().join("store").exists(),
+            "{what}: the store was created"
+        );
+    }
+    Ok(())
+}
