@@ -39,12 +39,13 @@ fn count(value: usize) -> u64 {
 
 /// `TOUCHLINE_` environment variables that are not configuration keys (lower case, without the
 /// prefix, as figment compares them).
-const NOT_CONFIGURATION: [&str; 9] = [
+const NOT_CONFIGURATION: [&str; 10] = [
     "config",
     "endpoint",
     "ca_cert",
     "client_cert",
     "client_key",
+    "tls_server_name",
     "token",
     "admin_token",
     "query_token",
@@ -340,8 +341,8 @@ impl Config {
             );
             figment = figment.merge(Toml::file(file));
         }
-        // TOUCHLINE_CONFIG, _ENDPOINT, _CA_CERT, _CLIENT_CERT, _CLIENT_KEY, _TOKEN, _ADMIN_TOKEN and
-        // _QUERY_TOKEN belong to the command line, TOUCHLINE_TEST_KAFKA to the test suites: none is a configuration key.
+        // TOUCHLINE_CONFIG, _ENDPOINT, _CA_CERT, _CLIENT_CERT, _CLIENT_KEY, _TLS_SERVER_NAME, _TOKEN,
+        // _ADMIN_TOKEN and _QUERY_TOKEN belong to the command line, TOUCHLINE_TEST_KAFKA to the test suites: none is a configuration key.
         let env = Env::prefixed("TOUCHLINE_").ignore(&NOT_CONFIGURATION);
         figment = figment.merge(env.map(|key| {
             // TOUCHLINE_KAFKA__BOOTSTRAP_SERVERS -> kafka.bootstrap-servers

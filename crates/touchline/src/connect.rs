@@ -26,6 +26,10 @@ pub struct Target {
     /// PEM private key of `--client-cert`.
     #[arg(long, env = "TOUCHLINE_CLIENT_KEY", requires = "client_cert")]
     pub client_key: Option<PathBuf>,
+    /// The name the node's certificate must carry, when it is not the endpoint's host (an
+    /// endpoint by IP address, a certificate for a DNS name).
+    #[arg(long, env = "TOUCHLINE_TLS_SERVER_NAME")]
+    pub tls_server_name: Option<String>,
 }
 
 impl Target {
@@ -37,6 +41,7 @@ impl Target {
             ca_cert: None,
             client_cert: None,
             client_key: None,
+            tls_server_name: None,
         }
     }
 
@@ -65,8 +70,10 @@ impl Target {
             .with_context(|| format!("{} is not an endpoint", self.endpoint))?;
         if endpoint.uri().scheme_str() != Some("https") {
             anyhow::ensure!(
-                self.ca_cert.is_none() && self.client_cert.is_none(),
-                "{} is plaintext: a CA or client certificate needs an https:// endpoint",
+                self.ca_cert.is_none()
+                    && self.client_cert.is_none()
+                    && self.tls_server_name.is_none(),
+                "{} is plaintext: TLS settings (a CA or client certificate, a server name) need an https:// endpoint",
                 self.endpoint
             );
             return Ok(endpoint);
@@ -82,9 +89,20 @@ impl Target {
                 read("--client-key", key)?,
             ));
         }
-        endpoint
-            .tls_config(tls)
-            .with_context(|| format!("cannot set up TLS for {}", self.endpoint))
+        if let Some(name) = &self.tls_server_name {
+            tls = tls.domain_name(name);
+        }
+        endpoint.tls_config(tls).with_context(|| {
+            format!(
+                "cannot set up TLS for {}{}",
+                self.endpoint,
+                if self.ca_cert.is_none() {
+                    " (without --ca-cert, with the system's roots)"
+                } else {
+                    ""
+                }
+            )
+        })
     }
 
     /// Connects.
@@ -105,6 +123,44 @@ impl fmt::Display for Target {
     }
 }
 
+/// An error and its sources on one line: tonic's transport error alone says only "transport
+/// error".
+#[must_use]
+pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(error) = source {
+        let message = error.to_string();
+        // An I/O error shows its inner error, which is also its source: once is enough.
+        if !text.ends_with(&message) {
+            text.push_str(": ");
+            text.push_str(&message);
+        }
+        source = error.source();
+    }
+    text
+}
+
+/// Whether a connection failed on the node's certificate or this client's TLS settings (rustls
+/// refused it): trying again will not help.
+#[must_use]
+pub fn is_tls_refusal(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut current = Some(error);
+    while let Some(error) = current {
+        let inner = error
+            .downcast_ref::<std::io::Error>()
+            .and_then(std::io::Error::get_ref)
+            .map(|inner| inner as &(dyn std::error::Error + 'static));
+        if error.is::<rustls::Error>()
+            || inner.is_some_and(<dyn std::error::Error>::is::<rustls::Error>)
+        {
+            return true;
+        }
+        current = error.source();
+    }
+    false
+}
+
 fn read(what: &str, path: &Path) -> anyhow::Result<Vec<u8>> {
     std::fs::read(path).with_context(|| format!("{what} {}", path.display()))
 }
@@ -123,8 +179,18 @@ mod tests {
         assert!(plaintext.endpoint().is_ok());
         assert!(error(&plaintext.clone().with_ca_cert("ca.pem")).contains("is plaintext"));
         assert!(
-            error(&plaintext.with_client_cert("client.pem", "client.key")).contains("is plaintext")
+            error(
+                &plaintext
+                    .clone()
+                    .with_client_cert("client.pem", "client.key")
+            )
+            .contains("is plaintext")
         );
+        let named = Target {
+            tls_server_name: Some("touchline.example".to_owned()),
+            ..plaintext
+        };
+        assert!(error(&named).contains("is plaintext"));
     }
 
     #[test]

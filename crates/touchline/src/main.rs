@@ -241,6 +241,15 @@ async fn run_node(
     broker: BrokerChoice,
     demo_customers: Option<usize>,
 ) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        demo_customers.is_none()
+            || config
+                .server
+                .tls
+                .as_ref()
+                .is_none_or(|tls| tls.client_ca_file.is_none()),
+        "--demo cannot publish to a node that requires client certificates (server.tls.client-ca-file)"
+    );
     let partners = match &config.ingest.partners_file {
         Some(path) => PartnerDirectory::load(path)?,
         None if broker == BrokerChoice::Embedded => demo::demo_registry().into(),

@@ -138,7 +138,7 @@ pub async fn publish(
             Err(status) => {
                 let Some(delay) = retry_delay(&status, attempt) else {
                     bail!(
-                        "the server refused the stream: {} ({:?})",
+                        "the stream cannot go on: {} ({:?})",
                         status.message(),
                         status.code()
                     );
@@ -167,7 +167,18 @@ async fn stream_once(
     report: &mut PublishReport,
 ) -> Result<(), tonic::Status> {
     let channel = endpoint.connect().await.map_err(|error| {
-        tonic::Status::unavailable(format!("cannot connect to {}: {error}", endpoint.uri()))
+        let message = format!(
+            "cannot connect to {}: {}",
+            endpoint.uri(),
+            crate::connect::error_chain(&error)
+        );
+        // A certificate the client does not trust (or TLS settings the node refuses) stays so:
+        // not retried.
+        if crate::connect::is_tls_refusal(&error) {
+            tonic::Status::failed_precondition(message)
+        } else {
+            tonic::Status::unavailable(message)
+        }
     })?;
     let mut client = IngestServiceClient::new(channel).max_decoding_message_size(64 * 1024 * 1024);
     let (requests, outgoing) = mpsc::channel(window);

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Regenerates the test certificates (valid for 100 years; test use only, never deploy these keys):
 # a CA, a server certificate for localhost and 127.0.0.1 signed by it, a client certificate signed
-# by it, an unrelated CA that signed nothing here, and a self-signed server certificate (as a
-# development node would use, trusted by clients as it is). Needs the openssl command.
+# by it, another CA with a client certificate of its own (which the first CA's nodes refuse), and
+# a self-signed server certificate (as a development node would use, trusted by clients as it
+# is). Needs the openssl command.
 set -euo pipefail
 cd "$(dirname "$0")"
 days=36500
@@ -11,11 +12,11 @@ ca() {
         -keyout "$1.key" -out "$1.pem" -subj "/CN=$2" \
         -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign
 }
-leaf() { # name, subject, extensions
+leaf() { # name, subject, extensions, signing CA
     openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
         -keyout "$1.key" -out "$1.csr" -subj "/CN=$2"
-    openssl x509 -req -in "$1.csr" -CA ca.pem -CAkey ca.key -CAcreateserial -days "$days" \
-        -out "$1.pem" -extfile <(printf '%s\n' "$3")
+    openssl x509 -req -in "$1.csr" -CA "${4:-ca}.pem" -CAkey "${4:-ca}.key" -CAcreateserial \
+        -days "$days" -out "$1.pem" -extfile <(printf '%s\n' "$3")
     rm "$1.csr"
 }
 ca ca "Touchline test CA"
@@ -24,11 +25,13 @@ leaf server "localhost" "subjectAltName=DNS:localhost,IP:127.0.0.1
 basicConstraints=critical,CA:FALSE
 keyUsage=critical,digitalSignature
 extendedKeyUsage=serverAuth"
-leaf client "test-client" "basicConstraints=critical,CA:FALSE
+client="basicConstraints=critical,CA:FALSE
 keyUsage=critical,digitalSignature
 extendedKeyUsage=clientAuth"
+leaf client "test-client" "$client"
+leaf other-client "another-client" "$client" other-ca
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days "$days" \
     -keyout self-signed.key -out self-signed.pem -subj "/CN=localhost" \
     -addext subjectAltName=DNS:localhost,IP:127.0.0.1 -addext basicConstraints=critical,CA:FALSE \
     -addext keyUsage=critical,digitalSignature -addext extendedKeyUsage=serverAuth
-rm -f ca.srl ca.key other-ca.key
+rm -f ca.srl other-ca.srl ca.key other-ca.key
