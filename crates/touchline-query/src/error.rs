@@ -14,6 +14,14 @@ pub enum Error {
     InvalidArgument { field: &'static str, reason: String },
     #[error("customer {customer_id} has no touchpoints")]
     CustomerNotFound { customer_id: String },
+    #[error(
+        "customer {customer_id} is in partition {partition}, which this node does not serve (it serves partitions {owned:?}): ask a node whose projector.partitions include {partition}"
+    )]
+    NotHere {
+        customer_id: String,
+        partition: i32,
+        owned: Vec<i32>,
+    },
     #[error("{message}")]
     Rejected {
         code: Code,
@@ -28,6 +36,7 @@ pub enum Error {
 
 impl From<Error> for Status {
     fn from(error: Error) -> Self {
+        let mut metadata = std::collections::HashMap::new();
         let (code, reason, mut details) = match &error {
             Error::InvalidArgument { field, reason } => {
                 let mut details = ErrorDetails::new();
@@ -36,6 +45,14 @@ impl From<Error> for Status {
             }
             Error::CustomerNotFound { .. } => {
                 (Code::NotFound, "CUSTOMER_NOT_FOUND", ErrorDetails::new())
+            }
+            Error::NotHere { partition, .. } => {
+                metadata.insert("partition".to_owned(), partition.to_string());
+                (
+                    Code::FailedPrecondition,
+                    "CUSTOMER_NOT_HERE",
+                    ErrorDetails::new(),
+                )
             }
             Error::Rejected { code, reason, .. } => (*code, *reason, ErrorDetails::new()),
             Error::Store(StoreError::Conflict(_)) => {
@@ -46,7 +63,7 @@ impl From<Error> for Status {
                 (Code::Internal, "STORE_FAILED", ErrorDetails::new())
             }
         };
-        details.set_error_info(reason, ERROR_DOMAIN, []);
+        details.set_error_info(reason, ERROR_DOMAIN, metadata);
         Status::with_error_details(code, error.to_string(), details)
     }
 }

@@ -28,6 +28,15 @@ pub struct TimelineService {
     reads: StoreReads,
     feed: Option<Feed>,
     shutdown: CancellationToken,
+    owned: Option<Arc<Owned>>,
+}
+
+/// The partitions of a node that does not own the whole topic.
+#[derive(Debug)]
+struct Owned {
+    /// The topic's partition count, as ingest computes partitions over it.
+    partitions: i32,
+    owned: BTreeSet<i32>,
 }
 
 impl TimelineService {
@@ -39,7 +48,41 @@ impl TimelineService {
             reads: StoreReads::new(store, 0),
             feed: None,
             shutdown: CancellationToken::new(),
+            owned: None,
         }
+    }
+
+    /// Serves only the customers of the partitions in `owned` (of the topic's `partitions`, the
+    /// count ingest computes a customer's partition over): others are answered
+    /// `FAILED_PRECONDITION` (`CUSTOMER_NOT_HERE`, with the customer's partition) rather than as
+    /// customers without touchpoints. Empty `owned`: every customer.
+    #[must_use]
+    pub fn with_owned_partitions(mut self, partitions: i32, owned: &[i32]) -> Self {
+        self.owned = (!owned.is_empty()).then(|| {
+            Arc::new(Owned {
+                partitions,
+                owned: owned.iter().copied().collect(),
+            })
+        });
+        self
+    }
+
+    /// Refuses a customer whose partition this node does not own: its store has none of that
+    /// customer's touchpoints, whatever the customer has elsewhere.
+    fn served_here(&self, customer: &CustomerId) -> Result<()> {
+        let Some(owned) = &self.owned else {
+            return Ok(());
+        };
+        let partition =
+            touchline_kafka::partition_for(customer.as_str().as_bytes(), owned.partitions);
+        if owned.owned.contains(&partition) {
+            return Ok(());
+        }
+        Err(Error::NotHere {
+            customer_id: customer.to_string(),
+            partition,
+            owned: owned.owned.iter().copied().collect(),
+        })
     }
 
     /// Serves live timelines from `feed` (the store's durable entries); watchers end when
@@ -178,6 +221,7 @@ impl v1::timeline_service_server::TimelineService for TimelineService {
     ) -> Result<Response<Self::WatchTimelineStream>, Status> {
         let request = request.into_inner();
         let customer = customer_id(request.customer_id)?;
+        self.served_here(&customer)?;
         let after = if request.cursor.is_empty() {
             0
         } else {
@@ -224,6 +268,7 @@ impl TimelineService {
         request: Request<v1::GetTimelineRequest>,
     ) -> Result<Response<v1::GetTimelineResponse>, Status> {
         let mut query = timeline_query(request.into_inner())?;
+        self.served_here(&query.customer_id)?;
         let filters = page_token::filter_fingerprint(&query.filter);
         let (customer_id, page) = self
             .reads
@@ -247,6 +292,7 @@ impl TimelineService {
         request: Request<v1::GetCustomerSummaryRequest>,
     ) -> Result<Response<v1::CustomerSummary>, Status> {
         let customer_id = customer_id(request.into_inner().customer_id)?;
+        self.served_here(&customer_id)?;
         let lookup = customer_id.clone();
         // The summary refers to its first and last touch; they are read from the timeline.
         let found = self

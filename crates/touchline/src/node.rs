@@ -246,6 +246,10 @@ impl Node {
                 );
                 Some(tonic::service::interceptor::InterceptedService::new(
                     TimelineService::new(shared)
+                        .with_owned_partitions(
+                            config.kafka.partitions,
+                            &config.projector.partitions,
+                        )
                         .with_read_concurrency(config.query.read_concurrency)
                         .with_feed(store.watch_sender(), server_shutdown.clone())
                         .into_server(),
