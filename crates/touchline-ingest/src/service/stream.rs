@@ -126,12 +126,20 @@ pub(super) fn open(
         let _stream_slot = stream_slot;
         let _gone = shared.gone.clone().drop_guard();
         let mut told_failure = false;
+        // Whether the partner went while answers were still coming (not after the last one).
+        let mut partner_gone = false;
         loop {
             // A partner that disconnects frees its stream slot and window at once, even while
             // its next answer waits (for the partner's rate, say).
             let answer: Option<Answer> = tokio::select! {
+                // An answer that is ready goes first: a partner that read every answer and then
+                // closed did not leave early.
+                biased;
                 answer = answers.next() => answer,
-                () = sender.closed() => None,
+                () = sender.closed() => {
+                    partner_gone = true;
+                    None
+                }
             };
             let Some(answer) = answer else { break };
             let (message, failed) = match answer {
@@ -144,11 +152,15 @@ pub(super) fn open(
                 Err(Failed::Stream(status)) => (Err(status), true),
             };
             told_failure = failed;
-            if sender.send(message).await.is_err() || failed {
+            if sender.send(message).await.is_err() {
+                partner_gone = true;
+                break;
+            }
+            if failed {
                 break;
             }
         }
-        if sender.is_closed() {
+        if partner_gone {
             info!("partner closed the stream before reading every answer");
         } else if draining.is_cancelled() && !told_failure {
             let _ = sender.send(Err(Error::ShuttingDown.into())).await;
