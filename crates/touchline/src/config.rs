@@ -80,43 +80,6 @@ impl Default for MetricsConfig {
     }
 }
 
-/// The gRPC listener that every enabled service shares.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
-pub struct ServerConfig {
-    /// Address to listen on. Port 0 picks a free port.
-    pub listen: SocketAddr,
-    /// How long shutdown waits for in-flight calls to finish.
-    pub shutdown_grace_ms: u64,
-    /// TLS for every service on the listener; plaintext when absent.
-    pub tls: Option<TlsConfig>,
-}
-
-impl Default for ServerConfig {
-    fn default() -> Self {
-        Self {
-            listen: SocketAddr::from(([127, 0, 0, 1], DEFAULT_PORT)),
-            shutdown_grace_ms: 10_000,
-            tls: None,
-        }
-    }
-}
-
-/// The gRPC listener's TLS: its certificate and key, and optionally the CA whose certificates
-/// clients must present (mutual TLS). Files are read once, at start.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
-pub struct TlsConfig {
-    /// PEM: the server's certificate, then any intermediates.
-    pub cert_file: PathBuf,
-    /// PEM: the private key of `cert-file` (PKCS#8, PKCS#1 or SEC1).
-    pub key_file: PathBuf,
-    /// PEM: the CA certificate(s) that client certificates must chain to. When set, a client
-    /// without such a certificate cannot connect (besides its token, which is still required).
-    #[serde(default)]
-    pub client_ca_file: Option<PathBuf>,
-}
-
 /// The local sled database: event log and projections.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
@@ -412,7 +375,19 @@ impl Config {
     /// these bounds are mistakes that would only fail later (a semaphore that cannot hold them).
     fn check_sizes(&self) -> anyhow::Result<()> {
         let ingest = &self.ingest;
-        let checks: [(&str, u64, u64, u64); 10] = [
+        let checks: [(&str, u64, u64, u64); 12] = [
+            (
+                "server.max-concurrent-streams",
+                u64::from(self.server.max_concurrent_streams),
+                1,
+                1_000_000,
+            ),
+            (
+                "server.http2-keepalive-timeout-ms",
+                self.server.http2_keepalive_timeout_ms,
+                1,
+                3_600_000,
+            ),
             (
                 "ingest.max-batch-events",
                 count(ingest.max_batch_events),
@@ -487,5 +462,8 @@ impl Config {
     }
 }
 
+mod server;
 #[cfg(test)]
 mod tests;
+
+pub use server::{ServerConfig, TlsConfig};

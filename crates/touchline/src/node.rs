@@ -8,7 +8,6 @@ use std::time::Duration;
 use anyhow::Context as _;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic_health::server::HealthReporter;
 use touchline_core::EventStore;
@@ -24,6 +23,7 @@ use crate::admin_auth::{self, DEV_ADMIN_TOKEN};
 use crate::config::Config;
 
 mod health;
+mod listener;
 mod own_thread;
 mod signals;
 mod tls;
@@ -55,6 +55,7 @@ pub struct Node {
     rebuilds: Option<Arc<Rebuilds>>,
     broker: Option<EmbeddedBroker>,
     shutdown_grace: Duration,
+    shutdown_delay: Duration,
     health: HealthReporter,
     background: Vec<JoinHandle<()>>,
     background_shutdown: CancellationToken,
@@ -99,7 +100,10 @@ impl Node {
         )>,
     ) -> anyhow::Result<Self> {
         config.validate()?;
-        let mut server = tls::server_builder(config.server.tls.as_ref())?;
+        let mut server = listener::connection_settings(
+            tls::server_builder(config.server.tls.as_ref())?,
+            &config.server,
+        );
         anyhow::ensure!(
             broker != BrokerChoice::Embedded
                 || config.projector.partitions.is_empty()
@@ -262,10 +266,7 @@ impl Node {
             _ => None,
         };
         let (health, health_service) = tonic_health::server::health_reporter();
-        // tonic-health starts the node ("") as SERVING; it is not until the first probe says so.
-        health
-            .set_service_status("", tonic_health::ServingStatus::NotServing)
-            .await;
+        health::starting(&health).await;
         let reflection_v1 = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(touchline_proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -311,7 +312,7 @@ impl Node {
             .add_optional_service(query)
             .add_optional_service(admin.map(AdminService::into_server))
             .serve_with_incoming_shutdown(
-                incoming_without_delay(listener),
+                listener::incoming(listener, &config.server),
                 server_shutdown.clone().cancelled_owned(),
             );
         let server = tokio::spawn(server);
@@ -328,6 +329,7 @@ impl Node {
             rebuilds,
             broker: embedded,
             shutdown_grace: Duration::from_millis(config.server.shutdown_grace_ms),
+            shutdown_delay: Duration::from_millis(config.server.shutdown_delay_ms),
             health,
             background,
             background_shutdown,
@@ -418,16 +420,19 @@ impl Node {
             let _ = task.await;
         }
         health::not_serving(&self.health).await;
+        if !self.shutdown_delay.is_zero() {
+            // Load balancers and endpoint lists see NOT_SERVING (or the pod going) before the
+            // listener closes; calls keep being served meanwhile.
+            info!(
+                delay_ms = self.shutdown_delay.as_millis(),
+                "waiting before closing the listener"
+            );
+            tokio::time::sleep(self.shutdown_delay).await;
+        }
         self.server_shutdown.cancel();
         if let Some(mut server) = self.server {
             match tokio::time::timeout(self.shutdown_grace, &mut server).await {
-                Ok(Ok(Ok(()))) => {}
-                Ok(Ok(Err(error))) => {
-                    errors.push(anyhow::Error::new(error).context("the gRPC server failed"));
-                }
-                Ok(Err(error)) => {
-                    errors.push(anyhow::Error::new(error).context("the gRPC server panicked"));
-                }
+                Ok(joined) => errors.extend(failure(joined, "gRPC server")),
                 Err(_) => {
                     warn!(
                         grace_ms = self.shutdown_grace.as_millis(),
@@ -443,26 +448,11 @@ impl Node {
         }
         self.projector_shutdown.cancel();
         if let Some(projector) = self.projector {
-            match projector.await {
-                Ok(Ok(())) => {}
-                Ok(Err(error)) => {
-                    errors.push(anyhow::Error::new(error).context("the projector failed"));
-                }
-                Err(error) => {
-                    errors.push(anyhow::Error::new(error).context("the projector panicked"));
-                }
-            }
+            errors.extend(failure(projector.await, "projector"));
         }
         if let Some(store) = self.store {
-            match tokio::task::spawn_blocking(move || store.flush()).await {
-                Ok(Ok(())) => {}
-                Ok(Err(error)) => {
-                    errors.push(anyhow::Error::new(error).context("the final flush failed"));
-                }
-                Err(error) => {
-                    errors.push(anyhow::Error::new(error).context("the final flush panicked"));
-                }
-            }
+            let flushed = tokio::task::spawn_blocking(move || store.flush()).await;
+            errors.extend(failure(flushed, "final flush"));
         }
         drop(self.broker);
         for error in &errors {
@@ -478,6 +468,18 @@ impl Node {
     }
 }
 
+/// A stopped task's failure, if any: the error it returned, or its panic.
+fn failure<E: std::error::Error + Send + Sync + 'static>(
+    joined: Result<Result<(), E>, tokio::task::JoinError>,
+    what: &str,
+) -> Option<anyhow::Error> {
+    match joined {
+        Ok(Ok(())) => None,
+        Ok(Err(error)) => Some(anyhow::Error::new(error).context(format!("the {what} failed"))),
+        Err(error) => Some(anyhow::Error::new(error).context(format!("the {what} panicked"))),
+    }
+}
+
 /// Cancels its tokens when dropped.
 #[derive(Debug)]
 struct StopOnDrop(Vec<CancellationToken>);
@@ -488,17 +490,4 @@ impl Drop for StopOnDrop {
             token.cancel();
         }
     }
-}
-
-/// Accepted connections with Nagle's algorithm off: gRPC writes small frames, and Nagle plus
-/// delayed ACKs would add 40 ms to calls (tonic sets this only on listeners it binds itself).
-fn incoming_without_delay(
-    listener: TcpListener,
-) -> impl futures::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
-    use futures::StreamExt as _;
-    TcpListenerStream::new(listener).map(|accepted| {
-        let stream = accepted?;
-        stream.set_nodelay(true)?;
-        Ok(stream)
-    })
 }

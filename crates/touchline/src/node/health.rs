@@ -16,6 +16,9 @@ const HEALTH_PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 const INGEST_SERVICE: &str = "touchline.v1.IngestService";
 const TIMELINE_SERVICE: &str = "touchline.v1.TimelineService";
 const ADMIN_SERVICE: &str = "touchline.v1.AdminService";
+/// SERVING while the process serves at all, whatever Kafka or the projector do: for liveness
+/// probes, which should not restart a node because Kafka is away.
+const LIVENESS: &str = "liveness";
 
 /// The roles a node runs, for health.
 #[derive(Debug, Clone, Copy)]
@@ -77,6 +80,17 @@ pub(super) async fn report_health(
 
 /// Every service NOT_SERVING: at shutdown, once the reporting has stopped (so that it cannot turn
 /// a service back to SERVING), for load balancers to stop sending.
+/// Health at start: the node ("") is not serving until the first probe says so (tonic-health
+/// starts it as SERVING), and is alive.
+pub(super) async fn starting(health: &HealthReporter) {
+    health
+        .set_service_status("", ServingStatus::NotServing)
+        .await;
+    health
+        .set_service_status(LIVENESS, ServingStatus::Serving)
+        .await;
+}
+
 pub(super) async fn not_serving(health: &HealthReporter) {
     for service in ["", INGEST_SERVICE, TIMELINE_SERVICE, ADMIN_SERVICE] {
         health

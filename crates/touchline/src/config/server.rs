@@ -1,0 +1,69 @@
+//! The gRPC listener's settings: address, shutdown, connection management and TLS.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use super::DEFAULT_PORT;
+
+/// The gRPC listener that every enabled service shares.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ServerConfig {
+    /// Address to listen on. Port 0 picks a free port.
+    pub listen: SocketAddr,
+    /// How long shutdown waits for in-flight calls to finish.
+    pub shutdown_grace_ms: u64,
+    /// Milliseconds between turning health to `NOT_SERVING` and closing the listener at
+    /// shutdown, so that load balancers stop sending first (0: none).
+    pub shutdown_delay_ms: u64,
+    /// HTTP/2 pings on a connection that has been quiet this long, in ms (0: none). A peer that
+    /// does not answer one within `http2-keepalive-timeout-ms` is disconnected, and its calls end:
+    /// a partner whose connection vanished without a close frees its stream slots.
+    pub http2_keepalive_interval_ms: u64,
+    pub http2_keepalive_timeout_ms: u64,
+    /// TCP keepalive probes on accepted connections after this many idle ms (0: off).
+    pub tcp_keepalive_ms: u64,
+    /// Calls served at once on one connection (HTTP/2 `SETTINGS_MAX_CONCURRENT_STREAMS`); a
+    /// client queues the rest.
+    pub max_concurrent_streams: u32,
+    /// Age in ms after which a connection is asked to go (HTTP/2 GOAWAY) so that clients spread
+    /// over new nodes (0: never); its calls then get `max-connection-age-grace-ms` to finish.
+    pub max_connection_age_ms: u64,
+    pub max_connection_age_grace_ms: u64,
+    /// TLS for every service on the listener; plaintext when absent.
+    pub tls: Option<TlsConfig>,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], DEFAULT_PORT)),
+            shutdown_grace_ms: 10_000,
+            shutdown_delay_ms: 0,
+            http2_keepalive_interval_ms: 30_000,
+            http2_keepalive_timeout_ms: 10_000,
+            tcp_keepalive_ms: 60_000,
+            max_concurrent_streams: 200,
+            max_connection_age_ms: 0,
+            max_connection_age_grace_ms: 30_000,
+            tls: None,
+        }
+    }
+}
+
+/// The gRPC listener's TLS: its certificate and key, and optionally the CA whose certificates
+/// clients must present (mutual TLS). Files are read once, at start.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct TlsConfig {
+    /// PEM: the server's certificate, then any intermediates.
+    pub cert_file: PathBuf,
+    /// PEM: the private key of `cert-file` (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: PathBuf,
+    /// PEM: the CA certificate(s) that client certificates must chain to. When set, a client
+    /// without such a certificate cannot connect (besides its token, which is still required).
+    #[serde(default)]
+    pub client_ca_file: Option<PathBuf>,
+}

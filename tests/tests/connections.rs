@@ -1,0 +1,208 @@
+//! Connection management on the gRPC listener: a partner whose connection vanishes without a
+//! close (dropped by a NAT or a load balancer) is disconnected by the server's HTTP/2 keepalive,
+//! which frees its stream slot; during the shutdown delay health already says `NOT_SERVING` (and
+//! `liveness` still `SERVING`) while calls, on open and on new connections, are still served.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+use touchline::Target;
+use touchline_proto::v1::ingest_service_client::IngestServiceClient;
+use touchline_proto::v1::{self, JourneyStage};
+use touchline_tests::{
+    COURIER, DEADLINE, authorized, error_reason, ingest_client, partners, publish, start_broker,
+    start_node_with, touchpoint,
+};
+
+/// A TCP proxy in front of `upstream` that can go silent: it then forwards nothing in either
+/// direction and closes nothing, which is how a connection dropped by a NAT or a load balancer
+/// looks to the server.
+async fn silenceable_proxy(
+    upstream: SocketAddr,
+) -> anyhow::Result<(SocketAddr, CancellationToken)> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let silence = CancellationToken::new();
+    let silenced = silence.clone();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let Ok(server) = TcpStream::connect(upstream).await else {
+                continue;
+            };
+            let (client_read, client_write) = client.into_split();
+            let (server_read, server_write) = server.into_split();
+            tokio::spawn(forward(client_read, server_write, silenced.clone()));
+            tokio::spawn(forward(server_read, client_write, silenced.clone()));
+        }
+    });
+    Ok((addr, silence))
+}
+
+async fn forward(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, silenced: CancellationToken) {
+    let mut buffer = vec![0; 16 * 1024];
+    loop {
+        let read = tokio::select! {
+            read = from.read(&mut buffer) => read,
+            () = silenced.cancelled() => break,
+        };
+        match read {
+            Ok(0) | Err(_) => return,
+            Ok(read) => {
+                if to.write_all(&buffer[..read]).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+    // Silent: both halves stay open, and nothing passes any more.
+    std::future::pending::<()>().await;
+    drop((from, to));
+}
+
+fn batch(id: &str) -> v1::PublishRequest {
+    v1::PublishRequest {
+        events: vec![touchpoint(
+            id,
+            "cust-conn",
+            "parcel.scanned",
+            10,
+            JourneyStage::Fulfil,
+        )],
+        batch_id: id.to_owned(),
+    }
+}
+
+/// Opens a stream of one batch and reads its answer.
+async fn one_batch_stream(
+    ingest: &mut IngestServiceClient<Channel>,
+    id: &str,
+) -> Result<u32, tonic::Status> {
+    let mut answers = ingest
+        .publish_stream(authorized(
+            futures::stream::iter(vec![batch(id)]),
+            COURIER.1,
+        ))
+        .await?
+        .into_inner();
+    Ok(answers.message().await?.map_or(0, |answer| answer.accepted))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partner_whose_connection_vanished_is_disconnected_and_its_stream_slot_freed()
+-> anyhow::Result<()> {
+    let broker = start_broker().await;
+    let dir = tempfile::tempdir()?;
+    let node = start_node_with(&broker, dir.path(), partners(), |config| {
+        config.ingest.max_streams_per_partner = 1;
+        config.server.http2_keepalive_interval_ms = 200;
+        config.server.http2_keepalive_timeout_ms = 200;
+    })
+    .await?;
+    let (proxy, silence) = silenceable_proxy(node.local_addr()).await?;
+    let mut through_proxy =
+        IngestServiceClient::new(Target::new(format!("http://{proxy}")).connect().await?);
+    let (requests, outgoing) = mpsc::channel(4);
+    let mut answers = through_proxy
+        .publish_stream(authorized(ReceiverStream::new(outgoing), COURIER.1))
+        .await?
+        .into_inner();
+    requests.send(batch("via-proxy")).await?;
+    assert_eq!(
+        answers.message().await?.map(|answer| answer.accepted),
+        Some(1)
+    );
+
+    // While that stream is open, the partner has no slot for another.
+    let mut direct = ingest_client(&node).await?;
+    let refused = one_batch_stream(&mut direct, "refused")
+        .await
+        .expect_err("one stream at most");
+    assert_eq!(error_reason(&refused).as_deref(), Some("TOO_MANY_STREAMS"));
+
+    // The proxied connection goes silent without closing: the server's pings go unanswered, it
+    // drops the connection, and the stream's slot is free again.
+    silence.cancel();
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    let mut poll = tokio::time::interval(Duration::from_millis(50));
+    let mut attempt = 0;
+    loop {
+        poll.tick().await;
+        attempt += 1;
+        match one_batch_stream(&mut direct, &format!("direct-{attempt}")).await {
+            Ok(accepted) => {
+                assert_eq!(accepted, 1);
+                break;
+            }
+            Err(status) if error_reason(&status).as_deref() == Some("TOO_MANY_STREAMS") => {
+                anyhow::ensure!(
+                    tokio::time::Instant::now() < deadline,
+                    "the vanished connection still holds the partner's stream slot"
+                );
+            }
+            Err(status) => anyhow::bail!("unexpected: {status:?}"),
+        }
+    }
+    drop(requests);
+    node.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn during_the_shutdown_delay_health_says_not_serving_and_calls_are_still_served()
+-> anyhow::Result<()> {
+    let broker = start_broker().await;
+    let dir = tempfile::tempdir()?;
+    let node = start_node_with(&broker, dir.path(), partners(), |config| {
+        config.server.shutdown_delay_ms = 5_000;
+    })
+    .await?;
+    let target = node.target().clone();
+    let mut ingest = ingest_client(&node).await?;
+    let mut health = HealthClient::new(target.connect().await?);
+    let stopping = tokio::spawn(node.shutdown());
+
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    let mut poll = tokio::time::interval(Duration::from_millis(20));
+    loop {
+        poll.tick().await;
+        let status = health
+            .check(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await?
+            .into_inner()
+            .status;
+        if status == ServingStatus::NotServing as i32 {
+            break;
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "health never turned NOT_SERVING"
+        );
+    }
+    // The process is alive all the same (what a liveness probe asks).
+    let alive = health
+        .check(HealthCheckRequest {
+            service: "liveness".to_owned(),
+        })
+        .await?
+        .into_inner()
+        .status;
+    assert_eq!(alive, ServingStatus::Serving as i32);
+    // Still served: on an open connection, and on a new one.
+    let open = publish(&mut ingest, COURIER.1, batch("during-delay").events).await?;
+    assert_eq!(open.accepted, 1);
+    let mut fresh = IngestServiceClient::new(target.connect().await?);
+    let new = publish(&mut fresh, COURIER.1, batch("new-connection").events).await?;
+    assert_eq!(new.accepted, 1);
+    assert!(!stopping.is_finished(), "the delay is not over yet");
+    stopping.await?
+}
