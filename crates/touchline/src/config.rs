@@ -453,13 +453,36 @@ impl Config {
         Ok(())
     }
 
-    /// The effective configuration as TOML.
+    /// The effective configuration as TOML, with secret librdkafka properties (passwords,
+    /// secrets, JAAS configurations, inline PEM keys) shown as `<redacted>`: what
+    /// `touchline config` prints, often into a terminal or a ticket.
     ///
     /// # Errors
     /// When serialization fails.
     pub fn to_toml(&self) -> anyhow::Result<String> {
-        toml::to_string_pretty(self).context("cannot print the configuration")
+        let mut shown = self.clone();
+        for properties in [
+            &mut shown.kafka.properties,
+            &mut shown.kafka.producer_properties,
+            &mut shown.kafka.consumer_properties,
+        ] {
+            for (key, value) in properties.iter_mut() {
+                if is_secret_property(key) {
+                    *value = "<redacted>".to_owned();
+                }
+            }
+        }
+        toml::to_string_pretty(&shown).context("cannot print the configuration")
     }
+}
+
+/// Whether a librdkafka property holds a secret (`sasl.password`, `ssl.key.password`,
+/// `sasl.oauthbearer.client.secret`, `sasl.jaas.config`, `ssl.key.pem`...).
+fn is_secret_property(key: &str) -> bool {
+    let key = key.to_ascii_lowercase();
+    ["password", "secret", "jaas", "key.pem", "credentials"]
+        .iter()
+        .any(|word| key.contains(word))
 }
 
 mod server;

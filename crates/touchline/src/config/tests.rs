@@ -167,3 +167,41 @@ fn server_tls_comes_from_the_file_and_the_environment() {
         .is_err()
     );
 }
+
+#[test]
+#[allow(
+    clippy::result_large_err,
+    reason = "figment::Jail fixes the closure type"
+)]
+fn secret_kafka_properties_come_from_the_environment_and_are_never_printed() {
+    figment::Jail::expect_with(|jail| {
+        jail.create_file(
+            "touchline.toml",
+            "[kafka.properties]\n\"security.protocol\" = \"SASL_SSL\"\n\"sasl.username\" = \"touchline\"\n",
+        )?;
+        // A property name holds dots: the whole table is one TOML value, merged into the file's.
+        jail.set_env(
+            "TOUCHLINE_KAFKA__PROPERTIES",
+            r#"{"sasl.password" = "s3cret", "ssl.key.pem" = "-----BEGIN PRIVATE KEY-----"}"#,
+        );
+        jail.set_env(
+            "TOUCHLINE_KAFKA__CONSUMER_PROPERTIES",
+            r#"{"sasl.oauthbearer.client.secret" = "hush"}"#,
+        );
+        let config =
+            Config::load(Some(Path::new("touchline.toml"))).map_err(|error| error.to_string())?;
+        let property = |key: &str| config.kafka.properties.get(key).map(String::as_str);
+        assert_eq!(property("sasl.password"), Some("s3cret"));
+        assert_eq!(property("security.protocol"), Some("SASL_SSL"));
+        assert_eq!(property("sasl.username"), Some("touchline"));
+        let printed = config.to_toml().map_err(|error| error.to_string())?;
+        for secret in ["s3cret", "BEGIN PRIVATE KEY", "hush"] {
+            assert!(!printed.contains(secret), "{printed}");
+        }
+        assert!(
+            printed.contains("SASL_SSL") && printed.contains("<redacted>"),
+            "{printed}"
+        );
+        Ok(())
+    });
+}
