@@ -27,8 +27,9 @@ use wire::{
     count, replay_from, stream_progress, wire_dead_letter, wire_rebuild, wire_replay, wire_role,
 };
 
-/// Checks a call's metadata: `Ok` for an admin, the status to answer otherwise.
-pub type Authorize = Arc<dyn Fn(&MetadataMap) -> Result<(), Status> + Send + Sync>;
+/// Checks a call's metadata: for an admin, `Ok` with who called (as the audit log names the
+/// caller: which token, never the token itself); otherwise the status to answer.
+pub type Authorize = Arc<dyn Fn(&MetadataMap) -> Result<String, Status> + Send + Sync>;
 
 /// How long status waits for the broker.
 const STATUS_TIMEOUT: Duration = Duration::from_millis(1500);
@@ -154,9 +155,27 @@ impl AdminService {
         v1::admin_service_server::AdminServiceServer::new(self)
     }
 
-    fn check<T>(&self, request: &Request<T>) -> Result<(), Status> {
+    fn check<T>(&self, request: &Request<T>) -> Result<String, Status> {
         (self.authorize)(request.metadata())
     }
+}
+
+/// Logs an admin call that changes something, for the audit trail (target `touchline::audit`):
+/// the action, what it applies to, who called (which token) and from where.
+fn audit(
+    action: &'static str,
+    subject: &dyn std::fmt::Display,
+    caller: &str,
+    peer: Option<std::net::SocketAddr>,
+) {
+    tracing::info!(
+        target: "touchline::audit",
+        action,
+        %subject,
+        caller,
+        peer = ?peer,
+        "admin call"
+    );
 }
 
 /// Clears the replay flag when the replay ends, however it ends.
@@ -192,8 +211,10 @@ impl v1::admin_service_server::AdminService for AdminService {
         &self,
         request: Request<v1::RebuildProjectionRequest>,
     ) -> Result<Response<Self::RebuildProjectionStream>, Status> {
-        self.check(&request)?;
+        let caller = self.check(&request)?;
+        let peer = request.remote_addr();
         let projection = projection(&request.into_inner().projection)?;
+        audit("rebuild", &projection, &caller, peer);
         let rebuilds = Arc::clone(&self.context.rebuilds);
         let (progress, _started) = tokio::task::spawn_blocking(move || rebuilds.start(projection))
             .await
@@ -211,8 +232,10 @@ impl v1::admin_service_server::AdminService for AdminService {
         &self,
         request: Request<v1::CancelRebuildRequest>,
     ) -> Result<Response<v1::RebuildProgress>, Status> {
-        self.check(&request)?;
+        let caller = self.check(&request)?;
+        let peer = request.remote_addr();
         let projection = projection(&request.into_inner().projection)?;
+        audit("cancel-rebuild", &projection, &caller, peer);
         // Off the async threads: a rebuild starting meanwhile holds the rebuilds' lock while it
         // waits for the store's writer.
         let rebuilds = Arc::clone(&self.context.rebuilds);
@@ -239,7 +262,8 @@ impl v1::admin_service_server::AdminService for AdminService {
         &self,
         request: Request<v1::ReplayRequest>,
     ) -> Result<Response<Self::ReplayStream>, Status> {
-        self.check(&request)?;
+        let caller = self.check(&request)?;
+        let peer = request.remote_addr();
         let request = request.into_inner();
         let from = replay_from(request.from)?;
         let owned = &self.context.partitions;
@@ -258,6 +282,12 @@ impl v1::admin_service_server::AdminService for AdminService {
         // A partition named twice is read once (Kafka refuses an assignment that lists it twice).
         partitions.sort_unstable();
         partitions.dedup();
+        audit(
+            "replay",
+            &format!("partitions {partitions:?} from {from:?}"),
+            &caller,
+            peer,
+        );
         let (sender, progress) = watch::channel(ReplayProgress::default());
         {
             let mut replays = self.replays();
@@ -381,8 +411,10 @@ impl v1::admin_service_server::AdminService for AdminService {
         &self,
         request: Request<v1::DeadLetterRequest>,
     ) -> Result<Response<v1::RequeueDeadLetterResponse>, Status> {
-        self.check(&request)?;
+        let caller = self.check(&request)?;
+        let peer = request.remote_addr();
         let id = request.into_inner().id;
+        audit("requeue-dead-letter", &id, &caller, peer);
         let store = Arc::clone(&self.context.store);
         let requeued = tokio::task::spawn_blocking(move || {
             let requeued = store.requeue_dead_letter(id)?;
@@ -408,8 +440,10 @@ impl v1::admin_service_server::AdminService for AdminService {
         &self,
         request: Request<v1::DeadLetterRequest>,
     ) -> Result<Response<v1::DiscardDeadLetterResponse>, Status> {
-        self.check(&request)?;
+        let caller = self.check(&request)?;
+        let peer = request.remote_addr();
         let id = request.into_inner().id;
+        audit("discard-dead-letter", &id, &caller, peer);
         let store = Arc::clone(&self.context.store);
         let discarded = tokio::task::spawn_blocking(move || {
             let discarded = store.discard_dead_letter(id)?;

@@ -42,7 +42,7 @@ pub fn authorizer(hashes: Vec<String>, partners: PartnerDirectory) -> Authorize 
 #[must_use]
 pub fn query_authorizer(hashes: Vec<String>, partners: PartnerDirectory) -> Authorize {
     if hashes.is_empty() {
-        return Arc::new(|_: &MetadataMap| Ok(()));
+        return Arc::new(|_: &MetadataMap| Ok("anyone (no query tokens)".to_owned()));
     }
     token_authorizer(
         hashes,
@@ -79,7 +79,8 @@ fn token_authorizer(
             found | bool::from(hash.as_bytes().ct_eq(digest.as_bytes()))
         });
         if known {
-            return Ok(());
+            // Which token, by a prefix of its hash (as in the configuration), never the token.
+            return Ok(format!("{kind} token {}...", &digest[..8]));
         }
         if partners.authenticate(token).is_ok() {
             return Err(refused(
@@ -94,4 +95,27 @@ fn token_authorizer(
             &format!("the token is not {a_token}"),
         ))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use tonic::metadata::MetadataValue;
+    use touchline_ingest::PartnerRegistry;
+
+    use super::*;
+
+    #[test]
+    fn an_admin_is_named_by_a_prefix_of_its_token_hash_never_by_its_token() {
+        let token = "audit-me-please";
+        let authorize = authorizer(vec![hash_token(token)], PartnerRegistry::default().into());
+        let mut metadata = MetadataMap::new();
+        let bearer: MetadataValue<_> = format!("Bearer {token}").parse().expect("ascii");
+        metadata.insert("authorization", bearer);
+        let caller = authorize(&metadata).expect("an admin");
+        assert_eq!(
+            caller,
+            format!("admin token {}...", &hash_token(token)[..8])
+        );
+        assert!(!caller.contains(token));
+    }
 }
