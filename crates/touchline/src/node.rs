@@ -144,6 +144,7 @@ impl Node {
         let probe = Arc::new(KafkaProbe::new(&config.kafka)?);
         let mut store = None;
         let mut applied_offsets = None;
+        let mut catch_up = None;
         let mut admin = None;
         let mut rebuilds = None;
         if config.projector.enabled {
@@ -167,6 +168,10 @@ impl Node {
                 .await
                 .context("cannot start the projector")?;
             applied_offsets = Some(handle.applied_offsets());
+            catch_up = Some(health::CatchUp {
+                partitions: handle.partitions().to_vec(),
+                applied: handle.applied_offsets(),
+            });
             // Health and status learn of the end however it comes: a panic, or a thread whose
             // runtime could not start (the future is dropped unpolled).
             let stopped = projector_stopped.clone().drop_guard();
@@ -295,6 +300,7 @@ impl Node {
                 projector: config.projector.enabled,
                 query: config.query.enabled,
             },
+            catch_up,
             projector_stopped,
             background_shutdown.clone(),
         )));

@@ -1,13 +1,17 @@
 //! The node's standard gRPC health: each service's status follows what it depends on (Kafka for
-//! ingest, the projector for the timeline and admin services), re-checked every few seconds.
+//! ingest, the projector for the timeline and admin services, and for the timeline service the
+//! projector's catch-up with the log after a start), re-checked every few seconds.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
+use touchline_projection::AppliedOffsets;
 use touchline_projection::ops::KafkaProbe;
+use tracing::info;
 
 /// How often health reflects Kafka connectivity and the projector's state.
 const HEALTH_INTERVAL: Duration = Duration::from_secs(2);
@@ -28,15 +32,39 @@ pub(super) struct Roles {
     pub(super) query: bool,
 }
 
+/// What a projector must reach after a start before its queries are ready: every partition it
+/// owns projected up to the high watermark the broker first told after the start. A replica
+/// started from an empty store (or one far behind) is not sent queries while it reads the log
+/// again. Once caught up it stays ready: later lag is normal operation, shown by the lag metrics.
+pub(super) struct CatchUp {
+    pub(super) partitions: Vec<i32>,
+    pub(super) applied: AppliedOffsets,
+}
+
+/// Whether `applied` (the first offset not yet projected, per partition) reached `target` (the
+/// low and high watermarks per partition). A partition without an applied offset is read from
+/// its beginning: nothing below its low watermark is left to read.
+fn caught_up(target: &BTreeMap<i32, (i64, i64)>, applied: &BTreeMap<i32, i64>) -> bool {
+    target.iter().all(|(partition, (low, high))| {
+        applied.get(partition).copied().unwrap_or(*low).max(*low) >= *high
+    })
+}
+
 /// Keeps the standard gRPC health service true: ingest is SERVING while Kafka answers, the
-/// timeline and admin services while the projector runs, the node ("") when all of its roles are.
+/// admin service while the projector runs, the timeline service while it runs once it has caught
+/// up ([`CatchUp`]), the node ("") when all of its roles are.
 pub(super) async fn report_health(
     health: HealthReporter,
     probe: Arc<KafkaProbe>,
     roles: Roles,
+    catch_up: Option<CatchUp>,
     projector_stopped: CancellationToken,
     shutdown: CancellationToken,
 ) {
+    // The watermarks to reach, from the first probe that answers; none to reach without a
+    // projector.
+    let mut target: Option<BTreeMap<i32, (i64, i64)>> = None;
+    let mut ready = catch_up.is_none();
     let status = |up: bool| {
         if up {
             ServingStatus::Serving
@@ -53,6 +81,24 @@ pub(super) async fn report_health(
             return;
         }
         let projector_up = roles.projector && !projector_stopped.is_cancelled();
+        if !ready && let Some(catch_up) = &catch_up {
+            if target.is_none() {
+                let probing = Arc::clone(&probe);
+                let partitions = catch_up.partitions.clone();
+                target = tokio::task::spawn_blocking(move || {
+                    probing.watermarks(&partitions, HEALTH_PROBE_TIMEOUT)
+                })
+                .await
+                .ok()
+                .flatten();
+            }
+            if let Some(target) = &target {
+                ready = caught_up(target, &catch_up.applied.borrow());
+                if ready {
+                    info!("the projector caught up with the log as of the start: serving queries");
+                }
+            }
+        }
         if roles.ingest {
             health
                 .set_service_status(INGEST_SERVICE, status(kafka_up))
@@ -60,7 +106,7 @@ pub(super) async fn report_health(
         }
         if roles.query {
             health
-                .set_service_status(TIMELINE_SERVICE, status(projector_up))
+                .set_service_status(TIMELINE_SERVICE, status(projector_up && ready))
                 .await;
         }
         if roles.projector {
@@ -69,7 +115,10 @@ pub(super) async fn report_health(
                 .await;
         }
         health
-            .set_service_status("", status(kafka_up && (projector_up || !roles.projector)))
+            .set_service_status(
+                "",
+                status(kafka_up && (!roles.projector || (projector_up && (ready || !roles.query)))),
+            )
             .await;
         tokio::select! {
             () = shutdown.cancelled() => return,
@@ -78,8 +127,6 @@ pub(super) async fn report_health(
     }
 }
 
-/// Every service NOT_SERVING: at shutdown, once the reporting has stopped (so that it cannot turn
-/// a service back to SERVING), for load balancers to stop sending.
 /// Health at start: the node ("") is not serving until the first probe says so (tonic-health
 /// starts it as SERVING), and is alive.
 pub(super) async fn starting(health: &HealthReporter) {
@@ -91,10 +138,28 @@ pub(super) async fn starting(health: &HealthReporter) {
         .await;
 }
 
+/// Every service NOT_SERVING: at shutdown, once the reporting has stopped (so that it cannot turn
+/// a service back to SERVING), for load balancers to stop sending.
 pub(super) async fn not_serving(health: &HealthReporter) {
     for service in ["", INGEST_SERVICE, TIMELINE_SERVICE, ADMIN_SERVICE] {
         health
             .set_service_status(service, ServingStatus::NotServing)
             .await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn caught_up_means_every_partition_projected_to_its_high_watermark() {
+        let target = BTreeMap::from([(0, (0, 10)), (1, (5, 5)), (2, (100, 120))]);
+        // Partition 2 not read yet: it starts at its low watermark, 20 short.
+        assert!(!caught_up(&target, &BTreeMap::from([(0, 10)])));
+        assert!(!caught_up(&target, &BTreeMap::from([(0, 9), (2, 120)])));
+        // An empty partition (1) needs nothing; an offset past the mark is fine (a later one).
+        assert!(caught_up(&target, &BTreeMap::from([(0, 10), (2, 125)])));
+        assert!(caught_up(&BTreeMap::new(), &BTreeMap::new()));
     }
 }
