@@ -709,11 +709,23 @@ async fn health_reflection_and_metrics_describe_the_node() -> anyhow::Result<()>
         "touchline_query_reads_waiting ",
         "touchline_kafka_up 1",
         "touchline_log_events 1",
+        "touchline_log_durable_events 1",
+        "touchline_store_bytes ",
+        "touchline_store_flush_seconds_count",
+        "touchline_build_info{version=\"",
+        "touchline_process_start_time_seconds ",
+        "touchline_process_resident_memory_bytes ",
+        "touchline_partners_loaded_timestamp_seconds ",
     ] {
         assert!(
             metrics.contains(expected),
             "{expected} missing from:\n{metrics}"
         );
     }
+    // Resident memory is read at scrape time, and is not zero on Linux.
+    assert!(
+        !metrics.contains("touchline_process_resident_memory_bytes 0\n"),
+        "{metrics}"
+    );
     node.shutdown().await
 }

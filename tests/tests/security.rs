@@ -141,6 +141,15 @@ async fn tokens_rotate_expire_and_are_revoked_without_a_restart_and_never_leak()
         1,
         "the previous file stays in force"
     );
+    // And the metrics say so (process-wide: no other test of this binary breaks a file).
+    let reloads = |result| {
+        touchline_ingest::metrics::INGEST
+            .partner_reloads
+            .get_or_create(&touchline_ingest::metrics::ReloadLabels { result })
+            .get()
+    };
+    assert!(reloads("failed") >= 1 && reloads("ok") >= 1);
+    assert_eq!(touchline_ingest::metrics::INGEST.partners.get(), 1);
 
     // Tokens appear in no log line and no error message.
     let text = log_text();

@@ -23,6 +23,28 @@ pub struct PartnerDirectory {
     path: Option<PathBuf>,
 }
 
+/// Counts a reload of the file by its result.
+fn reloads(result: &'static str) {
+    crate::metrics::INGEST
+        .partner_reloads
+        .get_or_create(&crate::metrics::ReloadLabels { result })
+        .inc();
+}
+
+/// Records the registry now in force: when it was loaded, and its partners.
+fn loaded(registry: &PartnerRegistry) {
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |since| since.as_secs());
+    let metrics = &crate::metrics::INGEST;
+    metrics
+        .partners_loaded_at
+        .set(i64::try_from(now).unwrap_or(i64::MAX));
+    metrics
+        .partners
+        .set(i64::try_from(registry.partner_ids().len()).unwrap_or(i64::MAX));
+}
+
 fn modified(path: &Path) -> Option<SystemTime> {
     std::fs::metadata(path)
         .and_then(|metadata| metadata.modified())
@@ -51,6 +73,7 @@ impl PartnerDirectory {
     /// When the file cannot be read or is invalid.
     pub fn load(path: &Path) -> Result<Self> {
         let registry = PartnerRegistry::load(path)?;
+        loaded(&registry);
         Ok(Self {
             current: Arc::new(RwLock::new(Arc::new(registry))),
             path: Some(path.to_owned()),
@@ -91,7 +114,15 @@ impl PartnerDirectory {
         let Some(path) = &self.path else {
             return Ok(());
         };
-        let registry = PartnerRegistry::load(path)?;
+        let registry = match PartnerRegistry::load(path) {
+            Ok(registry) => registry,
+            Err(error) => {
+                reloads("failed");
+                return Err(error);
+            }
+        };
+        reloads("ok");
+        loaded(&registry);
         let partners = registry.partner_ids().len();
         *self.current.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(registry);
         info!(path = %path.display(), partners, "partners file reloaded");

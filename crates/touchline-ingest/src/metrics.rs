@@ -7,6 +7,7 @@ use std::time::Duration;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use touchline_core::PartnerId;
@@ -21,14 +22,28 @@ pub struct EventLabels {
     pub reason: &'static str,
 }
 
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct ReloadLabels {
+    /// "ok" or "failed".
+    pub result: &'static str,
+}
+
 /// The ingest metrics.
 #[derive(Debug)]
 pub struct IngestMetrics {
     pub events: Family<EventLabels, Counter>,
     pub produce_seconds: Histogram,
+    /// Reloads of the partners file, by result.
+    pub partner_reloads: Family<ReloadLabels, Counter>,
+    /// When the partners file in force was loaded (Unix seconds), and how many partners it has.
+    pub partners_loaded_at: Gauge,
+    pub partners: Gauge,
 }
 
 pub static INGEST: LazyLock<IngestMetrics> = LazyLock::new(|| IngestMetrics {
+    partner_reloads: Family::default(),
+    partners_loaded_at: Gauge::default(),
+    partners: Gauge::default(),
     events: Family::default(),
     // 500 us .. ~16 s.
     produce_seconds: Histogram::new(exponential_buckets(0.000_5, 2.0, 16)),
@@ -71,5 +86,20 @@ pub fn register(registry: &mut Registry) {
         "touchline_ingest_produce_duration_seconds",
         "Time from producing a batch to every event of it being durable (acks=all)",
         INGEST.produce_seconds.clone(),
+    );
+    registry.register(
+        "touchline_partners_reloads",
+        "Reloads of the partners file by result (a failed one keeps the previous file in force)",
+        INGEST.partner_reloads.clone(),
+    );
+    registry.register(
+        "touchline_partners_loaded_timestamp_seconds",
+        "When the partners file in force was loaded (Unix time; 0 without a partners file)",
+        INGEST.partners_loaded_at.clone(),
+    );
+    registry.register(
+        "touchline_partners",
+        "Partners in the partners file in force",
+        INGEST.partners.clone(),
     );
 }

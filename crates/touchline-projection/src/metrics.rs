@@ -7,6 +7,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 /// A projection, as a label.
@@ -16,7 +17,7 @@ pub struct ProjectionLabel {
 }
 
 /// Counters and gauges of the projector, rebuilds and replays.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct ProjectorMetrics {
     pub applied: Counter,
     pub duplicates: Counter,
@@ -24,9 +25,21 @@ pub struct ProjectorMetrics {
     pub rebuild_done: Family<ProjectionLabel, Gauge>,
     pub rebuild_total: Family<ProjectionLabel, Gauge>,
     pub replayed: Counter,
+    /// How long each group-commit flush of the store took (what every acknowledgement in dev
+    /// mode, and every durable position, waits for).
+    pub flush_seconds: Histogram,
 }
 
-pub static PROJECTOR: LazyLock<ProjectorMetrics> = LazyLock::new(ProjectorMetrics::default);
+pub static PROJECTOR: LazyLock<ProjectorMetrics> = LazyLock::new(|| ProjectorMetrics {
+    applied: Counter::default(),
+    duplicates: Counter::default(),
+    dead_lettered: Counter::default(),
+    rebuild_done: Family::default(),
+    rebuild_total: Family::default(),
+    replayed: Counter::default(),
+    // 100 us .. ~3 s.
+    flush_seconds: Histogram::new(exponential_buckets(0.000_1, 2.0, 16)),
+});
 
 /// Registers the projector's metrics.
 pub fn register(registry: &mut Registry) {
@@ -60,5 +73,10 @@ pub fn register(registry: &mut Registry) {
         "touchline_replay_read_records",
         "Records re-read from Kafka by replays",
         metrics.replayed.clone(),
+    );
+    registry.register(
+        "touchline_store_flush_seconds",
+        "How long each flush of the store (sled) took: the projector's group commit",
+        metrics.flush_seconds.clone(),
     );
 }

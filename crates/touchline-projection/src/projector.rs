@@ -403,7 +403,11 @@ async fn flush_loop(
         let more = pending.changed().await.is_ok();
         let covered = pending.borrow_and_update().clone();
         let flushing = Arc::clone(&store);
+        let started = std::time::Instant::now();
         tokio::task::spawn_blocking(move || flushing.flush()).await??;
+        metrics::PROJECTOR
+            .flush_seconds
+            .observe(started.elapsed().as_secs_f64());
         applied.send_modify(|offsets| offsets.extend(&covered));
         if !more {
             return Ok(());

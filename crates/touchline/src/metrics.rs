@@ -23,6 +23,61 @@ struct PartitionLabel {
     partition: i32,
 }
 
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct BuildLabel {
+    version: &'static str,
+}
+
+/// The process: its version, when it started, and its resident memory (read at scrape time).
+#[derive(Debug, Default)]
+struct ProcessGauges {
+    build_info: Family<BuildLabel, Gauge>,
+    start_time: Gauge,
+    resident_bytes: Gauge,
+}
+
+impl ProcessGauges {
+    fn register(&self, registry: &mut Registry) {
+        self.build_info
+            .get_or_create(&BuildLabel {
+                version: env!("CARGO_PKG_VERSION"),
+            })
+            .set(1);
+        let started = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |since| since.as_secs());
+        self.start_time
+            .set(i64::try_from(started).unwrap_or(i64::MAX));
+        registry.register(
+            "touchline_build_info",
+            "1, labelled with the running Touchline's version",
+            self.build_info.clone(),
+        );
+        registry.register(
+            "touchline_process_start_time_seconds",
+            "When the process started serving metrics (Unix time)",
+            self.start_time.clone(),
+        );
+        registry.register(
+            "touchline_process_resident_memory_bytes",
+            "Resident memory of the process (Linux: VmRSS; 0 elsewhere)",
+            self.resident_bytes.clone(),
+        );
+    }
+
+    fn refresh(&self) {
+        self.resident_bytes.set(resident_bytes().unwrap_or(0));
+    }
+}
+
+/// The process's resident memory, from `/proc/self/status` (Linux).
+fn resident_bytes() -> Option<i64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|line| line.starts_with("VmRSS:"))?;
+    let kib: i64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
+}
+
 /// Gauges refreshed from the status on each scrape.
 #[derive(Debug, Default)]
 struct StatusGauges {
@@ -30,6 +85,8 @@ struct StatusGauges {
     high_watermark: Family<PartitionLabel, Gauge>,
     projected: Family<PartitionLabel, Gauge>,
     log_events: Gauge,
+    log_durable_events: Gauge,
+    store_bytes: Gauge,
     dead_letters: Gauge,
     kafka_up: Gauge,
     projector_up: Gauge,
@@ -39,6 +96,7 @@ struct StatusGauges {
 struct Exporter {
     registry: Registry,
     gauges: StatusGauges,
+    process: ProcessGauges,
     admin: Option<AdminService>,
 }
 
@@ -57,9 +115,12 @@ fn build(admin: Option<AdminService>) -> Exporter {
     if admin.is_some() {
         register_status(&mut registry, &gauges);
     }
+    let process = ProcessGauges::default();
+    process.register(&mut registry);
     Exporter {
         registry,
         gauges,
+        process,
         admin,
     }
 }
@@ -87,6 +148,16 @@ fn register_status(registry: &mut Registry, gauges: &StatusGauges) {
         gauges.log_events.clone(),
     );
     registry.register(
+        "touchline_log_durable_events",
+        "Events of the local log flushed to disk (what queries show)",
+        gauges.log_durable_events.clone(),
+    );
+    registry.register(
+        "touchline_store_bytes",
+        "Size of the local sled store on disk",
+        gauges.store_bytes.clone(),
+    );
+    registry.register(
         "touchline_dead_letters",
         "Records in the dead-letter store",
         gauges.dead_letters.clone(),
@@ -105,6 +176,7 @@ fn register_status(registry: &mut Registry, gauges: &StatusGauges) {
 
 impl Exporter {
     fn refresh(&self) {
+        self.process.refresh();
         let Some(admin) = &self.admin else { return };
         match admin.status() {
             Ok(status) => {
@@ -124,6 +196,10 @@ impl Exporter {
                 }
                 let count = |value: u64| i64::try_from(value).unwrap_or(i64::MAX);
                 self.gauges.log_events.set(count(status.log_events));
+                self.gauges
+                    .log_durable_events
+                    .set(count(status.log_durable_events));
+                self.gauges.store_bytes.set(count(status.store_bytes));
                 self.gauges.dead_letters.set(count(status.dead_letters));
                 self.gauges.kafka_up.set(i64::from(status.kafka_reachable));
                 self.gauges
