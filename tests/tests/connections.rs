@@ -20,7 +20,7 @@ use touchline_proto::v1::ingest_service_client::IngestServiceClient;
 use touchline_proto::v1::{self, JourneyStage};
 use touchline_tests::{
     COURIER, DEADLINE, authorized, error_reason, ingest_client, partners, publish, start_broker,
-    start_node_with, touchpoint,
+    start_node_with, touchpoint, wait_for_health,
 };
 
 /// A TCP proxy in front of `upstream` that can go silent: it then forwards nothing in either
@@ -164,6 +164,8 @@ async fn during_the_shutdown_delay_health_says_not_serving_and_calls_are_still_s
         config.server.shutdown_delay_ms = 5_000;
     })
     .await?;
+    // Serving first: the node is NOT_SERVING at its start too, until its first probe.
+    wait_for_health(&node, "", true).await?;
     let target = node.target().clone();
     let mut ingest = ingest_client(&node).await?;
     let mut health = HealthClient::new(target.connect().await?);

@@ -160,22 +160,39 @@ impl AdminService {
     }
 }
 
-/// Logs an admin call that changes something, for the audit trail (target `touchline::audit`):
-/// the action, what it applies to, who called (which token) and from where.
-fn audit(
+/// Logs an admin call that changes something, once it is done or refused, for the audit trail
+/// (target `touchline::audit`): the action, what it applies to, who called (which token), from
+/// where, and the outcome (`done`, or `refused` with the status). Returns `result`.
+fn audit<T>(
     action: &'static str,
     subject: &dyn std::fmt::Display,
     caller: &str,
     peer: Option<std::net::SocketAddr>,
-) {
-    tracing::info!(
-        target: "touchline::audit",
-        action,
-        %subject,
-        caller,
-        peer = ?peer,
-        "admin call"
-    );
+    result: Result<T, Status>,
+) -> Result<T, Status> {
+    match &result {
+        Ok(_) => tracing::info!(
+            target: "touchline::audit",
+            action,
+            %subject,
+            caller,
+            peer = ?peer,
+            outcome = "done",
+            "admin call"
+        ),
+        Err(status) => tracing::info!(
+            target: "touchline::audit",
+            action,
+            %subject,
+            caller,
+            peer = ?peer,
+            outcome = "refused",
+            code = ?status.code(),
+            error = status.message(),
+            "admin call"
+        ),
+    }
+    result
 }
 
 /// Clears the replay flag when the replay ends, however it ends.
@@ -214,12 +231,12 @@ impl v1::admin_service_server::AdminService for AdminService {
         let caller = self.check(&request)?;
         let peer = request.remote_addr();
         let projection = projection(&request.into_inner().projection)?;
-        audit("rebuild", &projection, &caller, peer);
         let rebuilds = Arc::clone(&self.context.rebuilds);
-        let (progress, _started) = tokio::task::spawn_blocking(move || rebuilds.start(projection))
+        let started = tokio::task::spawn_blocking(move || rebuilds.start(projection))
             .await
             .map_err(blocking)?
-            .map_err(ops_status)?;
+            .map_err(ops_status);
+        let (progress, _started) = audit("rebuild", &projection, &caller, peer, started)?;
         Ok(Response::new(stream_progress(
             progress,
             wire_rebuild,
@@ -235,11 +252,10 @@ impl v1::admin_service_server::AdminService for AdminService {
         let caller = self.check(&request)?;
         let peer = request.remote_addr();
         let projection = projection(&request.into_inner().projection)?;
-        audit("cancel-rebuild", &projection, &caller, peer);
         // Off the async threads: a rebuild starting meanwhile holds the rebuilds' lock while it
         // waits for the store's writer.
         let rebuilds = Arc::clone(&self.context.rebuilds);
-        let mut progress = tokio::task::spawn_blocking(move || rebuilds.cancel(projection))
+        let cancelled = tokio::task::spawn_blocking(move || rebuilds.cancel(projection))
             .await
             .map_err(blocking)?
             .ok_or_else(|| {
@@ -248,7 +264,8 @@ impl v1::admin_service_server::AdminService for AdminService {
                     "NO_REBUILD",
                     format!("no rebuild of {projection} is running"),
                 )
-            })?;
+            });
+        let mut progress = audit("cancel-rebuild", &projection, &caller, peer, cancelled)?;
         // Report the end: the rebuild stops after its current chunk.
         let _ = progress
             .wait_for(RebuildProgress::is_finished)
@@ -282,25 +299,28 @@ impl v1::admin_service_server::AdminService for AdminService {
         // A partition named twice is read once (Kafka refuses an assignment that lists it twice).
         partitions.sort_unstable();
         partitions.dedup();
+        let (sender, progress) = watch::channel(ReplayProgress::default());
+        let claimed = {
+            let mut replays = self.replays();
+            if replays.running {
+                Err(rejected(
+                    Code::FailedPrecondition,
+                    "REPLAY_RUNNING",
+                    "another replay is running on this node; wait for it to end",
+                ))
+            } else {
+                replays.running = true;
+                replays.last = Some(progress.clone());
+                Ok(())
+            }
+        };
         audit(
             "replay",
             &format!("partitions {partitions:?} from {from:?}"),
             &caller,
             peer,
-        );
-        let (sender, progress) = watch::channel(ReplayProgress::default());
-        {
-            let mut replays = self.replays();
-            if replays.running {
-                return Err(rejected(
-                    Code::FailedPrecondition,
-                    "REPLAY_RUNNING",
-                    "another replay is running on this node; wait for it to end",
-                ));
-            }
-            replays.running = true;
-            replays.last = Some(progress.clone());
-        }
+            claimed,
+        )?;
         let slot = ReplaySlot(Arc::clone(&self.replays));
         let (messages, receiver) = tokio::sync::mpsc::channel(16);
         let context = Arc::clone(&self.context);
@@ -414,7 +434,6 @@ impl v1::admin_service_server::AdminService for AdminService {
         let caller = self.check(&request)?;
         let peer = request.remote_addr();
         let id = request.into_inner().id;
-        audit("requeue-dead-letter", &id, &caller, peer);
         let store = Arc::clone(&self.context.store);
         let requeued = tokio::task::spawn_blocking(move || {
             let requeued = store.requeue_dead_letter(id)?;
@@ -423,7 +442,8 @@ impl v1::admin_service_server::AdminService for AdminService {
         })
         .await
         .map_err(blocking)?
-        .map_err(ops_status)?;
+        .map_err(ops_status);
+        let requeued = audit("requeue-dead-letter", &id, &caller, peer, requeued)?;
         Ok(Response::new(match requeued {
             Requeued::Appended { sequence } => v1::RequeueDeadLetterResponse {
                 appended: true,
@@ -443,7 +463,6 @@ impl v1::admin_service_server::AdminService for AdminService {
         let caller = self.check(&request)?;
         let peer = request.remote_addr();
         let id = request.into_inner().id;
-        audit("discard-dead-letter", &id, &caller, peer);
         let store = Arc::clone(&self.context.store);
         let discarded = tokio::task::spawn_blocking(move || {
             let discarded = store.discard_dead_letter(id)?;
@@ -452,7 +471,8 @@ impl v1::admin_service_server::AdminService for AdminService {
         })
         .await
         .map_err(blocking)?
-        .map_err(ops_status)?;
+        .map_err(ops_status);
+        let discarded = audit("discard-dead-letter", &id, &caller, peer, discarded)?;
         Ok(Response::new(v1::DiscardDeadLetterResponse {
             discarded: Some(wire_dead_letter(discarded)),
         }))

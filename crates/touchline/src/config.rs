@@ -477,12 +477,21 @@ impl Config {
 }
 
 /// Whether a librdkafka property holds a secret (`sasl.password`, `ssl.key.password`,
-/// `sasl.oauthbearer.client.secret`, `sasl.jaas.config`, `ssl.key.pem`...).
+/// `sasl.oauthbearer.client.secret`, `sasl.oauthbearer.assertion.private.key.passphrase`,
+/// `sasl.oauthbearer.config`, `sasl.jaas.config`, `ssl.key.pem`...).
 fn is_secret_property(key: &str) -> bool {
     let key = key.to_ascii_lowercase();
-    ["password", "secret", "jaas", "key.pem", "credentials"]
-        .iter()
-        .any(|word| key.contains(word))
+    [
+        "password",
+        "passphrase",
+        "secret",
+        "jaas",
+        "key.pem",
+        "credentials",
+        "oauthbearer.config",
+    ]
+    .iter()
+    .any(|word| key.contains(word))
 }
 
 mod server;

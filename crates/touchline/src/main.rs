@@ -324,6 +324,7 @@ async fn run_node(
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    std::sync::LazyLock::force(&touchline::metrics::PROCESS_STARTED);
     match run(Cli::parse()).await {
         // Output piped into a reader that stopped (`touchline timeline c | head`): done.
         Err(error) if is_broken_pipe(&error) => Ok(()),

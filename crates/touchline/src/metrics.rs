@@ -28,6 +28,10 @@ struct BuildLabel {
     version: &'static str,
 }
 
+/// When the process started: forced first thing in `main`.
+pub static PROCESS_STARTED: std::sync::LazyLock<std::time::SystemTime> =
+    std::sync::LazyLock::new(std::time::SystemTime::now);
+
 /// The process: its version, when it started, and its resident memory (read at scrape time).
 #[derive(Debug, Default)]
 struct ProcessGauges {
@@ -43,7 +47,7 @@ impl ProcessGauges {
                 version: env!("CARGO_PKG_VERSION"),
             })
             .set(1);
-        let started = std::time::SystemTime::now()
+        let started = PROCESS_STARTED
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |since| since.as_secs());
         self.start_time
@@ -55,7 +59,7 @@ impl ProcessGauges {
         );
         registry.register(
             "touchline_process_start_time_seconds",
-            "When the process started serving metrics (Unix time)",
+            "When the process started (Unix time)",
             self.start_time.clone(),
         );
         registry.register(

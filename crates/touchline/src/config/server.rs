@@ -29,9 +29,9 @@ pub struct ServerConfig {
     /// client queues the rest.
     pub max_concurrent_streams: u32,
     /// Age in ms after which a connection is asked to go (HTTP/2 GOAWAY) so that clients spread
-    /// over new nodes (0: never); its calls then get `max-connection-age-grace-ms` to finish.
+    /// over new nodes (0: never). Its calls in flight go on until they end; new calls go on a new
+    /// connection.
     pub max_connection_age_ms: u64,
-    pub max_connection_age_grace_ms: u64,
     /// TLS for every service on the listener; plaintext when absent.
     pub tls: Option<TlsConfig>,
 }
@@ -47,7 +47,6 @@ impl Default for ServerConfig {
             tcp_keepalive_ms: 60_000,
             max_concurrent_streams: 200,
             max_connection_age_ms: 0,
-            max_connection_age_grace_ms: 30_000,
             tls: None,
         }
     }

@@ -205,3 +205,31 @@ fn secret_kafka_properties_come_from_the_environment_and_are_never_printed() {
         Ok(())
     });
 }
+
+#[test]
+fn every_secret_property_of_librdkafka_is_redacted() {
+    // The secrets among librdkafka 2.12's properties (its CONFIGURATION.md).
+    for secret in [
+        "sasl.password",
+        "ssl.key.password",
+        "ssl.key.pem",
+        "ssl.keystore.password",
+        "sasl.oauthbearer.client.secret",
+        "sasl.oauthbearer.client.credentials.client.secret",
+        "sasl.oauthbearer.assertion.private.key.passphrase",
+        "sasl.oauthbearer.assertion.private.key.pem",
+        "sasl.oauthbearer.config",
+        "sasl.jaas.config",
+    ] {
+        assert!(is_secret_property(secret), "{secret}");
+    }
+    for shown in [
+        "security.protocol",
+        "sasl.username",
+        "sasl.mechanisms",
+        "ssl.ca.location",
+        "ssl.key.location",
+    ] {
+        assert!(!is_secret_property(shown), "{shown}");
+    }
+}
