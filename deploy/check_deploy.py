@@ -1,8 +1,11 @@
 #!/usr/bin/env python3
-"""Checks what Docker cannot check here (no Docker engine on these machines): the compose file
-parses and points at files that exist, and the Dockerfile is made of known instructions."""
+"""Checks what Docker and Kubernetes cannot check here (no Docker engine or cluster on these
+machines): the compose file parses and points at files that exist, the Dockerfile is made of known
+instructions, and the Kubernetes manifests parse, point at files and objects that exist, probe
+health services Touchline serves and give pods time to drain."""
 import pathlib
 import sys
+import tomllib
 
 try:
     import yaml
@@ -60,7 +63,69 @@ def check_dockerfile() -> list[str]:
     return problems
 
 
-problems = check_compose() + check_dockerfile()
+HEALTH_SERVICES = {"", "liveness", "touchline.v1.IngestService", "touchline.v1.TimelineService",
+                   "touchline.v1.AdminService"}
+
+
+def check_kubernetes() -> list[str]:
+    problems = []
+    if yaml is None:
+        print("deploy/ checks: PyYAML is not installed, kubernetes/ is not checked", file=sys.stderr)
+        return problems
+    folder = DEPLOY / "kubernetes"
+    kustomization = yaml.safe_load((folder / "kustomization.yaml").read_text())
+    config_maps = {}
+    for generator in kustomization.get("configMapGenerator", []):
+        for entry in generator.get("files", []):
+            source = entry.split("=")[-1]
+            if not (folder / source).exists():
+                problems.append(f"configMap {generator['name']} reads {source}, which does not exist")
+                continue
+            config_maps[generator["name"]] = tomllib.loads((folder / source).read_text())
+    for resource in kustomization.get("resources", []):
+        if not (folder / resource).exists():
+            problems.append(f"kustomization lists {resource}, which does not exist")
+            continue
+        for document in yaml.safe_load_all((folder / resource).read_text()):
+            if not document:
+                continue
+            name = document.get("metadata", {}).get("name")
+            if not document.get("apiVersion") or not document.get("kind") or not name:
+                problems.append(f"{resource}: a document without apiVersion, kind or name")
+                continue
+            if document["kind"] not in ("Deployment", "StatefulSet"):
+                continue
+            pod = document["spec"]["template"]["spec"]
+            config = None
+            for volume in pod.get("volumes", []):
+                if "configMap" in volume:
+                    config = config_maps.get(volume["configMap"]["name"])
+                    if config is None:
+                        problems.append(f"{name} mounts configMap {volume['configMap']['name']}, "
+                                        "which is not generated")
+                if "secret" in volume and volume["secret"]["secretName"] != "touchline-partners":
+                    problems.append(f"{name} mounts an unknown secret")
+            for container in pod["containers"]:
+                ports = {port["name"]: port["containerPort"] for port in container.get("ports", [])}
+                for kind in ("readinessProbe", "livenessProbe", "startupProbe"):
+                    probe = container.get(kind, {}).get("grpc")
+                    if probe is None:
+                        continue
+                    if probe.get("service") not in HEALTH_SERVICES:
+                        problems.append(f"{name} {kind} asks for health service "
+                                        f"{probe.get('service')!r}, which Touchline does not serve")
+                    if probe.get("port") != ports.get("grpc"):
+                        problems.append(f"{name} {kind} probes another port than grpc")
+            if config is not None:
+                server = config.get("server", {})
+                drain_ms = server.get("shutdown-delay-ms", 0) + server.get("shutdown-grace-ms", 10000)
+                if pod.get("terminationGracePeriodSeconds", 30) * 1000 <= drain_ms:
+                    problems.append(f"{name}: terminationGracePeriodSeconds is not above the "
+                                    "shutdown delay and grace")
+    return problems
+
+
+problems = check_compose() + check_dockerfile() + check_kubernetes()
 for problem in problems:
     print(problem, file=sys.stderr)
 print("deploy/ checks:", "failed" if problems else "ok")

@@ -53,6 +53,18 @@ fn the_example_events_convert() -> anyhow::Result<()> {
 }
 
 #[test]
+fn the_kubernetes_role_configurations_load_and_validate() -> anyhow::Result<()> {
+    let ingest = Config::load(Some(&deploy("kubernetes/ingest.toml")))?;
+    ingest.validate()?;
+    assert!(ingest.ingest.enabled && !ingest.projector.enabled && !ingest.query.enabled);
+    let projector = Config::load(Some(&deploy("kubernetes/projector.toml")))?;
+    projector.validate()?;
+    assert!(!projector.ingest.enabled && projector.projector.enabled && projector.query.enabled);
+    assert_eq!(ingest.kafka.partitions, projector.kafka.partitions);
+    Ok(())
+}
+
+#[test]
 fn the_compose_role_configurations_load_and_validate() -> anyhow::Result<()> {
     let ingest = Config::load(Some(&deploy("compose/ingest.toml")))?;
     ingest.validate()?;
