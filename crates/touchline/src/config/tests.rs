@@ -75,6 +75,11 @@ fn environment_variables_override_the_file() {
             config.metrics.listen,
             SocketAddr::from(([0, 0, 0, 0], 9100))
         );
+        // A bare word is a string (deploy/kubernetes sets the group id to the pod's name).
+        jail.set_env("TOUCHLINE_KAFKA__GROUP_ID", "touchline-projector-0");
+        let config =
+            Config::load(Some(Path::new("touchline.toml"))).map_err(|error| error.to_string())?;
+        assert_eq!(config.kafka.group_id, "touchline-projector-0");
         Ok(())
     });
 }
