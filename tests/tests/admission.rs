@@ -10,8 +10,8 @@ use tonic_types::StatusExt as _;
 use touchline_ingest::{PartnerRegistry, PartnersFile, hash_token};
 use touchline_proto::v1::{self, JourneyStage, RejectReason};
 use touchline_tests::{
-    COURIER, RETAILER, authorized, error_reason, ingest_client, partners, publish, reject_reasons,
-    start_broker, start_mock_broker, start_node_with, touchpoint,
+    COURIER, RETAILER, RawCodec, authorized, error_reason, ingest_client, partners, publish,
+    reject_reasons, start_broker, start_mock_broker, start_node_with, touchpoint,
 };
 
 fn batch(prefix: &str, count: usize) -> Vec<v1::Touchpoint> {
@@ -315,6 +315,68 @@ async fn the_server_sheds_load_past_its_in_flight_limit() -> anyhow::Result<()> 
     );
     assert!(shed.get_details_retry_info().is_some());
     assert_eq!(holder.accepted, 1, "the call holding the slot completes");
+    node.shutdown().await
+}
+
+/// A unary call that finds every slot taken is shed before its body is decoded: bytes that are
+/// no protobuf at all get `OVERLOADED` then, not the decoder's `INTERNAL`. So the memory of calls
+/// being decoded is bounded by the slots, however many connections send.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_that_finds_the_server_full_is_shed_before_it_is_decoded() -> anyhow::Result<()> {
+    let broker = start_mock_broker();
+    let mock = broker.mock();
+    let dir = tempfile::tempdir()?;
+    let node = start_node_with(&broker, dir.path(), partners(), |config| {
+        config.ingest.max_in_flight_batches = 1;
+    })
+    .await?;
+    let ingest = ingest_client(&node).await?;
+    mock.set_round_trip_time(Duration::from_millis(1500))?;
+    let mut slow = ingest.clone();
+    let holder = tokio::spawn(async move { publish(&mut slow, COURIER.1, batch("hold", 1)).await });
+
+    let channel = node.target().connect().await?;
+    let path = http::uri::PathAndQuery::from_static("/touchline.v1.IngestService/Publish");
+    let not_protobuf = vec![0xff_u8; 64];
+    let deadline = tokio::time::Instant::now() + touchline_tests::DEADLINE;
+    let mut poll = tokio::time::interval(Duration::from_millis(20));
+    let shed = loop {
+        poll.tick().await;
+        let mut grpc = tonic::client::Grpc::new(channel.clone());
+        grpc.ready().await?;
+        let status = grpc
+            .unary(
+                authorized(not_protobuf.clone(), RETAILER.1),
+                path.clone(),
+                RawCodec,
+            )
+            .await
+            .expect_err("bytes that are no protobuf are never accepted");
+        // While the slot is free the bytes are decoded, and refused for what they are.
+        if error_reason(&status).as_deref() == Some("OVERLOADED") {
+            break status;
+        }
+        assert_eq!(status.code(), Code::Internal, "{status:?}");
+        anyhow::ensure!(
+            !holder.is_finished() && tokio::time::Instant::now() < deadline,
+            "no call was shed while the only slot was held"
+        );
+    };
+    assert_eq!(shed.code(), Code::ResourceExhausted);
+    assert!(shed.get_details_retry_info().is_some());
+    mock.set_round_trip_time(Duration::ZERO)?;
+    assert_eq!(
+        holder.await??.accepted,
+        1,
+        "the call holding the slot completes"
+    );
+    let shed_calls = touchline_ingest::metrics::INGEST
+        .shed_calls
+        .get_or_create(&touchline_ingest::metrics::PartnerLabel {
+            partner: RETAILER.0.to_owned(),
+        })
+        .get();
+    assert!(shed_calls >= 1);
     node.shutdown().await
 }
 

@@ -2,51 +2,14 @@
 //! each case gets its documented reason, nothing of any of them is written, and no input takes
 //! the server down.
 
-use bytes::{Buf as _, BufMut as _};
 use http::uri::PathAndQuery;
 use prost::Message as _;
 use tonic::Code;
-use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use touchline_proto::v1::{self, JourneyStage, RejectReason};
 use touchline_tests::{
-    COURIER, authorized, error_reason, partners, records_in_topic, reject_reasons, start_broker,
-    start_node_with, timeline_client, touchpoint, wait_for_timeline,
+    COURIER, RawCodec, authorized, error_reason, partners, records_in_topic, reject_reasons,
+    start_broker, start_node_with, timeline_client, touchpoint, wait_for_timeline,
 };
-
-/// Bytes in, bytes out: what any gRPC client can send.
-#[derive(Debug, Clone, Copy, Default)]
-struct RawCodec;
-
-impl Codec for RawCodec {
-    type Encode = Vec<u8>;
-    type Decode = Vec<u8>;
-    type Encoder = Self;
-    type Decoder = Self;
-    fn encoder(&mut self) -> Self {
-        Self
-    }
-    fn decoder(&mut self) -> Self {
-        Self
-    }
-}
-
-impl Encoder for RawCodec {
-    type Item = Vec<u8>;
-    type Error = tonic::Status;
-    fn encode(&mut self, item: Vec<u8>, buffer: &mut EncodeBuf<'_>) -> Result<(), tonic::Status> {
-        buffer.put_slice(&item);
-        Ok(())
-    }
-}
-
-impl Decoder for RawCodec {
-    type Item = Vec<u8>;
-    type Error = tonic::Status;
-    fn decode(&mut self, buffer: &mut DecodeBuf<'_>) -> Result<Option<Vec<u8>>, tonic::Status> {
-        let length = buffer.remaining();
-        Ok(Some(buffer.copy_to_bytes(length).to_vec()))
-    }
-}
 
 /// What a case must produce.
 #[derive(Debug, Clone, PartialEq)]

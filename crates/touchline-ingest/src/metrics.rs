@@ -23,6 +23,11 @@ pub struct EventLabels {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct PartnerLabel {
+    pub partner: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct ReloadLabels {
     /// "ok" or "failed".
     pub result: &'static str,
@@ -32,6 +37,8 @@ pub struct ReloadLabels {
 #[derive(Debug)]
 pub struct IngestMetrics {
     pub events: Family<EventLabels, Counter>,
+    /// Unary calls shed before they were decoded (their events are unknown), by partner.
+    pub shed_calls: Family<PartnerLabel, Counter>,
     pub produce_seconds: Histogram,
     /// Reloads of the partners file, by result.
     pub partner_reloads: Family<ReloadLabels, Counter>,
@@ -42,6 +49,7 @@ pub struct IngestMetrics {
 
 pub static INGEST: LazyLock<IngestMetrics> = LazyLock::new(|| IngestMetrics {
     partner_reloads: Family::default(),
+    shed_calls: Family::default(),
     partners_loaded_at: Gauge::default(),
     partners: Gauge::default(),
     events: Family::default(),
@@ -69,6 +77,15 @@ impl IngestMetrics {
         }
     }
 
+    /// Counts a unary call of `partner` shed before it was decoded.
+    pub fn count_shed(&self, partner: &PartnerId) {
+        self.shed_calls
+            .get_or_create(&PartnerLabel {
+                partner: partner.to_string(),
+            })
+            .inc();
+    }
+
     /// Observes how long Kafka (or the local log, in dev mode) took to make a batch durable.
     pub fn observe_produce(&self, elapsed: Duration) {
         self.produce_seconds.observe(elapsed.as_secs_f64());
@@ -86,6 +103,11 @@ pub fn register(registry: &mut Registry) {
         "touchline_ingest_produce_duration_seconds",
         "Time from producing a batch to every event of it being durable (acks=all)",
         INGEST.produce_seconds.clone(),
+    );
+    registry.register(
+        "touchline_ingest_shed_calls",
+        "Unary Publish calls shed (OVERLOADED) before they were decoded, by partner",
+        INGEST.shed_calls.clone(),
     );
     registry.register(
         "touchline_partners_reloads",

@@ -22,7 +22,10 @@ use crate::metrics::INGEST;
 use crate::{Error, PartnerDirectory, Publisher, Result};
 
 mod prepare;
+mod shed;
 mod stream;
+
+pub use shed::ShedBeforeDecode;
 
 use prepare::{Prepared, prepare};
 
@@ -108,23 +111,25 @@ impl IngestService {
     }
 
     /// The tonic server for this service. Calls are authenticated on their headers, before the
-    /// request body is read and decoded: a caller without a valid token costs no decoding.
+    /// request body is read and decoded: a caller without a valid token costs no decoding. Then
+    /// a unary call takes its in-flight slot, or is shed, before it is decoded ([`ShedBeforeDecode`]).
     #[must_use]
     pub fn into_server(self) -> IngestServer {
         let max = self.inner.options.max_message_bytes;
         let authenticator = Authenticator {
             partners: self.inner.partners.clone(),
         };
+        let in_flight = Arc::clone(&self.inner.in_flight);
         let server = v1::ingest_service_server::IngestServiceServer::new(self)
             .max_decoding_message_size(max)
             .max_encoding_message_size(max.max(4 * 1024 * 1024));
-        InterceptedService::new(server, authenticator)
+        InterceptedService::new(ShedBeforeDecode::new(server, in_flight), authenticator)
     }
 }
 
-/// The ingest service as served: behind its [`Authenticator`].
+/// The ingest service as served: behind its [`Authenticator`], then [`ShedBeforeDecode`].
 pub type IngestServer = InterceptedService<
-    v1::ingest_service_server::IngestServiceServer<IngestService>,
+    ShedBeforeDecode<v1::ingest_service_server::IngestServiceServer<IngestService>>,
     Authenticator,
 >;
 
@@ -302,16 +307,17 @@ impl v1::ingest_service_server::IngestService for IngestService {
     ) -> Result<Response<v1::PublishResponse>, Status> {
         let partner = self.inner.authenticate(&request)?;
         let call_timeout = grpc_timeout(request.metadata());
+        // Taken before the call was decoded (or, served without [`ShedBeforeDecode`], now).
+        let taken = request.extensions().get::<shed::Slot>().cloned();
         let request = request.into_inner();
         let events = request.events.len();
         let result = async {
             // Load shedding first: a unary call that finds the server full is refused at once,
             // before it spends the partner's rate.
-            let slot = Arc::clone(&self.inner.in_flight)
-                .try_acquire_owned()
-                .map_err(|_| Error::Overloaded {
-                    retry_after: Duration::from_millis(200),
-                })?;
+            let slot = match taken {
+                Some(slot) => Ok(slot),
+                None => shed::Slot::take(&self.inner.in_flight),
+            }?;
             self.inner.admit(&partner, events)?;
             let response = self.inner.publish(&partner, request, call_timeout).await;
             drop(slot);
