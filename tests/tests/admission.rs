@@ -372,11 +372,73 @@ async fn a_call_that_finds_the_server_full_is_shed_before_it_is_decoded() -> any
     );
     let shed_calls = touchline_ingest::metrics::INGEST
         .shed_calls
-        .get_or_create(&touchline_ingest::metrics::PartnerLabel {
+        .get_or_create(&touchline_ingest::metrics::ShedLabels {
             partner: RETAILER.0.to_owned(),
+            reason: "OVERLOADED",
         })
         .get();
     assert!(shed_calls >= 1);
+    node.shutdown().await
+}
+
+/// A partner holding its maximum of unary calls in flight gets `TOO_MANY_CALLS` for the next,
+/// before it is decoded, while another partner's calls go through: no partner takes every slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partner_cannot_hold_more_unary_calls_than_allowed() -> anyhow::Result<()> {
+    let broker = start_mock_broker();
+    let mock = broker.mock();
+    let dir = tempfile::tempdir()?;
+    let node = start_node_with(&broker, dir.path(), partners(), |config| {
+        config.ingest.max_calls_per_partner = 1;
+    })
+    .await?;
+    let ingest = ingest_client(&node).await?;
+    mock.set_round_trip_time(Duration::from_millis(1500))?;
+    let mut slow = ingest.clone();
+    let holder = tokio::spawn(async move { publish(&mut slow, COURIER.1, batch("hold", 1)).await });
+
+    let channel = node.target().connect().await?;
+    let path = http::uri::PathAndQuery::from_static("/touchline.v1.IngestService/Publish");
+    let deadline = tokio::time::Instant::now() + touchline_tests::DEADLINE;
+    let mut poll = tokio::time::interval(Duration::from_millis(20));
+    let refused = loop {
+        poll.tick().await;
+        let mut grpc = tonic::client::Grpc::new(channel.clone());
+        grpc.ready().await?;
+        let status = grpc
+            .unary(
+                authorized(vec![0xff_u8; 64], COURIER.1),
+                path.clone(),
+                RawCodec,
+            )
+            .await
+            .expect_err("bytes that are no protobuf are never accepted");
+        if error_reason(&status).as_deref() == Some("TOO_MANY_CALLS") {
+            break status;
+        }
+        // The holder has not taken its call slot yet: the bytes were decoded, and refused.
+        assert_eq!(status.code(), Code::Internal, "{status:?}");
+        anyhow::ensure!(
+            !holder.is_finished() && tokio::time::Instant::now() < deadline,
+            "the partner's second call was never refused while its first was in flight"
+        );
+    };
+    assert_eq!(refused.code(), Code::ResourceExhausted);
+    assert!(refused.get_details_retry_info().is_some());
+    // Another partner is not held back by it.
+    let mut other = ingest.clone();
+    assert_eq!(
+        publish(&mut other, RETAILER.1, batch("other", 1))
+            .await?
+            .accepted,
+        1
+    );
+    mock.set_round_trip_time(Duration::ZERO)?;
+    assert_eq!(
+        holder.await??.accepted,
+        1,
+        "the call holding the slot completes"
+    );
     node.shutdown().await
 }
 

@@ -29,6 +29,8 @@ pub enum Error {
     },
     #[error("the partner already has {max} streams open")]
     TooManyStreams { max: usize },
+    #[error("the partner already has {max} unary calls in flight: wait for their answers")]
+    TooManyCalls { max: usize, retry_after: Duration },
     #[error("the server is overloaded, retry shortly")]
     Overloaded { retry_after: Duration },
     #[error("the server is shutting down: reconnect and resend every batch without an answer")]
@@ -58,6 +60,7 @@ impl Error {
             Self::BatchTooLarge { .. } => "BATCH_TOO_LARGE",
             Self::RateLimited { .. } => "RATE_LIMITED",
             Self::TooManyStreams { .. } => "TOO_MANY_STREAMS",
+            Self::TooManyCalls { .. } => "TOO_MANY_CALLS",
             Self::Overloaded { .. } => "OVERLOADED",
             Self::ShuttingDown => "SHUTTING_DOWN",
             Self::Unavailable { .. } | Self::Kafka(_) => "LOG_UNAVAILABLE",
@@ -82,7 +85,9 @@ impl From<Error> for Status {
                 );
                 Code::InvalidArgument
             }
-            Error::RateLimited { retry_after, .. } | Error::Overloaded { retry_after } => {
+            Error::RateLimited { retry_after, .. }
+            | Error::Overloaded { retry_after }
+            | Error::TooManyCalls { retry_after, .. } => {
                 details.set_retry_info(Some(*retry_after));
                 Code::ResourceExhausted
             }

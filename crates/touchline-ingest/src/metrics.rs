@@ -23,8 +23,10 @@ pub struct EventLabels {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
-pub struct PartnerLabel {
+pub struct ShedLabels {
     pub partner: String,
+    /// `OVERLOADED` or `TOO_MANY_CALLS`.
+    pub reason: &'static str,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -37,8 +39,9 @@ pub struct ReloadLabels {
 #[derive(Debug)]
 pub struct IngestMetrics {
     pub events: Family<EventLabels, Counter>,
-    /// Unary calls shed before they were decoded (their events are unknown), by partner.
-    pub shed_calls: Family<PartnerLabel, Counter>,
+    /// Unary calls shed before they were decoded (their events are unknown), by partner and
+    /// reason.
+    pub shed_calls: Family<ShedLabels, Counter>,
     pub produce_seconds: Histogram,
     /// Reloads of the partners file, by result.
     pub partner_reloads: Family<ReloadLabels, Counter>,
@@ -77,11 +80,12 @@ impl IngestMetrics {
         }
     }
 
-    /// Counts a unary call of `partner` shed before it was decoded.
-    pub fn count_shed(&self, partner: &PartnerId) {
+    /// Counts a unary call of `partner` shed before it was decoded, with the reason.
+    pub fn count_shed(&self, partner: &PartnerId, reason: &'static str) {
         self.shed_calls
-            .get_or_create(&PartnerLabel {
+            .get_or_create(&ShedLabels {
                 partner: partner.to_string(),
+                reason,
             })
             .inc();
     }
@@ -106,7 +110,7 @@ pub fn register(registry: &mut Registry) {
     );
     registry.register(
         "touchline_ingest_shed_calls",
-        "Unary Publish calls shed (OVERLOADED) before they were decoded, by partner",
+        "Unary Publish calls shed before they were decoded, by partner and reason (OVERLOADED, TOO_MANY_CALLS)",
         INGEST.shed_calls.clone(),
     );
     registry.register(

@@ -52,6 +52,9 @@ pub struct IngestOptions {
     /// Batches being made durable at once, server-wide. Unary calls past it are shed with
     /// `RESOURCE_EXHAUSTED`; streams wait (backpressure).
     pub max_in_flight_batches: usize,
+    /// Unary `Publish` calls one partner may have in flight (from their headers to their
+    /// answer): so that one partner cannot take every in-flight slot.
+    pub max_calls_per_partner: usize,
 }
 
 impl Default for IngestOptions {
@@ -65,6 +68,7 @@ impl Default for IngestOptions {
             burst: 20_000.0,
             max_streams_per_partner: 8,
             max_in_flight_batches: 512,
+            max_calls_per_partner: 64,
         }
     }
 }
@@ -82,6 +86,8 @@ struct Inner {
     options: IngestOptions,
     rates: RateLimiter,
     streams: StreamCounter,
+    /// Unary calls in flight per partner.
+    calls: StreamCounter,
     in_flight: Arc<Semaphore>,
     /// Cancelled when the server starts shutting down: streams stop reading new batches, answer
     /// the ones in flight and end with `UNAVAILABLE` so the partner reconnects elsewhere.
@@ -104,6 +110,7 @@ impl IngestService {
                 options,
                 rates: RateLimiter::default(),
                 streams: StreamCounter::default(),
+                calls: StreamCounter::default(),
                 in_flight,
                 draining,
             }),
@@ -119,11 +126,15 @@ impl IngestService {
         let authenticator = Authenticator {
             partners: self.inner.partners.clone(),
         };
-        let in_flight = Arc::clone(&self.inner.in_flight);
+        let shed = shed::Shedding::new(
+            Arc::clone(&self.inner.in_flight),
+            self.inner.calls.clone(),
+            self.inner.options.max_calls_per_partner,
+        );
         let server = v1::ingest_service_server::IngestServiceServer::new(self)
             .max_decoding_message_size(max)
             .max_encoding_message_size(max.max(4 * 1024 * 1024));
-        InterceptedService::new(ShedBeforeDecode::new(server, in_flight), authenticator)
+        InterceptedService::new(shed.serve(server), authenticator)
     }
 }
 
@@ -316,7 +327,7 @@ impl v1::ingest_service_server::IngestService for IngestService {
             // before it spends the partner's rate.
             let slot = match taken {
                 Some(slot) => Ok(slot),
-                None => shed::Slot::take(&self.inner.in_flight),
+                None => shed::Slot::take(&self.inner.in_flight, None),
             }?;
             self.inner.admit(&partner, events)?;
             let response = self.inner.publish(&partner, request, call_timeout).await;

@@ -127,6 +127,8 @@ pub struct IngestConfig {
     pub max_streams_per_partner: usize,
     /// Batches being made durable at once, server-wide; unary calls past it are shed.
     pub max_in_flight_batches: usize,
+    /// Unary `Publish` calls one partner may have in flight; past it they are shed.
+    pub max_calls_per_partner: usize,
     /// Per-event limits.
     pub limits: LimitsConfig,
 }
@@ -145,6 +147,7 @@ impl Default for IngestConfig {
             burst: defaults.burst,
             max_streams_per_partner: defaults.max_streams_per_partner,
             max_in_flight_batches: defaults.max_in_flight_batches,
+            max_calls_per_partner: defaults.max_calls_per_partner,
             limits: LimitsConfig::default(),
         }
     }
@@ -163,6 +166,7 @@ impl IngestConfig {
             burst: self.burst,
             max_streams_per_partner: self.max_streams_per_partner,
             max_in_flight_batches: self.max_in_flight_batches,
+            max_calls_per_partner: self.max_calls_per_partner,
         }
     }
 }
@@ -375,7 +379,13 @@ impl Config {
     /// these bounds are mistakes that would only fail later (a semaphore that cannot hold them).
     fn check_sizes(&self) -> anyhow::Result<()> {
         let ingest = &self.ingest;
-        let checks: [(&str, u64, u64, u64); 12] = [
+        let checks: [(&str, u64, u64, u64); 13] = [
+            (
+                "ingest.max-calls-per-partner",
+                count(ingest.max_calls_per_partner),
+                1,
+                1_000_000,
+            ),
             (
                 "server.max-concurrent-streams",
                 u64::from(self.server.max_concurrent_streams),

@@ -1,7 +1,8 @@
-//! Load shedding of unary `Publish` calls before their body is read: a call that finds every
-//! in-flight slot (`ingest.max-in-flight-batches`) taken is answered `OVERLOADED` without being
-//! decoded, so the memory of the batches being decoded and published at once is bounded by the
-//! slots, whatever the number of connections.
+//! Load shedding of unary `Publish` calls before their body is read. A call whose partner already
+//! has `ingest.max-calls-per-partner` unary calls in flight is answered `TOO_MANY_CALLS`, and one
+//! that finds every in-flight slot (`ingest.max-in-flight-batches`) taken `OVERLOADED`, both
+//! without being decoded: the memory of the batches being decoded and published at once is
+//! bounded by the slots whatever the number of connections, and no partner takes every slot.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,38 +13,85 @@ use tonic::server::NamedService;
 
 use crate::auth::Authenticated;
 use crate::error::Error;
+use crate::limits::{StreamCounter, StreamSlot};
 use crate::metrics::INGEST;
 
 /// The path of the unary call that is shed here (streams wait for their slots instead).
 const PUBLISH: &str = "/touchline.v1.IngestService/Publish";
 
-/// An in-flight slot taken before the call was decoded, handed to the handler in the request's
-/// extensions (extensions must be `Clone`: the slot is freed when the last holder drops it).
+/// How soon a shed call may try again.
+const RETRY_AFTER: Duration = Duration::from_millis(200);
+
+/// An in-flight slot (and the partner's call slot) taken before the call was decoded, handed to
+/// the handler in the request's extensions. Extensions must be `Clone`: the slots are freed when
+/// the last holder drops them.
 #[derive(Debug, Clone)]
-pub(crate) struct Slot(#[allow(dead_code, reason = "held, never read")] Arc<OwnedSemaphorePermit>);
+pub(crate) struct Slot(
+    #[allow(dead_code, reason = "held, never read")]
+    Arc<(OwnedSemaphorePermit, Option<StreamSlot>)>,
+);
 
 impl Slot {
-    /// A free slot, or `OVERLOADED`.
-    pub(crate) fn take(in_flight: &Arc<Semaphore>) -> Result<Self, Error> {
+    /// A free in-flight slot, or `OVERLOADED`; `call` is the partner's call slot, if counted.
+    pub(crate) fn take(
+        in_flight: &Arc<Semaphore>,
+        call: Option<StreamSlot>,
+    ) -> Result<Self, Error> {
         Arc::clone(in_flight)
             .try_acquire_owned()
-            .map(|permit| Self(Arc::new(permit)))
+            .map(|permit| Self(Arc::new((permit, call))))
             .map_err(|_| Error::Overloaded {
-                retry_after: Duration::from_millis(200),
+                retry_after: RETRY_AFTER,
             })
     }
+}
+
+/// What [`ShedBeforeDecode`] sheds by.
+#[derive(Debug, Clone)]
+pub(crate) struct Shedding {
+    in_flight: Arc<Semaphore>,
+    calls: StreamCounter,
+    max_calls: usize,
 }
 
 /// The ingest server, behind the shedding of unary calls.
 #[derive(Debug, Clone)]
 pub struct ShedBeforeDecode<S> {
     inner: S,
-    in_flight: Arc<Semaphore>,
+    shedding: Shedding,
 }
 
-impl<S> ShedBeforeDecode<S> {
-    pub(crate) fn new(inner: S, in_flight: Arc<Semaphore>) -> Self {
-        Self { inner, in_flight }
+impl Shedding {
+    pub(crate) fn new(in_flight: Arc<Semaphore>, calls: StreamCounter, max_calls: usize) -> Self {
+        Self {
+            in_flight,
+            calls,
+            max_calls,
+        }
+    }
+
+    /// `inner`, behind this shedding.
+    pub(crate) fn serve<S>(self, inner: S) -> ShedBeforeDecode<S> {
+        ShedBeforeDecode {
+            inner,
+            shedding: self,
+        }
+    }
+
+    /// The slots of a call of `partner` (`None` when the call was not authenticated here).
+    fn admit(&self, partner: Option<&Authenticated>) -> Result<Slot, Error> {
+        let call = match partner {
+            Some(partner) => Some(
+                self.calls
+                    .try_open(&partner.partner_id, self.max_calls)
+                    .ok_or(Error::TooManyCalls {
+                        max: self.max_calls,
+                        retry_after: RETRY_AFTER,
+                    })?,
+            ),
+            None => None,
+        };
+        Slot::take(&self.in_flight, call)
     }
 }
 
@@ -63,15 +111,16 @@ where
 
     fn call(&mut self, mut request: http::Request<ReqBody>) -> Self::Future {
         if request.uri().path() == PUBLISH {
-            match Slot::take(&self.in_flight) {
+            let partner = request.extensions().get::<Authenticated>();
+            match self.shedding.admit(partner) {
                 Ok(slot) => {
                     request.extensions_mut().insert(slot);
                 }
-                Err(overloaded) => {
-                    if let Some(partner) = request.extensions().get::<Authenticated>() {
-                        INGEST.count_shed(&partner.partner_id);
+                Err(shed) => {
+                    if let Some(partner) = partner {
+                        INGEST.count_shed(&partner.partner_id, shed.reason());
                     }
-                    let status = tonic::Status::from(overloaded);
+                    let status = tonic::Status::from(shed);
                     return Box::pin(async move { Ok(status.into_http()) });
                 }
             }
