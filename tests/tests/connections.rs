@@ -1,6 +1,7 @@
 //! Connection management on the gRPC listener: a partner whose connection vanishes without a
 //! close (dropped by a NAT or a load balancer) is disconnected by the server's HTTP/2 keepalive,
-//! which frees its stream slot; during the shutdown delay health already says `NOT_SERVING` (and
+//! which frees its stream slot; a unary call whose body stops arriving is ended at the body
+//! timeout, which frees its call slot; during the shutdown delay health already says `NOT_SERVING` (and
 //! `liveness` still `SERVING`) while calls, on open and on new connections, are still served.
 
 use std::net::SocketAddr;
@@ -19,15 +20,23 @@ use touchline::Target;
 use touchline_proto::v1::ingest_service_client::IngestServiceClient;
 use touchline_proto::v1::{self, JourneyStage};
 use touchline_tests::{
-    COURIER, DEADLINE, authorized, error_reason, ingest_client, partners, publish, start_broker,
-    start_node_with, touchpoint, wait_for_health,
+    COURIER, DEADLINE, RawCodec, authorized, error_reason, ingest_client, partners, publish,
+    start_broker, start_node_with, touchpoint, wait_for_health,
 };
 
 /// A TCP proxy in front of `upstream` that can go silent: it then forwards nothing in either
 /// direction and closes nothing, which is how a connection dropped by a NAT or a load balancer
-/// looks to the server.
+/// looks to the server. With a `budget`, it goes silent by itself once that many bytes went from
+/// the client to the server.
 async fn silenceable_proxy(
     upstream: SocketAddr,
+) -> anyhow::Result<(SocketAddr, CancellationToken)> {
+    proxy(upstream, None).await
+}
+
+async fn proxy(
+    upstream: SocketAddr,
+    budget: Option<usize>,
 ) -> anyhow::Result<(SocketAddr, CancellationToken)> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
@@ -40,14 +49,19 @@ async fn silenceable_proxy(
             };
             let (client_read, client_write) = client.into_split();
             let (server_read, server_write) = server.into_split();
-            tokio::spawn(forward(client_read, server_write, silenced.clone()));
-            tokio::spawn(forward(server_read, client_write, silenced.clone()));
+            tokio::spawn(forward(client_read, server_write, silenced.clone(), budget));
+            tokio::spawn(forward(server_read, client_write, silenced.clone(), None));
         }
     });
     Ok((addr, silence))
 }
 
-async fn forward(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, silenced: CancellationToken) {
+async fn forward(
+    mut from: OwnedReadHalf,
+    mut to: OwnedWriteHalf,
+    silenced: CancellationToken,
+    mut budget: Option<usize>,
+) {
     let mut buffer = vec![0; 16 * 1024];
     loop {
         let read = tokio::select! {
@@ -57,8 +71,16 @@ async fn forward(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, silenced: Canc
         match read {
             Ok(0) | Err(_) => return,
             Ok(read) => {
-                if to.write_all(&buffer[..read]).await.is_err() {
+                let passed = budget.map_or(read, |left| read.min(left));
+                if to.write_all(&buffer[..passed]).await.is_err() {
                     return;
+                }
+                if let Some(left) = &mut budget {
+                    *left -= passed;
+                    if *left == 0 {
+                        silenced.cancel();
+                        break;
+                    }
                 }
             }
         }
@@ -152,6 +174,89 @@ async fn a_partner_whose_connection_vanished_is_disconnected_and_its_stream_slot
         }
     }
     drop(requests);
+    node.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_unary_call_whose_body_stops_arriving_is_ended_and_frees_its_slot() -> anyhow::Result<()>
+{
+    let broker = start_broker().await;
+    let dir = tempfile::tempdir()?;
+    let node = start_node_with(&broker, dir.path(), partners(), |config| {
+        config.ingest.max_calls_per_partner = 1;
+        config.ingest.request_body_timeout_ms = 1_000;
+        config.ingest.rate_per_second = None;
+        // Keepalive off: only the body timeout can end the stalled call.
+        config.server.http2_keepalive_interval_ms = 0;
+    })
+    .await?;
+    // The proxy lets the call's headers and the start of its body through, then nothing.
+    let (proxy, stalled) = proxy(node.local_addr(), Some(4096)).await?;
+    let mut through_proxy =
+        IngestServiceClient::new(Target::new(format!("http://{proxy}")).connect().await?);
+    let events = (0..1000)
+        .map(|n| {
+            touchpoint(
+                &format!("stalled-{n}"),
+                "cust-conn",
+                "parcel.scanned",
+                10,
+                JourneyStage::Fulfil,
+            )
+        })
+        .collect();
+    let staller = tokio::spawn(async move { publish(&mut through_proxy, COURIER.1, events).await });
+    stalled.cancelled().await;
+
+    // The stalled call holds the partner's only call slot...
+    let channel = node.target().connect().await?;
+    let path = http::uri::PathAndQuery::from_static("/touchline.v1.IngestService/Publish");
+    let probe = || async {
+        let mut grpc = tonic::client::Grpc::new(channel.clone());
+        grpc.ready().await?;
+        let status = grpc
+            .unary(
+                authorized(vec![0xff_u8; 64], COURIER.1),
+                path.clone(),
+                RawCodec,
+            )
+            .await
+            .expect_err("bytes that are no protobuf are never accepted");
+        anyhow::Ok(status)
+    };
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    let mut poll = tokio::time::interval(Duration::from_millis(20));
+    loop {
+        poll.tick().await;
+        let status = probe().await?;
+        if error_reason(&status).as_deref() == Some("TOO_MANY_CALLS") {
+            break;
+        }
+        // The stalled call's headers are not in yet: the probe was decoded, and refused.
+        assert_eq!(status.code(), tonic::Code::Internal, "{status:?}");
+        anyhow::ensure!(
+            !staller.is_finished() && tokio::time::Instant::now() < deadline,
+            "the stalled call never held the partner's call slot"
+        );
+    }
+    // ...until its body timeout ends it: then a call of the partner is decoded again.
+    loop {
+        poll.tick().await;
+        let status = probe().await?;
+        if status.code() == tonic::Code::Internal {
+            break;
+        }
+        assert_eq!(
+            error_reason(&status).as_deref(),
+            Some("TOO_MANY_CALLS"),
+            "{status:?}"
+        );
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the stalled call still holds the partner's call slot"
+        );
+    }
+    staller.abort();
     node.shutdown().await
 }
 

@@ -95,13 +95,14 @@ fn wait_for(tokens: f64, rate: f64) -> Duration {
     Duration::try_from_secs_f64(seconds).unwrap_or(Duration::from_secs(3600))
 }
 
-/// Open `PublishStream` calls per partner.
+/// Calls per partner: open `PublishStream` calls, or (a counter of its own) unary calls in
+/// flight.
 #[derive(Debug, Default, Clone)]
 pub struct StreamCounter {
     open: Arc<Mutex<HashMap<PartnerId, usize>>>,
 }
 
-/// Holds one stream slot of a partner; frees it when dropped.
+/// Holds one call slot of a partner; frees it when dropped.
 #[derive(Debug)]
 pub struct StreamSlot {
     counter: StreamCounter,

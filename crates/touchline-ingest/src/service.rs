@@ -24,8 +24,10 @@ use crate::{Error, PartnerDirectory, Publisher, Result};
 mod prepare;
 mod shed;
 mod stream;
+mod timed_body;
 
 pub use shed::ShedBeforeDecode;
+pub use timed_body::TimedBody;
 
 use prepare::{Prepared, prepare};
 
@@ -49,12 +51,14 @@ pub struct IngestOptions {
     pub burst: f64,
     /// Default open `PublishStream` calls per partner.
     pub max_streams_per_partner: usize,
-    /// Batches being made durable at once, server-wide. Unary calls past it are shed with
-    /// `RESOURCE_EXHAUSTED`; streams wait (backpressure).
+    /// Batches being decoded or made durable at once, server-wide. Unary calls past it are shed
+    /// with `RESOURCE_EXHAUSTED` before they are decoded; streams wait (backpressure).
     pub max_in_flight_batches: usize,
     /// Unary `Publish` calls one partner may have in flight (from their headers to their
     /// answer): so that one partner cannot take every in-flight slot.
     pub max_calls_per_partner: usize,
+    /// How long a unary call's body may take to arrive once the call holds its slots.
+    pub request_body_timeout: Duration,
 }
 
 impl Default for IngestOptions {
@@ -69,6 +73,7 @@ impl Default for IngestOptions {
             max_streams_per_partner: 8,
             max_in_flight_batches: 512,
             max_calls_per_partner: 64,
+            request_body_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -126,10 +131,13 @@ impl IngestService {
         let authenticator = Authenticator {
             partners: self.inner.partners.clone(),
         };
+        let options = &self.inner.options;
         let shed = shed::Shedding::new(
             Arc::clone(&self.inner.in_flight),
+            options.max_in_flight_batches.max(1),
             self.inner.calls.clone(),
-            self.inner.options.max_calls_per_partner,
+            options.max_calls_per_partner,
+            options.request_body_timeout,
         );
         let server = v1::ingest_service_server::IngestServiceServer::new(self)
             .max_decoding_message_size(max)
@@ -138,7 +146,8 @@ impl IngestService {
     }
 }
 
-/// The ingest service as served: behind its [`Authenticator`], then [`ShedBeforeDecode`].
+/// The ingest service as served: behind its [`Authenticator`], then [`ShedBeforeDecode`] (whose
+/// request bodies are [`TimedBody`]).
 pub type IngestServer = InterceptedService<
     ShedBeforeDecode<v1::ingest_service_server::IngestServiceServer<IngestService>>,
     Authenticator,
@@ -216,11 +225,14 @@ impl Inner {
     }
 
     /// Validates every event, produces the valid ones and answers each event in request order.
+    /// `hold` (a unary call's slots) is kept until the batch's preparation ends, even when the
+    /// call goes away meanwhile: the memory it bounds is in use until then.
     async fn publish(
         &self,
         partner: &Authenticated,
         request: v1::PublishRequest,
         call_timeout: Option<Duration>,
+        hold: Option<shed::Slot>,
     ) -> Result<v1::PublishResponse> {
         let now = UnixNanos::now();
         // Validating and encoding a batch takes a millisecond or more: off the async runtime, so
@@ -231,6 +243,7 @@ impl Inner {
             slots,
             envelopes,
         } = tokio::task::spawn_blocking(move || {
+            let _hold = hold;
             prepare(request.events, &checking_partner, now, &limits)
         })
         .await
@@ -330,7 +343,10 @@ impl v1::ingest_service_server::IngestService for IngestService {
                 None => shed::Slot::take(&self.inner.in_flight, None),
             }?;
             self.inner.admit(&partner, events)?;
-            let response = self.inner.publish(&partner, request, call_timeout).await;
+            let response = self
+                .inner
+                .publish(&partner, request, call_timeout, Some(slot.clone()))
+                .await;
             drop(slot);
             response
         }

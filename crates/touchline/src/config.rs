@@ -125,10 +125,13 @@ pub struct IngestConfig {
     pub burst: f64,
     /// `PublishStream` calls one partner may keep open.
     pub max_streams_per_partner: usize,
-    /// Batches being made durable at once, server-wide; unary calls past it are shed.
+    /// Batches being decoded or made durable at once, server-wide; unary calls past it are shed
+    /// before they are decoded.
     pub max_in_flight_batches: usize,
     /// Unary `Publish` calls one partner may have in flight; past it they are shed.
     pub max_calls_per_partner: usize,
+    /// How long a unary call's body may take to arrive once the call holds its slots.
+    pub request_body_timeout_ms: u64,
     /// Per-event limits.
     pub limits: LimitsConfig,
 }
@@ -148,6 +151,7 @@ impl Default for IngestConfig {
             max_streams_per_partner: defaults.max_streams_per_partner,
             max_in_flight_batches: defaults.max_in_flight_batches,
             max_calls_per_partner: defaults.max_calls_per_partner,
+            request_body_timeout_ms: 30_000,
             limits: LimitsConfig::default(),
         }
     }
@@ -167,6 +171,7 @@ impl IngestConfig {
             max_streams_per_partner: self.max_streams_per_partner,
             max_in_flight_batches: self.max_in_flight_batches,
             max_calls_per_partner: self.max_calls_per_partner,
+            request_body_timeout: std::time::Duration::from_millis(self.request_body_timeout_ms),
         }
     }
 }
@@ -379,7 +384,13 @@ impl Config {
     /// these bounds are mistakes that would only fail later (a semaphore that cannot hold them).
     fn check_sizes(&self) -> anyhow::Result<()> {
         let ingest = &self.ingest;
-        let checks: [(&str, u64, u64, u64); 13] = [
+        let checks: [(&str, u64, u64, u64); 14] = [
+            (
+                "ingest.request-body-timeout-ms",
+                ingest.request_body_timeout_ms,
+                1,
+                3_600_000,
+            ),
             (
                 "ingest.max-calls-per-partner",
                 count(ingest.max_calls_per_partner),

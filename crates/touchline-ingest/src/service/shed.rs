@@ -11,6 +11,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tonic::codegen::{BoxFuture, Context, Poll, Service, http};
 use tonic::server::NamedService;
 
+use super::timed_body::TimedBody;
 use crate::auth::Authenticated;
 use crate::error::Error;
 use crate::limits::{StreamCounter, StreamSlot};
@@ -52,6 +53,7 @@ pub(crate) struct Shedding {
     in_flight: Arc<Semaphore>,
     calls: StreamCounter,
     max_calls: usize,
+    body_timeout: Duration,
 }
 
 /// The ingest server, behind the shedding of unary calls.
@@ -62,11 +64,21 @@ pub struct ShedBeforeDecode<S> {
 }
 
 impl Shedding {
-    pub(crate) fn new(in_flight: Arc<Semaphore>, calls: StreamCounter, max_calls: usize) -> Self {
+    /// Sheds by `in_flight` (of `slots` permits) and `calls` (at most `max_calls` per partner,
+    /// and fewer than `slots` when there is more than one, so that another partner always finds
+    /// one); a unary call's body must arrive within `body_timeout`.
+    pub(crate) fn new(
+        in_flight: Arc<Semaphore>,
+        slots: usize,
+        calls: StreamCounter,
+        max_calls: usize,
+        body_timeout: Duration,
+    ) -> Self {
         Self {
             in_flight,
             calls,
-            max_calls,
+            max_calls: max_calls.min(slots.saturating_sub(1).max(1)),
+            body_timeout,
         }
     }
 
@@ -97,7 +109,7 @@ impl Shedding {
 
 impl<S, ReqBody, ResBody> Service<http::Request<ReqBody>> for ShedBeforeDecode<S>
 where
-    S: Service<http::Request<ReqBody>, Response = http::Response<ResBody>>,
+    S: Service<http::Request<TimedBody<ReqBody>>, Response = http::Response<ResBody>>,
     S::Future: Send + 'static,
     ResBody: Default + Send + 'static,
 {
@@ -109,12 +121,13 @@ where
         self.inner.poll_ready(context)
     }
 
-    fn call(&mut self, mut request: http::Request<ReqBody>) -> Self::Future {
-        if request.uri().path() == PUBLISH {
-            let partner = request.extensions().get::<Authenticated>();
+    fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
+        let (mut parts, body) = request.into_parts();
+        let body = if parts.uri.path() == PUBLISH {
+            let partner = parts.extensions.get::<Authenticated>();
             match self.shedding.admit(partner) {
                 Ok(slot) => {
-                    request.extensions_mut().insert(slot);
+                    parts.extensions.insert(slot);
                 }
                 Err(shed) => {
                     if let Some(partner) = partner {
@@ -124,8 +137,12 @@ where
                     return Box::pin(async move { Ok(status.into_http()) });
                 }
             }
-        }
-        Box::pin(self.inner.call(request))
+            // From here the call holds its slots: its body must come in time.
+            TimedBody::within(body, self.shedding.body_timeout)
+        } else {
+            TimedBody::untimed(body)
+        };
+        Box::pin(self.inner.call(http::Request::from_parts(parts, body)))
     }
 }
 

@@ -330,7 +330,7 @@ impl Shared {
                 if let Some(charge) = charge {
                     charge.spend();
                 }
-                let response = self.inner.publish(&partner, batch, None).await;
+                let response = self.inner.publish(&partner, batch, None, None).await;
                 drop(slot);
                 response
             }

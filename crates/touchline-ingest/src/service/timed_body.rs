@@ -1,0 +1,75 @@
+//! A request body that must arrive in full before a deadline: a unary call holds its in-flight
+//! slots from its headers on, and a client that stops sending its body would hold them forever
+//! (HTTP/2 keepalive pings find dead connections, not idle senders).
+
+use std::future::Future as _;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http_body::{Body, Frame, SizeHint};
+use tokio::time::Sleep;
+use tonic::codegen::StdError;
+
+/// `inner`, failing once `deadline` passes before its end was read.
+#[derive(Debug)]
+pub struct TimedBody<B> {
+    inner: B,
+    deadline: Option<(Pin<Box<Sleep>>, Duration)>,
+}
+
+impl<B> TimedBody<B> {
+    /// `inner` with no deadline.
+    pub(crate) fn untimed(inner: B) -> Self {
+        Self {
+            inner,
+            deadline: None,
+        }
+    }
+
+    /// `inner`, to be read in full within `limit` from now.
+    pub(crate) fn within(inner: B, limit: Duration) -> Self {
+        Self {
+            inner,
+            deadline: Some((Box::pin(tokio::time::sleep(limit)), limit)),
+        }
+    }
+}
+
+impl<B> Body for TimedBody<B>
+where
+    B: Body + Unpin,
+    B::Error: Into<StdError>,
+{
+    type Data = B::Data;
+    type Error = StdError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        context: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let this = self.get_mut();
+        if let Some((deadline, limit)) = &mut this.deadline
+            && deadline.as_mut().poll(context).is_ready()
+        {
+            let limit = *limit;
+            this.deadline = None;
+            return Poll::Ready(Some(Err(format!(
+                "the request body did not arrive within {} ms (ingest.request-body-timeout-ms)",
+                limit.as_millis()
+            )
+            .into())));
+        }
+        Pin::new(&mut this.inner)
+            .poll_frame(context)
+            .map(|frame| frame.map(|frame| frame.map_err(Into::into)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
