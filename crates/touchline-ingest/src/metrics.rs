@@ -30,6 +30,14 @@ pub struct ShedLabels {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct AuthLabels {
+    /// `ingest`, `admin` or `query`.
+    pub service: &'static str,
+    /// `TOKEN_MISSING`, `TOKEN_INVALID`, `TOKEN_EXPIRED`, `ADMIN_ONLY` or `INTERNAL_ONLY`.
+    pub reason: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct ReloadLabels {
     /// "ok" or "failed".
     pub result: &'static str,
@@ -43,6 +51,8 @@ pub struct IngestMetrics {
     /// reason.
     pub shed_calls: Family<ShedLabels, Counter>,
     pub produce_seconds: Histogram,
+    /// Calls refused for their credentials when they open, by service and reason.
+    pub auth_failures: Family<AuthLabels, Counter>,
     /// Reloads of the partners file, by result.
     pub partner_reloads: Family<ReloadLabels, Counter>,
     /// When the partners file in force was loaded (Unix seconds), and how many partners it has.
@@ -52,6 +62,7 @@ pub struct IngestMetrics {
 
 pub static INGEST: LazyLock<IngestMetrics> = LazyLock::new(|| IngestMetrics {
     partner_reloads: Family::default(),
+    auth_failures: Family::default(),
     shed_calls: Family::default(),
     partners_loaded_at: Gauge::default(),
     partners: Gauge::default(),
@@ -78,6 +89,13 @@ impl IngestMetrics {
                 })
                 .inc_by(count);
         }
+    }
+
+    /// Counts a call of `service` refused for its credentials, with the reason.
+    pub fn count_auth_failure(&self, service: &'static str, reason: &'static str) {
+        self.auth_failures
+            .get_or_create(&AuthLabels { service, reason })
+            .inc();
     }
 
     /// Counts a unary call of `partner` shed before it was decoded, with the reason.
@@ -112,6 +130,11 @@ pub fn register(registry: &mut Registry) {
         "touchline_ingest_shed_calls",
         "Unary Publish calls shed before they were decoded, by partner and reason (OVERLOADED, TOO_MANY_CALLS)",
         INGEST.shed_calls.clone(),
+    );
+    registry.register(
+        "touchline_auth_failures",
+        "Calls refused for their credentials when they open, by service (ingest, admin, query) and reason",
+        INGEST.auth_failures.clone(),
     );
     registry.register(
         "touchline_partners_reloads",

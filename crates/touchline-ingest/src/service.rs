@@ -162,7 +162,10 @@ pub struct Authenticator {
 
 impl Interceptor for Authenticator {
     fn call(&mut self, mut request: Request<()>) -> std::result::Result<Request<()>, Status> {
-        let partner = self.partners.authenticate_call(request.metadata())?;
+        let partner = self
+            .partners
+            .authenticate_call(request.metadata())
+            .inspect_err(|error| INGEST.count_auth_failure("ingest", error.reason()))?;
         request.extensions_mut().insert(partner);
         Ok(request)
     }

@@ -15,7 +15,9 @@ use touchline_query::admin::Authorize;
 /// The admin token `touchline dev` accepts when the configuration names none. Development only.
 pub const DEV_ADMIN_TOKEN: &str = "dev-admin-token";
 
-fn refused(code: Code, reason: &'static str, message: &str) -> Status {
+/// A refused call of the `kind` service (`admin`, `query`), counted for the on-call.
+fn refused(kind: &'static str, code: Code, reason: &'static str, message: &str) -> Status {
+    touchline_ingest::metrics::INGEST.count_auth_failure(kind, reason);
     touchline_query::Error::Rejected {
         code,
         reason,
@@ -68,6 +70,7 @@ fn token_authorizer(
     Arc::new(move |metadata: &MetadataMap| {
         let token = request_token(metadata).ok_or_else(|| {
             refused(
+                kind,
                 Code::Unauthenticated,
                 "TOKEN_MISSING",
                 &format!("send `authorization: Bearer <{kind} token>`"),
@@ -84,12 +87,14 @@ fn token_authorizer(
         }
         if partners.authenticate(token).is_ok() {
             return Err(refused(
+                kind,
                 Code::PermissionDenied,
                 partner_reason,
                 &format!("this is a partner token; {service} needs {a_token}"),
             ));
         }
         Err(refused(
+            kind,
             Code::Unauthenticated,
             "TOKEN_INVALID",
             &format!("the token is not {a_token}"),
