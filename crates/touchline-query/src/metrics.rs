@@ -29,6 +29,13 @@ pub static QUERY_SECONDS: LazyLock<Latency> =
 /// keeps reads from going faster.
 pub static READS_WAITING: LazyLock<Gauge> = LazyLock::new(Gauge::default);
 
+/// Open `WatchTimeline` streams.
+pub static WATCHES: LazyLock<Gauge> = LazyLock::new(Gauge::default);
+
+/// Watches ended with `WATCH_LAGGED` (their client read too slowly).
+pub static WATCHES_LAGGED: LazyLock<prometheus_client::metrics::counter::Counter> =
+    LazyLock::new(Default::default);
+
 /// Observes the time since `started` for `method`.
 pub fn observe(method: &'static str, started: Instant) {
     QUERY_SECONDS
@@ -47,5 +54,15 @@ pub fn register(registry: &mut Registry) {
         "touchline_query_reads_waiting",
         "Store reads waiting for a permit (query.read-concurrency)",
         READS_WAITING.clone(),
+    );
+    registry.register(
+        "touchline_query_watches",
+        "Open WatchTimeline streams",
+        WATCHES.clone(),
+    );
+    registry.register(
+        "touchline_query_watches_lagged",
+        "WatchTimeline streams ended with WATCH_LAGGED: their client read too slowly",
+        WATCHES_LAGGED.clone(),
     );
 }

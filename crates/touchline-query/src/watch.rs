@@ -124,6 +124,8 @@ impl Watch {
     pub fn spawn(self) -> mpsc::Receiver<Message> {
         let (sender, receiver) = mpsc::channel(CLIENT_BUFFER);
         tokio::spawn(async move {
+            crate::metrics::WATCHES.inc();
+            let _open = OpenWatch;
             let shutdown = self.shutdown.clone();
             tokio::select! {
                 () = self.run(&sender) => {}
@@ -167,6 +169,7 @@ impl Watch {
             let batch = match received {
                 Ok(batch) => batch,
                 Err(broadcast::error::RecvError::Lagged(_)) => {
+                    crate::metrics::WATCHES_LAGGED.inc();
                     let _ = sender
                         .send(Err(lagged(&encode_cursor(
                             &self.customer,
@@ -314,6 +317,15 @@ impl Watch {
             late,
         };
         sender.send(Ok(message)).await.is_ok()
+    }
+}
+
+/// Counts an open watch down when its task ends, however it ends.
+struct OpenWatch;
+
+impl Drop for OpenWatch {
+    fn drop(&mut self) {
+        crate::metrics::WATCHES.dec();
     }
 }
 

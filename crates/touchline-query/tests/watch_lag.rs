@@ -84,6 +84,21 @@ async fn a_watcher_that_falls_behind_is_told_where_to_resume() -> anyhow::Result
         "the cursor is the last entry delivered"
     );
     assert!(delivered.len() < 1000, "the watcher fell behind");
+    assert_eq!(
+        touchline_query::metrics::WATCHES_LAGGED.get(),
+        1,
+        "counted once"
+    );
+    // And the watch is no longer counted as open once its task ended.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    let mut poll = tokio::time::interval(std::time::Duration::from_millis(10));
+    while touchline_query::metrics::WATCHES.get() != 0 {
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the ended watch is still counted as open"
+        );
+        poll.tick().await;
+    }
     assert!(
         delivered.windows(2).all(|pair| pair[0] < pair[1]),
         "entries in log order, none twice"
