@@ -10,8 +10,9 @@ use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use touchline_proto::v1::JourneyStage;
 use touchline_tests::{
-    COURIER, DEADLINE, full_timeline, ingest_client, partners, publish, start_mock_broker,
-    start_node_with, timeline_client, touchpoint, wait_for_timeline,
+    ADMIN_TOKEN, COURIER, DEADLINE, admin_client, authorized, full_timeline, ingest_client,
+    partners, publish, start_mock_broker, start_node_with, timeline_client, touchpoint,
+    wait_for_timeline,
 };
 
 const EVENTS: usize = 2_000;
@@ -96,5 +97,15 @@ async fn a_replica_serves_queries_only_once_it_has_caught_up_with_the_log() -> a
         seen_not_serving,
         "the replica was never seen NOT_SERVING while catching up"
     );
+    // The admin status says so too (set before health turns SERVING).
+    let mut admin = admin_client(&replica).await?;
+    let status = admin
+        .get_status(authorized(
+            touchline_proto::v1::GetStatusRequest {},
+            ADMIN_TOKEN,
+        ))
+        .await?
+        .into_inner();
+    assert!(status.caught_up, "{status:?}");
     replica.shutdown().await
 }

@@ -50,6 +50,8 @@ pub struct AdminContext {
     pub applied: AppliedOffsets,
     /// Cancelled when the projector stops.
     pub projector_stopped: CancellationToken,
+    /// Set once the projector has caught up with the log since the start (health's readiness).
+    pub caught_up: Arc<std::sync::atomic::AtomicBool>,
     /// Cancelled when the server shuts down: replays stop.
     pub shutdown: CancellationToken,
 }

@@ -78,7 +78,7 @@ pub async fn print_status(endpoint: &Target, token: &str) -> anyhow::Result<()> 
         .await?
         .into_inner();
     crate::outln!(
-        "stream      {}/{}   kafka {}   projector {}",
+        "stream      {}/{}   kafka {}   projector {} ({})",
         status.cluster_id,
         status.topic,
         if status.kafka_reachable {
@@ -86,7 +86,12 @@ pub async fn print_status(endpoint: &Target, token: &str) -> anyhow::Result<()> 
         } else {
             "UNREACHABLE"
         },
-        status.projector_state
+        status.projector_state,
+        if status.caught_up {
+            "caught up"
+        } else {
+            "catching up: queries not ready"
+        }
     )?;
     crate::outln!(
         "log         {} events ({} durable), store {:.1} MiB, {} dead letters",

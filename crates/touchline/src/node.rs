@@ -168,10 +168,9 @@ impl Node {
                 .await
                 .context("cannot start the projector")?;
             applied_offsets = Some(handle.applied_offsets());
-            catch_up = Some(health::CatchUp {
-                partitions: handle.partitions().to_vec(),
-                applied: handle.applied_offsets(),
-            });
+            let (projector_catch_up, caught_up) =
+                health::CatchUp::new(handle.partitions().to_vec(), handle.applied_offsets());
+            catch_up = Some(projector_catch_up);
             // Health and status learn of the end however it comes: a panic, or a thread whose
             // runtime could not start (the future is dropped unpolled).
             let stopped = projector_stopped.clone().drop_guard();
@@ -203,6 +202,7 @@ impl Node {
                     partitions: handle.partitions().to_vec(),
                     applied: handle.applied_offsets(),
                     projector_stopped: projector_stopped.clone(),
+                    caught_up,
                     shutdown: server_shutdown.clone(),
                 },
                 admin_auth::authorizer(admin_hashes, partners.clone()),

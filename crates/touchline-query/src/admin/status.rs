@@ -96,6 +96,7 @@ impl AdminService {
             projections,
             dead_letters: count(store.dead_letter_count()),
             replay_running: replays.running,
+            caught_up: context.caught_up.load(std::sync::atomic::Ordering::Acquire),
             replay: replays
                 .last
                 .as_ref()

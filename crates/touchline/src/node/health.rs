@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
@@ -37,8 +38,23 @@ pub(super) struct Roles {
 /// started from an empty store (or one far behind) is not sent queries while it reads the log
 /// again. Once caught up it stays ready: later lag is normal operation, shown by the lag metrics.
 pub(super) struct CatchUp {
-    pub(super) partitions: Vec<i32>,
-    pub(super) applied: AppliedOffsets,
+    partitions: Vec<i32>,
+    applied: AppliedOffsets,
+    /// Set once caught up, for the admin status.
+    done: Arc<AtomicBool>,
+}
+
+impl CatchUp {
+    /// The catch-up of `partitions`, and the flag it sets once caught up.
+    pub(super) fn new(partitions: Vec<i32>, applied: AppliedOffsets) -> (Self, Arc<AtomicBool>) {
+        let done = Arc::new(AtomicBool::new(false));
+        let catch_up = Self {
+            partitions,
+            applied,
+            done: Arc::clone(&done),
+        };
+        (catch_up, done)
+    }
 }
 
 /// Whether `applied` (the first offset not yet projected, per partition) reached `target` (the
@@ -95,6 +111,7 @@ pub(super) async fn report_health(
             if let Some(target) = &target {
                 ready = caught_up(target, &catch_up.applied.borrow());
                 if ready {
+                    catch_up.done.store(true, Ordering::Release);
                     info!("the projector caught up with the log as of the start: serving queries");
                 }
             }
