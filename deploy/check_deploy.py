@@ -96,6 +96,9 @@ def check_kubernetes() -> list[str]:
             if document["kind"] not in ("Deployment", "StatefulSet"):
                 continue
             pod = document["spec"]["template"]["spec"]
+            if pod.get("enableServiceLinks") is not False:
+                problems.append(f"{name}: enableServiceLinks must be false (service links put "
+                                "TOUCHLINE_*_SERVICE_* variables that the configuration refuses)")
             config = None
             for volume in pod.get("volumes", []):
                 if "configMap" in volume:
@@ -106,6 +109,11 @@ def check_kubernetes() -> list[str]:
                 if "secret" in volume and volume["secret"]["secretName"] != "touchline-partners":
                     problems.append(f"{name} mounts an unknown secret")
             for container in pod["containers"]:
+                context = container.get("securityContext", {})
+                if context.get("allowPrivilegeEscalation") is not False \
+                        or "ALL" not in context.get("capabilities", {}).get("drop", []):
+                    problems.append(f"{name}: the container may escalate privileges or keeps "
+                                    "capabilities")
                 ports = {port["name"]: port["containerPort"] for port in container.get("ports", [])}
                 for kind in ("readinessProbe", "livenessProbe", "startupProbe"):
                     probe = container.get(kind, {}).get("grpc")

@@ -26,8 +26,9 @@ use touchline_tests::{
 
 /// A TCP proxy in front of `upstream` that can go silent: it then forwards nothing in either
 /// direction and closes nothing, which is how a connection dropped by a NAT or a load balancer
-/// looks to the server. With a `budget`, it goes silent by itself once that many bytes went from
-/// the client to the server.
+/// looks to the server. With a `budget`, it stops forwarding from the client to the server
+/// once that many bytes went through (and cancels the token it returns then), and goes on
+/// forwarding the server's answers.
 async fn silenceable_proxy(
     upstream: SocketAddr,
 ) -> anyhow::Result<(SocketAddr, CancellationToken)> {
@@ -49,8 +50,18 @@ async fn proxy(
             };
             let (client_read, client_write) = client.into_split();
             let (server_read, server_write) = server.into_split();
-            tokio::spawn(forward(client_read, server_write, silenced.clone(), budget));
-            tokio::spawn(forward(server_read, client_write, silenced.clone(), None));
+            tokio::spawn(forward(
+                client_read,
+                server_write,
+                silenced.clone(),
+                budget.map(|bytes| (bytes, silenced.clone())),
+            ));
+            let both_ways = if budget.is_some() {
+                CancellationToken::new()
+            } else {
+                silenced.clone()
+            };
+            tokio::spawn(forward(server_read, client_write, both_ways, None));
         }
     });
     Ok((addr, silence))
@@ -60,7 +71,7 @@ async fn forward(
     mut from: OwnedReadHalf,
     mut to: OwnedWriteHalf,
     silenced: CancellationToken,
-    mut budget: Option<usize>,
+    mut budget: Option<(usize, CancellationToken)>,
 ) {
     let mut buffer = vec![0; 16 * 1024];
     loop {
@@ -71,21 +82,21 @@ async fn forward(
         match read {
             Ok(0) | Err(_) => return,
             Ok(read) => {
-                let passed = budget.map_or(read, |left| read.min(left));
+                let passed = budget.as_ref().map_or(read, |(left, _)| read.min(*left));
                 if to.write_all(&buffer[..passed]).await.is_err() {
                     return;
                 }
-                if let Some(left) = &mut budget {
+                if let Some((left, spent)) = &mut budget {
                     *left -= passed;
                     if *left == 0 {
-                        silenced.cancel();
+                        spent.cancel();
                         break;
                     }
                 }
             }
         }
     }
-    // Silent: both halves stay open, and nothing passes any more.
+    // Silent: both halves stay open, and nothing passes this way any more.
     std::future::pending::<()>().await;
     drop((from, to));
 }
@@ -256,7 +267,13 @@ async fn a_unary_call_whose_body_stops_arriving_is_ended_and_frees_its_slot() ->
             "the stalled call still holds the partner's call slot"
         );
     }
-    staller.abort();
+    // The stalled client is told why, if it still reads.
+    let told = staller.await?.expect_err("a call whose body never came");
+    assert_eq!(
+        (told.code(), error_reason(&told).as_deref()),
+        (tonic::Code::DeadlineExceeded, Some("BODY_TIMEOUT")),
+        "{told:?}"
+    );
     node.shutdown().await
 }
 

@@ -31,6 +31,11 @@ pub enum Error {
     TooManyStreams { max: usize },
     #[error("the partner already has {max} unary calls in flight: wait for their answers")]
     TooManyCalls { max: usize, retry_after: Duration },
+    #[error(
+        "the request body did not arrive within {} ms (ingest.request-body-timeout-ms)",
+        limit.as_millis()
+    )]
+    BodyTimeout { limit: Duration },
     #[error("the server is overloaded, retry shortly")]
     Overloaded { retry_after: Duration },
     #[error("the server is shutting down: reconnect and resend every batch without an answer")]
@@ -61,6 +66,7 @@ impl Error {
             Self::RateLimited { .. } => "RATE_LIMITED",
             Self::TooManyStreams { .. } => "TOO_MANY_STREAMS",
             Self::TooManyCalls { .. } => "TOO_MANY_CALLS",
+            Self::BodyTimeout { .. } => "BODY_TIMEOUT",
             Self::Overloaded { .. } => "OVERLOADED",
             Self::ShuttingDown => "SHUTTING_DOWN",
             Self::Unavailable { .. } | Self::Kafka(_) => "LOG_UNAVAILABLE",
@@ -92,6 +98,7 @@ impl From<Error> for Status {
                 Code::ResourceExhausted
             }
             Error::TooManyStreams { .. } => Code::ResourceExhausted,
+            Error::BodyTimeout { .. } => Code::DeadlineExceeded,
             Error::Unavailable { retry_after, .. } => {
                 details.set_retry_info(Some(*retry_after));
                 Code::Unavailable

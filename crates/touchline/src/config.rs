@@ -315,7 +315,9 @@ impl Config {
         }
         // TOUCHLINE_CONFIG, _ENDPOINT, _CA_CERT, _CLIENT_CERT, _CLIENT_KEY, _TLS_SERVER_NAME, _TOKEN,
         // _ADMIN_TOKEN and _QUERY_TOKEN belong to the command line, TOUCHLINE_TEST_KAFKA to the test suites: none is a configuration key.
-        let env = Env::prefixed("TOUCHLINE_").ignore(&NOT_CONFIGURATION);
+        let env = Env::prefixed("TOUCHLINE_")
+            .ignore(&NOT_CONFIGURATION)
+            .filter(|key| !is_service_link(key.as_str()));
         figment = figment.merge(env.map(|key| {
             // TOUCHLINE_KAFKA__BOOTSTRAP_SERVERS -> kafka.bootstrap-servers
             key.as_str().replace("__", ".").replace('_', "-").into()
@@ -495,6 +497,28 @@ impl Config {
         }
         toml::to_string_pretty(&shown).context("cannot print the configuration")
     }
+}
+
+/// Whether an environment variable (without the `TOUCHLINE_` prefix) is one of those Kubernetes
+/// sets for a Service whose name starts with `touchline` (`TOUCHLINE_SERVICE_HOST`,
+/// `TOUCHLINE_INGEST_SERVICE_PORT_GRPC`, `TOUCHLINE_PORT_7451_TCP_ADDR`...): not configuration.
+/// Configuration keys have `__` between levels; these never do.
+fn is_service_link(key: &str) -> bool {
+    let key = key.to_ascii_lowercase();
+    if key.contains("__") {
+        return false;
+    }
+    let words: Vec<&str> = key.split('_').collect();
+    let service = words
+        .windows(2)
+        .any(|pair| pair[0] == "service" && matches!(pair[1], "host" | "port"));
+    let port = words.last() == Some(&"port")
+        || words.windows(3).any(|triple| {
+            triple[0] == "port"
+                && triple[1].bytes().all(|byte| byte.is_ascii_digit())
+                && matches!(triple[2], "tcp" | "udp" | "sctp")
+        });
+    service || port
 }
 
 /// Whether a librdkafka property holds a secret (`sasl.password`, `ssl.key.password`,

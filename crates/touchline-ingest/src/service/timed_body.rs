@@ -11,11 +11,13 @@ use http_body::{Body, Frame, SizeHint};
 use tokio::time::Sleep;
 use tonic::codegen::StdError;
 
-/// `inner`, failing once `deadline` passes before its end was read.
+/// `inner`, failing once `deadline` passes before its end was read (with a `tonic::Status`,
+/// `DEADLINE_EXCEEDED` `BODY_TIMEOUT`, that tonic answers the call with), and ended after that.
 #[derive(Debug)]
 pub struct TimedBody<B> {
     inner: B,
     deadline: Option<(Pin<Box<Sleep>>, Duration)>,
+    expired: bool,
 }
 
 impl<B> TimedBody<B> {
@@ -24,6 +26,7 @@ impl<B> TimedBody<B> {
         Self {
             inner,
             deadline: None,
+            expired: false,
         }
     }
 
@@ -32,6 +35,7 @@ impl<B> TimedBody<B> {
         Self {
             inner,
             deadline: Some((Box::pin(tokio::time::sleep(limit)), limit)),
+            expired: false,
         }
     }
 }
@@ -49,16 +53,17 @@ where
         context: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         let this = self.get_mut();
+        if this.expired {
+            return Poll::Ready(None);
+        }
         if let Some((deadline, limit)) = &mut this.deadline
             && deadline.as_mut().poll(context).is_ready()
         {
             let limit = *limit;
             this.deadline = None;
-            return Poll::Ready(Some(Err(format!(
-                "the request body did not arrive within {} ms (ingest.request-body-timeout-ms)",
-                limit.as_millis()
-            )
-            .into())));
+            this.expired = true;
+            let status = tonic::Status::from(crate::Error::BodyTimeout { limit });
+            return Poll::Ready(Some(Err(Box::new(status))));
         }
         Pin::new(&mut this.inner)
             .poll_frame(context)
@@ -66,7 +71,7 @@ where
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.expired || self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {

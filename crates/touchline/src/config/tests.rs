@@ -238,3 +238,34 @@ fn every_secret_property_of_librdkafka_is_redacted() {
         assert!(!is_secret_property(shown), "{shown}");
     }
 }
+
+#[test]
+#[allow(
+    clippy::result_large_err,
+    reason = "figment::Jail fixes the closure type"
+)]
+fn kubernetes_service_links_are_not_configuration_but_typos_still_are_refused() {
+    figment::Jail::expect_with(|jail| {
+        // What Kubernetes sets for Services named touchline and touchline-ingest.
+        for (name, value) in [
+            ("TOUCHLINE_SERVICE_HOST", "10.0.0.1"),
+            ("TOUCHLINE_SERVICE_PORT", "7451"),
+            ("TOUCHLINE_SERVICE_PORT_GRPC", "7451"),
+            ("TOUCHLINE_PORT", "tcp://10.0.0.1:7451"),
+            ("TOUCHLINE_PORT_7451_TCP", "tcp://10.0.0.1:7451"),
+            ("TOUCHLINE_PORT_7451_TCP_PROTO", "tcp"),
+            ("TOUCHLINE_PORT_7451_TCP_PORT", "7451"),
+            ("TOUCHLINE_PORT_7451_TCP_ADDR", "10.0.0.1"),
+            ("TOUCHLINE_INGEST_SERVICE_HOST", "10.0.0.2"),
+            ("TOUCHLINE_INGEST_PORT_7451_TCP_ADDR", "10.0.0.2"),
+        ] {
+            jail.set_env(name, value);
+        }
+        let config = Config::load(None).map_err(|error| format!("{error:#}"))?;
+        assert_eq!(config, Config::default());
+        // A key with one underscore where two belong is still an unknown key.
+        jail.set_env("TOUCHLINE_KAFKA_BOOTSTRAP_SERVERS", "broker:9092");
+        assert!(Config::load(None).is_err());
+        Ok(())
+    });
+}
