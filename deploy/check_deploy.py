@@ -97,8 +97,8 @@ def check_kubernetes() -> list[str]:
                 continue
             pod = document["spec"]["template"]["spec"]
             if pod.get("enableServiceLinks") is not False:
-                problems.append(f"{name}: enableServiceLinks must be false (service links put "
-                                "TOUCHLINE_*_SERVICE_* variables that the configuration refuses)")
+                problems.append(f"{name}: enableServiceLinks must be false (Touchline does not "
+                                "use their variables)")
             config = None
             for volume in pod.get("volumes", []):
                 if "configMap" in volume:

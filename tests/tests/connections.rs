@@ -330,3 +330,45 @@ async fn during_the_shutdown_delay_health_says_not_serving_and_calls_are_still_s
     assert!(!stopping.is_finished(), "the delay is not over yet");
     stopping.await?
 }
+
+/// A stopping node turns NOT_SERVING what it runs, and nothing else: on an ingest-only node the
+/// timeline service stays unknown (`NOT_FOUND`), as it was while the node served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_node_reports_only_the_services_it_runs() -> anyhow::Result<()> {
+    let broker = start_broker().await;
+    let dir = tempfile::tempdir()?;
+    let node = start_node_with(&broker, dir.path(), partners(), |config| {
+        config.projector.enabled = false;
+        config.query.enabled = false;
+        config.server.shutdown_delay_ms = 5_000;
+    })
+    .await?;
+    wait_for_health(&node, "touchline.v1.IngestService", true).await?;
+    let mut health = HealthClient::new(node.target().connect().await?);
+    let stopping = tokio::spawn(node.shutdown());
+    let check = |service: &str| HealthCheckRequest {
+        service: service.to_owned(),
+    };
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    let mut poll = tokio::time::interval(Duration::from_millis(20));
+    loop {
+        poll.tick().await;
+        let ingest = health
+            .check(check("touchline.v1.IngestService"))
+            .await?
+            .into_inner();
+        if ingest.status == ServingStatus::NotServing as i32 {
+            break;
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "ingest never turned NOT_SERVING"
+        );
+    }
+    let timeline = health
+        .check(check("touchline.v1.TimelineService"))
+        .await
+        .expect_err("a service the node does not run");
+    assert_eq!(timeline.code(), tonic::Code::NotFound, "{timeline:?}");
+    stopping.await?
+}

@@ -90,7 +90,7 @@ pub async fn print_status(endpoint: &Target, token: &str) -> anyhow::Result<()> 
         if status.caught_up {
             "caught up"
         } else {
-            "catching up: queries not ready"
+            "catching up"
         }
     )?;
     crate::outln!(

@@ -9,7 +9,6 @@ use anyhow::Context as _;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tonic_health::server::HealthReporter;
 use touchline_core::EventStore;
 use touchline_ingest::{Durability, IngestService, PartnerDirectory, Publisher};
 use touchline_kafka::EmbeddedBroker;
@@ -28,7 +27,7 @@ mod own_thread;
 mod signals;
 mod tls;
 
-use health::{Roles, report_health};
+use health::{NodeHealth, Roles, report_health};
 use own_thread::spawn_on_own_thread;
 pub use signals::{ignore_hangups, shutdown_signal};
 
@@ -56,7 +55,7 @@ pub struct Node {
     broker: Option<EmbeddedBroker>,
     shutdown_grace: Duration,
     shutdown_delay: Duration,
-    health: HealthReporter,
+    health: NodeHealth,
     background: Vec<JoinHandle<()>>,
     background_shutdown: CancellationToken,
     metrics_addr: Option<SocketAddr>,
@@ -270,8 +269,13 @@ impl Node {
             }
             _ => None,
         };
-        let (health, health_service) = tonic_health::server::health_reporter();
-        health::starting(&health).await;
+        let (reporter, health_service) = tonic_health::server::health_reporter();
+        let roles = Roles {
+            ingest: config.ingest.enabled,
+            projector: config.projector.enabled,
+            query: config.query.enabled,
+        };
+        let health = NodeHealth::start(reporter, roles).await;
         let reflection_v1 = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(touchline_proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -295,11 +299,6 @@ impl Node {
         background.push(tokio::spawn(report_health(
             health.clone(),
             Arc::clone(&probe),
-            Roles {
-                ingest: config.ingest.enabled,
-                projector: config.projector.enabled,
-                query: config.query.enabled,
-            },
             catch_up,
             projector_stopped,
             background_shutdown.clone(),
@@ -425,7 +424,7 @@ impl Node {
         for task in self.background {
             let _ = task.await;
         }
-        health::not_serving(&self.health).await;
+        self.health.not_serving().await;
         if !self.shutdown_delay.is_zero() {
             // Load balancers and endpoint lists see NOT_SERVING (or the pod going) before the
             // listener closes; calls keep being served meanwhile.

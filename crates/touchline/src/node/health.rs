@@ -70,9 +70,8 @@ fn caught_up(target: &BTreeMap<i32, (i64, i64)>, applied: &BTreeMap<i32, i64>) -
 /// admin service while the projector runs, the timeline service while it runs once it has caught
 /// up ([`CatchUp`]), the node ("") when all of its roles are.
 pub(super) async fn report_health(
-    health: HealthReporter,
+    health: NodeHealth,
     probe: Arc<KafkaProbe>,
-    roles: Roles,
     catch_up: Option<CatchUp>,
     projector_stopped: CancellationToken,
     shutdown: CancellationToken,
@@ -81,6 +80,10 @@ pub(super) async fn report_health(
     // projector.
     let mut target: Option<BTreeMap<i32, (i64, i64)>> = None;
     let mut ready = catch_up.is_none();
+    let NodeHealth {
+        reporter: health,
+        roles,
+    } = health;
     let status = |up: bool| {
         if up {
             ServingStatus::Serving
@@ -144,24 +147,52 @@ pub(super) async fn report_health(
     }
 }
 
-/// Health at start: the node ("") is not serving until the first probe says so (tonic-health
-/// starts it as SERVING), and is alive.
-pub(super) async fn starting(health: &HealthReporter) {
-    health
-        .set_service_status("", ServingStatus::NotServing)
-        .await;
-    health
-        .set_service_status(LIVENESS, ServingStatus::Serving)
-        .await;
+/// The node's health: the reporter of the standard health service, and the roles it reports on.
+#[derive(Clone)]
+pub(super) struct NodeHealth {
+    reporter: HealthReporter,
+    roles: Roles,
 }
 
-/// Every service NOT_SERVING: at shutdown, once the reporting has stopped (so that it cannot turn
-/// a service back to SERVING), for load balancers to stop sending.
-pub(super) async fn not_serving(health: &HealthReporter) {
-    for service in ["", INGEST_SERVICE, TIMELINE_SERVICE, ADMIN_SERVICE] {
-        health
-            .set_service_status(service, ServingStatus::NotServing)
+impl std::fmt::Debug for NodeHealth {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("NodeHealth")
+            .field("roles", &self.roles)
+            .finish_non_exhaustive()
+    }
+}
+
+impl NodeHealth {
+    /// Health at start: the node ("") is not serving until the first probe says so
+    /// (tonic-health starts it as SERVING), and is alive.
+    pub(super) async fn start(reporter: HealthReporter, roles: Roles) -> Self {
+        reporter
+            .set_service_status("", ServingStatus::NotServing)
             .await;
+        reporter
+            .set_service_status(LIVENESS, ServingStatus::Serving)
+            .await;
+        Self { reporter, roles }
+    }
+
+    /// The node and each service it runs NOT_SERVING (one it does not run stays unknown):
+    /// at shutdown, once the reporting has stopped (so that it cannot turn a service back to
+    /// SERVING), for load balancers to stop sending.
+    pub(super) async fn not_serving(&self) {
+        let roles = self.roles;
+        for (service, runs) in [
+            ("", true),
+            (INGEST_SERVICE, roles.ingest),
+            (TIMELINE_SERVICE, roles.query),
+            (ADMIN_SERVICE, roles.projector),
+        ] {
+            if runs {
+                self.reporter
+                    .set_service_status(service, ServingStatus::NotServing)
+                    .await;
+            }
+        }
     }
 }
 
