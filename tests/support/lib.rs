@@ -594,3 +594,53 @@ impl tonic::codec::Decoder for RawCodec {
         Ok(Some(bytes::Buf::copy_to_bytes(buffer, length).to_vec()))
     }
 }
+
+/// Sends bytes that are no protobuf as a unary `Publish` of the partner of `token`, and returns
+/// how the call was refused: `INTERNAL` when the server decoded them (the call held its slots),
+/// or the reason it was shed before decoding (`OVERLOADED`, `TOO_MANY_CALLS`).
+///
+/// # Errors
+/// When the channel fails, or the bytes are accepted.
+pub async fn publish_not_protobuf(channel: &Channel, token: &str) -> anyhow::Result<tonic::Status> {
+    let mut grpc = tonic::client::Grpc::new(channel.clone());
+    grpc.ready().await?;
+    let path = http::uri::PathAndQuery::from_static("/touchline.v1.IngestService/Publish");
+    match grpc
+        .unary(authorized(vec![0xff_u8; 64], token), path, RawCodec)
+        .await
+    {
+        Ok(_) => anyhow::bail!("bytes that are no protobuf were accepted"),
+        Err(status) => Ok(status),
+    }
+}
+
+/// Probes with [`publish_not_protobuf`] until a call is shed with `reason` before it is decoded,
+/// and returns that refusal. Probes decoded meanwhile (`INTERNAL`: the slot was free) are fine
+/// while `holding()` says the call expected to hold the slot is still in flight.
+///
+/// # Errors
+/// When a probe gets another answer, `holding()` turns false, or [`DEADLINE`] passes first.
+pub async fn wait_until_shed(
+    channel: &Channel,
+    token: &str,
+    reason: &str,
+    holding: impl Fn() -> bool,
+) -> anyhow::Result<tonic::Status> {
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    let mut poll = tokio::time::interval(Duration::from_millis(20));
+    loop {
+        poll.tick().await;
+        let status = publish_not_protobuf(channel, token).await?;
+        if error_reason(&status).as_deref() == Some(reason) {
+            return Ok(status);
+        }
+        anyhow::ensure!(
+            status.code() == tonic::Code::Internal,
+            "a probe got neither {reason} nor decoded: {status:?}"
+        );
+        anyhow::ensure!(
+            holding() && tokio::time::Instant::now() < deadline,
+            "no call was shed with {reason} while the slot was held"
+        );
+    }
+}

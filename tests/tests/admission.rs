@@ -10,8 +10,8 @@ use tonic_types::StatusExt as _;
 use touchline_ingest::{PartnerRegistry, PartnersFile, hash_token};
 use touchline_proto::v1::{self, JourneyStage, RejectReason};
 use touchline_tests::{
-    COURIER, RETAILER, RawCodec, authorized, error_reason, ingest_client, partners, publish,
-    reject_reasons, start_broker, start_mock_broker, start_node_with, touchpoint,
+    COURIER, RETAILER, authorized, error_reason, ingest_client, partners, publish, reject_reasons,
+    start_broker, start_mock_broker, start_node_with, touchpoint, wait_until_shed,
 };
 
 fn batch(prefix: &str, count: usize) -> Vec<v1::Touchpoint> {
@@ -360,32 +360,9 @@ async fn a_call_that_finds_the_server_full_is_shed_before_it_is_decoded() -> any
     let holder = tokio::spawn(async move { publish_admitted(&mut slow, COURIER.1, "hold").await });
 
     let channel = node.target().connect().await?;
-    let path = http::uri::PathAndQuery::from_static("/touchline.v1.IngestService/Publish");
-    let not_protobuf = vec![0xff_u8; 64];
-    let deadline = tokio::time::Instant::now() + touchline_tests::DEADLINE;
-    let mut poll = tokio::time::interval(Duration::from_millis(20));
-    let shed = loop {
-        poll.tick().await;
-        let mut grpc = tonic::client::Grpc::new(channel.clone());
-        grpc.ready().await?;
-        let status = grpc
-            .unary(
-                authorized(not_protobuf.clone(), RETAILER.1),
-                path.clone(),
-                RawCodec,
-            )
-            .await
-            .expect_err("bytes that are no protobuf are never accepted");
-        // While the slot is free the bytes are decoded, and refused for what they are.
-        if error_reason(&status).as_deref() == Some("OVERLOADED") {
-            break status;
-        }
-        assert_eq!(status.code(), Code::Internal, "{status:?}");
-        anyhow::ensure!(
-            !holder.is_finished() && tokio::time::Instant::now() < deadline,
-            "no call was shed while the only slot was held"
-        );
-    };
+    // While the slot is free the bytes are decoded, and refused for what they are.
+    let shed =
+        wait_until_shed(&channel, RETAILER.1, "OVERLOADED", || !holder.is_finished()).await?;
     assert_eq!(shed.code(), Code::ResourceExhausted);
     assert!(shed.get_details_retry_info().is_some());
     mock.set_round_trip_time(Duration::ZERO)?;
@@ -422,31 +399,11 @@ async fn a_partner_cannot_hold_more_unary_calls_than_allowed() -> anyhow::Result
     let holder = tokio::spawn(async move { publish_admitted(&mut slow, COURIER.1, "hold").await });
 
     let channel = node.target().connect().await?;
-    let path = http::uri::PathAndQuery::from_static("/touchline.v1.IngestService/Publish");
-    let deadline = tokio::time::Instant::now() + touchline_tests::DEADLINE;
-    let mut poll = tokio::time::interval(Duration::from_millis(20));
-    let refused = loop {
-        poll.tick().await;
-        let mut grpc = tonic::client::Grpc::new(channel.clone());
-        grpc.ready().await?;
-        let status = grpc
-            .unary(
-                authorized(vec![0xff_u8; 64], COURIER.1),
-                path.clone(),
-                RawCodec,
-            )
-            .await
-            .expect_err("bytes that are no protobuf are never accepted");
-        if error_reason(&status).as_deref() == Some("TOO_MANY_CALLS") {
-            break status;
-        }
-        // The holder has not taken its call slot yet: the bytes were decoded, and refused.
-        assert_eq!(status.code(), Code::Internal, "{status:?}");
-        anyhow::ensure!(
-            !holder.is_finished() && tokio::time::Instant::now() < deadline,
-            "the partner's second call was never refused while its first was in flight"
-        );
-    };
+    // Until the holder has taken its call slot, the bytes are decoded, and refused.
+    let refused = wait_until_shed(&channel, COURIER.1, "TOO_MANY_CALLS", || {
+        !holder.is_finished()
+    })
+    .await?;
     assert_eq!(refused.code(), Code::ResourceExhausted);
     assert!(refused.get_details_retry_info().is_some());
     // Another partner is not held back by it.

@@ -20,8 +20,9 @@ use touchline::Target;
 use touchline_proto::v1::ingest_service_client::IngestServiceClient;
 use touchline_proto::v1::{self, JourneyStage};
 use touchline_tests::{
-    COURIER, DEADLINE, RawCodec, authorized, error_reason, ingest_client, partners, publish,
-    start_broker, start_node_with, touchpoint, wait_for_health,
+    COURIER, DEADLINE, authorized, error_reason, ingest_client, partners, publish,
+    publish_not_protobuf, start_broker, start_node_with, touchpoint, wait_for_health,
+    wait_until_shed,
 };
 
 /// A TCP proxy in front of `upstream` that can go silent: it then forwards nothing in either
@@ -221,39 +222,16 @@ async fn a_unary_call_whose_body_stops_arriving_is_ended_and_frees_its_slot() ->
 
     // The stalled call holds the partner's only call slot...
     let channel = node.target().connect().await?;
-    let path = http::uri::PathAndQuery::from_static("/touchline.v1.IngestService/Publish");
-    let probe = || async {
-        let mut grpc = tonic::client::Grpc::new(channel.clone());
-        grpc.ready().await?;
-        let status = grpc
-            .unary(
-                authorized(vec![0xff_u8; 64], COURIER.1),
-                path.clone(),
-                RawCodec,
-            )
-            .await
-            .expect_err("bytes that are no protobuf are never accepted");
-        anyhow::Ok(status)
-    };
-    let deadline = tokio::time::Instant::now() + DEADLINE;
-    let mut poll = tokio::time::interval(Duration::from_millis(20));
-    loop {
-        poll.tick().await;
-        let status = probe().await?;
-        if error_reason(&status).as_deref() == Some("TOO_MANY_CALLS") {
-            break;
-        }
-        // The stalled call's headers are not in yet: the probe was decoded, and refused.
-        assert_eq!(status.code(), tonic::Code::Internal, "{status:?}");
-        anyhow::ensure!(
-            !staller.is_finished() && tokio::time::Instant::now() < deadline,
-            "the stalled call never held the partner's call slot"
-        );
-    }
+    wait_until_shed(&channel, COURIER.1, "TOO_MANY_CALLS", || {
+        !staller.is_finished()
+    })
+    .await?;
     // ...until its body timeout ends it: then a call of the partner is decoded again.
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    let mut poll = tokio::time::interval(Duration::from_millis(50));
     loop {
         poll.tick().await;
-        let status = probe().await?;
+        let status = publish_not_protobuf(&channel, COURIER.1).await?;
         if status.code() == tonic::Code::Internal {
             break;
         }
