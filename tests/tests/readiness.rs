@@ -16,6 +16,7 @@ use touchline_tests::{
 };
 
 const EVENTS: usize = 2_000;
+const BATCH: usize = 50;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_serves_queries_only_once_it_has_caught_up_with_the_log() -> anyhow::Result<()> {
@@ -24,10 +25,12 @@ async fn a_replica_serves_queries_only_once_it_has_caught_up_with_the_log() -> a
     let first_dir = tempfile::tempdir()?;
     let first = start_node_with(&broker, first_dir.path(), partners(), |_| {}).await?;
     let mut ingest = ingest_client(&first).await?;
-    for chunk in 0..EVENTS / 500 {
-        let events = (0..500)
+    // Small requests, so that the log is many small record batches: a fetch (of at most 16 KiB
+    // below, or one batch) then carries only a few of them.
+    for chunk in 0..EVENTS / BATCH {
+        let events = (0..BATCH)
             .map(|i| {
-                let n = chunk * 500 + i;
+                let n = chunk * BATCH + i;
                 touchpoint(
                     &format!("e-{n}"),
                     "catching-up",
@@ -37,14 +40,18 @@ async fn a_replica_serves_queries_only_once_it_has_caught_up_with_the_log() -> a
                 )
             })
             .collect();
-        assert_eq!(publish(&mut ingest, COURIER.1, events).await?.accepted, 500);
+        assert_eq!(
+            publish(&mut ingest, COURIER.1, events).await?.accepted,
+            u32::try_from(BATCH)?
+        );
     }
     let mut timeline = timeline_client(&first).await?;
     wait_for_timeline(&mut timeline, "catching-up", EVENTS).await?;
     first.shutdown().await?;
 
     // Every request to the broker now takes 100 ms, and the replica fetches 16 KiB at a time:
-    // reading the 2,000 records again takes dozens of round trips.
+    // reading the 2,000 records (40 batches, one partition) again takes about a fetch per batch,
+    // seconds, where the node's first health probe comes within a second of its start.
     broker
         .mock()
         .set_round_trip_time(Duration::from_millis(100))?;
