@@ -252,6 +252,14 @@ async fn a_unary_call_whose_body_stops_arriving_is_ended_and_frees_its_slot() ->
         (tonic::Code::DeadlineExceeded, Some("BODY_TIMEOUT")),
         "{told:?}"
     );
+    let counted = touchline_ingest::metrics::INGEST
+        .shed_calls
+        .get_or_create(&touchline_ingest::metrics::ShedLabels {
+            partner: COURIER.0.to_owned(),
+            reason: "BODY_TIMEOUT",
+        })
+        .get();
+    assert_eq!(counted, 1, "the timeout is counted for its partner");
     node.shutdown().await
 }
 

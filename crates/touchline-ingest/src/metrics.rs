@@ -25,7 +25,7 @@ pub struct EventLabels {
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct ShedLabels {
     pub partner: String,
-    /// `OVERLOADED` or `TOO_MANY_CALLS`.
+    /// `OVERLOADED` or `TOO_MANY_CALLS` (shed), or `BODY_TIMEOUT` (ended before its body came).
     pub reason: &'static str,
 }
 
@@ -128,7 +128,7 @@ pub fn register(registry: &mut Registry) {
     );
     registry.register(
         "touchline_ingest_shed_calls",
-        "Unary Publish calls shed before they were decoded, by partner and reason (OVERLOADED, TOO_MANY_CALLS)",
+        "Unary Publish calls refused before they were decoded, by partner and reason (OVERLOADED, TOO_MANY_CALLS, BODY_TIMEOUT)",
         INGEST.shed_calls.clone(),
     );
     registry.register(

@@ -125,6 +125,7 @@ where
         let (mut parts, body) = request.into_parts();
         let body = if parts.uri.path() == PUBLISH {
             let partner = parts.extensions.get::<Authenticated>();
+            let partner_id = partner.map(|partner| partner.partner_id.clone());
             match self.shedding.admit(partner) {
                 Ok(slot) => {
                     parts.extensions.insert(slot);
@@ -138,7 +139,7 @@ where
                 }
             }
             // From here the call holds its slots: its body must come in time.
-            TimedBody::within(body, self.shedding.body_timeout)
+            TimedBody::within(body, self.shedding.body_timeout, partner_id)
         } else {
             TimedBody::untimed(body)
         };

@@ -10,6 +10,7 @@ use std::time::Duration;
 use http_body::{Body, Frame, SizeHint};
 use tokio::time::Sleep;
 use tonic::codegen::StdError;
+use touchline_core::PartnerId;
 
 /// `inner`, failing once `deadline` passes before its end was read (with a `tonic::Status`,
 /// `DEADLINE_EXCEEDED` `BODY_TIMEOUT`, that tonic answers the call with), and ended after that.
@@ -18,6 +19,8 @@ pub struct TimedBody<B> {
     inner: B,
     deadline: Option<(Pin<Box<Sleep>>, Duration)>,
     expired: bool,
+    /// The partner the call's timeout is counted for.
+    partner: Option<PartnerId>,
 }
 
 impl<B> TimedBody<B> {
@@ -27,15 +30,17 @@ impl<B> TimedBody<B> {
             inner,
             deadline: None,
             expired: false,
+            partner: None,
         }
     }
 
-    /// `inner`, to be read in full within `limit` from now.
-    pub(crate) fn within(inner: B, limit: Duration) -> Self {
+    /// `inner`, to be read in full within `limit` from now; a timeout is counted for `partner`.
+    pub(crate) fn within(inner: B, limit: Duration, partner: Option<PartnerId>) -> Self {
         Self {
             inner,
             deadline: Some((Box::pin(tokio::time::sleep(limit)), limit)),
             expired: false,
+            partner,
         }
     }
 }
@@ -62,7 +67,11 @@ where
             let limit = *limit;
             this.deadline = None;
             this.expired = true;
-            let status = tonic::Status::from(crate::Error::BodyTimeout { limit });
+            let timeout = crate::Error::BodyTimeout { limit };
+            if let Some(partner) = &this.partner {
+                crate::metrics::INGEST.count_shed(partner, timeout.reason());
+            }
+            let status = tonic::Status::from(timeout);
             return Poll::Ready(Some(Err(Box::new(status))));
         }
         Pin::new(&mut this.inner)
