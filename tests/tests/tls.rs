@@ -266,3 +266,53 @@ async fn a_certificate_the_node_cannot_use_stops_the_start() -> anyhow::Result<(
     }
     Ok(())
 }
+
+/// A renewed certificate is served without a restart: the node checks its files every few
+/// seconds and serves the new pair to new connections.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewed_certificate_is_served_without_a_restart() -> anyhow::Result<()> {
+    let broker = start_broker().await;
+    let dir = tempfile::tempdir()?;
+    let (cert, key) = (dir.path().join("tls.pem"), dir.path().join("tls.key"));
+    std::fs::copy(fixture("server.pem"), &cert)?;
+    std::fs::copy(fixture("server.key"), &key)?;
+    let (served_cert, served_key) = (cert.clone(), key.clone());
+    let node = start_node_with(&broker, dir.path(), partners(), move |config| {
+        config.server.tls = Some(TlsConfig {
+            cert_file: served_cert,
+            key_file: served_key,
+            client_ca_file: None,
+        });
+    })
+    .await?;
+    let by_ca = https(&node).with_ca_cert(fixture("ca.pem"));
+    let by_renewed = Target::new(format!("https://127.0.0.1:{}", node.local_addr().port()))
+        .with_ca_cert(fixture("self-signed.pem"));
+    assert_eq!(publish_over(&by_ca, COURIER.1, "before").await?, 1);
+    assert!(
+        publish_over(&by_renewed, COURIER.1, "not-yet")
+            .await
+            .is_err()
+    );
+
+    // The renewal: key, then certificate, as a tool that writes them one by one.
+    std::fs::copy(fixture("self-signed.key"), &key)?;
+    std::fs::copy(fixture("self-signed.pem"), &cert)?;
+    let deadline = tokio::time::Instant::now() + touchline_tests::DEADLINE;
+    let mut poll = tokio::time::interval(std::time::Duration::from_millis(100));
+    loop {
+        poll.tick().await;
+        if let Ok(accepted) = publish_over(&by_renewed, COURIER.1, "after").await {
+            assert_eq!(accepted, 1);
+            break;
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the renewed certificate was never served"
+        );
+    }
+    // The old certificate is no longer served to new connections.
+    let old = publish_over(&by_ca, COURIER.1, "old").await;
+    assert!(format!("{:#}", old.expect_err("the old chain")).contains("invalid peer certificate"));
+    node.shutdown().await
+}

@@ -26,6 +26,7 @@ mod listener;
 mod own_thread;
 mod signals;
 mod tls;
+use tls::TlsServer;
 
 use health::{NodeHealth, Roles, report_health};
 use own_thread::spawn_on_own_thread;
@@ -99,10 +100,14 @@ impl Node {
         )>,
     ) -> anyhow::Result<Self> {
         config.validate()?;
-        let mut server = listener::connection_settings(
-            tls::server_builder(config.server.tls.as_ref())?,
-            &config.server,
-        );
+        let tls = config
+            .server
+            .tls
+            .as_ref()
+            .map(TlsServer::load)
+            .transpose()?;
+        let server =
+            listener::connection_settings(tonic::transport::Server::builder(), &config.server);
         anyhow::ensure!(
             broker != BrokerChoice::Embedded
                 || config.projector.partitions.is_empty()
@@ -276,14 +281,6 @@ impl Node {
             query: config.query.enabled,
         };
         let health = NodeHealth::start(reporter, roles).await;
-        let reflection_v1 = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(touchline_proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .build_v1()?;
-        let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(touchline_proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .build_v1alpha()?;
         let mut background = Vec::new();
         let metrics_addr = match config.metrics.enabled.then_some(config.metrics.listen) {
             Some(listen) => {
@@ -309,18 +306,20 @@ impl Node {
             // Started once nothing of the start can fail any more: shutdown stops and awaits it.
             rebuilds.drop_leftovers();
         }
-        let server = server
-            .add_service(health_service)
-            .add_service(reflection_v1)
-            .add_service(reflection_v1alpha)
+        let router = listener::router(server, health_service)?
             .add_optional_service(ingest)
             .add_optional_service(query)
-            .add_optional_service(admin.map(AdminService::into_server))
-            .serve_with_incoming_shutdown(
-                listener::incoming(listener, &config.server),
-                server_shutdown.clone().cancelled_owned(),
-            );
-        let server = tokio::spawn(server);
+            .add_optional_service(admin.map(AdminService::into_server));
+        if let Some(tls) = &tls {
+            background.push(tls.watch(background_shutdown.clone()));
+        }
+        let server = listener::serve(
+            router,
+            listener,
+            &config.server,
+            tls.as_ref(),
+            server_shutdown.clone(),
+        );
         info!(%local_addr, ingest = config.ingest.enabled, projector = config.projector.enabled, query = config.query.enabled, "touchline is serving");
         Ok(Self {
             local_addr,

@@ -3,15 +3,57 @@
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
 use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
+use tonic::transport::server::Router;
 
+use super::tls::TlsServer;
 use crate::config::ServerConfig;
+
+/// The router of every node: the standard health service and server reflection (v1 and v1alpha,
+/// with the whole Touchline contract and the health service); the roles' services are added to it.
+///
+/// # Errors
+/// When the reflection service cannot read the descriptors.
+pub(super) fn router<H: tonic_health::pb::health_server::Health>(
+    mut server: Server,
+    health: tonic_health::pb::health_server::HealthServer<H>,
+) -> anyhow::Result<Router> {
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(touchline_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    Ok(server
+        .add_service(health)
+        .add_service(reflection().build_v1()?)
+        .add_service(reflection().build_v1alpha()?))
+}
+
+/// Serves `router` on `listener` (over `tls` when configured) until `shutdown`.
+pub(super) fn serve(
+    router: Router,
+    listener: TcpListener,
+    config: &ServerConfig,
+    tls: Option<&TlsServer>,
+    shutdown: CancellationToken,
+) -> JoinHandle<Result<(), tonic::transport::Error>> {
+    let accepted = incoming(listener, config);
+    let stopped = shutdown.cancelled_owned();
+    match tls {
+        None => tokio::spawn(router.serve_with_incoming_shutdown(accepted, stopped)),
+        Some(tls) => {
+            tokio::spawn(router.serve_with_incoming_shutdown(tls.incoming(accepted), stopped))
+        }
+    }
+}
 
 /// Accepted connections with Nagle's algorithm off (gRPC writes small frames, and Nagle plus
 /// delayed ACKs would add 40 ms to calls; tonic sets this only on listeners it binds itself) and
 /// TCP keepalive on when configured.
-pub(super) fn incoming(
+fn incoming(
     listener: TcpListener,
     config: &ServerConfig,
 ) -> impl futures::Stream<Item = std::io::Result<TcpStream>> + use<> {

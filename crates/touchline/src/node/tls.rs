@@ -1,61 +1,202 @@
 //! TLS of the gRPC listener (`server.tls`): every service on it, health and reflection included.
+//! The handshakes are made here (rustls), not by tonic, so that a renewed certificate is served
+//! without a restart: the certificate and key files are checked every few seconds and reloaded
+//! when they change; a pair that does not load keeps the one in force, with a logged error.
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::time::Duration;
+use std::sync::{Arc, PoisonError, RwLock};
+use std::time::{Duration, SystemTime};
 
 use anyhow::Context as _;
+use futures::{Stream, StreamExt as _};
 use rustls::RootCertStore;
+use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
+use rustls::sign::CertifiedKey;
+use tokio::net::TcpStream;
+use tokio::task::JoinHandle;
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info};
 
 use crate::config::TlsConfig;
 use crate::connect::Target;
 
 /// How long a connection may take to finish its TLS handshake before it is closed.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Handshakes under way at once; past it, accepting waits for one to end (or time out).
+const MAX_HANDSHAKES: usize = 1024;
+/// How often the certificate and key files are checked for a change.
+const RELOAD_INTERVAL: Duration = Duration::from_secs(2);
 
-/// The server builder, with TLS when configured. The files are read and checked here, each error
-/// naming its key and file, so that a missing file, one without a certificate or key, a CA
-/// certificate that does not parse or a key that does not match the certificate stops the start.
-pub(super) fn server_builder(tls: Option<&TlsConfig>) -> anyhow::Result<Server> {
-    let builder = Server::builder();
-    let Some(tls) = tls else {
-        return Ok(builder);
-    };
-    let cert = read("cert-file", &tls.cert_file)?;
-    certificates("cert-file", &tls.cert_file, &cert)?;
-    let key = read("key-file", &tls.key_file)?;
-    PrivateKeyDer::from_pem_slice(&key).map_err(|error| {
+/// The listener's TLS: the acceptor, and the certificate it serves now.
+pub(super) struct TlsServer {
+    acceptor: TlsAcceptor,
+    current: Arc<Current>,
+    files: TlsConfig,
+}
+
+impl std::fmt::Debug for TlsServer {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("TlsServer")
+            .field("files", &self.files)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The certificate and key in force, swapped on reload.
+#[derive(Debug)]
+struct Current(RwLock<Arc<CertifiedKey>>);
+
+impl ResolvesServerCert for Current {
+    fn resolve(&self, _: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(Arc::clone(
+            &self.0.read().unwrap_or_else(PoisonError::into_inner),
+        ))
+    }
+}
+
+impl TlsServer {
+    /// Reads and checks the files, each error naming its key and file, so that a missing file,
+    /// one without a certificate or key, a CA certificate that does not parse or a key that does
+    /// not match the certificate stops the start.
+    pub(super) fn load(files: &TlsConfig) -> anyhow::Result<Self> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let current = Arc::new(Current(RwLock::new(Arc::new(certified_key(
+            files, &provider,
+        )?))));
+        let builder = rustls::ServerConfig::builder_with_provider(Arc::clone(&provider))
+            .with_safe_default_protocol_versions()
+            .context("server.tls: no protocol version")?;
+        let builder = match &files.client_ca_file {
+            Some(path) => {
+                let pem = read("client-ca-file", path)?;
+                // A bundle is taken whole or refused.
+                let mut roots = RootCertStore::empty();
+                for certificate in certificates("client-ca-file", path, &pem)? {
+                    roots.add(certificate).with_context(|| {
+                        format!(
+                            "server.tls.client-ca-file {}: a certificate",
+                            path.display()
+                        )
+                    })?;
+                }
+                let verifier = WebPkiClientVerifier::builder_with_provider(
+                    Arc::new(roots),
+                    Arc::clone(&provider),
+                )
+                .build()
+                .with_context(|| format!("server.tls.client-ca-file {}", path.display()))?;
+                builder.with_client_cert_verifier(verifier)
+            }
+            None => builder.with_no_client_auth(),
+        };
+        let mut config = builder.with_cert_resolver(Arc::clone(&current) as _);
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(Self {
+            acceptor: TlsAcceptor::from(Arc::new(config)),
+            current,
+            files: files.clone(),
+        })
+    }
+
+    /// The accepted connections once their handshake is done; failed handshakes (plaintext, an
+    /// untrusted client certificate) and slow ones are dropped, logged at debug.
+    pub(super) fn incoming<S>(
+        &self,
+        accepted: S,
+    ) -> impl Stream<Item = std::io::Result<TlsStream<TcpStream>>> + use<S>
+    where
+        S: Stream<Item = std::io::Result<TcpStream>>,
+    {
+        let acceptor = self.acceptor.clone();
+        accepted
+            .filter_map(|accepted| std::future::ready(accepted.ok()))
+            .map(move |tcp| {
+                let acceptor = acceptor.clone();
+                async move { tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await }
+            })
+            .buffer_unordered(MAX_HANDSHAKES)
+            .filter_map(|handshake| {
+                std::future::ready(match handshake {
+                    Ok(Ok(tls)) => Some(Ok(tls)),
+                    Ok(Err(error)) => {
+                        debug!(%error, "TLS handshake failed");
+                        None
+                    }
+                    Err(_) => {
+                        debug!("TLS handshake timed out");
+                        None
+                    }
+                })
+            })
+    }
+
+    /// Reloads the certificate and key when their files change, until `shutdown`.
+    pub(super) fn watch(&self, shutdown: CancellationToken) -> JoinHandle<()> {
+        let (current, files) = (Arc::clone(&self.current), self.files.clone());
+        let provider = rustls::crypto::ring::default_provider();
+        tokio::spawn(async move {
+            let mut tried = modified(&files);
+            let mut poll = tokio::time::interval(RELOAD_INTERVAL);
+            loop {
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    _ = poll.tick() => {}
+                }
+                let now = modified(&files);
+                if now == tried {
+                    continue;
+                }
+                // Tried once per change: a certificate written before its key fails, and the
+                // key's write is the next change.
+                tried = now;
+                match certified_key(&files, &provider) {
+                    Ok(key) => {
+                        *current.0.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(key);
+                        info!(cert = %files.cert_file.display(), "TLS certificate reloaded");
+                    }
+                    Err(error) => error!(
+                        error = format!("{error:#}"),
+                        "TLS certificate not reloaded, the previous one stays in force"
+                    ),
+                }
+            }
+        })
+    }
+}
+
+/// The certificate chain and key of `files`, checked to match.
+fn certified_key(files: &TlsConfig, provider: &CryptoProvider) -> anyhow::Result<CertifiedKey> {
+    let cert = read("cert-file", &files.cert_file)?;
+    let chain = certificates("cert-file", &files.cert_file, &cert)?;
+    let key = read("key-file", &files.key_file)?;
+    let key = PrivateKeyDer::from_pem_slice(&key).map_err(|error| {
         anyhow::anyhow!(
             "server.tls.key-file {}: no private key in it ({error})",
-            tls.key_file.display()
+            files.key_file.display()
         )
     })?;
-    let mut settings = ServerTlsConfig::new()
-        .identity(Identity::from_pem(cert, key))
-        .timeout(HANDSHAKE_TIMEOUT);
-    if let Some(path) = &tls.client_ca_file {
-        let pem = read("client-ca-file", path)?;
-        // tonic skips CA certificates that do not parse; a bundle is taken whole or refused.
-        let mut roots = RootCertStore::empty();
-        for certificate in certificates("client-ca-file", path, &pem)? {
-            roots.add(certificate).with_context(|| {
-                format!(
-                    "server.tls.client-ca-file {}: a certificate",
-                    path.display()
-                )
-            })?;
-        }
-        settings = settings.client_ca_root(Certificate::from_pem(pem));
-    }
-    builder.tls_config(settings).with_context(|| {
+    CertifiedKey::from_der(chain, key, provider).with_context(|| {
         format!(
             "server.tls: cannot serve the certificate {} with the key {}",
-            tls.cert_file.display(),
-            tls.key_file.display()
+            files.cert_file.display(),
+            files.key_file.display()
         )
+    })
+}
+
+/// When the certificate and key files last changed.
+fn modified(files: &TlsConfig) -> [Option<SystemTime>; 2] {
+    [&files.cert_file, &files.key_file].map(|path| {
+        std::fs::metadata(path)
+            .and_then(|metadata| metadata.modified())
+            .ok()
     })
 }
 
