@@ -38,6 +38,8 @@ pub(super) struct TlsServer {
     acceptor: TlsAcceptor,
     current: Arc<Current>,
     files: TlsConfig,
+    /// The files' modification times before they were loaded: the reload starts from them.
+    loaded: [Option<SystemTime>; 2],
 }
 
 impl std::fmt::Debug for TlsServer {
@@ -67,6 +69,8 @@ impl TlsServer {
     /// not match the certificate stops the start.
     pub(super) fn load(files: &TlsConfig) -> anyhow::Result<Self> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
+        // Before reading: a change while the node starts is a change the reload sees.
+        let loaded = modified(files);
         let current = Arc::new(Current(RwLock::new(Arc::new(certified_key(
             files, &provider,
         )?))));
@@ -102,11 +106,14 @@ impl TlsServer {
             acceptor: TlsAcceptor::from(Arc::new(config)),
             current,
             files: files.clone(),
+            loaded,
         })
     }
 
-    /// The accepted connections once their handshake is done; failed handshakes (plaintext, an
-    /// untrusted client certificate) and slow ones are dropped, logged at debug.
+    /// The accepted connections once their handshake is done, each handshake a task of its own
+    /// (so that they use every core); failed handshakes (plaintext, an untrusted client
+    /// certificate) and slow ones are dropped, logged at debug. When the server stops accepting
+    /// (and drops this stream), the handshakes under way are aborted.
     pub(super) fn incoming<S>(
         &self,
         accepted: S,
@@ -116,21 +123,33 @@ impl TlsServer {
     {
         let acceptor = self.acceptor.clone();
         accepted
-            .filter_map(|accepted| std::future::ready(accepted.ok()))
+            .filter_map(|accepted| {
+                std::future::ready(
+                    accepted
+                        .inspect_err(|error| debug!(%error, "accepting a connection failed"))
+                        .ok(),
+                )
+            })
             .map(move |tcp| {
                 let acceptor = acceptor.clone();
-                async move { tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await }
+                AbortOnDrop(tokio::spawn(async move {
+                    tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
+                }))
             })
             .buffer_unordered(MAX_HANDSHAKES)
             .filter_map(|handshake| {
                 std::future::ready(match handshake {
-                    Ok(Ok(tls)) => Some(Ok(tls)),
-                    Ok(Err(error)) => {
+                    Ok(Ok(Ok(tls))) => Some(Ok(tls)),
+                    Ok(Ok(Err(error))) => {
                         debug!(%error, "TLS handshake failed");
                         None
                     }
-                    Err(_) => {
+                    Ok(Err(_)) => {
                         debug!("TLS handshake timed out");
+                        None
+                    }
+                    Err(error) => {
+                        debug!(%error, "TLS handshake task ended");
                         None
                     }
                 })
@@ -141,8 +160,10 @@ impl TlsServer {
     pub(super) fn watch(&self, shutdown: CancellationToken) -> JoinHandle<()> {
         let (current, files) = (Arc::clone(&self.current), self.files.clone());
         let provider = rustls::crypto::ring::default_provider();
+        let mut served = self.loaded;
         tokio::spawn(async move {
-            let mut tried = modified(&files);
+            // The times of the last failed attempt: its error is logged once per change.
+            let mut failed = None;
             let mut poll = tokio::time::interval(RELOAD_INTERVAL);
             loop {
                 tokio::select! {
@@ -150,24 +171,51 @@ impl TlsServer {
                     _ = poll.tick() => {}
                 }
                 let now = modified(&files);
-                if now == tried {
+                if now == served {
                     continue;
                 }
-                // Tried once per change: a certificate written before its key fails, and the
-                // key's write is the next change.
-                tried = now;
+                // Tried on every tick until the pair loads: a certificate written before its
+                // key, or a file read half-written, loads at a later try.
                 match certified_key(&files, &provider) {
                     Ok(key) => {
                         *current.0.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(key);
+                        served = now;
+                        failed = None;
                         info!(cert = %files.cert_file.display(), "TLS certificate reloaded");
                     }
-                    Err(error) => error!(
-                        error = format!("{error:#}"),
-                        "TLS certificate not reloaded, the previous one stays in force"
-                    ),
+                    Err(error) => {
+                        if failed != Some(now) {
+                            failed = Some(now);
+                            error!(
+                                error = format!("{error:#}"),
+                                "TLS certificate not reloaded, the previous one stays in force"
+                            );
+                        }
+                    }
                 }
             }
         })
+    }
+}
+
+/// A task that is aborted when this handle is dropped: a handshake under way when the server
+/// stops accepting ends with it.
+struct AbortOnDrop<T>(JoinHandle<T>);
+
+impl<T> std::future::Future for AbortOnDrop<T> {
+    type Output = Result<T, tokio::task::JoinError>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        context: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        std::pin::Pin::new(&mut self.0).poll(context)
+    }
+}
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
