@@ -253,9 +253,21 @@ pub async fn admin_client(
 /// # Errors
 /// When the deadline passes first.
 pub async fn wait_for_health(node: &Node, service: &str, serving: bool) -> anyhow::Result<()> {
+    wait_for_health_at(node.target(), service, serving).await
+}
+
+/// [`wait_for_health`] for the node at `target` (one that is being shut down, say).
+///
+/// # Errors
+/// When the deadline passes first.
+pub async fn wait_for_health_at(
+    target: &touchline::Target,
+    service: &str,
+    serving: bool,
+) -> anyhow::Result<()> {
     use tonic_health::pb::HealthCheckRequest;
     use tonic_health::pb::health_check_response::ServingStatus;
-    let channel = node.target().connect().await?;
+    let channel = target.connect().await?;
     let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
     let wanted = if serving {
         ServingStatus::Serving
@@ -643,4 +655,26 @@ pub async fn wait_until_shed(
             "no call was shed with {reason} while the slot was held"
         );
     }
+}
+
+/// Unary calls of `partner` refused before decoding with `reason`, counted process-wide (by every
+/// node of the test binary).
+#[must_use]
+pub fn shed_calls(partner: &str, reason: &'static str) -> u64 {
+    touchline_ingest::metrics::INGEST
+        .shed_calls
+        .get_or_create(&touchline_ingest::metrics::ShedLabels {
+            partner: partner.to_owned(),
+            reason,
+        })
+        .get()
+}
+
+/// Calls of `service` refused for their credentials with `reason`, counted process-wide.
+#[must_use]
+pub fn auth_failures(service: &'static str, reason: &'static str) -> u64 {
+    touchline_ingest::metrics::INGEST
+        .auth_failures
+        .get_or_create(&touchline_ingest::metrics::AuthLabels { service, reason })
+        .get()
 }

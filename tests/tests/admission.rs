@@ -342,85 +342,91 @@ async fn publish_admitted(
     }
 }
 
+/// A node on a mock cluster whose every request takes 1.5 s, and the courier's unary call holding
+/// its slots meanwhile.
+struct HeldCall {
+    broker: touchline_tests::TestBroker,
+    _dir: tempfile::TempDir,
+    node: touchline::Node,
+    ingest:
+        touchline_proto::v1::ingest_service_client::IngestServiceClient<tonic::transport::Channel>,
+    holder: tokio::task::JoinHandle<Result<v1::PublishResponse, tonic::Status>>,
+}
+
+impl HeldCall {
+    async fn start(adjust: impl FnOnce(&mut touchline::Config)) -> anyhow::Result<Self> {
+        let broker = start_mock_broker();
+        let dir = tempfile::tempdir()?;
+        let node = start_node_with(&broker, dir.path(), partners(), adjust).await?;
+        let ingest = ingest_client(&node).await?;
+        broker
+            .mock()
+            .set_round_trip_time(Duration::from_millis(1500))?;
+        let mut slow = ingest.clone();
+        let holder =
+            tokio::spawn(async move { publish_admitted(&mut slow, COURIER.1, "hold").await });
+        Ok(Self {
+            broker,
+            _dir: dir,
+            node,
+            ingest,
+            holder,
+        })
+    }
+
+    /// Lets the broker answer at once again; the held call completes.
+    async fn finish(self) -> anyhow::Result<()> {
+        self.broker.mock().set_round_trip_time(Duration::ZERO)?;
+        assert_eq!(
+            self.holder.await??.accepted,
+            1,
+            "the call holding the slot completes"
+        );
+        self.node.shutdown().await
+    }
+}
+
 /// A unary call that finds every slot taken is shed before its body is decoded: bytes that are
 /// no protobuf at all get `OVERLOADED` then, not the decoder's `INTERNAL`. So the memory of calls
 /// being decoded is bounded by the slots, however many connections send.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_that_finds_the_server_full_is_shed_before_it_is_decoded() -> anyhow::Result<()> {
-    let broker = start_mock_broker();
-    let mock = broker.mock();
-    let dir = tempfile::tempdir()?;
-    let node = start_node_with(&broker, dir.path(), partners(), |config| {
-        config.ingest.max_in_flight_batches = 1;
+    let held = HeldCall::start(|config| config.ingest.max_in_flight_batches = 1).await?;
+    let channel = held.node.target().connect().await?;
+    // While the slot is free the bytes are decoded, and refused for what they are.
+    let shed = wait_until_shed(&channel, RETAILER.1, "OVERLOADED", || {
+        !held.holder.is_finished()
     })
     .await?;
-    let ingest = ingest_client(&node).await?;
-    mock.set_round_trip_time(Duration::from_millis(1500))?;
-    let mut slow = ingest.clone();
-    let holder = tokio::spawn(async move { publish_admitted(&mut slow, COURIER.1, "hold").await });
-
-    let channel = node.target().connect().await?;
-    // While the slot is free the bytes are decoded, and refused for what they are.
-    let shed =
-        wait_until_shed(&channel, RETAILER.1, "OVERLOADED", || !holder.is_finished()).await?;
     assert_eq!(shed.code(), Code::ResourceExhausted);
     assert!(shed.get_details_retry_info().is_some());
-    mock.set_round_trip_time(Duration::ZERO)?;
-    assert_eq!(
-        holder.await??.accepted,
-        1,
-        "the call holding the slot completes"
-    );
-    let shed_calls = touchline_ingest::metrics::INGEST
-        .shed_calls
-        .get_or_create(&touchline_ingest::metrics::ShedLabels {
-            partner: RETAILER.0.to_owned(),
-            reason: "OVERLOADED",
-        })
-        .get();
-    assert!(shed_calls >= 1);
-    node.shutdown().await
+    held.finish().await?;
+    assert!(touchline_tests::shed_calls(RETAILER.0, "OVERLOADED") >= 1);
+    Ok(())
 }
 
 /// A partner holding its maximum of unary calls in flight gets `TOO_MANY_CALLS` for the next,
 /// before it is decoded, while another partner's calls go through: no partner takes every slot.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_partner_cannot_hold_more_unary_calls_than_allowed() -> anyhow::Result<()> {
-    let broker = start_mock_broker();
-    let mock = broker.mock();
-    let dir = tempfile::tempdir()?;
-    let node = start_node_with(&broker, dir.path(), partners(), |config| {
-        config.ingest.max_calls_per_partner = 1;
-    })
-    .await?;
-    let ingest = ingest_client(&node).await?;
-    mock.set_round_trip_time(Duration::from_millis(1500))?;
-    let mut slow = ingest.clone();
-    let holder = tokio::spawn(async move { publish_admitted(&mut slow, COURIER.1, "hold").await });
-
-    let channel = node.target().connect().await?;
+    let held = HeldCall::start(|config| config.ingest.max_calls_per_partner = 1).await?;
+    let channel = held.node.target().connect().await?;
     // Until the holder has taken its call slot, the bytes are decoded, and refused.
     let refused = wait_until_shed(&channel, COURIER.1, "TOO_MANY_CALLS", || {
-        !holder.is_finished()
+        !held.holder.is_finished()
     })
     .await?;
     assert_eq!(refused.code(), Code::ResourceExhausted);
     assert!(refused.get_details_retry_info().is_some());
     // Another partner is not held back by it.
-    let mut other = ingest.clone();
+    let mut other = held.ingest.clone();
     assert_eq!(
         publish(&mut other, RETAILER.1, batch("other", 1))
             .await?
             .accepted,
         1
     );
-    mock.set_round_trip_time(Duration::ZERO)?;
-    assert_eq!(
-        holder.await??.accepted,
-        1,
-        "the call holding the slot completes"
-    );
-    node.shutdown().await
+    held.finish().await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -22,7 +22,7 @@ use touchline_proto::v1::{self, JourneyStage};
 use touchline_tests::{
     COURIER, DEADLINE, authorized, error_reason, ingest_client, partners, publish,
     publish_not_protobuf, start_broker, start_node_with, touchpoint, wait_for_health,
-    wait_until_shed,
+    wait_for_health_at, wait_until_shed,
 };
 
 /// A TCP proxy in front of `upstream` that can go silent: it then forwards nothing in either
@@ -252,14 +252,11 @@ async fn a_unary_call_whose_body_stops_arriving_is_ended_and_frees_its_slot() ->
         (tonic::Code::DeadlineExceeded, Some("BODY_TIMEOUT")),
         "{told:?}"
     );
-    let counted = touchline_ingest::metrics::INGEST
-        .shed_calls
-        .get_or_create(&touchline_ingest::metrics::ShedLabels {
-            partner: COURIER.0.to_owned(),
-            reason: "BODY_TIMEOUT",
-        })
-        .get();
-    assert_eq!(counted, 1, "the timeout is counted for its partner");
+    assert_eq!(
+        touchline_tests::shed_calls(COURIER.0, "BODY_TIMEOUT"),
+        1,
+        "the timeout is counted for its partner"
+    );
     node.shutdown().await
 }
 
@@ -278,26 +275,7 @@ async fn during_the_shutdown_delay_health_says_not_serving_and_calls_are_still_s
     let mut ingest = ingest_client(&node).await?;
     let mut health = HealthClient::new(target.connect().await?);
     let stopping = tokio::spawn(node.shutdown());
-
-    let deadline = tokio::time::Instant::now() + DEADLINE;
-    let mut poll = tokio::time::interval(Duration::from_millis(20));
-    loop {
-        poll.tick().await;
-        let status = health
-            .check(HealthCheckRequest {
-                service: String::new(),
-            })
-            .await?
-            .into_inner()
-            .status;
-        if status == ServingStatus::NotServing as i32 {
-            break;
-        }
-        anyhow::ensure!(
-            tokio::time::Instant::now() < deadline,
-            "health never turned NOT_SERVING"
-        );
-    }
+    wait_for_health_at(&target, "", false).await?;
     // The process is alive all the same (what a liveness probe asks).
     let alive = health
         .check(HealthCheckRequest {
@@ -330,29 +308,14 @@ async fn a_stopping_node_reports_only_the_services_it_runs() -> anyhow::Result<(
     })
     .await?;
     wait_for_health(&node, "touchline.v1.IngestService", true).await?;
-    let mut health = HealthClient::new(node.target().connect().await?);
+    let target = node.target().clone();
+    let mut health = HealthClient::new(target.connect().await?);
     let stopping = tokio::spawn(node.shutdown());
-    let check = |service: &str| HealthCheckRequest {
-        service: service.to_owned(),
-    };
-    let deadline = tokio::time::Instant::now() + DEADLINE;
-    let mut poll = tokio::time::interval(Duration::from_millis(20));
-    loop {
-        poll.tick().await;
-        let ingest = health
-            .check(check("touchline.v1.IngestService"))
-            .await?
-            .into_inner();
-        if ingest.status == ServingStatus::NotServing as i32 {
-            break;
-        }
-        anyhow::ensure!(
-            tokio::time::Instant::now() < deadline,
-            "ingest never turned NOT_SERVING"
-        );
-    }
+    wait_for_health_at(&target, "touchline.v1.IngestService", false).await?;
     let timeline = health
-        .check(check("touchline.v1.TimelineService"))
+        .check(HealthCheckRequest {
+            service: "touchline.v1.TimelineService".to_owned(),
+        })
         .await
         .expect_err("a service the node does not run");
     assert_eq!(timeline.code(), tonic::Code::NotFound, "{timeline:?}");

@@ -279,14 +279,10 @@ async fn admin_calls_need_an_admin_token_and_bad_requests_change_nothing() -> an
     assert_eq!(wrong.code(), Code::Unauthenticated);
     assert_eq!(error_reason(&wrong).as_deref(), Some("TOKEN_INVALID"));
     for reason in ["TOKEN_MISSING", "ADMIN_ONLY", "TOKEN_INVALID"] {
-        let counted = touchline_ingest::metrics::INGEST
-            .auth_failures
-            .get_or_create(&touchline_ingest::metrics::AuthLabels {
-                service: "admin",
-                reason,
-            })
-            .get();
-        assert!(counted >= 1, "admin refusals are counted: {reason}");
+        assert!(
+            touchline_tests::auth_failures("admin", reason) >= 1,
+            "admin refusals are counted: {reason}"
+        );
     }
 
     let unknown = admin

@@ -105,14 +105,10 @@ async fn tokens_rotate_expire_and_are_revoked_without_a_restart_and_never_leak()
     );
     // Each refusal is counted for the on-call (process-wide: at least these).
     for reason in ["TOKEN_MISSING", "TOKEN_INVALID", "TOKEN_EXPIRED"] {
-        let counted = touchline_ingest::metrics::INGEST
-            .auth_failures
-            .get_or_create(&touchline_ingest::metrics::AuthLabels {
-                service: "ingest",
-                reason,
-            })
-            .get();
-        assert!(counted >= 1, "{reason}");
+        assert!(
+            touchline_tests::auth_failures("ingest", reason) >= 1,
+            "{reason}"
+        );
     }
 
     // Revoke the old token: the file is reloaded when it changes, without a restart.

@@ -57,10 +57,11 @@ pub fn reset_peak_rss() -> bool {
 /// The process's peak resident set size in MiB (`VmHWM`), where the platform tells.
 #[must_use]
 pub fn peak_rss_mib() -> Option<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|line| line.starts_with("VmHWM:"))?;
-    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib / 1024.0)
+    #[allow(
+        clippy::cast_precision_loss,
+        reason = "MiB of a process, far below 2^52"
+    )]
+    touchline::metrics::process_status_kib("VmHWM").map(|kib| kib as f64 / 1024.0)
 }
 
 #[cfg(test)]

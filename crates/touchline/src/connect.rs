@@ -161,7 +161,8 @@ pub fn is_tls_refusal(error: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
-fn read(what: &str, path: &Path) -> anyhow::Result<Vec<u8>> {
+/// The bytes of `path`; an error names the setting it came from (`what`) and the file.
+pub(crate) fn read(what: &str, path: &Path) -> anyhow::Result<Vec<u8>> {
     std::fs::read(path).with_context(|| format!("{what} {}", path.display()))
 }
 

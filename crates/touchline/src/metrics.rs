@@ -76,10 +76,19 @@ impl ProcessGauges {
 
 /// The process's resident memory, from `/proc/self/status` (Linux).
 fn resident_bytes() -> Option<i64> {
+    i64::try_from(process_status_kib("VmRSS")?)
+        .ok()?
+        .checked_mul(1024)
+}
+
+/// A KiB figure of `/proc/self/status` (`VmRSS`, `VmHWM`...), where the platform has one.
+#[must_use]
+pub fn process_status_kib(field: &str) -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|line| line.starts_with("VmRSS:"))?;
-    let kib: i64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    kib.checked_mul(1024)
+    let value = status
+        .lines()
+        .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))?;
+    value.split_whitespace().next()?.parse().ok()
 }
 
 /// Gauges refreshed from the status on each scrape.

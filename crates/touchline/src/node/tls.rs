@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info};
 
 use crate::config::TlsConfig;
-use crate::connect::Target;
+use crate::connect::{Target, read};
 
 /// How long a connection may take to finish its TLS handshake before it is closed.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -79,7 +79,7 @@ impl TlsServer {
             .context("server.tls: no protocol version")?;
         let builder = match &files.client_ca_file {
             Some(path) => {
-                let pem = read("client-ca-file", path)?;
+                let pem = read("server.tls.client-ca-file", path)?;
                 // A bundle is taken whole or refused.
                 let mut roots = RootCertStore::empty();
                 for certificate in certificates("client-ca-file", path, &pem)? {
@@ -221,9 +221,9 @@ impl<T> Drop for AbortOnDrop<T> {
 
 /// The certificate chain and key of `files`, checked to match.
 fn certified_key(files: &TlsConfig, provider: &CryptoProvider) -> anyhow::Result<CertifiedKey> {
-    let cert = read("cert-file", &files.cert_file)?;
+    let cert = read("server.tls.cert-file", &files.cert_file)?;
     let chain = certificates("cert-file", &files.cert_file, &cert)?;
-    let key = read("key-file", &files.key_file)?;
+    let key = read("server.tls.key-file", &files.key_file)?;
     let key = PrivateKeyDer::from_pem_slice(&key).map_err(|error| {
         anyhow::anyhow!(
             "server.tls.key-file {}: no private key in it ({error})",
@@ -264,10 +264,6 @@ pub(super) fn own_target(local_addr: SocketAddr, tls: Option<&TlsConfig>) -> Tar
         None => Target::new(format!("http://{addr}")),
         Some(tls) => Target::new(format!("https://{addr}")).with_ca_cert(&tls.cert_file),
     }
-}
-
-fn read(key: &str, path: &Path) -> anyhow::Result<Vec<u8>> {
-    std::fs::read(path).with_context(|| format!("server.tls.{key} {}", path.display()))
 }
 
 /// The PEM certificates of a file: at least one, each a well-formed PEM block.
