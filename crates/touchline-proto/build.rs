@@ -12,6 +12,7 @@ const PROTO_FILES: &[&str] = &[
     "touchline/v1/timeline.proto",
     "touchline/v1/envelope.proto",
     "touchline/v1/admin.proto",
+    "touchline/v1/backup.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

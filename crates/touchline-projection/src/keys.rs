@@ -77,6 +77,28 @@ pub fn record(stream_key: &str, partition: i32, offset: i64) -> Vec<u8> {
     key
 }
 
+/// The stream and partition of a [`position`] key.
+#[must_use]
+pub fn parse_position(key: &[u8]) -> Option<(String, i32)> {
+    let (head, partition) = key.split_at_checked(key.len().checked_sub(4)?)?;
+    let (stream, zero) = head.split_at_checked(head.len().checked_sub(1)?)?;
+    if zero != [0] {
+        return None;
+    }
+    let mut ordered = [0x80, 0, 0, 0, 0, 0, 0, 0];
+    ordered[4..].copy_from_slice(partition);
+    let partition = i32::try_from(from_ordered_i64(ordered)).ok()?;
+    Some((String::from_utf8(stream.to_vec()).ok()?, partition))
+}
+
+/// The stream, partition and offset of a [`record`] key.
+#[must_use]
+pub fn parse_record(key: &[u8]) -> Option<(String, i32, i64)> {
+    let (position, offset) = key.split_at_checked(key.len().checked_sub(8)?)?;
+    let (stream, partition) = parse_position(position)?;
+    Some((stream, partition, from_ordered_i64(offset.try_into().ok()?)))
+}
+
 /// The prefix of every position key of a stream.
 #[must_use]
 pub fn position_prefix(stream_key: &str) -> Vec<u8> {
@@ -100,6 +122,25 @@ mod tests {
                 .iter()
                 .all(|value| from_ordered_i64(ordered_i64(*value)) == *value)
         );
+    }
+
+    #[test]
+    fn position_and_record_keys_parse_back() {
+        for partition in [0, 1, 7, i32::MAX] {
+            let key = position("cluster/topic", partition);
+            assert_eq!(
+                parse_position(&key),
+                Some(("cluster/topic".to_owned(), partition))
+            );
+            for offset in [0, 5, i64::MAX] {
+                assert_eq!(
+                    parse_record(&record("cluster/topic", partition, offset)),
+                    Some(("cluster/topic".to_owned(), partition, offset))
+                );
+            }
+        }
+        assert_eq!(parse_position(b"abc"), None);
+        assert_eq!(parse_position(b"abcde"), None);
     }
 
     #[test]

@@ -24,6 +24,7 @@ use crate::error::backend;
 use crate::table::Table;
 
 mod apply;
+mod backup;
 mod dead_letters;
 mod event_store;
 mod log;
@@ -31,6 +32,9 @@ mod verify;
 mod versions;
 
 use apply::Folds;
+pub use backup::{
+    BackupCut, DeadLetteredRecord, LogReader, LoggedEvent, RestoreError, StreamPosition,
+};
 pub use dead_letters::{DeadLetter, Requeued};
 use log::LogRecord;
 use versions::version_prefix;

@@ -1,6 +1,7 @@
 //! Touchline's gRPC contract, generated from `proto/touchline/v1` by protox + tonic-prost-build,
 //! and the only place where wire messages and domain types are converted into each other.
 
+pub mod backup;
 pub mod codec;
 pub mod convert;
 

@@ -20,12 +20,13 @@ use touchline_proto::v1;
 
 use crate::Error;
 
+mod backup;
 mod status;
 mod wire;
 
-use wire::{
-    count, replay_from, stream_progress, wire_dead_letter, wire_rebuild, wire_replay, wire_role,
-};
+pub(crate) use wire::{domain_dead_letter, wire_dead_letter};
+
+use wire::{count, replay_from, stream_progress, wire_rebuild, wire_replay, wire_role};
 
 /// Checks a call's metadata: for an admin, `Ok` with who called (as the audit log names the
 /// caller: which token, never the token itself); otherwise the status to answer.
@@ -213,6 +214,7 @@ impl Drop for ReplaySlot {
 impl v1::admin_service_server::AdminService for AdminService {
     type RebuildProjectionStream = ReceiverStream<Result<v1::RebuildProgress, Status>>;
     type ReplayStream = ReceiverStream<Result<v1::ReplayProgress, Status>>;
+    type BackupStream = ReceiverStream<Result<v1::BackupChunk, Status>>;
 
     async fn get_status(
         &self,
@@ -503,5 +505,24 @@ impl v1::admin_service_server::AdminService for AdminService {
                 .collect(),
             log_events,
         }))
+    }
+
+    async fn backup(
+        &self,
+        request: Request<v1::BackupRequest>,
+    ) -> Result<Response<Self::BackupStream>, Status> {
+        let caller = self.check(&request)?;
+        // Not a change, but every event leaves with it: audited.
+        audit(
+            "backup",
+            &"the log, positions and dead letters",
+            &caller,
+            request.remote_addr(),
+            Ok(()),
+        )?;
+        Ok(Response::new(backup::stream(
+            Arc::clone(&self.context.store),
+            self.context.shutdown.clone(),
+        )))
     }
 }

@@ -2,6 +2,7 @@
 //! projections in the store.
 
 pub mod admin;
+pub mod backup;
 pub mod error;
 pub mod metrics;
 pub mod page_token;

@@ -3,6 +3,7 @@
 
 pub mod admin_auth;
 pub mod admin_client;
+pub mod backup;
 pub mod client;
 pub mod config;
 pub mod connect;

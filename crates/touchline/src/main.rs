@@ -1,5 +1,6 @@
 //! `touchline`: run a node (`dev`, `serve`) or talk to one (`publish`, `timeline`, `summary`,
-//! `watch`, and the ops commands `status`, `rebuild`, `replay`, `dead-letters`, `verify`).
+//! `watch`, and the ops commands `status`, `rebuild`, `replay`, `dead-letters`, `verify`, `backup`,
+//! `restore`).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -181,6 +182,23 @@ enum Command {
     Verify {
         #[command(flatten)]
         admin: Admin,
+    },
+    /// Write a backup of a node's system of record (the log, the consumer positions stored with
+    /// it, the dead letters) to a new file, while the node runs.
+    Backup {
+        /// The file to write; it must not exist.
+        #[arg(long, short)]
+        out: PathBuf,
+        #[command(flatten)]
+        admin: Admin,
+    },
+    /// Restore a backup file into a new store (store.path, or --data-dir) while no node runs on
+    /// it: the log as it was, the projections folded from it again.
+    Restore {
+        /// The backup file.
+        file: PathBuf,
+        #[command(flatten)]
+        node: NodeArgs,
     },
     /// Print a customer's timeline, then new entries live as they are projected.
     Watch {
@@ -468,6 +486,40 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Verify { admin } => {
             admin_client::verify(&admin.endpoint, &admin.admin_token).await
+        }
+        Command::Backup { out, admin } => {
+            let file = touchline::backup::backup(&admin.endpoint, &admin.admin_token, &out).await?;
+            touchline::outln!(
+                "backup of {} events written to {} ({} bytes, checked)",
+                file.events,
+                out.display(),
+                file.bytes
+            )?;
+            touchline::outln!("log sha256 {}", file.log_sha256)?;
+            Ok(())
+        }
+        Command::Restore { file, node } => {
+            let config = load_config(&node)?;
+            init_tracing(&config);
+            let restored = touchline::backup::restore(
+                &file,
+                &config.store.path,
+                config.store.cache_mib.saturating_mul(1024 * 1024),
+            )?;
+            touchline::outln!(
+                "restored {} events, {} positions and {} dead letters into {} (backup taken {} by Touchline {})",
+                restored.events,
+                restored.positions,
+                restored.dead_letters,
+                config.store.path.display(),
+                restored.taken_at.map_or_else(
+                    || "at an unknown time".to_owned(),
+                    |at| format!("at {}", at.to_rfc3339())
+                ),
+                restored.touchline_version
+            )?;
+            touchline::outln!("log sha256 {}", restored.log.sha256)?;
+            Ok(())
         }
         Command::Watch {
             customer_id,

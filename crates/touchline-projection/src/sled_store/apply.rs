@@ -277,27 +277,26 @@ impl SledStore {
         stream: &StreamIdentity,
         records: Vec<ConsumedRecord>,
     ) -> Result<ApplyOutcome, StoreError> {
-        self.apply_records(stream, records, false)
+        self.apply_records(&stream.key(), records, false)
     }
 
     /// Applies consumed records, storing their positions or not, as one writer.
     pub(super) fn apply_records(
         &self,
-        stream: &StreamIdentity,
+        stream_key: &str,
         records: Vec<ConsumedRecord>,
         store_positions: bool,
     ) -> Result<ApplyOutcome, StoreError> {
         // One writer at a time: the dedupe reads and the counters are only consistent with the
         // batch because nobody else writes in between.
         let mut writer = self.lock_writer();
-        let stream_key = stream.key();
         let mut outcome = ApplyOutcome::default();
         let mut records = records.into_iter().peekable();
         while records.peek().is_some() {
             let part: Vec<ConsumedRecord> = records.by_ref().take(RECORDS_PER_WRITE).collect();
             outcome.absorb(self.apply_locked(
                 &mut writer,
-                &stream_key,
+                stream_key,
                 part,
                 store_positions,
                 sled::Batch::default(),

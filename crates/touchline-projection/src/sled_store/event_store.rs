@@ -20,7 +20,7 @@ impl EventStore for SledStore {
         stream: &StreamIdentity,
         records: Vec<ConsumedRecord>,
     ) -> Result<ApplyOutcome, StoreError> {
-        self.apply_records(stream, records, true)
+        self.apply_records(&stream.key(), records, true)
     }
 
     fn positions(
@@ -32,28 +32,13 @@ impl EventStore for SledStore {
             .scan_prefix(&prefix)
             .map(|item| {
                 let (key, value) = item.map_err(backend)?;
-                let partition_bytes: [u8; 4] =
-                    key[prefix.len()..]
-                        .try_into()
-                        .map_err(|_| StoreError::Corrupt {
-                            what: "position key",
-                            key: format!("{key:02x?}"),
-                            reason: "partition is not 4 bytes".to_owned(),
-                        })?;
-                let mut ordered = [0x80, 0, 0, 0, 0, 0, 0, 0];
-                ordered[4..].copy_from_slice(&partition_bytes);
-                let partition = i32::try_from(keys::from_ordered_i64(ordered)).unwrap_or_default();
-                let next_offset =
-                    read_u64("position", &key, value.get(..8).unwrap_or_default())?.cast_signed();
-                let last_fingerprint =
-                    read_u64("position", &key, value.get(8..).unwrap_or_default())?;
-                Ok((
-                    partition,
-                    StoredPosition {
-                        next_offset,
-                        last_fingerprint,
-                    },
-                ))
+                let (_, partition) =
+                    keys::parse_position(&key).ok_or_else(|| StoreError::Corrupt {
+                        what: "position key",
+                        key: format!("{key:02x?}"),
+                        reason: "partition is not 4 bytes".to_owned(),
+                    })?;
+                Ok((partition, super::backup::read_position(&key, &value)?))
             })
             .collect()
     }

@@ -162,6 +162,19 @@ pub(super) fn for_each(
     end: u64,
     mut each: impl FnMut(LogRecord<'_>) -> Result<(), StoreError>,
 ) -> Result<(), StoreError> {
+    for_each_while(log, from, end, |record| each(record).map(|()| true))
+}
+
+/// [`for_each`] until `each` returns `false`.
+///
+/// # Errors
+/// When the backend fails, a chunk is corrupt, or `each` fails.
+pub(super) fn for_each_while(
+    log: &Table,
+    from: u64,
+    end: u64,
+    mut each: impl FnMut(LogRecord<'_>) -> Result<bool, StoreError>,
+) -> Result<(), StoreError> {
     if from >= end {
         return Ok(());
     }
@@ -174,8 +187,8 @@ pub(super) fn for_each(
             if record.sequence >= end {
                 return Ok(());
             }
-            if record.sequence >= from {
-                each(record)?;
+            if record.sequence >= from && !each(record)? {
+                return Ok(());
             }
         }
     }
@@ -203,22 +216,39 @@ pub(super) fn get(log: &Table, sequence: u64) -> Result<Option<(i32, i64, Vec<u8
 /// # Errors
 /// When the backend fails or a chunk is corrupt.
 pub(super) fn checksum(log: &Table, through: u64) -> Result<Checksum, StoreError> {
-    let mut hasher = Sha256::new();
-    let mut entries = 0;
+    let mut hasher = LogHasher::default();
     for_each(log, 0, through.saturating_add(1), |record| {
-        hasher.update(8_u64.to_be_bytes());
-        hasher.update(record.sequence.to_be_bytes());
-        hasher.update(((12 + record.raw.len()) as u64).to_be_bytes());
-        hasher.update(record.partition.to_be_bytes());
-        hasher.update(record.offset.to_be_bytes());
-        hasher.update(record.raw);
-        entries += 1;
+        hasher.add(&record);
         Ok(())
     })?;
-    Ok(Checksum {
-        entries,
-        sha256: hex::encode(hasher.finalize()),
-    })
+    Ok(hasher.finish())
+}
+
+/// The log's checksum ([`checksum`]) of events given in log order from the first.
+#[derive(Debug, Default)]
+pub(super) struct LogHasher {
+    hasher: Sha256,
+    entries: u64,
+}
+
+impl LogHasher {
+    pub(super) fn add(&mut self, record: &LogRecord<'_>) {
+        self.hasher.update(8_u64.to_be_bytes());
+        self.hasher.update(record.sequence.to_be_bytes());
+        self.hasher
+            .update(((12 + record.raw.len()) as u64).to_be_bytes());
+        self.hasher.update(record.partition.to_be_bytes());
+        self.hasher.update(record.offset.to_be_bytes());
+        self.hasher.update(record.raw);
+        self.entries += 1;
+    }
+
+    pub(super) fn finish(self) -> Checksum {
+        Checksum {
+            entries: self.entries,
+            sha256: hex::encode(self.hasher.finalize()),
+        }
+    }
 }
 
 /// Rewrites a format 3 log (one key per event) into chunks, in atomic batches that each move

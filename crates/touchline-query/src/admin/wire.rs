@@ -60,7 +60,7 @@ pub(super) fn wire_replay(progress: &ReplayProgress) -> v1::ReplayProgress {
     }
 }
 
-pub(super) fn wire_dead_letter(dead_letter: DeadLetter) -> v1::DeadLetter {
+pub(crate) fn wire_dead_letter(dead_letter: DeadLetter) -> v1::DeadLetter {
     v1::DeadLetter {
         id: dead_letter.id,
         stream: dead_letter.stream,
@@ -71,6 +71,20 @@ pub(super) fn wire_dead_letter(dead_letter: DeadLetter) -> v1::DeadLetter {
         value: dead_letter.value,
         dead_lettered_at: Some(timestamp(dead_letter.dead_lettered_at)),
     }
+}
+
+/// A dead letter from its wire form (a backup's); `None` when its time is not a valid instant.
+pub(crate) fn domain_dead_letter(dead_letter: v1::DeadLetter) -> Option<DeadLetter> {
+    Some(DeadLetter {
+        dead_lettered_at: instant(dead_letter.dead_lettered_at.as_ref()?)?,
+        id: dead_letter.id,
+        stream: dead_letter.stream,
+        partition: dead_letter.partition,
+        offset: dead_letter.offset,
+        reason: dead_letter.reason,
+        key: dead_letter.key,
+        value: dead_letter.value,
+    })
 }
 
 pub(super) fn wire_role(role: VersionRole) -> v1::VersionState {

@@ -1,0 +1,388 @@
+//! Backups of the system of record and their restore: the log, the consumer positions stored
+//! with it, and the dead letters (with the index of every record ever dead-lettered). Projections
+//! are not backed up: a restore folds them from the log as the projector did (invariant 5).
+//!
+//! A backup is taken at one point of the log: the positions and dead letters are read under the
+//! writer (they change with every write), the log's events up to that point after it (the log
+//! only grows).
+
+use std::sync::atomic::Ordering;
+
+use touchline_core::{
+    ConsumedRecord, RecordContent, StoreError, StoredPosition, UnixNanos, fingerprint,
+};
+
+use super::log::LogHasher;
+use super::{
+    Checksum, DEAD_LETTER_COUNT, DeadLetter, NEXT_DEAD_LETTER, SledStore, encode, log, read_u64,
+};
+use crate::error::backend;
+use crate::keys;
+
+/// A consumer position as the store holds it: of a partition of a Kafka stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamPosition {
+    /// The stream's key (cluster id and topic).
+    pub stream: String,
+    pub partition: i32,
+    pub position: StoredPosition,
+}
+
+/// A record once dead-lettered, by where it is: kept after its dead letter is requeued or
+/// discarded, so that reading the record again does not make it a dead letter again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetteredRecord {
+    pub stream: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub dead_letter_id: u64,
+    /// [`touchline_core::fingerprint`] of the record's value.
+    pub fingerprint: u64,
+}
+
+/// What a backup holds besides the log's events, read at one point of the log.
+#[derive(Debug, Clone)]
+pub struct BackupCut {
+    /// Events in the log at that point: sequences 1 to this.
+    pub events: u64,
+    pub positions: Vec<StreamPosition>,
+    pub dead_lettered_records: Vec<DeadLetteredRecord>,
+    pub dead_letters: Vec<DeadLetter>,
+    pub next_dead_letter: u64,
+    pub taken_at: UnixNanos,
+}
+
+/// One event of the log, owned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoggedEvent {
+    pub partition: i32,
+    pub offset: i64,
+    /// The Kafka record's value as consumed.
+    pub record: Vec<u8>,
+}
+
+/// Reads the log's events in order from the first, keeping the log's checksum of what it read.
+#[derive(Debug)]
+pub struct LogReader<'a> {
+    store: &'a SledStore,
+    next: u64,
+    end: u64,
+    hasher: LogHasher,
+}
+
+impl LogReader<'_> {
+    /// The next events, in log order, until they hold about `max_bytes` of records (at least
+    /// one), with the sequence of the first; `None` once every event up to the end was read.
+    ///
+    /// # Errors
+    /// When the backend fails or a chunk is corrupt.
+    pub fn next_events(
+        &mut self,
+        max_bytes: usize,
+    ) -> Result<Option<(u64, Vec<LoggedEvent>)>, StoreError> {
+        let first = self.next;
+        let mut events = Vec::new();
+        let mut bytes = 0;
+        log::for_each_while(&self.store.log, self.next, self.end, |record| {
+            if record.sequence != self.next {
+                return Err(StoreError::Corrupt {
+                    what: "log",
+                    key: self.next.to_string(),
+                    reason: format!("event {} is missing", self.next),
+                });
+            }
+            self.hasher.add(&record);
+            self.next += 1;
+            bytes += record.raw.len();
+            events.push(LoggedEvent {
+                partition: record.partition,
+                offset: record.offset,
+                record: record.raw.to_vec(),
+            });
+            Ok(bytes < max_bytes)
+        })?;
+        if events.is_empty() && self.next < self.end {
+            return Err(StoreError::Corrupt {
+                what: "log",
+                key: self.next.to_string(),
+                reason: format!("event {} is missing", self.next),
+            });
+        }
+        Ok((!events.is_empty()).then_some((first, events)))
+    }
+
+    /// The log's checksum through the last event read.
+    #[must_use]
+    pub fn checksum(self) -> Checksum {
+        self.hasher.finish()
+    }
+}
+
+/// Why a backup cannot be restored into this store.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    #[error(
+        "the store is not empty ({events} events, {dead_letters} dead letters, positions: {positions}): a backup is restored only into an empty store"
+    )]
+    NotEmpty {
+        events: u64,
+        dead_letters: u64,
+        positions: bool,
+    },
+    #[error(
+        "the backup's events frame starts at sequence {found}, where {expected} comes next: the backup is damaged"
+    )]
+    Gap { expected: u64, found: u64 },
+    #[error("the backup's event {sequence} is not an event ({reason}): the backup is damaged")]
+    NotAnEvent { sequence: u64, reason: String },
+    #[error(
+        "the backup holds an event twice (by partner and event id) between sequences {first} and {last}: the backup is damaged"
+    )]
+    Duplicate { first: u64, last: u64 },
+    #[error("the backup has dead letter {id} twice")]
+    DeadLetterTwice { id: u64 },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl SledStore {
+    /// Positions, dead letters and the record index, read under the writer: they are what the
+    /// log held when it had `events` events.
+    ///
+    /// # Errors
+    /// When the backend fails or a stored value is corrupt.
+    pub fn backup_cut(&self) -> Result<BackupCut, StoreError> {
+        let writer = self.lock_writer();
+        let mut positions = Vec::new();
+        for item in self.positions.scan_prefix(&[]) {
+            let (key, value) = item.map_err(backend)?;
+            let (stream, partition) =
+                keys::parse_position(&key).ok_or_else(|| StoreError::Corrupt {
+                    what: "position key",
+                    key: format!("{key:02x?}"),
+                    reason: "not a stream, a zero byte and a partition".to_owned(),
+                })?;
+            positions.push(StreamPosition {
+                stream,
+                partition,
+                position: read_position(&key, &value)?,
+            });
+        }
+        let mut dead_lettered_records = Vec::new();
+        for item in self.dead_letter_index.scan_prefix(&[]) {
+            let (key, value) = item.map_err(backend)?;
+            let corrupt = |reason: &str| StoreError::Corrupt {
+                what: "dead-letter index",
+                key: format!("{key:02x?}"),
+                reason: reason.to_owned(),
+            };
+            let (stream, partition, offset) =
+                keys::parse_record(&key).ok_or_else(|| corrupt("not a record key"))?;
+            let dead_letter_id = read_u64(
+                "dead-letter index",
+                &key,
+                value.get(..8).unwrap_or_default(),
+            )?;
+            let fingerprint = read_u64(
+                "dead-letter index",
+                &key,
+                value.get(8..).unwrap_or_default(),
+            )?;
+            dead_lettered_records.push(DeadLetteredRecord {
+                stream,
+                partition,
+                offset,
+                dead_letter_id,
+                fingerprint,
+            });
+        }
+        let dead_letters = self.dead_letters_after(0, usize::MAX)?;
+        Ok(BackupCut {
+            events: writer.next_sequence.saturating_sub(1),
+            positions,
+            dead_lettered_records,
+            dead_letters,
+            next_dead_letter: writer.next_dead_letter,
+            taken_at: UnixNanos::now(),
+        })
+    }
+
+    /// A reader of the log's events from the first through `events`.
+    #[must_use]
+    pub fn read_log(&self, events: u64) -> LogReader<'_> {
+        LogReader {
+            store: self,
+            next: 1,
+            end: events.saturating_add(1),
+            hasher: LogHasher::default(),
+        }
+    }
+
+    /// Refuses a restore into a store that holds anything: events, dead letters or positions.
+    ///
+    /// # Errors
+    /// [`RestoreError::NotEmpty`], or when the backend fails.
+    pub fn check_empty(&self) -> Result<(), RestoreError> {
+        let writer = self.lock_writer();
+        let events = writer.next_sequence.saturating_sub(1);
+        let dead_letters = writer.next_dead_letter.saturating_sub(1);
+        let positions = self
+            .positions
+            .scan_prefix(&[])
+            .next()
+            .transpose()
+            .map_err(backend)?
+            .is_some();
+        if events > 0 || dead_letters > 0 || positions {
+            return Err(RestoreError::NotEmpty {
+                events,
+                dead_letters,
+                positions,
+            });
+        }
+        Ok(())
+    }
+
+    /// Appends a backup's events with the sequences they had (the first is `first_sequence`, the
+    /// next the log expects) and projects them, as the projector did.
+    ///
+    /// # Errors
+    /// When the events do not follow the log, one is not an event or is there twice, or the
+    /// backend fails.
+    pub fn restore_events(
+        &self,
+        first_sequence: u64,
+        events: Vec<LoggedEvent>,
+    ) -> Result<(), RestoreError> {
+        let expected = self.lock_writer().next_sequence;
+        if first_sequence != expected {
+            return Err(RestoreError::Gap {
+                expected,
+                found: first_sequence,
+            });
+        }
+        let count = events.len() as u64;
+        let records = events
+            .into_iter()
+            .zip(first_sequence..)
+            .map(|(event, sequence)| {
+                let envelope =
+                    touchline_proto::decode_envelope(Some(&event.record)).map_err(|error| {
+                        RestoreError::NotAnEvent {
+                            sequence,
+                            reason: error.to_string(),
+                        }
+                    })?;
+                Ok(ConsumedRecord {
+                    partition: event.partition,
+                    offset: event.offset,
+                    content: RecordContent::Event {
+                        envelope: Box::new(envelope),
+                        raw: event.record,
+                    },
+                })
+            })
+            .collect::<Result<Vec<_>, RestoreError>>()?;
+        // Only events: the stream key names dead letters, of which there are none here.
+        let outcome = self.apply_records("", records, false)?;
+        if outcome.appended != count {
+            return Err(RestoreError::Duplicate {
+                first: first_sequence,
+                last: first_sequence + count.saturating_sub(1),
+            });
+        }
+        Ok(())
+    }
+
+    /// Stores a consumer position of a backup.
+    ///
+    /// # Errors
+    /// When the backend fails.
+    pub fn restore_position(&self, position: &StreamPosition) -> Result<(), StoreError> {
+        let mut value = position.position.next_offset.to_be_bytes().to_vec();
+        value.extend_from_slice(&position.position.last_fingerprint.to_be_bytes());
+        self.positions
+            .insert_now(keys::position(&position.stream, position.partition), value)
+            .map_err(backend)
+    }
+
+    /// Stores a backup's record once dead-lettered.
+    ///
+    /// # Errors
+    /// When the backend fails.
+    pub fn restore_dead_lettered_record(
+        &self,
+        record: &DeadLetteredRecord,
+    ) -> Result<(), StoreError> {
+        let mut value = record.dead_letter_id.to_be_bytes().to_vec();
+        value.extend_from_slice(&record.fingerprint.to_be_bytes());
+        self.dead_letter_index
+            .insert_now(
+                keys::record(&record.stream, record.partition, record.offset),
+                value,
+            )
+            .map_err(backend)
+    }
+
+    /// Stores a backup's dead letter, and the record index entry it needs (a backup has it
+    /// already; a dead letter is never without one).
+    ///
+    /// # Errors
+    /// When the backup has it twice, or the backend fails.
+    pub fn restore_dead_letter(&self, dead_letter: &DeadLetter) -> Result<(), RestoreError> {
+        let mut writer = self.lock_writer();
+        let key = dead_letter.id.to_be_bytes();
+        if self.dead_letters.get(key).map_err(backend)?.is_some() {
+            return Err(RestoreError::DeadLetterTwice { id: dead_letter.id });
+        }
+        let mut batch = sled::Batch::default();
+        self.dead_letters
+            .insert(&mut batch, key, encode(dead_letter)?);
+        let mut index = dead_letter.id.to_be_bytes().to_vec();
+        index.extend_from_slice(&fingerprint(dead_letter.value.as_deref()).to_be_bytes());
+        self.dead_letter_index.insert(
+            &mut batch,
+            keys::record(
+                &dead_letter.stream,
+                dead_letter.partition,
+                dead_letter.offset,
+            ),
+            index,
+        );
+        let count = writer.dead_letters + 1;
+        let next = writer
+            .next_dead_letter
+            .max(dead_letter.id.saturating_add(1));
+        self.meta
+            .insert(&mut batch, DEAD_LETTER_COUNT, &count.to_be_bytes());
+        self.meta
+            .insert(&mut batch, NEXT_DEAD_LETTER, &next.to_be_bytes());
+        crate::garbage::apply_batch(&self.tree, batch, 4).map_err(backend)?;
+        writer.dead_letters = count;
+        writer.next_dead_letter = next;
+        self.dead_letter_count.store(count, Ordering::Release);
+        Ok(())
+    }
+
+    /// Sets the id the next dead letter gets (never below what the restored ones need).
+    ///
+    /// # Errors
+    /// When the backend fails.
+    pub fn restore_next_dead_letter(&self, next_dead_letter: u64) -> Result<(), StoreError> {
+        let mut writer = self.lock_writer();
+        let next = writer.next_dead_letter.max(next_dead_letter);
+        self.meta
+            .insert_now(NEXT_DEAD_LETTER, &next.to_be_bytes())
+            .map_err(backend)?;
+        writer.next_dead_letter = next;
+        Ok(())
+    }
+}
+
+/// A position value: the next offset and the fingerprint of the record before it.
+pub(super) fn read_position(key: &[u8], value: &[u8]) -> Result<StoredPosition, StoreError> {
+    Ok(StoredPosition {
+        next_offset: read_u64("position", key, value.get(..8).unwrap_or_default())?.cast_signed(),
+        last_fingerprint: read_u64("position", key, value.get(8..).unwrap_or_default())?,
+    })
+}

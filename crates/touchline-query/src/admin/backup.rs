@@ -1,0 +1,66 @@
+//! `AdminService.Backup`: a backup file's bytes ([`crate::backup::write`]) streamed as they are
+//! made, from a blocking task that waits for the caller to read each piece.
+
+use std::sync::Arc;
+
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Code, Status};
+use touchline_projection::SledStore;
+use touchline_proto::v1;
+
+use super::rejected;
+use crate::Error;
+
+/// Pieces of the file made ahead of the caller's reading.
+const AHEAD: usize = 4;
+
+/// How long a backup stopped by the shutdown waits to tell its caller.
+const SHUTDOWN_NOTICE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Streams a backup of `store`. It stops when the caller goes away, and ends with UNAVAILABLE
+/// (SHUTTING_DOWN) when `shutdown` is cancelled.
+pub(super) fn stream(
+    store: Arc<SledStore>,
+    shutdown: CancellationToken,
+) -> ReceiverStream<Result<v1::BackupChunk, Status>> {
+    let (sender, receiver) = tokio::sync::mpsc::channel(AHEAD);
+    let runtime = tokio::runtime::Handle::current();
+    tokio::task::spawn_blocking(move || {
+        let send = |message: Result<v1::BackupChunk, Status>| {
+            runtime.block_on(async {
+                tokio::select! {
+                    sent = sender.send(message) => sent.is_ok(),
+                    () = shutdown.cancelled() => false,
+                }
+            })
+        };
+        let written = crate::backup::write(&store, |data| send(Ok(v1::BackupChunk { data })));
+        match written {
+            Ok(Some(written)) => tracing::info!(
+                events = written.events,
+                bytes = written.bytes,
+                log_sha256 = %written.log.sha256,
+                "backup streamed"
+            ),
+            Ok(None) if shutdown.is_cancelled() => {
+                tracing::info!("backup stopped: the server is shutting down");
+                // Told if it reads on within a second; its file ends without a trailer anyway.
+                let _ = runtime.block_on(tokio::time::timeout(
+                    SHUTDOWN_NOTICE,
+                    sender.send(Err(rejected(
+                        Code::Unavailable,
+                        "SHUTTING_DOWN",
+                        "the server is shutting down; take the backup again",
+                    ))),
+                ));
+            }
+            Ok(None) => tracing::info!("backup stopped: the caller went away"),
+            Err(error) => {
+                tracing::error!(%error, "backup failed");
+                let _ = send(Err(Error::Store(error).into()));
+            }
+        }
+    });
+    ReceiverStream::new(receiver)
+}

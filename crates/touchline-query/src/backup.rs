@@ -1,0 +1,315 @@
+//! Backups of the store as files (`proto/touchline/v1/backup.proto`): [`write`] makes one from a
+//! store (what `AdminService.Backup` streams), [`restore`] reads one into an empty store (what
+//! `touchline restore` runs). Both block: run them off the async threads.
+
+use std::io::Read;
+
+use touchline_core::{EventStore as _, StoreError, UnixNanos};
+use touchline_projection::sled_store::{
+    BackupCut, DeadLetteredRecord, LoggedEvent, RestoreError, StreamPosition,
+};
+use touchline_projection::{Checksum, SledStore};
+use touchline_proto::backup::{
+    BackupFileError, EVENTS_FRAME_BYTES, FORMAT, FrameReader, FrameWriter,
+};
+use touchline_proto::convert::{instant, timestamp};
+use touchline_proto::v1;
+use touchline_proto::v1::backup_frame::Frame;
+
+use crate::admin::{domain_dead_letter, wire_dead_letter};
+
+/// What a backup written whole holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Written {
+    pub events: u64,
+    pub bytes: u64,
+    /// The log's checksum through its last event, as `VerifyProjections` reports it.
+    pub log: Checksum,
+}
+
+/// Writes a backup of `store` taken at one point of the log, handing the file's bytes to `sink`
+/// in order, in pieces of about 1 MiB. `Ok(None)` when `sink` returned `false` (its reader went
+/// away): the backup stopped there.
+///
+/// # Errors
+/// When the backend fails or a stored value is corrupt.
+pub fn write(
+    store: &SledStore,
+    mut sink: impl FnMut(Vec<u8>) -> bool,
+) -> Result<Option<Written>, StoreError> {
+    let cut = store.backup_cut()?;
+    let mut writer = FrameWriter::new();
+    let mut pending = writer.frame(Frame::Header(header(&cut)));
+    let mut bytes = 0_u64;
+    let mut send = |pending: &mut Vec<u8>, at_least: usize| {
+        if pending.len() < at_least {
+            return true;
+        }
+        bytes += pending.len() as u64;
+        sink(std::mem::take(pending))
+    };
+    let frames = cut
+        .positions
+        .into_iter()
+        .map(|position| {
+            Frame::Position(v1::BackupPosition {
+                stream: position.stream,
+                partition: position.partition,
+                next_offset: position.position.next_offset,
+                last_fingerprint: position.position.last_fingerprint,
+            })
+        })
+        .chain(cut.dead_lettered_records.into_iter().map(|record| {
+            Frame::DeadLetteredRecord(v1::DeadLetteredRecord {
+                stream: record.stream,
+                partition: record.partition,
+                offset: record.offset,
+                dead_letter_id: record.dead_letter_id,
+                fingerprint: record.fingerprint,
+            })
+        }))
+        .chain(
+            cut.dead_letters
+                .into_iter()
+                .map(|dead_letter| Frame::DeadLetter(wire_dead_letter(dead_letter))),
+        );
+    for frame in frames {
+        pending.extend(writer.frame(frame));
+        if !send(&mut pending, EVENTS_FRAME_BYTES) {
+            return Ok(None);
+        }
+    }
+    let mut log = store.read_log(cut.events);
+    while let Some((first_sequence, events)) = log.next_events(EVENTS_FRAME_BYTES)? {
+        pending.extend(
+            writer.frame(Frame::Events(v1::BackupEvents {
+                first_sequence,
+                events: events
+                    .into_iter()
+                    .map(|event| v1::LoggedEvent {
+                        partition: event.partition,
+                        offset: event.offset,
+                        record: event.record,
+                    })
+                    .collect(),
+            })),
+        );
+        if !send(&mut pending, EVENTS_FRAME_BYTES) {
+            return Ok(None);
+        }
+    }
+    let log = log.checksum();
+    pending.extend(writer.trailer(log.entries, log.sha256.clone()));
+    if !send(&mut pending, 0) {
+        return Ok(None);
+    }
+    Ok(Some(Written {
+        events: log.entries,
+        bytes,
+        log,
+    }))
+}
+
+fn header(cut: &BackupCut) -> v1::BackupHeader {
+    v1::BackupHeader {
+        format: FORMAT.to_owned(),
+        events: cut.events,
+        positions: u32::try_from(cut.positions.len()).unwrap_or(u32::MAX),
+        dead_lettered_records: cut.dead_lettered_records.len() as u64,
+        dead_letters: cut.dead_letters.len() as u64,
+        next_dead_letter: cut.next_dead_letter,
+        taken_at: Some(timestamp(cut.taken_at)),
+        touchline_version: env!("CARGO_PKG_VERSION").to_owned(),
+    }
+}
+
+/// What a restore put into the store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Restored {
+    pub events: u64,
+    pub positions: u64,
+    pub dead_letters: u64,
+    pub dead_lettered_records: u64,
+    pub taken_at: Option<UnixNanos>,
+    pub touchline_version: String,
+    /// The restored log's checksum (the backup's, checked).
+    pub log: Checksum,
+}
+
+/// Why a backup file was not restored.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreFailure {
+    #[error(transparent)]
+    File(#[from] BackupFileError),
+    #[error(transparent)]
+    Restore(#[from] RestoreError),
+    #[error(
+        "the backup's {what} do not add up: its header says {stated}, it holds {found}: the backup is damaged"
+    )]
+    Count {
+        what: &'static str,
+        stated: u64,
+        found: u64,
+    },
+    #[error(
+        "the restored log's checksum ({restored}) is not the backup's ({stated}): the backup is damaged"
+    )]
+    LogChecksum { restored: String, stated: String },
+    #[error("the backup's dead letter {id} has no valid time")]
+    DeadLetterTime { id: u64 },
+}
+
+impl From<StoreError> for RestoreFailure {
+    fn from(error: StoreError) -> Self {
+        Self::Restore(error.into())
+    }
+}
+
+/// The restore's tally of what it read, to check against the header and trailer.
+#[derive(Debug, Default)]
+struct Tally {
+    positions: u64,
+    dead_lettered_records: u64,
+    dead_letters: u64,
+    events: u64,
+    /// Record bytes applied since the last flush.
+    unflushed: usize,
+}
+
+/// Record bytes applied between two flushes of a restore: bounds what the store keeps in memory
+/// for them.
+const RESTORE_FLUSH_BYTES: usize = 32 * 1024 * 1024;
+
+/// Reads the backup file `reader` reads into `store`, which must be empty: the log's events with
+/// their sequences, projected as the projector did, the positions and the dead letters. Checks
+/// the file (order, sizes, checksum) and, at its end, every count and the restored log's checksum
+/// against the backup's. On an error the store holds part of the backup: restore into a store
+/// made for it, and delete it on failure (as `touchline restore` does).
+///
+/// # Errors
+/// When the store is not empty, the file is not a whole, undamaged backup, or the store fails.
+pub fn restore(reader: impl Read, store: &SledStore) -> Result<Restored, RestoreFailure> {
+    store.check_empty()?;
+    let mut frames = FrameReader::new(reader);
+    let mut header = None;
+    let mut tally = Tally::default();
+    while let Some(frame) = frames.next_frame()? {
+        match frame {
+            Frame::Header(read) => header = Some(read),
+            Frame::Position(position) => {
+                store.restore_position(&StreamPosition {
+                    stream: position.stream,
+                    partition: position.partition,
+                    position: touchline_core::StoredPosition {
+                        next_offset: position.next_offset,
+                        last_fingerprint: position.last_fingerprint,
+                    },
+                })?;
+                tally.positions += 1;
+            }
+            Frame::DeadLetteredRecord(record) => {
+                store.restore_dead_lettered_record(&DeadLetteredRecord {
+                    stream: record.stream,
+                    partition: record.partition,
+                    offset: record.offset,
+                    dead_letter_id: record.dead_letter_id,
+                    fingerprint: record.fingerprint,
+                })?;
+                tally.dead_lettered_records += 1;
+            }
+            Frame::DeadLetter(dead_letter) => {
+                let id = dead_letter.id;
+                let dead_letter =
+                    domain_dead_letter(dead_letter).ok_or(RestoreFailure::DeadLetterTime { id })?;
+                store.restore_dead_letter(&dead_letter)?;
+                tally.dead_letters += 1;
+            }
+            Frame::Events(events) => {
+                let count = events.events.len() as u64;
+                tally.unflushed += events
+                    .events
+                    .iter()
+                    .map(|event| event.record.len())
+                    .sum::<usize>();
+                store.restore_events(
+                    events.first_sequence,
+                    events
+                        .events
+                        .into_iter()
+                        .map(|event| LoggedEvent {
+                            partition: event.partition,
+                            offset: event.offset,
+                            record: event.record,
+                        })
+                        .collect(),
+                )?;
+                tally.events += count;
+                if tally.unflushed >= RESTORE_FLUSH_BYTES {
+                    store.flush()?;
+                    tally.unflushed = 0;
+                }
+            }
+            Frame::Trailer(trailer) => {
+                // The reader checked the order: a header came first.
+                let header = header.take().unwrap_or_default();
+                return finish(store, &header, &trailer, &tally).and_then(|restored| {
+                    // Nothing may follow the trailer.
+                    match frames.next_frame()? {
+                        None => Ok(restored),
+                        Some(_) => Err(BackupFileError::AfterTrailer {
+                            offset: frames.offset(),
+                        }
+                        .into()),
+                    }
+                });
+            }
+        }
+    }
+    Err(BackupFileError::NoTrailer { frames: 0 }.into())
+}
+
+fn finish(
+    store: &SledStore,
+    header: &v1::BackupHeader,
+    trailer: &v1::BackupTrailer,
+    tally: &Tally,
+) -> Result<Restored, RestoreFailure> {
+    let counts = [
+        ("events", header.events, tally.events),
+        ("events (trailer)", trailer.events, tally.events),
+        ("positions", u64::from(header.positions), tally.positions),
+        (
+            "dead-lettered records",
+            header.dead_lettered_records,
+            tally.dead_lettered_records,
+        ),
+        ("dead letters", header.dead_letters, tally.dead_letters),
+    ];
+    for (what, stated, found) in counts {
+        if stated != found {
+            return Err(RestoreFailure::Count {
+                what,
+                stated,
+                found,
+            });
+        }
+    }
+    store.restore_next_dead_letter(header.next_dead_letter)?;
+    store.flush()?;
+    let log = store.log_checksum()?;
+    if log.sha256 != trailer.log_sha256 || log.entries != trailer.events {
+        return Err(RestoreFailure::LogChecksum {
+            restored: log.sha256,
+            stated: trailer.log_sha256.clone(),
+        });
+    }
+    Ok(Restored {
+        events: tally.events,
+        positions: tally.positions,
+        dead_letters: tally.dead_letters,
+        dead_lettered_records: tally.dead_lettered_records,
+        taken_at: header.taken_at.as_ref().and_then(instant),
+        touchline_version: header.touchline_version.clone(),
+        log,
+    })
+}

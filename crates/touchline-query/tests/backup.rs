@@ -1,0 +1,237 @@
+//! A backup file written from a real sled store restores into an empty one as the same store:
+//! the same log, projections, positions and dead letters; damaged files and non-empty stores are
+//! refused.
+
+mod support;
+
+use touchline_core::{ConsumedRecord, EventStore as _, RecordContent, StreamIdentity};
+use touchline_projection::sled_store::RestoreError;
+use touchline_projection::{Projection, SledStore};
+use touchline_query::backup::{self, RestoreFailure};
+
+use support::{apply, event};
+
+fn stream() -> StreamIdentity {
+    StreamIdentity {
+        cluster_id: "test".to_owned(),
+        topic: "touchpoints".to_owned(),
+    }
+}
+
+/// A store with `events` events over 7 customers (some large, so that the file has several
+/// events frames), a duplicate, two dead letters (one discarded), flushed.
+fn source(dir: &std::path::Path, events: usize) -> SledStore {
+    let store = SledStore::open(dir).expect("opens");
+    let mut offset = -1;
+    for start in (0..events).step_by(100) {
+        let batch = (start..(start + 100).min(events))
+            .map(|index| {
+                let mut envelope = event(
+                    &format!("evt-{index}"),
+                    &format!("cust-{}", index % 7),
+                    i64::try_from(index % 50).expect("small"),
+                );
+                if index % 10 == 0 {
+                    envelope.touchpoint.payload = vec![b'x'; 40_000];
+                }
+                envelope
+            })
+            .collect();
+        apply(&store, &mut offset, batch, false);
+    }
+    // A redelivery: dropped as a duplicate.
+    apply(
+        &store,
+        &mut offset,
+        vec![event("evt-3", "cust-3", 3)],
+        false,
+    );
+    let undecodable = |offset| ConsumedRecord {
+        partition: 0,
+        offset,
+        content: RecordContent::Undecodable {
+            reason: "not an envelope".to_owned(),
+            key: None,
+            value: Some(vec![0xff, 0x00, offset.to_le_bytes()[0]]),
+        },
+    };
+    store
+        .apply(
+            &stream(),
+            vec![undecodable(offset + 1), undecodable(offset + 2)],
+        )
+        .expect("applies");
+    store.discard_dead_letter(1).expect("discards");
+    store.flush().expect("flushes");
+    store
+}
+
+fn backup_bytes(store: &SledStore) -> Vec<u8> {
+    let mut file = Vec::new();
+    let written = backup::write(store, |bytes| {
+        file.extend(bytes);
+        true
+    })
+    .expect("writes")
+    .expect("whole");
+    assert_eq!(written.bytes, file.len() as u64);
+    file
+}
+
+fn active_checksums(store: &SledStore) -> Vec<(&'static str, u64, String)> {
+    let (_, checksums) = store.verify().expect("verifies");
+    checksums
+        .into_iter()
+        .map(|checksum| {
+            (
+                checksum.name,
+                checksum.checksum.entries,
+                checksum.checksum.sha256,
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn a_restored_store_is_the_store_backed_up() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = source(&dir.path().join("source"), 450);
+    let file = backup_bytes(&store);
+    // 45 events of 40 kB: the events come in several frames.
+    assert!(
+        file.len() > touchline_proto::backup::EVENTS_FRAME_BYTES,
+        "{} bytes",
+        file.len()
+    );
+
+    let restored_store = SledStore::open(&dir.path().join("restored")).expect("opens");
+    let restored = backup::restore(file.as_slice(), &restored_store).expect("restores");
+    assert_eq!(restored.events, 450);
+    assert_eq!(restored.dead_letters, 1);
+    assert_eq!(restored.dead_lettered_records, 2);
+    assert_eq!(restored.positions, 1);
+    assert_eq!(restored.log, store.log_checksum().expect("checksum"));
+
+    // The log, the timeline and the summaries, entry for entry.
+    assert_eq!(active_checksums(&restored_store), active_checksums(&store));
+    assert_eq!(
+        restored_store.positions(&stream()).expect("positions"),
+        store.positions(&stream()).expect("positions")
+    );
+    assert_eq!(
+        restored_store.dead_letters(10).expect("lists"),
+        store.dead_letters(10).expect("lists")
+    );
+    assert_eq!(restored_store.dead_letter_count(), 1);
+
+    // It goes on as the source would: the discarded record is not a dead letter again, the next
+    // dead letter gets a new id, a redelivered event is still a duplicate, and a new event gets
+    // the next sequence.
+    let next = |store: &SledStore, offset: i64| {
+        store
+            .apply(
+                &stream(),
+                vec![
+                    ConsumedRecord {
+                        partition: 0,
+                        offset: 451,
+                        content: RecordContent::Undecodable {
+                            reason: "not an envelope".to_owned(),
+                            key: None,
+                            value: Some(vec![0xff, 0x00, 451_i64.to_le_bytes()[0]]),
+                        },
+                    },
+                    ConsumedRecord {
+                        partition: 0,
+                        offset,
+                        content: RecordContent::Undecodable {
+                            reason: "not an envelope".to_owned(),
+                            key: None,
+                            value: Some(vec![0xfe]),
+                        },
+                    },
+                ],
+            )
+            .expect("applies")
+    };
+    let source_outcome = next(&store, 460);
+    let restored_outcome = next(&restored_store, 460);
+    assert_eq!(source_outcome, restored_outcome);
+    assert_eq!(restored_outcome.dead_lettered, 1, "only the new record");
+    let mut offset = 470;
+    apply(
+        &restored_store,
+        &mut offset,
+        vec![event("evt-3", "cust-3", 3), event("evt-new", "cust-1", 9)],
+        true,
+    );
+    assert_eq!(restored_store.log_len(), 451);
+    assert_eq!(
+        restored_store
+            .dead_letters(10)
+            .expect("lists")
+            .iter()
+            .map(|dead_letter| dead_letter.id)
+            .collect::<Vec<_>>(),
+        vec![2, 3]
+    );
+    assert_eq!(
+        restored_store
+            .checksum(Projection::Timeline, 1)
+            .expect("checksum")
+            .entries,
+        451
+    );
+}
+
+#[test]
+fn an_empty_store_backs_up_and_restores() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = SledStore::open(&dir.path().join("source")).expect("opens");
+    let file = backup_bytes(&store);
+    let restored_store = SledStore::open(&dir.path().join("restored")).expect("opens");
+    let restored = backup::restore(file.as_slice(), &restored_store).expect("restores");
+    assert_eq!(restored.events, 0);
+    assert_eq!(restored_store.log_len(), 0);
+}
+
+#[test]
+fn damaged_files_and_stores_with_data_are_refused() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = source(&dir.path().join("source"), 120);
+    let file = backup_bytes(&store);
+    let attempt = |name: &str, bytes: &[u8]| {
+        let target = SledStore::open(&dir.path().join(name)).expect("opens");
+        backup::restore(bytes, &target)
+    };
+
+    // Cut anywhere: refused as truncated.
+    for (index, end) in [0, 1, 30, file.len() / 2, file.len() - 1]
+        .into_iter()
+        .enumerate()
+    {
+        let error = attempt(&format!("cut-{index}"), &file[..end]).expect_err("refused");
+        assert!(
+            matches!(error, RestoreFailure::File(_)),
+            "cut at {end}: {error}"
+        );
+    }
+
+    // One byte of an event changed: the file's checksum finds it.
+    let mut damaged = file.clone();
+    let middle = file.len() / 2;
+    damaged[middle] ^= 0x01;
+    let error = attempt("damaged", &damaged).expect_err("refused");
+    assert!(error.to_string().contains("damaged"), "{error}");
+
+    // Into a store that holds events: refused before anything is written.
+    let error = backup::restore(file.as_slice(), &store).expect_err("refused");
+    assert!(
+        matches!(
+            error,
+            RestoreFailure::Restore(RestoreError::NotEmpty { events: 120, .. })
+        ),
+        "{error}"
+    );
+    assert_eq!(store.log_len(), 120);
+}

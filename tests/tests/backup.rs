@@ -1,0 +1,186 @@
+//! Backup and restore end to end, on a real broker, a real sled and the real gRPC server: a node's
+//! backup (taken while it runs) restored into a new store is the same log and projections, and a
+//! node started on it goes on from the backup's positions, so that the events published after the
+//! backup are projected once and nothing before it twice. Bad files and existing stores are
+//! refused and leave nothing behind; a backup needs an admin token.
+
+use tonic::Code;
+use touchline_proto::v1::{self, JourneyStage};
+use touchline_tests::{
+    ADMIN_TOKEN, COURIER, admin_client, authorized, error_reason, event_ids, full_timeline,
+    ingest_client, publish, start_broker, start_node, timeline_client, touchpoint, wait_until,
+};
+
+fn events(from: usize, to: usize) -> Vec<v1::Touchpoint> {
+    (from..to)
+        .map(|i| {
+            touchpoint(
+                &format!("e{i}"),
+                &format!("cust-b{}", i % 9),
+                "delivery.completed",
+                i64::try_from(i % 40).unwrap_or_default(),
+                JourneyStage::Fulfil,
+            )
+        })
+        .collect()
+}
+
+/// Every customer's timeline, as event ids in timeline order.
+async fn timelines(node: &touchline::Node) -> anyhow::Result<Vec<Vec<String>>> {
+    let mut client = timeline_client(node).await?;
+    let mut timelines = Vec::new();
+    for customer in 0..9 {
+        timelines.push(event_ids(
+            &full_timeline(&mut client, &format!("cust-b{customer}")).await?,
+        ));
+    }
+    Ok(timelines)
+}
+
+/// The active checksums (log, timeline, summary) of a node's store.
+async fn checksums(node: &touchline::Node) -> anyhow::Result<Vec<(String, u64, String)>> {
+    let verified = admin_client(node)
+        .await?
+        .verify_projections(authorized(v1::VerifyProjectionsRequest {}, ADMIN_TOKEN))
+        .await?
+        .into_inner();
+    Ok(verified
+        .checksums
+        .into_iter()
+        .filter(|c| c.state == v1::VersionState::Active as i32)
+        .map(|c| (c.name, c.entries, c.sha256))
+        .collect())
+}
+
+#[tokio::test]
+async fn a_restored_node_goes_on_from_its_backup() -> anyhow::Result<()> {
+    let broker = start_broker().await;
+    let dir = tempfile::tempdir()?;
+    let node = start_node(&broker, &dir.path().join("a")).await?;
+    let mut ingest = ingest_client(&node).await?;
+    publish(&mut ingest, COURIER.1, events(0, 200)).await?;
+    touchline_tests::produce_raw(
+        &broker,
+        vec![("cust-b1".to_owned(), b"\xff\xfe not protobuf".to_vec())],
+    )
+    .await?;
+    let store = node.store().expect("projects").clone();
+    wait_until("the events and the dead letter", || {
+        store.log_len() == 200 && store.dead_letter_count() == 1
+    })
+    .await?;
+
+    let file = dir.path().join("a.backup");
+    let backup = touchline::backup::backup(node.target(), ADMIN_TOKEN, &file).await?;
+    assert_eq!(backup.events, 200);
+    assert_eq!(touchline::backup::check_file(&file)?, backup);
+    assert!(!dir.path().join("a.backup.partial").exists());
+    let at_backup = checksums(&node).await?;
+    assert_eq!(at_backup[0].0, "log");
+    assert_eq!(
+        at_backup[0].2, backup.log_sha256,
+        "the log as verify sees it"
+    );
+
+    // Published after the backup: in Kafka, beyond the backup's positions.
+    publish(&mut ingest, COURIER.1, events(200, 260)).await?;
+    wait_until("the later events", || store.log_len() == 260).await?;
+    let at_end = timelines(&node).await?;
+    assert_eq!(at_end.iter().map(Vec::len).sum::<usize>(), 260);
+    drop(store);
+    node.shutdown().await?;
+
+    let restored_store = dir.path().join("b").join("store");
+    let restored = touchline::backup::restore(&file, &restored_store, 64 * 1024 * 1024)?;
+    assert_eq!(restored.events, 200);
+    assert_eq!(restored.dead_letters, 1);
+    assert!(restored.positions >= 1);
+    assert!(!dir.path().join("b").join("store.restoring").exists());
+    // The restored store is the store at the backup: log, timeline and summaries.
+    let opened = touchline_projection::SledStore::open(&restored_store)?;
+    let (_, verified) = opened.verify()?;
+    let verified: Vec<_> = verified
+        .into_iter()
+        .map(|v| (v.name.to_owned(), v.checksum.entries, v.checksum.sha256))
+        .collect();
+    assert_eq!(verified, at_backup);
+    drop(opened);
+
+    // Counted process-wide; the other test of this binary makes no duplicates.
+    let duplicates = || touchline_projection::metrics::PROJECTOR.duplicates.get();
+    let duplicates_before = duplicates();
+    let node = start_node(&broker, &dir.path().join("b")).await?;
+    let store = node.store().expect("projects").clone();
+    // The 60 later events come from Kafka, each once.
+    // (Their log sequences may differ from the first node's: the partitions interleave as they
+    // come. The timelines are ordered by event time, which the events do not share.)
+    wait_until("the later events on the restored node", || {
+        store.log_len() == 260
+    })
+    .await?;
+    assert_eq!(store.dead_letter_count(), 1, "the dead letter once");
+    assert_eq!(timelines(&node).await?, at_end, "the same timelines");
+    // Read from the backup's positions on: the first 200 records were not read again (they
+    // would be counted as duplicates).
+    assert_eq!(duplicates() - duplicates_before, 0);
+    drop(store);
+    node.shutdown().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn bad_backups_and_existing_stores_are_refused() -> anyhow::Result<()> {
+    let broker = start_broker().await;
+    let dir = tempfile::tempdir()?;
+    let node = start_node(&broker, &dir.path().join("a")).await?;
+    let mut ingest = ingest_client(&node).await?;
+    publish(&mut ingest, COURIER.1, events(0, 40)).await?;
+    let store = node.store().expect("projects").clone();
+    wait_until("the events", || store.log_len() == 40).await?;
+    drop(store);
+
+    // Admins only.
+    let mut admin = admin_client(&node).await?;
+    let refused = admin
+        .backup(v1::BackupRequest {})
+        .await
+        .expect_err("no token");
+    assert_eq!(refused.code(), Code::Unauthenticated);
+    let refused = admin
+        .backup(authorized(v1::BackupRequest {}, COURIER.1))
+        .await
+        .expect_err("a partner's token");
+    assert_eq!(refused.code(), Code::PermissionDenied);
+    assert_eq!(error_reason(&refused).as_deref(), Some("ADMIN_ONLY"));
+
+    let file = dir.path().join("a.backup");
+    touchline::backup::backup(node.target(), ADMIN_TOKEN, &file).await?;
+    // Never over an existing file.
+    let error = touchline::backup::backup(node.target(), ADMIN_TOKEN, &file)
+        .await
+        .expect_err("the file exists");
+    assert!(error.to_string().contains("exists"), "{error:#}");
+    node.shutdown().await?;
+
+    // Into the store of a node: refused, and the store is untouched.
+    let existing = dir.path().join("a").join("store");
+    let error = touchline::backup::restore(&file, &existing, 64 * 1024 * 1024)
+        .expect_err("the store exists");
+    assert!(error.to_string().contains("exists"), "{error:#}");
+    let reopened = touchline_projection::SledStore::open(&existing)?;
+    assert_eq!(reopened.log_len(), 40);
+    drop(reopened);
+
+    // A truncated file: refused, and nothing is left where the store would be.
+    let bytes = std::fs::read(&file)?;
+    let truncated = dir.path().join("truncated.backup");
+    std::fs::write(&truncated, &bytes[..bytes.len() - 10])?;
+    let target = dir.path().join("c").join("store");
+    let error =
+        touchline::backup::restore(&truncated, &target, 64 * 1024 * 1024).expect_err("truncated");
+    assert!(format!("{error:#}").contains("truncated"), "{error:#}");
+    assert!(!target.exists());
+    assert!(!dir.path().join("c").join("store.restoring").exists());
+    assert!(touchline::backup::check_file(&truncated).is_err());
+    Ok(())
+}
