@@ -1,5 +1,5 @@
-//! Backups of the store as files (`proto/touchline/v1/backup.proto`): [`write`] makes one from a
-//! store (what `AdminService.Backup` streams), [`restore`] reads one into an empty store (what
+//! Backups of the store as files (`proto/touchline/v1/backup.proto`): [`write()`] makes one from a
+//! store (what `AdminService.Backup` streams), [`restore()`] reads one into an empty store (what
 //! `touchline restore` runs). Both block: run them off the async threads.
 
 use std::io::Read;
