@@ -5,10 +5,13 @@
 //! refused and leave nothing behind; a backup needs an admin token.
 
 use tonic::Code;
+use touchline_projection::SledStore;
+use touchline_projection::sled_store::RESTORE_MARKER;
 use touchline_proto::v1::{self, JourneyStage};
 use touchline_tests::{
     ADMIN_TOKEN, COURIER, admin_client, authorized, error_reason, event_ids, full_timeline,
-    ingest_client, publish, start_broker, start_node, timeline_client, touchpoint, wait_until,
+    ingest_client, publish, start_broker, start_mock_broker, start_node, timeline_client,
+    touchpoint, wait_until,
 };
 
 fn events(from: usize, to: usize) -> Vec<v1::Touchpoint> {
@@ -54,7 +57,11 @@ async fn checksums(node: &touchline::Node) -> anyhow::Result<Vec<(String, u64, S
 
 #[tokio::test]
 async fn a_restored_node_goes_on_from_its_backup() -> anyhow::Result<()> {
-    let broker = start_broker().await;
+    // The mock cluster whatever the suite runs against: Tansu 0.6 cannot fetch from the middle of
+    // a record batch, so there the projector's check of a stored position fails when the record
+    // before it is inside a batch, and it reads the partition from the beginning (safe: the
+    // events are duplicates), which would hide whether the positions were restored.
+    let broker = start_mock_broker();
     let dir = tempfile::tempdir()?;
     let node = start_node(&broker, &dir.path().join("a")).await?;
     let mut ingest = ingest_client(&node).await?;
@@ -95,9 +102,9 @@ async fn a_restored_node_goes_on_from_its_backup() -> anyhow::Result<()> {
     assert_eq!(restored.events, 200);
     assert_eq!(restored.dead_letters, 1);
     assert!(restored.positions >= 1);
-    assert!(!dir.path().join("b").join("store.restoring").exists());
+    assert!(!restored_store.join(RESTORE_MARKER).exists());
     // The restored store is the store at the backup: log, timeline and summaries.
-    let opened = touchline_projection::SledStore::open(&restored_store)?;
+    let opened = SledStore::open(&restored_store)?;
     let (_, verified) = opened.verify()?;
     let verified: Vec<_> = verified
         .into_iter()
@@ -166,8 +173,8 @@ async fn bad_backups_and_existing_stores_are_refused() -> anyhow::Result<()> {
     let existing = dir.path().join("a").join("store");
     let error = touchline::backup::restore(&file, &existing, 64 * 1024 * 1024)
         .expect_err("the store exists");
-    assert!(error.to_string().contains("exists"), "{error:#}");
-    let reopened = touchline_projection::SledStore::open(&existing)?;
+    assert!(error.to_string().contains("holds a store"), "{error:#}");
+    let reopened = SledStore::open(&existing)?;
     assert_eq!(reopened.log_len(), 40);
     drop(reopened);
 
@@ -180,7 +187,26 @@ async fn bad_backups_and_existing_stores_are_refused() -> anyhow::Result<()> {
         touchline::backup::restore(&truncated, &target, 64 * 1024 * 1024).expect_err("truncated");
     assert!(format!("{error:#}").contains("truncated"), "{error:#}");
     assert!(!target.exists());
-    assert!(!dir.path().join("c").join("store.restoring").exists());
     assert!(touchline::backup::check_file(&truncated).is_err());
+
+    // A restore that did not finish (killed): a node refuses the store, and a restore starts
+    // over.
+    let marked = dir.path().join("d").join("store");
+    std::fs::create_dir_all(&marked)?;
+    std::fs::write(marked.join(RESTORE_MARKER), b"")?;
+    std::fs::write(marked.join("db"), b"half a store")?;
+    let refused = SledStore::open(&marked).expect_err("half restored");
+    assert!(refused.to_string().contains("did not finish"), "{refused}");
+    let restored = touchline::backup::restore(&file, &marked, 64 * 1024 * 1024)?;
+    assert_eq!(restored.events, 40);
+    assert!(!marked.join(RESTORE_MARKER).exists());
+    assert_eq!(SledStore::open(&marked)?.log_len(), 40);
+
+    // A volume's mount point: empty but for the file system's own folder.
+    let mount = dir.path().join("e");
+    std::fs::create_dir_all(mount.join("lost+found"))?;
+    touchline::backup::restore(&file, &mount, 64 * 1024 * 1024)?;
+    assert!(mount.join("lost+found").is_dir());
+    assert_eq!(SledStore::open(&mount)?.log_len(), 40);
     Ok(())
 }

@@ -33,7 +33,8 @@ mod versions;
 
 use apply::Folds;
 pub use backup::{
-    BackupCut, DeadLetteredRecord, LogReader, LoggedEvent, RestoreError, StreamPosition,
+    BackupCut, DeadLetteredRecord, LogReader, LoggedEvent, MAX_DEAD_LETTER_ID, RestoreError,
+    StreamPosition,
 };
 pub use dead_letters::{DeadLetter, Requeued};
 use log::LogRecord;
@@ -67,6 +68,9 @@ const DEAD_LETTER_COUNT: &[u8] = b"dead_letter_count";
 /// log is stored in chunks of consecutive events, one key per write ([`log`]).
 const FORMAT: &[u8] = b"format";
 const FORMAT_VERSION: u64 = 4;
+/// The file a restore keeps in the store's folder until it has finished: a store with it is
+/// refused when opened (half restored).
+pub const RESTORE_MARKER: &str = "touchline-restore-incomplete";
 /// The log's identity ([`touchline_core::EventStore::log_id`]), drawn at random when a store
 /// without one is opened.
 const LOG_ID: &[u8] = b"log_id";
@@ -215,6 +219,25 @@ impl SledStore {
     /// # Errors
     /// When sled cannot open the folder or a stored counter is corrupt.
     pub fn open_with_cache(path: &Path, cache_bytes: u64) -> crate::Result<Self> {
+        if path.join(RESTORE_MARKER).exists() {
+            return Err(crate::Error::Format(format!(
+                "{} holds a store whose restore did not finish ({RESTORE_MARKER} is there): restore the backup again (`touchline restore` starts it over)",
+                path.display()
+            )));
+        }
+        Self::open_unchecked(path, cache_bytes)
+    }
+
+    /// Opens the store in `path` whatever it holds: for a restore, which marks the folder with
+    /// [`RESTORE_MARKER`] while it runs.
+    ///
+    /// # Errors
+    /// When sled cannot open the folder or a stored counter is corrupt.
+    pub fn open_for_restore(path: &Path, cache_bytes: u64) -> crate::Result<Self> {
+        Self::open_unchecked(path, cache_bytes)
+    }
+
+    fn open_unchecked(path: &Path, cache_bytes: u64) -> crate::Result<Self> {
         let db =
             sled_config(path, cache_bytes)
                 .open()

@@ -14,9 +14,11 @@ use crate::v1::{BackupFrame, BackupTrailer};
 /// The format a backup file's header names.
 pub const FORMAT: &str = "touchline-backup/1";
 
-/// The largest frame a reader accepts: an events frame ends once its records pass
-/// [`EVENTS_FRAME_BYTES`], so a frame is that plus one event (at most the gRPC message limit).
-pub const MAX_FRAME_BYTES: usize = 64 * 1024 * 1024;
+/// The largest frame a reader accepts. An events frame ends once its records pass
+/// [`EVENTS_FRAME_BYTES`], so a frame is at most that plus one record, and a record is at most
+/// what the projector's consumer takes (librdkafka's `receive.message.max.bytes`, 100 MB by
+/// default; raised above this, a backup holding such a record is refused by its reader).
+pub const MAX_FRAME_BYTES: usize = 128 * 1024 * 1024;
 
 /// An events frame ends once its records hold this many bytes.
 pub const EVENTS_FRAME_BYTES: usize = 1024 * 1024;

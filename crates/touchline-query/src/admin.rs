@@ -75,6 +75,7 @@ pub struct AdminService {
     /// Whether a replay runs, and the progress of the running or last one since the node started
     /// (`GetStatus`): one lock, so that both change together.
     replays: Arc<std::sync::Mutex<Replays>>,
+    backups: backup::BackupSlot,
 }
 
 #[derive(Default)]
@@ -149,6 +150,7 @@ impl AdminService {
             context: Arc::new(context),
             authorize,
             replays: Arc::default(),
+            backups: backup::BackupSlot::default(),
         }
     }
 
@@ -512,17 +514,18 @@ impl v1::admin_service_server::AdminService for AdminService {
         request: Request<v1::BackupRequest>,
     ) -> Result<Response<Self::BackupStream>, Status> {
         let caller = self.check(&request)?;
-        // Not a change, but every event leaves with it: audited.
-        audit(
+        // Not a change, but every event leaves with it: audited when it starts (or is refused).
+        let claim = audit(
             "backup",
             &"the log, positions and dead letters",
             &caller,
             request.remote_addr(),
-            Ok(()),
+            self.backups.claim(),
         )?;
         Ok(Response::new(backup::stream(
             Arc::clone(&self.context.store),
             self.context.shutdown.clone(),
+            claim,
         )))
     }
 }

@@ -6,7 +6,7 @@ use std::io::Read;
 
 use touchline_core::{EventStore as _, StoreError, UnixNanos};
 use touchline_projection::sled_store::{
-    BackupCut, DeadLetteredRecord, LoggedEvent, RestoreError, StreamPosition,
+    BackupCut, DeadLetteredRecord, LoggedEvent, MAX_DEAD_LETTER_ID, RestoreError, StreamPosition,
 };
 use touchline_projection::{Checksum, SledStore};
 use touchline_proto::backup::{
@@ -157,6 +157,27 @@ pub enum RestoreFailure {
     LogChecksum { restored: String, stated: String },
     #[error("the backup's dead letter {id} has no valid time")]
     DeadLetterTime { id: u64 },
+    #[error("the backup is damaged: {0}")]
+    Invalid(String),
+}
+
+/// Kafka partitions and offsets are never negative.
+fn kafka_place(what: &str, partition: i32, offset: i64) -> Result<(), RestoreFailure> {
+    if partition < 0 || offset < 0 {
+        return Err(RestoreFailure::Invalid(format!(
+            "{what} at partition {partition}, offset {offset}: not a place in Kafka"
+        )));
+    }
+    Ok(())
+}
+
+fn dead_letter_id(id: u64) -> Result<(), RestoreFailure> {
+    if !(1..=MAX_DEAD_LETTER_ID).contains(&id) {
+        return Err(RestoreFailure::Invalid(format!(
+            "dead letter id {id} is not between 1 and {MAX_DEAD_LETTER_ID}"
+        )));
+    }
+    Ok(())
 }
 
 impl From<StoreError> for RestoreFailure {
@@ -197,6 +218,7 @@ pub fn restore(reader: impl Read, store: &SledStore) -> Result<Restored, Restore
         match frame {
             Frame::Header(read) => header = Some(read),
             Frame::Position(position) => {
+                kafka_place("a position", position.partition, position.next_offset)?;
                 store.restore_position(&StreamPosition {
                     stream: position.stream,
                     partition: position.partition,
@@ -208,6 +230,8 @@ pub fn restore(reader: impl Read, store: &SledStore) -> Result<Restored, Restore
                 tally.positions += 1;
             }
             Frame::DeadLetteredRecord(record) => {
+                kafka_place("a dead-lettered record", record.partition, record.offset)?;
+                dead_letter_id(record.dead_letter_id)?;
                 store.restore_dead_lettered_record(&DeadLetteredRecord {
                     stream: record.stream,
                     partition: record.partition,
@@ -219,12 +243,16 @@ pub fn restore(reader: impl Read, store: &SledStore) -> Result<Restored, Restore
             }
             Frame::DeadLetter(dead_letter) => {
                 let id = dead_letter.id;
+                kafka_place("a dead letter", dead_letter.partition, dead_letter.offset)?;
                 let dead_letter =
                     domain_dead_letter(dead_letter).ok_or(RestoreFailure::DeadLetterTime { id })?;
                 store.restore_dead_letter(&dead_letter)?;
                 tally.dead_letters += 1;
             }
             Frame::Events(events) => {
+                for event in &events.events {
+                    kafka_place("an event", event.partition, event.offset)?;
+                }
                 let count = events.events.len() as u64;
                 tally.unflushed += events
                     .events
@@ -293,6 +321,13 @@ fn finish(
                 found,
             });
         }
+    }
+    if header.next_dead_letter > MAX_DEAD_LETTER_ID + 1 {
+        return Err(RestoreFailure::Invalid(format!(
+            "the next dead-letter id {} is above {}",
+            header.next_dead_letter,
+            MAX_DEAD_LETTER_ID + 1
+        )));
     }
     store.restore_next_dead_letter(header.next_dead_letter)?;
     store.flush()?;

@@ -235,3 +235,42 @@ fn damaged_files_and_stores_with_data_are_refused() {
     );
     assert_eq!(store.log_len(), 120);
 }
+
+#[test]
+fn counters_survive_the_restored_store_being_opened_again() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = source(&dir.path().join("source"), 30);
+    // No dead letter left, two ids given.
+    store.discard_dead_letter(2).expect("discards");
+    let file = backup_bytes(&store);
+    let path = dir.path().join("restored");
+    let restored_store = SledStore::open(&path).expect("opens");
+    backup::restore(file.as_slice(), &restored_store).expect("restores");
+    drop(restored_store);
+    let reopened = SledStore::open(&path).expect("opens");
+    assert_eq!(reopened.dead_letter_count(), 0);
+    assert_eq!(reopened.log_len(), 30);
+    // The next dead letter gets id 3, as it would have at the source.
+    reopened
+        .apply(
+            &stream(),
+            vec![ConsumedRecord {
+                partition: 0,
+                offset: 99,
+                content: RecordContent::Undecodable {
+                    reason: "not an envelope".to_owned(),
+                    key: None,
+                    value: Some(vec![0xfd]),
+                },
+            }],
+        )
+        .expect("applies");
+    let listed = reopened.dead_letters(10).expect("lists");
+    assert_eq!(
+        listed
+            .iter()
+            .map(|dead_letter| dead_letter.id)
+            .collect::<Vec<_>>(),
+        vec![3]
+    );
+}

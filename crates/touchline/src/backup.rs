@@ -2,8 +2,8 @@
 //! and `touchline restore` (a backup file into a new store, offline).
 //!
 //! Neither leaves half a result under the name asked for: the backup is written to
-//! `FILE.partial`, read back whole and checked, then renamed; the restore builds the store in
-//! `STORE.restoring` and renames it into place once every check passed.
+//! `FILE.partial`, read back whole and checked, then renamed; the restore marks the store's folder
+//! until every check passed, and a node refuses a store with the mark.
 
 use std::fs::File;
 use std::io::{BufReader, Write as _};
@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context as _;
 use futures::StreamExt as _;
 use touchline_projection::SledStore;
+use touchline_projection::sled_store::RESTORE_MARKER;
 use touchline_proto::backup::{FrameReader, MAX_FRAME_BYTES};
 use touchline_proto::v1;
 use touchline_proto::v1::admin_service_client::AdminServiceClient;
@@ -68,7 +69,8 @@ pub fn check_file(path: &Path) -> anyhow::Result<BackupFile> {
 /// Takes a backup of the node at `endpoint` into the new file `out`.
 ///
 /// # Errors
-/// When `out` exists, the node refuses or fails the backup, or the file cannot be written.
+/// When `out` (or `out.partial`) exists, the node refuses or fails the backup, or the file cannot
+/// be written.
 pub async fn backup(endpoint: &Target, token: &str, out: &Path) -> anyhow::Result<BackupFile> {
     anyhow::ensure!(
         !out.exists(),
@@ -76,34 +78,37 @@ pub async fn backup(endpoint: &Target, token: &str, out: &Path) -> anyhow::Resul
         out.display()
     );
     let partial = with_suffix(out, ".partial");
-    let written = write_partial(endpoint, token, &partial).await;
-    let checked = written.and_then(|()| {
+    let mut file = File::options()
+        .write(true)
+        .create_new(true)
+        .open(&partial)
+        .with_context(|| {
+            format!(
+                "cannot create {} (a backup in progress, or left by one that was interrupted: delete it)",
+                partial.display()
+            )
+        })?;
+    // From here on the partial file is this backup's: deleted when it fails.
+    let checked = async {
+        write_partial(endpoint, token, &mut file).await?;
+        drop(file);
         let checked = check_file(&partial)
             .with_context(|| format!("the backup written to {} is not whole", partial.display()))?;
         std::fs::rename(&partial, out)
             .with_context(|| format!("cannot rename {} to {}", partial.display(), out.display()))?;
         sync_parent(out)?;
         Ok(checked)
-    });
+    }
+    .await;
     if checked.is_err() {
         let _ = std::fs::remove_file(&partial);
     }
     checked
 }
 
-async fn write_partial(endpoint: &Target, token: &str, partial: &Path) -> anyhow::Result<()> {
-    let mut file = File::options()
-        .write(true)
-        .create_new(true)
-        .open(partial)
-        .with_context(|| {
-            format!(
-                "cannot create {} (a backup in progress, or left by one that failed: delete it)",
-                partial.display()
-            )
-        })?;
+async fn write_partial(endpoint: &Target, token: &str, file: &mut File) -> anyhow::Result<()> {
     let mut client = AdminServiceClient::new(endpoint.connect().await?)
-        // A piece is about 1 MiB of frames plus one frame.
+        // A piece is at most about 2 MiB of frames plus one frame.
         .max_decoding_message_size(2 * MAX_FRAME_BYTES);
     let mut chunks = client
         .backup(with_token(v1::BackupRequest {}, token)?)
@@ -112,58 +117,100 @@ async fn write_partial(endpoint: &Target, token: &str, partial: &Path) -> anyhow
     while let Some(chunk) = chunks.next().await {
         let chunk = chunk.context("the node ended the backup")?;
         file.write_all(&chunk.data)
-            .with_context(|| format!("cannot write {}", partial.display()))?;
+            .context("cannot write the backup file")?;
     }
-    file.sync_all()
-        .with_context(|| format!("cannot write {}", partial.display()))?;
+    file.sync_all().context("cannot write the backup file")?;
     Ok(())
 }
 
-/// Restores the backup file `from` into a new store at `store_path` (which must not exist, or be
-/// an empty folder), with a page cache of `cache_bytes`.
+/// What a store's folder may hold and still be empty: a file system's own folder (the root of
+/// an ext4 volume mounted there).
+const IGNORED: &[&str] = &["lost+found"];
+
+/// Restores the backup file `from` into a new store at `store_path`, a folder that is absent,
+/// empty, or left by a restore that did not finish (which is started over). The store is built in
+/// the folder itself (it may be a volume's mount point), marked with
+/// [`RESTORE_MARKER`](touchline_projection::sled_store::RESTORE_MARKER) until every check passed:
+/// a node refuses to open a store with the mark.
 ///
 /// # Errors
-/// When the store exists, or the file is not a whole, undamaged backup (then nothing is left at
-/// `store_path`).
+/// When the folder holds a store, or the file is not a whole, undamaged backup (then the folder is
+/// left empty, or absent as it was).
 pub fn restore(from: &Path, store_path: &Path, cache_bytes: u64) -> anyhow::Result<Restored> {
-    let empty_folder = store_path.is_dir()
-        && std::fs::read_dir(store_path)
-            .with_context(|| format!("cannot read {}", store_path.display()))?
-            .next()
-            .is_none();
-    anyhow::ensure!(
-        !store_path.exists() || empty_folder,
-        "{} exists: a backup is restored into a new store; move the store aside (or point store.path elsewhere) first",
-        store_path.display()
-    );
     let file = File::open(from).with_context(|| format!("cannot open {}", from.display()))?;
-    let building = with_suffix(store_path, ".restoring");
-    if building.exists() {
-        tracing::warn!(path = %building.display(), "deleting what an earlier restore left");
-        std::fs::remove_dir_all(&building)
-            .with_context(|| format!("cannot delete {}", building.display()))?;
+    let existed = store_path.exists();
+    let marker = store_path.join(RESTORE_MARKER);
+    if existed {
+        let entries = contents(store_path)?;
+        anyhow::ensure!(
+            entries.is_empty() || marker.exists(),
+            "{} holds a store: a backup is restored into a new one; move it aside (or point store.path elsewhere) first",
+            store_path.display()
+        );
+        if !entries.is_empty() {
+            tracing::warn!(path = %store_path.display(), "starting over a restore that did not finish");
+            empty(store_path)?;
+        }
+    } else {
+        std::fs::create_dir_all(store_path)
+            .with_context(|| format!("cannot create {}", store_path.display()))?;
     }
-    let restored = SledStore::open_with_cache(&building, cache_bytes)
+    File::create(&marker)
+        .and_then(|created| created.sync_all())
+        .and_then(|()| File::open(store_path)?.sync_all())
+        .with_context(|| format!("cannot write {}", marker.display()))?;
+    let restored = SledStore::open_for_restore(store_path, cache_bytes)
         .map_err(anyhow::Error::from)
         .and_then(|store| {
             let restored = touchline_query::backup::restore(BufReader::new(file), &store)
                 .with_context(|| format!("cannot restore {}", from.display()))?;
             drop(store);
-            if empty_folder {
-                std::fs::remove_dir(store_path)?;
-            }
-            std::fs::rename(&building, store_path).with_context(|| {
-                format!(
-                    "cannot rename {} to {}",
-                    building.display(),
-                    store_path.display()
-                )
-            })?;
-            sync_parent(store_path)?;
+            std::fs::remove_file(&marker)
+                .and_then(|()| File::open(store_path)?.sync_all())
+                .with_context(|| format!("cannot remove {}", marker.display()))?;
             Ok(restored)
         });
     if restored.is_err() {
-        let _ = std::fs::remove_dir_all(&building);
+        let _ = if existed {
+            empty(store_path)
+        } else {
+            std::fs::remove_dir_all(store_path).map_err(anyhow::Error::from)
+        };
     }
     restored
+}
+
+/// The entries of a folder but [`IGNORED`] ones.
+fn contents(folder: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    let mut entries = Vec::new();
+    for entry in
+        std::fs::read_dir(folder).with_context(|| format!("cannot read {}", folder.display()))?
+    {
+        let entry = entry?;
+        if !IGNORED.iter().any(|ignored| entry.file_name() == *ignored) {
+            entries.push(entry.path());
+        }
+    }
+    Ok(entries)
+}
+
+/// Deletes a folder's contents but [`IGNORED`] ones, the restore's marker last.
+fn empty(folder: &Path) -> anyhow::Result<()> {
+    let marker = folder.join(RESTORE_MARKER);
+    for entry in contents(folder)? {
+        if entry == marker {
+            continue;
+        }
+        if entry.is_dir() {
+            std::fs::remove_dir_all(&entry)
+        } else {
+            std::fs::remove_file(&entry)
+        }
+        .with_context(|| format!("cannot delete {}", entry.display()))?;
+    }
+    if marker.exists() {
+        std::fs::remove_file(&marker)
+            .with_context(|| format!("cannot delete {}", marker.display()))?;
+    }
+    Ok(())
 }

@@ -9,7 +9,8 @@
 use std::sync::atomic::Ordering;
 
 use touchline_core::{
-    ConsumedRecord, RecordContent, StoreError, StoredPosition, UnixNanos, fingerprint,
+    ConsumedRecord, EventStore as _, RecordContent, StoreError, StoredPosition, UnixNanos,
+    fingerprint,
 };
 
 use super::log::LogHasher;
@@ -118,6 +119,10 @@ impl LogReader<'_> {
     }
 }
 
+/// The highest dead-letter id a restore takes (ids count up from 1; far below it, so that the
+/// next id never overflows).
+pub const MAX_DEAD_LETTER_ID: u64 = 1 << 62;
+
 /// Why a backup cannot be restored into this store.
 #[derive(Debug, thiserror::Error)]
 pub enum RestoreError {
@@ -141,6 +146,8 @@ pub enum RestoreError {
     Duplicate { first: u64, last: u64 },
     #[error("the backup has dead letter {id} twice")]
     DeadLetterTwice { id: u64 },
+    #[error("the backup is damaged: {0}")]
+    Invalid(String),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -197,12 +204,17 @@ impl SledStore {
             });
         }
         let dead_letters = self.dead_letters_after(0, usize::MAX)?;
+        let events = writer.next_sequence.saturating_sub(1);
+        let next_dead_letter = writer.next_dead_letter;
+        drop(writer);
+        // Durable before it leaves: what the backup holds is what this store keeps after a crash.
+        self.flush()?;
         Ok(BackupCut {
-            events: writer.next_sequence.saturating_sub(1),
+            events,
             positions,
             dead_lettered_records,
             dead_letters,
-            next_dead_letter: writer.next_dead_letter,
+            next_dead_letter,
             taken_at: UnixNanos::now(),
         })
     }
@@ -330,6 +342,12 @@ impl SledStore {
     /// # Errors
     /// When the backup has it twice, or the backend fails.
     pub fn restore_dead_letter(&self, dead_letter: &DeadLetter) -> Result<(), RestoreError> {
+        if !(1..=MAX_DEAD_LETTER_ID).contains(&dead_letter.id) {
+            return Err(RestoreError::Invalid(format!(
+                "dead letter id {} is not between 1 and {MAX_DEAD_LETTER_ID}",
+                dead_letter.id
+            )));
+        }
         let mut writer = self.lock_writer();
         let key = dead_letter.id.to_be_bytes();
         if self.dead_letters.get(key).map_err(backend)?.is_some() {
@@ -338,17 +356,23 @@ impl SledStore {
         let mut batch = sled::Batch::default();
         self.dead_letters
             .insert(&mut batch, key, encode(dead_letter)?);
-        let mut index = dead_letter.id.to_be_bytes().to_vec();
-        index.extend_from_slice(&fingerprint(dead_letter.value.as_deref()).to_be_bytes());
-        self.dead_letter_index.insert(
-            &mut batch,
-            keys::record(
-                &dead_letter.stream,
-                dead_letter.partition,
-                dead_letter.offset,
-            ),
-            index,
+        // The backup's index names the latest dead letter of each record (a later one at the same
+        // place, since discarded, may have replaced this one's entry): kept as it is.
+        let index_key = keys::record(
+            &dead_letter.stream,
+            dead_letter.partition,
+            dead_letter.offset,
         );
+        if !self
+            .dead_letter_index
+            .contains_key(&index_key)
+            .map_err(backend)?
+        {
+            let mut index = dead_letter.id.to_be_bytes().to_vec();
+            index.extend_from_slice(&fingerprint(dead_letter.value.as_deref()).to_be_bytes());
+            self.dead_letter_index
+                .insert(&mut batch, index_key.as_slice(), index);
+        }
         let count = writer.dead_letters + 1;
         let next = writer
             .next_dead_letter
@@ -371,9 +395,16 @@ impl SledStore {
     pub fn restore_next_dead_letter(&self, next_dead_letter: u64) -> Result<(), StoreError> {
         let mut writer = self.lock_writer();
         let next = writer.next_dead_letter.max(next_dead_letter);
+        // Both counters: a store without the count takes it as every id ever given.
+        let mut batch = sled::Batch::default();
         self.meta
-            .insert_now(NEXT_DEAD_LETTER, &next.to_be_bytes())
-            .map_err(backend)?;
+            .insert(&mut batch, NEXT_DEAD_LETTER, &next.to_be_bytes());
+        self.meta.insert(
+            &mut batch,
+            DEAD_LETTER_COUNT,
+            &writer.dead_letters.to_be_bytes(),
+        );
+        crate::garbage::apply_batch(&self.tree, batch, 2).map_err(backend)?;
         writer.next_dead_letter = next;
         Ok(())
     }

@@ -2,6 +2,7 @@
 //! made, from a blocking task that waits for the caller to read each piece.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -18,20 +19,60 @@ const AHEAD: usize = 4;
 /// How long a backup stopped by the shutdown waits to tell its caller.
 const SHUTDOWN_NOTICE: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// Streams a backup of `store`. It stops when the caller goes away, and ends with UNAVAILABLE
-/// (SHUTTING_DOWN) when `shutdown` is cancelled.
+/// How long the caller may leave a piece unread before the backup stops (a connected caller that
+/// stopped reading would otherwise hold the backup, and its blocking thread, for ever).
+const STALLED: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Whether a backup runs on this node: one at a time (each holds a blocking thread and the dead
+/// letters in memory).
+#[derive(Debug, Clone, Default)]
+pub(super) struct BackupSlot(Arc<AtomicBool>);
+
+/// The running backup's claim on the slot, released when it ends however it ends.
+pub(super) struct Claim(Arc<AtomicBool>);
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
+
+impl BackupSlot {
+    pub(super) fn claim(&self) -> Result<Claim, Status> {
+        self.0
+            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+            .map(|_| Claim(Arc::clone(&self.0)))
+            .map_err(|_| {
+                rejected(
+                    Code::FailedPrecondition,
+                    "BACKUP_RUNNING",
+                    "another backup is running on this node; wait for it to end",
+                )
+            })
+    }
+}
+
+/// Streams a backup of `store`, holding `claim` until it ends. It stops when the caller goes away
+/// or reads nothing for a minute, and ends with UNAVAILABLE (SHUTTING_DOWN) when `shutdown` is
+/// cancelled.
 pub(super) fn stream(
     store: Arc<SledStore>,
     shutdown: CancellationToken,
+    claim: Claim,
 ) -> ReceiverStream<Result<v1::BackupChunk, Status>> {
     let (sender, receiver) = tokio::sync::mpsc::channel(AHEAD);
     let runtime = tokio::runtime::Handle::current();
     tokio::task::spawn_blocking(move || {
+        let _claim = claim;
         let send = |message: Result<v1::BackupChunk, Status>| {
             runtime.block_on(async {
                 tokio::select! {
                     sent = sender.send(message) => sent.is_ok(),
                     () = shutdown.cancelled() => false,
+                    () = tokio::time::sleep(STALLED) => {
+                        tracing::warn!("backup stopped: the caller read nothing for {STALLED:?}");
+                        false
+                    }
                 }
             })
         };
