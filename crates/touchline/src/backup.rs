@@ -130,7 +130,7 @@ const IGNORED: &[&str] = &["lost+found"];
 /// Restores the backup file `from` into a new store at `store_path`, a folder that is absent,
 /// empty, or left by a restore that did not finish (which is started over). The store is built in
 /// the folder itself (it may be a volume's mount point), marked with
-/// [`RESTORE_MARKER`](touchline_projection::sled_store::RESTORE_MARKER) until every check passed:
+/// [`RESTORE_MARKER`] until every check passed:
 /// a node refuses to open a store with the mark.
 ///
 /// # Errors
