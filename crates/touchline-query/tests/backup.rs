@@ -18,6 +18,24 @@ fn stream() -> StreamIdentity {
     }
 }
 
+/// A record that is no envelope, with `value`.
+fn undecodable(offset: i64, value: Vec<u8>) -> ConsumedRecord {
+    ConsumedRecord {
+        partition: 0,
+        offset,
+        content: RecordContent::Undecodable {
+            reason: "not an envelope".to_owned(),
+            key: None,
+            value: Some(value),
+        },
+    }
+}
+
+/// The undecodable record the source store has at `offset` (its value depends on the offset).
+fn garbage(offset: i64) -> ConsumedRecord {
+    undecodable(offset, vec![0xff, 0x00, offset.to_le_bytes()[0]])
+}
+
 /// A store with `events` events over 7 customers (some large, so that the file has several
 /// events frames), a duplicate, two dead letters (one discarded), flushed.
 fn source(dir: &std::path::Path, events: usize) -> SledStore {
@@ -46,20 +64,8 @@ fn source(dir: &std::path::Path, events: usize) -> SledStore {
         vec![event("evt-3", "cust-3", 3)],
         false,
     );
-    let undecodable = |offset| ConsumedRecord {
-        partition: 0,
-        offset,
-        content: RecordContent::Undecodable {
-            reason: "not an envelope".to_owned(),
-            key: None,
-            value: Some(vec![0xff, 0x00, offset.to_le_bytes()[0]]),
-        },
-    };
     store
-        .apply(
-            &stream(),
-            vec![undecodable(offset + 1), undecodable(offset + 2)],
-        )
+        .apply(&stream(), vec![garbage(offset + 1), garbage(offset + 2)])
         .expect("applies");
     store.discard_dead_letter(1).expect("discards");
     store.flush().expect("flushes");
@@ -131,26 +137,7 @@ fn a_restored_store_is_the_store_backed_up() {
         store
             .apply(
                 &stream(),
-                vec![
-                    ConsumedRecord {
-                        partition: 0,
-                        offset: 451,
-                        content: RecordContent::Undecodable {
-                            reason: "not an envelope".to_owned(),
-                            key: None,
-                            value: Some(vec![0xff, 0x00, 451_i64.to_le_bytes()[0]]),
-                        },
-                    },
-                    ConsumedRecord {
-                        partition: 0,
-                        offset,
-                        content: RecordContent::Undecodable {
-                            reason: "not an envelope".to_owned(),
-                            key: None,
-                            value: Some(vec![0xfe]),
-                        },
-                    },
-                ],
+                vec![garbage(451), undecodable(offset, vec![0xfe])],
             )
             .expect("applies")
     };
@@ -252,18 +239,7 @@ fn counters_survive_the_restored_store_being_opened_again() {
     assert_eq!(reopened.log_len(), 30);
     // The next dead letter gets id 3, as it would have at the source.
     reopened
-        .apply(
-            &stream(),
-            vec![ConsumedRecord {
-                partition: 0,
-                offset: 99,
-                content: RecordContent::Undecodable {
-                    reason: "not an envelope".to_owned(),
-                    key: None,
-                    value: Some(vec![0xfd]),
-                },
-            }],
-        )
+        .apply(&stream(), vec![undecodable(99, vec![0xfd])])
         .expect("applies");
     let listed = reopened.dead_letters(10).expect("lists");
     assert_eq!(
