@@ -197,6 +197,16 @@ async fn bad_backups_and_existing_stores_are_refused() -> anyhow::Result<()> {
     std::fs::write(marked.join("db"), b"half a store")?;
     let refused = SledStore::open(&marked).expect_err("half restored");
     assert!(refused.to_string().contains("did not finish"), "{refused}");
+    // While another restore runs into it (holding the mark's lock): refused, and nothing deleted.
+    let running = std::fs::File::options()
+        .write(true)
+        .open(marked.join(RESTORE_MARKER))?;
+    running.lock()?;
+    let error = touchline::backup::restore(&file, &marked, 64 * 1024 * 1024)
+        .expect_err("another restore runs");
+    assert!(error.to_string().contains("another restore"), "{error:#}");
+    assert_eq!(std::fs::read(marked.join("db"))?, b"half a store");
+    drop(running);
     let restored = touchline::backup::restore(&file, &marked, 64 * 1024 * 1024)?;
     assert_eq!(restored.events, 40);
     assert!(!marked.join(RESTORE_MARKER).exists());

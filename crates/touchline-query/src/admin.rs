@@ -216,7 +216,7 @@ impl Drop for ReplaySlot {
 impl v1::admin_service_server::AdminService for AdminService {
     type RebuildProjectionStream = ReceiverStream<Result<v1::RebuildProgress, Status>>;
     type ReplayStream = ReceiverStream<Result<v1::ReplayProgress, Status>>;
-    type BackupStream = ReceiverStream<Result<v1::BackupChunk, Status>>;
+    type BackupStream = backup::BackupStream;
 
     async fn get_status(
         &self,

@@ -171,6 +171,16 @@ fn kafka_place(what: &str, partition: i32, offset: i64) -> Result<(), RestoreFai
     Ok(())
 }
 
+/// A stream's key names it in the store's keys, ended by a zero byte.
+fn stream_name(stream: &str) -> Result<(), RestoreFailure> {
+    if stream.contains('\0') {
+        return Err(RestoreFailure::Invalid(format!(
+            "stream {stream:?} has a zero byte"
+        )));
+    }
+    Ok(())
+}
+
 fn dead_letter_id(id: u64) -> Result<(), RestoreFailure> {
     if !(1..=MAX_DEAD_LETTER_ID).contains(&id) {
         return Err(RestoreFailure::Invalid(format!(
@@ -189,7 +199,6 @@ impl From<StoreError> for RestoreFailure {
 /// The restore's tally of what it read, to check against the header and trailer.
 #[derive(Debug, Default)]
 struct Tally {
-    positions: u64,
     dead_lettered_records: u64,
     dead_letters: u64,
     events: u64,
@@ -214,23 +223,27 @@ pub fn restore(reader: impl Read, store: &SledStore) -> Result<Restored, Restore
     let mut frames = FrameReader::new(reader);
     let mut header = None;
     let mut tally = Tally::default();
+    let mut positions = Vec::new();
     while let Some(frame) = frames.next_frame()? {
         match frame {
             Frame::Header(read) => header = Some(read),
             Frame::Position(position) => {
                 kafka_place("a position", position.partition, position.next_offset)?;
-                store.restore_position(&StreamPosition {
+                stream_name(&position.stream)?;
+                // Stored last, once the log is whole: a store left half restored has no
+                // position, and its projector reads Kafka from the beginning.
+                positions.push(StreamPosition {
                     stream: position.stream,
                     partition: position.partition,
                     position: touchline_core::StoredPosition {
                         next_offset: position.next_offset,
                         last_fingerprint: position.last_fingerprint,
                     },
-                })?;
-                tally.positions += 1;
+                });
             }
             Frame::DeadLetteredRecord(record) => {
                 kafka_place("a dead-lettered record", record.partition, record.offset)?;
+                stream_name(&record.stream)?;
                 dead_letter_id(record.dead_letter_id)?;
                 store.restore_dead_lettered_record(&DeadLetteredRecord {
                     stream: record.stream,
@@ -244,6 +257,7 @@ pub fn restore(reader: impl Read, store: &SledStore) -> Result<Restored, Restore
             Frame::DeadLetter(dead_letter) => {
                 let id = dead_letter.id;
                 kafka_place("a dead letter", dead_letter.partition, dead_letter.offset)?;
+                stream_name(&dead_letter.stream)?;
                 let dead_letter =
                     domain_dead_letter(dead_letter).ok_or(RestoreFailure::DeadLetterTime { id })?;
                 store.restore_dead_letter(&dead_letter)?;
@@ -280,7 +294,7 @@ pub fn restore(reader: impl Read, store: &SledStore) -> Result<Restored, Restore
             Frame::Trailer(trailer) => {
                 // The reader checked the order: a header came first.
                 let header = header.take().unwrap_or_default();
-                return finish(store, &header, &trailer, &tally).and_then(|restored| {
+                return finish(store, &header, &trailer, &tally, &positions).and_then(|restored| {
                     // Nothing may follow the trailer.
                     match frames.next_frame()? {
                         None => Ok(restored),
@@ -301,11 +315,16 @@ fn finish(
     header: &v1::BackupHeader,
     trailer: &v1::BackupTrailer,
     tally: &Tally,
+    positions: &[StreamPosition],
 ) -> Result<Restored, RestoreFailure> {
     let counts = [
         ("events", header.events, tally.events),
         ("events (trailer)", trailer.events, tally.events),
-        ("positions", u64::from(header.positions), tally.positions),
+        (
+            "positions",
+            u64::from(header.positions),
+            positions.len() as u64,
+        ),
         (
             "dead-lettered records",
             header.dead_lettered_records,
@@ -338,9 +357,13 @@ fn finish(
             stated: trailer.log_sha256.clone(),
         });
     }
+    for position in positions {
+        store.restore_position(position)?;
+    }
+    store.flush()?;
     Ok(Restored {
         events: tally.events,
-        positions: tally.positions,
+        positions: positions.len() as u64,
         dead_letters: tally.dead_letters,
         dead_lettered_records: tally.dead_lettered_records,
         taken_at: header.taken_at.as_ref().and_then(instant),

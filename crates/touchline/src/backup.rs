@@ -129,41 +129,58 @@ const IGNORED: &[&str] = &["lost+found"];
 
 /// Restores the backup file `from` into a new store at `store_path`, a folder that is absent,
 /// empty, or left by a restore that did not finish (which is started over). The store is built in
-/// the folder itself (it may be a volume's mount point), marked with
-/// [`RESTORE_MARKER`] until every check passed:
-/// a node refuses to open a store with the mark.
+/// the folder itself (it may be a volume's mount point), marked with [`RESTORE_MARKER`] until
+/// every check passed: a node refuses to open a store with the mark. The restore holds a lock on
+/// the mark while it runs: a second restore into the folder is refused meanwhile.
 ///
 /// # Errors
-/// When the folder holds a store, or the file is not a whole, undamaged backup (then the folder is
-/// left empty, or absent as it was).
+/// When the folder holds a store, another restore runs into it, or the file is not a whole,
+/// undamaged backup (then the folder is left empty, or absent as it was).
 pub fn restore(from: &Path, store_path: &Path, cache_bytes: u64) -> anyhow::Result<Restored> {
     let file = File::open(from).with_context(|| format!("cannot open {}", from.display()))?;
-    let existed = store_path.exists();
-    let marker = store_path.join(RESTORE_MARKER);
-    if existed {
-        let entries = contents(store_path)?;
-        anyhow::ensure!(
-            entries.is_empty() || marker.exists(),
-            "{} holds a store: a backup is restored into a new one; move it aside (or point store.path elsewhere) first",
-            store_path.display()
-        );
-        if !entries.is_empty() {
-            tracing::warn!(path = %store_path.display(), "starting over a restore that did not finish");
-            empty(store_path)?;
-        }
-    } else {
+    let created = !store_path.exists();
+    if created {
         std::fs::create_dir_all(store_path)
             .with_context(|| format!("cannot create {}", store_path.display()))?;
+        sync_parent(store_path)?;
     }
-    File::create(&marker)
-        .and_then(|created| created.sync_all())
+    let marker = store_path.join(RESTORE_MARKER);
+    let had_marker = marker.exists();
+    let entries = contents(store_path)?;
+    anyhow::ensure!(
+        entries.is_empty() || had_marker,
+        "{} holds a store: a backup is restored into a new one; move it aside (or point store.path elsewhere) first",
+        store_path.display()
+    );
+    let lock = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&marker)
+        .with_context(|| format!("cannot write {}", marker.display()))?;
+    match lock.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
+            "another restore is running into {}: wait for it to end",
+            store_path.display()
+        ),
+        Err(std::fs::TryLockError::Error(error)) => {
+            return Err(error).with_context(|| format!("cannot lock {}", marker.display()));
+        }
+    }
+    if had_marker && entries.len() > 1 {
+        tracing::warn!(path = %store_path.display(), "starting over a restore that did not finish");
+        empty(store_path)?;
+    }
+    lock.sync_all()
         .and_then(|()| File::open(store_path)?.sync_all())
         .with_context(|| format!("cannot write {}", marker.display()))?;
-    let restored = SledStore::open_for_restore(store_path, cache_bytes)
-        .map_err(anyhow::Error::from)
-        .and_then(|store| {
-            let restored = touchline_query::backup::restore(BufReader::new(file), &store)
-                .with_context(|| format!("cannot restore {}", from.display()))?;
+    // A store that cannot be opened is someone else's (a node started on the folder meanwhile):
+    // left alone.
+    let store = SledStore::open_for_restore(store_path, cache_bytes)?;
+    let restored = touchline_query::backup::restore(BufReader::new(file), &store)
+        .with_context(|| format!("cannot restore {}", from.display()))
+        .and_then(|restored| {
             drop(store);
             std::fs::remove_file(&marker)
                 .and_then(|()| File::open(store_path)?.sync_all())
@@ -171,12 +188,13 @@ pub fn restore(from: &Path, store_path: &Path, cache_bytes: u64) -> anyhow::Resu
             Ok(restored)
         });
     if restored.is_err() {
-        let _ = if existed {
-            empty(store_path)
-        } else {
+        let _ = if created {
             std::fs::remove_dir_all(store_path).map_err(anyhow::Error::from)
+        } else {
+            empty(store_path).and_then(|()| Ok(std::fs::remove_file(&marker)?))
         };
     }
+    drop(lock);
     restored
 }
 
@@ -194,7 +212,7 @@ fn contents(folder: &Path) -> anyhow::Result<Vec<PathBuf>> {
     Ok(entries)
 }
 
-/// Deletes a folder's contents but [`IGNORED`] ones, the restore's marker last.
+/// Deletes a folder's contents but [`IGNORED`] ones and the restore's marker.
 fn empty(folder: &Path) -> anyhow::Result<()> {
     let marker = folder.join(RESTORE_MARKER);
     for entry in contents(folder)? {
@@ -207,10 +225,6 @@ fn empty(folder: &Path) -> anyhow::Result<()> {
             std::fs::remove_file(&entry)
         }
         .with_context(|| format!("cannot delete {}", entry.display()))?;
-    }
-    if marker.exists() {
-        std::fs::remove_file(&marker)
-            .with_context(|| format!("cannot delete {}", marker.display()))?;
     }
     Ok(())
 }

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use futures::StreamExt as _;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Code, Status};
@@ -59,8 +60,10 @@ pub(super) fn stream(
     store: Arc<SledStore>,
     shutdown: CancellationToken,
     claim: Claim,
-) -> ReceiverStream<Result<v1::BackupChunk, Status>> {
+) -> BackupStream {
     let (sender, receiver) = tokio::sync::mpsc::channel(AHEAD);
+    let completed = Arc::new(AtomicBool::new(false));
+    let done = Arc::clone(&completed);
     let runtime = tokio::runtime::Handle::current();
     tokio::task::spawn_blocking(move || {
         let _claim = claim;
@@ -78,12 +81,15 @@ pub(super) fn stream(
         };
         let written = crate::backup::write(&store, |data| send(Ok(v1::BackupChunk { data })));
         match written {
-            Ok(Some(written)) => tracing::info!(
+            Ok(Some(written)) => {
+                done.store(true, Ordering::Release);
+                tracing::info!(
                 events = written.events,
                 bytes = written.bytes,
                 log_sha256 = %written.log.sha256,
                 "backup streamed"
-            ),
+                );
+            }
             Ok(None) if shutdown.is_cancelled() => {
                 tracing::info!("backup stopped: the server is shutting down");
                 // Told if it reads on within a second; its file ends without a trailer anyway.
@@ -103,5 +109,22 @@ pub(super) fn stream(
             }
         }
     });
-    ReceiverStream::new(receiver)
+    // A backup that stopped before its end (a caller that read nothing for a minute, a shutdown
+    // whose notice could not be queued) ends with an error, never with OK: only the trailer
+    // tells a whole file, and not every client reads it.
+    let incomplete = futures::stream::once(async move {
+        (!completed.load(Ordering::Acquire)).then(|| {
+            Err(rejected(
+                Code::Aborted,
+                "BACKUP_STOPPED",
+                "the backup stopped before its end (the caller read nothing for a minute, or the server is stopping): take it again",
+            ))
+        })
+    })
+    .filter_map(std::future::ready);
+    Box::pin(ReceiverStream::new(receiver).chain(incomplete))
 }
+
+/// The answer of `Backup`: the file's pieces, then an error if it stopped before its end.
+pub(super) type BackupStream =
+    std::pin::Pin<Box<dyn futures::Stream<Item = Result<v1::BackupChunk, Status>> + Send>>;
