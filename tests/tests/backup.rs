@@ -78,8 +78,17 @@ async fn a_restored_node_goes_on_from_its_backup() -> anyhow::Result<()> {
     .await?;
 
     let file = dir.path().join("a.backup");
+    let backups_done = || {
+        touchline_query::metrics::BACKUPS
+            .get_or_create(&touchline_query::metrics::BackupLabel { outcome: "done" })
+            .get()
+    };
+    let done_before = backups_done();
     let backup = touchline::backup::backup(node.target(), ADMIN_TOKEN, &file).await?;
     assert_eq!(backup.events, 200);
+    // Counted process-wide (the other test of this binary takes backups too).
+    assert!(backups_done() > done_before);
+    assert!(touchline_query::metrics::LAST_BACKUP.get() > 1_700_000_000);
     assert_eq!(touchline::backup::check_file(&file)?, backup);
     assert!(!dir.path().join("a.backup.partial").exists());
     let at_backup = checksums(&node).await?;

@@ -21,6 +21,8 @@ use crate::admin::{domain_dead_letter, wire_dead_letter};
 /// What a backup written whole holds.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Written {
+    /// When the backup's cut was taken.
+    pub taken_at: UnixNanos,
     pub events: u64,
     pub bytes: u64,
     /// The log's checksum through its last event, as `VerifyProjections` reports it.
@@ -104,6 +106,7 @@ pub fn write(
         return Ok(None);
     }
     Ok(Some(Written {
+        taken_at: cut.taken_at,
         events: log.entries,
         bytes,
         log,

@@ -36,6 +36,24 @@ pub static WATCHES: LazyLock<Gauge> = LazyLock::new(Gauge::default);
 pub static WATCHES_LAGGED: LazyLock<prometheus_client::metrics::counter::Counter> =
     LazyLock::new(Default::default);
 
+/// How a backup ended.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct BackupLabel {
+    /// `done` (the whole file was sent), `stopped` (the caller went away or stalled, or the node
+    /// stopped) or `failed` (the store failed).
+    pub outcome: &'static str,
+}
+
+/// Backups served, by how they ended.
+pub static BACKUPS: LazyLock<Family<BackupLabel, prometheus_client::metrics::counter::Counter>> =
+    LazyLock::new(Family::default);
+
+/// When the last whole backup was taken (its cut), in Unix seconds; 0 before the first.
+pub static LAST_BACKUP: LazyLock<Gauge> = LazyLock::new(Gauge::default);
+
+/// Events in the last whole backup.
+pub static LAST_BACKUP_EVENTS: LazyLock<Gauge> = LazyLock::new(Gauge::default);
+
 /// Observes the time since `started` for `method`.
 pub fn observe(method: &'static str, started: Instant) {
     QUERY_SECONDS
@@ -64,5 +82,20 @@ pub fn register(registry: &mut Registry) {
         "touchline_query_watches_lagged",
         "WatchTimeline streams ended with WATCH_LAGGED: their client read too slowly",
         WATCHES_LAGGED.clone(),
+    );
+    registry.register(
+        "touchline_backups",
+        "Backups served (AdminService.Backup), by outcome: done, stopped or failed",
+        BACKUPS.clone(),
+    );
+    registry.register(
+        "touchline_backup_last_success_timestamp_seconds",
+        "When the last whole backup served by this process was taken (Unix seconds; 0 before the first)",
+        LAST_BACKUP.clone(),
+    );
+    registry.register(
+        "touchline_backup_last_success_events",
+        "Events in the last whole backup served by this process",
+        LAST_BACKUP_EVENTS.clone(),
     );
 }

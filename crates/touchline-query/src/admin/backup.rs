@@ -13,6 +13,13 @@ use touchline_proto::v1;
 
 use super::rejected;
 use crate::Error;
+use crate::metrics;
+
+fn count(outcome: &'static str) {
+    metrics::BACKUPS
+        .get_or_create(&metrics::BackupLabel { outcome })
+        .inc();
+}
 
 /// Pieces of the file made ahead of the caller's reading.
 const AHEAD: usize = 4;
@@ -83,6 +90,9 @@ pub(super) fn stream(
         match written {
             Ok(Some(written)) => {
                 done.store(true, Ordering::Release);
+                count("done");
+                metrics::LAST_BACKUP.set(written.taken_at.0 / 1_000_000_000);
+                metrics::LAST_BACKUP_EVENTS.set(i64::try_from(written.events).unwrap_or(i64::MAX));
                 tracing::info!(
                 events = written.events,
                 bytes = written.bytes,
@@ -91,6 +101,7 @@ pub(super) fn stream(
                 );
             }
             Ok(None) if shutdown.is_cancelled() => {
+                count("stopped");
                 tracing::info!("backup stopped: the server is shutting down");
                 // Told if it reads on within a second; its file ends without a trailer anyway.
                 let _ = runtime.block_on(tokio::time::timeout(
@@ -102,8 +113,12 @@ pub(super) fn stream(
                     ))),
                 ));
             }
-            Ok(None) => tracing::info!("backup stopped: the caller went away"),
+            Ok(None) => {
+                count("stopped");
+                tracing::info!("backup stopped: the caller went away or read nothing");
+            }
             Err(error) => {
+                count("failed");
                 tracing::error!(%error, "backup failed");
                 let _ = send(Err(Error::Store(error).into()));
             }
