@@ -133,7 +133,50 @@ def check_kubernetes() -> list[str]:
     return problems
 
 
-problems = check_compose() + check_dockerfile() + check_kubernetes()
+def check_backup() -> list[str]:
+    """The backup CronJob (applied on its own): a restricted pod that runs `touchline backup`
+    with the admin token from its Secret into the backups volume."""
+    problems = []
+    if yaml is None:
+        return problems
+    documents = [d for d in yaml.safe_load_all((DEPLOY / "kubernetes" / "backup.yaml").read_text()) if d]
+    claims = {d["metadata"]["name"] for d in documents if d.get("kind") == "PersistentVolumeClaim"}
+    jobs = [d for d in documents if d.get("kind") == "CronJob"]
+    if len(jobs) != 1:
+        return ["backup.yaml: expected one CronJob"]
+    job = jobs[0]["spec"]
+    if job.get("concurrencyPolicy") != "Forbid":
+        problems.append("backup CronJob: concurrencyPolicy must be Forbid (one backup at a time)")
+    pod = job["jobTemplate"]["spec"]["template"]["spec"]
+    if pod.get("enableServiceLinks") is not False:
+        problems.append("backup CronJob: enableServiceLinks must be false")
+    if pod.get("securityContext", {}).get("runAsNonRoot") is not True:
+        problems.append("backup CronJob: the pod must not run as root")
+    for volume in pod.get("volumes", []):
+        claim = volume.get("persistentVolumeClaim", {}).get("claimName")
+        if claim is not None and claim not in claims:
+            problems.append(f"backup CronJob mounts claim {claim}, which backup.yaml does not declare")
+    for container in pod["containers"]:
+        context = container.get("securityContext", {})
+        if context.get("allowPrivilegeEscalation") is not False \
+                or "ALL" not in context.get("capabilities", {}).get("drop", []):
+            problems.append("backup CronJob: the container may escalate privileges or keeps capabilities")
+        script = " ".join(container.get("command", []) + container.get("args", []))
+        if "touchline backup --out" not in script:
+            problems.append("backup CronJob: the container does not run touchline backup --out")
+        env = {e["name"]: e for e in container.get("env", [])}
+        token = env.get("TOUCHLINE_ADMIN_TOKEN", {}).get("valueFrom", {}).get("secretKeyRef")
+        if token is None:
+            problems.append("backup CronJob: TOUCHLINE_ADMIN_TOKEN does not come from a Secret")
+        if "TOUCHLINE_ENDPOINT" not in env:
+            problems.append("backup CronJob: no TOUCHLINE_ENDPOINT")
+        mounts = {m["mountPath"] for m in container.get("volumeMounts", [])}
+        if "/backups" not in mounts:
+            problems.append("backup CronJob: nothing is mounted at /backups, where it writes")
+    return problems
+
+
+problems = check_compose() + check_dockerfile() + check_kubernetes() + check_backup()
 for problem in problems:
     print(problem, file=sys.stderr)
 print("deploy/ checks:", "failed" if problems else "ok")
