@@ -250,3 +250,47 @@ fn counters_survive_the_restored_store_being_opened_again() {
         vec![3]
     );
 }
+
+#[test]
+fn an_event_replayed_past_the_positions_stays_once_after_a_restore() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = SledStore::open(&dir.path().join("source")).expect("opens");
+    let mut offset = -1;
+    apply(
+        &store,
+        &mut offset,
+        (0..10)
+            .map(|index| event(&format!("evt-{index}"), "cust-1", index))
+            .collect(),
+        true,
+    );
+    // A replay appended the event at offset 20, beyond the stored position (10): positions do
+    // not move for a replay.
+    let late = event("evt-late", "cust-1", 20);
+    let record = |offset| ConsumedRecord {
+        partition: 0,
+        offset,
+        content: RecordContent::Event {
+            raw: touchline_proto::encode_envelope(&late),
+            envelope: Box::new(late.clone()),
+        },
+    };
+    store
+        .apply_replayed(&stream(), vec![record(20)])
+        .expect("replays");
+    store.flush().expect("flushes");
+    let file = backup_bytes(&store);
+    let restored_store = SledStore::open(&dir.path().join("restored")).expect("opens");
+    backup::restore(file.as_slice(), &restored_store).expect("restores");
+    assert_eq!(
+        restored_store.positions(&stream()).expect("positions")[&0].next_offset,
+        10
+    );
+
+    // The projector reads on from offset 10 and meets the record again: a duplicate.
+    let outcome = restored_store
+        .apply(&stream(), vec![record(20)])
+        .expect("applies");
+    assert_eq!((outcome.appended, outcome.duplicates), (0, 1));
+    assert_eq!(restored_store.log_len(), 11);
+}

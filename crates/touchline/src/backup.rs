@@ -94,9 +94,16 @@ pub async fn backup(endpoint: &Target, token: &str, out: &Path) -> anyhow::Resul
         drop(file);
         let checked = check_file(&partial)
             .with_context(|| format!("the backup written to {} is not whole", partial.display()))?;
-        std::fs::rename(&partial, out)
-            .with_context(|| format!("cannot rename {} to {}", partial.display(), out.display()))?;
-        sync_parent(out)?;
+        // A link, not a rename: it fails rather than replace a file made meanwhile.
+        std::fs::hard_link(&partial, out)
+            .with_context(|| format!("cannot link {} to {}", partial.display(), out.display()))?;
+        let _ = std::fs::remove_file(&partial);
+        sync_parent(out).with_context(|| {
+            format!(
+                "the backup is in {}, but its folder could not be synced",
+                out.display()
+            )
+        })?;
         Ok(checked)
     }
     .await;
@@ -152,12 +159,18 @@ pub fn restore(from: &Path, store_path: &Path, cache_bytes: u64) -> anyhow::Resu
         "{} holds a store: a backup is restored into a new one; move it aside (or point store.path elsewhere) first",
         store_path.display()
     );
+    // A mark this restore makes must be new, and one it takes over must still be there: a folder
+    // that changed meanwhile (another restore, a node) is refused.
     let lock = File::options()
-        .create(true)
-        .truncate(false)
         .write(true)
+        .create_new(!had_marker)
         .open(&marker)
-        .with_context(|| format!("cannot write {}", marker.display()))?;
+        .with_context(|| {
+            format!(
+                "cannot take {} (did another restore or a node start on the folder meanwhile?)",
+                marker.display()
+            )
+        })?;
     match lock.try_lock() {
         Ok(()) => {}
         Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
@@ -176,8 +189,16 @@ pub fn restore(from: &Path, store_path: &Path, cache_bytes: u64) -> anyhow::Resu
         .and_then(|()| File::open(store_path)?.sync_all())
         .with_context(|| format!("cannot write {}", marker.display()))?;
     // A store that cannot be opened is someone else's (a node started on the folder meanwhile):
-    // left alone.
-    let store = SledStore::open_for_restore(store_path, cache_bytes)?;
+    // left alone, without the mark this restore made.
+    let store = match SledStore::open_for_restore(store_path, cache_bytes) {
+        Ok(store) => store,
+        Err(error) => {
+            if !had_marker {
+                let _ = std::fs::remove_file(&marker);
+            }
+            return Err(error.into());
+        }
+    };
     let restored = touchline_query::backup::restore(BufReader::new(file), &store)
         .with_context(|| format!("cannot restore {}", from.display()))
         .and_then(|restored| {
@@ -188,11 +209,14 @@ pub fn restore(from: &Path, store_path: &Path, cache_bytes: u64) -> anyhow::Resu
             Ok(restored)
         });
     if restored.is_err() {
-        let _ = if created {
-            std::fs::remove_dir_all(store_path).map_err(anyhow::Error::from)
-        } else {
-            empty(store_path).and_then(|()| Ok(std::fs::remove_file(&marker)?))
-        };
+        // The store's files first, the mark last: a crash in between leaves a marked folder.
+        let _ = empty(store_path).and_then(|()| {
+            std::fs::remove_file(&marker)?;
+            if created {
+                std::fs::remove_dir(store_path)?;
+            }
+            Ok(())
+        });
     }
     drop(lock);
     restored
