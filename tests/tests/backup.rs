@@ -5,6 +5,7 @@
 //! refused and leave nothing behind; a backup needs an admin token.
 
 use tonic::Code;
+use touchline_core::EventStore as _;
 use touchline_projection::SledStore;
 use touchline_projection::sled_store::RESTORE_MARKER;
 use touchline_proto::v1::{self, JourneyStage};
@@ -100,7 +101,11 @@ async fn a_restored_node_goes_on_from_its_backup() -> anyhow::Result<()> {
 
     // Published after the backup: in Kafka, beyond the backup's positions.
     publish(&mut ingest, COURIER.1, events(200, 260)).await?;
-    wait_until("the later events", || store.log_len() == 260).await?;
+    // Durable, not only applied: timelines show flushed entries.
+    wait_until("the later events", || {
+        store.log_len() == 260 && store.durable_sequence() >= 260
+    })
+    .await?;
     let at_end = timelines(&node).await?;
     assert_eq!(at_end.iter().map(Vec::len).sum::<usize>(), 260);
     drop(store);
@@ -131,7 +136,7 @@ async fn a_restored_node_goes_on_from_its_backup() -> anyhow::Result<()> {
     // (Their log sequences may differ from the first node's: the partitions interleave as they
     // come. The timelines are ordered by event time, which the events do not share.)
     wait_until("the later events on the restored node", || {
-        store.log_len() == 260
+        store.log_len() == 260 && store.durable_sequence() >= 260
     })
     .await?;
     assert_eq!(store.dead_letter_count(), 1, "the dead letter once");
