@@ -1,6 +1,7 @@
 //! TLS on the gRPC listener (`server.tls`): partners publish and internal services read over it,
 //! plaintext and untrusted clients get nothing, a node that names a client CA requires client
-//! certificates (and tokens still), and a certificate the node cannot use stops the start.
+//! certificates (and tokens still), a renewed certificate or client CA applies without a restart,
+//! and a certificate the node cannot use stops the start.
 //! The certificates are fixtures (`tests/data/tls/generate.sh`).
 
 use std::path::PathBuf;
@@ -314,5 +315,56 @@ async fn a_renewed_certificate_is_served_without_a_restart() -> anyhow::Result<(
     // The old certificate is no longer served to new connections.
     let old = publish_over(&by_ca, COURIER.1, "old").await;
     assert!(format!("{:#}", old.expect_err("the old chain")).contains("invalid peer certificate"));
+    node.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewed_client_ca_is_required_without_a_restart() -> anyhow::Result<()> {
+    let broker = start_broker().await;
+    let dir = tempfile::tempdir()?;
+    let client_ca = dir.path().join("client-ca.pem");
+    std::fs::copy(fixture("ca.pem"), &client_ca)?;
+    let trusted = client_ca.clone();
+    let node = start_node_with(&broker, dir.path(), partners(), move |config| {
+        let mut files = tls("server.pem", "server.key", None);
+        files.client_ca_file = Some(trusted);
+        config.server.tls = Some(files);
+    })
+    .await?;
+    let server = https(&node).with_ca_cert(fixture("ca.pem"));
+    let first = server
+        .clone()
+        .with_client_cert(fixture("client.pem"), fixture("client.key"));
+    let second = server.with_client_cert(fixture("other-client.pem"), fixture("other-client.key"));
+    assert_eq!(publish_over(&first, COURIER.1, "first-ca").await?, 1);
+    assert!(publish_over(&second, COURIER.1, "not-yet").await.is_err());
+
+    // The client CA is replaced (clients moved to the other CA): new connections need a
+    // certificate of the new one.
+    std::fs::copy(fixture("other-ca.pem"), &client_ca)?;
+    let deadline = tokio::time::Instant::now() + touchline_tests::DEADLINE;
+    let mut poll = tokio::time::interval(std::time::Duration::from_millis(100));
+    loop {
+        poll.tick().await;
+        if let Ok(accepted) = publish_over(&second, COURIER.1, "second-ca").await {
+            assert_eq!(accepted, 1);
+            break;
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the new client CA was never required"
+        );
+    }
+    let refused = publish_over(&first, COURIER.1, "old-ca").await;
+    let error = format!("{:#}", refused.expect_err("the old CA's certificate"));
+    assert!(error.contains("transport error"), "{error}");
+
+    // A client CA file that does not load keeps the one in force.
+    std::fs::write(&client_ca, b"not a certificate")?;
+    let still = tokio::time::Instant::now() + std::time::Duration::from_secs(3);
+    while tokio::time::Instant::now() < still {
+        assert_eq!(publish_over(&second, COURIER.1, "still").await?, 1);
+        poll.tick().await;
+    }
     node.shutdown().await
 }

@@ -1,7 +1,8 @@
 //! TLS of the gRPC listener (`server.tls`): every service on it, health and reflection included.
-//! The handshakes are made here (rustls), not by tonic, so that a renewed certificate is served
-//! without a restart: the certificate and key files are checked every few seconds and reloaded
-//! when they change; a pair that does not load keeps the one in force, with a logged error.
+//! The handshakes are made here (rustls), not by tonic, so that a renewed certificate (or client
+//! CA) is served without a restart: the certificate, key and client-CA files are checked every few
+//! seconds and reloaded when they change; files that do not load keep the ones in force, with a
+//! logged error.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -30,17 +31,21 @@ use crate::connect::{Target, read};
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Handshakes under way at once; past it, accepting waits for one to end (or time out).
 const MAX_HANDSHAKES: usize = 1024;
-/// How often the certificate and key files are checked for a change.
+/// How often the certificate, key and client-CA files are checked for a change.
 const RELOAD_INTERVAL: Duration = Duration::from_secs(2);
 
-/// The listener's TLS: the acceptor, and the certificate it serves now.
+/// The listener's TLS: the acceptor in force (its configuration holds the client-CA verifier),
+/// and the certificate it serves now.
 pub(super) struct TlsServer {
-    acceptor: TlsAcceptor,
+    acceptor: Arc<RwLock<TlsAcceptor>>,
     current: Arc<Current>,
     files: TlsConfig,
     /// The files' modification times before they were loaded: the reload starts from them.
-    loaded: [Option<SystemTime>; 2],
+    loaded: Times,
 }
+
+/// When the certificate, key and client-CA files last changed.
+type Times = [Option<SystemTime>; 3];
 
 impl std::fmt::Debug for TlsServer {
     fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -74,42 +79,52 @@ impl TlsServer {
         let current = Arc::new(Current(RwLock::new(Arc::new(certified_key(
             files, &provider,
         )?))));
-        let builder = rustls::ServerConfig::builder_with_provider(Arc::clone(&provider))
-            .with_safe_default_protocol_versions()
-            .context("server.tls: no protocol version")?;
-        let builder = match &files.client_ca_file {
-            Some(path) => {
-                let pem = read("server.tls.client-ca-file", path)?;
-                // A bundle is taken whole or refused.
-                let mut roots = RootCertStore::empty();
-                for certificate in certificates("client-ca-file", path, &pem)? {
-                    roots.add(certificate).with_context(|| {
-                        format!(
-                            "server.tls.client-ca-file {}: a certificate",
-                            path.display()
-                        )
-                    })?;
-                }
-                let verifier = WebPkiClientVerifier::builder_with_provider(
-                    Arc::new(roots),
-                    Arc::clone(&provider),
-                )
-                .build()
-                .with_context(|| format!("server.tls.client-ca-file {}", path.display()))?;
-                builder.with_client_cert_verifier(verifier)
-            }
-            None => builder.with_no_client_auth(),
-        };
-        let mut config = builder.with_cert_resolver(Arc::clone(&current) as _);
-        config.alpn_protocols = vec![b"h2".to_vec()];
+        let acceptor = acceptor(files, &provider, &current)?;
         Ok(Self {
-            acceptor: TlsAcceptor::from(Arc::new(config)),
+            acceptor: Arc::new(RwLock::new(acceptor)),
             current,
             files: files.clone(),
             loaded,
         })
     }
+}
 
+/// An acceptor with the client-CA verifier of `files` (if any), serving `current`.
+fn acceptor(
+    files: &TlsConfig,
+    provider: &Arc<CryptoProvider>,
+    current: &Arc<Current>,
+) -> anyhow::Result<TlsAcceptor> {
+    let builder = rustls::ServerConfig::builder_with_provider(Arc::clone(provider))
+        .with_safe_default_protocol_versions()
+        .context("server.tls: no protocol version")?;
+    let builder = match &files.client_ca_file {
+        Some(path) => {
+            let pem = read("server.tls.client-ca-file", path)?;
+            // A bundle is taken whole or refused.
+            let mut roots = RootCertStore::empty();
+            for certificate in certificates("client-ca-file", path, &pem)? {
+                roots.add(certificate).with_context(|| {
+                    format!(
+                        "server.tls.client-ca-file {}: a certificate",
+                        path.display()
+                    )
+                })?;
+            }
+            let verifier =
+                WebPkiClientVerifier::builder_with_provider(Arc::new(roots), Arc::clone(provider))
+                    .build()
+                    .with_context(|| format!("server.tls.client-ca-file {}", path.display()))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let mut config = builder.with_cert_resolver(Arc::clone(current) as _);
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+impl TlsServer {
     /// The accepted connections once their handshake is done, each handshake a task of its own
     /// (so that they use every core); failed handshakes (plaintext, an untrusted client
     /// certificate) and slow ones are dropped, logged at debug. When the server stops accepting
@@ -121,7 +136,7 @@ impl TlsServer {
     where
         S: Stream<Item = std::io::Result<TcpStream>>,
     {
-        let acceptor = self.acceptor.clone();
+        let acceptor = Arc::clone(&self.acceptor);
         accepted
             .filter_map(|accepted| {
                 std::future::ready(
@@ -131,7 +146,11 @@ impl TlsServer {
                 )
             })
             .map(move |tcp| {
-                let acceptor = acceptor.clone();
+                // The one in force when the connection came.
+                let acceptor = acceptor
+                    .read()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .clone();
                 AbortOnDrop(tokio::spawn(async move {
                     tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
                 }))
@@ -156,10 +175,12 @@ impl TlsServer {
             })
     }
 
-    /// Reloads the certificate and key when their files change, until `shutdown`.
+    /// Reloads the certificate and key, and the client CA, when their files change, until
+    /// `shutdown`.
     pub(super) fn watch(&self, shutdown: CancellationToken) -> JoinHandle<()> {
         let (current, files) = (Arc::clone(&self.current), self.files.clone());
-        let provider = rustls::crypto::ring::default_provider();
+        let acceptor = Arc::clone(&self.acceptor);
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut served = self.loaded;
         tokio::spawn(async move {
             // The times of the last failed attempt: its error is logged once per change.
@@ -174,11 +195,29 @@ impl TlsServer {
                 if now == served {
                     continue;
                 }
-                // Tried on every tick until the pair loads: a certificate written before its
-                // key, or a file read half-written, loads at a later try.
-                match certified_key(&files, &provider) {
-                    Ok(key) => {
+                // Tried on every tick until the files load: a certificate written before its
+                // key, or a file read half-written, loads at a later try. The client CA is
+                // loaded whole before anything changes.
+                let client_ca_changed = now[2] != served[2];
+                let loaded = certified_key(&files, &provider).and_then(|key| {
+                    let new_acceptor = if client_ca_changed {
+                        Some(self::acceptor(&files, &provider, &current)?)
+                    } else {
+                        None
+                    };
+                    Ok((key, new_acceptor))
+                });
+                match loaded {
+                    Ok((key, new_acceptor)) => {
                         *current.0.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(key);
+                        if let Some(new_acceptor) = new_acceptor {
+                            *acceptor.write().unwrap_or_else(PoisonError::into_inner) =
+                                new_acceptor;
+                            info!(
+                                client_ca = ?files.client_ca_file,
+                                "TLS client CA reloaded"
+                            );
+                        }
                         served = now;
                         failed = None;
                         info!(cert = %files.cert_file.display(), "TLS certificate reloaded");
@@ -239,12 +278,19 @@ fn certified_key(files: &TlsConfig, provider: &CryptoProvider) -> anyhow::Result
     })
 }
 
-/// When the certificate and key files last changed.
-fn modified(files: &TlsConfig) -> [Option<SystemTime>; 2] {
-    [&files.cert_file, &files.key_file].map(|path| {
-        std::fs::metadata(path)
-            .and_then(|metadata| metadata.modified())
-            .ok()
+/// When the certificate, key and client-CA files last changed.
+fn modified(files: &TlsConfig) -> Times {
+    [
+        Some(files.cert_file.as_path()),
+        Some(files.key_file.as_path()),
+        files.client_ca_file.as_deref(),
+    ]
+    .map(|path| {
+        path.and_then(|path| {
+            std::fs::metadata(path)
+                .and_then(|metadata| metadata.modified())
+                .ok()
+        })
     })
 }
 
