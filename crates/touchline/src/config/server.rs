@@ -53,8 +53,8 @@ impl Default for ServerConfig {
 }
 
 /// The gRPC listener's TLS: its certificate and key, and optionally the CA whose certificates
-/// clients must present (mutual TLS). Checked at start; the certificate and key are reloaded
-/// when their files change, the client CA is read at start only.
+/// clients must present (mutual TLS). Checked at start; the certificate, key and client CA are
+/// reloaded when their files change.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct TlsConfig {
