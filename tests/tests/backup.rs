@@ -11,8 +11,7 @@ use touchline_projection::sled_store::RESTORE_MARKER;
 use touchline_proto::v1::{self, JourneyStage};
 use touchline_tests::{
     ADMIN_TOKEN, COURIER, admin_client, authorized, error_reason, event_ids, full_timeline,
-    ingest_client, publish, start_broker, start_mock_broker, start_node, timeline_client,
-    touchpoint, wait_until,
+    ingest_client, publish, start_broker, start_node, timeline_client, touchpoint, wait_until,
 };
 
 fn events(from: usize, to: usize) -> Vec<v1::Touchpoint> {
@@ -58,11 +57,7 @@ async fn checksums(node: &touchline::Node) -> anyhow::Result<Vec<(String, u64, S
 
 #[tokio::test]
 async fn a_restored_node_goes_on_from_its_backup() -> anyhow::Result<()> {
-    // The mock cluster whatever the suite runs against: Tansu 0.6 cannot fetch from the middle of
-    // a record batch, so there the projector's check of a stored position fails when the record
-    // before it is inside a batch, and it reads the partition from the beginning (safe: the
-    // events are duplicates), which would hide whether the positions were restored.
-    let broker = start_mock_broker();
+    let broker = start_broker().await;
     let dir = tempfile::tempdir()?;
     let node = start_node(&broker, &dir.path().join("a")).await?;
     let mut ingest = ingest_client(&node).await?;

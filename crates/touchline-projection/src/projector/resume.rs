@@ -24,7 +24,8 @@ pub(super) struct Resume {
 /// before it must be the one the position was taken after (same fingerprint). Cluster ids alone are
 /// not enough (the embedded broker's id can repeat, a wiped broker keeps its id), and high
 /// watermarks are not reliable on every broker (Tansu 0.6 reports the base offset of the last
-/// batch, and cannot fetch from the middle of a batch). `None` means "a new incarnation, or no
+/// batch, and cannot fetch from the middle of a batch: the record is looked for from earlier
+/// starts there, see below). `None` means "a new incarnation, or no
 /// proof it is the same: read from the beginning"; re-reading is safe, events are deduplicated.
 pub(super) fn check_position(
     consumer: &StreamConsumer,
@@ -55,54 +56,116 @@ pub(super) fn check_position(
             next: low,
         }));
     }
+    // The record before the position, read from the latest fetchable start at or before it.
+    // Kafka fetches from any offset; Tansu 0.6 only from the start of a record batch (asked for
+    // the middle of one, it answers from the next batch): then earlier starts are tried, each
+    // twice as far back, down to the oldest record, so that the record is found reading at most
+    // about two batches.
+    let before = next - 1;
+    let mut back = 0_i64;
+    loop {
+        let start = before.saturating_sub(back).max(low);
+        match probe(kafka, topic, partition, start, before)? {
+            Probe::Read {
+                fingerprint: read,
+                first,
+            } => {
+                if read == position.last_fingerprint {
+                    // Fetch from where the probe could (the verified record, or the start of its
+                    // batch): the records before the position are skipped once read.
+                    return Ok(Some(Resume {
+                        fetch_from: first,
+                        next,
+                    }));
+                }
+                warn!(
+                    partition,
+                    offset = before,
+                    "the record before the stored position is not the one projected: a new broker or topic, reading it from the beginning"
+                );
+                return Ok(None);
+            }
+            Probe::StartsAfter if start > low => back = back.saturating_mul(2).max(1),
+            Probe::StartsAfter | Probe::Missing => {
+                warn!(
+                    partition,
+                    offset = before,
+                    "the record before the stored position is gone: reading the partition from the beginning"
+                );
+                return Ok(None);
+            }
+            Probe::Failed(error) => {
+                warn!(partition, next, %error, "the record before the stored position cannot be read (a new broker or topic?): reading the partition from the beginning");
+                return Ok(None);
+            }
+            Probe::TimedOut => {
+                warn!(
+                    partition,
+                    next,
+                    "the stored position could not be verified in time: reading the partition from the beginning"
+                );
+                return Ok(None);
+            }
+        }
+    }
+}
+
+/// What reading a partition from `start` told of the record at `target`.
+enum Probe {
+    /// Read: its fingerprint, and the first offset the fetch answered with.
+    Read {
+        fingerprint: u64,
+        first: i64,
+    },
+    /// The fetch answered from after `target` (the start is inside a batch that holds it, on a
+    /// broker that fetches only from batch starts).
+    StartsAfter,
+    /// Records before and after `target`, but not it.
+    Missing,
+    Failed(rdkafka::error::KafkaError),
+    TimedOut,
+}
+
+/// Reads the partition from `start` until the record at `target`, with a consumer of its own.
+fn probe(
+    kafka: &KafkaOptions,
+    topic: &str,
+    partition: i32,
+    start: i64,
+    target: i64,
+) -> Result<Probe> {
     let probe: BaseConsumer = kafka
         .consumer_config()
         .set("auto.offset.reset", "error")
         .set("enable.auto.commit", "false")
         .create()?;
     let mut list = TopicPartitionList::new();
-    list.add_partition_offset(topic, partition, Offset::Offset(next - 1))?;
+    list.add_partition_offset(topic, partition, Offset::Offset(start))?;
     probe.assign(&list)?;
+    let mut first = None;
     let deadline = std::time::Instant::now() + METADATA_TIMEOUT;
     while std::time::Instant::now() < deadline {
         match probe.poll(Duration::from_millis(200)) {
-            Some(Ok(message))
-                if message.partition() == partition && message.offset() == next - 1 =>
-            {
-                if fingerprint(message.payload()) == position.last_fingerprint {
-                    // Fetch from the verified record rather than from `next`: some brokers cannot
-                    // fetch from the middle of a batch, and this offset is known to be fetchable.
-                    return Ok(Some(Resume {
-                        fetch_from: next - 1,
-                        next,
-                    }));
+            Some(Ok(message)) if message.partition() == partition => {
+                let offset = message.offset();
+                let first = *first.get_or_insert(offset);
+                if offset == target {
+                    return Ok(Probe::Read {
+                        fingerprint: fingerprint(message.payload()),
+                        first,
+                    });
                 }
-                warn!(
-                    partition,
-                    offset = next - 1,
-                    "the record before the stored position is not the one projected: a new broker or topic, reading it from the beginning"
-                );
-                return Ok(None);
-            }
-            Some(Ok(message)) if message.partition() == partition && message.offset() >= next => {
-                warn!(
-                    partition,
-                    offset = next - 1,
-                    "the record before the stored position is gone: reading the partition from the beginning"
-                );
-                return Ok(None);
+                if offset > target {
+                    return Ok(if first == offset {
+                        Probe::StartsAfter
+                    } else {
+                        Probe::Missing
+                    });
+                }
             }
             Some(Ok(_)) | None => {}
-            Some(Err(error)) => {
-                warn!(partition, next, %error, "the record before the stored position cannot be read (a new broker or topic?): reading the partition from the beginning");
-                return Ok(None);
-            }
+            Some(Err(error)) => return Ok(Probe::Failed(error)),
         }
     }
-    warn!(
-        partition,
-        next,
-        "the stored position could not be verified in time: reading the partition from the beginning"
-    );
-    Ok(None)
+    Ok(Probe::TimedOut)
 }
