@@ -19,7 +19,7 @@ use tracing::{debug, info, warn};
 
 use crate::{Error, Result, metrics};
 
-mod resume;
+pub(crate) mod resume;
 
 use resume::check_position;
 

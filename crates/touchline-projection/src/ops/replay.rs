@@ -17,6 +17,7 @@ use touchline_kafka::KafkaOptions;
 use tracing::{info, warn};
 
 use crate::metrics::PROJECTOR;
+use crate::projector::resume::Probe;
 use crate::projector::{consumed_record, kafka_setup};
 use crate::{Error, SledStore};
 
@@ -102,7 +103,8 @@ pub async fn replay(
         let consumer = Arc::clone(&consumer);
         let topic = kafka.topic.clone();
         let wanted = partitions.to_vec();
-        move || plan_replay(&consumer, &topic, from, wanted)
+        let kafka = kafka.clone();
+        move || plan_replay(&consumer, &kafka, &topic, from, wanted)
     })
     .await
     .map_err(Error::from)??;
@@ -220,6 +222,7 @@ type Plan = (
 /// Resolves the stream, each partition's range and the assignment to read it.
 fn plan_replay(
     consumer: &StreamConsumer,
+    kafka: &KafkaOptions,
     topic: &str,
     from: ReplayFrom,
     wanted: Vec<i32>,
@@ -271,10 +274,19 @@ fn plan_replay(
             },
         };
         ranges.insert(partition, (start, high.max(start)));
-        // Fetch from the oldest record and skip to the start: some brokers (Tansu 0.6) cannot
-        // fetch from the middle of a record batch and would silently skip the rest of it. A
-        // replay is rare; reading more than needed is the price of losing nothing.
-        assignment.add_partition_offset(topic, partition, Offset::Offset(low.min(start)))?;
+        // Fetch from a start the broker can fetch from, at or before the replay's start, and
+        // skip to it: some brokers (Tansu 0.6) cannot fetch from the middle of a record batch and
+        // would silently skip the rest of it. Found by reading the record at the start (from
+        // earlier starts, see `resume::find`); when it cannot be read, from the oldest record.
+        let fetch_from = if start > low && start < high {
+            match crate::projector::resume::find(kafka, topic, partition, start, low)? {
+                Probe::Read { first, .. } => first.min(start),
+                _ => low,
+            }
+        } else {
+            low.min(start)
+        };
+        assignment.add_partition_offset(topic, partition, Offset::Offset(fetch_from))?;
     }
     Ok((
         StreamIdentity {

@@ -56,62 +56,69 @@ pub(super) fn check_position(
             next: low,
         }));
     }
-    // The record before the position, read from the latest fetchable start at or before it.
-    // Kafka fetches from any offset; Tansu 0.6 only from the start of a record batch (asked for
-    // the middle of one, it answers from the next batch): then earlier starts are tried, each
-    // twice as far back, down to the oldest record, so that the record is found reading at most
-    // about two batches.
-    let before = next - 1;
+    match find(kafka, topic, partition, next - 1, low)? {
+        Probe::Read {
+            fingerprint: read,
+            first,
+        } => {
+            if read == position.last_fingerprint {
+                // Fetch from where the probe could (the verified record, or the start of its
+                // batch): the records before the position are skipped once read.
+                return Ok(Some(Resume {
+                    fetch_from: first,
+                    next,
+                }));
+            }
+            warn!(
+                partition,
+                offset = next - 1,
+                "the record before the stored position is not the one projected: a new broker or topic, reading it from the beginning"
+            );
+        }
+        Probe::StartsAfter | Probe::Missing => warn!(
+            partition,
+            offset = next - 1,
+            "the record before the stored position is gone: reading the partition from the beginning"
+        ),
+        Probe::Failed(error) => {
+            warn!(partition, next, %error, "the record before the stored position cannot be read (a new broker or topic?): reading the partition from the beginning");
+        }
+        Probe::TimedOut => warn!(
+            partition,
+            next,
+            "the stored position could not be verified in time: reading the partition from the beginning"
+        ),
+    }
+    Ok(None)
+}
+
+/// Reads the record at `target` from the latest start at or before it that the broker can fetch
+/// from. Kafka fetches from any offset; Tansu 0.6 only from the start of a record batch (asked for
+/// the middle of one, it answers from the next batch): then earlier starts are tried, each twice
+/// as far back, down to `low` (the oldest record), so that the record is found reading at most
+/// about two batches.
+///
+/// # Errors
+/// When a probing consumer cannot be made.
+pub(crate) fn find(
+    kafka: &KafkaOptions,
+    topic: &str,
+    partition: i32,
+    target: i64,
+    low: i64,
+) -> Result<Probe> {
     let mut back = 0_i64;
     loop {
-        let start = before.saturating_sub(back).max(low);
-        match probe(kafka, topic, partition, start, before)? {
-            Probe::Read {
-                fingerprint: read,
-                first,
-            } => {
-                if read == position.last_fingerprint {
-                    // Fetch from where the probe could (the verified record, or the start of its
-                    // batch): the records before the position are skipped once read.
-                    return Ok(Some(Resume {
-                        fetch_from: first,
-                        next,
-                    }));
-                }
-                warn!(
-                    partition,
-                    offset = before,
-                    "the record before the stored position is not the one projected: a new broker or topic, reading it from the beginning"
-                );
-                return Ok(None);
-            }
+        let start = target.saturating_sub(back).max(low);
+        match probe(kafka, topic, partition, start, target)? {
             Probe::StartsAfter if start > low => back = back.saturating_mul(2).max(1),
-            Probe::StartsAfter | Probe::Missing => {
-                warn!(
-                    partition,
-                    offset = before,
-                    "the record before the stored position is gone: reading the partition from the beginning"
-                );
-                return Ok(None);
-            }
-            Probe::Failed(error) => {
-                warn!(partition, next, %error, "the record before the stored position cannot be read (a new broker or topic?): reading the partition from the beginning");
-                return Ok(None);
-            }
-            Probe::TimedOut => {
-                warn!(
-                    partition,
-                    next,
-                    "the stored position could not be verified in time: reading the partition from the beginning"
-                );
-                return Ok(None);
-            }
+            found => return Ok(found),
         }
     }
 }
 
 /// What reading a partition from `start` told of the record at `target`.
-enum Probe {
+pub(crate) enum Probe {
     /// Read: its fingerprint, and the first offset the fetch answered with.
     Read {
         fingerprint: u64,
