@@ -149,7 +149,7 @@ pub async fn replay(
                         .get(&partition)
                         .is_some_and(|(start, _)| message.offset() < *start)
                     {
-                        // Read from the oldest record, skipped up to the start (see plan_replay).
+                        // Fetched from at or before the start, skipped up to it (see plan_replay).
                         continue;
                     }
                     // Records past the end that arrive with the same fetch are applied too: some
@@ -279,8 +279,9 @@ fn plan_replay(
         // would silently skip the rest of it. Found by reading the record at the start (from
         // earlier starts, see `resume::find`); when it cannot be read, from the oldest record.
         let fetch_from = if start > low && start < high {
-            match crate::projector::resume::find(kafka, topic, partition, start, low)? {
-                Probe::Read { first, .. } => first.min(start),
+            match crate::projector::resume::find(kafka, topic, partition, start, (low, high))? {
+                // Also a start that is not a record (compacted away, a transaction marker).
+                Probe::Read { first, .. } | Probe::Missing { first } => first,
                 _ => low,
             }
         } else {

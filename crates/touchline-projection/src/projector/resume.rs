@@ -35,7 +35,7 @@ pub(super) fn check_position(
     position: StoredPosition,
 ) -> Result<Option<Resume>> {
     let next = position.next_offset;
-    let (low, _high) = consumer.fetch_watermarks(topic, partition, METADATA_TIMEOUT)?;
+    let (low, high) = consumer.fetch_watermarks(topic, partition, METADATA_TIMEOUT)?;
     if next <= 0 {
         return Ok(Some(Resume {
             fetch_from: 0,
@@ -56,7 +56,7 @@ pub(super) fn check_position(
             next: low,
         }));
     }
-    match find(kafka, topic, partition, next - 1, low)? {
+    match find(kafka, topic, partition, next - 1, (low, high))? {
         Probe::Read {
             fingerprint: read,
             first,
@@ -75,7 +75,7 @@ pub(super) fn check_position(
                 "the record before the stored position is not the one projected: a new broker or topic, reading it from the beginning"
             );
         }
-        Probe::StartsAfter | Probe::Missing => warn!(
+        Probe::StartsAfter | Probe::Missing { .. } => warn!(
             partition,
             offset = next - 1,
             "the record before the stored position is gone: reading the partition from the beginning"
@@ -95,8 +95,10 @@ pub(super) fn check_position(
 /// Reads the record at `target` from the latest start at or before it that the broker can fetch
 /// from. Kafka fetches from any offset; Tansu 0.6 only from the start of a record batch (asked for
 /// the middle of one, it answers from the next batch): then earlier starts are tried, each twice
-/// as far back, down to `low` (the oldest record), so that the record is found reading at most
-/// about two batches.
+/// as far back, down to the low watermark, so that the record is found reading at most about two
+/// batches. The search starts at most at `high - 1`: Tansu's high watermark is the base offset of
+/// its last batch plus one, so a record in the last batch (a caught-up partition's last record)
+/// is read from that batch's start; on Kafka every record is below the high watermark anyway.
 ///
 /// # Errors
 /// When a probing consumer cannot be made.
@@ -105,11 +107,17 @@ pub(crate) fn find(
     topic: &str,
     partition: i32,
     target: i64,
-    low: i64,
+    (low, high): (i64, i64),
 ) -> Result<Probe> {
+    let low = low.max(0);
+    let first_start = if high > low {
+        target.min(high - 1)
+    } else {
+        target
+    };
     let mut back = 0_i64;
     loop {
-        let start = target.saturating_sub(back).max(low);
+        let start = first_start.saturating_sub(back).max(low);
         match probe(kafka, topic, partition, start, target)? {
             Probe::StartsAfter if start > low => back = back.saturating_mul(2).max(1),
             found => return Ok(found),
@@ -127,8 +135,11 @@ pub(crate) enum Probe {
     /// The fetch answered from after `target` (the start is inside a batch that holds it, on a
     /// broker that fetches only from batch starts).
     StartsAfter,
-    /// Records before and after `target`, but not it.
-    Missing,
+    /// Records before and after `target`, but not it: `first` is the first offset the fetch
+    /// answered with (fetchable, before `target`).
+    Missing {
+        first: i64,
+    },
     Failed(rdkafka::error::KafkaError),
     TimedOut,
 }
@@ -166,7 +177,7 @@ fn probe(
                     return Ok(if first == offset {
                         Probe::StartsAfter
                     } else {
-                        Probe::Missing
+                        Probe::Missing { first }
                     });
                 }
             }
