@@ -2,7 +2,8 @@
 //! backup (taken while it runs) restored into a new store is the same log and projections, and a
 //! node started on it goes on from the backup's positions, so that the events published after the
 //! backup are projected once and nothing before it twice. Bad files and existing stores are
-//! refused and leave nothing behind; a backup needs an admin token.
+//! refused and leave nothing behind; a backup needs an admin token; one backup runs at a time,
+//! and one whose caller goes away frees its place.
 
 use tonic::Code;
 use touchline_core::EventStore as _;
@@ -228,4 +229,74 @@ async fn bad_backups_and_existing_stores_are_refused() -> anyhow::Result<()> {
     assert!(mount.join("lost+found").is_dir());
     assert_eq!(SledStore::open(&mount)?.log_len(), 40);
     Ok(())
+}
+
+#[tokio::test]
+async fn one_backup_runs_at_a_time_and_a_caller_that_goes_away_frees_it() -> anyhow::Result<()> {
+    use futures::StreamExt as _;
+    let broker = start_broker().await;
+    let dir = tempfile::tempdir()?;
+    let node = start_node(&broker, dir.path()).await?;
+    let mut ingest = ingest_client(&node).await?;
+    // About 16 MiB of log: far more than the pieces made ahead of a caller that does not read.
+    for batch in 0..20 {
+        let events = events(batch * 50, batch * 50 + 50)
+            .into_iter()
+            .map(|mut event| {
+                event.payload = vec![b'p'; 16 * 1024];
+                event
+            })
+            .collect();
+        publish(&mut ingest, COURIER.1, events).await?;
+    }
+    let store = node.store().expect("projects").clone();
+    wait_until("the events", || store.log_len() == 1000).await?;
+    drop(store);
+
+    let mut admin = admin_client(&node)
+        .await?
+        .max_decoding_message_size(256 * 1024 * 1024);
+    let mut first = admin
+        .backup(authorized(v1::BackupRequest {}, ADMIN_TOKEN))
+        .await?
+        .into_inner();
+    // It runs: one piece read, the rest waits for the caller.
+    assert!(first.next().await.transpose()?.is_some());
+    let refused = admin
+        .backup(authorized(v1::BackupRequest {}, ADMIN_TOKEN))
+        .await
+        .expect_err("a second backup while one runs");
+    assert_eq!(refused.code(), Code::FailedPrecondition);
+    assert_eq!(error_reason(&refused).as_deref(), Some("BACKUP_RUNNING"));
+
+    // The caller goes away: the backup stops, and the next one runs whole.
+    drop(first);
+    let deadline = tokio::time::Instant::now() + touchline_tests::DEADLINE;
+    let mut poll = tokio::time::interval(std::time::Duration::from_millis(50));
+    let bytes = loop {
+        poll.tick().await;
+        match admin
+            .backup(authorized(v1::BackupRequest {}, ADMIN_TOKEN))
+            .await
+        {
+            Ok(stream) => {
+                let mut stream = stream.into_inner();
+                let mut bytes = 0;
+                while let Some(chunk) = stream.next().await {
+                    bytes += chunk?.data.len();
+                }
+                break bytes;
+            }
+            Err(status) if error_reason(&status).as_deref() == Some("BACKUP_RUNNING") => {
+                anyhow::ensure!(
+                    tokio::time::Instant::now() < deadline,
+                    "the stopped backup never freed its slot"
+                );
+            }
+            Err(status) => return Err(status.into()),
+        }
+    };
+    // Every payload is in it (1,000 × 16 KiB).
+    assert!(bytes > 1000 * 16 * 1024, "{bytes} bytes");
+    node.shutdown().await
 }
