@@ -248,6 +248,18 @@ pub async fn admin_client(
     )
 }
 
+/// The active versions' checksums of a `VerifyProjections` answer: (name, entries, sha256), the
+/// log first.
+#[must_use]
+pub fn active_checksums(verified: &v1::VerifyProjectionsResponse) -> Vec<(String, u64, String)> {
+    verified
+        .checksums
+        .iter()
+        .filter(|c| c.state == v1::VersionState::Active as i32)
+        .map(|c| (c.name.clone(), c.entries, c.sha256.clone()))
+        .collect()
+}
+
 /// Polls the node's gRPC health service until `service` reports `serving` (or not).
 ///
 /// # Errors
@@ -350,6 +362,23 @@ pub fn touchpoint(
         attributes: std::collections::HashMap::new(),
         payload: Vec::new(),
     }
+}
+
+/// Events `{series}{i}` for `i` in `range`, over `customers` customers `cust-{series}{i %
+/// customers}`, spread over 40 seconds of event time (no two events of a customer share one).
+#[must_use]
+pub fn series(series: &str, customers: usize, range: std::ops::Range<usize>) -> Vec<Touchpoint> {
+    range
+        .map(|i| {
+            touchpoint(
+                &format!("{series}{i}"),
+                &format!("cust-{series}{}", i % customers.max(1)),
+                "delivery.completed",
+                i64::try_from(i % 40).unwrap_or_default(),
+                JourneyStage::Fulfil,
+            )
+        })
+        .collect()
 }
 
 /// Publishes one batch as `partner` and returns the response.

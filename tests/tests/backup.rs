@@ -9,24 +9,14 @@ use tonic::Code;
 use touchline_core::EventStore as _;
 use touchline_projection::SledStore;
 use touchline_projection::sled_store::RESTORE_MARKER;
-use touchline_proto::v1::{self, JourneyStage};
+use touchline_proto::v1;
 use touchline_tests::{
     ADMIN_TOKEN, COURIER, admin_client, authorized, error_reason, event_ids, full_timeline,
-    ingest_client, publish, start_broker, start_node, timeline_client, touchpoint, wait_until,
+    ingest_client, publish, start_broker, start_node, timeline_client, wait_until,
 };
 
 fn events(from: usize, to: usize) -> Vec<v1::Touchpoint> {
-    (from..to)
-        .map(|i| {
-            touchpoint(
-                &format!("e{i}"),
-                &format!("cust-b{}", i % 9),
-                "delivery.completed",
-                i64::try_from(i % 40).unwrap_or_default(),
-                JourneyStage::Fulfil,
-            )
-        })
-        .collect()
+    touchline_tests::series("b", 9, from..to)
 }
 
 /// Every customer's timeline, as event ids in timeline order.
@@ -48,12 +38,7 @@ async fn checksums(node: &touchline::Node) -> anyhow::Result<Vec<(String, u64, S
         .verify_projections(authorized(v1::VerifyProjectionsRequest {}, ADMIN_TOKEN))
         .await?
         .into_inner();
-    Ok(verified
-        .checksums
-        .into_iter()
-        .filter(|c| c.state == v1::VersionState::Active as i32)
-        .map(|c| (c.name, c.entries, c.sha256))
-        .collect())
+    Ok(touchline_tests::active_checksums(&verified))
 }
 
 #[tokio::test]

@@ -11,9 +11,9 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tonic::Code;
 use touchline_proto::v1::{self, JourneyStage};
 use touchline_tests::{
-    ADMIN_TOKEN, COURIER, DEADLINE, admin_client, authorized, error_reason, ingest_client, publish,
-    start_broker, start_node, start_node_with, timeline_client, touchpoint, wait_for_health,
-    wait_for_timeline, wait_until,
+    ADMIN_TOKEN, COURIER, DEADLINE, active_checksums, admin_client, authorized, error_reason,
+    ingest_client, publish, start_broker, start_node, start_node_with, timeline_client, touchpoint,
+    wait_for_health, wait_for_timeline, wait_until,
 };
 
 async fn replay_to_end(
@@ -36,15 +36,6 @@ async fn replay_to_end(
         last = Some(progress?);
     }
     last.ok_or_else(|| anyhow::anyhow!("no progress"))
-}
-
-fn checksums(verified: &v1::VerifyProjectionsResponse) -> Vec<(String, u64, String)> {
-    verified
-        .checksums
-        .iter()
-        .filter(|c| c.state == v1::VersionState::Active as i32)
-        .map(|c| (c.name.clone(), c.entries, c.sha256.clone()))
-        .collect()
 }
 
 async fn verify(
@@ -233,7 +224,7 @@ async fn a_rebuild_during_ingest_keeps_serving_and_equals_a_clean_rebuild() -> a
     }
     let clean = verify(&mut admin).await?;
     assert_eq!(after_load.log_events, clean.log_events);
-    assert_eq!(checksums(&after_load), checksums(&clean));
+    assert_eq!(active_checksums(&after_load), active_checksums(&clean));
     assert_eq!(
         clean
             .checksums

@@ -4,23 +4,11 @@
 //! its own: the projector's duplicate count is process-wide, and no other test here makes any.
 
 use touchline_core::EventStore as _;
-use touchline_proto::v1::{self, JourneyStage};
-use touchline_tests::{
-    COURIER, ingest_client, publish, start_broker, start_node, touchpoint, wait_until,
-};
+use touchline_proto::v1;
+use touchline_tests::{COURIER, ingest_client, publish, start_broker, start_node, wait_until};
 
 fn events(from: usize, to: usize) -> Vec<v1::Touchpoint> {
-    (from..to)
-        .map(|i| {
-            touchpoint(
-                &format!("r{i}"),
-                &format!("cust-r{}", i % 11),
-                "delivery.completed",
-                i64::try_from(i).unwrap_or_default(),
-                JourneyStage::Fulfil,
-            )
-        })
-        .collect()
+    touchline_tests::series("r", 11, from..to)
 }
 
 #[tokio::test]

@@ -45,6 +45,21 @@ async fn publish_over(target: &Target, token: &str, id: &str) -> anyhow::Result<
     Ok(publish(&mut ingest, token, vec![event(id)]).await?.accepted)
 }
 
+/// Publishes event `id` through `target` as soon as the node's reloaded TLS files let it connect
+/// (polled, the node checks its files every 2 s), or fails with `never` at the deadline.
+async fn publish_once_reloaded(target: &Target, id: &str, never: &str) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + touchline_tests::DEADLINE;
+    let mut poll = tokio::time::interval(std::time::Duration::from_millis(100));
+    loop {
+        poll.tick().await;
+        if let Ok(accepted) = publish_over(target, COURIER.1, id).await {
+            assert_eq!(accepted, 1);
+            return Ok(());
+        }
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "{never}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn partners_publish_and_services_read_over_tls_and_nothing_else_gets_in() -> anyhow::Result<()>
 {
@@ -299,19 +314,12 @@ async fn a_renewed_certificate_is_served_without_a_restart() -> anyhow::Result<(
     // The renewal: key, then certificate, as a tool that writes them one by one.
     std::fs::copy(fixture("self-signed.key"), &key)?;
     std::fs::copy(fixture("self-signed.pem"), &cert)?;
-    let deadline = tokio::time::Instant::now() + touchline_tests::DEADLINE;
-    let mut poll = tokio::time::interval(std::time::Duration::from_millis(100));
-    loop {
-        poll.tick().await;
-        if let Ok(accepted) = publish_over(&by_renewed, COURIER.1, "after").await {
-            assert_eq!(accepted, 1);
-            break;
-        }
-        anyhow::ensure!(
-            tokio::time::Instant::now() < deadline,
-            "the renewed certificate was never served"
-        );
-    }
+    publish_once_reloaded(
+        &by_renewed,
+        "after",
+        "the renewed certificate was never served",
+    )
+    .await?;
     // The old certificate is no longer served to new connections.
     let old = publish_over(&by_ca, COURIER.1, "old").await;
     assert!(format!("{:#}", old.expect_err("the old chain")).contains("invalid peer certificate"));
@@ -342,26 +350,16 @@ async fn a_renewed_client_ca_is_required_without_a_restart() -> anyhow::Result<(
     // The client CA is replaced (clients moved to the other CA): new connections need a
     // certificate of the new one.
     std::fs::copy(fixture("other-ca.pem"), &client_ca)?;
-    let deadline = tokio::time::Instant::now() + touchline_tests::DEADLINE;
-    let mut poll = tokio::time::interval(std::time::Duration::from_millis(100));
-    loop {
-        poll.tick().await;
-        if let Ok(accepted) = publish_over(&second, COURIER.1, "second-ca").await {
-            assert_eq!(accepted, 1);
-            break;
-        }
-        anyhow::ensure!(
-            tokio::time::Instant::now() < deadline,
-            "the new client CA was never required"
-        );
-    }
+    publish_once_reloaded(&second, "second-ca", "the new client CA was never required").await?;
     let refused = publish_over(&first, COURIER.1, "old-ca").await;
     let error = format!("{:#}", refused.expect_err("the old CA's certificate"));
     assert!(error.contains("transport error"), "{error}");
 
     // A client CA file that does not load keeps the one in force.
     std::fs::write(&client_ca, b"not a certificate")?;
+    // Over more than one check of the files (every 2 s), the CA in force stays.
     let still = tokio::time::Instant::now() + std::time::Duration::from_secs(3);
+    let mut poll = tokio::time::interval(std::time::Duration::from_millis(100));
     while tokio::time::Instant::now() < still {
         assert_eq!(publish_over(&second, COURIER.1, "still").await?, 1);
         poll.tick().await;
