@@ -292,6 +292,11 @@ pub fn restore(reader: impl Read, store: &SledStore) -> Result<Restored, Restore
                 if tally.unflushed >= RESTORE_FLUSH_BYTES {
                     store.flush()?;
                     tally.unflushed = 0;
+                    tracing::info!(
+                        events = tally.events,
+                        of = header.as_ref().map_or(0, |header| header.events),
+                        "restoring"
+                    );
                 }
             }
             Frame::Trailer(trailer) => {
