@@ -30,7 +30,7 @@ pub struct Written {
 }
 
 /// Writes a backup of `store` taken at one point of the log, handing the file's bytes to `sink`
-/// in order, in pieces of about 1 MiB. `Ok(None)` when `sink` returned `false` (its reader went
+/// in order, in pieces of 1 MiB to about 2 MiB plus one record. `Ok(None)` when `sink` returned `false` (its reader went
 /// away): the backup stopped there.
 ///
 /// # Errors

@@ -186,7 +186,7 @@ enum Command {
     /// Write a backup of a node's system of record (the log, the consumer positions stored with
     /// it, the dead letters) to a new file, while the node runs.
     Backup {
-        /// The file to write; it must not exist.
+        /// The file to write; neither it nor FILE.partial may exist.
         #[arg(long, short)]
         out: PathBuf,
         #[command(flatten)]
