@@ -54,6 +54,17 @@ struct NodeArgs {
     log_format: Option<LogFormat>,
 }
 
+/// Where a command that works on the store offline finds it.
+#[derive(Debug, clap::Args)]
+struct StoreArgs {
+    /// TOML configuration file; `TOUCHLINE_*` variables override it.
+    #[arg(long, short, env = "TOUCHLINE_CONFIG")]
+    config: Option<PathBuf>,
+    /// Folder of the event log and projections (overrides store.path).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+}
+
 #[derive(Debug, clap::Args)]
 struct Admin {
     #[command(flatten)]
@@ -198,7 +209,7 @@ enum Command {
         /// The backup file.
         file: PathBuf,
         #[command(flatten)]
-        node: NodeArgs,
+        store: StoreArgs,
     },
     /// Print a customer's timeline, then new entries live as they are projected.
     Watch {
@@ -498,8 +509,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             touchline::outln!("log sha256 {}", file.log_sha256)?;
             Ok(())
         }
-        Command::Restore { file, node } => {
-            let config = load_config(&node)?;
+        Command::Restore { file, store } => {
+            let config = load_config(&NodeArgs {
+                config: store.config,
+                listen: None,
+                data_dir: store.data_dir,
+                metrics_listen: None,
+                log_format: None,
+            })?;
             init_tracing(&config);
             let restored = touchline::backup::restore(
                 &file,
