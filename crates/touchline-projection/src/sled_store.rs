@@ -37,6 +37,7 @@ pub use backup::{
     StreamPosition,
 };
 pub use dead_letters::{DeadLetter, Requeued};
+pub use log::LogHasher;
 use log::LogRecord;
 use versions::version_prefix;
 pub use versions::{

@@ -11,8 +11,9 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
 use futures::StreamExt as _;
+use touchline_core::UnixNanos;
 use touchline_projection::SledStore;
-use touchline_projection::sled_store::RESTORE_MARKER;
+use touchline_projection::sled_store::{LogHasher, RESTORE_MARKER};
 use touchline_proto::backup::{FrameReader, MAX_FRAME_BYTES};
 use touchline_proto::v1;
 use touchline_proto::v1::admin_service_client::AdminServiceClient;
@@ -27,7 +28,12 @@ use crate::connect::Target;
 pub struct BackupFile {
     pub events: u64,
     pub bytes: u64,
+    /// The log's checksum, computed from the file's events (and equal to the trailer's).
     pub log_sha256: String,
+    pub positions: u64,
+    pub dead_letters: u64,
+    pub taken_at: Option<UnixNanos>,
+    pub touchline_version: String,
 }
 
 fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
@@ -45,24 +51,72 @@ fn sync_parent(path: &Path) -> std::io::Result<()> {
     File::open(parent)?.sync_all()
 }
 
-/// Reads a backup file through, checking it whole (order, sizes, checksum, trailer).
+/// Reads a backup file through and checks it whole, without a store: the frames' order and
+/// sizes, the file's checksum, the events' sequences (consecutive from 1), the counts in the
+/// header and trailer, and the log's checksum computed from the events against the trailer's.
 ///
 /// # Errors
 /// When the file cannot be read or is not a whole, undamaged backup.
 pub fn check_file(path: &Path) -> anyhow::Result<BackupFile> {
     let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     let mut frames = FrameReader::new(BufReader::new(file));
-    let mut trailer = None;
+    let (mut header, mut trailer) = (None, None);
+    let (mut positions, mut dead_letters) = (0_u64, 0_u64);
+    let mut log = LogHasher::default();
+    let mut next = 1_u64;
     while let Some(frame) = frames.next_frame()? {
-        if let Frame::Trailer(read) = frame {
-            trailer = Some(read);
+        match frame {
+            Frame::Header(read) => header = Some(read),
+            Frame::Position(_) => positions += 1,
+            Frame::DeadLetter(_) => dead_letters += 1,
+            Frame::DeadLetteredRecord(_) => {}
+            Frame::Events(events) => {
+                anyhow::ensure!(
+                    events.first_sequence == next,
+                    "the backup's events frame starts at sequence {}, where {next} comes next: it is damaged",
+                    events.first_sequence
+                );
+                for event in &events.events {
+                    log.add_event(next, event.partition, event.offset, &event.record);
+                    next += 1;
+                }
+            }
+            Frame::Trailer(read) => trailer = Some(read),
         }
     }
-    let trailer = trailer.context("the backup has no trailer")?;
+    let (header, trailer) = header
+        .zip(trailer)
+        .context("the backup has no header or trailer")?;
+    let log = log.finish();
+    let counts = [
+        ("events (header)", header.events, log.entries),
+        ("events (trailer)", trailer.events, log.entries),
+        ("positions", u64::from(header.positions), positions),
+        ("dead letters", header.dead_letters, dead_letters),
+    ];
+    for (what, stated, found) in counts {
+        anyhow::ensure!(
+            stated == found,
+            "the backup's {what} do not add up: it says {stated}, it holds {found}: it is damaged"
+        );
+    }
+    anyhow::ensure!(
+        log.sha256 == trailer.log_sha256,
+        "the log checksum of the backup's events ({}) is not its trailer's ({}): it is damaged",
+        log.sha256,
+        trailer.log_sha256
+    );
     Ok(BackupFile {
-        events: trailer.events,
+        events: log.entries,
         bytes: frames.offset(),
-        log_sha256: trailer.log_sha256,
+        log_sha256: log.sha256,
+        positions,
+        dead_letters,
+        taken_at: header
+            .taken_at
+            .as_ref()
+            .and_then(touchline_proto::convert::instant),
+        touchline_version: header.touchline_version,
     })
 }
 
@@ -251,4 +305,67 @@ fn empty(folder: &Path) -> anyhow::Result<()> {
         .with_context(|| format!("cannot delete {}", entry.display()))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use touchline_proto::backup::{FORMAT, FrameWriter};
+    use touchline_proto::v1::{BackupEvents, BackupHeader, LoggedEvent};
+
+    use super::*;
+
+    /// A backup file of `events` events (any bytes: the check does not decode them) whose header
+    /// says `stated` events, whose events start at `first` and whose trailer holds `log_sha256`
+    /// (`None`: the right one).
+    fn file(events: u64, stated: u64, first: u64, log_sha256: Option<&str>) -> Vec<u8> {
+        let mut writer = FrameWriter::new();
+        let mut bytes = writer.frame(Frame::Header(BackupHeader {
+            format: FORMAT.to_owned(),
+            events: stated,
+            ..Default::default()
+        }));
+        let mut log = LogHasher::default();
+        let logged: Vec<_> = (0..events)
+            .map(|index| {
+                let offset = i64::try_from(index).unwrap_or_default();
+                let record = vec![u8::try_from(index % 200).unwrap_or_default(); 40];
+                log.add_event(first + index, 0, offset, &record);
+                LoggedEvent {
+                    partition: 0,
+                    offset,
+                    record,
+                }
+            })
+            .collect();
+        bytes.extend(writer.frame(Frame::Events(BackupEvents {
+            first_sequence: first,
+            events: logged,
+        })));
+        let log = log.finish();
+        bytes.extend(writer.trailer(events, log_sha256.map_or(log.sha256, ToOwned::to_owned)));
+        bytes
+    }
+
+    fn check(bytes: &[u8]) -> anyhow::Result<BackupFile> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("backup");
+        std::fs::write(&path, bytes)?;
+        check_file(&path)
+    }
+
+    #[test]
+    fn a_whole_backup_checks_and_every_inconsistency_is_found() {
+        let checked = check(&file(30, 30, 1, None)).expect("a whole backup");
+        assert_eq!(checked.events, 30);
+
+        let error = check(&file(30, 30, 1, Some("00"))).expect_err("another log checksum");
+        assert!(error.to_string().contains("log checksum"), "{error}");
+        let error = check(&file(30, 30, 2, None)).expect_err("a gap");
+        assert!(
+            error.to_string().contains("starts at sequence 2"),
+            "{error}"
+        );
+        let error = check(&file(30, 31, 1, None)).expect_err("a count that does not add up");
+        assert!(error.to_string().contains("do not add up"), "{error}");
+    }
 }

@@ -203,6 +203,12 @@ enum Command {
         #[command(flatten)]
         admin: Admin,
     },
+    /// Check a backup file whole without restoring it: its checksum, its counts, and the log's
+    /// checksum computed from its events.
+    VerifyBackup {
+        /// The backup file.
+        file: PathBuf,
+    },
     /// Restore a backup file into a new store (store.path, or --data-dir) while no node runs on
     /// it: the log as it was, the projections folded from it again.
     Restore {
@@ -507,6 +513,24 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 file.bytes
             )?;
             touchline::outln!("log sha256 {}", file.log_sha256)?;
+            Ok(())
+        }
+        Command::VerifyBackup { file } => {
+            let checked = touchline::backup::check_file(&file)?;
+            touchline::outln!(
+                "{}: a whole backup of {} events, {} positions and {} dead letters ({} bytes), taken {} by Touchline {}",
+                file.display(),
+                checked.events,
+                checked.positions,
+                checked.dead_letters,
+                checked.bytes,
+                checked.taken_at.map_or_else(
+                    || "at an unknown time".to_owned(),
+                    |at| format!("at {}", at.to_rfc3339())
+                ),
+                checked.touchline_version
+            )?;
+            touchline::outln!("log sha256 {}", checked.log_sha256)?;
             Ok(())
         }
         Command::Restore { file, store } => {

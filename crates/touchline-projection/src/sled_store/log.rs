@@ -224,26 +224,34 @@ pub(super) fn checksum(log: &Table, through: u64) -> Result<Checksum, StoreError
     Ok(hasher.finish())
 }
 
-/// The log's checksum ([`checksum`]) of events given in log order from the first.
+/// The log's checksum (what `verify` reports for the log) of events given in log order from the
+/// first: of a store's log, or of a backup's events without a store.
 #[derive(Debug, Default)]
-pub(super) struct LogHasher {
+pub struct LogHasher {
     hasher: Sha256,
     entries: u64,
 }
 
 impl LogHasher {
     pub(super) fn add(&mut self, record: &LogRecord<'_>) {
+        self.add_event(record.sequence, record.partition, record.offset, record.raw);
+    }
+
+    /// Adds the event of log sequence `sequence` (the next one), stored from `partition` at
+    /// `offset` with the record `raw`.
+    pub fn add_event(&mut self, sequence: u64, partition: i32, offset: i64, raw: &[u8]) {
         self.hasher.update(8_u64.to_be_bytes());
-        self.hasher.update(record.sequence.to_be_bytes());
-        self.hasher
-            .update(((12 + record.raw.len()) as u64).to_be_bytes());
-        self.hasher.update(record.partition.to_be_bytes());
-        self.hasher.update(record.offset.to_be_bytes());
-        self.hasher.update(record.raw);
+        self.hasher.update(sequence.to_be_bytes());
+        self.hasher.update(((12 + raw.len()) as u64).to_be_bytes());
+        self.hasher.update(partition.to_be_bytes());
+        self.hasher.update(offset.to_be_bytes());
+        self.hasher.update(raw);
         self.entries += 1;
     }
 
-    pub(super) fn finish(self) -> Checksum {
+    /// The checksum of the events added.
+    #[must_use]
+    pub fn finish(self) -> Checksum {
         Checksum {
             entries: self.entries,
             sha256: hex::encode(self.hasher.finalize()),
