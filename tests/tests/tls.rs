@@ -364,5 +364,13 @@ async fn a_renewed_client_ca_is_required_without_a_restart() -> anyhow::Result<(
         assert_eq!(publish_over(&second, COURIER.1, "still").await?, 1);
         poll.tick().await;
     }
+    // And the watch goes on: a CA that loads again applies.
+    std::fs::copy(fixture("ca.pem"), &client_ca)?;
+    publish_once_reloaded(
+        &first,
+        "first-again",
+        "the CA after a broken one was never required",
+    )
+    .await?;
     node.shutdown().await
 }

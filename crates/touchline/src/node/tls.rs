@@ -218,16 +218,18 @@ impl TlsServer {
                                 "TLS client CA reloaded"
                             );
                         }
+                        if now[..2] != served[..2] {
+                            info!(cert = %files.cert_file.display(), "TLS certificate reloaded");
+                        }
                         served = now;
                         failed = None;
-                        info!(cert = %files.cert_file.display(), "TLS certificate reloaded");
                     }
                     Err(error) => {
                         if failed != Some(now) {
                             failed = Some(now);
                             error!(
                                 error = format!("{error:#}"),
-                                "TLS certificate not reloaded, the previous one stays in force"
+                                "TLS files not reloaded, the ones in force stay"
                             );
                         }
                     }
