@@ -23,6 +23,39 @@ pub const MAX_FRAME_BYTES: usize = 128 * 1024 * 1024;
 /// An events frame ends once its records hold this many bytes.
 pub const EVENTS_FRAME_BYTES: usize = 1024 * 1024;
 
+/// The most memory a frame may take once decoded (its bytes and one structure per event), so that
+/// a hostile file cannot make a reader allocate many times its frames' sizes.
+pub const MAX_DECODED_FRAME_BYTES: usize = 2 * MAX_FRAME_BYTES;
+
+/// Estimates the memory an encoded `BackupFrame` takes once decoded: its bytes, plus a
+/// `LoggedEvent` per event of an events frame. A group (no backup message has one) makes it
+/// `usize::MAX`.
+fn decoded_size(bytes: &[u8]) -> usize {
+    use crate::codec::{Field, fields};
+    let mut estimate = bytes.len();
+    for field in fields(bytes) {
+        match field {
+            Field::Group => return usize::MAX,
+            // BackupFrame.events
+            Field::Delimited { number: 5, payload } => {
+                for field in fields(payload) {
+                    match field {
+                        Field::Group => return usize::MAX,
+                        // BackupEvents.events
+                        Field::Delimited { number: 2, .. } => {
+                            estimate = estimate
+                                .saturating_add(std::mem::size_of::<crate::v1::LoggedEvent>());
+                        }
+                        Field::Delimited { .. } | Field::Scalar => {}
+                    }
+                }
+            }
+            Field::Delimited { .. } | Field::Scalar => {}
+        }
+    }
+    estimate
+}
+
 /// Encodes frames, keeping the checksum of everything written for the trailer.
 #[derive(Debug, Default)]
 pub struct FrameWriter {
@@ -241,6 +274,15 @@ impl<R: Read> FrameReader<R> {
             offset: start,
             reason,
         };
+        // Small entries decode to larger structures: a frame of empty events would take many
+        // times its size once decoded. Estimated before decoding, and refused past a bound.
+        let estimate = decoded_size(&body);
+        if estimate > MAX_DECODED_FRAME_BYTES {
+            return Err(malformed(format!(
+                "it would take about {estimate} bytes once decoded, more than a backup frame may \
+                 ({MAX_DECODED_FRAME_BYTES})"
+            )));
+        }
         let decoded = BackupFrame::decode(body.as_slice())
             .map_err(|error| malformed(error.to_string()))?
             .frame
@@ -403,6 +445,27 @@ mod tests {
             read_all(b"\xff\xff\xff\xff\x0f"),
             Err(BackupFileError::FrameTooLarge { .. })
         ));
+        // A frame of many empty events (each 2 bytes, each a structure once decoded): refused
+        // before it is decoded.
+        let empty_events = 8 * 1024 * 1024;
+        let mut events = Vec::with_capacity(2 * empty_events);
+        for _ in 0..empty_events {
+            events.extend_from_slice(&[0x12, 0x00]); // BackupEvents.events, empty
+        }
+        let mut body = vec![0x2a]; // BackupFrame.events
+        prost::encoding::encode_varint(events.len() as u64, &mut body);
+        body.extend_from_slice(&events);
+        assert!(decoded_size(&body) > MAX_DECODED_FRAME_BYTES);
+        let mut writer = FrameWriter::new();
+        let mut hostile = writer.frame(Frame::Header(BackupHeader {
+            format: FORMAT.to_owned(),
+            ..Default::default()
+        }));
+        prost::encoding::encode_varint(body.len() as u64, &mut hostile);
+        hostile.extend_from_slice(&body);
+        let error = read_all(&hostile).expect_err("refused");
+        assert!(error.to_string().contains("once decoded"), "{error}");
+
         assert!(matches!(
             read_all(b"not a backup at all"),
             Err(BackupFileError::Malformed { .. } | BackupFileError::Truncated { .. })

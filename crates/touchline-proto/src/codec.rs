@@ -163,7 +163,7 @@ fn top_level_fields(bytes: &[u8], limit: usize) -> usize {
 }
 
 /// One field of an encoded message.
-enum Field<'a> {
+pub(crate) enum Field<'a> {
     /// A varint or fixed-size field.
     Scalar,
     /// A length-delimited field (a string, bytes, a message, a map entry, a packed array).
@@ -175,7 +175,7 @@ enum Field<'a> {
 /// The fields at the top level of an encoded message, in order. Malformed input (an invalid wire
 /// type, a truncated field) ends them where it stops making sense: prost then refuses the
 /// message. A group ends them too, after yielding [`Field::Group`].
-fn fields(mut bytes: &[u8]) -> impl Iterator<Item = Field<'_>> {
+pub(crate) fn fields(mut bytes: &[u8]) -> impl Iterator<Item = Field<'_>> {
     std::iter::from_fn(move || {
         if bytes.is_empty() {
             return None;
