@@ -70,6 +70,25 @@ async fn a_restored_node_goes_on_from_its_backup() -> anyhow::Result<()> {
     assert_eq!(backup.events, 200);
     // Counted process-wide (the other test of this binary takes backups too).
     assert!(backups_done() > done_before);
+    // The node's status tells the last backup (once its task has ended).
+    let mut admin = admin_client(&node).await?;
+    let deadline = tokio::time::Instant::now() + touchline_tests::DEADLINE;
+    let mut poll = tokio::time::interval(std::time::Duration::from_millis(20));
+    let last = loop {
+        poll.tick().await;
+        let status = admin
+            .get_status(authorized(v1::GetStatusRequest {}, ADMIN_TOKEN))
+            .await?
+            .into_inner();
+        if let (false, Some(last)) = (status.backup_running, status.last_backup) {
+            break last;
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the status never told the backup"
+        );
+    };
+    assert_eq!((last.events, last.bytes), (200, backup.bytes));
     assert!(touchline_query::metrics::LAST_BACKUP.get() > 1_700_000_000);
     assert_eq!(touchline::backup::check_file(&file)?, backup);
     assert!(!dir.path().join("a.backup.partial").exists());

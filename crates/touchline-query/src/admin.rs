@@ -525,6 +525,7 @@ impl v1::admin_service_server::AdminService for AdminService {
         Ok(Response::new(backup::stream(
             Arc::clone(&self.context.store),
             self.context.shutdown.clone(),
+            &self.backups,
             claim,
         )))
     }

@@ -100,6 +100,19 @@ pub async fn print_status(endpoint: &Target, token: &str) -> anyhow::Result<()> 
         f64::from(u32::try_from(status.store_bytes / 1024).unwrap_or(u32::MAX)) / 1024.0,
         status.dead_letters
     )?;
+    crate::outln!(
+        "backup      {}",
+        match (&status.last_backup, status.backup_running) {
+            (_, true) => "running".to_owned(),
+            (Some(last), false) => format!(
+                "last at {}: {} events, {:.1} MiB",
+                timestamp_text(last.taken_at.as_ref()),
+                last.events,
+                f64::from(u32::try_from(last.bytes / 1024).unwrap_or(u32::MAX)) / 1024.0
+            ),
+            (None, false) => "none since the node started".to_owned(),
+        }
+    )?;
     crate::outln!()?;
     crate::outln!(
         "{:>9} {:>12} {:>12} {:>12} {:>12} {:>8}",

@@ -13,6 +13,7 @@ use touchline_proto::v1;
 
 use super::rejected;
 use crate::Error;
+use crate::backup::Written;
 use crate::metrics;
 
 fn count(outcome: &'static str) {
@@ -32,9 +33,9 @@ const SHUTDOWN_NOTICE: std::time::Duration = std::time::Duration::from_secs(1);
 const STALLED: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Whether a backup runs on this node: one at a time (each holds a blocking thread and the dead
-/// letters in memory).
+/// letters in memory); and the last whole one since the node started, for the status.
 #[derive(Debug, Clone, Default)]
-pub(super) struct BackupSlot(Arc<AtomicBool>);
+pub(super) struct BackupSlot(Arc<AtomicBool>, Arc<std::sync::Mutex<Option<Written>>>);
 
 /// The running backup's claim on the slot, released when it ends however it ends.
 pub(super) struct Claim(Arc<AtomicBool>);
@@ -46,6 +47,18 @@ impl Drop for Claim {
 }
 
 impl BackupSlot {
+    pub(super) fn running(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
+
+    /// The last whole backup since the node started.
+    pub(super) fn last(&self) -> Option<Written> {
+        self.1
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
     pub(super) fn claim(&self) -> Result<Claim, Status> {
         self.0
             .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
@@ -66,8 +79,10 @@ impl BackupSlot {
 pub(super) fn stream(
     store: Arc<SledStore>,
     shutdown: CancellationToken,
+    slot: &BackupSlot,
     claim: Claim,
 ) -> BackupStream {
+    let last = Arc::clone(&slot.1);
     let (sender, receiver) = tokio::sync::mpsc::channel(AHEAD);
     let completed = Arc::new(AtomicBool::new(false));
     let done = Arc::clone(&completed);
@@ -93,6 +108,9 @@ pub(super) fn stream(
                 count("done");
                 metrics::LAST_BACKUP.set(written.taken_at.0 / 1_000_000_000);
                 metrics::LAST_BACKUP_EVENTS.set(i64::try_from(written.events).unwrap_or(i64::MAX));
+                *last
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(written.clone());
                 tracing::info!(
                 events = written.events,
                 bytes = written.bytes,

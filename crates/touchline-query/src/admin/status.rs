@@ -97,6 +97,12 @@ impl AdminService {
             dead_letters: count(store.dead_letter_count()),
             replay_running: replays.running,
             caught_up: context.caught_up.load(std::sync::atomic::Ordering::Acquire),
+            backup_running: self.backups.running(),
+            last_backup: self.backups.last().map(|written| v1::LastBackup {
+                taken_at: Some(touchline_proto::convert::timestamp(written.taken_at)),
+                events: written.events,
+                bytes: written.bytes,
+            }),
             replay: replays
                 .last
                 .as_ref()
