@@ -184,6 +184,14 @@ fn decode<'a, T: Deserialize<'a>>(
     })
 }
 
+/// Two `u64`s big-endian, one after the other: a position (next offset, fingerprint of the record
+/// before it) or a dead-letter index entry (dead letter id, fingerprint of its record).
+fn u64_pair(first: u64, second: u64) -> Vec<u8> {
+    let mut value = first.to_be_bytes().to_vec();
+    value.extend_from_slice(&second.to_be_bytes());
+    value
+}
+
 fn read_u64(what: &'static str, key: &[u8], bytes: &[u8]) -> Result<u64, StoreError> {
     let array: [u8; 8] = bytes.try_into().map_err(|_| StoreError::Corrupt {
         what,

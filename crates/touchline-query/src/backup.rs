@@ -6,7 +6,8 @@ use std::io::Read;
 
 use touchline_core::{EventStore as _, StoreError, UnixNanos};
 use touchline_projection::sled_store::{
-    BackupCut, DeadLetteredRecord, LoggedEvent, MAX_DEAD_LETTER_ID, RestoreError, StreamPosition,
+    BackupCut, DeadLetteredRecord, LogHasher, LoggedEvent, MAX_DEAD_LETTER_ID, RestoreError,
+    StreamPosition,
 };
 use touchline_projection::{Checksum, SledStore};
 use touchline_proto::backup::{
@@ -155,9 +156,9 @@ pub enum RestoreFailure {
         found: u64,
     },
     #[error(
-        "the restored log's checksum ({restored}) is not the backup's ({stated}): the backup is damaged"
+        "the log checksum of the backup's events ({computed}) is not its trailer's ({stated}): the backup is damaged"
     )]
-    LogChecksum { restored: String, stated: String },
+    LogChecksum { computed: String, stated: String },
     #[error("the backup's dead letter {id} has no valid time")]
     DeadLetterTime { id: u64 },
     #[error("the backup is damaged: {0}")]
@@ -199,14 +200,127 @@ impl From<StoreError> for RestoreFailure {
     }
 }
 
-/// The restore's tally of what it read, to check against the header and trailer.
+/// What a reader of a backup file counted, to check against its header and trailer.
 #[derive(Debug, Default)]
 struct Tally {
+    positions: u64,
     dead_lettered_records: u64,
     dead_letters: u64,
     events: u64,
-    /// Record bytes applied since the last flush.
-    unflushed: usize,
+}
+
+impl Tally {
+    fn count(&mut self, frame: &Frame) {
+        match frame {
+            Frame::Position(_) => self.positions += 1,
+            Frame::DeadLetteredRecord(_) => self.dead_lettered_records += 1,
+            Frame::DeadLetter(_) => self.dead_letters += 1,
+            Frame::Events(events) => self.events += events.events.len() as u64,
+            Frame::Header(_) | Frame::Trailer(_) => {}
+        }
+    }
+
+    /// Whether the counts are the header's and the trailer's.
+    fn check(
+        &self,
+        header: &v1::BackupHeader,
+        trailer: &v1::BackupTrailer,
+    ) -> Result<(), RestoreFailure> {
+        let counts = [
+            ("events", header.events, self.events),
+            ("events (trailer)", trailer.events, self.events),
+            ("positions", u64::from(header.positions), self.positions),
+            (
+                "dead-lettered records",
+                header.dead_lettered_records,
+                self.dead_lettered_records,
+            ),
+            ("dead letters", header.dead_letters, self.dead_letters),
+        ];
+        for (what, stated, found) in counts {
+            if stated != found {
+                return Err(RestoreFailure::Count {
+                    what,
+                    stated,
+                    found,
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What a backup file holds, as [`check()`] read it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Checked {
+    pub events: u64,
+    pub bytes: u64,
+    /// The log's checksum, computed from the file's events (and equal to the trailer's).
+    pub log_sha256: String,
+    pub positions: u64,
+    pub dead_letters: u64,
+    pub taken_at: Option<UnixNanos>,
+    pub touchline_version: String,
+}
+
+/// Reads a backup file through and checks it whole, without a store: the frames' order and
+/// sizes, the file's checksum, the events' sequences (consecutive from 1), the counts in the
+/// header and trailer, and the log's checksum computed from the events against the trailer's.
+/// (A restore checks more, as it applies the file: that each event decodes and is there once,
+/// and the places, ids and stream names of positions and dead letters.)
+///
+/// # Errors
+/// When the file cannot be read or is not a whole, undamaged backup.
+pub fn check(reader: impl Read) -> Result<Checked, RestoreFailure> {
+    let mut frames = FrameReader::new(reader);
+    let mut header = None;
+    let mut tally = Tally::default();
+    let mut log = LogHasher::default();
+    let mut next = 1_u64;
+    while let Some(frame) = frames.next_frame()? {
+        tally.count(&frame);
+        match frame {
+            Frame::Header(read) => header = Some(read),
+            Frame::Events(events) => {
+                if events.first_sequence != next {
+                    return Err(RestoreError::Gap {
+                        expected: next,
+                        found: events.first_sequence,
+                    }
+                    .into());
+                }
+                for event in &events.events {
+                    log.add_event(next, event.partition, event.offset, &event.record);
+                    next += 1;
+                }
+            }
+            Frame::Trailer(trailer) => {
+                // The reader checked the order: a header came first.
+                let header = header.take().unwrap_or_default();
+                tally.check(&header, &trailer)?;
+                let log = log.finish();
+                if log.sha256 != trailer.log_sha256 {
+                    return Err(RestoreFailure::LogChecksum {
+                        computed: log.sha256,
+                        stated: trailer.log_sha256,
+                    });
+                }
+                // Nothing may follow the trailer (the reader checks).
+                frames.next_frame()?;
+                return Ok(Checked {
+                    events: log.entries,
+                    bytes: frames.offset(),
+                    log_sha256: log.sha256,
+                    positions: tally.positions,
+                    dead_letters: tally.dead_letters,
+                    taken_at: header.taken_at.as_ref().and_then(instant),
+                    touchline_version: header.touchline_version,
+                });
+            }
+            Frame::Position(_) | Frame::DeadLetteredRecord(_) | Frame::DeadLetter(_) => {}
+        }
+    }
+    Err(BackupFileError::NoTrailer { frames: 0 }.into())
 }
 
 /// Record bytes applied between two flushes of a restore: bounds what the store keeps in memory
@@ -227,7 +341,10 @@ pub fn restore(reader: impl Read, store: &SledStore) -> Result<Restored, Restore
     let mut header = None;
     let mut tally = Tally::default();
     let mut positions = Vec::new();
+    // Record bytes applied since the last flush.
+    let mut unflushed = 0_usize;
     while let Some(frame) = frames.next_frame()? {
+        tally.count(&frame);
         match frame {
             Frame::Header(read) => header = Some(read),
             Frame::Position(position) => {
@@ -255,7 +372,6 @@ pub fn restore(reader: impl Read, store: &SledStore) -> Result<Restored, Restore
                     dead_letter_id: record.dead_letter_id,
                     fingerprint: record.fingerprint,
                 })?;
-                tally.dead_lettered_records += 1;
             }
             Frame::DeadLetter(dead_letter) => {
                 let id = dead_letter.id;
@@ -264,14 +380,12 @@ pub fn restore(reader: impl Read, store: &SledStore) -> Result<Restored, Restore
                 let dead_letter =
                     domain_dead_letter(dead_letter).ok_or(RestoreFailure::DeadLetterTime { id })?;
                 store.restore_dead_letter(&dead_letter)?;
-                tally.dead_letters += 1;
             }
             Frame::Events(events) => {
                 for event in &events.events {
                     kafka_place("an event", event.partition, event.offset)?;
                 }
-                let count = events.events.len() as u64;
-                tally.unflushed += events
+                unflushed += events
                     .events
                     .iter()
                     .map(|event| event.record.len())
@@ -288,10 +402,9 @@ pub fn restore(reader: impl Read, store: &SledStore) -> Result<Restored, Restore
                         })
                         .collect(),
                 )?;
-                tally.events += count;
-                if tally.unflushed >= RESTORE_FLUSH_BYTES {
+                if unflushed >= RESTORE_FLUSH_BYTES {
                     store.flush()?;
-                    tally.unflushed = 0;
+                    unflushed = 0;
                     tracing::info!(
                         events = tally.events,
                         of = header.as_ref().map_or(0, |header| header.events),
@@ -302,6 +415,7 @@ pub fn restore(reader: impl Read, store: &SledStore) -> Result<Restored, Restore
             Frame::Trailer(trailer) => {
                 // The reader checked the order: a header came first.
                 let header = header.take().unwrap_or_default();
+                tally.check(&header, &trailer)?;
                 return finish(store, &header, &trailer, &tally, &positions).and_then(|restored| {
                     // Nothing may follow the trailer.
                     match frames.next_frame()? {
@@ -325,30 +439,6 @@ fn finish(
     tally: &Tally,
     positions: &[StreamPosition],
 ) -> Result<Restored, RestoreFailure> {
-    let counts = [
-        ("events", header.events, tally.events),
-        ("events (trailer)", trailer.events, tally.events),
-        (
-            "positions",
-            u64::from(header.positions),
-            positions.len() as u64,
-        ),
-        (
-            "dead-lettered records",
-            header.dead_lettered_records,
-            tally.dead_lettered_records,
-        ),
-        ("dead letters", header.dead_letters, tally.dead_letters),
-    ];
-    for (what, stated, found) in counts {
-        if stated != found {
-            return Err(RestoreFailure::Count {
-                what,
-                stated,
-                found,
-            });
-        }
-    }
     if header.next_dead_letter > MAX_DEAD_LETTER_ID + 1 {
         return Err(RestoreFailure::Invalid(format!(
             "the next dead-letter id {} is above {}",
@@ -361,7 +451,7 @@ fn finish(
     let log = store.log_checksum()?;
     if log.sha256 != trailer.log_sha256 || log.entries != trailer.events {
         return Err(RestoreFailure::LogChecksum {
-            restored: log.sha256,
+            computed: log.sha256,
             stated: trailer.log_sha256.clone(),
         });
     }
@@ -371,7 +461,7 @@ fn finish(
     store.flush()?;
     Ok(Restored {
         events: tally.events,
-        positions: positions.len() as u64,
+        positions: tally.positions,
         dead_letters: tally.dead_letters,
         dead_lettered_records: tally.dead_lettered_records,
         taken_at: header.taken_at.as_ref().and_then(instant),

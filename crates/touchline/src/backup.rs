@@ -11,30 +11,18 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
 use futures::StreamExt as _;
-use touchline_core::UnixNanos;
 use touchline_projection::SledStore;
-use touchline_projection::sled_store::{LogHasher, RESTORE_MARKER};
-use touchline_proto::backup::{FrameReader, MAX_FRAME_BYTES};
+use touchline_projection::sled_store::RESTORE_MARKER;
+use touchline_proto::backup::MAX_FRAME_BYTES;
 use touchline_proto::v1;
 use touchline_proto::v1::admin_service_client::AdminServiceClient;
-use touchline_proto::v1::backup_frame::Frame;
 use touchline_query::backup::Restored;
 
 use crate::client::with_token;
 use crate::connect::Target;
 
 /// What a backup file holds, as read back from it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BackupFile {
-    pub events: u64,
-    pub bytes: u64,
-    /// The log's checksum, computed from the file's events (and equal to the trailer's).
-    pub log_sha256: String,
-    pub positions: u64,
-    pub dead_letters: u64,
-    pub taken_at: Option<UnixNanos>,
-    pub touchline_version: String,
-}
+pub use touchline_query::backup::Checked as BackupFile;
 
 fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
     let mut name = path.as_os_str().to_owned();
@@ -51,80 +39,14 @@ fn sync_parent(path: &Path) -> std::io::Result<()> {
     File::open(parent)?.sync_all()
 }
 
-/// Reads a backup file through and checks it whole, without a store: the frames' order and
-/// sizes, the file's checksum, the events' sequences (consecutive from 1), the counts in the
-/// header and trailer, and the log's checksum computed from the events against the trailer's.
-/// (A restore checks more, as it applies the file: that each event decodes and is there once,
-/// and the places, ids and stream names of positions and dead letters.)
+/// Reads a backup file through and checks it whole, without a store
+/// ([`touchline_query::backup::check`]).
 ///
 /// # Errors
 /// When the file cannot be read or is not a whole, undamaged backup.
 pub fn check_file(path: &Path) -> anyhow::Result<BackupFile> {
     let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    let mut frames = FrameReader::new(BufReader::new(file));
-    let (mut header, mut trailer) = (None, None);
-    let (mut positions, mut dead_letters, mut records) = (0_u64, 0_u64, 0_u64);
-    let mut log = LogHasher::default();
-    let mut next = 1_u64;
-    while let Some(frame) = frames.next_frame()? {
-        match frame {
-            Frame::Header(read) => header = Some(read),
-            Frame::Position(_) => positions += 1,
-            Frame::DeadLetter(_) => dead_letters += 1,
-            Frame::DeadLetteredRecord(_) => records += 1,
-            Frame::Events(events) => {
-                anyhow::ensure!(
-                    events.first_sequence == next,
-                    "the backup's events frame starts at sequence {}, where {next} comes next: it is damaged",
-                    events.first_sequence
-                );
-                for event in &events.events {
-                    log.add_event(next, event.partition, event.offset, &event.record);
-                    next += 1;
-                }
-            }
-            Frame::Trailer(read) => trailer = Some(read),
-        }
-    }
-    let (header, trailer) = header
-        .zip(trailer)
-        .context("the backup has no header or trailer")?;
-    let log = log.finish();
-    let counts = [
-        ("events (header)", header.events, log.entries),
-        ("events (trailer)", trailer.events, log.entries),
-        ("positions", u64::from(header.positions), positions),
-        ("dead letters", header.dead_letters, dead_letters),
-        (
-            "dead-lettered records",
-            header.dead_lettered_records,
-            records,
-        ),
-    ];
-    for (what, stated, found) in counts {
-        anyhow::ensure!(
-            stated == found,
-            "the backup's {what} do not add up: it says {stated}, it holds {found}: it is damaged"
-        );
-    }
-    anyhow::ensure!(
-        log.sha256 == trailer.log_sha256,
-        "the log checksum of the backup's events ({}) is not its trailer's ({}): it is damaged",
-        log.sha256,
-        trailer.log_sha256
-    );
-    Ok(BackupFile {
-        events: log.entries,
-        bytes: frames.offset(),
-        log_sha256: log.sha256,
-        positions,
-        dead_letters,
-        taken_at: header
-            .taken_at
-            .as_ref()
-            .and_then(touchline_proto::convert::instant),
-        touchline_version: header.touchline_version,
-    })
+    Ok(touchline_query::backup::check(BufReader::new(file))?)
 }
 
 /// Takes a backup of the node at `endpoint` into the new file `out`.
@@ -316,7 +238,9 @@ fn empty(folder: &Path) -> anyhow::Result<()> {
 
 #[cfg(test)]
 mod tests {
+    use touchline_projection::sled_store::LogHasher;
     use touchline_proto::backup::{FORMAT, FrameWriter};
+    use touchline_proto::v1::backup_frame::Frame;
     use touchline_proto::v1::{BackupEvents, BackupHeader, LoggedEvent};
 
     use super::*;

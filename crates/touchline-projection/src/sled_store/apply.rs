@@ -12,7 +12,7 @@ use touchline_core::{
 
 use super::{
     DEAD_LETTER_COUNT, DeadLetter, LogRecord, NEXT_DEAD_LETTER, NEXT_SEQUENCE, RECORDS_PER_WRITE,
-    SledStore, WriterState, decode, encode, lock, log,
+    SledStore, WriterState, decode, encode, lock, log, u64_pair,
 };
 use crate::error::backend;
 use crate::keys;
@@ -212,10 +212,11 @@ impl SledStore {
                     };
                     self.dead_letters
                         .insert(&mut batch, id.to_be_bytes(), encode(&dead_letter)?);
-                    let mut index_value = id.to_be_bytes().to_vec();
-                    index_value.extend_from_slice(&fingerprint.to_be_bytes());
-                    self.dead_letter_index
-                        .insert(&mut batch, index_key.as_slice(), index_value);
+                    self.dead_letter_index.insert(
+                        &mut batch,
+                        index_key.as_slice(),
+                        u64_pair(id, fingerprint),
+                    );
                     dead_in_batch.insert(index_key, fingerprint);
                     outcome.dead_lettered += 1;
                 }
@@ -226,10 +227,11 @@ impl SledStore {
         if store_positions {
             for (partition, next_offset) in &outcome.next_offsets {
                 let last_fingerprint = last_fingerprints.get(partition).copied().unwrap_or(0);
-                let mut value = next_offset.to_be_bytes().to_vec();
-                value.extend_from_slice(&last_fingerprint.to_be_bytes());
-                self.positions
-                    .insert(&mut batch, keys::position(stream_key, *partition), value);
+                self.positions.insert(
+                    &mut batch,
+                    keys::position(stream_key, *partition),
+                    u64_pair(next_offset.cast_unsigned(), last_fingerprint),
+                );
             }
         } else {
             outcome.next_offsets.clear();

@@ -16,6 +16,7 @@ use touchline_core::{
 use super::log::LogHasher;
 use super::{
     Checksum, DEAD_LETTER_COUNT, DeadLetter, NEXT_DEAD_LETTER, SledStore, encode, log, read_u64,
+    u64_pair,
 };
 use crate::error::backend;
 use crate::keys;
@@ -311,8 +312,10 @@ impl SledStore {
     /// # Errors
     /// When the backend fails.
     pub fn restore_position(&self, position: &StreamPosition) -> Result<(), StoreError> {
-        let mut value = position.position.next_offset.to_be_bytes().to_vec();
-        value.extend_from_slice(&position.position.last_fingerprint.to_be_bytes());
+        let value = u64_pair(
+            position.position.next_offset.cast_unsigned(),
+            position.position.last_fingerprint,
+        );
         self.positions
             .insert_now(keys::position(&position.stream, position.partition), value)
             .map_err(backend)
@@ -326,8 +329,7 @@ impl SledStore {
         &self,
         record: &DeadLetteredRecord,
     ) -> Result<(), StoreError> {
-        let mut value = record.dead_letter_id.to_be_bytes().to_vec();
-        value.extend_from_slice(&record.fingerprint.to_be_bytes());
+        let value = u64_pair(record.dead_letter_id, record.fingerprint);
         self.dead_letter_index
             .insert_now(
                 keys::record(&record.stream, record.partition, record.offset),
@@ -368,8 +370,7 @@ impl SledStore {
             .contains_key(&index_key)
             .map_err(backend)?
         {
-            let mut index = dead_letter.id.to_be_bytes().to_vec();
-            index.extend_from_slice(&fingerprint(dead_letter.value.as_deref()).to_be_bytes());
+            let index = u64_pair(dead_letter.id, fingerprint(dead_letter.value.as_deref()));
             self.dead_letter_index
                 .insert(&mut batch, index_key.as_slice(), index);
         }

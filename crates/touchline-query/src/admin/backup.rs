@@ -35,7 +35,10 @@ const STALLED: std::time::Duration = std::time::Duration::from_secs(60);
 /// Whether a backup runs on this node: one at a time (each holds a blocking thread and the dead
 /// letters in memory); and the last whole one since the node started, for the status.
 #[derive(Debug, Clone, Default)]
-pub(super) struct BackupSlot(Arc<AtomicBool>, Arc<std::sync::Mutex<Option<Written>>>);
+pub(super) struct BackupSlot {
+    running: Arc<AtomicBool>,
+    last: Arc<std::sync::Mutex<Option<Written>>>,
+}
 
 /// The running backup's claim on the slot, released when it ends however it ends.
 pub(super) struct Claim(Arc<AtomicBool>);
@@ -48,21 +51,21 @@ impl Drop for Claim {
 
 impl BackupSlot {
     pub(super) fn running(&self) -> bool {
-        self.0.load(Ordering::Acquire)
+        self.running.load(Ordering::Acquire)
     }
 
     /// The last whole backup since the node started.
     pub(super) fn last(&self) -> Option<Written> {
-        self.1
+        self.last
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone()
     }
 
     pub(super) fn claim(&self) -> Result<Claim, Status> {
-        self.0
+        self.running
             .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
-            .map(|_| Claim(Arc::clone(&self.0)))
+            .map(|_| Claim(Arc::clone(&self.running)))
             .map_err(|_| {
                 rejected(
                     Code::FailedPrecondition,
@@ -82,7 +85,7 @@ pub(super) fn stream(
     slot: &BackupSlot,
     claim: Claim,
 ) -> BackupStream {
-    let last = Arc::clone(&slot.1);
+    let last = Arc::clone(&slot.last);
     let (sender, receiver) = tokio::sync::mpsc::channel(AHEAD);
     let completed = Arc::new(AtomicBool::new(false));
     let done = Arc::clone(&completed);
