@@ -478,6 +478,52 @@ async fn replay_restores_nothing_twice_and_dead_letters_can_be_listed_and_discar
     node.shutdown().await
 }
 
+/// One request of 20 events of one customer: one record batch on brokers that batch what they
+/// are sent together. On Tansu 0.6 the high watermark is then the batch's start plus one, and a
+/// replay from inside the batch read nothing until the node's stored position was taken as the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_from_inside_the_last_record_batch_reads_to_the_partitions_end()
+-> anyhow::Result<()> {
+    let broker = start_broker().await;
+    let dir = tempfile::tempdir()?;
+    let node = start_node(&broker, dir.path()).await?;
+    let mut ingest = ingest_client(&node).await?;
+    let events: Vec<_> = (0..20)
+        .map(|i| {
+            touchpoint(
+                &format!("tail-{i}"),
+                "cust-tail",
+                "delivery.completed",
+                i,
+                JourneyStage::Fulfil,
+            )
+        })
+        .collect();
+    publish(&mut ingest, COURIER.1, events).await?;
+    let store = node.store().expect("projects").clone();
+    // The positions are stored in the same atomic write as the events.
+    wait_until("the events", || store.log_len() == 20).await?;
+
+    let mut admin = admin_client(&node).await?;
+    let replayed =
+        replay_to_end(&mut admin, v1::replay_request::From::Offset(17), Vec::new()).await?;
+    assert!(replayed.finished, "{replayed:?}");
+    let ranges: Vec<_> = replayed
+        .ranges
+        .iter()
+        .filter(|range| range.end_offset > 0)
+        .map(|range| (range.start_offset, range.end_offset))
+        .collect();
+    assert_eq!(ranges, [(17, 20)], "{replayed:?}");
+    assert_eq!(
+        (replayed.read, replayed.appended, replayed.duplicates),
+        (3, 0, 3),
+        "the last three records read, each already in the log: {replayed:?}"
+    );
+    assert_eq!(store.log_len(), 20);
+    node.shutdown().await
+}
+
 async fn next(
     watch: &mut tonic::Streaming<v1::WatchTimelineResponse>,
 ) -> anyhow::Result<v1::WatchTimelineResponse> {

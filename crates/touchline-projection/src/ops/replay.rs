@@ -49,7 +49,9 @@ pub struct ReplayProgress {
     /// Records that cannot be decoded (kept once in the dead-letter store).
     pub dead_lettered: u64,
     /// Per partition: (start offset, end offset), the end being the high watermark when the
-    /// replay started.
+    /// replay started, or this node's stored position in the partition when that is further (on
+    /// a broker that reports the base offset of its last record batch as the high watermark,
+    /// Tansu 0.6, the stored position is the partition's end once the node caught up).
     pub ranges: BTreeMap<i32, (i64, i64)>,
     /// Partitions read to their end.
     pub partitions_done: usize,
@@ -78,7 +80,7 @@ impl From<touchline_core::StoreError> for ReplayError {
 }
 
 /// Re-reads `partitions` (every partition when empty) of the topic from `from` up to the high
-/// watermark at the start, into the log: events it lacks are appended and projected, the rest
+/// watermark at the start (or the node's stored position, when further), into the log: events it lacks are appended and projected, the rest
 /// are duplicates (invariant 3 makes a replay safe at any time, beside the projector). Stored
 /// positions do not move. Progress is published on `progress`; `cancel` stops it between
 /// batches (what was applied stays).
@@ -104,7 +106,8 @@ pub async fn replay(
         let topic = kafka.topic.clone();
         let wanted = partitions.to_vec();
         let kafka = kafka.clone();
-        move || plan_replay(&consumer, &kafka, &topic, from, wanted)
+        let store = Arc::clone(&store);
+        move || plan_replay(&consumer, &kafka, &store, &topic, from, wanted)
     })
     .await
     .map_err(Error::from)??;
@@ -223,6 +226,7 @@ type Plan = (
 fn plan_replay(
     consumer: &StreamConsumer,
     kafka: &KafkaOptions,
+    store: &SledStore,
     topic: &str,
     from: ReplayFrom,
     wanted: Vec<i32>,
@@ -256,29 +260,42 @@ fn plan_replay(
         }
         _ => None,
     };
+    let stream = StreamIdentity {
+        cluster_id,
+        topic: topic.to_owned(),
+    };
+    let stored = store.positions(&stream)?;
     let mut ranges = BTreeMap::new();
     let mut assignment = TopicPartitionList::new();
     for partition in partitions {
         let (low, high) = consumer.fetch_watermarks(topic, partition, METADATA_TIMEOUT)?;
+        // Tansu 0.6 reports the base offset of the last record batch + 1 as the high watermark:
+        // a replay from inside that batch would read nothing. What this node projected is read
+        // too. A stored position past the end (a wiped broker) only delays the end of the
+        // partition to its end-of-partition event.
+        let end = stored
+            .get(&partition)
+            .map_or(high, |position| high.max(position.next_offset))
+            .max(low);
         let start = match from {
             ReplayFrom::Earliest => low,
-            ReplayFrom::Offset(offset) => offset.max(low).min(high.max(low)),
+            ReplayFrom::Offset(offset) => offset.max(low).min(end),
             ReplayFrom::Timestamp(_) => match by_time
                 .as_ref()
                 .and_then(|list| list.find_partition(topic, partition))
                 .map(|element| element.offset())
             {
-                Some(Offset::Offset(offset)) => offset.max(low).min(high.max(low)),
+                Some(Offset::Offset(offset)) => offset.max(low).min(end),
                 // No record at or after the instant.
-                _ => high,
+                _ => end,
             },
         };
-        ranges.insert(partition, (start, high.max(start)));
+        ranges.insert(partition, (start, end));
         // Fetch from a start the broker can fetch from, at or before the replay's start, and
         // skip to it: some brokers (Tansu 0.6) cannot fetch from the middle of a record batch and
         // would silently skip the rest of it. Found by reading the record at the start (from
         // earlier starts, see `resume::find`); when it cannot be read, from the oldest record.
-        let fetch_from = if start > low && start < high {
+        let fetch_from = if start > low && start < end {
             match crate::projector::resume::find(kafka, topic, partition, start, (low, high))? {
                 // Also a start that is not a record (compacted away, a transaction marker).
                 Probe::Read { first, .. } | Probe::Missing { first } => first,
@@ -289,12 +306,5 @@ fn plan_replay(
         };
         assignment.add_partition_offset(topic, partition, Offset::Offset(fetch_from))?;
     }
-    Ok((
-        StreamIdentity {
-            cluster_id,
-            topic: topic.to_owned(),
-        },
-        ranges,
-        assignment,
-    ))
+    Ok((stream, ranges, assignment))
 }
