@@ -12,7 +12,7 @@ use rdkafka::message::Message as _;
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use touchline_core::{EventStore as _, StreamIdentity, UnixNanos};
+use touchline_core::{EventStore as _, StoredPosition, StreamIdentity, UnixNanos};
 use touchline_kafka::KafkaOptions;
 use tracing::{info, warn};
 
@@ -49,9 +49,10 @@ pub struct ReplayProgress {
     /// Records that cannot be decoded (kept once in the dead-letter store).
     pub dead_lettered: u64,
     /// Per partition: (start offset, end offset), the end being the high watermark when the
-    /// replay started, or this node's stored position in the partition when that is further (on
-    /// a broker that reports the base offset of its last record batch as the high watermark,
-    /// Tansu 0.6, the stored position is the partition's end once the node caught up).
+    /// replay started, or this node's stored position in the partition when that is further and
+    /// verified (on a broker that reports the base offset of its last record batch + 1 as the
+    /// high watermark, Tansu 0.6, the stored position is the partition's end once the node
+    /// caught up).
     pub ranges: BTreeMap<i32, (i64, i64)>,
     /// Partitions read to their end.
     pub partitions_done: usize,
@@ -155,9 +156,8 @@ pub async fn replay(
                         // Fetched from at or before the start, skipped up to it (see plan_replay).
                         continue;
                     }
-                    // Records past the end that arrive with the same fetch are applied too: some
-                    // brokers (Tansu 0.6) report the base offset of the last batch + 1 as the
-                    // high watermark, and re-reading is harmless.
+                    // The partition closes at its end; records after it in the same fetch are
+                    // not applied (the projector reads them).
                     records.push(message.detach());
                     if message.offset() + 1 >= end {
                         open.remove(&partition);
@@ -216,6 +216,41 @@ pub async fn replay(
     Ok(state)
 }
 
+/// Where a replay of `partition` ends: its high watermark, or this node's stored position when
+/// that is further and verified. Tansu 0.6 reports the base offset of the last record batch + 1
+/// as the high watermark, so a replay from inside that batch would read nothing; the record
+/// before the stored position must be the one projected there (as when the projector resumes),
+/// so that a position left by another incarnation of the broker (a wiped broker that kept its
+/// cluster id), possibly past the partition's end, is not waited for.
+fn replay_end(
+    kafka: &KafkaOptions,
+    topic: &str,
+    partition: i32,
+    (low, high): (i64, i64),
+    stored: Option<&StoredPosition>,
+) -> std::result::Result<i64, ReplayError> {
+    let Some(stored) = stored.filter(|stored| stored.next_offset > high.max(low)) else {
+        return Ok(high.max(low));
+    };
+    let target = stored.next_offset - 1;
+    Ok(
+        match crate::projector::resume::find(kafka, topic, partition, target, (low, high))? {
+            Probe::Read { fingerprint, .. } if fingerprint == stored.last_fingerprint => {
+                stored.next_offset
+            }
+            _ => {
+                warn!(
+                    partition,
+                    stored = stored.next_offset,
+                    high,
+                    "the stored position is past the high watermark and not verified: replaying up to the high watermark"
+                );
+                high.max(low)
+            }
+        },
+    )
+}
+
 type Plan = (
     StreamIdentity,
     BTreeMap<i32, (i64, i64)>,
@@ -269,14 +304,7 @@ fn plan_replay(
     let mut assignment = TopicPartitionList::new();
     for partition in partitions {
         let (low, high) = consumer.fetch_watermarks(topic, partition, METADATA_TIMEOUT)?;
-        // Tansu 0.6 reports the base offset of the last record batch + 1 as the high watermark:
-        // a replay from inside that batch would read nothing. What this node projected is read
-        // too. A stored position past the end (a wiped broker) only delays the end of the
-        // partition to its end-of-partition event.
-        let end = stored
-            .get(&partition)
-            .map_or(high, |position| high.max(position.next_offset))
-            .max(low);
+        let end = replay_end(kafka, topic, partition, (low, high), stored.get(&partition))?;
         let start = match from {
             ReplayFrom::Earliest => low,
             ReplayFrom::Offset(offset) => offset.max(low).min(end),
