@@ -225,6 +225,19 @@ pub trait EventStore: Send + Sync + std::fmt::Debug {
         at: TimelineCursor,
     ) -> Result<Option<TimelineEntry>, StoreError>;
 
+    /// The last position in timeline order among `customer_id`'s entries whose log sequence is at
+    /// most `sequence`: the end of the timeline a watcher resuming from that cursor holds, which
+    /// its missed entries are late or not against. Reads back from the timeline's end, over the
+    /// entries after the cursor only.
+    ///
+    /// # Errors
+    /// When the backend fails or a key is corrupt.
+    fn latest_held(
+        &self,
+        customer_id: &CustomerId,
+        sequence: u64,
+    ) -> Result<Option<TimelineCursor>, StoreError>;
+
     /// The entries of `customer_id` among the log's events with sequences in `from..end`, in log
     /// order, as the timeline projection holds them (what a resumed watch missed, read from the
     /// log when that range is shorter than the customer's timeline).

@@ -58,6 +58,14 @@ impl EventStore for RefusingStore {
         self.inner.positions(stream)
     }
 
+    fn latest_held(
+        &self,
+        customer_id: &CustomerId,
+        sequence: u64,
+    ) -> Result<Option<touchline_core::TimelineCursor>, StoreError> {
+        self.inner.latest_held(customer_id, sequence)
+    }
+
     fn log_entries(
         &self,
         customer_id: &CustomerId,

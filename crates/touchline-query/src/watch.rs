@@ -200,21 +200,40 @@ impl Watch {
         }
     }
 
-    /// Sends the durable entries after the cursor, in timeline order. Returns the latest
-    /// timeline order sent, or `None` when the watch is over (the client went, or the store failed
-    /// and the client was told).
+    /// Sends the durable entries after the cursor, in timeline order, each `late` when it sorts
+    /// before the end of what the client holds (a resumed watch's entries up to its cursor).
+    /// Returns the latest timeline order the client holds, or `None` when the watch is over (the
+    /// client went, or the store failed and the client was told).
     async fn catch_up(
         &self,
         sender: &mpsc::Sender<Message>,
         durable: u64,
     ) -> Option<Option<(UnixNanos, u64)>> {
-        let mut latest = None;
+        let mut latest = if self.after == 0 {
+            None
+        } else {
+            let customer = self.customer.clone();
+            let after = self.after;
+            match self
+                .reads
+                .run(move |store| store.latest_held(&customer, after))
+                .await
+            {
+                Ok(held) => held.map(|cursor| (cursor.occurred_at, cursor.sequence)),
+                Err(status) => {
+                    let _ = sender.send(Err(status)).await;
+                    return None;
+                }
+            }
+        };
         if let Some(mut entries) = self.missed_in_log(durable).await {
             entries.sort_by_key(TimelineEntry::timeline_order);
             for entry in &entries {
-                latest = latest.max(Some(entry.timeline_order()));
+                let order = entry.timeline_order();
+                let late = latest.is_some_and(|latest| order < latest);
+                latest = latest.max(Some(order));
                 // Until caught up the cursor stays where the watch started.
-                if !self.send(sender, entry, self.after, false).await {
+                if !self.send(sender, entry, self.after, late).await {
                     return None;
                 }
             }
@@ -241,8 +260,10 @@ impl Watch {
                 if sequence <= self.after {
                     continue;
                 }
-                latest = latest.max(Some(entry.timeline_order()));
-                if !self.send(sender, entry, self.after, false).await {
+                let order = entry.timeline_order();
+                let late = latest.is_some_and(|latest| order < latest);
+                latest = latest.max(Some(order));
+                if !self.send(sender, entry, self.after, late).await {
                     return None;
                 }
             }

@@ -1,5 +1,6 @@
 //! A resumed watch gets exactly the durable entries of its customer after its cursor, in timeline
-//! order, whichever way it reads them: from the log when fewer events were logged since the cursor
+//! order (flagged `late` when they sort before the end of what the client holds), whichever way it
+//! reads them: from the log when fewer events were logged since the cursor
 //! than the customer has entries (a short break in a long timeline), from the timeline otherwise.
 //! The store is the real sled store; a wrapper counts which of the two reads the watcher made (and
 //! makes the log read fail when told, to show the watcher falls back to the timeline).
@@ -78,6 +79,14 @@ impl EventStore for CountingStore {
         self.inner.timeline_entry(customer_id, at)
     }
 
+    fn latest_held(
+        &self,
+        customer_id: &CustomerId,
+        sequence: u64,
+    ) -> Result<Option<touchline_core::TimelineCursor>, StoreError> {
+        self.inner.latest_held(customer_id, sequence)
+    }
+
     fn log_entries(
         &self,
         customer_id: &CustomerId,
@@ -112,8 +121,8 @@ impl EventStore for CountingStore {
     }
 }
 
-/// Resumes a watch of `customer_id` after log sequence `after`: the event ids of the catch-up,
-/// and the cursor of its `caught_up`.
+/// Resumes a watch of `customer_id` after log sequence `after`: the event ids of the catch-up
+/// (those flagged `late` marked so), and the cursor of its `caught_up`.
 async fn resume(
     store: &Arc<CountingStore>,
     customer_id: &str,
@@ -142,7 +151,12 @@ async fn resume(
                     Ok(after),
                     "catch-up messages carry the cursor the watch started from"
                 );
-                ids.push(entry.touchpoint.map(|t| t.event_id).unwrap_or_default());
+                let id = entry.touchpoint.map(|t| t.event_id).unwrap_or_default();
+                ids.push(if message.late {
+                    format!("{id} (late)")
+                } else {
+                    id
+                });
             }
             Some(v1::watch_timeline_response::Event::CaughtUp(_)) => {
                 let cursor = decode_cursor(&customer(customer_id), log, &message.cursor).map_err(
@@ -204,15 +218,16 @@ async fn a_resumed_watch_gets_what_it_missed_in_timeline_order_from_the_log_or_t
     let (ids, caught_up) = resume(&store, "alice", 20).await?;
     assert_eq!(
         ids,
-        ["new-late", "new-last"],
-        "timeline order, alice's only"
+        ["new-late (late)", "new-last"],
+        "timeline order, alice's only; late when it sorts before what the client holds (old-19)"
     );
     assert_eq!(caught_up, durable);
     assert_eq!(reads(&store), (1, 0), "read from the log, not the timeline");
 
     // 23 events logged since sequence 2, alice has 23 entries: read from the timeline.
     let (ids, caught_up) = resume(&store, "alice", 2).await?;
-    let mut expected = vec!["new-late".to_owned()];
+    // The client holds old-00 and old-01: new-late sorts before them, the rest after.
+    let mut expected = vec!["new-late (late)".to_owned()];
     expected.extend((2..20).map(|i| format!("old-{i:02}")));
     expected.push("new-last".to_owned());
     assert_eq!(
@@ -241,7 +256,7 @@ async fn a_resumed_watch_gets_what_it_missed_in_timeline_order_from_the_log_or_t
     // The log read fails: the timeline answers instead, with the same entries.
     store.fail_log_reads.store(true, Ordering::SeqCst);
     let (ids, _) = resume(&store, "alice", 20).await?;
-    assert_eq!(ids, ["new-late", "new-last"]);
+    assert_eq!(ids, ["new-late (late)", "new-last"]);
     let (log_reads, timeline_reads) = reads(&store);
     assert_eq!(log_reads, 1, "the log was tried first");
     assert!(timeline_reads > 0, "then the timeline");

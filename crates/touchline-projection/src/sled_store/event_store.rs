@@ -119,6 +119,28 @@ impl EventStore for SledStore {
             .transpose()
     }
 
+    fn latest_held(
+        &self,
+        customer_id: &CustomerId,
+        sequence: u64,
+    ) -> Result<Option<touchline_core::TimelineCursor>, StoreError> {
+        use std::ops::Bound::Included;
+        let start = Included(keys::customer_prefix(customer_id));
+        let end = Included(keys::timeline(customer_id, UnixNanos(i64::MAX), u64::MAX));
+        for item in self.active().timeline.range(start, end).rev() {
+            let (key, _) = item.map_err(backend)?;
+            let cursor = keys::timeline_cursor(&key).ok_or_else(|| StoreError::Corrupt {
+                what: "timeline key",
+                key: format!("{key:02x?}"),
+                reason: "shorter than its cursor".to_owned(),
+            })?;
+            if cursor.sequence <= sequence {
+                return Ok(Some(cursor));
+            }
+        }
+        Ok(None)
+    }
+
     fn summary(&self, customer_id: &CustomerId) -> Result<Option<CustomerSummary>, StoreError> {
         self.load_summary(&self.active().summary, customer_id)
     }
