@@ -20,10 +20,13 @@ struct Bucket {
 }
 
 impl RateLimiter {
-    /// Takes `cost` tokens from `partner`'s bucket (rate `rate` per second, capacity `burst`).
+    /// Takes `cost` tokens from `partner`'s bucket (rate `rate` per second, capacity `burst`). A
+    /// batch larger than the burst passes when the bucket is full, and leaves it in debt: every
+    /// event is charged.
     ///
     /// # Errors
-    /// How long to wait until the bucket holds `cost` tokens; nothing is taken then.
+    /// How long to wait until the bucket holds `cost` tokens (a full bucket for a batch larger
+    /// than the burst); nothing is taken then.
     pub fn try_take(
         &self,
         partner: &PartnerId,
@@ -32,11 +35,12 @@ impl RateLimiter {
         cost: usize,
     ) -> Result<(), Duration> {
         self.refilled(partner, rate, burst, cost, |tokens, cost| {
-            if *tokens >= cost {
+            let needed = cost.min(burst);
+            if *tokens >= needed {
                 *tokens -= cost;
                 Ok(())
             } else {
-                Err(wait_for(cost - *tokens, rate))
+                Err(wait_for(needed - *tokens, rate))
             }
         })
     }
@@ -65,8 +69,7 @@ impl RateLimiter {
     }
 
     /// Refills `partner`'s bucket for the time since it was last used, then lets `take` take
-    /// `cost` from its tokens. A batch larger than the burst could never pass: it is charged as a
-    /// full bucket.
+    /// `cost` from its tokens.
     #[allow(clippy::cast_precision_loss, reason = "batch sizes are far below 2^52")]
     fn refilled<R>(
         &self,
@@ -85,7 +88,7 @@ impl RateLimiter {
         let elapsed = now.duration_since(bucket.refilled_at).as_secs_f64();
         bucket.tokens = (bucket.tokens + elapsed * rate).min(burst);
         bucket.refilled_at = now;
-        take(&mut bucket.tokens, (cost as f64).min(burst))
+        take(&mut bucket.tokens, cost as f64)
     }
 }
 
@@ -207,6 +210,24 @@ mod tests {
         // In debt: a plain take is refused (and takes nothing) until the debt is paid.
         let refused = limiter.try_take(&a, 10.0, 100.0, 1).expect_err("in debt");
         assert!(refused > second, "{refused:?}");
+    }
+
+    #[test]
+    fn a_batch_larger_than_the_burst_passes_on_a_full_bucket_and_is_charged_whole() {
+        let limiter = RateLimiter::default();
+        let a = partner("a");
+        // Rate 10/s, burst 10: a batch of 1,000 passes once, then the bucket owes 990 tokens.
+        assert_eq!(limiter.try_take(&a, 10.0, 10.0, 1000), Ok(()));
+        let wait = limiter
+            .try_take(&a, 10.0, 10.0, 1000)
+            .expect_err("the debt of the first batch");
+        assert!(wait > Duration::from_secs(99), "{wait:?}");
+        let one = limiter.try_take(&a, 10.0, 10.0, 1).expect_err("in debt");
+        assert!(one > Duration::from_secs(98), "{one:?}");
+        // A stream batch larger than the burst waits for all of its events too.
+        let b = partner("b");
+        let owed = limiter.take_owing(&b, 10.0, 10.0, 1000);
+        assert!(owed > Duration::from_secs(98), "{owed:?}");
     }
 
     #[test]
