@@ -1,6 +1,7 @@
 //! Admission control and partner contracts: per-partner rates answered with RESOURCE_EXHAUSTED
 //! and retry information (unary calls) or paced (streams) while other partners are unaffected, a cap on open streams per partner,
-//! (freed as soon as a stream's partner disconnects), server-wide load shedding, and event types
+//! (freed as soon as a stream's partner disconnects), server-wide load shedding (each partner
+//! holding at most its share of the slots, with its unary calls and its stream batches), and event types
 //! and channels outside a partner's contract.
 
 use std::time::Duration;
@@ -427,6 +428,58 @@ async fn a_partner_cannot_hold_more_unary_calls_than_allowed() -> anyhow::Result
         1
     );
     held.finish().await
+}
+
+/// A partner's stream batches hold at most its share of the server's in-flight slots
+/// (`max-calls-per-partner`, with its unary calls): a stream with more batches waiting for the
+/// broker than that leaves slots to other partners, whose calls go through, while the partner's
+/// own unary calls are refused with `TOO_MANY_CALLS`. Before, its stream batches took every slot
+/// and every other partner's call was shed (`OVERLOADED`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partners_stream_batches_leave_slots_to_other_partners() -> anyhow::Result<()> {
+    let broker = start_mock_broker();
+    // Needs the mock cluster's fault injection (slow broker responses).
+    let mock = broker.mock();
+    let dir = tempfile::tempdir()?;
+    let node = start_node_with(&broker, dir.path(), partners(), |config| {
+        config.ingest.max_in_flight_batches = 3;
+        config.ingest.max_calls_per_partner = 2;
+    })
+    .await?;
+    let ingest = ingest_client(&node).await?;
+    mock.set_round_trip_time(Duration::from_millis(1500))?;
+    let requests: Vec<v1::PublishRequest> = (0..4)
+        .map(|number| v1::PublishRequest {
+            events: batch(&format!("streamed-{number}"), 1),
+            batch_id: number.to_string(),
+        })
+        .collect();
+    let mut streaming = ingest.clone();
+    let stream = tokio::spawn(async move {
+        let mut answers = streaming
+            .publish_stream(authorized(futures::stream::iter(requests), COURIER.1))
+            .await?
+            .into_inner();
+        let mut accepted = 0;
+        while let Some(answer) = answers.message().await? {
+            accepted += answer.accepted;
+        }
+        Ok::<_, tonic::Status>(accepted)
+    });
+    let channel = node.target().connect().await?;
+    // The courier's share is held by its stream's batches.
+    let refused = wait_until_shed(&channel, COURIER.1, "TOO_MANY_CALLS", || {
+        !stream.is_finished()
+    })
+    .await?;
+    assert_eq!(refused.code(), Code::ResourceExhausted);
+    // A slot is left for the retailer: its call is published (after the slow round trip).
+    let mut other = ingest.clone();
+    let answer = publish(&mut other, RETAILER.1, batch("other", 1)).await;
+    mock.set_round_trip_time(Duration::ZERO)?;
+    assert_eq!(answer?.accepted, 1, "another partner's call is not shed");
+    assert_eq!(stream.await??, 4, "every batch of the stream is published");
+    node.shutdown().await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

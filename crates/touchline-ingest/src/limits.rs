@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use touchline_core::PartnerId;
 
 /// Token buckets, one per partner, refilled continuously.
@@ -142,6 +143,57 @@ impl Drop for StreamSlot {
                 open.remove(&self.partner);
             }
         }
+    }
+}
+
+/// Server-wide in-flight slots one partner may hold at once, for its unary calls and its stream
+/// batches together: a semaphore per partner (partners are those of the partners file, so the
+/// map is bounded by it). Unary calls that find none free are refused; stream batches wait.
+#[derive(Debug, Clone)]
+pub struct PartnerPermits {
+    max: usize,
+    semaphores: Arc<Mutex<HashMap<PartnerId, Arc<Semaphore>>>>,
+}
+
+impl PartnerPermits {
+    /// `max` slots per partner, never all of the server's `slots` when there are more than one,
+    /// so that another partner always finds one.
+    #[must_use]
+    pub fn new(max: usize, slots: usize) -> Self {
+        Self {
+            max: max.min(slots.saturating_sub(1).max(1)).max(1),
+            semaphores: Arc::default(),
+        }
+    }
+
+    /// How many slots one partner may hold.
+    #[must_use]
+    pub fn max(&self) -> usize {
+        self.max
+    }
+
+    fn semaphore(&self, partner: &PartnerId) -> Arc<Semaphore> {
+        let mut semaphores = self
+            .semaphores
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        Arc::clone(
+            semaphores
+                .entry(partner.clone())
+                .or_insert_with(|| Arc::new(Semaphore::new(self.max))),
+        )
+    }
+
+    /// One of `partner`'s slots, if one is free now.
+    #[must_use]
+    pub fn try_take(&self, partner: &PartnerId) -> Option<OwnedSemaphorePermit> {
+        self.semaphore(partner).try_acquire_owned().ok()
+    }
+
+    /// One of `partner`'s slots, once one is free (in the order asked); `None` only if its
+    /// semaphore were closed, which nothing does.
+    pub async fn take(&self, partner: &PartnerId) -> Option<OwnedSemaphorePermit> {
+        self.semaphore(partner).acquire_owned().await.ok()
     }
 }
 

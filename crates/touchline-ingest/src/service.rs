@@ -17,7 +17,7 @@ use touchline_proto::v1::{self, event_result};
 use tracing::debug;
 
 use crate::auth::Authenticated;
-use crate::limits::{RateLimiter, StreamCounter, grpc_timeout};
+use crate::limits::{PartnerPermits, RateLimiter, StreamCounter, grpc_timeout};
 use crate::metrics::INGEST;
 use crate::{Error, PartnerDirectory, Publisher, Result};
 
@@ -54,8 +54,9 @@ pub struct IngestOptions {
     /// Batches being decoded or made durable at once, server-wide. Unary calls past it are shed
     /// with `RESOURCE_EXHAUSTED` before they are decoded; streams wait (backpressure).
     pub max_in_flight_batches: usize,
-    /// Unary `Publish` calls one partner may have in flight (from their headers to their
-    /// answer): so that one partner cannot take every in-flight slot.
+    /// In-flight slots one partner may hold: its unary `Publish` calls (from their headers to
+    /// their answer) and its stream batches being published, so that one partner cannot take
+    /// every in-flight slot.
     pub max_calls_per_partner: usize,
     /// How long a unary call's body may take to arrive once the call holds its slots.
     pub request_body_timeout: Duration,
@@ -91,8 +92,8 @@ struct Inner {
     options: IngestOptions,
     rates: RateLimiter,
     streams: StreamCounter,
-    /// Unary calls in flight per partner.
-    calls: StreamCounter,
+    /// Each partner's share of `in_flight`: its unary calls and stream batches.
+    calls: PartnerPermits,
     in_flight: Arc<Semaphore>,
     /// Cancelled when the server starts shutting down: streams stop reading new batches, answer
     /// the ones in flight and end with `UNAVAILABLE` so the partner reconnects elsewhere.
@@ -108,6 +109,10 @@ impl IngestService {
         draining: CancellationToken,
     ) -> Self {
         let in_flight = Arc::new(Semaphore::new(options.max_in_flight_batches.max(1)));
+        let calls = PartnerPermits::new(
+            options.max_calls_per_partner,
+            options.max_in_flight_batches.max(1),
+        );
         Self {
             inner: Arc::new(Inner {
                 partners,
@@ -115,7 +120,7 @@ impl IngestService {
                 options,
                 rates: RateLimiter::default(),
                 streams: StreamCounter::default(),
-                calls: StreamCounter::default(),
+                calls,
                 in_flight,
                 draining,
             }),
@@ -134,9 +139,7 @@ impl IngestService {
         let options = &self.inner.options;
         let shed = shed::Shedding::new(
             Arc::clone(&self.inner.in_flight),
-            options.max_in_flight_batches.max(1),
             self.inner.calls.clone(),
-            options.max_calls_per_partner,
             options.request_body_timeout,
         );
         let server = v1::ingest_service_server::IngestServiceServer::new(self)
@@ -343,7 +346,11 @@ impl v1::ingest_service_server::IngestService for IngestService {
             // before it spends the partner's rate.
             let slot = match taken {
                 Some(slot) => Ok(slot),
-                None => shed::Slot::take(&self.inner.in_flight, None),
+                None => shed::Slot::take(
+                    &self.inner.in_flight,
+                    &self.inner.calls,
+                    Some(&partner.partner_id),
+                ),
             }?;
             self.inner.admit(&partner, events)?;
             let response = self

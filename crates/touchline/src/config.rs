@@ -128,7 +128,8 @@ pub struct IngestConfig {
     /// Batches being decoded or made durable at once, server-wide; unary calls past it are shed
     /// before they are decoded.
     pub max_in_flight_batches: usize,
-    /// Unary `Publish` calls one partner may have in flight; past it they are shed.
+    /// In-flight slots one partner may hold (unary calls and stream batches); unary calls past
+    /// it are shed, stream batches wait.
     pub max_calls_per_partner: usize,
     /// How long a unary call's body may take to arrive once the call holds its slots.
     pub request_body_timeout_ms: u64,

@@ -1,6 +1,7 @@
 //! Load shedding of unary `Publish` calls before their body is read. A call whose partner already
-//! has `ingest.max-calls-per-partner` unary calls in flight is answered `TOO_MANY_CALLS`, and one
-//! that finds every in-flight slot (`ingest.max-in-flight-batches`) taken `OVERLOADED`, both
+//! holds `ingest.max-calls-per-partner` in-flight slots (unary calls and stream batches) is
+//! answered `TOO_MANY_CALLS`, and one that finds every in-flight slot
+//! (`ingest.max-in-flight-batches`) taken `OVERLOADED`, both
 //! without being decoded: the memory of the batches being decoded and published at once is
 //! bounded by the slots whatever the number of connections, and no partner takes every slot.
 
@@ -10,11 +11,12 @@ use std::time::Duration;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tonic::codegen::{BoxFuture, Context, Poll, Service, http};
 use tonic::server::NamedService;
+use touchline_core::PartnerId;
 
 use super::timed_body::TimedBody;
 use crate::auth::Authenticated;
 use crate::error::Error;
-use crate::limits::{StreamCounter, StreamSlot};
+use crate::limits::PartnerPermits;
 use crate::metrics::INGEST;
 
 /// The path of the unary call that is shed here (streams wait for their slots instead).
@@ -23,24 +25,33 @@ const PUBLISH: &str = "/touchline.v1.IngestService/Publish";
 /// How soon a shed call may try again.
 const RETRY_AFTER: Duration = Duration::from_millis(200);
 
-/// An in-flight slot (and the partner's call slot) taken before the call was decoded, handed to
-/// the handler in the request's extensions. Extensions must be `Clone`: the slots are freed when
-/// the last holder drops them.
+/// An in-flight slot (and the partner's share of them) taken before the call was decoded, handed
+/// to the handler in the request's extensions. Extensions must be `Clone`: the slots are freed
+/// when the last holder drops them.
 #[derive(Debug, Clone)]
 pub(crate) struct Slot(
     #[allow(dead_code, reason = "held, never read")]
-    Arc<(OwnedSemaphorePermit, Option<StreamSlot>)>,
+    Arc<(OwnedSemaphorePermit, Option<OwnedSemaphorePermit>)>,
 );
 
 impl Slot {
-    /// A free in-flight slot, or `OVERLOADED`; `call` is the partner's call slot, if counted.
+    /// A slot of `partner`'s share (`TOO_MANY_CALLS` when it holds all of them; not counted when
+    /// the call was not authenticated here), then a free in-flight slot (`OVERLOADED`).
     pub(crate) fn take(
         in_flight: &Arc<Semaphore>,
-        call: Option<StreamSlot>,
+        calls: &PartnerPermits,
+        partner: Option<&PartnerId>,
     ) -> Result<Self, Error> {
+        let share = match partner {
+            Some(partner) => Some(calls.try_take(partner).ok_or(Error::TooManyCalls {
+                max: calls.max(),
+                retry_after: RETRY_AFTER,
+            })?),
+            None => None,
+        };
         Arc::clone(in_flight)
             .try_acquire_owned()
-            .map(|permit| Self(Arc::new((permit, call))))
+            .map(|permit| Self(Arc::new((permit, share))))
             .map_err(|_| Error::Overloaded {
                 retry_after: RETRY_AFTER,
             })
@@ -51,8 +62,7 @@ impl Slot {
 #[derive(Debug, Clone)]
 pub(crate) struct Shedding {
     in_flight: Arc<Semaphore>,
-    calls: StreamCounter,
-    max_calls: usize,
+    calls: PartnerPermits,
     body_timeout: Duration,
 }
 
@@ -64,20 +74,16 @@ pub struct ShedBeforeDecode<S> {
 }
 
 impl Shedding {
-    /// Sheds by `in_flight` (of `slots` permits) and `calls` (at most `max_calls` per partner,
-    /// and fewer than `slots` when there is more than one, so that another partner always finds
-    /// one); a unary call's body must arrive within `body_timeout`.
+    /// Sheds by `in_flight` and by `calls` (each partner's share of the slots, which its stream
+    /// batches hold too); a unary call's body must arrive within `body_timeout`.
     pub(crate) fn new(
         in_flight: Arc<Semaphore>,
-        slots: usize,
-        calls: StreamCounter,
-        max_calls: usize,
+        calls: PartnerPermits,
         body_timeout: Duration,
     ) -> Self {
         Self {
             in_flight,
             calls,
-            max_calls: max_calls.min(slots.saturating_sub(1).max(1)),
             body_timeout,
         }
     }
@@ -92,18 +98,11 @@ impl Shedding {
 
     /// The slots of a call of `partner` (`None` when the call was not authenticated here).
     fn admit(&self, partner: Option<&Authenticated>) -> Result<Slot, Error> {
-        let call = match partner {
-            Some(partner) => Some(
-                self.calls
-                    .try_open(&partner.partner_id, self.max_calls)
-                    .ok_or(Error::TooManyCalls {
-                        max: self.max_calls,
-                        retry_after: RETRY_AFTER,
-                    })?,
-            ),
-            None => None,
-        };
-        Slot::take(&self.in_flight, call)
+        Slot::take(
+            &self.in_flight,
+            &self.calls,
+            partner.map(|partner| &partner.partner_id),
+        )
     }
 }
 

@@ -344,13 +344,14 @@ impl Shared {
         result
     }
 
-    /// Waits for the rate batch `index` owes and for a server-wide slot, then checks its token
+    /// Waits for the rate batch `index` owes, for a slot of its partner's share and for a
+    /// server-wide slot, then checks its token
     /// (revoked while it waited?) and the stream (an earlier batch failed meanwhile?).
     async fn wait_for_turn(
         &self,
         index: u64,
         wait: Duration,
-    ) -> Result<(Authenticated, OwnedSemaphorePermit)> {
+    ) -> Result<(Authenticated, [OwnedSemaphorePermit; 2])> {
         let draining = &self.inner.draining;
         if !wait.is_zero() {
             debug!(partner = %self.opened_as.partner_id, ?wait, "stream batch over the partner's rate: waiting");
@@ -360,6 +361,15 @@ impl Shared {
                 () = self.wait_ended_for(index) => return Err(Error::ShuttingDown),
             }
         }
+        // The partner's share first: its batches wait behind one another, not in front of
+        // other partners' for the server's slots.
+        let share = tokio::select! {
+            share = self.inner.calls.take(&self.opened_as.partner_id) => {
+                share.ok_or(Error::ShuttingDown)?
+            }
+            () = draining.cancelled() => return Err(Error::ShuttingDown),
+            () = self.wait_ended_for(index) => return Err(Error::ShuttingDown),
+        };
         let slot = tokio::select! {
             slot = Arc::clone(&self.inner.in_flight).acquire_owned() => {
                 slot.map_err(|_| Error::ShuttingDown)?
@@ -371,7 +381,7 @@ impl Shared {
         if self.ended_for(index) {
             return Err(Error::ShuttingDown);
         }
-        Ok((partner, slot))
+        Ok((partner, [slot, share]))
     }
 }
 
