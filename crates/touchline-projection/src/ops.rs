@@ -327,15 +327,23 @@ fn run_rebuild(
             store.retire(switched, stop);
         }
         Err(None) => {
-            if let Err(error) = store.cancel_rebuild(projection, version) {
-                warn!(%projection, version, %error, "cannot drop the cancelled version; it is dropped on the next start");
+            // A shutdown (not a cancel) also stops the deletion: the rest is deleted after the
+            // next open.
+            match store.cancel_rebuild(projection, version, &|| stop.is_cancelled()) {
+                Ok(true) => {}
+                Ok(false) => {
+                    info!(%projection, version, "stopped dropping the cancelled version; it is dropped on the next start");
+                }
+                Err(error) => {
+                    warn!(%projection, version, %error, "cannot drop the cancelled version; it is dropped on the next start");
+                }
             }
             info!(%projection, version, "rebuild cancelled; the active version is untouched");
             report(next - 1, RebuildState::Cancelled);
         }
         Err(Some(error)) => {
             warn!(%projection, version, %error, "rebuild failed; the active version is untouched");
-            if let Err(error) = store.cancel_rebuild(projection, version) {
+            if let Err(error) = store.cancel_rebuild(projection, version, &|| stop.is_cancelled()) {
                 warn!(%projection, version, %error, "cannot drop the failed version; it is dropped on the next start");
             }
             report(next - 1, RebuildState::Failed(error.to_string()));

@@ -254,13 +254,30 @@ fn an_interrupted_rebuild_leaves_the_active_version_intact_and_a_new_one_starts_
         .rebuild_step(Projection::Timeline, version, 1, 10)
         .expect("steps");
     store
-        .cancel_rebuild(Projection::Timeline, version)
+        .cancel_rebuild(Projection::Timeline, version, &|| false)
         .expect("cancels");
     assert!(matches!(
         store.rebuild_step(Projection::Timeline, version, 11, 10),
         Err(OpsError::NotBuilding { .. })
     ));
     assert_eq!(checksums(&store), before);
+    // A cancel during shutdown: the deletion stops, the version is left to drop after the next
+    // open (or at the next drop of the leftovers).
+    let (version, _) = store.begin_rebuild(Projection::Timeline).expect("begins");
+    store
+        .rebuild_step(Projection::Timeline, version, 1, 10)
+        .expect("steps");
+    assert!(
+        !store
+            .cancel_rebuild(Projection::Timeline, version, &|| true)
+            .expect("cancels"),
+        "the deletion stopped"
+    );
+    assert_eq!(
+        store.projection_versions()[&Projection::Timeline].dropping,
+        [version]
+    );
+    assert_eq!(checksums(&store), before, "the active version is untouched");
     let switched = support::rebuild_timeline(&store);
     assert_eq!(store.log_len(), usize::try_from(total).unwrap_or_default());
     store.retire(switched, &tokio_util::sync::CancellationToken::new());

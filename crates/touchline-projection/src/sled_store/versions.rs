@@ -344,11 +344,17 @@ impl SledStore {
         }
     }
 
-    /// Abandons the version being built and drops what it wrote.
+    /// Abandons the version being built and drops what it wrote, until `stop` says to stop (a
+    /// shutdown): what is left is dropped after the next open. Returns whether all of it was.
     ///
     /// # Errors
     /// [`OpsError::NotBuilding`] or a backend failure.
-    pub fn cancel_rebuild(&self, projection: Projection, version: u32) -> Result<(), OpsError> {
+    pub fn cancel_rebuild(
+        &self,
+        projection: Projection,
+        version: u32,
+        stop: &dyn Fn() -> bool,
+    ) -> Result<bool, OpsError> {
         {
             let mut writer = self.lock_writer();
             writer.check_building(projection, version)?;
@@ -361,8 +367,7 @@ impl SledStore {
                 .map_err(backend)?;
             *versions = updated;
         }
-        self.drop_version(projection, version, &|| false)?;
-        Ok(())
+        Ok(self.drop_version(projection, version, stop)?)
     }
 
     /// Folds log events `from_sequence..end` into one version; returns the next to fold.
