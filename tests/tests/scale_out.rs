@@ -74,6 +74,17 @@ async fn each_customer_is_served_by_the_node_that_owns_its_partition() -> anyhow
             })
             .await
             .expect_err("the other node does not serve this customer");
+        // Said first, whatever else is wrong with the request (a page token of the owner, a
+        // page size past the limit).
+        let with_bad_fields = elsewhere
+            .get_timeline(v1::GetTimelineRequest {
+                customer_id: customer.clone(),
+                page_size: 5000,
+                page_token: "not-a-token".to_owned(),
+                ..Default::default()
+            })
+            .await
+            .expect_err("the other node does not serve this customer");
         let summary = elsewhere
             .get_customer_summary(v1::GetCustomerSummaryRequest {
                 customer_id: customer.clone(),
@@ -87,7 +98,7 @@ async fn each_customer_is_served_by_the_node_that_owns_its_partition() -> anyhow
             })
             .await
             .expect_err("nor its live timeline");
-        for status in [timeline, summary, watch] {
+        for status in [timeline, with_bad_fields, summary, watch] {
             assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
             assert_eq!(error_reason(&status).as_deref(), Some("CUSTOMER_NOT_HERE"));
             let info = status.get_details_error_info().expect("error info");

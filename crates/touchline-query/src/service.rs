@@ -119,9 +119,12 @@ fn customer_id(value: String) -> Result<CustomerId> {
     CustomerId::parse(value).map_err(|error| invalid("customer_id", format!("customer_id {error}")))
 }
 
-/// Turns a request into a store query, checking every field.
-fn timeline_query(request: v1::GetTimelineRequest) -> Result<TimelineQuery> {
-    let customer_id = customer_id(request.customer_id)?;
+/// Turns a request for `customer_id` (parsed from it first, to check that this node serves the
+/// customer before anything else) into a store query, checking every other field.
+fn timeline_query(
+    customer_id: CustomerId,
+    request: v1::GetTimelineRequest,
+) -> Result<TimelineQuery> {
     let page_size = match usize::try_from(request.page_size).unwrap_or(usize::MAX) {
         0 => DEFAULT_PAGE_SIZE,
         size if size > MAX_PAGE_SIZE => {
@@ -267,8 +270,12 @@ impl TimelineService {
         &self,
         request: Request<v1::GetTimelineRequest>,
     ) -> Result<Response<v1::GetTimelineResponse>, Status> {
-        let mut query = timeline_query(request.into_inner())?;
-        self.served_here(&query.customer_id)?;
+        let mut request = request.into_inner();
+        // Whether this node serves the customer comes first: a router learns where to go even
+        // when another field is wrong (as for the other calls).
+        let customer = customer_id(std::mem::take(&mut request.customer_id))?;
+        self.served_here(&customer)?;
+        let mut query = timeline_query(customer, request)?;
         let filters = page_token::filter_fingerprint(&query.filter);
         let (customer_id, page) = self
             .reads
