@@ -346,7 +346,8 @@ pub enum DeadLetterAction {
         /// Only dead letters after this id.
         #[arg(long, default_value_t = 0)]
         after: u64,
-        #[arg(long, default_value_t = 100)]
+        /// How many, 1 to 1000.
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=1000))]
         limit: u32,
     },
     /// Decode a dead letter again and, when it decodes now, append it to the log.

@@ -13,22 +13,32 @@ use crate::config::DEFAULT_PORT;
 pub struct Target {
     /// The Touchline gRPC endpoint: `http://` for plaintext, `https://` for a node with
     /// `server.tls`.
-    #[arg(long, env = "TOUCHLINE_ENDPOINT", default_value_t = format!("http://127.0.0.1:{DEFAULT_PORT}"))]
+    #[arg(long, global = true, env = "TOUCHLINE_ENDPOINT", default_value_t = format!("http://127.0.0.1:{DEFAULT_PORT}"))]
     pub endpoint: String,
     /// PEM file of the CA certificate(s) the node's certificate chains to (`https://` only; the
     /// system's roots when not given).
-    #[arg(long, env = "TOUCHLINE_CA_CERT")]
+    #[arg(long, global = true, env = "TOUCHLINE_CA_CERT")]
     pub ca_cert: Option<PathBuf>,
     /// PEM certificate this client presents, for a node that requires client certificates
     /// (`server.tls.client-ca-file`).
-    #[arg(long, env = "TOUCHLINE_CLIENT_CERT", requires = "client_key")]
+    #[arg(
+        long,
+        global = true,
+        env = "TOUCHLINE_CLIENT_CERT",
+        requires = "client_key"
+    )]
     pub client_cert: Option<PathBuf>,
     /// PEM private key of `--client-cert`.
-    #[arg(long, env = "TOUCHLINE_CLIENT_KEY", requires = "client_cert")]
+    #[arg(
+        long,
+        global = true,
+        env = "TOUCHLINE_CLIENT_KEY",
+        requires = "client_cert"
+    )]
     pub client_key: Option<PathBuf>,
     /// The name the node's certificate must carry, when it is not the endpoint's host (an
     /// endpoint by IP address, a certificate for a DNS name).
-    #[arg(long, env = "TOUCHLINE_TLS_SERVER_NAME")]
+    #[arg(long, global = true, env = "TOUCHLINE_TLS_SERVER_NAME")]
     pub tls_server_name: Option<String>,
 }
 

@@ -70,7 +70,7 @@ struct Admin {
     #[command(flatten)]
     endpoint: Target,
     /// An admin token (`touchline dev` accepts the development token, the default here).
-    #[arg(long, env = "TOUCHLINE_ADMIN_TOKEN", hide_env_values = true, default_value = DEV_ADMIN_TOKEN)]
+    #[arg(long, global = true, env = "TOUCHLINE_ADMIN_TOKEN", hide_env_values = true, default_value = DEV_ADMIN_TOKEN)]
     admin_token: String,
 }
 
@@ -575,5 +575,61 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             )
             .await
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::{CommandFactory as _, Parser as _};
+
+    use super::{Cli, Command};
+    use crate::admin_client::DeadLetterAction;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn the_admin_flags_go_before_or_after_a_dead_letter_action() {
+        for args in [
+            [
+                "touchline",
+                "dead-letters",
+                "requeue",
+                "7",
+                "--endpoint",
+                "http://node:7451",
+            ],
+            [
+                "touchline",
+                "dead-letters",
+                "--endpoint",
+                "http://node:7451",
+                "requeue",
+                "7",
+            ],
+        ] {
+            let cli = Cli::try_parse_from(args).expect("parses");
+            let Command::DeadLetters { action, admin } = cli.command else {
+                panic!("not dead-letters: {cli:?}");
+            };
+            assert!(matches!(action, Some(DeadLetterAction::Requeue { id: 7 })));
+            assert_eq!(admin.endpoint.endpoint, "http://node:7451");
+        }
+    }
+
+    #[test]
+    fn a_dead_letter_listing_takes_1_to_1000() {
+        for limit in ["0", "1001"] {
+            assert!(
+                Cli::try_parse_from(["touchline", "dead-letters", "list", "--limit", limit])
+                    .is_err(),
+                "{limit}"
+            );
+        }
+        assert!(
+            Cli::try_parse_from(["touchline", "dead-letters", "list", "--limit", "1000"]).is_ok()
+        );
     }
 }
