@@ -85,7 +85,11 @@ fn token_authorizer(
             // Which token, by a prefix of its hash (as in the configuration), never the token.
             return Ok(format!("{kind} token {}...", &digest[..8]));
         }
-        if partners.authenticate(token).is_ok() {
+        // A partner's token, also one past its `expires-at`: still a partner's, not unknown.
+        if matches!(
+            partners.authenticate(token),
+            Ok(_) | Err(touchline_ingest::Error::TokenExpired)
+        ) {
             return Err(refused(
                 kind,
                 Code::PermissionDenied,
@@ -122,5 +126,25 @@ mod tests {
             format!("admin token {}...", &hash_token(token)[..8])
         );
         assert!(!caller.contains(token));
+    }
+
+    #[test]
+    fn a_partners_expired_token_is_refused_as_a_partners_not_as_unknown() {
+        let file: touchline_ingest::PartnersFile = toml::from_str(&format!(
+            r#"
+            [[partner]]
+            id = "courier"
+            tokens = [{{ sha256 = "{}", expires-at = "2020-01-01T00:00:00Z" }}]
+            "#,
+            hash_token("expired-courier-token"),
+        ))
+        .expect("valid partners file");
+        let partners = PartnerRegistry::from_file(&file).expect("valid registry");
+        let authorize = query_authorizer(vec![hash_token("service-token")], partners.into());
+        let mut metadata = MetadataMap::new();
+        let bearer: MetadataValue<_> = "Bearer expired-courier-token".parse().expect("ascii");
+        metadata.insert("authorization", bearer);
+        let refused = authorize(&metadata).expect_err("a partner's token");
+        assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
     }
 }
