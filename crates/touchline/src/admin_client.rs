@@ -312,7 +312,7 @@ pub async fn replay(
                 )?;
             }
         }
-        eprint!(
+        crate::note!(
             "\rread {}  appended {}  duplicates {}  dead letters {}  partitions done {}/{}",
             progress.read,
             progress.appended,
@@ -323,7 +323,7 @@ pub async fn replay(
         );
         last = Some(progress);
     }
-    eprintln!();
+    crate::noteln!();
     let last = last.context("the server sent no progress")?;
     anyhow::ensure!(
         last.finished,
@@ -529,7 +529,7 @@ pub async fn watch(
         };
         match ended {
             Some(status) if matches!(status.code(), Code::Aborted | Code::Unavailable) => {
-                eprintln!(
+                crate::noteln!(
                     "watch interrupted ({}); resuming from the last cursor",
                     status.message()
                 );

@@ -51,6 +51,25 @@ macro_rules! outln {
     }};
 }
 
+/// `eprintln!` for the command-line clients' progress and notices: a closed standard error is
+/// ignored (there is no one to tell), where `eprintln!` panics.
+#[macro_export]
+macro_rules! noteln {
+    ($($arg:tt)*) => {{
+        use ::std::io::Write as _;
+        let _ = ::std::writeln!(::std::io::stderr().lock(), $($arg)*);
+    }};
+}
+
+/// `eprint!` for the command-line clients, as [`noteln!`].
+#[macro_export]
+macro_rules! note {
+    ($($arg:tt)*) => {{
+        use ::std::io::Write as _;
+        let _ = ::std::write!(::std::io::stderr().lock(), $($arg)*);
+    }};
+}
+
 /// `print!` for the command-line clients, as [`outln!`].
 #[macro_export]
 macro_rules! out {

@@ -326,7 +326,7 @@ async fn run_node(
                         demo::demo_customer(7)
                     );
                 }
-                Err(error) => eprintln!("demo failed: {error:#}"),
+                Err(error) => touchline::noteln!("demo failed: {error:#}"),
             }
         });
     }
