@@ -217,29 +217,31 @@ impl Publisher {
 
     /// Produces every envelope and waits until all are durable. All or nothing from the partner's
     /// point of view: when any delivery fails, the call fails and the partner resends the batch
-    /// (dedupe keeps the events that did land from doubling).
+    /// (dedupe keeps the events that did land from doubling). With `answer_by` (from the call's
+    /// deadline), the answer comes before it.
     ///
     /// # Errors
-    /// [`Error::Unavailable`] when Kafka does not confirm, [`Error::AckTimeout`] past the deadline.
+    /// [`Error::Unavailable`] when Kafka does not confirm (or not before `answer_by`: then nothing
+    /// is produced when no time is left), [`Error::AckTimeout`] past the acknowledgement timeout.
     pub async fn publish(
         &self,
         envelopes: &[(Envelope, Vec<u8>)],
-        call_timeout: Option<Duration>,
+        answer_by: Option<Instant>,
     ) -> Result<Vec<Produced>> {
         // Answer before the partner's own deadline expires, so that it gets UNAVAILABLE with retry
         // information rather than a bare DEADLINE_EXCEEDED.
-        let within_call = call_timeout.map(|timeout| {
-            timeout
-                .saturating_sub(timeout / 10)
-                .saturating_sub(Duration::from_millis(5))
-        });
+        let within_call = answer_by.map(|at| at.saturating_duration_since(Instant::now()));
         match within_call {
+            Some(left) if left.is_zero() => Err(unavailable(
+                "the call's deadline left no time to publish its events; nothing was published"
+                    .to_owned(),
+            )),
             Some(timeout) if timeout < self.ack_timeout => {
                 tokio::time::timeout(timeout, self.publish_unbounded(envelopes))
                     .await
                     .map_err(|_| {
                         unavailable(format!(
-                            "kafka did not confirm within the call's deadline ({}ms)",
+                            "kafka did not confirm within the call's deadline ({}ms left)",
                             timeout.as_millis()
                         ))
                     })?

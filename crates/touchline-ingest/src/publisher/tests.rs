@@ -118,6 +118,46 @@ async fn a_lost_broker_replaces_the_producer_at_most_once_a_second_a_fatal_error
     );
 }
 
+fn envelope() -> touchline_core::Envelope {
+    touchline_core::Envelope {
+        partner_id: touchline_core::PartnerId::parse("partner").expect("valid"),
+        touchpoint: touchline_core::Touchpoint {
+            event_id: touchline_core::EventId::parse("e1").expect("valid"),
+            customer_id: touchline_core::CustomerId::parse("c1").expect("valid"),
+            event_type: touchline_core::EventType::parse("parcel.scanned").expect("valid"),
+            occurred_at: touchline_core::UnixNanos(0),
+            channel: touchline_core::Channel::Doorstep,
+            stage: touchline_core::JourneyStage::Fulfil,
+            outcome: None,
+            attributes: std::collections::BTreeMap::new(),
+            payload: Vec::new(),
+        },
+        received_at: touchline_core::UnixNanos(0),
+    }
+}
+
+#[tokio::test]
+async fn a_call_whose_deadline_has_passed_produces_nothing() {
+    let publisher = fresh_publisher(Duration::from_secs(60));
+    let envelope = envelope();
+    let value = touchline_proto::encode_envelope(&envelope);
+    let error = publisher
+        .publish(&[(envelope, value)], Some(std::time::Instant::now()))
+        .await
+        .expect_err("no time left");
+    assert!(
+        matches!(&error, Error::Unavailable { reason, .. } if reason.contains("left no time")),
+        "{error:?}"
+    );
+    let producer = publisher
+        .slot
+        .read()
+        .unwrap_or_else(PoisonError::into_inner)
+        .producer
+        .clone();
+    assert_eq!(producer.in_flight_count(), 0, "nothing was queued to Kafka");
+}
+
 #[tokio::test]
 async fn a_call_on_a_producer_kept_after_losing_every_broker_fails_at_once() {
     let publisher = fresh_publisher(Duration::from_secs(60));
@@ -132,24 +172,13 @@ async fn a_call_on_a_producer_kept_after_losing_every_broker_fails_at_once() {
             KafkaError::Global(RDKafkaErrorCode::AllBrokersDown),
             "1/1 brokers are down",
         );
-    let envelope = touchline_core::Envelope {
-        partner_id: touchline_core::PartnerId::parse("partner").expect("valid"),
-        touchpoint: touchline_core::Touchpoint {
-            event_id: touchline_core::EventId::parse("e1").expect("valid"),
-            customer_id: touchline_core::CustomerId::parse("c1").expect("valid"),
-            event_type: touchline_core::EventType::parse("parcel.scanned").expect("valid"),
-            occurred_at: touchline_core::UnixNanos(0),
-            channel: touchline_core::Channel::Doorstep,
-            stage: touchline_core::JourneyStage::Fulfil,
-            outcome: None,
-            attributes: std::collections::BTreeMap::new(),
-            payload: Vec::new(),
-        },
-        received_at: touchline_core::UnixNanos(0),
-    };
+    let envelope = envelope();
     let value = touchline_proto::encode_envelope(&envelope);
     let error = publisher
-        .publish(&[(envelope, value)], Some(Duration::from_secs(30)))
+        .publish(
+            &[(envelope, value)],
+            Some(std::time::Instant::now() + Duration::from_secs(30)),
+        )
         .await
         .expect_err("no broker");
     assert!(

@@ -6,7 +6,7 @@
 //! bounded by the slots whatever the number of connections, and no partner takes every slot.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tonic::codegen::{BoxFuture, Context, Poll, Service, http};
@@ -26,13 +26,15 @@ const PUBLISH: &str = "/touchline.v1.IngestService/Publish";
 const RETRY_AFTER: Duration = Duration::from_millis(200);
 
 /// An in-flight slot (and the partner's share of them) taken before the call was decoded, handed
-/// to the handler in the request's extensions. Extensions must be `Clone`: the slots are freed
-/// when the last holder drops them.
+/// to the handler in the request's extensions, with when the call arrived (its deadline counts
+/// from then, not from the end of its body). Extensions must be `Clone`: the slots are freed when
+/// the last holder drops them.
 #[derive(Debug, Clone)]
-pub(crate) struct Slot(
+pub(crate) struct Slot {
     #[allow(dead_code, reason = "held, never read")]
-    Arc<(OwnedSemaphorePermit, Option<OwnedSemaphorePermit>)>,
-);
+    permits: Arc<(OwnedSemaphorePermit, Option<OwnedSemaphorePermit>)>,
+    arrived: Instant,
+}
 
 impl Slot {
     /// A slot of `partner`'s share (`TOO_MANY_CALLS` when it holds all of them; not counted when
@@ -51,10 +53,18 @@ impl Slot {
         };
         Arc::clone(in_flight)
             .try_acquire_owned()
-            .map(|permit| Self(Arc::new((permit, share))))
+            .map(|permit| Self {
+                permits: Arc::new((permit, share)),
+                arrived: Instant::now(),
+            })
             .map_err(|_| Error::Overloaded {
                 retry_after: RETRY_AFTER,
             })
+    }
+
+    /// When the call took its slots: as its headers arrived.
+    pub(crate) fn arrived(&self) -> Instant {
+        self.arrived
     }
 }
 
