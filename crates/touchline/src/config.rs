@@ -299,6 +299,10 @@ impl Default for LogConfig {
     }
 }
 
+/// Bytes a Kafka record holds besides the event: the envelope's partner id and arrival time, the
+/// key (the customer id), field tags and lengths (ids are at most 128 bytes each).
+const ENVELOPE_ROOM: u64 = 1024;
+
 impl Config {
     /// Loads defaults, then `file` when given, then `TOUCHLINE_*` variables.
     ///
@@ -370,6 +374,7 @@ impl Config {
             }
         }
         self.check_sizes()?;
+        self.check_event_fits_kafka()?;
         if let Some(rate) = self.ingest.rate_per_second {
             anyhow::ensure!(
                 rate.is_finite() && rate >= 0.0,
@@ -379,6 +384,28 @@ impl Config {
         anyhow::ensure!(
             self.ingest.burst.is_finite() && self.ingest.burst >= 1.0,
             "ingest.burst must be at least 1"
+        );
+        Ok(())
+    }
+
+    /// An event ingest accepts must fit in one Kafka record the producer may send (librdkafka's
+    /// `message.max.bytes`, 1,000,000 unless set): else every batch holding one would fail as a
+    /// whole, resent in vain (`LOG_UNAVAILABLE`). The envelope (partner, arrival time) and the key
+    /// get [`ENVELOPE_ROOM`] bytes.
+    fn check_event_fits_kafka(&self) -> anyhow::Result<()> {
+        let set = self
+            .kafka
+            .producer_properties
+            .get("message.max.bytes")
+            .or_else(|| self.kafka.properties.get("message.max.bytes"));
+        // An unreadable value is librdkafka's to refuse, when the producer is made.
+        let Ok(message_max) = set.map_or(Ok(1_000_000), |value| value.trim().parse::<u64>()) else {
+            return Ok(());
+        };
+        let event_max = count(self.ingest.limits.max_event_bytes);
+        anyhow::ensure!(
+            event_max.saturating_add(ENVELOPE_ROOM) <= message_max,
+            "ingest.limits.max-event-bytes ({event_max}) does not fit in a Kafka record the producer may send: message.max.bytes is {message_max}, and an event needs {ENVELOPE_ROOM} bytes more for its envelope and key; raise message.max.bytes in kafka.producer-properties (and the topic's max.message.bytes on the brokers) or lower the limit"
         );
         Ok(())
     }

@@ -116,6 +116,27 @@ fn sizes_out_of_range_are_refused() {
 }
 
 #[test]
+fn an_event_limit_past_what_the_producer_may_send_is_refused() {
+    let mut config = Config::default();
+    config.ingest.limits.max_event_bytes = 2_000_000;
+    let refused = config.validate().expect_err("past message.max.bytes");
+    assert!(
+        refused.to_string().contains("message.max.bytes is 1000000"),
+        "{refused}"
+    );
+    config
+        .kafka
+        .producer_properties
+        .insert("message.max.bytes".to_owned(), "4000000".to_owned());
+    config.validate().expect("raised with it");
+    config
+        .kafka
+        .producer_properties
+        .insert("message.max.bytes".to_owned(), "2000100".to_owned());
+    assert!(config.validate().is_err(), "no room for the envelope");
+}
+
+#[test]
 fn weakening_acknowledgements_is_refused() {
     let mut config = Config::default();
     config
