@@ -205,11 +205,35 @@ fn parse_contract(id: &PartnerId, entry: &PartnerEntry) -> Result<PartnerContrac
             other => Ok(other),
         }
     };
+    let event_types = entry
+        .event_types
+        .as_ref()
+        .map(|patterns| {
+            patterns
+                .iter()
+                .map(|pattern| {
+                    // An exact type, or `prefix.*`: a `*` anywhere else (`parcel*`, `*.done`)
+                    // would not mean what it seems to.
+                    let prefix = pattern.strip_suffix(".*").unwrap_or(pattern);
+                    if prefix.is_empty() || prefix.contains('*') {
+                        return Err(invalid(format!(
+                            "partner {id}: event type pattern {pattern:?} is neither a type nor `prefix.*`"
+                        )));
+                    }
+                    Ok(TypePattern::parse(pattern))
+                })
+                .collect::<Result<Vec<_>>>()
+        })
+        .transpose()?;
+    if let Some(max) = entry.max_streams
+        && !(1..=100_000).contains(&max)
+    {
+        return Err(invalid(format!(
+            "partner {id}: max-streams must be 1 to 100000 (got {max})"
+        )));
+    }
     Ok(PartnerContract {
-        event_types: entry
-            .event_types
-            .as_ref()
-            .map(|patterns| patterns.iter().map(|p| TypePattern::parse(p)).collect()),
+        event_types,
         channels,
         rate_per_second: positive(entry.rate_per_second, "rate-per-second")?,
         burst: positive(entry.burst, "burst")?,
@@ -510,6 +534,22 @@ mod tests {
         )));
         assert!(refused(&format!(
             "[[partner]]\nid = \"p\"\ntoken-sha256 = [\"{hash}\"]\nrate-per-second = -1\n"
+        )));
+        for max_streams in [0, 100_001] {
+            assert!(refused(&format!(
+                "[[partner]]\nid = \"p\"\ntoken-sha256 = [\"{hash}\"]\nmax-streams = {max_streams}\n"
+            )));
+        }
+        for pattern in ["parcel*", "*.done", "*", ".*", "a.*.*"] {
+            assert!(
+                refused(&format!(
+                    "[[partner]]\nid = \"p\"\ntoken-sha256 = [\"{hash}\"]\nevent-types = [\"{pattern}\"]\n"
+                )),
+                "{pattern}"
+            );
+        }
+        assert!(!refused(&format!(
+            "[[partner]]\nid = \"p\"\ntoken-sha256 = [\"{hash}\"]\nevent-types = [\"parcel.*\", \"a.b\"]\nmax-streams = 1\n"
         )));
     }
 
