@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use rdkafka::consumer::{BaseConsumer, Consumer as _, StreamConsumer};
+use rdkafka::error::KafkaError;
 use rdkafka::message::Message as _;
 use rdkafka::{Offset, TopicPartitionList};
 use touchline_core::{StoredPosition, fingerprint};
@@ -75,7 +76,7 @@ pub(super) fn check_position(
                 "the record before the stored position is not the one projected: a new broker or topic, reading it from the beginning"
             );
         }
-        Probe::StartsAfter | Probe::Missing { .. } => warn!(
+        Probe::StartsAfter | Probe::Missing { .. } | Probe::Ends => warn!(
             partition,
             offset = next - 1,
             "the record before the stored position is gone: reading the partition from the beginning"
@@ -140,7 +141,9 @@ pub(crate) enum Probe {
     Missing {
         first: i64,
     },
-    Failed(rdkafka::error::KafkaError),
+    /// The partition ends before `target`: no such record (yet).
+    Ends,
+    Failed(KafkaError),
     TimedOut,
 }
 
@@ -156,6 +159,10 @@ fn probe(
         .consumer_config()
         .set("auto.offset.reset", "error")
         .set("enable.auto.commit", "false")
+        // The partition's end before `target`: the record is not there (yet), said at once
+        // rather than at the deadline. (Tansu 0.6 may not say it: its high watermark is behind
+        // the records it serves.)
+        .set("enable.partition.eof", "true")
         .create()?;
     let mut list = TopicPartitionList::new();
     list.add_partition_offset(topic, partition, Offset::Offset(start))?;
@@ -181,7 +188,10 @@ fn probe(
                     });
                 }
             }
-            Some(Ok(_)) | None => {}
+            Some(Err(KafkaError::PartitionEOF(at))) if at == partition => {
+                return Ok(Probe::Ends);
+            }
+            Some(Ok(_) | Err(KafkaError::PartitionEOF(_))) | None => {}
             Some(Err(error)) => return Ok(Probe::Failed(error)),
         }
     }
