@@ -212,12 +212,12 @@ fn parse_contract(id: &PartnerId, entry: &PartnerEntry) -> Result<PartnerContrac
             patterns
                 .iter()
                 .map(|pattern| {
-                    // An exact type, or `prefix.*`: a `*` anywhere else (`parcel*`, `*.done`)
-                    // would not mean what it seems to.
+                    // An exact type, `prefix.*`, or `*` (every type): a `*` anywhere else
+                    // (`parcel*`, `*.done`) would not mean what it seems to.
                     let prefix = pattern.strip_suffix(".*").unwrap_or(pattern);
-                    if prefix.is_empty() || prefix.contains('*') {
+                    if pattern != "*" && (prefix.is_empty() || prefix.contains('*')) {
                         return Err(invalid(format!(
-                            "partner {id}: event type pattern {pattern:?} is neither a type nor `prefix.*`"
+                            "partner {id}: event type pattern {pattern:?} is neither a type, `prefix.*` nor `*`"
                         )));
                     }
                     Ok(TypePattern::parse(pattern))
@@ -540,7 +540,7 @@ mod tests {
                 "[[partner]]\nid = \"p\"\ntoken-sha256 = [\"{hash}\"]\nmax-streams = {max_streams}\n"
             )));
         }
-        for pattern in ["parcel*", "*.done", "*", ".*", "a.*.*"] {
+        for pattern in ["parcel*", "*.done", "**", ".*", "a.*.*"] {
             assert!(
                 refused(&format!(
                     "[[partner]]\nid = \"p\"\ntoken-sha256 = [\"{hash}\"]\nevent-types = [\"{pattern}\"]\n"
@@ -549,7 +549,7 @@ mod tests {
             );
         }
         assert!(!refused(&format!(
-            "[[partner]]\nid = \"p\"\ntoken-sha256 = [\"{hash}\"]\nevent-types = [\"parcel.*\", \"a.b\"]\nmax-streams = 1\n"
+            "[[partner]]\nid = \"p\"\ntoken-sha256 = [\"{hash}\"]\nevent-types = [\"parcel.*\", \"a.b\", \"*\"]\nmax-streams = 1\n"
         )));
     }
 

@@ -393,6 +393,10 @@ impl Config {
     /// whole, resent in vain (`LOG_UNAVAILABLE`). The envelope (partner, arrival time) and the key
     /// get [`ENVELOPE_ROOM`] bytes.
     fn check_event_fits_kafka(&self) -> anyhow::Result<()> {
+        if !self.ingest.enabled {
+            // Only ingest applies the limit.
+            return Ok(());
+        }
         let set = self
             .kafka
             .producer_properties

@@ -21,20 +21,12 @@ pub struct Target {
     pub ca_cert: Option<PathBuf>,
     /// PEM certificate this client presents, for a node that requires client certificates
     /// (`server.tls.client-ca-file`).
-    #[arg(
-        long,
-        global = true,
-        env = "TOUCHLINE_CLIENT_CERT",
-        requires = "client_key"
-    )]
+    /// With `--client-key` (checked when connecting: flags given on either side of a
+    /// subcommand meet only then).
+    #[arg(long, global = true, env = "TOUCHLINE_CLIENT_CERT")]
     pub client_cert: Option<PathBuf>,
     /// PEM private key of `--client-cert`.
-    #[arg(
-        long,
-        global = true,
-        env = "TOUCHLINE_CLIENT_KEY",
-        requires = "client_cert"
-    )]
+    #[arg(long, global = true, env = "TOUCHLINE_CLIENT_KEY")]
     pub client_key: Option<PathBuf>,
     /// The name the node's certificate must carry, when it is not the endpoint's host (an
     /// endpoint by IP address, a certificate for a DNS name).
@@ -78,6 +70,10 @@ impl Target {
     pub fn endpoint(&self) -> anyhow::Result<Endpoint> {
         let endpoint = Endpoint::from_shared(self.endpoint.clone())
             .with_context(|| format!("{} is not an endpoint", self.endpoint))?;
+        anyhow::ensure!(
+            self.client_cert.is_some() == self.client_key.is_some(),
+            "--client-cert and --client-key (TOUCHLINE_CLIENT_CERT, TOUCHLINE_CLIENT_KEY) go together"
+        );
         if endpoint.uri().scheme_str() != Some("https") {
             anyhow::ensure!(
                 self.ca_cert.is_none()
@@ -209,5 +205,10 @@ mod tests {
         let missing = Target::new("https://localhost:7451").with_ca_cert("/nonexistent/ca.pem");
         assert!(error(&missing).contains("--ca-cert /nonexistent/ca.pem"));
         assert!(error(&Target::new("not an endpoint")).contains("is not an endpoint"));
+        let half = Target {
+            client_key: Some("client.key".into()),
+            ..Target::new("https://localhost:7451")
+        };
+        assert!(error(&half).contains("go together"));
     }
 }

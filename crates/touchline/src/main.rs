@@ -620,6 +620,27 @@ mod tests {
     }
 
     #[test]
+    fn a_client_certificate_and_its_key_may_sit_on_either_side_of_an_action() {
+        let cli = Cli::try_parse_from([
+            "touchline",
+            "dead-letters",
+            "--client-key",
+            "k.pem",
+            "list",
+            "--client-cert",
+            "c.pem",
+        ])
+        .expect("parses");
+        let Command::DeadLetters { admin, .. } = cli.command else {
+            panic!("not dead-letters: {cli:?}");
+        };
+        assert_eq!(
+            (admin.endpoint.client_cert, admin.endpoint.client_key),
+            (Some("c.pem".into()), Some("k.pem".into()))
+        );
+    }
+
+    #[test]
     fn a_dead_letter_listing_takes_1_to_1000() {
         for limit in ["0", "1001"] {
             assert!(

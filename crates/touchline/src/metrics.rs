@@ -220,14 +220,14 @@ impl Exporter {
                     .set(i64::from(status.projector_state == "running"));
             }
             Err(error) => {
-                // Not the last good values: the status could not be read. The per-partition
-                // series go (an alert on the lag sees no value, not a frozen one), the rest read
-                // as unknown or down.
+                // The status could not be read (a store error). The per-partition series go, so
+                // that a lag alert sees no value rather than a frozen one, and the projector reads
+                // down. The log, store and dead-letter gauges and `kafka_up` keep their last
+                // values (the broker was not asked: this is not its failure).
                 warn!(%error, "cannot read the status for metrics");
                 self.gauges.lag.clear();
                 self.gauges.high_watermark.clear();
                 self.gauges.projected.clear();
-                self.gauges.kafka_up.set(0);
                 self.gauges.projector_up.set(0);
             }
         }
