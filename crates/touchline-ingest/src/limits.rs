@@ -99,8 +99,7 @@ fn wait_for(tokens: f64, rate: f64) -> Duration {
     Duration::try_from_secs_f64(seconds).unwrap_or(Duration::from_secs(3600))
 }
 
-/// Calls per partner: open `PublishStream` calls, or (a counter of its own) unary calls in
-/// flight.
+/// Open `PublishStream` calls per partner.
 #[derive(Debug, Default, Clone)]
 pub struct StreamCounter {
     open: Arc<Mutex<HashMap<PartnerId, usize>>>,

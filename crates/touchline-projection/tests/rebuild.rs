@@ -262,7 +262,7 @@ fn an_interrupted_rebuild_leaves_the_active_version_intact_and_a_new_one_starts_
     ));
     assert_eq!(checksums(&store), before);
     // A cancel during shutdown: the deletion stops, the version is left to drop after the next
-    // open (or at the next drop of the leftovers).
+    // open.
     let (version, _) = store.begin_rebuild(Projection::Timeline).expect("begins");
     store
         .rebuild_step(Projection::Timeline, version, 1, 10)

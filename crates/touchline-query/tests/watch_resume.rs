@@ -290,3 +290,85 @@ async fn a_resume_that_missed_more_than_a_page_of_entries_reads_the_timeline() -
     assert!(timeline_reads > 0, "read from the timeline instead");
     Ok(())
 }
+
+/// After a resumed catch-up, live entries are late against everything the client holds: the
+/// entries up to its cursor too, not only those this connection sent.
+#[tokio::test]
+async fn a_resumed_watch_flags_live_entries_against_what_the_client_holds() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let store = CountingStore::open(&dir)?;
+    let mut offset = -1;
+    // The client holds sequences 1 and 2 (event times 100 and 200); it missed sequence 3 (150).
+    apply(
+        &*store,
+        &mut offset,
+        vec![
+            event("held-100", "carol", 100),
+            event("held-200", "carol", 200),
+        ],
+        true,
+    );
+    apply(
+        &*store,
+        &mut offset,
+        vec![event("missed-150", "carol", 150)],
+        true,
+    );
+    let live = store.inner.watch_sender().subscribe();
+    let shared: Arc<dyn EventStore> = Arc::clone(&store) as Arc<dyn EventStore>;
+    let mut client = Watch {
+        reads: StoreReads::new(shared, 1),
+        customer: customer("carol"),
+        after: 2,
+        live,
+        shutdown: CancellationToken::new(),
+    }
+    .spawn();
+    let mut next = async || -> anyhow::Result<v1::WatchTimelineResponse> {
+        Ok(
+            tokio::time::timeout(std::time::Duration::from_secs(10), client.recv())
+                .await?
+                .ok_or_else(|| anyhow::anyhow!("the watch ended"))??,
+        )
+    };
+    let entry_id = |message: &v1::WatchTimelineResponse| match &message.event {
+        Some(v1::watch_timeline_response::Event::Entry(entry)) => entry
+            .touchpoint
+            .as_ref()
+            .map(|touchpoint| touchpoint.event_id.clone()),
+        _ => None,
+    };
+    let missed = next().await?;
+    assert_eq!(
+        (entry_id(&missed).as_deref(), missed.late),
+        (Some("missed-150"), true)
+    );
+    assert!(matches!(
+        next().await?.event,
+        Some(v1::watch_timeline_response::Event::CaughtUp(_))
+    ));
+    // 180 sorts before held-200, which this connection never sent; 900 after everything.
+    apply(
+        &*store,
+        &mut offset,
+        vec![event("live-180", "carol", 180)],
+        true,
+    );
+    apply(
+        &*store,
+        &mut offset,
+        vec![event("live-900", "carol", 900)],
+        true,
+    );
+    let first = next().await?;
+    assert_eq!(
+        (entry_id(&first).as_deref(), first.late),
+        (Some("live-180"), true)
+    );
+    let second = next().await?;
+    assert_eq!(
+        (entry_id(&second).as_deref(), second.late),
+        (Some("live-900"), false)
+    );
+    Ok(())
+}

@@ -4,7 +4,8 @@
 //! token (authenticated again against the partners file in force), its share of the partner's
 //! rate and its share of the stream's window. A full window therefore stops the server reading
 //! the stream, and HTTP/2 flow control holds the partner back. An admitted batch then runs as a
-//! task of its own: it waits for the rate it owes and for a server-wide slot, and is published.
+//! task of its own: it waits for the rate it owes, for a slot of its partner's share and for a
+//! server-wide slot, and is published.
 //!
 //! The stream ends at its first failed batch, with that batch's error as the last answer. No
 //! batch after it is published: each one checks, up to the moment it would publish, whether an

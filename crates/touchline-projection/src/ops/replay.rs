@@ -156,8 +156,10 @@ pub async fn replay(
                         // Fetched from at or before the start, skipped up to it (see plan_replay).
                         continue;
                     }
-                    // The partition closes at its end; records after it in the same fetch are
-                    // not applied (the projector reads them).
+                    // The partition closes at its end: the record before it, or the first one
+                    // past it when that one is missing (compacted, a transaction marker).
+                    // Records after that in the same fetch are not applied (the projector reads
+                    // them).
                     records.push(message.detach());
                     if message.offset() + 1 >= end {
                         open.remove(&partition);
