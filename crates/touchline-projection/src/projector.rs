@@ -21,7 +21,7 @@ use crate::{Error, Result, metrics};
 
 pub(crate) mod resume;
 
-use resume::check_position;
+use resume::check_positions;
 
 const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -146,25 +146,27 @@ impl Projector {
                     let owned = owned_partitions(&topic, options.partitions, all)?;
                     let partitions = owned.clone();
                     let stored = store.positions(&stream)?;
+                    let with_positions: Vec<_> = owned
+                        .iter()
+                        .filter_map(|partition| {
+                            stored
+                                .get(partition)
+                                .map(|position| (*partition, *position))
+                        })
+                        .collect();
+                    let mut checked =
+                        check_positions(&consumer, &options.kafka, &topic, &with_positions)?;
                     let mut assignment = TopicPartitionList::new();
                     let mut applied = BTreeMap::new();
                     let mut skip_below = BTreeMap::new();
                     for partition in owned {
-                        let offset = match stored.get(&partition) {
-                            Some(position) => match check_position(
-                                &consumer,
-                                &options.kafka,
-                                &topic,
-                                partition,
-                                *position,
-                            )? {
-                                Some(resume) => {
-                                    applied.insert(partition, resume.next);
-                                    skip_below.insert(partition, resume.next);
-                                    Offset::Offset(resume.fetch_from)
-                                }
-                                None => Offset::Beginning,
-                            },
+                        // No stored position, or none verified: from the beginning.
+                        let offset = match checked.remove(&partition).flatten() {
+                            Some(resume) => {
+                                applied.insert(partition, resume.next);
+                                skip_below.insert(partition, resume.next);
+                                Offset::Offset(resume.fetch_from)
+                            }
                             None => Offset::Beginning,
                         };
                         info!(partition, ?offset, "assigning partition");

@@ -1,6 +1,7 @@
 //! Where the projector resumes a partition: its stored position, once checked against what the
 //! broker serves now.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use rdkafka::consumer::{BaseConsumer, Consumer as _, StreamConsumer};
@@ -21,6 +22,55 @@ pub(super) struct Resume {
     pub(super) next: i64,
 }
 
+/// Probes of a stored position that time out before its partition is read from the beginning.
+const PROBE_ATTEMPTS: u32 = 3;
+
+/// Stored positions checked at once (each with a probing consumer of its own).
+const PARALLEL_CHECKS: usize = 8;
+
+/// Checks the stored position of each of `partitions` that has one ([`check_position`]), up to
+/// [`PARALLEL_CHECKS`] at a time: a start waits for the slowest probe of each group, not for the
+/// sum of them.
+///
+/// # Errors
+/// When the watermarks cannot be read or a probing consumer cannot be made.
+pub(super) fn check_positions(
+    consumer: &StreamConsumer,
+    kafka: &KafkaOptions,
+    topic: &str,
+    positions: &[(i32, StoredPosition)],
+) -> Result<BTreeMap<i32, Option<Resume>>> {
+    let mut checked = BTreeMap::new();
+    for group in positions.chunks(PARALLEL_CHECKS) {
+        let results: Vec<(i32, Result<Option<Resume>>)> = std::thread::scope(|scope| {
+            let running: Vec<_> = group
+                .iter()
+                .map(|(partition, position)| {
+                    let check = scope.spawn(move || {
+                        check_position(consumer, kafka, topic, *partition, *position)
+                    });
+                    (*partition, check)
+                })
+                .collect();
+            running
+                .into_iter()
+                .map(|(partition, check)| {
+                    let result = check.join().unwrap_or_else(|_| {
+                        Err(crate::Error::Setup(format!(
+                            "the check of partition {partition}'s stored position panicked"
+                        )))
+                    });
+                    (partition, result)
+                })
+                .collect()
+        });
+        for (partition, result) in results {
+            checked.insert(partition, result?);
+        }
+    }
+    Ok(checked)
+}
+
 /// Checks that a stored position belongs to the stream the broker serves now: the record just
 /// before it must be the one the position was taken after (same fingerprint). Cluster ids alone are
 /// not enough (the embedded broker's id can repeat, a wiped broker keeps its id), and high
@@ -28,7 +78,7 @@ pub(super) struct Resume {
 /// batch, and cannot fetch from the middle of a batch: the record is looked for from earlier
 /// starts there, see below). `None` means "a new incarnation, or no
 /// proof it is the same: read from the beginning"; re-reading is safe, events are deduplicated.
-pub(super) fn check_position(
+fn check_position(
     consumer: &StreamConsumer,
     kafka: &KafkaOptions,
     topic: &str,
@@ -57,7 +107,20 @@ pub(super) fn check_position(
             next: low,
         }));
     }
-    match find(kafka, topic, partition, next - 1, (low, high))? {
+    // A probe that timed out proves nothing (a slow broker, a leader moving): asked again before
+    // the partition is read from the beginning, which costs a whole partition's re-read.
+    let mut found = find(kafka, topic, partition, next - 1, (low, high))?;
+    for attempt in 2..=PROBE_ATTEMPTS {
+        if !matches!(found, Probe::TimedOut) {
+            break;
+        }
+        warn!(
+            partition,
+            next, attempt, "the stored position could not be verified in time: asking again"
+        );
+        found = find(kafka, topic, partition, next - 1, (low, high))?;
+    }
+    match found {
         Probe::Read {
             fingerprint: read,
             first,
