@@ -1,7 +1,8 @@
 //! Credentials: no token, a wrong token, a revoked token (removed from the partners file, reloaded
 //! without a restart), an expired rotation token, both tokens valid during a rotation, a bad
 //! partners file that keeps the previous one in force, and tokens that never appear in logs or
-//! error messages; query tokens for the `TimelineService`.
+//! error messages; query tokens for the `TimelineService`; admin and query tokens that follow the
+//! configuration file without a restart.
 
 use std::io::Write as _;
 use std::sync::{Arc, Mutex};
@@ -350,4 +351,136 @@ async fn with_query_tokens_configured_the_timeline_service_needs_one() -> anyhow
         .into_inner();
     assert_eq!(summary.total_touchpoints, 1);
     node.shutdown().await
+}
+
+/// The admin and query tokens follow the node's configuration file while it runs: once the file
+/// names new ones, they are accepted and the ones it no longer names are refused; a file that
+/// does not load changes nothing; an empty query list opens `TimelineService` again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_and_query_tokens_follow_the_configuration_file_without_a_restart()
+-> anyhow::Result<()> {
+    const QUERY_OLD: &str = "query-token-before-the-rotation-1b7c";
+    const QUERY_NEW: &str = "query-token-after-the-rotation-8d2e";
+    const ADMIN_NEW: &str = "admin-token-after-the-rotation-4f90";
+    let broker = start_broker().await;
+    let dir = tempfile::tempdir()?;
+    let mut running = touchline_tests::config(&broker, dir.path());
+    running.query.token_sha256 = vec![hash_token(QUERY_OLD)];
+    let node = touchline::Node::start(
+        running.clone(),
+        touchline::BrokerChoice::External,
+        touchline_tests::partners(),
+    )
+    .await?;
+    let file = dir.path().join("touchline.toml");
+    let write = |config: &touchline::Config| -> anyhow::Result<()> {
+        // Written aside and renamed, as a ConfigMap or Secret volume updates its files.
+        let aside = dir.path().join("touchline.toml.new");
+        std::fs::write(&aside, toml::to_string(config)?)?;
+        std::fs::rename(&aside, &file)?;
+        Ok(())
+    };
+    write(&running)?;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let watching = tokio::spawn(touchline::access::watch_config(
+        file.clone(),
+        node.access().clone(),
+        running.clone(),
+        stop.clone(),
+    ));
+
+    let mut admin = touchline_tests::admin_client(&node).await?;
+    let mut timeline = touchline_tests::timeline_client(&node).await?;
+    let status = |token: &str| touchline_tests::authorized(v1::GetStatusRequest {}, token);
+    let summary = |token: Option<&str>| {
+        let request = v1::GetCustomerSummaryRequest {
+            customer_id: "nobody".to_owned(),
+        };
+        match token {
+            Some(token) => touchline_tests::authorized(request, token),
+            None => tonic::Request::new(request),
+        }
+    };
+    // Authorized calls for a customer without touchpoints answer NOT_FOUND; refused ones
+    // UNAUTHENTICATED.
+    let query_code = async |timeline: &mut v1::timeline_service_client::TimelineServiceClient<
+        tonic::transport::Channel,
+    >,
+                            token: Option<&str>| {
+        match timeline.get_customer_summary(summary(token)).await {
+            Ok(_) => Code::Ok,
+            Err(status) => status.code(),
+        }
+    };
+    assert!(
+        admin
+            .get_status(status(touchline_tests::ADMIN_TOKEN))
+            .await
+            .is_ok()
+    );
+    assert_eq!(
+        query_code(&mut timeline, Some(QUERY_OLD)).await,
+        Code::NotFound
+    );
+
+    // The rotation: new admin and query tokens, the old ones gone.
+    let mut rotated = running.clone();
+    rotated.admin.token_sha256 = vec![hash_token(ADMIN_NEW)];
+    rotated.query.token_sha256 = vec![hash_token(QUERY_NEW)];
+    write(&rotated)?;
+    let deadline = std::time::Instant::now() + touchline_tests::DEADLINE;
+    while admin.get_status(status(ADMIN_NEW)).await.is_err() {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "the new admin token was never accepted"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let refused = admin
+        .get_status(status(touchline_tests::ADMIN_TOKEN))
+        .await
+        .expect_err("the old admin token is gone");
+    assert_eq!(error_reason(&refused).as_deref(), Some("TOKEN_INVALID"));
+    assert_eq!(
+        query_code(&mut timeline, Some(QUERY_NEW)).await,
+        Code::NotFound
+    );
+    assert_eq!(
+        query_code(&mut timeline, Some(QUERY_OLD)).await,
+        Code::Unauthenticated
+    );
+
+    // A file that does not load (an unknown key) keeps the tokens in force.
+    let failed_before = reloads("failed");
+    std::fs::write(&file, "[query]\nno-such-key = 1\n")?;
+    wait_until("the broken file is read", || {
+        reloads("failed") > failed_before
+    })
+    .await?;
+    assert!(admin.get_status(status(ADMIN_NEW)).await.is_ok());
+    assert_eq!(
+        query_code(&mut timeline, Some(QUERY_NEW)).await,
+        Code::NotFound
+    );
+
+    // No query tokens: the service is open again.
+    let mut open = rotated.clone();
+    open.query.token_sha256.clear();
+    write(&open)?;
+    let deadline = std::time::Instant::now() + touchline_tests::DEADLINE;
+    while query_code(&mut timeline, None).await != Code::NotFound {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "the query service never opened"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    stop.cancel();
+    watching.await?;
+    node.shutdown().await
+}
+
+/// Reloads of the configuration's tokens with `result`, process-wide.
+fn reloads(result: &'static str) -> u64 {
+    touchline::access::reloads(result)
 }

@@ -140,34 +140,48 @@ impl PartnerDirectory {
         let Some(path) = self.path.clone() else {
             return;
         };
-        let mut last_modified = modified(&path);
-        let mut poll = tokio::time::interval(POLL_INTERVAL);
+        watch_file(&path, "the partners file", shutdown, || {
+            self.reload_logged();
+        })
+        .await;
+    }
+}
+
+/// Calls `reload` on SIGHUP and whenever the modification time of `path` (`what`, for the logs)
+/// changes (checked every 2 s), until `shutdown`: how a file the node runs with is reloaded
+/// without a restart.
+pub async fn watch_file(
+    path: &Path,
+    what: &str,
+    shutdown: CancellationToken,
+    mut reload: impl FnMut(),
+) {
+    let mut last_modified = modified(path);
+    let mut poll = tokio::time::interval(POLL_INTERVAL);
+    #[cfg(unix)]
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    loop {
         #[cfg(unix)]
-        let mut hangup =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
-        loop {
-            #[cfg(unix)]
-            let hangup_received = async {
-                match hangup.as_mut() {
-                    Some(signal) => signal.recv().await,
-                    None => std::future::pending().await,
-                }
-            };
-            #[cfg(not(unix))]
-            let hangup_received = std::future::pending::<Option<()>>();
-            tokio::select! {
-                () = shutdown.cancelled() => return,
-                _ = hangup_received => {
-                    info!("SIGHUP: reloading the partners file");
-                    last_modified = modified(&path);
-                    self.reload_logged();
-                }
-                _ = poll.tick() => {
-                    let now_modified = modified(&path);
-                    if now_modified != last_modified {
-                        last_modified = now_modified;
-                        self.reload_logged();
-                    }
+        let hangup_received = async {
+            match hangup.as_mut() {
+                Some(signal) => signal.recv().await,
+                None => std::future::pending().await,
+            }
+        };
+        #[cfg(not(unix))]
+        let hangup_received = std::future::pending::<Option<()>>();
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = hangup_received => {
+                info!("SIGHUP: reloading {what}");
+                last_modified = modified(path);
+                reload();
+            }
+            _ = poll.tick() => {
+                let now_modified = modified(path);
+                if now_modified != last_modified {
+                    last_modified = now_modified;
+                    reload();
                 }
             }
         }

@@ -12,6 +12,8 @@ use touchline_ingest::auth::request_token;
 use touchline_ingest::{PartnerDirectory, hash_token};
 use touchline_query::admin::Authorize;
 
+use crate::access::{AccessTokens, Lists};
+
 /// The admin token `touchline dev` accepts when the configuration names none. Development only.
 pub const DEV_ADMIN_TOKEN: &str = "dev-admin-token";
 
@@ -26,11 +28,12 @@ fn refused(kind: &'static str, code: Code, reason: &'static str, message: &str) 
     .into()
 }
 
-/// The check of every admin call: `hashes` are the admin tokens' SHA-256 in hex.
+/// The check of every admin call, against the admin tokens in force.
 #[must_use]
-pub fn authorizer(hashes: Vec<String>, partners: PartnerDirectory) -> Authorize {
+pub fn authorizer(tokens: AccessTokens, partners: PartnerDirectory) -> Authorize {
     token_authorizer(
-        hashes,
+        tokens,
+        |lists| &lists.admin,
         partners,
         "admin",
         "an admin token",
@@ -39,15 +42,13 @@ pub fn authorizer(hashes: Vec<String>, partners: PartnerDirectory) -> Authorize 
     )
 }
 
-/// The check of every `TimelineService` call: `hashes` are the internal services' tokens'
-/// SHA-256 in hex; none means the service is open.
+/// The check of every `TimelineService` call, against the query tokens in force; none means
+/// the service is open.
 #[must_use]
-pub fn query_authorizer(hashes: Vec<String>, partners: PartnerDirectory) -> Authorize {
-    if hashes.is_empty() {
-        return Arc::new(|_: &MetadataMap| Ok("anyone (no query tokens)".to_owned()));
-    }
+pub fn query_authorizer(tokens: AccessTokens, partners: PartnerDirectory) -> Authorize {
     token_authorizer(
-        hashes,
+        tokens,
+        |lists| &lists.query,
         partners,
         "query",
         "a query token",
@@ -56,18 +57,21 @@ pub fn query_authorizer(hashes: Vec<String>, partners: PartnerDirectory) -> Auth
     )
 }
 
-/// A bearer token whose SHA-256 is one of `hashes`; a partner's token is refused with
-/// `PERMISSION_DENIED` and `partner_reason`.
+/// A bearer token whose SHA-256 is one of the `list` in force (an empty query list lets anyone
+/// in); a partner's token is refused with `PERMISSION_DENIED` and `partner_reason`.
 fn token_authorizer(
-    hashes: Vec<String>,
+    tokens: AccessTokens,
+    list: fn(&Lists) -> &Vec<String>,
     partners: PartnerDirectory,
     kind: &'static str,
     a_token: &'static str,
     partner_reason: &'static str,
     service: &'static str,
 ) -> Authorize {
-    let hashes: Vec<String> = hashes.into_iter().map(|hash| hash.to_lowercase()).collect();
     Arc::new(move |metadata: &MetadataMap| {
+        if kind == "query" && tokens.read(|lists| list(lists).is_empty()) {
+            return Ok("anyone (no query tokens)".to_owned());
+        }
         let token = request_token(metadata).ok_or_else(|| {
             refused(
                 kind,
@@ -78,8 +82,10 @@ fn token_authorizer(
         })?;
         let digest = hash_token(token);
         // Every hash is compared, in constant time each.
-        let known = hashes.iter().fold(false, |found, hash| {
-            found | bool::from(hash.as_bytes().ct_eq(digest.as_bytes()))
+        let known = tokens.read(|lists| {
+            list(lists).iter().fold(false, |found, hash| {
+                found | bool::from(hash.as_bytes().ct_eq(digest.as_bytes()))
+            })
         });
         if known {
             // Which token, by a prefix of its hash (as in the configuration), never the token.
@@ -116,7 +122,12 @@ mod tests {
     #[test]
     fn an_admin_is_named_by_a_prefix_of_its_token_hash_never_by_its_token() {
         let token = "audit-me-please";
-        let authorize = authorizer(vec![hash_token(token)], PartnerRegistry::default().into());
+        let mut config = crate::Config::default();
+        config.admin.token_sha256 = vec![hash_token(token)];
+        let authorize = authorizer(
+            AccessTokens::new(&config, false),
+            PartnerRegistry::default().into(),
+        );
         let mut metadata = MetadataMap::new();
         let bearer: MetadataValue<_> = format!("Bearer {token}").parse().expect("ascii");
         metadata.insert("authorization", bearer);
@@ -140,7 +151,9 @@ mod tests {
         ))
         .expect("valid partners file");
         let partners = PartnerRegistry::from_file(&file).expect("valid registry");
-        let authorize = query_authorizer(vec![hash_token("service-token")], partners.into());
+        let mut config = crate::Config::default();
+        config.query.token_sha256 = vec![hash_token("service-token")];
+        let authorize = query_authorizer(AccessTokens::new(&config, false), partners.into());
         let mut metadata = MetadataMap::new();
         let bearer: MetadataValue<_> = "Bearer expired-courier-token".parse().expect("ascii");
         metadata.insert("authorization", bearer);

@@ -1,6 +1,7 @@
 //! The `touchline` binary's library: configuration, wiring of the roles into a node, the demo
 //! demand chain and the command-line clients. `main.rs` only parses the command line.
 
+pub mod access;
 pub mod admin_auth;
 pub mod admin_client;
 pub mod backup;

@@ -273,6 +273,7 @@ fn timestamp(text: Option<String>, flag: &str) -> anyhow::Result<Option<prost_ty
 
 async fn run_node(
     config: Config,
+    config_file: Option<PathBuf>,
     broker: BrokerChoice,
     demo_customers: Option<usize>,
 ) -> anyhow::Result<()> {
@@ -296,7 +297,18 @@ async fn run_node(
     // SIGHUP reloads the partners file where there is one; anywhere else (and during the start)
     // it must not end the process, which is the signal's default action.
     node::ignore_hangups();
+    let running = config.clone();
     let mut node = Node::start(config, broker, partners).await?;
+    // The admin and query tokens follow the configuration file (SIGHUP, or a change of it).
+    let stop_watching = tokio_util::sync::CancellationToken::new();
+    if let Some(path) = config_file {
+        tokio::spawn(touchline::access::watch_config(
+            path,
+            node.access().clone(),
+            running,
+            stop_watching.clone(),
+        ));
+    }
     let endpoint = node.endpoint();
     let target = node.target().clone();
     if broker == BrokerChoice::Embedded {
@@ -350,6 +362,7 @@ async fn run_node(
         error = node.failed() => Some(error),
     };
     shutting_down.cancel();
+    stop_watching.cancel();
     let stopped = node.shutdown().await;
     match failure {
         Some(error) => Err(error),
@@ -388,6 +401,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             init_tracing(&config);
             run_node(
                 config,
+                node.config,
                 BrokerChoice::Embedded,
                 demo.then_some(demo_customers),
             )
@@ -396,7 +410,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve { node } => {
             let config = load_config(&node)?;
             init_tracing(&config);
-            run_node(config, BrokerChoice::External, None).await
+            run_node(config, node.config, BrokerChoice::External, None).await
         }
         Command::Config { node } => {
             let config = load_config(&node)?;

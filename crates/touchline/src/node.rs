@@ -18,7 +18,8 @@ use touchline_query::TimelineService;
 use touchline_query::admin::{AdminContext, AdminService};
 use tracing::{error, info, warn};
 
-use crate::admin_auth::{self, DEV_ADMIN_TOKEN};
+use crate::access::AccessTokens;
+use crate::admin_auth;
 use crate::config::Config;
 
 mod health;
@@ -60,6 +61,7 @@ pub struct Node {
     background: Vec<JoinHandle<()>>,
     background_shutdown: CancellationToken,
     metrics_addr: Option<SocketAddr>,
+    access: AccessTokens,
     /// Stops the server, the projector and the background tasks when the node is dropped without
     /// [`Node::shutdown`] (abruptly: nothing is drained). The projector runs on a thread of its
     /// own, which would otherwise outlive the node and keep the store open.
@@ -100,6 +102,7 @@ impl Node {
         )>,
     ) -> anyhow::Result<Self> {
         config.validate()?;
+        let access = AccessTokens::new(&config, broker == BrokerChoice::Embedded);
         let tls = config
             .server
             .tls
@@ -184,13 +187,8 @@ impl Node {
                 projector.run(shutdown).await
             })?;
             *projector_slot = Some((projector_shutdown.clone(), task));
-            let mut admin_hashes = config.admin.token_sha256.clone();
-            if admin_hashes.is_empty() {
-                if broker == BrokerChoice::Embedded {
-                    admin_hashes.push(touchline_ingest::hash_token(DEV_ADMIN_TOKEN));
-                } else {
-                    warn!("admin.token-sha256 is empty: every AdminService call will be refused");
-                }
+            if access.admin().is_empty() {
+                warn!("admin.token-sha256 is empty: every AdminService call will be refused");
             }
             let node_rebuilds = Arc::new(Rebuilds::new(
                 Arc::clone(&opened),
@@ -209,7 +207,7 @@ impl Node {
                     caught_up,
                     shutdown: server_shutdown.clone(),
                 },
-                admin_auth::authorizer(admin_hashes, partners.clone()),
+                admin_auth::authorizer(access.clone(), partners.clone()),
             ));
             rebuilds = Some(node_rebuilds);
             store = Some(opened);
@@ -253,10 +251,7 @@ impl Node {
                         "query.token-sha256 is empty: TimelineService answers anyone who can reach it; keep it on an internal network"
                     );
                 }
-                let authorize = admin_auth::query_authorizer(
-                    config.query.token_sha256.clone(),
-                    partners.clone(),
-                );
+                let authorize = admin_auth::query_authorizer(access.clone(), partners.clone());
                 Some(tonic::service::interceptor::InterceptedService::new(
                     TimelineService::new(shared)
                         .with_owned_partitions(
@@ -338,6 +333,7 @@ impl Node {
             background,
             background_shutdown,
             metrics_addr,
+            access,
         })
     }
 
@@ -364,6 +360,13 @@ impl Node {
     #[must_use]
     pub fn target(&self) -> &crate::Target {
         &self.target
+    }
+
+    /// The admin and query tokens in force: [`crate::access::watch_config`] replaces them from
+    /// the configuration file while the node runs.
+    #[must_use]
+    pub fn access(&self) -> &AccessTokens {
+        &self.access
     }
 
     /// The local store, when the projector runs here.

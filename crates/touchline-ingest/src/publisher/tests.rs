@@ -138,24 +138,35 @@ fn envelope() -> touchline_core::Envelope {
 
 #[tokio::test]
 async fn a_call_whose_deadline_has_passed_produces_nothing() {
-    let publisher = fresh_publisher(Duration::from_secs(60));
+    let broker = touchline_kafka::EmbeddedBroker::start(1, "late", 1).expect("broker starts");
+    let kafka = KafkaOptions {
+        bootstrap_servers: broker.bootstrap_servers().to_owned(),
+        topic: "late".to_owned(),
+        partitions: 1,
+        ..KafkaOptions::default()
+    };
+    let publisher =
+        Publisher::new(&kafka, Durability::Broker, Duration::from_secs(30)).expect("creates");
     let envelope = envelope();
     let value = touchline_proto::encode_envelope(&envelope);
+    let batch = [(envelope, value)];
     let error = publisher
-        .publish(&[(envelope, value)], Some(std::time::Instant::now()))
+        .publish(&batch, Some(std::time::Instant::now()))
         .await
         .expect_err("no time left");
     assert!(
         matches!(&error, Error::Unavailable { reason, .. } if reason.contains("left no time")),
         "{error:?}"
     );
-    let producer = publisher
-        .slot
-        .read()
-        .unwrap_or_else(PoisonError::into_inner)
-        .producer
-        .clone();
-    assert_eq!(producer.in_flight_count(), 0, "nothing was queued to Kafka");
+    // The next call's record is the partition's first: the late one was never produced.
+    let produced = publisher
+        .publish(
+            &batch,
+            Some(std::time::Instant::now() + Duration::from_secs(30)),
+        )
+        .await
+        .expect("publishes");
+    assert_eq!(produced.iter().map(|p| p.offset).collect::<Vec<_>>(), [0]);
 }
 
 #[tokio::test]

@@ -1,0 +1,180 @@
+//! The admin and query tokens in force: the SHA-256 lists of the configuration
+//! (`admin.token-sha256`, `query.token-sha256`), read at every call, and replaced while the node
+//! runs when its configuration file changes or on SIGHUP ([`watch_config`]): rotating an internal
+//! service's or an operator's token needs no restart (a restart moves a partition's queries away
+//! for as long as it takes).
+
+use std::path::PathBuf;
+use std::sync::{Arc, PoisonError, RwLock};
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::admin_auth::DEV_ADMIN_TOKEN;
+use crate::config::Config;
+
+#[derive(Debug, Default)]
+pub(crate) struct Lists {
+    pub(crate) admin: Vec<String>,
+    pub(crate) query: Vec<String>,
+}
+
+/// The token lists in force, shared by the services' checks and the reload.
+#[derive(Debug, Clone)]
+pub struct AccessTokens {
+    lists: Arc<RwLock<Lists>>,
+    /// `touchline dev` (the embedded broker): with no admin token configured, the development
+    /// one is accepted.
+    dev: bool,
+}
+
+impl AccessTokens {
+    /// The lists of `config` (checked by [`Config::validate`]); `dev` for the embedded broker.
+    #[must_use]
+    pub fn new(config: &Config, dev: bool) -> Self {
+        let tokens = Self {
+            lists: Arc::default(),
+            dev,
+        };
+        tokens.set(config);
+        tokens
+    }
+
+    fn set(&self, config: &Config) {
+        let mut admin: Vec<String> = config
+            .admin
+            .token_sha256
+            .iter()
+            .map(|hash| hash.to_lowercase())
+            .collect();
+        if admin.is_empty() && self.dev {
+            admin.push(touchline_ingest::hash_token(DEV_ADMIN_TOKEN));
+        }
+        let query = config
+            .query
+            .token_sha256
+            .iter()
+            .map(|hash| hash.to_lowercase())
+            .collect();
+        *self.lists.write().unwrap_or_else(PoisonError::into_inner) = Lists { admin, query };
+    }
+
+    /// The admin tokens' hashes in force (lower-case hex).
+    #[must_use]
+    pub fn admin(&self) -> Vec<String> {
+        self.read(|lists| lists.admin.clone())
+    }
+
+    /// The query tokens' hashes in force; empty: `TimelineService` is open.
+    #[must_use]
+    pub fn query(&self) -> Vec<String> {
+        self.read(|lists| lists.query.clone())
+    }
+
+    /// Runs `look` on the lists in force.
+    pub(crate) fn read<R>(&self, look: impl FnOnce(&Lists) -> R) -> R {
+        look(&self.lists.read().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// Takes the token lists of `config`, once it is valid; the rest of it applies at the next
+    /// start (a warning says when it differs from what runs).
+    ///
+    /// # Errors
+    /// When `config` is invalid: the lists in force stay.
+    pub fn reload(&self, config: &Config, running: &Config) -> anyhow::Result<()> {
+        config.validate()?;
+        self.set(config);
+        let (admin, query) = self.read(|lists| (lists.admin.len(), lists.query.len()));
+        info!(
+            admin_tokens = admin,
+            query_tokens = query,
+            "configuration reloaded: admin and query tokens"
+        );
+        if query == 0 && !self.dev {
+            warn!(
+                "query.token-sha256 is empty: TimelineService answers anyone who can reach it; keep it on an internal network"
+            );
+        }
+        if admin == 0 {
+            warn!("admin.token-sha256 is empty: every AdminService call will be refused");
+        }
+        if !same_but_tokens(config, running) {
+            warn!(
+                "the configuration file changed more than the admin and query tokens: the rest applies at the next start"
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Whether two configurations differ in nothing but their token lists.
+fn same_but_tokens(one: &Config, other: &Config) -> bool {
+    let without_tokens = |config: &Config| {
+        let mut config = config.clone();
+        config.admin.token_sha256.clear();
+        config.query.token_sha256.clear();
+        toml::to_string(&config).ok()
+    };
+    without_tokens(one) == without_tokens(other)
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReloadLabels {
+    result: &'static str,
+}
+
+/// Reloads of the configuration's token lists, by result.
+static RELOADS: std::sync::LazyLock<Family<ReloadLabels, Counter>> =
+    std::sync::LazyLock::new(Family::default);
+
+/// Reloads of the token lists with `result` (`ok` or `failed`) since the process started.
+#[must_use]
+pub fn reloads(result: &'static str) -> u64 {
+    RELOADS.get_or_create(&ReloadLabels { result }).get()
+}
+
+/// Registers `touchline_config_reloads_total{result}`.
+pub(crate) fn register_metrics(registry: &mut prometheus_client::registry::Registry) {
+    registry.register(
+        "touchline_config_reloads",
+        "reloads of the configuration file's admin and query tokens, ok or failed (a failed one keeps the tokens in force)",
+        RELOADS.clone(),
+    );
+}
+
+/// Reloads the token lists from the configuration file `path` (with the `TOUCHLINE_` variables
+/// over it, as at the start) on SIGHUP and when the file's modification time changes, until
+/// `shutdown`. `running` is the configuration the node started with.
+pub async fn watch_config(
+    path: PathBuf,
+    tokens: AccessTokens,
+    running: Config,
+    shutdown: CancellationToken,
+) {
+    let reload = || {
+        let loaded = Config::load(Some(&path)).and_then(|mut config| {
+            // What the command line set at the start is not in the file; kept as it runs.
+            config.server.listen = running.server.listen;
+            config.store.path.clone_from(&running.store.path);
+            config.metrics.listen = running.metrics.listen;
+            config.log.format = running.log.format;
+            tokens.reload(&config, &running)
+        });
+        match loaded {
+            Ok(()) => {
+                RELOADS.get_or_create(&ReloadLabels { result: "ok" }).inc();
+            }
+            Err(error) => {
+                RELOADS
+                    .get_or_create(&ReloadLabels { result: "failed" })
+                    .inc();
+                error!(path = %path.display(), error = format!("{error:#}"), "configuration not reloaded, the tokens in force stay");
+            }
+        }
+    };
+    touchline_ingest::directory::watch_file(&path, "the configuration's tokens", shutdown, reload)
+        .await;
+}
