@@ -182,11 +182,13 @@ async fn partner(
     sampled: Option<tokio::sync::mpsc::UnboundedSender<(Instant, v1::Touchpoint)>>,
 ) -> anyhow::Result<Vec<Duration>> {
     let mut ingest = IngestServiceClient::connect(endpoint).await?;
-    let events: Vec<usize> = (client..shape.events).step_by(shape.clients).collect();
-    let batches: Vec<Vec<usize>> = events
-        .chunks(shape.batch_size)
-        .map(<[usize]>::to_vec)
-        .collect();
+    // This client's events, `client`, `client + K`, ..., in batches: made as they are sent, so
+    // that the bench holds no list that grows with the events (its peak RSS is the node's).
+    let own_events = shape
+        .events
+        .saturating_sub(client)
+        .div_ceil(shape.clients.max(1));
+    let batch_count = own_events.div_ceil(shape.batch_size.max(1));
     let (requests, outgoing) = tokio::sync::mpsc::channel(shape.window);
     let request = authorized(ReceiverStream::new(outgoing), &token(client))?;
     let mut answers = ingest.publish_stream(request).await?.into_inner();
@@ -196,6 +198,8 @@ async fn partner(
         let send_times = Arc::clone(&send_times);
         let window = Arc::clone(&window);
         let customers = shape.customers;
+        let batch_size = shape.batch_size.max(1);
+        let clients_usize = shape.clients.max(1);
         let clients = u32::try_from(shape.clients.max(1)).unwrap_or(u32::MAX);
         let client_number = u32::try_from(client).unwrap_or(u32::MAX);
         tokio::spawn(async move {
@@ -205,21 +209,32 @@ async fn partner(
                 + pace.map_or(Duration::ZERO, |interval| {
                     interval / clients * client_number
                 });
-            for (number, batch) in batches.into_iter().enumerate() {
+            for number in 0..batch_count {
+                // Paced: latency counts from the schedule, also while the window holds the
+                // batch back (open loop, no coordinated omission). At full speed: from when the
+                // window lets the batch go, so that waiting for earlier answers is not counted
+                // as this one's latency.
                 let scheduled = match pace {
                     Some(interval) => {
                         let at = started
                             + interval.saturating_mul(u32::try_from(number).unwrap_or(u32::MAX));
                         tokio::time::sleep_until(at.into()).await;
-                        at
+                        Some(at)
                     }
-                    None => Instant::now(),
+                    None => None,
                 };
                 let permit = window.acquire().await?;
                 permit.forget();
-                let events: Vec<v1::Touchpoint> = batch
-                    .iter()
-                    .map(|index| workload::touchpoint(*index, customers, BASE_SECONDS))
+                let scheduled = scheduled.unwrap_or_else(Instant::now);
+                let first = number * batch_size;
+                let events: Vec<v1::Touchpoint> = (first..(first + batch_size).min(own_events))
+                    .map(|position| {
+                        workload::touchpoint(
+                            client + position * clients_usize,
+                            customers,
+                            BASE_SECONDS,
+                        )
+                    })
                     .collect();
                 if number % 2 == 0
                     && let (Some(sampled), Some(last)) = (&sampled, events.last())
@@ -286,8 +301,11 @@ pub struct Run {
     pub projected_after_ingest_per_second: Option<f64>,
     pub ack_latency: Percentiles,
     pub ingest_to_queryable: Percentiles,
+    /// `GetTimeline` reads of a full page of 50 during the run.
     pub reads_during: Percentiles,
     pub reads_during_per_second: f64,
+    /// Reads during the run that returned fewer than 50 entries (not in `reads_during`).
+    pub reads_during_short: usize,
 }
 
 /// One run: every partner at full speed (`rate` `None`) or paced at `rate` events per second.
@@ -345,9 +363,9 @@ pub async fn run(node: &Node, shape: &Shape, rate: Option<f64>) -> anyhow::Resul
     }
     let elapsed = started.elapsed();
     stop.stop();
-    let mut reads = Vec::new();
+    let mut reads = crate::readers::Reads::default();
     for reader in reading {
-        reads.extend(reader.await??);
+        reads.absorb(reader.await??);
     }
     let mut queryable = watcher.await??;
     Ok(Run {
@@ -366,7 +384,8 @@ pub async fn run(node: &Node, shape: &Shape, rate: Option<f64>) -> anyhow::Resul
         ),
         ack_latency: Percentiles::of(&mut acks),
         ingest_to_queryable: Percentiles::of(&mut queryable),
-        reads_during_per_second: per_second(reads.len(), elapsed),
-        reads_during: Percentiles::of(&mut reads),
+        reads_during_per_second: per_second(reads.full.len(), elapsed),
+        reads_during: Percentiles::of(&mut reads.full),
+        reads_during_short: reads.short,
     })
 }

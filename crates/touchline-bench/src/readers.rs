@@ -13,39 +13,66 @@ use touchline_proto::v1::timeline_service_client::TimelineServiceClient;
 
 use crate::pipeline::Shape;
 use crate::stats::{Percentiles, per_second};
+use crate::workload;
 
-/// Timeline readers: random customers, pages of 50, until `stop`.
+/// A page's size for the readers, the issue's `GetTimeline` (50 entries).
+pub(crate) const PAGE: usize = 50;
+
+/// What readers measured: the latency of each read of a full page of [`PAGE`] entries, and how
+/// many reads returned fewer (a customer with fewer entries yet, early in a run: not counted as
+/// reads of 50).
+#[derive(Debug, Default)]
+pub(crate) struct Reads {
+    pub(crate) full: Vec<Duration>,
+    pub(crate) short: usize,
+}
+
+impl Reads {
+    pub(crate) fn absorb(&mut self, other: Self) {
+        self.full.extend(other.full);
+        self.short += other.short;
+    }
+}
+
+/// Timeline readers: random customers among the [`workload::read_customers`], pages of 50, until
+/// `stop`.
 pub(crate) fn readers(
     endpoint: &str,
     count: usize,
     customers: usize,
     stop: &Stop,
-) -> Vec<tokio::task::JoinHandle<anyhow::Result<Vec<Duration>>>> {
+) -> Vec<tokio::task::JoinHandle<anyhow::Result<Reads>>> {
+    let read = workload::read_customers(customers);
     (0..count)
         .map(|reader| {
             let endpoint = endpoint.to_owned();
             let stop = stop.clone();
             tokio::spawn(async move {
                 let mut timeline = TimelineServiceClient::connect(endpoint).await?;
-                let mut latencies = Vec::new();
+                let mut reads = Reads::default();
                 let mut state = 0x9e37_79b9_7f4a_7c15_u64 ^ (reader as u64 + 1);
                 while !stop.is_stopped() {
                     state ^= state << 13;
                     state ^= state >> 7;
                     state ^= state << 17;
-                    let customer =
-                        usize::try_from(state % customers.max(1) as u64).unwrap_or_default();
+                    let customer = usize::try_from(state % read as u64).unwrap_or_default();
                     let started = Instant::now();
-                    timeline
+                    let page = timeline
                         .get_timeline(v1::GetTimelineRequest {
-                            customer_id: format!("bench-customer-{customer:07}"),
-                            page_size: 50,
+                            customer_id: workload::customer_id(customer),
+                            page_size: u32::try_from(PAGE).unwrap_or(u32::MAX),
                             ..Default::default()
                         })
-                        .await?;
-                    latencies.push(started.elapsed());
+                        .await?
+                        .into_inner();
+                    let elapsed = started.elapsed();
+                    if page.entries.len() == PAGE {
+                        reads.full.push(elapsed);
+                    } else {
+                        reads.short += 1;
+                    }
                 }
-                Ok(latencies)
+                Ok(reads)
             })
         })
         .collect()
@@ -100,7 +127,8 @@ pub(crate) async fn watch_queryable(
     Ok(latencies)
 }
 
-/// Timeline reads after ingest: `readers` readers for `duration`.
+/// Timeline reads after ingest: `readers` readers for `duration`: the latency of reads of full
+/// pages, their rate, and the number of short pages.
 ///
 /// # Errors
 /// When a read fails.
@@ -108,7 +136,7 @@ pub async fn reads_after(
     node: &Node,
     shape: &Shape,
     duration: Duration,
-) -> anyhow::Result<(Percentiles, f64)> {
+) -> anyhow::Result<(Percentiles, f64, usize)> {
     let stop = Stop::default();
     let reading = readers(
         &node.endpoint(),
@@ -118,12 +146,12 @@ pub async fn reads_after(
     );
     tokio::time::sleep(duration).await;
     stop.stop();
-    let mut reads = Vec::new();
+    let mut reads = Reads::default();
     for reader in reading {
-        reads.extend(reader.await??);
+        reads.absorb(reader.await??);
     }
-    let rate = per_second(reads.len(), duration);
-    Ok((Percentiles::of(&mut reads), rate))
+    let rate = per_second(reads.full.len(), duration);
+    Ok((Percentiles::of(&mut reads.full), rate, reads.short))
 }
 
 /// A stop flag shared by reader tasks.

@@ -1,5 +1,6 @@
 //! The benchmark's records: N touchpoints spread over C customers, about 300 bytes each once in
-//! a Kafka record, the same for the ceilings and the pipeline.
+//! a Kafka record, the same for the ceilings and the pipeline. A hundredth of the customers (the
+//! ones the readers read) get 60 events first, so that their timelines hold a page of 50.
 
 use std::collections::BTreeMap;
 
@@ -9,13 +10,43 @@ use touchline_core::{
 };
 use touchline_proto::v1;
 
+/// Events each of the [`read_customers`] gets first, before the others are spread over every
+/// customer: so that the readers' `GetTimeline` pages of 50 are full from early in a run on (with
+/// N/C = 10 for the presets, a customer of the round-robin has about 10 entries).
+pub const READ_CUSTOMER_EVENTS: usize = 60;
+
+/// How many customers the readers read (`bench-customer-0000000` and up): a hundredth of them,
+/// at least one. Each gets [`READ_CUSTOMER_EVENTS`] events first, then its share of the rest.
+#[must_use]
+pub fn read_customers(customers: usize) -> usize {
+    (customers / 100).max(1)
+}
+
+/// The customer of event `index`: the first events go round the [`read_customers`], the rest
+/// round every customer.
+#[must_use]
+pub fn customer_of(index: usize, customers: usize) -> usize {
+    let read = read_customers(customers);
+    if index < read * READ_CUSTOMER_EVENTS {
+        index % read
+    } else {
+        index % customers.max(1)
+    }
+}
+
+/// The id of customer `number`.
+#[must_use]
+pub fn customer_id(number: usize) -> String {
+    format!("bench-customer-{number:07}")
+}
+
 /// The wire touchpoint of event `index`.
 #[must_use]
 pub fn touchpoint(index: usize, customers: usize, base_seconds: i64) -> v1::Touchpoint {
     let stage = JourneyStage::ALL[index % JourneyStage::ALL.len()];
     v1::Touchpoint {
         event_id: format!("bench-{index:09}"),
-        customer_id: format!("bench-customer-{:07}", index % customers.max(1)),
+        customer_id: customer_id(customer_of(index, customers)),
         r#type: "delivery.completed".to_owned(),
         occurred_at: Some(prost_types::Timestamp {
             seconds: base_seconds + i64::try_from(index).unwrap_or_default() % 86_400,
@@ -70,4 +101,26 @@ pub fn record(index: usize, customers: usize, base_seconds: i64) -> (String, Vec
     };
     let value = touchline_proto::encode_envelope(&envelope);
     (wire.customer_id, value, envelope)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_read_customers_hold_a_page_of_50_and_every_customer_has_events() {
+        for (events, customers) in [(2_000, 200), (100_000, 10_000), (1_000_000, 100_000)] {
+            let mut per_customer = vec![0_usize; customers];
+            for index in 0..events {
+                per_customer[customer_of(index, customers)] += 1;
+            }
+            let read = read_customers(customers);
+            assert!(
+                per_customer[..read].iter().all(|count| *count >= 50),
+                "{events} events: {:?}",
+                &per_customer[..read]
+            );
+            assert!(per_customer.iter().all(|count| *count > 0));
+        }
+    }
 }

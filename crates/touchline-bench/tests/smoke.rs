@@ -54,6 +54,48 @@ fn the_benchmark_runs_on_the_tiny_preset() -> anyhow::Result<()> {
             .is_some_and(|rate| rate.is_null() || rate.as_f64().is_some_and(|rate| rate > 0.0)),
         "the projector's rate after ingest is reported (null when it had caught up by then)"
     );
+    // Every figure with a target was measured: none passes for want of samples.
+    let count = |pointer: &str| {
+        figures
+            .pointer(pointer)
+            .and_then(serde_json::Value::as_u64)
+            .unwrap_or_default()
+    };
+    // 2,000 events from 2 clients in batches of 100: 20 batches a phase, each answered.
+    assert_eq!(count("/full_speed/ack_latency/count"), 20);
+    assert_eq!(count("/half_rate/ack_latency/count"), 20);
+    assert!(count("/half_rate/ingest_to_queryable/count") > 0);
+    assert!(
+        count("/half_rate/reads_during/count") + count("/half_rate/reads_during_short") > 0,
+        "the reader read during ingest"
+    );
+    assert!(
+        count("/reads_after/count") > 0,
+        "full pages of 50 after ingest"
+    );
+    assert!(
+        count("/rebuild_events") >= 2000,
+        "the rebuild folded the log"
+    );
+    for percentiles in [
+        "/full_speed/ack_latency",
+        "/half_rate/ack_latency",
+        "/half_rate/ingest_to_queryable",
+        "/reads_after",
+    ] {
+        let at = |name: &str| {
+            figures
+                .pointer(&format!("{percentiles}/{name}"))
+                .and_then(serde_json::Value::as_f64)
+                .unwrap_or(f64::NAN)
+        };
+        assert!(
+            at("p50_ms") <= at("p99_ms")
+                && at("p99_ms") <= at("p999_ms")
+                && at("p999_ms") <= at("max_ms"),
+            "{percentiles} percentiles are ordered"
+        );
+    }
     assert!(String::from_utf8_lossy(&output.stdout).contains("end-to-end throughput"));
     Ok(())
 }
