@@ -29,6 +29,14 @@ def check_compose() -> list[str]:
             problems.append(f"compose.yaml has no service {name}")
     if not str(services.get("kafka", {}).get("image", "")).startswith("apache/kafka:"):
         problems.append("the kafka service does not use the official apache/kafka image")
+    kafka = services.get("kafka", {})
+    log_dirs = str(kafka.get("environment", {}).get("KAFKA_LOG_DIRS", ""))
+    mounted = [volume.split(":")[1] for volume in kafka.get("volumes", []) if ":" in volume]
+    if log_dirs not in mounted:
+        problems.append(
+            f"the kafka service writes its log to {log_dirs or 'the image default'}, "
+            f"not to a mounted volume ({', '.join(mounted) or 'none'})"
+        )
     for name, service in services.items():
         for volume in service.get("volumes", []):
             source = volume.split(":")[0]

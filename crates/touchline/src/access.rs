@@ -86,6 +86,19 @@ impl AccessTokens {
     /// When `config` is invalid: the lists in force stay.
     pub fn reload(&self, config: &Config, running: &Config) -> anyhow::Result<()> {
         config.validate()?;
+        // A file read while it was being written (cut at a line: still valid TOML) would empty a
+        // list: TimelineService open to anyone, or every admin call refused. Emptying a list
+        // waits for a restart.
+        let (admin_now, query_now) =
+            self.read(|lists| (lists.admin.is_empty(), lists.query.is_empty()));
+        anyhow::ensure!(
+            admin_now || !config.admin.token_sha256.is_empty() || self.dev,
+            "the file names no admin.token-sha256: a reload never empties the list (restart to refuse every admin call)"
+        );
+        anyhow::ensure!(
+            query_now || !config.query.token_sha256.is_empty(),
+            "the file names no query.token-sha256: a reload never empties the list, which would open TimelineService to anyone (restart to do that)"
+        );
         self.set(config);
         let (admin, query) = self.read(|lists| (lists.admin.len(), lists.query.len()));
         info!(
