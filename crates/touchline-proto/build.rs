@@ -33,6 +33,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_server(true)
         // Prost's codec with the top-level field count checked before decoding (src/codec.rs).
         .codec_path("crate::codec::BoundedCodec")
+        // Maps (a touchpoint's attributes) as BTreeMap: a few entries each, built and read in key
+        // order (the domain's order) without hashing.
+        .btree_map(".")
         .compile_fds(descriptor_set)?;
     Ok(())
 }

@@ -359,7 +359,7 @@ pub fn touchpoint(
             sentiment: v1::Sentiment::Positive as i32,
             score: Some(80.0),
         }),
-        attributes: std::collections::HashMap::new(),
+        attributes: std::collections::BTreeMap::new(),
         payload: Vec::new(),
     }
 }

@@ -1,7 +1,7 @@
 //! Publish -> Kafka -> log -> timeline, end to end: event-time order with late events in place,
 //! pagination, every filter, the summary, duplicates, and partner identity from the credential.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 
 use touchline_proto::v1::{self, GetTimelineRequest, JourneyStage};
 use touchline_tests::{
@@ -169,7 +169,7 @@ async fn published_touchpoints_form_an_event_time_ordered_timeline() -> anyhow::
     );
     assert_eq!(
         summary.by_stage,
-        HashMap::from([
+        BTreeMap::from([
             ("discover".into(), 1),
             ("purchase".into(), 1),
             ("fulfil".into(), 2),
@@ -178,11 +178,11 @@ async fn published_touchpoints_form_an_event_time_ordered_timeline() -> anyhow::
     );
     assert_eq!(
         summary.by_partner,
-        HashMap::from([(COURIER.0.into(), 2), (RETAILER.0.into(), 3)])
+        BTreeMap::from([(COURIER.0.into(), 2), (RETAILER.0.into(), 3)])
     );
     assert_eq!(
         summary.by_sentiment,
-        HashMap::from([("positive".into(), 5)])
+        BTreeMap::from([("positive".into(), 5)])
     );
     let missing = timeline
         .get_customer_summary(v1::GetCustomerSummaryRequest {

@@ -129,6 +129,11 @@ impl EventType {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    #[must_use]
+    pub fn into_string(self) -> String {
+        self.0
+    }
 }
 
 impl fmt::Display for EventType {

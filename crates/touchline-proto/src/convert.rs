@@ -62,10 +62,16 @@ pub fn raw_touchpoint(touchpoint: v1::Touchpoint) -> RawTouchpoint {
 /// A validated touchpoint on the wire.
 #[must_use]
 pub fn wire_touchpoint(touchpoint: &Touchpoint) -> v1::Touchpoint {
+    into_wire_touchpoint(touchpoint.clone())
+}
+
+/// The same, taking the touchpoint's strings rather than copying them (what a read serves).
+#[must_use]
+pub fn into_wire_touchpoint(touchpoint: Touchpoint) -> v1::Touchpoint {
     v1::Touchpoint {
-        event_id: touchpoint.event_id.to_string(),
-        customer_id: touchpoint.customer_id.to_string(),
-        r#type: touchpoint.event_type.to_string(),
+        event_id: touchpoint.event_id.into_string(),
+        customer_id: touchpoint.customer_id.into_string(),
+        r#type: touchpoint.event_type.into_string(),
         occurred_at: Some(timestamp(touchpoint.occurred_at)),
         channel: touchpoint.channel.number(),
         stage: touchpoint.stage.number(),
@@ -73,12 +79,8 @@ pub fn wire_touchpoint(touchpoint: &Touchpoint) -> v1::Touchpoint {
             sentiment: outcome.sentiment.number(),
             score: outcome.score,
         }),
-        attributes: touchpoint
-            .attributes
-            .iter()
-            .map(|(key, value)| (key.clone(), value.clone()))
-            .collect(),
-        payload: touchpoint.payload.clone(),
+        attributes: touchpoint.attributes.into_iter().collect(),
+        payload: touchpoint.payload,
     }
 }
 
@@ -132,9 +134,15 @@ pub fn decode_envelope(value: Option<&[u8]>) -> Result<Envelope, DecodeError> {
 /// A timeline entry on the wire.
 #[must_use]
 pub fn wire_timeline_entry(entry: &TimelineEntry) -> v1::TimelineEntry {
+    into_wire_timeline_entry(entry.clone())
+}
+
+/// The same, taking the entry's strings rather than copying them (what a read serves).
+#[must_use]
+pub fn into_wire_timeline_entry(entry: TimelineEntry) -> v1::TimelineEntry {
     v1::TimelineEntry {
-        partner_id: entry.partner_id.to_string(),
-        touchpoint: Some(wire_touchpoint(&entry.touchpoint)),
+        partner_id: entry.partner_id.into_string(),
+        touchpoint: Some(into_wire_touchpoint(entry.touchpoint)),
         position: Some(wire_position(entry.position)),
         received_at: Some(timestamp(entry.received_at)),
     }

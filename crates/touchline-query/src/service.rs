@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 use tonic::{Request, Response, Status};
 use touchline_core::{CustomerId, EventStore, PartnerId, TimelineFilter, TimelineQuery};
-use touchline_proto::convert::{instant, journey_stage, wire_summary, wire_timeline_entry};
+use touchline_proto::convert::{instant, into_wire_timeline_entry, journey_stage, wire_summary};
 use touchline_proto::v1;
 
 use crate::reads::StoreReads;
@@ -286,7 +286,11 @@ impl TimelineService {
             })
             .await?;
         Ok(Response::new(v1::GetTimelineResponse {
-            entries: page.entries.iter().map(wire_timeline_entry).collect(),
+            entries: page
+                .entries
+                .into_iter()
+                .map(into_wire_timeline_entry)
+                .collect(),
             next_page_token: page
                 .next
                 .map(|cursor| page_token::encode(&customer_id, filters, cursor))

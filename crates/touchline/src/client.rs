@@ -269,13 +269,12 @@ pub async fn print_summary(
         .get_customer_summary(v1::GetCustomerSummaryRequest { customer_id })
         .await?
         .into_inner();
-    let counts = |map: &std::collections::HashMap<String, u64>| {
-        let mut pairs: Vec<_> = map
-            .iter()
+    // In key order, as the map keeps them.
+    let counts = |map: &std::collections::BTreeMap<String, u64>| {
+        map.iter()
             .map(|(key, count)| format!("{key} {count}"))
-            .collect();
-        pairs.sort();
-        pairs.join(", ")
+            .collect::<Vec<_>>()
+            .join(", ")
     };
     crate::outln!("customer       {}", summary.customer_id)?;
     crate::outln!("touchpoints    {}", summary.total_touchpoints)?;
