@@ -19,7 +19,10 @@ const WRITES_PER_STEP: usize = 16;
 /// # Errors
 /// When sled fails to apply the batch (nothing of it is applied).
 pub fn apply_batch(tree: &sled::Tree, batch: sled::Batch, writes: usize) -> sled::Result<()> {
-    tree.apply_batch(batch)?;
+    {
+        let _pages_wait = crate::gate::write();
+        tree.apply_batch(batch)?;
+    }
     collect_after(writes);
     Ok(())
 }

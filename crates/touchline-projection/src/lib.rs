@@ -4,6 +4,7 @@
 
 pub mod error;
 pub mod garbage;
+mod gate;
 pub mod keys;
 pub mod metrics;
 pub mod ops;

@@ -69,6 +69,9 @@ impl EventStore for SledStore {
         let mut page_bytes = 0;
         let mut last_scanned = None;
         let timeline = self.active().timeline;
+        // The page runs whole between two writes (see `crate::gate`); it is bounded by
+        // `MAX_SCAN_PER_PAGE` keys and `MAX_PAGE_BYTES`.
+        let _page = crate::gate::page();
         for (scanned, item) in timeline.range(start, end).enumerate() {
             let (key, value) = item.map_err(backend)?;
             if scanned >= MAX_SCAN_PER_PAGE {
