@@ -478,7 +478,10 @@ async fn admin_and_query_tokens_follow_the_configuration_file_without_a_restart(
         Code::Unauthenticated,
         "still closed"
     );
-    assert_eq!(query_code(&mut timeline, Some(QUERY_NEW)).await, Code::NotFound);
+    assert_eq!(
+        query_code(&mut timeline, Some(QUERY_NEW)).await,
+        Code::NotFound
+    );
     stop.cancel();
     watching.await?;
     node.shutdown().await
