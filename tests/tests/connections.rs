@@ -321,3 +321,42 @@ async fn a_stopping_node_reports_only_the_services_it_runs() -> anyhow::Result<(
     assert_eq!(timeline.code(), tonic::Code::NotFound, "{timeline:?}");
     stopping.await?
 }
+
+/// A client watching the node's health (client-side health checking) sees NOT_SERVING, then its
+/// stream ends when the server stops: it does not hold the stop for the grace period (ten
+/// minutes here, far past the test's deadline).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_health_watch_ends_with_the_server_and_does_not_hold_its_stop() -> anyhow::Result<()> {
+    let broker = start_broker().await;
+    let dir = tempfile::tempdir()?;
+    let node = start_node_with(&broker, dir.path(), partners(), |config| {
+        config.server.shutdown_grace_ms = 600_000;
+    })
+    .await?;
+    wait_for_health(&node, "", true).await?;
+    let mut health = HealthClient::new(node.target().connect().await?);
+    let mut statuses = health
+        .watch(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await?
+        .into_inner();
+    let first = tokio::time::timeout(touchline_tests::DEADLINE, statuses.message())
+        .await??
+        .map(|response| response.status);
+    assert_eq!(first, Some(ServingStatus::Serving as i32));
+    let stopping = tokio::spawn(node.shutdown());
+    let mut seen = Vec::new();
+    while let Some(response) =
+        tokio::time::timeout(touchline_tests::DEADLINE, statuses.message()).await??
+    {
+        seen.push(response.status);
+    }
+    assert_eq!(
+        seen.last(),
+        Some(&(ServingStatus::NotServing as i32)),
+        "NOT_SERVING, then the end of the stream: {seen:?}"
+    );
+    tokio::time::timeout(touchline_tests::DEADLINE, stopping).await???;
+    Ok(())
+}

@@ -32,6 +32,7 @@ use tls::TlsServer;
 use health::{NodeHealth, Roles, report_health};
 use own_thread::spawn_on_own_thread;
 pub use signals::{ignore_hangups, shutdown_signal};
+use tonic_health::server::HealthReporter;
 
 /// Which Kafka the node talks to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -269,7 +270,11 @@ impl Node {
             }
             _ => None,
         };
-        let (reporter, health_service) = tonic_health::server::health_reporter();
+        let reporter = HealthReporter::new();
+        // Its `Watch` streams end when the server stops (after NOT_SERVING and the delay).
+        let health_service = tonic_health::pb::health_server::HealthServer::new(
+            health::EndingWatches::new(&reporter, server_shutdown.clone()),
+        );
         let roles = Roles {
             ingest: config.ingest.enabled,
             projector: config.projector.enabled,

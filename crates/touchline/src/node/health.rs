@@ -9,6 +9,8 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 use tonic_health::ServingStatus;
+use tonic_health::pb::health_server::Health;
+use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
 use tonic_health::server::HealthReporter;
 use touchline_projection::AppliedOffsets;
 use touchline_projection::ops::KafkaProbe;
@@ -193,6 +195,61 @@ impl NodeHealth {
                     .await;
             }
         }
+    }
+}
+
+/// The standard health service, whose `Watch` streams end when the server stops, with the status
+/// in force then (NOT_SERVING): a client watching (client-side health checking) would otherwise
+/// hold the server's graceful stop for the whole grace period.
+pub(super) struct EndingWatches {
+    reporter: HealthReporter,
+    inner: tonic_health::server::HealthService,
+    stopped: CancellationToken,
+}
+
+impl EndingWatches {
+    pub(super) fn new(reporter: &HealthReporter, stopped: CancellationToken) -> Self {
+        Self {
+            reporter: reporter.clone(),
+            inner: tonic_health::server::HealthService::from_health_reporter(reporter.clone()),
+            stopped,
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Health for EndingWatches {
+    async fn check(
+        &self,
+        request: tonic::Request<HealthCheckRequest>,
+    ) -> Result<tonic::Response<HealthCheckResponse>, tonic::Status> {
+        self.inner.check(request).await
+    }
+
+    type WatchStream = std::pin::Pin<
+        Box<dyn futures::Stream<Item = Result<HealthCheckResponse, tonic::Status>> + Send>,
+    >;
+
+    async fn watch(
+        &self,
+        request: tonic::Request<HealthCheckRequest>,
+    ) -> Result<tonic::Response<Self::WatchStream>, tonic::Status> {
+        use futures::StreamExt as _;
+        let service = request.get_ref().service.clone();
+        let statuses = self.inner.watch(request).await?.into_inner();
+        let reporter = self.reporter.clone();
+        // The last word: the status once the server stops, whether or not the stream had sent it.
+        let last = futures::stream::once(async move {
+            tonic_health::server::HealthService::from_health_reporter(reporter)
+                .check(tonic::Request::new(HealthCheckRequest { service }))
+                .await
+                .map(tonic::Response::into_inner)
+        });
+        Ok(tonic::Response::new(Box::pin(
+            statuses
+                .take_until(self.stopped.clone().cancelled_owned())
+                .chain(last),
+        )))
     }
 }
 
