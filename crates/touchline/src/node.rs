@@ -448,7 +448,7 @@ impl Node {
                 Err(_) => {
                     warn!(
                         grace_ms = self.shutdown_grace.as_millis(),
-                        "in-flight calls did not finish in time, stopping them"
+                        "in-flight calls did not finish in time: no longer waiting for them (they end with the process)"
                     );
                     server.abort();
                 }
