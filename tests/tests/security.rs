@@ -384,6 +384,7 @@ async fn admin_and_query_tokens_follow_the_configuration_file_without_a_restart(
     let stop = tokio_util::sync::CancellationToken::new();
     let watching = tokio::spawn(touchline::access::watch_config(
         file.clone(),
+        touchline_ingest::directory::modified(&file),
         node.access().clone(),
         running.clone(),
         stop.clone(),

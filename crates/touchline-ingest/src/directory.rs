@@ -21,6 +21,9 @@ const POLL_INTERVAL: Duration = Duration::from_secs(2);
 pub struct PartnerDirectory {
     current: Arc<RwLock<Arc<PartnerRegistry>>>,
     path: Option<PathBuf>,
+    /// The file's modification time before it was read: a change made meanwhile (the node
+    /// starting) is reloaded by [`Self::watch`].
+    loaded_modified: Option<SystemTime>,
 }
 
 /// Counts a reload of the file by its result.
@@ -45,7 +48,9 @@ fn loaded(registry: &PartnerRegistry) {
         .set(i64::try_from(registry.partner_ids().len()).unwrap_or(i64::MAX));
 }
 
-fn modified(path: &Path) -> Option<SystemTime> {
+/// A file's modification time, when it can be read.
+#[must_use]
+pub fn modified(path: &Path) -> Option<SystemTime> {
     std::fs::metadata(path)
         .and_then(|metadata| metadata.modified())
         .ok()
@@ -64,6 +69,7 @@ impl PartnerDirectory {
         Self {
             current: Arc::new(RwLock::new(Arc::new(registry))),
             path: None,
+            loaded_modified: None,
         }
     }
 
@@ -72,11 +78,13 @@ impl PartnerDirectory {
     /// # Errors
     /// When the file cannot be read or is invalid.
     pub fn load(path: &Path) -> Result<Self> {
+        let loaded_modified = modified(path);
         let registry = PartnerRegistry::load(path)?;
         loaded(&registry);
         Ok(Self {
             current: Arc::new(RwLock::new(Arc::new(registry))),
             path: Some(path.to_owned()),
+            loaded_modified,
         })
     }
 
@@ -140,23 +148,31 @@ impl PartnerDirectory {
         let Some(path) = self.path.clone() else {
             return;
         };
-        watch_file(&path, "the partners file", shutdown, || {
-            self.reload_logged();
-        })
+        watch_file(
+            &path,
+            self.loaded_modified,
+            "the partners file",
+            shutdown,
+            || {
+                self.reload_logged();
+            },
+        )
         .await;
     }
 }
 
 /// Calls `reload` on SIGHUP and whenever the modification time of `path` (`what`, for the logs)
 /// changes (checked every 2 s), until `shutdown`: how a file the node runs with is reloaded
-/// without a restart.
+/// without a restart. `loaded_modified` is its modification time before it was last read (a
+/// change since is reloaded at the first check).
 pub async fn watch_file(
     path: &Path,
+    loaded_modified: Option<SystemTime>,
     what: &str,
     shutdown: CancellationToken,
     mut reload: impl FnMut(),
 ) {
-    let mut last_modified = modified(path);
+    let mut last_modified = loaded_modified;
     let mut poll = tokio::time::interval(POLL_INTERVAL);
     #[cfg(unix)]
     let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();

@@ -160,9 +160,11 @@ pub(crate) fn register_metrics(registry: &mut prometheus_client::registry::Regis
 
 /// Reloads the token lists from the configuration file `path` (with the `TOUCHLINE_` variables
 /// over it, as at the start) on SIGHUP and when the file's modification time changes, until
-/// `shutdown`. `running` is the configuration the node started with.
+/// `shutdown`. `running` is the configuration the node started with, read from the file when it
+/// had modification time `loaded_modified` (a change since is reloaded at the first check).
 pub async fn watch_config(
     path: PathBuf,
+    loaded_modified: Option<std::time::SystemTime>,
     tokens: AccessTokens,
     running: Config,
     shutdown: CancellationToken,
@@ -188,6 +190,12 @@ pub async fn watch_config(
             }
         }
     };
-    touchline_ingest::directory::watch_file(&path, "the configuration's tokens", shutdown, reload)
-        .await;
+    touchline_ingest::directory::watch_file(
+        &path,
+        loaded_modified,
+        "the configuration's tokens",
+        shutdown,
+        reload,
+    )
+    .await;
 }

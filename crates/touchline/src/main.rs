@@ -271,9 +271,16 @@ fn timestamp(text: Option<String>, flag: &str) -> anyhow::Result<Option<prost_ty
     .transpose()
 }
 
+/// The configuration file's modification time before it is read, for its watch.
+fn config_modified(args: &NodeArgs) -> Option<std::time::SystemTime> {
+    args.config
+        .as_deref()
+        .and_then(touchline_ingest::directory::modified)
+}
+
 async fn run_node(
     config: Config,
-    config_file: Option<PathBuf>,
+    config_file: Option<(PathBuf, Option<std::time::SystemTime>)>,
     broker: BrokerChoice,
     demo_customers: Option<usize>,
 ) -> anyhow::Result<()> {
@@ -301,9 +308,10 @@ async fn run_node(
     let mut node = Node::start(config, broker, partners).await?;
     // The admin and query tokens follow the configuration file (SIGHUP, or a change of it).
     let stop_watching = tokio_util::sync::CancellationToken::new();
-    if let Some(path) = config_file {
+    if let Some((path, loaded_modified)) = config_file {
         tokio::spawn(touchline::access::watch_config(
             path,
+            loaded_modified,
             node.access().clone(),
             running,
             stop_watching.clone(),
@@ -397,20 +405,28 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             demo,
             demo_customers,
         } => {
+            let loaded_modified = config_modified(&node);
             let config = load_config(&node)?;
             init_tracing(&config);
             run_node(
                 config,
-                node.config,
+                node.config.map(|path| (path, loaded_modified)),
                 BrokerChoice::Embedded,
                 demo.then_some(demo_customers),
             )
             .await
         }
         Command::Serve { node } => {
+            let loaded_modified = config_modified(&node);
             let config = load_config(&node)?;
             init_tracing(&config);
-            run_node(config, node.config, BrokerChoice::External, None).await
+            run_node(
+                config,
+                node.config.map(|path| (path, loaded_modified)),
+                BrokerChoice::External,
+                None,
+            )
+            .await
         }
         Command::Config { node } => {
             let config = load_config(&node)?;

@@ -302,14 +302,14 @@ impl Node {
         )));
 
         let local_addr = listener.local_addr()?;
-        if let Some(rebuilds) = &rebuilds {
-            // Started once nothing of the start can fail any more: shutdown stops and awaits it.
-            rebuilds.drop_leftovers();
-        }
         let router = listener::router(server, health_service)?
             .add_optional_service(ingest)
             .add_optional_service(query)
             .add_optional_service(admin.map(AdminService::into_server));
+        if let Some(rebuilds) = &rebuilds {
+            // Started once nothing of the start can fail any more: shutdown stops and awaits it.
+            rebuilds.drop_leftovers();
+        }
         if let Some(tls) = &tls {
             background.push(tls.watch(background_shutdown.clone()));
         }
