@@ -82,6 +82,8 @@ pub struct AdminService {
 struct Replays {
     running: bool,
     last: Option<watch::Receiver<ReplayProgress>>,
+    /// Told when a replay ends (its slot is dropped).
+    ended: Arc<tokio::sync::Notify>,
 }
 
 impl AdminService {
@@ -163,6 +165,22 @@ impl AdminService {
     fn check<T>(&self, request: &Request<T>) -> Result<String, Status> {
         (self.authorize)(request.metadata())
     }
+
+    /// Resolves once no replay runs. A stopping node waits for it after the server stopped (the
+    /// shutdown stops a replay at its next batch), so that no replayed batch is written after the
+    /// store's last flush.
+    pub async fn replay_ended(&self) {
+        let ended = Arc::clone(&self.replays().ended);
+        loop {
+            let notified = ended.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if !self.replays().running {
+                return;
+            }
+            notified.await;
+        }
+    }
 }
 
 /// Logs an admin call that changes something, once it is done or refused, for the audit trail
@@ -205,10 +223,12 @@ struct ReplaySlot(Arc<std::sync::Mutex<Replays>>);
 
 impl Drop for ReplaySlot {
     fn drop(&mut self) {
-        self.0
+        let mut replays = self
+            .0
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .running = false;
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        replays.running = false;
+        replays.ended.notify_waiters();
     }
 }
 

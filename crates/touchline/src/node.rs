@@ -55,6 +55,8 @@ pub struct Node {
     projector: Option<JoinHandle<touchline_projection::Result<()>>>,
     store: Option<Arc<SledStore>>,
     rebuilds: Option<Arc<Rebuilds>>,
+    /// The admin service, whose replay a stop waits for.
+    admin: Option<AdminService>,
     broker: Option<EmbeddedBroker>,
     shutdown_grace: Duration,
     shutdown_delay: Duration,
@@ -302,6 +304,7 @@ impl Node {
         )));
 
         let local_addr = listener.local_addr()?;
+        let admin_handle = admin.clone();
         let router = listener::router(server, health_service)?
             .add_optional_service(ingest)
             .add_optional_service(query)
@@ -331,6 +334,7 @@ impl Node {
             projector: projector_slot.take().map(|(_, task)| task),
             store,
             rebuilds,
+            admin: admin_handle,
             broker: embedded,
             shutdown_grace: Duration::from_millis(config.server.shutdown_grace_ms),
             shutdown_delay: Duration::from_millis(config.server.shutdown_delay_ms),
@@ -452,6 +456,16 @@ impl Node {
                     );
                     server.abort();
                 }
+            }
+        }
+        if let Some(admin) = &self.admin {
+            // A replay stops at its next batch (told when the server stopped); none is written
+            // after the final flush.
+            if tokio::time::timeout(self.shutdown_grace, admin.replay_ended())
+                .await
+                .is_err()
+            {
+                warn!("a replay did not stop in time");
             }
         }
         if let Some(rebuilds) = &self.rebuilds {
