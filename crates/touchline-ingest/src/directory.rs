@@ -137,9 +137,13 @@ impl PartnerDirectory {
         Ok(())
     }
 
-    fn reload_logged(&self) {
-        if let Err(error) = self.reload() {
-            error!(%error, "partners file not reloaded, the previous one stays in force");
+    fn reload_logged(&self) -> bool {
+        match self.reload() {
+            Ok(()) => true,
+            Err(error) => {
+                error!(%error, "partners file not reloaded, the previous one stays in force");
+                false
+            }
         }
     }
 
@@ -153,9 +157,7 @@ impl PartnerDirectory {
             self.loaded_modified,
             "the partners file",
             shutdown,
-            || {
-                self.reload_logged();
-            },
+            || self.reload_logged(),
         )
         .await;
     }
@@ -164,14 +166,17 @@ impl PartnerDirectory {
 /// Calls `reload` on SIGHUP and whenever the modification time of `path` (`what`, for the logs)
 /// changes (checked every 2 s), until `shutdown`: how a file the node runs with is reloaded
 /// without a restart. `loaded_modified` is its modification time before it was last read (a
-/// change since is reloaded at the first check).
+/// change since is reloaded at the first check). A reload that fails (`reload` returns false) is
+/// tried once more at the next check, even without a new change: a file read half-written, then
+/// finished within the same tick of its modification time, would not be read again.
 pub async fn watch_file(
     path: &Path,
     loaded_modified: Option<SystemTime>,
     what: &str,
     shutdown: CancellationToken,
-    mut reload: impl FnMut(),
+    mut reload: impl FnMut() -> bool,
 ) {
+    let mut retry = false;
     let mut last_modified = loaded_modified;
     let mut poll = tokio::time::interval(POLL_INTERVAL);
     #[cfg(unix)]
@@ -191,12 +196,16 @@ pub async fn watch_file(
             _ = hangup_received => {
                 info!("SIGHUP: reloading {what}");
                 last_modified = modified(path);
-                reload();
+                retry = !reload();
             }
             _ = poll.tick() => {
                 let now_modified = modified(path);
                 if now_modified != last_modified {
                     last_modified = now_modified;
+                    retry = !reload();
+                } else if retry {
+                    info!("reloading {what} again after a failed reload");
+                    retry = false;
                     reload();
                 }
             }

@@ -6,8 +6,8 @@
 //! (`GetTimeline` (50) p99 during half-rate ingest on the quick bench: 5.6-8.0 ms, against 1.5 ms
 //! after ingest). Here a page takes this gate for reading once, for all of its steps, and every
 //! batch write of the store takes it for writing: a page waits for at most the write under way
-//! when it starts, and a write for the pages under way (a fraction of a millisecond each: pages are
-//! bounded). The gate orders nothing that sled does not already make consistent; it only
+//! when it starts, and a write for the pages under way (a fraction of a millisecond each: a page
+//! holds the gate for at most 128 keys, then lets a waiting write in). The gate orders nothing that sled does not already make consistent; it only
 //! schedules. Long scans (checksums, backups, rebuild reads) do not take it, so as not to hold
 //! the writer back.
 

@@ -20,6 +20,8 @@ use crate::config::Config;
 pub(crate) struct Lists {
     pub(crate) admin: Vec<String>,
     pub(crate) query: Vec<String>,
+    /// Whether `admin` is the configuration's (not `touchline dev`'s development token).
+    admin_configured: bool,
 }
 
 /// The token lists in force, shared by the services' checks and the reload.
@@ -59,7 +61,11 @@ impl AccessTokens {
             .iter()
             .map(|hash| hash.to_lowercase())
             .collect();
-        *self.lists.write().unwrap_or_else(PoisonError::into_inner) = Lists { admin, query };
+        *self.lists.write().unwrap_or_else(PoisonError::into_inner) = Lists {
+            admin,
+            query,
+            admin_configured: !config.admin.token_sha256.is_empty(),
+        };
     }
 
     /// The admin tokens' hashes in force (lower-case hex).
@@ -89,14 +95,14 @@ impl AccessTokens {
         // A file read while it was being written (cut at a line: still valid TOML) would empty a
         // list: TimelineService open to anyone, or every admin call refused. Emptying a list
         // waits for a restart.
-        let (admin_now, query_now) =
-            self.read(|lists| (lists.admin.is_empty(), lists.query.is_empty()));
+        let (admin_configured, query_open) =
+            self.read(|lists| (lists.admin_configured, lists.query.is_empty()));
         anyhow::ensure!(
-            admin_now || !config.admin.token_sha256.is_empty() || self.dev,
+            !admin_configured || !config.admin.token_sha256.is_empty(),
             "the file names no admin.token-sha256: a reload never empties the list (restart to refuse every admin call)"
         );
         anyhow::ensure!(
-            query_now || !config.query.token_sha256.is_empty(),
+            query_open || !config.query.token_sha256.is_empty(),
             "the file names no query.token-sha256: a reload never empties the list, which would open TimelineService to anyone (restart to do that)"
         );
         self.set(config);
@@ -181,12 +187,14 @@ pub async fn watch_config(
         match loaded {
             Ok(()) => {
                 RELOADS.get_or_create(&ReloadLabels { result: "ok" }).inc();
+                true
             }
             Err(error) => {
                 RELOADS
                     .get_or_create(&ReloadLabels { result: "failed" })
                     .inc();
                 error!(path = %path.display(), error = format!("{error:#}"), "configuration not reloaded, the tokens in force stay");
+                false
             }
         }
     };
@@ -198,4 +206,50 @@ pub async fn watch_config(
         reload,
     )
     .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use touchline_ingest::hash_token;
+
+    use super::*;
+
+    fn config(admin: &[&str], query: &[&str]) -> Config {
+        let mut config = Config::default();
+        config.admin.token_sha256 = admin.iter().map(|token| hash_token(token)).collect();
+        config.query.token_sha256 = query.iter().map(|token| hash_token(token)).collect();
+        config
+    }
+
+    #[test]
+    fn a_reload_replaces_the_lists_but_never_empties_one() {
+        let running = config(&["admin-1"], &["query-1"]);
+        let tokens = AccessTokens::new(&running, false);
+        tokens
+            .reload(&config(&["admin-2"], &["query-2"]), &running)
+            .expect("new lists");
+        assert_eq!(tokens.admin(), [hash_token("admin-2")]);
+        assert_eq!(tokens.query(), [hash_token("query-2")]);
+        for emptied in [config(&[], &["query-2"]), config(&["admin-2"], &[])] {
+            assert!(tokens.reload(&emptied, &running).is_err());
+            assert_eq!(tokens.admin(), [hash_token("admin-2")], "unchanged");
+            assert_eq!(tokens.query(), [hash_token("query-2")], "unchanged");
+        }
+    }
+
+    #[test]
+    fn in_dev_a_configured_admin_list_is_not_swapped_for_the_development_token() {
+        let running = config(&["admin-1"], &[]);
+        let tokens = AccessTokens::new(&running, true);
+        assert!(tokens.reload(&config(&[], &[]), &running).is_err());
+        assert_eq!(tokens.admin(), [hash_token("admin-1")]);
+        // Without a configured list, dev accepts its development token, and may be given one.
+        let bare = config(&[], &[]);
+        let tokens = AccessTokens::new(&bare, true);
+        assert_eq!(tokens.admin(), [hash_token(DEV_ADMIN_TOKEN)]);
+        tokens
+            .reload(&config(&["admin-1"], &[]), &bare)
+            .expect("a configured list");
+        assert_eq!(tokens.admin(), [hash_token("admin-1")]);
+    }
 }

@@ -182,7 +182,7 @@ pub(crate) fn find(
     let mut back = 0_i64;
     loop {
         let start = first_start.saturating_sub(back).max(low);
-        match probe(kafka, topic, partition, start, target)? {
+        match probe(kafka, topic, partition, start, target, high)? {
             Probe::StartsAfter if start > low => back = back.saturating_mul(2).max(1),
             found => return Ok(found),
         }
@@ -211,12 +211,16 @@ pub(crate) enum Probe {
 }
 
 /// Reads the partition from `start` until the record at `target`, with a consumer of its own.
+/// Past the high watermark `high`, a poll that brings nothing means the partition's end (Tansu
+/// 0.6 serves records past its high watermark, the rest of its last batch, and then never says
+/// that the partition ended).
 fn probe(
     kafka: &KafkaOptions,
     topic: &str,
     partition: i32,
     start: i64,
     target: i64,
+    high: i64,
 ) -> Result<Probe> {
     let probe: BaseConsumer = kafka
         .consumer_config()
@@ -231,11 +235,13 @@ fn probe(
     list.add_partition_offset(topic, partition, Offset::Offset(start))?;
     probe.assign(&list)?;
     let mut first = None;
+    let mut last = None;
     let deadline = std::time::Instant::now() + METADATA_TIMEOUT;
     while std::time::Instant::now() < deadline {
         match probe.poll(Duration::from_millis(200)) {
             Some(Ok(message)) if message.partition() == partition => {
                 let offset = message.offset();
+                last = Some(offset);
                 let first = *first.get_or_insert(offset);
                 if offset == target {
                     return Ok(Probe::Read {
@@ -252,6 +258,9 @@ fn probe(
                 }
             }
             Some(Err(KafkaError::PartitionEOF(at))) if at == partition => {
+                return Ok(Probe::Ends);
+            }
+            None if last.is_some_and(|last| last.saturating_add(1) >= high) => {
                 return Ok(Probe::Ends);
             }
             Some(Ok(_) | Err(KafkaError::PartitionEOF(_))) | None => {}

@@ -14,6 +14,10 @@ use super::{MAX_PAGE_BYTES, MAX_SCAN_PER_PAGE, SledStore, decode, lock, log, rea
 use crate::error::backend;
 use crate::keys;
 
+/// Keys a timeline page scans under one hold of the read gate: a page of 50 entries and its
+/// next-page probe, with room to spare.
+const GATE_STEPS: usize = 128;
+
 impl EventStore for SledStore {
     fn apply(
         &self,
@@ -69,10 +73,15 @@ impl EventStore for SledStore {
         let mut page_bytes = 0;
         let mut last_scanned = None;
         let timeline = self.active().timeline;
-        // The page runs whole between two writes (see `crate::gate`); it is bounded by
-        // `MAX_SCAN_PER_PAGE` keys and `MAX_PAGE_BYTES`.
-        let _page = crate::gate::page();
+        // A page of up to `GATE_STEPS` keys runs whole between two writes (see `crate::gate`);
+        // a longer scan (a filter that skips many entries) lets the writer in after each
+        // `GATE_STEPS` keys, so as not to hold it back.
+        let mut gate = Some(crate::gate::page());
         for (scanned, item) in timeline.range(start, end).enumerate() {
+            if scanned > 0 && scanned % GATE_STEPS == 0 {
+                drop(gate.take());
+                gate = Some(crate::gate::page());
+            }
             let (key, value) = item.map_err(backend)?;
             if scanned >= MAX_SCAN_PER_PAGE {
                 page.next = last_scanned;
