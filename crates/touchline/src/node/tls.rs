@@ -208,6 +208,9 @@ impl TlsServer {
                     Ok((key, new_acceptor))
                 });
                 match loaded {
+                    // Changed while they were read (a chain written in pieces may parse without
+                    // its intermediates): tried again at the next tick, as they are then.
+                    Ok(_) if modified(&files) != now => {}
                     Ok((key, new_acceptor)) => {
                         *current.0.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(key);
                         if let Some(new_acceptor) = new_acceptor {
