@@ -354,8 +354,9 @@ async fn with_query_tokens_configured_the_timeline_service_needs_one() -> anyhow
 }
 
 /// The admin and query tokens follow the node's configuration file while it runs: once the file
-/// names new ones, they are accepted and the ones it no longer names are refused; a file that
-/// does not load changes nothing, nor does one that would empty a list.
+/// names new ones, they are accepted and the ones it no longer names are refused (a live timeline
+/// opened with one ends); a file that does not load changes nothing, nor does one that would
+/// empty a list.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_and_query_tokens_follow_the_configuration_file_without_a_restart()
 -> anyhow::Result<()> {
@@ -424,6 +425,28 @@ async fn admin_and_query_tokens_follow_the_configuration_file_without_a_restart(
         Code::NotFound
     );
 
+    // A live timeline opened with the old query token, running across the rotation.
+    let mut watch = timeline
+        .watch_timeline(touchline_tests::authorized(
+            v1::WatchTimelineRequest {
+                customer_id: "nobody".to_owned(),
+                cursor: String::new(),
+            },
+            QUERY_OLD,
+        ))
+        .await?
+        .into_inner();
+    let caught_up = tokio::time::timeout(touchline_tests::DEADLINE, watch.message())
+        .await??
+        .and_then(|message| message.event);
+    assert!(
+        matches!(
+            caught_up,
+            Some(v1::watch_timeline_response::Event::CaughtUp(_))
+        ),
+        "{caught_up:?}"
+    );
+
     // The rotation: new admin and query tokens, the old ones gone.
     let mut rotated = running.clone();
     rotated.admin.token_sha256 = vec![hash_token(ADMIN_NEW)];
@@ -449,6 +472,14 @@ async fn admin_and_query_tokens_follow_the_configuration_file_without_a_restart(
     assert_eq!(
         query_code(&mut timeline, Some(QUERY_OLD)).await,
         Code::Unauthenticated
+    );
+    // The watch opened with the old token ends, as a new call with it is refused.
+    let ended = tokio::time::timeout(touchline_tests::DEADLINE, watch.message())
+        .await?
+        .expect_err("the watch of a revoked token ends");
+    assert_eq!(
+        (ended.code(), error_reason(&ended).as_deref()),
+        (Code::Unauthenticated, Some("TOKEN_INVALID"))
     );
 
     // A file that does not load (an unknown key) keeps the tokens in force.

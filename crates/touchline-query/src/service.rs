@@ -23,12 +23,24 @@ pub const DEFAULT_PAGE_SIZE: usize = 50;
 pub const MAX_PAGE_SIZE: usize = 1000;
 
 /// Serves timelines and summaries from a store. Cheap to clone.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct TimelineService {
     reads: StoreReads,
     feed: Option<Feed>,
     shutdown: CancellationToken,
     owned: Option<Arc<Owned>>,
+    /// The check a call passed when it came: asked again while a `WatchTimeline` runs.
+    authorize: Option<crate::admin::Authorize>,
+}
+
+impl std::fmt::Debug for TimelineService {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("TimelineService")
+            .field("owned", &self.owned)
+            .field("authorize", &self.authorize.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 /// The partitions of a node that does not own the whole topic.
@@ -49,7 +61,17 @@ impl TimelineService {
             feed: None,
             shutdown: CancellationToken::new(),
             owned: None,
+            authorize: None,
         }
+    }
+
+    /// Asks `authorize` again, every second, of the calls' credentials while a `WatchTimeline`
+    /// runs: a token revoked meanwhile (or expired) ends the watch with the check's error, as it
+    /// would refuse a new call. The same check must guard every call (an interceptor).
+    #[must_use]
+    pub fn with_authorizer(mut self, authorize: crate::admin::Authorize) -> Self {
+        self.authorize = Some(authorize);
+        self
     }
 
     /// Serves only the customers of the partitions in `owned` (of the topic's `partitions`, the
@@ -222,6 +244,10 @@ impl v1::timeline_service_server::TimelineService for TimelineService {
         &self,
         request: Request<v1::WatchTimelineRequest>,
     ) -> Result<Response<Self::WatchTimelineStream>, Status> {
+        let still_allowed = self.authorize.clone().map(|authorize| {
+            let metadata = request.metadata().clone();
+            Arc::new(move || authorize(&metadata).map(|_| ())) as crate::watch::StillAllowed
+        });
         let request = request.into_inner();
         let customer = customer_id(request.customer_id)?;
         self.served_here(&customer)?;
@@ -260,6 +286,7 @@ impl v1::timeline_service_server::TimelineService for TimelineService {
             after,
             live: feed.subscribe(),
             shutdown: self.shutdown.clone(),
+            still_allowed,
         };
         Ok(Response::new(ReceiverStream::new(watch.spawn())))
     }

@@ -96,6 +96,13 @@ pub fn decode_cursor(customer: &CustomerId, log: u64, cursor: &str) -> Result<u6
 
 type Message = Result<v1::WatchTimelineResponse, Status>;
 
+/// Whether the watch's caller is still allowed to watch (its token not revoked): the error to
+/// end the watch with when not.
+pub type StillAllowed = Arc<dyn Fn() -> Result<(), Status> + Send + Sync>;
+
+/// How often a running watch asks [`StillAllowed`] again.
+const ALLOWED_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// How long a stopping server waits to tell a watcher that does not read its answers.
 const SHUTDOWN_NOTICE_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
@@ -111,6 +118,8 @@ pub struct Watch {
     pub after: u64,
     pub live: broadcast::Receiver<Arc<[TimelineEntry]>>,
     pub shutdown: CancellationToken,
+    /// Asked every second while the watch runs; `None`: nothing to ask (an open service).
+    pub still_allowed: Option<StillAllowed>,
 }
 
 impl Watch {
@@ -160,11 +169,21 @@ impl Watch {
             return;
         }
         let mut delivered = durable.max(self.after);
+        let mut check = tokio::time::interval(ALLOWED_CHECK);
+        check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            // A client that went away ends the watcher even when its customer is quiet.
+            // A client that went away ends the watcher even when its customer is quiet, and so
+            // does a token revoked meanwhile.
             let received = tokio::select! {
                 received = self.live.recv() => received,
                 () = sender.closed() => return,
+                _ = check.tick() => {
+                    if let Some(Err(status)) = self.still_allowed.as_ref().map(|allowed| allowed()) {
+                        let _ = sender.send(Err(status)).await;
+                        return;
+                    }
+                    continue;
+                }
             };
             let batch = match received {
                 Ok(batch) => batch,

@@ -54,6 +54,7 @@ async fn a_watcher_that_falls_behind_is_told_where_to_resume() -> anyhow::Result
         after: 0,
         live,
         shutdown: CancellationToken::new(),
+        still_allowed: None,
     }
     .spawn();
     // The feed never waits for the watcher: 1000 batches go out at once.

@@ -137,6 +137,7 @@ async fn resume(
         after,
         live,
         shutdown: CancellationToken::new(),
+        still_allowed: None,
     }
     .spawn();
     let mut ids = Vec::new();
@@ -322,6 +323,7 @@ async fn a_resumed_watch_flags_live_entries_against_what_the_client_holds() -> a
         after: 2,
         live,
         shutdown: CancellationToken::new(),
+        still_allowed: None,
     }
     .spawn();
     let mut next = async || -> anyhow::Result<v1::WatchTimelineResponse> {

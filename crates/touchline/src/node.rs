@@ -263,6 +263,7 @@ impl Node {
                         )
                         .with_read_concurrency(config.query.read_concurrency)
                         .with_feed(store.watch_sender(), server_shutdown.clone())
+                        .with_authorizer(Arc::clone(&authorize))
                         .into_server(),
                     move |request: tonic::Request<()>| {
                         authorize(request.metadata())?;
