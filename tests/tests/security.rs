@@ -482,6 +482,24 @@ async fn admin_and_query_tokens_follow_the_configuration_file_without_a_restart(
         (Code::Unauthenticated, Some("TOKEN_INVALID"))
     );
 
+    // A live timeline opened with the new token goes on through the checks (a second apart).
+    let mut kept = timeline
+        .watch_timeline(touchline_tests::authorized(
+            v1::WatchTimelineRequest {
+                customer_id: "nobody".to_owned(),
+                cursor: String::new(),
+            },
+            QUERY_NEW,
+        ))
+        .await?
+        .into_inner();
+    assert!(matches!(
+        tokio::time::timeout(touchline_tests::DEADLINE, kept.message())
+            .await??
+            .and_then(|message| message.event),
+        Some(v1::watch_timeline_response::Event::CaughtUp(_))
+    ));
+
     // A file that does not load (an unknown key) keeps the tokens in force.
     let failed_before = reloads("failed");
     std::fs::write(&file, "[query]\nno-such-key = 1\n")?;
@@ -513,6 +531,13 @@ async fn admin_and_query_tokens_follow_the_configuration_file_without_a_restart(
     assert_eq!(
         query_code(&mut timeline, Some(QUERY_NEW)).await,
         Code::NotFound
+    );
+    // Several checks later (the steps above took seconds), the watch of a valid token is open.
+    assert!(
+        tokio::time::timeout(std::time::Duration::from_millis(1500), kept.message())
+            .await
+            .is_err(),
+        "the watch of a valid token neither ended nor got anything"
     );
     stop.cancel();
     watching.await?;

@@ -353,7 +353,6 @@ impl v1::admin_service_server::AdminService for AdminService {
         // A replay stops when the server shuts down or the caller goes away.
         let cancel = context.shutdown.child_token();
         tokio::spawn(async move {
-            let _slot = slot;
             let forwarding = tokio::spawn({
                 let messages = messages.clone();
                 let cancel = cancel.clone();
@@ -387,6 +386,9 @@ impl v1::admin_service_server::AdminService for AdminService {
                 &cancel,
             )
             .await;
+            // Nothing more is written: the next replay may start (and a stopping node go on)
+            // while the caller reads the last progress.
+            drop(slot);
             drop(sender);
             let _ = forwarding.await;
             if result.as_ref().is_ok_and(|state| !state.finished) && context.shutdown.is_cancelled()

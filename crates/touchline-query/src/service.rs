@@ -66,8 +66,8 @@ impl TimelineService {
     }
 
     /// Asks `authorize` again, every second, of the calls' credentials while a `WatchTimeline`
-    /// runs: a token revoked meanwhile (or expired) ends the watch with the check's error, as it
-    /// would refuse a new call. The same check must guard every call (an interceptor).
+    /// runs: a token revoked meanwhile ends the watch with the check's error, as it would refuse
+    /// a new call. The same check must guard every call (an interceptor).
     #[must_use]
     pub fn with_authorizer(mut self, authorize: crate::admin::Authorize) -> Self {
         self.authorize = Some(authorize);
@@ -246,7 +246,7 @@ impl v1::timeline_service_server::TimelineService for TimelineService {
     ) -> Result<Response<Self::WatchTimelineStream>, Status> {
         let still_allowed = self.authorize.clone().map(|authorize| {
             let metadata = request.metadata().clone();
-            Arc::new(move || authorize(&metadata).map(|_| ())) as crate::watch::StillAllowed
+            crate::watch::StillAllowed::new(move || authorize(&metadata).map(|_| ()))
         });
         let request = request.into_inner();
         let customer = customer_id(request.customer_id)?;

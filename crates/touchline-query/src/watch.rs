@@ -96,12 +96,50 @@ pub fn decode_cursor(customer: &CustomerId, log: u64, cursor: &str) -> Result<u6
 
 type Message = Result<v1::WatchTimelineResponse, Status>;
 
-/// Whether the watch's caller is still allowed to watch (its token not revoked): the error to
-/// end the watch with when not.
-pub type StillAllowed = Arc<dyn Fn() -> Result<(), Status> + Send + Sync>;
-
 /// How often a running watch asks [`StillAllowed`] again.
 const ALLOWED_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Whether the watch's caller is still allowed to watch (its token not revoked), asked at most
+/// once every [`ALLOWED_CHECK`]: before each entry sent, while a send waits for the client, and
+/// while the customer is quiet. The error ends the watch.
+pub struct StillAllowed {
+    check: Box<dyn Fn() -> Result<(), Status> + Send + Sync>,
+    checked_at: std::sync::Mutex<std::time::Instant>,
+}
+
+impl std::fmt::Debug for StillAllowed {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("StillAllowed")
+            .finish_non_exhaustive()
+    }
+}
+
+impl StillAllowed {
+    #[must_use]
+    pub fn new(check: impl Fn() -> Result<(), Status> + Send + Sync + 'static) -> Self {
+        Self {
+            check: Box::new(check),
+            checked_at: std::sync::Mutex::new(std::time::Instant::now()),
+        }
+    }
+
+    /// The check's error, when it is due and fails.
+    fn revoked(&self) -> Option<Status> {
+        {
+            let mut checked_at = self
+                .checked_at
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            // Half the period: the quiet watch's ticks, a period apart, always ask.
+            if checked_at.elapsed() < ALLOWED_CHECK / 2 {
+                return None;
+            }
+            *checked_at = std::time::Instant::now();
+        }
+        (self.check)().err()
+    }
+}
 
 /// How long a stopping server waits to tell a watcher that does not read its answers.
 const SHUTDOWN_NOTICE_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
@@ -118,7 +156,7 @@ pub struct Watch {
     pub after: u64,
     pub live: broadcast::Receiver<Arc<[TimelineEntry]>>,
     pub shutdown: CancellationToken,
-    /// Asked every second while the watch runs; `None`: nothing to ask (an open service).
+    /// Asked every second while the watch runs; `None`: nothing to ask.
     pub still_allowed: Option<StillAllowed>,
 }
 
@@ -178,8 +216,8 @@ impl Watch {
                 received = self.live.recv() => received,
                 () = sender.closed() => return,
                 _ = check.tick() => {
-                    if let Some(Err(status)) = self.still_allowed.as_ref().map(|allowed| allowed()) {
-                        let _ = sender.send(Err(status)).await;
+                    if let Some(status) = self.revoked() {
+                        refuse(sender, status).await;
                         return;
                     }
                     continue;
@@ -356,8 +394,35 @@ impl Watch {
             cursor: encode_cursor(&self.customer, self.log(), cursor),
             late,
         };
-        sender.send(Ok(message)).await.is_ok()
+        // A client that does not read holds the send: the check goes on meanwhile.
+        loop {
+            if let Some(status) = self.revoked() {
+                refuse(sender, status).await;
+                return false;
+            }
+            tokio::select! {
+                permit = sender.reserve() => {
+                    return match permit {
+                        Ok(permit) => {
+                            permit.send(Ok(message));
+                            true
+                        }
+                        Err(_) => false,
+                    };
+                }
+                () = tokio::time::sleep(ALLOWED_CHECK) => {}
+            }
+        }
     }
+
+    fn revoked(&self) -> Option<Status> {
+        self.still_allowed.as_ref().and_then(StillAllowed::revoked)
+    }
+}
+
+/// Ends a watch whose caller is no longer allowed, telling it why if it reads within a moment.
+async fn refuse(sender: &mpsc::Sender<Message>, status: Status) {
+    let _ = tokio::time::timeout(ALLOWED_CHECK, sender.send(Err(status))).await;
 }
 
 /// Counts an open watch down when its task ends, however it ends.

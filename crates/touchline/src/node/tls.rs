@@ -185,6 +185,7 @@ impl TlsServer {
         tokio::spawn(async move {
             // The times of the last failed attempt: its error is logged once per change.
             let mut failed = None;
+            let mut settled = None;
             let mut poll = tokio::time::interval(RELOAD_INTERVAL);
             loop {
                 tokio::select! {
@@ -193,6 +194,12 @@ impl TlsServer {
                 }
                 let now = modified(&files);
                 if now == served {
+                    continue;
+                }
+                // Read once they have stayed the same for a tick: a chain written in pieces
+                // could otherwise parse (and be served) without its intermediates.
+                if settled != Some(now) {
+                    settled = Some(now);
                     continue;
                 }
                 // Tried on every tick until the files load: a certificate written before its
@@ -208,8 +215,7 @@ impl TlsServer {
                     Ok((key, new_acceptor))
                 });
                 match loaded {
-                    // Changed while they were read (a chain written in pieces may parse without
-                    // its intermediates): tried again at the next tick, as they are then.
+                    // Changed while they were read: tried again once they settle.
                     Ok(_) if modified(&files) != now => {}
                     Ok((key, new_acceptor)) => {
                         *current.0.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(key);
