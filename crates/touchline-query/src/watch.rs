@@ -100,7 +100,7 @@ type Message = Result<v1::WatchTimelineResponse, Status>;
 const ALLOWED_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Whether the watch's caller is still allowed to watch (its token not revoked), asked at most
-/// once every [`ALLOWED_CHECK`]: before each entry sent, while a send waits for the client, and
+/// once every half second: before each entry sent, while a send waits for the client, and
 /// while the customer is quiet. The error ends the watch.
 pub struct StillAllowed {
     check: Box<dyn Fn() -> Result<(), Status> + Send + Sync>,
