@@ -184,6 +184,15 @@ fn decode<'a, T: Deserialize<'a>>(
     })
 }
 
+/// The cursor (event time, log sequence) at the end of a stored timeline key.
+fn stored_timeline_cursor(key: &[u8]) -> Result<touchline_core::TimelineCursor, StoreError> {
+    crate::keys::timeline_cursor(key).ok_or_else(|| StoreError::Corrupt {
+        what: "timeline key",
+        key: format!("{key:02x?}"),
+        reason: "shorter than its event time and sequence".to_owned(),
+    })
+}
+
 /// Two `u64`s big-endian, one after the other: a position (next offset, fingerprint of the record
 /// before it) or a dead-letter index entry (dead letter id, fingerprint of its record).
 fn u64_pair(first: u64, second: u64) -> Vec<u8> {

@@ -246,9 +246,7 @@ impl Watch {
                 if sequence <= delivered || entry.touchpoint.customer_id != self.customer {
                     continue;
                 }
-                let order = entry.timeline_order();
-                let late = latest.is_some_and(|latest| order < latest);
-                latest = latest.max(Some(order));
+                let late = mark_late(&mut latest, entry);
                 delivered = sequence;
                 if !self.send(sender, entry, sequence, late).await {
                     return;
@@ -286,9 +284,7 @@ impl Watch {
         if let Some(mut entries) = self.missed_in_log(durable).await {
             entries.sort_by_key(TimelineEntry::timeline_order);
             for entry in &entries {
-                let order = entry.timeline_order();
-                let late = latest.is_some_and(|latest| order < latest);
-                latest = latest.max(Some(order));
+                let late = mark_late(&mut latest, entry);
                 // Until caught up the cursor stays where the watch started.
                 if !self.send(sender, entry, self.after, late).await {
                     return None;
@@ -317,9 +313,7 @@ impl Watch {
                 if sequence <= self.after {
                     continue;
                 }
-                let order = entry.timeline_order();
-                let late = latest.is_some_and(|latest| order < latest);
-                latest = latest.max(Some(order));
+                let late = mark_late(&mut latest, entry);
                 if !self.send(sender, entry, self.after, late).await {
                     return None;
                 }
@@ -418,6 +412,15 @@ impl Watch {
     fn revoked(&self) -> Option<Status> {
         self.still_allowed.as_ref().and_then(StillAllowed::revoked)
     }
+}
+
+/// Whether `entry` sorts before `latest`, the last timeline position the client holds, which it
+/// then moves on to (`late`, for the client to insert the entry at its place).
+fn mark_late(latest: &mut Option<(UnixNanos, u64)>, entry: &TimelineEntry) -> bool {
+    let order = entry.timeline_order();
+    let late = latest.is_some_and(|latest| order < latest);
+    *latest = (*latest).max(Some(order));
+    late
 }
 
 /// Ends a watch whose caller is no longer allowed, telling it why if it reads within a moment.

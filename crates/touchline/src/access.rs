@@ -7,10 +7,10 @@
 use std::path::PathBuf;
 use std::sync::{Arc, PoisonError, RwLock};
 
-use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use tokio_util::sync::CancellationToken;
+use touchline_ingest::metrics::ReloadLabels;
 use tracing::{error, info, warn};
 
 use crate::admin_auth::DEV_ADMIN_TOKEN;
@@ -46,21 +46,14 @@ impl AccessTokens {
     }
 
     fn set(&self, config: &Config) {
-        let mut admin: Vec<String> = config
-            .admin
-            .token_sha256
-            .iter()
-            .map(|hash| hash.to_lowercase())
-            .collect();
+        let lowered = |hashes: &[String]| -> Vec<String> {
+            hashes.iter().map(|hash| hash.to_lowercase()).collect()
+        };
+        let mut admin = lowered(&config.admin.token_sha256);
         if admin.is_empty() && self.dev {
             admin.push(touchline_ingest::hash_token(DEV_ADMIN_TOKEN));
         }
-        let query = config
-            .query
-            .token_sha256
-            .iter()
-            .map(|hash| hash.to_lowercase())
-            .collect();
+        let query = lowered(&config.query.token_sha256);
         *self.lists.write().unwrap_or_else(PoisonError::into_inner) = Lists {
             admin,
             query,
@@ -78,6 +71,24 @@ impl AccessTokens {
     #[must_use]
     pub fn query(&self) -> Vec<String> {
         self.read(|lists| lists.query.clone())
+    }
+
+    /// Warns that `TimelineService` answers anyone, when no query token is configured (but in
+    /// `touchline dev`).
+    pub(crate) fn warn_if_query_open(&self) {
+        if !self.dev && self.read(|lists| lists.query.is_empty()) {
+            warn!(
+                "query.token-sha256 is empty: TimelineService answers anyone who can reach it; keep it on an internal network"
+            );
+        }
+    }
+
+    /// Warns that every admin call is refused, when no admin token is configured (but in
+    /// `touchline dev`, which accepts its development token).
+    pub(crate) fn warn_if_admin_closed(&self) {
+        if self.read(|lists| lists.admin.is_empty()) {
+            warn!("admin.token-sha256 is empty: every AdminService call will be refused");
+        }
     }
 
     /// Runs `look` on the lists in force.
@@ -112,14 +123,8 @@ impl AccessTokens {
             query_tokens = query,
             "configuration reloaded: admin and query tokens"
         );
-        if query == 0 && !self.dev {
-            warn!(
-                "query.token-sha256 is empty: TimelineService answers anyone who can reach it; keep it on an internal network"
-            );
-        }
-        if admin == 0 {
-            warn!("admin.token-sha256 is empty: every AdminService call will be refused");
-        }
+        self.warn_if_query_open();
+        self.warn_if_admin_closed();
         if !same_but_tokens(config, running) {
             warn!(
                 "the configuration file changed more than the admin and query tokens: the rest applies at the next start"
@@ -138,11 +143,6 @@ fn same_but_tokens(one: &Config, other: &Config) -> bool {
         toml::to_string(&config).ok()
     };
     without_tokens(one) == without_tokens(other)
-}
-
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct ReloadLabels {
-    result: &'static str,
 }
 
 /// Reloads of the configuration's token lists, by result.
@@ -164,35 +164,29 @@ pub(crate) fn register_metrics(registry: &mut prometheus_client::registry::Regis
     );
 }
 
-/// Reloads the token lists from the configuration file `path` (with the `TOUCHLINE_` variables
-/// over it, as at the start) on SIGHUP and when the file's modification time changes, until
-/// `shutdown`. `running` is the configuration the node started with, read from the file when it
-/// had modification time `loaded_modified` (a change since is reloaded at the first check).
+/// Reloads the token lists with `load` (the configuration read as at the start: the file `path`,
+/// the `TOUCHLINE_` variables over it, the command line) on SIGHUP and when the file's
+/// modification time changes, until `shutdown`. `running` is the configuration the node started
+/// with, read from the file when it had modification time `loaded_modified` (a change since is
+/// reloaded at the first check).
 pub async fn watch_config(
     path: PathBuf,
     loaded_modified: Option<std::time::SystemTime>,
+    load: impl Fn() -> anyhow::Result<Config>,
     tokens: AccessTokens,
     running: Config,
     shutdown: CancellationToken,
 ) {
     let reload = || {
-        let loaded = Config::load(Some(&path)).and_then(|mut config| {
-            // What the command line set at the start is not in the file; kept as it runs.
-            config.server.listen = running.server.listen;
-            config.store.path.clone_from(&running.store.path);
-            config.metrics.listen = running.metrics.listen;
-            config.log.format = running.log.format;
-            tokens.reload(&config, &running)
-        });
-        match loaded {
-            Ok(()) => {
-                RELOADS.get_or_create(&ReloadLabels { result: "ok" }).inc();
-                true
-            }
+        let result = load().and_then(|config| tokens.reload(&config, &running));
+        RELOADS
+            .get_or_create(&ReloadLabels {
+                result: if result.is_ok() { "ok" } else { "failed" },
+            })
+            .inc();
+        match result {
+            Ok(()) => true,
             Err(error) => {
-                RELOADS
-                    .get_or_create(&ReloadLabels { result: "failed" })
-                    .inc();
                 error!(path = %path.display(), error = format!("{error:#}"), "configuration not reloaded, the tokens in force stay");
                 false
             }

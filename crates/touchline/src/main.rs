@@ -279,11 +279,13 @@ fn config_modified(args: &NodeArgs) -> Option<std::time::SystemTime> {
 }
 
 async fn run_node(
-    config: Config,
-    config_file: Option<(PathBuf, Option<std::time::SystemTime>)>,
+    args: NodeArgs,
     broker: BrokerChoice,
     demo_customers: Option<usize>,
 ) -> anyhow::Result<()> {
+    let loaded_modified = config_modified(&args);
+    let config = load_config(&args)?;
+    init_tracing(&config);
     anyhow::ensure!(
         demo_customers.is_none()
             || config
@@ -308,10 +310,12 @@ async fn run_node(
     let mut node = Node::start(config, broker, partners).await?;
     // The admin and query tokens follow the configuration file (SIGHUP, or a change of it).
     let stop_watching = tokio_util::sync::CancellationToken::new();
-    if let Some((path, loaded_modified)) = config_file {
+    if let Some(path) = args.config.clone() {
+        // Read as at the start: the file, the variables, the command line.
         tokio::spawn(touchline::access::watch_config(
             path,
             loaded_modified,
+            move || load_config(&args),
             node.access().clone(),
             running,
             stop_watching.clone(),
@@ -404,30 +408,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             node,
             demo,
             demo_customers,
-        } => {
-            let loaded_modified = config_modified(&node);
-            let config = load_config(&node)?;
-            init_tracing(&config);
-            run_node(
-                config,
-                node.config.map(|path| (path, loaded_modified)),
-                BrokerChoice::Embedded,
-                demo.then_some(demo_customers),
-            )
-            .await
-        }
-        Command::Serve { node } => {
-            let loaded_modified = config_modified(&node);
-            let config = load_config(&node)?;
-            init_tracing(&config);
-            run_node(
-                config,
-                node.config.map(|path| (path, loaded_modified)),
-                BrokerChoice::External,
-                None,
-            )
-            .await
-        }
+        } => run_node(node, BrokerChoice::Embedded, demo.then_some(demo_customers)).await,
+        Command::Serve { node } => run_node(node, BrokerChoice::External, None).await,
         Command::Config { node } => {
             let config = load_config(&node)?;
             config.validate()?;

@@ -190,9 +190,7 @@ impl Node {
                 projector.run(shutdown).await
             })?;
             *projector_slot = Some((projector_shutdown.clone(), task));
-            if access.admin().is_empty() {
-                warn!("admin.token-sha256 is empty: every AdminService call will be refused");
-            }
+            access.warn_if_admin_closed();
             let node_rebuilds = Arc::new(Rebuilds::new(
                 Arc::clone(&opened),
                 config.projector.rebuild_batch,
@@ -249,11 +247,7 @@ impl Node {
         let query = match (&store, config.query.enabled) {
             (Some(store), true) => {
                 let shared: Arc<dyn EventStore> = store.clone();
-                if config.query.token_sha256.is_empty() && broker != BrokerChoice::Embedded {
-                    warn!(
-                        "query.token-sha256 is empty: TimelineService answers anyone who can reach it; keep it on an internal network"
-                    );
-                }
+                access.warn_if_query_open();
                 let authorize = admin_auth::query_authorizer(access.clone(), partners.clone());
                 Some(tonic::service::interceptor::InterceptedService::new(
                     TimelineService::new(shared)

@@ -141,11 +141,7 @@ impl EventStore for SledStore {
         let end = Included(keys::timeline(customer_id, UnixNanos(i64::MAX), u64::MAX));
         for item in self.active().timeline.range(start, end).rev() {
             let (key, _) = item.map_err(backend)?;
-            let cursor = keys::timeline_cursor(&key).ok_or_else(|| StoreError::Corrupt {
-                what: "timeline key",
-                key: format!("{key:02x?}"),
-                reason: "shorter than its cursor".to_owned(),
-            })?;
+            let cursor = super::stored_timeline_cursor(&key)?;
             if cursor.sequence <= sequence {
                 return Ok(Some(cursor));
             }

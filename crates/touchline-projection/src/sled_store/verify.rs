@@ -16,11 +16,7 @@ fn checksum(table: &Table, through: Option<u64>) -> Result<Checksum, StoreError>
     for item in table.scan_prefix(&[]) {
         let (key, value) = item.map_err(backend)?;
         if let Some(through) = through {
-            let cursor = crate::keys::timeline_cursor(&key).ok_or_else(|| StoreError::Corrupt {
-                what: "timeline key",
-                key: format!("{key:02x?}"),
-                reason: "shorter than its event time and sequence".to_owned(),
-            })?;
+            let cursor = super::stored_timeline_cursor(&key)?;
             if cursor.sequence > through {
                 continue;
             }

@@ -202,16 +202,16 @@ impl NodeHealth {
 /// in force then (NOT_SERVING): a client watching (client-side health checking) would otherwise
 /// hold the server's graceful stop for the whole grace period.
 pub(super) struct EndingWatches {
-    reporter: HealthReporter,
-    inner: tonic_health::server::HealthService,
+    inner: Arc<tonic_health::server::HealthService>,
     stopped: CancellationToken,
 }
 
 impl EndingWatches {
     pub(super) fn new(reporter: &HealthReporter, stopped: CancellationToken) -> Self {
         Self {
-            reporter: reporter.clone(),
-            inner: tonic_health::server::HealthService::from_health_reporter(reporter.clone()),
+            inner: Arc::new(tonic_health::server::HealthService::from_health_reporter(
+                reporter.clone(),
+            )),
             stopped,
         }
     }
@@ -237,10 +237,10 @@ impl Health for EndingWatches {
         use futures::StreamExt as _;
         let service = request.get_ref().service.clone();
         let statuses = self.inner.watch(request).await?.into_inner();
-        let reporter = self.reporter.clone();
+        let inner = Arc::clone(&self.inner);
         // The last word: the status once the server stops, whether or not the stream had sent it.
         let last = futures::stream::once(async move {
-            tonic_health::server::HealthService::from_health_reporter(reporter)
+            inner
                 .check(tonic::Request::new(HealthCheckRequest { service }))
                 .await
                 .map(tonic::Response::into_inner)
