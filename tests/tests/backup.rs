@@ -235,14 +235,10 @@ async fn bad_backups_and_existing_stores_are_refused() -> anyhow::Result<()> {
     Ok(())
 }
 
-#[tokio::test]
-async fn one_backup_runs_at_a_time_and_a_caller_that_goes_away_frees_it() -> anyhow::Result<()> {
-    use futures::StreamExt as _;
-    let broker = start_broker().await;
-    let dir = tempfile::tempdir()?;
-    let node = start_node(&broker, dir.path()).await?;
-    let mut ingest = ingest_client(&node).await?;
-    // About 16 MiB of log: far more than the pieces made ahead of a caller that does not read.
+/// Publishes 1,000 events of 16 KiB each and waits until they are in the log: about 16 MiB,
+/// far more than the pieces a backup makes ahead of a caller that does not read.
+async fn publish_a_large_log(node: &touchline::Node) -> anyhow::Result<()> {
+    let mut ingest = ingest_client(node).await?;
     for batch in 0..20 {
         let events = events(batch * 50, batch * 50 + 50)
             .into_iter()
@@ -254,8 +250,32 @@ async fn one_backup_runs_at_a_time_and_a_caller_that_goes_away_frees_it() -> any
         publish(&mut ingest, COURIER.1, events).await?;
     }
     let store = node.store().expect("projects").clone();
-    wait_until("the events", || store.log_len() == 1000).await?;
-    drop(store);
+    wait_until("the events", || store.log_len() == 1000).await
+}
+
+/// The bytes of a whole backup taken with `token`.
+async fn whole_backup(node: &touchline::Node, token: &str) -> anyhow::Result<usize> {
+    use futures::StreamExt as _;
+    let mut stream = admin_client(node)
+        .await?
+        .max_decoding_message_size(256 * 1024 * 1024)
+        .backup(authorized(v1::BackupRequest {}, token))
+        .await?
+        .into_inner();
+    let mut bytes = 0;
+    while let Some(chunk) = stream.next().await {
+        bytes += chunk?.data.len();
+    }
+    Ok(bytes)
+}
+
+#[tokio::test]
+async fn one_backup_runs_at_a_time_and_a_caller_that_goes_away_frees_it() -> anyhow::Result<()> {
+    use futures::StreamExt as _;
+    let broker = start_broker().await;
+    let dir = tempfile::tempdir()?;
+    let node = start_node(&broker, dir.path()).await?;
+    publish_a_large_log(&node).await?;
 
     let mut admin = admin_client(&node)
         .await?
@@ -302,5 +322,78 @@ async fn one_backup_runs_at_a_time_and_a_caller_that_goes_away_frees_it() -> any
     };
     // Every payload is in it (1,000 × 16 KiB).
     assert!(bytes > 1000 * 16 * 1024, "{bytes} bytes");
+    node.shutdown().await
+}
+
+/// A backup whose admin token is revoked while it runs (a configuration reload) stops within
+/// about a second: its place is freed for the next backup, the pieces it made ahead are dropped,
+/// and its caller gets what HTTP/2 had already taken on its way, then the error a new call with
+/// that token gets, instead of the rest of the log.
+#[tokio::test]
+async fn a_backup_ends_once_its_admin_token_is_revoked() -> anyhow::Result<()> {
+    use futures::StreamExt as _;
+    const ADMIN_NEW: &str = "admin-token-after-the-rotation-6c1d";
+    let broker = start_broker().await;
+    let dir = tempfile::tempdir()?;
+    let running = touchline_tests::config(&broker, dir.path());
+    let node = touchline::Node::start(
+        running.clone(),
+        touchline::BrokerChoice::External,
+        touchline_tests::partners(),
+    )
+    .await?;
+    publish_a_large_log(&node).await?;
+
+    let mut backup = admin_client(&node)
+        .await?
+        .max_decoding_message_size(256 * 1024 * 1024)
+        .backup(authorized(v1::BackupRequest {}, ADMIN_TOKEN))
+        .await?
+        .into_inner();
+    let mut bytes = backup
+        .next()
+        .await
+        .transpose()?
+        .map_or(0, |chunk| chunk.data.len());
+    assert!(bytes > 0, "the backup runs");
+
+    // Revoked while the caller reads nothing (the backup waits for it, pieces made ahead).
+    let mut rotated = running.clone();
+    rotated.admin.token_sha256 = vec![touchline_ingest::hash_token(ADMIN_NEW)];
+    node.access().reload(&rotated, &running)?;
+    // The revoked backup frees its place: the new token's backup runs, whole.
+    let deadline = tokio::time::Instant::now() + touchline_tests::DEADLINE;
+    let mut poll = tokio::time::interval(std::time::Duration::from_millis(50));
+    let whole = loop {
+        poll.tick().await;
+        match whole_backup(&node, ADMIN_NEW).await {
+            Ok(whole) => break whole,
+            Err(error)
+                if error
+                    .downcast_ref::<tonic::Status>()
+                    .and_then(error_reason)
+                    .as_deref()
+                    == Some("BACKUP_RUNNING")
+                    && tokio::time::Instant::now() < deadline => {}
+            Err(error) => return Err(error),
+        }
+    };
+    assert!(whole > 1000 * 16 * 1024, "{whole} bytes");
+    // The revoked caller gets what was on its way, then its error.
+    let ended = loop {
+        match tokio::time::timeout(touchline_tests::DEADLINE, backup.next()).await? {
+            Some(Ok(chunk)) => bytes += chunk.data.len(),
+            Some(Err(status)) => break status,
+            None => anyhow::bail!("the backup of a revoked token ended without an error"),
+        }
+    };
+    assert_eq!(
+        (ended.code(), error_reason(&ended).as_deref()),
+        (Code::Unauthenticated, Some("TOKEN_INVALID"))
+    );
+    assert!(
+        bytes < whole,
+        "{bytes} of {whole} bytes to the revoked caller"
+    );
     node.shutdown().await
 }

@@ -166,6 +166,14 @@ impl AdminService {
         (self.authorize)(request.metadata())
     }
 
+    /// Asks the authorizer again, while a streaming call runs, whether `request`'s caller may
+    /// still make it (a revoked admin token ends its backup, replay or progress stream).
+    fn still_allowed<T>(&self, request: &Request<T>) -> crate::StillAllowed {
+        let authorize = Arc::clone(&self.authorize);
+        let metadata = request.metadata().clone();
+        crate::StillAllowed::new(move || authorize(&metadata).map(|_| ()))
+    }
+
     /// Resolves once no replay runs. A stopping node waits for it after the server stopped (the
     /// shutdown stops a replay at its next batch), so that no replayed batch is written after the
     /// store's last flush.
@@ -255,6 +263,7 @@ impl v1::admin_service_server::AdminService for AdminService {
         request: Request<v1::RebuildProjectionRequest>,
     ) -> Result<Response<Self::RebuildProjectionStream>, Status> {
         let caller = self.check(&request)?;
+        let still_allowed = self.still_allowed(&request);
         let peer = request.remote_addr();
         let projection = projection(&request.into_inner().projection)?;
         let rebuilds = Arc::clone(&self.context.rebuilds);
@@ -268,6 +277,7 @@ impl v1::admin_service_server::AdminService for AdminService {
             wire_rebuild,
             RebuildProgress::is_finished,
             self.context.shutdown.clone(),
+            still_allowed,
         )))
     }
 
@@ -306,6 +316,7 @@ impl v1::admin_service_server::AdminService for AdminService {
         request: Request<v1::ReplayRequest>,
     ) -> Result<Response<Self::ReplayStream>, Status> {
         let caller = self.check(&request)?;
+        let still_allowed = self.still_allowed(&request);
         let peer = request.remote_addr();
         let request = request.into_inner();
         let from = replay_from(request.from)?;
@@ -350,7 +361,7 @@ impl v1::admin_service_server::AdminService for AdminService {
         let slot = ReplaySlot(Arc::clone(&self.replays));
         let (messages, receiver) = tokio::sync::mpsc::channel(16);
         let context = Arc::clone(&self.context);
-        // A replay stops when the server shuts down or the caller goes away.
+        // A replay stops when the server shuts down, the caller goes away or its token is revoked.
         let cancel = context.shutdown.child_token();
         tokio::spawn(async move {
             let forwarding = tokio::spawn({
@@ -368,9 +379,12 @@ impl v1::admin_service_server::AdminService for AdminService {
                         wire_replay,
                         |p: &ReplayProgress| p.finished,
                         CancellationToken::new(),
+                        still_allowed,
                     );
                     while let Some(message) = forward.next().await {
-                        if messages.send(message).await.is_err() {
+                        // An error here is the caller's revoked token: its replay stops too.
+                        let revoked = message.is_err();
+                        if messages.send(message).await.is_err() || revoked {
                             cancel.cancel();
                             return;
                         }
@@ -547,6 +561,7 @@ impl v1::admin_service_server::AdminService for AdminService {
         Ok(Response::new(backup::stream(
             Arc::clone(&self.context.store),
             self.context.shutdown.clone(),
+            self.still_allowed(&request),
             &self.backups,
             claim,
         )))

@@ -8,6 +8,7 @@ pub mod metrics;
 pub mod page_token;
 pub mod reads;
 pub mod service;
+pub mod still_allowed;
 pub mod watch;
 
 pub(crate) use error::ERROR_DOMAIN;
@@ -15,3 +16,4 @@ pub(crate) use error::ERROR_DOMAIN;
 pub use error::{Error, Result};
 pub use reads::StoreReads;
 pub use service::TimelineService;
+pub use still_allowed::StillAllowed;

@@ -246,7 +246,7 @@ impl v1::timeline_service_server::TimelineService for TimelineService {
     ) -> Result<Response<Self::WatchTimelineStream>, Status> {
         let still_allowed = self.authorize.clone().map(|authorize| {
             let metadata = request.metadata().clone();
-            crate::watch::StillAllowed::new(move || authorize(&metadata).map(|_| ()))
+            crate::StillAllowed::new(move || authorize(&metadata).map(|_| ()))
         });
         let request = request.into_inner();
         let customer = customer_id(request.customer_id)?;

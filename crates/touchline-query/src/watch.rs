@@ -22,6 +22,7 @@ use touchline_proto::convert::wire_timeline_entry;
 use touchline_proto::v1;
 use tracing::warn;
 
+use crate::StillAllowed;
 use crate::reads::StoreReads;
 use crate::{ERROR_DOMAIN, Error};
 
@@ -96,51 +97,6 @@ pub fn decode_cursor(customer: &CustomerId, log: u64, cursor: &str) -> Result<u6
 
 type Message = Result<v1::WatchTimelineResponse, Status>;
 
-/// How often a running watch asks [`StillAllowed`] again.
-const ALLOWED_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
-
-/// Whether the watch's caller is still allowed to watch (its token not revoked), asked at most
-/// once every half second: before each entry sent, while a send waits for the client, and
-/// while the customer is quiet. The error ends the watch.
-pub struct StillAllowed {
-    check: Box<dyn Fn() -> Result<(), Status> + Send + Sync>,
-    checked_at: std::sync::Mutex<std::time::Instant>,
-}
-
-impl std::fmt::Debug for StillAllowed {
-    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        formatter
-            .debug_struct("StillAllowed")
-            .finish_non_exhaustive()
-    }
-}
-
-impl StillAllowed {
-    #[must_use]
-    pub fn new(check: impl Fn() -> Result<(), Status> + Send + Sync + 'static) -> Self {
-        Self {
-            check: Box::new(check),
-            checked_at: std::sync::Mutex::new(std::time::Instant::now()),
-        }
-    }
-
-    /// The check's error, when it is due and fails.
-    fn revoked(&self) -> Option<Status> {
-        {
-            let mut checked_at = self
-                .checked_at
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            // Half the period: the quiet watch's ticks, a period apart, always ask.
-            if checked_at.elapsed() < ALLOWED_CHECK / 2 {
-                return None;
-            }
-            *checked_at = std::time::Instant::now();
-        }
-        (self.check)().err()
-    }
-}
-
 /// How long a stopping server waits to tell a watcher that does not read its answers.
 const SHUTDOWN_NOTICE_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
@@ -207,7 +163,7 @@ impl Watch {
             return;
         }
         let mut delivered = durable.max(self.after);
-        let mut check = tokio::time::interval(ALLOWED_CHECK);
+        let mut check = tokio::time::interval(crate::still_allowed::PERIOD);
         check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             // A client that went away ends the watcher even when its customer is quiet, and so
@@ -404,7 +360,7 @@ impl Watch {
                         Err(_) => false,
                     };
                 }
-                () = tokio::time::sleep(ALLOWED_CHECK) => {}
+                () = tokio::time::sleep(crate::still_allowed::PERIOD) => {}
             }
         }
     }
@@ -425,7 +381,7 @@ fn mark_late(latest: &mut Option<(UnixNanos, u64)>, entry: &TimelineEntry) -> bo
 
 /// Ends a watch whose caller is no longer allowed, telling it why if it reads within a moment.
 async fn refuse(sender: &mpsc::Sender<Message>, status: Status) {
-    let _ = tokio::time::timeout(ALLOWED_CHECK, sender.send(Err(status))).await;
+    let _ = tokio::time::timeout(crate::still_allowed::PERIOD, sender.send(Err(status))).await;
 }
 
 /// Counts an open watch down when its task ends, however it ends.

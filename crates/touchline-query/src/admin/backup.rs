@@ -12,9 +12,10 @@ use touchline_projection::SledStore;
 use touchline_proto::v1;
 
 use super::rejected;
-use crate::Error;
 use crate::backup::Written;
 use crate::metrics;
+use crate::still_allowed::PERIOD;
+use crate::{Error, StillAllowed};
 
 fn count(outcome: &'static str) {
     metrics::BACKUPS
@@ -77,11 +78,14 @@ impl BackupSlot {
 }
 
 /// Streams a backup of `store`, holding `claim` until it ends. It stops when the caller goes away
-/// or reads nothing for a minute, and ends with UNAVAILABLE (SHUTTING_DOWN) when `shutdown` is
-/// cancelled.
+/// or reads nothing for a minute, ends with UNAVAILABLE (SHUTTING_DOWN) when `shutdown` is
+/// cancelled, and with the error a new call would get once `still_allowed` says the caller's
+/// token was revoked (checked before each piece and every second while a piece waits for the
+/// caller): then the pieces made ahead are dropped, not sent, and the slot is freed at once.
 pub(super) fn stream(
     store: Arc<SledStore>,
     shutdown: CancellationToken,
+    still_allowed: StillAllowed,
     slot: &BackupSlot,
     claim: Claim,
 ) -> BackupStream {
@@ -89,17 +93,33 @@ pub(super) fn stream(
     let (sender, receiver) = tokio::sync::mpsc::channel(AHEAD);
     let completed = Arc::new(AtomicBool::new(false));
     let done = Arc::clone(&completed);
+    // The caller's error once its token is revoked: what the stream ends with.
+    let revoked: Arc<std::sync::Mutex<Option<Status>>> = Arc::default();
+    let revoking = Arc::clone(&revoked);
     let runtime = tokio::runtime::Handle::current();
     tokio::task::spawn_blocking(move || {
         let _claim = claim;
         let send = |message: Result<v1::BackupChunk, Status>| {
             runtime.block_on(async {
-                tokio::select! {
-                    sent = sender.send(message) => sent.is_ok(),
-                    () = shutdown.cancelled() => false,
-                    () = tokio::time::sleep(STALLED) => {
-                        tracing::warn!("backup stopped: the caller read nothing for {STALLED:?}");
-                        false
+                let stalled = tokio::time::sleep(STALLED);
+                tokio::pin!(stalled);
+                loop {
+                    if let Some(status) = still_allowed.revoked() {
+                        *lock(&revoking) = Some(status);
+                        return false;
+                    }
+                    tokio::select! {
+                        permit = sender.reserve() => {
+                            let Ok(permit) = permit else { return false };
+                            permit.send(message);
+                            return true;
+                        }
+                        () = shutdown.cancelled() => return false,
+                        () = &mut stalled => {
+                            tracing::warn!("backup stopped: the caller read nothing for {STALLED:?}");
+                            return false;
+                        }
+                        () = tokio::time::sleep(PERIOD) => {}
                     }
                 }
             })
@@ -134,6 +154,10 @@ pub(super) fn stream(
                     ))),
                 ));
             }
+            Ok(None) if lock(&revoking).is_some() => {
+                count("stopped");
+                tracing::info!("backup stopped: the caller's token no longer authorizes it");
+            }
             Ok(None) => {
                 count("stopped");
                 tracing::info!("backup stopped: the caller went away or read nothing");
@@ -147,18 +171,32 @@ pub(super) fn stream(
     });
     // A backup that stopped before its end (a caller that read nothing for a minute, a shutdown
     // whose notice could not be queued) ends with an error, never with OK: only the trailer
-    // tells a whole file, and not every client reads it.
+    // tells a whole file, and not every client reads it. A revoked caller gets nothing more once
+    // the revocation is seen (the pieces made ahead are dropped), then its error.
+    let ending = Arc::clone(&revoked);
     let incomplete = futures::stream::once(async move {
         (!completed.load(Ordering::Acquire)).then(|| {
-            Err(rejected(
-                Code::Aborted,
-                "BACKUP_STOPPED",
-                "the backup stopped before its end (the caller read nothing for a minute, or the server is stopping): take it again",
-            ))
+            Err(lock(&ending).take().unwrap_or_else(|| {
+                rejected(
+                    Code::Aborted,
+                    "BACKUP_STOPPED",
+                    "the backup stopped before its end (the caller read nothing for a minute, or the server is stopping): take it again",
+                )
+            }))
         })
     })
     .filter_map(std::future::ready);
-    Box::pin(ReceiverStream::new(receiver).chain(incomplete))
+    Box::pin(
+        ReceiverStream::new(receiver)
+            .take_while(move |_| std::future::ready(lock(&revoked).is_none()))
+            .chain(incomplete),
+    )
+}
+
+fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// The answer of `Backup`: the file's pieces, then an error if it stopped before its end.

@@ -11,6 +11,8 @@ use touchline_proto::convert::{instant, timestamp};
 use touchline_proto::v1;
 
 use super::rejected;
+use crate::StillAllowed;
+use crate::still_allowed::PERIOD;
 
 pub(super) fn count(value: usize) -> u64 {
     u64::try_from(value).unwrap_or(u64::MAX)
@@ -95,12 +97,15 @@ pub(super) fn wire_role(role: VersionRole) -> v1::VersionState {
 }
 
 /// Streams a watch channel's values until `done` says the last one was sent, or the server shuts
-/// down (then the stream ends with UNAVAILABLE, so that a graceful shutdown does not wait for it).
+/// down (then the stream ends with UNAVAILABLE, so that a graceful shutdown does not wait for it),
+/// or the caller is no longer allowed (its token revoked: the stream ends with the error a new
+/// call would get, within about a second, also while nothing changes).
 pub(super) fn stream_progress<T, W>(
     mut progress: watch::Receiver<T>,
     wire: impl Fn(&T) -> W + Send + 'static,
     done: impl Fn(&T) -> bool + Send + 'static,
     shutdown: CancellationToken,
+    still_allowed: StillAllowed,
 ) -> ReceiverStream<Result<W, Status>>
 where
     T: Clone + Send + Sync + 'static,
@@ -108,17 +113,30 @@ where
 {
     let (sender, receiver) = tokio::sync::mpsc::channel(16);
     tokio::spawn(async move {
+        let mut checks = tokio::time::interval(PERIOD);
+        checks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut changed = true;
         loop {
-            let current = progress.borrow_and_update().clone();
-            if sender.send(Ok(wire(&current))).await.is_err() || done(&current) {
+            if let Some(status) = still_allowed.revoked() {
+                let _ = tokio::time::timeout(PERIOD, sender.send(Err(status))).await;
                 return;
+            }
+            if changed {
+                let current = progress.borrow_and_update().clone();
+                if sender.send(Ok(wire(&current))).await.is_err() || done(&current) {
+                    return;
+                }
             }
             // Updates are coalesced: at most one message per change, never a backlog. Ends when
             // the producer of the progress is gone (its last value was seen).
             tokio::select! {
-                changed = progress.changed() => if changed.is_err() {
-                    return;
-                },
+                result = progress.changed() => {
+                    if result.is_err() {
+                        return;
+                    }
+                    changed = true;
+                }
+                _ = checks.tick() => changed = false,
                 () = shutdown.cancelled() => {
                     let _ = sender
                         .send(Err(rejected(
@@ -156,5 +174,60 @@ pub(super) fn replay_from(from: Option<v1::replay_request::From>) -> Result<Repl
         Some(v1::replay_request::From::Earliest(false)) | None => Err(invalid(
             "say where to start: earliest, an offset or a timestamp",
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::Duration;
+
+    use futures::StreamExt as _;
+
+    use super::*;
+
+    /// A progress stream of a caller whose token is revoked ends with the caller's error, also
+    /// while the progress does not change; until then it stays open across the checks.
+    #[tokio::test]
+    async fn a_progress_stream_ends_once_its_caller_is_revoked_even_while_nothing_changes() {
+        let (progress, receiver) = watch::channel(0_u32);
+        let allowed = Arc::new(AtomicBool::new(true));
+        let still = Arc::clone(&allowed);
+        let mut stream = stream_progress(
+            receiver,
+            |value: &u32| *value,
+            |_: &u32| false,
+            CancellationToken::new(),
+            StillAllowed::new(move || {
+                if still.load(Ordering::Acquire) {
+                    Ok(())
+                } else {
+                    Err(Status::unauthenticated("revoked"))
+                }
+            }),
+        );
+        let next = async |stream: &mut ReceiverStream<Result<u32, Status>>| {
+            tokio::time::timeout(Duration::from_secs(30), stream.next())
+                .await
+                .expect("a message or the end within the deadline")
+        };
+        assert_eq!(next(&mut stream).await.map(Result::ok), Some(Some(0)));
+        progress.send(1).expect("the stream listens");
+        assert_eq!(next(&mut stream).await.map(Result::ok), Some(Some(1)));
+        // Allowed: nothing is sent across more than one check, and the stream stays open.
+        assert!(
+            tokio::time::timeout(PERIOD * 2, stream.next())
+                .await
+                .is_err()
+        );
+        allowed.store(false, Ordering::Release);
+        match next(&mut stream).await {
+            Some(Err(status)) => assert_eq!(status.code(), Code::Unauthenticated),
+            other => panic!("expected the caller's error, got {other:?}"),
+        }
+        assert!(next(&mut stream).await.is_none(), "and then the end");
+        // The stream no longer listens to the progress.
+        assert!(progress.send(2).is_err());
     }
 }
