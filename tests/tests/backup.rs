@@ -3,7 +3,7 @@
 //! node started on it goes on from the backup's positions, so that the events published after the
 //! backup are projected once and nothing before it twice. Bad files and existing stores are
 //! refused and leave nothing behind; a backup needs an admin token; one backup runs at a time,
-//! and one whose caller goes away frees its place.
+//! and one whose caller goes away, or whose admin token is revoked, frees its place.
 
 use tonic::Code;
 use touchline_core::EventStore as _;
@@ -68,7 +68,7 @@ async fn a_restored_node_goes_on_from_its_backup() -> anyhow::Result<()> {
     let done_before = backups_done();
     let backup = touchline::backup::backup(node.target(), ADMIN_TOKEN, &file).await?;
     assert_eq!(backup.events, 200);
-    // Counted process-wide (the other test of this binary takes backups too).
+    // Counted process-wide (the other tests of this binary take backups too).
     assert!(backups_done() > done_before);
     // The node's status tells the last backup (once its task has ended).
     let mut admin = admin_client(&node).await?;
@@ -127,7 +127,7 @@ async fn a_restored_node_goes_on_from_its_backup() -> anyhow::Result<()> {
     assert_eq!(verified, at_backup);
     drop(opened);
 
-    // Counted process-wide; the other test of this binary makes no duplicates.
+    // Counted process-wide; the other tests of this binary make no duplicates.
     let duplicates = || touchline_projection::metrics::PROJECTOR.duplicates.get();
     let duplicates_before = duplicates();
     let node = start_node(&broker, &dir.path().join("b")).await?;

@@ -242,7 +242,7 @@ impl Drop for ReplaySlot {
 
 #[tonic::async_trait]
 impl v1::admin_service_server::AdminService for AdminService {
-    type RebuildProjectionStream = ReceiverStream<Result<v1::RebuildProgress, Status>>;
+    type RebuildProjectionStream = wire::ProgressStream<v1::RebuildProgress>;
     type ReplayStream = ReceiverStream<Result<v1::ReplayProgress, Status>>;
     type BackupStream = backup::BackupStream;
 
@@ -382,9 +382,12 @@ impl v1::admin_service_server::AdminService for AdminService {
                         still_allowed,
                     );
                     while let Some(message) = forward.next().await {
-                        // An error here is the caller's revoked token: its replay stops too.
-                        let revoked = message.is_err();
-                        if messages.send(message).await.is_err() || revoked {
+                        // An error here is the caller's revoked token: its replay stops at once,
+                        // before the caller is told (it may not be reading).
+                        if message.is_err() {
+                            cancel.cancel();
+                        }
+                        if messages.send(message).await.is_err() {
                             cancel.cancel();
                             return;
                         }

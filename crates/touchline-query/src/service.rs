@@ -218,7 +218,9 @@ fn timeline_query(
 
 #[tonic::async_trait]
 impl v1::timeline_service_server::TimelineService for TimelineService {
-    type WatchTimelineStream = ReceiverStream<Result<v1::WatchTimelineResponse, Status>>;
+    type WatchTimelineStream = std::pin::Pin<
+        Box<dyn futures::Stream<Item = Result<v1::WatchTimelineResponse, Status>> + Send>,
+    >;
 
     async fn get_timeline(
         &self,
@@ -246,7 +248,9 @@ impl v1::timeline_service_server::TimelineService for TimelineService {
     ) -> Result<Response<Self::WatchTimelineStream>, Status> {
         let still_allowed = self.authorize.clone().map(|authorize| {
             let metadata = request.metadata().clone();
-            crate::StillAllowed::new(move || authorize(&metadata).map(|_| ()))
+            Arc::new(crate::StillAllowed::new(move || {
+                authorize(&metadata).map(|_| ())
+            }))
         });
         let request = request.into_inner();
         let customer = customer_id(request.customer_id)?;
@@ -286,9 +290,15 @@ impl v1::timeline_service_server::TimelineService for TimelineService {
             after,
             live: feed.subscribe(),
             shutdown: self.shutdown.clone(),
-            still_allowed,
+            still_allowed: still_allowed.clone(),
         };
-        Ok(Response::new(ReceiverStream::new(watch.spawn())))
+        let watching = ReceiverStream::new(watch.spawn());
+        Ok(Response::new(match still_allowed {
+            Some(still_allowed) => {
+                Box::pin(crate::still_allowed::until_revoked(watching, still_allowed))
+            }
+            None => Box::pin(watching),
+        }))
     }
 }
 

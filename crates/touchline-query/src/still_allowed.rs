@@ -3,6 +3,9 @@
 //! backup or an admin progress stream opened with it then ends with the error a new call would
 //! get, instead of running on until the caller hangs up.
 
+use std::sync::{Arc, Mutex, PoisonError};
+
+use futures::{Stream, StreamExt as _};
 use tonic::Status;
 
 /// How often a running call asks [`StillAllowed`] again.
@@ -10,10 +13,12 @@ pub(crate) const PERIOD: std::time::Duration = std::time::Duration::from_secs(1)
 
 /// Whether a call's caller is still allowed to make it (its token not revoked), asked at most
 /// once every half second: before each message sent, while a send waits for the client, and
-/// every second while the call has nothing to send. The error ends the call.
+/// every second while the call has nothing to send. Once the check fails, the call is revoked
+/// for good: the error ends it.
 pub struct StillAllowed {
     check: Box<dyn Fn() -> Result<(), Status> + Send + Sync>,
-    checked_at: std::sync::Mutex<std::time::Instant>,
+    checked_at: Mutex<std::time::Instant>,
+    revoked: Mutex<Option<Status>>,
 }
 
 impl std::fmt::Debug for StillAllowed {
@@ -30,23 +35,75 @@ impl StillAllowed {
     pub fn new(check: impl Fn() -> Result<(), Status> + Send + Sync + 'static) -> Self {
         Self {
             check: Box::new(check),
-            checked_at: std::sync::Mutex::new(std::time::Instant::now()),
+            checked_at: Mutex::new(std::time::Instant::now()),
+            revoked: Mutex::new(None),
         }
     }
 
-    /// The check's error, when it is due and fails.
+    /// The caller's error: the one seen before, or the check's when it is due and fails.
     pub(crate) fn revoked(&self) -> Option<Status> {
+        if let Some(status) = self.seen() {
+            return Some(status);
+        }
         {
-            let mut checked_at = self
-                .checked_at
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut checked_at = lock(&self.checked_at);
             // Half the period: ticks a period apart always ask.
             if checked_at.elapsed() < PERIOD / 2 {
                 return None;
             }
             *checked_at = std::time::Instant::now();
         }
-        (self.check)().err()
+        let status = (self.check)().err()?;
+        *lock(&self.revoked) = Some(status.clone());
+        Some(status)
     }
+
+    /// The caller's error if a revocation was seen, without asking.
+    fn seen(&self) -> Option<Status> {
+        lock(&self.revoked).clone()
+    }
+}
+
+/// `stream` while its caller is allowed (asked before each item: once revoked, the items queued
+/// behind are dropped, not sent), then the caller's error. The producer of `stream` only has to
+/// stop once it sees the revocation: its caller is told here, even when the producer could not
+/// queue anything more for a caller that does not read.
+pub(crate) fn until_revoked<W: Send + 'static>(
+    stream: impl Stream<Item = Result<W, Status>> + Send + 'static,
+    still_allowed: Arc<StillAllowed>,
+) -> impl Stream<Item = Result<W, Status>> + Send + 'static {
+    let asked = Arc::clone(&still_allowed);
+    stream
+        .take_while(move |_| std::future::ready(asked.revoked().is_none()))
+        .chain(
+            futures::stream::once(async move { still_allowed.seen() })
+                .filter_map(|revoked| std::future::ready(revoked.map(Err))),
+        )
+}
+
+/// Sends `message` once the caller has room for it, asking meanwhile (every [`PERIOD`]) whether it
+/// is still allowed; `false` when the caller went away or was revoked (the revocation then ends
+/// the stream through [`until_revoked`]).
+pub(crate) async fn send_while_allowed<M>(
+    sender: &tokio::sync::mpsc::Sender<Result<M, Status>>,
+    message: M,
+    still_allowed: Option<&StillAllowed>,
+) -> bool {
+    loop {
+        if still_allowed.is_some_and(|still| still.revoked().is_some()) {
+            return false;
+        }
+        tokio::select! {
+            permit = sender.reserve() => {
+                let Ok(permit) = permit else { return false };
+                permit.send(Ok(message));
+                return true;
+            }
+            () = tokio::time::sleep(PERIOD) => {}
+        }
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }

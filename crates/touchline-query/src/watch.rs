@@ -113,7 +113,7 @@ pub struct Watch {
     pub live: broadcast::Receiver<Arc<[TimelineEntry]>>,
     pub shutdown: CancellationToken,
     /// Asked every second while the watch runs; `None`: nothing to ask.
-    pub still_allowed: Option<StillAllowed>,
+    pub still_allowed: Option<Arc<StillAllowed>>,
 }
 
 impl Watch {
@@ -172,8 +172,7 @@ impl Watch {
                 received = self.live.recv() => received,
                 () = sender.closed() => return,
                 _ = check.tick() => {
-                    if let Some(status) = self.revoked() {
-                        refuse(sender, status).await;
+                    if self.revoked() {
                         return;
                     }
                     continue;
@@ -345,28 +344,15 @@ impl Watch {
             late,
         };
         // A client that does not read holds the send: the check goes on meanwhile.
-        loop {
-            if let Some(status) = self.revoked() {
-                refuse(sender, status).await;
-                return false;
-            }
-            tokio::select! {
-                permit = sender.reserve() => {
-                    return match permit {
-                        Ok(permit) => {
-                            permit.send(Ok(message));
-                            true
-                        }
-                        Err(_) => false,
-                    };
-                }
-                () = tokio::time::sleep(crate::still_allowed::PERIOD) => {}
-            }
-        }
+        crate::still_allowed::send_while_allowed(sender, message, self.still_allowed.as_deref())
+            .await
     }
 
-    fn revoked(&self) -> Option<Status> {
-        self.still_allowed.as_ref().and_then(StillAllowed::revoked)
+    /// Whether the caller was revoked: the watch then ends (`until_revoked` tells the caller).
+    fn revoked(&self) -> bool {
+        self.still_allowed
+            .as_ref()
+            .is_some_and(|still| still.revoked().is_some())
     }
 }
 
@@ -377,11 +363,6 @@ fn mark_late(latest: &mut Option<(UnixNanos, u64)>, entry: &TimelineEntry) -> bo
     let late = latest.is_some_and(|latest| order < latest);
     *latest = (*latest).max(Some(order));
     late
-}
-
-/// Ends a watch whose caller is no longer allowed, telling it why if it reads within a moment.
-async fn refuse(sender: &mpsc::Sender<Message>, status: Status) {
-    let _ = tokio::time::timeout(crate::still_allowed::PERIOD, sender.send(Err(status))).await;
 }
 
 /// Counts an open watch down when its task ends, however it ends.

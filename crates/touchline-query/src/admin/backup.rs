@@ -14,7 +14,7 @@ use touchline_proto::v1;
 use super::rejected;
 use crate::backup::Written;
 use crate::metrics;
-use crate::still_allowed::PERIOD;
+use crate::still_allowed::{PERIOD, until_revoked};
 use crate::{Error, StillAllowed};
 
 fn count(outcome: &'static str) {
@@ -93,9 +93,8 @@ pub(super) fn stream(
     let (sender, receiver) = tokio::sync::mpsc::channel(AHEAD);
     let completed = Arc::new(AtomicBool::new(false));
     let done = Arc::clone(&completed);
-    // The caller's error once its token is revoked: what the stream ends with.
-    let revoked: Arc<std::sync::Mutex<Option<Status>>> = Arc::default();
-    let revoking = Arc::clone(&revoked);
+    let still_allowed = Arc::new(still_allowed);
+    let asking = Arc::clone(&still_allowed);
     let runtime = tokio::runtime::Handle::current();
     tokio::task::spawn_blocking(move || {
         let _claim = claim;
@@ -104,8 +103,7 @@ pub(super) fn stream(
                 let stalled = tokio::time::sleep(STALLED);
                 tokio::pin!(stalled);
                 loop {
-                    if let Some(status) = still_allowed.revoked() {
-                        *lock(&revoking) = Some(status);
+                    if asking.revoked().is_some() {
                         return false;
                     }
                     tokio::select! {
@@ -154,7 +152,7 @@ pub(super) fn stream(
                     ))),
                 ));
             }
-            Ok(None) if lock(&revoking).is_some() => {
+            Ok(None) if asking.revoked().is_some() => {
                 count("stopped");
                 tracing::info!("backup stopped: the caller's token no longer authorizes it");
             }
@@ -173,30 +171,20 @@ pub(super) fn stream(
     // whose notice could not be queued) ends with an error, never with OK: only the trailer
     // tells a whole file, and not every client reads it. A revoked caller gets nothing more once
     // the revocation is seen (the pieces made ahead are dropped), then its error.
-    let ending = Arc::clone(&revoked);
     let incomplete = futures::stream::once(async move {
         (!completed.load(Ordering::Acquire)).then(|| {
-            Err(lock(&ending).take().unwrap_or_else(|| {
-                rejected(
-                    Code::Aborted,
-                    "BACKUP_STOPPED",
-                    "the backup stopped before its end (the caller read nothing for a minute, or the server is stopping): take it again",
-                )
-            }))
+            Err(rejected(
+                Code::Aborted,
+                "BACKUP_STOPPED",
+                "the backup stopped before its end (the caller read nothing for a minute, or the server is stopping): take it again",
+            ))
         })
     })
     .filter_map(std::future::ready);
-    Box::pin(
-        ReceiverStream::new(receiver)
-            .take_while(move |_| std::future::ready(lock(&revoked).is_none()))
-            .chain(incomplete),
-    )
-}
-
-fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
+    Box::pin(until_revoked(
+        ReceiverStream::new(receiver).chain(incomplete),
+        still_allowed,
+    ))
 }
 
 /// The answer of `Backup`: the file's pieces, then an error if it stopped before its end.

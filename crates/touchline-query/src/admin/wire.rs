@@ -1,6 +1,8 @@
 //! The admin API's wire forms: progress, dead letters and version states as messages, a replay's
 //! starting point from its request, and progress streamed from a watch channel.
 
+use std::sync::Arc;
+
 use tokio::sync::watch;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -12,7 +14,7 @@ use touchline_proto::v1;
 
 use super::rejected;
 use crate::StillAllowed;
-use crate::still_allowed::PERIOD;
+use crate::still_allowed::{PERIOD, send_while_allowed, until_revoked};
 
 pub(super) fn count(value: usize) -> u64 {
     u64::try_from(value).unwrap_or(u64::MAX)
@@ -96,34 +98,42 @@ pub(super) fn wire_role(role: VersionRole) -> v1::VersionState {
     }
 }
 
+/// A stream of progress messages (or of an error that ends it).
+pub(super) type ProgressStream<W> =
+    std::pin::Pin<Box<dyn futures::Stream<Item = Result<W, Status>> + Send>>;
+
 /// Streams a watch channel's values until `done` says the last one was sent, or the server shuts
 /// down (then the stream ends with UNAVAILABLE, so that a graceful shutdown does not wait for it),
 /// or the caller is no longer allowed (its token revoked: the stream ends with the error a new
-/// call would get, within about a second, also while nothing changes).
+/// call would get, within about a second, also while nothing changes or the caller does not
+/// read).
 pub(super) fn stream_progress<T, W>(
     mut progress: watch::Receiver<T>,
     wire: impl Fn(&T) -> W + Send + 'static,
     done: impl Fn(&T) -> bool + Send + 'static,
     shutdown: CancellationToken,
     still_allowed: StillAllowed,
-) -> ReceiverStream<Result<W, Status>>
+) -> ProgressStream<W>
 where
     T: Clone + Send + Sync + 'static,
     W: Send + 'static,
 {
+    let still_allowed = Arc::new(still_allowed);
     let (sender, receiver) = tokio::sync::mpsc::channel(16);
+    let asking = Arc::clone(&still_allowed);
     tokio::spawn(async move {
         let mut checks = tokio::time::interval(PERIOD);
         checks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut changed = true;
         loop {
-            if let Some(status) = still_allowed.revoked() {
-                let _ = tokio::time::timeout(PERIOD, sender.send(Err(status))).await;
+            if asking.revoked().is_some() {
                 return;
             }
             if changed {
                 let current = progress.borrow_and_update().clone();
-                if sender.send(Ok(wire(&current))).await.is_err() || done(&current) {
+                if !send_while_allowed(&sender, wire(&current), Some(&asking)).await
+                    || done(&current)
+                {
                     return;
                 }
             }
@@ -137,6 +147,7 @@ where
                     changed = true;
                 }
                 _ = checks.tick() => changed = false,
+                () = sender.closed() => return,
                 () = shutdown.cancelled() => {
                     let _ = sender
                         .send(Err(rejected(
@@ -150,7 +161,7 @@ where
             }
         }
     });
-    ReceiverStream::new(receiver)
+    Box::pin(until_revoked(ReceiverStream::new(receiver), still_allowed))
 }
 
 pub(super) fn replay_from(from: Option<v1::replay_request::From>) -> Result<ReplayFrom, Status> {
@@ -207,7 +218,7 @@ mod tests {
                 }
             }),
         );
-        let next = async |stream: &mut ReceiverStream<Result<u32, Status>>| {
+        let next = async |stream: &mut ProgressStream<u32>| {
             tokio::time::timeout(Duration::from_secs(30), stream.next())
                 .await
                 .expect("a message or the end within the deadline")
