@@ -19,6 +19,7 @@ use touchline_projection::{AppliedOffsets, OpsError, Projection, Requeued, SledS
 use touchline_proto::v1;
 
 use crate::Error;
+use crate::still_allowed::{send_while_allowed, until_revoked};
 
 mod backup;
 mod status;
@@ -243,7 +244,7 @@ impl Drop for ReplaySlot {
 #[tonic::async_trait]
 impl v1::admin_service_server::AdminService for AdminService {
     type RebuildProjectionStream = wire::ProgressStream<v1::RebuildProgress>;
-    type ReplayStream = ReceiverStream<Result<v1::ReplayProgress, Status>>;
+    type ReplayStream = wire::ProgressStream<v1::ReplayProgress>;
     type BackupStream = backup::BackupStream;
 
     async fn get_status(
@@ -277,7 +278,7 @@ impl v1::admin_service_server::AdminService for AdminService {
             wire_rebuild,
             RebuildProgress::is_finished,
             self.context.shutdown.clone(),
-            still_allowed,
+            Arc::new(still_allowed),
         )))
     }
 
@@ -316,7 +317,7 @@ impl v1::admin_service_server::AdminService for AdminService {
         request: Request<v1::ReplayRequest>,
     ) -> Result<Response<Self::ReplayStream>, Status> {
         let caller = self.check(&request)?;
-        let still_allowed = self.still_allowed(&request);
+        let still_allowed = Arc::new(self.still_allowed(&request));
         let peer = request.remote_addr();
         let request = request.into_inner();
         let from = replay_from(request.from)?;
@@ -363,10 +364,12 @@ impl v1::admin_service_server::AdminService for AdminService {
         let context = Arc::clone(&self.context);
         // A replay stops when the server shuts down, the caller goes away or its token is revoked.
         let cancel = context.shutdown.child_token();
+        let told = Arc::clone(&still_allowed);
         tokio::spawn(async move {
             let forwarding = tokio::spawn({
                 let messages = messages.clone();
                 let cancel = cancel.clone();
+                let still_allowed = Arc::clone(&still_allowed);
                 let mut progress = progress;
                 async move {
                     use futures::StreamExt as _;
@@ -379,15 +382,18 @@ impl v1::admin_service_server::AdminService for AdminService {
                         wire_replay,
                         |p: &ReplayProgress| p.finished,
                         CancellationToken::new(),
-                        still_allowed,
+                        Arc::clone(&still_allowed),
                     );
                     while let Some(message) = forward.next().await {
-                        // An error here is the caller's revoked token: its replay stops at once,
-                        // before the caller is told (it may not be reading).
-                        if message.is_err() {
+                        // An error here is the caller's revoked token, and so is a send given up
+                        // while the caller does not read: the replay stops at once (the caller
+                        // is told by the stream, `until_revoked`), as it does when the caller
+                        // goes away.
+                        let Ok(message) = message else {
                             cancel.cancel();
-                        }
-                        if messages.send(message).await.is_err() {
+                            return;
+                        };
+                        if !send_while_allowed(&messages, message, Some(&still_allowed)).await {
                             cancel.cancel();
                             return;
                         }
@@ -437,7 +443,10 @@ impl v1::admin_service_server::AdminService for AdminService {
                 let _ = messages.send(Err(status)).await;
             }
         });
-        Ok(Response::new(ReceiverStream::new(receiver)))
+        Ok(Response::new(Box::pin(until_revoked(
+            ReceiverStream::new(receiver),
+            told,
+        ))))
     }
 
     async fn list_dead_letters(

@@ -97,6 +97,9 @@ pub fn decode_cursor(customer: &CustomerId, log: u64, cursor: &str) -> Result<u6
 
 type Message = Result<v1::WatchTimelineResponse, Status>;
 
+/// The response stream of a watch.
+pub type WatchStream = std::pin::Pin<Box<dyn futures::Stream<Item = Message> + Send>>;
+
 /// How long a stopping server waits to tell a watcher that does not read its answers.
 const SHUTDOWN_NOTICE_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
@@ -122,7 +125,21 @@ impl Watch {
         self.reads.store().log_id()
     }
 
-    /// Starts the watcher; the receiver is the response stream.
+    /// Starts the watcher: its response stream, which ends with the caller's error once
+    /// `still_allowed` sees a revocation.
+    #[must_use]
+    pub fn stream(self) -> WatchStream {
+        match self.still_allowed.clone() {
+            Some(still_allowed) => Box::pin(crate::still_allowed::until_revoked(
+                tokio_stream::wrappers::ReceiverStream::new(self.spawn()),
+                still_allowed,
+            )),
+            None => Box::pin(tokio_stream::wrappers::ReceiverStream::new(self.spawn())),
+        }
+    }
+
+    /// Starts the watcher; the receiver is the response stream, but for a revocation, which
+    /// only ends it: [`Watch::stream`] tells the caller why.
     #[must_use]
     pub fn spawn(self) -> mpsc::Receiver<Message> {
         let (sender, receiver) = mpsc::channel(CLIENT_BUFFER);
@@ -159,7 +176,13 @@ impl Watch {
             cursor: encode_cursor(&self.customer, self.log(), durable.max(self.after)),
             late: false,
         };
-        if sender.send(Ok(caught_up)).await.is_err() {
+        if !crate::still_allowed::send_while_allowed(
+            sender,
+            caught_up,
+            self.still_allowed.as_deref(),
+        )
+        .await
+        {
             return;
         }
         let mut delivered = durable.max(self.after);

@@ -112,13 +112,12 @@ pub(super) fn stream_progress<T, W>(
     wire: impl Fn(&T) -> W + Send + 'static,
     done: impl Fn(&T) -> bool + Send + 'static,
     shutdown: CancellationToken,
-    still_allowed: StillAllowed,
+    still_allowed: Arc<StillAllowed>,
 ) -> ProgressStream<W>
 where
     T: Clone + Send + Sync + 'static,
     W: Send + 'static,
 {
-    let still_allowed = Arc::new(still_allowed);
     let (sender, receiver) = tokio::sync::mpsc::channel(16);
     let asking = Arc::clone(&still_allowed);
     tokio::spawn(async move {
@@ -210,13 +209,13 @@ mod tests {
             |value: &u32| *value,
             |_: &u32| false,
             CancellationToken::new(),
-            StillAllowed::new(move || {
+            Arc::new(StillAllowed::new(move || {
                 if still.load(Ordering::Acquire) {
                     Ok(())
                 } else {
                     Err(Status::unauthenticated("revoked"))
                 }
-            }),
+            })),
         );
         let next = async |stream: &mut ProgressStream<u32>| {
             tokio::time::timeout(Duration::from_secs(30), stream.next())
