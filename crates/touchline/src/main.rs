@@ -306,8 +306,35 @@ async fn run_node(
     // SIGHUP reloads the partners file where there is one; anywhere else (and during the start)
     // it must not end the process, which is the signal's default action.
     node::ignore_hangups();
+    // The first Ctrl-C or SIGTERM starts the shutdown; a second one while it drains ends the
+    // process at once (listened for as soon as the first arrives). What was acknowledged is safe
+    // either way: in Kafka, or durable in the local log before the acknowledgement (dev).
+    // (A node that failed is shutting down already: then the first signal ends the process.)
+    // Listened for from here on, the start included.
+    let mut signals = node::ShutdownSignals::listen();
+    let shutting_down = tokio_util::sync::CancellationToken::new();
+    let stop = shutting_down.clone();
+    tokio::spawn(async move {
+        let mut status = signals.next().await;
+        if !stop.is_cancelled() {
+            stop.cancel();
+            status = signals.next().await;
+        }
+        tracing::warn!("signal during the shutdown: exiting without waiting for it to finish");
+        std::process::exit(status);
+    });
+    tracing::info!(version = env!("CARGO_PKG_VERSION"), "starting");
     let running = config.clone();
-    let mut node = Node::start(config, broker, partners).await?;
+    let mut node = tokio::select! {
+        started = Node::start(config, broker, partners) => started?,
+        () = shutting_down.cancelled() => {
+            // Stopped before it served: the start stops what it started as it is dropped, and
+            // the store is crash-safe (what was acknowledged is durable, as above). Not waiting
+            // for the start's blocking Kafka calls (up to 30 s each), which the runtime would.
+            tracing::warn!("stopped during the start, before serving");
+            std::process::exit(0);
+        }
+    };
     // The admin and query tokens follow the configuration file (SIGHUP, or a change of it).
     let stop_watching = tokio_util::sync::CancellationToken::new();
     if let Some(path) = args.config.clone() {
@@ -354,21 +381,6 @@ async fn run_node(
             }
         });
     }
-    // The first Ctrl-C or SIGTERM starts the shutdown; a second one while it drains ends the
-    // process at once (listened for as soon as the first arrives). What was acknowledged is safe
-    // either way: in Kafka, or durable in the local log before the acknowledgement (dev).
-    // (A node that failed is shutting down already: then the first signal ends the process.)
-    let shutting_down = tokio_util::sync::CancellationToken::new();
-    let signals = shutting_down.clone();
-    tokio::spawn(async move {
-        let mut status = node::shutdown_signal().await;
-        if !signals.is_cancelled() {
-            signals.cancel();
-            status = node::shutdown_signal().await;
-        }
-        tracing::warn!("signal during the shutdown: exiting without waiting for it to finish");
-        std::process::exit(status);
-    });
     let failure = tokio::select! {
         () = shutting_down.cancelled() => None,
         error = node.failed() => Some(error),

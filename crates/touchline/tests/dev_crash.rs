@@ -3,7 +3,9 @@
 //! event is in the timeline exactly once (the embedded broker loses everything at the kill; the
 //! local event log must not). Sent SIGTERM under load: it drains, flushes, exits 0, and loses
 //! nothing acknowledged. Killed in the middle of a projection rebuild: the old version is still
-//! active and intact after the restart, and a new rebuild runs cleanly.
+//! active and intact after the restart, and a new rebuild runs cleanly. Sent SIGTERM while still
+//! starting (a `touchline serve` waiting for a Kafka that does not answer): it exits 0 at once and
+//! says so, instead of dying of the signal.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::process::Stdio;
@@ -336,5 +338,66 @@ async fn a_kill_during_a_rebuild_leaves_the_old_version_active_and_intact() -> a
     assert_eq!(after, expected, "the new rebuild equals the old version");
     child.start_kill()?;
     child.wait().await?;
+    Ok(())
+}
+
+/// A SIGTERM while the node is still starting, here while it waits (up to 30 s) for the metadata
+/// of a Kafka that does not answer, stops it at once with status 0 and a log line, instead of
+/// ending the process by the signal's default action or waiting out the start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_during_the_start_exits_cleanly_at_once() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    // A port nothing listens on.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_touchline"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--data-dir",
+        ])
+        .arg(dir.path())
+        .env("TOUCHLINE_KAFKA__BOOTSTRAP_SERVERS", closed.to_string())
+        .env("TOUCHLINE_INGEST__ENABLED", "false")
+        .env("TOUCHLINE_LOG__FORMAT", "json")
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let stderr = child.stderr.take().context("stderr is piped")?;
+    let mut lines = BufReader::new(stderr).lines();
+    tokio::time::timeout(DEADLINE, async {
+        while let Some(line) = lines.next_line().await? {
+            if line.contains("\"starting\"") {
+                return Ok(());
+            }
+        }
+        anyhow::bail!("touchline serve exited before starting")
+    })
+    .await
+    .context("touchline serve did not log its start")??;
+    terminate(&child)?;
+    // Well under the 30 s the metadata request may take: the stop does not wait for it.
+    let (status, rest) = tokio::time::timeout(Duration::from_secs(15), async {
+        let mut rest = Vec::new();
+        while let Some(line) = lines.next_line().await? {
+            rest.push(line);
+        }
+        anyhow::Ok((child.wait().await?, rest))
+    })
+    .await
+    .context("touchline serve did not stop at once after SIGTERM during its start")??;
+    assert!(
+        status.success(),
+        "a SIGTERM during the start exits 0: {status:?}, {rest:#?}"
+    );
+    assert!(
+        rest.iter()
+            .any(|line| line.contains("stopped during the start")),
+        "{rest:#?}"
+    );
     Ok(())
 }

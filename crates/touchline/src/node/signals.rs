@@ -19,37 +19,84 @@ pub fn ignore_hangups() {
     }
 }
 
-/// Resolves on Ctrl-C or SIGTERM, with the exit status a process ended by that signal
-/// conventionally has (130 for Ctrl-C, 143 for SIGTERM).
-pub async fn shutdown_signal() -> i32 {
-    let interrupt = async {
-        if let Err(error) = tokio::signal::ctrl_c().await {
-            error!(%error, "cannot listen for Ctrl-C");
-            std::future::pending::<()>().await;
-        }
-    };
+/// Ctrl-C and SIGTERM, listened for from the moment this is made: from then on neither ends the
+/// process by itself (their default action), also while the node is still starting.
+#[derive(Debug)]
+pub struct ShutdownSignals {
     #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
+    interrupt: Option<tokio::signal::unix::Signal>,
+    #[cfg(unix)]
+    terminate: Option<tokio::signal::unix::Signal>,
+}
+
+impl ShutdownSignals {
+    /// Starts listening (a signal that cannot be listened for is logged, and keeps its default
+    /// action).
+    #[must_use]
+    pub fn listen() -> Self {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            let listen = |kind: SignalKind, name: &str| match signal(kind) {
+                Ok(signal) => Some(signal),
+                Err(error) => {
+                    error!(%error, "cannot listen for {name}");
+                    None
+                }
+            };
+            Self {
+                interrupt: listen(SignalKind::interrupt(), "Ctrl-C"),
+                terminate: listen(SignalKind::terminate(), "SIGTERM"),
             }
-            Err(error) => {
-                error!(%error, "cannot listen for SIGTERM");
+        }
+        #[cfg(not(unix))]
+        Self {}
+    }
+
+    /// Resolves on the next Ctrl-C or SIGTERM, with the exit status a process ended by that
+    /// signal conventionally has (130 for Ctrl-C, 143 for SIGTERM).
+    pub async fn next(&mut self) -> i32 {
+        #[cfg(unix)]
+        {
+            async fn received(signal: &mut Option<tokio::signal::unix::Signal>) {
+                let received = match signal {
+                    Some(signal) => signal.recv().await.is_some(),
+                    None => false,
+                };
+                if !received {
+                    // Not listened for, or the runtime's signal driver is gone: never.
+                    std::future::pending::<()>().await;
+                }
+            }
+            let Self {
+                interrupt,
+                terminate,
+            } = self;
+            tokio::select! {
+                () = received(interrupt) => {
+                    info!("received Ctrl-C");
+                    130
+                }
+                () = received(terminate) => {
+                    info!("received SIGTERM");
+                    143
+                }
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            if let Err(error) = tokio::signal::ctrl_c().await {
+                error!(%error, "cannot listen for Ctrl-C");
                 std::future::pending::<()>().await;
             }
-        }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        () = interrupt => {
             info!("received Ctrl-C");
             130
         }
-        () = terminate => {
-            info!("received SIGTERM");
-            143
-        }
     }
+}
+
+/// Resolves on Ctrl-C or SIGTERM (listened for from the first poll), with the exit status a
+/// process ended by that signal conventionally has (130 for Ctrl-C, 143 for SIGTERM).
+pub async fn shutdown_signal() -> i32 {
+    ShutdownSignals::listen().next().await
 }
