@@ -31,7 +31,7 @@ use tls::TlsServer;
 
 use health::{NodeHealth, Roles, report_health};
 use own_thread::spawn_on_own_thread;
-pub use signals::{ShutdownSignals, ignore_hangups, shutdown_signal};
+pub use signals::{ShutdownSignals, ignore_hangups};
 use tonic_health::server::HealthReporter;
 
 /// Which Kafka the node talks to.

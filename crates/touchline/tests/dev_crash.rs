@@ -342,13 +342,15 @@ async fn a_kill_during_a_rebuild_leaves_the_old_version_active_and_intact() -> a
 }
 
 /// A SIGTERM while the node is still starting, here while it waits (up to 30 s) for the metadata
-/// of a Kafka that does not answer, stops it at once with status 0 and a log line, instead of
+/// of a Kafka that takes connections but does not answer, stops it at once with status 0 and a log line, instead of
 /// ending the process by the signal's default action or waiting out the start.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_during_the_start_exits_cleanly_at_once() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    // A port nothing listens on.
-    let closed = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    // A Kafka that does not answer: connections are taken (the kernel's backlog), requests never
+    // answered. Held for the whole test, so that no other test's broker can take the port.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let closed = silent.local_addr()?;
     let mut child = Command::new(env!("CARGO_BIN_EXE_touchline"))
         .args([
             "serve",
@@ -399,5 +401,6 @@ async fn sigterm_during_the_start_exits_cleanly_at_once() -> anyhow::Result<()> 
             .any(|line| line.contains("stopped during the start")),
         "{rest:#?}"
     );
+    drop(silent);
     Ok(())
 }

@@ -19,8 +19,9 @@ pub fn ignore_hangups() {
     }
 }
 
-/// Ctrl-C and SIGTERM, listened for from the moment this is made: from then on neither ends the
-/// process by itself (their default action), also while the node is still starting.
+/// Ctrl-C and SIGTERM, listened for from the moment this is made (on unix; elsewhere Ctrl-C from
+/// the first wait): from then on neither ends the process by itself (their default action), also
+/// while the node is still starting.
 #[derive(Debug)]
 pub struct ShutdownSignals {
     #[cfg(unix)]
@@ -93,10 +94,4 @@ impl ShutdownSignals {
             130
         }
     }
-}
-
-/// Resolves on Ctrl-C or SIGTERM (listened for from the first poll), with the exit status a
-/// process ended by that signal conventionally has (130 for Ctrl-C, 143 for SIGTERM).
-pub async fn shutdown_signal() -> i32 {
-    ShutdownSignals::listen().next().await
 }
