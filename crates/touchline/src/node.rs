@@ -83,15 +83,25 @@ impl Node {
         partners: impl Into<PartnerDirectory>,
     ) -> anyhow::Result<Self> {
         // Once the projector runs, a start that fails after it stops it and waits for it, so
-        // that the store is closed (and unlocked) when the error is returned.
+        // that the store is closed (and unlocked) when the error is returned; the embedded broker
+        // of a failed start stops after it (the projector does not lose its broker mid-batch).
         let mut projector = None;
-        let started = Self::start_roles(config, broker, partners.into(), &mut projector).await;
+        let mut embedded = None;
+        let started = Self::start_roles(
+            config,
+            broker,
+            partners.into(),
+            &mut projector,
+            &mut embedded,
+        )
+        .await;
         if started.is_err()
             && let Some((shutdown, task)) = projector.take()
         {
             shutdown.cancel();
             let _ = task.await;
         }
+        drop(embedded);
         started
     }
 
@@ -103,6 +113,7 @@ impl Node {
             CancellationToken,
             JoinHandle<touchline_projection::Result<()>>,
         )>,
+        embedded_slot: &mut Option<EmbeddedBroker>,
     ) -> anyhow::Result<Self> {
         config.validate()?;
         let access = AccessTokens::new(&config, broker == BrokerChoice::Embedded);
@@ -124,7 +135,7 @@ impl Node {
         let listener = TcpListener::bind(config.server.listen)
             .await
             .with_context(|| format!("cannot listen on {}", config.server.listen))?;
-        let embedded = match broker {
+        *embedded_slot = match broker {
             BrokerChoice::Embedded => {
                 let embedded =
                     EmbeddedBroker::start(1, &config.kafka.topic, config.kafka.partitions)?;
@@ -330,7 +341,7 @@ impl Node {
             store,
             rebuilds,
             admin: admin_handle,
-            broker: embedded,
+            broker: embedded_slot.take(),
             shutdown_grace: Duration::from_millis(config.server.shutdown_grace_ms),
             shutdown_delay: Duration::from_millis(config.server.shutdown_delay_ms),
             health,
