@@ -1,10 +1,13 @@
 //! Connection management on the gRPC listener: a partner whose connection vanishes without a
 //! close (dropped by a NAT or a load balancer) is disconnected by the server's HTTP/2 keepalive,
 //! which frees its stream slot; a unary call whose body stops arriving is ended at the body
-//! timeout, which frees its call slot; during the shutdown delay health already says `NOT_SERVING` (and
+//! timeout, which frees its call slot; a connection older than `server.max-connection-age-ms` is
+//! asked to go, its stream going on and new calls taking a new connection; during the shutdown delay health already says `NOT_SERVING` (and
 //! `liveness` still `SERVING`) while calls, on open and on new connections, are still served.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -33,19 +36,24 @@ use touchline_tests::{
 async fn silenceable_proxy(
     upstream: SocketAddr,
 ) -> anyhow::Result<(SocketAddr, CancellationToken)> {
-    proxy(upstream, None).await
+    let (addr, silence, _) = proxy(upstream, None).await?;
+    Ok((addr, silence))
 }
 
+/// Also counts the connections it was asked for.
 async fn proxy(
     upstream: SocketAddr,
     budget: Option<usize>,
-) -> anyhow::Result<(SocketAddr, CancellationToken)> {
+) -> anyhow::Result<(SocketAddr, CancellationToken, Arc<AtomicUsize>)> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let silence = CancellationToken::new();
     let silenced = silence.clone();
+    let connections = Arc::new(AtomicUsize::new(0));
+    let accepted = Arc::clone(&connections);
     tokio::spawn(async move {
         while let Ok((client, _)) = listener.accept().await {
+            accepted.fetch_add(1, Ordering::SeqCst);
             let Ok(server) = TcpStream::connect(upstream).await else {
                 continue;
             };
@@ -65,7 +73,7 @@ async fn proxy(
             tokio::spawn(forward(server_read, client_write, both_ways, None));
         }
     });
-    Ok((addr, silence))
+    Ok((addr, silence, connections))
 }
 
 async fn forward(
@@ -203,7 +211,7 @@ async fn a_unary_call_whose_body_stops_arriving_is_ended_and_frees_its_slot() ->
     })
     .await?;
     // The proxy lets the call's headers and the start of its body through, then nothing.
-    let (proxy, stalled) = proxy(node.local_addr(), Some(4096)).await?;
+    let (proxy, stalled, _) = proxy(node.local_addr(), Some(4096)).await?;
     let mut through_proxy =
         IngestServiceClient::new(Target::new(format!("http://{proxy}")).connect().await?);
     let events = (0..1000)
@@ -359,4 +367,60 @@ async fn a_health_watch_ends_with_the_server_and_does_not_hold_its_stop() -> any
     );
     tokio::time::timeout(touchline_tests::DEADLINE, stopping).await???;
     Ok(())
+}
+
+/// With `server.max-connection-age-ms`, a connection is asked to go (HTTP/2 GOAWAY) once that old:
+/// the partner's stream in flight on it goes on, and its new calls go on a new connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_old_connection_is_asked_to_go_and_its_open_stream_goes_on() -> anyhow::Result<()> {
+    let broker = start_broker().await;
+    let dir = tempfile::tempdir()?;
+    let node = start_node_with(&broker, dir.path(), partners(), |config| {
+        config.server.max_connection_age_ms = 300;
+    })
+    .await?;
+    let (proxy, _, connections) = proxy(node.local_addr(), None).await?;
+    let mut ingest =
+        IngestServiceClient::new(Target::new(format!("http://{proxy}")).connect().await?);
+    let (requests, outgoing) = mpsc::channel(4);
+    let mut answers = ingest
+        .publish_stream(authorized(ReceiverStream::new(outgoing), COURIER.1))
+        .await?
+        .into_inner();
+    requests.send(batch("age-stream-1")).await?;
+    assert_eq!(
+        answers.message().await?.map(|answer| answer.accepted),
+        Some(1)
+    );
+    assert_eq!(connections.load(Ordering::SeqCst), 1);
+
+    // New calls until one takes a new connection: the first one, past its age, was asked to go.
+    // (A call racing the GOAWAY may be refused; the next goes on the new connection.)
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    let mut poll = tokio::time::interval(Duration::from_millis(50));
+    let mut attempt = 0;
+    while connections.load(Ordering::SeqCst) < 2 {
+        poll.tick().await;
+        attempt += 1;
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "no new connection: the old one was never asked to go"
+        );
+        let _ = publish(
+            &mut ingest,
+            COURIER.1,
+            batch(&format!("age-unary-{attempt}")).events,
+        )
+        .await;
+    }
+    let answer = publish(&mut ingest, COURIER.1, batch("age-unary-new").events).await?;
+    assert_eq!(answer.accepted, 1, "a new call goes on the new connection");
+    // The stream opened on the old connection goes on.
+    requests.send(batch("age-stream-2")).await?;
+    assert_eq!(
+        answers.message().await?.map(|answer| answer.accepted),
+        Some(1)
+    );
+    drop(requests);
+    node.shutdown().await
 }
