@@ -188,7 +188,9 @@ async fn a_rebuild_during_ingest_keeps_serving_and_equals_a_clean_rebuild() -> a
     rebuild(&mut admin, "summary").await?;
     // The replaced versions are deleted after the switch is reported.
     let deadline = Instant::now() + Duration::from_secs(30);
+    let mut poll = tokio::time::interval(Duration::from_millis(20));
     loop {
+        poll.tick().await;
         let status = admin
             .get_status(authorized(v1::GetStatusRequest {}, ADMIN_TOKEN))
             .await?
@@ -220,7 +222,6 @@ async fn a_rebuild_during_ingest_keeps_serving_and_equals_a_clean_rebuild() -> a
             Instant::now() < deadline,
             "replaced versions still dropping: {versions:?}"
         );
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let clean = verify(&mut admin).await?;
     assert_eq!(after_load.log_events, clean.log_events);

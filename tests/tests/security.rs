@@ -326,7 +326,9 @@ async fn with_query_tokens_configured_the_timeline_service_needs_one() -> anyhow
 
     // With the token: the timeline (once the event is projected) and the summary.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let mut poll = tokio::time::interval(std::time::Duration::from_millis(5));
     loop {
+        poll.tick().await;
         let page = timeline
             .get_timeline(touchline_tests::authorized(request(), QUERY))
             .await?
@@ -338,7 +340,6 @@ async fn with_query_tokens_configured_the_timeline_service_needs_one() -> anyhow
             std::time::Instant::now() < deadline,
             "the event was never projected"
         );
-        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     }
     let summary = timeline
         .get_customer_summary(touchline_tests::authorized(
@@ -427,27 +428,37 @@ async fn admin_and_query_tokens_follow_the_configuration_file_without_a_restart(
         Code::NotFound
     );
 
+    // Opens a live timeline with `token` and reads it up to `caught_up`.
+    let caught_up_watch =
+        async |timeline: &mut v1::timeline_service_client::TimelineServiceClient<
+            tonic::transport::Channel,
+        >,
+               token: &str|
+               -> anyhow::Result<tonic::Streaming<v1::WatchTimelineResponse>> {
+            let mut watch = timeline
+                .watch_timeline(touchline_tests::authorized(
+                    v1::WatchTimelineRequest {
+                        customer_id: "nobody".to_owned(),
+                        cursor: String::new(),
+                    },
+                    token,
+                ))
+                .await?
+                .into_inner();
+            let caught_up = tokio::time::timeout(touchline_tests::DEADLINE, watch.message())
+                .await??
+                .and_then(|message| message.event);
+            assert!(
+                matches!(
+                    caught_up,
+                    Some(v1::watch_timeline_response::Event::CaughtUp(_))
+                ),
+                "{caught_up:?}"
+            );
+            Ok(watch)
+        };
     // A live timeline opened with the old query token, running across the rotation.
-    let mut watch = timeline
-        .watch_timeline(touchline_tests::authorized(
-            v1::WatchTimelineRequest {
-                customer_id: "nobody".to_owned(),
-                cursor: String::new(),
-            },
-            QUERY_OLD,
-        ))
-        .await?
-        .into_inner();
-    let caught_up = tokio::time::timeout(touchline_tests::DEADLINE, watch.message())
-        .await??
-        .and_then(|message| message.event);
-    assert!(
-        matches!(
-            caught_up,
-            Some(v1::watch_timeline_response::Event::CaughtUp(_))
-        ),
-        "{caught_up:?}"
-    );
+    let mut watch = caught_up_watch(&mut timeline, QUERY_OLD).await?;
 
     // The rotation: new admin and query tokens, the old ones gone.
     let mut rotated = running.clone();
@@ -486,22 +497,7 @@ async fn admin_and_query_tokens_follow_the_configuration_file_without_a_restart(
     );
 
     // A live timeline opened with the new token goes on through the checks (a second apart).
-    let mut kept = timeline
-        .watch_timeline(touchline_tests::authorized(
-            v1::WatchTimelineRequest {
-                customer_id: "nobody".to_owned(),
-                cursor: String::new(),
-            },
-            QUERY_NEW,
-        ))
-        .await?
-        .into_inner();
-    assert!(matches!(
-        tokio::time::timeout(touchline_tests::DEADLINE, kept.message())
-            .await??
-            .and_then(|message| message.event),
-        Some(v1::watch_timeline_response::Event::CaughtUp(_))
-    ));
+    let mut kept = caught_up_watch(&mut timeline, QUERY_NEW).await?;
 
     // A file that does not load (an unknown key) keeps the tokens in force.
     let failed_before = reloads("failed");

@@ -169,10 +169,12 @@ impl AdminService {
 
     /// Asks the authorizer again, while a streaming call runs, whether `request`'s caller may
     /// still make it (a revoked admin token ends its backup, replay or progress stream).
-    fn still_allowed<T>(&self, request: &Request<T>) -> crate::StillAllowed {
+    fn still_allowed<T>(&self, request: &Request<T>) -> Arc<crate::StillAllowed> {
         let authorize = Arc::clone(&self.authorize);
         let metadata = request.metadata().clone();
-        crate::StillAllowed::new(move || authorize(&metadata).map(|_| ()))
+        Arc::new(crate::StillAllowed::new(move || {
+            authorize(&metadata).map(|_| ())
+        }))
     }
 
     /// Resolves once no replay runs. A stopping node waits for it after the server stopped (the
@@ -278,7 +280,7 @@ impl v1::admin_service_server::AdminService for AdminService {
             wire_rebuild,
             RebuildProgress::is_finished,
             self.context.shutdown.clone(),
-            Arc::new(still_allowed),
+            still_allowed,
         )))
     }
 
@@ -317,7 +319,7 @@ impl v1::admin_service_server::AdminService for AdminService {
         request: Request<v1::ReplayRequest>,
     ) -> Result<Response<Self::ReplayStream>, Status> {
         let caller = self.check(&request)?;
-        let still_allowed = Arc::new(self.still_allowed(&request));
+        let still_allowed = self.still_allowed(&request);
         let peer = request.remote_addr();
         let request = request.into_inner();
         let from = replay_from(request.from)?;

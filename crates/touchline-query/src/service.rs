@@ -5,7 +5,6 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Instant;
 
-use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
 use tonic::{Request, Response, Status};
@@ -218,9 +217,7 @@ fn timeline_query(
 
 #[tonic::async_trait]
 impl v1::timeline_service_server::TimelineService for TimelineService {
-    type WatchTimelineStream = std::pin::Pin<
-        Box<dyn futures::Stream<Item = Result<v1::WatchTimelineResponse, Status>> + Send>,
-    >;
+    type WatchTimelineStream = crate::watch::WatchStream;
 
     async fn get_timeline(
         &self,
@@ -290,15 +287,9 @@ impl v1::timeline_service_server::TimelineService for TimelineService {
             after,
             live: feed.subscribe(),
             shutdown: self.shutdown.clone(),
-            still_allowed: still_allowed.clone(),
+            still_allowed,
         };
-        let watching = ReceiverStream::new(watch.spawn());
-        Ok(Response::new(match still_allowed {
-            Some(still_allowed) => {
-                Box::pin(crate::still_allowed::until_revoked(watching, still_allowed))
-            }
-            None => Box::pin(watching),
-        }))
+        Ok(Response::new(watch.stream()))
     }
 }
 

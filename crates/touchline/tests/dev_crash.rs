@@ -294,7 +294,9 @@ async fn a_kill_during_a_rebuild_leaves_the_old_version_active_and_intact() -> a
     );
     // The half-built version is deleted in the background after the start.
     let deadline = tokio::time::Instant::now() + DEADLINE;
+    let mut poll = tokio::time::interval(Duration::from_millis(20));
     loop {
+        poll.tick().await;
         let status = AdminServiceClient::connect(endpoint.clone())
             .await?
             .get_status(admin(v1::GetStatusRequest {}))
@@ -317,7 +319,6 @@ async fn a_kill_during_a_rebuild_leaves_the_old_version_active_and_intact() -> a
             tokio::time::Instant::now() < deadline,
             "the half-built version is still being dropped: {dropping:?}"
         );
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let mut progress = rebuild_timeline(&endpoint).await?;
     let mut last = None;

@@ -85,7 +85,7 @@ impl BackupSlot {
 pub(super) fn stream(
     store: Arc<SledStore>,
     shutdown: CancellationToken,
-    still_allowed: StillAllowed,
+    still_allowed: Arc<StillAllowed>,
     slot: &BackupSlot,
     claim: Claim,
 ) -> BackupStream {
@@ -93,7 +93,6 @@ pub(super) fn stream(
     let (sender, receiver) = tokio::sync::mpsc::channel(AHEAD);
     let completed = Arc::new(AtomicBool::new(false));
     let done = Arc::clone(&completed);
-    let still_allowed = Arc::new(still_allowed);
     let asking = Arc::clone(&still_allowed);
     let runtime = tokio::runtime::Handle::current();
     tokio::task::spawn_blocking(move || {
