@@ -342,6 +342,12 @@ impl TimelineService {
                 };
                 let first = store.timeline_entry(&lookup, summary.first_touch.cursor())?;
                 let last = store.timeline_entry(&lookup, summary.last_touch.cursor())?;
+                // A summary is rewritten in place by every batch that folds into it, so unlike
+                // timeline entries it cannot be read as of the durable end of the log: what was
+                // read is made durable before it is served (invariant 6; a crash could take it
+                // back otherwise). A flush finds nothing to sync when the projector's flusher got
+                // there first, and covers everything applied before it starts.
+                store.flush()?;
                 Ok(Some((summary, first, last)))
             })
             .await?;

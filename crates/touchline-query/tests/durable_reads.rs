@@ -1,6 +1,7 @@
 //! `GetTimeline` serves durable entries only: an entry applied to the store but not yet flushed
 //! is not shown (a crash could take it back, to be applied again from Kafka, perhaps under
-//! another log sequence); once flushed it is. A `WatchTimeline` cursor past the durable end of
+//! another log sequence); once flushed it is. `GetCustomerSummary` makes what it read durable
+//! before it serves it. A `WatchTimeline` cursor past the durable end of
 //! the log is refused. The real sled store on a temporary directory, the real `TimelineService`
 //! on `127.0.0.1:0`, the generated client.
 
@@ -89,6 +90,53 @@ async fn get_timeline_shows_an_entry_once_it_is_flushed() -> anyhow::Result<()> 
 
     store.flush()?;
     assert_eq!(event_ids(&mut client).await?, ["e1", "e3", "e2", "e4"]);
+
+    server.abort();
+    let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
+    Ok(())
+}
+
+/// A summary is rewritten in place by each batch, so it cannot be read as of the durable end of
+/// the log as timeline pages are: `GetCustomerSummary` makes what it read durable before it
+/// serves it, so that no client sees a count (or a last touch) that a crash could take back.
+#[tokio::test]
+async fn get_customer_summary_serves_what_it_read_only_once_it_is_durable() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let store = Arc::new(SledStore::open(dir.path())?);
+    let (mut client, server) = serve(&store).await?;
+    let mut offset = 0;
+    let flushed = true;
+    apply(
+        &*store,
+        &mut offset,
+        vec![event("e1", "alice", 10)],
+        flushed,
+    );
+    apply(
+        &*store,
+        &mut offset,
+        vec![event("e2", "alice", 30)],
+        !flushed,
+    );
+    assert_eq!(store.durable_sequence(), 1, "e2 is applied, not durable");
+
+    let summary = client
+        .get_customer_summary(v1::GetCustomerSummaryRequest {
+            customer_id: "alice".to_owned(),
+        })
+        .await?
+        .into_inner();
+    assert_eq!(summary.total_touchpoints, 2, "{summary:?}");
+    let last = summary.last_touch.and_then(|entry| entry.touchpoint);
+    assert_eq!(
+        last.map(|touchpoint| touchpoint.event_id).as_deref(),
+        Some("e2")
+    );
+    assert_eq!(
+        store.durable_sequence(),
+        2,
+        "the summary served counts e2, which is durable by then"
+    );
 
     server.abort();
     let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
