@@ -90,6 +90,25 @@ pub struct StoreConfig {
     pub cache_mib: u64,
 }
 
+impl StoreConfig {
+    /// The store's own settings (checked by [`Config::validate`], and by the commands that open a
+    /// store without starting a node).
+    ///
+    /// # Errors
+    /// When `cache-mib` is 0 (sled cannot run without a page cache) or past 1 TiB.
+    pub fn check(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            (1..=MAX_CACHE_MIB).contains(&self.cache_mib),
+            "store.cache-mib = {} is out of range: it must be between 1 and {MAX_CACHE_MIB}",
+            self.cache_mib
+        );
+        Ok(())
+    }
+}
+
+/// The largest `store.cache-mib`: 1 TiB.
+const MAX_CACHE_MIB: u64 = 1 << 20;
+
 impl Default for StoreConfig {
     fn default() -> Self {
         Self {
@@ -362,6 +381,17 @@ impl Config {
                 );
             }
         }
+        // The projector's resume reads from the earliest record when a position is gone (dedupe
+        // makes that safe); a consumer that jumped to the end would skip acknowledged events and
+        // store positions past them.
+        for properties in [&self.kafka.properties, &self.kafka.consumer_properties] {
+            if let Some(reset) = properties.get("auto.offset.reset") {
+                anyhow::ensure!(
+                    matches!(reset.as_str(), "earliest" | "smallest" | "beginning"),
+                    "kafka property auto.offset.reset={reset} is refused: a projector that lost its place must read from the earliest record, not skip acknowledged events"
+                );
+            }
+        }
         for (name, hashes) in [
             ("admin.token-sha256", &self.admin.token_sha256),
             ("query.token-sha256", &self.query.token_sha256),
@@ -374,6 +404,8 @@ impl Config {
             }
         }
         self.check_sizes()?;
+        self.store.check()?;
+        self.server.check()?;
         self.check_event_fits_kafka()?;
         if let Some(rate) = self.ingest.rate_per_second {
             anyhow::ensure!(

@@ -295,13 +295,18 @@ pub fn generate(customers: usize, seed: u64, now: UnixNanos) -> [Vec<v1::Touchpo
     by_partner
 }
 
-/// Publishes the demo through the ingest service at `endpoint`, every partner concurrently.
+/// Events per demo request, unless the node takes fewer (`ingest.max-batch-events`).
+pub const DEMO_BATCH: usize = 100;
+
+/// Publishes the demo through the ingest service at `endpoint`, every partner concurrently, in
+/// requests of `batch_size` events.
 ///
 /// # Errors
 /// When a partner's stream fails.
 pub async fn publish_demo(
     endpoint: &crate::Target,
     customers: usize,
+    batch_size: usize,
     seed: u64,
 ) -> anyhow::Result<crate::stream_client::PublishReport> {
     let by_partner = generate(customers, seed, UnixNanos::now());
@@ -311,7 +316,7 @@ pub async fn publish_demo(
         let token = DEMO_PARTNERS[partner].1;
         let numbered = events.into_iter().enumerate().collect();
         let options = crate::stream_client::PublishOptions {
-            batch_size: 100,
+            batch_size,
             ..Default::default()
         };
         tasks.spawn(async move {

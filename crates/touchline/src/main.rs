@@ -325,6 +325,8 @@ async fn run_node(
     });
     tracing::info!(version = env!("CARGO_PKG_VERSION"), "starting");
     let running = config.clone();
+    // The demo's batches fit the node's limit (BATCH_TOO_LARGE otherwise).
+    let demo_batch = config.ingest.max_batch_events.min(demo::DEMO_BATCH);
     let mut node = tokio::select! {
         started = Node::start(config, broker, partners) => started?,
         () = shutting_down.cancelled() => {
@@ -368,7 +370,7 @@ async fn run_node(
     }
     if let Some(customers) = demo_customers {
         tokio::spawn(async move {
-            match demo::publish_demo(&target, customers, 2026).await {
+            match demo::publish_demo(&target, customers, demo_batch, 2026).await {
                 Ok(report) => {
                     let _ = touchline::outln!(
                         "demo published: {} accepted, {} rejected, across {customers} customers (e.g. {})",
@@ -566,6 +568,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 log_format: None,
             })?;
             init_tracing(&config);
+            config.store.check()?;
             let restored = touchline::backup::restore(
                 &file,
                 &config.store.path,

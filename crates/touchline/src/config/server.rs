@@ -23,7 +23,8 @@ pub struct ServerConfig {
     /// a partner whose connection vanished without a close frees its stream slots.
     pub http2_keepalive_interval_ms: u64,
     pub http2_keepalive_timeout_ms: u64,
-    /// TCP keepalive probes on accepted connections after this many idle ms (0: off).
+    /// TCP keepalive probes on accepted connections after this many idle ms (0: off; else 1,000
+    /// to 32,767,000, counted in whole seconds).
     pub tcp_keepalive_ms: u64,
     /// Calls served at once on one connection (HTTP/2 `SETTINGS_MAX_CONCURRENT_STREAMS`); a
     /// client queues the rest.
@@ -34,6 +35,40 @@ pub struct ServerConfig {
     pub max_connection_age_ms: u64,
     /// TLS for every service on the listener; plaintext when absent.
     pub tls: Option<TlsConfig>,
+}
+
+/// Linux takes TCP keepalive times in whole seconds, from 1 to 32,767.
+const TCP_KEEPALIVE_MS: std::ops::RangeInclusive<u64> = 1_000..=32_767_000;
+
+/// The longest shutdown wait: an hour (past it a value is a mistake that would hold a stopping
+/// node until a second signal).
+const MAX_SHUTDOWN_WAIT_MS: u64 = 3_600_000;
+
+impl ServerConfig {
+    /// Values the listener cannot use. (Checked by [`super::Config::validate`].)
+    ///
+    /// # Errors
+    /// When `tcp-keepalive-ms` is neither 0 nor 1,000 to 32,767,000 (else the kernel refuses the
+    /// setting and every connection with it), or a shutdown wait is past an hour.
+    pub fn check(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.tcp_keepalive_ms == 0 || TCP_KEEPALIVE_MS.contains(&self.tcp_keepalive_ms),
+            "server.tcp-keepalive-ms = {} is out of range: it must be 0 (off) or between {} and {} (the kernel counts whole seconds)",
+            self.tcp_keepalive_ms,
+            TCP_KEEPALIVE_MS.start(),
+            TCP_KEEPALIVE_MS.end()
+        );
+        for (name, value) in [
+            ("server.shutdown-grace-ms", self.shutdown_grace_ms),
+            ("server.shutdown-delay-ms", self.shutdown_delay_ms),
+        ] {
+            anyhow::ensure!(
+                value <= MAX_SHUTDOWN_WAIT_MS,
+                "{name} = {value} is out of range: it must be between 0 and {MAX_SHUTDOWN_WAIT_MS}"
+            );
+        }
+        Ok(())
+    }
 }
 
 impl Default for ServerConfig {

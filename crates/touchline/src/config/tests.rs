@@ -110,6 +110,22 @@ fn sizes_out_of_range_are_refused() {
     );
     assert!(refused(|c| c.projector.max_batch = 0).contains("projector.max-batch"));
     assert!(refused(|c| c.projector.rebuild_batch = 0).contains("projector.rebuild-batch"));
+    // sled asserts a page cache of at least 256 bytes: 0 panicked in the store's open.
+    assert!(refused(|c| c.store.cache_mib = 0).contains("store.cache-mib"));
+    // The kernel refuses keepalive times under a second: every connection was dropped silently.
+    assert!(refused(|c| c.server.tcp_keepalive_ms = 500).contains("server.tcp-keepalive-ms"));
+    assert!(
+        refused(|c| c.server.tcp_keepalive_ms = 40_000_000).contains("server.tcp-keepalive-ms")
+    );
+    assert!(
+        refused(|c| c.server.shutdown_grace_ms = u64::MAX).contains("server.shutdown-grace-ms")
+    );
+    assert!(
+        refused(|c| c.server.shutdown_delay_ms = 3_600_001).contains("server.shutdown-delay-ms")
+    );
+    let mut off = Config::default();
+    off.server.tcp_keepalive_ms = 0;
+    off.validate().expect("0 turns TCP keepalive off");
     Config::default()
         .validate()
         .expect("the defaults are valid");
@@ -153,6 +169,27 @@ fn weakening_acknowledgements_is_refused() {
         .properties
         .insert("enable.idempotence".to_owned(), "false".to_owned());
     assert!(config.validate().is_err());
+}
+
+#[test]
+fn a_consumer_that_would_skip_records_is_refused() {
+    let mut config = Config::default();
+    config
+        .kafka
+        .consumer_properties
+        .insert("auto.offset.reset".to_owned(), "latest".to_owned());
+    let refused = config.validate().expect_err("latest skips records");
+    assert!(
+        refused.to_string().contains("auto.offset.reset"),
+        "{refused}"
+    );
+    config
+        .kafka
+        .consumer_properties
+        .insert("auto.offset.reset".to_owned(), "earliest".to_owned());
+    config
+        .validate()
+        .expect("earliest is what the projector uses");
 }
 
 #[test]
