@@ -203,7 +203,7 @@ impl Publisher {
         durability: Durability,
         ack_timeout: Duration,
     ) -> Result<Self> {
-        let config = kafka.producer_config();
+        let config = kafka.producer_config_lasting(ack_timeout);
         let slot = ProducerSlot::create(&config, &kafka.topic, 0)?;
         Ok(Self {
             slot: Arc::new(RwLock::new(slot)),

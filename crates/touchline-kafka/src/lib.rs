@@ -92,6 +92,12 @@ impl Default for KafkaOptions {
     }
 }
 
+/// `message.timeout.ms` unless a publisher waits longer.
+const DEFAULT_MESSAGE_TIMEOUT_MS: u128 = 30_000;
+
+/// librdkafka's largest `message.timeout.ms`.
+const MAX_MESSAGE_TIMEOUT_MS: u128 = i32::MAX as u128;
+
 fn apply_overrides(config: &mut ClientConfig, properties: &BTreeMap<String, String>) {
     for (key, value) in properties {
         config.set(key, value);
@@ -101,9 +107,21 @@ fn apply_overrides(config: &mut ClientConfig, properties: &BTreeMap<String, Stri
 impl KafkaOptions {
     /// The producer: idempotent, `acks=all`, murmur2 partitioning (what Java clients use, so a
     /// customer lands on the same partition whichever client produced it), a short linger so that
-    /// concurrent partners share requests.
+    /// concurrent partners share requests, and deliveries given up after 30 s.
     #[must_use]
     pub fn producer_config(&self) -> ClientConfig {
+        self.producer_config_lasting(Duration::ZERO)
+    }
+
+    /// [`Self::producer_config`] for a publisher that waits up to `ack_timeout` for a delivery:
+    /// librdkafka gives up on one after `message.timeout.ms`, which is then at least that long
+    /// (unless the properties set it), so that a longer acknowledgement timeout is not cut short
+    /// by a failed delivery at 30 s.
+    #[must_use]
+    pub fn producer_config_lasting(&self, ack_timeout: Duration) -> ClientConfig {
+        let message_timeout_ms = ack_timeout
+            .as_millis()
+            .clamp(DEFAULT_MESSAGE_TIMEOUT_MS, MAX_MESSAGE_TIMEOUT_MS);
         let mut config = ClientConfig::new();
         config
             .set("bootstrap.servers", &self.bootstrap_servers)
@@ -114,7 +132,7 @@ impl KafkaOptions {
             .set("socket.nagle.disable", "true")
             .set("compression.type", "lz4")
             .set("queue.buffering.max.messages", "200000")
-            .set("message.timeout.ms", "30000");
+            .set("message.timeout.ms", message_timeout_ms.to_string());
         apply_overrides(&mut config, &self.properties);
         apply_overrides(&mut config, &self.producer_properties);
         config
@@ -210,5 +228,34 @@ mod tests {
             Some("5")
         );
         assert_eq!(options.consumer_config().get("linger.ms"), Some("20"));
+    }
+
+    #[test]
+    fn deliveries_last_as_long_as_the_acknowledgement_waits() {
+        let options = KafkaOptions::default();
+        let timeout = |config: &ClientConfig| config.get("message.timeout.ms").map(str::to_owned);
+        assert_eq!(
+            timeout(&options.producer_config()).as_deref(),
+            Some("30000")
+        );
+        assert_eq!(
+            timeout(&options.producer_config_lasting(Duration::from_secs(5))).as_deref(),
+            Some("30000")
+        );
+        assert_eq!(
+            timeout(&options.producer_config_lasting(Duration::from_secs(90))).as_deref(),
+            Some("90000")
+        );
+        let set = KafkaOptions {
+            producer_properties: BTreeMap::from([(
+                "message.timeout.ms".to_owned(),
+                "10000".to_owned(),
+            )]),
+            ..KafkaOptions::default()
+        };
+        assert_eq!(
+            timeout(&set.producer_config_lasting(Duration::from_secs(90))).as_deref(),
+            Some("10000")
+        );
     }
 }
