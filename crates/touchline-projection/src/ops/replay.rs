@@ -161,7 +161,7 @@ pub async fn replay(
                     // Records after that in the same fetch are not applied (the projector reads
                     // them).
                     records.push(message.detach());
-                    if message.offset() + 1 >= end {
+                    if message.offset().saturating_add(1) >= end {
                         open.remove(&partition);
                     }
                 }
