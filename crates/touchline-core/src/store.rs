@@ -273,6 +273,11 @@ pub trait EventStore: Send + Sync + std::fmt::Debug {
     /// applied but not yet flushed (and renumbered after a crash).
     fn durable_sequence(&self) -> u64;
 
+    /// The highest log sequence whose writes a read may already see: applied, or being applied
+    /// (at least [`Self::durable_sequence`]). Taken after a read of a projection rewritten in
+    /// place (a summary), it says how far the log must be durable before what was read is.
+    fn visible_sequence(&self) -> u64;
+
     /// The identity of this log, drawn when the store was created: log sequences mean something
     /// only within one log (another node's log, or this node's after its store was reset, numbers
     /// events differently), so positions handed to clients carry it.

@@ -137,6 +137,9 @@ pub struct SledStore {
     dead_letter_count: AtomicU64,
     /// The log sequence up to which every event is durable (flushed).
     durable_count: AtomicU64,
+    /// The highest log sequence a read may see written: raised before each atomic write that
+    /// appends, so that a reader that saw the write sees it raised too.
+    visible_count: AtomicU64,
     /// Entries appended since the last flush, in log order, kept only while someone watches.
     unflushed: Mutex<Vec<TimelineEntry>>,
     /// Entries as they become durable, one message per flush, in log order.
@@ -360,6 +363,7 @@ impl SledStore {
             log_count: AtomicU64::new(log_count),
             dead_letter_count: AtomicU64::new(writer.dead_letters),
             durable_count: AtomicU64::new(log_count),
+            visible_count: AtomicU64::new(log_count),
             unflushed: Mutex::new(Vec::new()),
             watchers: broadcast::channel(WATCH_BUFFER).0,
             flushing: Mutex::new(()),

@@ -110,6 +110,10 @@ impl EventStore for RefusingStore {
         self.inner.durable_sequence()
     }
 
+    fn visible_sequence(&self) -> u64 {
+        self.inner.visible_sequence()
+    }
+
     fn log_id(&self) -> u64 {
         self.inner.log_id()
     }

@@ -15,5 +15,5 @@ pub(crate) use error::ERROR_DOMAIN;
 
 pub use error::{Error, Result};
 pub use reads::StoreReads;
-pub use service::TimelineService;
+pub use service::{DEFAULT_MAX_WATCHES, TimelineService};
 pub use still_allowed::StillAllowed;

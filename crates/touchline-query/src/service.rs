@@ -20,12 +20,22 @@ use crate::{Error, Result, metrics, page_token};
 pub const DEFAULT_PAGE_SIZE: usize = 50;
 /// The largest page.
 pub const MAX_PAGE_SIZE: usize = 1000;
+/// `WatchTimeline` calls open at once, by default: each holds a task, a feed subscription and up
+/// to 256 queued messages for its client.
+pub const DEFAULT_MAX_WATCHES: usize = 1024;
+/// How long `GetCustomerSummary` waits for the projector's flusher to make what it read durable
+/// before it flushes the store itself (a projector that stopped flushing, or no feed to hear it).
+const SUMMARY_FLUSH_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Serves timelines and summaries from a store. Cheap to clone.
 #[derive(Clone)]
 pub struct TimelineService {
     reads: StoreReads,
     feed: Option<Feed>,
+    /// A slot per open `WatchTimeline` call.
+    watches: Arc<tokio::sync::Semaphore>,
+    /// How long a watcher waits for its client to take a message.
+    watch_stall: std::time::Duration,
     shutdown: CancellationToken,
     owned: Option<Arc<Owned>>,
     /// The check a call passed when it came: asked again while a `WatchTimeline` runs.
@@ -58,6 +68,8 @@ impl TimelineService {
         Self {
             reads: StoreReads::new(store, 0),
             feed: None,
+            watches: Arc::new(tokio::sync::Semaphore::new(DEFAULT_MAX_WATCHES)),
+            watch_stall: crate::watch::STALLED_AFTER,
             shutdown: CancellationToken::new(),
             owned: None,
             authorize: None,
@@ -112,6 +124,24 @@ impl TimelineService {
     pub fn with_feed(mut self, feed: Feed, shutdown: CancellationToken) -> Self {
         self.feed = Some(feed);
         self.shutdown = shutdown;
+        self
+    }
+
+    /// At most `max` `WatchTimeline` calls open at once; more are refused with
+    /// `RESOURCE_EXHAUSTED` (`TOO_MANY_WATCHES`) until one ends.
+    #[must_use]
+    pub fn with_max_watches(mut self, max: usize) -> Self {
+        self.watches = Arc::new(tokio::sync::Semaphore::new(
+            max.min(tokio::sync::Semaphore::MAX_PERMITS),
+        ));
+        self
+    }
+
+    /// A watcher whose client takes no message for `stall` (with its queue full) ends as lagged
+    /// ([`crate::watch::STALLED_AFTER`] by default).
+    #[must_use]
+    pub fn with_watch_stall(mut self, stall: std::time::Duration) -> Self {
+        self.watch_stall = stall;
         self
     }
 
@@ -281,6 +311,14 @@ impl v1::timeline_service_server::TimelineService for TimelineService {
                 "cursor is past the end of this node's log: it was issued by another node, or before this node's store was reset; watch again without a cursor",
             )));
         }
+        // Held as long as the call's stream: until the client goes or the stream has ended.
+        let slot = Arc::clone(&self.watches)
+            .try_acquire_owned()
+            .map_err(|_| Error::Rejected {
+                code: tonic::Code::ResourceExhausted,
+                reason: "TOO_MANY_WATCHES",
+                message: "every live timeline this node serves at once is open (query.max-watches): try again later, or another replica".to_owned(),
+            })?;
         let watch = Watch {
             reads: self.reads.clone(),
             customer,
@@ -288,12 +326,44 @@ impl v1::timeline_service_server::TimelineService for TimelineService {
             live: feed.subscribe(),
             shutdown: self.shutdown.clone(),
             still_allowed,
+            stalled_after: self.watch_stall,
         };
-        Ok(Response::new(watch.stream()))
+        let stream: Self::WatchTimelineStream =
+            Box::pin(futures::StreamExt::map(watch.stream(), move |message| {
+                let _slot = &slot;
+                message
+            }));
+        Ok(Response::new(stream))
     }
 }
 
 impl TimelineService {
+    /// Waits until the log is durable through `sequence`: the projector's flusher gets there
+    /// within a batch or two, and each of its flushes is heard on `flushes`. Past
+    /// [`SUMMARY_FLUSH_WAIT`], or without a feed, the store is flushed here (a flush covers
+    /// everything applied before it starts).
+    async fn durable_through(
+        &self,
+        sequence: u64,
+        flushes: Option<tokio::sync::broadcast::Receiver<Arc<[touchline_core::TimelineEntry]>>>,
+    ) -> std::result::Result<(), Status> {
+        use tokio::sync::broadcast::error::RecvError;
+        let store = self.reads.store();
+        if let Some(mut flushes) = flushes {
+            let deadline = tokio::time::Instant::now() + SUMMARY_FLUSH_WAIT;
+            while store.durable_sequence() < sequence {
+                match tokio::time::timeout_at(deadline, flushes.recv()).await {
+                    Ok(Ok(_) | Err(RecvError::Lagged(_))) => {}
+                    Ok(Err(RecvError::Closed)) | Err(_) => break,
+                }
+            }
+        }
+        if store.durable_sequence() >= sequence {
+            return Ok(());
+        }
+        self.reads.run(|store| store.flush()).await
+    }
+
     async fn timeline_page(
         &self,
         request: Request<v1::GetTimelineRequest>,
@@ -333,6 +403,8 @@ impl TimelineService {
         let customer_id = customer_id(request.into_inner().customer_id)?;
         self.served_here(&customer_id)?;
         let lookup = customer_id.clone();
+        // Before the read: a flush after it wakes this call.
+        let flushes = self.feed.as_ref().map(Feed::subscribe);
         // The summary refers to its first and last touch; they are read from the timeline.
         let found = self
             .reads
@@ -342,18 +414,17 @@ impl TimelineService {
                 };
                 let first = store.timeline_entry(&lookup, summary.first_touch.cursor())?;
                 let last = store.timeline_entry(&lookup, summary.last_touch.cursor())?;
-                // A summary is rewritten in place by every batch that folds into it, so unlike
-                // timeline entries it cannot be read as of the durable end of the log: what was
-                // read is made durable before it is served (invariant 6; a crash could take it
-                // back otherwise). A flush finds nothing to sync when the projector's flusher got
-                // there first, and covers everything applied before it starts.
-                store.flush()?;
-                Ok(Some((summary, first, last)))
+                Ok(Some((summary, first, last, store.visible_sequence())))
             })
             .await?;
-        let (summary, first, last) = found.ok_or(Error::CustomerNotFound {
+        let (summary, first, last, visible) = found.ok_or(Error::CustomerNotFound {
             customer_id: customer_id.to_string(),
         })?;
+        // A summary is rewritten in place by every batch that folds into it, so unlike timeline
+        // entries it cannot be read as of the durable end of the log: what was read is served
+        // once the log is durable as far as a read could see then (invariant 6; a crash could
+        // take it back otherwise).
+        self.durable_through(visible, flushes).await?;
         Ok(Response::new(wire_summary(
             &summary,
             first.as_ref(),

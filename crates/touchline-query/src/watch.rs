@@ -100,8 +100,33 @@ type Message = Result<v1::WatchTimelineResponse, Status>;
 /// The response stream of a watch.
 pub type WatchStream = std::pin::Pin<Box<dyn futures::Stream<Item = Message> + Send>>;
 
-/// How long a stopping server waits to tell a watcher that does not read its answers.
-const SHUTDOWN_NOTICE_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+/// How long a watcher waits, by default, for its client to take a message before it gives up on
+/// it: the watch
+/// ends as if it had lagged (`WATCH_LAGGED`, with the cursor of the last message queued), and its
+/// task and feed subscription go; the messages already queued stay for the client, then the
+/// error.
+pub const STALLED_AFTER: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// The error that ends a watch when its client's buffer is full: yielded after the messages
+/// queued, so that a watcher never waits on a client to end.
+#[derive(Debug, Clone, Default)]
+pub struct Tail(Arc<std::sync::Mutex<Option<Status>>>);
+
+impl Tail {
+    fn set(&self, status: Status) {
+        *self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(status);
+    }
+
+    fn take(&self) -> Option<Status> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
+    }
+}
 
 /// One watcher: sends the catch-up, then live entries, until the client goes, the server stops
 /// or the feed lags it.
@@ -117,6 +142,8 @@ pub struct Watch {
     pub shutdown: CancellationToken,
     /// Asked every second while the watch runs; `None`: nothing to ask.
     pub still_allowed: Option<Arc<StillAllowed>>,
+    /// How long the watcher waits for its client to take a message ([`STALLED_AFTER`]).
+    pub stalled_after: std::time::Duration,
 }
 
 impl Watch {
@@ -126,47 +153,56 @@ impl Watch {
     }
 
     /// Starts the watcher: its response stream, which ends with the caller's error once
-    /// `still_allowed` sees a revocation.
+    /// `still_allowed` sees a revocation, and with the watch's own error (lagged, stalled, the
+    /// store failed) after the messages queued before it.
     #[must_use]
     pub fn stream(self) -> WatchStream {
-        match self.still_allowed.clone() {
-            Some(still_allowed) => Box::pin(crate::still_allowed::until_revoked(
-                tokio_stream::wrappers::ReceiverStream::new(self.spawn()),
-                still_allowed,
-            )),
-            None => Box::pin(tokio_stream::wrappers::ReceiverStream::new(self.spawn())),
+        use futures::StreamExt as _;
+        let tail = Tail::default();
+        let still_allowed = self.still_allowed.clone();
+        let ending = tail.clone();
+        let messages = tokio_stream::wrappers::ReceiverStream::new(self.spawn_with(tail)).chain(
+            futures::stream::once(async move { ending.take().map(Err) })
+                .filter_map(std::future::ready),
+        );
+        match still_allowed {
+            Some(still_allowed) => {
+                Box::pin(crate::still_allowed::until_revoked(messages, still_allowed))
+            }
+            None => Box::pin(messages),
         }
     }
 
     /// Starts the watcher; the receiver is the response stream, but for a revocation, which
-    /// only ends it: [`Watch::stream`] tells the caller why.
+    /// only ends it, and an ending error that found the client's buffer full, which is dropped:
+    /// [`Watch::stream`] tells the caller both.
     #[must_use]
     pub fn spawn(self) -> mpsc::Receiver<Message> {
+        self.spawn_with(Tail::default())
+    }
+
+    fn spawn_with(self, tail: Tail) -> mpsc::Receiver<Message> {
         let (sender, receiver) = mpsc::channel(CLIENT_BUFFER);
         tokio::spawn(async move {
             crate::metrics::WATCHES.inc();
             let _open = OpenWatch;
             let shutdown = self.shutdown.clone();
             tokio::select! {
-                () = self.run(&sender) => {}
+                () = self.run(&sender, &tail) => {}
                 () = shutdown.cancelled() => {
-                    // Waits a little for room behind answers the client has not read yet: a
-                    // stream that just ended would tell it that nothing more will come.
-                    let _ = tokio::time::timeout(
-                        SHUTDOWN_NOTICE_WAIT,
-                        sender.send(Err(shutting_down())),
-                    )
-                    .await;
+                    // After the answers the client has not read yet: a stream that just ended
+                    // would tell it that nothing more will come.
+                    end(&sender, &tail, shutting_down());
                 }
             }
         });
         receiver
     }
 
-    async fn run(mut self, sender: &mpsc::Sender<Message>) {
+    async fn run(mut self, sender: &mpsc::Sender<Message>, tail: &Tail) {
         // Subscribed before this read: later entries come through the feed.
         let durable = self.reads.store().durable_sequence();
-        let Some(mut latest) = self.catch_up(sender, durable).await else {
+        let Some(mut latest) = self.catch_up(sender, tail, durable).await else {
             return;
         };
         let caught_up = v1::WatchTimelineResponse {
@@ -176,13 +212,7 @@ impl Watch {
             cursor: encode_cursor(&self.customer, self.log(), durable.max(self.after)),
             late: false,
         };
-        if !crate::still_allowed::send_while_allowed(
-            sender,
-            caught_up,
-            self.still_allowed.as_deref(),
-        )
-        .await
-        {
+        if !self.queue(sender, tail, caught_up, self.after).await {
             return;
         }
         let mut delivered = durable.max(self.after);
@@ -205,17 +235,11 @@ impl Watch {
                 Ok(batch) => batch,
                 Err(broadcast::error::RecvError::Lagged(_)) => {
                     crate::metrics::WATCHES_LAGGED.inc();
-                    let _ = sender
-                        .send(Err(lagged(&encode_cursor(
-                            &self.customer,
-                            self.log(),
-                            delivered,
-                        ))))
-                        .await;
+                    end(sender, tail, self.lagged(delivered));
                     return;
                 }
                 Err(broadcast::error::RecvError::Closed) => {
-                    let _ = sender.send(Err(shutting_down())).await;
+                    end(sender, tail, shutting_down());
                     return;
                 }
             };
@@ -225,8 +249,9 @@ impl Watch {
                     continue;
                 }
                 let late = mark_late(&mut latest, entry);
+                let queued = delivered;
                 delivered = sequence;
-                if !self.send(sender, entry, sequence, late).await {
+                if !self.send(sender, tail, entry, sequence, late, queued).await {
                     return;
                 }
             }
@@ -240,6 +265,7 @@ impl Watch {
     async fn catch_up(
         &self,
         sender: &mpsc::Sender<Message>,
+        tail: &Tail,
         durable: u64,
     ) -> Option<Option<(UnixNanos, u64)>> {
         let mut latest = if self.after == 0 {
@@ -254,7 +280,7 @@ impl Watch {
             {
                 Ok(held) => held.map(|cursor| (cursor.occurred_at, cursor.sequence)),
                 Err(status) => {
-                    let _ = sender.send(Err(status)).await;
+                    end(sender, tail, status);
                     return None;
                 }
             }
@@ -264,7 +290,10 @@ impl Watch {
             for entry in &entries {
                 let late = mark_late(&mut latest, entry);
                 // Until caught up the cursor stays where the watch started.
-                if !self.send(sender, entry, self.after, late).await {
+                if !self
+                    .send(sender, tail, entry, self.after, late, self.after)
+                    .await
+                {
                     return None;
                 }
             }
@@ -282,7 +311,7 @@ impl Watch {
             let page = match self.reads.run(move |store| store.timeline(&query)).await {
                 Ok(page) => page,
                 Err(status) => {
-                    let _ = sender.send(Err(status)).await;
+                    end(sender, tail, status);
                     return None;
                 }
             };
@@ -292,7 +321,10 @@ impl Watch {
                     continue;
                 }
                 let late = mark_late(&mut latest, entry);
-                if !self.send(sender, entry, self.after, late).await {
+                if !self
+                    .send(sender, tail, entry, self.after, late, self.after)
+                    .await
+                {
                     return None;
                 }
             }
@@ -352,12 +384,16 @@ impl Watch {
         Some(missed)
     }
 
+    /// Queues `entry` with `cursor`; `queued` is the cursor of the last message queued before
+    /// it, which a client that stalls resumes from.
     async fn send(
         &self,
         sender: &mpsc::Sender<Message>,
+        tail: &Tail,
         entry: &TimelineEntry,
         cursor: u64,
         late: bool,
+        queued: u64,
     ) -> bool {
         let message = v1::WatchTimelineResponse {
             event: Some(v1::watch_timeline_response::Event::Entry(
@@ -366,9 +402,35 @@ impl Watch {
             cursor: encode_cursor(&self.customer, self.log(), cursor),
             late,
         };
-        // A client that does not read holds the send: the check goes on meanwhile.
-        crate::still_allowed::send_while_allowed(sender, message, self.still_allowed.as_deref())
-            .await
+        self.queue(sender, tail, message, queued).await
+    }
+
+    /// Queues `message` for the client; false when the watch is over. A client that does not
+    /// read holds the send: the token check goes on meanwhile, and past `stalled_after` the
+    /// watch ends as lagged, resuming from `queued` (the cursor of the last message queued).
+    async fn queue(
+        &self,
+        sender: &mpsc::Sender<Message>,
+        tail: &Tail,
+        message: v1::WatchTimelineResponse,
+        queued: u64,
+    ) -> bool {
+        let sending = crate::still_allowed::send_while_allowed(
+            sender,
+            message,
+            self.still_allowed.as_deref(),
+        );
+        if let Ok(sent) = tokio::time::timeout(self.stalled_after, sending).await {
+            return sent;
+        }
+        crate::metrics::WATCHES_LAGGED.inc();
+        end(sender, tail, self.lagged(queued));
+        false
+    }
+
+    /// The error of a watch that fell behind, resuming from `cursor`.
+    fn lagged(&self, cursor: u64) -> Status {
+        lagged(&encode_cursor(&self.customer, self.log(), cursor))
     }
 
     /// Whether the caller was revoked: the watch then ends (`until_revoked` tells the caller).
@@ -376,6 +438,14 @@ impl Watch {
         self.still_allowed
             .as_ref()
             .is_some_and(|still| still.revoked().is_some())
+    }
+}
+
+/// Ends the watch with `status`, after what was queued: at once when the client's buffer has room,
+/// else as the stream's [`Tail`].
+fn end(sender: &mpsc::Sender<Message>, tail: &Tail, status: Status) {
+    if let Err(mpsc::error::TrySendError::Full(Err(status))) = sender.try_send(Err(status)) {
+        tail.set(status);
     }
 }
 

@@ -55,6 +55,7 @@ async fn a_watcher_that_falls_behind_is_told_where_to_resume() -> anyhow::Result
         live,
         shutdown: CancellationToken::new(),
         still_allowed: None,
+        stalled_after: touchline_query::watch::STALLED_AFTER,
     }
     .spawn();
     // The feed never waits for the watcher: 1000 batches go out at once.

@@ -116,6 +116,10 @@ impl EventStore for CountingStore {
         self.inner.durable_sequence()
     }
 
+    fn visible_sequence(&self) -> u64 {
+        self.inner.visible_sequence()
+    }
+
     fn log_id(&self) -> u64 {
         self.inner.log_id()
     }
@@ -138,6 +142,7 @@ async fn resume(
         live,
         shutdown: CancellationToken::new(),
         still_allowed: None,
+        stalled_after: touchline_query::watch::STALLED_AFTER,
     }
     .spawn();
     let mut ids = Vec::new();
@@ -324,6 +329,7 @@ async fn a_resumed_watch_flags_live_entries_against_what_the_client_holds() -> a
         live,
         shutdown: CancellationToken::new(),
         still_allowed: None,
+        stalled_after: touchline_query::watch::STALLED_AFTER,
     }
     .spawn();
     let mut next = async || -> anyhow::Result<v1::WatchTimelineResponse> {

@@ -278,6 +278,8 @@ pub struct QueryConfig {
     /// Store reads at once (timeline pages, summaries, watch catch-ups); more wait their turn.
     /// 0: as many as the cores, so that reads do not crowd out the projector's writer.
     pub read_concurrency: usize,
+    /// `WatchTimeline` calls open at once; more are refused (`TOO_MANY_WATCHES`).
+    pub max_watches: usize,
 }
 
 impl Default for QueryConfig {
@@ -286,6 +288,7 @@ impl Default for QueryConfig {
             enabled: true,
             token_sha256: Vec::new(),
             read_concurrency: 0,
+            max_watches: touchline_query::DEFAULT_MAX_WATCHES,
         }
     }
 }
@@ -450,7 +453,7 @@ impl Config {
     /// these bounds are mistakes that would only fail later (a semaphore that cannot hold them).
     fn check_sizes(&self) -> anyhow::Result<()> {
         let ingest = &self.ingest;
-        let checks: [(&str, u64, u64, u64); 14] = [
+        let checks: [(&str, u64, u64, u64); 15] = [
             (
                 "ingest.request-body-timeout-ms",
                 ingest.request_body_timeout_ms,
@@ -529,6 +532,12 @@ impl Config {
                 count(self.query.read_concurrency),
                 0,
                 4096,
+            ),
+            (
+                "query.max-watches",
+                count(self.query.max_watches),
+                1,
+                1_000_000,
             ),
         ];
         for (name, value, min, max) in checks {

@@ -267,6 +267,7 @@ impl Node {
                             &config.projector.partitions,
                         )
                         .with_read_concurrency(config.query.read_concurrency)
+                        .with_max_watches(config.query.max_watches)
                         .with_feed(store.watch_sender(), server_shutdown.clone())
                         .with_authorizer(Arc::clone(&authorize))
                         .into_server(),

@@ -252,6 +252,12 @@ impl SledStore {
                 .insert(&mut batch, DEAD_LETTER_COUNT, &dead_letters.to_be_bytes());
         }
 
+        if next_sequence != writer.next_sequence {
+            // Before the write: a reader that sees it (sled publishes it with a release) sees
+            // this too, and waits for the log to be durable this far before serving what it read.
+            self.visible_count
+                .fetch_max(next_sequence.saturating_sub(1), Ordering::Release);
+        }
         // One tree, one batch: atomic (invariant 6).
         crate::garbage::apply_batch(&self.tree, batch, writes).map_err(backend)?;
         if !appended.is_empty() {

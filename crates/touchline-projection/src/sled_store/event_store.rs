@@ -217,4 +217,10 @@ impl EventStore for SledStore {
     fn durable_sequence(&self) -> u64 {
         self.durable_count.load(Ordering::Acquire)
     }
+
+    fn visible_sequence(&self) -> u64 {
+        self.visible_count
+            .load(Ordering::Acquire)
+            .max(self.log_count.load(Ordering::Acquire))
+    }
 }

@@ -1,0 +1,194 @@
+//! What a live timeline may hold on the server: a node serves at most `query.max-watches` watches
+//! at once (more are refused with `RESOURCE_EXHAUSTED` `TOO_MANY_WATCHES`, and a watch that ends
+//! frees its slot), and a watcher whose client takes nothing ends as lagged once its queue has
+//! stayed full for the stall time: its task and feed subscription go, and the client still gets
+//! what was queued, then the error. The real sled store on a temporary directory, the real
+//! `TimelineService` on `127.0.0.1:0`, the generated client.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::Code;
+use tonic_types::StatusExt as _;
+use touchline_core::EventStore;
+use touchline_projection::SledStore;
+use touchline_proto::v1;
+use touchline_proto::v1::timeline_service_client::TimelineServiceClient;
+use touchline_query::TimelineService;
+use touchline_query::watch::decode_cursor;
+
+mod support;
+
+use support::{apply, customer, event};
+
+type Client = TimelineServiceClient<tonic::transport::Channel>;
+
+/// `service` over `store`'s feed on `127.0.0.1:0`, and a client.
+async fn serve(
+    store: &Arc<SledStore>,
+    service: impl FnOnce(TimelineService) -> TimelineService,
+) -> anyhow::Result<(
+    Client,
+    tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+)> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let address = listener.local_addr()?;
+    let timelines = service(
+        TimelineService::new(Arc::clone(store) as Arc<dyn EventStore>).with_feed(
+            store.watch_sender(),
+            tokio_util::sync::CancellationToken::new(),
+        ),
+    );
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(timelines.into_server())
+            .serve_with_incoming(TcpListenerStream::new(listener)),
+    );
+    let client = TimelineServiceClient::connect(format!("http://{address}")).await?;
+    Ok((client, server))
+}
+
+fn watch_alice() -> v1::WatchTimelineRequest {
+    v1::WatchTimelineRequest {
+        customer_id: "alice".to_owned(),
+        cursor: String::new(),
+    }
+}
+
+#[tokio::test]
+async fn a_node_serves_at_most_max_watches_and_a_watch_that_ends_frees_its_slot()
+-> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let store = Arc::new(SledStore::open(dir.path())?);
+    let mut offset = 0;
+    apply(&*store, &mut offset, vec![event("e1", "alice", 10)], true);
+    let (mut client, server) = serve(&store, |service| service.with_max_watches(1)).await?;
+
+    let mut first = client.watch_timeline(watch_alice()).await?.into_inner();
+    let caught_up = loop {
+        let message = first.message().await?.expect("the watch goes on");
+        if matches!(
+            message.event,
+            Some(v1::watch_timeline_response::Event::CaughtUp(_))
+        ) {
+            break message;
+        }
+    };
+    assert!(!caught_up.cursor.is_empty());
+
+    let refused = client
+        .watch_timeline(watch_alice())
+        .await
+        .expect_err("the one slot is taken");
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    assert_eq!(
+        refused
+            .get_details_error_info()
+            .map(|info| info.reason)
+            .as_deref(),
+        Some("TOO_MANY_WATCHES")
+    );
+
+    // The first client goes: its slot is free once the server has dropped its stream.
+    drop(first);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let mut attempt = tokio::time::interval(Duration::from_millis(20));
+    loop {
+        attempt.tick().await;
+        match client.watch_timeline(watch_alice()).await {
+            Ok(_) => break,
+            Err(status) if status.code() == Code::ResourceExhausted => {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "the slot of the watch that ended was not freed"
+                );
+            }
+            Err(status) => anyhow::bail!("unexpected refusal: {status:?}"),
+        }
+    }
+
+    server.abort();
+    let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_watch_whose_client_takes_nothing_ends_as_lagged_after_what_was_queued()
+-> anyhow::Result<()> {
+    // 8 MiB of entries: more than HTTP/2's windows (1 MiB each way) and the watcher's queue (256
+    // messages) hold.
+    const EVENTS: usize = 2000;
+    let dir = tempfile::tempdir()?;
+    let store = Arc::new(SledStore::open(dir.path())?);
+    let mut offset = 0;
+    for chunk in 0..EVENTS / 500 {
+        let events = (0..500)
+            .map(|index| {
+                let number = chunk * 500 + index;
+                let mut event = event(
+                    &format!("e{number}"),
+                    "alice",
+                    i64::try_from(number).unwrap_or_default(),
+                );
+                event.touchpoint.payload = vec![b'x'; 4096];
+                event
+            })
+            .collect();
+        apply(&*store, &mut offset, events, true);
+    }
+    let (mut client, server) = serve(&store, |service| {
+        service.with_watch_stall(Duration::from_millis(300))
+    })
+    .await?;
+
+    let mut stream = client.watch_timeline(watch_alice()).await?.into_inner();
+    // Nothing is read: the catch-up fills what HTTP/2 takes and the watcher's queue, then the
+    // watcher gives up, and its feed subscription (its only one) goes with its task.
+    let feed = store.watch_sender();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let mut check = tokio::time::interval(Duration::from_millis(20));
+    while feed.receiver_count() > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the watcher still runs although its client takes nothing"
+        );
+        check.tick().await;
+    }
+
+    let mut entries = 0;
+    let status = loop {
+        match stream.message().await {
+            Ok(Some(message)) => {
+                assert!(
+                    matches!(
+                        message.event,
+                        Some(v1::watch_timeline_response::Event::Entry(_))
+                    ),
+                    "the catch-up was cut before it ended: {message:?}"
+                );
+                entries += 1;
+            }
+            Ok(None) => anyhow::bail!("the watch ended without telling why"),
+            Err(status) => break status,
+        }
+    };
+    assert!(
+        entries < EVENTS,
+        "the client got what was queued ({entries} entries), not the whole catch-up"
+    );
+    assert_eq!(status.code(), Code::Aborted, "{status:?}");
+    let info = status.get_details_error_info().expect("error info");
+    assert_eq!(info.reason, "WATCH_LAGGED");
+    // During the catch-up every message carries the cursor the watch started from: resuming
+    // from it reads the catch-up again.
+    let cursor = info.metadata.get("cursor").expect("a cursor");
+    assert_eq!(
+        decode_cursor(&customer("alice"), store.log_id(), cursor),
+        Ok(0)
+    );
+
+    server.abort();
+    let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
+    Ok(())
+}
