@@ -333,6 +333,47 @@ fn a_replaced_version_whose_deletion_stopped_is_deleted_after_the_next_open() {
     assert_eq!(checksums(&store), before);
 }
 
+/// A page of dead letters stops before the one that would take it past its byte budget (a dead
+/// letter holds its whole Kafka record), and always holds one, however large: paging by the last
+/// id reads them all.
+#[test]
+fn a_page_of_dead_letters_stays_within_its_bytes() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = SledStore::open(dir.path()).expect("opens");
+    let large = |offset: i64| {
+        let mut record = garbage(offset);
+        if let RecordContent::Undecodable { value, .. } = &mut record.content {
+            *value = Some(vec![0xff; 600 * 1024]);
+        }
+        record
+    };
+    store
+        .apply(&stream(), vec![large(1), large(2), large(3), garbage(4)])
+        .expect("applies");
+    let budget = 1 << 20;
+    let mut after = 0;
+    let mut pages = Vec::new();
+    loop {
+        let page = store.dead_letter_page(after, 100, budget).expect("lists");
+        let Some(last) = page.last() else { break };
+        after = last.id;
+        pages.push(page.iter().map(|d| d.offset).collect::<Vec<_>>());
+    }
+    assert_eq!(pages, [vec![1], vec![2], vec![3, 4]]);
+    assert_eq!(
+        store.dead_letter_page(0, 100, 1).expect("lists").len(),
+        1,
+        "a page holds one dead letter whatever its size"
+    );
+    assert_eq!(
+        store
+            .dead_letter_page(0, 2, usize::MAX)
+            .expect("lists")
+            .len(),
+        2
+    );
+}
+
 #[test]
 fn dead_letters_are_kept_once_and_can_be_discarded_or_requeued() {
     let dir = tempfile::tempdir().expect("temp dir");

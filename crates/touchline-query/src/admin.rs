@@ -38,6 +38,10 @@ const STATUS_TIMEOUT: Duration = Duration::from_millis(1500);
 /// Dead letters per page when the request does not say, and at most.
 const DEFAULT_DEAD_LETTERS: usize = 100;
 const MAX_DEAD_LETTERS: usize = 1000;
+/// Stored bytes of dead letters per `ListDeadLetters` page, at most (past one): a dead letter
+/// holds its whole Kafka record, up to the broker's record size, and a page stays well within the
+/// 4 MiB that gRPC clients accept by default.
+const MAX_DEAD_LETTER_PAGE_BYTES: usize = 2 << 20;
 
 /// What the admin service works on: the projector's store and stream.
 pub struct AdminContext {
@@ -471,7 +475,7 @@ impl v1::admin_service_server::AdminService for AdminService {
         let store = Arc::clone(&self.context.store);
         let (dead_letters, total) = tokio::task::spawn_blocking(move || {
             store
-                .dead_letters_after(request.after_id, limit)
+                .dead_letter_page(request.after_id, limit, MAX_DEAD_LETTER_PAGE_BYTES)
                 .map(|list| (list, store.dead_letter_count()))
         })
         .await

@@ -15,8 +15,13 @@ use touchline_proto::v1::admin_service_client::AdminServiceClient;
 use crate::client::{format_entry, timeline_client, timestamp_text, with_token};
 use crate::connect::Target;
 
+/// The largest admin answer the commands take: a dead letter holds a whole Kafka record, which a
+/// broker may allow larger than gRPC's default 4 MiB.
+const MAX_ADMIN_ANSWER_BYTES: usize = 64 << 20;
+
 async fn admin_client(endpoint: &Target) -> anyhow::Result<AdminServiceClient<Channel>> {
-    Ok(AdminServiceClient::new(endpoint.connect().await?))
+    Ok(AdminServiceClient::new(endpoint.connect().await?)
+        .max_decoding_message_size(MAX_ADMIN_ANSWER_BYTES))
 }
 
 /// Where `touchline replay` starts: `earliest`, an offset, or an RFC 3339 instant.

@@ -49,15 +49,39 @@ impl SledStore {
         after: u64,
         limit: usize,
     ) -> Result<Vec<DeadLetter>, StoreError> {
+        self.dead_letter_page(after, limit, usize::MAX)
+    }
+
+    /// Up to `limit` dead letters with an id above `after`, oldest first, stopping before the one
+    /// that would take their stored size past `max_bytes` (the first one is always included): a
+    /// page of large records stays within what a response can carry.
+    ///
+    /// # Errors
+    /// When the backend fails or a dead letter is corrupt.
+    pub fn dead_letter_page(
+        &self,
+        after: u64,
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<DeadLetter>, StoreError> {
         use std::ops::Bound::{Excluded, Unbounded};
-        self.dead_letters
+        let mut page = Vec::new();
+        let mut bytes = 0_usize;
+        for item in self
+            .dead_letters
             .range(Excluded(after.to_be_bytes().to_vec()), Unbounded)
-            .take(limit)
-            .map(|item| {
-                let (key, value) = item.map_err(backend)?;
-                decode("dead letter", &key, &value)
-            })
-            .collect()
+        {
+            if page.len() >= limit {
+                break;
+            }
+            let (key, value) = item.map_err(backend)?;
+            bytes = bytes.saturating_add(value.len());
+            if !page.is_empty() && bytes > max_bytes {
+                break;
+            }
+            page.push(decode("dead letter", &key, &value)?);
+        }
+        Ok(page)
     }
 
     /// Decodes a dead letter again (a newer Touchline may understand it) and, when it decodes,
