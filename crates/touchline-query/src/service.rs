@@ -311,7 +311,7 @@ impl v1::timeline_service_server::TimelineService for TimelineService {
                 "cursor is past the end of this node's log: it was issued by another node, or before this node's store was reset; watch again without a cursor",
             )));
         }
-        // Held as long as the call's stream: until the client goes or the stream has ended.
+        // Held by the watcher's task: until its client goes, stalls, or the watch ends.
         let slot = Arc::clone(&self.watches)
             .try_acquire_owned()
             .map_err(|_| Error::Rejected {
@@ -328,28 +328,24 @@ impl v1::timeline_service_server::TimelineService for TimelineService {
             still_allowed,
             stalled_after: self.watch_stall,
         };
-        let stream: Self::WatchTimelineStream =
-            Box::pin(futures::StreamExt::map(watch.stream(), move |message| {
-                let _slot = &slot;
-                message
-            }));
-        Ok(Response::new(stream))
+        Ok(Response::new(watch.stream(Some(slot))))
     }
 }
 
 impl TimelineService {
     /// Waits until the log is durable through `sequence`: the projector's flusher gets there
-    /// within a batch or two, and each of its flushes is heard on `flushes`. Past
-    /// [`SUMMARY_FLUSH_WAIT`], or without a feed, the store is flushed here (a flush covers
-    /// everything applied before it starts).
-    async fn durable_through(
-        &self,
-        sequence: u64,
-        flushes: Option<tokio::sync::broadcast::Receiver<Arc<[touchline_core::TimelineEntry]>>>,
-    ) -> std::result::Result<(), Status> {
+    /// within a batch or two, and each of its flushes is heard on the feed (a flush raises the
+    /// durable sequence before it tells the feed, so subscribing after the first look misses
+    /// none). Past [`SUMMARY_FLUSH_WAIT`], or without a feed, the store is flushed here (a flush
+    /// covers everything applied before it starts; also what a failed write left visible, which
+    /// no flush of the projector covers until the next write succeeds).
+    async fn durable_through(&self, sequence: u64) -> std::result::Result<(), Status> {
         use tokio::sync::broadcast::error::RecvError;
         let store = self.reads.store();
-        if let Some(mut flushes) = flushes {
+        if store.durable_sequence() >= sequence {
+            return Ok(());
+        }
+        if let Some(mut flushes) = self.feed.as_ref().map(Feed::subscribe) {
             let deadline = tokio::time::Instant::now() + SUMMARY_FLUSH_WAIT;
             while store.durable_sequence() < sequence {
                 match tokio::time::timeout_at(deadline, flushes.recv()).await {
@@ -361,7 +357,13 @@ impl TimelineService {
         if store.durable_sequence() >= sequence {
             return Ok(());
         }
-        self.reads.run(|store| store.flush()).await
+        // Without a read permit: this waits behind the projector's flush, not beside the reads.
+        let store = Arc::clone(store);
+        tokio::task::spawn_blocking(move || store.flush())
+            .await
+            .map_err(Error::from)?
+            .map_err(Error::from)?;
+        Ok(())
     }
 
     async fn timeline_page(
@@ -403,8 +405,6 @@ impl TimelineService {
         let customer_id = customer_id(request.into_inner().customer_id)?;
         self.served_here(&customer_id)?;
         let lookup = customer_id.clone();
-        // Before the read: a flush after it wakes this call.
-        let flushes = self.feed.as_ref().map(Feed::subscribe);
         // The summary refers to its first and last touch; they are read from the timeline.
         let found = self
             .reads
@@ -424,7 +424,7 @@ impl TimelineService {
         // entries it cannot be read as of the durable end of the log: what was read is served
         // once the log is durable as far as a read could see then (invariant 6; a crash could
         // take it back otherwise).
-        self.durable_through(visible, flushes).await?;
+        self.durable_through(visible).await?;
         Ok(Response::new(wire_summary(
             &summary,
             first.as_ref(),

@@ -154,17 +154,20 @@ impl Watch {
 
     /// Starts the watcher: its response stream, which ends with the caller's error once
     /// `still_allowed` sees a revocation, and with the watch's own error (lagged, stalled, the
-    /// store failed) after the messages queued before it.
+    /// store failed) after the messages queued before it. The watcher's task holds `slot` until
+    /// it ends (its client went, or stalled, or the watch ended otherwise); a stream whose client
+    /// stopped reading keeps at most its queued messages after that, until the client goes.
     #[must_use]
-    pub fn stream(self) -> WatchStream {
+    pub fn stream(self, slot: Option<tokio::sync::OwnedSemaphorePermit>) -> WatchStream {
         use futures::StreamExt as _;
         let tail = Tail::default();
         let still_allowed = self.still_allowed.clone();
         let ending = tail.clone();
-        let messages = tokio_stream::wrappers::ReceiverStream::new(self.spawn_with(tail)).chain(
-            futures::stream::once(async move { ending.take().map(Err) })
-                .filter_map(std::future::ready),
-        );
+        let messages = tokio_stream::wrappers::ReceiverStream::new(self.spawn_with(tail, slot))
+            .chain(
+                futures::stream::once(async move { ending.take().map(Err) })
+                    .filter_map(std::future::ready),
+            );
         match still_allowed {
             Some(still_allowed) => {
                 Box::pin(crate::still_allowed::until_revoked(messages, still_allowed))
@@ -174,18 +177,23 @@ impl Watch {
     }
 
     /// Starts the watcher; the receiver is the response stream, but for a revocation, which
-    /// only ends it, and an ending error that found the client's buffer full, which is dropped:
-    /// [`Watch::stream`] tells the caller both.
+    /// only ends it, and an ending error that found the client's buffer full (256 messages
+    /// unread), which is dropped: [`Watch::stream`] tells the caller both.
     #[must_use]
     pub fn spawn(self) -> mpsc::Receiver<Message> {
-        self.spawn_with(Tail::default())
+        self.spawn_with(Tail::default(), None)
     }
 
-    fn spawn_with(self, tail: Tail) -> mpsc::Receiver<Message> {
+    fn spawn_with(
+        self,
+        tail: Tail,
+        slot: Option<tokio::sync::OwnedSemaphorePermit>,
+    ) -> mpsc::Receiver<Message> {
         let (sender, receiver) = mpsc::channel(CLIENT_BUFFER);
         tokio::spawn(async move {
             crate::metrics::WATCHES.inc();
             let _open = OpenWatch;
+            let _slot = slot;
             let shutdown = self.shutdown.clone();
             tokio::select! {
                 () = self.run(&sender, &tail) => {}

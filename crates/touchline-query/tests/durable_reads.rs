@@ -1,7 +1,7 @@
 //! `GetTimeline` serves durable entries only: an entry applied to the store but not yet flushed
 //! is not shown (a crash could take it back, to be applied again from Kafka, perhaps under
-//! another log sequence); once flushed it is. `GetCustomerSummary` makes what it read durable
-//! before it serves it. A `WatchTimeline` cursor past the durable end of
+//! another log sequence); once flushed it is. `GetCustomerSummary` serves what it read once it is
+//! durable: after the projector's next flush, or (none within a second) after a flush of its own. A `WatchTimeline` cursor past the durable end of
 //! the log is refused. The real sled store on a temporary directory, the real `TimelineService`
 //! on `127.0.0.1:0`, the generated client.
 
@@ -137,6 +137,33 @@ async fn get_customer_summary_serves_what_it_read_only_once_it_is_durable() -> a
         2,
         "the summary served counts e2, which is durable by then"
     );
+
+    // With a flusher at work, as the projector's: the answer waits for its flush.
+    apply(
+        &*store,
+        &mut offset,
+        vec![event("e3", "alice", 40)],
+        !flushed,
+    );
+    let flusher_store = Arc::clone(&store);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop_flusher = Arc::clone(&stop);
+    let flusher = std::thread::spawn(move || {
+        while !stop_flusher.load(std::sync::atomic::Ordering::Acquire) {
+            let _ = flusher_store.flush();
+            std::thread::yield_now();
+        }
+    });
+    let summary = client
+        .get_customer_summary(v1::GetCustomerSummaryRequest {
+            customer_id: "alice".to_owned(),
+        })
+        .await?
+        .into_inner();
+    stop.store(true, std::sync::atomic::Ordering::Release);
+    let _ = flusher.join();
+    assert_eq!(summary.total_touchpoints, 3, "{summary:?}");
+    assert!(store.durable_sequence() >= 3);
 
     server.abort();
     let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
