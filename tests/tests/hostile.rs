@@ -433,6 +433,27 @@ async fn hostile_inputs_get_their_documented_reason_and_write_nothing() -> anyho
             "{name}"
         );
     }
+    // So are admin calls (each method checks the token again, for its audit).
+    let admin_path = PathAndQuery::from_static("/touchline.v1.AdminService/ListDeadLetters");
+    for (name, body) in [
+        ("garbage bytes", vec![0xff; 64]),
+        (
+            "more fields than any request holds",
+            field(1, &[]).repeat(200_001),
+        ),
+    ] {
+        let mut grpc = tonic::client::Grpc::new(channel.clone());
+        grpc.ready().await?;
+        let refused = grpc
+            .unary(tonic::Request::new(body), admin_path.clone(), RawCodec)
+            .await
+            .expect_err("refused");
+        assert_eq!(
+            (refused.code(), error_reason(&refused).as_deref()),
+            (Code::Unauthenticated, Some("TOKEN_MISSING")),
+            "admin, {name}"
+        );
+    }
 
     let mut timeline = timeline_client(&node).await?;
     let entries = wait_for_timeline(&mut timeline, "hostile-customer", 1).await?;

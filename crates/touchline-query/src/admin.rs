@@ -167,6 +167,13 @@ impl AdminService {
         v1::admin_service_server::AdminServiceServer::new(self)
     }
 
+    /// The check every call passes (each method asks it again, for the caller it audits): a
+    /// server also asks it of a call's headers, before the body is decoded.
+    #[must_use]
+    pub fn authorizer(&self) -> Authorize {
+        Arc::clone(&self.authorize)
+    }
+
     fn check<T>(&self, request: &Request<T>) -> Result<String, Status> {
         (self.authorize)(request.metadata())
     }

@@ -9,6 +9,7 @@ use anyhow::Context as _;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use tonic::service::interceptor::InterceptedService;
 use touchline_core::EventStore;
 use touchline_ingest::{Durability, IngestService, PartnerDirectory, Publisher};
 use touchline_kafka::EmbeddedBroker;
@@ -260,7 +261,7 @@ impl Node {
                 let shared: Arc<dyn EventStore> = store.clone();
                 access.warn_if_query_open();
                 let authorize = admin_auth::query_authorizer(access.clone(), partners.clone());
-                Some(tonic::service::interceptor::InterceptedService::new(
+                Some(InterceptedService::new(
                     TimelineService::new(shared)
                         .with_owned_partitions(
                             config.kafka.partitions,
@@ -271,10 +272,7 @@ impl Node {
                         .with_feed(store.watch_sender(), server_shutdown.clone())
                         .with_authorizer(Arc::clone(&authorize))
                         .into_server(),
-                    move |request: tonic::Request<()>| {
-                        authorize(request.metadata())?;
-                        Ok(request)
-                    },
+                    on_headers(authorize),
                 ))
             }
             _ => None,
@@ -315,7 +313,10 @@ impl Node {
         let router = listener::router(server, health_service)?
             .add_optional_service(ingest)
             .add_optional_service(query)
-            .add_optional_service(admin.map(AdminService::into_server));
+            .add_optional_service(admin.map(|admin| {
+                let authorize = admin.authorizer();
+                InterceptedService::new(admin.into_server(), on_headers(authorize))
+            }));
         if let Some(rebuilds) = &rebuilds {
             // Started once nothing of the start can fail any more: shutdown stops and awaits it.
             rebuilds.drop_leftovers();
@@ -498,6 +499,18 @@ impl Node {
                 Ok(())
             }
         }
+    }
+}
+
+/// A call's token checked on its headers, before its body is read and decoded: a caller without
+/// a valid token gets its `UNAUTHENTICATED` (or `PERMISSION_DENIED`) error whatever the body
+/// holds, and costs no decoding.
+fn on_headers(
+    authorize: touchline_query::admin::Authorize,
+) -> impl FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Clone {
+    move |request| {
+        authorize(request.metadata())?;
+        Ok(request)
     }
 }
 
