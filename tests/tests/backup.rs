@@ -181,6 +181,25 @@ async fn bad_backups_and_existing_stores_are_refused() -> anyhow::Result<()> {
         .await
         .expect_err("the file exists");
     assert!(error.to_string().contains("exists"), "{error:#}");
+    // A partial file left by another backup is named as such; a folder that is missing is not.
+    let other = dir.path().join("b.backup");
+    std::fs::write(dir.path().join("b.backup.partial"), b"")?;
+    let error = touchline::backup::backup(node.target(), ADMIN_TOKEN, &other)
+        .await
+        .expect_err("its partial file exists");
+    assert!(
+        error.to_string().contains("a backup in progress"),
+        "{error:#}"
+    );
+    let nowhere = dir.path().join("missing").join("c.backup");
+    let error = touchline::backup::backup(node.target(), ADMIN_TOKEN, &nowhere)
+        .await
+        .expect_err("no such folder");
+    assert!(
+        !error.to_string().contains("a backup in progress")
+            && format!("{error:#}").contains("No such file"),
+        "{error:#}"
+    );
     node.shutdown().await?;
 
     // Into the store of a node: refused, and the store is untouched.

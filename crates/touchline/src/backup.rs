@@ -65,11 +65,13 @@ pub async fn backup(endpoint: &Target, token: &str, out: &Path) -> anyhow::Resul
         .write(true)
         .create_new(true)
         .open(&partial)
-        .with_context(|| {
-            format!(
-                "cannot create {} (a backup in progress, or left by one that was interrupted: delete it)",
-                partial.display()
-            )
+        .map_err(|error| {
+            let why = if error.kind() == std::io::ErrorKind::AlreadyExists {
+                " (a backup in progress, or left by one that was interrupted: delete it)"
+            } else {
+                ""
+            };
+            anyhow::Error::new(error).context(format!("cannot create {}{why}", partial.display()))
         })?;
     // From here on the partial file is this backup's: deleted when it fails.
     let checked = async {
