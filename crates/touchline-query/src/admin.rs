@@ -81,6 +81,8 @@ pub struct AdminService {
     /// (`GetStatus`): one lock, so that both change together.
     replays: Arc<std::sync::Mutex<Replays>>,
     backups: backup::BackupSlot,
+    /// One verification at a time: each pauses the projector while it reads the summaries.
+    verifying: Arc<tokio::sync::Mutex<()>>,
 }
 
 #[derive(Default)]
@@ -158,6 +160,7 @@ impl AdminService {
             authorize,
             replays: Arc::default(),
             backups: backup::BackupSlot::default(),
+            verifying: Arc::default(),
         }
     }
 
@@ -551,10 +554,16 @@ impl v1::admin_service_server::AdminService for AdminService {
     ) -> Result<Response<v1::VerifyProjectionsResponse>, Status> {
         self.check(&request)?;
         let store = Arc::clone(&self.context.store);
-        let (log_events, checksums) = tokio::task::spawn_blocking(move || store.verify())
-            .await
-            .map_err(blocking)?
-            .map_err(Error::from)?;
+        // Calls wait their turn, so that their pauses of the projector do not stack; the turn
+        // is held by the scan itself, which goes on when its caller goes.
+        let turn = Arc::clone(&self.verifying).lock_owned().await;
+        let (log_events, checksums) = tokio::task::spawn_blocking(move || {
+            let _turn = turn;
+            store.verify()
+        })
+        .await
+        .map_err(blocking)?
+        .map_err(Error::from)?;
         Ok(Response::new(v1::VerifyProjectionsResponse {
             checksums: checksums
                 .into_iter()
