@@ -465,6 +465,33 @@ pub async fn verify(endpoint: &Target, token: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Attempts in a row, each bringing nothing, after which `touchline watch` gives up resuming
+/// (about four minutes with [`resume_delay`]).
+const WATCH_RESUME_ATTEMPTS: u32 = 12;
+
+/// The wait before resuming attempt `failures` (from 1): a second, doubling up to 30 s.
+fn resume_delay(failures: u32) -> Duration {
+    Duration::from_secs(1)
+        .saturating_mul(2_u32.saturating_pow(failures.saturating_sub(1)))
+        .min(Duration::from_secs(30))
+}
+
+/// Whether a watch that ended (or could not be opened again) with `code` is worth resuming: lag
+/// and shutdown, a connection reset or lost (tonic reports an I/O error as `UNKNOWN`), a store
+/// error, a node whose watches are all taken. Refusals of the request or the token are final.
+fn resumable(code: Code) -> bool {
+    matches!(
+        code,
+        Code::Aborted
+            | Code::Unavailable
+            | Code::Unknown
+            | Code::Internal
+            | Code::ResourceExhausted
+            | Code::Cancelled
+            | Code::DeadlineExceeded
+    )
+}
+
 /// Prints a customer's timeline, then new entries as they are projected; reconnects with the
 /// last cursor when the stream breaks.
 ///
@@ -478,8 +505,21 @@ pub async fn watch(
 ) -> anyhow::Result<()> {
     // Whether this attempt resumes a watch this command already ran (not the cursor given).
     let mut resuming = false;
+    // Attempts in a row that brought nothing.
+    let mut failures = 0_u32;
     loop {
-        let mut client = timeline_client(endpoint, token).await?;
+        if failures > 0 {
+            tokio::time::sleep(resume_delay(failures)).await;
+        }
+        let mut client = match timeline_client(endpoint, token).await {
+            Ok(client) => client,
+            Err(error) if resuming && failures < WATCH_RESUME_ATTEMPTS => {
+                crate::noteln!("cannot reconnect ({error:#}); trying again");
+                failures += 1;
+                continue;
+            }
+            Err(error) => return Err(error),
+        };
         let opened = client
             .watch_timeline(v1::WatchTimelineRequest {
                 customer_id: customer_id.clone(),
@@ -503,12 +543,23 @@ pub async fn watch(
                 cursor.clear();
                 continue;
             }
+            Err(status)
+                if resuming && resumable(status.code()) && failures < WATCH_RESUME_ATTEMPTS =>
+            {
+                crate::noteln!(
+                    "cannot resume the watch yet ({}); trying again",
+                    status.message()
+                );
+                failures += 1;
+                continue;
+            }
             Err(status) => return Err(status.into()),
         };
         resuming = true;
         let ended = loop {
             match stream.next().await {
                 Some(Ok(message)) => {
+                    failures = 0;
                     match &message.event {
                         Some(v1::watch_timeline_response::Event::Entry(entry)) => {
                             let marker = if message.late { "late " } else { "" };
@@ -533,12 +584,12 @@ pub async fn watch(
             }
         };
         match ended {
-            Some(status) if matches!(status.code(), Code::Aborted | Code::Unavailable) => {
+            Some(status) if resumable(status.code()) && failures < WATCH_RESUME_ATTEMPTS => {
                 crate::noteln!(
                     "watch interrupted ({}); resuming from the last cursor",
                     status.message()
                 );
-                tokio::time::sleep(Duration::from_secs(1)).await;
+                failures += 1;
             }
             Some(status) => return Err(status.into()),
             None => return Ok(()),

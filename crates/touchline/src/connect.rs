@@ -34,6 +34,13 @@ pub struct Target {
     pub tls_server_name: Option<String>,
 }
 
+/// How long the commands wait for a connection to a node.
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// HTTP/2 pings (and TCP keepalive probes) on a quiet connection, also while a watch waits.
+const KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
+/// A ping unanswered this long ends the connection (the node's own keepalive timeout).
+const KEEPALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 impl Target {
     /// A plaintext endpoint, or an `https://` one trusting the system's roots.
     #[must_use]
@@ -68,8 +75,15 @@ impl Target {
     /// When the endpoint is not a URI, a TLS file cannot be read, or TLS files are given for a
     /// plaintext (`http://`) endpoint.
     pub fn endpoint(&self) -> anyhow::Result<Endpoint> {
+        // A node that does not answer, or a connection dropped without a close (a NAT, a load
+        // balancer), is found out: the commands retry or fail instead of waiting forever.
         let endpoint = Endpoint::from_shared(self.endpoint.clone())
-            .with_context(|| format!("{} is not an endpoint", self.endpoint))?;
+            .with_context(|| format!("{} is not an endpoint", self.endpoint))?
+            .connect_timeout(CONNECT_TIMEOUT)
+            .tcp_keepalive(Some(KEEPALIVE_INTERVAL))
+            .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+            .keep_alive_while_idle(true);
         anyhow::ensure!(
             self.client_cert.is_some() == self.client_key.is_some(),
             "--client-cert and --client-key (TOUCHLINE_CLIENT_CERT, TOUCHLINE_CLIENT_KEY) go together"

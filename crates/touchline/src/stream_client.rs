@@ -138,14 +138,19 @@ pub async fn publish(
             Err(status) => {
                 let Some(delay) = retry_delay(&status, attempt) else {
                     bail!(
-                        "the stream cannot go on: {} ({:?})",
+                        "the stream cannot go on: {} ({:?}); {}",
                         status.message(),
-                        status.code()
+                        status.code(),
+                        so_far(&report, &pending)
                     );
                 };
                 attempt += 1;
                 if attempt > options.max_attempts {
-                    bail!("gave up after {attempt} attempts: {}", status.message());
+                    bail!(
+                        "gave up after {attempt} attempts: {}; {}",
+                        status.message(),
+                        so_far(&report, &pending)
+                    );
                 }
                 tracing::warn!(code = ?status.code(), message = status.message(), unanswered = pending.len(), ?delay, "stream broke, reconnecting");
                 tokio::time::sleep(delay).await;
@@ -154,6 +159,35 @@ pub async fn publish(
         }
     }
     Ok(report)
+}
+
+/// What a publish that stops got done: the answered events, and where the unanswered ones start
+/// (resending those is safe: an event is stored once).
+fn so_far(report: &PublishReport, pending: &VecDeque<Batch>) -> String {
+    let unanswered: usize = pending.iter().map(|batch| batch.events.len()).sum();
+    let from = pending
+        .front()
+        .and_then(|batch| batch.lines.first())
+        .map(|line| format!(" from line {line} on"))
+        .unwrap_or_default();
+    format!(
+        "before it: {} accepted, {} rejected; {unanswered} events without an answer{from} (resending them is safe)",
+        report.accepted, report.rejected
+    )
+}
+
+/// A failed call as the status to act on: one that failed on the node's certificate or this
+/// client's TLS settings (under TLS 1.3 a refused client certificate shows only at the first
+/// call) stays so, and is not retried.
+fn tls_refusal_is_final(status: tonic::Status) -> tonic::Status {
+    if crate::connect::is_tls_refusal(&status) {
+        tonic::Status::failed_precondition(format!(
+            "refused by TLS: {}",
+            crate::connect::error_chain(&status)
+        ))
+    } else {
+        status
+    }
 }
 
 /// One stream: sends batches from the front of `pending` with at most `window` unanswered, and
@@ -184,7 +218,11 @@ async fn stream_once(
     let (requests, outgoing) = mpsc::channel(window);
     let request = with_token(ReceiverStream::new(outgoing), token)
         .map_err(|error| tonic::Status::invalid_argument(error.to_string()))?;
-    let mut answers = client.publish_stream(request).await?.into_inner();
+    let mut answers = client
+        .publish_stream(request)
+        .await
+        .map_err(tls_refusal_is_final)?
+        .into_inner();
     let mut sent = 0;
     loop {
         // Fill the window; the channel has room for all of it, so this never waits.
@@ -202,7 +240,7 @@ async fn stream_once(
         if sent == 0 {
             return Ok(());
         }
-        let Some(answer) = answers.message().await? else {
+        let Some(answer) = answers.message().await.map_err(tls_refusal_is_final)? else {
             return Err(tonic::Status::unavailable(
                 "the server ended the stream with batches unanswered",
             ));

@@ -32,11 +32,20 @@ async fn start_dev_with(
     data_dir: &std::path::Path,
     env: &[(&str, &str)],
 ) -> anyhow::Result<(Child, String)> {
+    start_dev_at(data_dir, "127.0.0.1:0", env).await
+}
+
+/// Starts `touchline dev` listening on `listen`.
+async fn start_dev_at(
+    data_dir: &std::path::Path,
+    listen: &str,
+    env: &[(&str, &str)],
+) -> anyhow::Result<(Child, String)> {
     let mut child = Command::new(env!("CARGO_BIN_EXE_touchline"))
         .args([
             "dev",
             "--listen",
-            "127.0.0.1:0",
+            listen,
             "--metrics-listen",
             "127.0.0.1:0",
             "--data-dir",
@@ -185,6 +194,82 @@ async fn sigkill_of_dev_loses_no_acknowledged_event() -> anyhow::Result<()> {
     assert_all_there_once(&endpoint, &acked).await?;
     child.start_kill()?;
     child.wait().await?;
+    Ok(())
+}
+
+/// `touchline watch` outlives a crash of its node: killed and started again on the same address
+/// (longer than a second, and the connection reset, which tonic reports as `UNKNOWN`), the watch
+/// resumes from its last cursor and prints what comes next, and nothing twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_resumes_after_its_node_crashed_and_came_back() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (mut node, endpoint) = start_dev(dir.path()).await?;
+    let publish = |endpoint: String, indexes: Vec<usize>| async move {
+        let mut ingest = IngestServiceClient::connect(endpoint).await?;
+        let response = ingest
+            .publish(authorized(v1::PublishRequest {
+                events: indexes
+                    .into_iter()
+                    .map(|index| {
+                        // The watch prints attributes, not event ids.
+                        let mut touchpoint = event(index);
+                        touchpoint
+                            .attributes
+                            .insert("n".to_owned(), format!("evt-{index}"));
+                        touchpoint
+                    })
+                    .collect(),
+                batch_id: String::new(),
+            }))
+            .await?
+            .into_inner();
+        anyhow::ensure!(response.rejected == 0, "{response:?}");
+        anyhow::Ok(())
+    };
+    // Events 0 and 5 are customer cust-0's.
+    publish(endpoint.clone(), vec![0, 5]).await?;
+    let mut watch = Command::new(env!("CARGO_BIN_EXE_touchline"))
+        .args(["watch", "cust-0", "--endpoint", &endpoint])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()?;
+    let mut lines = BufReader::new(watch.stdout.take().context("stdout is piped")?).lines();
+    let mut printed = Vec::new();
+    let mut read_until = async |wanted: &str, printed: &mut Vec<String>| {
+        tokio::time::timeout(DEADLINE, async {
+            while let Some(line) = lines.next_line().await? {
+                let found = line.contains(wanted);
+                printed.push(line);
+                if found {
+                    return Ok(());
+                }
+            }
+            anyhow::bail!("the watch ended: {printed:?}")
+        })
+        .await
+        .with_context(|| format!("no {wanted:?} in time"))?
+    };
+    read_until("-- caught up", &mut printed).await?;
+
+    node.start_kill()?;
+    node.wait().await?;
+    let listen = endpoint.trim_start_matches("http://").to_owned();
+    let (mut node, endpoint) = start_dev_at(dir.path(), &listen, &[]).await?;
+    publish(endpoint, vec![10]).await?;
+    read_until("n=evt-10", &mut printed).await?;
+    for id in ["n=evt-0", "n=evt-5", "n=evt-10"] {
+        assert_eq!(
+            printed.iter().filter(|line| line.contains(id)).count(),
+            1,
+            "{id} printed once: {printed:?}"
+        );
+    }
+
+    watch.start_kill()?;
+    node.start_kill()?;
+    node.wait().await?;
     Ok(())
 }
 
