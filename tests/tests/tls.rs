@@ -156,6 +156,23 @@ async fn a_node_with_a_client_ca_requires_a_client_certificate_and_still_a_token
     // The server ends the handshake: a transport error, not an answer of the service.
     let error = format!("{:#}", refused.expect_err("refused without a certificate"));
     assert!(error.contains("transport error"), "{error}");
+    // The publish client stops at once (TLS 1.3 shows the refusal only at the first call),
+    // instead of reconnecting until it gives up.
+    let options = touchline::stream_client::PublishOptions {
+        print_rejections: false,
+        max_attempts: 3,
+        ..Default::default()
+    };
+    let refused = touchline::stream_client::publish(
+        &without_certificate,
+        COURIER.1,
+        vec![(1, event("no-cert-stream"))],
+        &options,
+    )
+    .await
+    .expect_err("refused without a certificate");
+    let error = format!("{refused:#}");
+    assert!(error.contains("the stream cannot go on"), "{error}");
 
     // A certificate of another CA is refused too.
     let other_certificate = without_certificate

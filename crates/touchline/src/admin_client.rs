@@ -465,7 +465,7 @@ pub async fn verify(endpoint: &Target, token: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Attempts in a row, each bringing nothing, after which `touchline watch` gives up resuming
+/// Attempts in a row, each bringing no progress, after which `touchline watch` gives up resuming
 /// (about four minutes with [`resume_delay`]).
 const WATCH_RESUME_ATTEMPTS: u32 = 12;
 
@@ -556,10 +556,20 @@ pub async fn watch(
             Err(status) => return Err(status.into()),
         };
         resuming = true;
+        let resumed_from = cursor.clone();
         let ended = loop {
             match stream.next().await {
                 Some(Ok(message)) => {
-                    failures = 0;
+                    // Progress (not a catch-up read again: its messages carry the cursor it
+                    // resumed from) starts the count of fruitless attempts again.
+                    if message.cursor != resumed_from
+                        || matches!(
+                            message.event,
+                            Some(v1::watch_timeline_response::Event::CaughtUp(_))
+                        )
+                    {
+                        failures = 0;
+                    }
                     match &message.event {
                         Some(v1::watch_timeline_response::Event::Entry(entry)) => {
                             let marker = if message.late { "late " } else { "" };
@@ -594,5 +604,30 @@ pub async fn watch(
             Some(status) => return Err(status.into()),
             None => return Ok(()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_watch_resumes_after_transient_ends_only_and_backs_off_to_30_s() {
+        for code in [Code::Aborted, Code::Unavailable, Code::Unknown, Code::Internal] {
+            assert!(resumable(code), "{code:?}");
+        }
+        for code in [
+            Code::InvalidArgument,
+            Code::Unauthenticated,
+            Code::PermissionDenied,
+            Code::FailedPrecondition,
+            Code::Unimplemented,
+        ] {
+            assert!(!resumable(code), "{code:?}");
+        }
+        let waits: Vec<u64> = (1..=WATCH_RESUME_ATTEMPTS)
+            .map(|failures| resume_delay(failures).as_secs())
+            .collect();
+        assert_eq!(waits, [1, 2, 4, 8, 16, 30, 30, 30, 30, 30, 30, 30]);
     }
 }

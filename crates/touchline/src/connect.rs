@@ -98,7 +98,8 @@ impl Target {
             );
             return Ok(endpoint);
         }
-        let mut tls = ClientTlsConfig::new();
+        // The handshake has a timeout of its own: `connect_timeout` covers the TCP connect only.
+        let mut tls = ClientTlsConfig::new().timeout(CONNECT_TIMEOUT);
         tls = match &self.ca_cert {
             Some(path) => tls.ca_certificate(Certificate::from_pem(read("--ca-cert", path)?)),
             None => tls.with_native_roots(),
@@ -173,12 +174,20 @@ pub fn is_tls_refusal(error: &(dyn std::error::Error + 'static)) -> bool {
             .map(|inner| inner as &(dyn std::error::Error + 'static));
         if error.is::<rustls::Error>()
             || inner.is_some_and(<dyn std::error::Error>::is::<rustls::Error>)
+            || inner.is_some_and(is_alert_text)
         {
             return true;
         }
         current = error.source();
     }
     false
+}
+
+/// A TLS alert the node sent after the handshake (under TLS 1.3 a refused client certificate
+/// shows only at the first call) reaches a call as an I/O error that h2 rebuilt from rustls's
+/// text, without the `rustls::Error` itself: recognised by that text.
+fn is_alert_text(error: &(dyn std::error::Error + 'static)) -> bool {
+    error.to_string().starts_with("received fatal alert")
 }
 
 /// The bytes of `path`; an error names the setting it came from (`what`) and the file.

@@ -246,7 +246,7 @@ async fn stream_once(
             ));
         };
         let batch = pending
-            .pop_front()
+            .front()
             .ok_or_else(|| tonic::Status::internal("an answer without a batch"))?;
         if answer.batch_id != batch.id {
             return Err(tonic::Status::internal(format!(
@@ -279,6 +279,8 @@ async fn stream_once(
                 }
             }
         }
+        // Answered: taken off only now, so that a mismatched answer leaves it unanswered.
+        pending.pop_front();
     }
 }
 
