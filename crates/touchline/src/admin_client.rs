@@ -613,7 +613,12 @@ mod tests {
 
     #[test]
     fn a_watch_resumes_after_transient_ends_only_and_backs_off_to_30_s() {
-        for code in [Code::Aborted, Code::Unavailable, Code::Unknown, Code::Internal] {
+        for code in [
+            Code::Aborted,
+            Code::Unavailable,
+            Code::Unknown,
+            Code::Internal,
+        ] {
             assert!(resumable(code), "{code:?}");
         }
         for code in [
