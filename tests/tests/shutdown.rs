@@ -148,3 +148,37 @@ async fn a_batch_waiting_in_the_server_at_shutdown_is_answered_and_not_published
     );
     node.shutdown().await
 }
+
+/// A `/metrics` client that sent half a request and stalls does not hold the shutdown (hyper
+/// keeps such a connection open through a graceful stop): the node stops, health included.
+/// Before, the shutdown waited for that connection forever, health never said `NOT_SERVING`, and
+/// the projector was never stopped or flushed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_metrics_client_does_not_hold_the_shutdown() -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let broker = start_broker().await;
+    let dir = tempfile::tempdir()?;
+    let node = start_node(&broker, dir.path()).await?;
+    let metrics = node.metrics_addr().expect("metrics are served");
+    let mut stalled = tokio::net::TcpStream::connect(metrics).await?;
+    stalled
+        .write_all(format!("GET /metrics HTTP/1.1\r\nHost: {metrics}\r\n").as_bytes())
+        .await?;
+    // A whole request on another connection, answered: the server has been reading meanwhile.
+    let mut other = tokio::net::TcpStream::connect(metrics).await?;
+    other
+        .write_all(
+            format!("GET /metrics HTTP/1.1\r\nHost: {metrics}\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .await?;
+    let mut answer = String::new();
+    tokio::time::timeout(Duration::from_secs(30), other.read_to_string(&mut answer)).await??;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+
+    tokio::time::timeout(Duration::from_secs(30), node.shutdown())
+        .await
+        .map_err(|_| anyhow::anyhow!("the shutdown waited for the stalled metrics client"))??;
+    drop(stalled);
+    Ok(())
+}

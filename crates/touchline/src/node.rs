@@ -440,8 +440,19 @@ impl Node {
         // Health and metrics stop first (so that health cannot turn back to SERVING), then load
         // balancers are told to stop sending.
         self.background_shutdown.cancel();
-        for task in self.background {
-            let _ = task.await;
+        // `/metrics` waits for its connections: one stalled in the middle of a request (hyper
+        // keeps it open) must not hold the shutdown before health even says NOT_SERVING.
+        let background_deadline = tokio::time::Instant::now() + BACKGROUND_STOP_WAIT;
+        for mut task in self.background {
+            if tokio::time::timeout_at(background_deadline, &mut task)
+                .await
+                .is_err()
+            {
+                warn!(
+                    "a background task (metrics, health, TLS reload) did not stop in time: ended"
+                );
+                task.abort();
+            }
         }
         self.health.not_serving().await;
         if !self.shutdown_delay.is_zero() {
@@ -454,8 +465,12 @@ impl Node {
             tokio::time::sleep(self.shutdown_delay).await;
         }
         self.server_shutdown.cancel();
+        // One grace for the calls and a replay's last batch together (a replay is told to stop
+        // with the calls), so that the shutdown takes the delay and the grace, not twice the
+        // grace; a replay still gets a moment past a grace the calls used up.
+        let drain_deadline = tokio::time::Instant::now() + self.shutdown_grace;
         if let Some(mut server) = self.server {
-            match tokio::time::timeout(self.shutdown_grace, &mut server).await {
+            match tokio::time::timeout_at(drain_deadline, &mut server).await {
                 Ok(joined) => errors.extend(failure(joined, "gRPC server")),
                 Err(_) => {
                     warn!(
@@ -469,7 +484,9 @@ impl Node {
         if let Some(admin) = &self.admin {
             // A replay stops at its next batch (told when the server stopped); none is written
             // after the final flush.
-            if tokio::time::timeout(self.shutdown_grace, admin.replay_ended())
+            let replay_deadline =
+                drain_deadline.max(tokio::time::Instant::now() + REPLAY_LAST_BATCH_WAIT);
+            if tokio::time::timeout_at(replay_deadline, admin.replay_ended())
                 .await
                 .is_err()
             {
@@ -513,6 +530,12 @@ fn on_headers(
         Ok(request)
     }
 }
+
+/// How long a shutdown waits for the background tasks (metrics, health reporting, TLS reloads).
+const BACKGROUND_STOP_WAIT: Duration = Duration::from_secs(1);
+
+/// How long a shutdown waits for a replay's last batch once the grace is used up.
+const REPLAY_LAST_BATCH_WAIT: Duration = Duration::from_secs(1);
 
 /// A stopped task's failure, if any: the error it returned, or its panic.
 fn failure<E: std::error::Error + Send + Sync + 'static>(
