@@ -52,11 +52,40 @@ impl KafkaProbe {
             .collect()
     }
 
-    /// Whether the broker answers a metadata request for the topic within `timeout` (blocking).
+    /// Whether the broker answers a metadata request for the topic within `timeout` (blocking),
+    /// naming the topic without an error: a topic deleted (or never created) is answered with
+    /// metadata too, and then nothing can be published.
     #[must_use]
     pub fn reachable(&self, timeout: Duration) -> bool {
         self.consumer
             .fetch_metadata(Some(&self.topic), timeout)
-            .is_ok_and(|metadata| !metadata.brokers().is_empty())
+            .is_ok_and(|metadata| {
+                !metadata.brokers().is_empty()
+                    && metadata
+                        .topics()
+                        .iter()
+                        .any(|topic| topic.name() == self.topic && topic.error().is_none())
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_topic_the_broker_does_not_have_is_not_reachable() {
+        let broker = touchline_kafka::EmbeddedBroker::start(1, "present", 2).expect("starts");
+        let probe = |topic: &str| {
+            KafkaProbe::new(&KafkaOptions {
+                bootstrap_servers: broker.bootstrap_servers().to_owned(),
+                topic: topic.to_owned(),
+                ..KafkaOptions::default()
+            })
+            .expect("a probe")
+            .reachable(Duration::from_secs(10))
+        };
+        assert!(probe("present"));
+        assert!(!probe("missing"), "a missing topic is answered, with an error");
     }
 }
