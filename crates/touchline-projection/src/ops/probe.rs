@@ -86,6 +86,9 @@ mod tests {
             .reachable(Duration::from_secs(10))
         };
         assert!(probe("present"));
-        assert!(!probe("missing"), "a missing topic is answered, with an error");
+        assert!(
+            !probe("missing"),
+            "a missing topic is answered, with an error"
+        );
     }
 }

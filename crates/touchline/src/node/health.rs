@@ -93,6 +93,7 @@ pub(super) async fn report_health(
             ServingStatus::NotServing
         }
     };
+    let mut reported = BTreeMap::new();
     loop {
         let probing = Arc::clone(&probe);
         let kafka_up = tokio::task::spawn_blocking(move || probing.reachable(HEALTH_PROBE_TIMEOUT))
@@ -121,32 +122,41 @@ pub(super) async fn report_health(
                 }
             }
         }
+        let mut desired = Vec::new();
         if roles.ingest {
-            health
-                .set_service_status(INGEST_SERVICE, status(kafka_up))
-                .await;
+            desired.push((INGEST_SERVICE, status(kafka_up)));
         }
         if roles.query {
-            health
-                .set_service_status(TIMELINE_SERVICE, status(projector_up && ready))
-                .await;
+            desired.push((TIMELINE_SERVICE, status(projector_up && ready)));
         }
         if roles.projector {
-            health
-                .set_service_status(ADMIN_SERVICE, status(projector_up))
-                .await;
+            desired.push((ADMIN_SERVICE, status(projector_up)));
         }
-        health
-            .set_service_status(
-                "",
-                status(kafka_up && (!roles.projector || (projector_up && (ready || !roles.query)))),
-            )
-            .await;
+        desired.push((
+            "",
+            status(kafka_up && (!roles.projector || (projector_up && (ready || !roles.query)))),
+        ));
+        for (service, serving) in changes(&mut reported, desired) {
+            health.set_service_status(service, serving).await;
+        }
         tokio::select! {
             () = shutdown.cancelled() => return,
             () = tokio::time::sleep(HEALTH_INTERVAL) => {}
         }
     }
+}
+
+/// The statuses of `desired` that differ from those `reported` (every one the first time), noted
+/// as reported: the health service sends a message to every `Watch` on each status it is given,
+/// and the gRPC health protocol sends one per change, not one per probe.
+fn changes(
+    reported: &mut BTreeMap<&'static str, ServingStatus>,
+    desired: Vec<(&'static str, ServingStatus)>,
+) -> Vec<(&'static str, ServingStatus)> {
+    desired
+        .into_iter()
+        .filter(|(service, serving)| reported.insert(service, *serving) != Some(*serving))
+        .collect()
 }
 
 /// The node's health: the reporter of the standard health service, and the roles it reports on.
@@ -255,6 +265,26 @@ impl Health for EndingWatches {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_status_is_reported_when_it_changes_not_at_every_probe() {
+        let mut reported = BTreeMap::new();
+        let serving = ServingStatus::Serving;
+        let not = ServingStatus::NotServing;
+        assert_eq!(
+            changes(&mut reported, vec![("", not), ("ingest", serving)]),
+            [("", not), ("ingest", serving)]
+        );
+        assert_eq!(
+            changes(&mut reported, vec![("", not), ("ingest", serving)]),
+            []
+        );
+        assert_eq!(
+            changes(&mut reported, vec![("", serving), ("ingest", serving)]),
+            [("", serving)]
+        );
+    }
+
     use super::*;
 
     #[test]
