@@ -209,3 +209,66 @@ async fn nothing_after_a_failed_batch_of_a_stream_is_published() -> anyhow::Resu
     );
     node.shutdown().await
 }
+
+/// A stream's window also counts bytes: batches that wait for the partner's rate hold their
+/// decoded requests, so a partner sending large batches into a rate debt is pushed back once they
+/// fill `ingest.stream-window-bytes`, long before the 64 batches its window of events would admit
+/// (each of these holds 600 KB: 64 of them would be about 38 MB in the server).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_batches_waiting_for_the_rate_fill_the_window_of_bytes() -> anyhow::Result<()> {
+    let broker = start_broker().await;
+    let dir = tempfile::tempdir()?;
+    let node = start_node_with(&broker, dir.path(), partners(), |config| {
+        config.ingest.max_message_bytes = 1 << 20;
+        config.ingest.stream_window_bytes = 1 << 20;
+        // One event a second: every batch after the first waits for the rate, holding itself.
+        config.ingest.rate_per_second = Some(1.0);
+        config.ingest.burst = 1.0;
+    })
+    .await?;
+    let mut ingest = ingest_client(&node).await?;
+    let (requests, outgoing) = tokio::sync::mpsc::channel(1);
+    let _answers = ingest
+        .publish_stream(authorized(ReceiverStream::new(outgoing), COURIER.1))
+        .await?;
+    const ATTEMPTS: usize = 100;
+    let mut sent = 0;
+    for batch in 0..ATTEMPTS {
+        let events = (0..40)
+            .map(|i| {
+                let mut event = touchpoint(
+                    &format!("big{batch}-{i}"),
+                    "big-customer",
+                    "parcel.scanned",
+                    i64::from(i),
+                    JourneyStage::Fulfil,
+                );
+                event.payload = vec![7; 15 * 1024];
+                event
+            })
+            .collect();
+        // Blocking for a while is the thing under test: once it blocks, the server is not reading.
+        match tokio::time::timeout(
+            Duration::from_secs(3),
+            requests.send(v1::PublishRequest {
+                events,
+                batch_id: batch.to_string(),
+            }),
+        )
+        .await
+        {
+            Ok(result) => {
+                result?;
+                sent += 1;
+            }
+            Err(_) => break,
+        }
+    }
+    // One batch admitted (a second does not fit 1 MiB), and what HTTP/2's windows hold.
+    println!("600 KB batches the partner could send: {sent}");
+    assert!(
+        sent < 20,
+        "the partner is pushed back by the window of bytes, not after 64 waiting batches: {sent}"
+    );
+    node.shutdown().await
+}

@@ -44,6 +44,10 @@ pub struct IngestOptions {
     /// answered batches wait for the partner to read them) the server stops
     /// reading the stream, so HTTP/2 flow control pushes back on the partner.
     pub stream_window_events: usize,
+    /// Bytes of the messages of one `PublishStream`'s batches admitted and not yet answered
+    /// (waiting for the rate or for slots, or being made durable): past it the server stops
+    /// reading the stream, as for its window of events. At least `max_message_bytes`.
+    pub stream_window_bytes: usize,
     /// Default events per second per partner (a partner's contract can override it); `None` for
     /// no limit.
     pub rate_per_second: Option<f64>,
@@ -69,6 +73,7 @@ impl Default for IngestOptions {
             limits: Limits::default(),
             max_message_bytes: 4 * 1024 * 1024,
             stream_window_events: 10_000,
+            stream_window_bytes: 16 * 1024 * 1024,
             rate_per_second: Some(5_000.0),
             burst: 20_000.0,
             max_streams_per_partner: 8,

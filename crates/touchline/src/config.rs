@@ -137,6 +137,10 @@ pub struct IngestConfig {
     /// Events of one `PublishStream` being made durable at once (answers not yet read by the
     /// partner are bounded separately, to 64 batches).
     pub stream_window_events: usize,
+    /// Bytes of one `PublishStream`'s batches admitted and not yet answered (1 KiB to 1 GiB; one
+    /// message of `max-message-bytes` always fits): with the window of events, bounds what a
+    /// stream holds.
+    pub stream_window_bytes: usize,
     /// Events per second per partner (token bucket); a partner's `rate-per-second` overrides it.
     /// 0 means no limit.
     pub rate_per_second: Option<f64>,
@@ -166,6 +170,7 @@ impl Default for IngestConfig {
             max_message_bytes: defaults.max_message_bytes,
             ack_timeout_ms: 30_000,
             stream_window_events: defaults.stream_window_events,
+            stream_window_bytes: defaults.stream_window_bytes,
             rate_per_second: defaults.rate_per_second,
             burst: defaults.burst,
             max_streams_per_partner: defaults.max_streams_per_partner,
@@ -186,6 +191,7 @@ impl IngestConfig {
             limits: self.limits.limits(),
             max_message_bytes: self.max_message_bytes,
             stream_window_events: self.stream_window_events,
+            stream_window_bytes: self.stream_window_bytes,
             rate_per_second: self.rate_per_second.filter(|rate| *rate > 0.0),
             burst: self.burst,
             max_streams_per_partner: self.max_streams_per_partner,
@@ -453,7 +459,7 @@ impl Config {
     /// these bounds are mistakes that would only fail later (a semaphore that cannot hold them).
     fn check_sizes(&self) -> anyhow::Result<()> {
         let ingest = &self.ingest;
-        let checks: [(&str, u64, u64, u64); 15] = [
+        let checks: [(&str, u64, u64, u64); 16] = [
             (
                 "ingest.request-body-timeout-ms",
                 ingest.request_body_timeout_ms,
@@ -489,6 +495,12 @@ impl Config {
                 count(ingest.stream_window_events),
                 count(ingest.max_batch_events),
                 10_000_000,
+            ),
+            (
+                "ingest.stream-window-bytes",
+                count(ingest.stream_window_bytes),
+                1024,
+                1 << 30,
             ),
             (
                 "ingest.max-in-flight-batches",

@@ -67,11 +67,20 @@ pub(super) fn open(
         .stream_window_events
         .max(inner.options.max_batch_events)
         .max(1);
+    // In KiB, so that a window of up to 1 GiB fits a semaphore's permits; at least one largest
+    // message, so that any message the server decodes can be admitted.
+    let window_kib = inner
+        .options
+        .stream_window_bytes
+        .max(inner.options.max_message_bytes)
+        .div_ceil(1024)
+        .max(1);
     let shared = Arc::new(Shared {
         inner: Arc::clone(inner),
         opened_as: partner,
         token,
         window: Arc::new(Semaphore::new(window_events)),
+        window_kib: Arc::new(Semaphore::new(window_kib)),
         gone: CancellationToken::new(),
         first_failure: watch::Sender::new(u64::MAX),
     });
@@ -180,6 +189,10 @@ struct Shared {
     token: Arc<str>,
     /// The stream's window in events.
     window: Arc<Semaphore>,
+    /// The stream's window in KiB of the admitted batches' messages: batches that wait (for the
+    /// partner's rate, for slots) hold their decoded requests, so the events alone do not bound
+    /// a stream's memory (64 one-event messages of 4 MiB fit a window of events).
+    window_kib: Arc<Semaphore>,
     /// Cancelled when the answers stop (the partner went, or the stream ended).
     gone: CancellationToken,
     /// The lowest index of a batch that failed; `u64::MAX` while none has.
@@ -195,6 +208,7 @@ struct Admitted {
     /// What it was charged, given back if it is dropped unpublished.
     charge: Option<Charge>,
     share: OwnedSemaphorePermit,
+    bytes: OwnedSemaphorePermit,
 }
 
 /// Tokens a batch took from its partner's bucket: given back when it is dropped before the batch
@@ -302,11 +316,14 @@ impl Shared {
                 None => (Duration::ZERO, None),
             };
             let share = acquire(&self.window, events).await?;
+            let kib = prost::Message::encoded_len(&batch).div_ceil(1024);
+            let bytes = acquire(&self.window_kib, kib).await?;
             Ok(Admitted {
                 batch,
                 wait,
                 charge,
                 share,
+                bytes,
             })
         }
         .await;
@@ -324,6 +341,7 @@ impl Shared {
             wait,
             charge,
             share,
+            bytes,
         } = admitted;
         let ready = self.wait_for_turn(index, wait).await;
         let result = match ready {
@@ -339,6 +357,7 @@ impl Shared {
             Err(error) => Err(error),
         };
         drop(share);
+        drop(bytes);
         if result.is_err() {
             self.fail(index);
         }
@@ -386,9 +405,9 @@ impl Shared {
     }
 }
 
-/// Takes `events` permits of a stream window (at most the whole window).
-async fn acquire(window: &Arc<Semaphore>, events: usize) -> Result<OwnedSemaphorePermit> {
-    let permits = u32::try_from(events)
+/// Takes `count` permits of a stream window, events or KiB (at most the whole window).
+async fn acquire(window: &Arc<Semaphore>, count: usize) -> Result<OwnedSemaphorePermit> {
+    let permits = u32::try_from(count)
         .unwrap_or(u32::MAX)
         .clamp(1, u32::try_from(Semaphore::MAX_PERMITS).unwrap_or(u32::MAX));
     Arc::clone(window)

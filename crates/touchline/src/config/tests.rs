@@ -111,6 +111,7 @@ fn sizes_out_of_range_are_refused() {
     assert!(refused(|c| c.projector.max_batch = 0).contains("projector.max-batch"));
     assert!(refused(|c| c.projector.rebuild_batch = 0).contains("projector.rebuild-batch"));
     assert!(refused(|c| c.query.max_watches = 0).contains("query.max-watches"));
+    assert!(refused(|c| c.ingest.stream_window_bytes = 0).contains("ingest.stream-window-bytes"));
     // sled asserts a page cache of at least 256 bytes: 0 panicked in the store's open.
     assert!(refused(|c| c.store.cache_mib = 0).contains("store.cache-mib"));
     // The kernel refuses keepalive times under a second: every connection was dropped silently.
