@@ -492,6 +492,13 @@ fn resumable(code: Code) -> bool {
     )
 }
 
+/// Whether a watch that ended (or could not be opened again) with `status` is resumed: a
+/// [`resumable`] code, but not a TLS refusal (a node's certificate this client does not trust,
+/// or a client certificate it refuses), which trying again does not change.
+fn worth_resuming(status: &tonic::Status) -> bool {
+    resumable(status.code()) && !crate::connect::is_tls_refusal(status)
+}
+
 /// Prints a customer's timeline, then new entries as they are projected; reconnects with the
 /// last cursor when the stream breaks.
 ///
@@ -513,7 +520,11 @@ pub async fn watch(
         }
         let mut client = match timeline_client(endpoint, token).await {
             Ok(client) => client,
-            Err(error) if resuming && failures < WATCH_RESUME_ATTEMPTS => {
+            Err(error)
+                if resuming
+                    && failures < WATCH_RESUME_ATTEMPTS
+                    && !error.chain().any(crate::connect::is_tls_refusal) =>
+            {
                 crate::noteln!("cannot reconnect ({error:#}); trying again");
                 failures += 1;
                 continue;
@@ -544,7 +555,7 @@ pub async fn watch(
                 continue;
             }
             Err(status)
-                if resuming && resumable(status.code()) && failures < WATCH_RESUME_ATTEMPTS =>
+                if resuming && worth_resuming(&status) && failures < WATCH_RESUME_ATTEMPTS =>
             {
                 crate::noteln!(
                     "cannot resume the watch yet ({}); trying again",
@@ -594,7 +605,7 @@ pub async fn watch(
             }
         };
         match ended {
-            Some(status) if resumable(status.code()) && failures < WATCH_RESUME_ATTEMPTS => {
+            Some(status) if worth_resuming(&status) && failures < WATCH_RESUME_ATTEMPTS => {
                 crate::noteln!(
                     "watch interrupted ({}); resuming from the last cursor",
                     status.message()
@@ -630,6 +641,14 @@ mod tests {
         ] {
             assert!(!resumable(code), "{code:?}");
         }
+        // A TLS alert (as h2 hands it on: text in an I/O error) is not resumed.
+        let mut refused = tonic::Status::unknown("transport error");
+        refused.set_source(std::sync::Arc::new(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "received fatal alert: CertificateRequired",
+        )));
+        assert!(!worth_resuming(&refused));
+        assert!(worth_resuming(&tonic::Status::unknown("transport error")));
         let waits: Vec<u64> = (1..=WATCH_RESUME_ATTEMPTS)
             .map(|failures| resume_delay(failures).as_secs())
             .collect();
