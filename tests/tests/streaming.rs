@@ -16,41 +16,26 @@ use touchline_tests::{
     wait_for_timeline,
 };
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_partner_that_stops_reading_acknowledgements_is_pushed_back() -> anyhow::Result<()> {
-    let broker = start_broker().await;
-    let dir = tempfile::tempdir()?;
-    let node = start_node_with(&broker, dir.path(), partners(), |config| {
-        config.ingest.stream_window_events = 100;
-        config.ingest.max_batch_events = 100;
-        config.ingest.rate_per_second = None;
-    })
-    .await?;
-    let mut ingest = ingest_client(&node).await?;
+/// Opens a stream as the courier, never reads an answer, and sends up to `attempts` batches
+/// (`events` of each index) until a send blocks for 3 s: how many went before the server
+/// stopped reading.
+async fn sent_until_pushed_back(
+    ingest: &mut v1::ingest_service_client::IngestServiceClient<tonic::transport::Channel>,
+    attempts: usize,
+    events: impl Fn(usize) -> Vec<v1::Touchpoint>,
+) -> anyhow::Result<usize> {
     let (requests, outgoing) = tokio::sync::mpsc::channel(1);
-    // The partner opens a stream and never reads a single answer.
+    // Kept to the end: a stream whose answers are dropped would end.
     let _answers = ingest
         .publish_stream(authorized(ReceiverStream::new(outgoing), COURIER.1))
         .await?;
-    const ATTEMPTS: usize = 4000;
     let mut sent = 0;
-    for batch in 0..ATTEMPTS {
-        let events = (0..100)
-            .map(|i| {
-                touchpoint(
-                    &format!("b{batch}-{i}"),
-                    &format!("c{i}"),
-                    "parcel.scanned",
-                    i64::from(i),
-                    JourneyStage::Fulfil,
-                )
-            })
-            .collect();
+    for batch in 0..attempts {
         // Blocking for a while is the thing under test: once it blocks, the server is not reading.
         match tokio::time::timeout(
             Duration::from_secs(3),
             requests.send(v1::PublishRequest {
-                events,
+                events: events(batch),
                 batch_id: batch.to_string(),
             }),
         )
@@ -63,6 +48,35 @@ async fn a_partner_that_stops_reading_acknowledgements_is_pushed_back() -> anyho
             Err(_) => break,
         }
     }
+    Ok(sent)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partner_that_stops_reading_acknowledgements_is_pushed_back() -> anyhow::Result<()> {
+    let broker = start_broker().await;
+    let dir = tempfile::tempdir()?;
+    let node = start_node_with(&broker, dir.path(), partners(), |config| {
+        config.ingest.stream_window_events = 100;
+        config.ingest.max_batch_events = 100;
+        config.ingest.rate_per_second = None;
+    })
+    .await?;
+    let mut ingest = ingest_client(&node).await?;
+    const ATTEMPTS: usize = 4000;
+    let sent = sent_until_pushed_back(&mut ingest, ATTEMPTS, |batch| {
+        (0..100)
+            .map(|i| {
+                touchpoint(
+                    &format!("b{batch}-{i}"),
+                    &format!("c{i}"),
+                    "parcel.scanned",
+                    i64::from(i),
+                    JourneyStage::Fulfil,
+                )
+            })
+            .collect()
+    })
+    .await?;
     assert!(
         sent < ATTEMPTS,
         "the partner's sends block once the server stops reading"
@@ -227,14 +241,8 @@ async fn large_batches_waiting_for_the_rate_fill_the_window_of_bytes() -> anyhow
     })
     .await?;
     let mut ingest = ingest_client(&node).await?;
-    let (requests, outgoing) = tokio::sync::mpsc::channel(1);
-    let _answers = ingest
-        .publish_stream(authorized(ReceiverStream::new(outgoing), COURIER.1))
-        .await?;
-    const ATTEMPTS: usize = 100;
-    let mut sent = 0;
-    for batch in 0..ATTEMPTS {
-        let events = (0..40)
+    let sent = sent_until_pushed_back(&mut ingest, 100, |batch| {
+        (0..40)
             .map(|i| {
                 let mut event = touchpoint(
                     &format!("big{batch}-{i}"),
@@ -246,24 +254,9 @@ async fn large_batches_waiting_for_the_rate_fill_the_window_of_bytes() -> anyhow
                 event.payload = vec![7; 15 * 1024];
                 event
             })
-            .collect();
-        // Blocking for a while is the thing under test: once it blocks, the server is not reading.
-        match tokio::time::timeout(
-            Duration::from_secs(3),
-            requests.send(v1::PublishRequest {
-                events,
-                batch_id: batch.to_string(),
-            }),
-        )
-        .await
-        {
-            Ok(result) => {
-                result?;
-                sent += 1;
-            }
-            Err(_) => break,
-        }
-    }
+            .collect()
+    })
+    .await?;
     // One batch admitted (a second does not fit 1 MiB), and what HTTP/2's windows hold.
     println!("600 KB batches the partner could send: {sent}");
     assert!(
