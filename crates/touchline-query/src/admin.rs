@@ -184,11 +184,7 @@ impl AdminService {
     /// Asks the authorizer again, while a streaming call runs, whether `request`'s caller may
     /// still make it (a revoked admin token ends its backup, replay or progress stream).
     fn still_allowed<T>(&self, request: &Request<T>) -> Arc<crate::StillAllowed> {
-        let authorize = Arc::clone(&self.authorize);
-        let metadata = request.metadata().clone();
-        Arc::new(crate::StillAllowed::new(move || {
-            authorize(&metadata).map(|_| ())
-        }))
+        crate::StillAllowed::of_call(&self.authorize, request.metadata())
     }
 
     /// Resolves once no replay runs. A stopping node waits for it after the server stopped (the
@@ -409,7 +405,7 @@ impl v1::admin_service_server::AdminService for AdminService {
                             cancel.cancel();
                             return;
                         };
-                        if !send_while_allowed(&messages, message, Some(&still_allowed)).await {
+                        if !send_while_allowed(&messages, Ok(message), Some(&still_allowed)).await {
                             cancel.cancel();
                             return;
                         }

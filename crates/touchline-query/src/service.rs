@@ -273,12 +273,10 @@ impl v1::timeline_service_server::TimelineService for TimelineService {
         &self,
         request: Request<v1::WatchTimelineRequest>,
     ) -> Result<Response<Self::WatchTimelineStream>, Status> {
-        let still_allowed = self.authorize.clone().map(|authorize| {
-            let metadata = request.metadata().clone();
-            Arc::new(crate::StillAllowed::new(move || {
-                authorize(&metadata).map(|_| ())
-            }))
-        });
+        let still_allowed = self
+            .authorize
+            .as_ref()
+            .map(|authorize| crate::StillAllowed::of_call(authorize, request.metadata()));
         let request = request.into_inner();
         let customer = customer_id(request.customer_id)?;
         self.served_here(&customer)?;

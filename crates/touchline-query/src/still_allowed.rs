@@ -40,6 +40,17 @@ impl StillAllowed {
         }
     }
 
+    /// Asks `authorize` of the credentials of a call (its `metadata`), as when the call came.
+    #[must_use]
+    pub(crate) fn of_call(
+        authorize: &crate::admin::Authorize,
+        metadata: &tonic::metadata::MetadataMap,
+    ) -> Arc<Self> {
+        let authorize = Arc::clone(authorize);
+        let metadata = metadata.clone();
+        Arc::new(Self::new(move || authorize(&metadata).map(|_| ())))
+    }
+
     /// The caller's error: the one seen before, or the check's when it is due and fails.
     pub(crate) fn revoked(&self) -> Option<Status> {
         if let Some(status) = self.seen() {
@@ -73,19 +84,26 @@ pub(crate) fn until_revoked<W: Send + 'static>(
     still_allowed: Arc<StillAllowed>,
 ) -> impl Stream<Item = Result<W, Status>> + Send + 'static {
     let asked = Arc::clone(&still_allowed);
+    ending_with(
+        stream.take_while(move |_| std::future::ready(asked.revoked().is_none())),
+        move || still_allowed.seen(),
+    )
+}
+
+/// `stream`, then the error `last` gives once it has ended, if any.
+pub(crate) fn ending_with<W: Send + 'static>(
+    stream: impl Stream<Item = Result<W, Status>> + Send + 'static,
+    last: impl FnOnce() -> Option<Status> + Send + 'static,
+) -> impl Stream<Item = Result<W, Status>> + Send + 'static {
     stream
-        .take_while(move |_| std::future::ready(asked.revoked().is_none()))
-        .chain(
-            futures::stream::once(async move { still_allowed.seen() })
-                .filter_map(|revoked| std::future::ready(revoked.map(Err))),
-        )
+        .chain(futures::stream::once(async move { last().map(Err) }).filter_map(std::future::ready))
 }
 
 /// Sends `message` once the caller has room for it, asking meanwhile (every [`PERIOD`]) whether it
 /// is still allowed; `false` when the caller went away or was revoked (the revocation then ends
 /// the stream through [`until_revoked`]).
 pub(crate) async fn send_while_allowed<M>(
-    sender: &tokio::sync::mpsc::Sender<Result<M, Status>>,
+    sender: &tokio::sync::mpsc::Sender<M>,
     message: M,
     still_allowed: Option<&StillAllowed>,
 ) -> bool {
@@ -96,7 +114,7 @@ pub(crate) async fn send_while_allowed<M>(
         tokio::select! {
             permit = sender.reserve() => {
                 let Ok(permit) = permit else { return false };
-                permit.send(Ok(message));
+                permit.send(message);
                 return true;
             }
             () = tokio::time::sleep(PERIOD) => {}
@@ -104,6 +122,6 @@ pub(crate) async fn send_while_allowed<M>(
     }
 }
 
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }

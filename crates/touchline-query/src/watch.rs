@@ -101,30 +101,23 @@ type Message = Result<v1::WatchTimelineResponse, Status>;
 pub type WatchStream = std::pin::Pin<Box<dyn futures::Stream<Item = Message> + Send>>;
 
 /// How long a watcher waits, by default, for its client to take a message before it gives up on
-/// it: the watch
-/// ends as if it had lagged (`WATCH_LAGGED`, with the cursor of the last message queued), and its
-/// task and feed subscription go; the messages already queued stay for the client, then the
-/// error.
+/// it: the watch ends as if it had lagged (`WATCH_LAGGED`, with the cursor of the last message
+/// queued), and its task and feed subscription go; the messages already queued stay for the
+/// client, then the error.
 pub const STALLED_AFTER: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// The error that ends a watch when its client's buffer is full: yielded after the messages
 /// queued, so that a watcher never waits on a client to end.
 #[derive(Debug, Clone, Default)]
-pub struct Tail(Arc<std::sync::Mutex<Option<Status>>>);
+struct Tail(Arc<std::sync::Mutex<Option<Status>>>);
 
 impl Tail {
     fn set(&self, status: Status) {
-        *self
-            .0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(status);
+        *crate::still_allowed::lock(&self.0) = Some(status);
     }
 
     fn take(&self) -> Option<Status> {
-        self.0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .take()
+        crate::still_allowed::lock(&self.0).take()
     }
 }
 
@@ -159,15 +152,13 @@ impl Watch {
     /// stopped reading keeps at most its queued messages after that, until the client goes.
     #[must_use]
     pub fn stream(self, slot: Option<tokio::sync::OwnedSemaphorePermit>) -> WatchStream {
-        use futures::StreamExt as _;
         let tail = Tail::default();
         let still_allowed = self.still_allowed.clone();
         let ending = tail.clone();
-        let messages = tokio_stream::wrappers::ReceiverStream::new(self.spawn_with(tail, slot))
-            .chain(
-                futures::stream::once(async move { ending.take().map(Err) })
-                    .filter_map(std::future::ready),
-            );
+        let messages = crate::still_allowed::ending_with(
+            tokio_stream::wrappers::ReceiverStream::new(self.spawn_with(tail, slot)),
+            move || ending.take(),
+        );
         match still_allowed {
             Some(still_allowed) => {
                 Box::pin(crate::still_allowed::until_revoked(messages, still_allowed))
@@ -425,7 +416,7 @@ impl Watch {
     ) -> bool {
         let sending = crate::still_allowed::send_while_allowed(
             sender,
-            message,
+            Ok(message),
             self.still_allowed.as_deref(),
         );
         if let Ok(sent) = tokio::time::timeout(self.stalled_after, sending).await {

@@ -8,20 +8,18 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio_stream::wrappers::TcpListenerStream;
 use touchline_core::EventStore;
 use touchline_projection::SledStore;
 use touchline_proto::v1;
-use touchline_proto::v1::timeline_service_client::TimelineServiceClient;
-use touchline_query::TimelineService;
 
+#[path = "support/serve.rs"]
+mod serve;
 mod support;
 
+use serve::serve;
 use support::{apply, event};
 
-async fn event_ids(
-    client: &mut TimelineServiceClient<tonic::transport::Channel>,
-) -> anyhow::Result<Vec<String>> {
+async fn event_ids(client: &mut serve::Client) -> anyhow::Result<Vec<String>> {
     let page = client
         .get_timeline(v1::GetTimelineRequest {
             customer_id: "alice".to_owned(),
@@ -36,36 +34,11 @@ async fn event_ids(
         .collect())
 }
 
-/// The real `TimelineService` over `store` (with the live feed) on `127.0.0.1:0`, and a client.
-async fn serve(
-    store: &Arc<SledStore>,
-) -> anyhow::Result<(
-    TimelineServiceClient<tonic::transport::Channel>,
-    tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
-)> {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let address = listener.local_addr()?;
-    let server = tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(
-                TimelineService::new(Arc::clone(store) as Arc<dyn EventStore>)
-                    .with_feed(
-                        store.watch_sender(),
-                        tokio_util::sync::CancellationToken::new(),
-                    )
-                    .into_server(),
-            )
-            .serve_with_incoming(TcpListenerStream::new(listener)),
-    );
-    let client = TimelineServiceClient::connect(format!("http://{address}")).await?;
-    Ok((client, server))
-}
-
 #[tokio::test]
 async fn get_timeline_shows_an_entry_once_it_is_flushed() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let store = Arc::new(SledStore::open(dir.path())?);
-    let (mut client, server) = serve(&store).await?;
+    let (mut client, server) = serve(&store, |service| service).await?;
     let mut offset = 0;
 
     let flushed = true;
@@ -103,7 +76,7 @@ async fn get_timeline_shows_an_entry_once_it_is_flushed() -> anyhow::Result<()> 
 async fn get_customer_summary_serves_what_it_read_only_once_it_is_durable() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let store = Arc::new(SledStore::open(dir.path())?);
-    let (mut client, server) = serve(&store).await?;
+    let (mut client, server) = serve(&store, |service| service).await?;
     let mut offset = 0;
     let flushed = true;
     apply(
@@ -178,7 +151,7 @@ async fn a_watch_cursor_of_another_log_or_past_the_end_of_this_one_is_refused() 
 {
     let dir = tempfile::tempdir()?;
     let store = Arc::new(SledStore::open(dir.path())?);
-    let (mut client, server) = serve(&store).await?;
+    let (mut client, server) = serve(&store, |service| service).await?;
     let mut offset = 0;
     apply(
         &*store,

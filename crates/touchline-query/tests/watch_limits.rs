@@ -8,46 +8,19 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::Code;
 use tonic_types::StatusExt as _;
 use touchline_core::EventStore;
 use touchline_projection::SledStore;
 use touchline_proto::v1;
-use touchline_proto::v1::timeline_service_client::TimelineServiceClient;
-use touchline_query::TimelineService;
 use touchline_query::watch::decode_cursor;
 
+#[path = "support/serve.rs"]
+mod serve;
 mod support;
 
+use serve::serve;
 use support::{apply, customer, event};
-
-type Client = TimelineServiceClient<tonic::transport::Channel>;
-
-/// `service` over `store`'s feed on `127.0.0.1:0`, and a client.
-async fn serve(
-    store: &Arc<SledStore>,
-    service: impl FnOnce(TimelineService) -> TimelineService,
-) -> anyhow::Result<(
-    Client,
-    tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
-)> {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let address = listener.local_addr()?;
-    let timelines = service(
-        TimelineService::new(Arc::clone(store) as Arc<dyn EventStore>).with_feed(
-            store.watch_sender(),
-            tokio_util::sync::CancellationToken::new(),
-        ),
-    );
-    let server = tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(timelines.into_server())
-            .serve_with_incoming(TcpListenerStream::new(listener)),
-    );
-    let client = TimelineServiceClient::connect(format!("http://{address}")).await?;
-    Ok((client, server))
-}
 
 fn watch_alice() -> v1::WatchTimelineRequest {
     v1::WatchTimelineRequest {

@@ -4,7 +4,6 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use futures::StreamExt as _;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Code, Status};
@@ -14,7 +13,7 @@ use touchline_proto::v1;
 use super::rejected;
 use crate::backup::Written;
 use crate::metrics;
-use crate::still_allowed::{PERIOD, until_revoked};
+use crate::still_allowed::{ending_with, send_while_allowed, until_revoked};
 use crate::{Error, StillAllowed};
 
 fn count(outcome: &'static str) {
@@ -99,25 +98,13 @@ pub(super) fn stream(
         let _claim = claim;
         let send = |message: Result<v1::BackupChunk, Status>| {
             runtime.block_on(async {
-                let stalled = tokio::time::sleep(STALLED);
-                tokio::pin!(stalled);
-                loop {
-                    if asking.revoked().is_some() {
-                        return false;
-                    }
-                    tokio::select! {
-                        permit = sender.reserve() => {
-                            let Ok(permit) = permit else { return false };
-                            permit.send(message);
-                            return true;
-                        }
-                        () = shutdown.cancelled() => return false,
-                        () = &mut stalled => {
-                            tracing::warn!("backup stopped: the caller read nothing for {STALLED:?}");
-                            return false;
-                        }
-                        () = tokio::time::sleep(PERIOD) => {}
-                    }
+                let sending = send_while_allowed(&sender, message, Some(&asking));
+                tokio::select! {
+                    sent = tokio::time::timeout(STALLED, sending) => sent.unwrap_or_else(|_| {
+                        tracing::warn!("backup stopped: the caller read nothing for {STALLED:?}");
+                        false
+                    }),
+                    () = shutdown.cancelled() => false,
                 }
             })
         };
@@ -170,20 +157,16 @@ pub(super) fn stream(
     // whose notice could not be queued) ends with an error, never with OK: only the trailer
     // tells a whole file, and not every client reads it. A revoked caller gets nothing more once
     // the revocation is seen (the pieces made ahead are dropped), then its error.
-    let incomplete = futures::stream::once(async move {
+    let pieces = ending_with(ReceiverStream::new(receiver), move || {
         (!completed.load(Ordering::Acquire)).then(|| {
-            Err(rejected(
+            rejected(
                 Code::Aborted,
                 "BACKUP_STOPPED",
                 "the backup stopped before its end (the caller read nothing for a minute, or the server is stopping): take it again",
-            ))
+            )
         })
-    })
-    .filter_map(std::future::ready);
-    Box::pin(until_revoked(
-        ReceiverStream::new(receiver).chain(incomplete),
-        still_allowed,
-    ))
+    });
+    Box::pin(until_revoked(pieces, still_allowed))
 }
 
 /// The answer of `Backup`: the file's pieces, then an error if it stopped before its end.

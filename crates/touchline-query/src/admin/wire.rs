@@ -130,7 +130,7 @@ where
             }
             if changed {
                 let current = progress.borrow_and_update().clone();
-                if !send_while_allowed(&sender, wire(&current), Some(&asking)).await
+                if !send_while_allowed(&sender, Ok(wire(&current)), Some(&asking)).await
                     || done(&current)
                 {
                     return;

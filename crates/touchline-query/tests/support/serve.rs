@@ -1,0 +1,37 @@
+//! The real `TimelineService` on `127.0.0.1:0` and the generated client, for the query crate's
+//! tests that call it over gRPC.
+
+use std::sync::Arc;
+
+use tokio_stream::wrappers::TcpListenerStream;
+use touchline_core::EventStore;
+use touchline_projection::SledStore;
+use touchline_proto::v1::timeline_service_client::TimelineServiceClient;
+use touchline_query::TimelineService;
+
+pub type Client = TimelineServiceClient<tonic::transport::Channel>;
+
+/// `service` (the service over `store`, with its live feed) on `127.0.0.1:0`, and a client.
+pub async fn serve(
+    store: &Arc<SledStore>,
+    service: impl FnOnce(TimelineService) -> TimelineService,
+) -> anyhow::Result<(
+    Client,
+    tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+)> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let address = listener.local_addr()?;
+    let timelines = service(
+        TimelineService::new(Arc::clone(store) as Arc<dyn EventStore>).with_feed(
+            store.watch_sender(),
+            tokio_util::sync::CancellationToken::new(),
+        ),
+    );
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(timelines.into_server())
+            .serve_with_incoming(TcpListenerStream::new(listener)),
+    );
+    let client = TimelineServiceClient::connect(format!("http://{address}")).await?;
+    Ok((client, server))
+}
