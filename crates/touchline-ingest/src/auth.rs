@@ -172,6 +172,9 @@ impl std::fmt::Debug for PartnerRegistry {
     }
 }
 
+/// The largest partners file read: about 10,000 partners of 1 KiB each, and room to spare.
+pub const MAX_PARTNERS_FILE_BYTES: u64 = 16 << 20;
+
 fn invalid(message: String) -> Error {
     Error::PartnersFile(message)
 }
@@ -250,6 +253,7 @@ impl PartnerRegistry {
     pub fn from_file(file: &PartnersFile) -> Result<Self> {
         let mut registry = Self::default();
         let mut ids = BTreeSet::new();
+        let mut hashes = BTreeSet::new();
         for entry in &file.partners {
             let id = PartnerId::parse(entry.id.clone())
                 .map_err(|error| invalid(format!("partner id {:?} {error}", entry.id)))?;
@@ -284,16 +288,15 @@ impl PartnerRegistry {
                 });
             }
             let contract = Arc::new(parse_contract(&id, entry)?);
-            let hashes: BTreeSet<[u8; 32]> = registry
-                .credentials
-                .iter()
-                .map(|credential| credential.hash)
-                .collect();
-            if hashes.len() != registry.credentials.len() {
-                // A hash listed twice would authenticate as whichever entry comes last.
-                return Err(invalid(format!(
-                    "partner {id}: a token hash is listed more than once in the file"
-                )));
+            // This partner's hashes against every one before them (and its own).
+            let first_new = hashes.len();
+            for credential in &registry.credentials[first_new..] {
+                if !hashes.insert(credential.hash) {
+                    // A hash listed twice would authenticate as whichever entry comes last.
+                    return Err(invalid(format!(
+                        "partner {id}: a token hash is listed more than once in the file"
+                    )));
+                }
             }
             registry.partners.push(Authenticated {
                 partner_id: id,
@@ -306,12 +309,27 @@ impl PartnerRegistry {
     /// Reads and parses a partners file.
     ///
     /// # Errors
-    /// [`Error::PartnersFile`] when the file cannot be read or is invalid.
+    /// [`Error::PartnersFile`] when the file cannot be read (it is not a regular file, or holds
+    /// more than [`MAX_PARTNERS_FILE_BYTES`]) or is invalid. The error quotes no value of the
+    /// file: a token pasted where its hash belongs is not logged.
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
+        let bytes = crate::files::read_regular(path, MAX_PARTNERS_FILE_BYTES)
             .map_err(|error| invalid(format!("cannot read {}: {error}", path.display())))?;
-        let file: PartnersFile = toml::from_str(&text)
-            .map_err(|error| invalid(format!("{}: {error}", path.display())))?;
+        let text = String::from_utf8(bytes)
+            .map_err(|_| invalid(format!("{} is not UTF-8", path.display())))?;
+        let file: PartnersFile = toml::from_str(&text).map_err(|error| {
+            let at = error.span().map_or_else(String::new, |span| {
+                let before = text.get(..span.start).unwrap_or_default();
+                let line = before.matches('\n').count() + 1;
+                let column = before.chars().rev().take_while(|c| *c != '\n').count() + 1;
+                format!(" at line {line}, column {column}")
+            });
+            invalid(format!(
+                "{}{at}: {}",
+                path.display(),
+                crate::files::without_values(error.message())
+            ))
+        })?;
         Self::from_file(&file)
     }
 
@@ -551,6 +569,27 @@ mod tests {
         assert!(!refused(&format!(
             "[[partner]]\nid = \"p\"\ntoken-sha256 = [\"{hash}\"]\nevent-types = [\"parcel.*\", \"a.b\", \"*\"]\nmax-streams = 1\n"
         )));
+    }
+
+    #[test]
+    fn a_file_error_quotes_no_value_of_the_file() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("partners.toml");
+        // Tokens pasted where their hashes belong, in the shapes a TOML error would quote.
+        for text in [
+            "[[partner]]\nid = \"p\"\ntoken-sha256 = \"plain-secret-xyz\"\n",
+            "[[partner]]\nid = \"p\"\ntokens = [\"plain-secret-xyz\"]\n",
+            "[[partner]]\nid = \"p\"\ntoken = \"plain-secret-xyz\"\n",
+            "[[partner]]\nid = \"p\"\ntoken-sha256 = [plain-secret-xyz]\n",
+        ] {
+            std::fs::write(&path, text)?;
+            let error = PartnerRegistry::load(&path)
+                .expect_err("refused")
+                .to_string();
+            assert!(!error.contains("plain-secret-xyz"), "{error}");
+            assert!(error.contains("at line 3"), "{error}");
+        }
+        Ok(())
     }
 
     #[test]

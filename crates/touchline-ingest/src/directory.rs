@@ -1,9 +1,12 @@
 //! The live partners file: reloaded on SIGHUP and when the file changes, without a restart. A file
-//! that fails to load keeps the previous registry in force, with a logged error.
+//! that fails to load (or would leave no partner where there were some) keeps the previous
+//! registry in force, with a logged error.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, SystemTime};
+
+use crate::files::{Stamp, stamp};
 
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
@@ -13,7 +16,7 @@ use touchline_core::UnixNanos;
 use crate::auth::{Authenticated, request_token};
 use crate::{PartnerRegistry, Result};
 
-/// How often the file's modification time is checked.
+/// How often the file is checked for a change.
 const POLL_INTERVAL: Duration = Duration::from_secs(2);
 
 /// A cheap, cloneable handle on the registry in force.
@@ -21,9 +24,9 @@ const POLL_INTERVAL: Duration = Duration::from_secs(2);
 pub struct PartnerDirectory {
     current: Arc<RwLock<Arc<PartnerRegistry>>>,
     path: Option<PathBuf>,
-    /// The file's modification time before it was read: a change made meanwhile (the node
-    /// starting) is reloaded by [`Self::watch`].
-    loaded_modified: Option<SystemTime>,
+    /// The file's stamp before it was read: a change made meanwhile (the node starting) is
+    /// reloaded by [`Self::watch`].
+    loaded: Option<Stamp>,
 }
 
 /// Counts a reload of the file by its result.
@@ -48,14 +51,6 @@ fn loaded(registry: &PartnerRegistry) {
         .set(i64::try_from(registry.partner_ids().len()).unwrap_or(i64::MAX));
 }
 
-/// A file's modification time, when it can be read.
-#[must_use]
-pub fn modified(path: &Path) -> Option<SystemTime> {
-    std::fs::metadata(path)
-        .and_then(|metadata| metadata.modified())
-        .ok()
-}
-
 impl From<PartnerRegistry> for PartnerDirectory {
     fn from(registry: PartnerRegistry) -> Self {
         Self::fixed(registry)
@@ -69,7 +64,7 @@ impl PartnerDirectory {
         Self {
             current: Arc::new(RwLock::new(Arc::new(registry))),
             path: None,
-            loaded_modified: None,
+            loaded: None,
         }
     }
 
@@ -78,13 +73,13 @@ impl PartnerDirectory {
     /// # Errors
     /// When the file cannot be read or is invalid.
     pub fn load(path: &Path) -> Result<Self> {
-        let loaded_modified = modified(path);
+        let stamped = stamp(path);
         let registry = PartnerRegistry::load(path)?;
         loaded(&registry);
         Ok(Self {
             current: Arc::new(RwLock::new(Arc::new(registry))),
             path: Some(path.to_owned()),
-            loaded_modified,
+            loaded: stamped,
         })
     }
 
@@ -117,12 +112,23 @@ impl PartnerDirectory {
     /// Reloads the file. On failure the registry in force stays.
     ///
     /// # Errors
-    /// When the file cannot be read or is invalid.
+    /// When the file cannot be read or is invalid, or lists no partner while the registry in
+    /// force has some (a file caught empty or cut short while it was written in place; a node
+    /// whose partners all go is restarted with the file that says so).
     pub fn reload(&self) -> Result<()> {
         let Some(path) = &self.path else {
             return Ok(());
         };
-        let registry = match PartnerRegistry::load(path) {
+        let registry = PartnerRegistry::load(path).and_then(|registry| {
+            if registry.partner_ids().is_empty() && !self.current().partner_ids().is_empty() {
+                return Err(crate::Error::PartnersFile(format!(
+                    "{} lists no partner: the partners in force stay (a file being written in place is read again once it changes; to remove every partner, restart the node)",
+                    path.display()
+                )));
+            }
+            Ok(registry)
+        });
+        let registry = match registry {
             Ok(registry) => registry,
             Err(error) => {
                 reloads("failed");
@@ -147,38 +153,39 @@ impl PartnerDirectory {
         }
     }
 
-    /// Reloads on SIGHUP and when the file's modification time changes, until `shutdown`.
+    /// Reloads on SIGHUP and when the file changes, until `shutdown`.
     pub async fn watch(self, shutdown: CancellationToken) {
         let Some(path) = self.path.clone() else {
             return;
         };
-        watch_file(
-            &path,
-            self.loaded_modified,
-            "the partners file",
-            shutdown,
-            || self.reload_logged(),
-        )
+        watch_file(&path, self.loaded, "the partners file", shutdown, || {
+            self.reload_logged()
+        })
         .await;
     }
 }
 
-/// Calls `reload` on SIGHUP and whenever the modification time of `path` (`what`, for the logs)
-/// changes (checked every 2 s), until `shutdown`: how a file the node runs with is reloaded
-/// without a restart. `loaded_modified` is its modification time before it was last read (a
-/// change since is reloaded at the first check). A reload that fails (`reload` returns false) is
-/// tried once more at the next check, even without a new change: a file read half-written, then
-/// finished within the same tick of its modification time, would not be read again.
+/// Calls `reload` on SIGHUP and whenever the file at `path` (`what`, for the logs) changes, until
+/// `shutdown`: how a file the node runs with is reloaded without a restart. The file is checked
+/// every 2 s and read once it has stayed the same for one check, so that a file written in place
+/// is not read half-written (a SIGHUP reads it at once). `loaded` is its stamp before it was last
+/// read (a change since is reloaded). A reload that fails (`reload` returns false) is tried once
+/// more at the next check, even without a new change.
 pub async fn watch_file(
     path: &Path,
-    loaded_modified: Option<SystemTime>,
+    loaded: Option<Stamp>,
     what: &str,
     shutdown: CancellationToken,
     mut reload: impl FnMut() -> bool,
 ) {
     let mut retry = false;
-    let mut last_modified = loaded_modified;
+    let mut read = loaded;
+    // A change seen at the last check, read if the next one sees the same.
+    let mut seen = None;
     let mut poll = tokio::time::interval(POLL_INTERVAL);
+    // After a stall (a paused process), not two checks at once: the file must stay the same for
+    // a whole interval.
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     #[cfg(unix)]
     let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
     loop {
@@ -195,14 +202,20 @@ pub async fn watch_file(
             () = shutdown.cancelled() => return,
             _ = hangup_received => {
                 info!("SIGHUP: reloading {what}");
-                last_modified = modified(path);
+                read = stamp(path);
+                seen = None;
                 retry = !reload();
             }
             _ = poll.tick() => {
-                let now_modified = modified(path);
-                if now_modified != last_modified {
-                    last_modified = now_modified;
-                    retry = !reload();
+                let now = stamp(path);
+                if now != read {
+                    if seen == Some(now) {
+                        read = now;
+                        seen = None;
+                        retry = !reload();
+                    } else {
+                        seen = Some(now);
+                    }
                 } else if retry {
                     info!("reloading {what} again after a failed reload");
                     retry = false;
@@ -210,5 +223,42 @@ pub async fn watch_file(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(partner: &str, token: &str) -> String {
+        format!(
+            "[[partner]]\nid = \"{partner}\"\ntoken-sha256 = [\"{}\"]\n",
+            crate::hash_token(token)
+        )
+    }
+
+    #[test]
+    fn a_file_caught_empty_keeps_the_partners_in_force() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("partners.toml");
+        std::fs::write(&path, file("courier", "old-token"))?;
+        let directory = PartnerDirectory::load(&path)?;
+        // Truncated by a writer that writes in place, and read before it wrote.
+        std::fs::write(&path, "")?;
+        let error = directory.reload().expect_err("no partner left");
+        assert!(error.to_string().contains("lists no partner"), "{error}");
+        assert_eq!(
+            directory.authenticate("old-token")?.partner_id.as_str(),
+            "courier"
+        );
+        // A file with partners again is taken.
+        std::fs::write(&path, file("store", "new-token"))?;
+        directory.reload()?;
+        assert!(directory.authenticate("old-token").is_err());
+        assert_eq!(
+            directory.authenticate("new-token")?.partner_id.as_str(),
+            "store"
+        );
+        Ok(())
     }
 }

@@ -5,6 +5,7 @@
 pub mod auth;
 pub mod directory;
 pub mod error;
+pub mod files;
 pub mod limits;
 pub mod metrics;
 pub mod publisher;

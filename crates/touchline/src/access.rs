@@ -165,13 +165,12 @@ pub(crate) fn register_metrics(registry: &mut prometheus_client::registry::Regis
 }
 
 /// Reloads the token lists with `load` (the configuration read as at the start: the file `path`,
-/// the `TOUCHLINE_` variables over it, the command line) on SIGHUP and when the file's
-/// modification time changes, until `shutdown`. `running` is the configuration the node started
-/// with, read from the file when it had modification time `loaded_modified` (a change since is
-/// reloaded at the first check).
+/// the `TOUCHLINE_` variables over it, the command line) on SIGHUP and when the file changes,
+/// until `shutdown`. `running` is the configuration the node started with, read from the file
+/// when it had the stamp `loaded` (a change since is reloaded).
 pub async fn watch_config(
     path: PathBuf,
-    loaded_modified: Option<std::time::SystemTime>,
+    loaded: Option<touchline_ingest::files::Stamp>,
     load: impl Fn() -> anyhow::Result<Config>,
     tokens: AccessTokens,
     running: Config,
@@ -194,7 +193,7 @@ pub async fn watch_config(
     };
     touchline_ingest::directory::watch_file(
         &path,
-        loaded_modified,
+        loaded,
         "the configuration's tokens",
         shutdown,
         reload,

@@ -331,6 +331,38 @@ impl Default for LogConfig {
 /// key (the customer id), field tags and lengths (ids are at most 128 bytes each).
 const ENVELOPE_ROOM: u64 = 1024;
 
+/// The largest configuration file read.
+const MAX_CONFIG_BYTES: u64 = 1 << 20;
+
+/// A configuration error that quotes no value (a token pasted where its hash belongs is not
+/// logged): each error of the chain with its key and source, and the type of a wrong value, not
+/// the value.
+fn without_values(error: figment::Error) -> anyhow::Error {
+    use figment::error::{Actual, Kind};
+    let hidden = |actual: Actual| match actual {
+        Actual::Str(_) | Actual::Char(_) | Actual::Bytes(_) => Actual::Other("a string".to_owned()),
+        Actual::Other(_) => Actual::Other("a value".to_owned()),
+        other => other,
+    };
+    let messages: Vec<String> = error
+        .into_iter()
+        .map(|mut error| {
+            error.kind = match error.kind {
+                Kind::Message(message) => {
+                    Kind::Message(touchline_ingest::files::without_values(&message))
+                }
+                Kind::InvalidType(actual, expected) => Kind::InvalidType(hidden(actual), expected),
+                Kind::InvalidValue(actual, expected) => {
+                    Kind::InvalidValue(hidden(actual), expected)
+                }
+                other => other,
+            };
+            error.to_string()
+        })
+        .collect();
+    anyhow::anyhow!(messages.join("\n"))
+}
+
 impl Config {
     /// Loads defaults, then `file` when given, then `TOUCHLINE_*` variables.
     ///
@@ -344,6 +376,10 @@ impl Config {
                 "config file {} does not exist",
                 file.display()
             );
+            // Checked before figment reads it: a regular file of a sane size (a FIFO or a
+            // device would block or never end).
+            touchline_ingest::files::read_regular(file, MAX_CONFIG_BYTES)
+                .with_context(|| format!("cannot read config file {}", file.display()))?;
             figment = figment.merge(Toml::file(file));
         }
         // TOUCHLINE_CONFIG, _ENDPOINT, _CA_CERT, _CLIENT_CERT, _CLIENT_KEY, _TLS_SERVER_NAME, _TOKEN,
@@ -355,7 +391,10 @@ impl Config {
             // TOUCHLINE_KAFKA__BOOTSTRAP_SERVERS -> kafka.bootstrap-servers
             key.as_str().replace("__", ".").replace('_', "-").into()
         }));
-        figment.extract().context("invalid configuration")
+        figment
+            .extract()
+            .map_err(without_values)
+            .context("invalid configuration")
     }
 
     /// Checks what the types cannot.

@@ -190,9 +190,14 @@ fn is_alert_text(error: &(dyn std::error::Error + 'static)) -> bool {
     error.to_string().starts_with("received fatal alert")
 }
 
-/// The bytes of `path`; an error names the setting it came from (`what`) and the file.
+/// The largest certificate, key or CA bundle read (a public CA bundle is about 200 KiB).
+const MAX_PEM_BYTES: u64 = 4 << 20;
+
+/// The bytes of the PEM file `path`, a regular file of at most 4 MiB; an error names the setting
+/// it came from (`what`) and the file.
 pub(crate) fn read(what: &str, path: &Path) -> anyhow::Result<Vec<u8>> {
-    std::fs::read(path).with_context(|| format!("{what} {}", path.display()))
+    touchline_ingest::files::read_regular(path, MAX_PEM_BYTES)
+        .with_context(|| format!("{what} {}", path.display()))
 }
 
 #[cfg(test)]

@@ -271,11 +271,11 @@ fn timestamp(text: Option<String>, flag: &str) -> anyhow::Result<Option<prost_ty
     .transpose()
 }
 
-/// The configuration file's modification time before it is read, for its watch.
-fn config_modified(args: &NodeArgs) -> Option<std::time::SystemTime> {
+/// The configuration file's stamp before it is read, for its watch.
+fn config_stamp(args: &NodeArgs) -> Option<touchline_ingest::files::Stamp> {
     args.config
         .as_deref()
-        .and_then(touchline_ingest::directory::modified)
+        .and_then(touchline_ingest::files::stamp)
 }
 
 async fn run_node(
@@ -283,7 +283,7 @@ async fn run_node(
     broker: BrokerChoice,
     demo_customers: Option<usize>,
 ) -> anyhow::Result<()> {
-    let loaded_modified = config_modified(&args);
+    let loaded = config_stamp(&args);
     let config = load_config(&args)?;
     init_tracing(&config);
     anyhow::ensure!(
@@ -343,7 +343,7 @@ async fn run_node(
         // Read as at the start: the file, the variables, the command line.
         tokio::spawn(touchline::access::watch_config(
             path,
-            loaded_modified,
+            loaded,
             move || load_config(&args),
             node.access().clone(),
             running,

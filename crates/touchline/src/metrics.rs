@@ -125,6 +125,7 @@ fn build(admin: Option<AdminService>) -> Exporter {
     touchline_projection::metrics::register(&mut registry);
     touchline_query::metrics::register(&mut registry);
     crate::access::register_metrics(&mut registry);
+    crate::node::register_tls_metrics(&mut registry);
     let gauges = StatusGauges::default();
     if admin.is_some() {
         register_status(&mut registry, &gauges);

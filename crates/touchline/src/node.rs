@@ -33,6 +33,7 @@ use tls::TlsServer;
 use health::{NodeHealth, Roles, report_health};
 use own_thread::spawn_on_own_thread;
 pub use signals::{ShutdownSignals, ignore_hangups};
+pub(crate) use tls::register_metrics as register_tls_metrics;
 use tonic_health::server::HealthReporter;
 
 /// Which Kafka the node talks to.
@@ -226,6 +227,9 @@ impl Node {
             store = Some(opened);
         }
 
+        // Every role reads the partners file (admin and query calls tell a partner's token from
+        // an unknown one), so every node reloads it.
+        tokio::spawn(partners.clone().watch(server_shutdown.clone()));
         let ingest = if config.ingest.enabled {
             let durability = match (broker, applied_offsets) {
                 (BrokerChoice::Embedded, Some(applied)) => {
@@ -243,7 +247,6 @@ impl Node {
                 durability,
                 Duration::from_millis(config.ingest.ack_timeout_ms),
             )?;
-            tokio::spawn(partners.clone().watch(server_shutdown.clone()));
             Some(
                 IngestService::new(
                     partners.clone(),

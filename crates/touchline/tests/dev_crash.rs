@@ -7,6 +7,9 @@
 //! starting (a `touchline serve` waiting for a Kafka that does not answer): it exits 0 at once and
 //! says so, instead of dying of the signal.
 
+#[path = "support/banner.rs"]
+mod banner;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::process::Stdio;
 use std::time::Duration;
@@ -57,20 +60,7 @@ async fn start_dev_at(
         .stderr(Stdio::null())
         .kill_on_drop(true)
         .spawn()?;
-    let stdout = child.stdout.take().context("stdout is piped")?;
-    let mut lines = BufReader::new(stdout).lines();
-    let endpoint = tokio::time::timeout(DEADLINE, async {
-        while let Some(line) = lines.next_line().await? {
-            if let Some(endpoint) = line.strip_prefix("touchline dev is serving on ") {
-                return Ok(endpoint.to_owned());
-            }
-        }
-        anyhow::bail!("touchline dev exited before serving")
-    })
-    .await
-    .context("touchline dev did not start in time")??;
-    // Keep draining stdout so the child never blocks on a full pipe.
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    let endpoint = banner::serving_endpoint(&mut child, DEADLINE).await?;
     Ok((child, endpoint))
 }
 

@@ -16,6 +16,7 @@
 //! told of.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures::StreamExt as _;
@@ -34,6 +35,9 @@ use crate::{Error, Result};
 /// Batches of one stream waiting for their answer in request order: at most this many; the window
 /// in events is the real limit.
 const MAX_PENDING_BATCHES: usize = 64;
+/// How often a stream with no batch under way checks its token: a token revoked (or expired)
+/// while its stream is idle ends the stream, not only at its next batch.
+const TOKEN_CHECK: Duration = Duration::from_secs(1);
 
 /// Why a batch got no response.
 enum Failed {
@@ -83,6 +87,7 @@ pub(super) fn open(
         window_kib: Arc::new(Semaphore::new(window_kib)),
         gone: CancellationToken::new(),
         first_failure: watch::Sender::new(u64::MAX),
+        received: AtomicU64::new(0),
     });
     let draining = inner.draining.clone();
     let batches = Arc::clone(&shared);
@@ -94,6 +99,7 @@ pub(super) fn open(
             let shared = Arc::clone(&batches);
             let index = next_index;
             next_index += 1;
+            shared.received.store(next_index, Ordering::Release);
             async move {
                 let batch = match batch {
                     Ok(batch) => batch,
@@ -138,6 +144,10 @@ pub(super) fn open(
         let mut told_failure = false;
         // Whether the partner went while answers were still coming (not after the last one).
         let mut partner_gone = false;
+        let mut answered = 0_u64;
+        let mut check =
+            tokio::time::interval_at(tokio::time::Instant::now() + TOKEN_CHECK, TOKEN_CHECK);
+        check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             // A partner that disconnects frees its stream slot and window at once, even while
             // its next answer waits (for the partner's rate, say).
@@ -150,8 +160,22 @@ pub(super) fn open(
                     partner_gone = true;
                     None
                 }
+                _ = check.tick() => {
+                    // Only while no batch is under way: one that is was admitted with the
+                    // token, and is answered; a batch that comes later is checked itself.
+                    if shared.received.load(Ordering::Acquire) == answered
+                        && let Err(error) = shared.authenticate()
+                    {
+                        debug!(%error, "a stream's token no longer authenticates: ending it");
+                        told_failure = true;
+                        let _ = sender.send(Err(error.into())).await;
+                        break;
+                    }
+                    continue;
+                }
             };
             let Some(answer) = answer else { break };
+            answered += 1;
             let (message, failed) = match answer {
                 Ok(response) => (Ok(response), false),
                 Err(Failed::Batch { events, error }) => {
@@ -197,6 +221,8 @@ struct Shared {
     gone: CancellationToken,
     /// The lowest index of a batch that failed; `u64::MAX` while none has.
     first_failure: watch::Sender<u64>,
+    /// Batches read from the stream so far.
+    received: AtomicU64,
 }
 
 /// A batch admitted to the stream: authenticated, charged to the partner's rate, holding its

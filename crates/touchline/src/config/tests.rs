@@ -332,3 +332,49 @@ fn kubernetes_service_links_are_not_configuration_but_typos_still_are_refused() 
         Ok(())
     });
 }
+
+#[test]
+#[allow(
+    clippy::result_large_err,
+    reason = "figment::Jail fixes the closure type"
+)]
+fn a_config_error_quotes_no_value_but_names_its_key() {
+    figment::Jail::expect_with(|jail| {
+        // Tokens pasted where their hashes belong: a string for a list, and a value that does
+        // not parse as TOML.
+        for text in [
+            "[admin]\ntoken-sha256 = \"plain-secret-xyz\"\n",
+            "[admin]\ntoken-sha256 = [plain-secret-xyz]\n",
+        ] {
+            jail.create_file("touchline.toml", text)?;
+            let error = Config::load(Some(Path::new("touchline.toml"))).expect_err("refused");
+            let chain = format!("{error:#}");
+            assert!(!chain.contains("plain-secret-xyz"), "{chain}");
+            assert!(
+                error.to_string().contains("invalid configuration"),
+                "{error}"
+            );
+            assert!(chain.contains("touchline.toml"), "{chain}");
+        }
+        jail.create_file(
+            "touchline.toml",
+            "[admin]\ntoken-sha256 = \"plain-secret-xyz\"\n",
+        )?;
+        let chain = format!(
+            "{:#}",
+            Config::load(Some(Path::new("touchline.toml"))).expect_err("refused")
+        );
+        assert!(chain.contains("admin.token-sha256"), "{chain}");
+        assert!(chain.contains("found a string"), "{chain}");
+        Ok(())
+    });
+}
+
+#[test]
+fn a_config_file_that_is_not_a_regular_file_is_refused() {
+    let error = Config::load(Some(Path::new("/dev/zero"))).expect_err("a device");
+    assert!(
+        format!("{error:#}").contains("not a regular file"),
+        "{error:#}"
+    );
+}

@@ -4,10 +4,10 @@ use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
 use tonic::transport::server::Router;
+use tracing::{debug, warn};
 
 use super::tls::TlsServer;
 use crate::config::ServerConfig;
@@ -50,27 +50,69 @@ pub(super) fn serve(
     }
 }
 
+/// How long accepting pauses after an error that is not one connection's (the process is out of
+/// file descriptors or memory): retried at once, such an error would come back at once, and the
+/// accept loop would spin on a core until a descriptor is freed.
+const ACCEPT_PAUSE: Duration = Duration::from_secs(1);
+
 /// Accepted connections with Nagle's algorithm off (gRPC writes small frames, and Nagle plus
 /// delayed ACKs would add 40 ms to calls; tonic sets this only on listeners it binds itself) and
-/// TCP keepalive on when configured.
+/// TCP keepalive on when configured. Never an error: a connection that failed before it was
+/// accepted, or whose options cannot be set, is dropped; any other accept error (out of file
+/// descriptors) is logged and pauses accepting for [`ACCEPT_PAUSE`].
 fn incoming(
     listener: TcpListener,
     config: &ServerConfig,
 ) -> impl futures::Stream<Item = std::io::Result<TcpStream>> + use<> {
-    use futures::StreamExt as _;
     let keepalive = millis(config.tcp_keepalive_ms).map(|idle| {
         socket2::TcpKeepalive::new()
             .with_time(idle)
             .with_interval(idle.min(Duration::from_secs(10)))
     });
-    TcpListenerStream::new(listener).map(move |accepted| {
-        let stream = accepted?;
-        stream.set_nodelay(true)?;
-        if let Some(keepalive) = &keepalive {
-            socket2::SockRef::from(&stream).set_tcp_keepalive(keepalive)?;
+    futures::stream::unfold((listener, keepalive), |(listener, keepalive)| async move {
+        loop {
+            match listener.accept().await {
+                Ok((stream, _)) => match configure(&stream, keepalive.as_ref()) {
+                    Ok(()) => return Some((Ok(stream), (listener, keepalive))),
+                    Err(error) => debug!(%error, "a connection dropped: its options cannot be set"),
+                },
+                Err(error) if is_connection_error(&error) => {
+                    debug!(%error, "a connection failed before it was accepted");
+                }
+                Err(error) => {
+                    warn!(
+                        %error,
+                        "cannot accept connections, pausing for {} s (out of file descriptors? raise the process's limit)",
+                        ACCEPT_PAUSE.as_secs()
+                    );
+                    tokio::time::sleep(ACCEPT_PAUSE).await;
+                }
+            }
         }
-        Ok(stream)
     })
+}
+
+/// Sets an accepted connection's options.
+fn configure(stream: &TcpStream, keepalive: Option<&socket2::TcpKeepalive>) -> std::io::Result<()> {
+    stream.set_nodelay(true)?;
+    if let Some(keepalive) = keepalive {
+        socket2::SockRef::from(stream).set_tcp_keepalive(keepalive)?;
+    }
+    Ok(())
+}
+
+/// An accept error of one connection (it went before it was accepted), not of the listener.
+fn is_connection_error(error: &std::io::Error) -> bool {
+    use std::io::ErrorKind;
+    matches!(
+        error.kind(),
+        ErrorKind::ConnectionAborted
+            | ErrorKind::ConnectionReset
+            | ErrorKind::ConnectionRefused
+            | ErrorKind::Interrupted
+            | ErrorKind::WouldBlock
+            | ErrorKind::TimedOut
+    )
 }
 
 /// The server's HTTP/2 connection settings: keepalive pings, concurrent calls per connection and

@@ -1,16 +1,20 @@
 //! TLS of the gRPC listener (`server.tls`): every service on it, health and reflection included.
 //! The handshakes are made here (rustls), not by tonic, so that a renewed certificate (or client
 //! CA) is served without a restart: the certificate, key and client-CA files are checked every few
-//! seconds and reloaded when they change; files that do not load keep the ones in force, with a
-//! logged error.
+//! seconds and reloaded when they change (or on SIGHUP); files that do not load keep the ones in
+//! force, with a logged error and `touchline_tls_reloads_total{result="failed"}`.
 
 use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, SystemTime};
 
 use anyhow::Context as _;
 use futures::{Stream, StreamExt as _};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use rustls::RootCertStore;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject as _;
@@ -22,6 +26,8 @@ use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
+use touchline_ingest::files::{Stamp, stamp};
+use touchline_ingest::metrics::ReloadLabels;
 use tracing::{debug, error, info};
 
 use crate::config::TlsConfig;
@@ -40,12 +46,47 @@ pub(super) struct TlsServer {
     acceptor: Arc<RwLock<TlsAcceptor>>,
     current: Arc<Current>,
     files: TlsConfig,
-    /// The files' modification times before they were loaded: the reload starts from them.
-    loaded: Times,
+    /// The files' stamps before they were loaded: the reload starts from them.
+    loaded: Stamps,
+    /// Reloads that took (the files changed or SIGHUP), for tests.
+    reloaded: Arc<AtomicU64>,
 }
 
-/// When the certificate, key and client-CA files last changed.
-type Times = [Option<SystemTime>; 3];
+/// The stamps of the certificate, key and client-CA files.
+type Stamps = [Option<Stamp>; 3];
+
+/// Reloads of the TLS files, by result.
+static RELOADS: std::sync::LazyLock<Family<ReloadLabels, Counter>> =
+    std::sync::LazyLock::new(Family::default);
+/// When the TLS files in force were loaded (Unix seconds).
+static LOADED_AT: std::sync::LazyLock<Gauge> = std::sync::LazyLock::new(Gauge::default);
+
+/// Registers `touchline_tls_reloads_total{result}` and `touchline_tls_loaded_timestamp_seconds`.
+pub(crate) fn register_metrics(registry: &mut prometheus_client::registry::Registry) {
+    registry.register(
+        "touchline_tls_reloads",
+        "reloads of the listener's TLS certificate, key and client CA, ok or failed (a failed one keeps the files in force: alert on it, a certificate that is not renewed expires)",
+        RELOADS.clone(),
+    );
+    registry.register(
+        "touchline_tls_loaded_timestamp_seconds",
+        "when the TLS files in force were loaded (Unix seconds)",
+        LOADED_AT.clone(),
+    );
+}
+
+/// Counts a reload of the TLS files by its result.
+fn reloads(result: &'static str) {
+    RELOADS.get_or_create(&ReloadLabels { result }).inc();
+}
+
+/// Records that the TLS files in force were loaded now.
+fn loaded_now() {
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |since| since.as_secs());
+    LOADED_AT.set(i64::try_from(now).unwrap_or(i64::MAX));
+}
 
 impl std::fmt::Debug for TlsServer {
     fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -75,16 +116,18 @@ impl TlsServer {
     pub(super) fn load(files: &TlsConfig) -> anyhow::Result<Self> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         // Before reading: a change while the node starts is a change the reload sees.
-        let loaded = modified(files);
+        let loaded = stamps(files);
         let current = Arc::new(Current(RwLock::new(Arc::new(certified_key(
             files, &provider,
         )?))));
         let acceptor = acceptor(files, &provider, &current)?;
+        loaded_now();
         Ok(Self {
             acceptor: Arc::new(RwLock::new(acceptor)),
             current,
             files: files.clone(),
             loaded,
+            reloaded: Arc::default(),
         })
     }
 }
@@ -175,32 +218,64 @@ impl TlsServer {
             })
     }
 
-    /// Reloads the certificate and key, and the client CA, when their files change, until
-    /// `shutdown`.
+    /// Reloads the certificate and key, and the client CA, when their files change or on
+    /// SIGHUP, until `shutdown`.
     pub(super) fn watch(&self, shutdown: CancellationToken) -> JoinHandle<()> {
+        #[cfg(unix)]
+        let hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            .map(|mut signal| {
+                futures::stream::poll_fn(move |context| signal.poll_recv(context)).boxed()
+            })
+            .unwrap_or_else(|error| {
+                error!(%error, "cannot listen for SIGHUP: the TLS files are reloaded when they change only");
+                futures::stream::pending().boxed()
+            });
+        #[cfg(not(unix))]
+        let hangups = futures::stream::pending().boxed();
+        self.watch_with(hangups, shutdown)
+    }
+
+    /// [`Self::watch`], reloading whenever `hangups` yields.
+    fn watch_with(
+        &self,
+        mut hangups: futures::stream::BoxStream<'static, ()>,
+        shutdown: CancellationToken,
+    ) -> JoinHandle<()> {
         let (current, files) = (Arc::clone(&self.current), self.files.clone());
         let acceptor = Arc::clone(&self.acceptor);
+        let reloaded = Arc::clone(&self.reloaded);
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut served = self.loaded;
         tokio::spawn(async move {
-            // The times of the last failed attempt: its error is logged once per change.
+            // The stamps of the last failed attempt: its error is logged once per change.
             let mut failed = None;
             let mut settled = None;
             let mut poll = tokio::time::interval(RELOAD_INTERVAL);
+            // After a stall (a paused process), not two checks at once: the files must stay the
+            // same for a whole interval.
+            poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
-                tokio::select! {
+                let hangup = tokio::select! {
                     () = shutdown.cancelled() => return,
-                    _ = poll.tick() => {}
-                }
-                let now = modified(&files);
-                if now == served {
-                    continue;
-                }
-                // Read once they have stayed the same for a tick: a chain written in pieces
-                // could otherwise parse (and be served) without its intermediates.
-                if settled != Some(now) {
-                    settled = Some(now);
-                    continue;
+                    Some(()) = hangups.next() => true,
+                    _ = poll.tick() => false,
+                };
+                let now = stamps(&files);
+                if hangup {
+                    // The operator says the files are ready: read them at once, all of them.
+                    info!("SIGHUP: reloading the TLS files");
+                    served = [None; 3];
+                    failed = None;
+                } else {
+                    if now == served {
+                        continue;
+                    }
+                    // Read once they have stayed the same for a tick: a chain written in pieces
+                    // could otherwise parse (and be served) without its intermediates.
+                    if settled != Some(now) {
+                        settled = Some(now);
+                        continue;
+                    }
                 }
                 // Tried on every tick until the files load: a certificate written before its
                 // key, or a file read half-written, loads at a later try. The client CA is
@@ -215,8 +290,9 @@ impl TlsServer {
                     Ok((key, new_acceptor))
                 });
                 match loaded {
-                    // Changed while they were read: tried again once they settle.
-                    Ok(_) if modified(&files) != now => {}
+                    // Changed while they were read (a renewal under way): tried again once they
+                    // settle, and not an error yet.
+                    _ if stamps(&files) != now => settled = None,
                     Ok((key, new_acceptor)) => {
                         *current.0.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(key);
                         if let Some(new_acceptor) = new_acceptor {
@@ -232,10 +308,14 @@ impl TlsServer {
                         }
                         served = now;
                         failed = None;
+                        reloads("ok");
+                        loaded_now();
+                        reloaded.fetch_add(1, Ordering::Relaxed);
                     }
                     Err(error) => {
                         if failed != Some(now) {
                             failed = Some(now);
+                            reloads("failed");
                             error!(
                                 error = format!("{error:#}"),
                                 "TLS files not reloaded, the ones in force stay"
@@ -289,20 +369,14 @@ fn certified_key(files: &TlsConfig, provider: &CryptoProvider) -> anyhow::Result
     })
 }
 
-/// When the certificate, key and client-CA files last changed.
-fn modified(files: &TlsConfig) -> Times {
+/// The stamps of the certificate, key and client-CA files.
+fn stamps(files: &TlsConfig) -> Stamps {
     [
         Some(files.cert_file.as_path()),
         Some(files.key_file.as_path()),
         files.client_ca_file.as_deref(),
     ]
-    .map(|path| {
-        path.and_then(|path| {
-            std::fs::metadata(path)
-                .and_then(|metadata| metadata.modified())
-                .ok()
-        })
-    })
+    .map(|path| path.and_then(stamp))
 }
 
 /// Where this process's own clients (the dev demo) reach the node: over TLS they trust the
@@ -338,4 +412,125 @@ fn certificates(
         path.display()
     );
     Ok(certificates)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use super::*;
+
+    fn fixture(name: &str) -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/data/tls")
+            .join(name)
+    }
+
+    /// A server on copies of the `server` fixtures in `dir`.
+    fn server(dir: &Path) -> anyhow::Result<TlsServer> {
+        let files = TlsConfig {
+            cert_file: dir.join("tls.pem"),
+            key_file: dir.join("tls.key"),
+            client_ca_file: None,
+        };
+        std::fs::copy(fixture("server.pem"), &files.cert_file)?;
+        std::fs::copy(fixture("server.key"), &files.key_file)?;
+        TlsServer::load(&files)
+    }
+
+    /// The certificate served now.
+    fn served(server: &TlsServer) -> CertificateDer<'static> {
+        server
+            .current
+            .0
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .cert[0]
+            .clone()
+    }
+
+    async fn until(what: &str, mut done: impl FnMut() -> bool) -> anyhow::Result<()> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        let mut poll = tokio::time::interval(Duration::from_millis(20));
+        while !done() {
+            anyhow::ensure!(tokio::time::Instant::now() < deadline, "{what}");
+            poll.tick().await;
+        }
+        Ok(())
+    }
+
+    /// Writes `from` to `to` by a rename, with the modification time `to` had (as `cp -p`,
+    /// `rsync -a` or `tar x` of files dated alike).
+    fn replace_keeping_the_time(from: &Path, to: &Path) -> anyhow::Result<()> {
+        let modified = std::fs::metadata(to)?.modified()?;
+        let aside = to.with_extension("new");
+        std::fs::copy(from, &aside)?;
+        std::fs::File::options()
+            .write(true)
+            .open(&aside)?
+            .set_modified(modified)?;
+        std::fs::rename(&aside, to)?;
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn files_replaced_with_their_old_modification_times_are_served() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let server = server(dir.path())?;
+        let before = served(&server);
+        let stop = CancellationToken::new();
+        let watching = server.watch_with(futures::stream::pending().boxed(), stop.clone());
+        replace_keeping_the_time(&fixture("self-signed.key"), &server.files.key_file)?;
+        replace_keeping_the_time(&fixture("self-signed.pem"), &server.files.cert_file)?;
+        until("the renewed certificate was never served", || {
+            served(&server) != before
+        })
+        .await?;
+        let renewed = std::fs::read(fixture("self-signed.pem"))?;
+        let expected = CertificateDer::pem_slice_iter(&renewed)
+            .next()
+            .expect("a certificate")?;
+        assert_eq!(served(&server), expected);
+        stop.cancel();
+        watching.await?;
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_hangup_reloads_at_once_and_a_broken_file_is_counted() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let server = server(dir.path())?;
+        let before = served(&server);
+        let (hangup, hangups) = tokio::sync::mpsc::unbounded_channel();
+        let stop = CancellationToken::new();
+        let watching = server.watch_with(
+            tokio_stream::wrappers::UnboundedReceiverStream::new(hangups).boxed(),
+            stop.clone(),
+        );
+        // Unchanged files are read again on a hangup.
+        hangup.send(())?;
+        until("a hangup did not reload", || {
+            server.reloaded.load(Ordering::Relaxed) == 1
+        })
+        .await?;
+        assert_eq!(served(&server), before);
+
+        // A certificate that does not load is counted, and the one in force stays.
+        let failed = || {
+            RELOADS
+                .get_or_create(&ReloadLabels { result: "failed" })
+                .get()
+        };
+        let failed_before = failed();
+        std::fs::write(&server.files.cert_file, b"not a certificate")?;
+        until("the broken certificate was never counted", || {
+            failed() > failed_before
+        })
+        .await?;
+        assert_eq!(served(&server), before);
+        assert_eq!(server.reloaded.load(Ordering::Relaxed), 1);
+        stop.cancel();
+        watching.await?;
+        Ok(())
+    }
 }
