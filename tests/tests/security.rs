@@ -173,9 +173,10 @@ async fn tokens_rotate_expire_and_are_revoked_without_a_restart_and_never_leak()
         );
     }
     // SIGHUP reloads too: bring the old token back and signal (the shell's own `kill`). The
-    // file keeps its old modification time, as `cp -p` would; the check every 2 s sees the
-    // change anyway (its status-change time moved), but only after it stayed the same for a
-    // check: the log line shows the signal's reload.
+    // file keeps its old modification time, as `cp -p` would; the checks every 2 s see the
+    // change anyway (its status-change time moved), so this shows that the process's signal
+    // reaches the watcher (its log line), and that the token comes back; that a hangup reloads
+    // even an unchanged file is the unit test of `watch_file`.
     let modified = std::fs::metadata(&path)?.modified()?;
     std::fs::write(&path, partners_file(&[OLD, NEW]))?;
     std::fs::File::options()

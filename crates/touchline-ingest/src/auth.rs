@@ -310,8 +310,9 @@ impl PartnerRegistry {
     ///
     /// # Errors
     /// [`Error::PartnersFile`] when the file cannot be read (it is not a regular file, or holds
-    /// more than [`MAX_PARTNERS_FILE_BYTES`]) or is invalid. The error quotes no value of the
-    /// file: a token pasted where its hash belongs is not logged.
+    /// more than [`MAX_PARTNERS_FILE_BYTES`]) or is invalid. A TOML error names its line and
+    /// column but quotes no string of the file: a token pasted where its hash belongs is not
+    /// logged.
     pub fn load(path: &Path) -> Result<Self> {
         let bytes = crate::files::read_regular(path, MAX_PARTNERS_FILE_BYTES)
             .map_err(|error| invalid(format!("cannot read {}: {error}", path.display())))?;
@@ -357,6 +358,19 @@ impl PartnerRegistry {
     /// # Errors
     /// [`Error::TokenInvalid`] for an unknown token, [`Error::TokenExpired`] for an expired one.
     pub fn authenticate(&self, token: &str, now: UnixNanos) -> Result<Authenticated> {
+        self.authenticate_until(token, now)
+            .map(|(partner, _)| partner)
+    }
+
+    /// [`Self::authenticate`], and when the token expires (`None`: it does not).
+    ///
+    /// # Errors
+    /// As [`Self::authenticate`].
+    pub fn authenticate_until(
+        &self,
+        token: &str,
+        now: UnixNanos,
+    ) -> Result<(Authenticated, Option<UnixNanos>)> {
         let presented: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         let mut found = None;
         for credential in &self.credentials {
@@ -371,10 +385,12 @@ impl PartnerRegistry {
         {
             return Err(Error::TokenExpired);
         }
-        self.partners
+        let partner = self
+            .partners
             .get(credential.partner)
             .cloned()
-            .ok_or(Error::TokenInvalid)
+            .ok_or(Error::TokenInvalid)?;
+        Ok((partner, credential.expires_at))
     }
 
     /// The known partner ids.

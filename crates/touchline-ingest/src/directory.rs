@@ -8,6 +8,7 @@ use std::time::{Duration, SystemTime};
 
 use crate::files::{Stamp, stamp};
 
+use futures::StreamExt as _;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
@@ -176,6 +177,39 @@ pub async fn watch_file(
     loaded: Option<Stamp>,
     what: &str,
     shutdown: CancellationToken,
+    reload: impl FnMut() -> bool,
+) {
+    watch_file_with(path, loaded, what, hangups(what), shutdown, reload).await;
+}
+
+/// The process's SIGHUPs from now on, each a reload of `what` (for the log, when they cannot be
+/// listened for: never, elsewhere than on unix).
+#[must_use]
+pub fn hangups(what: &str) -> futures::stream::BoxStream<'static, ()> {
+    #[cfg(unix)]
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(mut signal) => {
+            futures::stream::poll_fn(move |context| signal.poll_recv(context)).boxed()
+        }
+        Err(error) => {
+            error!(%error, "cannot listen for SIGHUP: {what} reloaded only on a change");
+            futures::stream::pending().boxed()
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = what;
+        futures::stream::pending().boxed()
+    }
+}
+
+/// [`watch_file`], reloading whenever `hangups` yields.
+async fn watch_file_with(
+    path: &Path,
+    loaded: Option<Stamp>,
+    what: &str,
+    mut hangups: futures::stream::BoxStream<'static, ()>,
+    shutdown: CancellationToken,
     mut reload: impl FnMut() -> bool,
 ) {
     let mut retry = false;
@@ -186,21 +220,10 @@ pub async fn watch_file(
     // After a stall (a paused process), not two checks at once: the file must stay the same for
     // a whole interval.
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    #[cfg(unix)]
-    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
     loop {
-        #[cfg(unix)]
-        let hangup_received = async {
-            match hangup.as_mut() {
-                Some(signal) => signal.recv().await,
-                None => std::future::pending().await,
-            }
-        };
-        #[cfg(not(unix))]
-        let hangup_received = std::future::pending::<Option<()>>();
         tokio::select! {
             () = shutdown.cancelled() => return,
-            _ = hangup_received => {
+            Some(()) = hangups.next() => {
                 info!("SIGHUP: reloading {what}");
                 read = stamp(path);
                 seen = None;
@@ -235,6 +258,53 @@ mod tests {
             "[[partner]]\nid = \"{partner}\"\ntoken-sha256 = [\"{}\"]\n",
             crate::hash_token(token)
         )
+    }
+
+    #[tokio::test]
+    async fn a_hangup_reloads_at_once_and_a_change_once_it_settles() -> anyhow::Result<()> {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("partners.toml");
+        std::fs::write(&path, file("courier", "old-token"))?;
+        let reloads = Arc::new(AtomicUsize::new(0));
+        let (hangup, hangups) = tokio::sync::mpsc::unbounded_channel();
+        let stop = CancellationToken::new();
+        let watching = tokio::spawn({
+            let (path, reloads, stop) = (path.clone(), Arc::clone(&reloads), stop.clone());
+            async move {
+                watch_file_with(
+                    &path,
+                    stamp(&path),
+                    "the test file",
+                    tokio_stream::wrappers::UnboundedReceiverStream::new(hangups).boxed(),
+                    stop,
+                    || {
+                        reloads.fetch_add(1, Ordering::SeqCst);
+                        true
+                    },
+                )
+                .await;
+            }
+        });
+        let until = async |count: usize, what: &str| -> anyhow::Result<()> {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+            let mut poll = tokio::time::interval(Duration::from_millis(20));
+            while reloads.load(Ordering::SeqCst) < count {
+                anyhow::ensure!(tokio::time::Instant::now() < deadline, "{what}");
+                poll.tick().await;
+            }
+            Ok(())
+        };
+        // An unchanged file is read again on a hangup (the checks never would).
+        hangup.send(())?;
+        until(1, "a hangup did not reload").await?;
+        // A change is read by the checks.
+        std::fs::write(&path, file("store", "new-token"))?;
+        until(2, "a change was not reloaded").await?;
+        stop.cancel();
+        watching.await?;
+        assert_eq!(reloads.load(Ordering::SeqCst), 2, "one reload per change");
+        Ok(())
     }
 
     #[test]

@@ -42,7 +42,7 @@ pub fn stamp(path: &Path) -> Option<Stamp> {
 }
 
 /// The bytes of the regular file at `path` (a symlink to one is followed), at most `limit` of
-/// them.
+/// them: for the files a node reads while it runs.
 ///
 /// # Errors
 /// When the file cannot be read, is not a regular file (a FIFO would block the reader, a device
@@ -54,15 +54,29 @@ pub fn read_regular(path: &Path, limit: u64) -> std::io::Result<Vec<u8>> {
             "not a regular file (a FIFO or a device is never read)",
         )
     };
-    // Checked before opening: opening a FIFO waits for a writer.
-    if !std::fs::metadata(path)?.is_file() {
-        return Err(not_regular());
-    }
-    let file = std::fs::File::open(path)?;
-    // And on what was opened: the path may have been swapped meanwhile.
+    let mut options = std::fs::File::options();
+    options.read(true);
+    // Opening a FIFO would wait for a writer; without blocking, it opens, and is refused below.
+    // (Reads of a regular file do not block either way.)
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::custom_flags(&mut options, libc::O_NONBLOCK);
+    let file = options.open(path)?;
     if !file.metadata()?.is_file() {
         return Err(not_regular());
     }
+    read_within(file, limit)
+}
+
+/// The bytes of the file at `path`, whatever it is (a pipe such as `<(vault read ...)` too), at
+/// most `limit` of them: for files a command reads once.
+///
+/// # Errors
+/// When the file cannot be read or holds more than `limit` bytes.
+pub fn read_bounded(path: &Path, limit: u64) -> std::io::Result<Vec<u8>> {
+    read_within(std::fs::File::open(path)?, limit)
+}
+
+fn read_within(file: std::fs::File, limit: u64) -> std::io::Result<Vec<u8>> {
     let mut bytes = Vec::new();
     file.take(limit.saturating_add(1)).read_to_end(&mut bytes)?;
     if u64::try_from(bytes.len()).unwrap_or(u64::MAX) > limit {
@@ -89,6 +103,8 @@ pub fn without_values(message: &str) -> String {
         }
         let mut quoted = false;
         let mut escaped = false;
+        // Within backticks, a message names syntax (``expected `"` ``), not a value.
+        let mut ticked = false;
         for character in line.chars() {
             if quoted {
                 if escaped {
@@ -101,7 +117,10 @@ pub fn without_values(message: &str) -> String {
                 }
             } else {
                 out.push(character);
-                quoted = character == '"';
+                if character == '`' {
+                    ticked = !ticked;
+                }
+                quoted = character == '"' && !ticked;
             }
         }
         if quoted {
@@ -133,6 +152,9 @@ mod tests {
         // A device that never ends, and a folder.
         let error = read_regular(Path::new("/dev/zero"), 1 << 20).expect_err("a device");
         assert!(error.to_string().contains("not a regular file"), "{error}");
+        // Read once by a command, a device is bounded.
+        let error = read_bounded(Path::new("/dev/zero"), 1 << 20).expect_err("too large");
+        assert!(error.to_string().contains("larger than"), "{error}");
         assert!(read_regular(dir.path(), 1 << 20).is_err());
         #[cfg(unix)]
         {
@@ -186,6 +208,10 @@ mod tests {
         assert_eq!(
             without_values("unknown field `token`"),
             "unknown field `token`"
+        );
+        assert_eq!(
+            without_values("invalid string\nexpected `\"`, `'`"),
+            "invalid string\nexpected `\"`, `'`"
         );
     }
 }

@@ -101,13 +101,17 @@ impl Target {
         // The handshake has a timeout of its own: `connect_timeout` covers the TCP connect only.
         let mut tls = ClientTlsConfig::new().timeout(CONNECT_TIMEOUT);
         tls = match &self.ca_cert {
-            Some(path) => tls.ca_certificate(Certificate::from_pem(read("--ca-cert", path)?)),
+            Some(path) => tls.ca_certificate(Certificate::from_pem(read(
+                "--ca-cert",
+                path,
+                touchline_ingest::files::read_bounded,
+            )?)),
             None => tls.with_native_roots(),
         };
         if let (Some(cert), Some(key)) = (&self.client_cert, &self.client_key) {
             tls = tls.identity(Identity::from_pem(
-                read("--client-cert", cert)?,
-                read("--client-key", key)?,
+                read("--client-cert", cert, touchline_ingest::files::read_bounded)?,
+                read("--client-key", key, touchline_ingest::files::read_bounded)?,
             ));
         }
         if let Some(name) = &self.tls_server_name {
@@ -193,11 +197,15 @@ fn is_alert_text(error: &(dyn std::error::Error + 'static)) -> bool {
 /// The largest certificate, key or CA bundle read (a public CA bundle is about 200 KiB).
 const MAX_PEM_BYTES: u64 = 4 << 20;
 
-/// The bytes of the PEM file `path`, a regular file of at most 4 MiB; an error names the setting
+/// How a PEM file is read: [`touchline_ingest::files::read_regular`] by a node (which reads its
+/// files again while it runs), [`touchline_ingest::files::read_bounded`] by a command (a pipe
+/// such as `<(vault read ...)` will do).
+pub(crate) type Reader = fn(&Path, u64) -> std::io::Result<Vec<u8>>;
+
+/// The bytes of the PEM file `path`, at most 4 MiB, read by `reader`; an error names the setting
 /// it came from (`what`) and the file.
-pub(crate) fn read(what: &str, path: &Path) -> anyhow::Result<Vec<u8>> {
-    touchline_ingest::files::read_regular(path, MAX_PEM_BYTES)
-        .with_context(|| format!("{what} {}", path.display()))
+pub(crate) fn read(what: &str, path: &Path, reader: Reader) -> anyhow::Result<Vec<u8>> {
+    reader(path, MAX_PEM_BYTES).with_context(|| format!("{what} {}", path.display()))
 }
 
 #[cfg(test)]

@@ -24,11 +24,12 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
-use touchline_core::PartnerId;
+use touchline_core::{PartnerId, UnixNanos};
 use touchline_proto::v1;
 use tracing::{debug, info};
 
 use super::{Inner, ResponseStream, count_failed};
+use crate::PartnerRegistry;
 use crate::auth::{Authenticated, request_token};
 use crate::{Error, Result};
 
@@ -145,6 +146,8 @@ pub(super) fn open(
         // Whether the partner went while answers were still coming (not after the last one).
         let mut partner_gone = false;
         let mut answered = 0_u64;
+        // The registry the token was last found valid in, and until when.
+        let mut valid = None;
         let mut check =
             tokio::time::interval_at(tokio::time::Instant::now() + TOKEN_CHECK, TOKEN_CHECK);
         check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -164,7 +167,7 @@ pub(super) fn open(
                     // Only while no batch is under way: one that is was admitted with the
                     // token, and is answered; a batch that comes later is checked itself.
                     if shared.received.load(Ordering::Acquire) == answered
-                        && let Err(error) = shared.authenticate()
+                        && let Err(error) = shared.still_authenticated(&mut valid)
                     {
                         debug!(%error, "a stream's token no longer authenticates: ending it");
                         told_failure = true;
@@ -275,6 +278,29 @@ impl Shared {
             return Err(Error::TokenInvalid);
         }
         Ok(partner)
+    }
+
+    /// Whether the stream's token still authenticates as the partner it was opened as; `valid`
+    /// is the registry it was last found valid in, and until when: while the registry in force
+    /// is that one and the token has not expired, nothing is hashed again.
+    fn still_authenticated(
+        &self,
+        valid: &mut Option<(Arc<PartnerRegistry>, Option<UnixNanos>)>,
+    ) -> Result<()> {
+        let registry = self.inner.partners.current();
+        let now = UnixNanos::now();
+        if let Some((checked, until)) = valid.as_ref()
+            && Arc::ptr_eq(checked, &registry)
+            && until.is_none_or(|until| now < until)
+        {
+            return Ok(());
+        }
+        let (partner, until) = registry.authenticate_until(&self.token, now)?;
+        if partner.partner_id != self.opened_as.partner_id {
+            return Err(Error::TokenInvalid);
+        }
+        *valid = Some((registry, until));
+        Ok(())
     }
 
     /// Batch `index` failed: the stream ends at it (or at an earlier failure).

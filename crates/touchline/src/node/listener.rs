@@ -101,7 +101,8 @@ fn configure(stream: &TcpStream, keepalive: Option<&socket2::TcpKeepalive>) -> s
     Ok(())
 }
 
-/// An accept error of one connection (it went before it was accepted), not of the listener.
+/// An accept error of one connection (it went before it was accepted, or Linux passed on a
+/// network error pending on it: accept(2)), not of the listener.
 fn is_connection_error(error: &std::io::Error) -> bool {
     use std::io::ErrorKind;
     matches!(
@@ -112,7 +113,54 @@ fn is_connection_error(error: &std::io::Error) -> bool {
             | ErrorKind::Interrupted
             | ErrorKind::WouldBlock
             | ErrorKind::TimedOut
-    )
+            | ErrorKind::NetworkDown
+            | ErrorKind::NetworkUnreachable
+            | ErrorKind::HostUnreachable
+            // A firewall rule refused the connection.
+            | ErrorKind::PermissionDenied
+    ) || error.raw_os_error().is_some_and(is_pending_network_error)
+}
+
+/// The network errors Linux's accept(2) passes on from a connection, that Rust has no kind for.
+#[cfg(target_os = "linux")]
+fn is_pending_network_error(code: i32) -> bool {
+    [
+        libc::EPROTO,
+        libc::ENOPROTOOPT,
+        libc::EHOSTDOWN,
+        libc::ENONET,
+        libc::EOPNOTSUPP,
+    ]
+    .contains(&code)
+}
+
+#[cfg(not(target_os = "linux"))]
+fn is_pending_network_error(_code: i32) -> bool {
+    false
+}
+
+#[cfg(all(test, target_os = "linux"))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn running_out_of_descriptors_is_not_one_connection_s_error() {
+        for code in [libc::EMFILE, libc::ENFILE, libc::ENOBUFS, libc::ENOMEM] {
+            assert!(!is_connection_error(&std::io::Error::from_raw_os_error(
+                code
+            )));
+        }
+        for code in [
+            libc::ECONNABORTED,
+            libc::EPROTO,
+            libc::EPERM,
+            libc::ENETDOWN,
+        ] {
+            assert!(is_connection_error(&std::io::Error::from_raw_os_error(
+                code
+            )));
+        }
+    }
 }
 
 /// The server's HTTP/2 connection settings: keepalive pings, concurrent calls per connection and

@@ -26,7 +26,7 @@ use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
-use touchline_ingest::files::{Stamp, stamp};
+use touchline_ingest::files::{Stamp, read_regular, stamp};
 use touchline_ingest::metrics::ReloadLabels;
 use tracing::{debug, error, info};
 
@@ -48,8 +48,9 @@ pub(super) struct TlsServer {
     files: TlsConfig,
     /// The files' stamps before they were loaded: the reload starts from them.
     loaded: Stamps,
-    /// Reloads that took (the files changed or SIGHUP), for tests.
+    /// Reloads that took (the files changed or SIGHUP), and that failed, for tests.
     reloaded: Arc<AtomicU64>,
+    failures: Arc<AtomicU64>,
 }
 
 /// The stamps of the certificate, key and client-CA files.
@@ -128,6 +129,7 @@ impl TlsServer {
             files: files.clone(),
             loaded,
             reloaded: Arc::default(),
+            failures: Arc::default(),
         })
     }
 }
@@ -143,7 +145,7 @@ fn acceptor(
         .context("server.tls: no protocol version")?;
     let builder = match &files.client_ca_file {
         Some(path) => {
-            let pem = read("server.tls.client-ca-file", path)?;
+            let pem = read("server.tls.client-ca-file", path, read_regular)?;
             // A bundle is taken whole or refused.
             let mut roots = RootCertStore::empty();
             for certificate in certificates("client-ca-file", path, &pem)? {
@@ -221,18 +223,10 @@ impl TlsServer {
     /// Reloads the certificate and key, and the client CA, when their files change or on
     /// SIGHUP, until `shutdown`.
     pub(super) fn watch(&self, shutdown: CancellationToken) -> JoinHandle<()> {
-        #[cfg(unix)]
-        let hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-            .map(|mut signal| {
-                futures::stream::poll_fn(move |context| signal.poll_recv(context)).boxed()
-            })
-            .unwrap_or_else(|error| {
-                error!(%error, "cannot listen for SIGHUP: the TLS files are reloaded when they change only");
-                futures::stream::pending().boxed()
-            });
-        #[cfg(not(unix))]
-        let hangups = futures::stream::pending().boxed();
-        self.watch_with(hangups, shutdown)
+        self.watch_with(
+            touchline_ingest::directory::hangups("the TLS files"),
+            shutdown,
+        )
     }
 
     /// [`Self::watch`], reloading whenever `hangups` yields.
@@ -244,6 +238,7 @@ impl TlsServer {
         let (current, files) = (Arc::clone(&self.current), self.files.clone());
         let acceptor = Arc::clone(&self.acceptor);
         let reloaded = Arc::clone(&self.reloaded);
+        let failures = Arc::clone(&self.failures);
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut served = self.loaded;
         tokio::spawn(async move {
@@ -262,9 +257,9 @@ impl TlsServer {
                 };
                 let now = stamps(&files);
                 if hangup {
-                    // The operator says the files are ready: read them at once, all of them.
+                    // The operator says the files are ready: read them at once, all of them,
+                    // changed or not, and report the result again.
                     info!("SIGHUP: reloading the TLS files");
-                    served = [None; 3];
                     failed = None;
                 } else {
                     if now == served {
@@ -280,7 +275,7 @@ impl TlsServer {
                 // Tried on every tick until the files load: a certificate written before its
                 // key, or a file read half-written, loads at a later try. The client CA is
                 // loaded whole before anything changes.
-                let client_ca_changed = now[2] != served[2];
+                let client_ca_changed = hangup || now[2] != served[2];
                 let loaded = certified_key(&files, &provider).and_then(|key| {
                     let new_acceptor = if client_ca_changed {
                         Some(self::acceptor(&files, &provider, &current)?)
@@ -303,7 +298,7 @@ impl TlsServer {
                                 "TLS client CA reloaded"
                             );
                         }
-                        if now[..2] != served[..2] {
+                        if hangup || now[..2] != served[..2] {
                             info!(cert = %files.cert_file.display(), "TLS certificate reloaded");
                         }
                         served = now;
@@ -316,6 +311,7 @@ impl TlsServer {
                         if failed != Some(now) {
                             failed = Some(now);
                             reloads("failed");
+                            failures.fetch_add(1, Ordering::Relaxed);
                             error!(
                                 error = format!("{error:#}"),
                                 "TLS files not reloaded, the ones in force stay"
@@ -351,9 +347,9 @@ impl<T> Drop for AbortOnDrop<T> {
 
 /// The certificate chain and key of `files`, checked to match.
 fn certified_key(files: &TlsConfig, provider: &CryptoProvider) -> anyhow::Result<CertifiedKey> {
-    let cert = read("server.tls.cert-file", &files.cert_file)?;
+    let cert = read("server.tls.cert-file", &files.cert_file, read_regular)?;
     let chain = certificates("cert-file", &files.cert_file, &cert)?;
-    let key = read("server.tls.key-file", &files.key_file)?;
+    let key = read("server.tls.key-file", &files.key_file, read_regular)?;
     let key = PrivateKeyDer::from_pem_slice(&key).map_err(|error| {
         anyhow::anyhow!(
             "server.tls.key-file {}: no private key in it ({error})",
@@ -415,122 +411,4 @@ fn certificates(
 }
 
 #[cfg(test)]
-mod tests {
-    use std::path::PathBuf;
-
-    use super::*;
-
-    fn fixture(name: &str) -> PathBuf {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("../../tests/data/tls")
-            .join(name)
-    }
-
-    /// A server on copies of the `server` fixtures in `dir`.
-    fn server(dir: &Path) -> anyhow::Result<TlsServer> {
-        let files = TlsConfig {
-            cert_file: dir.join("tls.pem"),
-            key_file: dir.join("tls.key"),
-            client_ca_file: None,
-        };
-        std::fs::copy(fixture("server.pem"), &files.cert_file)?;
-        std::fs::copy(fixture("server.key"), &files.key_file)?;
-        TlsServer::load(&files)
-    }
-
-    /// The certificate served now.
-    fn served(server: &TlsServer) -> CertificateDer<'static> {
-        server
-            .current
-            .0
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .cert[0]
-            .clone()
-    }
-
-    async fn until(what: &str, mut done: impl FnMut() -> bool) -> anyhow::Result<()> {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        let mut poll = tokio::time::interval(Duration::from_millis(20));
-        while !done() {
-            anyhow::ensure!(tokio::time::Instant::now() < deadline, "{what}");
-            poll.tick().await;
-        }
-        Ok(())
-    }
-
-    /// Writes `from` to `to` by a rename, with the modification time `to` had (as `cp -p`,
-    /// `rsync -a` or `tar x` of files dated alike).
-    fn replace_keeping_the_time(from: &Path, to: &Path) -> anyhow::Result<()> {
-        let modified = std::fs::metadata(to)?.modified()?;
-        let aside = to.with_extension("new");
-        std::fs::copy(from, &aside)?;
-        std::fs::File::options()
-            .write(true)
-            .open(&aside)?
-            .set_modified(modified)?;
-        std::fs::rename(&aside, to)?;
-        Ok(())
-    }
-
-    #[tokio::test]
-    async fn files_replaced_with_their_old_modification_times_are_served() -> anyhow::Result<()> {
-        let dir = tempfile::tempdir()?;
-        let server = server(dir.path())?;
-        let before = served(&server);
-        let stop = CancellationToken::new();
-        let watching = server.watch_with(futures::stream::pending().boxed(), stop.clone());
-        replace_keeping_the_time(&fixture("self-signed.key"), &server.files.key_file)?;
-        replace_keeping_the_time(&fixture("self-signed.pem"), &server.files.cert_file)?;
-        until("the renewed certificate was never served", || {
-            served(&server) != before
-        })
-        .await?;
-        let renewed = std::fs::read(fixture("self-signed.pem"))?;
-        let expected = CertificateDer::pem_slice_iter(&renewed)
-            .next()
-            .expect("a certificate")?;
-        assert_eq!(served(&server), expected);
-        stop.cancel();
-        watching.await?;
-        Ok(())
-    }
-
-    #[tokio::test]
-    async fn a_hangup_reloads_at_once_and_a_broken_file_is_counted() -> anyhow::Result<()> {
-        let dir = tempfile::tempdir()?;
-        let server = server(dir.path())?;
-        let before = served(&server);
-        let (hangup, hangups) = tokio::sync::mpsc::unbounded_channel();
-        let stop = CancellationToken::new();
-        let watching = server.watch_with(
-            tokio_stream::wrappers::UnboundedReceiverStream::new(hangups).boxed(),
-            stop.clone(),
-        );
-        // Unchanged files are read again on a hangup.
-        hangup.send(())?;
-        until("a hangup did not reload", || {
-            server.reloaded.load(Ordering::Relaxed) == 1
-        })
-        .await?;
-        assert_eq!(served(&server), before);
-
-        // A certificate that does not load is counted, and the one in force stays.
-        let failed = || {
-            RELOADS
-                .get_or_create(&ReloadLabels { result: "failed" })
-                .get()
-        };
-        let failed_before = failed();
-        std::fs::write(&server.files.cert_file, b"not a certificate")?;
-        until("the broken certificate was never counted", || {
-            failed() > failed_before
-        })
-        .await?;
-        assert_eq!(served(&server), before);
-        assert_eq!(server.reloaded.load(Ordering::Relaxed), 1);
-        stop.cancel();
-        watching.await?;
-        Ok(())
-    }
-}
+mod tests;

@@ -1,0 +1,118 @@
+use std::path::PathBuf;
+
+use super::*;
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/data/tls")
+        .join(name)
+}
+
+/// A server on copies of the `server` fixtures in `dir`.
+fn server(dir: &Path) -> anyhow::Result<TlsServer> {
+    let files = TlsConfig {
+        cert_file: dir.join("tls.pem"),
+        key_file: dir.join("tls.key"),
+        client_ca_file: None,
+    };
+    std::fs::copy(fixture("server.pem"), &files.cert_file)?;
+    std::fs::copy(fixture("server.key"), &files.key_file)?;
+    TlsServer::load(&files)
+}
+
+/// The certificate served now.
+fn served(server: &TlsServer) -> CertificateDer<'static> {
+    server
+        .current
+        .0
+        .read()
+        .unwrap_or_else(PoisonError::into_inner)
+        .cert[0]
+        .clone()
+}
+
+async fn until(what: &str, mut done: impl FnMut() -> bool) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let mut poll = tokio::time::interval(Duration::from_millis(20));
+    while !done() {
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "{what}");
+        poll.tick().await;
+    }
+    Ok(())
+}
+
+/// Writes `from` to `to` by a rename, with the modification time `to` had (as `cp -p`,
+/// `rsync -a` or `tar x` of files dated alike).
+fn replace_keeping_the_time(from: &Path, to: &Path) -> anyhow::Result<()> {
+    let modified = std::fs::metadata(to)?.modified()?;
+    let aside = to.with_extension("new");
+    std::fs::copy(from, &aside)?;
+    std::fs::File::options()
+        .write(true)
+        .open(&aside)?
+        .set_modified(modified)?;
+    std::fs::rename(&aside, to)?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn files_replaced_with_their_old_modification_times_are_served() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let server = server(dir.path())?;
+    let before = served(&server);
+    let stop = CancellationToken::new();
+    let watching = server.watch_with(futures::stream::pending().boxed(), stop.clone());
+    replace_keeping_the_time(&fixture("self-signed.key"), &server.files.key_file)?;
+    replace_keeping_the_time(&fixture("self-signed.pem"), &server.files.cert_file)?;
+    until("the renewed certificate was never served", || {
+        served(&server) != before
+    })
+    .await?;
+    let renewed = std::fs::read(fixture("self-signed.pem"))?;
+    let expected = CertificateDer::pem_slice_iter(&renewed)
+        .next()
+        .expect("a certificate")?;
+    assert_eq!(served(&server), expected);
+    stop.cancel();
+    watching.await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_hangup_reloads_at_once_and_a_broken_file_is_counted() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let server = server(dir.path())?;
+    let before = served(&server);
+    let (hangup, hangups) = tokio::sync::mpsc::unbounded_channel();
+    let stop = CancellationToken::new();
+    let watching = server.watch_with(
+        tokio_stream::wrappers::UnboundedReceiverStream::new(hangups).boxed(),
+        stop.clone(),
+    );
+    // Unchanged files are read again on a hangup.
+    hangup.send(())?;
+    until("a hangup did not reload", || {
+        server.reloaded.load(Ordering::Relaxed) == 1
+    })
+    .await?;
+    assert_eq!(served(&server), before);
+
+    // A certificate that does not load is counted, and the one in force stays.
+    let failed = || {
+        RELOADS
+            .get_or_create(&ReloadLabels { result: "failed" })
+            .get()
+    };
+    let failed_before = failed();
+    std::fs::write(&server.files.cert_file, b"not a certificate")?;
+    until("the broken certificate was never counted", || {
+        server.failures.load(Ordering::Relaxed) == 1
+    })
+    .await?;
+    assert!(failed() > failed_before);
+    assert_eq!(served(&server), before);
+    assert_eq!(server.reloaded.load(Ordering::Relaxed), 1);
+    stop.cancel();
+    watching.await?;
+    Ok(())
+}
