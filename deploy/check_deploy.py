@@ -169,6 +169,10 @@ def check_backup() -> list[str]:
         if context.get("allowPrivilegeEscalation") is not False \
                 or "ALL" not in context.get("capabilities", {}).get("drop", []):
             problems.append("backup CronJob: the container may escalate privileges or keeps capabilities")
+        kustomization = yaml.safe_load((DEPLOY / "kubernetes" / "kustomization.yaml").read_text())
+        tagged = {f'{i["name"]}': f'{i.get("newName", i["name"])}:{i["newTag"]}' for i in kustomization.get("images", [])}
+        if container.get("image") != tagged.get("touchline"):
+            problems.append(f"backup CronJob: image {container.get('image')} is not the kustomization's {tagged.get('touchline')}")
         script = " ".join(container.get("command", []) + container.get("args", []))
         if "touchline backup --out" not in script:
             problems.append("backup CronJob: the container does not run touchline backup --out")
