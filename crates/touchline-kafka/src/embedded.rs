@@ -18,7 +18,7 @@ enum Command {
     BrokerUp(mpsc::Sender<Result<()>>),
     RoundTripTime(Duration, mpsc::Sender<Result<()>>),
     CreateTopic(String, i32, mpsc::Sender<Result<()>>),
-    ProduceErrors(Vec<RDKafkaRespErr>, mpsc::Sender<Result<()>>),
+    RequestErrors(RDKafkaApiKey, Vec<RDKafkaRespErr>, mpsc::Sender<Result<()>>),
 }
 
 /// A running in-process mock Kafka cluster. Dropping it stops the cluster.
@@ -64,8 +64,8 @@ impl EmbeddedBroker {
                         Command::CreateTopic(name, partitions, reply) => {
                             (cluster.create_topic(&name, partitions, 1), reply)
                         }
-                        Command::ProduceErrors(errors, reply) => {
-                            cluster.request_errors(RDKafkaApiKey::Produce, &errors);
+                        Command::RequestErrors(api, errors, reply) => {
+                            cluster.request_errors(api, &errors);
                             (Ok(()), reply)
                         }
                     };
@@ -131,7 +131,16 @@ impl EmbeddedBroker {
     /// When the cluster is stopped.
     pub fn fail_next_produces(&self, errors: &[RDKafkaRespErr]) -> Result<()> {
         let errors = errors.to_vec();
-        self.call(|reply| Command::ProduceErrors(errors, reply))
+        self.call(|reply| Command::RequestErrors(RDKafkaApiKey::Produce, errors, reply))
+    }
+
+    /// Makes the next Fetch requests fail, one per error, in order.
+    ///
+    /// # Errors
+    /// When the cluster is stopped.
+    pub fn fail_next_fetches(&self, errors: &[RDKafkaRespErr]) -> Result<()> {
+        let errors = errors.to_vec();
+        self.call(|reply| Command::RequestErrors(RDKafkaApiKey::Fetch, errors, reply))
     }
 
     /// Creates another topic.

@@ -19,7 +19,7 @@ mod probe;
 mod replay;
 
 pub use probe::KafkaProbe;
-pub use replay::{ReplayError, ReplayFrom, ReplayProgress, replay};
+pub use replay::{REPLAY_IDLE_TIMEOUT, ReplayError, ReplayFrom, ReplayProgress, replay};
 
 /// Log events folded per atomic batch of a rebuild, unless configured otherwise.
 pub const REBUILD_CHUNK: usize = 250;

@@ -8,11 +8,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use rdkafka::producer::{FutureProducer, FutureRecord};
 use tokio_util::sync::CancellationToken;
 use touchline_core::{
-    ApplyOutcome, ConsumedRecord, CustomerId, EventStore, JourneyStage, PartnerId, StoreError,
-    StoredPosition, StreamIdentity, TimelineCursor, TimelineEntry, TimelinePage, TimelineQuery,
+    ApplyOutcome, ConsumedRecord, CustomerId, EventStore, PartnerId, StoreError, StoredPosition,
+    StreamIdentity, TimelineCursor, TimelineEntry, TimelinePage, TimelineQuery,
 };
 use touchline_kafka::{EmbeddedBroker, KafkaOptions};
 use touchline_projection::{Projector, ProjectorOptions, SledStore};
@@ -129,27 +128,9 @@ async fn a_failed_write_stops_the_projector_before_any_later_batch_is_stored() {
     };
     // Every event is in the topic before the projector starts: it reads full batches back to
     // back, so the next batch is being decoded while the one before is written.
-    let producer: FutureProducer = kafka.producer_config().create().expect("producer");
-    let deliveries: Vec<_> = (0..EVENTS)
-        .map(|index| {
-            let envelope = support::envelope(
-                "partner",
-                &format!("e{index}"),
-                &format!("customer-{}", index % 7),
-                i64::try_from(index).unwrap_or_default(),
-                JourneyStage::Fulfil,
-            );
-            let value = touchline_proto::encode_envelope(&envelope);
-            let key = envelope.touchpoint.customer_id.as_str().to_owned();
-            producer
-                .send_result(FutureRecord::to(TOPIC).key(&key).payload(&value))
-                .map_err(|(error, _)| error)
-        })
-        .collect::<Result<_, _>>()
-        .expect("queued");
-    for delivery in deliveries {
-        delivery.await.expect("delivered").expect("acknowledged");
-    }
+    support::produce(&kafka, 0, EVENTS, 1000)
+        .await
+        .expect("produced");
 
     let dir = tempfile::tempdir().expect("temp dir");
     let sled = Arc::new(SledStore::open(dir.path()).expect("opens"));

@@ -419,6 +419,7 @@ impl v1::admin_service_server::AdminService for AdminService {
                 &partitions,
                 &sender,
                 &cancel,
+                touchline_projection::ops::REPLAY_IDLE_TIMEOUT,
             )
             .await;
             // Nothing more is written: the next replay may start (and a stopping node go on)
@@ -441,6 +442,11 @@ impl v1::admin_service_server::AdminService for AdminService {
                     ReplayError::UnknownPartition { .. } => rejected(
                         Code::InvalidArgument,
                         "UNKNOWN_PARTITION",
+                        error.to_string(),
+                    ),
+                    ReplayError::RangeGone => rejected(
+                        Code::FailedPrecondition,
+                        "REPLAY_RANGE_GONE",
                         error.to_string(),
                     ),
                     ReplayError::Projection(touchline_projection::Error::Store(error)) => {

@@ -7,22 +7,23 @@ use std::time::Duration;
 
 use futures::StreamExt as _;
 use rdkafka::consumer::{Consumer as _, StreamConsumer};
-use rdkafka::error::KafkaError;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message as _;
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use touchline_core::{EventStore as _, StoredPosition, StreamIdentity, UnixNanos};
 use touchline_kafka::KafkaOptions;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::metrics::PROJECTOR;
 use crate::projector::resume::Probe;
 use crate::projector::{consumed_record, kafka_setup};
 use crate::{Error, SledStore};
 
-/// A replay that receives nothing for this long (the broker is gone) ends with an error.
-const REPLAY_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// A replay whose unfinished partitions receive nothing for this long (the broker is gone, or
+/// answers only errors) ends with an error.
+pub const REPLAY_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
 const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -64,6 +65,12 @@ pub struct ReplayProgress {
 pub enum ReplayError {
     #[error("partition {partition} does not exist (the topic has {partitions})")]
     UnknownPartition { partition: i32, partitions: usize },
+    /// The broker no longer has records the replay had still to read (its retention deleted
+    /// them after the replay planned its ranges): what was read stays.
+    #[error(
+        "the broker no longer has records of the replay's ranges that were still to be read (retention deleted them while it ran); what was replayed stays: replay again from the oldest record"
+    )]
+    RangeGone,
     #[error(transparent)]
     Projection(#[from] Error),
 }
@@ -84,10 +91,12 @@ impl From<touchline_core::StoreError> for ReplayError {
 /// watermark at the start (or the node's stored position, when further), into the log: events it lacks are appended and projected, the rest
 /// are duplicates (invariant 3 makes a replay safe at any time, beside the projector). Stored
 /// positions do not move. Progress is published on `progress`; `cancel` stops it between
-/// batches (what was applied stays).
+/// batches (what was applied stays). Unfinished partitions that receive nothing for `idle`
+/// ([`REPLAY_IDLE_TIMEOUT`]) end it with an error.
 ///
 /// # Errors
-/// When a partition does not exist, Kafka cannot be reached or the store fails.
+/// When a partition does not exist, Kafka cannot be reached, the broker no longer has records
+/// still to be read ([`ReplayError::RangeGone`]) or the store fails.
 pub async fn replay(
     kafka: &KafkaOptions,
     store: Arc<SledStore>,
@@ -95,10 +104,14 @@ pub async fn replay(
     partitions: &[i32],
     progress: &watch::Sender<ReplayProgress>,
     cancel: &CancellationToken,
+    idle: Duration,
 ) -> std::result::Result<ReplayProgress, ReplayError> {
     let consumer: StreamConsumer = kafka
         .consumer_config()
         .set("enable.partition.eof", "true")
+        // An offset the broker no longer has is an error, not a silent jump to its oldest
+        // record: the records in between would be skipped and the replay still say finished.
+        .set("auto.offset.reset", "error")
         .create()
         .map_err(Error::from)?;
     let consumer = Arc::new(consumer);
@@ -127,13 +140,22 @@ pub async fn replay(
     info!(?from, ?ranges, "replay started");
     let mut batches = consumer.stream().ready_chunks(1000);
     let mut failure = None;
+    // Moved only by progress of an unfinished partition: errors, records of finished partitions
+    // and records before a start are not.
+    let mut idle_until = tokio::time::Instant::now() + idle;
+    // Where each unfinished partition is to be read from next.
+    let mut next: BTreeMap<i32, i64> = ranges
+        .iter()
+        .filter(|(partition, _)| open.contains_key(partition))
+        .map(|(partition, (start, _))| (*partition, *start))
+        .collect();
     while !open.is_empty() {
         let batch = tokio::select! {
             () = cancel.cancelled() => break,
-            () = tokio::time::sleep(REPLAY_IDLE_TIMEOUT) => {
+            () = tokio::time::sleep_until(idle_until) => {
                 failure = Some(ReplayError::Projection(Error::Setup(format!(
                     "nothing received from Kafka for {}s with partitions {:?} unfinished",
-                    REPLAY_IDLE_TIMEOUT.as_secs(),
+                    idle.as_secs(),
                     open.keys().collect::<Vec<_>>()
                 ))));
                 break;
@@ -142,6 +164,8 @@ pub async fn replay(
         };
         let Some(batch) = batch else { break };
         let mut records = Vec::with_capacity(batch.len());
+        let mut closed = Vec::new();
+        let mut reset = false;
         for message in batch {
             match message {
                 Ok(message) => {
@@ -161,14 +185,49 @@ pub async fn replay(
                     // Records after that in the same fetch are not applied (the projector reads
                     // them).
                     records.push(message.detach());
+                    next.insert(partition, message.offset().saturating_add(1));
                     if message.offset().saturating_add(1) >= end {
                         open.remove(&partition);
+                        closed.push(partition);
                     }
                 }
                 Err(KafkaError::PartitionEOF(partition)) => {
-                    open.remove(&partition);
+                    if open.remove(&partition).is_some() {
+                        closed.push(partition);
+                    }
+                }
+                // A fetch answered "offset out of range" (the error names no partition).
+                Err(KafkaError::MessageConsumption(RDKafkaErrorCode::AutoOffsetReset)) => {
+                    reset = true;
                 }
                 Err(error) => warn!(%error, "kafka consumer error during replay"),
+            }
+        }
+        if reset {
+            let unfinished: Vec<(i32, i64)> = open
+                .keys()
+                .map(|partition| (*partition, next.get(partition).copied().unwrap_or(0)))
+                .collect();
+            if range_gone(&consumer, &kafka.topic, unfinished).await? {
+                failure = Some(ReplayError::RangeGone);
+                break;
+            }
+            debug!(
+                "a fetch answered out of range, but no record still to be read is gone: read again"
+            );
+        }
+        if !records.is_empty() || !closed.is_empty() {
+            idle_until = tokio::time::Instant::now() + idle;
+        }
+        // A finished partition is no longer fetched (under live ingest it would be, for
+        // nothing).
+        if !closed.is_empty() {
+            let mut finished = TopicPartitionList::new();
+            for partition in &closed {
+                finished.add_partition(&kafka.topic, *partition);
+            }
+            if let Err(error) = consumer.pause(&finished) {
+                debug!(%error, "cannot pause the replay's finished partitions");
             }
         }
         state.read += records.len() as u64;
@@ -216,6 +275,37 @@ pub async fn replay(
         "replay ended"
     );
     Ok(state)
+}
+
+/// After a fetch answered "offset out of range": whether the broker no longer has the offset an
+/// unfinished partition is to be read from next (`unfinished`: partition, next offset), its
+/// oldest record being past it. When it still has them all (the error was of a finished
+/// partition, or the broker's own), the unfinished partitions are assigned again, each from its
+/// next offset: a partition whose fetch was refused would otherwise wait for a reset that never
+/// comes.
+async fn range_gone(
+    consumer: &Arc<StreamConsumer>,
+    topic: &str,
+    unfinished: Vec<(i32, i64)>,
+) -> std::result::Result<bool, ReplayError> {
+    let consumer = Arc::clone(consumer);
+    let topic = topic.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let mut again = TopicPartitionList::new();
+        for (partition, next) in unfinished {
+            let (low, _) = consumer.fetch_watermarks(&topic, partition, METADATA_TIMEOUT)?;
+            if low > next {
+                return Ok(true);
+            }
+            again.add_partition_offset(&topic, partition, Offset::Offset(next))?;
+        }
+        // Assigned again (a seek does not restart a partition whose reset failed); the finished
+        // partitions are left out.
+        consumer.assign(&again)?;
+        Ok(false)
+    })
+    .await
+    .map_err(Error::from)?
 }
 
 /// Where a replay of `partition` ends: its high watermark, or this node's stored position when

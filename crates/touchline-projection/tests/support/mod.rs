@@ -97,3 +97,48 @@ pub fn rebuild_timeline(store: &SledStore) -> Switched {
         .finish_rebuild(Projection::Timeline, version, next, usize::MAX)
         .expect("finishes")
 }
+
+/// Produces events `first..first + count` (of 7 customers, keyed by customer) to `kafka`'s
+/// topic, in record batches of at most `batch`, and waits for every delivery.
+pub async fn produce(
+    kafka: &touchline_kafka::KafkaOptions,
+    first: usize,
+    count: usize,
+    batch: usize,
+) -> anyhow::Result<()> {
+    // Uncompressed, so that the broker's store fills as the events' size says; and not with
+    // the replay's properties.
+    let producing = touchline_kafka::KafkaOptions {
+        properties: [
+            ("compression.type".to_owned(), "none".to_owned()),
+            ("batch.num.messages".to_owned(), batch.to_string()),
+        ]
+        .into(),
+        ..kafka.clone()
+    };
+    let producer: rdkafka::producer::FutureProducer = producing.producer_config().create()?;
+    let deliveries: Vec<_> = (first..first + count)
+        .map(|index| {
+            let envelope = envelope(
+                "partner",
+                &format!("e{index}"),
+                &format!("customer-{}", index % 7),
+                i64::try_from(index).unwrap_or_default(),
+                JourneyStage::Fulfil,
+            );
+            let value = touchline_proto::encode_envelope(&envelope);
+            let key = envelope.touchpoint.customer_id.as_str().to_owned();
+            producer
+                .send_result(
+                    rdkafka::producer::FutureRecord::to(&kafka.topic)
+                        .key(&key)
+                        .payload(&value),
+                )
+                .map_err(|(error, _)| error)
+        })
+        .collect::<Result<_, _>>()?;
+    for delivery in deliveries {
+        delivery.await?.map_err(|(error, _)| error)?;
+    }
+    Ok(())
+}
