@@ -25,8 +25,22 @@ pub use replay::{REPLAY_IDLE_TIMEOUT, ReplayError, ReplayFrom, ReplayProgress, r
 pub const REBUILD_CHUNK: usize = 250;
 
 /// Rebuild rounds in a row without closing the gap to the log's end before the rebuild switches
-/// anyway (folding the gap while the projector waits).
+/// anyway (folding the gap while the projector waits), when the gap is at most
+/// [`MAX_FORCED_GAP`].
 const MAX_ROUNDS_NOT_GAINING: u32 = 50;
+
+/// The largest gap to the log's end a rebuild that cannot gain on it folds under the store's
+/// writer to switch (or one batch, when larger): the projector waits while it is folded, a
+/// fraction of a second at sled's rates here. A larger gap keeps folding in the background,
+/// until ingest slows down.
+const MAX_FORCED_GAP: u64 = 16_384;
+
+/// Whether a rebuild `gap` events from the log's end folds the rest under the writer and
+/// switches now: within one batch (`chunk`) of the end, or, after `not_gaining` rounds in a row
+/// without closing the gap, within [`MAX_FORCED_GAP`].
+fn switch_now(gap: u64, chunk: u64, not_gaining: u32) -> bool {
+    gap <= chunk || (not_gaining >= MAX_ROUNDS_NOT_GAINING && gap <= MAX_FORCED_GAP.max(chunk))
+}
 
 /// Where a rebuild stands.
 #[derive(Debug, Clone, PartialEq)]
@@ -302,9 +316,9 @@ fn run_rebuild(
         }
         last_gap = gap;
         // Close to the end: the rest is folded under the writer, with the switch. Under an
-        // ingest rate the rebuild cannot outrun, it switches anyway after a while: the projector
-        // then waits while the gap is folded.
-        if gap <= chunk as u64 || not_gaining >= MAX_ROUNDS_NOT_GAINING {
+        // ingest rate the rebuild cannot outrun, it switches anyway after a while, once the gap
+        // is small enough for the projector to wait while it is folded.
+        if switch_now(gap, chunk as u64, not_gaining) {
             break store
                 .finish_rebuild(projection, version, next, chunk)
                 .map_err(Some);
@@ -353,4 +367,24 @@ fn run_rebuild(
 
 fn gauge(value: u64) -> i64 {
     i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_rebuild_switches_near_the_end_and_never_folds_a_large_gap_under_the_writer() {
+        // Within a batch of the end: at once.
+        assert!(switch_now(250, 250, 0));
+        assert!(!switch_now(251, 250, 0));
+        // Not gaining for long enough: within the bounded gap only.
+        assert!(switch_now(MAX_FORCED_GAP, 250, MAX_ROUNDS_NOT_GAINING));
+        assert!(!switch_now(MAX_FORCED_GAP, 250, MAX_ROUNDS_NOT_GAINING - 1));
+        // A rebuild outrun early on (nearly the whole log to go) keeps folding in the background.
+        assert!(!switch_now(1_000_000, 250, MAX_ROUNDS_NOT_GAINING));
+        // A batch larger than the bound is still one batch.
+        assert!(switch_now(20_000, 20_000, 0));
+        assert!(switch_now(19_000, 20_000, MAX_ROUNDS_NOT_GAINING));
+    }
 }
