@@ -19,23 +19,17 @@ mod support;
 const TOPIC: &str = "touchpoints";
 
 /// A broker with `events` events in its one partition (in record batches of at most `batch`),
-/// and options to read it (`properties` passed to librdkafka).
+/// and options to read it.
 async fn broker_with(
     events: usize,
     batch: usize,
-    properties: &[(&str, &str)],
 ) -> anyhow::Result<(EmbeddedBroker, KafkaOptions)> {
     let broker = EmbeddedBroker::start(1, TOPIC, 1)?;
-    let mut kafka = KafkaOptions {
+    let kafka = KafkaOptions {
         bootstrap_servers: broker.bootstrap_servers().to_owned(),
         topic: TOPIC.to_owned(),
         ..KafkaOptions::default()
     };
-    for (key, value) in properties {
-        kafka
-            .properties
-            .insert((*key).to_owned(), (*value).to_owned());
-    }
     support::produce(&kafka, 0, events, batch).await?;
     Ok((broker, kafka))
 }
@@ -59,13 +53,6 @@ async fn replay_all(
     .await
 }
 
-/// The smallest fetches librdkafka allows: a replay reads a few records at a time.
-const SMALL_FETCHES: [(&str, &str); 3] = [
-    ("message.max.bytes", "1000"),
-    ("fetch.max.bytes", "1024"),
-    ("max.partition.fetch.bytes", "1024"),
-];
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn records_deleted_before_the_replay_read_them_end_it_unfinished() -> anyhow::Result<()> {
     // The embedded broker keeps about 5 MiB of a partition and drops older records, as
@@ -73,7 +60,7 @@ async fn records_deleted_before_the_replay_read_them_end_it_unfinished() -> anyh
     // 20,000 (in under a second here), push its oldest record past the range's start before the
     // replay's first fetch is answered (the broker refuses its first 10 fetches as timed out;
     // librdkafka backs off half a second after each).
-    let (broker, kafka) = broker_with(20_000, 1000, &[]).await?;
+    let (broker, kafka) = broker_with(20_000, 1000).await?;
     let dir = tempfile::tempdir()?;
     let store = Arc::new(SledStore::open(dir.path())?);
     broker.fail_next_fetches(&[RDKafkaRespErr::RD_KAFKA_RESP_ERR_REQUEST_TIMED_OUT; 10])?;
@@ -104,7 +91,7 @@ async fn records_deleted_before_the_replay_read_them_end_it_unfinished() -> anyh
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fetch_answered_out_of_range_with_nothing_gone_is_read_again() -> anyhow::Result<()> {
-    let (broker, kafka) = broker_with(50, 1000, &[]).await?;
+    let (broker, kafka) = broker_with(50, 1000).await?;
     let dir = tempfile::tempdir()?;
     let store = Arc::new(SledStore::open(dir.path())?);
     // The broker refuses the replay's first fetch as out of range, though it has every record.
@@ -123,8 +110,10 @@ async fn a_fetch_answered_out_of_range_with_nothing_gone_is_read_again() -> anyh
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_gone_in_the_middle_ends_the_replay_after_the_idle_timeout() -> anyhow::Result<()>
 {
-    // Small batches and fetches: the replay is still reading when the broker goes.
-    let (broker, kafka) = broker_with(3000, 5, &SMALL_FETCHES).await?;
+    // Batches of 5 records, each fetch answered 50 ms late (the embedded broker answers a fetch
+    // with one batch): the replay is still reading when the broker goes.
+    let (broker, kafka) = broker_with(3000, 5).await?;
+    broker.set_round_trip_time(Duration::from_millis(50))?;
     let dir = tempfile::tempdir()?;
     let store = Arc::new(SledStore::open(dir.path())?);
     let (progress, mut watching) = watch::channel(ReplayProgress::default());

@@ -126,6 +126,16 @@ pub async fn replay(
     .await
     .map_err(Error::from)??;
     consumer.assign(&assignment)?;
+    // Where each partition is fetched from (an offset the broker can fetch from): where it is
+    // fetched from again after a refused fetch.
+    let fetch_from: BTreeMap<i32, i64> = assignment
+        .elements()
+        .iter()
+        .filter_map(|element| match element.offset() {
+            Offset::Offset(offset) => Some((element.partition(), offset)),
+            _ => None,
+        })
+        .collect();
     let mut state = ReplayProgress {
         ranges: ranges.clone(),
         ..ReplayProgress::default()
@@ -140,10 +150,11 @@ pub async fn replay(
     info!(?from, ?ranges, "replay started");
     let mut batches = consumer.stream().ready_chunks(1000);
     let mut failure = None;
-    // Moved only by progress of an unfinished partition: errors, records of finished partitions
-    // and records before a start are not.
+    // Moved only by records of unfinished partitions (those before a start too): errors and
+    // records of finished partitions do not move it.
     let mut idle_until = tokio::time::Instant::now() + idle;
-    // Where each unfinished partition is to be read from next.
+    // Where each unfinished partition is to be read from next: records before it are skipped
+    // (fetched from before the start, see plan_replay, or again after a refused fetch).
     let mut next: BTreeMap<i32, i64> = ranges
         .iter()
         .filter(|(partition, _)| open.contains_key(partition))
@@ -166,6 +177,7 @@ pub async fn replay(
         let mut records = Vec::with_capacity(batch.len());
         let mut closed = Vec::new();
         let mut reset = false;
+        let mut progressed = false;
         for message in batch {
             match message {
                 Ok(message) => {
@@ -173,11 +185,11 @@ pub async fn replay(
                     let Some(end) = open.get(&partition).copied() else {
                         continue;
                     };
-                    if ranges
+                    progressed = true;
+                    if next
                         .get(&partition)
-                        .is_some_and(|(start, _)| message.offset() < *start)
+                        .is_some_and(|next| message.offset() < *next)
                     {
-                        // Fetched from at or before the start, skipped up to it (see plan_replay).
                         continue;
                     }
                     // The partition closes at its end: the record before it, or the first one
@@ -202,22 +214,6 @@ pub async fn replay(
                 }
                 Err(error) => warn!(%error, "kafka consumer error during replay"),
             }
-        }
-        if reset {
-            let unfinished: Vec<(i32, i64)> = open
-                .keys()
-                .map(|partition| (*partition, next.get(partition).copied().unwrap_or(0)))
-                .collect();
-            if range_gone(&consumer, &kafka.topic, unfinished).await? {
-                failure = Some(ReplayError::RangeGone);
-                break;
-            }
-            debug!(
-                "a fetch answered out of range, but no record still to be read is gone: read again"
-            );
-        }
-        if !records.is_empty() || !closed.is_empty() {
-            idle_until = tokio::time::Instant::now() + idle;
         }
         // A finished partition is no longer fetched (under live ingest it would be, for
         // nothing).
@@ -257,6 +253,30 @@ pub async fn replay(
             state.duplicates += outcome.duplicates;
             state.dead_lettered += outcome.dead_lettered;
         }
+        if progressed || !closed.is_empty() {
+            idle_until = tokio::time::Instant::now() + idle;
+        }
+        if reset && !open.is_empty() {
+            let unfinished: Vec<(i32, i64, i64)> = open
+                .keys()
+                .map(|partition| {
+                    let next = next.get(partition).copied().unwrap_or(0);
+                    (
+                        *partition,
+                        next,
+                        fetch_from.get(partition).copied().unwrap_or(next),
+                    )
+                })
+                .collect();
+            if range_gone(&consumer, &kafka.topic, unfinished).await? {
+                progress.send_replace(state.clone());
+                failure = Some(ReplayError::RangeGone);
+                break;
+            }
+            debug!(
+                "a fetch answered out of range, but no record still to be read is gone: read again"
+            );
+        }
         state.partitions_done = ranges.len() - open.len();
         progress.send_replace(state.clone());
     }
@@ -278,26 +298,27 @@ pub async fn replay(
 }
 
 /// After a fetch answered "offset out of range": whether the broker no longer has the offset an
-/// unfinished partition is to be read from next (`unfinished`: partition, next offset), its
-/// oldest record being past it. When it still has them all (the error was of a finished
-/// partition, or the broker's own), the unfinished partitions are assigned again, each from its
-/// next offset: a partition whose fetch was refused would otherwise wait for a reset that never
-/// comes.
+/// unfinished partition is to be read from next (`unfinished`: partition, next offset, the offset
+/// it was first fetched from), its oldest record being past it. When it still has them all (the
+/// error was of a finished partition, or the broker's own), the unfinished partitions are
+/// assigned again from where they were first fetched (an offset the broker can fetch from; the
+/// records before their next offset are skipped again): a partition whose fetch was refused
+/// would otherwise wait for a reset that never comes.
 async fn range_gone(
     consumer: &Arc<StreamConsumer>,
     topic: &str,
-    unfinished: Vec<(i32, i64)>,
+    unfinished: Vec<(i32, i64, i64)>,
 ) -> std::result::Result<bool, ReplayError> {
     let consumer = Arc::clone(consumer);
     let topic = topic.to_owned();
     tokio::task::spawn_blocking(move || {
         let mut again = TopicPartitionList::new();
-        for (partition, next) in unfinished {
+        for (partition, next, fetch_from) in unfinished {
             let (low, _) = consumer.fetch_watermarks(&topic, partition, METADATA_TIMEOUT)?;
             if low > next {
                 return Ok(true);
             }
-            again.add_partition_offset(&topic, partition, Offset::Offset(next))?;
+            again.add_partition_offset(&topic, partition, Offset::Offset(fetch_from.max(low)))?;
         }
         // Assigned again (a seek does not restart a partition whose reset failed); the finished
         // partitions are left out.
@@ -411,11 +432,15 @@ fn plan_replay(
             },
         };
         ranges.insert(partition, (start, end));
+        if start >= end {
+            // Nothing to read: not fetched at all.
+            continue;
+        }
         // Fetch from a start the broker can fetch from, at or before the replay's start, and
         // skip to it: some brokers (Tansu 0.6) cannot fetch from the middle of a record batch and
         // would silently skip the rest of it. Found by reading the record at the start (from
         // earlier starts, see `resume::find`); when it cannot be read, from the oldest record.
-        let fetch_from = if start > low && start < end {
+        let fetch_from = if start > low {
             match crate::projector::resume::find(kafka, topic, partition, start, (low, high))? {
                 // Also a start that is not a record (compacted away, a transaction marker).
                 Probe::Read { first, .. } | Probe::Missing { first } => first,
