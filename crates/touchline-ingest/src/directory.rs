@@ -260,7 +260,7 @@ mod tests {
         )
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn a_hangup_reloads_at_once_and_a_change_once_it_settles() -> anyhow::Result<()> {
         use std::sync::atomic::{AtomicUsize, Ordering};
         let dir = tempfile::tempdir()?;
@@ -298,9 +298,21 @@ mod tests {
         // An unchanged file is read again on a hangup (the checks never would).
         hangup.send(())?;
         until(1, "a hangup did not reload").await?;
-        // A change is read by the checks.
+        // A change is read by the checks, at the second that sees it (it stayed the same for a
+        // check), not at the first. On a paused clock: each sleep moves time past one check.
         std::fs::write(&path, file("store", "new-token"))?;
-        until(2, "a change was not reloaded").await?;
+        tokio::time::sleep(POLL_INTERVAL + Duration::from_millis(50)).await;
+        assert_eq!(
+            reloads.load(Ordering::SeqCst),
+            1,
+            "read at the first check that saw it"
+        );
+        tokio::time::sleep(POLL_INTERVAL).await;
+        assert_eq!(
+            reloads.load(Ordering::SeqCst),
+            2,
+            "not read once it settled"
+        );
         stop.cancel();
         watching.await?;
         assert_eq!(reloads.load(Ordering::SeqCst), 2, "one reload per change");

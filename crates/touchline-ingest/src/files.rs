@@ -190,6 +190,36 @@ mod tests {
         assert_eq!(std::fs::metadata(&path)?.modified()?, modified);
         assert_ne!(stamp(&path), Some(first));
         assert_eq!(stamp(&dir.path().join("absent")), None);
+
+        // Rewritten in place with the same size and its old modification time put back: only
+        // the status-change time moves (it is read at the kernel's tick, so a rewrite in the
+        // same tick is tried again).
+        let before = stamp(&path).expect("a stamp");
+        let metadata = std::fs::metadata(&path)?;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            std::fs::write(&path, b"third")?;
+            std::fs::File::options()
+                .write(true)
+                .open(&path)?
+                .set_modified(metadata.modified()?)?;
+            if stamp(&path) != Some(before) {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the stamp never moved"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        let after = std::fs::metadata(&path)?;
+        assert_eq!(after.modified()?, metadata.modified()?);
+        assert_eq!(after.len(), metadata.len());
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::MetadataExt as _;
+            assert_eq!(after.ino(), metadata.ino(), "the same file");
+        }
         Ok(())
     }
 

@@ -19,6 +19,7 @@ enum Command {
     RoundTripTime(Duration, mpsc::Sender<Result<()>>),
     CreateTopic(String, i32, mpsc::Sender<Result<()>>),
     RequestErrors(RDKafkaApiKey, Vec<RDKafkaRespErr>, mpsc::Sender<Result<()>>),
+    ClearRequestErrors(RDKafkaApiKey, mpsc::Sender<Result<()>>),
 }
 
 /// A running in-process mock Kafka cluster. Dropping it stops the cluster.
@@ -66,6 +67,10 @@ impl EmbeddedBroker {
                         }
                         Command::RequestErrors(api, errors, reply) => {
                             cluster.request_errors(api, &errors);
+                            (Ok(()), reply)
+                        }
+                        Command::ClearRequestErrors(api, reply) => {
+                            cluster.clear_request_errors(api);
                             (Ok(()), reply)
                         }
                     };
@@ -141,6 +146,14 @@ impl EmbeddedBroker {
     pub fn fail_next_fetches(&self, errors: &[RDKafkaRespErr]) -> Result<()> {
         let errors = errors.to_vec();
         self.call(|reply| Command::RequestErrors(RDKafkaApiKey::Fetch, errors, reply))
+    }
+
+    /// Drops the Fetch errors [`Self::fail_next_fetches`] queued that are still to come.
+    ///
+    /// # Errors
+    /// When the cluster is stopped.
+    pub fn clear_fetch_errors(&self) -> Result<()> {
+        self.call(|reply| Command::ClearRequestErrors(RDKafkaApiKey::Fetch, reply))
     }
 
     /// Creates another topic.

@@ -56,18 +56,17 @@ async fn replay_all(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn records_deleted_before_the_replay_read_them_end_it_unfinished() -> anyhow::Result<()> {
     // The embedded broker keeps about 5 MiB of a partition and drops older records, as
-    // retention does: 100,000 more events, sent once the replay planned its range of the first
-    // 20,000 (in under a second here), push its oldest record past the range's start before the
-    // replay's first fetch is answered (the broker refuses its first 10 fetches as timed out;
-    // librdkafka backs off half a second after each).
+    // retention does. It refuses the replay's fetches (as timed out: librdkafka backs off and
+    // tries again) until 100,000 more events, sent once the replay planned its range of the
+    // first 20,000, have pushed its oldest record past the range's start.
     let (broker, kafka) = broker_with(20_000, 1000).await?;
     let dir = tempfile::tempdir()?;
     let store = Arc::new(SledStore::open(dir.path())?);
-    broker.fail_next_fetches(&[RDKafkaRespErr::RD_KAFKA_RESP_ERR_REQUEST_TIMED_OUT; 10])?;
+    broker.fail_next_fetches(&[RDKafkaRespErr::RD_KAFKA_RESP_ERR_REQUEST_TIMED_OUT; 1000])?;
     let (progress, mut watching) = watch::channel(ReplayProgress::default());
     let replaying = tokio::spawn({
         let (kafka, store) = (kafka.clone(), Arc::clone(&store));
-        async move { replay_all(&kafka, &store, &progress, Duration::from_secs(30)).await }
+        async move { replay_all(&kafka, &store, &progress, Duration::from_secs(300)).await }
     });
     tokio::time::timeout(
         Duration::from_secs(60),
@@ -80,6 +79,26 @@ async fn records_deleted_before_the_replay_read_them_end_it_unfinished() -> anyh
         "the planned range"
     );
     support::produce(&kafka, 20_000, 100_000, 1000).await?;
+    let watermarks: rdkafka::consumer::BaseConsumer = kafka.consumer_config().create()?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let mut poll = tokio::time::interval(Duration::from_millis(50));
+    loop {
+        poll.tick().await;
+        let (low, _) = rdkafka::consumer::Consumer::fetch_watermarks(
+            &watermarks,
+            TOPIC,
+            0,
+            Duration::from_secs(10),
+        )?;
+        if low > 0 {
+            break;
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the broker never dropped the oldest records"
+        );
+    }
+    broker.clear_fetch_errors()?;
     let replayed = tokio::time::timeout(Duration::from_secs(60), replaying).await??;
     assert!(
         matches!(replayed, Err(ReplayError::RangeGone)),
@@ -119,7 +138,7 @@ async fn a_broker_gone_in_the_middle_ends_the_replay_after_the_idle_timeout() ->
     let (progress, mut watching) = watch::channel(ReplayProgress::default());
     let replaying = tokio::spawn({
         let (kafka, store) = (kafka.clone(), Arc::clone(&store));
-        async move { replay_all(&kafka, &store, &progress, Duration::from_secs(3)).await }
+        async move { replay_all(&kafka, &store, &progress, Duration::from_secs(10)).await }
     });
     let started = tokio::time::timeout(
         Duration::from_secs(60),

@@ -1,7 +1,8 @@
 //! A node out of file descriptors: `touchline dev` under a low `ulimit -n`, sent more connections
-//! than it has descriptors for. It says so in its log and pauses accepting (an accept that fails
-//! for want of a descriptor fails again at once, and retried at once it spun on a core), then
-//! serves again once the connections go.
+//! than it has descriptors for. It says so in its log, with the error, and goes on trying (with
+//! a pause: an accept that fails for want of a descriptor fails again at once, and retried at
+//! once it spun on a core; the pause is the unit test of `listener::accepting`), then serves
+//! again once the connections go.
 #![cfg(target_os = "linux")]
 
 #[path = "support/banner.rs"]
@@ -19,26 +20,8 @@ const DEADLINE: Duration = Duration::from_secs(60);
 /// The node's descriptor limit: enough to start, soon used up by connections.
 const LIMIT: usize = 256;
 
-/// The CPU time a process has used so far, in clock ticks (user and system).
-fn cpu_ticks(pid: u32) -> anyhow::Result<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // After the command's name in parentheses: state is field 3, utime 14 and stime 15.
-    let after = stat
-        .rsplit_once(')')
-        .map(|(_, after)| after)
-        .context("a stat line")?;
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    let field = |index: usize| -> anyhow::Result<u64> {
-        Ok(fields
-            .get(index - 3)
-            .context("a stat field")?
-            .parse::<u64>()?)
-    };
-    Ok(field(14)? + field(15)?)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_node_out_of_descriptors_pauses_accepting_and_serves_again() -> anyhow::Result<()> {
+async fn a_node_out_of_descriptors_says_so_and_serves_again() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let mut child = Command::new("sh")
         .args([
@@ -86,29 +69,16 @@ async fn a_node_out_of_descriptors_pauses_accepting_and_serves_again() -> anyhow
         .await
         .context("the node never said it could not accept")?
         .context("the node's log ended")?;
-    assert!(first.contains("file descriptors"), "{first}");
-    // Over the next two pauses, the node does not spin on a core: measured from a warning just
-    // received (those that came while this test was not looking are passed over).
-    while warnings.try_recv().is_ok() {}
+    // The process's own error: out of descriptors (EMFILE), not one connection's.
+    assert!(
+        first.contains("Too many open files") || first.contains("os error 24"),
+        "{first}"
+    );
+    // And it goes on trying (how often is the unit test of `accepting`, on a paused clock).
     tokio::time::timeout(DEADLINE, warnings.recv())
         .await
         .context("the node stopped trying to accept")?
         .context("the node's log ended")?;
-    let (ticks_before, since) = (cpu_ticks(pid)?, std::time::Instant::now());
-    for _ in 0..2 {
-        tokio::time::timeout(DEADLINE, warnings.recv())
-            .await
-            .context("the node stopped trying to accept")?
-            .context("the node's log ended")?;
-    }
-    let ticks = cpu_ticks(pid)?.saturating_sub(ticks_before);
-    // Clock ticks are hundredths of a second on Linux.
-    let busy = Duration::from_millis(ticks * 10);
-    let elapsed = since.elapsed();
-    assert!(
-        busy < elapsed / 2,
-        "the node used {busy:?} of CPU in {elapsed:?} while it could not accept"
-    );
 
     // Once the connections go, the node serves again.
     drop(connections);
@@ -116,18 +86,22 @@ async fn a_node_out_of_descriptors_pauses_accepting_and_serves_again() -> anyhow
     let mut poll = tokio::time::interval(Duration::from_millis(100));
     loop {
         poll.tick().await;
-        if let Ok(mut client) = IngestServiceClient::connect(endpoint.clone()).await {
+        // Each try within its own bound: a node that never answers fails the test, not hangs it.
+        let answered = tokio::time::timeout(Duration::from_secs(5), async {
+            let mut client = IngestServiceClient::connect(endpoint.clone()).await.ok()?;
             let mut request = tonic::Request::new(touchline_proto::v1::PublishRequest::default());
-            request
-                .metadata_mut()
-                .insert("authorization", "Bearer dev-token-swift-courier".parse()?);
+            request.metadata_mut().insert(
+                "authorization",
+                "Bearer dev-token-swift-courier".parse().ok()?,
+            );
             // An empty batch: answered (refused as empty) by a node that serves.
-            let answer = client.publish(request).await;
-            if let Err(status) = answer
-                && status.code() == tonic::Code::InvalidArgument
-            {
-                break;
-            }
+            client.publish(request).await.err()
+        })
+        .await;
+        if let Ok(Some(status)) = answered
+            && status.code() == tonic::Code::InvalidArgument
+        {
+            break;
         }
         anyhow::ensure!(
             tokio::time::Instant::now() < deadline,

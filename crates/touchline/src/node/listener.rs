@@ -69,11 +69,30 @@ fn incoming(
             .with_time(idle)
             .with_interval(idle.min(Duration::from_secs(10)))
     });
-    futures::stream::unfold((listener, keepalive), |(listener, keepalive)| async move {
+    let listener = std::sync::Arc::new(listener);
+    accepting(
+        move || {
+            let listener = std::sync::Arc::clone(&listener);
+            async move { listener.accept().await.map(|(stream, _)| stream) }
+        },
+        move |stream| configure(stream, keepalive.as_ref()),
+    )
+}
+
+/// The connections `accept` gives that `configure` takes, as [`incoming`] describes.
+fn accepting<A, F>(
+    accept: A,
+    configure: impl Fn(&TcpStream) -> std::io::Result<()>,
+) -> impl futures::Stream<Item = std::io::Result<TcpStream>>
+where
+    A: FnMut() -> F,
+    F: std::future::Future<Output = std::io::Result<TcpStream>>,
+{
+    futures::stream::unfold((accept, configure), |(mut accept, configure)| async move {
         loop {
-            match listener.accept().await {
-                Ok((stream, _)) => match configure(&stream, keepalive.as_ref()) {
-                    Ok(()) => return Some((Ok(stream), (listener, keepalive))),
+            match accept().await {
+                Ok(stream) => match configure(&stream) {
+                    Ok(()) => return Some((Ok(stream), (accept, configure))),
                     Err(error) => debug!(%error, "a connection dropped: its options cannot be set"),
                 },
                 Err(error) if is_connection_error(&error) => {
@@ -142,6 +161,42 @@ fn is_pending_network_error(_code: i32) -> bool {
 #[cfg(all(test, target_os = "linux"))]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn accepting_pauses_after_an_error_of_the_listener_not_of_a_connection() {
+        use futures::StreamExt as _;
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let calls = Arc::new(AtomicUsize::new(0));
+        let counted = Arc::clone(&calls);
+        let mut accepted = std::pin::pin!(accepting(
+            move || {
+                let calls = Arc::clone(&counted);
+                async move {
+                    let call = calls.fetch_add(1, Ordering::SeqCst);
+                    if call >= 1000 {
+                        // A loop that never pauses would get here at once: stop it, so that the
+                        // test fails instead of spinning.
+                        std::future::pending::<()>().await;
+                    }
+                    tokio::task::yield_now().await;
+                    // A connection's error, then the process out of descriptors, in turn.
+                    let code = if call.is_multiple_of(2) {
+                        libc::ECONNABORTED
+                    } else {
+                        libc::EMFILE
+                    };
+                    Err(std::io::Error::from_raw_os_error(code))
+                }
+            },
+            |_| Ok(()),
+        ));
+        let waited = tokio::time::timeout(Duration::from_secs(10), accepted.next()).await;
+        assert!(waited.is_err(), "nothing was accepted");
+        // Over 10 s: a pause of 1 s after each EMFILE, none after an ECONNABORTED.
+        let calls = calls.load(Ordering::SeqCst);
+        assert!((19..=22).contains(&calls), "{calls} accepts in 10 s");
+    }
 
     #[test]
     fn running_out_of_descriptors_is_not_one_connection_s_error() {
