@@ -267,7 +267,17 @@ async fn a_revoked_token_ends_its_open_stream_at_the_next_batch() -> anyhow::Res
         (ended.code(), error_reason(&ended).as_deref()),
         (Code::Unauthenticated, Some("TOKEN_INVALID"))
     );
-    // The idle stream ends without a batch of its own.
+    // The idle stream ends without a batch of its own, counted as an authentication failure.
+    let auth_failures = || {
+        touchline_ingest::metrics::INGEST
+            .auth_failures
+            .get_or_create(&touchline_ingest::metrics::AuthLabels {
+                service: "ingest",
+                reason: "TOKEN_INVALID",
+            })
+            .get()
+    };
+    let failures_before = auth_failures();
     let ended = tokio::time::timeout(touchline_tests::DEADLINE, idle_answers.message())
         .await?
         .expect_err("the idle stream ends");
@@ -275,6 +285,7 @@ async fn a_revoked_token_ends_its_open_stream_at_the_next_batch() -> anyhow::Res
         (ended.code(), error_reason(&ended).as_deref()),
         (Code::Unauthenticated, Some("TOKEN_INVALID"))
     );
+    assert!(auth_failures() > failures_before);
     drop(idle_sender);
     assert_eq!(
         publish(&mut ingest, NEW, batch("s-3").events)

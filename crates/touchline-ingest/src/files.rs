@@ -94,15 +94,17 @@ fn read_within(file: std::fs::File, limit: u64) -> std::io::Result<Vec<u8>> {
 #[must_use]
 pub fn without_values(message: &str) -> String {
     let mut out = String::with_capacity(message.len());
+    // Carried from line to line: a quote left open hides the lines after it (too much rather
+    // than too little).
+    let mut quoted = false;
+    let mut escaped = false;
     for (index, line) in message.lines().enumerate() {
-        if is_source_line(line) {
+        if !quoted && is_source_line(line) {
             continue;
         }
-        if index > 0 {
+        if index > 0 && !quoted {
             out.push('\n');
         }
-        let mut quoted = false;
-        let mut escaped = false;
         // Within backticks, a message names syntax (``expected `"` ``), not a value.
         let mut ticked = false;
         for character in line.chars() {
@@ -123,9 +125,9 @@ pub fn without_values(message: &str) -> String {
                 quoted = character == '"' && !ticked;
             }
         }
-        if quoted {
-            out.push_str("…\"");
-        }
+    }
+    if quoted {
+        out.push_str("…\"");
     }
     out
 }
@@ -235,6 +237,10 @@ mod tests {
             "found string \"…\" for key x"
         );
         assert_eq!(without_values("open \"unterminated"), "open \"…\"");
+        assert_eq!(
+            without_values("found \"abc\ndef\" for key"),
+            "found \"…\" for key"
+        );
         assert_eq!(
             without_values("unknown field `token`"),
             "unknown field `token`"

@@ -355,6 +355,7 @@ fn without_values(error: figment::Error) -> anyhow::Error {
                 Kind::InvalidValue(actual, expected) => {
                     Kind::InvalidValue(hidden(actual), expected)
                 }
+                Kind::UnknownVariant(_, expected) => Kind::UnknownVariant("…".to_owned(), expected),
                 other => other,
             };
             error.to_string()
@@ -369,6 +370,24 @@ impl Config {
     /// # Errors
     /// When the file cannot be read, a key is unknown or a value has the wrong type.
     pub fn load(file: Option<&Path>) -> anyhow::Result<Self> {
+        // A node reads its file again while it runs: a regular file (a FIFO or a device would
+        // block or never end).
+        Self::load_with(file, touchline_ingest::files::read_regular)
+    }
+
+    /// As [`Self::load`], for a command that reads the file once: a pipe will do
+    /// (`-c <(envsubst < touchline.toml)`).
+    ///
+    /// # Errors
+    /// As [`Self::load`].
+    pub fn load_once(file: Option<&Path>) -> anyhow::Result<Self> {
+        Self::load_with(file, touchline_ingest::files::read_bounded)
+    }
+
+    fn load_with(
+        file: Option<&Path>,
+        read: fn(&Path, u64) -> std::io::Result<Vec<u8>>,
+    ) -> anyhow::Result<Self> {
         let mut figment = Figment::from(Serialized::defaults(Self::default()));
         if let Some(file) = file {
             anyhow::ensure!(
@@ -376,11 +395,12 @@ impl Config {
                 "config file {} does not exist",
                 file.display()
             );
-            // Checked before figment reads it: a regular file of a sane size (a FIFO or a
-            // device would block or never end).
-            touchline_ingest::files::read_regular(file, MAX_CONFIG_BYTES)
+            // The bytes read (at most 1 MiB) are the bytes parsed.
+            let bytes = read(file, MAX_CONFIG_BYTES)
                 .with_context(|| format!("cannot read config file {}", file.display()))?;
-            figment = figment.merge(Toml::file(file));
+            let text = String::from_utf8(bytes)
+                .map_err(|_| anyhow::anyhow!("config file {} is not UTF-8", file.display()))?;
+            figment = figment.merge(Toml::string(&text));
         }
         // TOUCHLINE_CONFIG, _ENDPOINT, _CA_CERT, _CLIENT_CERT, _CLIENT_KEY, _TLS_SERVER_NAME, _TOKEN,
         // _ADMIN_TOKEN and _QUERY_TOKEN belong to the command line, TOUCHLINE_TEST_KAFKA to the test suites: none is a configuration key.
@@ -394,7 +414,10 @@ impl Config {
         figment
             .extract()
             .map_err(without_values)
-            .context("invalid configuration")
+            .with_context(|| match file {
+                Some(file) => format!("invalid configuration (file {})", file.display()),
+                None => "invalid configuration".to_owned(),
+            })
     }
 
     /// Checks what the types cannot.

@@ -228,8 +228,19 @@ enum Command {
     },
 }
 
+/// The configuration of a node: its file (a regular file, read again while it runs), the
+/// variables, the command line.
 fn load_config(args: &NodeArgs) -> anyhow::Result<Config> {
-    let mut config = Config::load(args.config.as_deref())?;
+    Ok(with_flags(Config::load(args.config.as_deref())?, args))
+}
+
+/// The configuration of a command that reads its file once (a pipe will do).
+fn load_config_once(args: &NodeArgs) -> anyhow::Result<Config> {
+    Ok(with_flags(Config::load_once(args.config.as_deref())?, args))
+}
+
+/// `config` with the command line's settings over it.
+fn with_flags(mut config: Config, args: &NodeArgs) -> Config {
     if let Some(listen) = args.listen {
         config.server.listen = listen;
     }
@@ -242,7 +253,7 @@ fn load_config(args: &NodeArgs) -> anyhow::Result<Config> {
     if let Some(format) = args.log_format {
         config.log.format = format;
     }
-    Ok(config)
+    config
 }
 
 fn init_tracing(config: &Config) {
@@ -425,7 +436,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         } => run_node(node, BrokerChoice::Embedded, demo.then_some(demo_customers)).await,
         Command::Serve { node } => run_node(node, BrokerChoice::External, None).await,
         Command::Config { node } => {
-            let config = load_config(&node)?;
+            let config = load_config_once(&node)?;
             config.validate()?;
             touchline::out!("{}", config.to_toml()?)?;
             Ok(())
@@ -560,7 +571,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Restore { file, store } => {
-            let config = load_config(&NodeArgs {
+            let config = load_config_once(&NodeArgs {
                 config: store.config,
                 listen: None,
                 data_dir: store.data_dir,

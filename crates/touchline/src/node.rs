@@ -227,9 +227,6 @@ impl Node {
             store = Some(opened);
         }
 
-        // Every role reads the partners file (admin and query calls tell a partner's token from
-        // an unknown one), so every node reloads it.
-        tokio::spawn(partners.clone().watch(server_shutdown.clone()));
         let ingest = if config.ingest.enabled {
             let durability = match (broker, applied_offsets) {
                 (BrokerChoice::Embedded, Some(applied)) => {
@@ -327,6 +324,11 @@ impl Node {
         if let Some(tls) = &tls {
             background.push(tls.watch(background_shutdown.clone()));
         }
+        // Every role reads the partners file (admin and query calls tell a partner's token from
+        // an unknown one), so every node reloads it; started once the start cannot fail.
+        background.push(tokio::spawn(
+            partners.clone().watch(background_shutdown.clone()),
+        ));
         let server = listener::serve(
             router,
             listener,

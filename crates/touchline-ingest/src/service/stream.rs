@@ -170,6 +170,9 @@ pub(super) fn open(
                         && let Err(error) = shared.still_authenticated(&mut valid)
                     {
                         debug!(%error, "a stream's token no longer authenticates: ending it");
+                        // No batch to count it against: counted as a stream its revoked token
+                        // ended.
+                        crate::metrics::INGEST.count_auth_failure("ingest", error.reason());
                         told_failure = true;
                         let _ = sender.send(Err(error.into())).await;
                         break;

@@ -268,7 +268,7 @@ pub async fn replay(
                     )
                 })
                 .collect();
-            if range_gone(&consumer, &kafka.topic, unfinished).await? {
+            if range_gone(&consumer, kafka, unfinished).await? {
                 progress.send_replace(state.clone());
                 failure = Some(ReplayError::RangeGone);
                 break;
@@ -301,27 +301,35 @@ pub async fn replay(
 /// unfinished partition is to be read from next (`unfinished`: partition, next offset, the offset
 /// it was first fetched from), its oldest record being past it. When it still has them all (the
 /// error was of a finished partition, or the broker's own), the unfinished partitions are
-/// assigned again from where they were first fetched (an offset the broker can fetch from; the
-/// records before their next offset are skipped again): a partition whose fetch was refused
-/// would otherwise wait for a reset that never comes.
+/// assigned again (a seek does not restart a partition whose reset failed), each from an offset
+/// the broker can fetch from at or before its next one (found as the plan found the first; Tansu
+/// answers a fetch from inside a record batch from the next batch): the records before the next
+/// offset are skipped again.
 async fn range_gone(
     consumer: &Arc<StreamConsumer>,
-    topic: &str,
+    kafka: &KafkaOptions,
     unfinished: Vec<(i32, i64, i64)>,
 ) -> std::result::Result<bool, ReplayError> {
     let consumer = Arc::clone(consumer);
-    let topic = topic.to_owned();
+    let kafka = kafka.clone();
     tokio::task::spawn_blocking(move || {
+        let topic = &kafka.topic;
         let mut again = TopicPartitionList::new();
         for (partition, next, fetch_from) in unfinished {
-            let (low, _) = consumer.fetch_watermarks(&topic, partition, METADATA_TIMEOUT)?;
+            let (low, high) = consumer.fetch_watermarks(topic, partition, METADATA_TIMEOUT)?;
             if low > next {
                 return Ok(true);
             }
-            again.add_partition_offset(&topic, partition, Offset::Offset(fetch_from.max(low)))?;
+            let from = if next > fetch_from.max(low) {
+                match crate::projector::resume::find(&kafka, topic, partition, next, (low, high))? {
+                    Probe::Read { first, .. } | Probe::Missing { first } => first,
+                    _ => fetch_from.max(low),
+                }
+            } else {
+                fetch_from.max(low)
+            };
+            again.add_partition_offset(topic, partition, Offset::Offset(from))?;
         }
-        // Assigned again (a seek does not restart a partition whose reset failed); the finished
-        // partitions are left out.
         consumer.assign(&again)?;
         Ok(false)
     })

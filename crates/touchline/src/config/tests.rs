@@ -371,10 +371,35 @@ fn a_config_error_quotes_no_value_but_names_its_key() {
 }
 
 #[test]
-fn a_config_file_that_is_not_a_regular_file_is_refused() {
+fn a_node_s_config_file_is_a_regular_file_and_a_command_s_may_be_a_pipe() -> anyhow::Result<()> {
     let error = Config::load(Some(Path::new("/dev/zero"))).expect_err("a device");
     assert!(
         format!("{error:#}").contains("not a regular file"),
         "{error:#}"
     );
+    // Read once, a device is bounded.
+    let error = Config::load_once(Some(Path::new("/dev/zero"))).expect_err("too large");
+    assert!(format!("{error:#}").contains("larger than"), "{error:#}");
+    #[cfg(unix)]
+    {
+        // A FIFO with a writer, as `-c <(envsubst < touchline.toml)` gives.
+        let dir = tempfile::tempdir()?;
+        let fifo = dir.path().join("touchline.toml");
+        assert!(
+            std::process::Command::new("mkfifo")
+                .arg(&fifo)
+                .status()?
+                .success()
+        );
+        let writing = {
+            let fifo = fifo.clone();
+            std::thread::spawn(move || std::fs::write(fifo, "[log]\nformat = \"json\"\n"))
+        };
+        let config = Config::load_once(Some(&fifo))?;
+        assert_eq!(config.log.format, LogFormat::Json);
+        writing
+            .join()
+            .map_err(|_| anyhow::anyhow!("the writer panicked"))??;
+    }
+    Ok(())
 }

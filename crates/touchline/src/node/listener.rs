@@ -54,6 +54,8 @@ pub(super) fn serve(
 /// file descriptors or memory): retried at once, such an error would come back at once, and the
 /// accept loop would spin on a core until a descriptor is freed.
 const ACCEPT_PAUSE: Duration = Duration::from_secs(1);
+/// How often a lasting accept error is logged as a warning (with the count since the last).
+const WARN_EVERY: Duration = Duration::from_secs(60);
 
 /// Accepted connections with Nagle's algorithm off (gRPC writes small frames, and Nagle plus
 /// delayed ACKs would add 40 ms to calls; tonic sets this only on listeners it binds itself) and
@@ -88,27 +90,44 @@ where
     A: FnMut() -> F,
     F: std::future::Future<Output = std::io::Result<TcpStream>>,
 {
-    futures::stream::unfold((accept, configure), |(mut accept, configure)| async move {
-        loop {
-            match accept().await {
-                Ok(stream) => match configure(&stream) {
-                    Ok(()) => return Some((Ok(stream), (accept, configure))),
-                    Err(error) => debug!(%error, "a connection dropped: its options cannot be set"),
-                },
-                Err(error) if is_connection_error(&error) => {
-                    debug!(%error, "a connection failed before it was accepted");
-                }
-                Err(error) => {
-                    warn!(
-                        %error,
-                        "cannot accept connections, pausing for {} s (out of file descriptors? raise the process's limit)",
-                        ACCEPT_PAUSE.as_secs()
-                    );
-                    tokio::time::sleep(ACCEPT_PAUSE).await;
+    // When the last warning was logged, and the errors since: a lasting shortage warns once a
+    // minute, not at every pause.
+    let warned: (Option<tokio::time::Instant>, u64) = (None, 0);
+    futures::stream::unfold(
+        (accept, configure, warned),
+        |(mut accept, configure, mut warned)| async move {
+            loop {
+                match accept().await {
+                    Ok(stream) => match configure(&stream) {
+                        Ok(()) => return Some((Ok(stream), (accept, configure, warned))),
+                        Err(error) => {
+                            debug!(%error, "a connection dropped: its options cannot be set");
+                        }
+                    },
+                    Err(error) if is_connection_error(&error) => {
+                        debug!(%error, "a connection failed before it was accepted");
+                    }
+                    Err(error) => {
+                        let (last, since) = &mut warned;
+                        *since += 1;
+                        if last.is_none_or(|at| at.elapsed() >= WARN_EVERY) {
+                            warn!(
+                                %error,
+                                errors = *since,
+                                "cannot accept connections, pausing for {} s at each error (out of file descriptors? raise the process's limit)",
+                                ACCEPT_PAUSE.as_secs()
+                            );
+                            *last = Some(tokio::time::Instant::now());
+                            *since = 0;
+                        } else {
+                            debug!(%error, "cannot accept connections");
+                        }
+                        tokio::time::sleep(ACCEPT_PAUSE).await;
+                    }
                 }
             }
-        }
-    })
+        },
+    )
 }
 
 /// Sets an accepted connection's options.
