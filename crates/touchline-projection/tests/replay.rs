@@ -1,8 +1,9 @@
 //! Replays that cannot read what they planned, on the embedded Kafka broker and a real sled: a
 //! broker that no longer has the offsets still to be read (its retention deleted them) ends the
 //! replay with `RangeGone`, never a finished replay that skipped them (and a fetch refused as out
-//! of range with nothing gone is read again); a broker that goes away in the middle ends it once
-//! its unfinished partitions received nothing for the idle timeout.
+//! of range with nothing gone, first or in the middle, is fetched again: every record once); a
+//! broker that goes away in the middle ends it once its unfinished partitions received nothing
+//! for the idle timeout.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -32,6 +33,40 @@ async fn broker_with(
     };
     support::produce(&kafka, 0, events, batch).await?;
     Ok((broker, kafka))
+}
+
+/// A broker with `events` events in batches of 5, each fetch answered 50 ms late (the embedded
+/// broker answers a fetch with one batch), and a replay of it under way: it has read some, not
+/// all. Returns the broker, the store, the replay and its progress.
+async fn replay_under_way(
+    events: usize,
+    idle: Duration,
+) -> anyhow::Result<(
+    EmbeddedBroker,
+    Arc<SledStore>,
+    tempfile::TempDir,
+    tokio::task::JoinHandle<Result<ReplayProgress, ReplayError>>,
+    watch::Receiver<ReplayProgress>,
+)> {
+    let (broker, kafka) = broker_with(events, 5).await?;
+    broker.set_round_trip_time(Duration::from_millis(50))?;
+    let dir = tempfile::tempdir()?;
+    let store = Arc::new(SledStore::open(dir.path())?);
+    let (progress, mut watching) = watch::channel(ReplayProgress::default());
+    let replaying = tokio::spawn({
+        let store = Arc::clone(&store);
+        async move { replay_all(&kafka, &store, &progress, idle).await }
+    });
+    let started = tokio::time::timeout(
+        Duration::from_secs(60),
+        watching.wait_for(|progress| progress.read > 0),
+    )
+    .await?
+    .map(|_| ());
+    if started.is_err() {
+        anyhow::bail!("the replay ended first: {:?}", replaying.await?);
+    }
+    Ok((broker, store, dir, replaying, watching))
 }
 
 /// Runs a replay from the oldest record of every partition, its progress on `progress`.
@@ -127,28 +162,28 @@ async fn a_fetch_answered_out_of_range_with_nothing_gone_is_read_again() -> anyh
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fetch_refused_in_the_middle_goes_on_from_where_the_replay_was() -> anyhow::Result<()> {
+    // A fetch is refused as out of range while the replay reads, with nothing gone.
+    let (broker, store, _dir, replaying, _) =
+        replay_under_way(300, Duration::from_secs(30)).await?;
+    broker.fail_next_fetches(&[RDKafkaRespErr::RD_KAFKA_RESP_ERR_OFFSET_OUT_OF_RANGE])?;
+    let replayed = tokio::time::timeout(Duration::from_secs(60), replaying).await???;
+    // Every record once: none skipped, none applied twice.
+    assert!(replayed.finished, "{replayed:?}");
+    assert_eq!(
+        (replayed.read, replayed.appended, replayed.duplicates),
+        (300, 300, 0),
+        "{replayed:?}"
+    );
+    assert_eq!(store.log_len(), 300);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_gone_in_the_middle_ends_the_replay_after_the_idle_timeout() -> anyhow::Result<()>
 {
-    // Batches of 5 records, each fetch answered 50 ms late (the embedded broker answers a fetch
-    // with one batch): the replay is still reading when the broker goes.
-    let (broker, kafka) = broker_with(3000, 5).await?;
-    broker.set_round_trip_time(Duration::from_millis(50))?;
-    let dir = tempfile::tempdir()?;
-    let store = Arc::new(SledStore::open(dir.path())?);
-    let (progress, mut watching) = watch::channel(ReplayProgress::default());
-    let replaying = tokio::spawn({
-        let (kafka, store) = (kafka.clone(), Arc::clone(&store));
-        async move { replay_all(&kafka, &store, &progress, Duration::from_secs(10)).await }
-    });
-    let started = tokio::time::timeout(
-        Duration::from_secs(60),
-        watching.wait_for(|progress| progress.read > 0),
-    )
-    .await?
-    .map(|_| ());
-    if started.is_err() {
-        anyhow::bail!("the replay ended first: {:?}", replaying.await?);
-    }
+    let (broker, _store, _dir, replaying, watching) =
+        replay_under_way(3000, Duration::from_secs(10)).await?;
     broker.broker_down()?;
     let replayed = tokio::time::timeout(Duration::from_secs(60), replaying).await??;
     let error = replayed.expect_err("the replay ends with an error");
