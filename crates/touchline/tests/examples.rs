@@ -73,6 +73,43 @@ fn the_kubernetes_role_configurations_load_and_validate() -> anyhow::Result<()> 
     Ok(())
 }
 
+/// The `TOUCHLINE_` variables a manifest sets on its container (`- name: TOUCHLINE_...`).
+fn manifest_variables(manifest: &str) -> anyhow::Result<Vec<String>> {
+    Ok(std::fs::read_to_string(deploy(manifest))?
+        .lines()
+        .filter_map(|line| line.trim().strip_prefix("- name: "))
+        .filter(|name| name.starts_with("TOUCHLINE_"))
+        .map(ToOwned::to_owned)
+        .collect())
+}
+
+#[test]
+#[allow(
+    clippy::result_large_err,
+    reason = "figment::Jail fixes the closure type"
+)]
+fn the_projector_manifest_s_variables_are_configuration_keys() {
+    let hash = touchline_ingest::hash_token("example-admin-token");
+    figment::Jail::expect_with(|jail| {
+        jail.clear_env();
+        let variables = manifest_variables("kubernetes/projector.yaml")
+            .map_err(|error| format!("{error:#}"))?;
+        assert_eq!(
+            variables,
+            ["TOUCHLINE_KAFKA__GROUP_ID", "TOUCHLINE_ADMIN__TOKEN_SHA256"]
+        );
+        // As Kubernetes fills them: the pod's name, and the Secret's TOML list of hashes.
+        jail.set_env("TOUCHLINE_KAFKA__GROUP_ID", "touchline-projector-0");
+        jail.set_env("TOUCHLINE_ADMIN__TOKEN_SHA256", format!("[\"{hash}\"]"));
+        let config = Config::load(Some(&deploy("kubernetes/projector.toml")))
+            .map_err(|error| format!("{error:#}"))?;
+        config.validate().map_err(|error| format!("{error:#}"))?;
+        assert_eq!(config.kafka.group_id, "touchline-projector-0");
+        assert_eq!(config.admin.token_sha256, std::slice::from_ref(&hash));
+        Ok(())
+    });
+}
+
 #[test]
 fn the_compose_role_configurations_load_and_validate() -> anyhow::Result<()> {
     let ingest = Config::load(Some(&deploy("compose/ingest.toml")))?;
