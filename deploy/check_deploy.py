@@ -170,7 +170,11 @@ def check_backup() -> list[str]:
                 or "ALL" not in context.get("capabilities", {}).get("drop", []):
             problems.append("backup CronJob: the container may escalate privileges or keeps capabilities")
         kustomization = yaml.safe_load((DEPLOY / "kubernetes" / "kustomization.yaml").read_text())
-        tagged = {f'{i["name"]}': f'{i.get("newName", i["name"])}:{i["newTag"]}' for i in kustomization.get("images", [])}
+        tagged = {
+            i["name"]: f'{i.get("newName", i["name"])}@{i["digest"]}' if "digest" in i
+            else f'{i.get("newName", i["name"])}:{i.get("newTag", "latest")}'
+            for i in kustomization.get("images", [])
+        }
         if container.get("image") != tagged.get("touchline"):
             problems.append(f"backup CronJob: image {container.get('image')} is not the kustomization's {tagged.get('touchline')}")
         script = " ".join(container.get("command", []) + container.get("args", []))
