@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, PoisonError, RwLock};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use crate::files::{Stamp, stamp};
 
@@ -40,13 +40,10 @@ fn reloads(result: &'static str) {
 
 /// Records the registry now in force: when it was loaded, and its partners.
 fn loaded(registry: &PartnerRegistry) {
-    let now = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |since| since.as_secs());
     let metrics = &crate::metrics::INGEST;
     metrics
         .partners_loaded_at
-        .set(i64::try_from(now).unwrap_or(i64::MAX));
+        .set(UnixNanos::now().to_parts().0);
     metrics
         .partners
         .set(i64::try_from(registry.partner_ids().len()).unwrap_or(i64::MAX));

@@ -41,6 +41,10 @@ pub fn stamp(path: &Path) -> Option<Stamp> {
     })
 }
 
+/// How a file is read: [`read_regular`] by a node (which reads its files again while it runs),
+/// [`read_bounded`] by a command that reads it once (a pipe such as `<(vault read ...)` will do).
+pub type Reader = fn(&Path, u64) -> std::io::Result<Vec<u8>>;
+
 /// The bytes of the regular file at `path` (a symlink to one is followed), at most `limit` of
 /// them: for the files a node reads while it runs.
 ///

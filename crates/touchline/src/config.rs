@@ -386,7 +386,7 @@ impl Config {
 
     fn load_with(
         file: Option<&Path>,
-        read: fn(&Path, u64) -> std::io::Result<Vec<u8>>,
+        read: touchline_ingest::files::Reader,
     ) -> anyhow::Result<Self> {
         let mut figment = Figment::from(Serialized::defaults(Self::default()));
         if let Some(file) = file {

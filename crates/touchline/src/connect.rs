@@ -197,14 +197,14 @@ fn is_alert_text(error: &(dyn std::error::Error + 'static)) -> bool {
 /// The largest certificate, key or CA bundle read (a public CA bundle is about 200 KiB).
 const MAX_PEM_BYTES: u64 = 4 << 20;
 
-/// How a PEM file is read: [`touchline_ingest::files::read_regular`] by a node (which reads its
-/// files again while it runs), [`touchline_ingest::files::read_bounded`] by a command (a pipe
-/// such as `<(vault read ...)` will do).
-pub(crate) type Reader = fn(&Path, u64) -> std::io::Result<Vec<u8>>;
-
-/// The bytes of the PEM file `path`, at most 4 MiB, read by `reader`; an error names the setting
-/// it came from (`what`) and the file.
-pub(crate) fn read(what: &str, path: &Path, reader: Reader) -> anyhow::Result<Vec<u8>> {
+/// The bytes of the PEM file `path`, at most 4 MiB, read by `reader` (a node's, or a command's:
+/// [`touchline_ingest::files::Reader`]); an error names the setting it came from (`what`) and the
+/// file.
+pub(crate) fn read(
+    what: &str,
+    path: &Path,
+    reader: touchline_ingest::files::Reader,
+) -> anyhow::Result<Vec<u8>> {
     reader(path, MAX_PEM_BYTES).with_context(|| format!("{what} {}", path.display()))
 }
 

@@ -275,12 +275,23 @@ impl Drop for Charge {
 impl Shared {
     /// The partner the stream's token authenticates now; the stream was opened as this partner.
     fn authenticate(&self) -> Result<Authenticated> {
-        let partner = self.inner.partners.authenticate(&self.token)?;
+        self.authenticate_in(&self.inner.partners.current(), UnixNanos::now())
+            .map(|(partner, _)| partner)
+    }
+
+    /// The partner the stream's token authenticates in `registry` at `now`, and when the token
+    /// expires; the stream was opened as this partner.
+    fn authenticate_in(
+        &self,
+        registry: &PartnerRegistry,
+        now: UnixNanos,
+    ) -> Result<(Authenticated, Option<UnixNanos>)> {
+        let (partner, until) = registry.authenticate_until(&self.token, now)?;
         if partner.partner_id != self.opened_as.partner_id {
             // The file gave this token to another partner.
             return Err(Error::TokenInvalid);
         }
-        Ok(partner)
+        Ok((partner, until))
     }
 
     /// Whether the stream's token still authenticates as the partner it was opened as; `valid`
@@ -298,10 +309,7 @@ impl Shared {
         {
             return Ok(());
         }
-        let (partner, until) = registry.authenticate_until(&self.token, now)?;
-        if partner.partner_id != self.opened_as.partner_id {
-            return Err(Error::TokenInvalid);
-        }
+        let (_, until) = self.authenticate_in(&registry, now)?;
         *valid = Some((registry, until));
         Ok(())
     }

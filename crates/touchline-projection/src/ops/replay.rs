@@ -320,14 +320,7 @@ async fn range_gone(
             if low > next {
                 return Ok(true);
             }
-            let from = if next > fetch_from.max(low) {
-                match crate::projector::resume::find(&kafka, topic, partition, next, (low, high))? {
-                    Probe::Read { first, .. } | Probe::Missing { first } => first,
-                    _ => fetch_from.max(low),
-                }
-            } else {
-                fetch_from.max(low)
-            };
+            let from = fetchable(&kafka, partition, next, (low, high), fetch_from.max(low))?;
             again.add_partition_offset(topic, partition, Offset::Offset(from))?;
         }
         consumer.assign(&again)?;
@@ -335,6 +328,28 @@ async fn range_gone(
     })
     .await
     .map_err(Error::from)?
+}
+
+/// An offset the broker can fetch from at or before `target` in `partition` of `kafka`'s topic,
+/// found by reading the record at `target` from earlier offsets (`resume::find`; a target that
+/// is not a record, compacted away or a transaction marker, also gives the fetchable offset
+/// before it); `floor` when `target` is not past it, or when none is found.
+fn fetchable(
+    kafka: &KafkaOptions,
+    partition: i32,
+    target: i64,
+    watermarks: (i64, i64),
+    floor: i64,
+) -> std::result::Result<i64, ReplayError> {
+    if target <= floor {
+        return Ok(floor);
+    }
+    Ok(
+        match crate::projector::resume::find(kafka, &kafka.topic, partition, target, watermarks)? {
+            Probe::Read { first, .. } | Probe::Missing { first } => first,
+            _ => floor,
+        },
+    )
 }
 
 /// Where a replay of `partition` ends: its high watermark, or this node's stored position when
@@ -446,17 +461,8 @@ fn plan_replay(
         }
         // Fetch from a start the broker can fetch from, at or before the replay's start, and
         // skip to it: some brokers (Tansu 0.6) cannot fetch from the middle of a record batch and
-        // would silently skip the rest of it. Found by reading the record at the start (from
-        // earlier starts, see `resume::find`); when it cannot be read, from the oldest record.
-        let fetch_from = if start > low {
-            match crate::projector::resume::find(kafka, topic, partition, start, (low, high))? {
-                // Also a start that is not a record (compacted away, a transaction marker).
-                Probe::Read { first, .. } | Probe::Missing { first } => first,
-                _ => low,
-            }
-        } else {
-            low.min(start)
-        };
+        // would silently skip the rest of it. When none is found, from the oldest record.
+        let fetch_from = fetchable(kafka, partition, start, (low, high), low)?;
         assignment.add_partition_offset(topic, partition, Offset::Offset(fetch_from))?;
     }
     Ok((stream, ranges, assignment))

@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use anyhow::Context as _;
 use futures::{Stream, StreamExt as _};
@@ -83,10 +83,7 @@ fn reloads(result: &'static str) {
 
 /// Records that the TLS files in force were loaded now.
 fn loaded_now() {
-    let now = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |since| since.as_secs());
-    LOADED_AT.set(i64::try_from(now).unwrap_or(i64::MAX));
+    LOADED_AT.set(touchline_core::UnixNanos::now().to_parts().0);
 }
 
 impl std::fmt::Debug for TlsServer {
