@@ -182,3 +182,63 @@ async fn a_stalled_metrics_client_does_not_hold_the_shutdown() -> anyhow::Result
     drop(stalled);
     Ok(())
 }
+
+/// A call still open when the grace is over (here a `Publish` whose body never comes: tonic waits
+/// for it without end) is cut: its client hears that it ended, and the stopped node lets go of
+/// its store. Before, dropping the server's task stopped only the accepting: the call went on
+/// past the shutdown, holding the store, until the process exited.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_still_open_when_the_grace_is_over_is_cut_and_the_store_let_go() -> anyhow::Result<()>
+{
+    let broker = start_broker().await;
+    let dir = tempfile::tempdir()?;
+    let node = start_node_with(&broker, dir.path(), partners(), |config| {
+        config.server.shutdown_grace_ms = 300;
+    })
+    .await?;
+    let channel = tonic::transport::Endpoint::from_shared(node.endpoint())?
+        .connect()
+        .await?;
+    let mut grpc = tonic::client::Grpc::new(channel.clone());
+    grpc.ready().await?;
+    let path = http::uri::PathAndQuery::from_static("/touchline.v1.IngestService/Publish");
+    // A body that never comes: the client polls it once it sent the call's headers.
+    let (polled, headers_sent) = tokio::sync::oneshot::channel::<()>();
+    let mut polled = Some(polled);
+    let body = futures::stream::poll_fn(move |_| {
+        if let Some(polled) = polled.take() {
+            let _ = polled.send(());
+        }
+        std::task::Poll::<Option<Vec<u8>>>::Pending
+    });
+    let call = tokio::spawn(async move {
+        grpc.client_streaming(authorized(body, COURIER.1), path, touchline_tests::RawCodec)
+            .await
+    });
+    tokio::time::timeout(Duration::from_secs(30), headers_sent).await??;
+    // A call answered on the same connection after it: the server has taken the open call's
+    // headers (HTTP/2 frames of one connection are read in order).
+    tonic_health::pb::health_client::HealthClient::new(channel)
+        .check(tonic_health::pb::HealthCheckRequest::default())
+        .await?;
+    tokio::time::timeout(Duration::from_secs(30), node.shutdown())
+        .await
+        .map_err(|_| anyhow::anyhow!("the shutdown waited for the open call"))??;
+    let ended = tokio::time::timeout(Duration::from_secs(10), call)
+        .await
+        .map_err(|_| anyhow::anyhow!("the open call was not ended"))??;
+    assert!(ended.is_err(), "the call cannot have succeeded");
+    // Nothing holds the store any longer (sled releases its lock from a thread of its own).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match touchline_projection::SledStore::open(&dir.path().join("store")) {
+            Ok(_) => break,
+            Err(error) if tokio::time::Instant::now() < deadline => {
+                tracing::debug!(%error, "the store is still held");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(error) => anyhow::bail!("the stopped node still holds its store: {error}"),
+        }
+    }
+    Ok(())
+}

@@ -19,12 +19,24 @@ const WRITES_PER_STEP: usize = 16;
 /// # Errors
 /// When sled fails to apply the batch (nothing of it is applied).
 pub fn apply_batch(tree: &sled::Tree, batch: sled::Batch, writes: usize) -> sled::Result<()> {
+    #[cfg(test)]
+    if FAIL_NEXT_BATCH.replace(false) {
+        return Err(sled::Error::Io(std::io::Error::other(
+            "injected write failure",
+        )));
+    }
     {
         let _pages_wait = crate::gate::write();
         tree.apply_batch(batch)?;
     }
     collect_after(writes);
     Ok(())
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Unit tests: the next batch this thread applies fails, as when the disk does.
+    pub(crate) static FAIL_NEXT_BATCH: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
 /// Runs the epoch collector in proportion to `writes` just applied. Cheap when there is nothing

@@ -3,6 +3,7 @@
 //! Kafka topic into the log.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -10,7 +11,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use touchline_core::UnixNanos;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::metrics::{PROJECTOR, ProjectionLabel};
 use crate::{OpsError, Projection, SledStore};
@@ -95,6 +96,8 @@ pub struct Rebuilds {
     store: Arc<SledStore>,
     chunk: usize,
     jobs: Mutex<HashMap<Projection, Job>>,
+    /// Set (under `jobs`) by shutdown: no rebuild starts after it, so none runs unawaited.
+    closed: AtomicBool,
     /// Deletions running in the background (of the version a switched rebuild replaced, when a
     /// new rebuild of the same projection starts; of leftovers found on open): shutdown stops and
     /// awaits them too.
@@ -116,6 +119,7 @@ impl Rebuilds {
             store,
             chunk: chunk.max(1),
             jobs: Mutex::new(HashMap::new()),
+            closed: AtomicBool::new(false),
             retiring: Mutex::new(Vec::new()),
         }
     }
@@ -131,15 +135,28 @@ impl Rebuilds {
     /// is cancelled, whether anyone watches its progress or not.
     ///
     /// # Errors
-    /// When the store refuses to begin (it already builds a version this node does not run).
+    /// [`OpsError::ShuttingDown`] once [`Self::shutdown`] began, or when the store refuses to
+    /// begin (it already builds a version this node does not run).
     pub fn start(
         &self,
         projection: Projection,
     ) -> std::result::Result<(watch::Receiver<RebuildProgress>, bool), OpsError> {
+        self.start_with(projection, run_rebuild)
+    }
+
+    /// [`Self::start`], the rebuild itself done by `run`.
+    fn start_with(
+        &self,
+        projection: Projection,
+        run: RunRebuild,
+    ) -> std::result::Result<(watch::Receiver<RebuildProgress>, bool), OpsError> {
         let mut jobs = self.jobs();
+        if self.closed.load(Ordering::Acquire) {
+            return Err(OpsError::ShuttingDown);
+        }
         if let Some(job) = jobs.get(&projection)
             && !job.progress.borrow().is_finished()
-            // A rebuild task that panicked never reports an end.
+            // Not a task that ended without reporting its end (it reports a panic as a failure).
             && !job.task.is_finished()
         {
             return Ok((job.progress.clone(), false));
@@ -161,7 +178,14 @@ impl Rebuilds {
         let chunk = self.chunk;
         let task = tokio::task::spawn_blocking({
             let (cancel, stop) = (cancel.clone(), stop.clone());
-            move || run_rebuild(&store, projection, version, chunk, &sender, &cancel, &stop)
+            move || {
+                let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    run(&store, projection, version, chunk, &sender, &cancel, &stop);
+                }));
+                if let Err(panic) = ran {
+                    failed_by_panic(&store, projection, version, &sender, &stop, panic.as_ref());
+                }
+            }
         });
         let replaced = jobs.insert(
             projection,
@@ -235,29 +259,77 @@ impl Rebuilds {
     /// Cancels every running rebuild (and the deletion of replaced versions) and waits for them
     /// to stop (shutdown).
     pub async fn shutdown(&self) {
-        let retiring = std::mem::take(
-            &mut *self
-                .retiring
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner),
-        );
-        let tasks: Vec<JoinHandle<()>> = self
-            .jobs()
-            .drain()
-            .map(|(_, job)| Background {
-                cancel: job.stop,
-                task: job.task,
-            })
-            .chain(retiring)
-            .map(|background| {
-                background.cancel.cancel();
-                background.task
-            })
-            .collect();
+        // Closed under `jobs`, before the deletions are taken: a start either ran before (its
+        // task is awaited here) or is refused.
+        let tasks: Vec<JoinHandle<()>> = {
+            let mut jobs = self.jobs();
+            self.closed.store(true, Ordering::Release);
+            let retiring = std::mem::take(
+                &mut *self
+                    .retiring
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner),
+            );
+            jobs.drain()
+                .map(|(_, job)| Background {
+                    cancel: job.stop,
+                    task: job.task,
+                })
+                .chain(retiring)
+                .map(|background| {
+                    background.cancel.cancel();
+                    background.task
+                })
+                .collect()
+        };
         for task in tasks {
             let _ = task.await;
         }
     }
+}
+
+/// What runs a rebuild: [`run_rebuild`] (tests give another).
+type RunRebuild = fn(
+    &SledStore,
+    Projection,
+    u32,
+    usize,
+    &watch::Sender<RebuildProgress>,
+    &CancellationToken,
+    &CancellationToken,
+);
+
+/// A rebuild task that panicked: its version is dropped and its progress says it failed, so that
+/// the projection can be rebuilt again without a restart (and its callers learn of the end). A
+/// panic after the switch (deleting the replaced version) leaves it switched; what was not
+/// deleted is deleted after the next open.
+fn failed_by_panic(
+    store: &SledStore,
+    projection: Projection,
+    version: u32,
+    progress: &watch::Sender<RebuildProgress>,
+    stop: &CancellationToken,
+    panic: &(dyn std::any::Any + Send),
+) {
+    let reason = panic
+        .downcast_ref::<&str>()
+        .map(|reason| (*reason).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".to_owned());
+    error!(%projection, version, reason, "the rebuild panicked; the active version is untouched");
+    match store.cancel_rebuild(projection, version, &|| stop.is_cancelled()) {
+        Ok(_) | Err(OpsError::NotBuilding { .. }) => {}
+        Err(error) => {
+            warn!(%projection, version, %error, "cannot drop the failed version; it is dropped on the next start");
+        }
+    }
+    progress.send_if_modified(|progress| {
+        if progress.is_finished() {
+            return false;
+        }
+        progress.state = RebuildState::Failed(format!("the rebuild panicked: {reason}"));
+        true
+    });
 }
 
 /// Folds the log into `version` chunk by chunk until it is close to the end, then catches up and
@@ -392,5 +464,66 @@ mod tests {
         assert!(!switch_now(1_000_000, 250, MAX_ROUNDS_NOT_GAINING));
         // Within a batch larger than the bound: at once all the same.
         assert!(switch_now(20_000, 20_000, 0));
+    }
+
+    async fn finished(
+        mut progress: watch::Receiver<RebuildProgress>,
+    ) -> anyhow::Result<RebuildProgress> {
+        let finished = tokio::time::timeout(
+            std::time::Duration::from_secs(30),
+            progress.wait_for(RebuildProgress::is_finished),
+        )
+        .await??;
+        Ok(finished.clone())
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_rebuild_that_panics_fails_and_the_projection_can_be_rebuilt() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let store = Arc::new(SledStore::open(dir.path())?);
+        let rebuilds = Rebuilds::new(Arc::clone(&store), 10);
+        let (progress, started) = rebuilds.start_with(
+            Projection::Timeline,
+            |store, projection, version, chunk, _, _, _| {
+                store
+                    .rebuild_step(projection, version, 1, chunk)
+                    .expect("steps");
+                panic!("injected rebuild panic");
+            },
+        )?;
+        assert!(started);
+        let failed = finished(progress).await?;
+        assert!(
+            matches!(&failed.state, RebuildState::Failed(reason) if reason.contains("injected rebuild panic")),
+            "{failed:?}"
+        );
+        // Its version is gone: nothing runs, nothing to cancel, and a new rebuild starts.
+        assert_eq!(
+            store.projection_versions()[&Projection::Timeline].building,
+            None
+        );
+        assert!(rebuilds.cancel(Projection::Timeline).is_none());
+        let (progress, started) = rebuilds.start(Projection::Timeline)?;
+        assert!(started);
+        let switched = finished(progress).await?;
+        assert!(
+            matches!(switched.state, RebuildState::Switched { .. }),
+            "{switched:?}"
+        );
+        rebuilds.shutdown().await;
+        Ok(())
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn no_rebuild_starts_once_shutdown_began() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let store = Arc::new(SledStore::open(dir.path())?);
+        let rebuilds = Rebuilds::new(store, 10);
+        rebuilds.shutdown().await;
+        assert!(matches!(
+            rebuilds.start(Projection::Timeline),
+            Err(OpsError::ShuttingDown)
+        ));
+        Ok(())
     }
 }

@@ -27,6 +27,7 @@ mod apply;
 mod backup;
 mod dead_letters;
 mod event_store;
+mod failure;
 mod log;
 mod verify;
 mod versions;
@@ -37,6 +38,7 @@ pub use backup::{
     StreamPosition,
 };
 pub use dead_letters::{DeadLetter, Requeued};
+pub use failure::WritesRefused;
 pub use log::LogHasher;
 use log::LogRecord;
 use versions::version_prefix;
@@ -93,6 +95,8 @@ pub enum OpsError {
     DeadLetterNotFound(u64),
     #[error("dead letter {id} still cannot be decoded: {reason}")]
     StillUndecodable { id: u64, reason: String },
+    #[error("the node is shutting down")]
+    ShuttingDown,
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -149,6 +153,8 @@ pub struct SledStore {
     /// The versions listed as dropping when the store opened: what [`SledStore::drop_leftovers`]
     /// deletes (a version a rebuild replaces later is its rebuild's to delete).
     leftovers: Mutex<Vec<(Projection, u32)>>,
+    /// The first failed write or flush: every later one is refused (fail-stop).
+    failure: failure::Failure,
 }
 
 /// Entries that one flush made durable, in log order.
@@ -368,6 +374,7 @@ impl SledStore {
             watchers: broadcast::channel(WATCH_BUFFER).0,
             flushing: Mutex::new(()),
             leftovers: Mutex::new(Vec::new()),
+            failure: failure::Failure::default(),
             writer: Mutex::new(writer),
             log_id,
             tree,

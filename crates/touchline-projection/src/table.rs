@@ -6,6 +6,7 @@
 use std::ops::Bound;
 
 use sled::IVec;
+use touchline_core::StoreError;
 
 /// One table: the tree and its one-byte prefix. Keys given to and returned by a table have no
 /// prefix.
@@ -80,12 +81,18 @@ impl Table {
             .map(move |item| strip(item, skip))
     }
 
-    /// Deletes every entry of the table, `chunk` keys per atomic batch; returns how many, or
-    /// `None` when `stop` said to stop (checked between batches) before the table was empty.
+    /// Deletes every entry of the table, `chunk` keys per atomic batch written with `write`;
+    /// returns how many, or `None` when `stop` said to stop (checked between batches) before the
+    /// table was empty.
     ///
     /// # Errors
-    /// When sled fails; the entries deleted so far stay deleted.
-    pub fn clear(&self, chunk: usize, stop: &dyn Fn() -> bool) -> sled::Result<Option<u64>> {
+    /// When sled fails to read or `write` fails; the entries deleted so far stay deleted.
+    pub fn clear(
+        &self,
+        chunk: usize,
+        stop: &dyn Fn() -> bool,
+        write: &dyn Fn(sled::Batch, usize) -> Result<(), StoreError>,
+    ) -> Result<Option<u64>, StoreError> {
         let mut deleted = 0;
         loop {
             if stop() {
@@ -99,17 +106,13 @@ impl Table {
                 .keys()
                 .take(chunk.max(1))
             {
-                batch.remove(item?);
+                batch.remove(item.map_err(crate::error::backend)?);
                 in_batch += 1;
             }
             if in_batch == 0 {
                 return Ok(Some(deleted));
             }
-            crate::garbage::apply_batch(
-                &self.tree,
-                batch,
-                usize::try_from(in_batch).unwrap_or(usize::MAX),
-            )?;
+            write(batch, usize::try_from(in_batch).unwrap_or(usize::MAX))?;
             deleted += in_batch;
         }
     }

@@ -144,6 +144,11 @@ fn ops_status(error: OpsError) -> Status {
             "REBUILD_CONFLICT",
             error.to_string(),
         ),
+        OpsError::ShuttingDown => rejected(
+            Code::Unavailable,
+            "SHUTTING_DOWN",
+            "the server is shutting down: start the rebuild once it is back",
+        ),
         OpsError::Store(error) => Error::Store(error).into(),
     }
 }
@@ -279,6 +284,9 @@ impl v1::admin_service_server::AdminService for AdminService {
         let still_allowed = self.still_allowed(&request);
         let peer = request.remote_addr();
         let projection = projection(&request.into_inner().projection)?;
+        if self.context.shutdown.is_cancelled() {
+            return Err(ops_status(OpsError::ShuttingDown));
+        }
         let rebuilds = Arc::clone(&self.context.rebuilds);
         let started = tokio::task::spawn_blocking(move || rebuilds.start(projection))
             .await

@@ -338,15 +338,11 @@ async fn run_node(
     let running = config.clone();
     // The demo's batches fit the node's limit (BATCH_TOO_LARGE otherwise).
     let demo_batch = config.ingest.max_batch_events.min(demo::DEMO_BATCH);
-    let mut node = tokio::select! {
-        started = Node::start(config, broker, partners) => started?,
-        () = shutting_down.cancelled() => {
-            // Stopped before it served: the start stops what it started as it is dropped, and
-            // the store is crash-safe (what was acknowledged is durable, as above). Not waiting
-            // for the start's blocking Kafka calls (up to 30 s each), which the runtime would.
-            tracing::warn!("stopped during the start, before serving");
-            std::process::exit(0);
-        }
+    let Some(mut node) = Node::start_until(config, broker, partners, &shutting_down).await? else {
+        // Stopped before it served, and before anything failed: a requested stop. Not waiting
+        // for the start's blocking Kafka calls (up to 30 s each), which the runtime would.
+        tracing::warn!("stopped during the start, before serving");
+        std::process::exit(0);
     };
     // The admin and query tokens follow the configuration file (SIGHUP, or a change of it).
     let stop_watching = tokio_util::sync::CancellationToken::new();

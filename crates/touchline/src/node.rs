@@ -23,6 +23,7 @@ use crate::access::AccessTokens;
 use crate::admin_auth;
 use crate::config::Config;
 
+mod cuttable;
 mod health;
 mod listener;
 mod own_thread;
@@ -52,6 +53,8 @@ pub struct Node {
     local_addr: SocketAddr,
     target: crate::Target,
     server_shutdown: CancellationToken,
+    /// Closes every connection of the gRPC server (the grace for in-flight calls is over).
+    cut_connections: CancellationToken,
     projector_shutdown: CancellationToken,
     server: Option<JoinHandle<Result<(), tonic::transport::Error>>>,
     projector: Option<JoinHandle<touchline_projection::Result<()>>>,
@@ -84,19 +87,40 @@ impl Node {
         broker: BrokerChoice,
         partners: impl Into<PartnerDirectory>,
     ) -> anyhow::Result<Self> {
+        Self::start_until(config, broker, partners, &CancellationToken::new())
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("stopped during the start"))
+    }
+
+    /// [`Self::start`], given up when `stop` is cancelled first: `None` then. Stopped before it
+    /// served, the start stops what it started as it is dropped (the store is crash-safe), without
+    /// waiting for the blocking Kafka calls under way. A start that failed fails, even when `stop`
+    /// came meanwhile (while its projector stops, or at the same instant).
+    ///
+    /// # Errors
+    /// As [`Self::start`].
+    pub async fn start_until(
+        config: Config,
+        broker: BrokerChoice,
+        partners: impl Into<PartnerDirectory>,
+        stop: &CancellationToken,
+    ) -> anyhow::Result<Option<Self>> {
         // Once the projector runs, a start that fails after it stops it and waits for it, so
         // that the store is closed (and unlocked) when the error is returned; the embedded broker
         // of a failed start stops after it (the projector does not lose its broker mid-batch).
         let mut projector = None;
         let mut embedded = None;
-        let started = Self::start_roles(
-            config,
-            broker,
-            partners.into(),
-            &mut projector,
-            &mut embedded,
-        )
-        .await;
+        let started = tokio::select! {
+            biased;
+            started = Self::start_roles(
+                config,
+                broker,
+                partners.into(),
+                &mut projector,
+                &mut embedded,
+            ) => started,
+            () = stop.cancelled() => return Ok(None),
+        };
         if started.is_err()
             && let Some((shutdown, task)) = projector.take()
         {
@@ -104,7 +128,7 @@ impl Node {
             let _ = task.await;
         }
         drop(embedded);
-        started
+        started.map(Some)
     }
 
     async fn start_roles(
@@ -155,6 +179,7 @@ impl Node {
 
         let projector_shutdown = CancellationToken::new();
         let server_shutdown = CancellationToken::new();
+        let cut_connections = CancellationToken::new();
         let background_shutdown = CancellationToken::new();
         let projector_stopped = CancellationToken::new();
         // A start that fails half-way stops what it started (the projector, health, metrics); a
@@ -162,6 +187,7 @@ impl Node {
         let start_guard = StopOnDrop(vec![
             projector_shutdown.clone(),
             server_shutdown.clone(),
+            cut_connections.clone(),
             background_shutdown.clone(),
         ]);
         let probe = Arc::new(KafkaProbe::new(&config.kafka)?);
@@ -335,12 +361,14 @@ impl Node {
             &config.server,
             tls.as_ref(),
             server_shutdown.clone(),
+            &cut_connections,
         );
         info!(%local_addr, ingest = config.ingest.enabled, projector = config.projector.enabled, query = config.query.enabled, "touchline is serving");
         Ok(Self {
             local_addr,
             target: tls::own_target(local_addr, config.server.tls.as_ref()),
             server_shutdown,
+            cut_connections,
             _stop_on_drop: start_guard,
             projector_shutdown,
             server: Some(server),
@@ -403,7 +431,8 @@ impl Node {
         self.broker.as_ref()
     }
 
-    /// Resolves when a role stops by itself (it failed): the node should then shut down.
+    /// Resolves when a role stops by itself (it failed) or the store failed a write: the node
+    /// should then shut down.
     pub async fn failed(&mut self) -> anyhow::Error {
         let projector = async {
             match self.projector.as_mut() {
@@ -425,10 +454,25 @@ impl Node {
                 None => std::future::pending().await,
             }
         };
+        // A write that failed stops the node even where no projector write would see it (a
+        // replay's, an admin call's): the store refuses writes from then on.
+        let store = async {
+            match self.store.as_ref() {
+                Some(store) => {
+                    store.failed().await;
+                    anyhow::anyhow!(
+                        "the store failed a write: {}",
+                        store.failure().unwrap_or("unknown")
+                    )
+                }
+                None => std::future::pending().await,
+            }
+        };
         // A finished task is taken out so that shutdown does not await it again.
         tokio::select! {
             error = projector => { self.projector = None; error.unwrap_or_else(|| anyhow::anyhow!("the projector stopped")) }
             error = server => { self.server = None; error.unwrap_or_else(|| anyhow::anyhow!("the gRPC server stopped")) }
+            error = store => error,
         }
     }
 
@@ -480,9 +524,16 @@ impl Node {
                 Err(_) => {
                     warn!(
                         grace_ms = self.shutdown_grace.as_millis(),
-                        "in-flight calls did not finish in time: no longer waiting for them (they end with the process)"
+                        "in-flight calls did not finish in time: closing their connections"
                     );
-                    server.abort();
+                    self.cut_connections.cancel();
+                    match tokio::time::timeout(CUT_WAIT, &mut server).await {
+                        Ok(joined) => errors.extend(failure(joined, "gRPC server")),
+                        Err(_) => {
+                            warn!("the gRPC server did not stop once its connections were closed");
+                            server.abort();
+                        }
+                    }
                 }
             }
         }
@@ -538,6 +589,9 @@ fn on_headers(
 
 /// How long a shutdown waits for the background tasks (metrics, health reporting, TLS reloads).
 const BACKGROUND_STOP_WAIT: Duration = Duration::from_secs(1);
+/// How long the gRPC server gets to end once its connections were closed: their calls' tasks end
+/// as they see the connection gone.
+const CUT_WAIT: Duration = Duration::from_secs(1);
 
 /// How long a shutdown waits for a replay's last batch once the grace is used up.
 const REPLAY_LAST_BATCH_WAIT: Duration = Duration::from_secs(1);

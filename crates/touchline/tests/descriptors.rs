@@ -7,13 +7,13 @@
 
 #[path = "support/banner.rs"]
 mod banner;
+#[path = "support/dev.rs"]
+mod dev;
 
-use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use tokio::io::{AsyncBufReadExt as _, BufReader};
-use tokio::process::Command;
 use touchline_proto::v1::ingest_service_client::IngestServiceClient;
 
 const DEADLINE: Duration = Duration::from_secs(60);
@@ -23,24 +23,7 @@ const LIMIT: usize = 256;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_out_of_descriptors_says_so_and_serves_again() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let mut child = Command::new("sh")
-        .args([
-            "-c",
-            &format!("ulimit -n {LIMIT} && exec \"$0\" \"$@\""),
-            env!("CARGO_BIN_EXE_touchline"),
-            "dev",
-            "--listen",
-            "127.0.0.1:0",
-            "--metrics-listen",
-            "127.0.0.1:0",
-            "--data-dir",
-        ])
-        .arg(dir.path())
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()?;
+    let mut child = dev::dev_after(&format!("ulimit -n {LIMIT} && "), dir.path()).spawn()?;
     let pid = child.id().context("the node runs")?;
     let endpoint = banner::serving_endpoint(&mut child, DEADLINE).await?;
     // The warnings about accepting, as they come.

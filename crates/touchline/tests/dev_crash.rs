@@ -9,18 +9,20 @@
 
 #[path = "support/banner.rs"]
 mod banner;
+#[path = "support/dev.rs"]
+mod dev;
 
-use std::collections::{BTreeMap, BTreeSet};
 use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use tokio::io::{AsyncBufReadExt as _, BufReader};
 use tokio::process::{Child, Command};
+
+use dev::{Acked, assert_all_there_once};
 use touchline_proto::v1;
 use touchline_proto::v1::admin_service_client::AdminServiceClient;
 use touchline_proto::v1::ingest_service_client::IngestServiceClient;
-use touchline_proto::v1::timeline_service_client::TimelineServiceClient;
 
 const DEADLINE: Duration = Duration::from_secs(60);
 const TOKEN: &str = "dev-token-swift-courier";
@@ -65,16 +67,7 @@ async fn start_dev_at(
 }
 
 fn event(index: usize) -> v1::Touchpoint {
-    let seconds = i64::try_from(1_780_000_000 + index).unwrap_or_default();
-    v1::Touchpoint {
-        event_id: format!("evt-{index}"),
-        customer_id: format!("cust-{}", index % 5),
-        r#type: "delivery.completed".to_owned(),
-        occurred_at: Some(prost_types::Timestamp { seconds, nanos: 0 }),
-        channel: v1::Channel::Doorstep as i32,
-        stage: v1::JourneyStage::Fulfil as i32,
-        ..v1::Touchpoint::default()
-    }
+    dev::event(index, 5, 0)
 }
 
 fn authorized<T>(message: T) -> tonic::Request<T> {
@@ -85,9 +78,6 @@ fn authorized<T>(message: T) -> tonic::Request<T> {
     );
     request
 }
-
-/// Acknowledged event ids per customer.
-type Acked = BTreeMap<String, BTreeSet<String>>;
 
 /// Four publishers send batches one after another until a call fails; `stop` is called once 100
 /// events are acknowledged (with other batches in flight). Returns what was acknowledged.
@@ -123,15 +113,7 @@ async fn publish_until_stopped(
     let mut stop = Some(stop);
     while let Some((events, response)) = answers.recv().await {
         let Ok(response) = response else { continue };
-        for (event, result) in events.iter().zip(&response.into_inner().results) {
-            if matches!(result.result, Some(v1::event_result::Result::Accepted(_))) {
-                acked
-                    .entry(event.customer_id.clone())
-                    .or_default()
-                    .insert(event.event_id.clone());
-                acked_count += 1;
-            }
-        }
+        acked_count += dev::add_accepted(&mut acked, &events, response.get_ref());
         if acked_count >= 100
             && let Some(stop) = stop.take()
         {
@@ -140,37 +122,6 @@ async fn publish_until_stopped(
     }
     anyhow::ensure!(stop.is_none(), "the process was stopped mid-stream");
     Ok(acked)
-}
-
-/// Every acknowledged event is in its customer's timeline, once.
-async fn assert_all_there_once(endpoint: &str, acked: &Acked) -> anyhow::Result<()> {
-    let mut timeline = TimelineServiceClient::connect(endpoint.to_owned()).await?;
-    for (customer, expected) in acked {
-        let entries = timeline
-            .get_timeline(v1::GetTimelineRequest {
-                customer_id: customer.clone(),
-                page_size: 1000,
-                ..Default::default()
-            })
-            .await?
-            .into_inner()
-            .entries;
-        let ids: Vec<String> = entries
-            .iter()
-            .filter_map(|entry| entry.touchpoint.as_ref().map(|t| t.event_id.clone()))
-            .collect();
-        let unique: BTreeSet<String> = ids.iter().cloned().collect();
-        assert_eq!(
-            unique.len(),
-            ids.len(),
-            "customer {customer}: no event twice"
-        );
-        assert!(
-            unique.is_superset(expected),
-            "customer {customer}: every acknowledged event survived"
-        );
-    }
-    Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -53,3 +53,29 @@ async fn a_start_that_fails_after_the_projector_started_releases_the_store() -> 
     .await?;
     node.shutdown().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_that_failed_fails_even_when_a_stop_came_at_the_same_time() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let stop = tokio_util::sync::CancellationToken::new();
+    stop.cancel();
+    // The refusal is known at the first poll, when the stop is there too: the failure wins (an
+    // operator's exit status and a supervisor's restart policy see a failed start), every time.
+    for _ in 0..32 {
+        let mut config = dev_config(&dir);
+        config.projector.partitions = vec![0];
+        let started = Node::start_until(
+            config,
+            BrokerChoice::Embedded,
+            PartnerRegistry::default(),
+            &stop,
+        )
+        .await;
+        assert!(
+            started.is_err(),
+            "a stop hid the failure: {:?}",
+            started.map(|node| node.is_some())
+        );
+    }
+    Ok(())
+}

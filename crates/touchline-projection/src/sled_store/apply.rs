@@ -104,6 +104,8 @@ impl SledStore {
         store_positions: bool,
         mut batch: sled::Batch,
     ) -> Result<ApplyOutcome, StoreError> {
+        // Refused before anything is read or raised (see `failure`).
+        self.writable()?;
         let now = UnixNanos::now();
         let active = self.active();
         let mut folds = Folds::new(
@@ -259,7 +261,9 @@ impl SledStore {
                 .fetch_max(next_sequence.saturating_sub(1), Ordering::Release);
         }
         // One tree, one batch: atomic (invariant 6).
-        crate::garbage::apply_batch(&self.tree, batch, writes).map_err(backend)?;
+        // A failure leaves `visible_count` raised: a read of what the failed batch may have left
+        // in memory waits for a durability that never comes, and fails (the flush is refused).
+        self.write(batch, writes)?;
         if !appended.is_empty() {
             // Under the writer: entries queue in log order.
             lock(&self.unflushed).append(&mut appended);

@@ -316,9 +316,11 @@ impl SledStore {
             position.position.next_offset.cast_unsigned(),
             position.position.last_fingerprint,
         );
-        self.positions
-            .insert_now(keys::position(&position.stream, position.partition), value)
-            .map_err(backend)
+        self.write_now(
+            &self.positions,
+            keys::position(&position.stream, position.partition),
+            value,
+        )
     }
 
     /// Stores a backup's record once dead-lettered.
@@ -330,12 +332,11 @@ impl SledStore {
         record: &DeadLetteredRecord,
     ) -> Result<(), StoreError> {
         let value = u64_pair(record.dead_letter_id, record.fingerprint);
-        self.dead_letter_index
-            .insert_now(
-                keys::record(&record.stream, record.partition, record.offset),
-                value,
-            )
-            .map_err(backend)
+        self.write_now(
+            &self.dead_letter_index,
+            keys::record(&record.stream, record.partition, record.offset),
+            value,
+        )
     }
 
     /// Stores a backup's dead letter, and the record index entry it needs (a backup has it
@@ -382,7 +383,7 @@ impl SledStore {
             .insert(&mut batch, DEAD_LETTER_COUNT, &count.to_be_bytes());
         self.meta
             .insert(&mut batch, NEXT_DEAD_LETTER, &next.to_be_bytes());
-        crate::garbage::apply_batch(&self.tree, batch, 4).map_err(backend)?;
+        self.write(batch, 4)?;
         writer.dead_letters = count;
         writer.next_dead_letter = next;
         self.dead_letter_count.store(count, Ordering::Release);
@@ -405,7 +406,7 @@ impl SledStore {
             DEAD_LETTER_COUNT,
             &writer.dead_letters.to_be_bytes(),
         );
-        crate::garbage::apply_batch(&self.tree, batch, 2).map_err(backend)?;
+        self.write(batch, 2)?;
         writer.next_dead_letter = next;
         Ok(())
     }

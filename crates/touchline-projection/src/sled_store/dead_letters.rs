@@ -141,7 +141,7 @@ impl SledStore {
         let remaining = writer.dead_letters.saturating_sub(1);
         self.meta
             .insert(&mut batch, DEAD_LETTER_COUNT, &remaining.to_be_bytes());
-        crate::garbage::apply_batch(&self.tree, batch, 2).map_err(backend)?;
+        self.write(batch, 2)?;
         writer.dead_letters = remaining;
         self.dead_letter_count.store(remaining, Ordering::Release);
         Ok(dead_letter)

@@ -186,6 +186,7 @@ impl EventStore for SledStore {
 
     fn flush(&self) -> Result<(), StoreError> {
         let _one_at_a_time = lock(&self.flushing);
+        self.writable()?;
         // Everything applied before the flush starts is durable after it: the log's length, or
         // the last entry queued (an apply queues its entries before it updates the length).
         let entries = std::mem::take(&mut *lock(&self.unflushed));
@@ -199,7 +200,7 @@ impl EventStore for SledStore {
             let mut unflushed = lock(&self.unflushed);
             let later = std::mem::replace(&mut *unflushed, entries);
             unflushed.extend(later);
-            return Err(backend(error));
+            return Err(self.fail(error));
         }
         self.durable_count.fetch_max(covered, Ordering::AcqRel);
         // Nobody watching now means every later watcher reads a durable sequence that covers

@@ -209,12 +209,12 @@ impl SledStore {
         updated.building = Some(version);
         updated.highest = version;
         // A version number is never reused, so a leftover of it cannot exist: start clean anyway.
-        self.version_table(projection, version)
-            .clear(DROP_CHUNK, &|| false)
-            .map_err(backend)?;
-        self.meta
-            .insert_now(projection.meta_key(), encode(&updated)?)
-            .map_err(backend)?;
+        self.version_table(projection, version).clear(
+            DROP_CHUNK,
+            &|| false,
+            &|batch, writes| self.write(batch, writes),
+        )?;
+        self.write_now(&self.meta, projection.meta_key(), encode(&updated)?)?;
         *versions = updated;
         Ok((version, log_len))
     }
@@ -238,8 +238,7 @@ impl SledStore {
             .min(from_sequence.saturating_add(u64::try_from(max).unwrap_or(u64::MAX)));
         let mut batch = sled::Batch::default();
         let next = self.fold_log_into(projection, version, from_sequence, end, &mut batch)?;
-        crate::garbage::apply_batch(&self.tree, batch, folded(from_sequence, next))
-            .map_err(backend)?;
+        self.write(batch, folded(from_sequence, next))?;
         Ok(next)
     }
 
@@ -271,8 +270,7 @@ impl SledStore {
                 let mut batch = sled::Batch::default();
                 let next =
                     self.fold_log_into(projection, version, from, from + step, &mut batch)?;
-                crate::garbage::apply_batch(&self.tree, batch, folded(from, next))
-                    .map_err(backend)?;
+                self.write(batch, folded(from, next))?;
                 if next <= from {
                     break;
                 }
@@ -289,7 +287,7 @@ impl SledStore {
             updated.dropping.push(previous);
             self.meta
                 .insert(&mut batch, projection.meta_key(), encode(&updated)?);
-            crate::garbage::apply_batch(&self.tree, batch, folded(from, next)).map_err(backend)?;
+            self.write(batch, folded(from, next))?;
             *versions = updated;
             let table = Arc::new(self.version_table(projection, version));
             let mut active = self
@@ -303,10 +301,12 @@ impl SledStore {
             (previous, replaced)
         };
         let (previous, replaced) = previous;
-        // The switch is durable before it is reported (a failed flush leaves it to the next one:
-        // the switch is done either way).
+        // The switch is durable before it is reported. A failed flush stops the store's writes
+        // and the node (see `failure`): after the restart the switch is there, or the new version
+        // is dropped as an interrupted rebuild's and the previous one serves.
         if let Err(error) = self.db.flush() {
-            tracing::warn!(%projection, version, %error, "cannot flush the switch now");
+            tracing::warn!(%projection, version, %error, "cannot flush the switch");
+            let _ = self.fail(error);
         }
         Ok(Switched {
             projection,
@@ -362,9 +362,7 @@ impl SledStore {
             let mut updated = versions.clone();
             updated.building = None;
             updated.dropping.push(version);
-            self.meta
-                .insert_now(projection.meta_key(), encode(&updated)?)
-                .map_err(backend)?;
+            self.write_now(&self.meta, projection.meta_key(), encode(&updated)?)?;
             *versions = updated;
         }
         Ok(self.drop_version(projection, version, stop)?)
@@ -405,10 +403,9 @@ impl SledStore {
         version: u32,
         stop: &dyn Fn() -> bool,
     ) -> Result<bool, StoreError> {
-        let Some(deleted) = self
-            .version_table(projection, version)
-            .clear(DROP_CHUNK, stop)
-            .map_err(backend)?
+        let Some(deleted) =
+            self.version_table(projection, version)
+                .clear(DROP_CHUNK, stop, &|batch, writes| self.write(batch, writes))?
         else {
             return Ok(false);
         };
@@ -417,9 +414,7 @@ impl SledStore {
         let versions = writer.versions.entry(projection).or_default();
         let mut updated = versions.clone();
         updated.dropping.retain(|dropping| *dropping != version);
-        self.meta
-            .insert_now(projection.meta_key(), encode(&updated)?)
-            .map_err(backend)?;
+        self.write_now(&self.meta, projection.meta_key(), encode(&updated)?)?;
         *versions = updated;
         Ok(true)
     }

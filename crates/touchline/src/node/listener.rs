@@ -9,6 +9,7 @@ use tonic::transport::Server;
 use tonic::transport::server::Router;
 use tracing::{debug, warn};
 
+use super::cuttable::Cuttable;
 use super::tls::TlsServer;
 use crate::config::ServerConfig;
 
@@ -32,21 +33,32 @@ pub(super) fn router<H: tonic_health::pb::health_server::Health>(
         .add_service(reflection().build_v1alpha()?))
 }
 
-/// Serves `router` on `listener` (over `tls` when configured) until `shutdown`.
+/// Serves `router` on `listener` (over `tls` when configured) until `shutdown`, when it stops
+/// accepting and waits for the calls in flight; `cut` closes every connection at once.
 pub(super) fn serve(
     router: Router,
     listener: TcpListener,
     config: &ServerConfig,
     tls: Option<&TlsServer>,
     shutdown: CancellationToken,
+    cut: &CancellationToken,
 ) -> JoinHandle<Result<(), tonic::transport::Error>> {
+    use futures::TryStreamExt as _;
     let accepted = incoming(listener, config);
     let stopped = shutdown.cancelled_owned();
+    let cut = cut.clone();
     match tls {
-        None => tokio::spawn(router.serve_with_incoming_shutdown(accepted, stopped)),
-        Some(tls) => {
-            tokio::spawn(router.serve_with_incoming_shutdown(tls.incoming(accepted), stopped))
-        }
+        None => tokio::spawn(router.serve_with_incoming_shutdown(
+            accepted.map_ok(move |tcp| Cuttable::new(tcp, &cut)),
+            stopped,
+        )),
+        Some(tls) => tokio::spawn(
+            router.serve_with_incoming_shutdown(
+                tls.incoming(accepted)
+                    .map_ok(move |tls| Cuttable::new(tls, &cut)),
+                stopped,
+            ),
+        ),
     }
 }
 

@@ -1,0 +1,111 @@
+//! A node whose disk fills up: `touchline dev` under a file-size limit (`ulimit -f`, with SIGXFSZ
+//! ignored, so that a write past it fails with EFBIG as a full disk's fails with ENOSPC), sent
+//! events until its store cannot write. It says so in its log, refuses every later write (sled
+//! may have applied part of the failed batch in memory only), stops and exits with status 1.
+//! Started again without the limit on the same folder, it has every acknowledged event once.
+#![cfg(target_os = "linux")]
+
+#[path = "support/banner.rs"]
+mod banner;
+#[path = "support/dev.rs"]
+mod dev;
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tokio::io::{AsyncBufReadExt as _, BufReader};
+use tokio::process::Child;
+use touchline_proto::v1;
+use touchline_proto::v1::ingest_service_client::IngestServiceClient;
+
+const DEADLINE: Duration = Duration::from_secs(60);
+const TOKEN: &str = "dev-token-swift-courier";
+/// The node's file-size limit in KiB: enough to start, soon used up by events.
+const LIMIT_KIB: u64 = 4096;
+const CUSTOMERS: usize = 20;
+/// Bytes of payload per event, so that the limit is reached in a few batches.
+const PAYLOAD: usize = 2048;
+
+/// Starts `touchline dev` on `data_dir`, under the file-size limit when `limited`.
+async fn start_dev(data_dir: &std::path::Path, limited: bool) -> anyhow::Result<(Child, String)> {
+    let limit = if limited {
+        format!("trap '' XFSZ; ulimit -f {LIMIT_KIB} && ")
+    } else {
+        String::new()
+    };
+    let mut child = dev::dev_after(&limit, data_dir).spawn()?;
+    let endpoint = banner::serving_endpoint(&mut child, DEADLINE).await?;
+    Ok((child, endpoint))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_whose_disk_is_full_stops_and_loses_nothing_acknowledged() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (mut child, endpoint) = start_dev(dir.path(), true).await?;
+    let mut stderr = BufReader::new(child.stderr.take().context("stderr is piped")?).lines();
+    let log = tokio::spawn(async move {
+        let mut lines = Vec::new();
+        while let Ok(Some(line)) = stderr.next_line().await {
+            lines.push(line);
+        }
+        lines
+    });
+
+    // Batches one after another until one fails: the store could not write it.
+    let mut ingest = IngestServiceClient::connect(endpoint.clone()).await?;
+    let mut acked = dev::Acked::new();
+    let mut next = 0;
+    let failed = tokio::time::timeout(DEADLINE * 3, async {
+        loop {
+            let events: Vec<_> = (next..next + 50)
+                .map(|index| dev::event(index, CUSTOMERS, PAYLOAD))
+                .collect();
+            next += 50;
+            let mut request = tonic::Request::new(v1::PublishRequest {
+                events: events.clone(),
+                batch_id: String::new(),
+            });
+            request
+                .metadata_mut()
+                .insert("authorization", format!("Bearer {TOKEN}").parse()?);
+            match ingest.publish(request).await {
+                Ok(response) => {
+                    dev::add_accepted(&mut acked, &events, response.get_ref());
+                }
+                Err(status) => return anyhow::Ok(status),
+            }
+        }
+    })
+    .await
+    .context("the store never filled its limit")??;
+    assert!(!acked.is_empty(), "some batches were stored first");
+    eprintln!(
+        "refused after {} acknowledged events: {failed:?}",
+        acked
+            .values()
+            .map(std::collections::BTreeSet::len)
+            .sum::<usize>()
+    );
+
+    // It stops by itself, with a failure, and its log says why.
+    let status = tokio::time::timeout(DEADLINE, child.wait())
+        .await
+        .context("the node did not stop after its store failed")??;
+    assert_eq!(status.code(), Some(1), "{status:?}");
+    let lines = tokio::time::timeout(DEADLINE, log)
+        .await
+        .context("the node's log did not end")??;
+    assert!(
+        lines
+            .iter()
+            .any(|line| line.contains("a store write failed")),
+        "{lines:#?}"
+    );
+
+    // Without the limit, on the same folder: every acknowledged event, once.
+    let (mut child, endpoint) = start_dev(dir.path(), false).await?;
+    dev::assert_all_there_once(&endpoint, &acked).await?;
+    child.start_kill()?;
+    child.wait().await?;
+    Ok(())
+}
