@@ -36,7 +36,7 @@ fn sync_parent(path: &Path) -> std::io::Result<()> {
         .parent()
         .filter(|parent| !parent.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
-    File::open(parent)?.sync_all()
+    sync_dir(parent)
 }
 
 /// Reads a backup file through and checks it whole, without a store
@@ -126,9 +126,25 @@ const IGNORED: &[&str] = &["lost+found"];
 /// the mark while it runs: a second restore into the folder is refused meanwhile.
 ///
 /// # Errors
-/// When the folder holds a store, another restore runs into it, or the file is not a whole,
-/// undamaged backup (then the folder is left empty, or absent as it was).
+/// When the folder holds a store, another restore runs into it, the store cannot be made, or the
+/// file is not a whole, undamaged backup (then the folder is left empty, or absent as it was);
+/// or when the restored store's folder cannot be synced once its mark is gone (the store stays).
 pub fn restore(from: &Path, store_path: &Path, cache_bytes: u64) -> anyhow::Result<Restored> {
+    restore_with(from, store_path, cache_bytes, &sync_dir)
+}
+
+/// Makes a folder's entries (files made, renamed or deleted in it) durable.
+fn sync_dir(folder: &Path) -> std::io::Result<()> {
+    File::open(folder)?.sync_all()
+}
+
+/// [`restore`], folders synced by `sync_dir` (tests make it fail).
+fn restore_with(
+    from: &Path,
+    store_path: &Path,
+    cache_bytes: u64,
+    sync_dir: &dyn Fn(&Path) -> std::io::Result<()>,
+) -> anyhow::Result<Restored> {
     let file = File::open(from).with_context(|| format!("cannot open {}", from.display()))?;
     let created = !store_path.exists();
     if created {
@@ -171,40 +187,71 @@ pub fn restore(from: &Path, store_path: &Path, cache_bytes: u64) -> anyhow::Resu
         empty(store_path)?;
     }
     lock.sync_all()
-        .and_then(|()| File::open(store_path)?.sync_all())
+        .and_then(|()| sync_dir(store_path))
         .with_context(|| format!("cannot write {}", marker.display()))?;
-    // A store that cannot be opened is someone else's (a node started on the folder meanwhile):
-    // left alone, without the mark this restore made.
     let store = match SledStore::open_for_restore(store_path, cache_bytes) {
         Ok(store) => store,
         Err(error) => {
-            if !had_marker {
+            if !had_marker && held_by_another(&store_path.join("db")) {
+                // Someone else's store (a node started on the folder before the mark was made):
+                // left alone, without the mark this restore made.
                 let _ = std::fs::remove_file(&marker);
+            } else {
+                // What sled made before it failed (its folders, a configuration, a log) is no
+                // store a node should start on: deleted, the mark last.
+                discard(store_path, created);
             }
             return Err(error.into());
         }
     };
     let restored = touchline_query::backup::restore(BufReader::new(file), &store)
-        .with_context(|| format!("cannot restore {}", from.display()))
-        .and_then(|restored| {
-            drop(store);
-            std::fs::remove_file(&marker)
-                .and_then(|()| File::open(store_path)?.sync_all())
-                .with_context(|| format!("cannot remove {}", marker.display()))?;
-            Ok(restored)
-        });
-    if restored.is_err() {
-        // The store's files first, the mark last: a crash in between leaves a marked folder.
-        let _ = empty(store_path).and_then(|()| {
-            std::fs::remove_file(&marker)?;
-            if created {
-                std::fs::remove_dir(store_path)?;
-            }
-            Ok(())
-        });
-    }
+        .with_context(|| format!("cannot restore {}", from.display()));
+    drop(store);
+    let restored = match restored {
+        Ok(restored) => restored,
+        Err(error) => {
+            discard(store_path, created);
+            return Err(error);
+        }
+    };
+    // The store is whole and durable from here: whatever fails now, it stays. A mark that cannot
+    // be removed stays too (a node refuses the folder; restoring again starts over).
+    std::fs::remove_file(&marker).with_context(|| {
+        format!(
+            "restored into {}, but cannot remove {}: remove it by hand",
+            store_path.display(),
+            marker.display()
+        )
+    })?;
+    sync_dir(store_path).with_context(|| {
+        format!(
+            "restored into {}, but cannot sync the folder: after a crash its mark may come back (a node then refuses it: restore again)",
+            store_path.display()
+        )
+    })?;
     drop(lock);
-    restored
+    Ok(restored)
+}
+
+/// Whether another process holds sled's lock on the store's `db` file (sled takes an exclusive
+/// `flock`, as `File::try_lock` does on Linux).
+fn held_by_another(db: &Path) -> bool {
+    File::open(db).is_ok_and(|db| matches!(db.try_lock(), Err(std::fs::TryLockError::WouldBlock)))
+}
+
+/// Deletes what a failed restore made in `store_path`: the store's files first and the mark
+/// last (a crash in between leaves a marked folder), then the folder when the restore created it.
+fn discard(store_path: &Path, created: bool) {
+    let deleted = empty(store_path).and_then(|()| {
+        std::fs::remove_file(store_path.join(RESTORE_MARKER))?;
+        if created {
+            std::fs::remove_dir(store_path)?;
+        }
+        Ok(())
+    });
+    if let Err(error) = deleted {
+        tracing::warn!(path = %store_path.display(), error = format!("{error:#}"), "cannot clear what the failed restore made: the folder stays marked, restore into it again");
+    }
 }
 
 /// The entries of a folder but [`IGNORED`] ones.
@@ -300,5 +347,54 @@ mod tests {
         );
         let error = check(&file(30, 31, 1, None)).expect_err("a count that does not add up");
         assert!(error.to_string().contains("do not add up"), "{error}");
+    }
+
+    #[test]
+    fn a_restore_whose_last_folder_sync_fails_keeps_the_store_it_restored() -> anyhow::Result<()> {
+        use touchline_core::{ConsumedRecord, EventStore as _, RecordContent, StreamIdentity};
+        let dir = tempfile::tempdir()?;
+        // A store of one dead letter, backed up.
+        let source = SledStore::open(&dir.path().join("source"))?;
+        let stream = StreamIdentity {
+            cluster_id: "test".to_owned(),
+            topic: "touchpoints".to_owned(),
+        };
+        source.apply(
+            &stream,
+            vec![ConsumedRecord {
+                partition: 0,
+                offset: 0,
+                content: RecordContent::Undecodable {
+                    reason: "not an envelope".to_owned(),
+                    key: None,
+                    value: Some(vec![0xff]),
+                },
+            }],
+        )?;
+        source.flush()?;
+        let mut bytes = Vec::new();
+        touchline_query::backup::write(&source, |piece| {
+            bytes.extend(piece);
+            true
+        })?;
+        let backup = dir.path().join("backup");
+        std::fs::write(&backup, bytes)?;
+
+        // The folder's sync after the mark is removed fails (an I/O error).
+        let target = dir.path().join("target");
+        let error = restore_with(&backup, &target, 1 << 20, &|folder| {
+            if folder.join(RESTORE_MARKER).exists() {
+                sync_dir(folder)
+            } else {
+                Err(std::io::Error::other("injected sync failure"))
+            }
+        })
+        .expect_err("the sync failed");
+        assert!(format!("{error:#}").contains("restored into"), "{error:#}");
+        // The restored store stays, unmarked, whole.
+        assert!(!target.join(RESTORE_MARKER).exists());
+        let restored = SledStore::open(&target)?;
+        assert_eq!(restored.dead_letter_count(), 1);
+        Ok(())
     }
 }

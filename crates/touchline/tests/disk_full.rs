@@ -2,7 +2,8 @@
 //! ignored, so that a write past it fails with EFBIG as a full disk's fails with ENOSPC), sent
 //! events until its store cannot write. It says so in its log, refuses every later write (sled
 //! may have applied part of the failed batch in memory only), stops and exits with status 1.
-//! Started again without the limit on the same folder, it has every acknowledged event once.
+//! Started again without the limit on the same folder, it has every acknowledged event once. A
+//! restore on a full disk leaves no store behind.
 #![cfg(target_os = "linux")]
 
 #[path = "support/banner.rs"]
@@ -14,7 +15,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use tokio::io::{AsyncBufReadExt as _, BufReader};
-use tokio::process::Child;
+use tokio::process::{Child, Command};
 use touchline_proto::v1;
 use touchline_proto::v1::ingest_service_client::IngestServiceClient;
 
@@ -107,5 +108,42 @@ async fn a_node_whose_disk_is_full_stops_and_loses_nothing_acknowledged() -> any
     dev::assert_all_there_once(&endpoint, &acked).await?;
     child.start_kill()?;
     child.wait().await?;
+    Ok(())
+}
+
+/// `touchline restore` on a full disk (a file-size limit of 0: sled cannot write its first file)
+/// fails, and leaves nothing a node would start on: before, sled's first files stayed in the
+/// folder without the restore's mark, and a node started on them as on an empty store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_on_a_full_disk_leaves_no_store_behind() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    // The store cannot be made, so the file is not read before the failure.
+    let backup = dir.path().join("any.backup");
+    std::fs::write(&backup, b"")?;
+    let store = dir.path().join("store");
+    let output = tokio::time::timeout(
+        DEADLINE,
+        Command::new("sh")
+            .args([
+                "-c",
+                "trap '' XFSZ; ulimit -f 0 && exec \"$0\" \"$@\"",
+                env!("CARGO_BIN_EXE_touchline"),
+                "restore",
+            ])
+            .arg(&backup)
+            .arg("--data-dir")
+            .arg(&store)
+            .env("RUST_LOG", "warn")
+            .output(),
+    )
+    .await??;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(stderr.contains("File too large"), "{stderr}");
+    assert!(
+        !store.exists(),
+        "left behind: {:?}",
+        std::fs::read_dir(&store)?.collect::<Vec<_>>()
+    );
     Ok(())
 }
