@@ -51,7 +51,6 @@ start() {
     dir=$(cd "$dir" && pwd)
     local bin
     bin=$(tansu_bin) || die "tansu is not installed: run deploy/tansu.sh install"
-    [ -n "$port" ] || port=$(free_port)
     local engine
     case "$storage" in
         memory) engine="memory://tansu/" ;;
@@ -59,23 +58,35 @@ start() {
         sqlite) engine="sqlite://tansu.db" ;;
         *) die "storage is memory or sqlite, not $storage" ;;
     esac
-    (cd "$dir" && exec nohup "$bin" broker \
-        --listener-url "tcp://127.0.0.1:$port" \
-        --advertised-listener-url "tcp://127.0.0.1:$port" \
-        --storage-engine "$engine" >>"$dir/tansu.log" 2>&1) &
-    local pid=$!
-    echo "$pid" >"$dir/pid"
-    echo "$port" >"$dir/port"
-    echo "$storage" >"$dir/storage"
-    local deadline=$(( $(date +%s) + 60 ))
-    until python3 "$here/kafka_ping.py" "127.0.0.1:$port" 1; do
-        if ! kill -0 "$pid" 2>/dev/null || [ "$(date +%s)" -ge "$deadline" ]; then
-            tail -n 20 "$dir/tansu.log" >&2 || true
-            stop "$dir"
-            die "tansu did not answer metadata requests on 127.0.0.1:$port"
-        fi
+    # A free port is found, then let go of, before Tansu binds it: another process may take it in
+    # between. A broker that exits at once is started again on another port (not a port given).
+    local attempts=1 attempt
+    [ -n "$port" ] || attempts=5
+    for attempt in $(seq 1 "$attempts"); do
+        [ "$attempts" -eq 1 ] || port=$(free_port)
+        (cd "$dir" && exec nohup "$bin" broker \
+            --listener-url "tcp://127.0.0.1:$port" \
+            --advertised-listener-url "tcp://127.0.0.1:$port" \
+            --storage-engine "$engine" >>"$dir/tansu.log" 2>&1) &
+        local pid=$!
+        echo "$pid" >"$dir/pid"
+        echo "$port" >"$dir/port"
+        echo "$storage" >"$dir/storage"
+        local deadline=$(( $(date +%s) + 60 ))
+        until python3 "$here/kafka_ping.py" "127.0.0.1:$port" 1; do
+            if ! kill -0 "$pid" 2>/dev/null && [ "$attempt" -lt "$attempts" ]; then
+                echo "tansu.sh: tansu exited at once on 127.0.0.1:$port (taken meanwhile?); trying another port" >&2
+                continue 2
+            fi
+            if ! kill -0 "$pid" 2>/dev/null || [ "$(date +%s)" -ge "$deadline" ]; then
+                tail -n 20 "$dir/tansu.log" >&2 || true
+                stop "$dir"
+                die "tansu did not answer metadata requests on 127.0.0.1:$port"
+            fi
+        done
+        echo "127.0.0.1:$port"
+        return 0
     done
-    echo "127.0.0.1:$port"
 }
 
 stop() {
