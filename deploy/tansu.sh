@@ -59,11 +59,15 @@ start() {
         *) die "storage is memory or sqlite, not $storage" ;;
     esac
     # A free port is found, then let go of, before Tansu binds it: another process may take it in
-    # between. A broker that exits at once is started again on another port (not a port given).
+    # between. A broker that exits because its port is in use is started again on another port
+    # (not a port given).
     local attempts=1 attempt
     [ -n "$port" ] || attempts=5
     for attempt in $(seq 1 "$attempts"); do
         [ "$attempts" -eq 1 ] || port=$(free_port)
+        echo "--- tansu.sh: start (attempt $attempt) on 127.0.0.1:$port" >>"$dir/tansu.log"
+        local logged
+        logged=$(wc -l <"$dir/tansu.log")
         (cd "$dir" && exec nohup "$bin" broker \
             --listener-url "tcp://127.0.0.1:$port" \
             --advertised-listener-url "tcp://127.0.0.1:$port" \
@@ -73,9 +77,11 @@ start() {
         echo "$port" >"$dir/port"
         echo "$storage" >"$dir/storage"
         local deadline=$(( $(date +%s) + 60 ))
-        until python3 "$here/kafka_ping.py" "127.0.0.1:$port" 1; do
-            if ! kill -0 "$pid" 2>/dev/null && [ "$attempt" -lt "$attempts" ]; then
-                echo "tansu.sh: tansu exited at once on 127.0.0.1:$port (taken meanwhile?); trying another port" >&2
+        # Answered by our broker, still running (not by another on a port taken meanwhile).
+        until python3 "$here/kafka_ping.py" "127.0.0.1:$port" 1 && kill -0 "$pid" 2>/dev/null; do
+            if ! kill -0 "$pid" 2>/dev/null && [ "$attempt" -lt "$attempts" ] \
+                && tail -n "+$((logged + 1))" "$dir/tansu.log" | grep -q "AddrInUse"; then
+                echo "tansu.sh: 127.0.0.1:$port was taken meanwhile; trying another port" >&2
                 continue 2
             fi
             if ! kill -0 "$pid" 2>/dev/null || [ "$(date +%s)" -ge "$deadline" ]; then

@@ -252,7 +252,16 @@ impl SledStore {
                 path.display()
             )));
         }
-        Self::open_unchecked(path, cache_bytes)
+        let store = Self::open_unchecked(path, cache_bytes)?;
+        // Again under sled's lock: a restore that marked the folder after the check above finds
+        // the store locked and leaves it alone; one that marked it before is refused here.
+        if path.join(RESTORE_MARKER).exists() {
+            return Err(crate::Error::Format(format!(
+                "a restore into {} began while the store was opened: restore the backup again once it is done (`touchline restore` starts it over)",
+                path.display()
+            )));
+        }
+        Ok(store)
     }
 
     /// Opens the store in `path` whatever it holds: for a restore, which marks the folder with

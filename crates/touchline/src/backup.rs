@@ -127,8 +127,10 @@ const IGNORED: &[&str] = &["lost+found"];
 ///
 /// # Errors
 /// When the folder holds a store, another restore runs into it, the store cannot be made, or the
-/// file is not a whole, undamaged backup (then the folder is left empty, or absent as it was);
-/// or when the restored store's folder cannot be synced once its mark is gone (the store stays).
+/// file is not a whole, undamaged backup (then the folder is left empty, or absent as it was; or,
+/// when that cannot be done or the folder's mark cannot be written, marked: a node refuses it and
+/// restoring again starts over); or when the restored store's folder cannot be synced once its
+/// mark is gone (the store stays).
 pub fn restore(from: &Path, store_path: &Path, cache_bytes: u64) -> anyhow::Result<Restored> {
     restore_with(from, store_path, cache_bytes, &sync_dir)
 }
@@ -182,6 +184,13 @@ fn restore_with(
             return Err(error).with_context(|| format!("cannot lock {}", marker.display()));
         }
     }
+    // The mark locked is still the folder's: not one a restore that just finished removed (its
+    // store is whole) before this one took the lock.
+    anyhow::ensure!(
+        std::fs::metadata(&marker).is_ok_and(|now| same_file(&now, &lock.metadata().ok())),
+        "{} changed meanwhile (another restore finished into it?): look at it again",
+        store_path.display()
+    );
     if had_marker && entries.len() > 1 {
         tracing::warn!(path = %store_path.display(), "starting over a restore that did not finish");
         empty(store_path)?;
@@ -192,7 +201,7 @@ fn restore_with(
     let store = match SledStore::open_for_restore(store_path, cache_bytes) {
         Ok(store) => store,
         Err(error) => {
-            if !had_marker && held_by_another(&store_path.join("db")) {
+            if !had_marker && locked_by_another(&error) {
                 // Someone else's store (a node started on the folder before the mark was made):
                 // left alone, without the mark this restore made.
                 let _ = std::fs::remove_file(&marker);
@@ -233,10 +242,34 @@ fn restore_with(
     Ok(restored)
 }
 
-/// Whether another process holds sled's lock on the store's `db` file (sled takes an exclusive
-/// `flock`, as `File::try_lock` does on Linux).
-fn held_by_another(db: &Path) -> bool {
-    File::open(db).is_ok_and(|db| matches!(db.try_lock(), Err(std::fs::TryLockError::WouldBlock)))
+/// Whether sled could not open the store because another process holds its lock (a node started
+/// on the folder): sled 0.34 says so in an I/O error. Any other failure is this restore's own,
+/// made before or after sled took the lock (whose file sled's threads may still hold a moment).
+fn locked_by_another(error: &touchline_projection::Error) -> bool {
+    let mut cause: Option<&dyn std::error::Error> = Some(error);
+    while let Some(error) = cause {
+        if error.to_string().contains("could not acquire lock") {
+            return true;
+        }
+        cause = error.source();
+    }
+    false
+}
+
+/// Whether two files' metadata are of the same file (`now` against the one opened, if known).
+fn same_file(now: &std::fs::Metadata, opened: &Option<std::fs::Metadata>) -> bool {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt as _;
+        opened
+            .as_ref()
+            .is_some_and(|opened| (now.dev(), now.ino()) == (opened.dev(), opened.ino()))
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = (now, opened);
+        true
+    }
 }
 
 /// Deletes what a failed restore made in `store_path`: the store's files first and the mark
@@ -349,6 +382,23 @@ mod tests {
         assert!(error.to_string().contains("do not add up"), "{error}");
     }
 
+    /// A store a restore cannot open because a node holds it is told apart from one it failed to
+    /// make (then its files are its own to delete), by sled's own error.
+    #[test]
+    fn a_store_held_by_another_is_told_apart_from_a_failure_to_make_one() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let held = dir.path().join("held");
+        let _node = SledStore::open(&held)?;
+        let error = SledStore::open_for_restore(&held, 1 << 20).expect_err("held");
+        assert!(locked_by_another(&error), "{error:#?}");
+        // A failure of its own: the folder is a file.
+        let file = dir.path().join("file");
+        std::fs::write(&file, b"")?;
+        let error = SledStore::open_for_restore(&file, 1 << 20).expect_err("not a folder");
+        assert!(!locked_by_another(&error), "{error:#?}");
+        Ok(())
+    }
+
     #[test]
     fn a_restore_whose_last_folder_sync_fails_keeps_the_store_it_restored() -> anyhow::Result<()> {
         use touchline_core::{ConsumedRecord, EventStore as _, RecordContent, StreamIdentity};
@@ -393,7 +443,18 @@ mod tests {
         assert!(format!("{error:#}").contains("restored into"), "{error:#}");
         // The restored store stays, unmarked, whole.
         assert!(!target.join(RESTORE_MARKER).exists());
-        let restored = SledStore::open(&target)?;
+        // sled lets go of its lock from a thread of its own: polled.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let restored = loop {
+            match SledStore::open(&target) {
+                Ok(store) => break store,
+                Err(error) if std::time::Instant::now() < deadline => {
+                    tracing::debug!(%error, "not yet released");
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(error) => return Err(error.into()),
+            }
+        };
         assert_eq!(restored.dead_letter_count(), 1);
         Ok(())
     }
