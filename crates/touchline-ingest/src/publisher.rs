@@ -86,7 +86,7 @@ impl Replacement {
 struct ProducerSlot {
     generation: u64,
     started: std::time::Instant,
-    producer: Producer,
+    producer: Arc<OffRuntime<Producer>>,
     all_brokers_down: watch::Receiver<u64>,
 }
 
@@ -101,9 +101,39 @@ impl ProducerSlot {
         Ok(Self {
             generation,
             started: std::time::Instant::now(),
-            producer,
+            producer: Arc::new(OffRuntime::new(producer)),
             all_brokers_down,
         })
+    }
+}
+
+/// A value whose last holder, when it lets go inside the runtime, has it dropped on a blocking
+/// thread: destroying a librdkafka client blocks (it joins its threads), and the last holder of a
+/// replaced producer may be a call ending on an async worker, which would stall every call
+/// scheduled there.
+#[derive(Debug)]
+struct OffRuntime<T: Send + 'static>(Option<T>);
+
+impl<T: Send + 'static> OffRuntime<T> {
+    fn new(value: T) -> Self {
+        Self(Some(value))
+    }
+
+    /// The value (`None` only while it is being dropped).
+    fn get(&self) -> Option<&T> {
+        self.0.as_ref()
+    }
+}
+
+impl<T: Send + 'static> Drop for OffRuntime<T> {
+    fn drop(&mut self) {
+        let Some(value) = self.0.take() else { return };
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                runtime.spawn_blocking(move || drop(value));
+            }
+            Err(_) => drop(value),
+        }
     }
 }
 
@@ -255,7 +285,7 @@ impl Publisher {
         }
     }
 
-    fn current_producer(&self) -> (u64, Producer, watch::Receiver<u64>) {
+    fn current_producer(&self) -> (u64, Arc<OffRuntime<Producer>>, watch::Receiver<u64>) {
         let slot = self.slot.read().unwrap_or_else(PoisonError::into_inner);
         (
             slot.generation,
@@ -282,11 +312,11 @@ impl Publisher {
         match ProducerSlot::create(&self.config, &self.topic, generation + 1) {
             Ok(fresh) => {
                 let old = std::mem::replace(&mut *slot, fresh);
-                old.producer
-                    .purge(PurgeConfig::default().queue().inflight().non_blocking());
-                // Destroying a librdkafka client blocks (it joins its threads): not on a runtime
-                // thread. Clones still held by calls in flight drop the same way when they end.
-                tokio::task::spawn_blocking(move || drop(old));
+                if let Some(producer) = old.producer.get() {
+                    producer.purge(PurgeConfig::default().queue().inflight().non_blocking());
+                }
+                // Destroyed off the runtime's threads by whoever lets go of it last: this, or a
+                // call still in flight on it (`OffRuntime`).
                 warn!(
                     generation = generation + 1,
                     why = why.as_str(),
@@ -312,12 +342,15 @@ impl Publisher {
             }
             all_brokers_down.borrow_and_update();
         }
+        let Some(held) = producer.get() else {
+            return Err(unavailable("the producer is being replaced".to_owned()));
+        };
         let result = tokio::select! {
-            result = self.produce_all(&producer, envelopes) => result,
+            result = self.produce_all(held, envelopes) => result,
             _ = all_brokers_down.changed() => Err(unavailable("no Kafka broker is reachable".to_owned())),
         };
         if result.is_err() {
-            if let Some((code, reason)) = producer.client().fatal_error() {
+            if let Some((code, reason)) = held.client().fatal_error() {
                 error!(%code, %reason, "the idempotent producer hit a fatal error");
                 self.replace(generation, Replacement::Fatal);
             } else if *all_brokers_down.borrow() > 0 {
