@@ -6,11 +6,11 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
-use crate::files::{Stamp, stamp};
+use crate::files::{Stamp, digest, stamp};
 
 use futures::StreamExt as _;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info};
+use tracing::{debug, error, info, warn};
 
 use touchline_core::UnixNanos;
 
@@ -19,6 +19,10 @@ use crate::{PartnerRegistry, Result};
 
 /// How often the file is checked for a change.
 const POLL_INTERVAL: Duration = Duration::from_secs(2);
+/// Checks in a row that find a file's stamp moved again before a change is read all the same: a
+/// stamp that never settles (a file rewritten every second, a file system whose stamps move by
+/// themselves) would otherwise never be read.
+const UNSETTLED_CHECKS: u32 = 5;
 
 /// A cheap, cloneable handle on the registry in force.
 #[derive(Debug, Clone)]
@@ -166,7 +170,9 @@ impl PartnerDirectory {
 /// Calls `reload` on SIGHUP and whenever the file at `path` (`what`, for the logs) changes, until
 /// `shutdown`: how a file the node runs with is reloaded without a restart. The file is checked
 /// every 2 s and read once it has stayed the same for one check, so that a file written in place
-/// is not read half-written (a SIGHUP reads it at once). `loaded` is its stamp before it was last
+/// is not read half-written (a SIGHUP reads it at once); a file whose stamp moves at every check
+/// is read after 5 of them (`UNSETTLED_CHECKS`), with a warning. A change whose bytes are those
+/// read last (a stamp that moved alone) is not reloaded. `loaded` is its stamp before it was last
 /// read (a change since is reloaded). A reload that fails (`reload` returns false) is tried once
 /// more at the next check, even without a new change.
 pub async fn watch_file(
@@ -211,8 +217,12 @@ async fn watch_file_with(
 ) {
     let mut retry = false;
     let mut read = loaded;
+    // The bytes last read, by digest (unknown at first: the first change is read).
+    let mut last_digest = None;
     // A change seen at the last check, read if the next one sees the same.
     let mut seen = None;
+    // Checks in a row that saw the stamp move again.
+    let mut unsettled = 0;
     let mut poll = tokio::time::interval(POLL_INTERVAL);
     // After a stall (a paused process), not two checks at once: the file must stay the same for
     // a whole interval.
@@ -223,18 +233,31 @@ async fn watch_file_with(
             Some(()) = hangups.next() => {
                 info!("SIGHUP: reloading {what}");
                 read = stamp(path);
+                last_digest = digest(path);
                 seen = None;
+                unsettled = 0;
                 retry = !reload();
             }
             _ = poll.tick() => {
                 let now = stamp(path);
                 if now != read {
-                    if seen == Some(now) {
+                    if seen == Some(now) || unsettled >= UNSETTLED_CHECKS {
+                        if seen != Some(now) {
+                            warn!(checks = unsettled, "{what} keeps changing: read without waiting for it to settle");
+                        }
                         read = now;
                         seen = None;
-                        retry = !reload();
+                        unsettled = 0;
+                        let bytes = digest(path);
+                        if bytes.is_some() && bytes == last_digest {
+                            debug!("{what}: its stamp moved, its bytes did not: not reloaded");
+                        } else {
+                            last_digest = bytes;
+                            retry = !reload();
+                        }
                     } else {
                         seen = Some(now);
+                        unsettled += 1;
                     }
                 } else if retry {
                     info!("reloading {what} again after a failed reload");
@@ -257,32 +280,41 @@ mod tests {
         )
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn a_hangup_reloads_at_once_and_a_change_once_it_settles() -> anyhow::Result<()> {
-        use std::sync::atomic::{AtomicUsize, Ordering};
-        let dir = tempfile::tempdir()?;
-        let path = dir.path().join("partners.toml");
-        std::fs::write(&path, file("courier", "old-token"))?;
-        let reloads = Arc::new(AtomicUsize::new(0));
-        let (hangup, hangups) = tokio::sync::mpsc::unbounded_channel();
+    /// Watches `path` (as it is now), counting reloads, until the token is cancelled.
+    fn watch_counting(
+        path: &Path,
+        hangups: futures::stream::BoxStream<'static, ()>,
+    ) -> (
+        Arc<std::sync::atomic::AtomicUsize>,
+        CancellationToken,
+        tokio::task::JoinHandle<()>,
+    ) {
+        let reloads = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let stop = CancellationToken::new();
         let watching = tokio::spawn({
-            let (path, reloads, stop) = (path.clone(), Arc::clone(&reloads), stop.clone());
+            let (path, reloads, stop) = (path.to_owned(), Arc::clone(&reloads), stop.clone());
             async move {
-                watch_file_with(
-                    &path,
-                    stamp(&path),
-                    "the test file",
-                    tokio_stream::wrappers::UnboundedReceiverStream::new(hangups).boxed(),
-                    stop,
-                    || {
-                        reloads.fetch_add(1, Ordering::SeqCst);
-                        true
-                    },
-                )
+                watch_file_with(&path, stamp(&path), "the test file", hangups, stop, || {
+                    reloads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    true
+                })
                 .await;
             }
         });
+        (reloads, stop, watching)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_hangup_reloads_at_once_and_a_change_once_it_settles() -> anyhow::Result<()> {
+        use std::sync::atomic::Ordering;
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("partners.toml");
+        std::fs::write(&path, file("courier", "old-token"))?;
+        let (hangup, hangups) = tokio::sync::mpsc::unbounded_channel();
+        let (reloads, stop, watching) = watch_counting(
+            &path,
+            tokio_stream::wrappers::UnboundedReceiverStream::new(hangups).boxed(),
+        );
         let until = async |count: usize, what: &str| -> anyhow::Result<()> {
             let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
             let mut poll = tokio::time::interval(Duration::from_millis(20));
@@ -313,6 +345,46 @@ mod tests {
         stop.cancel();
         watching.await?;
         assert_eq!(reloads.load(Ordering::SeqCst), 2, "one reload per change");
+        Ok(())
+    }
+
+    #[cfg(unix)]
+    #[tokio::test(start_paused = true)]
+    async fn a_stamp_that_moves_alone_is_no_change_and_one_that_never_settles_is_read()
+    -> anyhow::Result<()> {
+        use std::os::unix::fs::PermissionsExt as _;
+        use std::sync::atomic::Ordering;
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("partners.toml");
+        std::fs::write(&path, file("courier", "old-token"))?;
+        let (reloads, stop, watching) = watch_counting(&path, futures::stream::pending().boxed());
+        let reloaded = || reloads.load(Ordering::SeqCst);
+        // On a paused clock each sleep moves time past one check (the first sleep past the
+        // check at the start, too).
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // A change, read once it settled.
+        std::fs::write(&path, file("store", "new-token"))?;
+        tokio::time::sleep(POLL_INTERVAL * 2).await;
+        assert_eq!(reloaded(), 1, "a change is read");
+        // Its stamp moves (a chmod changes the status-change time), its bytes do not.
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+        tokio::time::sleep(POLL_INTERVAL * 2).await;
+        assert_eq!(reloaded(), 1, "a stamp that moved alone is no change");
+        // Rewritten before every check: read all the same, after UNSETTLED_CHECKS checks.
+        for round in 0..UNSETTLED_CHECKS {
+            std::fs::write(&path, file(&format!("partner-{round}"), "token"))?;
+            tokio::time::sleep(POLL_INTERVAL).await;
+            assert_eq!(reloaded(), 1, "read before it settled, at check {round}");
+        }
+        std::fs::write(&path, file("last", "token"))?;
+        tokio::time::sleep(POLL_INTERVAL).await;
+        assert_eq!(
+            reloaded(),
+            2,
+            "a file that never settles is read all the same"
+        );
+        stop.cancel();
+        watching.await?;
         Ok(())
     }
 

@@ -41,6 +41,20 @@ pub fn stamp(path: &Path) -> Option<Stamp> {
     })
 }
 
+/// The SHA-256 of the regular file at `path`, when it can be read and holds at most
+/// [`DIGEST_LIMIT`] bytes: what a watcher compares when a file's stamp moved, so that a stamp
+/// that moves with the same bytes (a `chmod`, a file system whose inode numbers are not stable)
+/// is not taken for a change.
+#[must_use]
+pub fn digest(path: &Path) -> Option<[u8; 32]> {
+    use sha2::Digest as _;
+    let bytes = read_regular(path, DIGEST_LIMIT).ok()?;
+    Some(sha2::Sha256::digest(bytes).into())
+}
+
+/// The largest file [`digest`] reads: the largest a node reads while it runs (a partners file).
+pub const DIGEST_LIMIT: u64 = 16 * 1024 * 1024;
+
 /// How a file is read: [`read_regular`] by a node (which reads its files again while it runs),
 /// [`read_bounded`] by a command that reads it once (a pipe such as `<(vault read ...)` will do).
 pub type Reader = fn(&Path, u64) -> std::io::Result<Vec<u8>>;
