@@ -19,9 +19,8 @@ use crate::{PartnerRegistry, Result};
 
 /// How often the file is checked for a change.
 const POLL_INTERVAL: Duration = Duration::from_secs(2);
-/// Checks in a row that find a file's stamp moved again before a change is read all the same: a
-/// stamp that never settles (a file rewritten every second, a file system whose stamps move by
-/// themselves) would otherwise never be read.
+/// Checks in a row that find a file changed again before a warning says so (a file rewritten
+/// more often than it is checked is never read half-way).
 const UNSETTLED_CHECKS: u32 = 5;
 
 /// A cheap, cloneable handle on the registry in force.
@@ -170,9 +169,9 @@ impl PartnerDirectory {
 /// Calls `reload` on SIGHUP and whenever the file at `path` (`what`, for the logs) changes, until
 /// `shutdown`: how a file the node runs with is reloaded without a restart. The file is checked
 /// every 2 s and read once it has stayed the same for one check, so that a file written in place
-/// is not read half-written (a SIGHUP reads it at once); a file whose stamp moves at every check
-/// is read after 5 of them (`UNSETTLED_CHECKS`), with a warning. A change whose bytes are those
-/// read last (a stamp that moved alone) is not reloaded. `loaded` is its stamp before it was last
+/// is not read half-written (a SIGHUP reads it at once); where its stamp moves at every check,
+/// once its bytes stayed the same for a check (a file system whose stamps move by themselves). A
+/// change whose bytes are those in force (a stamp that moved alone) is not reloaded. `loaded` is its stamp before it was last
 /// read (a change since is reloaded). A reload that fails (`reload` returns false) is tried once
 /// more at the next check, even without a new change.
 pub async fn watch_file(
@@ -217,11 +216,26 @@ async fn watch_file_with(
 ) {
     let mut retry = false;
     let mut read = loaded;
-    // The bytes last read, by digest (unknown at first: the first change is read).
+    // The bytes in force, by digest, when known for sure (unknown at first: the first change is
+    // read).
     let mut last_digest = None;
-    // A change seen at the last check, read if the next one sees the same.
+    // Reloads, and keeps the digest of what it read only when the reload succeeded and the file
+    // held the same bytes before and after it (else the next change is read whatever its bytes).
+    let mut reload_noting = |last_digest: &mut Option<[u8; 32]>| {
+        let before = digest(path);
+        let reloaded = reload();
+        *last_digest = if reloaded && before.is_some() && digest(path) == before {
+            before
+        } else {
+            None
+        };
+        reloaded
+    };
+    // A change seen at the last check (its stamp and its bytes), read if the next one sees the
+    // same stamp or the same bytes.
     let mut seen = None;
-    // Checks in a row that saw the stamp move again.
+    let mut seen_digest = None;
+    // Checks in a row that saw the file change again.
     let mut unsettled = 0;
     let mut poll = tokio::time::interval(POLL_INTERVAL);
     // After a stall (a paused process), not two checks at once: the file must stay the same for
@@ -233,36 +247,43 @@ async fn watch_file_with(
             Some(()) = hangups.next() => {
                 info!("SIGHUP: reloading {what}");
                 read = stamp(path);
-                last_digest = digest(path);
-                seen = None;
-                unsettled = 0;
-                retry = !reload();
+                (seen, seen_digest, unsettled) = (None, None, 0);
+                retry = !reload_noting(&mut last_digest);
             }
             _ = poll.tick() => {
                 let now = stamp(path);
-                if now != read {
-                    if seen == Some(now) || unsettled >= UNSETTLED_CHECKS {
-                        if seen != Some(now) {
-                            warn!(checks = unsettled, "{what} keeps changing: read without waiting for it to settle");
-                        }
-                        read = now;
-                        seen = None;
-                        unsettled = 0;
-                        let bytes = digest(path);
-                        if bytes.is_some() && bytes == last_digest {
-                            debug!("{what}: its stamp moved, its bytes did not: not reloaded");
-                        } else {
-                            last_digest = bytes;
-                            retry = !reload();
-                        }
-                    } else {
-                        seen = Some(now);
-                        unsettled += 1;
+                if now == read {
+                    (seen, seen_digest, unsettled) = (None, None, 0);
+                    if retry {
+                        info!("reloading {what} again after a failed reload");
+                        retry = false;
+                        reload_noting(&mut last_digest);
                     }
-                } else if retry {
-                    info!("reloading {what} again after a failed reload");
-                    retry = false;
-                    reload();
+                    continue;
+                }
+                // Settled: the same stamp as at the last check or, where the stamp moved again,
+                // the same bytes (a stamp that moves by itself).
+                let settled = seen == Some(now) || {
+                    let bytes = digest(path);
+                    let same = bytes.is_some() && bytes == seen_digest;
+                    seen_digest = bytes;
+                    same
+                };
+                if !settled {
+                    seen = Some(now);
+                    unsettled += 1;
+                    if unsettled == UNSETTLED_CHECKS {
+                        warn!(checks = unsettled, "{what} keeps changing: read once it stays the same for a check");
+                    }
+                    continue;
+                }
+                read = now;
+                (seen, seen_digest, unsettled) = (None, None, 0);
+                let bytes = digest(path);
+                if bytes.is_some() && bytes == last_digest {
+                    debug!("{what}: its stamp moved, its bytes did not: not reloaded");
+                } else {
+                    retry = !reload_noting(&mut last_digest);
                 }
             }
         }
@@ -348,11 +369,29 @@ mod tests {
         Ok(())
     }
 
+    /// Moves the file's stamp without changing its bytes (a `chmod` changes its status-change
+    /// time), at a timestamp tick of its own (a kernel's timestamps may be coarse).
+    #[cfg(unix)]
+    fn move_stamp(path: &Path) -> anyhow::Result<()> {
+        use std::os::unix::fs::PermissionsExt as _;
+        let before = stamp(path);
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while stamp(path) == before {
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "the stamp never moved"
+            );
+            let mode = std::fs::metadata(path)?.permissions().mode();
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode ^ 0o040))?;
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        Ok(())
+    }
+
     #[cfg(unix)]
     #[tokio::test(start_paused = true)]
-    async fn a_stamp_that_moves_alone_is_no_change_and_one_that_never_settles_is_read()
+    async fn a_stamp_that_moves_by_itself_is_no_change_and_bytes_that_change_are_not_read_half_way()
     -> anyhow::Result<()> {
-        use std::os::unix::fs::PermissionsExt as _;
         use std::sync::atomic::Ordering;
         let dir = tempfile::tempdir()?;
         let path = dir.path().join("partners.toml");
@@ -366,23 +405,29 @@ mod tests {
         std::fs::write(&path, file("store", "new-token"))?;
         tokio::time::sleep(POLL_INTERVAL * 2).await;
         assert_eq!(reloaded(), 1, "a change is read");
-        // Its stamp moves (a chmod changes the status-change time), its bytes do not.
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+        // Its stamp moves, its bytes do not.
+        move_stamp(&path)?;
         tokio::time::sleep(POLL_INTERVAL * 2).await;
         assert_eq!(reloaded(), 1, "a stamp that moved alone is no change");
-        // Rewritten before every check: read all the same, after UNSETTLED_CHECKS checks.
-        for round in 0..UNSETTLED_CHECKS {
-            std::fs::write(&path, file(&format!("partner-{round}"), "token"))?;
+        // New bytes, and a stamp that moves by itself at every check: read once the bytes
+        // stayed the same for a check.
+        std::fs::write(&path, file("host", "host-token"))?;
+        for _ in 0..2 {
             tokio::time::sleep(POLL_INTERVAL).await;
-            assert_eq!(reloaded(), 1, "read before it settled, at check {round}");
+            move_stamp(&path)?;
         }
-        std::fs::write(&path, file("last", "token"))?;
         tokio::time::sleep(POLL_INTERVAL).await;
-        assert_eq!(
-            reloaded(),
-            2,
-            "a file that never settles is read all the same"
-        );
+        assert_eq!(reloaded(), 2, "a change under a moving stamp is read");
+        // Bytes that change before every check (each of another length): not read half-way,
+        // however long it lasts; read once they stop changing.
+        for round in 0..=UNSETTLED_CHECKS {
+            let partner = "p".repeat(usize::try_from(round)? + 2);
+            std::fs::write(&path, file(&partner, "token"))?;
+            tokio::time::sleep(POLL_INTERVAL).await;
+            assert_eq!(reloaded(), 2, "read while it changed, at check {round}");
+        }
+        tokio::time::sleep(POLL_INTERVAL).await;
+        assert_eq!(reloaded(), 3, "read once it stopped changing");
         stop.cancel();
         watching.await?;
         Ok(())

@@ -53,7 +53,7 @@ pub fn digest(path: &Path) -> Option<[u8; 32]> {
 }
 
 /// The largest file [`digest`] reads: the largest a node reads while it runs (a partners file).
-pub const DIGEST_LIMIT: u64 = 16 * 1024 * 1024;
+pub const DIGEST_LIMIT: u64 = crate::auth::MAX_PARTNERS_FILE_BYTES;
 
 /// How a file is read: [`read_regular`] by a node (which reads its files again while it runs),
 /// [`read_bounded`] by a command that reads it once (a pipe such as `<(vault read ...)` will do).

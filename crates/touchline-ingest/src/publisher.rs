@@ -118,10 +118,16 @@ impl<T: Send + 'static> OffRuntime<T> {
     fn new(value: T) -> Self {
         Self(Some(value))
     }
+}
 
-    /// The value (`None` only while it is being dropped).
-    fn get(&self) -> Option<&T> {
-        self.0.as_ref()
+impl<T: Send + 'static> std::ops::Deref for OffRuntime<T> {
+    type Target = T;
+
+    fn deref(&self) -> &T {
+        // Taken only by `drop`, after which nothing can reach it.
+        self.0
+            .as_ref()
+            .expect("an OffRuntime's value is taken only when it is dropped")
     }
 }
 
@@ -129,6 +135,8 @@ impl<T: Send + 'static> Drop for OffRuntime<T> {
     fn drop(&mut self) {
         let Some(value) = self.0.take() else { return };
         match tokio::runtime::Handle::try_current() {
+            // A runtime shutting down refuses the task and drops the value here: blocking, but
+            // only at the end.
             Ok(runtime) => {
                 runtime.spawn_blocking(move || drop(value));
             }
@@ -312,9 +320,8 @@ impl Publisher {
         match ProducerSlot::create(&self.config, &self.topic, generation + 1) {
             Ok(fresh) => {
                 let old = std::mem::replace(&mut *slot, fresh);
-                if let Some(producer) = old.producer.get() {
-                    producer.purge(PurgeConfig::default().queue().inflight().non_blocking());
-                }
+                old.producer
+                    .purge(PurgeConfig::default().queue().inflight().non_blocking());
                 // Destroyed off the runtime's threads by whoever lets go of it last: this, or a
                 // call still in flight on it (`OffRuntime`).
                 warn!(
@@ -342,9 +349,7 @@ impl Publisher {
             }
             all_brokers_down.borrow_and_update();
         }
-        let Some(held) = producer.get() else {
-            return Err(unavailable("the producer is being replaced".to_owned()));
-        };
+        let held: &Producer = &producer;
         let result = tokio::select! {
             result = self.produce_all(held, envelopes) => result,
             _ = all_brokers_down.changed() => Err(unavailable("no Kafka broker is reachable".to_owned())),

@@ -178,8 +178,6 @@ async fn a_call_on_a_producer_kept_after_losing_every_broker_fails_at_once() {
         .read()
         .unwrap_or_else(PoisonError::into_inner)
         .producer
-        .get()
-        .expect("held")
         .context()
         .error(
             KafkaError::Global(RDKafkaErrorCode::AllBrokersDown),
