@@ -80,7 +80,7 @@ start() {
         # Answered by our broker, still running (not by another on a port taken meanwhile).
         until python3 "$here/kafka_ping.py" "127.0.0.1:$port" 1 && kill -0 "$pid" 2>/dev/null; do
             if ! kill -0 "$pid" 2>/dev/null && [ "$attempt" -lt "$attempts" ] \
-                && tail -n "+$((logged + 1))" "$dir/tansu.log" | grep -q "AddrInUse"; then
+                && tail -n "+$((logged + 1))" "$dir/tansu.log" | grep -qE "AddrInUse|Address already in use"; then
                 echo "tansu.sh: 127.0.0.1:$port was taken meanwhile; trying another port" >&2
                 continue 2
             fi

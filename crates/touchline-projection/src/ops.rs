@@ -215,6 +215,9 @@ impl Rebuilds {
     /// for them. Shutdown stops and awaits the deletion like a retiring version's; what is left is
     /// deleted after the next open.
     pub fn drop_leftovers(&self) {
+        if self.closed.load(Ordering::Acquire) {
+            return;
+        }
         let cancel = CancellationToken::new();
         let store = Arc::clone(&self.store);
         let task = tokio::task::spawn_blocking({
@@ -316,10 +319,15 @@ fn failed_by_panic(
         .map(|reason| (*reason).to_owned())
         .or_else(|| panic.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "a panic without a message".to_owned());
-    error!(%projection, version, reason, "the rebuild panicked; the active version is untouched");
     match store.cancel_rebuild(projection, version, &|| stop.is_cancelled()) {
-        Ok(_) | Err(OpsError::NotBuilding { .. }) => {}
+        Ok(_) => {
+            error!(%projection, version, reason, "the rebuild panicked; the active version is untouched");
+        }
+        Err(OpsError::NotBuilding { .. }) => {
+            error!(%projection, version, reason, "the rebuild panicked after its switch; the new version serves");
+        }
         Err(error) => {
+            error!(%projection, version, reason, "the rebuild panicked; the active version is untouched");
             warn!(%projection, version, %error, "cannot drop the failed version; it is dropped on the next start");
         }
     }

@@ -335,8 +335,8 @@ impl TimelineService {
     /// within a batch or two, and each of its flushes is heard on the feed (a flush raises the
     /// durable sequence before it tells the feed, so subscribing after the first look misses
     /// none). Past [`SUMMARY_FLUSH_WAIT`], or without a feed, the store is flushed here (a flush
-    /// covers everything applied before it starts; also what a failed write left visible, which
-    /// no flush of the projector covers until the next write succeeds).
+    /// covers everything applied before it starts). After a failed write the store refuses the
+    /// flush, so a read of what that write may have left visible fails (`STORE_FAILED`).
     async fn durable_through(&self, sequence: u64) -> std::result::Result<(), Status> {
         use tokio::sync::broadcast::error::RecvError;
         let store = self.reads.store();

@@ -283,7 +283,7 @@ fn discard(store_path: &Path, created: bool) {
         Ok(())
     });
     if let Err(error) = deleted {
-        tracing::warn!(path = %store_path.display(), error = format!("{error:#}"), "cannot clear what the failed restore made: the folder stays marked, restore into it again");
+        tracing::warn!(path = %store_path.display(), error = format!("{error:#}"), "cannot clear what the failed restore made: restore into the folder again (a node refuses it while it is marked)");
     }
 }
 

@@ -92,9 +92,10 @@ impl Node {
             .ok_or_else(|| anyhow::anyhow!("stopped during the start"))
     }
 
-    /// [`Self::start`], given up when `stop` is cancelled first: `None` then. Stopped before it
-    /// served, the start stops what it started as it is dropped (the store is crash-safe), without
-    /// waiting for the blocking Kafka calls under way. A start that failed fails, even when `stop`
+    /// [`Self::start`], given up when `stop` is cancelled first: `None` then, and the caller
+    /// should exit (the process's `main` does): stopped before it served, the start stops what it
+    /// started as it is dropped (the store is crash-safe), without waiting for the blocking Kafka
+    /// calls under way or for the projector's thread. A start that failed fails, even when `stop`
     /// came meanwhile (while its projector stops, or at the same instant).
     ///
     /// # Errors

@@ -21,8 +21,9 @@ use touchline_proto::v1::ingest_service_client::IngestServiceClient;
 
 const DEADLINE: Duration = Duration::from_secs(60);
 const TOKEN: &str = "dev-token-swift-courier";
-/// The node's file-size limit in KiB: enough to start, soon used up by events.
-const LIMIT_KIB: u64 = 4096;
+/// The node's file-size limit in the shell's `ulimit -f` blocks (512 bytes in a POSIX `sh`, 1 KiB
+/// in bash): 2 to 4 MiB, enough to start, soon used up by events.
+const LIMIT_BLOCKS: u64 = 4096;
 const CUSTOMERS: usize = 20;
 /// Bytes of payload per event, so that the limit is reached in a few batches.
 const PAYLOAD: usize = 2048;
@@ -30,7 +31,7 @@ const PAYLOAD: usize = 2048;
 /// Starts `touchline dev` on `data_dir`, under the file-size limit when `limited`.
 async fn start_dev(data_dir: &std::path::Path, limited: bool) -> anyhow::Result<(Child, String)> {
     let limit = if limited {
-        format!("trap '' XFSZ; ulimit -f {LIMIT_KIB} && ")
+        format!("trap '' XFSZ; ulimit -f {LIMIT_BLOCKS} && ")
     } else {
         String::new()
     };

@@ -306,7 +306,7 @@ impl SledStore {
         // is dropped as an interrupted rebuild's and the previous one serves.
         if let Err(error) = self.db.flush() {
             tracing::warn!(%projection, version, %error, "cannot flush the switch");
-            let _ = self.fail(error);
+            return Err(self.fail(error).into());
         }
         Ok(Switched {
             projection,

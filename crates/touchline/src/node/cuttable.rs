@@ -17,7 +17,8 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tonic::transport::server::Connected;
 
 /// A connection that fails with [`io::ErrorKind::ConnectionAborted`] once `cut` is cancelled
-/// (waking whoever waits on it).
+/// (waking whoever waits on it). Its reads and writes share one waiter, which keeps one waker:
+/// right while one task drives the connection, as hyper's server does.
 #[derive(Debug)]
 pub(super) struct Cuttable<IO> {
     io: IO,
