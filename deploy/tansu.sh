@@ -37,7 +37,7 @@ install() {
         echo "tansu $TANSU_VERSION is installed: $bin"
         return
     fi
-    echo "installing tansu $TANSU_VERSION (about 11 minutes on 2 cores)" >&2
+    echo "installing tansu $TANSU_VERSION (about 10 minutes on 2 cores)" >&2
     cargo install tansu --version "$TANSU_VERSION" --locked --features dynostore,libsql >&2
 }
 
