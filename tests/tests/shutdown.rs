@@ -11,7 +11,7 @@ use touchline_proto::v1::{self, JourneyStage};
 
 use touchline_tests::{
     COURIER, authorized, error_reason, event_ids, ingest_client, partners, publish, start_broker,
-    start_node, start_node_with, timeline_client, touchpoint, wait_for_timeline,
+    start_node, start_node_with, timeline_client, touchpoint, wait_for_timeline, wait_until,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -229,16 +229,8 @@ async fn a_call_still_open_when_the_grace_is_over_is_cut_and_the_store_let_go() 
         .map_err(|_| anyhow::anyhow!("the open call was not ended"))??;
     assert!(ended.is_err(), "the call cannot have succeeded");
     // Nothing holds the store any longer (sled releases its lock from a thread of its own).
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        match touchline_projection::SledStore::open(&dir.path().join("store")) {
-            Ok(_) => break,
-            Err(error) if tokio::time::Instant::now() < deadline => {
-                tracing::debug!(%error, "the store is still held");
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            Err(error) => anyhow::bail!("the stopped node still holds its store: {error}"),
-        }
-    }
-    Ok(())
+    wait_until("the stopped node to let go of its store", || {
+        touchline_projection::SledStore::open(&dir.path().join("store")).is_ok()
+    })
+    .await
 }

@@ -219,10 +219,10 @@ async fn watch_file_with(
     // The bytes in force, by digest, when known for sure (unknown at first: the first change is
     // read).
     let mut last_digest = None;
-    // Reloads, and keeps the digest of what it read only when the reload succeeded and the file
-    // held the same bytes before and after it (else the next change is read whatever its bytes).
-    let mut reload_noting = |last_digest: &mut Option<[u8; 32]>| {
-        let before = digest(path);
+    // Reloads a file whose digest was `before`, and keeps that digest only when the reload
+    // succeeded and the file held the same bytes after it (else the next change is read whatever
+    // its bytes).
+    let mut reload_noting = |last_digest: &mut Option<[u8; 32]>, before: Option<[u8; 32]>| {
         let reloaded = reload();
         *last_digest = if reloaded && before.is_some() && digest(path) == before {
             before
@@ -248,7 +248,7 @@ async fn watch_file_with(
                 info!("SIGHUP: reloading {what}");
                 read = stamp(path);
                 (seen, seen_digest, unsettled) = (None, None, 0);
-                retry = !reload_noting(&mut last_digest);
+                retry = !reload_noting(&mut last_digest, digest(path));
             }
             _ = poll.tick() => {
                 let now = stamp(path);
@@ -257,19 +257,16 @@ async fn watch_file_with(
                     if retry {
                         info!("reloading {what} again after a failed reload");
                         retry = false;
-                        reload_noting(&mut last_digest);
+                        reload_noting(&mut last_digest, digest(path));
                     }
                     continue;
                 }
                 // Settled: the same stamp as at the last check or, where the stamp moved again,
-                // the same bytes (a stamp that moves by itself).
-                let settled = seen == Some(now) || {
-                    let bytes = digest(path);
-                    let same = bytes.is_some() && bytes == seen_digest;
-                    seen_digest = bytes;
-                    same
-                };
+                // the same bytes (a stamp that moves by itself). The bytes are read once a check.
+                let bytes = digest(path);
+                let settled = seen == Some(now) || (bytes.is_some() && bytes == seen_digest);
                 if !settled {
+                    seen_digest = bytes;
                     seen = Some(now);
                     unsettled += 1;
                     if unsettled == UNSETTLED_CHECKS {
@@ -279,11 +276,10 @@ async fn watch_file_with(
                 }
                 read = now;
                 (seen, seen_digest, unsettled) = (None, None, 0);
-                let bytes = digest(path);
                 if bytes.is_some() && bytes == last_digest {
                     debug!("{what}: its stamp moved, its bytes did not: not reloaded");
                 } else {
-                    retry = !reload_noting(&mut last_digest);
+                    retry = !reload_noting(&mut last_digest, bytes);
                 }
             }
         }

@@ -319,15 +319,12 @@ fn failed_by_panic(
         .map(|reason| (*reason).to_owned())
         .or_else(|| panic.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "a panic without a message".to_owned());
-    match store.cancel_rebuild(projection, version, &|| stop.is_cancelled()) {
-        Ok(_) => {
-            error!(%projection, version, reason, "the rebuild panicked; the active version is untouched");
-        }
-        Err(OpsError::NotBuilding { .. }) => {
-            error!(%projection, version, reason, "the rebuild panicked after its switch; the new version serves");
-        }
-        Err(error) => {
-            error!(%projection, version, reason, "the rebuild panicked; the active version is untouched");
+    let dropped = store.cancel_rebuild(projection, version, &|| stop.is_cancelled());
+    if let Err(OpsError::NotBuilding { .. }) = dropped {
+        error!(%projection, version, reason, "the rebuild panicked after its switch; the new version serves");
+    } else {
+        error!(%projection, version, reason, "the rebuild panicked; the active version is untouched");
+        if let Err(error) = dropped {
             warn!(%projection, version, %error, "cannot drop the failed version; it is dropped on the next start");
         }
     }

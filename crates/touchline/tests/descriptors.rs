@@ -69,11 +69,7 @@ async fn a_node_out_of_descriptors_says_so_and_serves_again() -> anyhow::Result<
         // Each try within its own bound: a node that never answers fails the test, not hangs it.
         let answered = tokio::time::timeout(Duration::from_secs(5), async {
             let mut client = IngestServiceClient::connect(endpoint.clone()).await.ok()?;
-            let mut request = tonic::Request::new(touchline_proto::v1::PublishRequest::default());
-            request.metadata_mut().insert(
-                "authorization",
-                "Bearer dev-token-swift-courier".parse().ok()?,
-            );
+            let request = dev::authorized(touchline_proto::v1::PublishRequest::default());
             // An empty batch: answered (refused as empty) by a node that serves.
             client.publish(request).await.err()
         })

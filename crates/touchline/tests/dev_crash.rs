@@ -19,13 +19,12 @@ use anyhow::Context as _;
 use tokio::io::{AsyncBufReadExt as _, BufReader};
 use tokio::process::{Child, Command};
 
-use dev::{Acked, assert_all_there_once};
+use dev::{Acked, assert_all_there_once, authorized};
 use touchline_proto::v1;
 use touchline_proto::v1::admin_service_client::AdminServiceClient;
 use touchline_proto::v1::ingest_service_client::IngestServiceClient;
 
 const DEADLINE: Duration = Duration::from_secs(60);
-const TOKEN: &str = "dev-token-swift-courier";
 
 /// Starts `touchline dev` on a free port and returns it with its endpoint, read from its banner.
 async fn start_dev(data_dir: &std::path::Path) -> anyhow::Result<(Child, String)> {
@@ -68,15 +67,6 @@ async fn start_dev_at(
 
 fn event(index: usize) -> v1::Touchpoint {
     dev::event(index, 5, 0)
-}
-
-fn authorized<T>(message: T) -> tonic::Request<T> {
-    let mut request = tonic::Request::new(message);
-    request.metadata_mut().insert(
-        "authorization",
-        format!("Bearer {TOKEN}").parse().expect("valid header"),
-    );
-    request
 }
 
 /// Four publishers send batches one after another until a call fails; `stop` is called once 100

@@ -20,7 +20,6 @@ use touchline_proto::v1;
 use touchline_proto::v1::ingest_service_client::IngestServiceClient;
 
 const DEADLINE: Duration = Duration::from_secs(60);
-const TOKEN: &str = "dev-token-swift-courier";
 /// The node's file-size limit in the shell's `ulimit -f` blocks (512 bytes in a POSIX `sh`, 1 KiB
 /// in bash): 2 to 4 MiB, enough to start, soon used up by events.
 const LIMIT_BLOCKS: u64 = 4096;
@@ -63,13 +62,10 @@ async fn a_node_whose_disk_is_full_stops_and_loses_nothing_acknowledged() -> any
                 .map(|index| dev::event(index, CUSTOMERS, PAYLOAD))
                 .collect();
             next += 50;
-            let mut request = tonic::Request::new(v1::PublishRequest {
+            let request = dev::authorized(v1::PublishRequest {
                 events: events.clone(),
                 batch_id: String::new(),
             });
-            request
-                .metadata_mut()
-                .insert("authorization", format!("Bearer {TOKEN}").parse()?);
             match ingest.publish(request).await {
                 Ok(response) => {
                     dev::add_accepted(&mut acked, &events, response.get_ref());

@@ -9,6 +9,19 @@ use tokio::process::Command;
 use touchline_proto::v1;
 use touchline_proto::v1::timeline_service_client::TimelineServiceClient;
 
+/// The partner token `touchline dev` accepts (its demo courier's).
+pub const TOKEN: &str = "dev-token-swift-courier";
+
+/// `message` with the dev partner's bearer token.
+pub fn authorized<T>(message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {TOKEN}").parse().expect("valid header"),
+    );
+    request
+}
+
 /// Acknowledged event ids per customer.
 pub type Acked = BTreeMap<String, BTreeSet<String>>;
 
