@@ -27,6 +27,8 @@ pub fn apply_batch(tree: &sled::Tree, batch: sled::Batch, writes: usize) -> sled
     }
     {
         let _pages_wait = crate::gate::write();
+        #[cfg(test)]
+        assert!(!PANIC_NEXT_BATCH.replace(false), "injected write panic");
         tree.apply_batch(batch)?;
     }
     collect_after(writes);
@@ -37,6 +39,8 @@ pub fn apply_batch(tree: &sled::Tree, batch: sled::Batch, writes: usize) -> sled
 thread_local! {
     /// Unit tests: the next batch this thread applies fails, as when the disk does.
     pub(crate) static FAIL_NEXT_BATCH: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// Unit tests: the next batch this thread applies panics, as a bug in sled would.
+    pub(crate) static PANIC_NEXT_BATCH: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
 /// Runs the epoch collector in proportion to `writes` just applied. Cheap when there is nothing

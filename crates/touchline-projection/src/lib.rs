@@ -19,3 +19,12 @@ pub use sled_store::{
     Checksum, DeadLetter, MAX_PAGE_BYTES, OpsError, ProjectedEntries, Projection,
     ProjectionVersions, Requeued, SledStore, VersionChecksum, VersionRole, WATCH_BUFFER,
 };
+
+/// The message of a caught panic (`panic!` with a literal or a formatted message).
+pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|message| (*message).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".to_owned())
+}

@@ -314,11 +314,7 @@ fn failed_by_panic(
     stop: &CancellationToken,
     panic: &(dyn std::any::Any + Send),
 ) {
-    let reason = panic
-        .downcast_ref::<&str>()
-        .map(|reason| (*reason).to_owned())
-        .or_else(|| panic.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "a panic without a message".to_owned());
+    let reason = crate::panic_message(panic);
     let dropped = store.cancel_rebuild(projection, version, &|| stop.is_cancelled());
     if let Err(OpsError::NotBuilding { .. }) = dropped {
         error!(%projection, version, reason, "the rebuild panicked after its switch; the new version serves");

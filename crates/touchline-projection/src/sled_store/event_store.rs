@@ -194,13 +194,13 @@ impl EventStore for SledStore {
             .last()
             .map_or(0, |entry| entry.position.sequence)
             .max(self.log_count.load(Ordering::Acquire));
-        if let Err(error) = self.db.flush() {
+        if let Err(error) = self.guarded(|| self.db.flush()) {
             // Queued again, ahead of what was applied meanwhile: the next flush that succeeds
             // sends them to the watchers (else a watcher's cursor would pass them unsent).
             let mut unflushed = lock(&self.unflushed);
             let later = std::mem::replace(&mut *unflushed, entries);
             unflushed.extend(later);
-            return Err(self.fail(error));
+            return Err(error);
         }
         self.durable_count.fetch_max(covered, Ordering::AcqRel);
         // Nobody watching now means every later watcher reads a durable sequence that covers

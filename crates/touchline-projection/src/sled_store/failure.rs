@@ -39,7 +39,7 @@ impl SledStore {
     /// When an earlier write failed ([`WritesRefused`]) or sled fails this one.
     pub(super) fn write(&self, batch: sled::Batch, writes: usize) -> Result<(), StoreError> {
         self.writable()?;
-        crate::garbage::apply_batch(&self.tree, batch, writes).map_err(|error| self.fail(error))
+        self.guarded(|| crate::garbage::apply_batch(&self.tree, batch, writes))
     }
 
     /// Inserts one key of `table` at once, outside any batch (metadata that changes alone).
@@ -53,9 +53,26 @@ impl SledStore {
         value: impl Into<sled::IVec>,
     ) -> Result<(), StoreError> {
         self.writable()?;
-        table
-            .insert_now(key, value)
-            .map_err(|error| self.fail(error))
+        self.guarded(|| table.insert_now(key, value))
+    }
+
+    /// Runs one sled write or flush: when it fails, or panics (sled may have applied part of a
+    /// batch in memory before it did), the store fails as after any failed write. A panic then
+    /// goes on unwinding.
+    ///
+    /// # Errors
+    /// sled's error, once the store failed with it.
+    pub(super) fn guarded<T>(&self, op: impl FnOnce() -> sled::Result<T>) -> Result<T, StoreError> {
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(op)) {
+            Ok(result) => result.map_err(|error| self.fail(error)),
+            Err(panic) => {
+                self.record_failure(format!(
+                    "a store write panicked: {}",
+                    crate::panic_message(panic.as_ref())
+                ));
+                std::panic::resume_unwind(panic)
+            }
+        }
     }
 
     /// `Ok` while no write or flush has failed.
@@ -72,15 +89,19 @@ impl SledStore {
     /// Records that a write or flush failed with `error` (the first failure is kept), and returns
     /// the error to report.
     pub(super) fn fail(&self, error: sled::Error) -> StoreError {
-        let reason = error.to_string();
-        if self.failure.reason.set(reason.clone()).is_ok() {
+        self.record_failure(error.to_string());
+        backend(error)
+    }
+
+    /// Refuses every later write and flush for `reason`, unless an earlier failure was recorded.
+    fn record_failure(&self, reason: String) {
+        if self.failure.reason.set(reason).is_ok() {
             tracing::error!(
-                error = %reason,
+                error = self.failure().unwrap_or_default(),
                 "a store write failed: the store refuses every later write, and the node stops"
             );
             self.failure.failed.cancel();
         }
-        backend(error)
     }
 
     /// Why the store refuses writes: the first failed write or flush, if any.
@@ -201,6 +222,35 @@ mod tests {
         assert_eq!(outcome.appended, 5);
         assert_eq!(outcome.next_offsets.get(&0), Some(&8));
         assert_eq!(reopened.log_len(), 8);
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_write_that_panics_fails_the_store() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let store = SledStore::open(dir.path())?;
+        store.apply(&stream(), (0..3).map(record).collect())?;
+        store.flush()?;
+
+        crate::garbage::PANIC_NEXT_BATCH.set(true);
+        let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            store.apply(&stream(), (3..8).map(record).collect())
+        }));
+        assert!(panicked.is_err(), "the panic goes on unwinding");
+        assert_eq!(
+            store.failure(),
+            Some("a store write panicked: injected write panic")
+        );
+        tokio::time::timeout(std::time::Duration::from_secs(5), store.failed()).await?;
+
+        // As after a failed write: every later write and flush is refused.
+        let refused = store
+            .apply(&stream(), (3..5).map(record).collect())
+            .expect_err("refused");
+        assert!(is_refused(&refused), "{refused}");
+        assert!(is_refused(&store.flush().expect_err("refused")));
+        assert_eq!(store.log_len(), 3);
+        assert_eq!(store.durable_sequence(), 3);
         Ok(())
     }
 }

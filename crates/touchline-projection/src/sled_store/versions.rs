@@ -304,9 +304,9 @@ impl SledStore {
         // The switch is durable before it is reported. A failed flush stops the store's writes
         // and the node (see `failure`): after the restart the switch is there, or the new version
         // is dropped as an interrupted rebuild's and the previous one serves.
-        if let Err(error) = self.db.flush() {
+        if let Err(error) = self.guarded(|| self.db.flush()) {
             tracing::warn!(%projection, version, %error, "cannot flush the switch");
-            return Err(self.fail(error).into());
+            return Err(error.into());
         }
         Ok(Switched {
             projection,
