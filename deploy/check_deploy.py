@@ -5,7 +5,10 @@ instructions, and the Kubernetes manifests parse, point at files and objects tha
 health services Touchline serves and give pods time to drain."""
 import pathlib
 import sys
-import tomllib
+try:
+    import tomllib  # Python 3.11 and later
+except ImportError:  # older Pythons: the manifests' configuration files are not checked
+    tomllib = None
 
 try:
     import yaml
@@ -77,8 +80,9 @@ HEALTH_SERVICES = {"", "liveness", "touchline.v1.IngestService", "touchline.v1.T
 
 def check_kubernetes() -> list[str]:
     problems = []
-    if yaml is None:
-        print("deploy/ checks: PyYAML is not installed, kubernetes/ is not checked", file=sys.stderr)
+    if yaml is None or tomllib is None:
+        missing = "PyYAML is not installed" if yaml is None else "tomllib needs Python 3.11"
+        print(f"deploy/ checks: {missing}, kubernetes/ is not checked", file=sys.stderr)
         return problems
     folder = DEPLOY / "kubernetes"
     kustomization = yaml.safe_load((folder / "kustomization.yaml").read_text())

@@ -98,9 +98,42 @@ const DEFAULT_MESSAGE_TIMEOUT_MS: u128 = 30_000;
 /// librdkafka's largest `message.timeout.ms`.
 const MAX_MESSAGE_TIMEOUT_MS: u128 = i32::MAX as u128;
 
+/// Topic properties among those Touchline sets or guards: librdkafka also takes them with a
+/// `topic.` prefix in a client's configuration.
+const TOPIC_PROPERTIES: [&str; 8] = [
+    "acks",
+    "request.required.acks",
+    "auto.offset.reset",
+    "message.timeout.ms",
+    "delivery.timeout.ms",
+    "compression.type",
+    "compression.codec",
+    "partitioner",
+];
+
+/// The name of the property a pass-through name sets, for the properties Touchline sets or
+/// guards: librdkafka takes a topic property with a `topic.` prefix too, and some properties
+/// under an alias (`request.required.acks` for `acks`, say). Two spellings of one property would
+/// be two settings applied in no fixed order (rdkafka keeps them in a hash map), so the
+/// pass-through is applied, and checked, under this name. Other names are returned as they are.
+#[must_use]
+pub fn canonical_property(name: &str) -> &str {
+    let bare = name
+        .strip_prefix("topic.")
+        .filter(|bare| TOPIC_PROPERTIES.contains(bare))
+        .unwrap_or(name);
+    match bare {
+        "request.required.acks" => "acks",
+        "delivery.timeout.ms" => "message.timeout.ms",
+        "queue.buffering.max.ms" => "linger.ms",
+        "compression.codec" => "compression.type",
+        canonical => canonical,
+    }
+}
+
 fn apply_overrides(config: &mut ClientConfig, properties: &BTreeMap<String, String>) {
     for (key, value) in properties {
-        config.set(key, value);
+        config.set(canonical_property(key), value);
     }
 }
 
@@ -228,6 +261,45 @@ mod tests {
             Some("5")
         );
         assert_eq!(options.consumer_config().get("linger.ms"), Some("20"));
+    }
+
+    #[test]
+    fn other_spellings_of_a_property_set_it_under_its_own_name() {
+        let options = KafkaOptions {
+            producer_properties: BTreeMap::from([
+                ("delivery.timeout.ms".to_owned(), "10000".to_owned()),
+                ("topic.compression.codec".to_owned(), "zstd".to_owned()),
+                (
+                    "topic.metadata.refresh.interval.ms".to_owned(),
+                    "1000".to_owned(),
+                ),
+            ]),
+            consumer_properties: BTreeMap::from([(
+                "topic.auto.offset.reset".to_owned(),
+                "smallest".to_owned(),
+            )]),
+            ..KafkaOptions::default()
+        };
+        let producer = options.producer_config();
+        assert_eq!(producer.get("message.timeout.ms"), Some("10000"));
+        assert_eq!(producer.get("delivery.timeout.ms"), None);
+        assert_eq!(producer.get("compression.type"), Some("zstd"));
+        assert_eq!(producer.get("topic.compression.codec"), None);
+        assert_eq!(
+            producer.get("topic.metadata.refresh.interval.ms"),
+            Some("1000")
+        );
+        let consumer = options.consumer_config();
+        assert_eq!(consumer.get("auto.offset.reset"), Some("smallest"));
+        assert_eq!(consumer.get("topic.auto.offset.reset"), None);
+        // What a client sets after the pass-through still wins (a replay's `error`).
+        assert_eq!(
+            options
+                .consumer_config()
+                .set("auto.offset.reset", "error")
+                .get("auto.offset.reset"),
+            Some("error")
+        );
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! Layers, later winning: built-in defaults, an optional TOML file, `TOUCHLINE_` environment
 //! variables (`__` separates levels: `TOUCHLINE_KAFKA__BOOTSTRAP_SERVERS`), then CLI flags.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
@@ -31,6 +32,28 @@ pub struct Config {
     pub admin: AdminConfig,
     pub metrics: MetricsConfig,
     pub log: LogConfig,
+}
+
+/// Pass-through properties under the names librdkafka resolves them to
+/// ([`touchline_kafka::canonical_property`]), so that a guard sees `topic.acks` as `acks`.
+///
+/// # Errors
+/// When two spellings set one property (librdkafka would apply them in no fixed order).
+fn canonical_properties(
+    properties: &BTreeMap<String, String>,
+) -> anyhow::Result<BTreeMap<&str, &str>> {
+    let mut canonical = BTreeMap::new();
+    let mut spelled: BTreeMap<&str, &str> = BTreeMap::new();
+    for (name, value) in properties {
+        let property = touchline_kafka::canonical_property(name);
+        if let Some(other) = spelled.insert(property, name) {
+            anyhow::bail!(
+                "kafka properties {other} and {name} set the same property ({property}): give it once"
+            );
+        }
+        canonical.insert(property, value.as_str());
+    }
+    Ok(canonical)
 }
 
 fn count(value: usize) -> u64 {
@@ -437,15 +460,33 @@ impl Config {
             self.kafka.partitions > 0,
             "kafka.partitions must be positive"
         );
-        // Pass-through properties may tune the clients, not weaken what an acknowledgement means.
-        for properties in [&self.kafka.properties, &self.kafka.producer_properties] {
-            if let Some(acks) = properties.get("acks") {
+        anyhow::ensure!(
+            self.kafka.replication_factor > 0,
+            "kafka.replication-factor must be positive"
+        );
+        if let Some(min_insync) = self.kafka.min_insync_replicas {
+            // A topic whose in-sync minimum exceeds its replicas refuses every acks=all write.
+            anyhow::ensure!(
+                (1..=self.kafka.replication_factor).contains(&min_insync),
+                "kafka.min-insync-replicas ({min_insync}) must be 1 to kafka.replication-factor ({}): a created topic with fewer replicas than its in-sync minimum refuses every acknowledged write",
+                self.kafka.replication_factor
+            );
+        }
+        let (common, producer, consumer) = (
+            canonical_properties(&self.kafka.properties)?,
+            canonical_properties(&self.kafka.producer_properties)?,
+            canonical_properties(&self.kafka.consumer_properties)?,
+        );
+        // Pass-through properties may tune the clients, not weaken what an acknowledgement means
+        // (under any of librdkafka's spellings: `topic.acks`, `request.required.acks`).
+        for properties in [&common, &producer] {
+            if let Some(&acks) = properties.get("acks") {
                 anyhow::ensure!(
-                    matches!(acks.as_str(), "all" | "-1"),
+                    matches!(acks, "all" | "-1"),
                     "kafka property acks={acks} is refused: an acknowledged event must be on every in-sync replica (acks=all)"
                 );
             }
-            if let Some(idempotence) = properties.get("enable.idempotence") {
+            if let Some(&idempotence) = properties.get("enable.idempotence") {
                 anyhow::ensure!(
                     idempotence == "true",
                     "kafka property enable.idempotence={idempotence} is refused: retries must not duplicate or reorder events"
@@ -455,10 +496,10 @@ impl Config {
         // The projector's resume reads from the earliest record when a position is gone (dedupe
         // makes that safe); a consumer that jumped to the end would skip acknowledged events and
         // store positions past them.
-        for properties in [&self.kafka.properties, &self.kafka.consumer_properties] {
-            if let Some(reset) = properties.get("auto.offset.reset") {
+        for properties in [&common, &consumer] {
+            if let Some(&reset) = properties.get("auto.offset.reset") {
                 anyhow::ensure!(
-                    matches!(reset.as_str(), "earliest" | "smallest" | "beginning"),
+                    matches!(reset, "earliest" | "smallest" | "beginning"),
                     "kafka property auto.offset.reset={reset} is refused: a projector that lost its place must read from the earliest record, not skip acknowledged events"
                 );
             }

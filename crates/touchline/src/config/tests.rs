@@ -195,6 +195,80 @@ fn a_consumer_that_would_skip_records_is_refused() {
 }
 
 #[test]
+fn guarded_properties_are_guarded_under_every_spelling() {
+    type Section = fn(&mut Config) -> &mut BTreeMap<String, String>;
+    let refused = |section: Section, name: &str, value: &str| {
+        let mut config = Config::default();
+        section(&mut config).insert(name.to_owned(), value.to_owned());
+        config.validate().map_err(|error| error.to_string()).err()
+    };
+    let consumer: Section = |config| &mut config.kafka.consumer_properties;
+    let producer: Section = |config| &mut config.kafka.producer_properties;
+    let common: Section = |config| &mut config.kafka.properties;
+    for (section, name, value, says) in [
+        (
+            consumer,
+            "topic.auto.offset.reset",
+            "latest",
+            "auto.offset.reset",
+        ),
+        (
+            common,
+            "topic.auto.offset.reset",
+            "end",
+            "auto.offset.reset",
+        ),
+        (producer, "request.required.acks", "1", "acks"),
+        (producer, "topic.acks", "0", "acks"),
+        (common, "topic.request.required.acks", "1", "acks"),
+    ] {
+        let refused = refused(section, name, value);
+        assert!(
+            refused.as_deref().is_some_and(|error| error.contains(says)),
+            "{name}={value}: {refused:?}"
+        );
+    }
+    assert_eq!(
+        refused(consumer, "topic.auto.offset.reset", "earliest"),
+        None
+    );
+    assert_eq!(refused(producer, "request.required.acks", "all"), None);
+    // A global property whose name starts with `topic.` is its own.
+    assert_eq!(
+        refused(common, "topic.metadata.refresh.interval.ms", "1000"),
+        None
+    );
+
+    // Two spellings of one property would be applied in no fixed order.
+    let mut config = Config::default();
+    config
+        .kafka
+        .consumer_properties
+        .insert("auto.offset.reset".to_owned(), "earliest".to_owned());
+    config
+        .kafka
+        .consumer_properties
+        .insert("topic.auto.offset.reset".to_owned(), "smallest".to_owned());
+    let twice = config.validate().expect_err("two spellings").to_string();
+    assert!(twice.contains("set the same property"), "{twice}");
+}
+
+#[test]
+fn an_in_sync_minimum_above_the_replicas_is_refused() {
+    let mut config = Config::default();
+    config.kafka.min_insync_replicas = Some(2);
+    let refused = config.validate().expect_err("2 of 1 replica").to_string();
+    assert!(refused.contains("kafka.min-insync-replicas"), "{refused}");
+    config.kafka.replication_factor = 3;
+    config.validate().expect("2 of 3 replicas");
+    config.kafka.min_insync_replicas = Some(0);
+    assert!(config.validate().is_err());
+    config.kafka.min_insync_replicas = None;
+    config.kafka.replication_factor = 0;
+    assert!(config.validate().is_err());
+}
+
+#[test]
 fn a_query_role_without_its_projector_is_refused() {
     let mut config = Config::default();
     config.projector.enabled = false;
