@@ -331,6 +331,50 @@ async fn batch_errors_and_credentials_are_refused_with_their_codes() -> anyhow::
             .as_deref(),
         Some("events")
     );
+    // The batch_id is echoed in the answer: a long one is refused, on a stream too (where an
+    // unread answer waits outside the stream's window).
+    let long_id = v1::PublishRequest {
+        events: vec![valid("long-id")],
+        batch_id: "b".repeat(129),
+    };
+    let long = ingest
+        .publish(authorized(long_id.clone(), COURIER.1))
+        .await
+        .expect_err("refused");
+    assert_eq!(
+        (long.code(), reason(&long).as_deref()),
+        (Code::InvalidArgument, Some("BATCH_ID_TOO_LONG"))
+    );
+    assert_eq!(
+        long.get_details_bad_request()
+            .map(|bad| bad.field_violations[0].field.clone())
+            .as_deref(),
+        Some("batch_id")
+    );
+    let mut answers = ingest
+        .publish_stream(authorized(futures::stream::iter(vec![long_id]), COURIER.1))
+        .await
+        .map_err(|status| anyhow::anyhow!("stream refused: {status}"))?
+        .into_inner();
+    let long = answers
+        .message()
+        .await
+        .expect_err("the stream ends at the batch");
+    assert_eq!(reason(&long).as_deref(), Some("BATCH_ID_TOO_LONG"));
+    // 128 bytes fit: the batch is answered (its one event is rejected for its stage).
+    let mut no_stage = valid("fits");
+    no_stage.stage = 0;
+    let fits = ingest
+        .publish(authorized(
+            v1::PublishRequest {
+                events: vec![no_stage],
+                batch_id: "b".repeat(128),
+            },
+            COURIER.1,
+        ))
+        .await?
+        .into_inner();
+    assert_eq!((fits.batch_id.len(), fits.rejected), (128, 1));
 
     let mut timeline = timeline_client(&node).await?;
     let bad_query = timeline

@@ -228,7 +228,10 @@ pub trait EventStore: Send + Sync + std::fmt::Debug {
     /// The last position in timeline order among `customer_id`'s entries whose log sequence is at
     /// most `sequence`: the end of the timeline a watcher resuming from that cursor holds, which
     /// its missed entries are late or not against. Reads back from the timeline's end, over the
-    /// entries after the cursor only.
+    /// entries after the cursor only, and at most a bounded number of them: past that bound it
+    /// returns the position of the last entry read, which is after the end the watcher holds (an
+    /// entry before it is then marked late although the watcher holds nothing after it: the
+    /// watcher inserts it at its place, which is its end).
     ///
     /// # Errors
     /// When the backend fails or a key is corrupt.
@@ -268,6 +271,19 @@ pub trait EventStore: Send + Sync + std::fmt::Debug {
     /// # Errors
     /// When the backend fails to sync.
     fn flush(&self) -> Result<(), StoreError>;
+
+    /// Makes the log durable through `sequence`: at once when it is, else by a flush. Callers
+    /// that wait for one flush share it (a store that serializes its flushes checks again once
+    /// it is its turn), rather than making one each.
+    ///
+    /// # Errors
+    /// When the backend fails to sync.
+    fn flush_through(&self, sequence: u64) -> Result<(), StoreError> {
+        if self.durable_sequence() >= sequence {
+            return Ok(());
+        }
+        self.flush()
+    }
 
     /// The log sequence up to which every event is durable: events with a higher sequence may be
     /// applied but not yet flushed (and renumbered after a crash).

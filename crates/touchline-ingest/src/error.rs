@@ -22,6 +22,8 @@ pub enum Error {
     BatchEmpty,
     #[error("the request has {len} events, the limit is {max}")]
     BatchTooLarge { len: usize, max: usize },
+    #[error("the request's batch_id has {len} bytes, the limit is {max}")]
+    BatchIdTooLong { len: usize, max: usize },
     #[error("over the partner's rate of {rate_per_second} events per second")]
     RateLimited {
         rate_per_second: f64,
@@ -49,6 +51,10 @@ pub enum Error {
     AckTimeout { timeout: Duration },
     #[error("invalid partners file: {0}")]
     PartnersFile(String),
+    /// A batch's task panicked (a bug): nothing of the batch was published. Sent as `INTERNAL`
+    /// without details, as a stream's batch task that panicked is.
+    #[error("batch task failed: {0}")]
+    BatchTaskFailed(String),
     #[error("kafka producer: {0}")]
     Kafka(#[from] rdkafka::error::KafkaError),
 }
@@ -63,6 +69,7 @@ impl Error {
             Self::TokenExpired => "TOKEN_EXPIRED",
             Self::BatchEmpty => "BATCH_EMPTY",
             Self::BatchTooLarge { .. } => "BATCH_TOO_LARGE",
+            Self::BatchIdTooLong { .. } => "BATCH_ID_TOO_LONG",
             Self::RateLimited { .. } => "RATE_LIMITED",
             Self::TooManyStreams { .. } => "TOO_MANY_STREAMS",
             Self::TooManyCalls { .. } => "TOO_MANY_CALLS",
@@ -71,13 +78,16 @@ impl Error {
             Self::ShuttingDown => "SHUTTING_DOWN",
             Self::Unavailable { .. } | Self::Kafka(_) => "LOG_UNAVAILABLE",
             Self::AckTimeout { .. } => "ACK_TIMEOUT",
-            Self::PartnersFile(_) => "INTERNAL",
+            Self::PartnersFile(_) | Self::BatchTaskFailed(_) => "INTERNAL",
         }
     }
 }
 
 impl From<Error> for Status {
     fn from(error: Error) -> Self {
+        if let Error::BatchTaskFailed(_) = &error {
+            return Status::internal(error.to_string());
+        }
         let mut details = ErrorDetails::with_error_info(error.reason(), ERROR_DOMAIN, []);
         let code = match &error {
             Error::TokenMissing | Error::TokenInvalid | Error::TokenExpired => {
@@ -88,6 +98,13 @@ impl From<Error> for Status {
                 details.add_bad_request_violation(
                     "events",
                     format!("{len} events, the limit is {max}"),
+                );
+                Code::InvalidArgument
+            }
+            Error::BatchIdTooLong { len, max } => {
+                details.add_bad_request_violation(
+                    "batch_id",
+                    format!("{len} bytes, the limit is {max}"),
                 );
                 Code::InvalidArgument
             }
@@ -107,7 +124,8 @@ impl From<Error> for Status {
                 details.set_retry_info(Some(Duration::from_secs(1)));
                 Code::Unavailable
             }
-            Error::PartnersFile(_) => Code::Internal,
+            // A failed batch task is answered above, without details.
+            Error::PartnersFile(_) | Error::BatchTaskFailed(_) => Code::Internal,
         };
         Status::with_error_details(code, error.to_string(), details)
     }

@@ -21,6 +21,9 @@ use crate::limits::{PartnerPermits, RateLimiter, StreamCounter, grpc_timeout};
 use crate::metrics::INGEST;
 use crate::{Error, PartnerDirectory, Publisher, Result};
 
+/// The longest `batch_id` a request may carry: it is echoed in the answer.
+pub const MAX_BATCH_ID_BYTES: usize = 128;
+
 mod prepare;
 mod shed;
 mod stream;
@@ -192,12 +195,20 @@ impl Inner {
     }
 
     /// Checks the batch's shape and the partner's rate before any work is done for it.
-    fn admit(&self, partner: &Authenticated, events: usize) -> Result<()> {
-        self.check_shape(events)?;
-        self.take_rate(partner, events)
+    fn admit(&self, partner: &Authenticated, request: &v1::PublishRequest) -> Result<()> {
+        self.check_shape(request)?;
+        self.take_rate(partner, request.events.len())
     }
 
-    fn check_shape(&self, events: usize) -> Result<()> {
+    fn check_shape(&self, request: &v1::PublishRequest) -> Result<()> {
+        // Echoed in the answer: a stream's answers wait for the partner outside its window.
+        if request.batch_id.len() > MAX_BATCH_ID_BYTES {
+            return Err(Error::BatchIdTooLong {
+                len: request.batch_id.len(),
+                max: MAX_BATCH_ID_BYTES,
+            });
+        }
+        let events = request.events.len();
         if events == 0 {
             return Err(Error::BatchEmpty);
         }
@@ -260,9 +271,14 @@ impl Inner {
             prepare(request.events, &checking_partner, now, &limits)
         })
         .await
-        .map_err(|error| Error::Unavailable {
-            reason: format!("validation stopped: {error}"),
-            retry_after: Duration::from_secs(1),
+        .map_err(|error| {
+            if error.is_panic() {
+                // A bug, not the event log: a resend would fail the same way.
+                Error::BatchTaskFailed(format!("its validation panicked: {error}"))
+            } else {
+                // The runtime is going away.
+                Error::ShuttingDown
+            }
         })?;
         let produced = if envelopes.is_empty() {
             Vec::new()
@@ -359,7 +375,7 @@ impl v1::ingest_service_server::IngestService for IngestService {
                     Some(&partner.partner_id),
                 ),
             }?;
-            self.inner.admit(&partner, events)?;
+            self.inner.admit(&partner, &request)?;
             // The answer comes before the partner's deadline, counted from the call's arrival
             // (its body took part of it): 90% of it, less 5 ms for the answer's way back.
             let answer_by = call_timeout.and_then(|timeout| {

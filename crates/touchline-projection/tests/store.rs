@@ -12,6 +12,7 @@ use touchline_core::{
     TimelineCursor, TimelineFilter, TimelineQuery, UnixNanos,
 };
 use touchline_projection::SledStore;
+use touchline_projection::sled_store::MAX_SCAN_PER_PAGE;
 
 mod support;
 
@@ -743,6 +744,46 @@ fn log_entries_are_the_timeline_entries_of_a_log_range_in_log_order() {
             .log_entries(&customer("carol"), 1, 5)
             .expect("reads the log")
             .is_empty()
+    );
+}
+
+/// What a resuming watcher holds: the last timeline position among the entries up to its cursor,
+/// found by reading back from the timeline's end, and no further than a page's scan (then the
+/// position of the last entry read, which is after what the watcher holds).
+#[test]
+fn the_latest_held_position_is_read_back_from_the_end_within_a_bound() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = open(&dir);
+    let events = i64::try_from(MAX_SCAN_PER_PAGE).expect("fits") + 5;
+    // Sequence n (from 1) occurred at n: timeline order is log order.
+    let records = (0..events)
+        .map(|offset| {
+            let event = format!("e{offset}");
+            record(
+                0,
+                offset,
+                envelope("courier", &event, "alice", offset + 1, JourneyStage::Fulfil),
+            )
+        })
+        .collect();
+    store.apply(&stream("a"), records).expect("applies");
+    let alice = customer("alice");
+    let held = |sequence| {
+        store
+            .latest_held(&alice, sequence)
+            .expect("reads")
+            .map(|cursor| cursor.sequence)
+    };
+    assert_eq!(
+        held(events.cast_unsigned() + 7),
+        Some(events.cast_unsigned())
+    );
+    assert_eq!(held(10), Some(10), "within the bound: the entry itself");
+    assert_eq!(held(5), Some(6), "past the bound: the last entry read");
+    assert_eq!(held(0), Some(6));
+    assert_eq!(
+        store.latest_held(&customer("bob"), 10).expect("reads"),
+        None
     );
 }
 

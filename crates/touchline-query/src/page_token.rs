@@ -24,19 +24,29 @@ pub fn filter_fingerprint(filter: &TimelineFilter) -> u64 {
         }
     }
     for partner in &filter.partners {
-        canonical.extend_from_slice(partner.as_str().as_bytes());
-        canonical.push(0);
+        push_element(&mut canonical, partner.as_str());
     }
     canonical.push(0xff);
     for event_type in &filter.event_types {
-        canonical.extend_from_slice(event_type.as_bytes());
-        canonical.push(0);
+        push_element(&mut canonical, event_type);
     }
     canonical.push(0xff);
     for stage in &filter.stages {
         canonical.push(u8::try_from(stage.number()).unwrap_or(u8::MAX));
     }
     fingerprint(Some(&canonical))
+}
+
+/// Adds an element of a set to a canonical form. Each ends with a zero byte, and a zero byte inside
+/// one is written as 0xfe (a byte UTF-8 never holds), so that {"a", "b"} and {"a\0b"} differ.
+/// Strings without a zero byte are written as they were: tokens issued before still match.
+fn push_element(canonical: &mut Vec<u8>, element: &str) {
+    canonical.extend(
+        element
+            .bytes()
+            .map(|byte| if byte == 0 { 0xfe } else { byte }),
+    );
+    canonical.push(0);
 }
 
 /// Encodes a cursor for `customer` and the filters of fingerprint `filters`.
@@ -90,9 +100,18 @@ mod tests {
             event_types: ["a".to_owned()].into(),
             ..TimelineFilter::default()
         };
-        let fingerprints = [&none, &from, &to, &typed].map(filter_fingerprint);
+        let two_types = TimelineFilter {
+            event_types: ["a".to_owned(), "b".to_owned()].into(),
+            ..TimelineFilter::default()
+        };
+        let one_with_a_zero = TimelineFilter {
+            event_types: ["a\0b".to_owned()].into(),
+            ..TimelineFilter::default()
+        };
+        let fingerprints =
+            [&none, &from, &to, &typed, &two_types, &one_with_a_zero].map(filter_fingerprint);
         let distinct: std::collections::BTreeSet<_> = fingerprints.iter().collect();
-        assert_eq!(distinct.len(), 4);
+        assert_eq!(distinct.len(), 6);
     }
 
     #[test]

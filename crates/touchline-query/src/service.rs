@@ -356,8 +356,9 @@ impl TimelineService {
             return Ok(());
         }
         // Without a read permit: this waits behind the projector's flush, not beside the reads.
+        // Calls that wait at once share a flush (each checks again when its turn comes).
         let store = Arc::clone(store);
-        tokio::task::spawn_blocking(move || store.flush())
+        tokio::task::spawn_blocking(move || store.flush_through(sequence))
             .await
             .map_err(Error::from)?
             .map_err(Error::from)?;

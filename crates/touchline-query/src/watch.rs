@@ -18,6 +18,7 @@ use touchline_core::{
     CustomerId, TimelineCursor, TimelineEntry, TimelineFilter, TimelineQuery, UnixNanos,
     fingerprint,
 };
+use touchline_projection::MAX_PAGE_BYTES;
 use touchline_proto::convert::wire_timeline_entry;
 use touchline_proto::v1;
 use tracing::warn;
@@ -94,6 +95,10 @@ pub fn decode_cursor(customer: &CustomerId, log: u64, cursor: &str) -> Result<u6
         _ => Ok(sequence),
     }
 }
+
+mod inbox;
+
+use inbox::{FeedEnd, Inbox, Taken};
 
 type Message = Result<v1::WatchTimelineResponse, Status>;
 
@@ -199,6 +204,13 @@ impl Watch {
     }
 
     async fn run(mut self, sender: &mpsc::Sender<Message>, tail: &Tail) {
+        // The inbox takes the subscription over (a closed receiver is left in its place): it
+        // reads the feed from the start, also while the catch-up below runs.
+        let (_, closed) = broadcast::channel(1);
+        let inbox = Inbox::start(
+            std::mem::replace(&mut self.live, closed),
+            self.customer.clone(),
+        );
         // Subscribed before this read: later entries come through the feed.
         let durable = self.reads.store().durable_sequence();
         let Some(mut latest) = self.catch_up(sender, tail, durable).await else {
@@ -218,33 +230,15 @@ impl Watch {
         let mut check = tokio::time::interval(crate::still_allowed::PERIOD);
         check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            // A client that went away ends the watcher even when its customer is quiet, and so
-            // does a token revoked meanwhile.
-            let received = tokio::select! {
-                received = self.live.recv() => received,
-                () = sender.closed() => return,
-                _ = check.tick() => {
-                    if self.revoked() {
-                        return;
-                    }
-                    continue;
-                }
-            };
-            let batch = match received {
-                Ok(batch) => batch,
-                Err(broadcast::error::RecvError::Lagged(_)) => {
-                    crate::metrics::WATCHES_LAGGED.inc();
-                    end(sender, tail, self.lagged(delivered));
-                    return;
-                }
-                Err(broadcast::error::RecvError::Closed) => {
-                    end(sender, tail, shutting_down());
-                    return;
-                }
-            };
-            for entry in batch.iter() {
+            let Taken {
+                entries,
+                through,
+                end: feed_end,
+            } = inbox.take();
+            for entry in &entries {
                 let sequence = entry.position.sequence;
-                if sequence <= delivered || entry.touchpoint.customer_id != self.customer {
+                // Up to `delivered`: in the catch-up.
+                if sequence <= delivered {
                     continue;
                 }
                 let late = mark_late(&mut latest, entry);
@@ -252,6 +246,32 @@ impl Watch {
                 delivered = sequence;
                 if !self.send(sender, tail, entry, sequence, late, queued).await {
                     return;
+                }
+            }
+            // Every entry of the customer up to where the feed was read is queued: a watch that
+            // lags resumes after it, without reading other customers' entries again.
+            delivered = delivered.max(through);
+            match feed_end {
+                Some(FeedEnd::Lagged) => {
+                    crate::metrics::WATCHES_LAGGED.inc();
+                    end(sender, tail, self.lagged(delivered));
+                    return;
+                }
+                Some(FeedEnd::Closed) => {
+                    end(sender, tail, shutting_down());
+                    return;
+                }
+                None => {}
+            }
+            // A client that went away ends the watcher even when its customer is quiet, and so
+            // does a token revoked meanwhile.
+            tokio::select! {
+                () = inbox.arrived() => {}
+                () = sender.closed() => return,
+                _ = check.tick() => {
+                    if self.revoked() {
+                        return;
+                    }
                 }
             }
         }
@@ -337,9 +357,9 @@ impl Watch {
     /// What a resumed watch missed, read from the log when that is the shorter read: at most
     /// [`MAX_LOG_CATCH_UP`] log events, fewer than the customer's entries (a short break in a
     /// long timeline), read a page of [`CATCH_UP_PAGE`] events at a time and given up past
-    /// [`CATCH_UP_PAGE`] entries (so that it holds no more than a page of the timeline read
-    /// would). `None`: read the timeline instead, also when the log read fails (the timeline read
-    /// answers for itself).
+    /// [`CATCH_UP_PAGE`] entries or about [`MAX_PAGE_BYTES`] of them (so that it holds no more
+    /// than a page of the timeline read would). `None`: read the timeline instead, also when the
+    /// log read fails (the timeline read answers for itself).
     async fn missed_in_log(&self, durable: u64) -> Option<Vec<TimelineEntry>> {
         let missed_events = durable.saturating_sub(self.after);
         if self.after == 0 || missed_events > MAX_LOG_CATCH_UP {
@@ -359,6 +379,7 @@ impl Watch {
             }
         }
         let mut missed = Vec::new();
+        let mut bytes = 0_usize;
         let end = durable.saturating_add(1);
         let mut from = self.after.saturating_add(1);
         while from < end {
@@ -369,13 +390,19 @@ impl Watch {
                 .run(move |store| store.log_entries(&customer, from, page_end))
                 .await;
             match page {
-                Ok(page) => missed.extend(page),
+                Ok(page) => {
+                    bytes = page
+                        .iter()
+                        .map(approximate_bytes)
+                        .fold(bytes, usize::saturating_add);
+                    missed.extend(page);
+                }
                 Err(status) => {
                     warn!(customer = %self.customer, %status, "resume: cannot read the log; reading the timeline");
                     return None;
                 }
             }
-            if missed.len() > CATCH_UP_PAGE {
+            if missed.len() > CATCH_UP_PAGE || bytes > MAX_PAGE_BYTES {
                 return None;
             }
             from = page_end;
@@ -455,6 +482,17 @@ fn mark_late(latest: &mut Option<(UnixNanos, u64)>, entry: &TimelineEntry) -> bo
     let late = latest.is_some_and(|latest| order < latest);
     *latest = (*latest).max(Some(order));
     late
+}
+
+/// About the bytes an entry takes: its payload, attributes and a bound for the rest (ids, type,
+/// numbers).
+fn approximate_bytes(entry: &TimelineEntry) -> usize {
+    let touchpoint = &entry.touchpoint;
+    touchpoint
+        .attributes
+        .iter()
+        .map(|(name, value)| name.len() + value.len())
+        .fold(touchpoint.payload.len() + 1024, usize::saturating_add)
 }
 
 /// Counts an open watch down when its task ends, however it ends.

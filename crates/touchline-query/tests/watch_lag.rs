@@ -19,11 +19,15 @@ use touchline_query::StoreReads;
 use touchline_query::watch::{Watch, decode_cursor};
 
 fn entry(sequence: u64) -> TimelineEntry {
+    entry_of("cust", sequence)
+}
+
+fn entry_of(customer: &str, sequence: u64) -> TimelineEntry {
     TimelineEntry {
         partner_id: PartnerId::parse("courier").expect("valid"),
         touchpoint: Touchpoint {
             event_id: EventId::parse(format!("e{sequence}")).expect("valid"),
-            customer_id: CustomerId::parse("cust").expect("valid"),
+            customer_id: CustomerId::parse(customer).expect("valid"),
             event_type: EventType::parse("delivery.completed").expect("valid"),
             occurred_at: UnixNanos(i64::try_from(sequence).unwrap_or_default()),
             channel: Channel::Web,
@@ -41,16 +45,17 @@ fn entry(sequence: u64) -> TimelineEntry {
     }
 }
 
-#[tokio::test]
-async fn a_watcher_that_falls_behind_is_told_where_to_resume() -> anyhow::Result<()> {
-    let dir = tempfile::tempdir()?;
+/// A watcher of customer "cust" from the start, on a fresh store, fed by `live`; its client's
+/// receiver and the store's log identity.
+fn watch(
+    dir: &tempfile::TempDir,
+    live: broadcast::Receiver<Arc<[TimelineEntry]>>,
+) -> anyhow::Result<(tokio::sync::mpsc::Receiver<Message>, u64)> {
     let store: Arc<dyn EventStore> = Arc::new(SledStore::open(dir.path())?);
     let log = store.log_id();
-    let (feed, live) = broadcast::channel(4);
-    let customer = CustomerId::parse("cust").expect("valid");
-    let mut client = Watch {
+    let client = Watch {
         reads: StoreReads::new(store, 1),
-        customer: customer.clone(),
+        customer: customer(),
         after: 0,
         live,
         shutdown: CancellationToken::new(),
@@ -58,28 +63,77 @@ async fn a_watcher_that_falls_behind_is_told_where_to_resume() -> anyhow::Result
         stalled_after: touchline_query::watch::STALLED_AFTER,
     }
     .spawn();
-    // The feed never waits for the watcher: 1000 batches go out at once.
-    for sequence in 1..=1000 {
-        feed.send(Arc::from(vec![entry(sequence)]))?;
-    }
-    let mut delivered = Vec::new();
-    let status = loop {
+    Ok((client, log))
+}
+
+fn customer() -> CustomerId {
+    CustomerId::parse("cust").expect("valid")
+}
+
+type Message = Result<v1::WatchTimelineResponse, tonic::Status>;
+
+/// Reads the watch until it ends with an error (returned), or until `delivered` holds
+/// `stop_after` entries (`None` returned): the sequences of the entries delivered are pushed to
+/// `delivered`.
+async fn read_to_the_end(
+    client: &mut tokio::sync::mpsc::Receiver<Message>,
+    delivered: &mut Vec<u64>,
+    stop_after: Option<usize>,
+) -> anyhow::Result<Option<tonic::Status>> {
+    loop {
+        if stop_after.is_some_and(|count| delivered.len() >= count) {
+            return Ok(None);
+        }
         match client.recv().await {
             Some(Ok(message)) => {
                 if let Some(v1::watch_timeline_response::Event::Entry(entry)) = message.event {
                     delivered.push(entry.position.map_or(0, |p| p.sequence));
                 }
             }
-            Some(Err(status)) => break status,
+            Some(Err(status)) => return Ok(Some(status)),
             None => anyhow::bail!("the watch ended without telling why"),
         }
-    };
+    }
+}
+
+/// Polls `condition` until it holds, for up to 30 s.
+async fn wait_until(what: &str, condition: impl Fn() -> bool) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    let mut poll = tokio::time::interval(std::time::Duration::from_millis(10));
+    while !condition() {
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "not within 30 s: {what}"
+        );
+        poll.tick().await;
+    }
+    Ok(())
+}
+
+/// The resume cursor of a `WATCH_LAGGED` error.
+fn lagged_cursor(status: Option<tonic::Status>, log: u64) -> anyhow::Result<u64> {
+    let status = status.ok_or_else(|| anyhow::anyhow!("no error"))?;
     assert_eq!(status.code(), Code::Aborted);
     let info = status.get_details_error_info().expect("error info");
     assert_eq!(info.reason, "WATCH_LAGGED");
     let cursor = info.metadata.get("cursor").expect("a cursor");
-    let resume =
-        decode_cursor(&customer, log, cursor).expect("a cursor of this log for this customer");
+    Ok(decode_cursor(&customer(), log, cursor).expect("a cursor of this log for this customer"))
+}
+
+#[tokio::test]
+async fn a_watcher_that_falls_behind_is_told_where_to_resume() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (feed, live) = broadcast::channel(4);
+    let (mut client, log) = watch(&dir, live)?;
+    // The feed never waits for the watcher: 1000 batches go out at once.
+    for sequence in 1..=1000 {
+        feed.send(Arc::from(vec![entry(sequence)]))?;
+    }
+    let mut delivered = Vec::new();
+    let resume = lagged_cursor(
+        read_to_the_end(&mut client, &mut delivered, None).await?,
+        log,
+    )?;
     assert_eq!(
         Some(resume),
         delivered.last().copied().or(Some(0)),
@@ -92,18 +146,81 @@ async fn a_watcher_that_falls_behind_is_told_where_to_resume() -> anyhow::Result
         "counted once"
     );
     // And the watch is no longer counted as open once its task ended.
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
-    let mut poll = tokio::time::interval(std::time::Duration::from_millis(10));
-    while touchline_query::metrics::WATCHES.get() != 0 {
-        anyhow::ensure!(
-            tokio::time::Instant::now() < deadline,
-            "the ended watch is still counted as open"
-        );
-        poll.tick().await;
-    }
+    wait_until("the ended watch is no longer counted as open", || {
+        touchline_query::metrics::WATCHES.get() == 0
+    })
+    .await?;
     assert!(
         delivered.windows(2).all(|pair| pair[0] < pair[1]),
         "entries in log order, none twice"
+    );
+    a_lagged_watch_resumes_after_the_other_customers_entries_it_read().await?;
+    a_watch_whose_customer_outruns_its_client_lags_without_holding_the_feed().await
+}
+
+/// The resume cursor of a lagged watch is past the other customers' entries it read after its
+/// customer's last one: a resume does not read them again (and stays within the log read).
+/// Run by the test above, after its check of the lag counter.
+async fn a_lagged_watch_resumes_after_the_other_customers_entries_it_read() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (feed, live) = broadcast::channel(4);
+    let (mut client, log) = watch(&dir, live)?;
+    // Each batch: an entry of the customer, then one of another customer. Three are read, then
+    // the feed runs far ahead.
+    let batch = |number: u64| -> Arc<[TimelineEntry]> {
+        Arc::from(vec![
+            entry_of("cust", 2 * number - 1),
+            entry_of("other", 2 * number),
+        ])
+    };
+    for number in 1..=3 {
+        feed.send(batch(number))?;
+    }
+    let mut delivered = Vec::new();
+    let early = read_to_the_end(&mut client, &mut delivered, Some(3)).await?;
+    assert!(early.is_none(), "{early:?}");
+    for number in 4..=500 {
+        feed.send(batch(number))?;
+    }
+    let resume = lagged_cursor(
+        read_to_the_end(&mut client, &mut delivered, None).await?,
+        log,
+    )?;
+    assert_eq!(delivered, [1, 3, 5]);
+    assert_eq!(resume, 6, "the cursor is the end of the last batch read");
+    Ok(())
+}
+
+/// A watcher takes its customer's entries off the feed while its client is slow, up to a bound
+/// of its own: past it the watch lags (the feed is not held meanwhile), after delivering every
+/// entry it took. Run by the first test, after its check of the lag counter.
+async fn a_watch_whose_customer_outruns_its_client_lags_without_holding_the_feed()
+-> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    // Room for every flush: only the watcher's own bound can make it lag.
+    let (feed, live) = broadcast::channel(4096);
+    let (mut client, log) = watch(&dir, live)?;
+    for sequence in 1..=3000 {
+        feed.send(Arc::from(vec![entry(sequence)]))?;
+    }
+    // The client reads nothing until the watcher let go of the feed (its inbox filled up).
+    wait_until("the watcher lets go of the feed", || {
+        feed.receiver_count() == 0
+    })
+    .await?;
+    let mut delivered = Vec::new();
+    let resume = lagged_cursor(
+        read_to_the_end(&mut client, &mut delivered, None).await?,
+        log,
+    )?;
+    assert!(
+        delivered.len() < 3000 && delivered.len() >= 1000,
+        "{} delivered",
+        delivered.len()
+    );
+    assert!(
+        delivered.iter().copied().eq(1..=resume),
+        "every entry up to the cursor, once, in order; then the cursor {resume}"
     );
     Ok(())
 }

@@ -429,7 +429,7 @@ impl Config {
         // _ADMIN_TOKEN and _QUERY_TOKEN belong to the command line, TOUCHLINE_TEST_KAFKA to the test suites: none is a configuration key.
         let env = Env::prefixed("TOUCHLINE_")
             .ignore(&NOT_CONFIGURATION)
-            .filter(|key| !is_service_link(key.as_str()));
+            .filter(|key| !is_service_link(key.as_str(), env_value(key.as_str()).as_deref()));
         figment = figment.merge(env.map(|key| {
             // TOUCHLINE_KAFKA__BOOTSTRAP_SERVERS -> kafka.bootstrap-servers
             key.as_str().replace("__", ".").replace('_', "-").into()
@@ -690,8 +690,10 @@ impl Config {
 /// Whether an environment variable (without the `TOUCHLINE_` prefix) is one of those Kubernetes
 /// sets for a Service whose name starts with `touchline` (`TOUCHLINE_SERVICE_HOST`,
 /// `TOUCHLINE_INGEST_SERVICE_PORT_GRPC`, `TOUCHLINE_PORT_7451_TCP_ADDR`...): not configuration.
-/// Configuration keys have `__` between levels; these never do.
-fn is_service_link(key: &str) -> bool {
+/// Configuration keys have `__` between levels; these never do. A name that only ends in `_PORT`
+/// is one when its value is the address Kubernetes writes there (`tcp://10.0.0.1:7451`): else it
+/// is a typo (`TOUCHLINE_METRICS_PORT=9100`), refused as an unknown key.
+fn is_service_link(key: &str, value: Option<&str>) -> bool {
     let key = key.to_ascii_lowercase();
     if key.contains("__") {
         return false;
@@ -700,13 +702,27 @@ fn is_service_link(key: &str) -> bool {
     let service = words
         .windows(2)
         .any(|pair| pair[0] == "service" && matches!(pair[1], "host" | "port"));
-    let port = words.last() == Some(&"port")
+    let address = value.is_some_and(|value| {
+        ["tcp://", "udp://", "sctp://"]
+            .iter()
+            .any(|scheme| value.starts_with(scheme))
+    });
+    let port = (words.last() == Some(&"port") && address)
         || words.windows(3).any(|triple| {
             triple[0] == "port"
                 && triple[1].bytes().all(|byte| byte.is_ascii_digit())
                 && matches!(triple[2], "tcp" | "udp" | "sctp")
         });
     service || port
+}
+
+/// The value of the `TOUCHLINE_` variable `key` names (without the prefix, in any case).
+fn env_value(key: &str) -> Option<String> {
+    std::env::vars_os().find_map(|(name, value)| {
+        let (prefix, rest) = name.to_str()?.split_at_checked("TOUCHLINE_".len())?;
+        (prefix.eq_ignore_ascii_case("TOUCHLINE_") && rest.eq_ignore_ascii_case(key))
+            .then(|| value.into_string().ok())?
+    })
 }
 
 /// Whether a librdkafka property holds a secret (`sasl.password`, `ssl.key.password`,

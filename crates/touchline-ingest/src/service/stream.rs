@@ -16,7 +16,7 @@
 //! told of.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures::StreamExt as _;
@@ -49,6 +49,14 @@ enum Failed {
 }
 
 type Answer = std::result::Result<v1::PublishResponse, Failed>;
+
+/// A batch's share of the stream's windows, held until its answer is handed to the partner's
+/// connection: an answer that waits for the partner to read it (it holds a result per event, and
+/// the batch's id) counts against the window like the batch did.
+struct Window {
+    _events: OwnedSemaphorePermit,
+    _bytes: OwnedSemaphorePermit,
+}
 
 /// Opens a stream: checks the partner's stream count, then reads, admits and answers batches.
 pub(super) fn open(
@@ -84,18 +92,25 @@ pub(super) fn open(
         inner: Arc::clone(inner),
         opened_as: partner,
         token,
-        window: Arc::new(Semaphore::new(window_events)),
-        window_kib: Arc::new(Semaphore::new(window_kib)),
+        window: StreamWindow::new(window_events),
+        window_kib: StreamWindow::new(window_kib),
         gone: CancellationToken::new(),
         first_failure: watch::Sender::new(u64::MAX),
         received: AtomicU64::new(0),
     });
-    let draining = inner.draining.clone();
     let batches = Arc::clone(&shared);
     let mut next_index = 0_u64;
+    // Whether the shutdown stopped the reading of the stream (not a stream the partner had ended).
+    let cut = Arc::new(AtomicBool::new(false));
     let mut answers = request
         .into_inner()
-        .take_until(draining.clone().cancelled_owned())
+        .take_until({
+            let (draining, cut) = (inner.draining.clone(), Arc::clone(&cut));
+            async move {
+                draining.cancelled().await;
+                cut.store(true, Ordering::Release);
+            }
+        })
         .then(move |batch| {
             let shared = Arc::clone(&batches);
             let index = next_index;
@@ -114,10 +129,11 @@ pub(super) fn open(
                     // Each batch runs as a task of its own: it finishes (and frees its
                     // server-wide slot) even while the partner is not reading answers.
                     Ok(admitted) => Ok(tokio::spawn(async move {
-                        shared
-                            .run(index, admitted)
-                            .await
-                            .map_err(|error| Failed::Batch { events, error })
+                        let (result, window) = shared.run(index, admitted).await;
+                        (
+                            result.map_err(|error| Failed::Batch { events, error }),
+                            window,
+                        )
                     })),
                     Err(error) => Err(Failed::Batch { events, error }),
                 }
@@ -125,12 +141,14 @@ pub(super) fn open(
         })
         .map(|admitted| async move {
             match admitted {
-                Ok(work) => work.await.unwrap_or_else(|error| {
-                    Err(Failed::Stream(Status::internal(format!(
-                        "batch task failed: {error}"
-                    ))))
-                }),
-                Err(failed) => Err(failed),
+                Ok(work) => work.await.map_or_else(
+                    |error| {
+                        let failed = Status::internal(format!("batch task failed: {error}"));
+                        (Err(Failed::Stream(failed)), None)
+                    },
+                    |(answer, window)| (answer, Some(window)),
+                ),
+                Err(failed) => (Err(failed), None),
             }
         })
         // Answers in request order; at most this many batches wait for theirs.
@@ -154,7 +172,7 @@ pub(super) fn open(
         loop {
             // A partner that disconnects frees its stream slot and window at once, even while
             // its next answer waits (for the partner's rate, say).
-            let answer: Option<Answer> = tokio::select! {
+            let answer: Option<(Answer, Option<Window>)> = tokio::select! {
                 // An answer that is ready goes first: a partner that read every answer and then
                 // closed did not leave early.
                 biased;
@@ -180,7 +198,9 @@ pub(super) fn open(
                     continue;
                 }
             };
-            let Some(answer) = answer else { break };
+            let Some((answer, window)) = answer else {
+                break;
+            };
             answered += 1;
             let (message, failed) = match answer {
                 Ok(response) => (Ok(response), false),
@@ -196,13 +216,15 @@ pub(super) fn open(
                 partner_gone = true;
                 break;
             }
+            // Handed to the connection: the next batches may take the batch's window.
+            drop(window);
             if failed {
                 break;
             }
         }
         if partner_gone {
             info!("partner closed the stream before reading every answer");
-        } else if draining.is_cancelled() && !told_failure {
+        } else if cut.load(Ordering::Acquire) && !told_failure {
             let _ = sender.send(Err(Error::ShuttingDown.into())).await;
         }
     });
@@ -218,11 +240,11 @@ struct Shared {
     /// The stream's bearer token, authenticated again for each batch.
     token: Arc<str>,
     /// The stream's window in events.
-    window: Arc<Semaphore>,
+    window: StreamWindow,
     /// The stream's window in KiB of the admitted batches' messages: batches that wait (for the
     /// partner's rate, for slots) hold their decoded requests, so the events alone do not bound
     /// a stream's memory (64 one-event messages of 4 MiB fit a window of events).
-    window_kib: Arc<Semaphore>,
+    window_kib: StreamWindow,
     /// Cancelled when the answers stop (the partner went, or the stream ended).
     gone: CancellationToken,
     /// The lowest index of a batch that failed; `u64::MAX` while none has.
@@ -358,7 +380,7 @@ impl Shared {
             if self.ended_for(index) {
                 return Err(Error::ShuttingDown);
             }
-            self.inner.check_shape(events)?;
+            self.inner.check_shape(&batch)?;
             let partner = self.authenticate()?;
             let (wait, charge) = match self.inner.rate_of(&partner) {
                 Some((rate, burst)) => {
@@ -378,9 +400,9 @@ impl Shared {
                 }
                 None => (Duration::ZERO, None),
             };
-            let share = acquire(&self.window, events).await?;
+            let share = self.window.acquire(events).await?;
             let kib = prost::Message::encoded_len(&batch).div_ceil(1024);
-            let bytes = acquire(&self.window_kib, kib).await?;
+            let bytes = self.window_kib.acquire(kib).await?;
             Ok(Admitted {
                 batch,
                 wait,
@@ -397,8 +419,9 @@ impl Shared {
     }
 
     /// Publishes an admitted batch once it has waited for the rate it owes and for a server-wide
-    /// slot, unless the stream ended before it meanwhile (then its charge is given back).
-    async fn run(&self, index: u64, admitted: Admitted) -> Result<v1::PublishResponse> {
+    /// slot, unless the stream ended before it meanwhile (then its charge is given back). Returns
+    /// the batch's share of the windows, which its answer holds until it is sent.
+    async fn run(&self, index: u64, admitted: Admitted) -> (Result<v1::PublishResponse>, Window) {
         let Admitted {
             batch,
             wait,
@@ -419,12 +442,16 @@ impl Shared {
             // Dropped unpublished: the charge is given back.
             Err(error) => Err(error),
         };
-        drop(share);
-        drop(bytes);
         if result.is_err() {
             self.fail(index);
         }
-        result
+        (
+            result,
+            Window {
+                _events: share,
+                _bytes: bytes,
+            },
+        )
     }
 
     /// Waits for the rate batch `index` owes, for a slot of its partner's share and for a
@@ -468,13 +495,51 @@ impl Shared {
     }
 }
 
-/// Takes `count` permits of a stream window, events or KiB (at most the whole window).
-async fn acquire(window: &Arc<Semaphore>, count: usize) -> Result<OwnedSemaphorePermit> {
-    let permits = u32::try_from(count)
-        .unwrap_or(u32::MAX)
-        .clamp(1, u32::try_from(Semaphore::MAX_PERMITS).unwrap_or(u32::MAX));
-    Arc::clone(window)
-        .acquire_many_owned(permits)
-        .await
-        .map_err(|_| Error::ShuttingDown)
+/// One of a stream's windows, in events or KiB.
+#[derive(Debug)]
+struct StreamWindow {
+    permits: Arc<Semaphore>,
+    size: u32,
+}
+
+impl StreamWindow {
+    fn new(size: usize) -> Self {
+        let size = u32::try_from(size.clamp(1, Semaphore::MAX_PERMITS)).unwrap_or(u32::MAX);
+        Self {
+            permits: Arc::new(Semaphore::new(size as usize)),
+            size,
+        }
+    }
+
+    /// Takes `count` permits, at most the whole window: a batch larger than the window waits
+    /// for all of it (a message re-encodes longer than it came, negative numbers as ten-byte
+    /// varints, so its KiB can exceed a window of one largest message), never for more than
+    /// there is.
+    async fn acquire(&self, count: usize) -> Result<OwnedSemaphorePermit> {
+        let permits = u32::try_from(count).unwrap_or(u32::MAX).clamp(1, self.size);
+        Arc::clone(&self.permits)
+            .acquire_many_owned(permits)
+            .await
+            .map_err(|_| Error::ShuttingDown)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A batch that counts more than the whole window (a message that re-encodes longer than it
+    /// came) takes the whole window, once it is free, rather than waiting for ever.
+    #[tokio::test]
+    async fn a_batch_larger_than_its_window_takes_the_whole_window() -> anyhow::Result<()> {
+        let window = StreamWindow::new(4);
+        let whole = tokio::time::timeout(Duration::from_secs(5), window.acquire(10)).await??;
+        assert_eq!(whole.num_permits(), 4);
+        assert_eq!(window.permits.available_permits(), 0);
+        drop(whole);
+        let one = window.acquire(0).await?;
+        assert_eq!(one.num_permits(), 1, "at least one permit");
+        assert_eq!(window.permits.available_permits(), 3);
+        Ok(())
+    }
 }

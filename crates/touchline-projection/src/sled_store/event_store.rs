@@ -3,6 +3,7 @@
 //! summaries, log ranges, dedupe look-ups) read sled directly, without the writer.
 
 use std::collections::BTreeMap;
+use std::sync::MutexGuard;
 use std::sync::atomic::Ordering;
 
 use touchline_core::{
@@ -139,10 +140,11 @@ impl EventStore for SledStore {
         use std::ops::Bound::Included;
         let start = Included(keys::customer_prefix(customer_id));
         let end = Included(keys::timeline(customer_id, UnixNanos(i64::MAX), u64::MAX));
-        for item in self.active().timeline.range(start, end).rev() {
+        for (scanned, item) in self.active().timeline.range(start, end).rev().enumerate() {
             let (key, _) = item.map_err(backend)?;
             let cursor = super::stored_timeline_cursor(&key)?;
-            if cursor.sequence <= sequence {
+            // A read of bounded length, as a page's (a cursor far back in a long timeline).
+            if cursor.sequence <= sequence || scanned + 1 >= MAX_SCAN_PER_PAGE {
                 return Ok(Some(cursor));
             }
         }
@@ -185,7 +187,37 @@ impl EventStore for SledStore {
     }
 
     fn flush(&self) -> Result<(), StoreError> {
-        let _one_at_a_time = lock(&self.flushing);
+        self.flush_locked(&lock(&self.flushing))
+    }
+
+    fn flush_through(&self, sequence: u64) -> Result<(), StoreError> {
+        let one_at_a_time = lock(&self.flushing);
+        // Made durable by the flush this one waited for, say.
+        if self.durable_sequence() >= sequence {
+            return Ok(());
+        }
+        self.flush_locked(&one_at_a_time)
+    }
+
+    fn log_id(&self) -> u64 {
+        self.log_id
+    }
+
+    fn durable_sequence(&self) -> u64 {
+        self.durable_count.load(Ordering::Acquire)
+    }
+
+    fn visible_sequence(&self) -> u64 {
+        self.visible_count
+            .load(Ordering::Acquire)
+            .max(self.log_count.load(Ordering::Acquire))
+    }
+}
+
+impl SledStore {
+    /// The flush, once `_one_at_a_time` (the flush lock) is held: flushes go one at a time, so
+    /// that the watchers' feed gets their entries in log order.
+    fn flush_locked(&self, _one_at_a_time: &MutexGuard<'_, ()>) -> Result<(), StoreError> {
         self.writable()?;
         // Everything applied before the flush starts is durable after it: the log's length, or
         // the last entry queued (an apply queues its entries before it updates the length).
@@ -209,19 +241,5 @@ impl EventStore for SledStore {
             let _ = self.watchers.send(entries.into());
         }
         Ok(())
-    }
-
-    fn log_id(&self) -> u64 {
-        self.log_id
-    }
-
-    fn durable_sequence(&self) -> u64 {
-        self.durable_count.load(Ordering::Acquire)
-    }
-
-    fn visible_sequence(&self) -> u64 {
-        self.visible_count
-            .load(Ordering::Acquire)
-            .max(self.log_count.load(Ordering::Acquire))
     }
 }

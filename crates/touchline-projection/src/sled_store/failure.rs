@@ -199,6 +199,9 @@ mod tests {
         assert!(is_refused(&refused), "{refused}");
         assert!(refused.to_string().contains("injected"), "{refused}");
         assert!(is_refused(&store.flush().expect_err("refused")));
+        // What is durable stays readable: a flush through it is not needed, one past it is refused.
+        store.flush_through(3)?;
+        assert!(is_refused(&store.flush_through(4).expect_err("refused")));
         assert!(store.begin_rebuild(crate::Projection::Timeline).is_err());
         assert_eq!(store.log_len(), 3);
         assert_eq!(store.visible_sequence(), raised);

@@ -403,6 +403,26 @@ fn kubernetes_service_links_are_not_configuration_but_typos_still_are_refused() 
         // A key with one underscore where two belong is still an unknown key.
         jail.set_env("TOUCHLINE_KAFKA_BOOTSTRAP_SERVERS", "broker:9092");
         assert!(Config::load(None).is_err());
+        jail.clear_env();
+        // A table in a variable: keys in double quotes (figment's grammar, as the README says).
+        jail.set_env(
+            "TOUCHLINE_KAFKA__PROPERTIES",
+            r#"{"sasl.password" = "p", "linger.ms" = "5"}"#,
+        );
+        let config = Config::load(None).map_err(|error| format!("{error:#}"))?;
+        assert_eq!(
+            config
+                .kafka
+                .properties
+                .get("sasl.password")
+                .map(String::as_str),
+            Some("p")
+        );
+        jail.clear_env();
+        // A name that ends in _PORT without the address Kubernetes writes there is a typo too.
+        jail.set_env("TOUCHLINE_METRICS_PORT", "9100");
+        let typo = format!("{:#}", Config::load(None).expect_err("a typo"));
+        assert!(typo.contains("metrics-port"), "{typo}");
         Ok(())
     });
 }
