@@ -421,26 +421,47 @@ fn run_rebuild(
             store.retire(switched, stop);
         }
         Err(None) => {
-            // A shutdown (not a cancel) also stops the deletion: the rest is deleted after the
-            // next open.
-            match store.cancel_rebuild(projection, version, &|| stop.is_cancelled()) {
-                Ok(true) => {}
-                Ok(false) => {
-                    info!(%projection, version, "stopped dropping the cancelled version; it is dropped on the next start");
-                }
-                Err(error) => {
-                    warn!(%projection, version, %error, "cannot drop the cancelled version; it is dropped on the next start");
-                }
-            }
             info!(%projection, version, "rebuild cancelled; the active version is untouched");
-            report(next - 1, RebuildState::Cancelled);
+            abandon(store, projection, version, stop, "cancelled", || {
+                report(next - 1, RebuildState::Cancelled);
+            });
         }
         Err(Some(error)) => {
             warn!(%projection, version, %error, "rebuild failed; the active version is untouched");
-            if let Err(error) = store.cancel_rebuild(projection, version, &|| stop.is_cancelled()) {
-                warn!(%projection, version, %error, "cannot drop the failed version; it is dropped on the next start");
-            }
-            report(next - 1, RebuildState::Failed(error.to_string()));
+            abandon(store, projection, version, stop, "failed", || {
+                report(next - 1, RebuildState::Failed(error.to_string()));
+            });
+        }
+    }
+}
+
+/// Abandons a rebuild's version, then reports its end (`ended`), then deletes the version (a
+/// shutdown stops the deletion: the rest is deleted after the next open). The end is reported
+/// before the deletion, which can take minutes on a large version: a cancel is answered, and a
+/// new rebuild may start, meanwhile (`touchline status` lists the version as dropping).
+fn abandon(
+    store: &SledStore,
+    projection: Projection,
+    version: u32,
+    stop: &CancellationToken,
+    why: &str,
+    ended: impl FnOnce(),
+) {
+    let abandoned = store.abandon_rebuild(projection, version);
+    ended();
+    let dropped = match abandoned {
+        Ok(()) => store
+            .drop_abandoned(projection, version, &|| stop.is_cancelled())
+            .map_err(|error| error.to_string()),
+        Err(error) => Err(error.to_string()),
+    };
+    match dropped {
+        Ok(true) => {}
+        Ok(false) => {
+            info!(%projection, version, "stopped dropping the {why} version; it is dropped on the next start");
+        }
+        Err(error) => {
+            warn!(%projection, version, %error, "cannot drop the {why} version; it is dropped on the next start");
         }
     }
 }

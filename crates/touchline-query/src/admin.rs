@@ -357,6 +357,11 @@ impl v1::admin_service_server::AdminService for AdminService {
         // A partition named twice is read once (Kafka refuses an assignment that lists it twice).
         partitions.sort_unstable();
         partitions.dedup();
+        // None starts while the node drains: its planning (broker look-ups of up to 10 s each)
+        // would hold the shutdown.
+        if self.context.shutdown.is_cancelled() {
+            return Err(ops_status(OpsError::ShuttingDown));
+        }
         let (sender, progress) = watch::channel(ReplayProgress::default());
         let claimed = {
             let mut replays = self.replays();
@@ -459,6 +464,18 @@ impl v1::admin_service_server::AdminService for AdminService {
                     ),
                     ReplayError::Projection(touchline_projection::Error::Store(error)) => {
                         Error::Store(error).into()
+                    }
+                    // Whatever else went wrong (a write that panicked, say), a failed store is
+                    // what the operator must know of, not Kafka.
+                    ReplayError::Projection(error) if context.store.failure().is_some() => {
+                        rejected(
+                            Code::Internal,
+                            "STORE_FAILED",
+                            format!(
+                                "the replay stopped ({error}): the store failed ({}), and the node stops",
+                                context.store.failure().unwrap_or_default()
+                            ),
+                        )
                     }
                     ReplayError::Projection(error) => rejected(
                         Code::Unavailable,

@@ -155,7 +155,27 @@ async fn a_watcher_that_falls_behind_is_told_where_to_resume() -> anyhow::Result
         "entries in log order, none twice"
     );
     a_lagged_watch_resumes_after_the_other_customers_entries_it_read().await?;
-    a_watch_whose_customer_outruns_its_client_lags_without_holding_the_feed().await
+    a_watch_whose_customer_outruns_its_client_lags_without_holding_the_feed().await?;
+    one_flush_larger_than_the_inbox_is_taken_whole().await
+}
+
+/// One flush of more of the customer's entries than an inbox holds (a replay, a backfill) does
+/// not end a watch that keeps up: it is taken whole into the empty inbox.
+async fn one_flush_larger_than_the_inbox_is_taken_whole() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (feed, live) = broadcast::channel(4);
+    let (mut client, _) = watch(&dir, live)?;
+    feed.send(Arc::from((1..=1500).map(entry).collect::<Vec<_>>()))?;
+    let mut delivered = Vec::new();
+    let ended = read_to_the_end(&mut client, &mut delivered, Some(1500)).await?;
+    assert!(ended.is_none(), "{ended:?}");
+    // And the watch goes on.
+    feed.send(Arc::from(vec![entry(1501)]))?;
+    let ended = read_to_the_end(&mut client, &mut delivered, Some(1501)).await?;
+    assert!(ended.is_none(), "{ended:?}");
+    assert!(delivered.iter().copied().eq(1..=1501));
+    assert_eq!(feed.receiver_count(), 1, "the watcher still reads the feed");
+    Ok(())
 }
 
 /// The resume cursor of a lagged watch is past the other customers' entries it read after its

@@ -125,17 +125,18 @@ impl EventStore for CountingStore {
     }
 }
 
-/// Resumes a watch of `customer_id` after log sequence `after`: the event ids of the catch-up
-/// (those flagged `late` marked so), and the cursor of its `caught_up`.
-async fn resume(
+type Message = Result<v1::WatchTimelineResponse, tonic::Status>;
+
+/// A watcher of `customer_id` after log sequence `after` over `store`, fed by `live`: its
+/// client's receiver.
+fn spawn_watch(
     store: &Arc<CountingStore>,
     customer_id: &str,
     after: u64,
-) -> anyhow::Result<(Vec<String>, u64)> {
-    let (_feed, live) = broadcast::channel(16);
+    live: broadcast::Receiver<Arc<[TimelineEntry]>>,
+) -> tokio::sync::mpsc::Receiver<Message> {
     let store: Arc<dyn EventStore> = Arc::clone(store) as Arc<dyn EventStore>;
-    let log = store.log_id();
-    let mut client = Watch {
+    Watch {
         reads: StoreReads::new(store, 1),
         customer: customer(customer_id),
         after,
@@ -144,12 +145,33 @@ async fn resume(
         still_allowed: None,
         stalled_after: touchline_query::watch::STALLED_AFTER,
     }
-    .spawn();
+    .spawn()
+}
+
+/// The watch's next message, within 10 s.
+async fn next_message(
+    client: &mut tokio::sync::mpsc::Receiver<Message>,
+) -> anyhow::Result<v1::WatchTimelineResponse> {
+    Ok(
+        tokio::time::timeout(std::time::Duration::from_secs(10), client.recv())
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("the watch ended"))??,
+    )
+}
+
+/// Resumes a watch of `customer_id` after log sequence `after`: the event ids of the catch-up
+/// (those flagged `late` marked so), and the cursor of its `caught_up`.
+async fn resume(
+    store: &Arc<CountingStore>,
+    customer_id: &str,
+    after: u64,
+) -> anyhow::Result<(Vec<String>, u64)> {
+    let (_feed, live) = broadcast::channel(16);
+    let log = store.log_id();
+    let mut client = spawn_watch(store, customer_id, after, live);
     let mut ids = Vec::new();
     loop {
-        let message = tokio::time::timeout(std::time::Duration::from_secs(10), client.recv())
-            .await?
-            .ok_or_else(|| anyhow::anyhow!("the watch ended before catching up"))??;
+        let message = next_message(&mut client).await?;
         match message.event {
             Some(v1::watch_timeline_response::Event::Entry(entry)) => {
                 assert_eq!(
@@ -321,24 +343,8 @@ async fn a_resumed_watch_flags_live_entries_against_what_the_client_holds() -> a
         true,
     );
     let live = store.inner.watch_sender().subscribe();
-    let shared: Arc<dyn EventStore> = Arc::clone(&store) as Arc<dyn EventStore>;
-    let mut client = Watch {
-        reads: StoreReads::new(shared, 1),
-        customer: customer("carol"),
-        after: 2,
-        live,
-        shutdown: CancellationToken::new(),
-        still_allowed: None,
-        stalled_after: touchline_query::watch::STALLED_AFTER,
-    }
-    .spawn();
-    let mut next = async || -> anyhow::Result<v1::WatchTimelineResponse> {
-        Ok(
-            tokio::time::timeout(std::time::Duration::from_secs(10), client.recv())
-                .await?
-                .ok_or_else(|| anyhow::anyhow!("the watch ended"))??,
-        )
-    };
+    let mut client = spawn_watch(&store, "carol", 2, live);
+    let mut next = async || next_message(&mut client).await;
     let entry_id = |message: &v1::WatchTimelineResponse| match &message.event {
         Some(v1::watch_timeline_response::Event::Entry(entry)) => entry
             .touchpoint
@@ -378,5 +384,59 @@ async fn a_resumed_watch_flags_live_entries_against_what_the_client_holds() -> a
         (entry_id(&second).as_deref(), second.late),
         (Some("live-900"), false)
     );
+    Ok(())
+}
+
+/// Entries flushed between the watch's subscription and its read of the durable end come both in
+/// its catch-up and on the feed: the client gets each once, the catch-up's copy, then the live
+/// entries after them.
+#[tokio::test]
+async fn entries_flushed_while_a_watch_starts_come_once() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let store = CountingStore::open(&dir)?;
+    let mut offset = -1;
+    apply(
+        &*store,
+        &mut offset,
+        vec![event("a", "dora", 100), event("b", "dora", 200)],
+        true,
+    );
+    let live = store.inner.watch_sender().subscribe();
+    // Flushed after the subscription, before the watcher reads the durable end: in both.
+    apply(
+        &*store,
+        &mut offset,
+        vec![event("c", "dora", 300), event("x", "other", 300)],
+        true,
+    );
+    apply(&*store, &mut offset, vec![event("d", "dora", 50)], true);
+    let mut client = spawn_watch(&store, "dora", 0, live);
+    let mut next = async || next_message(&mut client).await;
+    let mut seen = Vec::new();
+    loop {
+        let message = next().await?;
+        match message.event {
+            Some(v1::watch_timeline_response::Event::Entry(entry)) => {
+                seen.push(entry.touchpoint.map(|t| t.event_id).unwrap_or_default());
+            }
+            Some(v1::watch_timeline_response::Event::CaughtUp(_)) => break,
+            None => anyhow::bail!("a message without an event"),
+        }
+    }
+    assert_eq!(
+        seen,
+        ["d", "a", "b", "c"],
+        "the catch-up, in timeline order"
+    );
+    apply(&*store, &mut offset, vec![event("e", "dora", 400)], true);
+    let live_entry = next().await?;
+    match live_entry.event {
+        Some(v1::watch_timeline_response::Event::Entry(entry)) => assert_eq!(
+            entry.touchpoint.map(|t| t.event_id).as_deref(),
+            Some("e"),
+            "the next live entry, not c or d again"
+        ),
+        other => anyhow::bail!("expected the live entry e, got {other:?}"),
+    }
     Ok(())
 }

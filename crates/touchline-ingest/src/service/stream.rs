@@ -50,12 +50,12 @@ enum Failed {
 
 type Answer = std::result::Result<v1::PublishResponse, Failed>;
 
-/// A batch's share of the stream's windows, held until its answer is handed to the partner's
-/// connection: an answer that waits for the partner to read it (it holds a result per event, and
-/// the batch's id) counts against the window like the batch did.
+/// A batch's share of the stream's window of events, held until its answer is handed to the
+/// partner's connection: an answer that waits for the partner to read it holds a result per event
+/// (and the batch's id, at most 128 bytes), so it counts against the window like the batch did.
+/// The batch's share of the window of bytes (its request) is given back once it is published.
 struct Window {
     _events: OwnedSemaphorePermit,
-    _bytes: OwnedSemaphorePermit,
 }
 
 /// Opens a stream: checks the partner's stream count, then reads, admits and answers batches.
@@ -442,16 +442,12 @@ impl Shared {
             // Dropped unpublished: the charge is given back.
             Err(error) => Err(error),
         };
+        // The request is gone: its bytes no longer count.
+        drop(bytes);
         if result.is_err() {
             self.fail(index);
         }
-        (
-            result,
-            Window {
-                _events: share,
-                _bytes: bytes,
-            },
-        )
+        (result, Window { _events: share })
     }
 
     /// Waits for the rate batch `index` owes, for a slot of its partner's share and for a

@@ -8,6 +8,9 @@ use touchline_kafka::KafkaOptions;
 
 use crate::Error;
 
+/// Partitions whose watermarks are asked for at once, each on a thread of its own.
+pub const PARTITIONS_AT_ONCE: usize = 16;
+
 /// A Kafka client for status and health: watermarks and reachability.
 pub struct KafkaProbe {
     consumer: BaseConsumer,
@@ -33,7 +36,7 @@ impl KafkaProbe {
         })
     }
 
-    /// (low, high) watermarks per partition; `None` when the broker does not answer within
+    /// (low, high) watermarks per partition; `None` unless every partition's are answered within
     /// `timeout` (blocking).
     #[must_use]
     pub fn watermarks(
@@ -41,15 +44,44 @@ impl KafkaProbe {
         partitions: &[i32],
         timeout: Duration,
     ) -> Option<BTreeMap<i32, (i64, i64)>> {
-        partitions
-            .iter()
-            .map(|partition| {
-                self.consumer
-                    .fetch_watermarks(&self.topic, *partition, timeout)
-                    .ok()
-                    .map(|marks| (*partition, marks))
-            })
-            .collect()
+        let marks = self.watermarks_each(partitions, timeout);
+        (marks.len() == partitions.len()).then_some(marks)
+    }
+
+    /// (low, high) watermarks of each partition whose leader answers within `timeout`
+    /// (blocking): one partition without a leader does not hide the others'. Partitions are asked
+    /// at once, up to `PARTITIONS_AT_ONCE` of them, so a broker that answers none takes
+    /// `timeout` per that many partitions, not per partition.
+    #[must_use]
+    pub fn watermarks_each(
+        &self,
+        partitions: &[i32],
+        timeout: Duration,
+    ) -> BTreeMap<i32, (i64, i64)> {
+        let mut marks = BTreeMap::new();
+        for group in partitions.chunks(PARTITIONS_AT_ONCE) {
+            std::thread::scope(|scope| {
+                let asked: Vec<_> = group
+                    .iter()
+                    .map(|&partition| {
+                        let asking = std::thread::Builder::new()
+                            .name("tl-watermarks".to_owned())
+                            .spawn_scoped(scope, move || {
+                                self.consumer
+                                    .fetch_watermarks(&self.topic, partition, timeout)
+                            });
+                        (partition, asking)
+                    })
+                    .collect();
+                for (partition, asking) in asked {
+                    // A thread that could not start, or failed: that partition is unknown.
+                    if let Ok(Ok(Ok(found))) = asking.map(std::thread::ScopedJoinHandle::join) {
+                        marks.insert(partition, found);
+                    }
+                }
+            });
+        }
+        marks
     }
 
     /// Whether the broker answers a metadata request for the topic within `timeout` (blocking),
@@ -72,6 +104,30 @@ impl KafkaProbe {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_partition_whose_leader_is_down_does_not_hide_the_others_watermarks() {
+        let cluster = rdkafka::mocking::MockCluster::new(2).expect("a mock cluster");
+        cluster.create_topic("split", 2, 1).expect("a topic");
+        cluster
+            .partition_leader("split", 0, Some(1))
+            .expect("a leader");
+        cluster
+            .partition_leader("split", 1, Some(2))
+            .expect("a leader");
+        let probe = KafkaProbe::new(&KafkaOptions {
+            bootstrap_servers: cluster.bootstrap_servers(),
+            topic: "split".to_owned(),
+            ..KafkaOptions::default()
+        })
+        .expect("a probe");
+        let timeout = Duration::from_secs(10);
+        assert_eq!(probe.watermarks_each(&[0, 1], timeout).len(), 2);
+        cluster.broker_down(2).expect("down");
+        let marks = probe.watermarks_each(&[0, 1], Duration::from_secs(3));
+        assert_eq!(marks.keys().copied().collect::<Vec<_>>(), [0]);
+        assert_eq!(probe.watermarks(&[0, 1], Duration::from_secs(3)), None);
+    }
 
     #[test]
     fn a_topic_the_broker_does_not_have_is_not_reachable() {

@@ -355,17 +355,40 @@ impl SledStore {
         version: u32,
         stop: &dyn Fn() -> bool,
     ) -> Result<bool, OpsError> {
-        {
-            let mut writer = self.lock_writer();
-            writer.check_building(projection, version)?;
-            let versions = writer.versions.entry(projection).or_default();
-            let mut updated = versions.clone();
-            updated.building = None;
-            updated.dropping.push(version);
-            self.write_now(&self.meta, projection.meta_key(), encode(&updated)?)?;
-            *versions = updated;
-        }
-        Ok(self.drop_version(projection, version, stop)?)
+        self.abandon_rebuild(projection, version)?;
+        Ok(self.drop_abandoned(projection, version, stop)?)
+    }
+
+    /// Abandons the version being built: from now on it is not built, and it is listed as
+    /// dropping (a rebuild of the projection may start), until [`Self::drop_abandoned`] deleted
+    /// it, or the next open does.
+    ///
+    /// # Errors
+    /// [`OpsError::NotBuilding`] or a backend failure.
+    pub fn abandon_rebuild(&self, projection: Projection, version: u32) -> Result<(), OpsError> {
+        let mut writer = self.lock_writer();
+        writer.check_building(projection, version)?;
+        let versions = writer.versions.entry(projection).or_default();
+        let mut updated = versions.clone();
+        updated.building = None;
+        updated.dropping.push(version);
+        self.write_now(&self.meta, projection.meta_key(), encode(&updated)?)?;
+        *versions = updated;
+        Ok(())
+    }
+
+    /// Deletes an abandoned version ([`Self::abandon_rebuild`]) until `stop` says to stop (a
+    /// shutdown): what is left is dropped after the next open. Returns whether all of it was.
+    ///
+    /// # Errors
+    /// A backend failure.
+    pub fn drop_abandoned(
+        &self,
+        projection: Projection,
+        version: u32,
+        stop: &dyn Fn() -> bool,
+    ) -> Result<bool, StoreError> {
+        self.drop_version(projection, version, stop)
     }
 
     /// Folds log events `from_sequence..end` into one version; returns the next to fold.

@@ -19,17 +19,15 @@ impl AdminService {
         let store = &context.store;
         let stored = store.positions(&context.stream)?;
         let applied = context.applied.borrow().clone();
+        // Each partition's, as far as its leader answers.
         let marks = context
             .probe
-            .watermarks(&context.partitions, STATUS_TIMEOUT);
+            .watermarks_each(&context.partitions, STATUS_TIMEOUT);
         let partitions = context
             .partitions
             .iter()
             .map(|partition| {
-                let (low, high) = marks
-                    .as_ref()
-                    .and_then(|marks| marks.get(partition).copied())
-                    .unwrap_or((-1, -1));
+                let (low, high) = marks.get(partition).copied().unwrap_or((-1, -1));
                 let log_end = stored.get(partition).map_or(0, |p| p.next_offset);
                 let projected = applied.get(partition).copied().unwrap_or(0);
                 v1::PartitionStatus {
@@ -82,7 +80,7 @@ impl AdminService {
         Ok(v1::GetStatusResponse {
             cluster_id: context.stream.cluster_id.clone(),
             topic: context.stream.topic.clone(),
-            kafka_reachable: marks.is_some(),
+            kafka_reachable: !marks.is_empty(),
             projector_state: if context.projector_stopped.is_cancelled() {
                 "stopped"
             } else {

@@ -2,7 +2,8 @@
 //! of its own as each flush is published. A watcher busy elsewhere (its catch-up, a client that
 //! reads slowly) therefore keeps neither the shared feed's slots (every customer's entries of up
 //! to [`touchline_projection::WATCH_BUFFER`] flushes) nor its place in it: it holds at most its
-//! own customer's entries, [`MAX_ENTRIES`] and about [`MAX_BYTES`] of them, and lags past that.
+//! own customer's entries, [`MAX_ENTRIES`] and about [`MAX_BYTES`] of them (or one flush's,
+//! however many), and lags past that.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -124,8 +125,11 @@ async fn take_off_feed(
                         .iter()
                         .map(approximate_bytes)
                         .fold(state.bytes, usize::saturating_add);
-                    if state.entries.len().saturating_add(mine.len()) > MAX_ENTRIES
-                        || bytes > MAX_BYTES
+                    // A flush is taken whole into an empty inbox, however large: a watcher that
+                    // keeps up is not ended by one flush (its memory is the feed's already).
+                    if !state.entries.is_empty()
+                        && (state.entries.len().saturating_add(mine.len()) > MAX_ENTRIES
+                            || bytes > MAX_BYTES)
                     {
                         // Not this flush's entries: the watcher resumes before them.
                         state.end = Some(FeedEnd::Lagged);
