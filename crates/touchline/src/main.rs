@@ -403,14 +403,26 @@ async fn run_node(
     }
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+/// How long the process waits at its end for blocking tasks still running: a node that stopped
+/// has flushed its store, and what may still run then only reads (a verification's scans, a
+/// replay's planning against an unreachable broker), which the runtime would otherwise wait for
+/// whole.
+const EXIT_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
+fn main() -> anyhow::Result<()> {
     std::sync::LazyLock::force(&touchline::metrics::PROCESS_STARTED);
-    match run(Cli::parse()).await {
-        // Output piped into a reader that stopped (`touchline timeline c | head`): done.
-        Err(error) if is_broken_pipe(&error) => Ok(()),
-        result => result,
-    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let result = runtime.block_on(async {
+        match run(Cli::parse()).await {
+            // Output piped into a reader that stopped (`touchline timeline c | head`): done.
+            Err(error) if is_broken_pipe(&error) => Ok(()),
+            result => result,
+        }
+    });
+    runtime.shutdown_timeout(EXIT_WAIT);
+    result
 }
 
 /// Whether the command failed because its standard output was closed (not a broken connection
