@@ -316,8 +316,19 @@ fn failed_by_panic(
 ) {
     let reason = crate::panic_message(panic);
     let dropped = store.cancel_rebuild(projection, version, &|| stop.is_cancelled());
+    let abandoned = || {
+        store
+            .projection_versions()
+            .get(&projection)
+            .is_some_and(|versions| versions.dropping.contains(&version))
+    };
     if let Err(OpsError::NotBuilding { .. }) = dropped {
-        error!(%projection, version, reason, "the rebuild panicked after its switch; the new version serves");
+        if abandoned() {
+            // Its end was reported: a cancel or failure, then a panic deleting the version.
+            error!(%projection, version, reason, "the rebuild panicked while deleting its abandoned version; it is dropped on the next start");
+        } else {
+            error!(%projection, version, reason, "the rebuild panicked after its switch; the new version serves");
+        }
     } else {
         error!(%projection, version, reason, "the rebuild panicked; the active version is untouched");
         if let Err(error) = dropped {

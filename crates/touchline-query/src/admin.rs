@@ -357,15 +357,18 @@ impl v1::admin_service_server::AdminService for AdminService {
         // A partition named twice is read once (Kafka refuses an assignment that lists it twice).
         partitions.sort_unstable();
         partitions.dedup();
-        // None starts while the node drains: its planning (broker look-ups of up to 10 s each)
-        // would hold the shutdown.
-        if self.context.shutdown.is_cancelled() {
-            return Err(ops_status(OpsError::ShuttingDown));
-        }
         let (sender, progress) = watch::channel(ReplayProgress::default());
         let claimed = {
             let mut replays = self.replays();
-            if replays.running {
+            if self.context.shutdown.is_cancelled() {
+                // None starts while the node drains: its planning (broker look-ups of up to 10 s
+                // each) would hold the shutdown.
+                Err(rejected(
+                    Code::Unavailable,
+                    "SHUTTING_DOWN",
+                    "the server is shutting down: replay once it is back",
+                ))
+            } else if replays.running {
                 Err(rejected(
                     Code::FailedPrecondition,
                     "REPLAY_RUNNING",

@@ -403,10 +403,12 @@ async fn run_node(
     }
 }
 
-/// How long the process waits at its end for blocking tasks still running: a node that stopped
-/// has flushed its store, and what may still run then only reads (a verification's scans, a
-/// replay's planning against an unreachable broker), which the runtime would otherwise wait for
-/// whole.
+/// How long the process waits at its end for blocking tasks still running, which the runtime
+/// would otherwise wait for whole: a verification's scans or a replay's planning against an
+/// unreachable broker, whose calls the shutdown cut. A node that stopped has made its store
+/// durable; a write still running then (a replay's last batch that outlived its wait, an admin
+/// call cut after the grace) was answered to no one, and ends as at a crash: sled's batches are
+/// atomic, and the next start reads Kafka again from the stored positions.
 const EXIT_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 fn main() -> anyhow::Result<()> {

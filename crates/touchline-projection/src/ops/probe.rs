@@ -50,16 +50,21 @@ impl KafkaProbe {
 
     /// (low, high) watermarks of each partition whose leader answers within `timeout`
     /// (blocking): one partition without a leader does not hide the others'. Partitions are asked
-    /// at once, up to `PARTITIONS_AT_ONCE` of them, so a broker that answers none takes
-    /// `timeout` per that many partitions, not per partition.
+    /// at once, up to `PARTITIONS_AT_ONCE` of them, within one deadline for the whole call: a
+    /// broker that answers none takes `timeout`, and the partitions not asked by then are unknown.
     #[must_use]
     pub fn watermarks_each(
         &self,
         partitions: &[i32],
         timeout: Duration,
     ) -> BTreeMap<i32, (i64, i64)> {
+        let deadline = std::time::Instant::now() + timeout;
         let mut marks = BTreeMap::new();
         for group in partitions.chunks(PARTITIONS_AT_ONCE) {
+            let timeout = deadline.saturating_duration_since(std::time::Instant::now());
+            if timeout.is_zero() {
+                break;
+            }
             std::thread::scope(|scope| {
                 let asked: Vec<_> = group
                     .iter()

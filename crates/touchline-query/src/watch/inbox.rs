@@ -2,8 +2,8 @@
 //! of its own as each flush is published. A watcher busy elsewhere (its catch-up, a client that
 //! reads slowly) therefore keeps neither the shared feed's slots (every customer's entries of up
 //! to [`touchline_projection::WATCH_BUFFER`] flushes) nor its place in it: it holds at most its
-//! own customer's entries, [`MAX_ENTRIES`] and about [`MAX_BYTES`] of them (or one flush's,
-//! however many), and lags past that.
+//! own customer's entries, [`MAX_ENTRIES`] and about [`MAX_BYTES`] of them (or one flush's of up
+//! to eight times as many), and lags past that.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -21,6 +21,10 @@ use crate::still_allowed::lock;
 pub(super) const MAX_ENTRIES: usize = 1000;
 /// Bytes of them (about: [`approximate_bytes`]) an inbox holds at most, untaken.
 pub(super) const MAX_BYTES: usize = MAX_PAGE_BYTES;
+/// An empty inbox takes one flush whole up to this many times the bounds above: a watcher that
+/// keeps up is not ended by one large flush (a replay, a backfill), and still holds a bounded
+/// copy of it.
+const ONE_FLUSH_FACTOR: usize = 8;
 
 /// Why the feed ended for a watcher.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -125,11 +129,13 @@ async fn take_off_feed(
                         .iter()
                         .map(approximate_bytes)
                         .fold(state.bytes, usize::saturating_add);
-                    // A flush is taken whole into an empty inbox, however large: a watcher that
-                    // keeps up is not ended by one flush (its memory is the feed's already).
-                    if !state.entries.is_empty()
-                        && (state.entries.len().saturating_add(mine.len()) > MAX_ENTRIES
-                            || bytes > MAX_BYTES)
+                    let factor = if state.entries.is_empty() {
+                        ONE_FLUSH_FACTOR
+                    } else {
+                        1
+                    };
+                    if state.entries.len().saturating_add(mine.len()) > MAX_ENTRIES * factor
+                        || bytes > MAX_BYTES * factor
                     {
                         // Not this flush's entries: the watcher resumes before them.
                         state.end = Some(FeedEnd::Lagged);
