@@ -13,7 +13,9 @@ use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use touchline_core::{ApplyOutcome, ConsumedRecord, EventStore, RecordContent, StreamIdentity};
+use touchline_core::{
+    ApplyOutcome, ConsumedRecord, Envelope, EventStore, RecordContent, StreamIdentity,
+};
 use touchline_kafka::KafkaOptions;
 use tracing::{debug, info, warn};
 
@@ -96,6 +98,9 @@ pub struct Projector {
     store: Arc<dyn EventStore>,
     stream: StreamIdentity,
     max_batch: usize,
+    /// The topic's partition count as ingest partitions by it (`kafka.partitions`): a record
+    /// whose customer belongs in another partition is a dead letter.
+    topic_partitions: i32,
     applied: watch::Sender<BTreeMap<i32, i64>>,
     /// Per partition, the first offset not yet applied: resuming fetches from the verified record
     /// just before it, which is dropped here.
@@ -126,6 +131,7 @@ impl Projector {
         let consumer: StreamConsumer = options.kafka.consumer_config().create()?;
         let consumer = Arc::new(consumer);
         let topic = options.kafka.topic.clone();
+        let topic_partitions = options.kafka.partitions;
         let (consumer, stream, assignment, partitions, (applied_start, skip_below)) =
             tokio::task::spawn_blocking({
                 let store = Arc::clone(&store);
@@ -193,6 +199,7 @@ impl Projector {
                 store,
                 stream: stream.clone(),
                 max_batch: options.max_batch.max(1),
+                topic_partitions,
                 applied,
                 skip_below,
             },
@@ -314,8 +321,14 @@ impl Projector {
                 continue;
             }
             // Decoding a batch takes milliseconds: off the async runtime.
+            let partitions = self.topic_partitions;
             let records = match decoder
-                .run(move || messages.iter().map(consumed_record).collect::<Vec<_>>())
+                .run(move || {
+                    messages
+                        .iter()
+                        .map(|message| consumed_record(message, partitions))
+                        .collect::<Vec<_>>()
+                })
                 .await
             {
                 Ok(records) => records,
@@ -426,15 +439,23 @@ pub(crate) fn kafka_setup(error: &touchline_kafka::Error) -> Error {
     }
 }
 
-/// Decodes a consumed message; anything undecodable becomes a dead letter with its reason.
-pub(crate) fn consumed_record(message: &impl Message) -> ConsumedRecord {
-    let content = match touchline_proto::decode_envelope(message.payload()) {
+/// Decodes a consumed message of a topic of `partitions` partitions; anything undecodable, or
+/// an event in a place where queries for its customer would never find it, becomes a dead letter
+/// with its reason.
+pub(crate) fn consumed_record(message: &impl Message, partitions: i32) -> ConsumedRecord {
+    let decoded = touchline_proto::decode_envelope(message.payload())
+        .map_err(|error| error.to_string())
+        .and_then(|envelope| match misplaced(message, &envelope, partitions) {
+            None => Ok(envelope),
+            Some(reason) => Err(reason),
+        });
+    let content = match decoded {
         Ok(envelope) => RecordContent::Event {
             envelope: Box::new(envelope),
             raw: message.payload().unwrap_or_default().to_vec(),
         },
-        Err(error) => RecordContent::Undecodable {
-            reason: error.to_string(),
+        Err(reason) => RecordContent::Undecodable {
+            reason,
             key: message.key().map(<[u8]>::to_vec),
             value: message.payload().map(<[u8]>::to_vec),
         },
@@ -444,6 +465,27 @@ pub(crate) fn consumed_record(message: &impl Message) -> ConsumedRecord {
         offset: message.offset(),
         content,
     }
+}
+
+/// Why an event cannot be projected from where it was read, if it cannot: its record's key is not
+/// its customer id, or its partition is not the one its customer id gives (murmur2, as ingest and
+/// Java clients partition). A node that owns some partitions serves the customers those give, so
+/// such an event would be in the log of a node that is never asked for it (`CUSTOMER_NOT_HERE`
+/// elsewhere). Only another producer writes such records.
+fn misplaced(message: &impl Message, envelope: &Envelope, partitions: i32) -> Option<String> {
+    let customer = envelope.touchpoint.customer_id.as_str();
+    if message.key() != Some(customer.as_bytes()) {
+        return Some(format!(
+            "the record's key is not its customer_id {customer:?}: Touchline keys each record by its customer"
+        ));
+    }
+    let expected = touchline_kafka::partition_for(customer.as_bytes(), partitions);
+    (partitions > 0 && expected != message.partition()).then(|| {
+        format!(
+            "the record is in partition {}, but customer {customer:?} belongs in partition {expected} of {partitions} (murmur2 of the customer_id, as Touchline's ingest and Java clients partition)",
+            message.partition()
+        )
+    })
 }
 
 /// The partitions a node owns: the configured ones, each once and each in the topic, or every
@@ -472,6 +514,61 @@ fn owned_partitions(topic: &str, configured: Option<Vec<i32>>, all: Vec<i32>) ->
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A record of another producer whose key is not its customer, or whose partition is not
+    /// its customer's, is a dead letter (queries for the customer go to another partition's
+    /// node); one keyed and placed as ingest does is an event.
+    #[test]
+    fn an_event_where_its_customer_would_not_be_found_is_a_dead_letter() {
+        let mut envelope = touchline_core::Envelope {
+            partner_id: touchline_core::PartnerId::parse("courier").expect("valid"),
+            touchpoint: touchline_core::Touchpoint {
+                event_id: touchline_core::EventId::parse("e1").expect("valid"),
+                customer_id: touchline_core::CustomerId::parse("alice").expect("valid"),
+                event_type: touchline_core::EventType::parse("parcel.delivered").expect("valid"),
+                occurred_at: touchline_core::UnixNanos(1),
+                channel: touchline_core::Channel::Web,
+                stage: touchline_core::JourneyStage::Fulfil,
+                outcome: None,
+                attributes: BTreeMap::new(),
+                payload: Vec::new(),
+            },
+            received_at: touchline_core::UnixNanos(1),
+        };
+        let home = touchline_kafka::partition_for(b"alice", 6);
+        let record = |envelope: &touchline_core::Envelope, key: Option<&[u8]>, partition: i32| {
+            consumed_record(
+                &rdkafka::message::OwnedMessage::new(
+                    Some(touchline_proto::encode_envelope(envelope)),
+                    key.map(<[u8]>::to_vec),
+                    "touchpoints".to_owned(),
+                    rdkafka::Timestamp::NotAvailable,
+                    partition,
+                    7,
+                    None,
+                ),
+                6,
+            )
+            .content
+        };
+        let reason = |content: RecordContent| match content {
+            RecordContent::Undecodable { reason, .. } => reason,
+            RecordContent::Event { .. } => "projected".to_owned(),
+        };
+        assert_eq!(reason(record(&envelope, Some(b"alice"), home)), "projected");
+        assert!(
+            reason(record(&envelope, Some(b"bob"), home)).contains("key is not its customer_id")
+        );
+        assert!(reason(record(&envelope, None, home)).contains("key is not its customer_id"));
+        let misplaced = reason(record(&envelope, Some(b"alice"), (home + 1) % 6));
+        assert!(
+            misplaced.contains(&format!("belongs in partition {home} of 6")),
+            "{misplaced}"
+        );
+        envelope.touchpoint.customer_id = touchline_core::CustomerId::parse("bob").expect("valid");
+        let bobs = touchline_kafka::partition_for(b"bob", 6);
+        assert_eq!(reason(record(&envelope, Some(b"bob"), bobs)), "projected");
+    }
 
     #[test]
     fn configured_partitions_must_be_the_topics_each_once() {

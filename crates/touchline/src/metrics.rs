@@ -242,24 +242,47 @@ impl Exporter {
     }
 }
 
-async fn scrape(exporter: Arc<Exporter>) -> axum::response::Response {
-    let encoded = tokio::task::spawn_blocking(move || {
-        exporter.refresh();
-        exporter.encode()
-    })
-    .await;
-    match encoded {
-        Ok(Ok(text)) => (
-            [(
-                header::CONTENT_TYPE,
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            )],
-            text,
-        )
-            .into_response(),
-        Ok(Err(error)) => (StatusCode::INTERNAL_SERVER_ERROR, error.to_string()).into_response(),
-        Err(error) => (StatusCode::INTERNAL_SERVER_ERROR, error.to_string()).into_response(),
-    }
+/// How long a scrape's text serves the scrapes that come after it.
+const SCRAPE_REUSE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The last scrape's text and when it was made. Scrapes run one at a time under its lock: each
+/// reads the node's status (the store, and the broker for up to 1.5 s) on a blocking thread, so
+/// that many clients of `/metrics` (or one scraping in a loop) hold one thread, not one each,
+/// and those that come within [`SCRAPE_REUSE`] get the same text.
+type LastScrape = tokio::sync::Mutex<Option<(std::time::Instant, Arc<str>)>>;
+
+async fn scrape(exporter: Arc<Exporter>, last: Arc<LastScrape>) -> axum::response::Response {
+    let mut last = last.lock().await;
+    let text = match last.as_ref() {
+        Some((at, text)) if at.elapsed() < SCRAPE_REUSE => Arc::clone(text),
+        _ => {
+            let encoded = tokio::task::spawn_blocking(move || {
+                exporter.refresh();
+                exporter.encode()
+            })
+            .await;
+            let text: Arc<str> = match encoded {
+                Ok(Ok(text)) => text.into(),
+                Ok(Err(error)) => {
+                    return (StatusCode::INTERNAL_SERVER_ERROR, error.to_string()).into_response();
+                }
+                Err(error) => {
+                    return (StatusCode::INTERNAL_SERVER_ERROR, error.to_string()).into_response();
+                }
+            };
+            *last = Some((std::time::Instant::now(), Arc::clone(&text)));
+            text
+        }
+    };
+    drop(last);
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        text.to_string(),
+    )
+        .into_response()
 }
 
 /// Serves `/metrics` on `listen` until `shutdown`; returns the bound address and the task.
@@ -272,9 +295,10 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> anyhow::Result<(SocketAddr, JoinHandle<()>)> {
     let exporter = Arc::new(build(admin));
+    let last = Arc::new(LastScrape::default());
     let app = axum::Router::new().route(
         "/metrics",
-        axum::routing::get(move || scrape(Arc::clone(&exporter))),
+        axum::routing::get(move || scrape(Arc::clone(&exporter), Arc::clone(&last))),
     );
     let listener = TcpListener::bind(listen)
         .await

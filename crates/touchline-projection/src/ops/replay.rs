@@ -231,11 +231,15 @@ pub async fn replay(
         if !records.is_empty() {
             let applying = Arc::clone(&store);
             let stream = stream.clone();
+            let topic_partitions = kafka.partitions;
             // Applied and flushed per batch: what a replay restored is durable (and reaches
             // watchers) even if it stops early.
             // Decoded with the write, off the async runtime.
             let applied = tokio::task::spawn_blocking(move || {
-                let records = records.iter().map(consumed_record).collect();
+                let records = records
+                    .iter()
+                    .map(|record| consumed_record(record, topic_partitions))
+                    .collect();
                 let outcome = applying.apply_replayed(&stream, records)?;
                 applying.flush()?;
                 Ok::<_, touchline_core::StoreError>(outcome)
