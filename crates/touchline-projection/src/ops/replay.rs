@@ -115,7 +115,7 @@ pub async fn replay(
         .create()
         .map_err(Error::from)?;
     let consumer = Arc::new(consumer);
-    let (stream, ranges, assignment) = tokio::task::spawn_blocking({
+    let (stream, ranges, assignment, topic_partitions) = tokio::task::spawn_blocking({
         let consumer = Arc::clone(&consumer);
         let topic = kafka.topic.clone();
         let wanted = partitions.to_vec();
@@ -231,7 +231,6 @@ pub async fn replay(
         if !records.is_empty() {
             let applying = Arc::clone(&store);
             let stream = stream.clone();
-            let topic_partitions = kafka.partitions;
             // Applied and flushed per batch: what a replay restored is durable (and reaches
             // watchers) even if it stops early.
             // Decoded with the write, off the async runtime.
@@ -391,10 +390,12 @@ fn replay_end(
     )
 }
 
+/// The stream, each partition's range, the assignment, and the topic's partition count.
 type Plan = (
     StreamIdentity,
     BTreeMap<i32, (i64, i64)>,
     TopicPartitionList,
+    i32,
 );
 
 /// Resolves the stream, each partition's range and the assignment to read it.
@@ -469,5 +470,6 @@ fn plan_replay(
         let fetch_from = fetchable(kafka, partition, start, (low, high), low)?;
         assignment.add_partition_offset(topic, partition, Offset::Offset(fetch_from))?;
     }
-    Ok((stream, ranges, assignment))
+    let topic_partitions = i32::try_from(all.len()).unwrap_or(i32::MAX);
+    Ok((stream, ranges, assignment, topic_partitions))
 }
