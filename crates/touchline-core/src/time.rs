@@ -82,13 +82,17 @@ impl UnixNanos {
         };
         let (year, month, day) = (number(0..4)?, number(5..7)?, number(8..10)?);
         let (hour, minute, second) = (number(11..13)?, number(14..16)?, number(17..19)?);
+        // A date the calendar has (not February 30th, which the arithmetic below would move to
+        // March), and a leap second only as the last second of a minute's hour (23:59:60, or
+        // its local equivalent: any hour, minute 59).
         if bytes[13] != b':'
             || bytes[16] != b':'
             || !(1..=12).contains(&month)
-            || !(1..=31).contains(&day)
+            || !(1..=days_in_month(year, month)).contains(&day)
             || hour > 23
             || minute > 59
             || second > 60
+            || (second == 60 && minute != 59)
         {
             return None;
         }
@@ -120,6 +124,16 @@ impl UnixNanos {
         let days = days_from_civil(year, month, day);
         let seconds = days * 86_400 + hour * 3600 + minute * 60 + second - offset_seconds;
         Self::from_parts(seconds, i32::try_from(nanos).ok()?)
+    }
+}
+
+/// Days in `month` (1-12) of `year` (Gregorian).
+fn days_in_month(year: i64, month: i64) -> i64 {
+    match month {
+        2 if (year % 4 == 0 && year % 100 != 0) || year % 400 == 0 => 29,
+        2 => 28,
+        4 | 6 | 9 | 11 => 30,
+        _ => 31,
     }
 }
 
@@ -187,6 +201,28 @@ mod tests {
         );
         assert_eq!(UnixNanos::parse_rfc3339("yesterday"), None);
         assert_eq!(UnixNanos::parse_rfc3339("2026-13-01T00:00:00Z"), None);
+        // Dates the calendar does not have are refused, not moved to the next month.
+        for missing in [
+            "2026-02-29T10:00:00Z",
+            "2026-02-31T10:00:00Z",
+            "2026-04-31T10:00:00Z",
+            "1900-02-29T10:00:00Z",
+            "2026-11-25T10:30:60Z",
+        ] {
+            assert_eq!(UnixNanos::parse_rfc3339(missing), None, "{missing}");
+        }
+        for present in [
+            "2024-02-29T10:00:00Z",
+            "2000-02-29T10:00:00Z",
+            "2026-12-31T23:59:60Z",
+            "2026-04-30T10:00:00Z",
+        ] {
+            assert!(UnixNanos::parse_rfc3339(present).is_some(), "{present}");
+        }
+        assert_eq!(
+            UnixNanos::parse_rfc3339("2024-02-29T00:00:00Z"),
+            UnixNanos::from_parts(1_709_164_800, 0)
+        );
         assert_eq!(
             UnixNanos::parse_rfc3339("2026-01-01T00:00:00\u{e9}1234"),
             None
