@@ -50,10 +50,11 @@ pub enum RebuildState {
     Running,
     /// The new version is active; the previous one is deleted after (in the background).
     Switched { previous: u32 },
-    /// Cancelled: the new version was dropped, the active one is untouched.
+    /// Cancelled: the active version is untouched; the new one is abandoned (listed as dropping)
+    /// and deleted in the background after this is reported.
     Cancelled,
-    /// Failed: the new version was dropped (or will be on the next start), the active one is
-    /// untouched.
+    /// Failed: the active version is untouched; the new one is abandoned (listed as dropping) and
+    /// deleted in the background after this is reported (or after the next start).
     Failed(String),
 }
 
@@ -302,10 +303,10 @@ type RunRebuild = fn(
     &CancellationToken,
 );
 
-/// A rebuild task that panicked: its version is dropped and its progress says it failed, so that
-/// the projection can be rebuilt again without a restart (and its callers learn of the end). A
-/// panic after the switch (deleting the replaced version) leaves it switched; what was not
-/// deleted is deleted after the next open.
+/// A rebuild task that panicked: its version is abandoned, its progress says it failed (so that
+/// the projection can be rebuilt again without a restart, and its callers learn of the end), and
+/// the version is deleted after, as a failed rebuild's is. A panic after the switch (deleting the
+/// replaced version) leaves it switched; what was not deleted is deleted after the next open.
 fn failed_by_panic(
     store: &SledStore,
     projection: Projection,
@@ -315,33 +316,34 @@ fn failed_by_panic(
     panic: &(dyn std::any::Any + Send),
 ) {
     let reason = crate::panic_message(panic);
-    let dropped = store.cancel_rebuild(projection, version, &|| stop.is_cancelled());
-    let abandoned = || {
-        store
-            .projection_versions()
-            .get(&projection)
-            .is_some_and(|versions| versions.dropping.contains(&version))
-    };
-    if let Err(OpsError::NotBuilding { .. }) = dropped {
-        if abandoned() {
-            // Its end was reported: a cancel or failure, then a panic deleting the version.
-            error!(%projection, version, reason, "the rebuild panicked while deleting its abandoned version; it is dropped on the next start");
-        } else {
-            error!(%projection, version, reason, "the rebuild panicked after its switch; the new version serves");
-        }
-    } else {
-        error!(%projection, version, reason, "the rebuild panicked; the active version is untouched");
-        if let Err(error) = dropped {
-            warn!(%projection, version, %error, "cannot drop the failed version; it is dropped on the next start");
-        }
+    let was_abandoned = store
+        .projection_versions()
+        .get(&projection)
+        .is_some_and(|versions| versions.dropping.contains(&version));
+    if was_abandoned {
+        // Its end was reported: a cancel or a failure, then a panic deleting the version.
+        error!(%projection, version, reason, "the rebuild panicked while deleting its abandoned version; it is dropped on the next start");
+        return;
     }
-    progress.send_if_modified(|progress| {
-        if progress.is_finished() {
-            return false;
-        }
-        progress.state = RebuildState::Failed(format!("the rebuild panicked: {reason}"));
-        true
-    });
+    let report = || {
+        progress.send_if_modified(|progress| {
+            if progress.is_finished() {
+                return false;
+            }
+            progress.state = RebuildState::Failed(format!("the rebuild panicked: {reason}"));
+            true
+        });
+    };
+    let abandoned = store.abandon_rebuild(projection, version);
+    if let Err(OpsError::NotBuilding { .. }) = abandoned {
+        error!(%projection, version, reason, "the rebuild panicked after its switch; the new version serves");
+        report();
+        return;
+    }
+    error!(%projection, version, reason, "the rebuild panicked; the active version is untouched");
+    abandon_reported(
+        store, projection, version, stop, "failed", abandoned, report,
+    );
 }
 
 /// Folds the log into `version` chunk by chunk until it is close to the end, then catches up and
@@ -459,6 +461,20 @@ fn abandon(
     ended: impl FnOnce(),
 ) {
     let abandoned = store.abandon_rebuild(projection, version);
+    abandon_reported(store, projection, version, stop, why, abandoned, ended);
+}
+
+/// [`abandon`] once `abandoned` says how the version's abandonment went: reports the end, then
+/// deletes the version.
+fn abandon_reported(
+    store: &SledStore,
+    projection: Projection,
+    version: u32,
+    stop: &CancellationToken,
+    why: &str,
+    abandoned: std::result::Result<(), OpsError>,
+    ended: impl FnOnce(),
+) {
     ended();
     let dropped = match abandoned {
         Ok(()) => store

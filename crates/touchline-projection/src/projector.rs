@@ -98,8 +98,8 @@ pub struct Projector {
     store: Arc<dyn EventStore>,
     stream: StreamIdentity,
     max_batch: usize,
-    /// The topic's partition count, which ingest partitions by: a record whose customer belongs
-    /// in another partition is a dead letter.
+    /// The partition count ingest partitions by (`kafka.partitions`): a record whose customer
+    /// belongs in another partition is a dead letter.
     topic_partitions: i32,
     applied: watch::Sender<BTreeMap<i32, i64>>,
     /// Per partition, the first offset not yet applied: resuming fetches from the verified record
@@ -131,67 +131,66 @@ impl Projector {
         let consumer: StreamConsumer = options.kafka.consumer_config().create()?;
         let consumer = Arc::new(consumer);
         let topic = options.kafka.topic.clone();
-        let (
-            consumer,
-            stream,
-            assignment,
-            (partitions, topic_partitions),
-            (applied_start, skip_below),
-        ) = tokio::task::spawn_blocking({
-            let store = Arc::clone(&store);
-            move || -> Result<_> {
-                let cluster_id =
-                    touchline_kafka::fetch_cluster_id(consumer.client(), METADATA_TIMEOUT)
-                        .map_err(|error| kafka_setup(&error))?;
-                let stream = StreamIdentity {
-                    cluster_id,
-                    topic: topic.clone(),
-                };
-                let all =
-                    touchline_kafka::fetch_partitions(consumer.client(), &topic, METADATA_TIMEOUT)
-                        .map_err(|error| kafka_setup(&error))?;
-                // Where ingest puts a customer's records: murmur2 modulo the topic's
-                // partitions (the node refuses a topic whose count is not kafka.partitions).
-                let topic_partitions = i32::try_from(all.len()).unwrap_or(i32::MAX);
-                let owned = owned_partitions(&topic, options.partitions, all)?;
-                let partitions = owned.clone();
-                let stored = store.positions(&stream)?;
-                let with_positions: Vec<_> = owned
-                    .iter()
-                    .filter_map(|partition| {
-                        stored
-                            .get(partition)
-                            .map(|position| (*partition, *position))
-                    })
-                    .collect();
-                let mut checked =
-                    check_positions(&consumer, &options.kafka, &topic, &with_positions)?;
-                let mut assignment = TopicPartitionList::new();
-                let mut applied = BTreeMap::new();
-                let mut skip_below = BTreeMap::new();
-                for partition in owned {
-                    // No stored position, or none verified: from the beginning.
-                    let offset = match checked.remove(&partition).flatten() {
-                        Some(resume) => {
-                            applied.insert(partition, resume.next);
-                            skip_below.insert(partition, resume.next);
-                            Offset::Offset(resume.fetch_from)
-                        }
-                        None => Offset::Beginning,
+        // Where ingest puts a customer's records: murmur2 modulo `kafka.partitions`, also after
+        // partitions were added to the topic while nodes run (a node refuses to start on a topic
+        // of another count).
+        let topic_partitions = options.kafka.partitions;
+        let (consumer, stream, assignment, partitions, (applied_start, skip_below)) =
+            tokio::task::spawn_blocking({
+                let store = Arc::clone(&store);
+                move || -> Result<_> {
+                    let cluster_id =
+                        touchline_kafka::fetch_cluster_id(consumer.client(), METADATA_TIMEOUT)
+                            .map_err(|error| kafka_setup(&error))?;
+                    let stream = StreamIdentity {
+                        cluster_id,
+                        topic: topic.clone(),
                     };
-                    info!(partition, ?offset, "assigning partition");
-                    assignment.add_partition_offset(&topic, partition, offset)?;
+                    let all = touchline_kafka::fetch_partitions(
+                        consumer.client(),
+                        &topic,
+                        METADATA_TIMEOUT,
+                    )
+                    .map_err(|error| kafka_setup(&error))?;
+                    let owned = owned_partitions(&topic, options.partitions, all)?;
+                    let partitions = owned.clone();
+                    let stored = store.positions(&stream)?;
+                    let with_positions: Vec<_> = owned
+                        .iter()
+                        .filter_map(|partition| {
+                            stored
+                                .get(partition)
+                                .map(|position| (*partition, *position))
+                        })
+                        .collect();
+                    let mut checked =
+                        check_positions(&consumer, &options.kafka, &topic, &with_positions)?;
+                    let mut assignment = TopicPartitionList::new();
+                    let mut applied = BTreeMap::new();
+                    let mut skip_below = BTreeMap::new();
+                    for partition in owned {
+                        // No stored position, or none verified: from the beginning.
+                        let offset = match checked.remove(&partition).flatten() {
+                            Some(resume) => {
+                                applied.insert(partition, resume.next);
+                                skip_below.insert(partition, resume.next);
+                                Offset::Offset(resume.fetch_from)
+                            }
+                            None => Offset::Beginning,
+                        };
+                        info!(partition, ?offset, "assigning partition");
+                        assignment.add_partition_offset(&topic, partition, offset)?;
+                    }
+                    Ok((
+                        consumer,
+                        stream,
+                        assignment,
+                        partitions,
+                        (applied, skip_below),
+                    ))
                 }
-                Ok((
-                    consumer,
-                    stream,
-                    assignment,
-                    (partitions, topic_partitions),
-                    (applied, skip_below),
-                ))
-            }
-        })
-        .await??;
+            })
+            .await??;
         consumer.assign(&assignment)?;
         let consumer = Arc::into_inner(consumer)
             .ok_or_else(|| Error::Setup("the consumer is still shared after setup".to_owned()))?;
@@ -383,7 +382,7 @@ impl Projector {
         if outcome.dead_lettered > 0 {
             warn!(
                 count = outcome.dead_lettered,
-                "undecodable records moved to the dead-letter store"
+                "undecodable or misplaced records moved to the dead-letter store"
             );
         }
         unflushed.send_modify(|offsets| offsets.extend(&outcome.next_offsets));

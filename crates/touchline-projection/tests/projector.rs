@@ -124,6 +124,7 @@ async fn a_failed_write_stops_the_projector_before_any_later_batch_is_stored() {
     let kafka = KafkaOptions {
         bootstrap_servers: broker.bootstrap_servers().to_owned(),
         topic: TOPIC.to_owned(),
+        partitions: 1,
         ..KafkaOptions::default()
     };
     // Every event is in the topic before the projector starts: it reads full batches back to

@@ -29,6 +29,7 @@ async fn broker_with(
     let kafka = KafkaOptions {
         bootstrap_servers: broker.bootstrap_servers().to_owned(),
         topic: TOPIC.to_owned(),
+        partitions: 1,
         ..KafkaOptions::default()
     };
     support::produce(&kafka, 0, events, batch).await?;

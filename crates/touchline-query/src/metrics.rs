@@ -80,7 +80,7 @@ pub fn register(registry: &mut Registry) {
     );
     registry.register(
         "touchline_query_watches_lagged",
-        "WatchTimeline streams ended with WATCH_LAGGED: their client read too slowly",
+        "WatchTimeline streams ended with WATCH_LAGGED: their client read too slowly, or their catch-up took long",
         WATCHES_LAGGED.clone(),
     );
     registry.register(

@@ -30,7 +30,8 @@ use crate::{ERROR_DOMAIN, Error};
 /// Entries of a durable batch, as the store publishes them.
 pub type Feed = broadcast::Sender<Arc<[TimelineEntry]>>;
 
-/// Messages a watcher buffers before it waits for its client (then the feed may lag it).
+/// Messages a watcher buffers before it waits for its client (then its inbox fills, and may lag
+/// it).
 const CLIENT_BUFFER: usize = 256;
 /// Entries read per catch-up page.
 const CATCH_UP_PAGE: usize = 1000;

@@ -181,7 +181,8 @@ enum Command {
         #[command(flatten)]
         admin: Admin,
     },
-    /// List, requeue or discard dead letters (records that could not be decoded).
+    /// List, requeue or discard dead letters (records that could not be decoded, or events keyed
+    /// or partitioned otherwise than ingest does).
     DeadLetters {
         #[command(subcommand)]
         action: Option<DeadLetterAction>,

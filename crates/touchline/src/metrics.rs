@@ -179,7 +179,7 @@ fn register_status(registry: &mut Registry, gauges: &StatusGauges) {
     );
     registry.register(
         "touchline_kafka_up",
-        "1 when the broker answered the last scrape's metadata request",
+        "1 when the broker answered the last status's watermark requests (for at least one partition)",
         gauges.kafka_up.clone(),
     );
     registry.register(

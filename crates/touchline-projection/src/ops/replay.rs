@@ -47,7 +47,8 @@ pub struct ReplayProgress {
     pub appended: u64,
     /// Events already in the log.
     pub duplicates: u64,
-    /// Records that cannot be decoded (kept once in the dead-letter store).
+    /// Records that cannot be decoded, or events keyed or partitioned otherwise than ingest does
+    /// (kept once in the dead-letter store).
     pub dead_lettered: u64,
     /// Per partition: (start offset, end offset), the end being the high watermark when the
     /// replay started, or this node's stored position in the partition when that is further and
@@ -115,7 +116,7 @@ pub async fn replay(
         .create()
         .map_err(Error::from)?;
     let consumer = Arc::new(consumer);
-    let (stream, ranges, assignment, topic_partitions) = tokio::task::spawn_blocking({
+    let (stream, ranges, assignment) = tokio::task::spawn_blocking({
         let consumer = Arc::clone(&consumer);
         let topic = kafka.topic.clone();
         let wanted = partitions.to_vec();
@@ -231,6 +232,9 @@ pub async fn replay(
         if !records.is_empty() {
             let applying = Arc::clone(&store);
             let stream = stream.clone();
+            // As ingest partitions, also after partitions were added to the topic (see the
+            // projector's `topic_partitions`).
+            let topic_partitions = kafka.partitions;
             // Applied and flushed per batch: what a replay restored is durable (and reaches
             // watchers) even if it stops early.
             // Decoded with the write, off the async runtime.
@@ -390,12 +394,10 @@ fn replay_end(
     )
 }
 
-/// The stream, each partition's range, the assignment, and the topic's partition count.
 type Plan = (
     StreamIdentity,
     BTreeMap<i32, (i64, i64)>,
     TopicPartitionList,
-    i32,
 );
 
 /// Resolves the stream, each partition's range and the assignment to read it.
@@ -470,6 +472,5 @@ fn plan_replay(
         let fetch_from = fetchable(kafka, partition, start, (low, high), low)?;
         assignment.add_partition_offset(topic, partition, Offset::Offset(fetch_from))?;
     }
-    let topic_partitions = i32::try_from(all.len()).unwrap_or(i32::MAX);
-    Ok((stream, ranges, assignment, topic_partitions))
+    Ok((stream, ranges, assignment))
 }

@@ -279,7 +279,8 @@ impl SledStore {
     }
 
     /// Applies records re-read from Kafka by a replay: new events are appended and projected,
-    /// events already in the log are dropped, undecodable records become dead letters (once).
+    /// events already in the log are dropped, undecodable (or misplaced) records become dead
+    /// letters (once).
     /// Stored positions are not touched: the projector's own reading goes on where it was.
     ///
     /// # Errors

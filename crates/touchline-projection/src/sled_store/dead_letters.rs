@@ -1,9 +1,10 @@
-//! Dead letters: records that could not be decoded, kept once each with their reason, listed,
+//! Dead letters: records that could not be decoded (or events keyed or partitioned otherwise
+//! than ingest does), kept once each with their reason, listed,
 //! requeued (decoded again and appended) or discarded.
 
 use super::*;
 
-/// A Kafka record that could not be decoded, kept with its reason.
+/// A Kafka record that could not be decoded or projected where it was read, kept with its reason.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeadLetter {
     pub id: u64,
