@@ -106,6 +106,8 @@ pub async fn start_node(
     config.metrics.enabled = false;
     config.kafka.bootstrap_servers = bootstrap.to_owned();
     config.kafka.topic = topic.to_owned();
+    // The count the bench creates its topics with (a node refuses a topic of another count).
+    config.kafka.partitions = crate::PARTITIONS;
     config.store.path = dir.join("store");
     config.ingest.rate_per_second = None;
     config.ingest.max_streams_per_partner = 4;

@@ -56,7 +56,7 @@ pub fn register(registry: &mut Registry) {
     );
     registry.register(
         "touchline_projector_dead_lettered_records",
-        "Records that could not be decoded (or events keyed or partitioned otherwise than ingest does) and went to the dead-letter store",
+        "Records that could not be decoded (or events of customers the node does not serve) and went to the dead-letter store",
         metrics.dead_lettered.clone(),
     );
     registry.register(

@@ -320,11 +320,6 @@ fn failed_by_panic(
         .projection_versions()
         .get(&projection)
         .is_some_and(|versions| versions.dropping.contains(&version));
-    if was_abandoned {
-        // Its end was reported: a cancel or a failure, then a panic deleting the version.
-        error!(%projection, version, reason, "the rebuild panicked while deleting its abandoned version; it is dropped on the next start");
-        return;
-    }
     let report = || {
         progress.send_if_modified(|progress| {
             if progress.is_finished() {
@@ -334,6 +329,13 @@ fn failed_by_panic(
             true
         });
     };
+    if was_abandoned {
+        // Its end was reported (a cancel or a failure, then a panic deleting the version), or a
+        // panic came between the abandonment and its report: reported now, unless it was.
+        error!(%projection, version, reason, "the rebuild panicked while deleting its abandoned version; it is dropped on the next start");
+        report();
+        return;
+    }
     let abandoned = store.abandon_rebuild(projection, version);
     if let Err(OpsError::NotBuilding { .. }) = abandoned {
         error!(%projection, version, reason, "the rebuild panicked after its switch; the new version serves");

@@ -98,9 +98,8 @@ pub struct Projector {
     store: Arc<dyn EventStore>,
     stream: StreamIdentity,
     max_batch: usize,
-    /// The partition count ingest partitions by (`kafka.partitions`): a record whose customer
-    /// belongs in another partition is a dead letter.
-    topic_partitions: i32,
+    /// The customers this node serves: an event of another is a dead letter.
+    served: Served,
     applied: watch::Sender<BTreeMap<i32, i64>>,
     /// Per partition, the first offset not yet applied: resuming fetches from the verified record
     /// just before it, which is dropped here.
@@ -202,7 +201,7 @@ impl Projector {
                 store,
                 stream: stream.clone(),
                 max_batch: options.max_batch.max(1),
-                topic_partitions,
+                served: Served::new(topic_partitions, &partitions),
                 applied,
                 skip_below,
             },
@@ -324,12 +323,12 @@ impl Projector {
                 continue;
             }
             // Decoding a batch takes milliseconds: off the async runtime.
-            let partitions = self.topic_partitions;
+            let served = self.served.clone();
             let records = match decoder
                 .run(move || {
                     messages
                         .iter()
-                        .map(|message| consumed_record(message, partitions))
+                        .map(|message| consumed_record(message, &served))
                         .collect::<Vec<_>>()
                 })
                 .await
@@ -442,13 +441,12 @@ pub(crate) fn kafka_setup(error: &touchline_kafka::Error) -> Error {
     }
 }
 
-/// Decodes a consumed message of a topic of `partitions` partitions; anything undecodable, or
-/// an event in a place where queries for its customer would never find it, becomes a dead letter
-/// with its reason.
-pub(crate) fn consumed_record(message: &impl Message, partitions: i32) -> ConsumedRecord {
+/// Decodes a consumed message; anything undecodable, or an event whose customer this node does
+/// not serve (see [`Served`]), becomes a dead letter with its reason.
+pub(crate) fn consumed_record(message: &impl Message, served: &Served) -> ConsumedRecord {
     let decoded = touchline_proto::decode_envelope(message.payload())
         .map_err(|error| error.to_string())
-        .and_then(|envelope| match misplaced(message, &envelope, partitions) {
+        .and_then(|envelope| match served.refuses(&envelope) {
             None => Ok(envelope),
             Some(reason) => Err(reason),
         });
@@ -470,25 +468,43 @@ pub(crate) fn consumed_record(message: &impl Message, partitions: i32) -> Consum
     }
 }
 
-/// Why an event cannot be projected from where it was read, if it cannot: its record's key is not
-/// its customer id, or its partition is not the one its customer id gives (murmur2, as ingest and
-/// Java clients partition). A node that owns some partitions serves the customers those give, so
-/// such an event would be in the log of a node that is never asked for it (`CUSTOMER_NOT_HERE`
-/// elsewhere). Only another producer writes such records.
-fn misplaced(message: &impl Message, envelope: &Envelope, partitions: i32) -> Option<String> {
-    let customer = envelope.touchpoint.customer_id.as_str();
-    if message.key() != Some(customer.as_bytes()) {
-        return Some(format!(
-            "the record's key is not its customer_id {customer:?}: Touchline keys each record by its customer"
-        ));
+/// The customers a node serves: those whose partition (murmur2 of the customer id modulo
+/// `kafka.partitions`, as ingest places their records) it owns; every customer when it owns
+/// every partition.
+#[derive(Debug, Clone, Default)]
+pub struct Served {
+    partitions: i32,
+    /// `None`: every partition.
+    owned: Option<std::collections::BTreeSet<i32>>,
+}
+
+impl Served {
+    /// What a node that owns `owned` of a topic of `partitions` partitions serves.
+    #[must_use]
+    pub fn new(partitions: i32, owned: &[i32]) -> Self {
+        let every = (0..partitions).all(|partition| owned.contains(&partition));
+        Self {
+            partitions,
+            owned: (!every).then(|| owned.iter().copied().collect()),
+        }
     }
-    let expected = touchline_kafka::partition_for(customer.as_bytes(), partitions);
-    (partitions > 0 && expected != message.partition()).then(|| {
-        format!(
-            "the record is in partition {}, but customer {customer:?} belongs in partition {expected} of {partitions} (murmur2 of the customer_id, as Touchline's ingest and Java clients partition)",
-            message.partition()
-        )
-    })
+
+    /// Why an event cannot be projected here, if it cannot: its customer belongs in a partition
+    /// this node does not own (another producer placed it, or partitions were added to the
+    /// topic and `kafka.partitions` changed since it was written), so no query for the customer
+    /// comes to this node (`CUSTOMER_NOT_HERE` elsewhere). A node that owns every partition
+    /// serves every customer, wherever their records are.
+    fn refuses(&self, envelope: &Envelope) -> Option<String> {
+        let owned = self.owned.as_ref()?;
+        let customer = envelope.touchpoint.customer_id.as_str();
+        let partition = touchline_kafka::partition_for(customer.as_bytes(), self.partitions);
+        (!owned.contains(&partition)).then(|| {
+            format!(
+                "customer {customer:?} belongs in partition {partition} of {} (murmur2 of the customer_id, as ingest places records), which this node does not own (it owns {owned:?}): no query for the customer comes here",
+                self.partitions
+            )
+        })
+    }
 }
 
 /// The partitions a node owns: the configured ones, each once and each in the topic, or every
@@ -518,11 +534,11 @@ fn owned_partitions(topic: &str, configured: Option<Vec<i32>>, all: Vec<i32>) ->
 mod tests {
     use super::*;
 
-    /// A record of another producer whose key is not its customer, or whose partition is not
-    /// its customer's, is a dead letter (queries for the customer go to another partition's
-    /// node); one keyed and placed as ingest does is an event.
+    /// An event of a customer whose partition the node does not own (another producer placed it,
+    /// or partitions were added since) is a dead letter on a node that owns some partitions, and
+    /// projected on one that owns them all (it serves every customer, wherever the record is).
     #[test]
-    fn an_event_where_its_customer_would_not_be_found_is_a_dead_letter() {
+    fn an_event_of_a_customer_the_node_does_not_serve_is_a_dead_letter() {
         let mut envelope = touchline_core::Envelope {
             partner_id: touchline_core::PartnerId::parse("courier").expect("valid"),
             touchpoint: touchline_core::Touchpoint {
@@ -538,39 +554,46 @@ mod tests {
             },
             received_at: touchline_core::UnixNanos(1),
         };
-        let home = touchline_kafka::partition_for(b"alice", 6);
-        let record = |envelope: &touchline_core::Envelope, key: Option<&[u8]>, partition: i32| {
-            consumed_record(
+        let alices = touchline_kafka::partition_for(b"alice", 6);
+        let other = (alices + 1) % 6;
+        let record = |envelope: &touchline_core::Envelope, partition: i32, served: &Served| {
+            let content = consumed_record(
                 &rdkafka::message::OwnedMessage::new(
                     Some(touchline_proto::encode_envelope(envelope)),
-                    key.map(<[u8]>::to_vec),
+                    Some(envelope.touchpoint.customer_id.as_str().as_bytes().to_vec()),
                     "touchpoints".to_owned(),
                     rdkafka::Timestamp::NotAvailable,
                     partition,
                     7,
                     None,
                 ),
-                6,
+                served,
             )
-            .content
+            .content;
+            match content {
+                RecordContent::Undecodable { reason, .. } => reason,
+                RecordContent::Event { .. } => "projected".to_owned(),
+            }
         };
-        let reason = |content: RecordContent| match content {
-            RecordContent::Undecodable { reason, .. } => reason,
-            RecordContent::Event { .. } => "projected".to_owned(),
-        };
-        assert_eq!(reason(record(&envelope, Some(b"alice"), home)), "projected");
+        let owns_alices = Served::new(6, &[alices]);
+        let owns_other = Served::new(6, &[other]);
+        let owns_all = Served::new(6, &[0, 1, 2, 3, 4, 5]);
+        assert_eq!(record(&envelope, alices, &owns_alices), "projected");
+        // In a partition the node owns, but of a customer it does not serve.
+        let refused = record(&envelope, other, &owns_other);
         assert!(
-            reason(record(&envelope, Some(b"bob"), home)).contains("key is not its customer_id")
+            refused.contains(&format!("belongs in partition {alices} of 6"))
+                && refused.contains("does not own"),
+            "{refused}"
         );
-        assert!(reason(record(&envelope, None, home)).contains("key is not its customer_id"));
-        let misplaced = reason(record(&envelope, Some(b"alice"), (home + 1) % 6));
-        assert!(
-            misplaced.contains(&format!("belongs in partition {home} of 6")),
-            "{misplaced}"
-        );
+        assert_eq!(record(&envelope, other, &owns_all), "projected");
+        assert_eq!(record(&envelope, other, &Served::default()), "projected");
         envelope.touchpoint.customer_id = touchline_core::CustomerId::parse("bob").expect("valid");
         let bobs = touchline_kafka::partition_for(b"bob", 6);
-        assert_eq!(reason(record(&envelope, Some(b"bob"), bobs)), "projected");
+        assert_eq!(
+            record(&envelope, bobs, &Served::new(6, &[bobs])),
+            "projected"
+        );
     }
 
     #[test]

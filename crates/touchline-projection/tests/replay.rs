@@ -82,6 +82,7 @@ async fn replay_all(
         Arc::clone(store),
         ReplayFrom::Earliest,
         &[],
+        &touchline_projection::projector::Served::default(),
         progress,
         &CancellationToken::new(),
         idle,

@@ -433,6 +433,10 @@ impl v1::admin_service_server::AdminService for AdminService {
                 Arc::clone(&context.store),
                 from,
                 &partitions,
+                &touchline_projection::projector::Served::new(
+                    context.kafka.partitions,
+                    &context.partitions,
+                ),
                 &sender,
                 &cancel,
                 touchline_projection::ops::REPLAY_IDLE_TIMEOUT,

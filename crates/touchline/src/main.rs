@@ -181,8 +181,8 @@ enum Command {
         #[command(flatten)]
         admin: Admin,
     },
-    /// List, requeue or discard dead letters (records that could not be decoded, or events keyed
-    /// or partitioned otherwise than ingest does).
+    /// List, requeue or discard dead letters (records that could not be decoded, or events of
+    /// customers the node does not serve).
     DeadLetters {
         #[command(subcommand)]
         action: Option<DeadLetterAction>,

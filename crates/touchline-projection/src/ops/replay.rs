@@ -18,7 +18,7 @@ use tracing::{debug, info, warn};
 
 use crate::metrics::PROJECTOR;
 use crate::projector::resume::Probe;
-use crate::projector::{consumed_record, kafka_setup};
+use crate::projector::{Served, consumed_record, kafka_setup};
 use crate::{Error, SledStore};
 
 /// A replay whose unfinished partitions receive nothing for this long (the broker is gone, or
@@ -47,7 +47,7 @@ pub struct ReplayProgress {
     pub appended: u64,
     /// Events already in the log.
     pub duplicates: u64,
-    /// Records that cannot be decoded, or events keyed or partitioned otherwise than ingest does
+    /// Records that cannot be decoded, or events of customers the node does not serve
     /// (kept once in the dead-letter store).
     pub dead_lettered: u64,
     /// Per partition: (start offset, end offset), the end being the high watermark when the
@@ -93,16 +93,22 @@ impl From<touchline_core::StoreError> for ReplayError {
 /// are duplicates (invariant 3 makes a replay safe at any time, beside the projector). Stored
 /// positions do not move. Progress is published on `progress`; `cancel` stops it between
 /// batches (what was applied stays). Unfinished partitions that receive nothing for `idle`
-/// ([`REPLAY_IDLE_TIMEOUT`]) end it with an error.
+/// ([`REPLAY_IDLE_TIMEOUT`]) end it with an error. An event of a customer the node does not
+/// serve (`served`) becomes a dead letter, as in the projector.
 ///
 /// # Errors
 /// When a partition does not exist, Kafka cannot be reached, the broker no longer has records
 /// still to be read ([`ReplayError::RangeGone`]) or the store fails.
+#[allow(
+    clippy::too_many_arguments,
+    reason = "what to read, where from, for whom, and how to report and stop"
+)]
 pub async fn replay(
     kafka: &KafkaOptions,
     store: Arc<SledStore>,
     from: ReplayFrom,
     partitions: &[i32],
+    served: &Served,
     progress: &watch::Sender<ReplayProgress>,
     cancel: &CancellationToken,
     idle: Duration,
@@ -232,16 +238,14 @@ pub async fn replay(
         if !records.is_empty() {
             let applying = Arc::clone(&store);
             let stream = stream.clone();
-            // As ingest partitions, also after partitions were added to the topic (see the
-            // projector's `topic_partitions`).
-            let topic_partitions = kafka.partitions;
+            let served = served.clone();
             // Applied and flushed per batch: what a replay restored is durable (and reaches
             // watchers) even if it stops early.
             // Decoded with the write, off the async runtime.
             let applied = tokio::task::spawn_blocking(move || {
                 let records = records
                     .iter()
-                    .map(|record| consumed_record(record, topic_partitions))
+                    .map(|record| consumed_record(record, &served))
                     .collect();
                 let outcome = applying.apply_replayed(&stream, records)?;
                 applying.flush()?;

@@ -1,5 +1,5 @@
-//! Dead letters: records that could not be decoded (or events keyed or partitioned otherwise
-//! than ingest does), kept once each with their reason, listed,
+//! Dead letters: records that could not be decoded (or events of customers the node does not
+//! serve), kept once each with their reason, listed,
 //! requeued (decoded again and appended) or discarded.
 
 use super::*;
