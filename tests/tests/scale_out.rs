@@ -7,8 +7,8 @@ use tonic::Code;
 use tonic_types::StatusExt as _;
 use touchline_proto::v1::{self, JourneyStage};
 use touchline_tests::{
-    COURIER, PARTITIONS, error_reason, event_ids, ingest_client, partners, publish, start_broker,
-    start_node_with, timeline_client, touchpoint, wait_for_timeline,
+    COURIER, PARTITIONS, error_reason, event_ids, ingest_client, partners, produce_raw, publish,
+    start_broker, start_node_with, timeline_client, touchpoint, wait_for_timeline, wait_until,
 };
 
 fn partition(customer: &str) -> i32 {
@@ -121,6 +121,47 @@ async fn each_customer_is_served_by_the_node_that_owns_its_partition() -> anyhow
     // Only its own partitions are in each node's log.
     assert_eq!(first.store().expect("a store").log_len(), 1);
     assert_eq!(second.store().expect("a store").log_len(), 1);
+
+    // Another producer's record, keyed so that it lands in the first node's partition, of a
+    // customer the second node serves: no query for it comes to the first node, which keeps it
+    // as a dead letter, not in its log.
+    let misplaced = touchline_core::Envelope {
+        partner_id: touchline_core::PartnerId::parse(COURIER.0).expect("valid partner"),
+        touchpoint: touchline_core::Touchpoint {
+            event_id: touchline_core::EventId::parse("c-1").expect("valid id"),
+            customer_id: touchline_core::CustomerId::parse(on_second.as_str()).expect("valid id"),
+            event_type: touchline_core::EventType::parse("parcel.delivered").expect("valid"),
+            occurred_at: touchline_core::UnixNanos(20_000_000_000),
+            channel: touchline_core::Channel::Doorstep,
+            stage: touchline_core::JourneyStage::Fulfil,
+            outcome: None,
+            attributes: std::collections::BTreeMap::new(),
+            payload: Vec::new(),
+        },
+        received_at: touchline_core::UnixNanos(20_000_000_000),
+    };
+    let landed = produce_raw(
+        &broker,
+        vec![(
+            on_first.clone(),
+            touchline_proto::encode_envelope(&misplaced),
+        )],
+    )
+    .await?;
+    assert_eq!(landed[0].0, 0, "in the first node's partition");
+    let first_store = first.store().expect("a store").clone();
+    wait_until("the misplaced event is a dead letter", || {
+        first_store.dead_letter_count() == 1
+    })
+    .await?;
+    let dead = first_store.dead_letters(10)?;
+    assert!(
+        dead[0].reason.contains("which this node does not own"),
+        "{:?}",
+        dead[0].reason
+    );
+    assert_eq!(first_store.log_len(), 1, "not in the first node's log");
+    assert_eq!(second.store().expect("a store").dead_letter_count(), 0);
     first.shutdown().await?;
     second.shutdown().await
 }
