@@ -470,7 +470,8 @@ pub(crate) fn consumed_record(message: &impl Message, served: &Served) -> Consum
 
 /// The customers a node serves: those whose partition (murmur2 of the customer id modulo
 /// `kafka.partitions`, as ingest places their records) it owns; every customer when it owns
-/// every partition.
+/// every partition. The projector keeps only their events, and the query service answers only
+/// for them.
 #[derive(Debug, Clone, Default)]
 pub struct Served {
     partitions: i32,
@@ -479,14 +480,33 @@ pub struct Served {
 }
 
 impl Served {
-    /// What a node that owns `owned` of a topic of `partitions` partitions serves.
+    /// What a node that owns `owned` of a topic of `partitions` partitions serves (empty
+    /// `owned`: every partition).
     #[must_use]
     pub fn new(partitions: i32, owned: &[i32]) -> Self {
         let every = (0..partitions).all(|partition| owned.contains(&partition));
         Self {
             partitions,
-            owned: (!every).then(|| owned.iter().copied().collect()),
+            owned: (!every && !owned.is_empty()).then(|| owned.iter().copied().collect()),
         }
+    }
+
+    /// The partition of `customer`, when this node does not own it (`None`: served here).
+    #[must_use]
+    pub fn elsewhere(&self, customer: &touchline_core::CustomerId) -> Option<i32> {
+        let owned = self.owned.as_ref()?;
+        let partition =
+            touchline_kafka::partition_for(customer.as_str().as_bytes(), self.partitions);
+        (!owned.contains(&partition)).then_some(partition)
+    }
+
+    /// The partitions this node owns; empty when it owns every one.
+    #[must_use]
+    pub fn owned(&self) -> Vec<i32> {
+        self.owned
+            .iter()
+            .flat_map(|owned| owned.iter().copied())
+            .collect()
     }
 
     /// Why an event cannot be projected here, if it cannot: its customer belongs in a partition
@@ -495,15 +515,14 @@ impl Served {
     /// comes to this node (`CUSTOMER_NOT_HERE` elsewhere). A node that owns every partition
     /// serves every customer, wherever their records are.
     fn refuses(&self, envelope: &Envelope) -> Option<String> {
-        let owned = self.owned.as_ref()?;
-        let customer = envelope.touchpoint.customer_id.as_str();
-        let partition = touchline_kafka::partition_for(customer.as_bytes(), self.partitions);
-        (!owned.contains(&partition)).then(|| {
-            format!(
-                "customer {customer:?} belongs in partition {partition} of {} (murmur2 of the customer_id, as ingest places records), which this node does not own (it owns {owned:?}): no query for the customer comes here",
-                self.partitions
-            )
-        })
+        let customer = &envelope.touchpoint.customer_id;
+        let partition = self.elsewhere(customer)?;
+        Some(format!(
+            "customer {:?} belongs in partition {partition} of {} (murmur2 of the customer_id, as ingest places records), which this node does not own (it owns {:?}): no query for the customer comes here",
+            customer.as_str(),
+            self.partitions,
+            self.owned()
+        ))
     }
 }
 

@@ -9,6 +9,7 @@ use tokio_util::sync::CancellationToken;
 
 use tonic::{Request, Response, Status};
 use touchline_core::{CustomerId, EventStore, PartnerId, TimelineFilter, TimelineQuery};
+use touchline_projection::projector::Served;
 use touchline_proto::convert::{instant, into_wire_timeline_entry, journey_stage, wire_summary};
 use touchline_proto::v1;
 
@@ -37,7 +38,8 @@ pub struct TimelineService {
     /// How long a watcher waits for its client to take a message.
     watch_stall: std::time::Duration,
     shutdown: CancellationToken,
-    owned: Option<Arc<Owned>>,
+    /// The customers this node answers for.
+    served: Arc<Served>,
     /// The check a call passed when it came: asked again while a `WatchTimeline` runs.
     authorize: Option<crate::admin::Authorize>,
 }
@@ -46,18 +48,10 @@ impl std::fmt::Debug for TimelineService {
     fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         formatter
             .debug_struct("TimelineService")
-            .field("owned", &self.owned)
+            .field("served", &self.served)
             .field("authorize", &self.authorize.is_some())
             .finish_non_exhaustive()
     }
-}
-
-/// The partitions of a node that does not own the whole topic.
-#[derive(Debug)]
-struct Owned {
-    /// The topic's partition count, as ingest computes partitions over it.
-    partitions: i32,
-    owned: BTreeSet<i32>,
 }
 
 impl TimelineService {
@@ -71,7 +65,7 @@ impl TimelineService {
             watches: Arc::new(tokio::sync::Semaphore::new(DEFAULT_MAX_WATCHES)),
             watch_stall: crate::watch::STALLED_AFTER,
             shutdown: CancellationToken::new(),
-            owned: None,
+            served: Arc::default(),
             authorize: None,
         }
     }
@@ -91,31 +85,21 @@ impl TimelineService {
     /// customers without touchpoints. Empty `owned`: every customer.
     #[must_use]
     pub fn with_owned_partitions(mut self, partitions: i32, owned: &[i32]) -> Self {
-        self.owned = (!owned.is_empty()).then(|| {
-            Arc::new(Owned {
-                partitions,
-                owned: owned.iter().copied().collect(),
-            })
-        });
+        self.served = Arc::new(Served::new(partitions, owned));
         self
     }
 
     /// Refuses a customer whose partition this node does not own: its store has none of that
     /// customer's touchpoints, whatever the customer has elsewhere.
     fn served_here(&self, customer: &CustomerId) -> Result<()> {
-        let Some(owned) = &self.owned else {
-            return Ok(());
-        };
-        let partition =
-            touchline_kafka::partition_for(customer.as_str().as_bytes(), owned.partitions);
-        if owned.owned.contains(&partition) {
-            return Ok(());
+        match self.served.elsewhere(customer) {
+            None => Ok(()),
+            Some(partition) => Err(Error::NotHere {
+                customer_id: customer.to_string(),
+                partition,
+                owned: self.served.owned(),
+            }),
         }
-        Err(Error::NotHere {
-            customer_id: customer.to_string(),
-            partition,
-            owned: owned.owned.iter().copied().collect(),
-        })
     }
 
     /// Serves live timelines from `feed` (the store's durable entries); watchers end when

@@ -260,15 +260,12 @@ async fn scrape(exporter: Arc<Exporter>, last: Arc<LastScrape>) -> axum::respons
                 exporter.refresh();
                 exporter.encode()
             })
-            .await;
+            .await
+            .map_err(|error| error.to_string())
+            .and_then(|encoded| encoded.map_err(|error| error.to_string()));
             let text: Arc<str> = match encoded {
-                Ok(Ok(text)) => text.into(),
-                Ok(Err(error)) => {
-                    return (StatusCode::INTERNAL_SERVER_ERROR, error.to_string()).into_response();
-                }
-                Err(error) => {
-                    return (StatusCode::INTERNAL_SERVER_ERROR, error.to_string()).into_response();
-                }
+                Ok(text) => text.into(),
+                Err(error) => return (StatusCode::INTERNAL_SERVER_ERROR, error).into_response(),
             };
             *last = Some((std::time::Instant::now(), Arc::clone(&text)));
             text

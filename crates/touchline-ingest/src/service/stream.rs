@@ -143,8 +143,8 @@ pub(super) fn open(
             match admitted {
                 Ok(work) => work.await.map_or_else(
                     |error| {
-                        let failed = Status::internal(format!("batch task failed: {error}"));
-                        (Err(Failed::Stream(failed)), None)
+                        let failed = Error::BatchTaskFailed(error.to_string());
+                        (Err(Failed::Stream(failed.into())), None)
                     },
                     |(answer, window)| (answer, Some(window)),
                 ),
