@@ -4,6 +4,9 @@
 //! timeout, which frees its call slot; a connection older than `server.max-connection-age-ms` is
 //! asked to go, its stream going on and new calls taking a new connection; during the shutdown delay health already says `NOT_SERVING` (and
 //! `liveness` still `SERVING`) while calls, on open and on new connections, are still served.
+//! Before any call is authenticated: a peer past `server.max-connections-per-peer` has its next
+//! connection closed at once while other peers connect, and a connection that does not start
+//! HTTP/2 within `server.preface-timeout-ms` is closed; either way the slot comes back.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -108,6 +111,140 @@ async fn forward(
     // Silent: both halves stay open, and nothing passes this way any more.
     std::future::pending::<()>().await;
     drop((from, to));
+}
+
+/// A TCP connection to `node` from `source`, a loopback address of the test's choosing (Linux
+/// answers on all of 127.0.0.0/8), so that a test can be several peers.
+async fn connect_from(source: &str, node: SocketAddr) -> anyhow::Result<TcpStream> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind(SocketAddr::new(source.parse()?, 0))?;
+    Ok(socket.connect(node).await?)
+}
+
+/// Reads `connection` until the server closes it (end of stream or reset); `false` when it is
+/// still open at the deadline. What the server sent first (its HTTP/2 settings) is skipped.
+async fn closed_by_server(connection: &mut TcpStream) -> bool {
+    let mut buffer = [0_u8; 1024];
+    let closed = async {
+        loop {
+            match connection.read(&mut buffer).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    };
+    tokio::time::timeout(DEADLINE, closed).await.is_ok()
+}
+
+/// Whether the server admitted `connection`: it sends its HTTP/2 settings first.
+async fn admitted(connection: &mut TcpStream) -> anyhow::Result<bool> {
+    let mut byte = [0_u8; 1];
+    let read = tokio::time::timeout(DEADLINE, connection.read(&mut byte)).await?;
+    Ok(matches!(read, Ok(1)))
+}
+
+/// A health check of the node at `node` over a new connection from `source`.
+async fn health_from(source: &str, node: SocketAddr) -> anyhow::Result<()> {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{node}"))?
+        .local_address(Some(source.parse()?))
+        .connect()
+        .await?;
+    HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await?;
+    Ok(())
+}
+
+/// Health checks from `source` on new connections until one is served.
+async fn served_from_again(source: &str, node: SocketAddr) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    let mut poll = tokio::time::interval(Duration::from_millis(20));
+    loop {
+        poll.tick().await;
+        match health_from(source, node).await {
+            Ok(()) => return Ok(()),
+            Err(error) => anyhow::ensure!(
+                tokio::time::Instant::now() < deadline,
+                "{source} was never served again: {error:#}"
+            ),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_past_its_connection_limit_is_closed_at_once_and_others_are_served()
+-> anyhow::Result<()> {
+    let broker = start_broker().await;
+    let dir = tempfile::tempdir()?;
+    let node = start_node_with(&broker, dir.path(), partners(), |config| {
+        config.server.max_connections_per_peer = 2;
+        // Connections that send nothing stay: only the count closes them.
+        config.server.preface_timeout_ms = 0;
+    })
+    .await?;
+    let address = node.local_addr();
+    // Two connections from one address that send nothing: its whole allowance.
+    let mut first = connect_from("127.0.0.1", address).await?;
+    let mut second = connect_from("127.0.0.1", address).await?;
+    assert!(
+        admitted(&mut first).await?,
+        "the first connection is served"
+    );
+    assert!(
+        admitted(&mut second).await?,
+        "the second connection is served"
+    );
+    // A third from that address is closed at once, and so is a client's call from it.
+    let mut third = connect_from("127.0.0.1", address).await?;
+    assert!(
+        closed_by_server(&mut third).await,
+        "the third was not closed"
+    );
+    assert!(
+        health_from("127.0.0.1", address).await.is_err(),
+        "a call past the peer's limit was served"
+    );
+    // Another address is served all the same.
+    health_from("127.0.0.2", address).await?;
+    // A connection of the first address closes: its slot comes back.
+    drop(first);
+    served_from_again("127.0.0.1", address).await?;
+    drop(second);
+    node.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_does_not_start_http2_in_time_is_closed_and_its_slot_comes_back()
+-> anyhow::Result<()> {
+    let broker = start_broker().await;
+    let dir = tempfile::tempdir()?;
+    let node = start_node_with(&broker, dir.path(), partners(), |config| {
+        config.server.preface_timeout_ms = 300;
+        // One connection at a time from the address: the silent one holds it until it is closed.
+        config.server.max_connections_per_peer = 1;
+    })
+    .await?;
+    let address = node.local_addr();
+    let mut silent = connect_from("127.0.0.1", address).await?;
+    assert!(admitted(&mut silent).await?, "the connection is served");
+    assert!(
+        closed_by_server(&mut silent).await,
+        "the silent connection was never closed"
+    );
+    // Its slot came back: a client from the same address is served (it sends the preface at
+    // once, well within the timeout).
+    served_from_again("127.0.0.1", address).await?;
+    // Part of the preface is not the preface.
+    let mut partial = connect_from("127.0.0.1", address).await?;
+    partial.write_all(b"PRI * HTTP/2.0\r\n").await?;
+    assert!(
+        closed_by_server(&mut partial).await,
+        "a partial preface held the connection"
+    );
+    served_from_again("127.0.0.1", address).await?;
+    node.shutdown().await
 }
 
 fn batch(id: &str) -> v1::PublishRequest {

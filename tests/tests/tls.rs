@@ -1,7 +1,8 @@
 //! TLS on the gRPC listener (`server.tls`): partners publish and internal services read over it,
 //! plaintext and untrusted clients get nothing, a node that names a client CA requires client
 //! certificates (and tokens still), a renewed certificate or client CA applies without a restart,
-//! and a certificate the node cannot use stops the start.
+//! a connection that does not finish its handshake by the preface deadline is closed (its slot
+//! coming back), and a certificate the node cannot use stops the start.
 //! The certificates are fixtures (`tests/data/tls/generate.sh`).
 
 use std::path::PathBuf;
@@ -139,6 +140,42 @@ async fn partners_publish_and_services_read_over_tls_and_nothing_else_gets_in() 
     assert_eq!(publish_over(&trusted, COURIER.1, "tls-2").await?, 1);
     let entries = wait_for_timeline(&mut timeline, "cust-tls", 2).await?;
     assert_eq!(event_ids(&entries), ["tls-1", "tls-2"]);
+    node.shutdown().await
+}
+
+/// `server.preface-timeout-ms` counts the TLS handshake in: a connection that sends nothing is
+/// closed at it (not at the 10 s handshake timeout that applies without it), and the slot it held
+/// under `server.max-connections-per-peer` comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_silent_before_its_handshake_is_closed_at_the_preface_deadline()
+-> anyhow::Result<()> {
+    use tokio::io::AsyncReadExt as _;
+    let broker = start_broker().await;
+    let dir = tempfile::tempdir()?;
+    let node = start_node_with(&broker, dir.path(), partners(), |config| {
+        config.server.tls = Some(tls("server.pem", "server.key", None));
+        config.server.preface_timeout_ms = 300;
+        config.server.max_connections_per_peer = 1;
+    })
+    .await?;
+    let mut silent = tokio::net::TcpStream::connect(node.local_addr()).await?;
+    let mut byte = [0_u8; 1];
+    // Well before the handshake timeout of 10 s; the node sends nothing first (TLS waits for the
+    // client's hello).
+    let read =
+        tokio::time::timeout(std::time::Duration::from_secs(5), silent.read(&mut byte)).await;
+    assert!(
+        matches!(read, Ok(Ok(0) | Err(_))),
+        "the silent connection was not closed at the preface deadline: {read:?}"
+    );
+    // Its slot came back: a partner from the same address is served.
+    let trusted = https(&node).with_ca_cert(fixture("ca.pem"));
+    publish_once_reloaded(
+        &trusted,
+        "after-silent",
+        "never served after the silent connection",
+    )
+    .await?;
     node.shutdown().await
 }
 

@@ -126,6 +126,7 @@ fn build(admin: Option<AdminService>) -> Exporter {
     touchline_query::metrics::register(&mut registry);
     crate::access::register_metrics(&mut registry);
     crate::node::register_tls_metrics(&mut registry);
+    crate::node::register_connection_metrics(&mut registry);
     let gauges = StatusGauges::default();
     if admin.is_some() {
         register_status(&mut registry, &gauges);

@@ -23,6 +23,7 @@ use crate::access::AccessTokens;
 use crate::admin_auth;
 use crate::config::Config;
 
+mod admission;
 mod cuttable;
 mod health;
 mod listener;
@@ -31,6 +32,7 @@ mod signals;
 mod tls;
 use tls::TlsServer;
 
+pub(crate) use admission::register_metrics as register_connection_metrics;
 use health::{NodeHealth, Roles, report_health};
 use own_thread::spawn_on_own_thread;
 pub use signals::{ShutdownSignals, ignore_hangups};

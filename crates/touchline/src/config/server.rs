@@ -33,6 +33,16 @@ pub struct ServerConfig {
     /// over new nodes (0: never). Its calls in flight go on until they end; new calls go on a new
     /// connection.
     pub max_connection_age_ms: u64,
+    /// Connections open at once (those in their TLS handshake included; 0: no limit). A
+    /// connection past it is closed as soon as it is accepted.
+    pub max_connections: usize,
+    /// Connections open at once from one IP address (0: no limit); past it, as past
+    /// `max-connections`. Behind a proxy or NAT that hides the clients' addresses, every client
+    /// counts as the proxy's: raise it, or set 0.
+    pub max_connections_per_peer: usize,
+    /// How long a connection has, from its accept (its TLS handshake included), to send the
+    /// HTTP/2 client preface before it is closed (0: for ever).
+    pub preface_timeout_ms: u64,
     /// TLS for every service on the listener; plaintext when absent.
     pub tls: Option<TlsConfig>,
 }
@@ -49,7 +59,8 @@ impl ServerConfig {
     ///
     /// # Errors
     /// When `tcp-keepalive-ms` is neither 0 nor 1,000 to 32,767,000 (else the kernel refuses the
-    /// setting and every connection with it), or a shutdown wait is past an hour.
+    /// setting and every connection with it), or a shutdown wait or the preface timeout is past
+    /// an hour.
     pub fn check(&self) -> anyhow::Result<()> {
         anyhow::ensure!(
             self.tcp_keepalive_ms == 0 || TCP_KEEPALIVE_MS.contains(&self.tcp_keepalive_ms),
@@ -61,6 +72,7 @@ impl ServerConfig {
         for (name, value) in [
             ("server.shutdown-grace-ms", self.shutdown_grace_ms),
             ("server.shutdown-delay-ms", self.shutdown_delay_ms),
+            ("server.preface-timeout-ms", self.preface_timeout_ms),
         ] {
             anyhow::ensure!(
                 value <= MAX_SHUTDOWN_WAIT_MS,
@@ -82,6 +94,9 @@ impl Default for ServerConfig {
             tcp_keepalive_ms: 60_000,
             max_concurrent_streams: 200,
             max_connection_age_ms: 0,
+            max_connections: 10_000,
+            max_connections_per_peer: 1_000,
+            preface_timeout_ms: 10_000,
             tls: None,
         }
     }

@@ -125,6 +125,9 @@ fn sizes_out_of_range_are_refused() {
     assert!(
         refused(|c| c.server.shutdown_delay_ms = 3_600_001).contains("server.shutdown-delay-ms")
     );
+    assert!(
+        refused(|c| c.server.preface_timeout_ms = 3_600_001).contains("server.preface-timeout-ms")
+    );
     let mut off = Config::default();
     off.server.tcp_keepalive_ms = 0;
     off.validate().expect("0 turns TCP keepalive off");

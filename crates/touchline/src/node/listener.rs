@@ -9,6 +9,7 @@ use tonic::transport::Server;
 use tonic::transport::server::Router;
 use tracing::{debug, warn};
 
+use super::admission::{Admission, Ticket};
 use super::cuttable::Cuttable;
 use super::tls::TlsServer;
 use crate::config::ServerConfig;
@@ -34,7 +35,8 @@ pub(super) fn router<H: tonic_health::pb::health_server::Health>(
 }
 
 /// Serves `router` on `listener` (over `tls` when configured) until `shutdown`, when it stops
-/// accepting and waits for the calls in flight; `cut` closes every connection at once.
+/// accepting and waits for the calls in flight; `cut` closes every connection at once. The
+/// connections are admitted under the limits of [`super::admission`].
 pub(super) fn serve(
     router: Router,
     listener: TcpListener,
@@ -43,23 +45,42 @@ pub(super) fn serve(
     shutdown: CancellationToken,
     cut: &CancellationToken,
 ) -> JoinHandle<Result<(), tonic::transport::Error>> {
-    use futures::TryStreamExt as _;
-    let accepted = incoming(listener, config);
+    use futures::{StreamExt as _, TryStreamExt as _};
+    let admission = Admission::new(config);
+    let accepted = incoming(listener, config)
+        .filter_map(move |accepted| std::future::ready(admit(&admission, accepted)));
     let stopped = shutdown.cancelled_owned();
     let cut = cut.clone();
     match tls {
         None => tokio::spawn(router.serve_with_incoming_shutdown(
-            accepted.map_ok(move |tcp| Cuttable::new(tcp, &cut)),
+            accepted.map(move |(tcp, ticket)| {
+                Ok::<_, std::io::Error>(Cuttable::new(tcp, &cut, ticket))
+            }),
             stopped,
         )),
         Some(tls) => tokio::spawn(
             router.serve_with_incoming_shutdown(
-                tls.incoming(accepted)
-                    .map_ok(move |tls| Cuttable::new(tls, &cut)),
+                tls.incoming(accepted.map(Ok))
+                    .map_ok(move |(tls, ticket)| Cuttable::new(tls, &cut, ticket)),
                 stopped,
             ),
         ),
     }
+}
+
+/// An accepted connection with its ticket, or `None` (dropped: closed) when it is past a limit
+/// or its peer's address is gone.
+fn admit(
+    admission: &Admission,
+    accepted: std::io::Result<TcpStream>,
+) -> Option<(TcpStream, Ticket)> {
+    let tcp = accepted.ok()?;
+    let peer = tcp
+        .peer_addr()
+        .inspect_err(|error| debug!(%error, "a connection dropped: its peer's address is gone"))
+        .ok()?;
+    let ticket = admission.admit(peer.ip()).ok()?;
+    Some((tcp, ticket))
 }
 
 /// How long accepting pauses after an error that is not one connection's (the process is out of

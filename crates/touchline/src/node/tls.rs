@@ -30,10 +30,12 @@ use touchline_ingest::files::{Stamp, read_regular, stamp};
 use touchline_ingest::metrics::ReloadLabels;
 use tracing::{debug, error, info};
 
+use super::admission::{self, Ticket};
 use crate::config::TlsConfig;
 use crate::connect::{Target, read};
 
-/// How long a connection may take to finish its TLS handshake before it is closed.
+/// How long a connection may take to finish its TLS handshake before it is closed, when
+/// `server.preface-timeout-ms` (which counts the handshake in) is 0.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Handshakes under way at once; past it, accepting waits for one to end (or time out).
 const MAX_HANDSHAKES: usize = 1024;
@@ -168,15 +170,17 @@ fn acceptor(
 
 impl TlsServer {
     /// The accepted connections once their handshake is done, each handshake a task of its own
-    /// (so that they use every core); failed handshakes (plaintext, an untrusted client
-    /// certificate) and slow ones are dropped, logged at debug. When the server stops accepting
-    /// (and drops this stream), the handshakes under way are aborted.
+    /// (so that they use every core), each with its ticket (dropped with a connection whose
+    /// handshake failed, which gives its slot back); failed handshakes (plaintext, an untrusted
+    /// client certificate) and slow ones (past the ticket's preface deadline, or
+    /// [`HANDSHAKE_TIMEOUT`] without one) are dropped, logged at debug. When the server stops
+    /// accepting (and drops this stream), the handshakes under way are aborted.
     pub(super) fn incoming<S>(
         &self,
         accepted: S,
-    ) -> impl Stream<Item = std::io::Result<TlsStream<TcpStream>>> + use<S>
+    ) -> impl Stream<Item = std::io::Result<(TlsStream<TcpStream>, Ticket)>> + use<S>
     where
-        S: Stream<Item = std::io::Result<TcpStream>>,
+        S: Stream<Item = std::io::Result<(TcpStream, Ticket)>>,
     {
         let acceptor = Arc::clone(&self.acceptor);
         accepted
@@ -187,14 +191,21 @@ impl TlsServer {
                         .ok(),
                 )
             })
-            .map(move |tcp| {
+            .map(move |(tcp, ticket): (TcpStream, Ticket)| {
                 // The one in force when the connection came.
                 let acceptor = acceptor
                     .read()
                     .unwrap_or_else(PoisonError::into_inner)
                     .clone();
                 AbortOnDrop(tokio::spawn(async move {
-                    tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
+                    let due = ticket.preface_due;
+                    let deadline =
+                        due.unwrap_or_else(|| tokio::time::Instant::now() + HANDSHAKE_TIMEOUT);
+                    let handshake = tokio::time::timeout_at(deadline, acceptor.accept(tcp)).await;
+                    if handshake.is_err() && due.is_some() {
+                        admission::preface_timed_out();
+                    }
+                    handshake.map(|handshake| handshake.map(|tls| (tls, ticket)))
                 }))
             })
             .buffer_unordered(MAX_HANDSHAKES)
