@@ -173,6 +173,8 @@ async fn served_from_again(source: &str, node: SocketAddr) -> anyhow::Result<()>
     }
 }
 
+// Several peers on one machine: Linux answers on all of 127.0.0.0/8 (macOS only on 127.0.0.1).
+#[cfg(target_os = "linux")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_past_its_connection_limit_is_closed_at_once_and_others_are_served()
 -> anyhow::Result<()> {
@@ -215,6 +217,7 @@ async fn a_peer_past_its_connection_limit_is_closed_at_once_and_others_are_serve
     node.shutdown().await
 }
 
+#[cfg(target_os = "linux")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_that_does_not_start_http2_in_time_is_closed_and_its_slot_comes_back()
 -> anyhow::Result<()> {
@@ -236,14 +239,16 @@ async fn a_connection_that_does_not_start_http2_in_time_is_closed_and_its_slot_c
     // Its slot came back: a client from the same address is served (it sends the preface at
     // once, well within the timeout).
     served_from_again("127.0.0.1", address).await?;
-    // Part of the preface is not the preface.
-    let mut partial = connect_from("127.0.0.1", address).await?;
+    // Part of the preface is not the preface. (From another address: the health check's
+    // connection may not have given its slot back yet.)
+    let mut partial = connect_from("127.0.0.3", address).await?;
+    assert!(admitted(&mut partial).await?, "the connection is served");
     partial.write_all(b"PRI * HTTP/2.0\r\n").await?;
     assert!(
         closed_by_server(&mut partial).await,
         "a partial preface held the connection"
     );
-    served_from_again("127.0.0.1", address).await?;
+    served_from_again("127.0.0.3", address).await?;
     node.shutdown().await
 }
 

@@ -111,6 +111,8 @@ pub async fn start_node(
     config.store.path = dir.join("store");
     config.ingest.rate_per_second = None;
     config.ingest.max_streams_per_partner = 4;
+    // Every client and reader connects from 127.0.0.1: one peer, whatever `--clients` says.
+    config.server.max_connections_per_peer = 0;
     config.admin.token_sha256 = vec![touchline_ingest::hash_token(ADMIN_TOKEN)];
     let tokens: Vec<String> = (0..clients).map(token).collect();
     let registry =

@@ -284,14 +284,16 @@ impl v1::admin_service_server::AdminService for AdminService {
         let still_allowed = self.still_allowed(&request);
         let peer = request.remote_addr();
         let projection = projection(&request.into_inner().projection)?;
-        if self.context.shutdown.is_cancelled() {
-            return Err(ops_status(OpsError::ShuttingDown));
-        }
-        let rebuilds = Arc::clone(&self.context.rebuilds);
-        let started = tokio::task::spawn_blocking(move || rebuilds.start(projection))
-            .await
-            .map_err(blocking)?
-            .map_err(ops_status);
+        let started = if self.context.shutdown.is_cancelled() {
+            Err(ops_status(OpsError::ShuttingDown))
+        } else {
+            let rebuilds = Arc::clone(&self.context.rebuilds);
+            tokio::task::spawn_blocking(move || rebuilds.start(projection))
+                .await
+                .map_err(blocking)?
+                .map_err(ops_status)
+        };
+        // Audited refused too when the node drains, as a replay is.
         let (progress, _started) = audit("rebuild", &projection, &caller, peer, started)?;
         Ok(Response::new(stream_progress(
             progress,

@@ -75,25 +75,28 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Cuttable<IO> {
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         this.check(context)?;
-        let Some((due, read)) = &mut this.preface else {
-            return Pin::new(&mut this.io).poll_read(context, buf);
-        };
-        if due.as_mut().poll(context).is_ready() {
-            admission::preface_timed_out();
-            return Poll::Ready(Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "the client did not start HTTP/2 within server.preface-timeout-ms",
-            )));
-        }
         let before = buf.filled().len();
         let polled = Pin::new(&mut this.io).poll_read(context, buf);
+        let Some((due, read)) = &mut this.preface else {
+            return polled;
+        };
         if polled.is_ready() {
+            // Bytes that came by the deadline count, even when the task is polled after it.
             *read += buf.filled().len().saturating_sub(before);
             if *read >= PREFACE_LEN {
                 this.preface = None;
             }
+            return polled;
         }
-        polled
+        // Waiting for more: the deadline's timer wakes the task too.
+        if due.as_mut().poll(context).is_ready() {
+            admission::preface_timed_out();
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the client did not send the HTTP/2 preface within server.preface-timeout-ms",
+            )));
+        }
+        Poll::Pending
     }
 }
 

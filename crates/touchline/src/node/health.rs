@@ -96,23 +96,26 @@ pub(super) async fn report_health(
     let mut reported = BTreeMap::new();
     loop {
         let probing = Arc::clone(&probe);
-        let kafka_up = tokio::task::spawn_blocking(move || probing.reachable(HEALTH_PROBE_TIMEOUT))
-            .await
-            .unwrap_or(false);
-        if shutdown.is_cancelled() {
-            return;
-        }
+        // A probe of a slow broker (up to its timeout) does not hold the shutdown: the reporting
+        // stops at once and the probe's thread ends on its own.
+        let kafka_up = tokio::select! {
+            () = shutdown.cancelled() => return,
+            up = tokio::task::spawn_blocking(move || probing.reachable(HEALTH_PROBE_TIMEOUT)) => {
+                up.unwrap_or(false)
+            }
+        };
         let projector_up = roles.projector && !projector_stopped.is_cancelled();
         if !ready && let Some(catch_up) = &catch_up {
             if target.is_none() {
                 let probing = Arc::clone(&probe);
                 let partitions = catch_up.partitions.clone();
-                target = tokio::task::spawn_blocking(move || {
+                let watermarks = tokio::task::spawn_blocking(move || {
                     probing.watermarks(&partitions, HEALTH_PROBE_TIMEOUT)
-                })
-                .await
-                .ok()
-                .flatten();
+                });
+                target = tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    watermarks = watermarks => watermarks.ok().flatten(),
+                };
             }
             if let Some(target) = &target {
                 ready = caught_up(target, &catch_up.applied.borrow());

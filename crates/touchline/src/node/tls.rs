@@ -34,8 +34,9 @@ use super::admission::{self, Ticket};
 use crate::config::TlsConfig;
 use crate::connect::{Target, read};
 
-/// How long a connection may take to finish its TLS handshake before it is closed, when
-/// `server.preface-timeout-ms` (which counts the handshake in) is 0.
+/// How long a connection may take to finish its TLS handshake before it is closed (sooner when
+/// `server.preface-timeout-ms`, which counts the handshake in, is shorter): a longer wait would
+/// let a few silent peers hold every one of the [`MAX_HANDSHAKES`].
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Handshakes under way at once; past it, accepting waits for one to end (or time out).
 const MAX_HANDSHAKES: usize = 1024;
@@ -172,8 +173,8 @@ impl TlsServer {
     /// The accepted connections once their handshake is done, each handshake a task of its own
     /// (so that they use every core), each with its ticket (dropped with a connection whose
     /// handshake failed, which gives its slot back); failed handshakes (plaintext, an untrusted
-    /// client certificate) and slow ones (past the ticket's preface deadline, or
-    /// [`HANDSHAKE_TIMEOUT`] without one) are dropped, logged at debug. When the server stops
+    /// client certificate) and slow ones (past the ticket's preface deadline or
+    /// [`HANDSHAKE_TIMEOUT`], whichever comes first) are dropped, logged at debug. When the server stops
     /// accepting (and drops this stream), the handshakes under way are aborted.
     pub(super) fn incoming<S>(
         &self,
@@ -198,10 +199,10 @@ impl TlsServer {
                     .unwrap_or_else(PoisonError::into_inner)
                     .clone();
                 AbortOnDrop(tokio::spawn(async move {
-                    let due = ticket.preface_due;
-                    let deadline =
-                        due.unwrap_or_else(|| tokio::time::Instant::now() + HANDSHAKE_TIMEOUT);
-                    let handshake = tokio::time::timeout_at(deadline, acceptor.accept(tcp)).await;
+                    let longest = tokio::time::Instant::now() + HANDSHAKE_TIMEOUT;
+                    let due = ticket.preface_due.filter(|due| *due < longest);
+                    let handshake =
+                        tokio::time::timeout_at(due.unwrap_or(longest), acceptor.accept(tcp)).await;
                     if handshake.is_err() && due.is_some() {
                         admission::preface_timed_out();
                     }
