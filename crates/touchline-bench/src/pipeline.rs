@@ -176,13 +176,14 @@ pub async fn warm_up(node: &Node, shape: &Shape) -> anyhow::Result<Duration> {
 /// When each batch was (or was meant to be) sent, to measure acknowledgement latency.
 type SendTimes = Arc<Mutex<HashMap<String, Instant>>>;
 
-/// One partner: streams its events in batches with at most `window` unanswered. With `pace`,
+/// One partner: streams its events in batches with at most `window` unanswered. With `pace`
+/// (the interval, and the instant the run's schedule starts, the same for every client),
 /// batches are scheduled at fixed intervals (open loop) and latency counts from the schedule.
 async fn partner(
     endpoint: String,
     client: usize,
     shape: Shape,
-    pace: Option<Duration>,
+    pace: Option<(Duration, Instant)>,
     sampled: Option<tokio::sync::mpsc::UnboundedSender<(Instant, v1::Touchpoint)>>,
 ) -> anyhow::Result<Vec<Duration>> {
     let mut ingest = IngestServiceClient::connect(endpoint).await?;
@@ -208,28 +209,11 @@ async fn partner(
         let client_number = u32::try_from(client).unwrap_or(u32::MAX);
         tokio::spawn(async move {
             // Partners are not synchronized: each client's schedule is offset by its share of
-            // the interval, so that arrivals are spread evenly rather than in bursts of K batches.
-            let started = Instant::now()
-                + pace.map_or(Duration::ZERO, |interval| {
-                    interval / clients * client_number
-                });
+            // the interval from the run's common start, so that arrivals are spread evenly
+            // rather than in bursts of K batches.
+            let started = pace.map(|(interval, start)| start + interval / clients * client_number);
             for number in 0..batch_count {
-                // Paced: latency counts from the schedule, also while the window holds the
-                // batch back (open loop, no coordinated omission). At full speed: from when the
-                // window lets the batch go, so that waiting for earlier answers is not counted
-                // as this one's latency.
-                let scheduled = match pace {
-                    Some(interval) => {
-                        let at = started
-                            + interval.saturating_mul(u32::try_from(number).unwrap_or(u32::MAX));
-                        tokio::time::sleep_until(at.into()).await;
-                        Some(at)
-                    }
-                    None => None,
-                };
-                let permit = window.acquire().await?;
-                permit.forget();
-                let scheduled = scheduled.unwrap_or_else(Instant::now);
+                // Made before the batch's time comes, so that making it is not counted.
                 let first = number * batch_size;
                 let events: Vec<v1::Touchpoint> = (first..(first + batch_size).min(own_events))
                     .map(|position| {
@@ -240,6 +224,22 @@ async fn partner(
                         )
                     })
                     .collect();
+                // Paced: latency counts from the schedule, also while the window holds the
+                // batch back (open loop, no coordinated omission). At full speed: from when the
+                // window lets the batch go, so that waiting for earlier answers is not counted
+                // as this one's latency.
+                let scheduled = match (pace, started) {
+                    (Some((interval, _)), Some(started)) => {
+                        let at = started
+                            + interval.saturating_mul(u32::try_from(number).unwrap_or(u32::MAX));
+                        tokio::time::sleep_until(at.into()).await;
+                        Some(at)
+                    }
+                    _ => None,
+                };
+                let permit = window.acquire().await?;
+                permit.forget();
+                let scheduled = scheduled.unwrap_or_else(Instant::now);
                 if number % 2 == 0
                     && let (Some(sampled), Some(last)) = (&sampled, events.last())
                 {
@@ -291,6 +291,8 @@ async fn partner(
 #[derive(Debug, Clone, Serialize)]
 pub struct Run {
     pub events: usize,
+    /// The paced rate the clients' schedule offered (events per second), `None` at full speed.
+    pub offered_per_second: Option<f64>,
     pub seconds: f64,
     /// Events per second from the first send until the last event was projected and flushed
     /// (queryable: `GetTimeline` serves durable entries).
@@ -312,6 +314,9 @@ pub struct Run {
     pub reads_during_short: usize,
 }
 
+/// How far ahead of its call a paced run's schedule starts.
+const SCHEDULE_LEAD: Duration = Duration::from_millis(100);
+
 /// One run: every partner at full speed (`rate` `None`) or paced at `rate` events per second.
 ///
 /// # Errors
@@ -323,14 +328,19 @@ pub async fn run(node: &Node, shape: &Shape, rate: Option<f64>) -> anyhow::Resul
         .cloned()
         .ok_or_else(|| anyhow::anyhow!("the node has no store"))?;
     let already = queryable(&store);
+    // A paced run's schedule starts a little ahead, the same instant for every client, so that
+    // their connections are open when their first batches are due.
+    let started = Instant::now() + rate.map_or(Duration::ZERO, |_| SCHEDULE_LEAD);
     let pace = rate.map(|rate| {
-        Duration::from_secs_f64(shape.batch_size as f64 * shape.clients as f64 / rate.max(1.0))
+        (
+            Duration::from_secs_f64(shape.batch_size as f64 * shape.clients as f64 / rate.max(1.0)),
+            started,
+        )
     });
     let (sampled, samples) = tokio::sync::mpsc::unbounded_channel();
     let watcher = tokio::spawn(watch_queryable(endpoint.clone(), samples));
     let stop = Stop::default();
     let reading = readers(&endpoint, shape.readers, shape.customers, &stop);
-    let started = Instant::now();
     let partners: Vec<_> = (0..shape.clients)
         .map(|client| {
             tokio::spawn(partner(
@@ -374,6 +384,7 @@ pub async fn run(node: &Node, shape: &Shape, rate: Option<f64>) -> anyhow::Resul
     let mut queryable = watcher.await??;
     Ok(Run {
         events: shape.events,
+        offered_per_second: rate,
         seconds: elapsed.as_secs_f64(),
         end_to_end_per_second: per_second(shape.events, elapsed),
         acknowledged_per_second: per_second(shape.events, acknowledged),

@@ -83,7 +83,11 @@ pub fn record(index: usize, customers: usize, base_seconds: i64) -> (String, Vec
             customer_id: CustomerId::parse(wire.customer_id.clone())
                 .expect("valid by construction"),
             event_type: EventType::parse(wire.r#type.clone()).expect("valid by construction"),
-            occurred_at: UnixNanos(base_seconds * 1_000_000_000),
+            // The wire event's own time, as the pipeline stores it.
+            occurred_at: wire
+                .occurred_at
+                .as_ref()
+                .map_or(UnixNanos(0), |at| UnixNanos(at.seconds * 1_000_000_000)),
             channel: Channel::Doorstep,
             stage: JourneyStage::ALL[index % JourneyStage::ALL.len()],
             outcome: Some(Outcome {
