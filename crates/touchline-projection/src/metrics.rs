@@ -25,6 +25,9 @@ pub struct ProjectorMetrics {
     pub rebuild_done: Family<ProjectionLabel, Gauge>,
     pub rebuild_total: Family<ProjectionLabel, Gauge>,
     pub replayed: Counter,
+    /// Records the topic's retention deleted before the projector read them: found when it
+    /// resumes below a partition's oldest record.
+    pub lost_to_retention: Counter,
     /// How long each group-commit flush of the store took (what every acknowledgement in dev
     /// mode, and every durable position, waits for).
     pub flush_seconds: Histogram,
@@ -37,6 +40,7 @@ pub static PROJECTOR: LazyLock<ProjectorMetrics> = LazyLock::new(|| ProjectorMet
     rebuild_done: Family::default(),
     rebuild_total: Family::default(),
     replayed: Counter::default(),
+    lost_to_retention: Counter::default(),
     // 100 us .. ~3 s.
     flush_seconds: Histogram::new(exponential_buckets(0.000_1, 2.0, 16)),
 });
@@ -73,6 +77,11 @@ pub fn register(registry: &mut Registry) {
         "touchline_replay_read_records",
         "Records re-read from Kafka by replays",
         metrics.replayed.clone(),
+    );
+    registry.register(
+        "touchline_projector_records_lost_to_retention",
+        "Records the topic's retention deleted before the projector read them (it resumed below a partition's oldest record: after a stop longer than the retention, or from an old backup): events that never reached this node's log",
+        metrics.lost_to_retention.clone(),
     );
     registry.register(
         "touchline_store_flush_seconds",

@@ -1,7 +1,9 @@
 //! The projector on the embedded Kafka broker and a real sled: batches are written one at a time,
 //! in order (the next one is decoded while the current one is written), and a store write that
 //! fails stops the projector before any later batch is stored. The failure is injected by a
-//! wrapper that hands every call to the real store except the apply it is told to refuse.
+//! wrapper that hands every call to the real store except the apply it is told to refuse. A
+//! projector that resumes below a partition's oldest record (retention deleted what it had not
+//! read) counts the records lost and reads on from the oldest left.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -118,8 +120,8 @@ impl EventStore for RefusingStore {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_failed_write_stops_the_projector_before_any_later_batch_is_stored() {
+/// An embedded broker with the topic in one partition, and options to reach it.
+fn one_partition_broker() -> (EmbeddedBroker, KafkaOptions) {
     let broker = EmbeddedBroker::start(1, TOPIC, 1).expect("broker starts");
     let kafka = KafkaOptions {
         bootstrap_servers: broker.bootstrap_servers().to_owned(),
@@ -127,6 +129,12 @@ async fn a_failed_write_stops_the_projector_before_any_later_batch_is_stored() {
         partitions: 1,
         ..KafkaOptions::default()
     };
+    (broker, kafka)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_write_stops_the_projector_before_any_later_batch_is_stored() {
+    let (_broker, kafka) = one_partition_broker();
     // Every event is in the topic before the projector starts: it reads full batches back to
     // back, so the next batch is being decoded while the one before is written.
     support::produce(&kafka, 0, EVENTS, 1000)
@@ -191,4 +199,84 @@ async fn a_failed_write_stops_the_projector_before_any_later_batch_is_stored() {
         handle.applied_offsets().borrow().get(&0).copied(),
         Some(i64::try_from(stored).unwrap_or_default())
     );
+}
+
+/// Polls `done` every 20 ms until it holds, or fails with `what` after a minute.
+async fn until(what: &str, done: impl Fn() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let mut poll = tokio::time::interval(Duration::from_millis(20));
+    while !done() {
+        assert!(tokio::time::Instant::now() < deadline, "{what}");
+        poll.tick().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_retention_deleted_before_they_were_read_are_counted_as_lost() {
+    let (_broker, kafka) = one_partition_broker();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = Arc::new(SledStore::open(dir.path()).expect("opens"));
+    let project = || async {
+        let shared: Arc<dyn EventStore> = store.clone();
+        let (projector, _) = Projector::new(ProjectorOptions::new(kafka.clone()), shared)
+            .await
+            .expect("starts");
+        let stop = CancellationToken::new();
+        (tokio::spawn(projector.run(stop.clone())), stop)
+    };
+
+    // Ten events projected, their position stored; then the projector stops.
+    support::produce(&kafka, 0, 10, 1000)
+        .await
+        .expect("produced");
+    let (running, stop) = project().await;
+    until("the first events were never projected", || {
+        store.log_len() == 10
+    })
+    .await;
+    stop.cancel();
+    running.await.expect("joins").expect("stops cleanly");
+
+    // While it is stopped, the broker drops the oldest records to make room (about 5 MiB a
+    // partition, as retention would), the ten and the first ones after them among them.
+    support::produce(&kafka, 10, 100_000, 1000)
+        .await
+        .expect("produced");
+    let watermarks: rdkafka::consumer::BaseConsumer =
+        kafka.consumer_config().create().expect("consumer");
+    let watermarks = || {
+        rdkafka::consumer::Consumer::fetch_watermarks(
+            &watermarks,
+            TOPIC,
+            0,
+            Duration::from_secs(10),
+        )
+        .expect("watermarks")
+    };
+    until("the broker never dropped the oldest records", || {
+        watermarks().0 > 10
+    })
+    .await;
+    let (low, high) = watermarks();
+
+    let lost_before = touchline_projection::metrics::PROJECTOR
+        .lost_to_retention
+        .get();
+    let (running, stop) = project().await;
+    // It reads on from the oldest record left: every record from there is projected.
+    let expected = 10 + usize::try_from(high - low).expect("a count");
+    until("the records left were never projected", || {
+        store.log_len() == expected
+    })
+    .await;
+    assert_eq!(
+        touchline_projection::metrics::PROJECTOR
+            .lost_to_retention
+            .get()
+            - lost_before,
+        u64::try_from(low - 10).expect("a count"),
+        "the records between the stored position and the oldest one left"
+    );
+    stop.cancel();
+    running.await.expect("joins").expect("stops cleanly");
 }

@@ -620,7 +620,8 @@ impl v1::admin_service_server::AdminService for AdminService {
         request: Request<v1::BackupRequest>,
     ) -> Result<Response<Self::BackupStream>, Status> {
         let caller = self.check(&request)?;
-        // Not a change, but every event leaves with it: audited when it starts (or is refused).
+        // Not a change, but every event leaves with it: audited when it starts (or is refused),
+        // and when it ends.
         let claim = audit(
             "backup",
             &"the log, positions and dead letters",
@@ -634,6 +635,7 @@ impl v1::admin_service_server::AdminService for AdminService {
             self.still_allowed(&request),
             &self.backups,
             claim,
+            caller,
         )))
     }
 }

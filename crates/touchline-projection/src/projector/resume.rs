@@ -95,11 +95,17 @@ fn check_position(
     }
     if next <= low {
         if next < low {
+            // Acknowledged events may be among them: what a node restored from an old backup, or
+            // stopped for longer than the retention, cannot get back. Counted for alerts.
+            crate::metrics::PROJECTOR
+                .lost_to_retention
+                .inc_by((low - next).cast_unsigned());
             warn!(
                 partition,
                 next,
                 low,
-                "records after the stored position were deleted by retention before they were projected; reading from the oldest record left"
+                lost = low - next,
+                "records after the stored position were deleted by retention before they were projected; reading from the oldest record left (counted in touchline_projector_records_lost_to_retention_total)"
             );
         }
         return Ok(Some(Resume {

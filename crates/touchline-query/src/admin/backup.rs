@@ -81,12 +81,15 @@ impl BackupSlot {
 /// cancelled, and with the error a new call would get once `still_allowed` says the caller's
 /// token was revoked (checked before each piece and every second while a piece waits for the
 /// caller): then the pieces made ahead are dropped, not sent, and the slot is freed at once.
+/// How it ended goes to the audit trail (target `touchline::audit`, with `caller`), as its start
+/// did.
 pub(super) fn stream(
     store: Arc<SledStore>,
     shutdown: CancellationToken,
     still_allowed: Arc<StillAllowed>,
     slot: &BackupSlot,
     claim: Claim,
+    caller: String,
 ) -> BackupStream {
     let last = Arc::clone(&slot.last);
     let (sender, receiver) = tokio::sync::mpsc::channel(AHEAD);
@@ -119,15 +122,25 @@ pub(super) fn stream(
                     .lock()
                     .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(written.clone());
                 tracing::info!(
-                events = written.events,
-                bytes = written.bytes,
-                log_sha256 = %written.log.sha256,
-                "backup streamed"
+                    target: "touchline::audit",
+                    action = "backup",
+                    caller,
+                    outcome = "streamed",
+                    events = written.events,
+                    bytes = written.bytes,
+                    log_sha256 = %written.log.sha256,
+                    "backup streamed"
                 );
             }
             Ok(None) if shutdown.is_cancelled() => {
                 count("stopped");
-                tracing::info!("backup stopped: the server is shutting down");
+                tracing::info!(
+                    target: "touchline::audit",
+                    action = "backup",
+                    caller,
+                    outcome = "stopped",
+                    "backup stopped: the server is shutting down"
+                );
                 // Told if it reads on within a second; its file ends without a trailer anyway.
                 let _ = runtime.block_on(tokio::time::timeout(
                     SHUTDOWN_NOTICE,
@@ -140,15 +153,34 @@ pub(super) fn stream(
             }
             Ok(None) if asking.revoked().is_some() => {
                 count("stopped");
-                tracing::info!("backup stopped: the caller's token no longer authorizes it");
+                tracing::info!(
+                    target: "touchline::audit",
+                    action = "backup",
+                    caller,
+                    outcome = "stopped",
+                    "backup stopped: the caller's token no longer authorizes it"
+                );
             }
             Ok(None) => {
                 count("stopped");
-                tracing::info!("backup stopped: the caller went away or read nothing");
+                tracing::info!(
+                    target: "touchline::audit",
+                    action = "backup",
+                    caller,
+                    outcome = "stopped",
+                    "backup stopped: the caller went away or read nothing"
+                );
             }
             Err(error) => {
                 count("failed");
-                tracing::error!(%error, "backup failed");
+                tracing::error!(
+                    target: "touchline::audit",
+                    action = "backup",
+                    caller,
+                    outcome = "failed",
+                    %error,
+                    "backup failed"
+                );
                 let _ = send(Err(Error::Store(error).into()));
             }
         }
