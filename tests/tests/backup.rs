@@ -1,7 +1,8 @@
 //! Backup and restore end to end, on a real broker, a real sled and the real gRPC server: a node's
 //! backup (taken while it runs) restored into a new store is the same log and projections, and a
 //! node started on it goes on from the backup's positions, so that the events published after the
-//! backup are projected once and nothing before it twice. Bad files and existing stores are
+//! backup are projected once and nothing before it twice; so too for a backup taken while partners
+//! publish and the projector writes (its cut is one point of the log). Bad files and existing stores are
 //! refused and leave nothing behind; a backup needs an admin token; one backup runs at a time,
 //! and one whose caller goes away, or whose admin token is revoked, frees its place.
 
@@ -144,6 +145,82 @@ async fn a_restored_node_goes_on_from_its_backup() -> anyhow::Result<()> {
     // Read from the backup's positions on: the first 200 records were not read again (they
     // would be counted as duplicates).
     assert_eq!(duplicates() - duplicates_before, 0);
+    drop(store);
+    node.shutdown().await?;
+    Ok(())
+}
+
+/// A backup's cut while the projector writes is one point: the log through some sequence and the
+/// positions right after the records it holds. A node restored from it reads on from exactly
+/// there: every event once, none read again, the same timelines as the node that took it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_taken_while_partners_publish_is_one_point_of_the_log() -> anyhow::Result<()> {
+    const BATCH: usize = 50;
+    let broker = start_broker().await;
+    let dir = tempfile::tempdir()?;
+    let node = start_node(&broker, &dir.path().join("a")).await?;
+    let store = node.store().expect("projects").clone();
+    // The partner publishes until the backup is taken, and five batches more.
+    let backed_up = tokio_util::sync::CancellationToken::new();
+    let publishing = tokio::spawn({
+        let mut ingest = ingest_client(&node).await?;
+        let backed_up = backed_up.clone();
+        async move {
+            let mut batch = 0;
+            let mut after = 0;
+            while after < 5 {
+                let answer = publish(
+                    &mut ingest,
+                    COURIER.1,
+                    events(batch * BATCH, (batch + 1) * BATCH),
+                )
+                .await?;
+                anyhow::ensure!(answer.accepted == 50, "{answer:?}");
+                batch += 1;
+                if backed_up.is_cancelled() {
+                    after += 1;
+                }
+            }
+            anyhow::Ok(batch * BATCH)
+        }
+    });
+    // Taken once the projector is under way, while the partner goes on.
+    wait_until("the first events", || store.log_len() >= 5 * BATCH).await?;
+    let file = dir.path().join("moving.backup");
+    let backup = touchline::backup::backup(node.target(), ADMIN_TOKEN, &file).await?;
+    backed_up.cancel();
+    let total = publishing.await??;
+    wait_until("every event", || {
+        store.log_len() == total && store.durable_sequence() >= total as u64
+    })
+    .await?;
+    assert!(
+        backup.events >= 5 * BATCH as u64 && backup.events < total as u64,
+        "the backup is of the log while events came: {} of {total}",
+        backup.events
+    );
+    let at_end = timelines(&node).await?;
+    drop(store);
+    node.shutdown().await?;
+
+    let restored_store = dir.path().join("b").join("store");
+    let restored = touchline::backup::restore(&file, &restored_store, 64 * 1024 * 1024)?;
+    assert_eq!(restored.events, backup.events);
+    // Counted process-wide; the other tests of this binary make no duplicates.
+    let duplicates = || touchline_projection::metrics::PROJECTOR.duplicates.get();
+    let duplicates_before = duplicates();
+    let node = start_node(&broker, &dir.path().join("b")).await?;
+    let store = node.store().expect("projects").clone();
+    wait_until("the events after the cut on the restored node", || {
+        store.log_len() == total && store.durable_sequence() >= total as u64
+    })
+    .await?;
+    assert_eq!(
+        duplicates() - duplicates_before,
+        0,
+        "the positions are right after the records the backup's log holds: none read again"
+    );
+    assert_eq!(timelines(&node).await?, at_end, "the same timelines");
     drop(store);
     node.shutdown().await?;
     Ok(())

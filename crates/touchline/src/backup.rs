@@ -79,10 +79,25 @@ pub async fn backup(endpoint: &Target, token: &str, out: &Path) -> anyhow::Resul
         drop(file);
         let checked = check_file(&partial)
             .with_context(|| format!("the backup written to {} is not whole", partial.display()))?;
-        // A link, not a rename: it fails rather than replace a file made meanwhile.
-        std::fs::hard_link(&partial, out)
-            .with_context(|| format!("cannot link {} to {}", partial.display(), out.display()))?;
-        let _ = std::fs::remove_file(&partial);
+        // A link, not a rename: it fails rather than replace a file made meanwhile. On a file
+        // system without hard links (some network and FUSE mounts) a rename, once `out` is
+        // checked to be still absent.
+        match std::fs::hard_link(&partial, out) {
+            Ok(()) => {
+                let _ = std::fs::remove_file(&partial);
+            }
+            Err(error) if error.kind() != std::io::ErrorKind::AlreadyExists && !out.exists() => {
+                tracing::debug!(%error, "no hard link: renaming the backup into place");
+                std::fs::rename(&partial, out).with_context(|| {
+                    format!("cannot rename {} to {}", partial.display(), out.display())
+                })?;
+            }
+            Err(error) => {
+                return Err(error).with_context(|| {
+                    format!("cannot link {} to {}", partial.display(), out.display())
+                });
+            }
+        }
         sync_parent(out).with_context(|| {
             format!(
                 "the backup is in {}, but its folder could not be synced",
@@ -181,6 +196,12 @@ fn restore_with(
             store_path.display()
         ),
         Err(std::fs::TryLockError::Error(error)) => {
+            // (A file system without locks, say.) A mark this restore made goes, and the folder
+            // if it made that too: nothing is left of it.
+            if !had_marker {
+                drop(lock);
+                discard(store_path, created);
+            }
             return Err(error).with_context(|| format!("cannot lock {}", marker.display()));
         }
     }
@@ -195,9 +216,13 @@ fn restore_with(
         tracing::warn!(path = %store_path.display(), "starting over a restore that did not finish");
         empty(store_path)?;
     }
-    lock.sync_all()
-        .and_then(|()| sync_dir(store_path))
-        .with_context(|| format!("cannot write {}", marker.display()))?;
+    if let Err(error) = lock.sync_all().and_then(|()| sync_dir(store_path)) {
+        if !had_marker {
+            drop(lock);
+            discard(store_path, created);
+        }
+        return Err(error).with_context(|| format!("cannot write {}", marker.display()));
+    }
     let store = match SledStore::open_for_restore(store_path, cache_bytes) {
         Ok(store) => store,
         Err(error) => {
@@ -399,12 +424,10 @@ mod tests {
         Ok(())
     }
 
-    #[test]
-    fn a_restore_whose_last_folder_sync_fails_keeps_the_store_it_restored() -> anyhow::Result<()> {
+    /// A backup file in `dir` of a store of one dead letter.
+    fn one_dead_letter_backup(dir: &Path) -> anyhow::Result<PathBuf> {
         use touchline_core::{ConsumedRecord, EventStore as _, RecordContent, StreamIdentity};
-        let dir = tempfile::tempdir()?;
-        // A store of one dead letter, backed up.
-        let source = SledStore::open(&dir.path().join("source"))?;
+        let source = SledStore::open(&dir.join("source"))?;
         let stream = StreamIdentity {
             cluster_id: "test".to_owned(),
             topic: "touchpoints".to_owned(),
@@ -427,8 +450,36 @@ mod tests {
             bytes.extend(piece);
             true
         })?;
-        let backup = dir.path().join("backup");
+        let backup = dir.join("backup");
         std::fs::write(&backup, bytes)?;
+        Ok(backup)
+    }
+
+    #[test]
+    fn a_restore_that_cannot_make_its_mark_durable_leaves_nothing() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let backup = one_dead_letter_backup(dir.path())?;
+        let target = dir.path().join("target");
+        let error = restore_with(&backup, &target, 1 << 20, &|folder| {
+            if folder.join(RESTORE_MARKER).exists() {
+                Err(std::io::Error::other("injected sync failure"))
+            } else {
+                sync_dir(folder)
+            }
+        })
+        .expect_err("the mark's sync failed");
+        assert!(format!("{error:#}").contains("cannot write"), "{error:#}");
+        assert!(
+            !target.exists(),
+            "the folder the restore made, and its mark, are gone"
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn a_restore_whose_last_folder_sync_fails_keeps_the_store_it_restored() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let backup = one_dead_letter_backup(dir.path())?;
 
         // The folder's sync after the mark is removed fails (an I/O error).
         let target = dir.path().join("target");
