@@ -6,6 +6,17 @@ use serde::{Deserialize, Serialize};
 
 /// The longest partner, customer or event id, in bytes.
 pub const MAX_ID_LEN: usize = 128;
+
+/// `id` as a result echoes it (`EventResult.event_id`): cut to at most [`MAX_ID_LEN`] bytes, on a
+/// character boundary (a longer id is rejected, and still told apart from its neighbours).
+#[must_use]
+pub fn echoed_id(id: &str) -> &str {
+    let mut end = id.len().min(MAX_ID_LEN);
+    while !id.is_char_boundary(end) {
+        end -= 1;
+    }
+    &id[..end]
+}
 /// The longest event type, in bytes.
 pub const MAX_EVENT_TYPE_LEN: usize = 64;
 
@@ -145,6 +156,14 @@ impl fmt::Display for EventType {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_echoed_id_is_cut_on_a_character_boundary() {
+        assert_eq!(echoed_id("short"), "short");
+        let long = format!("{}\u{e9}{}", "x".repeat(127), "y".repeat(70));
+        assert_eq!(echoed_id(&long), "x".repeat(127));
+        assert_eq!(echoed_id(&"z".repeat(200)), "z".repeat(128));
+    }
 
     #[test]
     fn ids_accept_printable_ascii() {

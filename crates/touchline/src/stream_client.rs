@@ -57,7 +57,16 @@ struct Batch {
     events: Vec<v1::Touchpoint>,
 }
 
-/// Whether a failed stream is worth opening again, and after how long.
+/// The longest wait before a reconnection, also when the server's `RetryInfo` asks for more.
+const LONGEST_RETRY_DELAY: Duration = Duration::from_secs(60);
+
+/// The message of the server's `INTERNAL` for a stream batch whose task failed (a bug on the
+/// server; the process goes on): resending the unanswered batches is safe.
+const BATCH_TASK_FAILED: &str = "batch task failed";
+
+/// Whether a failed stream is worth opening again, and after how long: an exponential backoff
+/// from 100 ms to 6.4 s with jitter (so that the clients a node's restart cut off do not all come
+/// back at once), or the server's `RetryInfo` delay when that is longer, up to a minute.
 fn retry_delay(status: &tonic::Status, attempt: u32) -> Option<Duration> {
     match status.code() {
         Code::Unavailable
@@ -66,18 +75,27 @@ fn retry_delay(status: &tonic::Status, attempt: u32) -> Option<Duration> {
         | Code::DeadlineExceeded
         | Code::Unknown
         | Code::Aborted => {}
+        Code::Internal if status.message().starts_with(BATCH_TASK_FAILED) => {}
         _ => return None,
     }
     let backoff = Duration::from_millis(100).saturating_mul(2_u32.saturating_pow(attempt.min(6)));
+    // Equal jitter: half the backoff, and up to the other half at random.
+    let jittered = backoff / 2 + backoff.mul_f64(random_fraction() / 2.0);
     let suggested = status
         .get_details_retry_info()
-        .and_then(|info| info.retry_delay);
-    Some(
-        suggested
-            .unwrap_or(backoff)
-            .max(backoff)
-            .min(Duration::from_secs(5)),
-    )
+        .and_then(|info| info.retry_delay)
+        .unwrap_or_default();
+    Some(jittered.max(suggested).min(LONGEST_RETRY_DELAY))
+}
+
+/// A number in [0, 1), different at each call (the standard library's randomly keyed hasher).
+fn random_fraction() -> f64 {
+    use std::hash::{BuildHasher as _, Hasher as _};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u64(0);
+    #[allow(clippy::cast_precision_loss, reason = "53 random bits are plenty")]
+    let fraction = (hasher.finish() >> 11) as f64 / (1_u64 << 53) as f64;
+    fraction
 }
 
 /// Publishes `events` (with their line numbers) as the partner of `token`.
@@ -153,6 +171,17 @@ pub async fn publish(
                     );
                 }
                 tracing::warn!(code = ?status.code(), message = status.message(), unanswered = pending.len(), ?delay, "stream broke, reconnecting");
+                if options.print_rejections {
+                    // The command line's own note (its tracing is not set up): a run that waits
+                    // says why.
+                    eprintln!(
+                        "the stream broke ({:?}: {}); reconnecting in {} ms to resend {} unanswered batches",
+                        status.code(),
+                        status.message(),
+                        delay.as_millis(),
+                        pending.len()
+                    );
+                }
                 tokio::time::sleep(delay).await;
                 report.reconnects += 1;
             }
@@ -254,12 +283,14 @@ async fn stream_once(
                 answer.batch_id, batch.id
             )));
         }
+        let (accepted, rejected) = check_answer(&answer, batch)?;
         sent -= 1;
-        report.accepted += u64::from(answer.accepted);
-        report.rejected += u64::from(answer.rejected);
+        report.accepted += accepted;
+        report.rejected += rejected;
         if options.print_rejections {
             for result in &answer.results {
                 if let Some(v1::event_result::Result::Rejected(rejected)) = &result.result {
+                    // Checked: one result per event, in order.
                     let line = batch
                         .lines
                         .get(result.index as usize)
@@ -284,6 +315,53 @@ async fn stream_once(
     }
 }
 
+/// The accepted and rejected events of `answer`, once it is checked to be an answer to each
+/// event of `batch`: one result per event, in order, each for the event's id, every one accepted
+/// or rejected, and the counts the answer gives. Anything else is a server's bug that would count
+/// events as answered that were not: the run stops (`INTERNAL`) with the batch unanswered.
+fn check_answer(answer: &v1::PublishResponse, batch: &Batch) -> Result<(u64, u64), tonic::Status> {
+    let mismatch = |what: String| {
+        tonic::Status::internal(format!(
+            "the answer to batch {} does not match it: {what}",
+            batch.id
+        ))
+    };
+    if answer.results.len() != batch.events.len() {
+        return Err(mismatch(format!(
+            "{} results for {} events",
+            answer.results.len(),
+            batch.events.len()
+        )));
+    }
+    let (mut accepted, mut rejected) = (0_u64, 0_u64);
+    for (index, (result, event)) in answer.results.iter().zip(&batch.events).enumerate() {
+        if result.index as usize != index {
+            return Err(mismatch(format!(
+                "result {index} is for event {}",
+                result.index
+            )));
+        }
+        if result.event_id != touchline_core::ids::echoed_id(&event.event_id) {
+            return Err(mismatch(format!(
+                "result {index} is for event id {:?}, not {:?}",
+                result.event_id, event.event_id
+            )));
+        }
+        match result.result {
+            Some(v1::event_result::Result::Accepted(_)) => accepted += 1,
+            Some(v1::event_result::Result::Rejected(_)) => rejected += 1,
+            None => return Err(mismatch(format!("result {index} says neither"))),
+        }
+    }
+    if (accepted, rejected) != (u64::from(answer.accepted), u64::from(answer.rejected)) {
+        return Err(mismatch(format!(
+            "it counts {} accepted and {} rejected, its results {accepted} and {rejected}",
+            answer.accepted, answer.rejected
+        )));
+    }
+    Ok((accepted, rejected))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -292,8 +370,107 @@ mod tests {
     fn only_transient_failures_are_retried_with_growing_backoff() {
         assert_eq!(retry_delay(&tonic::Status::unauthenticated("no"), 0), None);
         assert_eq!(retry_delay(&tonic::Status::invalid_argument("no"), 0), None);
-        let first = retry_delay(&tonic::Status::unavailable("down"), 0).expect("retried");
-        let later = retry_delay(&tonic::Status::unavailable("down"), 4).expect("retried");
-        assert!(first < later && later <= Duration::from_secs(5));
+        assert_eq!(retry_delay(&tonic::Status::internal("a bug"), 0), None);
+        assert!(retry_delay(&tonic::Status::internal(BATCH_TASK_FAILED), 0).is_some());
+        for attempt in 0..10 {
+            let delay = retry_delay(&tonic::Status::unavailable("down"), attempt).expect("retried");
+            let backoff = Duration::from_millis(100) * 2_u32.pow(attempt.min(6));
+            assert!(
+                delay >= backoff / 2 && delay <= backoff,
+                "attempt {attempt}: {delay:?} against {backoff:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_server_s_retry_delay_is_honoured_up_to_a_minute() {
+        use tonic_types::{ErrorDetails, StatusExt as _};
+        let asking = |seconds| {
+            tonic::Status::with_error_details(
+                Code::ResourceExhausted,
+                "slow down",
+                ErrorDetails::with_retry_info(Some(Duration::from_secs(seconds))),
+            )
+        };
+        assert_eq!(retry_delay(&asking(20), 0), Some(Duration::from_secs(20)));
+        assert_eq!(retry_delay(&asking(600), 0), Some(LONGEST_RETRY_DELAY));
+    }
+
+    #[test]
+    fn jitter_spreads_the_clients() {
+        let delays: std::collections::BTreeSet<Duration> = (0..20)
+            .filter_map(|_| retry_delay(&tonic::Status::unavailable("down"), 3))
+            .collect();
+        assert!(delays.len() > 1, "every client would come back at once");
+    }
+
+    fn batch_of(ids: &[&str]) -> Batch {
+        Batch {
+            id: "7".to_owned(),
+            lines: (1..=ids.len()).collect(),
+            events: ids
+                .iter()
+                .map(|id| v1::Touchpoint {
+                    event_id: (*id).to_owned(),
+                    ..Default::default()
+                })
+                .collect(),
+        }
+    }
+
+    fn answer_of(results: &[(u32, &str, bool)]) -> v1::PublishResponse {
+        let accepted = results.iter().filter(|(_, _, ok)| *ok).count();
+        v1::PublishResponse {
+            results: results
+                .iter()
+                .map(|(index, id, ok)| v1::EventResult {
+                    index: *index,
+                    event_id: (*id).to_owned(),
+                    result: Some(if *ok {
+                        v1::event_result::Result::Accepted(v1::Accepted::default())
+                    } else {
+                        v1::event_result::Result::Rejected(v1::Rejected::default())
+                    }),
+                })
+                .collect(),
+            accepted: u32::try_from(accepted).expect("small"),
+            rejected: u32::try_from(results.len() - accepted).expect("small"),
+            batch_id: "7".to_owned(),
+        }
+    }
+
+    #[test]
+    fn an_answer_is_taken_only_when_it_answers_each_event_of_its_batch() {
+        let batch = batch_of(&["a", "b"]);
+        assert_eq!(
+            check_answer(&answer_of(&[(0, "a", true), (1, "b", false)]), &batch).ok(),
+            Some((1, 1))
+        );
+        for (what, answer) in [
+            ("short", answer_of(&[(0, "a", true)])),
+            ("out of order", answer_of(&[(1, "b", true), (0, "a", true)])),
+            (
+                "another event",
+                answer_of(&[(0, "a", true), (1, "c", true)]),
+            ),
+            (
+                "a prefix of the id",
+                answer_of(&[(0, "", true), (1, "b", true)]),
+            ),
+            (
+                "counts that disagree",
+                v1::PublishResponse {
+                    accepted: 0,
+                    ..answer_of(&[(0, "a", true), (1, "b", true)])
+                },
+            ),
+        ] {
+            let refused = check_answer(&answer, &batch).expect_err(what);
+            assert_eq!(refused.code(), Code::Internal, "{what}");
+        }
+        // An id over 128 bytes comes back cut, on a character boundary.
+        let long = format!("{}é{}", "x".repeat(127), "y".repeat(70));
+        let batch = batch_of(&[&long]);
+        assert!(check_answer(&answer_of(&[(0, &long[..127], false)]), &batch).is_ok());
     }
 }

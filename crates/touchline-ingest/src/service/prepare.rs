@@ -55,7 +55,7 @@ pub(super) fn prepare(
 ) -> Prepared {
     let event_ids = events
         .iter()
-        .map(|event| truncate(&event.event_id, 128))
+        .map(|event| touchline_core::ids::echoed_id(&event.event_id).to_owned())
         .collect();
     let mut checked: Vec<Result<Touchpoint, Rejection>> = events
         .into_iter()
@@ -83,26 +83,5 @@ pub(super) fn prepare(
         event_ids,
         slots,
         envelopes,
-    }
-}
-
-/// Cuts a partner-provided string to at most `max` bytes on a character boundary.
-fn truncate(text: &str, max: usize) -> String {
-    let mut end = text.len().min(max);
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    text[..end].to_owned()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::truncate;
-
-    #[test]
-    fn truncation_respects_character_boundaries() {
-        assert_eq!(truncate("abc", 2), "ab");
-        assert_eq!(truncate("\u{e9}\u{e9}", 3), "\u{e9}");
-        assert_eq!(truncate("short", 128), "short");
     }
 }
