@@ -24,7 +24,7 @@ tansu_bin() {
     local candidate
     for candidate in "${CARGO_HOME:-$HOME/.cargo}/bin/tansu" "$(command -v tansu 2>/dev/null || true)"; do
         if [ -n "$candidate" ] && [ -x "$candidate" ] \
-            && "$candidate" --version 2>/dev/null | grep -q "$TANSU_VERSION"; then
+            && "$candidate" --version 2>/dev/null | grep -qwF "$TANSU_VERSION"; then
             echo "$candidate"
             return
         fi
