@@ -900,3 +900,52 @@ fn an_events_sequence_is_found_by_partner_and_event_id() {
         None
     );
 }
+
+/// A backup's frame of events (up to 128 MiB of them) is decoded and applied in pieces, not
+/// whole: thousands restore with their sequences, and an event there twice is found across
+/// pieces.
+#[test]
+fn a_frame_of_events_restores_in_pieces_and_a_duplicate_across_them_is_found() {
+    use touchline_projection::sled_store::{LoggedEvent, RestoreError};
+    let logged = |index: usize, id: usize| LoggedEvent {
+        partition: 0,
+        offset: i64::try_from(index).expect("small"),
+        record: touchline_proto::encode_envelope(&envelope(
+            "partner",
+            &format!("e{id}"),
+            &format!("customer-{}", index % 7),
+            i64::try_from(index).expect("small"),
+            JourneyStage::Fulfil,
+        )),
+    };
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = SledStore::open(dir.path()).expect("opens");
+    store
+        .restore_events(1, (0..2500).map(|index| logged(index, index)).collect())
+        .expect("restored");
+    assert_eq!(store.log_len(), 2500);
+    assert_eq!(
+        store
+            .log_record(2500)
+            .expect("reads")
+            .map(|(_, offset, _)| offset),
+        Some(2499)
+    );
+
+    let other = tempfile::tempdir().expect("temp dir");
+    let store = SledStore::open(other.path()).expect("opens");
+    let mut events: Vec<LoggedEvent> = (0..2500).map(|index| logged(index, index)).collect();
+    // Event 5 again, in the third piece.
+    events[2100] = logged(2100, 5);
+    let error = store.restore_events(1, events).expect_err("a duplicate");
+    assert!(
+        matches!(
+            error,
+            RestoreError::Duplicate {
+                first: 2001,
+                last: 2500
+            }
+        ),
+        "{error:?}"
+    );
+}

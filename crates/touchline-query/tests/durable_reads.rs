@@ -6,7 +6,6 @@
 //! on `127.0.0.1:0`, the generated client.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use touchline_core::EventStore;
 use touchline_projection::SledStore;
@@ -64,8 +63,8 @@ async fn get_timeline_shows_an_entry_once_it_is_flushed() -> anyhow::Result<()> 
     store.flush()?;
     assert_eq!(event_ids(&mut client).await?, ["e1", "e3", "e2", "e4"]);
 
-    server.abort();
-    let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
+    drop(client);
+    serve::stop(server, store).await;
     Ok(())
 }
 
@@ -138,8 +137,8 @@ async fn get_customer_summary_serves_what_it_read_only_once_it_is_durable() -> a
     assert_eq!(summary.total_touchpoints, 3, "{summary:?}");
     assert!(store.durable_sequence() >= 3);
 
-    server.abort();
-    let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
+    drop(client);
+    serve::stop(server, store).await;
     Ok(())
 }
 
@@ -202,7 +201,7 @@ async fn a_watch_cursor_of_another_log_or_past_the_end_of_this_one_is_refused() 
         "{first:?}"
     );
 
-    server.abort();
-    let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
+    drop((watching, client));
+    serve::stop(server, store).await;
     Ok(())
 }

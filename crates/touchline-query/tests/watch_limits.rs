@@ -19,7 +19,7 @@ use touchline_query::watch::decode_cursor;
 mod serve;
 mod support;
 
-use serve::serve;
+use serve::{serve, stop};
 use support::{apply, customer, event};
 
 fn watch_alice() -> v1::WatchTimelineRequest {
@@ -81,8 +81,8 @@ async fn a_node_serves_at_most_max_watches_and_a_watch_that_ends_frees_its_slot(
         }
     }
 
-    server.abort();
-    let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
+    drop(client);
+    stop(server, store).await;
     Ok(())
 }
 
@@ -179,7 +179,7 @@ async fn a_watch_whose_client_takes_nothing_ends_as_lagged_after_what_was_queued
         Ok(0)
     );
 
-    server.abort();
-    let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
+    drop((stream, client, other));
+    stop(server, store).await;
     Ok(())
 }

@@ -153,6 +153,9 @@ pub enum RestoreError {
     Store(#[from] StoreError),
 }
 
+/// Events of a backup decoded and applied at once by [`SledStore::restore_events`].
+const RESTORE_PIECE: usize = 1000;
+
 impl SledStore {
     /// Positions, dead letters and the record index, read under the writer: they are what the
     /// log held when it had `events` events.
@@ -257,7 +260,9 @@ impl SledStore {
     }
 
     /// Appends a backup's events with the sequences they had (the first is `first_sequence`, the
-    /// next the log expects) and projects them, as the projector did.
+    /// next the log expects) and projects them, as the projector did. They are decoded and
+    /// applied 1,000 at a time: a frame of many tiny events (up to 128 MiB of them)
+    /// is never decoded whole.
     ///
     /// # Errors
     /// When the events do not follow the log, one is not an event or is there twice, or the
@@ -274,35 +279,41 @@ impl SledStore {
                 found: first_sequence,
             });
         }
-        let count = events.len() as u64;
-        let records = events
-            .into_iter()
-            .zip(first_sequence..)
-            .map(|(event, sequence)| {
-                let envelope =
-                    touchline_proto::decode_envelope(Some(&event.record)).map_err(|error| {
-                        RestoreError::NotAnEvent {
-                            sequence,
-                            reason: error.to_string(),
-                        }
-                    })?;
-                Ok(ConsumedRecord {
-                    partition: event.partition,
-                    offset: event.offset,
-                    content: RecordContent::Event {
-                        envelope: Box::new(envelope),
-                        raw: event.record,
-                    },
-                })
-            })
-            .collect::<Result<Vec<_>, RestoreError>>()?;
-        // Only events: the stream key names dead letters, of which there are none here.
-        let outcome = self.apply_records("", records, false)?;
-        if outcome.appended != count {
-            return Err(RestoreError::Duplicate {
-                first: first_sequence,
-                last: first_sequence + count.saturating_sub(1),
-            });
+        let mut events = events.into_iter().peekable();
+        let mut sequence = first_sequence;
+        while events.peek().is_some() {
+            let piece_first = sequence;
+            let records =
+                events
+                    .by_ref()
+                    .take(RESTORE_PIECE)
+                    .map(|event| {
+                        let at = sequence;
+                        sequence += 1;
+                        let envelope = touchline_proto::decode_envelope(Some(&event.record))
+                            .map_err(|error| RestoreError::NotAnEvent {
+                                sequence: at,
+                                reason: error.to_string(),
+                            })?;
+                        Ok(ConsumedRecord {
+                            partition: event.partition,
+                            offset: event.offset,
+                            content: RecordContent::Event {
+                                envelope: Box::new(envelope),
+                                raw: event.record,
+                            },
+                        })
+                    })
+                    .collect::<Result<Vec<_>, RestoreError>>()?;
+            let count = records.len() as u64;
+            // Only events: the stream key names dead letters, of which there are none here.
+            let outcome = self.apply_records("", records, false)?;
+            if outcome.appended != count {
+                return Err(RestoreError::Duplicate {
+                    first: piece_first,
+                    last: piece_first + count.saturating_sub(1),
+                });
+            }
         }
         Ok(())
     }

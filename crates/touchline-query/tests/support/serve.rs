@@ -35,3 +35,29 @@ pub async fn serve(
     let client = TimelineServiceClient::connect(format!("http://{address}")).await?;
     Ok((client, server))
 }
+
+/// Ends a test's server and drops `store` here, once nothing else holds it: the server is
+/// aborted, and the tasks of its connections and watches let go of the store (drop the test's
+/// clients and streams first: their connections keep those tasks). sled flushes when its last
+/// handle goes; dropped instead by a blocking read that the runtime's shutdown waits for, after
+/// the test's temporary folder was deleted, that flush once hung the test binary for good.
+///
+/// # Panics
+/// When something still holds the store after 30 s.
+pub async fn stop(
+    server: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+    store: Arc<SledStore>,
+) {
+    server.abort();
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), server).await;
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    let mut poll = tokio::time::interval(std::time::Duration::from_millis(10));
+    while Arc::strong_count(&store) > 1 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the store is still held by the server's tasks"
+        );
+        poll.tick().await;
+    }
+    drop(store);
+}
