@@ -561,8 +561,18 @@ impl Node {
             errors.extend(failure(projector.await, "projector"));
         }
         if let Some(store) = self.store {
-            let flushed = tokio::task::spawn_blocking(move || store.flush()).await;
-            errors.extend(failure(flushed, "final flush"));
+            // Bounded: sled 0.34 can wait for ever in a flush (and in the one it makes when its
+            // last handle goes, here) once a blob file of a large node could not be created (a
+            // full disk, no descriptors): its write to the log is never counted as done. What
+            // the flush did not make durable is read again from Kafka at the next start.
+            let flushing = tokio::task::spawn_blocking(move || store.flush());
+            match tokio::time::timeout(FINAL_FLUSH_WAIT, flushing).await {
+                Ok(flushed) => errors.extend(failure(flushed, "final flush")),
+                Err(_) => errors.push(anyhow::anyhow!(
+                    "the final flush did not end within {} s: what it had not made durable is read again from Kafka at the next start",
+                    FINAL_FLUSH_WAIT.as_secs()
+                )),
+            }
         }
         drop(self.broker);
         for error in &errors {
@@ -589,6 +599,10 @@ fn on_headers(
         Ok(request)
     }
 }
+
+/// How long a shutdown waits for the store's final flush (a few milliseconds when it works: the
+/// projector's group commit has flushed all but its last batch).
+const FINAL_FLUSH_WAIT: Duration = Duration::from_secs(30);
 
 /// How long a shutdown waits for the background tasks (metrics, health reporting, TLS reloads).
 const BACKGROUND_STOP_WAIT: Duration = Duration::from_secs(1);
