@@ -11,7 +11,7 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use tokio::sync::broadcast;
@@ -34,8 +34,8 @@ mod versions;
 
 use apply::Folds;
 pub use backup::{
-    BackupCut, DeadLetteredRecord, LogReader, LoggedEvent, MAX_DEAD_LETTER_ID, RestoreError,
-    StreamPosition,
+    BackupCut, DeadLetteredRecord, DeadLettersAtCut, LogReader, LoggedEvent, MAX_DEAD_LETTER_ID,
+    RestoreError, StreamPosition,
 };
 pub use dead_letters::{DeadLetter, Requeued};
 pub use failure::WritesRefused;
@@ -97,6 +97,10 @@ pub enum OpsError {
     StillUndecodable { id: u64, reason: String },
     #[error("the node is shutting down")]
     ShuttingDown,
+    #[error(
+        "a backup is reading the dead letters: requeue or discard once it has read them (GetStatus says when it is done)"
+    )]
+    BackupReading,
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -139,6 +143,10 @@ pub struct SledStore {
     /// Events in the log and dead letters, readable without waiting for the writer.
     log_count: AtomicU64,
     dead_letter_count: AtomicU64,
+    /// Backups reading the dead letters of their cut: requeues and discards wait for them
+    /// (refused, [`OpsError::BackupReading`]), so that each cut's dead letters are read as they
+    /// were at the cut without being held in memory.
+    backup_readers: AtomicUsize,
     /// The log sequence up to which every event is durable (flushed).
     durable_count: AtomicU64,
     /// The highest log sequence a read may see written: raised before each atomic write that
@@ -377,6 +385,7 @@ impl SledStore {
             active: RwLock::new(active),
             log_count: AtomicU64::new(log_count),
             dead_letter_count: AtomicU64::new(writer.dead_letters),
+            backup_readers: AtomicUsize::new(0),
             durable_count: AtomicU64::new(log_count),
             visible_count: AtomicU64::new(log_count),
             unflushed: Mutex::new(Vec::new()),

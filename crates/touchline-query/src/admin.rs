@@ -144,6 +144,11 @@ fn ops_status(error: OpsError) -> Status {
             "REBUILD_CONFLICT",
             error.to_string(),
         ),
+        OpsError::BackupReading => rejected(
+            Code::FailedPrecondition,
+            "BACKUP_RUNNING",
+            error.to_string(),
+        ),
         OpsError::ShuttingDown => rejected(
             Code::Unavailable,
             "SHUTTING_DOWN",

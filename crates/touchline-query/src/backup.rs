@@ -40,7 +40,7 @@ pub fn write(
     store: &SledStore,
     mut sink: impl FnMut(Vec<u8>) -> bool,
 ) -> Result<Option<Written>, StoreError> {
-    let cut = store.backup_cut()?;
+    let mut cut = store.backup_cut()?;
     let mut writer = FrameWriter::new();
     let mut pending = writer.frame(Frame::Header(header(&cut)));
     let mut bytes = 0_u64;
@@ -70,18 +70,28 @@ pub fn write(
                 dead_letter_id: record.dead_letter_id,
                 fingerprint: record.fingerprint,
             })
-        }))
-        .chain(
-            cut.dead_letters
-                .into_iter()
-                .map(|dead_letter| Frame::DeadLetter(wire_dead_letter(dead_letter))),
-        );
+        }));
     for frame in frames {
         pending.extend(writer.frame(frame));
         if !send(&mut pending, EVENTS_FRAME_BYTES) {
             return Ok(None);
         }
     }
+    // The dead letters a page at a time (they can be many, and each holds a whole record);
+    // requeues and discards wait until they are read.
+    loop {
+        let page = cut.dead_letters.next_page(EVENTS_FRAME_BYTES)?;
+        if page.is_empty() {
+            break;
+        }
+        for dead_letter in page {
+            pending.extend(writer.frame(Frame::DeadLetter(wire_dead_letter(dead_letter))));
+            if !send(&mut pending, EVENTS_FRAME_BYTES) {
+                return Ok(None);
+            }
+        }
+    }
+    drop(cut.dead_letters);
     let mut log = store.read_log(cut.events);
     while let Some((first_sequence, events)) = log.next_events(EVENTS_FRAME_BYTES)? {
         pending.extend(
@@ -120,7 +130,7 @@ fn header(cut: &BackupCut) -> v1::BackupHeader {
         events: cut.events,
         positions: u32::try_from(cut.positions.len()).unwrap_or(u32::MAX),
         dead_lettered_records: cut.dead_lettered_records.len() as u64,
-        dead_letters: cut.dead_letters.len() as u64,
+        dead_letters: cut.dead_letters.count,
         next_dead_letter: cut.next_dead_letter,
         taken_at: Some(timestamp(cut.taken_at)),
         touchline_version: env!("CARGO_PKG_VERSION").to_owned(),

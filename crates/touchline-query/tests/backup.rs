@@ -294,3 +294,60 @@ fn an_event_replayed_past_the_positions_stays_once_after_a_restore() {
     assert_eq!((outcome.appended, outcome.duplicates), (0, 1));
     assert_eq!(restored_store.log_len(), 11);
 }
+
+/// A backup reads its cut's dead letters a page at a time after the cut, not all of them into
+/// memory under the writer: meanwhile requeues and discards are refused (`BackupReading`, nothing
+/// changes), so the file has the dead letters as they were at the cut; once they are read, a
+/// discard goes through.
+#[test]
+fn dead_letters_are_read_page_by_page_while_requeues_and_discards_wait() {
+    use touchline_projection::sled_store::OpsError;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = SledStore::open(dir.path()).expect("opens");
+    // Three dead letters of 600 KB each: the backup hands its pieces on while it reads them.
+    store
+        .apply(
+            &stream(),
+            (0..3)
+                .map(|offset| undecodable(offset, vec![0xff; 600_000]))
+                .collect(),
+        )
+        .expect("applied");
+    store.flush().expect("flushed");
+    let ids: Vec<u64> = store
+        .dead_letters_after(0, 10)
+        .expect("listed")
+        .iter()
+        .map(|dead_letter| dead_letter.id)
+        .collect();
+    assert_eq!(ids.len(), 3);
+
+    let mut bytes = Vec::new();
+    let mut refused = Vec::new();
+    backup::write(&store, |piece| {
+        if refused.is_empty() {
+            // In the middle of the dead letters.
+            refused.push(store.discard_dead_letter(ids[2]).map(|_| ()));
+            refused.push(store.requeue_dead_letter(ids[0]).map(|_| ()));
+        }
+        bytes.extend(piece);
+        true
+    })
+    .expect("written")
+    .expect("whole");
+    assert!(
+        refused
+            .iter()
+            .all(|result| matches!(result, Err(OpsError::BackupReading))),
+        "{refused:?}"
+    );
+    assert_eq!(store.dead_letter_count(), 3, "nothing changed");
+
+    let restored_dir = tempfile::tempdir().expect("temp dir");
+    let restored = SledStore::open(restored_dir.path()).expect("opens");
+    let summary = backup::restore(bytes.as_slice(), &restored).expect("restored");
+    assert_eq!(summary.dead_letters, 3);
+    // Once the backup has read them, they can be discarded again.
+    store.discard_dead_letter(ids[2]).expect("discarded");
+    assert_eq!(store.dead_letter_count(), 2);
+}

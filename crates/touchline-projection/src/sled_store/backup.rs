@@ -43,15 +43,57 @@ pub struct DeadLetteredRecord {
 }
 
 /// What a backup holds besides the log's events, read at one point of the log.
-#[derive(Debug, Clone)]
-pub struct BackupCut {
+#[derive(Debug)]
+pub struct BackupCut<'a> {
     /// Events in the log at that point: sequences 1 to this.
     pub events: u64,
     pub positions: Vec<StreamPosition>,
     pub dead_lettered_records: Vec<DeadLetteredRecord>,
-    pub dead_letters: Vec<DeadLetter>,
+    /// The dead letters at that point, read page by page ([`DeadLettersAtCut::next_page`]).
+    pub dead_letters: DeadLettersAtCut<'a>,
     pub next_dead_letter: u64,
     pub taken_at: UnixNanos,
+}
+
+/// A cut's dead letters, read after the cut without holding the writer: requeues and discards
+/// are refused ([`crate::sled_store::OpsError::BackupReading`]) until this is dropped, and dead
+/// letters made after the cut have ids from its `next_dead_letter` on, so the pages are the dead
+/// letters as they were at the cut.
+#[derive(Debug)]
+pub struct DeadLettersAtCut<'a> {
+    store: &'a SledStore,
+    /// How many there were at the cut.
+    pub count: u64,
+    /// The first id made after the cut.
+    end: u64,
+    /// The last id read.
+    after: u64,
+}
+
+impl DeadLettersAtCut<'_> {
+    /// The next dead letters of the cut, up to about `max_bytes` of them (at least one), or an
+    /// empty page once all are read.
+    ///
+    /// # Errors
+    /// When the backend fails or a dead letter is corrupt.
+    pub fn next_page(&mut self, max_bytes: usize) -> Result<Vec<DeadLetter>, StoreError> {
+        let mut page = self
+            .store
+            .dead_letter_page(self.after, usize::MAX, max_bytes)?;
+        page.retain(|dead_letter| dead_letter.id < self.end);
+        if let Some(last) = page.last() {
+            self.after = last.id;
+        }
+        Ok(page)
+    }
+}
+
+impl Drop for DeadLettersAtCut<'_> {
+    fn drop(&mut self) {
+        self.store
+            .backup_readers
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
 }
 
 /// One event of the log, owned.
@@ -157,12 +199,13 @@ pub enum RestoreError {
 const RESTORE_PIECE: usize = 1000;
 
 impl SledStore {
-    /// Positions, dead letters and the record index, read under the writer: they are what the
-    /// log held when it had `events` events.
+    /// Positions and the record index, read under the writer, and the dead letters, read after it
+    /// page by page while requeues and discards wait: they are what the log held when it had
+    /// `events` events.
     ///
     /// # Errors
     /// When the backend fails or a stored value is corrupt.
-    pub fn backup_cut(&self) -> Result<BackupCut, StoreError> {
+    pub fn backup_cut(&self) -> Result<BackupCut<'_>, StoreError> {
         let writer = self.lock_writer();
         let mut positions = Vec::new();
         for item in self.positions.scan_prefix(&[]) {
@@ -207,7 +250,15 @@ impl SledStore {
                 fingerprint,
             });
         }
-        let dead_letters = self.dead_letters_after(0, usize::MAX)?;
+        // Under the writer: no requeue or discard from here until the dead letters are read.
+        self.backup_readers
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        let dead_letters = DeadLettersAtCut {
+            store: self,
+            count: writer.dead_letters,
+            end: writer.next_dead_letter,
+            after: 0,
+        };
         let events = writer.next_sequence.saturating_sub(1);
         let next_dead_letter = writer.next_dead_letter;
         drop(writer);

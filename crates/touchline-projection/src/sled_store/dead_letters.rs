@@ -85,14 +85,29 @@ impl SledStore {
         Ok(page)
     }
 
+    /// `Err` while a backup reads its cut's dead letters (checked under the writer, which the cut
+    /// takes too).
+    fn no_backup_reading(&self) -> Result<(), OpsError> {
+        if self
+            .backup_readers
+            .load(std::sync::atomic::Ordering::Acquire)
+            > 0
+        {
+            return Err(OpsError::BackupReading);
+        }
+        Ok(())
+    }
+
     /// Decodes a dead letter again (a newer Touchline may understand it) and, when it decodes,
     /// appends it to the log and projects it, removing the dead letter in the same batch.
     ///
     /// # Errors
-    /// [`OpsError::DeadLetterNotFound`], [`OpsError::StillUndecodable`] (nothing changes), or a
+    /// [`OpsError::DeadLetterNotFound`], [`OpsError::StillUndecodable`] (nothing changes),
+    /// [`OpsError::BackupReading`] (nothing changes), or a
     /// backend failure.
     pub fn requeue_dead_letter(&self, id: u64) -> Result<Requeued, OpsError> {
         let mut writer = self.lock_writer();
+        self.no_backup_reading()?;
         let dead_letter = self.dead_letter(id)?;
         let envelope =
             touchline_proto::decode_envelope(dead_letter.value.as_deref()).map_err(|error| {
@@ -133,9 +148,11 @@ impl SledStore {
     /// Deletes a dead letter for good.
     ///
     /// # Errors
-    /// [`OpsError::DeadLetterNotFound`] or a backend failure.
+    /// [`OpsError::DeadLetterNotFound`], [`OpsError::BackupReading`] (nothing changes) or a
+    /// backend failure.
     pub fn discard_dead_letter(&self, id: u64) -> Result<DeadLetter, OpsError> {
         let mut writer = self.lock_writer();
+        self.no_backup_reading()?;
         let dead_letter = self.dead_letter(id)?;
         let mut batch = sled::Batch::default();
         self.remove_dead_letter(&mut batch, &dead_letter);
