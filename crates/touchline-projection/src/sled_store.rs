@@ -98,7 +98,7 @@ pub enum OpsError {
     #[error("the node is shutting down")]
     ShuttingDown,
     #[error(
-        "a backup is reading the dead letters: requeue or discard once it has read them (GetStatus says when it is done)"
+        "a backup is reading the dead letters: requeue or discard once it has read them (right after it starts, before it reads the log)"
     )]
     BackupReading,
     #[error(transparent)]

@@ -79,17 +79,30 @@ pub fn write(
     }
     // The dead letters a page at a time (they can be many, and each holds a whole record);
     // requeues and discards wait until they are read.
+    let mut dead_letters = 0_u64;
     loop {
         let page = cut.dead_letters.next_page(EVENTS_FRAME_BYTES)?;
         if page.is_empty() {
             break;
         }
+        dead_letters += page.len() as u64;
         for dead_letter in page {
             pending.extend(writer.frame(Frame::DeadLetter(wire_dead_letter(dead_letter))));
             if !send(&mut pending, EVENTS_FRAME_BYTES) {
                 return Ok(None);
             }
         }
+    }
+    if dead_letters != cut.dead_letters.count {
+        // The header promised another count: the file would be refused at its restore.
+        return Err(StoreError::Corrupt {
+            what: "dead-letter count",
+            key: String::new(),
+            reason: format!(
+                "the store counts {} dead letters, {dead_letters} were read",
+                cut.dead_letters.count
+            ),
+        });
     }
     drop(cut.dead_letters);
     let mut log = store.read_log(cut.events);

@@ -297,22 +297,34 @@ fn an_event_replayed_past_the_positions_stays_once_after_a_restore() {
 
 /// A backup reads its cut's dead letters a page at a time after the cut, not all of them into
 /// memory under the writer: meanwhile requeues and discards are refused (`BackupReading`, nothing
-/// changes), so the file has the dead letters as they were at the cut; once they are read, a
-/// discard goes through.
+/// changes), and a dead letter made meanwhile is not in the file (it has a later id), so the file
+/// has the dead letters as they were at the cut; once they are read (while the log is), a discard
+/// goes through; and a backup whose caller goes lets them go too.
 #[test]
 fn dead_letters_are_read_page_by_page_while_requeues_and_discards_wait() {
     use touchline_projection::sled_store::OpsError;
     let dir = tempfile::tempdir().expect("temp dir");
     let store = SledStore::open(dir.path()).expect("opens");
     // Three dead letters of 600 KB each: the backup hands its pieces on while it reads them.
+    // An event to requeue one as (a dead letter that decodes now), and a log of about 3 MB after.
+    let mut offset = -1;
     store
         .apply(
             &stream(),
             (0..3)
-                .map(|offset| undecodable(offset, vec![0xff; 600_000]))
+                .map(|number| undecodable(number, vec![0xff; 600_000]))
                 .collect(),
         )
         .expect("applied");
+    offset += 3;
+    let events = (0..3000)
+        .map(|index| {
+            let mut envelope = event(&format!("log-{index}"), "cust-log", 1);
+            envelope.touchpoint.payload = vec![b'x'; 1000];
+            envelope
+        })
+        .collect();
+    apply(&store, &mut offset, events, false);
     store.flush().expect("flushed");
     let ids: Vec<u64> = store
         .dead_letters_after(0, 10)
@@ -324,30 +336,51 @@ fn dead_letters_are_read_page_by_page_while_requeues_and_discards_wait() {
 
     let mut bytes = Vec::new();
     let mut refused = Vec::new();
+    let mut discarded_during_the_log = false;
+    let mut pieces = 0;
     backup::write(&store, |piece| {
-        if refused.is_empty() {
-            // In the middle of the dead letters.
+        pieces += 1;
+        if pieces == 1 {
+            // In the middle of the dead letters: refused, and a new dead letter comes.
             refused.push(store.discard_dead_letter(ids[2]).map(|_| ()));
             refused.push(store.requeue_dead_letter(ids[0]).map(|_| ()));
+            store
+                .apply(&stream(), vec![undecodable(10_000, vec![0xfe; 10])])
+                .expect("applied");
+        } else if !discarded_during_the_log {
+            // Past the dead letters, while the log is read: goes through.
+            discarded_during_the_log = store.discard_dead_letter(ids[2]).is_ok();
         }
         bytes.extend(piece);
         true
     })
     .expect("written")
     .expect("whole");
+    assert_eq!(refused.len(), 2);
     assert!(
         refused
             .iter()
             .all(|result| matches!(result, Err(OpsError::BackupReading))),
         "{refused:?}"
     );
-    assert_eq!(store.dead_letter_count(), 3, "nothing changed");
+    assert!(
+        discarded_during_the_log,
+        "a discard once the dead letters were read"
+    );
 
     let restored_dir = tempfile::tempdir().expect("temp dir");
     let restored = SledStore::open(restored_dir.path()).expect("opens");
     let summary = backup::restore(bytes.as_slice(), &restored).expect("restored");
-    assert_eq!(summary.dead_letters, 3);
-    // Once the backup has read them, they can be discarded again.
-    store.discard_dead_letter(ids[2]).expect("discarded");
-    assert_eq!(store.dead_letter_count(), 2);
+    assert_eq!(
+        summary.dead_letters, 3,
+        "the dead letters of the cut, no other"
+    );
+    assert_eq!(summary.events, 3000);
+
+    // A backup whose caller goes away in the middle of the dead letters lets them go.
+    let before = store.dead_letter_count();
+    let stopped = backup::write(&store, |_| false).expect("no store error");
+    assert!(stopped.is_none());
+    store.discard_dead_letter(ids[1]).expect("discarded");
+    assert_eq!(store.dead_letter_count(), before - 1);
 }

@@ -2,9 +2,10 @@
 //! with it, and the dead letters (with the index of every record ever dead-lettered). Projections
 //! are not backed up: a restore folds them from the log as the projector did (invariant 5).
 //!
-//! A backup is taken at one point of the log: the positions and dead letters are read under the
-//! writer (they change with every write), the log's events up to that point after it (the log
-//! only grows).
+//! A backup is taken at one point of the log: the positions and the index of dead-lettered
+//! records are read under the writer (they change with every write); the dead letters after it,
+//! page by page, while requeues and discards wait (new ones get later ids); the log's events up
+//! to that point after it (the log only grows).
 
 use std::sync::atomic::Ordering;
 
@@ -77,10 +78,9 @@ impl DeadLettersAtCut<'_> {
     /// # Errors
     /// When the backend fails or a dead letter is corrupt.
     pub fn next_page(&mut self, max_bytes: usize) -> Result<Vec<DeadLetter>, StoreError> {
-        let mut page = self
+        let page = self
             .store
-            .dead_letter_page(self.after, usize::MAX, max_bytes)?;
-        page.retain(|dead_letter| dead_letter.id < self.end);
+            .dead_letters_between(self.after, self.end, usize::MAX, max_bytes)?;
         if let Some(last) = page.last() {
             self.after = last.id;
         }

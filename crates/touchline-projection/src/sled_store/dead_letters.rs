@@ -65,13 +65,24 @@ impl SledStore {
         limit: usize,
         max_bytes: usize,
     ) -> Result<Vec<DeadLetter>, StoreError> {
-        use std::ops::Bound::{Excluded, Unbounded};
+        self.dead_letters_between(after, u64::MAX, limit, max_bytes)
+    }
+
+    /// [`SledStore::dead_letter_page`] of the ids above `after` and below `before`.
+    pub(super) fn dead_letters_between(
+        &self,
+        after: u64,
+        before: u64,
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<DeadLetter>, StoreError> {
+        use std::ops::Bound::Excluded;
         let mut page = Vec::new();
         let mut bytes = 0_usize;
-        for item in self
-            .dead_letters
-            .range(Excluded(after.to_be_bytes().to_vec()), Unbounded)
-        {
+        for item in self.dead_letters.range(
+            Excluded(after.to_be_bytes().to_vec()),
+            Excluded(before.to_be_bytes().to_vec()),
+        ) {
             if page.len() >= limit {
                 break;
             }

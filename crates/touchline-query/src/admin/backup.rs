@@ -32,8 +32,9 @@ const SHUTDOWN_NOTICE: std::time::Duration = std::time::Duration::from_secs(1);
 /// stopped reading would otherwise hold the backup, and its blocking thread, for ever).
 const STALLED: std::time::Duration = std::time::Duration::from_secs(60);
 
-/// Whether a backup runs on this node: one at a time (each holds a blocking thread and the dead
-/// letters in memory); and the last whole one since the node started, for the status.
+/// Whether a backup runs on this node: one at a time (each holds a blocking thread and the index
+/// of dead-lettered records in memory); and the last whole one since the node started, for the
+/// status.
 #[derive(Debug, Clone, Default)]
 pub(super) struct BackupSlot {
     running: Arc<AtomicBool>,
