@@ -211,7 +211,9 @@ async fn partner(
             // Partners are not synchronized: each client's schedule is offset by its share of
             // the interval from the run's common start, so that arrivals are spread evenly
             // rather than in bursts of K batches.
-            let started = pace.map(|(interval, start)| start + interval / clients * client_number);
+            // This client's interval and its own start.
+            let schedule = pace
+                .map(|(interval, start)| (interval, start + interval / clients * client_number));
             for number in 0..batch_count {
                 // Made before the batch's time comes, so that making it is not counted.
                 let first = number * batch_size;
@@ -228,14 +230,14 @@ async fn partner(
                 // batch back (open loop, no coordinated omission). At full speed: from when the
                 // window lets the batch go, so that waiting for earlier answers is not counted
                 // as this one's latency.
-                let scheduled = match (pace, started) {
-                    (Some((interval, _)), Some(started)) => {
+                let scheduled = match schedule {
+                    Some((interval, started)) => {
                         let at = started
                             + interval.saturating_mul(u32::try_from(number).unwrap_or(u32::MAX));
                         tokio::time::sleep_until(at.into()).await;
                         Some(at)
                     }
-                    _ => None,
+                    None => None,
                 };
                 let permit = window.acquire().await?;
                 permit.forget();

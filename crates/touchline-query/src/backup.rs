@@ -144,7 +144,7 @@ fn header(cut: &BackupCut) -> v1::BackupHeader {
         positions: u32::try_from(cut.positions.len()).unwrap_or(u32::MAX),
         dead_lettered_records: cut.dead_lettered_records.len() as u64,
         dead_letters: cut.dead_letters.count,
-        next_dead_letter: cut.next_dead_letter,
+        next_dead_letter: cut.dead_letters.next_dead_letter,
         taken_at: Some(timestamp(cut.taken_at)),
         touchline_version: env!("CARGO_PKG_VERSION").to_owned(),
     }

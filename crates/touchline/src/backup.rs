@@ -189,6 +189,15 @@ fn restore_with(
                 marker.display()
             )
         })?;
+    // Before the folder is marked for good (a file system without locks, a mark that cannot be
+    // made durable): a mark this restore made goes, and the folder if it made that too, so that
+    // nothing is left of it.
+    let give_up = |lock: File| {
+        if !had_marker {
+            drop(lock);
+            discard(store_path, created);
+        }
+    };
     match lock.try_lock() {
         Ok(()) => {}
         Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
@@ -196,12 +205,7 @@ fn restore_with(
             store_path.display()
         ),
         Err(std::fs::TryLockError::Error(error)) => {
-            // (A file system without locks, say.) A mark this restore made goes, and the folder
-            // if it made that too: nothing is left of it.
-            if !had_marker {
-                drop(lock);
-                discard(store_path, created);
-            }
+            give_up(lock);
             return Err(error).with_context(|| format!("cannot lock {}", marker.display()));
         }
     }
@@ -217,10 +221,7 @@ fn restore_with(
         empty(store_path)?;
     }
     if let Err(error) = lock.sync_all().and_then(|()| sync_dir(store_path)) {
-        if !had_marker {
-            drop(lock);
-            discard(store_path, created);
-        }
+        give_up(lock);
         return Err(error).with_context(|| format!("cannot write {}", marker.display()));
     }
     let store = match SledStore::open_for_restore(store_path, cache_bytes) {

@@ -29,6 +29,7 @@ mod health;
 mod listener;
 mod own_thread;
 mod signals;
+mod throttle;
 mod tls;
 use tls::TlsServer;
 

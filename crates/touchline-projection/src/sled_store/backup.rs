@@ -52,21 +52,20 @@ pub struct BackupCut<'a> {
     pub dead_lettered_records: Vec<DeadLetteredRecord>,
     /// The dead letters at that point, read page by page ([`DeadLettersAtCut::next_page`]).
     pub dead_letters: DeadLettersAtCut<'a>,
-    pub next_dead_letter: u64,
     pub taken_at: UnixNanos,
 }
 
 /// A cut's dead letters, read after the cut without holding the writer: requeues and discards
 /// are refused ([`crate::sled_store::OpsError::BackupReading`]) until this is dropped, and dead
-/// letters made after the cut have ids from its `next_dead_letter` on, so the pages are the dead
+/// letters made after the cut have ids from `next_dead_letter` on, so the pages are the dead
 /// letters as they were at the cut.
 #[derive(Debug)]
 pub struct DeadLettersAtCut<'a> {
     store: &'a SledStore,
     /// How many there were at the cut.
     pub count: u64,
-    /// The first id made after the cut.
-    end: u64,
+    /// The id the next dead letter gets: every later one is left out.
+    pub next_dead_letter: u64,
     /// The last id read.
     after: u64,
 }
@@ -78,9 +77,12 @@ impl DeadLettersAtCut<'_> {
     /// # Errors
     /// When the backend fails or a dead letter is corrupt.
     pub fn next_page(&mut self, max_bytes: usize) -> Result<Vec<DeadLetter>, StoreError> {
-        let page = self
-            .store
-            .dead_letters_between(self.after, self.end, usize::MAX, max_bytes)?;
+        let page = self.store.dead_letters_between(
+            self.after,
+            self.next_dead_letter,
+            usize::MAX,
+            max_bytes,
+        )?;
         if let Some(last) = page.last() {
             self.after = last.id;
         }
@@ -256,11 +258,10 @@ impl SledStore {
         let dead_letters = DeadLettersAtCut {
             store: self,
             count: writer.dead_letters,
-            end: writer.next_dead_letter,
+            next_dead_letter: writer.next_dead_letter,
             after: 0,
         };
         let events = writer.next_sequence.saturating_sub(1);
-        let next_dead_letter = writer.next_dead_letter;
         drop(writer);
         // Durable before it leaves: what the backup holds is what this store keeps after a crash.
         self.flush()?;
@@ -269,7 +270,6 @@ impl SledStore {
             positions,
             dead_lettered_records,
             dead_letters,
-            next_dead_letter,
             taken_at: UnixNanos::now(),
         })
     }

@@ -17,10 +17,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
+use super::throttle::Throttle;
 use crate::config::ServerConfig;
-
-/// How often refused connections are logged as a warning (with the count since the last).
-const WARN_EVERY: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct RefusedLabels {
@@ -75,9 +73,8 @@ pub(super) struct Admission {
 struct Counts {
     open: usize,
     by_peer: HashMap<IpAddr, usize>,
-    /// When refusals were last logged as a warning, and the refusals since.
-    warned: Option<Instant>,
-    refused_since: u64,
+    /// Refusals are logged as a warning once a minute.
+    refusals: Throttle,
 }
 
 /// Why a connection was refused.
@@ -173,15 +170,12 @@ impl Admission {
                     limit: refusal.limit(),
                 })
                 .inc();
-            counts.refused_since += 1;
-            if counts.warned.is_none_or(|at| at.elapsed() >= WARN_EVERY) {
+            if let Some(refused) = counts.refusals.note() {
                 warn!(
                     %peer,
-                    refused = counts.refused_since,
+                    refused,
                     "a connection closed as soon as it was accepted: {refusal} (logged once a minute, with the count since)"
                 );
-                counts.warned = Some(Instant::now());
-                counts.refused_since = 0;
             } else {
                 debug!(%peer, "a connection closed as soon as it was accepted: {refusal}");
             }

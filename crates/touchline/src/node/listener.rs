@@ -11,6 +11,7 @@ use tracing::{debug, warn};
 
 use super::admission::{Admission, Ticket};
 use super::cuttable::Cuttable;
+use super::throttle::Throttle;
 use super::tls::TlsServer;
 use crate::config::ServerConfig;
 
@@ -60,7 +61,7 @@ pub(super) fn serve(
         )),
         Some(tls) => tokio::spawn(
             router.serve_with_incoming_shutdown(
-                tls.incoming(accepted.map(Ok))
+                tls.incoming(accepted)
                     .map_ok(move |(tls, ticket)| Cuttable::new(tls, &cut, ticket)),
                 stopped,
             ),
@@ -87,9 +88,6 @@ fn admit(
 /// file descriptors or memory): retried at once, such an error would come back at once, and the
 /// accept loop would spin on a core until a descriptor is freed.
 const ACCEPT_PAUSE: Duration = Duration::from_secs(1);
-/// How often a lasting accept error is logged as a warning (with the count since the last).
-const WARN_EVERY: Duration = Duration::from_secs(60);
-
 /// Accepted connections with Nagle's algorithm off (gRPC writes small frames, and Nagle plus
 /// delayed ACKs would add 40 ms to calls; tonic sets this only on listeners it binds itself) and
 /// TCP keepalive on when configured. Never an error: a connection that failed before it was
@@ -123,9 +121,8 @@ where
     A: FnMut() -> F,
     F: std::future::Future<Output = std::io::Result<TcpStream>>,
 {
-    // When the last warning was logged, and the errors since: a lasting shortage warns once a
-    // minute, not at every pause.
-    let warned: (Option<tokio::time::Instant>, u64) = (None, 0);
+    // A lasting shortage warns once a minute, not at every pause.
+    let warned = Throttle::default();
     futures::stream::unfold(
         (accept, configure, warned),
         |(mut accept, configure, mut warned)| async move {
@@ -141,17 +138,13 @@ where
                         debug!(%error, "a connection failed before it was accepted");
                     }
                     Err(error) => {
-                        let (last, since) = &mut warned;
-                        *since += 1;
-                        if last.is_none_or(|at| at.elapsed() >= WARN_EVERY) {
+                        if let Some(errors) = warned.note() {
                             warn!(
                                 %error,
-                                errors = *since,
+                                errors,
                                 "cannot accept connections, pausing for {} s at each error (out of file descriptors? raise the process's limit)",
                                 ACCEPT_PAUSE.as_secs()
                             );
-                            *last = Some(tokio::time::Instant::now());
-                            *since = 0;
                         } else {
                             debug!(%error, "cannot accept connections");
                         }

@@ -170,7 +170,7 @@ fn acceptor(
 }
 
 impl TlsServer {
-    /// The accepted connections once their handshake is done, each handshake a task of its own
+    /// The admitted connections once their handshake is done, each handshake a task of its own
     /// (so that they use every core), each with its ticket (dropped with a connection whose
     /// handshake failed, which gives its slot back); failed handshakes (plaintext, an untrusted
     /// client certificate) and slow ones (past the ticket's preface deadline or
@@ -181,18 +181,11 @@ impl TlsServer {
         accepted: S,
     ) -> impl Stream<Item = std::io::Result<(TlsStream<TcpStream>, Ticket)>> + use<S>
     where
-        S: Stream<Item = std::io::Result<(TcpStream, Ticket)>>,
+        S: Stream<Item = (TcpStream, Ticket)>,
     {
         let acceptor = Arc::clone(&self.acceptor);
         accepted
-            .filter_map(|accepted| {
-                std::future::ready(
-                    accepted
-                        .inspect_err(|error| debug!(%error, "accepting a connection failed"))
-                        .ok(),
-                )
-            })
-            .map(move |(tcp, ticket): (TcpStream, Ticket)| {
+            .map(move |(tcp, ticket)| {
                 // The one in force when the connection came.
                 let acceptor = acceptor
                     .read()
