@@ -134,7 +134,9 @@ async fn the_publish_client_resends_unanswered_batches_after_the_server_restarts
         max_attempts: 100,
         print_rejections: true,
     };
-    let client = tokio::spawn(async move { publish(&endpoint, COURIER.1, events, &options).await });
+    let client = tokio::spawn(async move {
+        publish(&endpoint, COURIER.1, events.into_iter().map(Ok), &options).await
+    });
 
     // Restart the server while the client is streaming.
     let store = node.store().cloned().expect("a store");
@@ -161,6 +163,55 @@ async fn the_publish_client_resends_unanswered_batches_after_the_server_restarts
     }
     assert_eq!(total, 3000, "nothing twice");
     assert_eq!(stored, expected, "nothing lost");
+    node.shutdown().await
+}
+
+/// `touchline publish` reads its file as the window takes the events: a line that cannot be read
+/// (the file changed after its check) ends the run once the batches before it are answered, with
+/// an error naming the line and what was accepted; nothing after it is read or published.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_publish_client_reads_its_file_as_it_goes_and_stops_at_a_bad_line() -> anyhow::Result<()>
+{
+    let broker = start_mock_broker();
+    let dir = tempfile::tempdir()?;
+    let node = start_node_with(&broker, dir.path(), partners(), |config| {
+        config.ingest.rate_per_second = None;
+    })
+    .await?;
+    let line = |i: usize| {
+        format!(
+            r#"{{"event_id":"f-{i}","customer_id":"fiona","type":"parcel.scanned","occurred_at":"2026-11-01T10:00:{:02}Z","stage":"fulfil"}}"#,
+            i % 60
+        )
+    };
+    let mut text: Vec<String> = (1..=45).map(line).collect();
+    text.push("{\"event_id\": 46".to_owned());
+    text.extend((47..=50).map(line));
+    let file = dir.path().join("events.jsonl");
+    std::fs::write(&file, text.join("\n"))?;
+    let options = PublishOptions {
+        batch_size: 10,
+        window: 2,
+        max_attempts: 3,
+        print_rejections: false,
+    };
+    let events = touchline::client::JsonLines::open(&file)?;
+    let stopped = publish(node.target(), COURIER.1, events, &options)
+        .await
+        .expect_err("line 46 cannot be read");
+    let error = format!("{stopped:#}");
+    assert!(
+        error.contains("45 accepted, 0 rejected") && error.contains("line 46: invalid JSON"),
+        "{error}"
+    );
+    let mut timeline = timeline_client(&node).await?;
+    let entries = wait_for_timeline(&mut timeline, "fiona", 45).await?;
+    let expected: BTreeSet<String> = (1..=45).map(|i| format!("f-{i}")).collect();
+    assert_eq!(
+        event_ids(&entries).into_iter().collect::<BTreeSet<_>>(),
+        expected
+    );
+    assert_eq!(entries.len(), 45, "nothing after the bad line");
     node.shutdown().await
 }
 

@@ -125,7 +125,7 @@ async fn partners_publish_and_services_read_over_tls_and_nothing_else_gets_in() 
     let refused = touchline::stream_client::publish(
         &other_ca,
         COURIER.1,
-        vec![(1, event("never"))],
+        [Ok((1, event("never")))],
         &options,
     )
     .await
@@ -203,7 +203,7 @@ async fn a_node_with_a_client_ca_requires_a_client_certificate_and_still_a_token
     let refused = touchline::stream_client::publish(
         &without_certificate,
         COURIER.1,
-        vec![(1, event("no-cert-stream"))],
+        [Ok((1, event("no-cert-stream")))],
         &options,
     )
     .await

@@ -107,28 +107,107 @@ fn bearer(token: &str) -> anyhow::Result<MetadataValue<tonic::metadata::Ascii>> 
         .context("the token is not a valid header value")
 }
 
+/// The longest line of a `touchline publish` file: far more than an event may take (the node's
+/// `ingest.limits.max-event-bytes` is 64 KiB unless raised), and a bound on what one line costs.
+pub const MAX_LINE_BYTES: usize = 4 * 1024 * 1024;
+
+/// The touchpoints of a JSON Lines file, read a line at a time, each with its line number. Blank
+/// lines are skipped. The first line that cannot be read or converted (not UTF-8, over
+/// [`MAX_LINE_BYTES`], not a touchpoint) is yielded as an error naming the line, and ends it.
+#[derive(Debug)]
+pub struct JsonLines {
+    reader: std::io::BufReader<std::fs::File>,
+    line: usize,
+    ended: bool,
+}
+
+impl JsonLines {
+    /// # Errors
+    /// When the file cannot be opened.
+    pub fn open(path: &Path) -> anyhow::Result<Self> {
+        let file =
+            std::fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
+        Ok(Self {
+            reader: std::io::BufReader::new(file),
+            line: 0,
+            ended: false,
+        })
+    }
+
+    /// The next line's bytes without its end, `None` at the end of the file.
+    fn next_line(&mut self) -> anyhow::Result<Option<Vec<u8>>> {
+        use std::io::{BufRead as _, Read as _};
+        let mut bytes = Vec::new();
+        let limit = u64::try_from(MAX_LINE_BYTES + 1).unwrap_or(u64::MAX);
+        let read = (&mut self.reader)
+            .take(limit)
+            .read_until(b'\n', &mut bytes)
+            .with_context(|| format!("line {}: cannot read the file", self.line + 1))?;
+        if read == 0 {
+            return Ok(None);
+        }
+        self.line += 1;
+        if bytes.last() == Some(&b'\n') {
+            bytes.pop();
+        } else if bytes.len() > MAX_LINE_BYTES {
+            anyhow::bail!(
+                "line {}: longer than {MAX_LINE_BYTES} bytes (one touchpoint per line)",
+                self.line
+            );
+        }
+        Ok(Some(bytes))
+    }
+
+    fn next_event(&mut self) -> anyhow::Result<Option<(usize, v1::Touchpoint)>> {
+        while let Some(bytes) = self.next_line()? {
+            let line = self.line;
+            let text =
+                std::str::from_utf8(&bytes).with_context(|| format!("line {line}: not UTF-8"))?;
+            if text.trim().is_empty() {
+                continue;
+            }
+            let parsed: JsonTouchpoint = serde_json::from_str(text)
+                .with_context(|| format!("line {line}: invalid JSON touchpoint"))?;
+            let event = parsed.into_wire().with_context(|| format!("line {line}"))?;
+            return Ok(Some((line, event)));
+        }
+        Ok(None)
+    }
+}
+
+impl Iterator for JsonLines {
+    type Item = anyhow::Result<(usize, v1::Touchpoint)>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.ended {
+            return None;
+        }
+        let next = self.next_event().transpose();
+        self.ended = !matches!(next, Some(Ok(_)));
+        next
+    }
+}
+
+/// Checks every line of a JSON Lines file, a line at a time, and counts its touchpoints: `touchline
+/// publish` sends nothing of a file with a bad line.
+///
+/// # Errors
+/// When the file cannot be read or a line is invalid (the message names the line).
+pub fn check_json_lines(path: &Path) -> anyhow::Result<usize> {
+    let mut count = 0;
+    for event in JsonLines::open(path)? {
+        event?;
+        count += 1;
+    }
+    Ok(count)
+}
+
 /// Reads a JSON Lines file into wire touchpoints, with the line number of each.
 ///
 /// # Errors
 /// When the file cannot be read or a line is invalid (the message names the line).
 pub fn read_json_lines(path: &Path) -> anyhow::Result<Vec<(usize, v1::Touchpoint)>> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let mut events = Vec::new();
-    for (index, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        let parsed: JsonTouchpoint = serde_json::from_str(line)
-            .with_context(|| format!("line {}: invalid JSON touchpoint", index + 1))?;
-        events.push((
-            index + 1,
-            parsed
-                .into_wire()
-                .with_context(|| format!("line {}", index + 1))?,
-        ));
-    }
-    Ok(events)
+    JsonLines::open(path)?.collect()
 }
 
 pub async fn timeline_client(
@@ -317,5 +396,62 @@ mod tests {
         let line = r#"{"event_id":"e1","customer_id":"c1","type":"x","occurred_at":"2026-11-01T10:00:00Z","stage":"teleport"}"#;
         let parsed: JsonTouchpoint = serde_json::from_str(line).expect("parses");
         assert!(parsed.into_wire().is_err());
+    }
+
+    fn file_of(bytes: &[u8]) -> tempfile::NamedTempFile {
+        use std::io::Write as _;
+        let mut file = tempfile::NamedTempFile::new().expect("temp file");
+        file.write_all(bytes).expect("written");
+        file
+    }
+
+    const LINE: &str = r#"{"event_id":"e1","customer_id":"c1","type":"order.placed","occurred_at":"2026-11-01T10:00:00Z","stage":"purchase"}"#;
+
+    #[test]
+    fn a_file_is_read_a_line_at_a_time_with_its_line_numbers() {
+        // Blank lines, CRLF ends and a last line without its end.
+        let file = file_of(format!("{LINE}\n\n  \r\n{LINE}\r\n{LINE}").as_bytes());
+        let lines: Vec<usize> = JsonLines::open(file.path())
+            .expect("opens")
+            .map(|event| event.expect("valid").0)
+            .collect();
+        assert_eq!(lines, [1, 4, 5]);
+        assert_eq!(check_json_lines(file.path()).expect("valid"), 3);
+        assert_eq!(check_json_lines(file_of(b"").path()).expect("empty"), 0);
+    }
+
+    #[test]
+    fn the_first_bad_line_is_named_and_ends_the_file() {
+        let too_long = format!("{}\n{LINE}\n", " ".repeat(MAX_LINE_BYTES + 1));
+        for (what, bytes, named) in [
+            (
+                "invalid JSON",
+                format!("{LINE}\n{{\n{LINE}\n").into_bytes(),
+                "line 2: invalid JSON",
+            ),
+            (
+                "not UTF-8",
+                [LINE.as_bytes(), b"\n\xff\n"].concat(),
+                "line 2: not UTF-8",
+            ),
+            ("too long", too_long.into_bytes(), "line 1: longer than"),
+        ] {
+            let file = file_of(&bytes);
+            let error = check_json_lines(file.path()).expect_err(what);
+            assert!(format!("{error:#}").contains(named), "{what}: {error:#}");
+            let read: Vec<_> = JsonLines::open(file.path()).expect("opens").collect();
+            assert!(
+                read.last().is_some_and(Result::is_err),
+                "{what}: ends on its error"
+            );
+            assert!(read.iter().rev().skip(1).all(Result::is_ok), "{what}");
+        }
+        // A line of exactly the limit is read.
+        let padded = format!("{LINE}{}", " ".repeat(MAX_LINE_BYTES - LINE.len()));
+        assert_eq!(
+            check_json_lines(file_of(padded.as_bytes()).path()).expect("at the limit"),
+            1
+        );
+        assert!(check_json_lines(Path::new("/nonexistent/events.jsonl")).is_err());
     }
 }

@@ -314,7 +314,7 @@ pub async fn publish_demo(
     for (partner, events) in by_partner.into_iter().enumerate() {
         let endpoint = endpoint.clone();
         let token = DEMO_PARTNERS[partner].1;
-        let numbered = events.into_iter().enumerate().collect();
+        let numbered: Vec<_> = events.into_iter().enumerate().map(Ok).collect();
         let options = crate::stream_client::PublishOptions {
             batch_size,
             ..Default::default()

@@ -459,8 +459,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             batch_size,
             window,
         } => {
-            let events = client::read_json_lines(&file)?;
-            let count = events.len();
+            // Every line is checked before anything is sent, a line at a time; the events are
+            // read again as the window takes them.
+            let count = client::check_json_lines(&file)?;
+            let events = client::JsonLines::open(&file)?;
             let options = stream_client::PublishOptions {
                 batch_size,
                 window,

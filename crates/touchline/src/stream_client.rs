@@ -98,55 +98,93 @@ fn random_fraction() -> f64 {
     fraction
 }
 
-/// Publishes `events` (with their line numbers) as the partner of `token`.
+/// The batches of a publish run, made from its events as the window takes them, so that a run
+/// holds the unanswered batches only, however many events it has.
+struct Batches<I> {
+    events: I,
+    batch_size: usize,
+    number: usize,
+    /// Why the events ended early (a line that could not be read).
+    failed: Option<anyhow::Error>,
+}
+
+impl<I: Iterator<Item = anyhow::Result<(usize, v1::Touchpoint)>>> Batches<I> {
+    /// Makes batches until `pending` holds `window` of them or the events end.
+    fn fill(&mut self, pending: &mut VecDeque<Batch>, window: usize) {
+        while pending.len() < window && self.failed.is_none() {
+            let mut batch = Batch {
+                id: self.number.to_string(),
+                lines: Vec::new(),
+                events: Vec::new(),
+            };
+            while batch.events.len() < self.batch_size {
+                match self.events.next() {
+                    Some(Ok((line, event))) => {
+                        batch.lines.push(line);
+                        batch.events.push(event);
+                    }
+                    Some(Err(error)) => {
+                        self.failed = Some(error);
+                        break;
+                    }
+                    None => break,
+                }
+            }
+            if batch.events.is_empty() {
+                return;
+            }
+            self.number += 1;
+            let full = batch.events.len() == self.batch_size;
+            pending.push_back(batch);
+            if !full {
+                return;
+            }
+        }
+    }
+}
+
+/// Publishes `events` (with their line numbers) as the partner of `token`, reading them as the
+/// window takes them. An event that cannot be read ends the run once the batches before it are
+/// answered, with its error.
 ///
 /// # Errors
 /// When the server refuses the credential or a batch for good, or stays unreachable for
-/// `max_attempts` attempts.
-pub async fn publish(
+/// `max_attempts` attempts, or an event cannot be read.
+pub async fn publish<I>(
     target: &Target,
     token: &str,
-    events: Vec<(usize, v1::Touchpoint)>,
+    events: I,
     options: &PublishOptions,
-) -> anyhow::Result<PublishReport> {
+) -> anyhow::Result<PublishReport>
+where
+    I: IntoIterator<Item = anyhow::Result<(usize, v1::Touchpoint)>>,
+{
     // Read once: a TLS file that cannot be read fails now, not at every reconnection.
     let endpoint = target.endpoint()?;
-    let batch_size = options.batch_size.max(1);
     let window = options.window.max(1);
-    let mut pending: VecDeque<Batch> = VecDeque::new();
-    let mut chunk = Batch {
-        id: String::new(),
-        lines: Vec::new(),
-        events: Vec::new(),
+    let mut batches = Batches {
+        events: events.into_iter(),
+        batch_size: options.batch_size.max(1),
+        number: 0,
+        failed: None,
     };
-    let mut number = 0_usize;
-    for (line, event) in events {
-        chunk.lines.push(line);
-        chunk.events.push(event);
-        if chunk.events.len() == batch_size {
-            chunk.id = number.to_string();
-            number += 1;
-            pending.push_back(std::mem::replace(
-                &mut chunk,
-                Batch {
-                    id: String::new(),
-                    lines: Vec::new(),
-                    events: Vec::new(),
-                },
-            ));
-        }
-    }
-    if !chunk.events.is_empty() {
-        chunk.id = number.to_string();
-        pending.push_back(chunk);
-    }
+    let mut pending: VecDeque<Batch> = VecDeque::new();
+    batches.fill(&mut pending, window);
 
     let mut report = PublishReport::default();
     let mut attempt = 0_u32;
     while !pending.is_empty() {
         let before = pending.len();
-        let result =
-            stream_once(&endpoint, token, &mut pending, window, options, &mut report).await;
+        let result = stream_once(
+            &endpoint,
+            token,
+            &mut pending,
+            &mut batches,
+            window,
+            options,
+            &mut report,
+        )
+        .await;
         if pending.len() < before {
             // The stream got answers before it broke: the attempts count breaks in a row.
             attempt = 0;
@@ -187,20 +225,27 @@ pub async fn publish(
             }
         }
     }
+    if let Some(error) = batches.failed {
+        return Err(error.context(format!("the events stopped; {}", so_far(&report, &pending))));
+    }
     Ok(report)
 }
 
 /// What a publish that stops got done: the answered events, and where the unanswered ones start
-/// (resending those is safe: an event is stored once).
+/// (resending those is safe: an event is stored once). Every event after the first unanswered
+/// one is unanswered too (the rest of a file is read only as the window takes it).
 fn so_far(report: &PublishReport, pending: &VecDeque<Batch>) -> String {
-    let unanswered: usize = pending.iter().map(|batch| batch.events.len()).sum();
-    let from = pending
+    let unanswered = pending
         .front()
         .and_then(|batch| batch.lines.first())
-        .map(|line| format!(" from line {line} on"))
+        .map(|line| {
+            format!(
+                "; every event from line {line} on is without an answer (resending them is safe)"
+            )
+        })
         .unwrap_or_default();
     format!(
-        "before it: {} accepted, {} rejected; {unanswered} events without an answer{from} (resending them is safe)",
+        "before it: {} accepted, {} rejected{unanswered}",
         report.accepted, report.rejected
     )
 }
@@ -220,11 +265,13 @@ fn tls_refusal_is_final(status: tonic::Status) -> tonic::Status {
 }
 
 /// One stream: sends batches from the front of `pending` with at most `window` unanswered, and
-/// removes each batch once answered. Returns when everything is answered or the stream breaks.
-async fn stream_once(
+/// removes each batch once answered, making the next from `batches`. Returns when everything is
+/// answered or the stream breaks.
+async fn stream_once<I: Iterator<Item = anyhow::Result<(usize, v1::Touchpoint)>>>(
     endpoint: &Endpoint,
     token: &str,
     pending: &mut VecDeque<Batch>,
+    batches: &mut Batches<I>,
     window: usize,
     options: &PublishOptions,
     report: &mut PublishReport,
@@ -312,6 +359,7 @@ async fn stream_once(
         }
         // Answered: taken off only now, so that a mismatched answer leaves it unanswered.
         pending.pop_front();
+        batches.fill(pending, window);
     }
 }
 
@@ -437,6 +485,48 @@ mod tests {
             rejected: u32::try_from(results.len() - accepted).expect("small"),
             batch_id: "7".to_owned(),
         }
+    }
+
+    #[test]
+    fn batches_are_made_as_the_window_takes_them_and_stop_at_an_unreadable_event() {
+        let pulled = std::cell::Cell::new(0);
+        let events = (1..=20).map(|line| {
+            pulled.set(line);
+            if line == 15 {
+                Err(anyhow::anyhow!("line 15: invalid"))
+            } else {
+                Ok((line, v1::Touchpoint::default()))
+            }
+        });
+        let mut batches = Batches {
+            events,
+            batch_size: 3,
+            number: 0,
+            failed: None,
+        };
+        let mut pending = VecDeque::new();
+        batches.fill(&mut pending, 2);
+        assert_eq!(
+            (pending.len(), pulled.get()),
+            (2, 6),
+            "two batches of three read"
+        );
+        batches.fill(&mut pending, 2);
+        assert_eq!(pulled.get(), 6, "a full window reads nothing");
+        pending.pop_front();
+        batches.fill(&mut pending, 4);
+        let lines: Vec<Vec<usize>> = pending.iter().map(|batch| batch.lines.clone()).collect();
+        assert_eq!(
+            lines,
+            [vec![4, 5, 6], vec![7, 8, 9], vec![10, 11, 12], vec![13, 14]]
+        );
+        let ids: Vec<&str> = pending.iter().map(|batch| batch.id.as_str()).collect();
+        assert_eq!(ids, ["1", "2", "3", "4"]);
+        assert_eq!(pulled.get(), 15, "nothing read past the unreadable event");
+        assert!(batches.failed.is_some());
+        pending.clear();
+        batches.fill(&mut pending, 4);
+        assert!(pending.is_empty(), "nothing after it");
     }
 
     #[test]
