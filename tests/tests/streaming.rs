@@ -316,3 +316,47 @@ async fn large_batches_waiting_for_the_rate_fill_the_window_of_bytes() -> anyhow
     );
     node.shutdown().await
 }
+
+/// A stream's window of bytes counts what its batches hold once decoded, not their encoded size:
+/// an event of 60,000 attributes of three letters is about 420 KB on the wire and several MB once
+/// decoded, so a 64 MiB window admits about ten of them (by their encoded size it admitted about
+/// 150, a gigabyte of memory). A unary call of the same request, larger once decoded than all of
+/// `ingest.max-in-flight-bytes`, is charged all of them and answered (its event rejected).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn windows_of_bytes_count_what_batches_hold_once_decoded() -> anyhow::Result<()> {
+    let broker = start_broker().await;
+    let dir = tempfile::tempdir()?;
+    let node = start_node_with(&broker, dir.path(), partners(), |config| {
+        config.ingest.max_message_bytes = 1 << 20;
+        config.ingest.stream_window_bytes = 64 << 20;
+        config.ingest.max_in_flight_bytes = 1 << 20;
+        // An event every 20 s: every batch waits for the rate, holding itself, longer than the
+        // test sends.
+        config.ingest.rate_per_second = Some(0.05);
+        config.ingest.burst = 1.0;
+    })
+    .await?;
+    let mut ingest = ingest_client(&node).await?;
+    let amplified = |id: String| {
+        let mut event = touchpoint(&id, "wide", "parcel.scanned", 1, JourneyStage::Fulfil);
+        event.attributes = (0..60_000)
+            .map(|i| (format!("{i:04x}"), String::new()))
+            .collect();
+        vec![event]
+    };
+    let answered =
+        touchline_tests::publish(&mut ingest, COURIER.1, amplified("unary".to_owned())).await?;
+    assert_eq!(
+        (answered.accepted, answered.rejected),
+        (0, 1),
+        "a request larger than the budget is charged all of it and answered"
+    );
+    let sent =
+        sent_until_pushed_back(&mut ingest, 100, |batch| amplified(format!("w{batch}"))).await?;
+    println!("420 KB batches of several MB decoded the partner could send: {sent}");
+    assert!(
+        sent < 30,
+        "the window counts decoded bytes: pushed back after about ten batches, not {sent}"
+    );
+    node.shutdown().await
+}

@@ -47,9 +47,10 @@ pub struct IngestOptions {
     /// answered batches wait for the partner to read them) the server stops
     /// reading the stream, so HTTP/2 flow control pushes back on the partner.
     pub stream_window_events: usize,
-    /// Bytes of the messages of one `PublishStream`'s batches admitted and not yet answered
+    /// Bytes one `PublishStream`'s batches admitted and not yet answered hold once decoded
     /// (waiting for the rate or for slots, or being made durable): past it the server stops
-    /// reading the stream, as for its window of events. At least `max_message_bytes`.
+    /// reading the stream, as for its window of events. At least `max_message_bytes`; a batch
+    /// holding more than the window is charged all of it.
     pub stream_window_bytes: usize,
     /// Default events per second per partner (a partner's contract can override it); `None` for
     /// no limit.
@@ -61,6 +62,11 @@ pub struct IngestOptions {
     /// Batches being decoded or made durable at once, server-wide. Unary calls past it are shed
     /// with `RESOURCE_EXHAUSTED` before they are decoded; streams wait (backpressure).
     pub max_in_flight_batches: usize,
+    /// Bytes the decoded requests of unary calls being prepared and published may hold at once,
+    /// server-wide (each charged what it holds once decoded, which can be many times its encoded
+    /// size): a call that finds them taken is answered `OVERLOADED` (after its decoding, which
+    /// the codec bounds). A request larger than all of them is charged all of them.
+    pub max_in_flight_bytes: usize,
     /// In-flight slots one partner may hold: its unary `Publish` calls (from their headers to
     /// their answer) and its stream batches being published, so that one partner cannot take
     /// every in-flight slot.
@@ -81,6 +87,7 @@ impl Default for IngestOptions {
             burst: 20_000.0,
             max_streams_per_partner: 8,
             max_in_flight_batches: 512,
+            max_in_flight_bytes: 256 * 1024 * 1024,
             max_calls_per_partner: 64,
             request_body_timeout: Duration::from_secs(30),
         }
@@ -103,6 +110,8 @@ struct Inner {
     /// Each partner's share of `in_flight`: its unary calls and stream batches.
     calls: PartnerPermits,
     in_flight: Arc<Semaphore>,
+    /// `max_in_flight_bytes`, in KiB (so that a large budget fits a semaphore's permits).
+    in_flight_kib: Arc<Semaphore>,
     /// Cancelled when the server starts shutting down: streams stop reading new batches, answer
     /// the ones in flight and end with `UNAVAILABLE` so the partner reconnects elsewhere.
     draining: CancellationToken,
@@ -117,6 +126,12 @@ impl IngestService {
         draining: CancellationToken,
     ) -> Self {
         let in_flight = Arc::new(Semaphore::new(options.max_in_flight_batches.max(1)));
+        let in_flight_kib = Arc::new(Semaphore::new(
+            options
+                .max_in_flight_bytes
+                .div_ceil(1024)
+                .clamp(1, Semaphore::MAX_PERMITS),
+        ));
         let calls = PartnerPermits::new(
             options.max_calls_per_partner,
             options.max_in_flight_batches.max(1),
@@ -130,6 +145,7 @@ impl IngestService {
                 streams: StreamCounter::default(),
                 calls,
                 in_flight,
+                in_flight_kib,
                 draining,
             }),
         }
@@ -235,6 +251,26 @@ impl Inner {
         Some((rate, burst))
     }
 
+    /// Charges a decoded unary request what it holds against `max_in_flight_bytes` (at most all of
+    /// them), or answers `OVERLOADED`.
+    fn take_bytes(
+        &self,
+        request: &v1::PublishRequest,
+    ) -> Result<tokio::sync::OwnedSemaphorePermit> {
+        let kib = touchline_proto::codec::decoded_request_bytes(request).div_ceil(1024);
+        let all = self
+            .options
+            .max_in_flight_bytes
+            .div_ceil(1024)
+            .clamp(1, Semaphore::MAX_PERMITS);
+        let kib = u32::try_from(kib.clamp(1, all)).unwrap_or(u32::MAX);
+        Arc::clone(&self.in_flight_kib)
+            .try_acquire_many_owned(kib)
+            .map_err(|_| Error::Overloaded {
+                retry_after: shed::RETRY_AFTER,
+            })
+    }
+
     /// Takes `events` from the partner's rate, or says how long to wait for them.
     fn take_rate(&self, partner: &Authenticated, events: usize) -> Result<()> {
         if let Some((rate, burst)) = self.rate_of(partner) {
@@ -256,7 +292,7 @@ impl Inner {
         partner: &Authenticated,
         request: v1::PublishRequest,
         answer_by: Option<Instant>,
-        hold: Option<shed::Slot>,
+        hold: impl Send + 'static,
     ) -> Result<v1::PublishResponse> {
         let now = UnixNanos::now();
         // Validating and encoding a batch takes a millisecond or more: off the async runtime, so
@@ -375,6 +411,7 @@ impl v1::ingest_service_server::IngestService for IngestService {
                     Some(&partner.partner_id),
                 ),
             }?;
+            let bytes = self.inner.take_bytes(&request)?;
             self.inner.admit(&partner, &request)?;
             // The answer comes before the partner's deadline, counted from the call's arrival
             // (its body took part of it): 90% of it, less 5 ms for the answer's way back.
@@ -387,7 +424,7 @@ impl v1::ingest_service_server::IngestService for IngestService {
             });
             let response = self
                 .inner
-                .publish(&partner, request, answer_by, Some(slot.clone()))
+                .publish(&partner, request, answer_by, (slot.clone(), bytes))
                 .await;
             drop(slot);
             response

@@ -145,6 +145,42 @@ fn decoded_publish_request(bytes: &[u8]) -> usize {
     estimate
 }
 
+/// The memory a decoded `PublishRequest` holds: its structures, the capacity of its strings,
+/// payloads and event list, and each attribute's slot of its map (two strings, in B-tree nodes
+/// about two thirds full). What the ingest service charges a batch against its budgets of
+/// bytes: encoded sizes understate it by up to [`MAX_DECODED_PER_ENCODED_BYTE`] times (an
+/// attribute of a few bytes takes a hundred once decoded).
+#[must_use]
+pub fn decoded_request_bytes(request: &v1::PublishRequest) -> usize {
+    const SLOT: usize = 2 * std::mem::size_of::<String>();
+    let mut bytes = std::mem::size_of::<v1::PublishRequest>()
+        .saturating_add(request.batch_id.capacity())
+        .saturating_add(
+            request
+                .events
+                .capacity()
+                .saturating_mul(std::mem::size_of::<v1::Touchpoint>()),
+        );
+    for event in &request.events {
+        let strings = event.event_id.capacity()
+            + event.customer_id.capacity()
+            + event.r#type.capacity()
+            + event.payload.capacity();
+        // A B-tree's nodes hold up to 11 entries of two strings, and are at least half full.
+        let slots = event.attributes.len().saturating_mul(3) / 2;
+        let attributes: usize = event
+            .attributes
+            .iter()
+            .map(|(key, value)| key.capacity() + value.capacity())
+            .sum();
+        bytes = bytes
+            .saturating_add(strings)
+            .saturating_add(slots.saturating_mul(SLOT))
+            .saturating_add(attributes);
+    }
+    bytes
+}
+
 /// Counts the fields at the top level of an encoded message, stopping past `limit`. A group (a
 /// proto2 wire type no Touchline message has, which prost skips on an unknown field number) counts
 /// as `usize::MAX`: skipped, it would hide the fields after it from the count.
@@ -326,5 +362,46 @@ mod tests {
             batch_id: String::new(),
         };
         assert!(decoded_publish_request(&ordinary.encode_to_vec()) < MAX_DECODED_REQUEST_BYTES / 4);
+    }
+
+    /// What a decoded request is charged: about its encoded size for ordinary events, many times
+    /// it for attributes of a few bytes (which the codec lets through up to its ratio).
+    #[test]
+    fn a_decoded_request_is_charged_what_it_holds() {
+        let ordinary = v1::PublishRequest {
+            events: vec![
+                v1::Touchpoint {
+                    event_id: "e".repeat(40),
+                    customer_id: "c".repeat(40),
+                    r#type: "parcel.scanned".to_owned(),
+                    attributes: (0..4)
+                        .map(|i| (format!("key-{i}"), "v".repeat(100)))
+                        .collect(),
+                    payload: vec![7; 1024],
+                    ..v1::Touchpoint::default()
+                };
+                500
+            ],
+            batch_id: "b".to_owned(),
+        };
+        let encoded = ordinary.encoded_len();
+        let decoded = decoded_request_bytes(&ordinary);
+        assert!(
+            decoded > encoded && decoded < 3 * encoded,
+            "{decoded} for {encoded}"
+        );
+        // 100,000 attributes of a three-letter key and an empty value: 7 bytes each on the wire.
+        let tiny = v1::PublishRequest {
+            events: vec![v1::Touchpoint {
+                attributes: (0..100_000)
+                    .map(|i| (format!("{i:03x}"), String::new()))
+                    .collect(),
+                ..v1::Touchpoint::default()
+            }],
+            batch_id: String::new(),
+        };
+        let encoded = tiny.encoded_len();
+        let decoded = decoded_request_bytes(&tiny);
+        assert!(decoded > 8 * encoded, "{decoded} for {encoded}");
     }
 }

@@ -174,6 +174,9 @@ pub struct IngestConfig {
     /// Batches being decoded or made durable at once, server-wide; unary calls past it are shed
     /// before they are decoded.
     pub max_in_flight_batches: usize,
+    /// Bytes the decoded requests of unary calls in flight may hold at once, server-wide (each
+    /// charged what it holds once decoded); unary calls past it are answered `OVERLOADED`.
+    pub max_in_flight_bytes: usize,
     /// In-flight slots one partner may hold (unary calls and stream batches); unary calls past
     /// it are shed, stream batches wait.
     pub max_calls_per_partner: usize,
@@ -198,6 +201,7 @@ impl Default for IngestConfig {
             burst: defaults.burst,
             max_streams_per_partner: defaults.max_streams_per_partner,
             max_in_flight_batches: defaults.max_in_flight_batches,
+            max_in_flight_bytes: defaults.max_in_flight_bytes,
             max_calls_per_partner: defaults.max_calls_per_partner,
             request_body_timeout_ms: 30_000,
             limits: LimitsConfig::default(),
@@ -219,6 +223,7 @@ impl IngestConfig {
             burst: self.burst,
             max_streams_per_partner: self.max_streams_per_partner,
             max_in_flight_batches: self.max_in_flight_batches,
+            max_in_flight_bytes: self.max_in_flight_bytes,
             max_calls_per_partner: self.max_calls_per_partner,
             request_body_timeout: std::time::Duration::from_millis(self.request_body_timeout_ms),
         }
@@ -562,7 +567,7 @@ impl Config {
     /// these bounds are mistakes that would only fail later (a semaphore that cannot hold them).
     fn check_sizes(&self) -> anyhow::Result<()> {
         let ingest = &self.ingest;
-        let checks: [(&str, u64, u64, u64); 16] = [
+        let checks: [(&str, u64, u64, u64); 17] = [
             (
                 "ingest.request-body-timeout-ms",
                 ingest.request_body_timeout_ms,
@@ -610,6 +615,12 @@ impl Config {
                 count(ingest.max_in_flight_batches),
                 1,
                 1_000_000,
+            ),
+            (
+                "ingest.max-in-flight-bytes",
+                count(ingest.max_in_flight_bytes),
+                1 << 20,
+                1 << 40,
             ),
             (
                 "ingest.max-streams-per-partner",

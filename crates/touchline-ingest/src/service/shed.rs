@@ -23,7 +23,7 @@ use crate::metrics::INGEST;
 const PUBLISH: &str = "/touchline.v1.IngestService/Publish";
 
 /// How soon a shed call may try again.
-const RETRY_AFTER: Duration = Duration::from_millis(200);
+pub(super) const RETRY_AFTER: Duration = Duration::from_millis(200);
 
 /// An in-flight slot (and the partner's share of them) taken before the call was decoded, handed
 /// to the handler in the request's extensions, with when the call arrived (its deadline counts

@@ -401,7 +401,9 @@ impl Shared {
                 None => (Duration::ZERO, None),
             };
             let share = self.window.acquire(events).await?;
-            let kib = prost::Message::encoded_len(&batch).div_ceil(1024);
+            // What the decoded batch holds, not its encoded size (attributes of a few bytes
+            // take many times their size once decoded).
+            let kib = touchline_proto::codec::decoded_request_bytes(&batch).div_ceil(1024);
             let bytes = self.window_kib.acquire(kib).await?;
             Ok(Admitted {
                 batch,
@@ -435,7 +437,7 @@ impl Shared {
                 if let Some(charge) = charge {
                     charge.spend();
                 }
-                let response = self.inner.publish(&partner, batch, None, None).await;
+                let response = self.inner.publish(&partner, batch, None, ()).await;
                 drop(slot);
                 response
             }
