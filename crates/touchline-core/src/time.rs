@@ -33,6 +33,26 @@ impl UnixNanos {
             .map(Self)
     }
 
+    /// Protobuf-style seconds and nanos taken as a bound of a range of event times: any valid
+    /// protobuf `Timestamp` (years 1 to 9999), an instant outside what nanoseconds since 1970
+    /// hold (1677 to 2262, beyond which no event can be) taken as the earliest or the latest
+    /// one. `None` for nanos outside `0..1e9` or seconds outside protobuf's range.
+    #[must_use]
+    pub fn bound_from_parts(seconds: i64, nanos: i32) -> Option<Self> {
+        const FIRST_SECOND: i64 = -62_135_596_800; // 0001-01-01T00:00:00Z
+        const LAST_SECOND: i64 = 253_402_300_799; // 9999-12-31T23:59:59Z
+        if !(FIRST_SECOND..=LAST_SECOND).contains(&seconds)
+            || !(0..NANOS_PER_SECOND).contains(&i64::from(nanos))
+        {
+            return None;
+        }
+        Some(Self(
+            seconds
+                .saturating_mul(NANOS_PER_SECOND)
+                .saturating_add(i64::from(nanos)),
+        ))
+    }
+
     /// Splits into protobuf-style seconds and nanos (nanos always in `0..1e9`).
     #[must_use]
     pub fn to_parts(self) -> (i64, i32) {

@@ -427,6 +427,17 @@ fn run_rebuild(
     match result {
         Ok(switched) => {
             let done = u64::try_from(store.log_len()).unwrap_or(u64::MAX);
+            if let Some(error) = &switched.unflushed {
+                let what = format!(
+                    "switched to version {version}, but the switch could not be made durable ({error}): the store has failed and stops its writes; after the restart version {version} serves if the switch reached the disk, version {} otherwise",
+                    switched.previous
+                );
+                warn!(%projection, version, "rebuild {what}");
+                // Not abandoned (it serves now) and the previous version not deleted (it may
+                // serve after the restart).
+                report(done, RebuildState::Failed(what));
+                return;
+            }
             let previous = switched.previous;
             info!(%projection, version, previous, done, seconds = started.elapsed().as_secs_f64(), "rebuild switched");
             report(done, RebuildState::Switched { previous });

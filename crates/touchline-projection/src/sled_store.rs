@@ -9,7 +9,7 @@
 //! interrupted rebuild leaves its version behind as garbage, deleted in the background after the
 //! next open ([`SledStore::drop_leftovers`]).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
@@ -113,6 +113,37 @@ struct WriterState {
     next_dead_letter: u64,
     dead_letters: u64,
     versions: BTreeMap<Projection, ProjectionVersions>,
+    /// Per (stream, partition) key ([`crate::keys::position`]), the lowest and highest offset of a
+    /// record ever dead-lettered there: an event read again within it may be a dead letter's
+    /// record that decodes now (see `apply`). New records come above it, and cost no look-up.
+    dead_lettered: HashMap<Vec<u8>, (i64, i64)>,
+}
+
+impl WriterState {
+    /// Notes a record dead-lettered at `record_key` ([`crate::keys::record`]).
+    fn note_dead_lettered(&mut self, record_key: &[u8]) {
+        let Some(split) = record_key.len().checked_sub(8) else {
+            return;
+        };
+        let (place, offset) = record_key.split_at(split);
+        let Ok(offset) = offset.try_into().map(crate::keys::from_ordered_i64) else {
+            return;
+        };
+        self.dead_lettered
+            .entry(place.to_vec())
+            .and_modify(|(low, high)| {
+                *low = (*low).min(offset);
+                *high = (*high).max(offset);
+            })
+            .or_insert((offset, offset));
+    }
+
+    /// Whether a record may have been dead-lettered at `offset` of `place`.
+    fn maybe_dead_lettered(&self, place: &[u8], offset: i64) -> bool {
+        self.dead_lettered
+            .get(place)
+            .is_some_and(|(low, high)| (*low..=*high).contains(&offset))
+    }
 }
 
 /// The tables of the active projection versions. A reader holds its version's `Arc` while it
@@ -355,12 +386,17 @@ impl SledStore {
             }
         };
         let next_dead_letter = counter(NEXT_DEAD_LETTER, 1)?;
-        let writer = WriterState {
+        let mut writer = WriterState {
             next_sequence: counter(NEXT_SEQUENCE, 1)?,
             next_dead_letter,
             dead_letters: counter(DEAD_LETTER_COUNT, next_dead_letter.saturating_sub(1))?,
             versions,
+            dead_lettered: HashMap::new(),
         };
+        // Keys only, one entry per record ever dead-lettered.
+        for item in table(b"Y").scan_prefix(&[]) {
+            writer.note_dead_lettered(&item.map_err(backend)?.0);
+        }
         let version_table = |projection: Projection, version: u32| {
             Table::new(tree.clone(), &version_prefix(projection, version))
         };

@@ -471,6 +471,69 @@ fn dead_letters_are_kept_once_and_can_be_discarded_or_requeued() {
     assert!(ids[1] > id, "dead letter ids are never reused: {ids:?}");
 }
 
+/// A dead letter's record that decodes when it is read again (a newer Touchline replaying the
+/// topic) is appended and projected, and its dead letter taken off the list in the same write,
+/// also after a restart; another record at the same place (a wiped broker) leaves it listed.
+/// Before, the event was appended and the dead letter stayed, counted, and its requeue answered
+/// that the event was already in the log.
+#[test]
+fn a_dead_letters_record_that_decodes_when_read_again_takes_it_off_the_list() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = SledStore::open(dir.path()).expect("opens");
+    let good = support::record(1, 9, envelope(1));
+    let RecordContent::Event { raw, .. } = &good.content else {
+        unreachable!("an event record")
+    };
+    let undecodable_then = ConsumedRecord {
+        partition: 1,
+        offset: 9,
+        content: RecordContent::Undecodable {
+            reason: "decoder too old".to_owned(),
+            key: None,
+            value: Some(raw.clone()),
+        },
+    };
+    store
+        .apply(&stream(), vec![garbage(5), undecodable_then])
+        .expect("applies");
+    assert_eq!(store.dead_letter_count(), 2);
+
+    let outcome = store
+        .apply_replayed(&stream(), vec![good.clone()])
+        .expect("applies");
+    assert_eq!(outcome.appended, 1);
+    assert_eq!(whole_timeline(&store, "cust-1"), ["e1"]);
+    assert_eq!(store.dead_letter_count(), 1);
+    let listed = store.dead_letters(10).expect("lists");
+    assert_eq!(listed.iter().map(|d| d.offset).collect::<Vec<_>>(), [5]);
+
+    // Another record at the dead letter's place is not its record: it stays listed.
+    let other = support::record(0, 5, envelope(2));
+    store
+        .apply_replayed(&stream(), vec![other])
+        .expect("applies");
+    assert_eq!(store.dead_letter_count(), 1);
+
+    // After a restart (the places of dead letters are read back), the record itself decoding
+    // takes it off; reading the first one again changes nothing.
+    store.flush().expect("flushes");
+    drop(store);
+    let store = support::open_when_released(dir.path());
+    assert_eq!(store.dead_letter_count(), 1);
+    let mut decodes_now = support::record(0, 5, envelope(3));
+    if let RecordContent::Event { raw, .. } = &mut decodes_now.content {
+        *raw = vec![0xff, 0x01];
+    }
+    store
+        .apply_replayed(&stream(), vec![decodes_now, good])
+        .expect("applies");
+    assert_eq!(store.dead_letter_count(), 0);
+    assert!(store.dead_letters(10).expect("lists").is_empty());
+    drop(store);
+    let store = support::open_when_released(dir.path());
+    assert_eq!(store.dead_letter_count(), 0, "the count was written");
+}
+
 #[test]
 fn the_leftover_deletion_leaves_a_version_a_later_rebuild_replaced_to_that_rebuild() {
     let dir = tempfile::tempdir().expect("temp dir");

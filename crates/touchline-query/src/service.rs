@@ -8,9 +8,11 @@ use std::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use tonic::{Request, Response, Status};
-use touchline_core::{CustomerId, EventStore, PartnerId, TimelineFilter, TimelineQuery};
+use touchline_core::{
+    CustomerId, EventStore, EventType, PartnerId, TimelineFilter, TimelineQuery, UnixNanos,
+};
 use touchline_projection::projector::Served;
-use touchline_proto::convert::{instant, into_wire_timeline_entry, journey_stage, wire_summary};
+use touchline_proto::convert::{into_wire_timeline_entry, journey_stage, wire_summary};
 use touchline_proto::v1;
 
 use crate::reads::StoreReads;
@@ -28,6 +30,10 @@ pub const DEFAULT_MAX_WATCHES: usize = 1024;
 /// before it flushes the store itself (a projector that stopped flushing, or no feed to hear it).
 const SUMMARY_FLUSH_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// How long `GetCustomerSummary` waits, beyond [`SUMMARY_FLUSH_WAIT`], for its own flush of the
+/// store (and for the one before it) before it answers `UNAVAILABLE` (`STORE_FLUSH_STALLED`).
+const SUMMARY_FLUSH_LIMIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Serves timelines and summaries from a store. Cheap to clone.
 #[derive(Clone)]
 pub struct TimelineService {
@@ -42,6 +48,9 @@ pub struct TimelineService {
     served: Arc<Served>,
     /// The check a call passed when it came: asked again while a `WatchTimeline` runs.
     authorize: Option<crate::admin::Authorize>,
+    /// Held by the one flush of the store that summaries start at a time, until the flush
+    /// returns: a flush that never returns holds one blocking thread, not one per call.
+    flush_gate: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl std::fmt::Debug for TimelineService {
@@ -67,6 +76,7 @@ impl TimelineService {
             shutdown: CancellationToken::new(),
             served: Arc::default(),
             authorize: None,
+            flush_gate: Arc::default(),
         }
     }
 
@@ -170,14 +180,13 @@ fn timeline_query(
         }
         size => size,
     };
-    let from = request
-        .from
-        .map(|at| instant(&at).ok_or_else(|| invalid("from", "from is not a valid timestamp")))
-        .transpose()?;
-    let to = request
-        .to
-        .map(|at| instant(&at).ok_or_else(|| invalid("to", "to is not a valid timestamp")))
-        .transpose()?;
+    // Bounds far out (9999-12-31 as an open end, say) are taken as the earliest or latest instant.
+    let bound = |at: prost_types::Timestamp, field: &'static str| {
+        UnixNanos::bound_from_parts(at.seconds, at.nanos)
+            .ok_or_else(|| invalid(field, format!("{field} is not a valid timestamp")))
+    };
+    let from = request.from.map(|at| bound(at, "from")).transpose()?;
+    let to = request.to.map(|at| bound(at, "to")).transpose()?;
     if let (Some(from), Some(to)) = (from, to)
         && from > to
     {
@@ -199,11 +208,19 @@ fn timeline_query(
                 .ok_or_else(|| invalid("stages", format!("stage {number} is not a journey stage")))
         })
         .collect::<Result<BTreeSet<_>>>()?;
+    let event_types = request
+        .types
+        .into_iter()
+        .map(|name| match EventType::parse(name.as_str()) {
+            Ok(_) => Ok(name),
+            Err(error) => Err(invalid("types", format!("event type {error}"))),
+        })
+        .collect::<Result<BTreeSet<_>>>()?;
     let filter = TimelineFilter {
         from,
         to,
         partners,
-        event_types: request.types.into_iter().collect(),
+        event_types,
         stages,
     };
     let after = if request.page_token.is_empty() {
@@ -340,10 +357,35 @@ impl TimelineService {
             return Ok(());
         }
         // Without a read permit: this waits behind the projector's flush, not beside the reads.
-        // Calls that wait at once share a flush (each checks again when its turn comes).
-        let store = Arc::clone(store);
-        tokio::task::spawn_blocking(move || store.flush_through(sequence))
+        // One flush at a time from here, its task holding the gate until the flush returns, and
+        // calls that wait at once share it (each checks again when its turn comes). A store whose
+        // flush does not return (sled 0.34 can wait for ever in a flush after it failed to create
+        // a file) then holds one blocking thread, and the calls give up at their limit.
+        let stalled = || {
+            Status::from(Error::Rejected {
+                code: tonic::Code::Unavailable,
+                reason: "STORE_FLUSH_STALLED",
+                message: format!(
+                    "the store's flush has not completed within {} s: the summary cannot be served durable; see the node's log",
+                    SUMMARY_FLUSH_LIMIT.as_secs()
+                ),
+            })
+        };
+        let deadline = tokio::time::Instant::now() + SUMMARY_FLUSH_LIMIT;
+        let gate = tokio::time::timeout_at(deadline, Arc::clone(&self.flush_gate).lock_owned())
             .await
+            .map_err(|_| stalled())?;
+        if store.durable_sequence() >= sequence {
+            return Ok(());
+        }
+        let store = Arc::clone(store);
+        let flush = tokio::task::spawn_blocking(move || {
+            let _gate = gate;
+            store.flush_through(sequence)
+        });
+        tokio::time::timeout_at(deadline, flush)
+            .await
+            .map_err(|_| stalled())?
             .map_err(Error::from)?
             .map_err(Error::from)?;
         Ok(())
@@ -413,5 +455,62 @@ impl TimelineService {
             first.as_ref(),
             last.as_ref(),
         )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn query(change: impl FnOnce(&mut v1::GetTimelineRequest)) -> Result<TimelineQuery> {
+        let mut request = v1::GetTimelineRequest::default();
+        change(&mut request);
+        timeline_query(CustomerId::parse("alice").expect("valid id"), request)
+    }
+
+    fn refused_field(result: Result<TimelineQuery>) -> &'static str {
+        match result {
+            Err(Error::InvalidArgument { field, .. }) => field,
+            other => panic!("not refused as invalid: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn an_invalid_event_type_is_refused_and_a_valid_one_filters() {
+        for bad in ["", "Delivery.Late", "x".repeat(65).as_str()] {
+            assert_eq!(
+                refused_field(query(|request| request.types = vec![bad.to_owned()])),
+                "types"
+            );
+        }
+        let filtered =
+            query(|request| request.types = vec!["delivery.late".to_owned()]).expect("valid");
+        assert!(filtered.filter.event_types.contains("delivery.late"));
+    }
+
+    #[test]
+    fn bounds_far_out_are_the_earliest_and_latest_instants() {
+        let at = |seconds, nanos| Some(prost_types::Timestamp { seconds, nanos });
+        let open = query(|request| {
+            request.from = at(-62_135_596_800, 0); // 0001-01-01
+            request.to = at(253_402_300_799, 999_999_999); // 9999-12-31
+        })
+        .expect("valid timestamps");
+        assert_eq!(open.filter.from, Some(UnixNanos(i64::MIN)));
+        assert_eq!(open.filter.to, Some(UnixNanos(i64::MAX)));
+        let near = query(|request| request.to = at(1_800_000_000, 5)).expect("valid");
+        assert_eq!(near.filter.to, Some(UnixNanos(1_800_000_000_000_000_005)));
+        assert_eq!(
+            refused_field(query(|request| request.to = at(253_402_300_800, 0))),
+            "to"
+        );
+        assert_eq!(
+            refused_field(query(|request| request.from = at(0, -1))),
+            "from"
+        );
+        assert_eq!(
+            refused_field(query(|request| request.from = at(0, 1_000_000_000))),
+            "from"
+        );
     }
 }

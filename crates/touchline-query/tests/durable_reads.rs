@@ -14,9 +14,12 @@ use touchline_proto::v1;
 #[path = "support/serve.rs"]
 mod serve;
 mod support;
+#[path = "support/wrapped.rs"]
+mod wrapped;
 
 use serve::serve;
 use support::{apply, event};
+use tonic_types::StatusExt as _;
 
 async fn event_ids(client: &mut serve::Client) -> anyhow::Result<Vec<String>> {
     let page = client
@@ -139,6 +142,79 @@ async fn get_customer_summary_serves_what_it_read_only_once_it_is_durable() -> a
 
     drop(client);
     serve::stop(server, store).await;
+    Ok(())
+}
+
+/// A store whose flush does not return (sled 0.34 can wait for ever in a flush after it failed
+/// to create a file) holds one blocking thread, not one per `GetCustomerSummary` that waits for
+/// it: the calls share the one flush and give up after 10 s with `UNAVAILABLE`
+/// (`STORE_FLUSH_STALLED`); once the flush returns, summaries are served again. Before, each call
+/// started a flush of its own on the blocking pool and waited for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn summaries_waiting_for_a_stalled_flush_share_it_and_give_up() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let store = wrapped::WrappedStore::open(&dir)?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let address = listener.local_addr()?;
+    // Without a feed, as a node without a projector: a summary flushes the store itself.
+    let service = touchline_query::TimelineService::new(Arc::clone(&store) as Arc<dyn EventStore>);
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(service.into_server())
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let client = serve::Client::connect(format!("http://{address}")).await?;
+    let mut offset = 0;
+    apply(
+        &store.inner,
+        &mut offset,
+        vec![event("e1", "alice", 10)],
+        false,
+    );
+    store.stall_flushes(true);
+    let summary = |mut client: serve::Client| async move {
+        client
+            .get_customer_summary(v1::GetCustomerSummaryRequest {
+                customer_id: "alice".to_owned(),
+            })
+            .await
+    };
+    let calls: Vec<_> = (0..3)
+        .map(|_| tokio::spawn(summary(client.clone())))
+        .collect();
+    for call in calls {
+        let stalled = call.await?.expect_err("the flush does not return");
+        assert_eq!(stalled.code(), tonic::Code::Unavailable, "{stalled:?}");
+        assert_eq!(
+            stalled
+                .get_details_error_info()
+                .map(|info| info.reason)
+                .as_deref(),
+            Some("STORE_FLUSH_STALLED")
+        );
+    }
+    assert_eq!(
+        store.flushes.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "one flush for the three calls"
+    );
+    store.stall_flushes(false);
+    let served = summary(client.clone()).await?.into_inner();
+    assert_eq!(served.total_touchpoints, 1);
+    assert!(store.inner.durable_sequence() >= 1);
+
+    drop(client);
+    server.abort();
+    let _ = server.await;
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    while Arc::strong_count(&store) > 1 {
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the store is still held"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    drop(store);
     Ok(())
 }
 

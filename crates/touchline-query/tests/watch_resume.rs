@@ -5,132 +5,29 @@
 //! The store is the real sled store; a wrapper counts which of the two reads the watcher made (and
 //! makes the log read fail when told, to show the watcher falls back to the timeline).
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
-use touchline_core::{
-    ApplyOutcome, ConsumedRecord, CustomerId, CustomerSummary, Envelope, EventId, EventStore,
-    PartnerId, StoreError, StoredPosition, StreamIdentity, TimelineCursor, TimelineEntry,
-    TimelinePage, TimelineQuery,
-};
-use touchline_projection::SledStore;
+use touchline_core::{Envelope, EventStore, TimelineEntry};
 use touchline_proto::v1;
 use touchline_query::StoreReads;
 use touchline_query::watch::{Watch, decode_cursor};
 
 mod support;
+#[path = "support/wrapped.rs"]
+mod wrapped;
 
 use support::{apply, customer, event};
-
-/// The real store, counting the watcher's two ways of reading what it missed.
-#[derive(Debug)]
-struct CountingStore {
-    inner: SledStore,
-    log_reads: AtomicUsize,
-    timeline_reads: AtomicUsize,
-    /// Log reads fail (after being counted) while set.
-    fail_log_reads: AtomicBool,
-}
-
-impl CountingStore {
-    fn open(dir: &tempfile::TempDir) -> anyhow::Result<Arc<Self>> {
-        Ok(Arc::new(Self {
-            inner: SledStore::open(dir.path())?,
-            log_reads: AtomicUsize::new(0),
-            timeline_reads: AtomicUsize::new(0),
-            fail_log_reads: AtomicBool::new(false),
-        }))
-    }
-}
-
-impl EventStore for CountingStore {
-    fn apply(
-        &self,
-        stream: &StreamIdentity,
-        records: Vec<ConsumedRecord>,
-    ) -> Result<ApplyOutcome, StoreError> {
-        self.inner.apply(stream, records)
-    }
-
-    fn positions(
-        &self,
-        stream: &StreamIdentity,
-    ) -> Result<BTreeMap<i32, StoredPosition>, StoreError> {
-        self.inner.positions(stream)
-    }
-
-    fn timeline(&self, query: &TimelineQuery) -> Result<TimelinePage, StoreError> {
-        self.timeline_reads.fetch_add(1, Ordering::SeqCst);
-        self.inner.timeline(query)
-    }
-
-    fn summary(&self, customer_id: &CustomerId) -> Result<Option<CustomerSummary>, StoreError> {
-        self.inner.summary(customer_id)
-    }
-
-    fn timeline_entry(
-        &self,
-        customer_id: &CustomerId,
-        at: TimelineCursor,
-    ) -> Result<Option<TimelineEntry>, StoreError> {
-        self.inner.timeline_entry(customer_id, at)
-    }
-
-    fn latest_held(
-        &self,
-        customer_id: &CustomerId,
-        sequence: u64,
-    ) -> Result<Option<touchline_core::TimelineCursor>, StoreError> {
-        self.inner.latest_held(customer_id, sequence)
-    }
-
-    fn log_entries(
-        &self,
-        customer_id: &CustomerId,
-        from: u64,
-        end: u64,
-    ) -> Result<Vec<TimelineEntry>, StoreError> {
-        self.log_reads.fetch_add(1, Ordering::SeqCst);
-        if self.fail_log_reads.load(Ordering::SeqCst) {
-            return Err(StoreError::Backend("injected log read failure".into()));
-        }
-        self.inner.log_entries(customer_id, from, end)
-    }
-
-    fn event_sequence(
-        &self,
-        partner: &PartnerId,
-        event_id: &EventId,
-    ) -> Result<Option<u64>, StoreError> {
-        self.inner.event_sequence(partner, event_id)
-    }
-
-    fn flush(&self) -> Result<(), StoreError> {
-        self.inner.flush()
-    }
-
-    fn durable_sequence(&self) -> u64 {
-        self.inner.durable_sequence()
-    }
-
-    fn visible_sequence(&self) -> u64 {
-        self.inner.visible_sequence()
-    }
-
-    fn log_id(&self) -> u64 {
-        self.inner.log_id()
-    }
-}
+use wrapped::WrappedStore;
 
 type Message = Result<v1::WatchTimelineResponse, tonic::Status>;
 
 /// A watcher of `customer_id` after log sequence `after` over `store`, fed by `live`: its
 /// client's receiver.
 fn spawn_watch(
-    store: &Arc<CountingStore>,
+    store: &Arc<WrappedStore>,
     customer_id: &str,
     after: u64,
     live: broadcast::Receiver<Arc<[TimelineEntry]>>,
@@ -162,7 +59,7 @@ async fn next_message(
 /// Resumes a watch of `customer_id` after log sequence `after`: the event ids of the catch-up
 /// (those flagged `late` marked so), and the cursor of its `caught_up`.
 async fn resume(
-    store: &Arc<CountingStore>,
+    store: &Arc<WrappedStore>,
     customer_id: &str,
     after: u64,
 ) -> anyhow::Result<(Vec<String>, u64)> {
@@ -199,7 +96,7 @@ async fn resume(
     }
 }
 
-fn reads(store: &CountingStore) -> (usize, usize) {
+fn reads(store: &WrappedStore) -> (usize, usize) {
     (
         store.log_reads.swap(0, Ordering::SeqCst),
         store.timeline_reads.swap(0, Ordering::SeqCst),
@@ -210,7 +107,7 @@ fn reads(store: &CountingStore) -> (usize, usize) {
 async fn a_resumed_watch_gets_what_it_missed_in_timeline_order_from_the_log_or_the_timeline()
 -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let store = CountingStore::open(&dir)?;
+    let store = WrappedStore::open(&dir)?;
     let mut offset = -1;
     // Sequences 1..=20: a long timeline of "alice" (event times 100, 110, ...).
     let history = (0..20)
@@ -295,7 +192,7 @@ async fn a_resumed_watch_gets_what_it_missed_in_timeline_order_from_the_log_or_t
 async fn a_resume_that_missed_more_than_a_page_of_entries_reads_the_timeline() -> anyhow::Result<()>
 {
     let dir = tempfile::tempdir()?;
-    let store = CountingStore::open(&dir)?;
+    let store = WrappedStore::open(&dir)?;
     let mut offset = -1;
     let history = (0..1500)
         .map(|i| event(&format!("old-{i:04}"), "alice", 10_000 + i))
@@ -324,7 +221,7 @@ async fn a_resume_that_missed_more_than_a_page_of_entries_reads_the_timeline() -
 #[tokio::test]
 async fn a_resumed_watch_flags_live_entries_against_what_the_client_holds() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let store = CountingStore::open(&dir)?;
+    let store = WrappedStore::open(&dir)?;
     let mut offset = -1;
     // The client holds sequences 1 and 2 (event times 100 and 200); it missed sequence 3 (150).
     apply(
@@ -393,7 +290,7 @@ async fn a_resumed_watch_flags_live_entries_against_what_the_client_holds() -> a
 #[tokio::test]
 async fn entries_flushed_while_a_watch_starts_come_once() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let store = CountingStore::open(&dir)?;
+    let store = WrappedStore::open(&dir)?;
     let mut offset = -1;
     apply(
         &*store,

@@ -129,11 +129,21 @@ pub(super) fn open(
                     // Each batch runs as a task of its own: it finishes (and frees its
                     // server-wide slot) even while the partner is not reading answers.
                     Ok(admitted) => Ok(tokio::spawn(async move {
-                        let (result, window) = shared.run(index, admitted).await;
-                        (
-                            result.map_err(|error| Failed::Batch { events, error }),
-                            window,
-                        )
+                        let run = std::panic::AssertUnwindSafe(shared.run(index, admitted));
+                        match futures::FutureExt::catch_unwind(run).await {
+                            Ok((result, window)) => (
+                                result.map_err(|error| Failed::Batch { events, error }),
+                                Some(window),
+                            ),
+                            // A bug: the stream ends at this batch, and the batches after it
+                            // are not published (as after any failed batch).
+                            Err(_) => {
+                                shared.fail(index);
+                                let failed =
+                                    Error::BatchTaskFailed("the batch's task panicked".to_owned());
+                                (Err(Failed::Stream(failed.into())), None)
+                            }
+                        }
                     })),
                     Err(error) => Err(Failed::Batch { events, error }),
                 }
@@ -141,13 +151,11 @@ pub(super) fn open(
         })
         .map(|admitted| async move {
             match admitted {
-                Ok(work) => work.await.map_or_else(
-                    |error| {
-                        let failed = Error::BatchTaskFailed(error.to_string());
-                        (Err(Failed::Stream(failed.into())), None)
-                    },
-                    |(answer, window)| (answer, Some(window)),
-                ),
+                Ok(work) => work.await.unwrap_or_else(|error| {
+                    // Cancelled: the runtime is going away.
+                    let failed = Error::BatchTaskFailed(error.to_string());
+                    (Err(Failed::Stream(failed.into())), None)
+                }),
                 Err(failed) => (Err(failed), None),
             }
         })
@@ -461,32 +469,39 @@ impl Shared {
         wait: Duration,
     ) -> Result<(Authenticated, [OwnedSemaphorePermit; 2])> {
         let draining = &self.inner.draining;
+        // Each wait looks at the shutdown and the stream's end first (`biased`): a batch whose
+        // slot comes free as the drain starts is not published while one before it is refused.
         if !wait.is_zero() {
             debug!(partner = %self.opened_as.partner_id, ?wait, "stream batch over the partner's rate: waiting");
             tokio::select! {
-                () = tokio::time::sleep(wait) => {}
+                biased;
                 () = draining.cancelled() => return Err(Error::ShuttingDown),
                 () = self.wait_ended_for(index) => return Err(Error::ShuttingDown),
+                () = tokio::time::sleep(wait) => {}
             }
         }
         // The partner's share first: its batches wait behind one another, not in front of
         // other partners' for the server's slots.
         let share = tokio::select! {
+            biased;
+            () = draining.cancelled() => return Err(Error::ShuttingDown),
+            () = self.wait_ended_for(index) => return Err(Error::ShuttingDown),
             share = self.inner.calls.take(&self.opened_as.partner_id) => {
                 share.ok_or(Error::ShuttingDown)?
             }
-            () = draining.cancelled() => return Err(Error::ShuttingDown),
-            () = self.wait_ended_for(index) => return Err(Error::ShuttingDown),
         };
         let slot = tokio::select! {
+            biased;
+            () = draining.cancelled() => return Err(Error::ShuttingDown),
+            () = self.wait_ended_for(index) => return Err(Error::ShuttingDown),
             slot = Arc::clone(&self.inner.in_flight).acquire_owned() => {
                 slot.map_err(|_| Error::ShuttingDown)?
             }
-            () = draining.cancelled() => return Err(Error::ShuttingDown),
-            () = self.wait_ended_for(index) => return Err(Error::ShuttingDown),
         };
         let partner = self.authenticate()?;
-        if self.ended_for(index) {
+        // A batch that waited is published only if nothing ended the stream or started the
+        // drain meanwhile (the batch refused before it may not have said so yet).
+        if draining.is_cancelled() || self.ended_for(index) {
             return Err(Error::ShuttingDown);
         }
         Ok((partner, [slot, share]))

@@ -81,6 +81,33 @@ impl<'a> Folds<'a> {
 }
 
 impl SledStore {
+    /// The listed dead letter of the record at `offset` of `place` ([`keys::position`]) when that
+    /// record is the one of fingerprint `fingerprint` (another record at the same place, from a
+    /// wiped broker, is not its record).
+    fn dead_letter_of(
+        &self,
+        place: &[u8],
+        offset: i64,
+        fingerprint: u64,
+    ) -> Result<Option<u64>, StoreError> {
+        let index_key = [place, &keys::ordered_i64(offset)].concat();
+        let Some(entry) = self.dead_letter_index.get(&index_key).map_err(backend)? else {
+            return Ok(None);
+        };
+        let (Some(id), Some(known)) = (entry.get(..8), entry.get(8..16)) else {
+            return Ok(None);
+        };
+        let id = u64::from_be_bytes(id.try_into().unwrap_or_default());
+        if u64::from_be_bytes(known.try_into().unwrap_or_default()) != fingerprint {
+            return Ok(None);
+        }
+        Ok(self
+            .dead_letters
+            .contains_key(id.to_be_bytes())
+            .map_err(backend)?
+            .then_some(id))
+    }
+
     pub(super) fn load_summary(
         &self,
         table: &Table,
@@ -95,7 +122,9 @@ impl SledStore {
 
     /// Applies consumed records while holding the writer: dedupe, log, active projections, dead
     /// letters and (when `stream_positions`) the positions, plus whatever `batch` already holds, in
-    /// one atomic batch.
+    /// one atomic batch. An event whose record is listed as a dead letter (it decodes now: a
+    /// newer Touchline, a replay) takes the dead letter off the list; `requeued`, a dead letter
+    /// that `batch` removes already, is left to it.
     pub(super) fn apply_locked(
         &self,
         writer: &mut WriterState,
@@ -103,6 +132,7 @@ impl SledStore {
         records: Vec<ConsumedRecord>,
         store_positions: bool,
         mut batch: sled::Batch,
+        requeued: Option<u64>,
     ) -> Result<ApplyOutcome, StoreError> {
         // Refused before anything is read or raised (see `failure`).
         self.writable()?;
@@ -122,6 +152,9 @@ impl SledStore {
         let mut next_sequence = writer.next_sequence;
         let mut next_dead_letter = writer.next_dead_letter;
         let mut dead_letters = writer.dead_letters;
+        // Dead letters this piece takes off the list, because their record decodes now.
+        let mut cleared: HashSet<u64> = requeued.into_iter().collect();
+        let cleared_before = cleared.len();
         // Per partition, the record with the highest offset: its fingerprint is stored with the
         // position. Fingerprints are computed only for those and for dead letters.
         let mut last_records: BTreeMap<i32, (i64, usize)> = BTreeMap::new();
@@ -150,6 +183,26 @@ impl SledStore {
             }
             match record.content {
                 RecordContent::Event { envelope, raw } => {
+                    if dead_letters > 0 {
+                        let place = keys::position(stream_key, record.partition);
+                        if writer.maybe_dead_lettered(&place, record.offset)
+                            && let Some(id) = self.dead_letter_of(
+                                &place,
+                                record.offset,
+                                touchline_core::fingerprint(Some(&raw)),
+                            )?
+                            && cleared.insert(id)
+                        {
+                            self.dead_letters.remove(&mut batch, id.to_be_bytes());
+                            dead_letters -= 1;
+                            tracing::info!(
+                                dead_letter = id,
+                                partition = record.partition,
+                                offset = record.offset,
+                                "a dead letter's record decodes now: it is taken off the list"
+                            );
+                        }
+                    }
                     let dedupe_key =
                         keys::dedupe(&envelope.partner_id, &envelope.touchpoint.event_id);
                     if seen_in_batch.contains(&dedupe_key)
@@ -244,7 +297,7 @@ impl SledStore {
         }
         // The dead-letter counters change only with dead letters (a requeue or a discard writes
         // the count itself).
-        if outcome.dead_lettered > 0 {
+        if outcome.dead_lettered > 0 || cleared.len() > cleared_before {
             self.meta.insert(
                 &mut batch,
                 NEXT_DEAD_LETTER,
@@ -271,6 +324,9 @@ impl SledStore {
         writer.next_sequence = next_sequence;
         writer.next_dead_letter = next_dead_letter;
         writer.dead_letters = dead_letters;
+        for index_key in dead_in_batch.keys() {
+            writer.note_dead_lettered(index_key);
+        }
         self.log_count
             .store(next_sequence.saturating_sub(1), Ordering::Release);
         self.dead_letter_count
@@ -313,6 +369,7 @@ impl SledStore {
                 part,
                 store_positions,
                 sled::Batch::default(),
+                None,
             )?);
             if records.peek().is_some() {
                 // Readers parked on sled's lock during this piece get their turn before the

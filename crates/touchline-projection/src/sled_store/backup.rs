@@ -394,11 +394,11 @@ impl SledStore {
         record: &DeadLetteredRecord,
     ) -> Result<(), StoreError> {
         let value = u64_pair(record.dead_letter_id, record.fingerprint);
-        self.write_now(
-            &self.dead_letter_index,
-            keys::record(&record.stream, record.partition, record.offset),
-            value,
-        )
+        let key = keys::record(&record.stream, record.partition, record.offset);
+        let mut writer = self.lock_writer();
+        self.write_now(&self.dead_letter_index, key.as_slice(), value)?;
+        writer.note_dead_lettered(&key);
+        Ok(())
     }
 
     /// Stores a backup's dead letter, and the record index entry it needs (a backup has it
@@ -446,6 +446,7 @@ impl SledStore {
         self.meta
             .insert(&mut batch, NEXT_DEAD_LETTER, &next.to_be_bytes());
         self.write(batch, 4)?;
+        writer.note_dead_lettered(&index_key);
         writer.dead_letters = count;
         writer.next_dead_letter = next;
         self.dead_letter_count.store(count, Ordering::Release);

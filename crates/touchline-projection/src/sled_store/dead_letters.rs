@@ -144,8 +144,14 @@ impl SledStore {
             },
         };
         let sequence = writer.next_sequence;
-        let result =
-            self.apply_locked(&mut writer, &dead_letter.stream, vec![record], false, batch);
+        let result = self.apply_locked(
+            &mut writer,
+            &dead_letter.stream,
+            vec![record],
+            false,
+            batch,
+            Some(id),
+        );
         if result.is_err() {
             writer.dead_letters += 1;
         }

@@ -238,7 +238,13 @@ impl SledStore {
             .min(from_sequence.saturating_add(u64::try_from(max).unwrap_or(u64::MAX)));
         let mut batch = sled::Batch::default();
         let next = self.fold_log_into(projection, version, from_sequence, end, &mut batch)?;
+        // Written under the writer (folded without it, beside the projector): a checksum of the
+        // version being built, taken under the writer, sees it between two steps, never half a
+        // step; and a rebuild cancelled while this step folded writes nothing more.
+        let writer = self.lock_writer();
+        writer.check_building(projection, version)?;
         self.write(batch, folded(from_sequence, next))?;
+        drop(writer);
         Ok(next)
     }
 
@@ -303,15 +309,14 @@ impl SledStore {
         let (previous, replaced) = previous;
         // The switch is durable before it is reported. A failed flush stops the store's writes
         // and the node (see `failure`): after the restart the switch is there, or the new version
-        // is dropped as an interrupted rebuild's and the previous one serves.
-        if let Err(error) = self.guarded(|| self.db.flush()) {
-            tracing::warn!(%projection, version, %error, "cannot flush the switch");
-            return Err(error.into());
-        }
+        // is dropped as an interrupted rebuild's and the previous one serves. Either way the
+        // switch is made in memory: it is not a failed rebuild whose version can be abandoned.
+        let unflushed = self.guarded(|| self.db.flush()).err();
         Ok(Switched {
             projection,
             previous,
             replaced,
+            unflushed,
         })
     }
 
@@ -324,6 +329,7 @@ impl SledStore {
             projection,
             previous,
             replaced,
+            ..
         } = switched;
         let deadline = std::time::Instant::now() + READERS_GRACE;
         while Arc::strong_count(&replaced) > 1
@@ -466,6 +472,9 @@ pub struct Switched {
     pub previous: u32,
     /// Held by the reads that started on the previous version.
     replaced: Arc<Table>,
+    /// Why the switch could not be flushed: the store has failed, and which version serves
+    /// after the restart depends on what reached the disk.
+    pub unflushed: Option<StoreError>,
 }
 
 /// Events folded by a step from `from_sequence` up to `next`.
