@@ -655,6 +655,34 @@ pub async fn publish_not_protobuf(channel: &Channel, token: &str) -> anyhow::Res
     }
 }
 
+/// Sends `request` as a unary `Publish` of the partner of `token` whose body then stays open: the
+/// message goes, the end of the stream never comes, so the server decodes the request and waits
+/// for the end (until `ingest.request-body-timeout-ms`). Returns how the call ended.
+///
+/// # Errors
+/// When the channel fails, or the call is answered as if its body had ended.
+pub async fn publish_holding_the_body(
+    channel: Channel,
+    token: &'static str,
+    request: PublishRequest,
+) -> anyhow::Result<tonic::Status> {
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await?;
+    let path = http::uri::PathAndQuery::from_static("/touchline.v1.IngestService/Publish");
+    let message = prost::Message::encode_to_vec(&request);
+    let body = futures::StreamExt::chain(
+        futures::stream::once(async move { message }),
+        futures::stream::pending(),
+    );
+    match grpc
+        .client_streaming(authorized(body, token), path, RawCodec)
+        .await
+    {
+        Ok(_) => anyhow::bail!("a call whose body never ended was answered"),
+        Err(status) => Ok(status),
+    }
+}
+
 /// Probes with [`publish_not_protobuf`] until a call is shed with `reason` before it is decoded,
 /// and returns that refusal. Probes decoded meanwhile (`INTERNAL`: the slot was free) are fine
 /// while `holding()` says the call expected to hold the slot is still in flight.

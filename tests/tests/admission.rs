@@ -406,6 +406,61 @@ async fn a_call_that_finds_the_server_full_is_shed_before_it_is_decoded() -> any
     Ok(())
 }
 
+/// A unary call is charged what its request would hold once decoded (`ingest.max-in-flight-bytes`)
+/// as it is decoded, before the server waits for the end of its body: a call that keeps its body
+/// open keeps its charge, and a call that does not fit beside it is answered `OVERLOADED` without
+/// being decoded. Once the first call goes, its charge comes back. Before, the charge came in the
+/// handler, after the body's end: a decoded request could wait uncharged for the body timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_is_charged_its_decoded_size_as_it_is_decoded() -> anyhow::Result<()> {
+    let broker = start_mock_broker();
+    let dir = tempfile::tempdir()?;
+    let node = start_node_with(&broker, dir.path(), partners(), |config| {
+        config.ingest.max_in_flight_bytes = 1 << 20;
+        config.ingest.rate_per_second = None;
+    })
+    .await?;
+    let channel = node.target().connect().await?;
+    // One event of 10,000 attributes: about 70 KB sent, over a MiB once decoded.
+    let mut wide = touchpoint("wide", "gina", "parcel.scanned", 1, JourneyStage::Fulfil);
+    wide.attributes = (0..10_000)
+        .map(|i| (format!("{i:04x}"), String::new()))
+        .collect();
+    let holder = tokio::spawn(touchline_tests::publish_holding_the_body(
+        channel.clone(),
+        COURIER.1,
+        v1::PublishRequest {
+            events: vec![wide],
+            batch_id: String::new(),
+        },
+    ));
+    let shed =
+        wait_until_shed(&channel, RETAILER.1, "OVERLOADED", || !holder.is_finished()).await?;
+    assert_eq!(shed.code(), Code::ResourceExhausted);
+    assert!(shed.get_details_retry_info().is_some());
+    holder.abort();
+    let mut ingest = ingest_client(&node).await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let mut poll = tokio::time::interval(Duration::from_millis(20));
+    loop {
+        poll.tick().await;
+        match publish(&mut ingest, RETAILER.1, batch("after", 1)).await {
+            Ok(answer) => {
+                assert_eq!(answer.accepted, 1);
+                break;
+            }
+            Err(status) if error_reason(&status).as_deref() == Some("OVERLOADED") => {
+                anyhow::ensure!(
+                    tokio::time::Instant::now() < deadline,
+                    "the held call's charge never came back"
+                );
+            }
+            Err(status) => anyhow::bail!("refused: {status:?}"),
+        }
+    }
+    node.shutdown().await
+}
+
 /// A partner holding its maximum of unary calls in flight gets `TOO_MANY_CALLS` for the next,
 /// before it is decoded, while another partner's calls go through: no partner takes every slot.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

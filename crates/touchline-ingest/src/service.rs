@@ -165,6 +165,10 @@ impl IngestService {
             Arc::clone(&self.inner.in_flight),
             self.inner.calls.clone(),
             options.request_body_timeout,
+            (
+                Arc::clone(&self.inner.in_flight_kib),
+                self.inner.in_flight_kib_all(),
+            ),
         );
         // Answers are not capped: one result per event of a batch the decoding limit bounded
         // (rejections of tiny events can be a few times their size; a cap failed such calls).
@@ -251,19 +255,28 @@ impl Inner {
         Some((rate, burst))
     }
 
+    /// All of `max_in_flight_bytes`, in KiB.
+    fn in_flight_kib_all(&self) -> u32 {
+        u32::try_from(
+            self.options
+                .max_in_flight_bytes
+                .div_ceil(1024)
+                .clamp(1, Semaphore::MAX_PERMITS),
+        )
+        .unwrap_or(u32::MAX)
+    }
+
     /// Charges a decoded unary request what it holds against `max_in_flight_bytes` (at most all of
-    /// them), or answers `OVERLOADED`.
+    /// them), or answers `OVERLOADED`: for a call served without [`ShedBeforeDecode`], whose
+    /// decoding was not charged.
     fn take_bytes(
         &self,
         request: &v1::PublishRequest,
     ) -> Result<tokio::sync::OwnedSemaphorePermit> {
         let kib = touchline_proto::codec::decoded_request_bytes(request).div_ceil(1024);
-        let all = self
-            .options
-            .max_in_flight_bytes
-            .div_ceil(1024)
-            .clamp(1, Semaphore::MAX_PERMITS);
-        let kib = u32::try_from(kib.clamp(1, all)).unwrap_or(u32::MAX);
+        let kib = u32::try_from(kib.max(1))
+            .unwrap_or(u32::MAX)
+            .min(self.in_flight_kib_all());
         Arc::clone(&self.in_flight_kib)
             .try_acquire_many_owned(kib)
             .map_err(|_| Error::Overloaded {
@@ -411,7 +424,11 @@ impl v1::ingest_service_server::IngestService for IngestService {
                     Some(&partner.partner_id),
                 ),
             }?;
-            let bytes = self.inner.take_bytes(&request)?;
+            // Charged as it was decoded (in the shedding's scope), or now.
+            let bytes = match slot.decoded_charge() {
+                Some(charged) => charged,
+                None => self.inner.take_bytes(&request)?,
+            };
             self.inner.admit(&partner, &request)?;
             // The answer comes before the partner's deadline, counted from the call's arrival
             // (its body took part of it): 90% of it, less 5 ms for the answer's way back.

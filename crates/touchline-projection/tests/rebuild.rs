@@ -473,7 +473,8 @@ fn dead_letters_are_kept_once_and_can_be_discarded_or_requeued() {
 
 /// A dead letter's record that decodes when it is read again (a newer Touchline replaying the
 /// topic) is appended and projected, and its dead letter taken off the list in the same write,
-/// also after a restart; another record at the same place (a wiped broker) leaves it listed.
+/// also after a restart; another record at the same place (a wiped broker) leaves it listed, and
+/// so does a backup reading its cut's dead letters meanwhile.
 /// Before, the event was appended and the dead letter stayed, counted, and its requeue answered
 /// that the event was already in the log.
 #[test]
@@ -498,11 +499,20 @@ fn a_dead_letters_record_that_decodes_when_read_again_takes_it_off_the_list() {
         .expect("applies");
     assert_eq!(store.dead_letter_count(), 2);
 
+    // While a backup reads its cut's dead letters they stay as they were: appended, still listed.
+    let cut = store.backup_cut().expect("a cut");
     let outcome = store
         .apply_replayed(&stream(), vec![good.clone()])
         .expect("applies");
     assert_eq!(outcome.appended, 1);
     assert_eq!(whole_timeline(&store, "cust-1"), ["e1"]);
+    assert_eq!(store.dead_letter_count(), 2, "left as it was at the cut");
+    drop(cut);
+    // Read again after it: already in the log, and taken off the list.
+    let outcome = store
+        .apply_replayed(&stream(), vec![good.clone()])
+        .expect("applies");
+    assert_eq!((outcome.appended, outcome.duplicates), (0, 1));
     assert_eq!(store.dead_letter_count(), 1);
     let listed = store.dead_letters(10).expect("lists");
     assert_eq!(listed.iter().map(|d| d.offset).collect::<Vec<_>>(), [5]);

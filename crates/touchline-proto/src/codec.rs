@@ -87,12 +87,83 @@ impl<U: Message + Default + 'static> Decoder for BoundedDecoder<U> {
                     MAX_DECODED_REQUEST_BYTES >> 20
                 )));
             }
+            // A call served in a budget's scope is charged before it is decoded (see
+            // `DecodeBudget`); others (stream messages) are counted by their own windows.
+            if let Ok(Err(status)) = BUDGET.try_with(|budget| budget.charge(estimate)) {
+                return Err(status);
+            }
         }
         self.inner.decode(buf)
     }
 
     fn buffer_settings(&self) -> BufferSettings {
         self.inner.buffer_settings()
+    }
+}
+
+tokio::task_local! {
+    static BUDGET: DecodeBudget;
+}
+
+/// The budget of bytes that the decoded requests of unary calls hold at once (the ingest service's
+/// `max-in-flight-bytes`), charged by the decoder itself: a request is charged what
+/// `decoded_publish_request` estimates it takes before it is decoded, so that no decoded request
+/// is held uncharged (tonic holds a unary call's decoded message until its body ends). Each call
+/// is served in a [`DecodeBudget::scope`] of its own, whose charge the handler takes
+/// ([`DecodeBudget::charged`]) and holds as long as the request's memory is in use.
+#[derive(Debug, Clone)]
+pub struct DecodeBudget {
+    kib: std::sync::Arc<tokio::sync::Semaphore>,
+    /// All of `kib`: a request estimated above it is charged all of it.
+    all: u32,
+    charged: std::sync::Arc<std::sync::Mutex<Option<tokio::sync::OwnedSemaphorePermit>>>,
+}
+
+impl DecodeBudget {
+    /// A call's scope of `kib`, a budget of `all` KiB shared by the calls.
+    #[must_use]
+    pub fn new(kib: std::sync::Arc<tokio::sync::Semaphore>, all: u32) -> Self {
+        Self {
+            kib,
+            all: all.max(1),
+            charged: std::sync::Arc::default(),
+        }
+    }
+
+    /// Runs `call` (the service's handling of one call) in this scope.
+    pub async fn scope<F: std::future::Future>(self, call: F) -> F::Output {
+        BUDGET.scope(self, call).await
+    }
+
+    /// What the call's decoded request was charged; `None` before it was decoded, or once taken.
+    #[must_use]
+    pub fn charged(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        self.charged
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
+    }
+
+    /// Charges `bytes` (at most all of the budget), or answers `RESOURCE_EXHAUSTED` (`OVERLOADED`).
+    fn charge(&self, bytes: usize) -> Result<(), Status> {
+        use std::time::Duration;
+        let kib = u32::try_from(bytes.div_ceil(1024).max(1)).unwrap_or(u32::MAX);
+        let permit = std::sync::Arc::clone(&self.kib)
+            .try_acquire_many_owned(kib.min(self.all))
+            .map_err(|_| {
+                let mut details = ErrorDetails::with_retry_info(Some(Duration::from_millis(200)));
+                details.set_error_info("OVERLOADED", "touchline.dev", []);
+                Status::with_error_details(
+                    tonic::Code::ResourceExhausted,
+                    "the server is overloaded (the memory of requests being decoded and published, ingest.max-in-flight-bytes, is taken): retry shortly",
+                    details,
+                )
+            })?;
+        *self
+            .charged
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(permit);
+        Ok(())
     }
 }
 
@@ -145,14 +216,22 @@ fn decoded_publish_request(bytes: &[u8]) -> usize {
     estimate
 }
 
-/// The memory a decoded `PublishRequest` holds: its structures, the capacity of its strings,
-/// payloads and event list, and each attribute's slot of its map (two strings, in B-tree nodes
-/// about two thirds full). What the ingest service charges a batch against its budgets of
+/// The memory a decoded `PublishRequest` holds: its structures, its strings, payloads and event
+/// list (each allocation at least 16 bytes, plus 16 of the allocator's), and each attribute's slot
+/// of its map (two strings, in B-tree nodes about half full: prost inserts keys in wire order,
+/// and keys sent sorted leave the nodes half full). What the ingest service charges a batch against its budgets of
 /// bytes: encoded sizes understate it by up to [`MAX_DECODED_PER_ENCODED_BYTE`] times (an
 /// attribute of a few bytes takes a hundred once decoded).
 #[must_use]
 pub fn decoded_request_bytes(request: &v1::PublishRequest) -> usize {
     const SLOT: usize = 2 * std::mem::size_of::<String>();
+    let heap = |capacity: usize| {
+        if capacity == 0 {
+            0
+        } else {
+            capacity.max(16) + 16
+        }
+    };
     let mut bytes = std::mem::size_of::<v1::PublishRequest>()
         .saturating_add(request.batch_id.capacity())
         .saturating_add(
@@ -162,16 +241,16 @@ pub fn decoded_request_bytes(request: &v1::PublishRequest) -> usize {
                 .saturating_mul(std::mem::size_of::<v1::Touchpoint>()),
         );
     for event in &request.events {
-        let strings = event.event_id.capacity()
-            + event.customer_id.capacity()
-            + event.r#type.capacity()
-            + event.payload.capacity();
+        let strings = heap(event.event_id.capacity())
+            + heap(event.customer_id.capacity())
+            + heap(event.r#type.capacity())
+            + heap(event.payload.capacity());
         // A B-tree's nodes hold up to 11 entries of two strings, and are at least half full.
-        let slots = event.attributes.len().saturating_mul(3) / 2;
+        let slots = event.attributes.len().saturating_mul(2);
         let attributes: usize = event
             .attributes
             .iter()
-            .map(|(key, value)| key.capacity() + value.capacity())
+            .map(|(key, value)| heap(key.capacity()) + heap(value.capacity()))
             .sum();
         bytes = bytes
             .saturating_add(strings)

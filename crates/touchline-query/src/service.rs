@@ -185,11 +185,14 @@ fn timeline_query(
         UnixNanos::bound_from_parts(at.seconds, at.nanos)
             .ok_or_else(|| invalid(field, format!("{field} is not a valid timestamp")))
     };
+    // Compared as sent: two bounds past 2262 are both the latest instant, and may be inverted.
+    let inverted = matches!(
+        (&request.from, &request.to),
+        (Some(from), Some(to)) if (from.seconds, from.nanos) > (to.seconds, to.nanos)
+    );
     let from = request.from.map(|at| bound(at, "from")).transpose()?;
     let to = request.to.map(|at| bound(at, "to")).transpose()?;
-    if let (Some(from), Some(to)) = (from, to)
-        && from > to
-    {
+    if inverted {
         return Err(invalid("to", "to is before from"));
     }
     let partners = request
@@ -502,6 +505,14 @@ mod tests {
         assert_eq!(near.filter.to, Some(UnixNanos(1_800_000_000_000_000_005)));
         assert_eq!(
             refused_field(query(|request| request.to = at(253_402_300_800, 0))),
+            "to"
+        );
+        // Inverted past 2262, where both are the latest instant.
+        assert_eq!(
+            refused_field(query(|request| {
+                request.from = at(13_000_000_000, 0);
+                request.to = at(10_000_000_000, 0);
+            })),
             "to"
         );
         assert_eq!(

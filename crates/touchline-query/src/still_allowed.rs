@@ -75,17 +75,32 @@ impl StillAllowed {
     }
 }
 
-/// `stream` while its caller is allowed (asked before each item: once revoked, the items queued
-/// behind are dropped, not sent), then the caller's error. The producer of `stream` only has to
-/// stop once it sees the revocation: its caller is told here, even when the producer could not
-/// queue anything more for a caller that does not read.
+/// `stream` while its caller is allowed (asked before each item, and every [`PERIOD`] while
+/// `stream` has nothing: once revoked, the items queued behind are dropped, not sent), then the
+/// caller's error. The producer of `stream` only has to stop once it sees the revocation (its
+/// receiver is dropped here): its caller is told here, even when the producer could not queue
+/// anything more for a caller that does not read, or is itself waiting (a watch's catch-up for a
+/// read permit, a backup for the writer).
 pub(crate) fn until_revoked<W: Send + 'static>(
     stream: impl Stream<Item = Result<W, Status>> + Send + 'static,
     still_allowed: Arc<StillAllowed>,
 ) -> impl Stream<Item = Result<W, Status>> + Send + 'static {
     let asked = Arc::clone(&still_allowed);
+    let watched = Arc::clone(&still_allowed);
+    let revoked = async move {
+        let mut check = tokio::time::interval_at(tokio::time::Instant::now() + PERIOD, PERIOD);
+        check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            check.tick().await;
+            if watched.revoked().is_some() {
+                return;
+            }
+        }
+    };
     ending_with(
-        stream.take_while(move |_| std::future::ready(asked.revoked().is_none())),
+        stream
+            .take_while(move |_| std::future::ready(asked.revoked().is_none()))
+            .take_until(revoked),
         move || still_allowed.seen(),
     )
 }
@@ -124,4 +139,35 @@ pub(crate) async fn send_while_allowed<M>(
 
 pub(crate) fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A stream whose producer has nothing to send for a while (waiting for a read permit, say)
+    /// still ends with the caller's error within about a period of the revocation.
+    #[tokio::test]
+    async fn a_stream_that_sends_nothing_ends_once_its_caller_is_revoked() {
+        let allowed = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let still = Arc::clone(&allowed);
+        let still_allowed = Arc::new(StillAllowed::new(move || {
+            if still.load(std::sync::atomic::Ordering::SeqCst) {
+                Ok(())
+            } else {
+                Err(Status::permission_denied("revoked"))
+            }
+        }));
+        let silent = futures::stream::pending::<Result<(), Status>>();
+        let mut stream = Box::pin(until_revoked(silent, still_allowed));
+        allowed.store(false, std::sync::atomic::Ordering::SeqCst);
+        let ended = tokio::time::timeout(PERIOD * 5, stream.next())
+            .await
+            .expect("ended within a few periods");
+        assert_eq!(
+            ended.map(|item| item.map_err(|status| status.code())),
+            Some(Err(tonic::Code::PermissionDenied))
+        );
+        assert!(stream.next().await.is_none());
+    }
 }

@@ -12,6 +12,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tonic::codegen::{BoxFuture, Context, Poll, Service, http};
 use tonic::server::NamedService;
 use touchline_core::PartnerId;
+use touchline_proto::codec::DecodeBudget;
 
 use super::timed_body::TimedBody;
 use crate::auth::Authenticated;
@@ -34,6 +35,8 @@ pub(crate) struct Slot {
     #[allow(dead_code, reason = "held, never read")]
     permits: Arc<(OwnedSemaphorePermit, Option<OwnedSemaphorePermit>)>,
     arrived: Instant,
+    /// The call's scope of `max-in-flight-bytes`, which its decoding is charged against.
+    budget: Option<DecodeBudget>,
 }
 
 impl Slot {
@@ -56,6 +59,7 @@ impl Slot {
             .map(|permit| Self {
                 permits: Arc::new((permit, share)),
                 arrived: Instant::now(),
+                budget: None,
             })
             .map_err(|_| Error::Overloaded {
                 retry_after: RETRY_AFTER,
@@ -66,6 +70,12 @@ impl Slot {
     pub(crate) fn arrived(&self) -> Instant {
         self.arrived
     }
+
+    /// What the call's request was charged of `max-in-flight-bytes` as it was decoded; `None`
+    /// when it was decoded outside a budget's scope (served without [`ShedBeforeDecode`]).
+    pub(crate) fn decoded_charge(&self) -> Option<OwnedSemaphorePermit> {
+        self.budget.as_ref().and_then(DecodeBudget::charged)
+    }
 }
 
 /// What [`ShedBeforeDecode`] sheds by.
@@ -74,6 +84,8 @@ pub(crate) struct Shedding {
     in_flight: Arc<Semaphore>,
     calls: PartnerPermits,
     body_timeout: Duration,
+    /// `max-in-flight-bytes` in KiB, and all of it.
+    bytes: (Arc<Semaphore>, u32),
 }
 
 /// The ingest server, behind the shedding of unary calls.
@@ -90,11 +102,13 @@ impl Shedding {
         in_flight: Arc<Semaphore>,
         calls: PartnerPermits,
         body_timeout: Duration,
+        bytes: (Arc<Semaphore>, u32),
     ) -> Self {
         Self {
             in_flight,
             calls,
             body_timeout,
+            bytes,
         }
     }
 
@@ -108,11 +122,13 @@ impl Shedding {
 
     /// The slots of a call of `partner` (`None` when the call was not authenticated here).
     fn admit(&self, partner: Option<&Authenticated>) -> Result<Slot, Error> {
-        Slot::take(
+        let mut slot = Slot::take(
             &self.in_flight,
             &self.calls,
             partner.map(|partner| &partner.partner_id),
-        )
+        )?;
+        slot.budget = Some(DecodeBudget::new(Arc::clone(&self.bytes.0), self.bytes.1));
+        Ok(slot)
     }
 }
 
@@ -132,11 +148,13 @@ where
 
     fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
         let (mut parts, body) = request.into_parts();
+        let mut budget = None;
         let body = if parts.uri.path() == PUBLISH {
             let partner = parts.extensions.get::<Authenticated>();
             let partner_id = partner.map(|partner| partner.partner_id.clone());
             match self.shedding.admit(partner) {
                 Ok(slot) => {
+                    budget.clone_from(&slot.budget);
                     parts.extensions.insert(slot);
                 }
                 Err(shed) => {
@@ -152,7 +170,12 @@ where
         } else {
             TimedBody::untimed(body)
         };
-        Box::pin(self.inner.call(http::Request::from_parts(parts, body)))
+        let call = self.inner.call(http::Request::from_parts(parts, body));
+        // Decoded in the call's budget scope: its request is charged before it is decoded.
+        match budget {
+            Some(budget) => Box::pin(budget.scope(call)),
+            None => Box::pin(call),
+        }
     }
 }
 

@@ -183,7 +183,9 @@ impl SledStore {
             }
             match record.content {
                 RecordContent::Event { envelope, raw } => {
-                    if dead_letters > 0 {
+                    // Not while a backup reads its cut's dead letters (they must stay as they
+                    // were at the cut, as for a requeue): a later re-read or a requeue clears it.
+                    if dead_letters > 0 && self.backup_readers.load(Ordering::Acquire) == 0 {
                         let place = keys::position(stream_key, record.partition);
                         if writer.maybe_dead_lettered(&place, record.offset)
                             && let Some(id) = self.dead_letter_of(

@@ -237,7 +237,10 @@ mod tests {
             other => panic!("expected the caller's error, got {other:?}"),
         }
         assert!(next(&mut stream).await.is_none(), "and then the end");
-        // The stream no longer listens to the progress.
+        // The stream no longer listens to the progress (its producer sees the stream gone).
+        tokio::time::timeout(Duration::from_secs(30), progress.closed())
+            .await
+            .expect("the producer lets the progress go");
         assert!(progress.send(2).is_err());
     }
 }
