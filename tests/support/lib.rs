@@ -655,25 +655,24 @@ pub async fn publish_not_protobuf(channel: &Channel, token: &str) -> anyhow::Res
     }
 }
 
-/// Sends `request` as a unary `Publish` of the partner of `token` whose body then stays open: the
-/// message goes, the end of the stream never comes, so the server decodes the request and waits
-/// for the end (until `ingest.request-body-timeout-ms`). Returns how the call ended.
+/// Sends `requests` as the body of a unary `Publish` of the partner of `token` that then stays
+/// open: the messages go, the end of the stream never comes, so the server decodes the request
+/// (and the messages after it) and waits for the end (until `ingest.request-body-timeout-ms`).
+/// Returns how the call ended.
 ///
 /// # Errors
 /// When the channel fails, or the call is answered as if its body had ended.
 pub async fn publish_holding_the_body(
     channel: Channel,
     token: &'static str,
-    request: PublishRequest,
+    requests: Vec<PublishRequest>,
 ) -> anyhow::Result<tonic::Status> {
     let mut grpc = tonic::client::Grpc::new(channel);
     grpc.ready().await?;
     let path = http::uri::PathAndQuery::from_static("/touchline.v1.IngestService/Publish");
-    let message = prost::Message::encode_to_vec(&request);
-    let body = futures::StreamExt::chain(
-        futures::stream::once(async move { message }),
-        futures::stream::pending(),
-    );
+    let messages: Vec<Vec<u8>> = requests.iter().map(prost::Message::encode_to_vec).collect();
+    let body =
+        futures::StreamExt::chain(futures::stream::iter(messages), futures::stream::pending());
     match grpc
         .client_streaming(authorized(body, token), path, RawCodec)
         .await

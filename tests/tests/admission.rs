@@ -426,18 +426,24 @@ async fn a_request_is_charged_its_decoded_size_as_it_is_decoded() -> anyhow::Res
     wide.attributes = (0..10_000)
         .map(|i| (format!("{i:04x}"), String::new()))
         .collect();
+    // A second, empty message after it adds its charge (tonic decodes it too): it does not
+    // replace the first's.
     let holder = tokio::spawn(touchline_tests::publish_holding_the_body(
         channel.clone(),
         COURIER.1,
-        v1::PublishRequest {
-            events: vec![wide],
-            batch_id: String::new(),
-        },
+        vec![
+            v1::PublishRequest {
+                events: vec![wide],
+                batch_id: String::new(),
+            },
+            v1::PublishRequest::default(),
+        ],
     ));
     let shed =
         wait_until_shed(&channel, RETAILER.1, "OVERLOADED", || !holder.is_finished()).await?;
     assert_eq!(shed.code(), Code::ResourceExhausted);
     assert!(shed.get_details_retry_info().is_some());
+    assert!(touchline_tests::shed_calls(RETAILER.0, "OVERLOADED") >= 1);
     holder.abort();
     let mut ingest = ingest_client(&node).await?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);

@@ -89,7 +89,9 @@ impl<U: Message + Default + 'static> Decoder for BoundedDecoder<U> {
             }
             // A call served in a budget's scope is charged before it is decoded (see
             // `DecodeBudget`); others (stream messages) are counted by their own windows.
-            if let Ok(Err(status)) = BUDGET.try_with(|budget| budget.charge(estimate)) {
+            if let Ok(Err(status)) =
+                BUDGET.try_with(|budget| budget.charge(charged_publish_request(bytes)))
+            {
                 return Err(status);
             }
         }
@@ -117,6 +119,8 @@ pub struct DecodeBudget {
     /// All of `kib`: a request estimated above it is charged all of it.
     all: u32,
     charged: std::sync::Arc<std::sync::Mutex<Option<tokio::sync::OwnedSemaphorePermit>>>,
+    /// Whether a message of the call found the budget taken.
+    refused: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl DecodeBudget {
@@ -127,7 +131,14 @@ impl DecodeBudget {
             kib,
             all: all.max(1),
             charged: std::sync::Arc::default(),
+            refused: std::sync::Arc::default(),
         }
+    }
+
+    /// Whether the call was answered `OVERLOADED` for want of budget (for its metrics).
+    #[must_use]
+    pub fn refused(&self) -> bool {
+        self.refused.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Runs `call` (the service's handling of one call) in this scope.
@@ -145,12 +156,16 @@ impl DecodeBudget {
     }
 
     /// Charges `bytes` (at most all of the budget), or answers `RESOURCE_EXHAUSTED` (`OVERLOADED`).
+    /// Every message of the call is charged, and the charges add up: tonic decodes (and drops) the
+    /// messages after the first of a unary body too.
     fn charge(&self, bytes: usize) -> Result<(), Status> {
         use std::time::Duration;
         let kib = u32::try_from(bytes.div_ceil(1024).max(1)).unwrap_or(u32::MAX);
         let permit = std::sync::Arc::clone(&self.kib)
             .try_acquire_many_owned(kib.min(self.all))
             .map_err(|_| {
+                self.refused
+                    .store(true, std::sync::atomic::Ordering::Release);
                 let mut details = ErrorDetails::with_retry_info(Some(Duration::from_millis(200)));
                 details.set_error_info("OVERLOADED", "touchline.dev", []);
                 Status::with_error_details(
@@ -159,10 +174,14 @@ impl DecodeBudget {
                     details,
                 )
             })?;
-        *self
+        let mut charged = self
             .charged
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(permit);
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match charged.as_mut() {
+            Some(earlier) => earlier.merge(permit),
+            None => *charged = Some(permit),
+        }
         Ok(())
     }
 }
@@ -194,26 +213,57 @@ fn too_many_fields(message: String) -> Status {
 /// a `Touchpoint` and per field of the event [`DECODED_FIELD_BYTES`]. A group anywhere makes it
 /// `usize::MAX` (see [`top_level_fields`]).
 fn decoded_publish_request(bytes: &[u8]) -> usize {
-    let mut estimate = bytes.len();
+    publish_request_shape(bytes).map_or(usize::MAX, |(events, nested)| {
+        bytes
+            .len()
+            .saturating_add(events.saturating_mul(std::mem::size_of::<v1::Touchpoint>()))
+            .saturating_add(nested.saturating_mul(DECODED_FIELD_BYTES))
+    })
+}
+
+/// What a unary request is charged of the ingest service's budget as it is decoded: an estimate
+/// from its encoded fields meant to be at least [`decoded_request_bytes`] of the decoded request
+/// (the event list grown to a power of two, [`CHARGED_FIELD_BYTES`] a nested field).
+fn charged_publish_request(bytes: &[u8]) -> usize {
+    publish_request_shape(bytes).map_or(usize::MAX, |(events, nested)| {
+        // A vector grows to 4, then doubles.
+        let list = events
+            .checked_next_power_of_two()
+            .unwrap_or(usize::MAX)
+            .max(4)
+            .saturating_mul(std::mem::size_of::<v1::Touchpoint>());
+        bytes
+            .len()
+            .saturating_add(std::mem::size_of::<v1::PublishRequest>())
+            .saturating_add(list)
+            .saturating_add(nested.saturating_mul(CHARGED_FIELD_BYTES))
+    })
+}
+
+/// What a nested field is charged (see [`charged_publish_request`]): an attribute's two strings
+/// in a B-tree about half full (96 bytes), and an allocation of at least 32 bytes for each.
+const CHARGED_FIELD_BYTES: usize = 160;
+
+/// The events of an encoded `PublishRequest` and the fields nested in them; `None` for a group
+/// anywhere.
+fn publish_request_shape(bytes: &[u8]) -> Option<(usize, usize)> {
+    let (mut events, mut nested) = (0_usize, 0_usize);
     for field in fields(bytes) {
         match field {
-            Field::Group => return usize::MAX,
+            Field::Group => return None,
             Field::Delimited { number: 1, payload } => {
-                let mut nested = 0_usize;
+                events += 1;
                 for field in fields(payload) {
                     if matches!(field, Field::Group) {
-                        return usize::MAX;
+                        return None;
                     }
                     nested += 1;
                 }
-                estimate = estimate
-                    .saturating_add(std::mem::size_of::<v1::Touchpoint>())
-                    .saturating_add(nested.saturating_mul(DECODED_FIELD_BYTES));
             }
             Field::Delimited { .. } | Field::Scalar => {}
         }
     }
-    estimate
+    Some((events, nested))
 }
 
 /// The memory a decoded `PublishRequest` holds: its structures, its strings, payloads and event
@@ -482,5 +532,35 @@ mod tests {
         let encoded = tiny.encoded_len();
         let decoded = decoded_request_bytes(&tiny);
         assert!(decoded > 8 * encoded, "{decoded} for {encoded}");
+
+        // What a unary call is charged as it is decoded is at least what it then holds.
+        let one_letter = v1::PublishRequest {
+            events: vec![
+                v1::Touchpoint {
+                    event_id: "e".to_owned(),
+                    attributes: (0..32_u8)
+                        .map(|i| (char::from(b'a' + i % 26).to_string(), "v".to_owned()))
+                        .collect(),
+                    ..v1::Touchpoint::default()
+                };
+                3
+            ],
+            batch_id: String::new(),
+        };
+        let empty_events = |count| v1::PublishRequest {
+            events: vec![v1::Touchpoint::default(); count],
+            batch_id: String::new(),
+        };
+        let (one, five) = (empty_events(1), empty_events(5));
+        for request in [&ordinary, &tiny, &one_letter, &one, &five] {
+            let bytes = request.encode_to_vec();
+            let decoded = v1::PublishRequest::decode(bytes.as_slice()).expect("decodes");
+            assert!(
+                charged_publish_request(&bytes) >= decoded_request_bytes(&decoded),
+                "{} charged, {} held",
+                charged_publish_request(&bytes),
+                decoded_request_bytes(&decoded)
+            );
+        }
     }
 }

@@ -148,10 +148,10 @@ where
 
     fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
         let (mut parts, body) = request.into_parts();
-        let mut budget = None;
+        let (mut budget, mut partner_id) = (None, None);
         let body = if parts.uri.path() == PUBLISH {
             let partner = parts.extensions.get::<Authenticated>();
-            let partner_id = partner.map(|partner| partner.partner_id.clone());
+            partner_id = partner.map(|partner| partner.partner_id.clone());
             match self.shedding.admit(partner) {
                 Ok(slot) => {
                     budget.clone_from(&slot.budget);
@@ -166,14 +166,22 @@ where
                 }
             }
             // From here the call holds its slots: its body must come in time.
-            TimedBody::within(body, self.shedding.body_timeout, partner_id)
+            TimedBody::within(body, self.shedding.body_timeout, partner_id.clone())
         } else {
             TimedBody::untimed(body)
         };
         let call = self.inner.call(http::Request::from_parts(parts, body));
         // Decoded in the call's budget scope: its request is charged before it is decoded.
         match budget {
-            Some(budget) => Box::pin(budget.scope(call)),
+            Some(budget) => Box::pin(async move {
+                let answered = budget.clone().scope(call).await;
+                if budget.refused()
+                    && let Some(partner) = partner_id
+                {
+                    INGEST.count_shed(&partner, "OVERLOADED");
+                }
+                answered
+            }),
             None => Box::pin(call),
         }
     }
