@@ -406,6 +406,28 @@ async fn a_call_that_finds_the_server_full_is_shed_before_it_is_decoded() -> any
     Ok(())
 }
 
+/// A unary `Publish` of the courier whose request is one event of 10,000 attributes (about 70 KB
+/// sent, over a MiB once decoded), then the `more` messages, its body then kept open.
+fn hold_a_wide_call(
+    channel: &tonic::transport::Channel,
+    more: Vec<v1::PublishRequest>,
+) -> tokio::task::JoinHandle<anyhow::Result<tonic::Status>> {
+    let mut wide = touchpoint("wide", "gina", "parcel.scanned", 1, JourneyStage::Fulfil);
+    wide.attributes = (0..10_000)
+        .map(|i| (format!("{i:04x}"), String::new()))
+        .collect();
+    let mut requests = vec![v1::PublishRequest {
+        events: vec![wide],
+        batch_id: String::new(),
+    }];
+    requests.extend(more);
+    tokio::spawn(touchline_tests::publish_holding_the_body(
+        channel.clone(),
+        COURIER.1,
+        requests,
+    ))
+}
+
 /// A unary call is charged what its request would hold once decoded (`ingest.max-in-flight-bytes`)
 /// as it is decoded, before the server waits for the end of its body: a call that keeps its body
 /// open keeps its charge, and a call that does not fit beside it is answered `OVERLOADED` without
@@ -421,24 +443,9 @@ async fn a_request_is_charged_its_decoded_size_as_it_is_decoded() -> anyhow::Res
     })
     .await?;
     let channel = node.target().connect().await?;
-    // One event of 10,000 attributes: about 70 KB sent, over a MiB once decoded.
-    let mut wide = touchpoint("wide", "gina", "parcel.scanned", 1, JourneyStage::Fulfil);
-    wide.attributes = (0..10_000)
-        .map(|i| (format!("{i:04x}"), String::new()))
-        .collect();
     // A second, empty message after it adds its charge (tonic decodes it too): it does not
     // replace the first's.
-    let holder = tokio::spawn(touchline_tests::publish_holding_the_body(
-        channel.clone(),
-        COURIER.1,
-        vec![
-            v1::PublishRequest {
-                events: vec![wide],
-                batch_id: String::new(),
-            },
-            v1::PublishRequest::default(),
-        ],
-    ));
+    let holder = hold_a_wide_call(&channel, vec![v1::PublishRequest::default()]);
     let shed =
         wait_until_shed(&channel, RETAILER.1, "OVERLOADED", || !holder.is_finished()).await?;
     assert_eq!(shed.code(), Code::ResourceExhausted);
@@ -464,6 +471,41 @@ async fn a_request_is_charged_its_decoded_size_as_it_is_decoded() -> anyhow::Res
             Err(status) => anyhow::bail!("refused: {status:?}"),
         }
     }
+    node.shutdown().await
+}
+
+/// A partner's unary calls hold at most its share of the server's bytes
+/// (`ingest.max-in-flight-bytes-per-partner`): while one of its calls holds all of its share (its
+/// body kept open), its next call is answered `TOO_MANY_CALLS` without being decoded, and another
+/// partner's calls go through. Before, one partner could hold every byte of the server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partner_holds_at_most_its_share_of_the_servers_bytes() -> anyhow::Result<()> {
+    let broker = start_mock_broker();
+    let dir = tempfile::tempdir()?;
+    let node = start_node_with(&broker, dir.path(), partners(), |config| {
+        config.ingest.max_in_flight_bytes = 4 << 20;
+        config.ingest.max_in_flight_bytes_per_partner = 1 << 20;
+        config.ingest.rate_per_second = None;
+    })
+    .await?;
+    let channel = node.target().connect().await?;
+    // Over a MiB once decoded: all of the courier's share.
+    let holder = hold_a_wide_call(&channel, Vec::new());
+    let refused = wait_until_shed(&channel, COURIER.1, "TOO_MANY_CALLS", || {
+        !holder.is_finished()
+    })
+    .await?;
+    assert_eq!(refused.code(), Code::ResourceExhausted);
+    assert!(refused.get_details_retry_info().is_some());
+    // Another partner is not held back by it.
+    let mut ingest = ingest_client(&node).await?;
+    assert_eq!(
+        publish(&mut ingest, RETAILER.1, batch("other", 1))
+            .await?
+            .accepted,
+        1
+    );
+    holder.abort();
     node.shutdown().await
 }
 

@@ -183,6 +183,12 @@ impl PartnerPermits {
         )
     }
 
+    /// `partner`'s semaphore, and how many permits it has in all.
+    #[must_use]
+    pub fn of(&self, partner: &PartnerId) -> (Arc<Semaphore>, usize) {
+        (self.semaphore(partner), self.max)
+    }
+
     /// One of `partner`'s slots, if one is free now.
     #[must_use]
     pub fn try_take(&self, partner: &PartnerId) -> Option<OwnedSemaphorePermit> {

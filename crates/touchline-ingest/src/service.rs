@@ -67,6 +67,9 @@ pub struct IngestOptions {
     /// size): a call that finds them taken is answered `OVERLOADED` (after its decoding, which
     /// the codec bounds). A request larger than all of them is charged all of them.
     pub max_in_flight_bytes: usize,
+    /// Of `max_in_flight_bytes`, what the requests of one partner's unary calls may hold at once
+    /// (never all of it): past it a call is answered `TOO_MANY_CALLS` without being decoded.
+    pub max_in_flight_bytes_per_partner: usize,
     /// In-flight slots one partner may hold: its unary `Publish` calls (from their headers to
     /// their answer) and its stream batches being published, so that one partner cannot take
     /// every in-flight slot.
@@ -88,6 +91,7 @@ impl Default for IngestOptions {
             max_streams_per_partner: 8,
             max_in_flight_batches: 512,
             max_in_flight_bytes: 256 * 1024 * 1024,
+            max_in_flight_bytes_per_partner: 64 * 1024 * 1024,
             max_calls_per_partner: 64,
             request_body_timeout: Duration::from_secs(30),
         }
@@ -112,6 +116,8 @@ struct Inner {
     in_flight: Arc<Semaphore>,
     /// `max_in_flight_bytes`, in KiB (so that a large budget fits a semaphore's permits).
     in_flight_kib: Arc<Semaphore>,
+    /// Each partner's share of `in_flight_kib`.
+    partner_kib: PartnerPermits,
     /// Cancelled when the server starts shutting down: streams stop reading new batches, answer
     /// the ones in flight and end with `UNAVAILABLE` so the partner reconnects elsewhere.
     draining: CancellationToken,
@@ -136,6 +142,14 @@ impl IngestService {
             options.max_calls_per_partner,
             options.max_in_flight_batches.max(1),
         );
+        // In KiB, never all of the server's: another partner always finds some.
+        let partner_kib = PartnerPermits::new(
+            options.max_in_flight_bytes_per_partner.div_ceil(1024),
+            options
+                .max_in_flight_bytes
+                .div_ceil(1024)
+                .clamp(1, Semaphore::MAX_PERMITS),
+        );
         Self {
             inner: Arc::new(Inner {
                 partners,
@@ -146,6 +160,7 @@ impl IngestService {
                 calls,
                 in_flight,
                 in_flight_kib,
+                partner_kib,
                 draining,
             }),
         }
@@ -169,6 +184,7 @@ impl IngestService {
                 Arc::clone(&self.inner.in_flight_kib),
                 self.inner.in_flight_kib_all(),
             ),
+            self.inner.partner_kib.clone(),
         );
         // Answers are not capped: one result per event of a batch the decoding limit bounded
         // (rejections of tiny events can be a few times their size; a cap failed such calls).
@@ -427,7 +443,7 @@ impl v1::ingest_service_server::IngestService for IngestService {
             // Charged as it was decoded (in the shedding's scope), or now.
             let bytes = match slot.decoded_charge() {
                 Some(charged) => charged,
-                None => self.inner.take_bytes(&request)?,
+                None => vec![self.inner.take_bytes(&request)?],
             };
             self.inner.admit(&partner, &request)?;
             // The answer comes before the partner's deadline, counted from the call's arrival

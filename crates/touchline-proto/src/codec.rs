@@ -107,38 +107,69 @@ tokio::task_local! {
     static BUDGET: DecodeBudget;
 }
 
-/// The budget of bytes that the decoded requests of unary calls hold at once (the ingest service's
-/// `max-in-flight-bytes`), charged by the decoder itself: a request is charged what
-/// `decoded_publish_request` estimates it takes before it is decoded, so that no decoded request
-/// is held uncharged (tonic holds a unary call's decoded message until its body ends). Each call
-/// is served in a [`DecodeBudget::scope`] of its own, whose charge the handler takes
-/// ([`DecodeBudget::charged`]) and holds as long as the request's memory is in use.
+/// The budgets of bytes that the decoded requests of unary calls hold at once (the ingest
+/// service's `max-in-flight-bytes`, and each partner's share of it), charged by the decoder
+/// itself: a request is charged what `charged_publish_request` estimates it takes before it is
+/// decoded, so that no decoded request is held uncharged (tonic holds a unary call's decoded
+/// message until its body ends). Each call is served in a [`DecodeBudget::scope`] of its own,
+/// whose charge the handler takes ([`DecodeBudget::charged`]) and holds as long as the request's
+/// memory is in use.
 #[derive(Debug, Clone)]
 pub struct DecodeBudget {
+    pools: std::sync::Arc<[BytePool]>,
+    /// A permit of each pool, once charged.
+    charged: std::sync::Arc<std::sync::Mutex<Vec<tokio::sync::OwnedSemaphorePermit>>>,
+    /// The reason of the pool that refused a message of the call, if one did.
+    refused: std::sync::Arc<std::sync::Mutex<Option<&'static str>>>,
+}
+
+/// One budget a call is charged against, in KiB.
+#[derive(Debug)]
+pub struct BytePool {
     kib: std::sync::Arc<tokio::sync::Semaphore>,
     /// All of `kib`: a request estimated above it is charged all of it.
     all: u32,
-    charged: std::sync::Arc<std::sync::Mutex<Option<tokio::sync::OwnedSemaphorePermit>>>,
-    /// Whether a message of the call found the budget taken.
-    refused: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// The `ErrorInfo.reason` and the message of a call that does not fit.
+    reason: &'static str,
+    message: &'static str,
 }
 
-impl DecodeBudget {
-    /// A call's scope of `kib`, a budget of `all` KiB shared by the calls.
+impl BytePool {
+    /// `all` KiB of `kib`; a call that does not fit is refused with `reason` and `message`.
     #[must_use]
-    pub fn new(kib: std::sync::Arc<tokio::sync::Semaphore>, all: u32) -> Self {
+    pub fn new(
+        kib: std::sync::Arc<tokio::sync::Semaphore>,
+        all: u32,
+        reason: &'static str,
+        message: &'static str,
+    ) -> Self {
         Self {
             kib,
             all: all.max(1),
+            reason,
+            message,
+        }
+    }
+}
+
+impl DecodeBudget {
+    /// A call's scope of `pools`, charged in their order.
+    #[must_use]
+    pub fn new(pools: Vec<BytePool>) -> Self {
+        Self {
+            pools: pools.into(),
             charged: std::sync::Arc::default(),
             refused: std::sync::Arc::default(),
         }
     }
 
-    /// Whether the call was answered `OVERLOADED` for want of budget (for its metrics).
+    /// The reason the call was refused for want of budget, if it was (for its metrics).
     #[must_use]
-    pub fn refused(&self) -> bool {
-        self.refused.load(std::sync::atomic::Ordering::Acquire)
+    pub fn refused(&self) -> Option<&'static str> {
+        *self
+            .refused
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Runs `call` (the service's handling of one call) in this scope.
@@ -146,42 +177,48 @@ impl DecodeBudget {
         BUDGET.scope(self, call).await
     }
 
-    /// What the call's decoded request was charged; `None` before it was decoded, or once taken.
+    /// What the call's decoded request was charged; empty before it was decoded, or once taken.
     #[must_use]
-    pub fn charged(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
-        self.charged
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .take()
+    pub fn charged(&self) -> Vec<tokio::sync::OwnedSemaphorePermit> {
+        std::mem::take(
+            &mut *self
+                .charged
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
     }
 
-    /// Charges `bytes` (at most all of the budget), or answers `RESOURCE_EXHAUSTED` (`OVERLOADED`).
-    /// Every message of the call is charged, and the charges add up: tonic decodes (and drops) the
-    /// messages after the first of a unary body too.
+    /// Charges `bytes` to each pool (at most all of it), or answers `RESOURCE_EXHAUSTED` with the
+    /// reason of the first pool it does not fit (then nothing of this message stays charged).
+    /// Every message of the call is charged, and the charges add up: tonic decodes (and drops)
+    /// the messages after the first of a unary body too.
     fn charge(&self, bytes: usize) -> Result<(), Status> {
         use std::time::Duration;
         let kib = u32::try_from(bytes.div_ceil(1024).max(1)).unwrap_or(u32::MAX);
-        let permit = std::sync::Arc::clone(&self.kib)
-            .try_acquire_many_owned(kib.min(self.all))
-            .map_err(|_| {
-                self.refused
-                    .store(true, std::sync::atomic::Ordering::Release);
-                let mut details = ErrorDetails::with_retry_info(Some(Duration::from_millis(200)));
-                details.set_error_info("OVERLOADED", "touchline.dev", []);
-                Status::with_error_details(
-                    tonic::Code::ResourceExhausted,
-                    "the server is overloaded (the memory of requests being decoded and published, ingest.max-in-flight-bytes, is taken): retry shortly",
-                    details,
-                )
-            })?;
-        let mut charged = self
-            .charged
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        match charged.as_mut() {
-            Some(earlier) => earlier.merge(permit),
-            None => *charged = Some(permit),
+        let mut permits = Vec::with_capacity(self.pools.len());
+        for pool in self.pools.iter() {
+            let permit = std::sync::Arc::clone(&pool.kib)
+                .try_acquire_many_owned(kib.min(pool.all))
+                .map_err(|_| {
+                    *self
+                        .refused
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(pool.reason);
+                    let mut details =
+                        ErrorDetails::with_retry_info(Some(Duration::from_millis(200)));
+                    details.set_error_info(pool.reason, "touchline.dev", []);
+                    Status::with_error_details(
+                        tonic::Code::ResourceExhausted,
+                        pool.message,
+                        details,
+                    )
+                })?;
+            permits.push(permit);
         }
+        self.charged
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .extend(permits);
         Ok(())
     }
 }

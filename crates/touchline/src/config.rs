@@ -177,6 +177,9 @@ pub struct IngestConfig {
     /// Bytes the decoded requests of unary calls in flight may hold at once, server-wide (each
     /// charged what it holds once decoded); unary calls past it are answered `OVERLOADED`.
     pub max_in_flight_bytes: usize,
+    /// Of `max-in-flight-bytes`, what one partner's unary calls may hold at once; past it its
+    /// calls are answered `TOO_MANY_CALLS`.
+    pub max_in_flight_bytes_per_partner: usize,
     /// In-flight slots one partner may hold (unary calls and stream batches); unary calls past
     /// it are shed, stream batches wait.
     pub max_calls_per_partner: usize,
@@ -202,6 +205,7 @@ impl Default for IngestConfig {
             max_streams_per_partner: defaults.max_streams_per_partner,
             max_in_flight_batches: defaults.max_in_flight_batches,
             max_in_flight_bytes: defaults.max_in_flight_bytes,
+            max_in_flight_bytes_per_partner: defaults.max_in_flight_bytes_per_partner,
             max_calls_per_partner: defaults.max_calls_per_partner,
             request_body_timeout_ms: 30_000,
             limits: LimitsConfig::default(),
@@ -224,6 +228,7 @@ impl IngestConfig {
             max_streams_per_partner: self.max_streams_per_partner,
             max_in_flight_batches: self.max_in_flight_batches,
             max_in_flight_bytes: self.max_in_flight_bytes,
+            max_in_flight_bytes_per_partner: self.max_in_flight_bytes_per_partner,
             max_calls_per_partner: self.max_calls_per_partner,
             request_body_timeout: std::time::Duration::from_millis(self.request_body_timeout_ms),
         }
@@ -567,7 +572,7 @@ impl Config {
     /// these bounds are mistakes that would only fail later (a semaphore that cannot hold them).
     fn check_sizes(&self) -> anyhow::Result<()> {
         let ingest = &self.ingest;
-        let checks: [(&str, u64, u64, u64); 17] = [
+        let checks: [(&str, u64, u64, u64); 18] = [
             (
                 "ingest.request-body-timeout-ms",
                 ingest.request_body_timeout_ms,
@@ -619,6 +624,12 @@ impl Config {
             (
                 "ingest.max-in-flight-bytes",
                 count(ingest.max_in_flight_bytes),
+                1 << 20,
+                1 << 40,
+            ),
+            (
+                "ingest.max-in-flight-bytes-per-partner",
+                count(ingest.max_in_flight_bytes_per_partner),
                 1 << 20,
                 1 << 40,
             ),

@@ -12,7 +12,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tonic::codegen::{BoxFuture, Context, Poll, Service, http};
 use tonic::server::NamedService;
 use touchline_core::PartnerId;
-use touchline_proto::codec::DecodeBudget;
+use touchline_proto::codec::{BytePool, DecodeBudget};
 
 use super::timed_body::TimedBody;
 use crate::auth::Authenticated;
@@ -71,10 +71,11 @@ impl Slot {
         self.arrived
     }
 
-    /// What the call's request was charged of `max-in-flight-bytes` as it was decoded; `None`
-    /// when it was decoded outside a budget's scope (served without [`ShedBeforeDecode`]).
-    pub(crate) fn decoded_charge(&self) -> Option<OwnedSemaphorePermit> {
-        self.budget.as_ref().and_then(DecodeBudget::charged)
+    /// What the call's request was charged of `max-in-flight-bytes` (and of its partner's share)
+    /// as it was decoded; `None` when it was decoded outside a budget's scope (served without
+    /// [`ShedBeforeDecode`]).
+    pub(crate) fn decoded_charge(&self) -> Option<Vec<OwnedSemaphorePermit>> {
+        self.budget.as_ref().map(DecodeBudget::charged)
     }
 }
 
@@ -86,6 +87,8 @@ pub(crate) struct Shedding {
     body_timeout: Duration,
     /// `max-in-flight-bytes` in KiB, and all of it.
     bytes: (Arc<Semaphore>, u32),
+    /// Each partner's share of them, in KiB.
+    partner_bytes: PartnerPermits,
 }
 
 /// The ingest server, behind the shedding of unary calls.
@@ -103,12 +106,14 @@ impl Shedding {
         calls: PartnerPermits,
         body_timeout: Duration,
         bytes: (Arc<Semaphore>, u32),
+        partner_bytes: PartnerPermits,
     ) -> Self {
         Self {
             in_flight,
             calls,
             body_timeout,
             bytes,
+            partner_bytes,
         }
     }
 
@@ -127,7 +132,25 @@ impl Shedding {
             &self.calls,
             partner.map(|partner| &partner.partner_id),
         )?;
-        slot.budget = Some(DecodeBudget::new(Arc::clone(&self.bytes.0), self.bytes.1));
+        // The partner's share first: a partner that holds its share is told so, and does not
+        // take what is left of the server's.
+        let mut pools = Vec::with_capacity(2);
+        if let Some(partner) = partner {
+            let (share, all) = self.partner_bytes.of(&partner.partner_id);
+            pools.push(BytePool::new(
+                share,
+                u32::try_from(all).unwrap_or(u32::MAX),
+                "TOO_MANY_CALLS",
+                "the partner's requests being decoded and published hold its share of the server's memory for them (ingest.max-in-flight-bytes-per-partner): wait for their answers",
+            ));
+        }
+        pools.push(BytePool::new(
+            Arc::clone(&self.bytes.0),
+            self.bytes.1,
+            "OVERLOADED",
+            "the server is overloaded (the memory of requests being decoded and published, ingest.max-in-flight-bytes, is taken): retry shortly",
+        ));
+        slot.budget = Some(DecodeBudget::new(pools));
         Ok(slot)
     }
 }
@@ -175,10 +198,8 @@ where
         match budget {
             Some(budget) => Box::pin(async move {
                 let answered = budget.clone().scope(call).await;
-                if budget.refused()
-                    && let Some(partner) = partner_id
-                {
-                    INGEST.count_shed(&partner, "OVERLOADED");
+                if let (Some(reason), Some(partner)) = (budget.refused(), partner_id) {
+                    INGEST.count_shed(&partner, reason);
                 }
                 answered
             }),

@@ -100,6 +100,10 @@ fn sizes_out_of_range_are_refused() {
         refused(|c| c.ingest.max_in_flight_bytes = 1000).contains("ingest.max-in-flight-bytes")
     );
     assert!(
+        refused(|c| c.ingest.max_in_flight_bytes_per_partner = 1000)
+            .contains("ingest.max-in-flight-bytes-per-partner")
+    );
+    assert!(
         refused(|c| c.ingest.stream_window_events = c.ingest.max_batch_events - 1)
             .contains("ingest.stream-window-events")
     );
