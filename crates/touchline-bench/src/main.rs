@@ -79,6 +79,21 @@ struct Args {
     /// Also write the figures as JSON to this file.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
+    /// The offered rate of the paced phase, in events per second. Default: half of the full-speed
+    /// run's end-to-end rate. Set it to compare two binaries at the same load (the latency
+    /// figures follow the offered rate, which otherwise follows each run's own full speed).
+    #[arg(long, value_parser = positive_rate)]
+    offered_rate: Option<f64>,
+}
+
+/// A rate above zero and finite.
+fn positive_rate(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(rate) if rate.is_finite() && rate > 0.0 => Ok(rate),
+        _ => Err(format!(
+            "{text:?} is not a positive number of events per second"
+        )),
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -258,8 +273,10 @@ async fn main() -> anyhow::Result<()> {
 
     eprintln!("2/5 pipeline at half rate, with readers");
     let (node, _dir, half_first_ack) = start_phase(&args, "half", &mut brokers, &shape).await?;
-    let half_rate =
-        pipeline::run(&node, &shape, Some(full_speed.end_to_end_per_second / 2.0)).await?;
+    let offered = args
+        .offered_rate
+        .unwrap_or(full_speed.end_to_end_per_second / 2.0);
+    let half_rate = pipeline::run(&node, &shape, Some(offered)).await?;
     eprintln!("3/5 reads after ingest");
     let (reads_after, reads_after_per_second, reads_after_short) =
         readers::reads_after(&node, &shape, Duration::from_secs(3)).await?;

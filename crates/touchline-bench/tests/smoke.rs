@@ -15,6 +15,8 @@ fn the_benchmark_runs_on_the_tiny_preset() -> anyhow::Result<()> {
             "1",
             "--batch-size",
             "100",
+            "--offered-rate",
+            "1500",
             "--json",
         ])
         .arg(&json)
@@ -26,6 +28,13 @@ fn the_benchmark_runs_on_the_tiny_preset() -> anyhow::Result<()> {
     );
     let figures: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json)?)?;
     assert_eq!(figures["shape"]["events"], 2000);
+    assert_eq!(
+        figures
+            .pointer("/half_rate/offered_per_second")
+            .and_then(serde_json::Value::as_f64),
+        Some(1500.0),
+        "the paced phase offers the rate asked for"
+    );
     for figure in [
         "/broker_ceiling/per_second",
         "/sled_ceiling_per_second",
