@@ -600,4 +600,35 @@ mod tests {
             );
         }
     }
+
+    /// The messages of one call add up in each pool, a message past a pool is refused with its
+    /// reason (nothing of it kept), and the charges go back when taken and dropped.
+    #[test]
+    fn a_calls_charges_add_up_and_a_message_past_a_pool_is_refused() {
+        let share = std::sync::Arc::new(tokio::sync::Semaphore::new(10));
+        let server = std::sync::Arc::new(tokio::sync::Semaphore::new(100));
+        let budget = DecodeBudget::new(vec![
+            BytePool::new(std::sync::Arc::clone(&share), 10, "TOO_MANY_CALLS", "share"),
+            BytePool::new(std::sync::Arc::clone(&server), 100, "OVERLOADED", "server"),
+        ]);
+        budget.charge(4 * 1024).expect("fits");
+        budget.charge(5 * 1024).expect("fits beside it");
+        assert_eq!(
+            (share.available_permits(), server.available_permits()),
+            (1, 91)
+        );
+        let refused = budget.charge(2 * 1024).expect_err("past the share");
+        assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
+        assert_eq!(budget.refused(), Some("TOO_MANY_CALLS"));
+        assert_eq!(
+            (share.available_permits(), server.available_permits()),
+            (1, 91),
+            "nothing of the refused message is kept"
+        );
+        drop(budget.charged());
+        assert_eq!(
+            (share.available_permits(), server.available_permits()),
+            (10, 100)
+        );
+    }
 }
