@@ -116,6 +116,8 @@ struct Inner {
     in_flight: Arc<Semaphore>,
     /// `max_in_flight_bytes`, in KiB (so that a large budget fits a semaphore's permits).
     in_flight_kib: Arc<Semaphore>,
+    /// All of `in_flight_kib`.
+    in_flight_kib_all: u32,
     /// Each partner's share of `in_flight_kib`.
     partner_kib: PartnerPermits,
     /// Cancelled when the server starts shutting down: streams stop reading new batches, answer
@@ -132,12 +134,10 @@ impl IngestService {
         draining: CancellationToken,
     ) -> Self {
         let in_flight = Arc::new(Semaphore::new(options.max_in_flight_batches.max(1)));
-        let in_flight_kib = Arc::new(Semaphore::new(
-            options
-                .max_in_flight_bytes
-                .div_ceil(1024)
-                .clamp(1, Semaphore::MAX_PERMITS),
-        ));
+        let in_flight_kib_all = u32::try_from(options.max_in_flight_bytes.div_ceil(1024))
+            .unwrap_or(u32::MAX)
+            .max(1);
+        let in_flight_kib = Arc::new(Semaphore::new(in_flight_kib_all as usize));
         let calls = PartnerPermits::new(
             options.max_calls_per_partner,
             options.max_in_flight_batches.max(1),
@@ -145,10 +145,7 @@ impl IngestService {
         // In KiB, never all of the server's: another partner always finds some.
         let partner_kib = PartnerPermits::new(
             options.max_in_flight_bytes_per_partner.div_ceil(1024),
-            options
-                .max_in_flight_bytes
-                .div_ceil(1024)
-                .clamp(1, Semaphore::MAX_PERMITS),
+            in_flight_kib_all as usize,
         );
         Self {
             inner: Arc::new(Inner {
@@ -160,6 +157,7 @@ impl IngestService {
                 calls,
                 in_flight,
                 in_flight_kib,
+                in_flight_kib_all,
                 partner_kib,
                 draining,
             }),
@@ -182,7 +180,7 @@ impl IngestService {
             options.request_body_timeout,
             (
                 Arc::clone(&self.inner.in_flight_kib),
-                self.inner.in_flight_kib_all(),
+                self.inner.in_flight_kib_all,
             ),
             self.inner.partner_kib.clone(),
         );
@@ -271,17 +269,6 @@ impl Inner {
         Some((rate, burst))
     }
 
-    /// All of `max_in_flight_bytes`, in KiB.
-    fn in_flight_kib_all(&self) -> u32 {
-        u32::try_from(
-            self.options
-                .max_in_flight_bytes
-                .div_ceil(1024)
-                .clamp(1, Semaphore::MAX_PERMITS),
-        )
-        .unwrap_or(u32::MAX)
-    }
-
     /// Charges a decoded unary request what it holds against `max_in_flight_bytes` (at most all of
     /// them), or answers `OVERLOADED`: for a call served without [`ShedBeforeDecode`], whose
     /// decoding was not charged.
@@ -292,7 +279,7 @@ impl Inner {
         let kib = touchline_proto::codec::decoded_request_bytes(request).div_ceil(1024);
         let kib = u32::try_from(kib.max(1))
             .unwrap_or(u32::MAX)
-            .min(self.in_flight_kib_all());
+            .min(self.in_flight_kib_all);
         Arc::clone(&self.in_flight_kib)
             .try_acquire_many_owned(kib)
             .map_err(|_| Error::Overloaded {

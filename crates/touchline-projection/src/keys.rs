@@ -72,9 +72,20 @@ pub fn position(stream_key: &str, partition: i32) -> Vec<u8> {
 /// One record of a stream: (stream, partition, offset).
 #[must_use]
 pub fn record(stream_key: &str, partition: i32, offset: i64) -> Vec<u8> {
-    let mut key = position(stream_key, partition);
-    key.extend_from_slice(&ordered_i64(offset));
-    key
+    record_at(&position(stream_key, partition), offset)
+}
+
+/// The record at `offset` of the partition of [`position`] key `place`.
+#[must_use]
+pub fn record_at(place: &[u8], offset: i64) -> Vec<u8> {
+    [place, &ordered_i64(offset)].concat()
+}
+
+/// The [`position`] key and the offset of a [`record`] key.
+#[must_use]
+pub fn split_record(key: &[u8]) -> Option<(&[u8], i64)> {
+    let (place, offset) = key.split_at_checked(key.len().checked_sub(8)?)?;
+    Some((place, from_ordered_i64(offset.try_into().ok()?)))
 }
 
 /// The stream and partition of a [`position`] key.
@@ -94,9 +105,9 @@ pub fn parse_position(key: &[u8]) -> Option<(String, i32)> {
 /// The stream, partition and offset of a [`record`] key.
 #[must_use]
 pub fn parse_record(key: &[u8]) -> Option<(String, i32, i64)> {
-    let (position, offset) = key.split_at_checked(key.len().checked_sub(8)?)?;
+    let (position, offset) = split_record(key)?;
     let (stream, partition) = parse_position(position)?;
-    Some((stream, partition, from_ordered_i64(offset.try_into().ok()?)))
+    Some((stream, partition, offset))
 }
 
 /// The prefix of every position key of a stream.

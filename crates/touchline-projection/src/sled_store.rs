@@ -122,11 +122,7 @@ struct WriterState {
 impl WriterState {
     /// Notes a record dead-lettered at `record_key` ([`crate::keys::record`]).
     fn note_dead_lettered(&mut self, record_key: &[u8]) {
-        let Some(split) = record_key.len().checked_sub(8) else {
-            return;
-        };
-        let (place, offset) = record_key.split_at(split);
-        let Ok(offset) = offset.try_into().map(crate::keys::from_ordered_i64) else {
+        let Some((place, offset)) = crate::keys::split_record(record_key) else {
             return;
         };
         self.dead_lettered
@@ -247,6 +243,14 @@ fn u64_pair(first: u64, second: u64) -> Vec<u8> {
     let mut value = first.to_be_bytes().to_vec();
     value.extend_from_slice(&second.to_be_bytes());
     value
+}
+
+/// The two `u64`s of a [`u64_pair`] value (`what`, at `key`, for the error when it is not one).
+fn read_u64_pair(what: &'static str, key: &[u8], value: &[u8]) -> Result<(u64, u64), StoreError> {
+    Ok((
+        read_u64(what, key, value.get(..8).unwrap_or_default())?,
+        read_u64(what, key, value.get(8..).unwrap_or_default())?,
+    ))
 }
 
 fn read_u64(what: &'static str, key: &[u8], bytes: &[u8]) -> Result<u64, StoreError> {

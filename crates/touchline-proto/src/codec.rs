@@ -77,7 +77,9 @@ impl<U: Message + Default + 'static> Decoder for BoundedDecoder<U> {
         // A partner's request nests: each event's attributes are fields of the event. Its
         // decoded size is estimated from the events and their fields, and bounded.
         if TypeId::of::<U>() == TypeId::of::<v1::PublishRequest>() {
-            let estimate = decoded_publish_request(bytes);
+            // One pass over the fields for both estimates.
+            let shape = RequestShape::of(bytes);
+            let estimate = shape.map_or(usize::MAX, RequestShape::decoded);
             if estimate > MAX_DECODED_REQUEST_BYTES
                 && estimate / MAX_DECODED_PER_ENCODED_BYTE > bytes.len()
             {
@@ -89,8 +91,8 @@ impl<U: Message + Default + 'static> Decoder for BoundedDecoder<U> {
             }
             // A call served in a budget's scope is charged before it is decoded (see
             // `DecodeBudget`); others (stream messages) are counted by their own windows.
-            if let Ok(Err(status)) =
-                BUDGET.try_with(|budget| budget.charge(charged_publish_request(bytes)))
+            if let Ok(Err(status)) = BUDGET
+                .try_with(|budget| budget.charge(shape.map_or(usize::MAX, RequestShape::charged)))
             {
                 return Err(status);
             }
@@ -109,7 +111,7 @@ tokio::task_local! {
 
 /// The budgets of bytes that the decoded requests of unary calls hold at once (the ingest
 /// service's `max-in-flight-bytes`, and each partner's share of it), charged by the decoder
-/// itself: a request is charged what `charged_publish_request` estimates it takes before it is
+/// itself: a request is charged what `RequestShape::charged` estimates it takes before it is
 /// decoded, so that no decoded request is held uncharged (tonic holds a unary call's decoded
 /// message until its body ends). Each call is served in a [`DecodeBudget::scope`] of its own,
 /// whose charge the handler takes ([`DecodeBudget::charged`]) and holds as long as the request's
@@ -223,7 +225,7 @@ impl DecodeBudget {
     }
 }
 
-/// A `PublishRequest` is refused when `decoded_publish_request` estimates it above this many
+/// A `PublishRequest` is refused when `RequestShape::decoded` estimates it above this many
 /// bytes once decoded *and* above [`MAX_DECODED_PER_ENCODED_BYTE`] times its encoded size. A
 /// request of 1,000 events with 32 attributes each takes about 5 MiB; ordinary events take 2 to 4
 /// times their encoded size, events of 32 one-letter attributes about 25 times, empty fields 64
@@ -246,61 +248,86 @@ fn too_many_fields(message: String) -> Status {
     )
 }
 
-/// Estimates the memory an encoded `PublishRequest` takes once decoded: its bytes, plus per event
-/// a `Touchpoint` and per field of the event [`DECODED_FIELD_BYTES`]. A group anywhere makes it
-/// `usize::MAX` (see [`top_level_fields`]).
+/// [`RequestShape::decoded`] of `bytes`; `usize::MAX` for a group anywhere (see
+/// [`top_level_fields`]).
+#[cfg(test)]
 fn decoded_publish_request(bytes: &[u8]) -> usize {
-    publish_request_shape(bytes).map_or(usize::MAX, |(events, nested)| {
-        bytes
-            .len()
-            .saturating_add(events.saturating_mul(std::mem::size_of::<v1::Touchpoint>()))
-            .saturating_add(nested.saturating_mul(DECODED_FIELD_BYTES))
-    })
+    RequestShape::of(bytes).map_or(usize::MAX, RequestShape::decoded)
 }
 
-/// What a unary request is charged of the ingest service's budget as it is decoded: an estimate
-/// from its encoded fields meant to be at least [`decoded_request_bytes`] of the decoded request
-/// (the event list grown to a power of two, [`CHARGED_FIELD_BYTES`] a nested field).
+/// [`RequestShape::charged`] of `bytes`.
+#[cfg(test)]
 fn charged_publish_request(bytes: &[u8]) -> usize {
-    publish_request_shape(bytes).map_or(usize::MAX, |(events, nested)| {
+    RequestShape::of(bytes).map_or(usize::MAX, RequestShape::charged)
+}
+
+/// What a nested field is charged (see [`RequestShape::charged`]): an attribute's two strings
+/// in a B-tree about half full (96 bytes), and an allocation of at least 32 bytes for each.
+const CHARGED_FIELD_BYTES: usize = 160;
+
+/// An encoded `PublishRequest` as its estimates count it: its size, its events and the fields
+/// nested in them.
+#[derive(Debug, Clone, Copy)]
+struct RequestShape {
+    bytes: usize,
+    events: usize,
+    nested: usize,
+}
+
+impl RequestShape {
+    /// The shape of `bytes`; `None` for a group anywhere.
+    fn of(bytes: &[u8]) -> Option<Self> {
+        let (mut events, mut nested) = (0_usize, 0_usize);
+        for field in fields(bytes) {
+            match field {
+                Field::Group => return None,
+                Field::Delimited { number: 1, payload } => {
+                    events += 1;
+                    for field in fields(payload) {
+                        if matches!(field, Field::Group) {
+                            return None;
+                        }
+                        nested += 1;
+                    }
+                }
+                Field::Delimited { .. } | Field::Scalar => {}
+            }
+        }
+        Some(Self {
+            bytes: bytes.len(),
+            events,
+            nested,
+        })
+    }
+
+    /// The memory the request takes once decoded, estimated: its bytes, plus per event a
+    /// `Touchpoint` and per field of the event [`DECODED_FIELD_BYTES`] (what the codec's bound
+    /// refuses by).
+    fn decoded(self) -> usize {
+        self.bytes
+            .saturating_add(
+                self.events
+                    .saturating_mul(std::mem::size_of::<v1::Touchpoint>()),
+            )
+            .saturating_add(self.nested.saturating_mul(DECODED_FIELD_BYTES))
+    }
+
+    /// What a unary request is charged of the ingest service's budget as it is decoded: an
+    /// estimate meant to be at least [`decoded_request_bytes`] of the decoded request (the event
+    /// list grown to a power of two, [`CHARGED_FIELD_BYTES`] a nested field).
+    fn charged(self) -> usize {
         // A vector grows to 4, then doubles.
-        let list = events
+        let list = self
+            .events
             .checked_next_power_of_two()
             .unwrap_or(usize::MAX)
             .max(4)
             .saturating_mul(std::mem::size_of::<v1::Touchpoint>());
-        bytes
-            .len()
+        self.bytes
             .saturating_add(std::mem::size_of::<v1::PublishRequest>())
             .saturating_add(list)
-            .saturating_add(nested.saturating_mul(CHARGED_FIELD_BYTES))
-    })
-}
-
-/// What a nested field is charged (see [`charged_publish_request`]): an attribute's two strings
-/// in a B-tree about half full (96 bytes), and an allocation of at least 32 bytes for each.
-const CHARGED_FIELD_BYTES: usize = 160;
-
-/// The events of an encoded `PublishRequest` and the fields nested in them; `None` for a group
-/// anywhere.
-fn publish_request_shape(bytes: &[u8]) -> Option<(usize, usize)> {
-    let (mut events, mut nested) = (0_usize, 0_usize);
-    for field in fields(bytes) {
-        match field {
-            Field::Group => return None,
-            Field::Delimited { number: 1, payload } => {
-                events += 1;
-                for field in fields(payload) {
-                    if matches!(field, Field::Group) {
-                        return None;
-                    }
-                    nested += 1;
-                }
-            }
-            Field::Delimited { .. } | Field::Scalar => {}
-        }
+            .saturating_add(self.nested.saturating_mul(CHARGED_FIELD_BYTES))
     }
-    Some((events, nested))
 }
 
 /// The memory a decoded `PublishRequest` holds: its structures, its strings, payloads and event

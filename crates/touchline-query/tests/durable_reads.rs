@@ -204,17 +204,7 @@ async fn summaries_waiting_for_a_stalled_flush_share_it_and_give_up() -> anyhow:
     assert!(store.inner.durable_sequence() >= 1);
 
     drop(client);
-    server.abort();
-    let _ = server.await;
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
-    while Arc::strong_count(&store) > 1 {
-        anyhow::ensure!(
-            tokio::time::Instant::now() < deadline,
-            "the store is still held"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
-    drop(store);
+    serve::stop(server, store).await;
     Ok(())
 }
 

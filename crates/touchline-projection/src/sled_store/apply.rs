@@ -12,7 +12,7 @@ use touchline_core::{
 
 use super::{
     DEAD_LETTER_COUNT, DeadLetter, LogRecord, NEXT_DEAD_LETTER, NEXT_SEQUENCE, RECORDS_PER_WRITE,
-    SledStore, WriterState, decode, encode, lock, log, u64_pair,
+    SledStore, WriterState, decode, encode, lock, log, read_u64_pair, u64_pair,
 };
 use crate::error::backend;
 use crate::keys;
@@ -90,15 +90,16 @@ impl SledStore {
         offset: i64,
         fingerprint: u64,
     ) -> Result<Option<u64>, StoreError> {
-        let index_key = [place, &keys::ordered_i64(offset)].concat();
-        let Some(entry) = self.dead_letter_index.get(&index_key).map_err(backend)? else {
+        let index_key = keys::record_at(place, offset);
+        let Some((id, known)) = self
+            .dead_letter_index
+            .get(&index_key)
+            .map_err(backend)?
+            .and_then(|entry| read_u64_pair("dead-letter index", &index_key, &entry).ok())
+        else {
             return Ok(None);
         };
-        let (Some(id), Some(known)) = (entry.get(..8), entry.get(8..16)) else {
-            return Ok(None);
-        };
-        let id = u64::from_be_bytes(id.try_into().unwrap_or_default());
-        if u64::from_be_bytes(known.try_into().unwrap_or_default()) != fingerprint {
+        if known != fingerprint {
             return Ok(None);
         }
         Ok(self
@@ -154,7 +155,6 @@ impl SledStore {
         let mut dead_letters = writer.dead_letters;
         // Dead letters this piece takes off the list, because their record decodes now.
         let mut cleared: HashSet<u64> = requeued.into_iter().collect();
-        let cleared_before = cleared.len();
         // Per partition, the record with the highest offset: its fingerprint is stored with the
         // position. Fingerprints are computed only for those and for dead letters.
         let mut last_records: BTreeMap<i32, (i64, usize)> = BTreeMap::new();
@@ -245,8 +245,10 @@ impl SledStore {
                             .dead_letter_index
                             .get(&index_key)
                             .map_err(backend)?
-                            .and_then(|value| value.get(8..16).map(<[u8]>::to_vec))
-                            .and_then(|bytes| bytes.try_into().ok().map(u64::from_be_bytes)),
+                            .and_then(|value| {
+                                read_u64_pair("dead-letter index", &index_key, &value).ok()
+                            })
+                            .map(|(_, fingerprint)| fingerprint),
                     };
                     if known == Some(fingerprint) {
                         // The same record read again (replay, redelivery): already a dead letter.
@@ -299,7 +301,7 @@ impl SledStore {
         }
         // The dead-letter counters change only with dead letters (a requeue or a discard writes
         // the count itself).
-        if outcome.dead_lettered > 0 || cleared.len() > cleared_before {
+        if outcome.dead_lettered > 0 || dead_letters != writer.dead_letters {
             self.meta.insert(
                 &mut batch,
                 NEXT_DEAD_LETTER,

@@ -16,8 +16,8 @@ use touchline_core::{
 
 use super::log::LogHasher;
 use super::{
-    Checksum, DEAD_LETTER_COUNT, DeadLetter, NEXT_DEAD_LETTER, SledStore, encode, log, read_u64,
-    u64_pair,
+    Checksum, DEAD_LETTER_COUNT, DeadLetter, NEXT_DEAD_LETTER, SledStore, encode, log,
+    read_u64_pair, u64_pair,
 };
 use crate::error::backend;
 use crate::keys;
@@ -234,16 +234,7 @@ impl SledStore {
             };
             let (stream, partition, offset) =
                 keys::parse_record(&key).ok_or_else(|| corrupt("not a record key"))?;
-            let dead_letter_id = read_u64(
-                "dead-letter index",
-                &key,
-                value.get(..8).unwrap_or_default(),
-            )?;
-            let fingerprint = read_u64(
-                "dead-letter index",
-                &key,
-                value.get(8..).unwrap_or_default(),
-            )?;
+            let (dead_letter_id, fingerprint) = read_u64_pair("dead-letter index", &key, &value)?;
             dead_lettered_records.push(DeadLetteredRecord {
                 stream,
                 partition,
@@ -477,8 +468,9 @@ impl SledStore {
 
 /// A position value: the next offset and the fingerprint of the record before it.
 pub(super) fn read_position(key: &[u8], value: &[u8]) -> Result<StoredPosition, StoreError> {
+    let (next_offset, last_fingerprint) = read_u64_pair("position", key, value)?;
     Ok(StoredPosition {
-        next_offset: read_u64("position", key, value.get(..8).unwrap_or_default())?.cast_signed(),
-        last_fingerprint: read_u64("position", key, value.get(8..).unwrap_or_default())?,
+        next_offset: next_offset.cast_signed(),
+        last_fingerprint,
     })
 }

@@ -44,9 +44,9 @@ pub async fn serve(
 ///
 /// # Panics
 /// When something still holds the store after 30 s.
-pub async fn stop(
+pub async fn stop<S>(
     server: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
-    store: Arc<SledStore>,
+    store: Arc<S>,
 ) {
     server.abort();
     let _ = tokio::time::timeout(std::time::Duration::from_secs(5), server).await;
