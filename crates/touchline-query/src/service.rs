@@ -16,15 +16,15 @@ use touchline_proto::convert::{into_wire_timeline_entry, journey_stage, wire_sum
 use touchline_proto::v1;
 
 use crate::reads::StoreReads;
-use crate::watch::{CursorError, Feed, Watch, decode_cursor};
+use crate::watch::{CursorError, Feed, Watch, Watchers, decode_cursor};
 use crate::{Error, Result, metrics, page_token};
 
 /// Entries per page when the request does not say.
 pub const DEFAULT_PAGE_SIZE: usize = 50;
 /// The largest page.
 pub const MAX_PAGE_SIZE: usize = 1000;
-/// `WatchTimeline` calls open at once, by default: each holds a task, a feed subscription and up
-/// to 256 queued messages for its client.
+/// `WatchTimeline` calls open at once, by default: each holds a task, an inbox of its customer's
+/// entries and up to 256 queued messages for its client.
 pub const DEFAULT_MAX_WATCHES: usize = 1024;
 /// How long `GetCustomerSummary` waits for the projector's flusher to make what it read durable
 /// before it flushes the store itself (a projector that stopped flushing, or no feed to hear it).
@@ -39,6 +39,8 @@ const SUMMARY_FLUSH_LIMIT: std::time::Duration = std::time::Duration::from_secs(
 pub struct TimelineService {
     reads: StoreReads,
     feed: Option<Feed>,
+    /// The watchers of `feed`: one reading of it, routed by customer.
+    watchers: Option<Watchers>,
     /// A slot per open `WatchTimeline` call.
     watches: Arc<tokio::sync::Semaphore>,
     /// How long a watcher waits for its client to take a message.
@@ -71,6 +73,7 @@ impl TimelineService {
         Self {
             reads: StoreReads::new(store, 0),
             feed: None,
+            watchers: None,
             watches: Arc::new(tokio::sync::Semaphore::new(DEFAULT_MAX_WATCHES)),
             watch_stall: crate::watch::STALLED_AFTER,
             shutdown: CancellationToken::new(),
@@ -116,6 +119,7 @@ impl TimelineService {
     /// `shutdown` is cancelled, so that a graceful shutdown does not wait for them.
     #[must_use]
     pub fn with_feed(mut self, feed: Feed, shutdown: CancellationToken) -> Self {
+        self.watchers = Some(Watchers::new(&feed));
         self.feed = Some(feed);
         self.shutdown = shutdown;
         self
@@ -299,7 +303,7 @@ impl v1::timeline_service_server::TimelineService for TimelineService {
                 },
             )?
         };
-        let Some(feed) = &self.feed else {
+        let Some(watchers) = &self.watchers else {
             return Err(Status::unimplemented(
                 "this node does not serve live timelines",
             ));
@@ -321,11 +325,12 @@ impl v1::timeline_service_server::TimelineService for TimelineService {
                 reason: "TOO_MANY_WATCHES",
                 message: "every live timeline this node serves at once is open (query.max-watches): try again later, or another replica".to_owned(),
             })?;
+        let live = watchers.subscribe(customer.clone());
         let watch = Watch {
             reads: self.reads.clone(),
             customer,
             after,
-            live: feed.subscribe(),
+            live,
             shutdown: self.shutdown.clone(),
             still_allowed,
             stalled_after: self.watch_stall,

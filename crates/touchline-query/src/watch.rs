@@ -99,7 +99,8 @@ pub fn decode_cursor(customer: &CustomerId, log: u64, cursor: &str) -> Result<u6
 
 mod inbox;
 
-use inbox::{FeedEnd, Inbox, Taken};
+use inbox::{FeedEnd, Taken};
+pub use inbox::{Inbox, Watchers};
 
 type Message = Result<v1::WatchTimelineResponse, Status>;
 
@@ -108,7 +109,7 @@ pub type WatchStream = std::pin::Pin<Box<dyn futures::Stream<Item = Message> + S
 
 /// How long a watcher waits, by default, for its client to take a message before it gives up on
 /// it: the watch ends as if it had lagged (`WATCH_LAGGED`, with the cursor of the last message
-/// queued), and its task and feed subscription go; the messages already queued stay for the
+/// queued), and its task and inbox go; the messages already queued stay for the
 /// client, then the error.
 pub const STALLED_AFTER: std::time::Duration = std::time::Duration::from_secs(60);
 
@@ -137,7 +138,9 @@ pub struct Watch {
     pub reads: StoreReads,
     pub customer: CustomerId,
     pub after: u64,
-    pub live: broadcast::Receiver<Arc<[TimelineEntry]>>,
+    /// The watcher's inbox ([`Watchers::subscribe`]), taken before the watcher reads the durable
+    /// sequence: an entry is in its catch-up or in its inbox.
+    pub live: Inbox,
     pub shutdown: CancellationToken,
     /// Asked every second while the watch runs; `None`: nothing to ask.
     pub still_allowed: Option<Arc<StillAllowed>>,
@@ -204,14 +207,9 @@ impl Watch {
         receiver
     }
 
-    async fn run(mut self, sender: &mpsc::Sender<Message>, tail: &Tail) {
-        // The inbox takes the subscription over (a closed receiver is left in its place): it
-        // reads the feed from the start, also while the catch-up below runs.
-        let (_, closed) = broadcast::channel(1);
-        let inbox = Inbox::start(
-            std::mem::replace(&mut self.live, closed),
-            self.customer.clone(),
-        );
+    async fn run(self, sender: &mpsc::Sender<Message>, tail: &Tail) {
+        // The inbox fills from the feed also while the catch-up below runs.
+        let inbox = &self.live;
         // Subscribed before this read: later entries come through the feed.
         let durable = self.reads.store().durable_sequence();
         let Some(mut latest) = self.catch_up(sender, tail, durable).await else {

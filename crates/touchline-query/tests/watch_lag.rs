@@ -16,7 +16,7 @@ use touchline_core::{
 use touchline_projection::SledStore;
 use touchline_proto::v1;
 use touchline_query::StoreReads;
-use touchline_query::watch::{Watch, decode_cursor};
+use touchline_query::watch::{Watch, Watchers, decode_cursor};
 
 fn entry(sequence: u64) -> TimelineEntry {
     entry_of("cust", sequence)
@@ -45,11 +45,11 @@ fn entry_of(customer: &str, sequence: u64) -> TimelineEntry {
     }
 }
 
-/// A watcher of customer "cust" from the start, on a fresh store, fed by `live`; its client's
+/// A watcher of customer "cust" from the start, on a fresh store, fed by `feed`; its client's
 /// receiver and the store's log identity.
 fn watch(
     dir: &tempfile::TempDir,
-    live: broadcast::Receiver<Arc<[TimelineEntry]>>,
+    feed: &broadcast::Sender<Arc<[TimelineEntry]>>,
 ) -> anyhow::Result<(tokio::sync::mpsc::Receiver<Message>, u64)> {
     let store: Arc<dyn EventStore> = Arc::new(SledStore::open(dir.path())?);
     let log = store.log_id();
@@ -57,7 +57,7 @@ fn watch(
         reads: StoreReads::new(store, 1),
         customer: customer(),
         after: 0,
-        live,
+        live: Watchers::new(feed).subscribe(customer()),
         shutdown: CancellationToken::new(),
         still_allowed: None,
         stalled_after: touchline_query::watch::STALLED_AFTER,
@@ -123,8 +123,8 @@ fn lagged_cursor(status: Option<tonic::Status>, log: u64) -> anyhow::Result<u64>
 #[tokio::test]
 async fn a_watcher_that_falls_behind_is_told_where_to_resume() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let (feed, live) = broadcast::channel(4);
-    let (mut client, log) = watch(&dir, live)?;
+    let (feed, _) = broadcast::channel(4);
+    let (mut client, log) = watch(&dir, &feed)?;
     // The feed never waits for the watcher: 1000 batches go out at once.
     for sequence in 1..=1000 {
         feed.send(Arc::from(vec![entry(sequence)]))?;
@@ -163,8 +163,8 @@ async fn a_watcher_that_falls_behind_is_told_where_to_resume() -> anyhow::Result
 /// not end a watch that keeps up: it is taken whole into the empty inbox.
 async fn one_flush_larger_than_the_inbox_is_taken_whole() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let (feed, live) = broadcast::channel(4);
-    let (mut client, _) = watch(&dir, live)?;
+    let (feed, _) = broadcast::channel(4);
+    let (mut client, _) = watch(&dir, &feed)?;
     feed.send(Arc::from((1..=1500).map(entry).collect::<Vec<_>>()))?;
     let mut delivered = Vec::new();
     let ended = read_to_the_end(&mut client, &mut delivered, Some(1500)).await?;
@@ -183,8 +183,8 @@ async fn one_flush_larger_than_the_inbox_is_taken_whole() -> anyhow::Result<()> 
 /// Run by the test above, after its check of the lag counter.
 async fn a_lagged_watch_resumes_after_the_other_customers_entries_it_read() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let (feed, live) = broadcast::channel(4);
-    let (mut client, log) = watch(&dir, live)?;
+    let (feed, _) = broadcast::channel(4);
+    let (mut client, log) = watch(&dir, &feed)?;
     // Each batch: an entry of the customer, then one of another customer. Three are read, then
     // the feed runs far ahead.
     let batch = |number: u64| -> Arc<[TimelineEntry]> {
@@ -211,15 +211,15 @@ async fn a_lagged_watch_resumes_after_the_other_customers_entries_it_read() -> a
     Ok(())
 }
 
-/// A watcher takes its customer's entries off the feed while its client is slow, up to a bound
+/// A watcher's inbox takes its customer's entries off the feed while its client is slow, up to a bound
 /// of its own: past it the watch lags (the feed is not held meanwhile), after delivering every
 /// entry it took. Run by the first test, after its check of the lag counter.
 async fn a_watch_whose_customer_outruns_its_client_lags_without_holding_the_feed()
 -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     // Room for every flush: only the watcher's own bound can make it lag.
-    let (feed, live) = broadcast::channel(4096);
-    let (mut client, log) = watch(&dir, live)?;
+    let (feed, _) = broadcast::channel(4096);
+    let (mut client, log) = watch(&dir, &feed)?;
     for sequence in 1..=3000 {
         feed.send(Arc::from(vec![entry(sequence)]))?;
     }

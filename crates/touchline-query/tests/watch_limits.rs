@@ -1,7 +1,7 @@
 //! What a live timeline may hold on the server: a node serves at most `query.max-watches` watches
 //! at once (more are refused with `RESOURCE_EXHAUSTED` `TOO_MANY_WATCHES`, and a watch that ends
 //! frees its slot), and a watcher whose client takes nothing ends as lagged once its queue has
-//! stayed full for the stall time: its task, feed subscription and slot go, and the client still
+//! stayed full for the stall time: its task, inbox and slot go, and the client still
 //! gets what was queued, then the error. The real sled store on a temporary directory, the real
 //! `TimelineService` on `127.0.0.1:0`, the generated client.
 
@@ -119,7 +119,8 @@ async fn a_watch_whose_client_takes_nothing_ends_as_lagged_after_what_was_queued
 
     let mut stream = client.watch_timeline(watch_alice()).await?.into_inner();
     // Nothing is read: the catch-up fills what HTTP/2 takes and the watcher's queue, then the
-    // watcher gives up, and its feed subscription (its only one) goes with its task.
+    // watcher gives up, and its inbox goes with its task, and with it the node's reading of the
+    // feed (it was the only watcher).
     let feed = store.watch_sender();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     let mut check = tokio::time::interval(Duration::from_millis(20));
