@@ -234,7 +234,7 @@ impl Watch {
                 through,
                 end: feed_end,
             } = inbox.take();
-            for entry in &entries {
+            for entry in entries.iter().flat_map(|part| part.iter()) {
                 let sequence = entry.position.sequence;
                 // Up to `delivered`: in the catch-up.
                 if sequence <= delivered {

@@ -10,10 +10,10 @@ use std::sync::atomic::Ordering;
 
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
-use touchline_core::{Envelope, EventStore, TimelineEntry};
+use touchline_core::{Envelope, EventStore};
 use touchline_proto::v1;
 use touchline_query::StoreReads;
-use touchline_query::watch::{Watch, Watchers, decode_cursor};
+use touchline_query::watch::{Inbox, Watch, Watchers, decode_cursor};
 
 mod support;
 #[path = "support/wrapped.rs"]
@@ -24,20 +24,20 @@ use wrapped::WrappedStore;
 
 type Message = Result<v1::WatchTimelineResponse, tonic::Status>;
 
-/// A watcher of `customer_id` after log sequence `after` over `store`, fed by `feed`: its
-/// client's receiver.
+/// A watcher of `customer_id` after log sequence `after` over `store`, with the inbox `live`
+/// (taken before it reads the durable end): its client's receiver.
 fn spawn_watch(
     store: &Arc<WrappedStore>,
     customer_id: &str,
     after: u64,
-    feed: &broadcast::Sender<Arc<[TimelineEntry]>>,
+    live: Inbox,
 ) -> tokio::sync::mpsc::Receiver<Message> {
     let store: Arc<dyn EventStore> = Arc::clone(store) as Arc<dyn EventStore>;
     Watch {
         reads: StoreReads::new(store, 1),
         customer: customer(customer_id),
         after,
-        live: Watchers::new(feed).subscribe(customer(customer_id)),
+        live,
         shutdown: CancellationToken::new(),
         still_allowed: None,
         stalled_after: touchline_query::watch::STALLED_AFTER,
@@ -65,7 +65,8 @@ async fn resume(
 ) -> anyhow::Result<(Vec<String>, u64)> {
     let (feed, _) = broadcast::channel(16);
     let log = store.log_id();
-    let mut client = spawn_watch(store, customer_id, after, &feed);
+    let live = Watchers::new(&feed).subscribe(customer(customer_id));
+    let mut client = spawn_watch(store, customer_id, after, live);
     let mut ids = Vec::new();
     loop {
         let message = next_message(&mut client).await?;
@@ -239,8 +240,8 @@ async fn a_resumed_watch_flags_live_entries_against_what_the_client_holds() -> a
         vec![event("missed-150", "carol", 150)],
         true,
     );
-    let feed = store.inner.watch_sender();
-    let mut client = spawn_watch(&store, "carol", 2, &feed);
+    let live = Watchers::new(&store.inner.watch_sender()).subscribe(customer("carol"));
+    let mut client = spawn_watch(&store, "carol", 2, live);
     let mut next = async || next_message(&mut client).await;
     let entry_id = |message: &v1::WatchTimelineResponse| match &message.event {
         Some(v1::watch_timeline_response::Event::Entry(entry)) => entry
@@ -298,7 +299,7 @@ async fn entries_flushed_while_a_watch_starts_come_once() -> anyhow::Result<()> 
         vec![event("a", "dora", 100), event("b", "dora", 200)],
         true,
     );
-    let feed = store.inner.watch_sender();
+    let live = Watchers::new(&store.inner.watch_sender()).subscribe(customer("dora"));
     // Flushed after the subscription, before the watcher reads the durable end: in both.
     apply(
         &*store,
@@ -307,7 +308,7 @@ async fn entries_flushed_while_a_watch_starts_come_once() -> anyhow::Result<()> 
         true,
     );
     apply(&*store, &mut offset, vec![event("d", "dora", 50)], true);
-    let mut client = spawn_watch(&store, "dora", 0, &feed);
+    let mut client = spawn_watch(&store, "dora", 0, live);
     let mut next = async || next_message(&mut client).await;
     let mut seen = Vec::new();
     loop {

@@ -8,7 +8,7 @@
 //! customer's entries, [`MAX_ENTRIES`] and about [`MAX_BYTES`] of them (or one flush's of up to
 //! eight times as many), and lags past that.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -43,8 +43,8 @@ pub(super) enum FeedEnd {
 
 /// What a watcher takes from its inbox at once.
 pub(super) struct Taken {
-    /// The customer's entries, in log order.
-    pub entries: VecDeque<TimelineEntry>,
+    /// The customer's entries, in log order: a part per flush, shared by its customer's inboxes.
+    pub entries: Vec<Batch>,
     /// The feed was read through this log sequence: every entry of the customer up to it is among
     /// the entries taken now or before.
     pub through: u64,
@@ -54,7 +54,9 @@ pub(super) struct Taken {
 
 #[derive(Debug, Default)]
 struct State {
-    entries: VecDeque<TimelineEntry>,
+    entries: Vec<Batch>,
+    /// The entries in `entries`, and about their bytes ([`approximate_bytes`]).
+    count: usize,
     bytes: usize,
     /// The feed's end for this inbox, and how far the feed was read for it then.
     end: Option<(FeedEnd, u64)>,
@@ -139,8 +141,10 @@ impl Watchers {
             routes.reading = Some((routes.generation, stop.clone()));
             tokio::spawn(read_feed(
                 live,
-                Arc::clone(&self.router),
-                routes.generation,
+                Reader {
+                    router: Arc::clone(&self.router),
+                    generation: routes.generation,
+                },
                 stop,
             ));
         }
@@ -169,6 +173,7 @@ impl Inbox {
     /// Takes what arrived since the last take.
     pub(super) fn take(&self) -> Taken {
         let mut state = lock(&self.shared.state);
+        state.count = 0;
         state.bytes = 0;
         let (end, through) = match state.end {
             Some((end, through)) => (Some(end), through),
@@ -215,14 +220,44 @@ impl Drop for Inbox {
     }
 }
 
-/// Reads the feed until `stop` (nobody watches), the feed closes or every inbox ended, handing
-/// each flush's entries to their customers' inboxes.
-async fn read_feed(
-    mut live: broadcast::Receiver<Batch>,
+/// One reading of the feed: while it is the router's current one, its end (however it ends: the
+/// feed closed, nobody watches, a panic, a runtime that dropped the task unpolled) leaves the
+/// router without a reading, so that the next watcher starts one, and ends the inboxes left.
+struct Reader {
     router: Arc<Router>,
     generation: u64,
-    stop: CancellationToken,
-) {
+}
+
+impl Reader {
+    fn is_current(&self, routes: &Routes) -> bool {
+        routes
+            .reading
+            .as_ref()
+            .is_some_and(|(reading, _)| *reading == self.generation)
+    }
+}
+
+impl Drop for Reader {
+    fn drop(&mut self) {
+        let mut routes = lock(&self.router.routes);
+        if !self.is_current(&routes) {
+            return;
+        }
+        routes.reading = None;
+        if !routes.inboxes.is_empty() {
+            tracing::error!(
+                watchers = routes.inboxes.values().map(Vec::len).sum::<usize>(),
+                "the reading of the watch feed ended unexpectedly: its watchers end as lagged"
+            );
+            routes.end_all(FeedEnd::Lagged, self.router.through.load(Ordering::Acquire));
+        }
+    }
+}
+
+/// Reads the feed until `stop` (nobody watches), the feed closes or every inbox ended, handing
+/// each flush's entries to their customers' inboxes.
+async fn read_feed(mut live: broadcast::Receiver<Batch>, reader: Reader, stop: CancellationToken) {
+    let router = Arc::clone(&reader.router);
     loop {
         let received = tokio::select! {
             biased;
@@ -230,6 +265,10 @@ async fn read_feed(
             received = live.recv() => received,
         };
         let mut routes = lock(&router.routes);
+        if !reader.is_current(&routes) {
+            // Stopped while this waited for the routes: they may be a newer reading's already.
+            return;
+        }
         let through = router.through.load(Ordering::Acquire);
         match received {
             Ok(batch) => {
@@ -240,33 +279,33 @@ async fn read_feed(
                         .fetch_max(last.position.sequence, Ordering::AcqRel);
                 }
             }
-            Err(RecvError::Lagged(_)) => {
+            Err(RecvError::Lagged(missed)) => {
                 // Flushes went by unread: every watcher resumes before them.
-                for (_, shared) in routes.inboxes.drain().flat_map(|(_, inboxes)| inboxes) {
-                    shared.end(FeedEnd::Lagged, through);
-                }
+                tracing::warn!(
+                    missed,
+                    watchers = routes.inboxes.values().map(Vec::len).sum::<usize>(),
+                    "the reading of the watch feed fell behind the store's flushes: every watcher ends as lagged"
+                );
+                routes.end_all(FeedEnd::Lagged, through);
             }
-            Err(RecvError::Closed) => {
-                for (_, shared) in routes.inboxes.drain().flat_map(|(_, inboxes)| inboxes) {
-                    shared.end(FeedEnd::Closed, through);
-                }
-            }
+            Err(RecvError::Closed) => routes.end_all(FeedEnd::Closed, through),
         }
         if routes.inboxes.is_empty() {
-            // Every inbox ended or went: the feed is not read until the next watcher.
-            if routes
-                .reading
-                .as_ref()
-                .is_some_and(|(reading, _)| *reading == generation)
-            {
-                routes.reading = None;
-            }
+            // Every inbox ended or went: the feed is not read until the next watcher (the
+            // reader's end leaves the router without a reading).
             return;
         }
     }
 }
 
 impl Routes {
+    /// Ends every inbox (`end`, read through `through`) and takes it off the routes.
+    fn end_all(&mut self, end: FeedEnd, through: u64) {
+        for (_, shared) in self.inboxes.drain().flat_map(|(_, inboxes)| inboxes) {
+            shared.end(end, through);
+        }
+    }
+
     /// Puts `batch`'s entries in the inboxes of their customers' watchers; an inbox they do not
     /// fit in ends (lagged, read through `through`, before this flush) and leaves the routes.
     fn route(&mut self, batch: &[TimelineEntry], through: u64) {
@@ -289,6 +328,8 @@ impl Routes {
                 .copied()
                 .map(approximate_bytes)
                 .fold(0, usize::saturating_add);
+            // One copy for all the customer's watchers.
+            let entries: Batch = entries.into_iter().cloned().collect();
             inboxes.retain(|(_, shared)| {
                 let kept = {
                     let mut state = lock(&shared.state);
@@ -300,14 +341,15 @@ impl Routes {
                         } else {
                             1
                         };
-                        if state.entries.len().saturating_add(entries.len()) > MAX_ENTRIES * factor
+                        if state.count.saturating_add(entries.len()) > MAX_ENTRIES * factor
                             || state.bytes.saturating_add(bytes) > MAX_BYTES * factor
                         {
                             // Not this flush's entries: the watcher resumes before them.
                             state.end = Some((FeedEnd::Lagged, through));
                             false
                         } else {
-                            state.entries.extend(entries.iter().copied().cloned());
+                            state.entries.push(Arc::clone(&entries));
+                            state.count = state.count.saturating_add(entries.len());
                             state.bytes = state.bytes.saturating_add(bytes);
                             true
                         }
@@ -368,6 +410,7 @@ mod tests {
         taken
             .entries
             .iter()
+            .flat_map(|part| part.iter())
             .map(|entry| entry.position.sequence)
             .collect()
     }
@@ -490,7 +533,7 @@ mod tests {
             "the other watcher goes on"
         );
         let taken = slow.take();
-        assert_eq!(taken.entries.len(), MAX_ENTRIES / 2 + 1);
+        assert_eq!(sequences(&taken).len(), MAX_ENTRIES / 2 + 1);
         assert_eq!(
             (taken.through, taken.end),
             (next + 1, Some(FeedEnd::Lagged)),
@@ -514,9 +557,42 @@ mod tests {
         }
         for inbox in [&alice, &bob] {
             let taken = take_through(inbox, u64::MAX).await?;
+            assert!(
+                taken.iter().all(|taken| taken.entries.is_empty()),
+                "none of the flushes after the reader fell behind"
+            );
             let last = taken.last().expect("taken");
             assert_eq!((last.through, last.end), (1, Some(FeedEnd::Lagged)));
         }
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_reading_that_ends_unexpectedly_ends_its_inboxes_and_the_next_watcher_reads_again()
+    -> anyhow::Result<()> {
+        let (feed, _) = broadcast::channel(16);
+        let watchers = Watchers::new(&feed);
+        let alice = watchers.subscribe(customer_id("alice"));
+        // What a panic, or a runtime dropping the task unpolled, does: the current reading's
+        // guard goes.
+        let generation = lock(&watchers.router.routes)
+            .reading
+            .as_ref()
+            .map(|(generation, _)| *generation)
+            .ok_or_else(|| anyhow::anyhow!("no reading"))?;
+        drop(Reader {
+            router: Arc::clone(&watchers.router),
+            generation,
+        });
+        assert_eq!(alice.take().end, Some(FeedEnd::Lagged));
+        let bob = watchers.subscribe(customer_id("bob"));
+        feed.send(batch(vec![entry("bob", 1)]))?;
+        let taken = take_through(&bob, 1).await?;
+        assert_eq!(
+            taken.iter().flat_map(sequences).collect::<Vec<_>>(),
+            vec![1],
+            "a new reading routes the flushes after it"
+        );
         Ok(())
     }
 
