@@ -336,6 +336,7 @@ async fn run_node(
         std::process::exit(status);
     });
     tracing::info!(version = env!("CARGO_PKG_VERSION"), "starting");
+    node::raise_open_files_limit(config.server.max_connections);
     let running = config.clone();
     // The demo's batches fit the node's limit (BATCH_TOO_LARGE otherwise).
     let demo_batch = config.ingest.max_batch_events.min(demo::DEMO_BATCH);

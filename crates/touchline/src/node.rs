@@ -27,6 +27,7 @@ mod admission;
 mod cuttable;
 mod health;
 mod listener;
+mod open_files;
 mod own_thread;
 mod signals;
 mod throttle;
@@ -35,6 +36,7 @@ use tls::TlsServer;
 
 pub(crate) use admission::register_metrics as register_connection_metrics;
 use health::{NodeHealth, Roles, report_health};
+pub use open_files::{OpenFiles, raise_open_files_limit};
 use own_thread::spawn_on_own_thread;
 pub use signals::{ShutdownSignals, ignore_hangups};
 pub(crate) use tls::register_metrics as register_tls_metrics;
