@@ -14,7 +14,9 @@ pub mod table;
 pub mod worker;
 
 pub use error::{Error, Result};
-pub use projector::{AppliedOffsets, Projector, ProjectorHandle, ProjectorOptions};
+pub use projector::{
+    AppliedOffsets, Projector, ProjectorHandle, ProjectorOptions, UNFLUSHED_BATCHES,
+};
 pub use sled_store::{
     Checksum, DeadLetter, MAX_PAGE_BYTES, OpsError, ProjectedEntries, Projection,
     ProjectionVersions, Requeued, SledStore, VersionChecksum, VersionRole, WATCH_BUFFER,

@@ -23,9 +23,15 @@ use crate::{Error, Result, metrics};
 
 pub(crate) mod resume;
 
-use resume::check_positions;
+use resume::{Rereads, check_positions};
 
 const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Batches (of `max-batch` records) the projector applies ahead of its flusher at most: past
+/// that many events applied and not yet durable it reads no more until a flush ends (a flush
+/// normally covers a batch or two; one that hangs, as sled 0.34's can once it failed to create a
+/// file, would otherwise let the whole backlog pile up in memory, unflushed).
+pub const UNFLUSHED_BATCHES: usize = 16;
 
 /// A batch given to the writer thread: its outcome once applied.
 type PendingWrite = std::pin::Pin<
@@ -101,9 +107,8 @@ pub struct Projector {
     /// The customers this node serves: an event of another is a dead letter.
     served: Served,
     applied: watch::Sender<BTreeMap<i32, i64>>,
-    /// Per partition, the first offset not yet applied: resuming fetches from the verified record
-    /// just before it, which is dropped here.
-    skip_below: BTreeMap<i32, i64>,
+    /// The records read again before each partition's resume point, dropped once.
+    rereads: Rereads,
 }
 
 impl std::fmt::Debug for Projector {
@@ -134,7 +139,7 @@ impl Projector {
         // partitions were added to the topic while nodes run (a node refuses to start on a topic
         // of another count).
         let topic_partitions = options.kafka.partitions;
-        let (consumer, stream, assignment, partitions, (applied_start, skip_below)) =
+        let (consumer, stream, assignment, partitions, (applied_start, rereads)) =
             tokio::task::spawn_blocking({
                 let store = Arc::clone(&store);
                 move || -> Result<_> {
@@ -166,13 +171,13 @@ impl Projector {
                         check_positions(&consumer, &options.kafka, &topic, &with_positions)?;
                     let mut assignment = TopicPartitionList::new();
                     let mut applied = BTreeMap::new();
-                    let mut skip_below = BTreeMap::new();
+                    let mut rereads = Rereads::default();
                     for partition in owned {
                         // No stored position, or none verified: from the beginning.
                         let offset = match checked.remove(&partition).flatten() {
                             Some(resume) => {
                                 applied.insert(partition, resume.next);
-                                skip_below.insert(partition, resume.next);
+                                rereads.insert(partition, resume);
                                 Offset::Offset(resume.fetch_from)
                             }
                             None => Offset::Beginning,
@@ -180,13 +185,7 @@ impl Projector {
                         info!(partition, ?offset, "assigning partition");
                         assignment.add_partition_offset(&topic, partition, offset)?;
                     }
-                    Ok((
-                        consumer,
-                        stream,
-                        assignment,
-                        partitions,
-                        (applied, skip_below),
-                    ))
+                    Ok((consumer, stream, assignment, partitions, (applied, rereads)))
                 }
             })
             .await??;
@@ -203,7 +202,7 @@ impl Projector {
                 max_batch: options.max_batch.max(1),
                 served: Served::new(topic_partitions, &partitions),
                 applied,
-                skip_below,
+                rereads,
             },
             ProjectorHandle {
                 applied: receiver,
@@ -232,17 +231,11 @@ impl Projector {
             self.applied.clone(),
             flusher_stopped.clone(),
         ));
-        let skip_below = std::mem::take(&mut self.skip_below);
+        let rereads = std::mem::take(&mut self.rereads);
         // However the consuming ends (a stop, a failed write), what was applied is made durable
         // and published before the projector reports: dev-mode acknowledgements wait on it.
         let consumed = self
-            .consume(
-                &shutdown,
-                &flusher_stopped,
-                &flusher,
-                &unflushed,
-                skip_below,
-            )
+            .consume(&shutdown, &flusher_stopped, &flusher, &unflushed, rereads)
             .await;
         drop(unflushed);
         let flushed = flusher.await;
@@ -269,7 +262,7 @@ impl Projector {
         flusher_stopped: &CancellationToken,
         flusher: &tokio::task::JoinHandle<Result<()>>,
         unflushed: &watch::Sender<BTreeMap<i32, i64>>,
-        mut skip_below: BTreeMap<i32, i64>,
+        mut rereads: Rereads,
     ) -> Result<()> {
         // Every write of this projector on one thread (see `worker`), and the decoding of the next
         // batch on another (one long-lived thread rather than the blocking pool's: the decoded
@@ -282,7 +275,20 @@ impl Projector {
         // the one before it is applied, so a failed write stops the projector before anything
         // after it is stored.
         let mut in_flight: Option<PendingWrite> = None;
+        let ahead_limit =
+            u64::try_from(UNFLUSHED_BATCHES.saturating_mul(self.max_batch)).unwrap_or(u64::MAX);
+        let mut flushed = self.applied.subscribe();
         loop {
+            let ahead = self
+                .store
+                .visible_sequence()
+                .saturating_sub(self.store.durable_sequence())
+                >= ahead_limit;
+            if ahead && in_flight.is_none() {
+                // Whatever wrote it (this projector, or another writer of the store that flushes
+                // later), a flush makes it durable: the flusher is asked for one.
+                unflushed.send_modify(|_| {});
+            }
             let batch = tokio::select! {
                 biased;
                 () = shutdown.cancelled() => break,
@@ -300,20 +306,16 @@ impl Projector {
                     }
                     continue;
                 }
-                batch = batches.next() => batch,
+                // Too far ahead of the flusher: the next flush first.
+                Ok(()) = flushed.changed(), if ahead && in_flight.is_none() => continue,
+                batch = batches.next(), if !ahead => batch,
             };
             let Some(batch) = batch else { break };
             let mut messages = Vec::with_capacity(batch.len());
             for message in batch {
                 match message {
                     // The verified record just before a resume point is read again: drop it once.
-                    Ok(message)
-                        if skip_below
-                            .get(&message.partition())
-                            .is_some_and(|next| message.offset() < *next) => {}
-                    Ok(message) if skip_below.remove(&message.partition()).is_some() => {
-                        messages.push(message.detach());
-                    }
+                    Ok(message) if rereads.drop_reread(message.partition(), message.offset()) => {}
                     Ok(message) => messages.push(message.detach()),
                     // librdkafka retries by itself; errors here are informational.
                     Err(error) => warn!(%error, "kafka consumer error"),

@@ -179,7 +179,8 @@ pub struct SledStore {
     /// The highest log sequence a read may see written: raised before each atomic write that
     /// appends, so that a reader that saw the write sees it raised too.
     visible_count: AtomicU64,
-    /// Entries appended since the last flush, in log order, kept only while someone watches.
+    /// Entries appended since the last flush, in log order: kept whether or not anyone watches
+    /// (a watcher that subscribes before the flush gets them), sent to the watchers by the flush.
     unflushed: Mutex<Vec<TimelineEntry>>,
     /// Entries as they become durable, one message per flush, in log order.
     watchers: broadcast::Sender<ProjectedEntries>,

@@ -31,6 +31,40 @@ struct RefusingStore {
     applies: AtomicUsize,
     /// Records in each apply that went through, in order.
     applied: Mutex<Vec<usize>>,
+    /// While true, a flush waits (a hung flush).
+    flush_held: Mutex<bool>,
+    flush_released: std::sync::Condvar,
+}
+
+impl RefusingStore {
+    fn new(inner: Arc<SledStore>, fail_at: usize) -> Self {
+        Self {
+            inner,
+            fail_at,
+            applies: AtomicUsize::new(0),
+            applied: Mutex::new(Vec::new()),
+            flush_held: Mutex::new(false),
+            flush_released: std::sync::Condvar::new(),
+        }
+    }
+
+    fn hold_flushes(&self, held: bool) {
+        *self
+            .flush_held
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = held;
+        self.flush_released.notify_all();
+    }
+}
+
+/// Lets held flushes go when dropped, also when a test fails: a runtime waits for its blocking
+/// tasks as it ends, and a held flush would hang the test instead of failing it.
+struct ReleaseFlushes(Arc<RefusingStore>);
+
+impl Drop for ReleaseFlushes {
+    fn drop(&mut self) {
+        self.0.hold_flushes(false);
+    }
 }
 
 impl EventStore for RefusingStore {
@@ -104,6 +138,17 @@ impl EventStore for RefusingStore {
     }
 
     fn flush(&self) -> Result<(), StoreError> {
+        let mut held = self
+            .flush_held
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        while *held {
+            held = self
+                .flush_released
+                .wait(held)
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
+        drop(held);
         self.inner.flush()
     }
 
@@ -132,23 +177,32 @@ fn one_partition_broker() -> (EmbeddedBroker, KafkaOptions) {
     (broker, kafka)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_failed_write_stops_the_projector_before_any_later_batch_is_stored() {
-    let (_broker, kafka) = one_partition_broker();
-    // Every event is in the topic before the projector starts: it reads full batches back to
-    // back, so the next batch is being decoded while the one before is written.
+/// [`EVENTS`] events in a one-partition topic, and a fresh store behind a [`RefusingStore`] that
+/// refuses apply number `fail_at`. Every event is in the topic before a projector starts: it
+/// reads full batches back to back, so the next batch is being decoded while the one before is
+/// written.
+async fn produced(
+    fail_at: usize,
+) -> (
+    EmbeddedBroker,
+    KafkaOptions,
+    tempfile::TempDir,
+    Arc<SledStore>,
+    Arc<RefusingStore>,
+) {
+    let (broker, kafka) = one_partition_broker();
     support::produce(&kafka, 0, EVENTS, 1000)
         .await
         .expect("produced");
-
     let dir = tempfile::tempdir().expect("temp dir");
     let sled = Arc::new(SledStore::open(dir.path()).expect("opens"));
-    let store = Arc::new(RefusingStore {
-        inner: Arc::clone(&sled),
-        fail_at: 3,
-        applies: AtomicUsize::new(0),
-        applied: Mutex::new(Vec::new()),
-    });
+    let store = Arc::new(RefusingStore::new(Arc::clone(&sled), fail_at));
+    (broker, kafka, dir, sled, store)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_write_stops_the_projector_before_any_later_batch_is_stored() {
+    let (_broker, kafka, _dir, sled, store) = produced(3).await;
     let mut options = ProjectorOptions::new(kafka);
     options.max_batch = 100;
     let shared: Arc<dyn EventStore> = store.clone();
@@ -199,6 +253,57 @@ async fn a_failed_write_stops_the_projector_before_any_later_batch_is_stored() {
         handle.applied_offsets().borrow().get(&0).copied(),
         Some(i64::try_from(stored).unwrap_or_default())
     );
+}
+
+/// A flush that does not end (sled 0.34's can hang once it failed to create a file) stops the
+/// projector's reading after `UNFLUSHED_BATCHES` batches applied ahead of it, instead of letting
+/// the backlog pile up in memory unflushed; once the flush ends, it reads on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flush_that_hangs_stops_the_reading_a_few_batches_ahead() {
+    const BATCH: usize = 10;
+    let (_broker, kafka, _dir, sled, store) = produced(usize::MAX).await;
+    store.hold_flushes(true);
+    let release = ReleaseFlushes(Arc::clone(&store));
+    let mut options = ProjectorOptions::new(kafka);
+    options.max_batch = BATCH;
+    let shared: Arc<dyn EventStore> = store.clone();
+    let (projector, _) = Projector::new(options, shared).await.expect("starts");
+    let shutdown = CancellationToken::new();
+    let running = tokio::spawn(projector.run(shutdown.clone()));
+
+    let limit = u64::try_from(touchline_projection::UNFLUSHED_BATCHES * BATCH).unwrap_or(u64::MAX);
+    // A write started just below the limit, and the batch decoded beside it.
+    let bound = limit + 2 * u64::try_from(BATCH).unwrap_or(u64::MAX);
+    until("the projector applies up to its limit", || {
+        sled.visible_sequence() >= limit
+    })
+    .await;
+    // Every record is in the consumer's reach: a projector that did not stop would apply all
+    // 600 within milliseconds. Watched for a second.
+    let watched = tokio::time::Instant::now() + Duration::from_secs(1);
+    let mut poll = tokio::time::interval(Duration::from_millis(20));
+    while tokio::time::Instant::now() < watched {
+        let applied = sled.visible_sequence();
+        assert!(
+            applied <= bound,
+            "{applied} events applied while no flush ended (at most {bound})"
+        );
+        poll.tick().await;
+    }
+    assert_eq!(sled.durable_sequence(), 0, "no flush ended");
+
+    drop(release);
+    let events = u64::try_from(EVENTS).unwrap_or(u64::MAX);
+    until(
+        "every event is applied and durable once flushes end",
+        || sled.durable_sequence() == events,
+    )
+    .await;
+    shutdown.cancel();
+    running
+        .await
+        .expect("the projector's task")
+        .expect("the projector stops cleanly");
 }
 
 /// Polls `done` every 20 ms until it holds, or fails with `what` after a minute.

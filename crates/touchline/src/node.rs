@@ -561,7 +561,14 @@ impl Node {
         }
         self.projector_shutdown.cancel();
         if let Some(projector) = self.projector {
-            errors.extend(failure(projector.await, "projector"));
+            // Bounded like the final flush below: the projector ends with its last flush.
+            match tokio::time::timeout(FINAL_FLUSH_WAIT, projector).await {
+                Ok(stopped) => errors.extend(failure(stopped, "projector")),
+                Err(_) => errors.push(anyhow::anyhow!(
+                    "the projector did not stop within {} s (its store's flush does not end?): what it had not made durable is read again from Kafka at the next start",
+                    FINAL_FLUSH_WAIT.as_secs()
+                )),
+            }
         }
         if let Some(store) = self.store {
             // Bounded: sled 0.34 can wait for ever in a flush (and in the one it makes when its

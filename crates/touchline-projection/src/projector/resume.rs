@@ -22,6 +22,55 @@ pub(super) struct Resume {
     pub(super) next: i64,
 }
 
+/// Per partition, the records read again before a resume point: a [`Resume`] fetches from
+/// `fetch_from` (the verified record just before `next`, or the start of its batch), and those
+/// records, applied before, are dropped once, in order. A record outside that range, or one whose
+/// offset goes back, ends the partition's skip, and it and every record after it are applied:
+/// the broker's log was reset or cut while the node ran (librdkafka then fetches from the
+/// earliest offset), and its new records must not be dropped unseen (re-reading is safe: events
+/// are deduplicated, dead letters recognised).
+#[derive(Debug, Default)]
+pub(super) struct Rereads {
+    partitions: BTreeMap<i32, Reread>,
+}
+
+#[derive(Debug)]
+struct Reread {
+    from: i64,
+    next: i64,
+    /// The last offset dropped.
+    last: Option<i64>,
+}
+
+impl Rereads {
+    /// Skips the records of `partition` read again before `resume.next`.
+    pub(super) fn insert(&mut self, partition: i32, resume: Resume) {
+        self.partitions.insert(
+            partition,
+            Reread {
+                from: resume.fetch_from,
+                next: resume.next,
+                last: None,
+            },
+        );
+    }
+
+    /// Whether the record at `offset` of `partition` is one read again before its resume point
+    /// (drop it); a record that is not ends its partition's skip.
+    pub(super) fn drop_reread(&mut self, partition: i32, offset: i64) -> bool {
+        let Some(reread) = self.partitions.get_mut(&partition) else {
+            return false;
+        };
+        let in_order = reread.last.is_none_or(|last| offset > last);
+        if in_order && offset >= reread.from && offset < reread.next {
+            reread.last = Some(offset);
+            return true;
+        }
+        self.partitions.remove(&partition);
+        false
+    }
+}
+
 /// Probes of a stored position that time out before its partition is read from the beginning.
 const PROBE_ATTEMPTS: u32 = 3;
 
@@ -274,4 +323,55 @@ fn probe(
         }
     }
     Ok(Probe::TimedOut)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn skipping(fetch_from: i64, next: i64) -> Rereads {
+        let mut rereads = Rereads::default();
+        rereads.insert(0, Resume { fetch_from, next });
+        rereads
+    }
+
+    #[test]
+    fn the_records_before_the_resume_point_are_dropped_once_in_order() {
+        let mut rereads = skipping(95, 100);
+        for offset in 95..100 {
+            assert!(
+                rereads.drop_reread(0, offset),
+                "{offset} was applied before"
+            );
+        }
+        assert!(!rereads.drop_reread(0, 100), "the resume point is applied");
+        // The skip is over: a record read again later (a rewind) is applied, not dropped.
+        assert!(!rereads.drop_reread(0, 99));
+        // Other partitions have no skip.
+        assert!(!rereads.drop_reread(1, 5));
+    }
+
+    /// The broker's log was reset while the node ran (a wiped broker that kept its cluster id):
+    /// librdkafka fetches from the earliest offset, and new records below the resume point are
+    /// applied, not dropped unseen (before, every record below it was dropped until one at or
+    /// past it came).
+    #[test]
+    fn a_rewind_ends_the_skip() {
+        let mut rereads = skipping(95, 100);
+        assert!(rereads.drop_reread(0, 95));
+        assert!(rereads.drop_reread(0, 96));
+        assert!(!rereads.drop_reread(0, 0), "went back: a new record");
+        assert!(!rereads.drop_reread(0, 1));
+        assert!(!rereads.drop_reread(0, 97), "the skip is over");
+
+        // Reset before any record was read again: below where the fetch started.
+        let mut rereads = skipping(95, 100);
+        assert!(!rereads.drop_reread(0, 3));
+        assert!(!rereads.drop_reread(0, 96));
+
+        // The same offset twice is not in order either.
+        let mut rereads = skipping(95, 100);
+        assert!(rereads.drop_reread(0, 97));
+        assert!(!rereads.drop_reread(0, 97));
+    }
 }
