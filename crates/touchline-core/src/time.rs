@@ -46,11 +46,12 @@ impl UnixNanos {
         {
             return None;
         }
-        Some(Self(
-            seconds
-                .saturating_mul(NANOS_PER_SECOND)
-                .saturating_add(i64::from(nanos)),
-        ))
+        // Wide enough for any valid timestamp, then clamped: saturating the seconds before
+        // adding the nanos moved an instant just inside 1677 by up to 145 ms.
+        let nanoseconds = i128::from(seconds) * i128::from(NANOS_PER_SECOND) + i128::from(nanos);
+        Some(Self(i64::try_from(nanoseconds).unwrap_or(
+            if nanoseconds < 0 { i64::MIN } else { i64::MAX },
+        )))
     }
 
     /// Splits into protobuf-style seconds and nanos (nanos always in `0..1e9`).
@@ -190,6 +191,36 @@ fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bounds_are_exact_up_to_the_ends_of_what_nanoseconds_hold_and_saturate_past_them() {
+        // The earliest second that holds instants nanoseconds since 1970 can: exact, nanos too.
+        assert_eq!(
+            UnixNanos::bound_from_parts(-9_223_372_037, 999_999_999),
+            Some(UnixNanos(-9_223_372_036_000_000_001))
+        );
+        assert_eq!(
+            UnixNanos::bound_from_parts(-9_223_372_037, 0),
+            Some(UnixNanos(i64::MIN)),
+            "before 1677: the earliest instant"
+        );
+        assert_eq!(
+            UnixNanos::bound_from_parts(9_223_372_036, 854_775_807),
+            Some(UnixNanos(i64::MAX))
+        );
+        assert_eq!(
+            UnixNanos::bound_from_parts(253_402_300_799, 999_999_999),
+            Some(UnixNanos(i64::MAX)),
+            "after 2262: the latest instant"
+        );
+        assert_eq!(
+            UnixNanos::bound_from_parts(1, 5),
+            Some(UnixNanos(1_000_000_005))
+        );
+        assert_eq!(UnixNanos::bound_from_parts(1, -1), None);
+        assert_eq!(UnixNanos::bound_from_parts(1, 1_000_000_000), None);
+        assert_eq!(UnixNanos::bound_from_parts(-62_135_596_801, 0), None);
+    }
 
     #[test]
     fn parts_round_trip() {

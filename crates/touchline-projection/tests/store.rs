@@ -579,6 +579,69 @@ fn a_sequence_bound_hides_later_entries_and_still_fills_pages() {
     );
 }
 
+/// A page that ends at the scan limit inside entries applied but not yet durable ends before
+/// them: paged again once they are flushed, they come in their place (its token pointed past them,
+/// and a client paging on never saw them).
+#[test]
+fn a_page_that_ends_at_the_scan_limit_resumes_before_entries_not_yet_durable() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = open(&dir);
+    let fulfil = JourneyStage::Fulfil;
+    let durable_events = 20_usize;
+    let events = |range: std::ops::Range<usize>| -> Vec<_> {
+        range
+            .map(|number| {
+                let at = i64::try_from(number).unwrap_or_default();
+                let offset = i64::try_from(number).unwrap_or_default();
+                record(
+                    0,
+                    offset,
+                    envelope("courier", &format!("e{number}"), "alice", at, fulfil),
+                )
+            })
+            .collect()
+    };
+    store
+        .apply(&stream("a"), events(0..durable_events))
+        .expect("applies");
+    store.flush().expect("flushes");
+    // More than a page scans, after them in time, applied and not flushed.
+    let total = durable_events + MAX_SCAN_PER_PAGE + 100;
+    store
+        .apply(&stream("a"), events(durable_events..total))
+        .expect("applies");
+
+    let page = |after, up_to| {
+        store
+            .timeline(&TimelineQuery {
+                after,
+                up_to_sequence: Some(up_to),
+                ..query("alice", 1000)
+            })
+            .expect("reads")
+    };
+    let first = page(None, store.durable_sequence());
+    assert_eq!(first.entries.len(), durable_events);
+    let last_durable = first.entries.last().map(|entry| TimelineCursor {
+        occurred_at: entry.touchpoint.occurred_at,
+        sequence: entry.position.sequence,
+    });
+    assert_eq!(
+        first.next, last_durable,
+        "resumes after the last durable entry"
+    );
+
+    store.flush().expect("flushes");
+    let mut seen = first.entries.len();
+    let mut after = first.next;
+    while let Some(cursor) = after {
+        let next = page(Some(cursor), store.durable_sequence());
+        seen += next.entries.len();
+        after = next.next;
+    }
+    assert_eq!(seen, total, "every entry, once flushed");
+}
+
 /// Per customer: summary total and timeline as (occurred_at, partner, event id).
 type Observed = BTreeMap<String, (u64, Vec<(i64, String, String)>)>;
 

@@ -324,7 +324,10 @@ impl Watch {
                 page_size: CATCH_UP_PAGE,
                 after: page_after,
                 filter: TimelineFilter::default(),
-                up_to_sequence: Some(durable),
+                // Entries past `durable` are read and passed over here (they come from the
+                // inbox): a page of the durable ones only would stop before them, to be read
+                // again once flushed, as `GetTimeline` wants, and this read would not move on.
+                up_to_sequence: None,
             };
             let page = match self.reads.run(move |store| store.timeline(&query)).await {
                 Ok(page) => page,
@@ -335,7 +338,7 @@ impl Watch {
             };
             for entry in &page.entries {
                 let sequence = entry.position.sequence;
-                if sequence <= self.after {
+                if sequence <= self.after || sequence > durable {
                     continue;
                 }
                 let late = mark_late(&mut latest, entry);

@@ -72,7 +72,13 @@ impl EventStore for SledStore {
         }
         let mut page = TimelinePage::default();
         let mut page_bytes = 0;
-        let mut last_scanned = None;
+        // The last durable key scanned: a page that ends at the scan limit resumes after it, not
+        // after keys not yet durable (they are shown once flushed, in their place). Where the
+        // page started when none was: the next page scans the same keys again.
+        let mut last_scanned = Some(query.after.unwrap_or(touchline_core::TimelineCursor {
+            occurred_at: query.filter.from.unwrap_or(UnixNanos(i64::MIN)),
+            sequence: 0,
+        }));
         let timeline = self.active().timeline;
         // A page of up to `GATE_STEPS` keys runs whole between two writes (see `crate::gate`);
         // a longer scan (a filter that skips many entries) lets the writer in after each
@@ -88,13 +94,14 @@ impl EventStore for SledStore {
                 page.next = last_scanned;
                 return Ok(page);
             }
-            last_scanned = keys::timeline_cursor(&key);
-            if let (Some(up_to), Some(scanned)) = (query.up_to_sequence, last_scanned)
+            let scanned = keys::timeline_cursor(&key);
+            if let (Some(up_to), Some(scanned)) = (query.up_to_sequence, scanned)
                 && scanned.sequence > up_to
             {
                 // Applied, not yet durable: shown once flushed.
                 continue;
             }
+            last_scanned = scanned;
             let entry: TimelineEntry = decode("timeline entry", &key, &value)?;
             if !query.filter.matches(&entry) {
                 continue;
