@@ -31,6 +31,8 @@ pub struct ProjectorMetrics {
     /// How long each group-commit flush of the store took (what every acknowledgement in dev
     /// mode, and every durable position, waits for).
     pub flush_seconds: Histogram,
+    /// Errors the Kafka consumer reported to the projector (librdkafka retries by itself).
+    pub consumer_errors: Counter,
 }
 
 pub static PROJECTOR: LazyLock<ProjectorMetrics> = LazyLock::new(|| ProjectorMetrics {
@@ -43,6 +45,7 @@ pub static PROJECTOR: LazyLock<ProjectorMetrics> = LazyLock::new(|| ProjectorMet
     lost_to_retention: Counter::default(),
     // 100 us .. ~3 s.
     flush_seconds: Histogram::new(exponential_buckets(0.000_1, 2.0, 16)),
+    consumer_errors: Counter::default(),
 });
 
 /// Registers the projector's metrics.
@@ -87,5 +90,10 @@ pub fn register(registry: &mut Registry) {
         "touchline_store_flush_seconds",
         "How long each flush of the store (sled) took: the projector's group commit",
         metrics.flush_seconds.clone(),
+    );
+    registry.register(
+        "touchline_projector_consumer_errors",
+        "Errors the Kafka consumer reported to the projector (librdkafka retries by itself): with a partition's touchline_consumer_lag growing and nothing projected, a batch it cannot read (corrupt, or not decompressible) may hold the partition",
+        metrics.consumer_errors.clone(),
     );
 }

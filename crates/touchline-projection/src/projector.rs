@@ -317,8 +317,12 @@ impl Projector {
                     // The verified record just before a resume point is read again: drop it once.
                     Ok(message) if rereads.drop_reread(message.partition(), message.offset()) => {}
                     Ok(message) => messages.push(message.detach()),
-                    // librdkafka retries by itself; errors here are informational.
-                    Err(error) => warn!(%error, "kafka consumer error"),
+                    // librdkafka retries by itself; errors here are informational (and counted: a
+                    // batch it cannot read may hold its partition, which its lag shows).
+                    Err(error) => {
+                        metrics::PROJECTOR.consumer_errors.inc();
+                        warn!(%error, "kafka consumer error");
+                    }
                 }
             }
             if messages.is_empty() {
