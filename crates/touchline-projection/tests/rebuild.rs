@@ -174,14 +174,19 @@ fn a_rebuild_finished_with_the_whole_log_left_folds_it_in_bounded_batches() {
     let store = SledStore::open(dir.path()).expect("opens");
     store.apply(&stream(), records(0..250)).expect("applies");
     let before = checksums(&store);
+    assert_eq!(store.durable_sequence(), 0, "applied, not flushed");
     for projection in Projection::ALL {
         let (version, _) = store.begin_rebuild(projection).expect("begins");
         // Nothing folded yet: all 250 events are left, in batches of 7 (the last one partial).
         let switched = store
             .finish_rebuild(projection, version, 1, 7)
             .expect("finishes");
+        assert!(switched.unflushed.is_none(), "the switch is durable");
         store.retire(switched, &tokio_util::sync::CancellationToken::new());
         assert_eq!(store.projection_versions()[&projection].active, version);
+        // The switch's flush is the store's: what it made durable is counted as durable (a
+        // read waiting for it, or a watcher, goes on without waiting for another flush).
+        assert_eq!(store.durable_sequence(), 250);
     }
     assert_eq!(
         checksums(&store),

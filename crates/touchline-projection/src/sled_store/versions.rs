@@ -311,7 +311,9 @@ impl SledStore {
         // and the node (see `failure`): after the restart the switch is there, or the new version
         // is dropped as an interrupted rebuild's and the previous one serves. Either way the
         // switch is made in memory: it is not a failed rebuild whose version can be abandoned.
-        let unflushed = self.guarded(|| self.db.flush()).err();
+        // The store's flush (not sled's alone): the durable sequence and the watchers' entries
+        // move with it too.
+        let unflushed = touchline_core::EventStore::flush(self).err();
         Ok(Switched {
             projection,
             previous,
