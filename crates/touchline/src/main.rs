@@ -116,7 +116,8 @@ enum Command {
         /// JSON Lines file, one touchpoint per line (see the README).
         #[arg(long)]
         file: PathBuf,
-        /// Events per request (1 to 100000; the server's `ingest.max-batch-events` is the limit).
+        /// Events per request (1 to 100000; the server's `ingest.max-batch-events` is the limit). A
+        /// request also ends before 4 MiB less 64 KiB of encoded events.
         #[arg(long, default_value_t = 500, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=100_000))]
         batch_size: usize,
         /// Requests sent and not yet answered (1 to 1024); after a disconnect they are sent again.
@@ -475,11 +476,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 report.accepted,
                 report.rejected
             );
-            // Rejections fail the command whether or not the summary could be printed.
+            // Rejections fail the command whether or not the summary could be printed, and so
+            // does a file that changed between its check and its reading (events answered that
+            // were not checked, or checked events never read).
             anyhow::ensure!(
                 report.rejected == 0,
                 "{} events were rejected",
                 report.rejected
+            );
+            let answered = report.accepted + report.rejected;
+            anyhow::ensure!(
+                answered == u64::try_from(count).unwrap_or(u64::MAX),
+                "the file changed while it was published: {count} events were checked, {answered} were read and answered"
             );
             printed?;
             Ok(())

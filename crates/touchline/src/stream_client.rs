@@ -7,6 +7,7 @@ use std::collections::VecDeque;
 use std::time::Duration;
 
 use anyhow::bail;
+use prost::Message as _;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
@@ -103,10 +104,20 @@ fn random_fraction() -> f64 {
 struct Batches<I> {
     events: I,
     batch_size: usize,
+    /// Encoded bytes of a batch's events at most (one event larger than that goes alone).
+    batch_bytes: usize,
     number: usize,
     /// Why the events ended early (a line that could not be read).
     failed: Option<anyhow::Error>,
+    /// An event read that did not fit in the batch before it: the next batch's first.
+    carried: Option<(usize, v1::Touchpoint)>,
 }
+
+/// Encoded bytes of a batch's events at most: the node refuses a request above
+/// `ingest.max-message-bytes` (4 MiB by default) whole, and batches of a few large events (up to
+/// 64 KiB each by default) reach that well before `--batch-size` events. Less than 4 MiB by what
+/// the rest of a request takes.
+pub const MAX_BATCH_BYTES: usize = 4 * 1024 * 1024 - 64 * 1024;
 
 impl<I: Iterator<Item = anyhow::Result<(usize, v1::Touchpoint)>>> Batches<I> {
     /// Makes batches until `pending` holds `window` of them or the events end.
@@ -117,26 +128,41 @@ impl<I: Iterator<Item = anyhow::Result<(usize, v1::Touchpoint)>>> Batches<I> {
                 lines: Vec::new(),
                 events: Vec::new(),
             };
+            let mut bytes = 0_usize;
+            let mut ended = false;
             while batch.events.len() < self.batch_size {
-                match self.events.next() {
+                match self.carried.take().map(Ok).or_else(|| self.events.next()) {
                     Some(Ok((line, event))) => {
+                        // As a repeated field: its tag, its length and itself.
+                        let size = prost::length_delimiter_len(event.encoded_len())
+                            .saturating_add(1)
+                            .saturating_add(event.encoded_len());
+                        if !batch.events.is_empty() && bytes.saturating_add(size) > self.batch_bytes
+                        {
+                            self.carried = Some((line, event));
+                            break;
+                        }
+                        bytes = bytes.saturating_add(size);
                         batch.lines.push(line);
                         batch.events.push(event);
                     }
                     Some(Err(error)) => {
                         self.failed = Some(error);
+                        ended = true;
                         break;
                     }
-                    None => break,
+                    None => {
+                        ended = true;
+                        break;
+                    }
                 }
             }
             if batch.events.is_empty() {
                 return;
             }
             self.number += 1;
-            let full = batch.events.len() == self.batch_size;
             pending.push_back(batch);
-            if !full {
+            if ended {
                 return;
             }
         }
@@ -165,8 +191,10 @@ where
     let mut batches = Batches {
         events: events.into_iter(),
         batch_size: options.batch_size.max(1),
+        batch_bytes: MAX_BATCH_BYTES,
         number: 0,
         failed: None,
+        carried: None,
     };
     let mut pending: VecDeque<Batch> = VecDeque::new();
     batches.fill(&mut pending, window);
@@ -174,7 +202,7 @@ where
     let mut report = PublishReport::default();
     let mut attempt = 0_u32;
     while !pending.is_empty() {
-        let before = pending.len();
+        let answered = report.accepted + report.rejected;
         let result = stream_once(
             &endpoint,
             token,
@@ -185,8 +213,9 @@ where
             &mut report,
         )
         .await;
-        if pending.len() < before {
-            // The stream got answers before it broke: the attempts count breaks in a row.
+        if report.accepted + report.rejected > answered {
+            // The stream got answers before it broke: the attempts count breaks in a row (the
+            // window, refilled from the file as answers come, says nothing of that).
             attempt = 0;
         }
         match result {
@@ -501,8 +530,10 @@ mod tests {
         let mut batches = Batches {
             events,
             batch_size: 3,
+            batch_bytes: MAX_BATCH_BYTES,
             number: 0,
             failed: None,
+            carried: None,
         };
         let mut pending = VecDeque::new();
         batches.fill(&mut pending, 2);
@@ -527,6 +558,53 @@ mod tests {
         pending.clear();
         batches.fill(&mut pending, 4);
         assert!(pending.is_empty(), "nothing after it");
+    }
+
+    /// A batch also ends before the event that would take its encoded size over its bound (the
+    /// node refuses a request over its message size whole); an event larger than the bound goes
+    /// alone.
+    #[test]
+    fn batches_end_at_their_bytes_too() {
+        use prost::Message as _;
+        let event = |payload: usize| v1::Touchpoint {
+            payload: vec![b'x'; payload],
+            ..Default::default()
+        };
+        // Each event of 40 bytes of payload takes 44 in a batch (tags and lengths).
+        let size = |payload: usize| {
+            let encoded = event(payload).encoded_len();
+            1 + prost::length_delimiter_len(encoded) + encoded
+        };
+        assert_eq!(size(40), 44);
+        let payloads = [40, 40, 40, 200, 40, 40];
+        let mut batches = Batches {
+            events: payloads
+                .iter()
+                .enumerate()
+                .map(|(index, payload)| Ok((index + 1, event(*payload)))),
+            batch_size: 10,
+            batch_bytes: 100,
+            number: 0,
+            failed: None,
+            carried: None,
+        };
+        let mut pending = VecDeque::new();
+        batches.fill(&mut pending, 10);
+        let lines: Vec<Vec<usize>> = pending.iter().map(|batch| batch.lines.clone()).collect();
+        assert_eq!(lines, [vec![1, 2], vec![3], vec![4], vec![5, 6]]);
+        for batch in &pending {
+            let bytes: usize = batch
+                .events
+                .iter()
+                .map(|event| event.payload.len())
+                .map(size)
+                .sum();
+            assert!(
+                bytes <= 100 || batch.events.len() == 1,
+                "batch {} takes {bytes} bytes",
+                batch.id
+            );
+        }
     }
 
     #[test]
