@@ -195,7 +195,13 @@ fn restore_with(
     let give_up = |lock: File| {
         if !had_marker {
             drop(lock);
-            discard(store_path, created);
+            if store_in_use(store_path) {
+                // A node started on the folder before the mark was made: its store is left
+                // alone, without the mark this restore made.
+                let _ = std::fs::remove_file(&marker);
+            } else {
+                discard(store_path, created);
+            }
         }
     };
     match lock.try_lock() {
@@ -217,6 +223,13 @@ fn restore_with(
         store_path.display()
     );
     if had_marker && entries.len() > 1 {
+        // A restore that did not finish left its mark; a node that started on the folder
+        // before that mark was made (it looks for the mark only as it opens) may run on it.
+        anyhow::ensure!(
+            !store_in_use(store_path),
+            "{} is marked by a restore that did not finish, but a node has the store in it open: stop that node first (or restore elsewhere)",
+            store_path.display()
+        );
         tracing::warn!(path = %store_path.display(), "starting over a restore that did not finish");
         empty(store_path)?;
     }
@@ -280,6 +293,14 @@ fn locked_by_another(error: &touchline_projection::Error) -> bool {
         cause = error.source();
     }
     false
+}
+
+/// Whether a process (a node) has the sled store in `folder` open: sled holds an exclusive lock
+/// on its `db` file while it is open. Checked before deleting what a folder holds that this
+/// restore did not make.
+fn store_in_use(folder: &Path) -> bool {
+    File::open(folder.join("db"))
+        .is_ok_and(|db| matches!(db.try_lock(), Err(std::fs::TryLockError::WouldBlock)))
 }
 
 /// Whether two files' metadata are of the same file (`now` against the one opened, if known).
@@ -454,6 +475,29 @@ mod tests {
         let backup = dir.join("backup");
         std::fs::write(&backup, bytes)?;
         Ok(backup)
+    }
+
+    /// A folder marked by a restore that did not finish, on which a node runs (it started before
+    /// the mark was made): a new restore refuses it and deletes nothing (it emptied the folder,
+    /// the running store's files included).
+    #[test]
+    fn a_restore_leaves_a_store_a_node_has_open_alone() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let backup = one_dead_letter_backup(dir.path())?;
+        let target = dir.path().join("target");
+        let running = SledStore::open(&target)?;
+        std::fs::write(target.join(RESTORE_MARKER), b"")?;
+        let before = contents(&target)?;
+        let error = restore_with(&backup, &target, 1 << 20, &sync_dir)
+            .expect_err("the folder's store is open");
+        assert!(
+            format!("{error:#}").contains("has the store in it open"),
+            "{error:#}"
+        );
+        assert_eq!(contents(&target)?, before, "nothing deleted");
+        assert!(target.join("db").exists());
+        drop(running);
+        Ok(())
     }
 
     #[test]
