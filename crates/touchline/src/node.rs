@@ -131,7 +131,14 @@ impl Node {
             && let Some((shutdown, task)) = projector.take()
         {
             shutdown.cancel();
-            let _ = task.await;
+            // Bounded: the projector ends with a flush, which sled 0.34 can wait in for ever;
+            // the start's error is reported either way.
+            if tokio::time::timeout(FINAL_FLUSH_WAIT, task).await.is_err() {
+                warn!(
+                    "the projector did not stop within {} s of the failed start",
+                    FINAL_FLUSH_WAIT.as_secs()
+                );
+            }
         }
         drop(embedded);
         started.map(Some)
@@ -556,8 +563,17 @@ impl Node {
             }
         }
         if let Some(rebuilds) = &self.rebuilds {
-            // An unfinished rebuild is cancelled: the active version stays as it is.
-            rebuilds.shutdown().await;
+            // An unfinished rebuild is cancelled: the active version stays as it is. Bounded like
+            // the steps after it: a rebuild's switch flushes the store, which can hang.
+            if tokio::time::timeout(FINAL_FLUSH_WAIT, rebuilds.shutdown())
+                .await
+                .is_err()
+            {
+                errors.push(anyhow::anyhow!(
+                    "a rebuild did not stop within {} s (its store's flush does not end?)",
+                    FINAL_FLUSH_WAIT.as_secs()
+                ));
+            }
         }
         self.projector_shutdown.cancel();
         if let Some(projector) = self.projector {
