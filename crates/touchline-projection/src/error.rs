@@ -22,6 +22,11 @@ pub enum Error {
     TopicMissing { topic: String },
     #[error("cannot set up the consumer: {0}")]
     Setup(String),
+    #[error(
+        "the store's flush has not ended within {} s: the projector stops (a restart recovers the store to its last durable write and reads on from Kafka)",
+        .0.as_secs()
+    )]
+    FlushStalled(std::time::Duration),
     #[error("a blocking store task failed: {0}")]
     Blocking(#[from] tokio::task::JoinError),
     #[error(transparent)]

@@ -53,7 +53,15 @@ pub struct ProjectorOptions {
     pub partitions: Option<Vec<i32>>,
     /// The most records applied in one store write.
     pub max_batch: usize,
+    /// How long one flush of the store may take before the projector stops with
+    /// [`crate::Error::FlushStalled`] (sled 0.34 can wait in a flush for ever): a node whose
+    /// store hangs fails, rather than stay up, acknowledging nothing (dev) or serving what it had.
+    pub flush_stall: Duration,
 }
+
+/// [`ProjectorOptions::flush_stall`] by default: a flush covers at most [`UNFLUSHED_BATCHES`]
+/// batches, milliseconds normally.
+pub const FLUSH_STALL: Duration = Duration::from_secs(60);
 
 impl ProjectorOptions {
     #[must_use]
@@ -62,6 +70,7 @@ impl ProjectorOptions {
             kafka,
             partitions: None,
             max_batch: 1000,
+            flush_stall: FLUSH_STALL,
         }
     }
 }
@@ -104,6 +113,7 @@ pub struct Projector {
     store: Arc<dyn EventStore>,
     stream: StreamIdentity,
     max_batch: usize,
+    flush_stall: Duration,
     /// The customers this node serves: an event of another is a dead letter.
     served: Served,
     applied: watch::Sender<BTreeMap<i32, i64>>,
@@ -200,6 +210,7 @@ impl Projector {
                 store,
                 stream: stream.clone(),
                 max_batch: options.max_batch.max(1),
+                flush_stall: options.flush_stall,
                 served: Served::new(topic_partitions, &partitions),
                 applied,
                 rereads,
@@ -230,6 +241,7 @@ impl Projector {
             pending,
             self.applied.clone(),
             flusher_stopped.clone(),
+            self.flush_stall,
         ));
         let rereads = std::mem::take(&mut self.rereads);
         // However the consuming ends (a stop, a failed write), what was applied is made durable
@@ -414,12 +426,15 @@ impl Projector {
 }
 
 /// Flushes the store whenever batches were applied since the last flush, then publishes the
-/// positions that flush made durable. Ends, after a last flush, when the projector drops `pending`.
+/// positions that flush made durable. Ends, after a last flush, when the projector drops `pending`;
+/// with [`Error::FlushStalled`] when a flush takes longer than `stall` (its blocking thread is
+/// left to it).
 async fn flush_loop(
     store: Arc<dyn EventStore>,
     mut pending: watch::Receiver<BTreeMap<i32, i64>>,
     applied: watch::Sender<BTreeMap<i32, i64>>,
     stopped: CancellationToken,
+    stall: Duration,
 ) -> Result<()> {
     let _stopped = stopped.drop_guard();
     loop {
@@ -427,7 +442,9 @@ async fn flush_loop(
         let covered = pending.borrow_and_update().clone();
         let flushing = Arc::clone(&store);
         let started = std::time::Instant::now();
-        tokio::task::spawn_blocking(move || flushing.flush()).await??;
+        tokio::time::timeout(stall, tokio::task::spawn_blocking(move || flushing.flush()))
+            .await
+            .map_err(|_| Error::FlushStalled(stall))???;
         metrics::PROJECTOR
             .flush_seconds
             .observe(started.elapsed().as_secs_f64());

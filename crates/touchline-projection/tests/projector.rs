@@ -208,12 +208,7 @@ async fn a_failed_write_stops_the_projector_before_any_later_batch_is_stored() {
     let shared: Arc<dyn EventStore> = store.clone();
     let (projector, handle) = Projector::new(options, shared).await.expect("starts");
     let stream = handle.stream().clone();
-    let stopped = tokio::time::timeout(
-        Duration::from_secs(60),
-        projector.run(CancellationToken::new()),
-    )
-    .await
-    .expect("the projector stops by itself");
+    let stopped = stops_by_itself(projector).await;
     assert!(
         stopped.is_err(),
         "the failed write is reported: {stopped:?}"
@@ -304,6 +299,38 @@ async fn a_flush_that_hangs_stops_the_reading_a_few_batches_ahead() {
         .await
         .expect("the projector's task")
         .expect("the projector stops cleanly");
+}
+
+/// A flush that does not end within `flush_stall` stops the projector with its error (the node
+/// then fails and stops, rather than stay up acknowledging nothing): it waited for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flush_that_does_not_end_stops_the_projector() {
+    let (_broker, kafka, _dir, _sled, store) = produced(usize::MAX).await;
+    store.hold_flushes(true);
+    let release = ReleaseFlushes(Arc::clone(&store));
+    let mut options = ProjectorOptions::new(kafka);
+    options.flush_stall = Duration::from_millis(300);
+    let shared: Arc<dyn EventStore> = store.clone();
+    let (projector, _) = Projector::new(options, shared).await.expect("starts");
+    let stopped = stops_by_itself(projector).await;
+    assert!(
+        matches!(
+            stopped,
+            Err(touchline_projection::Error::FlushStalled(stall)) if stall == Duration::from_millis(300)
+        ),
+        "{stopped:?}"
+    );
+    drop(release);
+}
+
+/// Runs `projector` without a shutdown until it stops by itself (within a minute).
+async fn stops_by_itself(projector: Projector) -> touchline_projection::Result<()> {
+    tokio::time::timeout(
+        Duration::from_secs(60),
+        projector.run(CancellationToken::new()),
+    )
+    .await
+    .expect("the projector stops by itself")
 }
 
 /// Polls `done` every 20 ms until it holds, or fails with `what` after a minute.

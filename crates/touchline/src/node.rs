@@ -224,6 +224,7 @@ impl Node {
                 partitions: (!config.projector.partitions.is_empty())
                     .then(|| config.projector.partitions.clone()),
                 max_batch: config.projector.max_batch,
+                flush_stall: touchline_projection::projector::FLUSH_STALL,
             };
             let shared: Arc<dyn EventStore> = opened.clone();
             let (projector, handle) = Projector::new(options, shared)
