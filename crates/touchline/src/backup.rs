@@ -195,13 +195,7 @@ fn restore_with(
     let give_up = |lock: File| {
         if !had_marker {
             drop(lock);
-            if store_in_use(store_path) {
-                // A node started on the folder before the mark was made: its store is left
-                // alone, without the mark this restore made.
-                let _ = std::fs::remove_file(&marker);
-            } else {
-                discard(store_path, created);
-            }
+            leave_or_discard(store_path, created, store_in_use(store_path));
         }
     };
     match lock.try_lock() {
@@ -240,15 +234,11 @@ fn restore_with(
     let store = match SledStore::open_for_restore(store_path, cache_bytes) {
         Ok(store) => store,
         Err(error) => {
-            if !had_marker && locked_by_another(&error) {
-                // Someone else's store (a node started on the folder before the mark was made):
-                // left alone, without the mark this restore made.
-                let _ = std::fs::remove_file(&marker);
-            } else {
-                // What sled made before it failed (its folders, a configuration, a log) is no
-                // store a node should start on: deleted, the mark last.
-                discard(store_path, created);
-            }
+            leave_or_discard(
+                store_path,
+                created,
+                !had_marker && locked_by_another(&error),
+            );
             return Err(error.into());
         }
     };
@@ -321,6 +311,18 @@ fn same_file(now: &std::fs::Metadata, opened: &Option<std::fs::Metadata>) -> boo
 
 /// Deletes what a failed restore made in `store_path`: the store's files first and the mark
 /// last (a crash in between leaves a marked folder), then the folder when the restore created it.
+/// After a restore that gave up: a folder whose store is `in_use` (a node started on it before
+/// the mark was made) is left alone, without the mark this restore made; otherwise what the
+/// restore made (sled's folders, a configuration, a log: no store a node should start on) is
+/// deleted ([`discard`]).
+fn leave_or_discard(store_path: &Path, created: bool, in_use: bool) {
+    if in_use {
+        let _ = std::fs::remove_file(store_path.join(RESTORE_MARKER));
+    } else {
+        discard(store_path, created);
+    }
+}
+
 fn discard(store_path: &Path, created: bool) {
     let deleted = empty(store_path).and_then(|()| {
         std::fs::remove_file(store_path.join(RESTORE_MARKER))?;

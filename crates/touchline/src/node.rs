@@ -133,11 +133,8 @@ impl Node {
             shutdown.cancel();
             // Bounded: the projector ends with a flush, which sled 0.34 can wait in for ever;
             // the start's error is reported either way.
-            if tokio::time::timeout(FINAL_FLUSH_WAIT, task).await.is_err() {
-                warn!(
-                    "the projector did not stop within {} s of the failed start",
-                    FINAL_FLUSH_WAIT.as_secs()
-                );
+            if let Some(error) = within_flush_wait(task, "projector").await {
+                warn!(error = format!("{error:#}"), "after the failed start");
             }
         }
         drop(embedded);
@@ -579,13 +576,7 @@ impl Node {
         self.projector_shutdown.cancel();
         if let Some(projector) = self.projector {
             // Bounded like the final flush below: the projector ends with its last flush.
-            match tokio::time::timeout(FINAL_FLUSH_WAIT, projector).await {
-                Ok(stopped) => errors.extend(failure(stopped, "projector")),
-                Err(_) => errors.push(anyhow::anyhow!(
-                    "the projector did not stop within {} s (its store's flush does not end?): what it had not made durable is read again from Kafka at the next start",
-                    FINAL_FLUSH_WAIT.as_secs()
-                )),
-            }
+            errors.extend(within_flush_wait(projector, "projector").await);
         }
         if let Some(store) = self.store {
             // Bounded: sled 0.34 can wait for ever in a flush (and in the one it makes when its
@@ -593,13 +584,7 @@ impl Node {
             // full disk, no descriptors): its write to the log is never counted as done. What
             // the flush did not make durable is read again from Kafka at the next start.
             let flushing = tokio::task::spawn_blocking(move || store.flush());
-            match tokio::time::timeout(FINAL_FLUSH_WAIT, flushing).await {
-                Ok(flushed) => errors.extend(failure(flushed, "final flush")),
-                Err(_) => errors.push(anyhow::anyhow!(
-                    "the final flush did not end within {} s: what it had not made durable is read again from Kafka at the next start",
-                    FINAL_FLUSH_WAIT.as_secs()
-                )),
-            }
+            errors.extend(within_flush_wait(flushing, "final flush").await);
         }
         drop(self.broker);
         for error in &errors {
@@ -639,6 +624,22 @@ const CUT_WAIT: Duration = Duration::from_secs(1);
 
 /// How long a shutdown waits for a replay's last batch once the grace is used up.
 const REPLAY_LAST_BATCH_WAIT: Duration = Duration::from_secs(1);
+
+/// [`failure`] of `task`, a step that ends with a flush of the store, waited for at most
+/// [`FINAL_FLUSH_WAIT`] (sled 0.34 can wait in a flush for ever): past it, an error of its own
+/// (the task is left to run).
+async fn within_flush_wait<E: std::error::Error + Send + Sync + 'static>(
+    task: JoinHandle<Result<(), E>>,
+    what: &str,
+) -> Option<anyhow::Error> {
+    match tokio::time::timeout(FINAL_FLUSH_WAIT, task).await {
+        Ok(stopped) => failure(stopped, what),
+        Err(_) => Some(anyhow::anyhow!(
+            "the {what} did not end within {} s (a flush of the store that does not end?): what it had not made durable is read again from Kafka at the next start",
+            FINAL_FLUSH_WAIT.as_secs()
+        )),
+    }
+}
 
 /// A stopped task's failure, if any: the error it returned, or its panic.
 fn failure<E: std::error::Error + Send + Sync + 'static>(

@@ -119,6 +119,12 @@ struct Batches<I> {
 /// the rest of a request takes.
 pub const MAX_BATCH_BYTES: usize = 4 * 1024 * 1024 - 64 * 1024;
 
+/// What `event` takes in a batch's encoding, as a repeated field: its tag, its length and itself.
+fn batched_len(event: &v1::Touchpoint) -> usize {
+    let encoded = event.encoded_len();
+    1 + prost::length_delimiter_len(encoded) + encoded
+}
+
 impl<I: Iterator<Item = anyhow::Result<(usize, v1::Touchpoint)>>> Batches<I> {
     /// Makes batches until `pending` holds `window` of them or the events end.
     fn fill(&mut self, pending: &mut VecDeque<Batch>, window: usize) {
@@ -133,10 +139,7 @@ impl<I: Iterator<Item = anyhow::Result<(usize, v1::Touchpoint)>>> Batches<I> {
             while batch.events.len() < self.batch_size {
                 match self.carried.take().map(Ok).or_else(|| self.events.next()) {
                     Some(Ok((line, event))) => {
-                        // As a repeated field: its tag, its length and itself.
-                        let size = prost::length_delimiter_len(event.encoded_len())
-                            .saturating_add(1)
-                            .saturating_add(event.encoded_len());
+                        let size = batched_len(&event);
                         if !batch.events.is_empty() && bytes.saturating_add(size) > self.batch_bytes
                         {
                             self.carried = Some((line, event));
@@ -565,16 +568,12 @@ mod tests {
     /// alone.
     #[test]
     fn batches_end_at_their_bytes_too() {
-        use prost::Message as _;
         let event = |payload: usize| v1::Touchpoint {
             payload: vec![b'x'; payload],
             ..Default::default()
         };
         // Each event of 40 bytes of payload takes 44 in a batch (tags and lengths).
-        let size = |payload: usize| {
-            let encoded = event(payload).encoded_len();
-            1 + prost::length_delimiter_len(encoded) + encoded
-        };
+        let size = |payload: usize| batched_len(&event(payload));
         assert_eq!(size(40), 44);
         let payloads = [40, 40, 40, 200, 40, 40];
         let mut batches = Batches {

@@ -415,6 +415,11 @@ mod tests {
             .collect()
     }
 
+    /// The sequences of the entries taken, in order.
+    fn routed(taken: &[Taken]) -> Vec<u64> {
+        taken.iter().flat_map(sequences).collect()
+    }
+
     /// Waits until `inbox` has taken what the feed's reader routed through `sequence`, or ended.
     async fn take_through(inbox: &Inbox, sequence: u64) -> anyhow::Result<Vec<Taken>> {
         let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
@@ -462,7 +467,6 @@ mod tests {
         ]))?;
         feed.send(batch(vec![entry("bob", 5), entry("dave", 6)]))?;
 
-        let routed = |taken: &[Taken]| -> Vec<u64> { taken.iter().flat_map(sequences).collect() };
         assert_eq!(routed(&take_through(&alice, 6).await?), vec![1, 4]);
         assert_eq!(routed(&take_through(&alice_again, 6).await?), vec![1, 4]);
         assert_eq!(routed(&take_through(&bob, 6).await?), vec![2, 5]);
@@ -484,10 +488,7 @@ mod tests {
         drop(first);
         feed.send(batch(vec![entry("bob", 1)]))?;
         let taken = take_through(&second, 1).await?;
-        assert_eq!(
-            taken.iter().flat_map(sequences).collect::<Vec<_>>(),
-            vec![1]
-        );
+        assert_eq!(routed(&taken), vec![1]);
         drop(second);
         wait_until("the feed's reader stops", || feed.receiver_count() == 0).await?;
         // A watcher after that gets the flushes published after its subscription.
@@ -495,10 +496,7 @@ mod tests {
         assert_eq!(feed.receiver_count(), 1);
         feed.send(batch(vec![entry("bob", 2)]))?;
         let taken = take_through(&again, 2).await?;
-        assert_eq!(
-            taken.iter().flat_map(sequences).collect::<Vec<_>>(),
-            vec![2]
-        );
+        assert_eq!(routed(&taken), vec![2]);
         Ok(())
     }
 
@@ -528,7 +526,7 @@ mod tests {
         ))?;
         let bob = take_through(&other, bob_last).await?;
         assert_eq!(
-            bob.iter().flat_map(sequences).collect::<Vec<_>>(),
+            routed(&bob),
             vec![next + 1, bob_last],
             "the other watcher goes on"
         );
@@ -589,7 +587,7 @@ mod tests {
         feed.send(batch(vec![entry("bob", 1)]))?;
         let taken = take_through(&bob, 1).await?;
         assert_eq!(
-            taken.iter().flat_map(sequences).collect::<Vec<_>>(),
+            routed(&taken),
             vec![1],
             "a new reading routes the flushes after it"
         );
@@ -604,10 +602,7 @@ mod tests {
         feed.send(batch(vec![entry("alice", 1)]))?;
         drop(feed);
         let taken = take_through(&alice, u64::MAX).await?;
-        assert_eq!(
-            taken.iter().flat_map(sequences).collect::<Vec<_>>(),
-            vec![1]
-        );
+        assert_eq!(routed(&taken), vec![1]);
         let last = taken.last().expect("taken");
         assert_eq!((last.through, last.end), (1, Some(FeedEnd::Closed)));
         // A watcher of a closed feed ends at once.

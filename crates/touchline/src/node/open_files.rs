@@ -43,39 +43,30 @@ pub fn raise_open_files_limit(max_connections: usize) -> Option<OpenFiles> {
 
 #[cfg(unix)]
 fn raise() -> Option<OpenFiles> {
-    use rustix::process::{Resource, getrlimit, setrlimit};
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
     let limit = getrlimit(Resource::Nofile);
     // `None`: unlimited.
     let before = limit.current.unwrap_or(u64::MAX);
-    let Some(hard) = limit.maximum else {
-        // An unlimited hard limit cannot be the soft one (the kernel caps it at fs.nr_open):
-        // left as it is.
-        return Some(OpenFiles {
-            before,
-            now: before,
-        });
-    };
-    if hard <= before {
-        return Some(OpenFiles {
-            before,
-            now: before,
-        });
-    }
-    let raised = rustix::process::Rlimit {
-        current: Some(hard),
-        maximum: Some(hard),
-    };
-    match setrlimit(Resource::Nofile, raised) {
-        Ok(()) => Some(OpenFiles { before, now: hard }),
-        Err(error) => {
-            // macOS refuses a soft limit above OPEN_MAX whatever the hard one says.
-            tracing::debug!(%error, hard, "cannot raise the limit on open files");
-            Some(OpenFiles {
-                before,
-                now: before,
-            })
+    // An unlimited hard limit cannot be the soft one (the kernel caps it at fs.nr_open): left as
+    // it is, as is a soft limit at the hard one already.
+    let now = match limit.maximum {
+        Some(hard) if hard > before => {
+            let raised = Rlimit {
+                current: Some(hard),
+                maximum: Some(hard),
+            };
+            match setrlimit(Resource::Nofile, raised) {
+                Ok(()) => hard,
+                Err(error) => {
+                    // macOS refuses a soft limit above OPEN_MAX whatever the hard one says.
+                    tracing::debug!(%error, hard, "cannot raise the limit on open files");
+                    before
+                }
+            }
         }
-    }
+        _ => before,
+    };
+    Some(OpenFiles { before, now })
 }
 
 #[cfg(not(unix))]
