@@ -33,6 +33,22 @@ const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
 /// file, would otherwise let the whole backlog pile up in memory, unflushed).
 pub const UNFLUSHED_BATCHES: usize = 16;
 
+/// The most memory one consumed record may take once decoded, estimated from its fields before
+/// it is decoded ([`touchline_proto::codec::decoded_envelope_bytes`]): a record above it becomes
+/// a dead letter, undecoded. Only another producer writes such a record to the topic: an
+/// attribute of a few bytes takes about 130 once decoded, so 4 MiB of them would take 256 MiB.
+/// What ingest accepts stays far below (an event of at most `ingest.limits.max-event-bytes`,
+/// 64 KiB by default: 4 MiB decoded at most); a dead letter above it can still be requeued,
+/// which decodes it whatever its size (the operator's call).
+pub const MAX_DECODED_RECORD_BYTES: usize = 256 << 20;
+
+/// The most memory the records decoded at once take, estimated as for
+/// [`MAX_DECODED_RECORD_BYTES`]: a consumed batch above it is decoded and written in parts of at
+/// most this much (a record above it alone), so that what the projector holds decoded (one part
+/// being written, the next one decoded) stays bounded whatever the records hold. Ordinary batches
+/// of 1,000 events take a few MiB, and go whole.
+pub const MAX_DECODED_PART_BYTES: usize = 64 << 20;
+
 /// A batch given to the writer thread: its outcome once applied.
 type PendingWrite = std::pin::Pin<
     Box<
@@ -290,7 +306,7 @@ impl Projector {
         let ahead_limit =
             u64::try_from(UNFLUSHED_BATCHES.saturating_mul(self.max_batch)).unwrap_or(u64::MAX);
         let mut flushed = self.applied.subscribe();
-        loop {
+        'batches: loop {
             let ahead = self
                 .store
                 .visible_sequence()
@@ -337,34 +353,33 @@ impl Projector {
                     }
                 }
             }
-            if messages.is_empty() {
-                continue;
-            }
-            // Decoding a batch takes milliseconds: off the async runtime.
-            let served = self.served.clone();
-            let records = match decoder
-                .run(move || {
-                    messages
-                        .iter()
-                        .map(|message| consumed_record(message, &served))
-                        .collect::<Vec<_>>()
-                })
-                .await
-            {
-                Ok(records) => records,
-                Err(gone) => {
-                    // The batch being written still completes and reaches the flusher.
-                    self.settle(&mut in_flight, unflushed).await?;
-                    return Err(gone.into());
+            // Parts of bounded decoded size: the whole batch, but for records of unusual size.
+            for part in decoded_parts(messages) {
+                // Decoding a batch takes milliseconds: off the async runtime.
+                let served = self.served.clone();
+                let records = match decoder
+                    .run(move || {
+                        part.iter()
+                            .map(|message| consumed_record(message, &served))
+                            .collect::<Vec<_>>()
+                    })
+                    .await
+                {
+                    Ok(records) => records,
+                    Err(gone) => {
+                        // The batch being written still completes and reaches the flusher.
+                        self.settle(&mut in_flight, unflushed).await?;
+                        return Err(gone.into());
+                    }
+                };
+                self.settle(&mut in_flight, unflushed).await?;
+                if flusher.is_finished() {
+                    break 'batches;
                 }
-            };
-            self.settle(&mut in_flight, unflushed).await?;
-            if flusher.is_finished() {
-                break;
+                let store = Arc::clone(&self.store);
+                let stream = self.stream.clone();
+                in_flight = Some(Box::pin(writer.run(move || store.apply(&stream, records))));
             }
-            let store = Arc::clone(&self.store);
-            let stream = self.stream.clone();
-            in_flight = Some(Box::pin(writer.run(move || store.apply(&stream, records))));
         }
         drop(batches);
         // The batch being written completes; the flusher makes the last batches durable.
@@ -464,15 +479,63 @@ pub(crate) fn kafka_setup(error: &touchline_kafka::Error) -> Error {
     }
 }
 
-/// Decodes a consumed message; anything undecodable, or an event whose customer this node does
-/// not serve (see [`Served`]), becomes a dead letter with its reason.
+/// The estimated memory `message` takes once decoded (see [`MAX_DECODED_RECORD_BYTES`]).
+fn decoded_bytes(message: &impl Message) -> usize {
+    message
+        .payload()
+        .map_or(0, touchline_proto::codec::decoded_envelope_bytes)
+}
+
+/// `messages` in consecutive parts of at most [`MAX_DECODED_PART_BYTES`] once decoded
+/// (estimated; a record above it in a part of its own, a record that will not be decoded counted
+/// by its size): one part for ordinary batches.
+pub(crate) fn decoded_parts<M: Message>(messages: Vec<M>) -> Vec<Vec<M>> {
+    let mut parts = Vec::new();
+    let mut part = Vec::new();
+    let mut part_bytes = 0_usize;
+    for message in messages {
+        let decoded = decoded_bytes(&message);
+        let bytes = if decoded > MAX_DECODED_RECORD_BYTES {
+            message.payload().map_or(0, <[u8]>::len)
+        } else {
+            decoded
+        };
+        if !part.is_empty() && part_bytes.saturating_add(bytes) > MAX_DECODED_PART_BYTES {
+            parts.push(std::mem::take(&mut part));
+            part_bytes = 0;
+        }
+        part_bytes = part_bytes.saturating_add(bytes);
+        part.push(message);
+    }
+    if !part.is_empty() {
+        parts.push(part);
+    }
+    parts
+}
+
+/// Decodes a consumed message; anything undecodable, a record that would take more than
+/// [`MAX_DECODED_RECORD_BYTES`] once decoded, or an event whose customer this node does not serve
+/// (see [`Served`]), becomes a dead letter with its reason.
 pub(crate) fn consumed_record(message: &impl Message, served: &Served) -> ConsumedRecord {
-    let decoded = touchline_proto::decode_envelope(message.payload())
-        .map_err(|error| error.to_string())
-        .and_then(|envelope| match served.refuses(&envelope) {
-            None => Ok(envelope),
-            Some(reason) => Err(reason),
-        });
+    let decoded_bytes = decoded_bytes(message);
+    let decoded = if decoded_bytes > MAX_DECODED_RECORD_BYTES {
+        Err(if decoded_bytes == usize::MAX {
+            "record value holds a protobuf group (no Touchline message has one): not decoded"
+                .to_owned()
+        } else {
+            format!(
+                "record value would take about {} MiB once decoded (its touchpoint's fields), more than the {} MiB a record may take: not decoded (requeue it to project it anyway)",
+                decoded_bytes >> 20,
+                MAX_DECODED_RECORD_BYTES >> 20
+            )
+        })
+    } else {
+        touchline_proto::decode_envelope(message.payload()).map_err(|error| error.to_string())
+    };
+    let decoded = decoded.and_then(|envelope| match served.refuses(&envelope) {
+        None => Ok(envelope),
+        Some(reason) => Err(reason),
+    });
     let content = match decoded {
         Ok(envelope) => RecordContent::Event {
             envelope: Box::new(envelope),
@@ -581,21 +644,7 @@ mod tests {
     /// projected on one that owns them all (it serves every customer, wherever the record is).
     #[test]
     fn an_event_of_a_customer_the_node_does_not_serve_is_a_dead_letter() {
-        let mut envelope = touchline_core::Envelope {
-            partner_id: touchline_core::PartnerId::parse("courier").expect("valid"),
-            touchpoint: touchline_core::Touchpoint {
-                event_id: touchline_core::EventId::parse("e1").expect("valid"),
-                customer_id: touchline_core::CustomerId::parse("alice").expect("valid"),
-                event_type: touchline_core::EventType::parse("parcel.delivered").expect("valid"),
-                occurred_at: touchline_core::UnixNanos(1),
-                channel: touchline_core::Channel::Web,
-                stage: touchline_core::JourneyStage::Fulfil,
-                outcome: None,
-                attributes: BTreeMap::new(),
-                payload: Vec::new(),
-            },
-            received_at: touchline_core::UnixNanos(1),
-        };
+        let mut envelope = envelope("alice", "e1");
         let alices = touchline_kafka::partition_for(b"alice", 6);
         let other = (alices + 1) % 6;
         let record = |envelope: &touchline_core::Envelope, partition: i32, served: &Served| {
@@ -636,6 +685,117 @@ mod tests {
             record(&envelope, bobs, &Served::new(6, &[bobs])),
             "projected"
         );
+    }
+
+    fn envelope(customer: &str, event: &str) -> touchline_core::Envelope {
+        touchline_core::Envelope {
+            partner_id: touchline_core::PartnerId::parse("courier").expect("valid"),
+            touchpoint: touchline_core::Touchpoint {
+                event_id: touchline_core::EventId::parse(event).expect("valid"),
+                customer_id: touchline_core::CustomerId::parse(customer).expect("valid"),
+                event_type: touchline_core::EventType::parse("parcel.delivered").expect("valid"),
+                occurred_at: touchline_core::UnixNanos(1),
+                channel: touchline_core::Channel::Web,
+                stage: touchline_core::JourneyStage::Fulfil,
+                outcome: None,
+                attributes: BTreeMap::new(),
+                payload: Vec::new(),
+            },
+            received_at: touchline_core::UnixNanos(1),
+        }
+    }
+
+    /// An event whose touchpoint also holds `fields` empty attribute entries (two bytes each on
+    /// the wire, about 130 once decoded when their keys differ), in a second occurrence of the
+    /// touchpoint field (which protobuf merges into the first).
+    fn record_of_tiny_fields(fields: usize, offset: i64) -> rdkafka::message::OwnedMessage {
+        let mut value = touchline_proto::encode_envelope(&envelope("alice", &format!("e{offset}")));
+        let entries = [0x42, 0x00].repeat(fields);
+        value.push(0x1a);
+        // The length, as a protobuf varint.
+        let mut length = entries.len();
+        while length >= 0x80 {
+            value.push(u8::try_from(length & 0x7f).unwrap_or_default() | 0x80);
+            length >>= 7;
+        }
+        value.push(u8::try_from(length).unwrap_or_default());
+        value.extend(entries);
+        rdkafka::message::OwnedMessage::new(
+            Some(value),
+            Some(b"alice".to_vec()),
+            "touchpoints".to_owned(),
+            rdkafka::Timestamp::NotAvailable,
+            0,
+            offset,
+            None,
+        )
+    }
+
+    fn reason(record: ConsumedRecord) -> Option<String> {
+        match record.content {
+            RecordContent::Undecodable { reason, .. } => Some(reason),
+            RecordContent::Event { .. } => None,
+        }
+    }
+
+    /// Only another producer writes such a record: decoded, it would take hundreds of MiB (here
+    /// its keys are all empty, so prost would keep one; the estimate counts the fields).
+    #[test]
+    fn a_record_too_large_once_decoded_is_a_dead_letter_undecoded() {
+        let fields = MAX_DECODED_RECORD_BYTES / 128 + 1;
+        let too_large = reason(consumed_record(
+            &record_of_tiny_fields(fields, 1),
+            &Served::default(),
+        ))
+        .expect("a dead letter");
+        assert!(
+            too_large.contains("once decoded") && too_large.contains("256 MiB"),
+            "{too_large}"
+        );
+        // An ordinary record of the same shape decodes.
+        assert_eq!(
+            reason(consumed_record(
+                &record_of_tiny_fields(0, 2),
+                &Served::default()
+            )),
+            None
+        );
+        // A group: no Touchline message has one.
+        let grouped = record_of_tiny_fields(0, 3).set_payload(Some(vec![0x08, 0x01, 0x7b, 0x7c]));
+        let grouped = reason(consumed_record(&grouped, &Served::default())).expect("a dead letter");
+        assert!(grouped.contains("group"), "{grouped}");
+    }
+
+    /// A batch is decoded in parts of bounded decoded size: ordinary batches whole, records
+    /// estimated at about 40 MiB each two to a part at most, a record too large to be decoded
+    /// counted by its size.
+    #[test]
+    fn a_batch_is_decoded_in_parts_of_bounded_size() {
+        let ordinary: Vec<_> = (0..1000)
+            .map(|offset| record_of_tiny_fields(4, offset))
+            .collect();
+        assert_eq!(
+            decoded_parts(ordinary)
+                .iter()
+                .map(Vec::len)
+                .collect::<Vec<_>>(),
+            vec![1000]
+        );
+        let forty = (40 << 20) / 128;
+        let batch = vec![
+            record_of_tiny_fields(1, 1),
+            record_of_tiny_fields(forty, 2),
+            record_of_tiny_fields(forty, 3),
+            record_of_tiny_fields(1, 4),
+            record_of_tiny_fields(MAX_DECODED_RECORD_BYTES / 128 + 1, 5),
+            record_of_tiny_fields(forty, 6),
+        ];
+        let parts = decoded_parts(batch);
+        let offsets: Vec<Vec<i64>> = parts
+            .iter()
+            .map(|part| part.iter().map(Message::offset).collect())
+            .collect();
+        assert_eq!(offsets, vec![vec![1, 2], vec![3, 4, 5], vec![6]]);
     }
 
     #[test]

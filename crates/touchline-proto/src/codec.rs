@@ -78,7 +78,7 @@ impl<U: Message + Default + 'static> Decoder for BoundedDecoder<U> {
         // decoded size is estimated from the events and their fields, and bounded.
         if TypeId::of::<U>() == TypeId::of::<v1::PublishRequest>() {
             // One pass over the fields for both estimates.
-            let shape = RequestShape::of(bytes);
+            let shape = RequestShape::of(bytes, PUBLISH_REQUEST_EVENTS);
             let estimate = shape.map_or(usize::MAX, RequestShape::decoded);
             if estimate > MAX_DECODED_REQUEST_BYTES
                 && estimate / MAX_DECODED_PER_ENCODED_BYTE > bytes.len()
@@ -252,21 +252,41 @@ fn too_many_fields(message: String) -> Status {
 /// [`top_level_fields`]).
 #[cfg(test)]
 fn decoded_publish_request(bytes: &[u8]) -> usize {
-    RequestShape::of(bytes).map_or(usize::MAX, RequestShape::decoded)
+    RequestShape::of(bytes, PUBLISH_REQUEST_EVENTS).map_or(usize::MAX, RequestShape::decoded)
 }
 
 /// [`RequestShape::charged`] of `bytes`.
 #[cfg(test)]
 fn charged_publish_request(bytes: &[u8]) -> usize {
-    RequestShape::of(bytes).map_or(usize::MAX, RequestShape::charged)
+    RequestShape::of(bytes, PUBLISH_REQUEST_EVENTS).map_or(usize::MAX, RequestShape::charged)
 }
 
 /// What a nested field is charged (see [`RequestShape::charged`]): an attribute's two strings
 /// in a B-tree about half full (96 bytes), and an allocation of at least 32 bytes for each.
 const CHARGED_FIELD_BYTES: usize = 160;
 
-/// An encoded `PublishRequest` as its estimates count it: its size, its events and the fields
-/// nested in them.
+/// The field of `PublishRequest` that holds its events.
+const PUBLISH_REQUEST_EVENTS: u64 = 1;
+/// The field of `Envelope` that holds its touchpoint.
+const ENVELOPE_TOUCHPOINT: u64 = 3;
+
+/// An estimate of the memory a Kafka record's value takes once decoded as an `Envelope`: its
+/// bytes, the envelope and its touchpoint, and 128 bytes for each field of the
+/// touchpoint (an attribute is one), counted without allocating; `usize::MAX` for a group
+/// anywhere (no Touchline message has one). Ingest bounds what partners send
+/// ([`MAX_DECODED_REQUEST_BYTES`]); a record written to the topic by another producer is bounded
+/// by this estimate before it is decoded (the projector's `MAX_DECODED_RECORD_BYTES`).
+#[must_use]
+pub fn decoded_envelope_bytes(value: &[u8]) -> usize {
+    RequestShape::of(value, ENVELOPE_TOUCHPOINT).map_or(usize::MAX, |shape| {
+        shape
+            .decoded()
+            .saturating_add(std::mem::size_of::<v1::Envelope>())
+    })
+}
+
+/// An encoded `PublishRequest` (or `Envelope`) as its estimates count it: its size, its events
+/// (touchpoints) and the fields nested in them.
 #[derive(Debug, Clone, Copy)]
 struct RequestShape {
     bytes: usize,
@@ -275,13 +295,14 @@ struct RequestShape {
 }
 
 impl RequestShape {
-    /// The shape of `bytes`; `None` for a group anywhere.
-    fn of(bytes: &[u8]) -> Option<Self> {
+    /// The shape of `bytes`, whose touchpoints are its fields numbered `touchpoints`; `None` for
+    /// a group anywhere.
+    fn of(bytes: &[u8], touchpoints: u64) -> Option<Self> {
         let (mut events, mut nested) = (0_usize, 0_usize);
         for field in fields(bytes) {
             match field {
                 Field::Group => return None,
-                Field::Delimited { number: 1, payload } => {
+                Field::Delimited { number, payload } if number == touchpoints => {
                     events += 1;
                     for field in fields(payload) {
                         if matches!(field, Field::Group) {
@@ -521,6 +542,34 @@ mod tests {
         let expected =
             bytes.len() + 10 * (std::mem::size_of::<v1::Touchpoint>() + 4 * DECODED_FIELD_BYTES);
         assert_eq!(decoded_publish_request(&bytes), expected);
+    }
+
+    #[test]
+    fn an_envelope_is_estimated_by_its_touchpoint_and_its_fields() {
+        let envelope = v1::Envelope {
+            version: 1,
+            partner_id: "courier".to_owned(),
+            touchpoint: Some(v1::Touchpoint {
+                event_id: "e-1".to_owned(),
+                customer_id: "c-1".to_owned(),
+                attributes: (0..3).map(|i| (format!("k{i}"), String::new())).collect(),
+                ..v1::Touchpoint::default()
+            }),
+            received_at: None,
+        };
+        let bytes = envelope.encode_to_vec();
+        // The touchpoint: its id, its customer and three attributes.
+        let expected = bytes.len()
+            + std::mem::size_of::<v1::Envelope>()
+            + std::mem::size_of::<v1::Touchpoint>()
+            + 5 * DECODED_FIELD_BYTES;
+        assert_eq!(decoded_envelope_bytes(&bytes), expected);
+        // A group inside the touchpoint.
+        let mut touchpoint = vec![0x7b, 0x7c];
+        touchpoint.extend([0x42, 0x00].repeat(10));
+        let mut grouped = vec![0x1a, u8::try_from(touchpoint.len()).unwrap_or_default()];
+        grouped.extend(touchpoint);
+        assert_eq!(decoded_envelope_bytes(&grouped), usize::MAX);
     }
 
     /// One event whose attributes are 4 MiB of empty map entries: few top-level fields, but

@@ -18,7 +18,7 @@ use tracing::{debug, info, warn};
 
 use crate::metrics::PROJECTOR;
 use crate::projector::resume::Probe;
-use crate::projector::{Served, consumed_record, kafka_setup};
+use crate::projector::{Served, consumed_record, decoded_parts, kafka_setup};
 use crate::{Error, SledStore};
 
 /// A replay whose unfinished partitions receive nothing for this long (the broker is gone, or
@@ -243,11 +243,16 @@ pub async fn replay(
             // watchers) even if it stops early.
             // Decoded with the write, off the async runtime.
             let applied = tokio::task::spawn_blocking(move || {
-                let records = records
-                    .iter()
-                    .map(|record| consumed_record(record, &served))
-                    .collect();
-                let outcome = applying.apply_replayed(&stream, records)?;
+                let mut outcome = touchline_core::ApplyOutcome::default();
+                // Decoded a part at a time (see `decoded_parts`): the whole batch, but for
+                // records of unusual size.
+                for part in decoded_parts(records) {
+                    let part = part
+                        .iter()
+                        .map(|record| consumed_record(record, &served))
+                        .collect();
+                    outcome.absorb(applying.apply_replayed(&stream, part)?);
+                }
                 applying.flush()?;
                 Ok::<_, touchline_core::StoreError>(outcome)
             })
