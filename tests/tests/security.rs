@@ -303,6 +303,74 @@ async fn a_revoked_token_ends_its_open_stream_at_the_next_batch() -> anyhow::Res
     node.shutdown().await
 }
 
+/// A unary `Publish` is authenticated at its headers, and again once its body has come (which
+/// may take up to `ingest.request-body-timeout-ms`): a token revoked meanwhile publishes nothing
+/// (`TOKEN_INVALID`), as a stream's next batch publishes nothing. Before, the call was published
+/// as authenticated at its headers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_unary_call_whose_token_is_revoked_before_its_body_came_publishes_nothing()
+-> anyhow::Result<()> {
+    let broker = start_broker().await;
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("partners.toml");
+    std::fs::write(&path, partners_file(&[OLD, NEW]))?;
+    let directory = PartnerDirectory::load(&path)?;
+    let node = start_node_with(&broker, dir.path(), directory.clone(), |config| {
+        // The held call takes the partner's only slot: a probe shed with TOO_MANY_CALLS says
+        // that the call's headers were taken.
+        config.ingest.max_calls_per_partner = 1;
+    })
+    .await?;
+    let channel = node.target().connect().await?;
+    // A unary call whose message (its body) goes only once released: sent as a client stream
+    // of one message on the unary method's path, the same on the wire.
+    let (release, released) = tokio::sync::oneshot::channel::<()>();
+    let request = v1::PublishRequest {
+        events: vec![touchpoint(
+            "u-1",
+            "ivan",
+            "parcel.scanned",
+            1,
+            JourneyStage::Fulfil,
+        )],
+        batch_id: String::new(),
+    };
+    let body = futures::stream::once(async move {
+        let _ = released.await;
+        prost::Message::encode_to_vec(&request)
+    });
+    let mut grpc = tonic::client::Grpc::new(channel.clone());
+    grpc.ready().await?;
+    let held = tokio::spawn(async move {
+        grpc.client_streaming(
+            touchline_tests::authorized(body, OLD),
+            http::uri::PathAndQuery::from_static("/touchline.v1.IngestService/Publish"),
+            touchline_tests::RawCodec,
+        )
+        .await
+    });
+    touchline_tests::wait_until_shed(&channel, NEW, "TOO_MANY_CALLS", || !held.is_finished())
+        .await?;
+
+    std::fs::write(&path, partners_file(&[NEW]))?;
+    directory.reload()?;
+    let _ = release.send(());
+    let refused = tokio::time::timeout(touchline_tests::DEADLINE, held)
+        .await??
+        .expect_err("the call is refused");
+    assert_eq!(
+        (refused.code(), error_reason(&refused).as_deref()),
+        (Code::Unauthenticated, Some("TOKEN_INVALID")),
+        "{refused:?}"
+    );
+    assert_eq!(
+        touchline_tests::records_in_topic(&broker).await?,
+        0,
+        "nothing was published"
+    );
+    node.shutdown().await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_query_tokens_configured_the_timeline_service_needs_one() -> anyhow::Result<()> {
     const QUERY: &str = "query-token-of-the-crm-3e1d";

@@ -228,6 +228,30 @@ impl Inner {
         self.partners.authenticate_call(request.metadata())
     }
 
+    /// The partner the call's token authenticates now, which must be the one it authenticated at
+    /// the call's headers: a unary call's body may take up to `request-body-timeout-ms` to come,
+    /// and a token revoked or expired meanwhile publishes nothing (as a stream's next batch), nor
+    /// spends the partner's rate.
+    fn still_authenticated(
+        &self,
+        partner: &Authenticated,
+        metadata: &tonic::metadata::MetadataMap,
+    ) -> Result<Authenticated> {
+        let now = self
+            .partners
+            .authenticate_call(metadata)
+            .and_then(|now| {
+                // The file gave the token to another partner meanwhile.
+                if now.partner_id == partner.partner_id {
+                    Ok(now)
+                } else {
+                    Err(Error::TokenInvalid)
+                }
+            })
+            .inspect_err(|error| INGEST.count_auth_failure("ingest", error.reason()))?;
+        Ok(now)
+    }
+
     /// Checks the batch's shape and the partner's rate before any work is done for it.
     fn admit(&self, partner: &Authenticated, request: &v1::PublishRequest) -> Result<()> {
         self.check_shape(request)?;
@@ -414,7 +438,7 @@ impl v1::ingest_service_server::IngestService for IngestService {
         let call_timeout = grpc_timeout(request.metadata());
         // Taken before the call was decoded (or, served without [`ShedBeforeDecode`], now).
         let taken = request.extensions().get::<shed::Slot>().cloned();
-        let request = request.into_inner();
+        let (metadata, _, request) = request.into_parts();
         let events = request.events.len();
         let result = async {
             // Load shedding first: a unary call that finds the server full is refused at once,
@@ -432,6 +456,7 @@ impl v1::ingest_service_server::IngestService for IngestService {
                 Some(charged) => charged,
                 None => vec![self.inner.take_bytes(&request)?],
             };
+            let partner = self.inner.still_authenticated(&partner, &metadata)?;
             self.inner.admit(&partner, &request)?;
             // The answer comes before the partner's deadline, counted from the call's arrival
             // (its body took part of it): 90% of it, less 5 ms for the answer's way back.

@@ -160,6 +160,13 @@ mod tests {
         let early_late_seq = timeline(&customer, UnixNanos(10), 99);
         let late_early_seq = timeline(&customer, UnixNanos(11), 1);
         assert!(early_late_seq < late_early_seq);
+        // At the same time, the log position decides (invariant 7); the times before 1970 sort
+        // before those after it, and sequences past one byte keep their order.
+        assert!(timeline(&customer, UnixNanos(10), 98) < early_late_seq);
+        assert!(timeline(&customer, UnixNanos(10), 255) < timeline(&customer, UnixNanos(10), 256));
+        assert!(
+            timeline(&customer, UnixNanos(-1), u64::MAX) < timeline(&customer, UnixNanos(0), 0)
+        );
         assert_eq!(
             timeline_cursor(&late_early_seq),
             Some(TimelineCursor {

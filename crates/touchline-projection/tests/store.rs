@@ -335,6 +335,66 @@ fn duplicates_are_dropped_within_a_batch_across_batches_and_after_reopening() {
     );
 }
 
+/// A partner that resends an event id with other content (another customer, time and stage)
+/// gets the first one kept: the log is not rewritten (invariant 4), and nothing of the second
+/// reaches the projections (invariant 3).
+#[test]
+fn an_event_resent_with_other_content_leaves_the_logged_one_as_it_was() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = open(&dir);
+    let first = envelope("courier", "e1", "alice", 100, JourneyStage::Fulfil);
+    store
+        .apply(&stream("a"), vec![record(0, 0, first.clone())])
+        .expect("applies");
+    let logged = store
+        .log_entries(&customer("alice"), 0, u64::MAX)
+        .expect("reads");
+    let outcome = store
+        .apply(
+            &stream("a"),
+            vec![record(
+                0,
+                1,
+                envelope("courier", "e1", "bob", 200, JourneyStage::Purchase),
+            )],
+        )
+        .expect("applies");
+    assert_eq!((outcome.appended, outcome.duplicates), (0, 1));
+    assert_eq!(store.log_len(), 1);
+    assert_eq!(logged.len(), 1);
+    assert_eq!(logged[0].touchpoint, first.touchpoint);
+    assert_eq!(
+        store
+            .log_entries(&customer("alice"), 0, u64::MAX)
+            .expect("reads"),
+        logged,
+        "the logged event is as it was"
+    );
+    assert!(
+        store
+            .log_entries(&customer("bob"), 0, u64::MAX)
+            .expect("reads")
+            .is_empty()
+    );
+    assert_eq!(
+        store.timeline(&query("alice", 10)).expect("reads").entries,
+        logged
+    );
+    assert!(
+        store
+            .timeline(&query("bob", 10))
+            .expect("reads")
+            .entries
+            .is_empty()
+    );
+    assert_eq!(store.summary(&customer("bob")).expect("reads"), None);
+    let summary = store
+        .summary(&customer("alice"))
+        .expect("reads")
+        .expect("a summary");
+    assert_eq!(summary.total, 1);
+}
+
 #[test]
 fn undecodable_records_become_dead_letters_and_the_partition_moves_on() {
     let dir = tempfile::tempdir().expect("temp dir");

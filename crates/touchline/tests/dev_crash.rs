@@ -368,23 +368,8 @@ async fn sigterm_during_the_start_exits_cleanly_at_once() -> anyhow::Result<()> 
     // answered. Held for the whole test, so that no other test's broker can take the port.
     let silent = std::net::TcpListener::bind("127.0.0.1:0")?;
     let closed = silent.local_addr()?;
-    let mut child = Command::new(env!("CARGO_BIN_EXE_touchline"))
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--metrics-listen",
-            "127.0.0.1:0",
-            "--data-dir",
-        ])
-        .arg(dir.path())
-        .env("TOUCHLINE_KAFKA__BOOTSTRAP_SERVERS", closed.to_string())
+    let mut child = dev::serve(dir.path(), &closed.to_string())
         .env("TOUCHLINE_INGEST__ENABLED", "false")
-        .env("TOUCHLINE_LOG__FORMAT", "json")
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
         .spawn()?;
     let stderr = child.stderr.take().context("stderr is piped")?;
     let mut lines = BufReader::new(stderr).lines();

@@ -25,6 +25,15 @@ pub fn authorized<T>(message: T) -> tonic::Request<T> {
 /// Acknowledged event ids per customer.
 pub type Acked = BTreeMap<String, BTreeSet<String>>;
 
+/// A node's flags to listen on free ports, then the flag of its data folder.
+const FREE_PORTS_IN: [&str; 5] = [
+    "--listen",
+    "127.0.0.1:0",
+    "--metrics-listen",
+    "127.0.0.1:0",
+    "--data-dir",
+];
+
 /// `touchline dev` on free ports and `data_dir`, started by `sh` after `shell` (limits of the
 /// process, say `ulimit -n 256 && `), logging warnings; stdout and stderr piped, killed when
 /// dropped.
@@ -36,15 +45,28 @@ pub fn dev_after(shell: &str, data_dir: &std::path::Path) -> Command {
             &format!("{shell}exec \"$0\" \"$@\""),
             env!("CARGO_BIN_EXE_touchline"),
             "dev",
-            "--listen",
-            "127.0.0.1:0",
-            "--metrics-listen",
-            "127.0.0.1:0",
-            "--data-dir",
         ])
+        .args(FREE_PORTS_IN)
         .arg(data_dir)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    command
+}
+
+/// `touchline serve` on free ports and `data_dir`, against the Kafka at `bootstrap`, logging JSON
+/// at level info to its stderr (piped; stdout discarded); killed when dropped.
+pub fn serve(data_dir: &std::path::Path, bootstrap: &str) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_touchline"));
+    command
+        .arg("serve")
+        .args(FREE_PORTS_IN)
+        .arg(data_dir)
+        .env("TOUCHLINE_KAFKA__BOOTSTRAP_SERVERS", bootstrap)
+        .env("TOUCHLINE_LOG__FORMAT", "json")
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
     command
