@@ -123,6 +123,8 @@ pub fn canonical_property(name: &str) -> &str {
         .filter(|bare| TOPIC_PROPERTIES.contains(bare))
         .unwrap_or(name);
     match bare {
+        "metadata.broker.list" => "bootstrap.servers",
+        "auto.commit.enable" => "enable.auto.commit",
         "request.required.acks" => "acks",
         "delivery.timeout.ms" => "message.timeout.ms",
         "queue.buffering.max.ms" => "linger.ms",
@@ -131,7 +133,8 @@ pub fn canonical_property(name: &str) -> &str {
     }
 }
 
-fn apply_overrides(config: &mut ClientConfig, properties: &BTreeMap<String, String>) {
+/// Sets pass-through `properties` on `config`, each under its [`canonical_property`] name.
+pub(crate) fn apply_overrides(config: &mut ClientConfig, properties: &BTreeMap<String, String>) {
     for (key, value) in properties {
         config.set(canonical_property(key), value);
     }

@@ -26,9 +26,7 @@ pub enum TopicState {
 fn admin_client(options: &KafkaOptions) -> Result<AdminClient<DefaultClientContext>> {
     let mut config = rdkafka::ClientConfig::new();
     config.set("bootstrap.servers", &options.bootstrap_servers);
-    for (key, value) in &options.properties {
-        config.set(key, value);
-    }
+    crate::apply_overrides(&mut config, &options.properties);
     Ok(config.create()?)
 }
 

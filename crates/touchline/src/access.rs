@@ -123,8 +123,13 @@ impl AccessTokens {
             query_tokens = query,
             "configuration reloaded: admin and query tokens"
         );
-        self.warn_if_query_open();
-        self.warn_if_admin_closed();
+        // For the services this node serves, as at its start (AdminService beside the projector).
+        if running.query.enabled {
+            self.warn_if_query_open();
+        }
+        if running.projector.enabled {
+            self.warn_if_admin_closed();
+        }
         if !same_but_tokens(config, running) {
             warn!(
                 "the configuration file changed more than the admin and query tokens: the rest applies at the next start"

@@ -38,17 +38,29 @@ pub struct Config {
 /// ([`touchline_kafka::canonical_property`]), so that a guard sees `topic.acks` as `acks`.
 ///
 /// # Errors
-/// When two spellings set one property (librdkafka would apply them in no fixed order).
-fn canonical_properties(
-    properties: &BTreeMap<String, String>,
-) -> anyhow::Result<BTreeMap<&str, &str>> {
+/// When two spellings set one property (librdkafka would apply them in no fixed order), a name
+/// holds a `-` (no librdkafka property does: a `TOUCHLINE_` variable that spelled a property as
+/// a key), or a table sets the brokers (`kafka.bootstrap-servers` does, for every client).
+fn canonical_properties<'a>(
+    table: &str,
+    properties: &'a BTreeMap<String, String>,
+) -> anyhow::Result<BTreeMap<&'a str, &'a str>> {
     let mut canonical = BTreeMap::new();
     let mut spelled: BTreeMap<&str, &str> = BTreeMap::new();
     for (name, value) in properties {
+        anyhow::ensure!(
+            !name.contains('-'),
+            "{table}: {name:?} is no librdkafka property (their names have dots, no dashes): from a variable, give the table whole, TOUCHLINE_{}='{{\"security.protocol\" = \"SSL\"}}' say",
+            table.replace('.', "__").replace('-', "_").to_uppercase()
+        );
         let property = touchline_kafka::canonical_property(name);
+        anyhow::ensure!(
+            property != "bootstrap.servers",
+            "{table}: {name} is refused: the brokers are kafka.bootstrap-servers, which every client (producer, consumer, topic set-up) uses"
+        );
         if let Some(other) = spelled.insert(property, name) {
             anyhow::bail!(
-                "kafka properties {other} and {name} set the same property ({property}): give it once"
+                "{table}: {other} and {name} set the same property ({property}): give it once"
             );
         }
         canonical.insert(property, value.as_str());
@@ -440,10 +452,19 @@ impl Config {
         let env = Env::prefixed("TOUCHLINE_")
             .ignore(&NOT_CONFIGURATION)
             .filter(|key| !is_service_link(key.as_str(), env_value(key.as_str()).as_deref()));
-        figment = figment.merge(env.map(|key| {
-            // TOUCHLINE_KAFKA__BOOTSTRAP_SERVERS -> kafka.bootstrap-servers
-            key.as_str().replace("__", ".").replace('_', "-").into()
-        }));
+        // TOUCHLINE_KAFKA__BOOTSTRAP_SERVERS -> kafka.bootstrap-servers
+        let config_key = |variable: &str| variable.replace("__", ".").replace('_', "-");
+        // figment drops a variable whose key has an empty level (three underscores, say) without
+        // a word: refused, as an unknown key is.
+        for (variable, _) in env.iter() {
+            let key = config_key(variable.as_str());
+            anyhow::ensure!(
+                !key.split('.').any(str::is_empty),
+                "environment variable TOUCHLINE_{} names no configuration key (it has an empty level: {key:?}): `__` separates the levels, `_` stands for `-`",
+                variable.as_str().to_ascii_uppercase()
+            );
+        }
+        figment = figment.merge(env.map(move |key| config_key(key.as_str()).into()));
         figment
             .extract()
             .map_err(without_values)
@@ -458,6 +479,15 @@ impl Config {
     /// # Errors
     /// When the enabled roles cannot work together.
     pub fn validate(&self) -> anyhow::Result<()> {
+        // Checked here, not when the log starts: a directive that does not parse would be
+        // dropped, and an empty filter logs errors only.
+        anyhow::ensure!(
+            !self.log.filter.trim().is_empty(),
+            "log.filter is empty: it would log errors only (the default is \"info,rdkafka=warn\")"
+        );
+        tracing_subscriber::EnvFilter::builder()
+            .parse(&self.log.filter)
+            .with_context(|| format!("log.filter {:?} is not a tracing filter", self.log.filter))?;
         anyhow::ensure!(
             !self.query.enabled || self.projector.enabled,
             "query.enabled needs projector.enabled: the query service serves the local projector's state"
@@ -483,9 +513,9 @@ impl Config {
             );
         }
         let (common, producer, consumer) = (
-            canonical_properties(&self.kafka.properties)?,
-            canonical_properties(&self.kafka.producer_properties)?,
-            canonical_properties(&self.kafka.consumer_properties)?,
+            canonical_properties("kafka.properties", &self.kafka.properties)?,
+            canonical_properties("kafka.producer-properties", &self.kafka.producer_properties)?,
+            canonical_properties("kafka.consumer-properties", &self.kafka.consumer_properties)?,
         );
         // Pass-through properties may tune the clients, not weaken what an acknowledgement means
         // (under any of librdkafka's spellings: `topic.acks`, `request.required.acks`).

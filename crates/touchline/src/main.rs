@@ -92,8 +92,8 @@ enum Command {
         /// Publish a demo demand chain through the real ingest path once started.
         #[arg(long)]
         demo: bool,
-        /// Customers in the demo.
-        #[arg(long, default_value_t = 300)]
+        /// Customers in the demo (with --demo).
+        #[arg(long, default_value_t = 300, requires = "demo")]
         demo_customers: usize,
     },
     /// The enabled roles against an external Kafka (kafka.bootstrap-servers).
@@ -258,9 +258,19 @@ fn with_flags(mut config: Config, args: &NodeArgs) -> Config {
     config
 }
 
-fn init_tracing(config: &Config) {
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.log.filter));
+/// Logs to stderr, filtered by `RUST_LOG` when it is set (and not empty), else by `log.filter`.
+///
+/// # Errors
+/// When `RUST_LOG` is not a tracing filter (it would be ignored: the log would not be what was
+/// asked for). `log.filter` is checked with the configuration.
+fn init_tracing(config: &Config) -> anyhow::Result<()> {
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(directives) if !directives.trim().is_empty() => EnvFilter::builder()
+            .parse(&directives)
+            .with_context(|| format!("RUST_LOG {directives:?} is not a tracing filter"))?,
+        Err(std::env::VarError::NotUnicode(_)) => anyhow::bail!("RUST_LOG is not UTF-8"),
+        _ => EnvFilter::builder().parse_lossy(&config.log.filter),
+    };
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -272,6 +282,7 @@ fn init_tracing(config: &Config) {
             .with_current_span(false)
             .init(),
     }
+    Ok(())
 }
 
 fn timestamp(text: Option<String>, flag: &str) -> anyhow::Result<Option<prost_types::Timestamp>> {
@@ -298,7 +309,7 @@ async fn run_node(
 ) -> anyhow::Result<()> {
     let loaded = config_stamp(&args);
     let config = load_config(&args)?;
-    init_tracing(&config);
+    init_tracing(&config)?;
     anyhow::ensure!(
         demo_customers.is_none()
             || config
@@ -600,7 +611,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 metrics_listen: None,
                 log_format: None,
             })?;
-            init_tracing(&config);
+            init_tracing(&config)?;
             config.store.check()?;
             let restored = touchline::backup::restore(
                 &file,

@@ -261,6 +261,41 @@ fn guarded_properties_are_guarded_under_every_spelling() {
         .insert("topic.auto.offset.reset".to_owned(), "smallest".to_owned());
     let twice = config.validate().expect_err("two spellings").to_string();
     assert!(twice.contains("set the same property"), "{twice}");
+    // Aliases of what Touchline sets: librdkafka's older names.
+    let mut config = Config::default();
+    config
+        .kafka
+        .consumer_properties
+        .insert("enable.auto.commit".to_owned(), "false".to_owned());
+    config
+        .kafka
+        .consumer_properties
+        .insert("auto.commit.enable".to_owned(), "false".to_owned());
+    let twice = config.validate().expect_err("two spellings").to_string();
+    assert!(twice.contains("enable.auto.commit"), "{twice}");
+
+    // The brokers are kafka.bootstrap-servers, under any name, in any table.
+    for (section, name) in [
+        (common, "bootstrap.servers"),
+        (producer, "metadata.broker.list"),
+        (consumer, "bootstrap.servers"),
+    ] {
+        let refused = refused(section, name, "elsewhere:9092");
+        assert!(
+            refused
+                .as_deref()
+                .is_some_and(|error| error.contains("kafka.bootstrap-servers")),
+            "{name}: {refused:?}"
+        );
+    }
+    // A property spelled as a key, from a variable (TOUCHLINE_KAFKA__PROPERTIES__SECURITY_PROTOCOL).
+    let dashed = refused(common, "security-protocol", "SSL");
+    assert!(
+        dashed
+            .as_deref()
+            .is_some_and(|error| error.contains("TOUCHLINE_KAFKA__PROPERTIES='")),
+        "{dashed:?}"
+    );
 }
 
 #[test]
@@ -283,6 +318,23 @@ fn a_query_role_without_its_projector_is_refused() {
     let mut config = Config::default();
     config.projector.enabled = false;
     assert!(config.validate().is_err());
+}
+
+#[test]
+fn a_log_filter_that_would_not_log_what_it_says_is_refused() {
+    for (filter, says) in [
+        ("", "empty"),
+        ("  ", "empty"),
+        ("info,rdkafka=loud", "not a tracing filter"),
+    ] {
+        let mut config = Config::default();
+        config.log.filter = filter.to_owned();
+        let refused = format!("{:#}", config.validate().expect_err("refused"));
+        assert!(refused.contains(says), "{filter:?}: {refused}");
+    }
+    let mut config = Config::default();
+    config.log.filter = "warn,touchline::audit=info".to_owned();
+    config.validate().expect("a filter");
 }
 
 #[test]
@@ -429,6 +481,20 @@ fn kubernetes_service_links_are_not_configuration_but_typos_still_are_refused() 
             Some("p")
         );
         jail.clear_env();
+        // An empty level (three underscores, two at the end) was dropped without a word.
+        for name in [
+            "TOUCHLINE___KAFKA__BOOTSTRAP_SERVERS",
+            "TOUCHLINE_KAFKA____TOPIC",
+            "TOUCHLINE_KAFKA__",
+        ] {
+            jail.set_env(name, "broker:9092");
+            let refused = format!("{:#}", Config::load(None).expect_err("an empty level"));
+            assert!(
+                refused.contains(name) && refused.contains("empty level"),
+                "{refused}"
+            );
+            jail.clear_env();
+        }
         // A name that ends in _PORT without the address Kubernetes writes there is a typo too.
         jail.set_env("TOUCHLINE_METRICS_PORT", "9100");
         let typo = format!("{:#}", Config::load(None).expect_err("a typo"));
