@@ -378,8 +378,13 @@ async fn main() -> anyhow::Result<()> {
         "sled: batched log + timeline writes (rec/s)",
         format!("{:.0}", report.sled_ceiling_per_second),
     );
+    let lower = if report.sled_ceiling_per_second <= report.broker_ceiling.per_second {
+        "sled"
+    } else {
+        "broker"
+    };
     line(
-        "end-to-end throughput, full speed (ev/s)",
+        &format!("end-to-end (ev/s), vs the {lower} ceiling, target 0.5"),
         format!("{:.0}", report.full_speed.end_to_end_per_second),
         format!("{ceiling:.0}"),
         format!("{:.2}", report.full_speed_ratio),
@@ -421,6 +426,10 @@ async fn main() -> anyhow::Result<()> {
             report.full_speed.ack_latency.p99_ms,
             report.full_speed.ack_latency.p999_ms
         ),
+    );
+    figure(
+        "  samples",
+        format!("{}", report.full_speed.ack_latency.count),
     );
     figure(
         "half rate: offered / acknowledged (ev/s)",
@@ -503,6 +512,9 @@ async fn main() -> anyhow::Result<()> {
     println!(
         "record size: {} bytes; rebuild folded {} events",
         report.record_bytes, report.rebuild_events
+    );
+    println!(
+        "ratio: a rate over its ceiling (its target is the least it may be), a p99 over its target (at most 1); p99.9 of fewer than 1,000 samples is about their largest"
     );
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_string_pretty(&report)?)?;

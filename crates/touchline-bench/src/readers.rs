@@ -33,7 +33,7 @@ impl Reads {
     }
 }
 
-/// Timeline readers: random customers among the [`workload::read_customers`], pages of 50, until
+/// Timeline readers: random customers among the [`workload::read_customer`]s, pages of 50, until
 /// `stop`.
 pub(crate) fn readers(
     endpoint: &str,
@@ -54,7 +54,10 @@ pub(crate) fn readers(
                     state ^= state << 13;
                     state ^= state >> 7;
                     state ^= state << 17;
-                    let customer = usize::try_from(state % read as u64).unwrap_or_default();
+                    let customer = workload::read_customer(
+                        usize::try_from(state % read as u64).unwrap_or_default(),
+                        customers,
+                    );
                     let started = Instant::now();
                     let page = timeline
                         .get_timeline(v1::GetTimelineRequest {

@@ -1,6 +1,7 @@
 //! The benchmark's records: N touchpoints spread over C customers, about 300 bytes each once in
 //! a Kafka record, the same for the ceilings and the pipeline. A hundredth of the customers (the
-//! ones the readers read) get 60 events first, so that their timelines hold a page of 50.
+//! ones the readers read, spread over the whole key space) get 60 events first, so that their
+//! timelines hold a page of 50.
 
 use std::collections::BTreeMap;
 
@@ -15,11 +16,19 @@ use touchline_proto::v1;
 /// N/C = 10 for the presets, a customer of the round-robin has about 10 entries).
 pub const READ_CUSTOMER_EVENTS: usize = 60;
 
-/// How many customers the readers read (`bench-customer-0000000` and up): a hundredth of them,
-/// at least one. Each gets [`READ_CUSTOMER_EVENTS`] events first, then its share of the rest.
+/// How many customers the readers read: a hundredth of them, at least one (see
+/// [`read_customer`]). Each gets [`READ_CUSTOMER_EVENTS`] events first, then its share of the rest.
 #[must_use]
 pub fn read_customers(customers: usize) -> usize {
     (customers / 100).max(1)
+}
+
+/// The number of the `k`th customer the readers read: every hundredth customer, so that the
+/// pages read are spread over the store's whole key space (and its cache), between customers
+/// being written, rather than side by side in a few leaves that stay cached.
+#[must_use]
+pub fn read_customer(k: usize, customers: usize) -> usize {
+    k * (customers / read_customers(customers)).max(1)
 }
 
 /// The customer of event `index`: the first events go round the [`read_customers`], the rest
@@ -28,7 +37,7 @@ pub fn read_customers(customers: usize) -> usize {
 pub fn customer_of(index: usize, customers: usize) -> usize {
     let read = read_customers(customers);
     if index < read * READ_CUSTOMER_EVENTS {
-        index % read
+        read_customer(index % read, customers)
     } else {
         index % customers.max(1)
     }
@@ -118,12 +127,16 @@ mod tests {
             for index in 0..events {
                 per_customer[customer_of(index, customers)] += 1;
             }
-            let read = read_customers(customers);
+            let read: Vec<usize> = (0..read_customers(customers))
+                .map(|k| read_customer(k, customers))
+                .collect();
             assert!(
-                per_customer[..read].iter().all(|count| *count >= 50),
-                "{events} events: {:?}",
-                &per_customer[..read]
+                read.iter().all(|customer| per_customer[*customer] >= 50),
+                "{events} events"
             );
+            // Spread over the key space: the last one read is among the last hundredth.
+            assert!(read.last().is_some_and(|last| last + 100 >= customers));
+            assert!(read.windows(2).all(|pair| pair[0] < pair[1]));
             assert!(per_customer.iter().all(|count| *count > 0));
         }
     }
