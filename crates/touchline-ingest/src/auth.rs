@@ -1,7 +1,8 @@
 //! Partner authentication and contracts. Partners, the SHA-256 hashes of their tokens and what
-//! each may send come from a TOML file; a presented token is hashed and compared with every
-//! stored hash in constant time, so neither the token nor which partner nearly matched leaks
-//! through timing. Tokens are never logged.
+//! each may send come from a TOML file; a presented token is hashed and its SHA-256 looked up
+//! among the stored hashes: the look-up's timing can tell at most how a digest the caller cannot
+//! choose compares with them, never the token (see [`PartnerRegistry::authenticate`]). Tokens are
+//! never logged.
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::Path;

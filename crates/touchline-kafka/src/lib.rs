@@ -124,7 +124,6 @@ pub fn canonical_property(name: &str) -> &str {
         .unwrap_or(name);
     match bare {
         "metadata.broker.list" => "bootstrap.servers",
-        "auto.commit.enable" => "enable.auto.commit",
         "request.required.acks" => "acks",
         "delivery.timeout.ms" => "message.timeout.ms",
         "queue.buffering.max.ms" => "linger.ms",

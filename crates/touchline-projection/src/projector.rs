@@ -35,12 +35,10 @@ pub const UNFLUSHED_BATCHES: usize = 16;
 
 /// The most memory one consumed record may take once decoded, estimated from its fields before
 /// it is decoded ([`touchline_proto::codec::decoded_envelope_bytes`]): a record above it becomes
-/// a dead letter, undecoded. Only another producer writes such a record to the topic: an
-/// attribute of a few bytes takes about 130 once decoded, so 4 MiB of them would take 256 MiB.
-/// What ingest accepts stays far below (an event of at most `ingest.limits.max-event-bytes`,
-/// 64 KiB by default: 4 MiB decoded at most); a dead letter above it can still be requeued,
+/// a dead letter, undecoded. Ingest refuses to publish an event above it, so only another
+/// producer writes such a record to the topic; a dead letter above it can still be requeued,
 /// which decodes it whatever its size (the operator's call).
-pub const MAX_DECODED_RECORD_BYTES: usize = 256 << 20;
+pub use touchline_proto::codec::MAX_DECODED_RECORD_BYTES;
 
 /// The most memory the records decoded at once take, estimated as for
 /// [`MAX_DECODED_RECORD_BYTES`]: a consumed batch above it is decoded and written in parts of at
@@ -355,6 +353,10 @@ impl Projector {
             }
             // Parts of bounded decoded size: the whole batch, but for records of unusual size.
             for part in decoded_parts(messages) {
+                // Stopped between parts as between batches (each part stores its positions).
+                if shutdown.is_cancelled() || flusher_stopped.is_cancelled() {
+                    break 'batches;
+                }
                 // Decoding a batch takes milliseconds: off the async runtime.
                 let served = self.served.clone();
                 let records = match decoder
@@ -706,7 +708,7 @@ mod tests {
     }
 
     /// An event whose touchpoint also holds `fields` empty attribute entries (two bytes each on
-    /// the wire, about 130 once decoded when their keys differ), in a second occurrence of the
+    /// the wire, estimated at 160 once decoded), in a second occurrence of the
     /// touchpoint field (which protobuf merges into the first).
     fn record_of_tiny_fields(fields: usize, offset: i64) -> rdkafka::message::OwnedMessage {
         let mut value = touchline_proto::encode_envelope(&envelope("alice", &format!("e{offset}")));
@@ -742,7 +744,7 @@ mod tests {
     /// its keys are all empty, so prost would keep one; the estimate counts the fields).
     #[test]
     fn a_record_too_large_once_decoded_is_a_dead_letter_undecoded() {
-        let fields = MAX_DECODED_RECORD_BYTES / 128 + 1;
+        let fields = MAX_DECODED_RECORD_BYTES / 160 + 1;
         let too_large = reason(consumed_record(
             &record_of_tiny_fields(fields, 1),
             &Served::default(),
@@ -767,8 +769,8 @@ mod tests {
     }
 
     /// A batch is decoded in parts of bounded decoded size: ordinary batches whole, records
-    /// estimated at about 40 MiB each two to a part at most, a record too large to be decoded
-    /// counted by its size.
+    /// estimated at about 50 MiB each one to a part (with small ones beside them), a record too
+    /// large to be decoded counted by its size.
     #[test]
     fn a_batch_is_decoded_in_parts_of_bounded_size() {
         let ordinary: Vec<_> = (0..1000)
@@ -781,14 +783,14 @@ mod tests {
                 .collect::<Vec<_>>(),
             vec![1000]
         );
-        let forty = (40 << 20) / 128;
+        let fifty = (50 << 20) / 160;
         let batch = vec![
             record_of_tiny_fields(1, 1),
-            record_of_tiny_fields(forty, 2),
-            record_of_tiny_fields(forty, 3),
+            record_of_tiny_fields(fifty, 2),
+            record_of_tiny_fields(fifty, 3),
             record_of_tiny_fields(1, 4),
-            record_of_tiny_fields(MAX_DECODED_RECORD_BYTES / 128 + 1, 5),
-            record_of_tiny_fields(forty, 6),
+            record_of_tiny_fields(MAX_DECODED_RECORD_BYTES / 160 + 1, 5),
+            record_of_tiny_fields(fifty, 6),
         ];
         let parts = decoded_parts(batch);
         let offsets: Vec<Vec<i64>> = parts

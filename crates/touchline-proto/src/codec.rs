@@ -270,18 +270,31 @@ const PUBLISH_REQUEST_EVENTS: u64 = 1;
 /// The field of `Envelope` that holds its touchpoint.
 const ENVELOPE_TOUCHPOINT: u64 = 3;
 
-/// An estimate of the memory a Kafka record's value takes once decoded as an `Envelope`: its
-/// bytes, the envelope and its touchpoint, and 128 bytes for each field of the
-/// touchpoint (an attribute is one), counted without allocating; `usize::MAX` for a group
-/// anywhere (no Touchline message has one). Ingest bounds what partners send
-/// ([`MAX_DECODED_REQUEST_BYTES`]); a record written to the topic by another producer is bounded
-/// by this estimate before it is decoded (the projector's `MAX_DECODED_RECORD_BYTES`).
+/// The most memory one Kafka record may take once decoded, as [`decoded_envelope_bytes`]
+/// estimates it: the projector dead-letters a record above it without decoding it, and ingest
+/// refuses an event whose record would be above it (`EVENT_TOO_LARGE`), so that what it
+/// acknowledges is always projected. Only limits raised far past their defaults come near it (an
+/// event of the default 64 KiB takes 5 MiB at most); a record of tiny attributes written by
+/// another producer would take about 80 times its size (4 MiB of them, 256 MiB).
+pub const MAX_DECODED_RECORD_BYTES: usize = 256 << 20;
+
+/// An estimate of the memory a Kafka record's value takes once decoded as an `Envelope` and
+/// converted for validation: its bytes, the envelope and its touchpoint, and
+/// 160 bytes for each field of the touchpoint (an attribute is one: its two strings
+/// in a B-tree, once in the decoded message and once converted), counted without allocating;
+/// `usize::MAX` for a group anywhere (no Touchline message has one).
 #[must_use]
 pub fn decoded_envelope_bytes(value: &[u8]) -> usize {
     RequestShape::of(value, ENVELOPE_TOUCHPOINT).map_or(usize::MAX, |shape| {
-        shape
-            .decoded()
+        value
+            .len()
             .saturating_add(std::mem::size_of::<v1::Envelope>())
+            .saturating_add(
+                shape
+                    .events
+                    .saturating_mul(std::mem::size_of::<v1::Touchpoint>()),
+            )
+            .saturating_add(shape.nested.saturating_mul(CHARGED_FIELD_BYTES))
     })
 }
 
@@ -562,7 +575,7 @@ mod tests {
         let expected = bytes.len()
             + std::mem::size_of::<v1::Envelope>()
             + std::mem::size_of::<v1::Touchpoint>()
-            + 5 * DECODED_FIELD_BYTES;
+            + 5 * CHARGED_FIELD_BYTES;
         assert_eq!(decoded_envelope_bytes(&bytes), expected);
         // A group inside the touchpoint.
         let mut touchpoint = vec![0x7b, 0x7c];

@@ -113,7 +113,8 @@ async fn get_customer_summary_serves_what_it_read_only_once_it_is_durable() -> a
         "the summary served counts e2, which is durable by then"
     );
 
-    // With a flusher at work, as the projector's: the answer waits for its flush.
+    // With a flusher at work, as the projector's (flushes of its own beside the call's): the call
+    // answers, with what it read, durable by then.
     apply(
         &*store,
         &mut offset,

@@ -40,10 +40,12 @@ pub struct Config {
 /// # Errors
 /// When two spellings set one property (librdkafka would apply them in no fixed order), a name
 /// holds a `-` (no librdkafka property does: a `TOUCHLINE_` variable that spelled a property as
-/// a key), or a table sets the brokers (`kafka.bootstrap-servers` does, for every client).
+/// a key), or a table sets other brokers than `bootstrap_servers` (`kafka.bootstrap-servers`,
+/// which every client uses).
 fn canonical_properties<'a>(
     table: &str,
     properties: &'a BTreeMap<String, String>,
+    bootstrap_servers: &str,
 ) -> anyhow::Result<BTreeMap<&'a str, &'a str>> {
     let mut canonical = BTreeMap::new();
     let mut spelled: BTreeMap<&str, &str> = BTreeMap::new();
@@ -55,7 +57,7 @@ fn canonical_properties<'a>(
         );
         let property = touchline_kafka::canonical_property(name);
         anyhow::ensure!(
-            property != "bootstrap.servers",
+            property != "bootstrap.servers" || value == bootstrap_servers,
             "{table}: {name} is refused: the brokers are kafka.bootstrap-servers, which every client (producer, consumer, topic set-up) uses"
         );
         if let Some(other) = spelled.insert(property, name) {
@@ -513,9 +515,21 @@ impl Config {
             );
         }
         let (common, producer, consumer) = (
-            canonical_properties("kafka.properties", &self.kafka.properties)?,
-            canonical_properties("kafka.producer-properties", &self.kafka.producer_properties)?,
-            canonical_properties("kafka.consumer-properties", &self.kafka.consumer_properties)?,
+            canonical_properties(
+                "kafka.properties",
+                &self.kafka.properties,
+                &self.kafka.bootstrap_servers,
+            )?,
+            canonical_properties(
+                "kafka.producer-properties",
+                &self.kafka.producer_properties,
+                &self.kafka.bootstrap_servers,
+            )?,
+            canonical_properties(
+                "kafka.consumer-properties",
+                &self.kafka.consumer_properties,
+                &self.kafka.bootstrap_servers,
+            )?,
         );
         // Pass-through properties may tune the clients, not weaken what an acknowledgement means
         // (under any of librdkafka's spellings: `topic.acks`, `request.required.acks`).

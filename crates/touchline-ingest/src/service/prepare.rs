@@ -53,6 +53,24 @@ pub(super) fn prepare(
     now: UnixNanos,
     limits: &Limits,
 ) -> Prepared {
+    prepare_within(
+        events,
+        partner,
+        now,
+        limits,
+        touchline_proto::codec::MAX_DECODED_RECORD_BYTES,
+    )
+}
+
+/// [`prepare`], refusing an event whose record would take more than `max_decoded` bytes once
+/// decoded (the projector's bound: what it would dead-letter is not acknowledged).
+fn prepare_within(
+    events: Vec<v1::Touchpoint>,
+    partner: &Authenticated,
+    now: UnixNanos,
+    limits: &Limits,
+    max_decoded: usize,
+) -> Prepared {
     let event_ids = events
         .iter()
         .map(|event| touchline_core::ids::echoed_id(&event.event_id).to_owned())
@@ -73,6 +91,19 @@ pub(super) fn prepare(
                     received_at: now,
                 };
                 let value = touchline_proto::encode_envelope(&envelope);
+                // What the projector would refuse to decode is not acknowledged (only limits
+                // raised far past their defaults let such an event through).
+                let decoded = touchline_proto::codec::decoded_envelope_bytes(&value);
+                if decoded > max_decoded {
+                    slots.push(Err(Rejection::new(
+                        RejectReason::EventTooLarge,
+                        "",
+                        format!(
+                            "the event would take about {decoded} bytes once decoded, more than the {max_decoded} a record may take in the projector"
+                        ),
+                    )));
+                    continue;
+                }
                 slots.push(Ok(envelopes.len()));
                 envelopes.push((envelope, value));
             }
@@ -83,5 +114,46 @@ pub(super) fn prepare(
         event_ids,
         slots,
         envelopes,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An event whose record the projector would refuse to decode (above its bound, here lowered
+    /// to 2 KiB) is rejected, not acknowledged; the others of the batch go on.
+    #[test]
+    fn an_event_the_projector_would_not_decode_is_too_large() {
+        let event = |id: &str, attributes: usize| v1::Touchpoint {
+            event_id: id.to_owned(),
+            customer_id: "alice".to_owned(),
+            r#type: "parcel.scanned".to_owned(),
+            occurred_at: Some(touchline_proto::convert::timestamp(UnixNanos(
+                1_000_000_000,
+            ))),
+            channel: v1::Channel::Web as i32,
+            stage: v1::JourneyStage::Fulfil as i32,
+            attributes: (0..attributes)
+                .map(|n| (format!("k{n}"), "v".to_owned()))
+                .collect(),
+            ..v1::Touchpoint::default()
+        };
+        let partner = Authenticated {
+            partner_id: touchline_core::PartnerId::parse("courier").expect("valid"),
+            contract: std::sync::Arc::default(),
+        };
+        let prepared = prepare_within(
+            vec![event("small", 1), event("many", 20)],
+            &partner,
+            UnixNanos(2_000_000_000),
+            &Limits::default(),
+            2048,
+        );
+        assert!(prepared.slots[0].is_ok());
+        let refused = prepared.slots[1].as_ref().expect_err("refused");
+        assert_eq!(refused.reason, RejectReason::EventTooLarge);
+        assert!(refused.message.contains("once decoded"), "{refused:?}");
+        assert_eq!(prepared.envelopes.len(), 1);
     }
 }
