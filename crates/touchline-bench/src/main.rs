@@ -384,7 +384,7 @@ async fn main() -> anyhow::Result<()> {
         "broker"
     };
     line(
-        &format!("end-to-end (ev/s), vs the {lower} ceiling, target 0.5"),
+        &format!("end-to-end throughput vs {lower}, target 0.5"),
         format!("{:.0}", report.full_speed.end_to_end_per_second),
         format!("{ceiling:.0}"),
         format!("{:.2}", report.full_speed_ratio),
