@@ -102,7 +102,12 @@ struct Report {
     shape: pipeline::Shape,
     record_bytes: usize,
     broker_ceiling: ceilings::BrokerCeiling,
+    /// The faster of the two below.
     sled_ceiling_per_second: f64,
+    /// The sled ceiling through sled's `apply_batch` alone.
+    sled_alone_per_second: f64,
+    /// The sled ceiling through the store's batch apply (its gate and epoch collection).
+    sled_collected_per_second: f64,
     /// The store's own apply of the same records (`SledStore::apply`, decode included, batches
     /// of 1,000, a flush each): how much of the pipeline's time the store's work takes.
     store_per_second: f64,
@@ -304,13 +309,20 @@ async fn main() -> anyhow::Result<()> {
     brokers.clear();
     eprintln!("5/5 sled ceiling");
     let cache_bytes = shape.cache_mib.saturating_mul(1024 * 1024);
-    let sled_dir = tempfile::tempdir()?;
-    let sled_ceiling = {
+    let mut sled_rates = Vec::new();
+    for collected in [false, true] {
+        let sled_dir = tempfile::tempdir()?;
         let records = std::sync::Arc::clone(&records);
         let path = sled_dir.path().to_owned();
-        tokio::task::spawn_blocking(move || ceilings::sled_rate(&path, &records, 1000, cache_bytes))
-            .await??
-    };
+        sled_rates.push(
+            tokio::task::spawn_blocking(move || {
+                ceilings::sled_rate(&path, &records, 1000, cache_bytes, collected)
+            })
+            .await??,
+        );
+    }
+    let (sled_alone, sled_collected) = (sled_rates[0], sled_rates[1]);
+    let sled_ceiling = sled_alone.max(sled_collected);
     eprintln!("   the store's own apply");
     let store_dir = tempfile::tempdir()?;
     let store_per_second = {
@@ -332,6 +344,8 @@ async fn main() -> anyhow::Result<()> {
         record_bytes,
         broker_ceiling,
         sled_ceiling_per_second: sled_ceiling,
+        sled_alone_per_second: sled_alone,
+        sled_collected_per_second: sled_collected,
         store_per_second,
         full_speed_vs_store: full_speed.end_to_end_per_second / store_per_second.max(1e-9),
         full_speed_ratio: full_speed.end_to_end_per_second / ceiling.max(1e-9),
@@ -377,6 +391,13 @@ async fn main() -> anyhow::Result<()> {
     figure(
         "sled: batched log + timeline writes (rec/s)",
         format!("{:.0}", report.sled_ceiling_per_second),
+    );
+    figure(
+        "  sled alone / with the store's collector",
+        format!(
+            "{:.0} / {:.0}",
+            report.sled_alone_per_second, report.sled_collected_per_second
+        ),
     );
     let lower = if report.sled_ceiling_per_second <= report.broker_ceiling.per_second {
         "sled"
