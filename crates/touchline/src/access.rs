@@ -235,6 +235,61 @@ mod tests {
         }
     }
 
+    /// What a reload of `reloaded` logs on a node started with `running`.
+    fn reload_logs(running: &Config, reloaded: &Config) -> String {
+        #[derive(Clone, Default)]
+        struct Logs(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+        impl std::io::Write for Logs {
+            fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+                self.0
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .extend_from_slice(bytes);
+                Ok(bytes.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let logs = Logs::default();
+        let writer = logs.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish();
+        let tokens = AccessTokens::new(running, false);
+        tracing::subscriber::with_default(subscriber, || {
+            tokens.reload(reloaded, running).expect("a valid reload");
+        });
+        let bytes = logs
+            .0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+
+    /// A reload warns of an open `TimelineService` or a closed `AdminService` only on a node that
+    /// serves them, as the start does: an ingest-only node serves neither.
+    #[test]
+    fn a_reload_warns_only_about_the_services_the_node_serves() {
+        let mut ingest_only = config(&[], &[]);
+        ingest_only.projector.enabled = false;
+        ingest_only.query.enabled = false;
+        let logs = reload_logs(&ingest_only, &ingest_only);
+        assert!(logs.contains("configuration reloaded"), "{logs}");
+        assert!(!logs.contains("TimelineService"), "{logs}");
+        assert!(!logs.contains("AdminService"), "{logs}");
+
+        let every_role = config(&[], &[]);
+        let logs = reload_logs(&every_role, &every_role);
+        assert!(logs.contains("TimelineService answers anyone"), "{logs}");
+        assert!(
+            logs.contains("every AdminService call will be refused"),
+            "{logs}"
+        );
+    }
+
     #[test]
     fn in_dev_a_configured_admin_list_is_not_swapped_for_the_development_token() {
         let running = config(&["admin-1"], &[]);
