@@ -101,8 +101,8 @@ pub async fn broker(
 /// `batch` with one flush per batch, as the projector writes. With `collected`, each batch goes
 /// through the store's own batch apply (`touchline_projection::garbage::apply_batch`: the store's
 /// write gate and the epoch collector's steps, which keep sled's replaced pages from staying
-/// resident); without, through sled's `apply_batch` alone. Which is faster depends on the size
-/// (sled alone was faster at 100,000 records, slower at 1,500,000): the ceiling is the faster.
+/// resident); without, through sled's `apply_batch` alone. Neither is the faster every time
+/// (BENCHMARKS.md, Method): the ceiling is the faster of the two.
 ///
 /// # Errors
 /// When sled fails.

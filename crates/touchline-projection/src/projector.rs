@@ -362,7 +362,7 @@ impl Projector {
                 let records = match decoder
                     .run(move || {
                         part.iter()
-                            .map(|message| consumed_record(message, &served))
+                            .map(|(message, estimate)| consumed_record(message, *estimate, &served))
                             .collect::<Vec<_>>()
                     })
                     .await
@@ -490,8 +490,9 @@ fn decoded_bytes(message: &impl Message) -> usize {
 
 /// `messages` in consecutive parts of at most [`MAX_DECODED_PART_BYTES`] once decoded
 /// (estimated; a record above it in a part of its own, a record that will not be decoded counted
-/// by its size): one part for ordinary batches.
-pub(crate) fn decoded_parts<M: Message>(messages: Vec<M>) -> Vec<Vec<M>> {
+/// by its size): one part for ordinary batches. Each message comes with its estimate, for
+/// [`consumed_record`].
+pub(crate) fn decoded_parts<M: Message>(messages: Vec<M>) -> Vec<Vec<(M, usize)>> {
     let mut parts = Vec::new();
     let mut part = Vec::new();
     let mut part_bytes = 0_usize;
@@ -507,7 +508,7 @@ pub(crate) fn decoded_parts<M: Message>(messages: Vec<M>) -> Vec<Vec<M>> {
             part_bytes = 0;
         }
         part_bytes = part_bytes.saturating_add(bytes);
-        part.push(message);
+        part.push((message, decoded));
     }
     if !part.is_empty() {
         parts.push(part);
@@ -515,11 +516,15 @@ pub(crate) fn decoded_parts<M: Message>(messages: Vec<M>) -> Vec<Vec<M>> {
     parts
 }
 
-/// Decodes a consumed message; anything undecodable, a record that would take more than
-/// [`MAX_DECODED_RECORD_BYTES`] once decoded, or an event whose customer this node does not serve
-/// (see [`Served`]), becomes a dead letter with its reason.
-pub(crate) fn consumed_record(message: &impl Message, served: &Served) -> ConsumedRecord {
-    let decoded_bytes = decoded_bytes(message);
+/// Decodes a consumed message whose decoded size [`decoded_parts`] estimated (`decoded_bytes`);
+/// anything undecodable, a record that would take more than [`MAX_DECODED_RECORD_BYTES`] once
+/// decoded, or an event whose customer this node does not serve (see [`Served`]), becomes a dead
+/// letter with its reason.
+pub(crate) fn consumed_record(
+    message: &impl Message,
+    decoded_bytes: usize,
+    served: &Served,
+) -> ConsumedRecord {
     let decoded = if decoded_bytes > MAX_DECODED_RECORD_BYTES {
         Err(if decoded_bytes == usize::MAX {
             "record value holds a protobuf group (no Touchline message has one): not decoded"
@@ -650,7 +655,7 @@ mod tests {
         let alices = touchline_kafka::partition_for(b"alice", 6);
         let other = (alices + 1) % 6;
         let record = |envelope: &touchline_core::Envelope, partition: i32, served: &Served| {
-            let content = consumed_record(
+            let content = consumed(
                 &rdkafka::message::OwnedMessage::new(
                     Some(touchline_proto::encode_envelope(envelope)),
                     Some(envelope.touchpoint.customer_id.as_str().as_bytes().to_vec()),
@@ -714,13 +719,7 @@ mod tests {
         let mut value = touchline_proto::encode_envelope(&envelope("alice", &format!("e{offset}")));
         let entries = [0x42, 0x00].repeat(fields);
         value.push(0x1a);
-        // The length, as a protobuf varint.
-        let mut length = entries.len();
-        while length >= 0x80 {
-            value.push(u8::try_from(length & 0x7f).unwrap_or_default() | 0x80);
-            length >>= 7;
-        }
-        value.push(u8::try_from(length).unwrap_or_default());
+        prost::encoding::encode_varint(entries.len() as u64, &mut value);
         value.extend(entries);
         rdkafka::message::OwnedMessage::new(
             Some(value),
@@ -731,6 +730,11 @@ mod tests {
             offset,
             None,
         )
+    }
+
+    /// [`consumed_record`] of `message`, its decoded size estimated here.
+    fn consumed(message: &impl Message, served: &Served) -> ConsumedRecord {
+        consumed_record(message, decoded_bytes(message), served)
     }
 
     fn reason(record: ConsumedRecord) -> Option<String> {
@@ -745,7 +749,7 @@ mod tests {
     #[test]
     fn a_record_too_large_once_decoded_is_a_dead_letter_undecoded() {
         let fields = MAX_DECODED_RECORD_BYTES / 160 + 1;
-        let too_large = reason(consumed_record(
+        let too_large = reason(consumed(
             &record_of_tiny_fields(fields, 1),
             &Served::default(),
         ))
@@ -756,15 +760,12 @@ mod tests {
         );
         // An ordinary record of the same shape decodes.
         assert_eq!(
-            reason(consumed_record(
-                &record_of_tiny_fields(0, 2),
-                &Served::default()
-            )),
+            reason(consumed(&record_of_tiny_fields(0, 2), &Served::default())),
             None
         );
         // A group: no Touchline message has one.
         let grouped = record_of_tiny_fields(0, 3).set_payload(Some(vec![0x08, 0x01, 0x7b, 0x7c]));
-        let grouped = reason(consumed_record(&grouped, &Served::default())).expect("a dead letter");
+        let grouped = reason(consumed(&grouped, &Served::default())).expect("a dead letter");
         assert!(grouped.contains("group"), "{grouped}");
     }
 
@@ -795,7 +796,7 @@ mod tests {
         let parts = decoded_parts(batch);
         let offsets: Vec<Vec<i64>> = parts
             .iter()
-            .map(|part| part.iter().map(Message::offset).collect())
+            .map(|part| part.iter().map(|(message, _)| message.offset()).collect())
             .collect();
         assert_eq!(offsets, vec![vec![1, 2], vec![3, 4, 5], vec![6]]);
     }

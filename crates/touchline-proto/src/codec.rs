@@ -286,15 +286,9 @@ pub const MAX_DECODED_RECORD_BYTES: usize = 256 << 20;
 #[must_use]
 pub fn decoded_envelope_bytes(value: &[u8]) -> usize {
     RequestShape::of(value, ENVELOPE_TOUCHPOINT).map_or(usize::MAX, |shape| {
-        value
-            .len()
+        shape
+            .decoded_at(CHARGED_FIELD_BYTES)
             .saturating_add(std::mem::size_of::<v1::Envelope>())
-            .saturating_add(
-                shape
-                    .events
-                    .saturating_mul(std::mem::size_of::<v1::Touchpoint>()),
-            )
-            .saturating_add(shape.nested.saturating_mul(CHARGED_FIELD_BYTES))
     })
 }
 
@@ -338,12 +332,17 @@ impl RequestShape {
     /// `Touchpoint` and per field of the event [`DECODED_FIELD_BYTES`] (what the codec's bound
     /// refuses by).
     fn decoded(self) -> usize {
+        self.decoded_at(DECODED_FIELD_BYTES)
+    }
+
+    /// Its bytes, a `Touchpoint` per event and `field_bytes` per field nested in one.
+    fn decoded_at(self, field_bytes: usize) -> usize {
         self.bytes
             .saturating_add(
                 self.events
                     .saturating_mul(std::mem::size_of::<v1::Touchpoint>()),
             )
-            .saturating_add(self.nested.saturating_mul(DECODED_FIELD_BYTES))
+            .saturating_add(self.nested.saturating_mul(field_bytes))
     }
 
     /// What a unary request is charged of the ingest service's budget as it is decoded: an

@@ -62,15 +62,14 @@ async fn start_serve(data_dir: &std::path::Path, bootstrap: &str) -> anyhow::Res
                 continue;
             };
             // Flattened: the event's fields beside its message.
-            let fields = &record;
-            match fields["message"].as_str() {
+            match record["message"].as_str() {
                 Some("touchline is serving") => {
-                    endpoint = fields["local_addr"]
+                    endpoint = record["local_addr"]
                         .as_str()
                         .map(|addr| format!("http://{addr}"));
                 }
                 Some(message) if message.starts_with("metrics on ") => {
-                    metrics = fields["addr"].as_str().map(str::to_owned);
+                    metrics = record["addr"].as_str().map(str::to_owned);
                 }
                 _ => {}
             }
@@ -106,28 +105,15 @@ async fn counter(metrics: &str, name: &str) -> anyhow::Result<u64> {
     Ok(value)
 }
 
-fn event(index: usize) -> v1::Touchpoint {
-    v1::Touchpoint {
-        event_id: format!("evt-{index}"),
-        customer_id: format!("cust-{}", index % CUSTOMERS),
-        r#type: "delivery.completed".to_owned(),
-        occurred_at: Some(prost_types::Timestamp {
-            seconds: i64::try_from(1_780_000_000 + index).unwrap_or_default(),
-            nanos: 0,
-        }),
-        channel: v1::Channel::Doorstep as i32,
-        stage: v1::JourneyStage::Fulfil as i32,
-        ..v1::Touchpoint::default()
-    }
-}
-
 /// Publishes every event, four batches at a time; returns the acknowledged ids per customer.
-async fn publish_all(endpoint: &str) -> anyhow::Result<BTreeMap<String, BTreeSet<String>>> {
+async fn publish_all(endpoint: &str) -> anyhow::Result<dev::Acked> {
     let ingest = IngestServiceClient::connect(endpoint.to_owned()).await?;
     let batches = (0..EVENTS).step_by(BATCH).map(|first| {
         let mut client = ingest.clone();
         async move {
-            let events: Vec<_> = (first..(first + BATCH).min(EVENTS)).map(event).collect();
+            let events: Vec<_> = (first..(first + BATCH).min(EVENTS))
+                .map(|index| dev::event(index, CUSTOMERS, 0))
+                .collect();
             let mut request = tonic::Request::new(v1::PublishRequest {
                 events: events.clone(),
                 batch_id: String::new(),
@@ -143,20 +129,13 @@ async fn publish_all(endpoint: &str) -> anyhow::Result<BTreeMap<String, BTreeSet
         .buffer_unordered(4)
         .collect()
         .await;
-    let mut acked: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    let mut acked = dev::Acked::new();
     for answer in answered {
         let (events, response) = answer?;
-        anyhow::ensure!(response.rejected == 0, "{response:?}");
-        for (event, result) in events.iter().zip(&response.results) {
-            anyhow::ensure!(
-                matches!(result.result, Some(v1::event_result::Result::Accepted(_))),
-                "{result:?}"
-            );
-            acked
-                .entry(event.customer_id.clone())
-                .or_default()
-                .insert(event.event_id.clone());
-        }
+        anyhow::ensure!(
+            dev::add_accepted(&mut acked, &events, &response) == events.len(),
+            "{response:?}"
+        );
     }
     Ok(acked)
 }
@@ -210,8 +189,10 @@ async fn a_node_killed_mid_projection_resumes_from_its_stored_positions_exactly_
     let resent = publish_all(&serve.endpoint).await?;
     assert_eq!(resent, acked, "the resent events are acknowledged again");
     // Every acknowledged event projected, and every resent one dropped as a duplicate.
+    let mut poll = tokio::time::interval(Duration::from_millis(50));
     let held = tokio::time::timeout(DEADLINE, async {
         loop {
+            poll.tick().await;
             let duplicates =
                 counter(&serve.metrics, "touchline_projector_duplicate_events_total").await?;
             if duplicates >= EVENTS as u64 {
@@ -220,7 +201,6 @@ async fn a_node_killed_mid_projection_resumes_from_its_stored_positions_exactly_
                     return anyhow::Ok(held);
                 }
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     })
     .await

@@ -249,7 +249,7 @@ pub async fn replay(
                 for part in decoded_parts(records) {
                     let part = part
                         .iter()
-                        .map(|record| consumed_record(record, &served))
+                        .map(|(record, estimate)| consumed_record(record, *estimate, &served))
                         .collect();
                     outcome.absorb(applying.apply_replayed(&stream, part)?);
                 }
