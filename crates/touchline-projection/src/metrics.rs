@@ -26,7 +26,8 @@ pub struct ProjectorMetrics {
     pub rebuild_total: Family<ProjectionLabel, Gauge>,
     pub replayed: Counter,
     /// Records the topic's retention deleted before the projector read them: found when it
-    /// resumes below a partition's oldest record.
+    /// resumes below a partition's oldest record, or when its consumer skips offsets while it
+    /// runs (see `projector::gaps`).
     pub lost_to_retention: Counter,
     /// How long each group-commit flush of the store took (what every acknowledgement in dev
     /// mode, and every durable position, waits for).
@@ -83,7 +84,7 @@ pub fn register(registry: &mut Registry) {
     );
     registry.register(
         "touchline_projector_records_lost_to_retention",
-        "Records the topic's retention deleted before the projector read them (it resumed below a partition's oldest record: after a stop longer than the retention, or from an old backup): events that never reached this node's log",
+        "Records the topic's retention deleted before the projector read them (it resumed below a partition's oldest record: after a stop longer than the retention, or from an old backup; or it fell further behind than the retention while running): events that never reached this node's log",
         metrics.lost_to_retention.clone(),
     );
     registry.register(

@@ -4,6 +4,7 @@
 //! monitoring only.
 
 use std::collections::BTreeMap;
+use std::ops::Range;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,6 +22,7 @@ use tracing::{debug, info, warn};
 
 use crate::{Error, Result, metrics};
 
+mod gaps;
 pub(crate) mod resume;
 
 use resume::{Rereads, check_positions};
@@ -123,7 +125,8 @@ impl ProjectorHandle {
 
 /// The projector: `new` connects and seeks, `run` consumes until shut down.
 pub struct Projector {
-    consumer: StreamConsumer,
+    /// Shared with the look-ups of a partition's oldest offset (see `gaps`).
+    consumer: Arc<StreamConsumer>,
     store: Arc<dyn EventStore>,
     stream: StreamIdentity,
     max_batch: usize,
@@ -214,8 +217,6 @@ impl Projector {
             })
             .await??;
         consumer.assign(&assignment)?;
-        let consumer = Arc::into_inner(consumer)
-            .ok_or_else(|| Error::Setup("the consumer is still shared after setup".to_owned()))?;
         let (applied, receiver) = watch::channel(applied_start);
         info!(cluster_id = %stream.cluster_id, topic = %stream.topic, "projector assigned");
         Ok((
@@ -304,6 +305,8 @@ impl Projector {
         let ahead_limit =
             u64::try_from(UNFLUSHED_BATCHES.saturating_mul(self.max_batch)).unwrap_or(u64::MAX);
         let mut flushed = self.applied.subscribe();
+        // From where the partitions resume (the published offsets are those still).
+        let mut gaps = gaps::Gaps::new(&self.applied.borrow());
         'batches: loop {
             let ahead = self
                 .store
@@ -338,7 +341,13 @@ impl Projector {
             };
             let Some(batch) = batch else { break };
             let mut messages = Vec::with_capacity(batch.len());
+            let mut skipped = Vec::new();
             for message in batch {
+                if let Ok(message) = &message
+                    && let Some(offsets) = gaps.observe(message.partition(), message.offset())
+                {
+                    skipped.push((message.partition(), offsets));
+                }
                 match message {
                     // The verified record just before a resume point is read again: drop it once.
                     Ok(message) if rereads.drop_reread(message.partition(), message.offset()) => {}
@@ -350,6 +359,9 @@ impl Projector {
                         warn!(%error, "kafka consumer error");
                     }
                 }
+            }
+            if !skipped.is_empty() {
+                self.count_lost(skipped).await;
             }
             // Parts of bounded decoded size: the whole batch, but for records of unusual size.
             for part in decoded_parts(messages) {
@@ -386,6 +398,71 @@ impl Projector {
         drop(batches);
         // The batch being written completes; the flusher makes the last batches durable.
         self.settle(&mut in_flight, unflushed).await
+    }
+
+    /// Counts the records of `skipped` (offsets the consumer went past, per partition) that the
+    /// topic's retention deleted before they were read (see `gaps`): asks the broker for each
+    /// partition's oldest offset now.
+    async fn count_lost(&self, skipped: Vec<(i32, Range<i64>)>) {
+        let consumer = Arc::clone(&self.consumer);
+        let topic = self.stream.topic.clone();
+        let checked = tokio::task::spawn_blocking(move || {
+            let mut oldest = BTreeMap::new();
+            skipped
+                .into_iter()
+                .map(|(partition, offsets)| {
+                    let low = oldest
+                        .entry(partition)
+                        .or_insert_with(|| {
+                            consumer
+                                .fetch_watermarks(&topic, partition, METADATA_TIMEOUT)
+                                .map(|(low, _)| low)
+                                .map_err(|error| error.to_string())
+                        })
+                        .clone();
+                    (partition, offsets, low)
+                })
+                .collect::<Vec<_>>()
+        })
+        .await;
+        let checked = match checked {
+            Ok(checked) => checked,
+            Err(error) => {
+                warn!(%error, "the check of skipped offsets failed");
+                return;
+            }
+        };
+        for (partition, offsets, oldest) in checked {
+            match oldest {
+                Ok(oldest) => {
+                    let lost = gaps::lost(&offsets, oldest);
+                    if lost > 0 {
+                        metrics::PROJECTOR.lost_to_retention.inc_by(lost);
+                        warn!(
+                            partition,
+                            from = offsets.start,
+                            to = offsets.end,
+                            lost,
+                            "records were deleted by retention before they were projected (the projector fell further behind than the topic keeps records): reading on from the oldest record left (counted in touchline_projector_records_lost_to_retention_total)"
+                        );
+                    } else {
+                        debug!(
+                            partition,
+                            from = offsets.start,
+                            to = offsets.end,
+                            "offsets skipped, none deleted: transaction markers or aborted records"
+                        );
+                    }
+                }
+                Err(error) => warn!(
+                    partition,
+                    from = offsets.start,
+                    to = offsets.end,
+                    %error,
+                    "offsets were skipped, and whether retention deleted them could not be checked"
+                ),
+            }
+        }
     }
 
     /// Waits for the batch being written, if any, and accounts for it.

@@ -3,7 +3,8 @@
 //! fails stops the projector before any later batch is stored. The failure is injected by a
 //! wrapper that hands every call to the real store except the apply it is told to refuse. A
 //! projector that resumes below a partition's oldest record (retention deleted what it had not
-//! read) counts the records lost and reads on from the oldest left.
+//! read), or whose next records are deleted while it lags, counts the records lost and reads on
+//! from the oldest left.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -343,8 +344,26 @@ async fn until(what: &str, done: impl Fn() -> bool) {
     }
 }
 
+/// Held by the tests that count lost records: the counter is the process's.
+static LOSSES_COUNTED: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+fn lost_so_far() -> u64 {
+    touchline_projection::metrics::PROJECTOR
+        .lost_to_retention
+        .get()
+}
+
+/// The oldest and next offsets of `kafka`'s topic's partition 0.
+fn watermarks(kafka: &KafkaOptions) -> (i64, i64) {
+    let consumer: rdkafka::consumer::BaseConsumer =
+        kafka.consumer_config().create().expect("consumer");
+    rdkafka::consumer::Consumer::fetch_watermarks(&consumer, TOPIC, 0, Duration::from_secs(10))
+        .expect("watermarks")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn records_retention_deleted_before_they_were_read_are_counted_as_lost() {
+    let _counting = LOSSES_COUNTED.lock().await;
     let (_broker, kafka) = one_partition_broker();
     let dir = tempfile::tempdir().expect("temp dir");
     let store = Arc::new(SledStore::open(dir.path()).expect("opens"));
@@ -374,26 +393,13 @@ async fn records_retention_deleted_before_they_were_read_are_counted_as_lost() {
     support::produce(&kafka, 10, 100_000, 1000)
         .await
         .expect("produced");
-    let watermarks: rdkafka::consumer::BaseConsumer =
-        kafka.consumer_config().create().expect("consumer");
-    let watermarks = || {
-        rdkafka::consumer::Consumer::fetch_watermarks(
-            &watermarks,
-            TOPIC,
-            0,
-            Duration::from_secs(10),
-        )
-        .expect("watermarks")
-    };
     until("the broker never dropped the oldest records", || {
-        watermarks().0 > 10
+        watermarks(&kafka).0 > 10
     })
     .await;
-    let (low, high) = watermarks();
+    let (low, high) = watermarks(&kafka);
 
-    let lost_before = touchline_projection::metrics::PROJECTOR
-        .lost_to_retention
-        .get();
+    let lost_before = lost_so_far();
     let (running, stop) = project().await;
     // It reads on from the oldest record left: every record from there is projected.
     let expected = 10 + usize::try_from(high - low).expect("a count");
@@ -402,13 +408,76 @@ async fn records_retention_deleted_before_they_were_read_are_counted_as_lost() {
     })
     .await;
     assert_eq!(
-        touchline_projection::metrics::PROJECTOR
-            .lost_to_retention
-            .get()
-            - lost_before,
+        lost_so_far() - lost_before,
         u64::try_from(low - 10).expect("a count"),
         "the records between the stored position and the oldest one left"
     );
     stop.cancel();
+    running.await.expect("joins").expect("stops cleanly");
+}
+
+/// A running projector that falls further behind than the broker keeps records: librdkafka moves
+/// its consumer on to the oldest record left, and the records it went past are counted as lost,
+/// as at a start below the oldest record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_deleted_while_the_projector_lags_are_counted_as_lost() {
+    const BATCH: usize = 10;
+    let _counting = LOSSES_COUNTED.lock().await;
+    let (_broker, mut kafka) = one_partition_broker();
+    // A small read-ahead: the consumer holds far fewer records fetched than the broker keeps.
+    kafka.consumer_properties = [
+        ("queued.min.messages", "100"),
+        ("queued.max.messages.kbytes", "256"),
+        ("max.partition.fetch.bytes", "65536"),
+    ]
+    .into_iter()
+    .map(|(name, value)| (name.to_owned(), value.to_owned()))
+    .collect();
+    support::produce(&kafka, 0, EVENTS, 1000)
+        .await
+        .expect("produced");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let sled = Arc::new(SledStore::open(dir.path()).expect("opens"));
+    let store = Arc::new(RefusingStore::new(Arc::clone(&sled), usize::MAX));
+    // Flushes held: the projector stops reading a few batches ahead of them (it lags).
+    store.hold_flushes(true);
+    let release = ReleaseFlushes(Arc::clone(&store));
+    let mut options = ProjectorOptions::new(kafka.clone());
+    options.max_batch = BATCH;
+    let shared: Arc<dyn EventStore> = store.clone();
+    let (projector, handle) = Projector::new(options, shared).await.expect("starts");
+    let shutdown = CancellationToken::new();
+    let running = tokio::spawn(projector.run(shutdown.clone()));
+    let ahead = u64::try_from(touchline_projection::UNFLUSHED_BATCHES * BATCH).expect("a count");
+    until("the projector never read up to its limit", || {
+        sled.visible_sequence() >= ahead
+    })
+    .await;
+
+    // Meanwhile the broker drops the oldest records to make room (about 5 MiB a partition, as
+    // retention would): far past what the consumer has read or fetched ahead.
+    support::produce(&kafka, EVENTS, 100_000, 1000)
+        .await
+        .expect("produced");
+    until("the broker never dropped the oldest records", || {
+        watermarks(&kafka).0 > 20_000
+    })
+    .await;
+    let (_, high) = watermarks(&kafka);
+    let lost_before = lost_so_far();
+    drop(release);
+
+    until("the last record was never projected", || {
+        handle.applied_offsets().borrow().get(&0).copied() == Some(high)
+    })
+    .await;
+    let lost = lost_so_far() - lost_before;
+    assert!(lost > 0, "the records deleted unread are counted");
+    assert_eq!(
+        lost + u64::try_from(sled.log_len()).expect("a count"),
+        u64::try_from(high).expect("a count"),
+        "every record is either projected or counted as lost"
+    );
+    shutdown.cancel();
     running.await.expect("joins").expect("stops cleanly");
 }
