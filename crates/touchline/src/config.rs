@@ -34,6 +34,31 @@ pub struct Config {
     pub log: LogConfig,
 }
 
+/// Consumer properties the projector depends on, refused with another value: (name, the value
+/// Touchline sets, why).
+const CONSUMER_FIXED: [(&str, &str, &str); 4] = [
+    (
+        "isolation.level",
+        "read_committed",
+        "the records of another producer's aborted transactions are not events to project",
+    ),
+    (
+        "enable.auto.commit",
+        "false",
+        "the projector commits to Kafka (for lag monitoring) only what its store made durable",
+    ),
+    (
+        "enable.auto.offset.store",
+        "false",
+        "the projector commits to Kafka (for lag monitoring) only what its store made durable",
+    ),
+    (
+        "enable.partition.eof",
+        "false",
+        "the end of a partition is not a consumer error (the projector counts and logs those)",
+    ),
+];
+
 /// Pass-through properties under the names librdkafka resolves them to
 /// ([`touchline_kafka::canonical_property`]), so that a guard sees `topic.acks` as `acks`.
 ///
@@ -556,6 +581,15 @@ impl Config {
                     matches!(reset, "earliest" | "smallest" | "beginning"),
                     "kafka property auto.offset.reset={reset} is refused: a projector that lost its place must read from the earliest record, not skip acknowledged events"
                 );
+            }
+            // What the projector reads, and what its commits to Kafka (lag monitoring) say.
+            for (name, required, why) in CONSUMER_FIXED {
+                if let Some(&value) = properties.get(name) {
+                    anyhow::ensure!(
+                        value == required,
+                        "kafka property {name}={value} is refused: {why}"
+                    );
+                }
             }
         }
         for (name, hashes) in [

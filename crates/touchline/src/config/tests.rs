@@ -205,6 +205,40 @@ fn a_consumer_that_would_skip_records_is_refused() {
 }
 
 #[test]
+fn consumer_properties_the_projector_depends_on_are_refused_with_other_values() {
+    for (name, value) in [
+        ("isolation.level", "read_uncommitted"),
+        ("enable.auto.commit", "true"),
+        ("enable.auto.offset.store", "true"),
+        ("enable.partition.eof", "true"),
+    ] {
+        let mut config = Config::default();
+        config
+            .kafka
+            .consumer_properties
+            .insert(name.to_owned(), value.to_owned());
+        let refused = config.validate().expect_err(name).to_string();
+        assert!(refused.contains(&format!("{name}={value}")), "{refused}");
+        // In the properties of every client too.
+        let mut config = Config::default();
+        config
+            .kafka
+            .properties
+            .insert(name.to_owned(), value.to_owned());
+        assert!(
+            config.validate().is_err(),
+            "{name}={value} in kafka.properties"
+        );
+    }
+    let mut config = Config::default();
+    config
+        .kafka
+        .consumer_properties
+        .insert("isolation.level".to_owned(), "read_committed".to_owned());
+    config.validate().expect("what the projector sets");
+}
+
+#[test]
 fn guarded_properties_are_guarded_under_every_spelling() {
     type Section = fn(&mut Config) -> &mut BTreeMap<String, String>;
     let refused = |section: Section, name: &str, value: &str| {
