@@ -521,6 +521,27 @@ async fn main() -> anyhow::Result<()> {
             .map_or_else(|| "n/a".to_owned(), |rss| format!("{rss:.0}")),
     );
     figure(
+        "RSS, 1/4 2/4 3/4 4/4 projected (MiB)",
+        if report.full_speed.rss_projected.is_empty() {
+            "n/a".to_owned()
+        } else {
+            report
+                .full_speed
+                .rss_projected
+                .iter()
+                .map(|sample| format!("{:.0}", sample.rss_mib))
+                .collect::<Vec<_>>()
+                .join(" / ")
+        },
+    );
+    figure(
+        "RSS growth, 2/4 to 4/4 (bytes/event)",
+        report
+            .full_speed
+            .rss_growth_bytes_per_event
+            .map_or_else(|| "n/a".to_owned(), |bytes| format!("{bytes:.0}")),
+    );
+    figure(
         "first ack of a just-started node (ms)",
         report
             .first_ack_after_start_ms

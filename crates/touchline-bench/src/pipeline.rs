@@ -314,6 +314,67 @@ pub struct Run {
     pub reads_during_per_second: f64,
     /// Reads during the run that returned fewer than 50 entries (not in `reads_during`).
     pub reads_during_short: usize,
+    /// The process's resident memory as the run's projected events passed each quarter of them.
+    pub rss_projected: Vec<RssSample>,
+    /// How resident memory grew per event projected from half the run's events to all of them
+    /// (bytes): what the node keeps per event once its caches are warm, where the run is long
+    /// enough for sled's cache to fill in its first half. `None` where the platform does not tell.
+    pub rss_growth_bytes_per_event: Option<f64>,
+}
+
+/// The process's resident memory when `projected` events of a run were queryable.
+#[derive(Debug, Clone, Serialize)]
+pub struct RssSample {
+    pub projected: usize,
+    pub rss_mib: f64,
+}
+
+impl RssSample {
+    /// Bytes of resident memory per event from `from` to `to`.
+    #[allow(clippy::cast_precision_loss, reason = "counts far below 2^52")]
+    fn growth_per_event(from: &Self, to: &Self) -> Option<f64> {
+        let events = to
+            .projected
+            .checked_sub(from.projected)
+            .filter(|&n| n > 0)?;
+        Some((to.rss_mib - from.rss_mib) * 1024.0 * 1024.0 / events as f64)
+    }
+}
+
+/// How often the memory sampler looks at the projected count.
+const RSS_POLL: Duration = Duration::from_millis(5);
+
+/// Samples the process's resident memory (`VmRSS`) as the events projected after `already` pass
+/// each quarter of `events`, until the last quarter or `stop` (and a look after it). Empty where the platform does not
+/// tell.
+async fn sample_rss(
+    store: Arc<touchline_projection::SledStore>,
+    already: usize,
+    events: usize,
+    stop: Stop,
+) -> Vec<RssSample> {
+    let mut samples = Vec::new();
+    let mut poll = tokio::time::interval(RSS_POLL);
+    let mut quarter = 1;
+    loop {
+        let projected = queryable(&store).saturating_sub(already);
+        while quarter <= 4 && projected >= events * quarter / 4 {
+            let Some(kib) = touchline::metrics::process_status_kib("VmRSS") else {
+                return Vec::new();
+            };
+            #[allow(clippy::cast_precision_loss, reason = "KiB far below 2^52")]
+            samples.push(RssSample {
+                projected,
+                rss_mib: kib as f64 / 1024.0,
+            });
+            quarter += 1;
+        }
+        // Looked at once more after a stop: the run stops once every event is projected.
+        if quarter > 4 || stop.is_stopped() {
+            return samples;
+        }
+        poll.tick().await;
+    }
 }
 
 /// How far ahead of its call a paced run's schedule starts.
@@ -342,6 +403,12 @@ pub async fn run(node: &Node, shape: &Shape, rate: Option<f64>) -> anyhow::Resul
     let (sampled, samples) = tokio::sync::mpsc::unbounded_channel();
     let watcher = tokio::spawn(watch_queryable(endpoint.clone(), samples));
     let stop = Stop::default();
+    let memory = tokio::spawn(sample_rss(
+        Arc::clone(&store),
+        already,
+        shape.events,
+        stop.clone(),
+    ));
     let reading = readers(&endpoint, shape.readers, shape.customers, &stop);
     let partners: Vec<_> = (0..shape.clients)
         .map(|client| {
@@ -379,6 +446,7 @@ pub async fn run(node: &Node, shape: &Shape, rate: Option<f64>) -> anyhow::Resul
     }
     let elapsed = started.elapsed();
     stop.stop();
+    let rss_projected = memory.await?;
     let mut reads = crate::readers::Reads::default();
     for reader in reading {
         reads.absorb(reader.await??);
@@ -404,5 +472,10 @@ pub async fn run(node: &Node, shape: &Shape, rate: Option<f64>) -> anyhow::Resul
         reads_during_per_second: per_second(reads.full.len(), elapsed),
         reads_during: Percentiles::of(&mut reads.full),
         reads_during_short: reads.short,
+        rss_growth_bytes_per_event: match rss_projected.as_slice() {
+            [_, half, _, all] => RssSample::growth_per_event(half, all),
+            _ => None,
+        },
+        rss_projected,
     })
 }

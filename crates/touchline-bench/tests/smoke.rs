@@ -105,6 +105,31 @@ fn the_benchmark_runs_on_the_tiny_preset() -> anyhow::Result<()> {
             "{percentiles} percentiles are ordered"
         );
     }
+    // Memory as the full-speed run's events were projected: one sample a quarter, the last once
+    // every event was (where the platform tells a process its resident memory).
+    if cfg!(target_os = "linux") {
+        let projected: Vec<u64> = figures
+            .pointer("/full_speed/rss_projected")
+            .and_then(serde_json::Value::as_array)
+            .map(|samples| {
+                samples
+                    .iter()
+                    .filter_map(|sample| sample["projected"].as_u64())
+                    .collect()
+            })
+            .unwrap_or_default();
+        assert_eq!(projected.len(), 4, "{projected:?}");
+        assert!(
+            projected.is_sorted() && projected[0] >= 500 && projected[3] == 2000,
+            "{projected:?}"
+        );
+        assert!(
+            figures
+                .pointer("/full_speed/rss_growth_bytes_per_event")
+                .is_some_and(|bytes| bytes.as_f64().is_some()),
+            "the memory growth per event is reported"
+        );
+    }
     assert!(String::from_utf8_lossy(&output.stdout).contains("end-to-end throughput"));
     Ok(())
 }
