@@ -49,14 +49,18 @@ pub use touchline_proto::codec::MAX_DECODED_RECORD_BYTES;
 /// of 1,000 events take a few MiB, and go whole.
 pub const MAX_DECODED_PART_BYTES: usize = 64 << 20;
 
-/// A batch given to the writer thread: its outcome once applied.
+/// A batch given to the writer thread: its outcome once applied, and the records found lost to
+/// retention just before it (counted once it is applied: see `gaps`).
 type PendingWrite = std::pin::Pin<
     Box<
         dyn Future<
-                Output = std::result::Result<
-                    std::result::Result<ApplyOutcome, touchline_core::StoreError>,
-                    crate::worker::WorkerGone,
-                >,
+                Output = (
+                    std::result::Result<
+                        std::result::Result<ApplyOutcome, touchline_core::StoreError>,
+                        crate::worker::WorkerGone,
+                    >,
+                    u64,
+                ),
             > + Send,
     >,
 >;
@@ -329,7 +333,8 @@ impl Projector {
                     }
                 }, if in_flight.is_some() => {
                     in_flight = None;
-                    self.batch_applied(&outcome??, unflushed);
+                    let (outcome, lost) = outcome;
+                    self.batch_applied(&outcome??, lost, unflushed);
                     if flusher.is_finished() {
                         break;
                     }
@@ -360,8 +365,15 @@ impl Projector {
                     }
                 }
             }
+            // Counted with the first part, once it is applied.
+            let mut lost = 0;
             if !skipped.is_empty() {
-                self.count_lost(skipped).await;
+                match self.lost_in(skipped, shutdown, flusher_stopped).await {
+                    Some(found) => lost = found,
+                    // Stopped while asking: the stored position stays before the gap, and the
+                    // next start counts what is gone (`resume`).
+                    None => break,
+                }
             }
             // Parts of bounded decoded size: the whole batch, but for records of unusual size.
             for part in decoded_parts(messages) {
@@ -392,7 +404,9 @@ impl Projector {
                 }
                 let store = Arc::clone(&self.store);
                 let stream = self.stream.clone();
-                in_flight = Some(Box::pin(writer.run(move || store.apply(&stream, records))));
+                let write = writer.run(move || store.apply(&stream, records));
+                let lost = std::mem::take(&mut lost);
+                in_flight = Some(Box::pin(async move { (write.await, lost) }));
             }
         }
         drop(batches);
@@ -400,44 +414,45 @@ impl Projector {
         self.settle(&mut in_flight, unflushed).await
     }
 
-    /// Counts the records of `skipped` (offsets the consumer went past, per partition) that the
-    /// topic's retention deleted before they were read (see `gaps`): asks the broker for each
-    /// partition's oldest offset now.
-    async fn count_lost(&self, skipped: Vec<(i32, Range<i64>)>) {
-        let consumer = Arc::clone(&self.consumer);
-        let topic = self.stream.topic.clone();
-        let checked = tokio::task::spawn_blocking(move || {
-            let mut oldest = BTreeMap::new();
-            skipped
-                .into_iter()
-                .map(|(partition, offsets)| {
-                    let low = oldest
-                        .entry(partition)
-                        .or_insert_with(|| {
-                            consumer
-                                .fetch_watermarks(&topic, partition, METADATA_TIMEOUT)
-                                .map(|(low, _)| low)
-                                .map_err(|error| error.to_string())
-                        })
-                        .clone();
-                    (partition, offsets, low)
-                })
-                .collect::<Vec<_>>()
-        })
-        .await;
-        let checked = match checked {
-            Ok(checked) => checked,
-            Err(error) => {
-                warn!(%error, "the check of skipped offsets failed");
-                return;
+    /// Of the offsets the consumer went past (`skipped`, per partition), how many the topic's
+    /// retention deleted before they were read (see `gaps`): asks the broker for each partition's
+    /// oldest offset now, all at once. `None` when the projector is stopped meanwhile.
+    async fn lost_in(
+        &self,
+        skipped: Vec<(i32, Range<i64>)>,
+        shutdown: &CancellationToken,
+        flusher_stopped: &CancellationToken,
+    ) -> Option<u64> {
+        let partitions: std::collections::BTreeSet<i32> =
+            skipped.iter().map(|(partition, _)| *partition).collect();
+        let fetches = partitions.into_iter().map(|partition| {
+            let consumer = Arc::clone(&self.consumer);
+            let topic = self.stream.topic.clone();
+            let fetch = tokio::task::spawn_blocking(move || {
+                consumer.fetch_watermarks(&topic, partition, METADATA_TIMEOUT)
+            });
+            async move {
+                let oldest = match fetch.await {
+                    Ok(Ok((low, _))) => Ok(low),
+                    Ok(Err(error)) => Err(error.to_string()),
+                    Err(error) => Err(error.to_string()),
+                };
+                (partition, oldest)
             }
+        });
+        let oldest: BTreeMap<i32, std::result::Result<i64, String>> = tokio::select! {
+            biased;
+            () = shutdown.cancelled() => return None,
+            () = flusher_stopped.cancelled() => return None,
+            oldest = futures::future::join_all(fetches) => oldest.into_iter().collect(),
         };
-        for (partition, offsets, oldest) in checked {
-            match oldest {
-                Ok(oldest) => {
-                    let lost = gaps::lost(&offsets, oldest);
+        let mut lost_in_all = 0;
+        for (partition, offsets) in skipped {
+            match oldest.get(&partition) {
+                Some(Ok(oldest)) => {
+                    let lost = gaps::lost(&offsets, *oldest);
+                    lost_in_all += lost;
                     if lost > 0 {
-                        metrics::PROJECTOR.lost_to_retention.inc_by(lost);
                         warn!(
                             partition,
                             from = offsets.start,
@@ -446,23 +461,25 @@ impl Projector {
                             "records were deleted by retention before they were projected (the projector fell further behind than the topic keeps records): reading on from the oldest record left (counted in touchline_projector_records_lost_to_retention_total)"
                         );
                     } else {
-                        debug!(
+                        info!(
                             partition,
                             from = offsets.start,
                             to = offsets.end,
-                            "offsets skipped, none deleted: transaction markers or aborted records"
+                            "offsets skipped that retention did not delete: transaction markers or aborted transactions of another producer, or records the broker did not serve"
                         );
                     }
                 }
-                Err(error) => warn!(
+                Some(Err(error)) => warn!(
                     partition,
                     from = offsets.start,
                     to = offsets.end,
                     %error,
-                    "offsets were skipped, and whether retention deleted them could not be checked"
+                    "offsets were skipped, and whether retention deleted them could not be checked (not counted)"
                 ),
+                None => {}
             }
         }
+        Some(lost_in_all)
     }
 
     /// Waits for the batch being written, if any, and accounts for it.
@@ -472,14 +489,22 @@ impl Projector {
         unflushed: &watch::Sender<BTreeMap<i32, i64>>,
     ) -> Result<()> {
         if let Some(write) = in_flight.take() {
-            self.batch_applied(&write.await??, unflushed);
+            let (outcome, lost) = write.await;
+            self.batch_applied(&outcome??, lost, unflushed);
         }
         Ok(())
     }
 
-    /// Accounts for an applied batch and hands its positions to the flusher.
-    fn batch_applied(&self, outcome: &ApplyOutcome, unflushed: &watch::Sender<BTreeMap<i32, i64>>) {
+    /// Accounts for an applied batch (and the records lost to retention just before it) and hands
+    /// its positions to the flusher.
+    fn batch_applied(
+        &self,
+        outcome: &ApplyOutcome,
+        lost: u64,
+        unflushed: &watch::Sender<BTreeMap<i32, i64>>,
+    ) {
         metrics::PROJECTOR.applied.inc_by(outcome.appended);
+        metrics::PROJECTOR.lost_to_retention.inc_by(lost);
         metrics::PROJECTOR.duplicates.inc_by(outcome.duplicates);
         metrics::PROJECTOR
             .dead_lettered

@@ -8,8 +8,16 @@
 //! above the oldest offset is not a loss: transaction markers and aborted transactions of another
 //! producer leave gaps that `read_committed` consumers never read.
 //!
-//! (Lost records found when the projector starts, below a stored position, are counted by
-//! `resume::check_position`; a gap is only seen once a partition's first record was read.)
+//! The loss is counted once the batch after the gap is applied, with the position past it: a
+//! projector stopped or failing before that leaves its stored position before the gap, and the
+//! next start counts the loss instead (`resume::check_position`, which counts records lost below
+//! a stored position; a gap is only seen once a partition's first record was read). A process
+//! that dies between that apply and its flush counts the loss again at its next start.
+//!
+//! Limits: the oldest offset is asked after the gap is seen, and a consumer may hold up to
+//! 20,000 records fetched ahead: if retention passes a transaction marker of another producer
+//! within that read-ahead meanwhile, its offset is counted as lost (Touchline's own producer
+//! writes no transactions). If the broker cannot be asked, the gap is logged and not counted.
 
 use std::collections::BTreeMap;
 use std::ops::Range;
