@@ -318,7 +318,10 @@ pub struct Run {
     pub rss_projected: Vec<RssSample>,
     /// How resident memory grew per event projected from half the run's events to all of them
     /// (bytes): what the node keeps per event once its caches are warm, where the run is long
-    /// enough for sled's cache to fill in its first half. `None` where the platform does not tell.
+    /// enough for sled's cache to fill in its first half. The whole process's: with the embedded
+    /// broker, its stored records too (up to about 5 MiB a partition), so read it with `--kafka`.
+    /// `None` where the platform does not tell, or when one flush made the half and the last
+    /// sample at once.
     pub rss_growth_bytes_per_event: Option<f64>,
 }
 
@@ -357,6 +360,9 @@ async fn sample_rss(
     let mut poll = tokio::time::interval(RSS_POLL);
     let mut quarter = 1;
     loop {
+        // Read before the count: a run stops once every event is projected, so a count read
+        // after a stop is seen has them all.
+        let stopped = stop.is_stopped();
         let projected = queryable(&store).saturating_sub(already);
         while quarter <= 4 && projected >= events * quarter / 4 {
             let Some(kib) = touchline::metrics::process_status_kib("VmRSS") else {
@@ -369,8 +375,7 @@ async fn sample_rss(
             });
             quarter += 1;
         }
-        // Looked at once more after a stop: the run stops once every event is projected.
-        if quarter > 4 || stop.is_stopped() {
+        if quarter > 4 || stopped {
             return samples;
         }
         poll.tick().await;

@@ -123,10 +123,11 @@ fn the_benchmark_runs_on_the_tiny_preset() -> anyhow::Result<()> {
             projected.is_sorted() && projected[0] >= 500 && projected[3] == 2000,
             "{projected:?}"
         );
+        // Unless one flush made the half and the last projected at once.
         assert!(
             figures
                 .pointer("/full_speed/rss_growth_bytes_per_event")
-                .is_some_and(|bytes| bytes.as_f64().is_some()),
+                .is_some_and(|bytes| bytes.as_f64().is_some() || projected[1] == projected[3]),
             "the memory growth per event is reported"
         );
     }

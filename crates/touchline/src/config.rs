@@ -59,6 +59,17 @@ const CONSUMER_FIXED: [(&str, &str, &str); 4] = [
     ),
 ];
 
+/// Whether a property's `value` is `required` as librdkafka reads it: names without case, and
+/// booleans in any of its spellings (`true`, `t`, `1`; `false`, `f`, `0`).
+fn same_setting(value: &str, required: &str) -> bool {
+    let value = value.to_ascii_lowercase();
+    match required {
+        "true" => matches!(value.as_str(), "true" | "t" | "1"),
+        "false" => matches!(value.as_str(), "false" | "f" | "0"),
+        _ => value == required,
+    }
+}
+
 /// Pass-through properties under the names librdkafka resolves them to
 /// ([`touchline_kafka::canonical_property`]), so that a guard sees `topic.acks` as `acks`.
 ///
@@ -586,7 +597,7 @@ impl Config {
             for (name, required, why) in CONSUMER_FIXED {
                 if let Some(&value) = properties.get(name) {
                     anyhow::ensure!(
-                        value == required,
+                        same_setting(value, required),
                         "kafka property {name}={value} is refused: {why}"
                     );
                 }

@@ -230,12 +230,21 @@ fn consumer_properties_the_projector_depends_on_are_refused_with_other_values() 
             "{name}={value} in kafka.properties"
         );
     }
-    let mut config = Config::default();
-    config
-        .kafka
-        .consumer_properties
-        .insert("isolation.level".to_owned(), "read_committed".to_owned());
-    config.validate().expect("what the projector sets");
+    // What the projector sets, in any spelling librdkafka reads the same.
+    for (name, value) in [
+        ("isolation.level", "read_committed"),
+        ("isolation.level", "READ_COMMITTED"),
+        ("enable.auto.commit", "0"),
+        ("enable.auto.offset.store", "False"),
+        ("enable.partition.eof", "f"),
+    ] {
+        let mut config = Config::default();
+        config
+            .kafka
+            .consumer_properties
+            .insert(name.to_owned(), value.to_owned());
+        config.validate().expect(value);
+    }
 }
 
 #[test]
