@@ -348,7 +348,7 @@ impl RssSample {
 const RSS_POLL: Duration = Duration::from_millis(5);
 
 /// Samples the process's resident memory (`VmRSS`) as the events projected after `already` pass
-/// each quarter of `events`, until the last quarter or `stop` (and a look after it). Empty where the platform does not
+/// each quarter of `events`, until the last quarter or `stop`. Empty where the platform does not
 /// tell.
 async fn sample_rss(
     store: Arc<touchline_projection::SledStore>,

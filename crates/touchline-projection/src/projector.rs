@@ -29,6 +29,11 @@ use resume::{Rereads, check_positions};
 
 const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long the projector asks the broker for a partition's oldest offset after a gap (see
+/// `gaps`) before it reads on without counting it: the consume loop waits meanwhile, and a node
+/// that stops waits for the question to end.
+const LOSS_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// Batches (of `max-batch` records) the projector applies ahead of its flusher at most: past
 /// that many events applied and not yet durable it reads no more until a flush ends (a flush
 /// normally covers a batch or two; one that hangs, as sled 0.34's can once it failed to create a
@@ -365,11 +370,14 @@ impl Projector {
                     }
                 }
             }
-            // Counted with the first part, once it is applied.
-            let mut lost = 0;
+            // Per record read after a gap, the records lost before it: counted with the part
+            // that holds that record, once it is applied (with the position past the gap).
+            let mut losses = BTreeMap::new();
             if !skipped.is_empty() {
+                // The batch being written reaches the flusher first: asking may take a while.
+                self.settle(&mut in_flight, unflushed).await?;
                 match self.lost_in(skipped, shutdown, flusher_stopped).await {
-                    Some(found) => lost = found,
+                    Some(found) => losses = found,
                     // Stopped while asking: the stored position stays before the gap, and the
                     // next start counts what is gone (`resume`).
                     None => break,
@@ -381,6 +389,12 @@ impl Projector {
                 if shutdown.is_cancelled() || flusher_stopped.is_cancelled() {
                     break 'batches;
                 }
+                let lost: u64 = part
+                    .iter()
+                    .filter_map(|(message, _)| {
+                        losses.remove(&(message.partition(), message.offset()))
+                    })
+                    .sum();
                 // Decoding a batch takes milliseconds: off the async runtime.
                 let served = self.served.clone();
                 let records = match decoder
@@ -405,7 +419,6 @@ impl Projector {
                 let store = Arc::clone(&self.store);
                 let stream = self.stream.clone();
                 let write = writer.run(move || store.apply(&stream, records));
-                let lost = std::mem::take(&mut lost);
                 in_flight = Some(Box::pin(async move { (write.await, lost) }));
             }
         }
@@ -415,21 +428,22 @@ impl Projector {
     }
 
     /// Of the offsets the consumer went past (`skipped`, per partition), how many the topic's
-    /// retention deleted before they were read (see `gaps`): asks the broker for each partition's
-    /// oldest offset now, all at once. `None` when the projector is stopped meanwhile.
+    /// retention deleted before they were read (see `gaps`), keyed by the partition and offset of
+    /// the record read after them: asks the broker for each partition's oldest offset now, all at
+    /// once, for at most [`LOSS_CHECK_TIMEOUT`]. `None` when the projector is stopped meanwhile.
     async fn lost_in(
         &self,
         skipped: Vec<(i32, Range<i64>)>,
         shutdown: &CancellationToken,
         flusher_stopped: &CancellationToken,
-    ) -> Option<u64> {
+    ) -> Option<BTreeMap<(i32, i64), u64>> {
         let partitions: std::collections::BTreeSet<i32> =
             skipped.iter().map(|(partition, _)| *partition).collect();
         let fetches = partitions.into_iter().map(|partition| {
             let consumer = Arc::clone(&self.consumer);
             let topic = self.stream.topic.clone();
             let fetch = tokio::task::spawn_blocking(move || {
-                consumer.fetch_watermarks(&topic, partition, METADATA_TIMEOUT)
+                consumer.fetch_watermarks(&topic, partition, LOSS_CHECK_TIMEOUT)
             });
             async move {
                 let oldest = match fetch.await {
@@ -446,13 +460,13 @@ impl Projector {
             () = flusher_stopped.cancelled() => return None,
             oldest = futures::future::join_all(fetches) => oldest.into_iter().collect(),
         };
-        let mut lost_in_all = 0;
+        let mut losses = BTreeMap::new();
         for (partition, offsets) in skipped {
             match oldest.get(&partition) {
                 Some(Ok(oldest)) => {
                     let lost = gaps::lost(&offsets, *oldest);
-                    lost_in_all += lost;
                     if lost > 0 {
+                        losses.insert((partition, offsets.end), lost);
                         warn!(
                             partition,
                             from = offsets.start,
@@ -479,7 +493,7 @@ impl Projector {
                 None => {}
             }
         }
-        Some(lost_in_all)
+        Some(losses)
     }
 
     /// Waits for the batch being written, if any, and accounts for it.

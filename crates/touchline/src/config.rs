@@ -62,11 +62,14 @@ const CONSUMER_FIXED: [(&str, &str, &str); 4] = [
 /// Whether a property's `value` is `required` as librdkafka reads it: names without case, and
 /// booleans in any of its spellings (`true`, `t`, `1`; `false`, `f`, `0`).
 fn same_setting(value: &str, required: &str) -> bool {
-    let value = value.to_ascii_lowercase();
     match required {
-        "true" => matches!(value.as_str(), "true" | "t" | "1"),
-        "false" => matches!(value.as_str(), "false" | "f" | "0"),
-        _ => value == required,
+        "true" => {
+            value == "1" || value.eq_ignore_ascii_case("true") || value.eq_ignore_ascii_case("t")
+        }
+        "false" => {
+            value == "0" || value.eq_ignore_ascii_case("false") || value.eq_ignore_ascii_case("f")
+        }
+        _ => value.eq_ignore_ascii_case(required),
     }
 }
 
@@ -572,13 +575,13 @@ impl Config {
         for properties in [&common, &producer] {
             if let Some(&acks) = properties.get("acks") {
                 anyhow::ensure!(
-                    matches!(acks, "all" | "-1"),
+                    same_setting(acks, "all") || acks == "-1",
                     "kafka property acks={acks} is refused: an acknowledged event must be on every in-sync replica (acks=all)"
                 );
             }
             if let Some(&idempotence) = properties.get("enable.idempotence") {
                 anyhow::ensure!(
-                    idempotence == "true",
+                    same_setting(idempotence, "true"),
                     "kafka property enable.idempotence={idempotence} is refused: retries must not duplicate or reorder events"
                 );
             }
@@ -589,7 +592,9 @@ impl Config {
         for properties in [&common, &consumer] {
             if let Some(&reset) = properties.get("auto.offset.reset") {
                 anyhow::ensure!(
-                    matches!(reset, "earliest" | "smallest" | "beginning"),
+                    ["earliest", "smallest", "beginning"]
+                        .iter()
+                        .any(|earliest| same_setting(reset, earliest)),
                     "kafka property auto.offset.reset={reset} is refused: a projector that lost its place must read from the earliest record, not skip acknowledged events"
                 );
             }

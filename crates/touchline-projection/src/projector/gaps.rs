@@ -26,6 +26,9 @@ use std::ops::Range;
 #[derive(Debug, Default)]
 pub(crate) struct Gaps {
     expected: BTreeMap<i32, i64>,
+    /// Per partition, the position it resumes at, until a record there is read: records below
+    /// it are read again (applied before), so offsets skipped among them are no loss.
+    resume_at: BTreeMap<i32, i64>,
 }
 
 impl Gaps {
@@ -34,14 +37,21 @@ impl Gaps {
     pub(crate) fn new(resume_at: &BTreeMap<i32, i64>) -> Self {
         Self {
             expected: resume_at.clone(),
+            resume_at: resume_at.clone(),
         }
     }
 
-    /// Notes the record at `offset` of `partition`: the offsets skipped before it, if any. A
-    /// record below the expected offset (read again after a rewind) is followed from there on.
+    /// Notes the record at `offset` of `partition`: the offsets skipped before it, if any (none
+    /// below the resume point). A record below the expected offset (read again before the
+    /// resume point, or after a rewind) is followed from there on.
     pub(crate) fn observe(&mut self, partition: i32, offset: i64) -> Option<Range<i64>> {
+        let resume_at = self.resume_at.get(&partition).copied();
+        if resume_at.is_some_and(|resume_at| offset >= resume_at) {
+            self.resume_at.remove(&partition);
+        }
         let expected = self.expected.insert(partition, offset.saturating_add(1))?;
-        (offset > expected).then_some(expected..offset)
+        let from = resume_at.map_or(expected, |resume_at| expected.max(resume_at));
+        (offset > from).then_some(from..offset)
     }
 }
 
@@ -65,6 +75,18 @@ mod tests {
         // A partition read from its start: its first record sets where it is.
         assert_eq!(gaps.observe(1, 40), None);
         assert_eq!(gaps.observe(1, 42), Some(41..42));
+    }
+
+    #[test]
+    fn offsets_skipped_among_the_records_read_again_are_no_gap() {
+        let mut gaps = Gaps::new(&BTreeMap::from([(0, 100)]));
+        // Read again from 95 (applied before): a marker at 97 is skipped.
+        assert_eq!(gaps.observe(0, 95), None);
+        assert_eq!(gaps.observe(0, 96), None);
+        assert_eq!(gaps.observe(0, 98), None, "below the resume point");
+        // A gap across the resume point counts from it.
+        assert_eq!(gaps.observe(0, 103), Some(100..103));
+        assert_eq!(gaps.observe(0, 105), Some(104..105));
     }
 
     #[test]

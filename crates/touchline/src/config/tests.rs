@@ -202,6 +202,19 @@ fn a_consumer_that_would_skip_records_is_refused() {
     config
         .validate()
         .expect("earliest is what the projector uses");
+    // As librdkafka reads them: without case.
+    for (name, value) in [
+        ("auto.offset.reset", "EARLIEST"),
+        ("enable.idempotence", "True"),
+        ("acks", "ALL"),
+    ] {
+        let mut config = Config::default();
+        config
+            .kafka
+            .properties
+            .insert(name.to_owned(), value.to_owned());
+        config.validate().expect(value);
+    }
 }
 
 #[test]
