@@ -9,7 +9,8 @@
 //! when it starts, and a write for the pages under way (a fraction of a millisecond each: a page
 //! holds the gate for at most 128 keys, then lets a waiting write in). The gate orders nothing that sled does not already make consistent; it only
 //! schedules. Long scans (checksums, backups, rebuild reads) do not take it, so as not to hold
-//! the writer back.
+//! the writer back, and a page looks its first leaf up before it takes the gate, so that sled
+//! reads a leaf out of its cache in while the writer goes on.
 
 use std::sync::{PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 

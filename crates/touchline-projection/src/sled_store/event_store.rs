@@ -80,6 +80,12 @@ impl EventStore for SledStore {
             sequence: 0,
         }));
         let timeline = self.active().timeline;
+        // The page's first leaf is looked up before the gate is taken: when it is out of sled's
+        // cache, sled reads it in now, and the writer does not wait for the gate meanwhile. The
+        // page itself then finds it cached (twelve interleaved pairs of quick benches: end-to-end
+        // 0.69-0.70 of the store's own apply against 0.58-0.59 without, and at the same offered
+        // rate ingest-to-queryable p99 80 against 96 ms; BENCHMARKS.md).
+        let _ = timeline.range(start.clone(), end.clone()).next();
         // A page of up to `GATE_STEPS` keys runs whole between two writes (see `crate::gate`);
         // a longer scan (a filter that skips many entries) lets the writer in after each
         // `GATE_STEPS` keys, so as not to hold it back.
