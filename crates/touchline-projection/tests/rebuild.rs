@@ -1,7 +1,7 @@
 //! Versioned projections on a real sled in a temporary directory: a rebuild from the log while the
 //! projector keeps applying equals the incrementally built projection (same checksum), becomes
 //! active atomically, and an interrupted rebuild leaves the active version untouched. Dead letters
-//! are kept once, and can be requeued or discarded.
+//! are kept once, and can be requeued or discarded (a damaged one too).
 
 use touchline_core::{
     ConsumedRecord, CustomerId, Envelope, EventStore as _, JourneyStage, RecordContent,
@@ -376,6 +376,58 @@ fn a_page_of_dead_letters_stays_within_its_bytes() {
             .expect("lists")
             .len(),
         2
+    );
+}
+
+/// A dead letter whose stored form was damaged (a disk that lost bytes) does not hide the others
+/// from the admin API: it is listed as damaged, with its stored bytes, and can be discarded.
+#[test]
+fn a_damaged_dead_letter_is_listed_as_such_and_can_be_discarded() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    {
+        let store = SledStore::open(dir.path()).expect("opens");
+        store
+            .apply(&stream(), vec![garbage(5), garbage(6), garbage(7)])
+            .expect("applies");
+        store.flush().expect("flushes");
+    }
+    // The second one's stored form damaged in place (the store's tree, table `X`, key its id).
+    {
+        let db = support::when_released(|| sled::open(dir.path()));
+        let tree = db.open_tree("touchline").expect("the store's tree");
+        let key = [b"X".as_slice(), &2_u64.to_be_bytes()].concat();
+        assert!(
+            tree.get(&key).expect("reads").is_some(),
+            "dead letter 2 is where the test damages it"
+        );
+        tree.insert(key, vec![0xff; 3]).expect("writes");
+        db.flush().expect("flushes");
+    }
+    let store = support::open_when_released(dir.path());
+    let listed = store.dead_letters(10).expect("the others still list");
+    assert_eq!(
+        listed
+            .iter()
+            .map(|dead| (dead.id, dead.offset))
+            .collect::<Vec<_>>(),
+        [(1, 5), (2, -1), (3, 7)]
+    );
+    assert!(listed[1].reason.contains("damaged"), "{}", listed[1].reason);
+    assert_eq!(listed[1].value.as_deref(), Some([0xff; 3].as_slice()));
+    assert!(
+        store.requeue_dead_letter(2).is_err(),
+        "nothing to decode again"
+    );
+    assert_eq!(store.discard_dead_letter(2).expect("discards").id, 2);
+    assert_eq!(store.dead_letter_count(), 2);
+    assert_eq!(
+        store
+            .dead_letters(10)
+            .expect("lists")
+            .iter()
+            .map(|dead| dead.offset)
+            .collect::<Vec<_>>(),
+        [5, 7]
     );
 }
 

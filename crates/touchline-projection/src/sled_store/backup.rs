@@ -82,6 +82,7 @@ impl DeadLettersAtCut<'_> {
             self.next_dead_letter,
             usize::MAX,
             max_bytes,
+            super::dead_letters::Damaged::Refused,
         )?;
         if let Some(last) = page.last() {
             self.after = last.id;

@@ -17,6 +17,33 @@ pub struct DeadLetter {
     pub dead_lettered_at: UnixNanos,
 }
 
+impl DeadLetter {
+    /// A stored dead letter whose stored form does not decode, under its key (its id): its
+    /// stored bytes as its value, its place unknown (stream empty, partition and offset -1).
+    #[must_use]
+    pub fn corrupt(key: &[u8], stored: &[u8], error: &StoreError) -> Self {
+        Self {
+            id: key.try_into().map(u64::from_be_bytes).unwrap_or(u64::MAX),
+            stream: String::new(),
+            partition: -1,
+            offset: -1,
+            reason: format!("the stored dead letter is damaged and cannot be read: {error}"),
+            key: None,
+            value: Some(stored.to_vec()),
+            dead_lettered_at: UnixNanos(0),
+        }
+    }
+}
+
+/// What a listing of dead letters does with one whose stored form does not decode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Damaged {
+    /// Listed as [`DeadLetter::corrupt`] (the admin API: the others stay reachable).
+    Listed,
+    /// The listing fails (a backup copies dead letters as they are stored, or not at all).
+    Refused,
+}
+
 /// What requeueing a dead letter did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Requeued {
@@ -55,26 +82,30 @@ impl SledStore {
 
     /// Up to `limit` dead letters with an id above `after`, oldest first, stopping before the one
     /// that would take their stored size past `max_bytes` (the first one is always included): a
-    /// page of large records stays within what a response can carry.
+    /// page of large records stays within what a response can carry. A dead letter whose stored
+    /// form does not decode (a damaged store) is listed as [`DeadLetter::corrupt`], so that the
+    /// others can still be listed and it can be discarded.
     ///
     /// # Errors
-    /// When the backend fails or a dead letter is corrupt.
+    /// When the backend fails.
     pub fn dead_letter_page(
         &self,
         after: u64,
         limit: usize,
         max_bytes: usize,
     ) -> Result<Vec<DeadLetter>, StoreError> {
-        self.dead_letters_between(after, u64::MAX, limit, max_bytes)
+        self.dead_letters_between(after, u64::MAX, limit, max_bytes, Damaged::Listed)
     }
 
-    /// [`SledStore::dead_letter_page`] of the ids above `after` and below `before`.
+    /// [`SledStore::dead_letter_page`] of the ids above `after` and below `before`, with a
+    /// damaged dead letter listed or refused as `damaged` says.
     pub(super) fn dead_letters_between(
         &self,
         after: u64,
         before: u64,
         limit: usize,
         max_bytes: usize,
+        damaged: Damaged,
     ) -> Result<Vec<DeadLetter>, StoreError> {
         use std::ops::Bound::Excluded;
         let mut page = Vec::new();
@@ -91,7 +122,11 @@ impl SledStore {
             if !page.is_empty() && bytes > max_bytes {
                 break;
             }
-            page.push(decode("dead letter", &key, &value)?);
+            page.push(match (decode("dead letter", &key, &value), damaged) {
+                (Ok(dead_letter), _) => dead_letter,
+                (Err(error), Damaged::Listed) => DeadLetter::corrupt(&key, &value, &error),
+                (Err(error), Damaged::Refused) => return Err(error),
+            });
         }
         Ok(page)
     }
@@ -162,7 +197,8 @@ impl SledStore {
         })
     }
 
-    /// Deletes a dead letter for good.
+    /// Deletes a dead letter for good (also one whose stored form does not decode: it is
+    /// returned as [`DeadLetter::corrupt`]).
     ///
     /// # Errors
     /// [`OpsError::DeadLetterNotFound`], [`OpsError::BackupReading`] (nothing changes) or a
@@ -170,7 +206,14 @@ impl SledStore {
     pub fn discard_dead_letter(&self, id: u64) -> Result<DeadLetter, OpsError> {
         let mut writer = self.lock_writer();
         self.no_backup_reading()?;
-        let dead_letter = self.dead_letter(id)?;
+        let key = id.to_be_bytes();
+        let bytes = self
+            .dead_letters
+            .get(key)
+            .map_err(backend)?
+            .ok_or(OpsError::DeadLetterNotFound(id))?;
+        let dead_letter = decode("dead letter", &key, &bytes)
+            .unwrap_or_else(|error| DeadLetter::corrupt(&key, &bytes, &error));
         let mut batch = sled::Batch::default();
         self.remove_dead_letter(&mut batch, &dead_letter);
         let remaining = writer.dead_letters.saturating_sub(1);
