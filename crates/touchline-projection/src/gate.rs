@@ -9,8 +9,9 @@
 //! when it starts, and a write for the pages under way (a fraction of a millisecond each: a page
 //! holds the gate for at most 128 keys, then lets a waiting write in). The gate orders nothing that sled does not already make consistent; it only
 //! schedules. Long scans (checksums, backups, rebuild reads) do not take it, so as not to hold
-//! the writer back, and a page looks its first leaf up before it takes the gate, so that sled
-//! reads a leaf out of its cache in while the writer goes on.
+//! the writer back, and a page takes its first step before it takes the gate, so that a leaf
+//! out of sled's cache is read in during that step alone rather than while the page holds the
+//! gate.
 
 use std::sync::{PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 

@@ -415,7 +415,10 @@ fn a_damaged_dead_letter_is_listed_as_such_and_can_be_discarded() {
     assert!(listed[1].reason.contains("damaged"), "{}", listed[1].reason);
     assert_eq!(listed[1].value.as_deref(), Some([0xff; 3].as_slice()));
     assert!(
-        store.requeue_dead_letter(2).is_err(),
+        matches!(
+            store.requeue_dead_letter(2),
+            Err(OpsError::StillUndecodable { id: 2, .. })
+        ),
         "nothing to decode again"
     );
     assert_eq!(store.discard_dead_letter(2).expect("discards").id, 2);

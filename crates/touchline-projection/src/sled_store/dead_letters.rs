@@ -18,12 +18,13 @@ pub struct DeadLetter {
 }
 
 impl DeadLetter {
-    /// A stored dead letter whose stored form does not decode, under its key (its id): its
-    /// stored bytes as its value, its place unknown (stream empty, partition and offset -1).
+    /// A stored dead letter of id `id` whose stored form does not decode: its stored bytes as its
+    /// value, its place and time unknown (stream empty, partition and offset -1, time 0, which
+    /// the admin API sends as none).
     #[must_use]
-    pub fn corrupt(key: &[u8], stored: &[u8], error: &StoreError) -> Self {
+    pub fn corrupt(id: u64, stored: &[u8], error: &StoreError) -> Self {
         Self {
-            id: key.try_into().map(u64::from_be_bytes).unwrap_or(u64::MAX),
+            id,
             stream: String::new(),
             partition: -1,
             offset: -1,
@@ -33,6 +34,11 @@ impl DeadLetter {
             dead_lettered_at: UnixNanos(0),
         }
     }
+}
+
+/// The id a dead letter is stored under; `None` for a key of another length.
+fn dead_letter_id(key: &[u8]) -> Option<u64> {
+    key.try_into().ok().map(u64::from_be_bytes)
 }
 
 /// What a listing of dead letters does with one whose stored form does not decode.
@@ -60,18 +66,19 @@ impl SledStore {
         usize::try_from(self.dead_letter_count.load(Ordering::Acquire)).unwrap_or(usize::MAX)
     }
 
-    /// The oldest `limit` dead letters.
+    /// The oldest `limit` dead letters (see [`SledStore::dead_letter_page`]).
     ///
     /// # Errors
-    /// When the backend fails or a dead letter is corrupt.
+    /// When the backend fails.
     pub fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, StoreError> {
         self.dead_letters_after(0, limit)
     }
 
-    /// Up to `limit` dead letters with an id above `after`, oldest first.
+    /// Up to `limit` dead letters with an id above `after`, oldest first (see
+    /// [`SledStore::dead_letter_page`]).
     ///
     /// # Errors
-    /// When the backend fails or a dead letter is corrupt.
+    /// When the backend fails.
     pub fn dead_letters_after(
         &self,
         after: u64,
@@ -124,7 +131,14 @@ impl SledStore {
             }
             page.push(match (decode("dead letter", &key, &value), damaged) {
                 (Ok(dead_letter), _) => dead_letter,
-                (Err(error), Damaged::Listed) => DeadLetter::corrupt(&key, &value, &error),
+                (Err(error), Damaged::Listed) => {
+                    let Some(id) = dead_letter_id(&key) else {
+                        // Not a key the store writes: no id to list it under, or discard it by.
+                        tracing::error!(key = ?key, "a dead letter's key is not an id: left out");
+                        continue;
+                    };
+                    DeadLetter::corrupt(id, &value, &error)
+                }
                 (Err(error), Damaged::Refused) => return Err(error),
             });
         }
@@ -154,7 +168,14 @@ impl SledStore {
     pub fn requeue_dead_letter(&self, id: u64) -> Result<Requeued, OpsError> {
         let mut writer = self.lock_writer();
         self.no_backup_reading()?;
-        let dead_letter = self.dead_letter(id)?;
+        let dead_letter = self.dead_letter(id).map_err(|error| match error {
+            // Nothing to decode again: the stored form itself is damaged.
+            OpsError::Store(StoreError::Corrupt { reason, .. }) => OpsError::StillUndecodable {
+                id,
+                reason: format!("the stored dead letter is damaged and cannot be read: {reason}"),
+            },
+            other => other,
+        })?;
         let envelope =
             touchline_proto::decode_envelope(dead_letter.value.as_deref()).map_err(|error| {
                 OpsError::StillUndecodable {
@@ -213,7 +234,7 @@ impl SledStore {
             .map_err(backend)?
             .ok_or(OpsError::DeadLetterNotFound(id))?;
         let dead_letter = decode("dead letter", &key, &bytes)
-            .unwrap_or_else(|error| DeadLetter::corrupt(&key, &bytes, &error));
+            .unwrap_or_else(|error| DeadLetter::corrupt(id, &bytes, &error));
         let mut batch = sled::Batch::default();
         self.remove_dead_letter(&mut batch, &dead_letter);
         let remaining = writer.dead_letters.saturating_sub(1);

@@ -7,6 +7,7 @@ use tokio::sync::watch;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Code, Status};
+use touchline_core::UnixNanos;
 use touchline_projection::ops::{RebuildProgress, RebuildState, ReplayFrom, ReplayProgress};
 use touchline_projection::{DeadLetter, VersionRole};
 use touchline_proto::convert::{instant, timestamp};
@@ -73,7 +74,9 @@ pub(crate) fn wire_dead_letter(dead_letter: DeadLetter) -> v1::DeadLetter {
         reason: dead_letter.reason,
         key: dead_letter.key,
         value: dead_letter.value,
-        dead_lettered_at: Some(timestamp(dead_letter.dead_lettered_at)),
+        // A damaged dead letter's time is unknown (`DeadLetter::corrupt`).
+        dead_lettered_at: (dead_letter.dead_lettered_at != UnixNanos(0))
+            .then(|| timestamp(dead_letter.dead_lettered_at)),
     }
 }
 
