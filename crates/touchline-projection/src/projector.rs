@@ -353,15 +353,16 @@ impl Projector {
             let mut messages = Vec::with_capacity(batch.len());
             let mut skipped = Vec::new();
             for message in batch {
-                if let Ok(message) = &message
-                    && let Some(offsets) = gaps.observe(message.partition(), message.offset())
-                {
-                    skipped.push((message.partition(), offsets));
-                }
                 match message {
                     // The verified record just before a resume point is read again: drop it once.
                     Ok(message) if rereads.drop_reread(message.partition(), message.offset()) => {}
-                    Ok(message) => messages.push(message.detach()),
+                    Ok(message) => {
+                        // Past the records read again: offsets skipped among those are no loss.
+                        if let Some(offsets) = gaps.observe(message.partition(), message.offset()) {
+                            skipped.push((message.partition(), offsets));
+                        }
+                        messages.push(message.detach());
+                    }
                     // librdkafka retries by itself; errors here are informational (and counted: a
                     // batch it cannot read may hold its partition, which its lag shows).
                     Err(error) => {

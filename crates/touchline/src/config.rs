@@ -34,27 +34,23 @@ pub struct Config {
     pub log: LogConfig,
 }
 
-/// Consumer properties the projector depends on, refused with another value: (name, the value
-/// Touchline sets, why).
-const CONSUMER_FIXED: [(&str, &str, &str); 4] = [
+/// Consumer properties the projector depends on, refused with another value than the one
+/// [`touchline_kafka::KafkaOptions::consumer_config`] sets: (name, why).
+const CONSUMER_FIXED: [(&str, &str); 4] = [
     (
         "isolation.level",
-        "read_committed",
         "the records of another producer's aborted transactions are not events to project",
     ),
     (
         "enable.auto.commit",
-        "false",
         "the projector commits to Kafka (for lag monitoring) only what its store made durable",
     ),
     (
         "enable.auto.offset.store",
-        "false",
         "the projector commits to Kafka (for lag monitoring) only what its store made durable",
     ),
     (
         "enable.partition.eof",
-        "false",
         "the end of a partition is not a consumer error (the projector counts and logs those)",
     ),
 ];
@@ -586,6 +582,8 @@ impl Config {
                 );
             }
         }
+        // What the projector's consumer is given before the pass-through (none here).
+        let touchline_set = touchline_kafka::KafkaOptions::default().consumer_config();
         // The projector's resume reads from the earliest record when a position is gone (dedupe
         // makes that safe); a consumer that jumped to the end would skip acknowledged events and
         // store positions past them.
@@ -599,8 +597,10 @@ impl Config {
                 );
             }
             // What the projector reads, and what its commits to Kafka (lag monitoring) say.
-            for (name, required, why) in CONSUMER_FIXED {
-                if let Some(&value) = properties.get(name) {
+            for (name, why) in CONSUMER_FIXED {
+                if let (Some(&value), Some(required)) =
+                    (properties.get(name), touchline_set.get(name))
+                {
                     anyhow::ensure!(
                         same_setting(value, required),
                         "kafka property {name}={value} is refused: {why}"

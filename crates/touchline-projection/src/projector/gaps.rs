@@ -22,13 +22,11 @@
 use std::collections::BTreeMap;
 use std::ops::Range;
 
-/// The offset each partition's next record should have.
+/// The offset each partition's next record should have. It is told of the records past those
+/// read again before a resume point (`resume::Rereads` drops those first).
 #[derive(Debug, Default)]
 pub(crate) struct Gaps {
     expected: BTreeMap<i32, i64>,
-    /// Per partition, the position it resumes at, until a record there is read: records below
-    /// it are read again (applied before), so offsets skipped among them are no loss.
-    resume_at: BTreeMap<i32, i64>,
 }
 
 impl Gaps {
@@ -37,21 +35,14 @@ impl Gaps {
     pub(crate) fn new(resume_at: &BTreeMap<i32, i64>) -> Self {
         Self {
             expected: resume_at.clone(),
-            resume_at: resume_at.clone(),
         }
     }
 
-    /// Notes the record at `offset` of `partition`: the offsets skipped before it, if any (none
-    /// below the resume point). A record below the expected offset (read again before the
-    /// resume point, or after a rewind) is followed from there on.
+    /// Notes the record at `offset` of `partition`: the offsets skipped before it, if any. A
+    /// record below the expected offset (read again after a rewind) is followed from there on.
     pub(crate) fn observe(&mut self, partition: i32, offset: i64) -> Option<Range<i64>> {
-        let resume_at = self.resume_at.get(&partition).copied();
-        if resume_at.is_some_and(|resume_at| offset >= resume_at) {
-            self.resume_at.remove(&partition);
-        }
         let expected = self.expected.insert(partition, offset.saturating_add(1))?;
-        let from = resume_at.map_or(expected, |resume_at| expected.max(resume_at));
-        (offset > from).then_some(from..offset)
+        (offset > expected).then_some(expected..offset)
     }
 }
 
@@ -79,14 +70,31 @@ mod tests {
 
     #[test]
     fn offsets_skipped_among_the_records_read_again_are_no_gap() {
+        use super::super::resume::{Rereads, Resume};
+        let mut rereads = Rereads::default();
+        rereads.insert(
+            0,
+            Resume {
+                fetch_from: 95,
+                next: 100,
+            },
+        );
         let mut gaps = Gaps::new(&BTreeMap::from([(0, 100)]));
+        // As the projector reads: records read again are dropped before the gaps are looked at.
+        let mut observe = |offset| {
+            if rereads.drop_reread(0, offset) {
+                None
+            } else {
+                gaps.observe(0, offset)
+            }
+        };
         // Read again from 95 (applied before): a marker at 97 is skipped.
-        assert_eq!(gaps.observe(0, 95), None);
-        assert_eq!(gaps.observe(0, 96), None);
-        assert_eq!(gaps.observe(0, 98), None, "below the resume point");
+        assert_eq!(observe(95), None);
+        assert_eq!(observe(96), None);
+        assert_eq!(observe(98), None, "below the resume point");
         // A gap across the resume point counts from it.
-        assert_eq!(gaps.observe(0, 103), Some(100..103));
-        assert_eq!(gaps.observe(0, 105), Some(104..105));
+        assert_eq!(observe(103), Some(100..103));
+        assert_eq!(observe(105), Some(104..105));
     }
 
     #[test]

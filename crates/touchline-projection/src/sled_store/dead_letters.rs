@@ -168,14 +168,19 @@ impl SledStore {
     pub fn requeue_dead_letter(&self, id: u64) -> Result<Requeued, OpsError> {
         let mut writer = self.lock_writer();
         self.no_backup_reading()?;
-        let dead_letter = self.dead_letter(id).map_err(|error| match error {
+        let dead_letter = match self.dead_letter(id)? {
+            Ok(dead_letter) => dead_letter,
             // Nothing to decode again: the stored form itself is damaged.
-            OpsError::Store(StoreError::Corrupt { reason, .. }) => OpsError::StillUndecodable {
-                id,
-                reason: format!("the stored dead letter is damaged and cannot be read: {reason}"),
-            },
-            other => other,
-        })?;
+            Err((StoreError::Corrupt { reason, .. }, _)) => {
+                return Err(OpsError::StillUndecodable {
+                    id,
+                    reason: format!(
+                        "the stored dead letter is damaged and cannot be read: {reason}"
+                    ),
+                });
+            }
+            Err((other, _)) => return Err(other.into()),
+        };
         let envelope =
             touchline_proto::decode_envelope(dead_letter.value.as_deref()).map_err(|error| {
                 OpsError::StillUndecodable {
@@ -227,14 +232,7 @@ impl SledStore {
     pub fn discard_dead_letter(&self, id: u64) -> Result<DeadLetter, OpsError> {
         let mut writer = self.lock_writer();
         self.no_backup_reading()?;
-        let key = id.to_be_bytes();
-        let bytes = self
-            .dead_letters
-            .get(key)
-            .map_err(backend)?
-            .ok_or(OpsError::DeadLetterNotFound(id))?;
-        let dead_letter = decode("dead letter", &key, &bytes)
-            .unwrap_or_else(|error| DeadLetter::corrupt(id, &bytes, &error));
+        let dead_letter = self.dead_letter(id)?.unwrap_or_else(|(_, damaged)| damaged);
         let mut batch = sled::Batch::default();
         self.remove_dead_letter(&mut batch, &dead_letter);
         let remaining = writer.dead_letters.saturating_sub(1);
@@ -246,14 +244,22 @@ impl SledStore {
         Ok(dead_letter)
     }
 
-    fn dead_letter(&self, id: u64) -> Result<DeadLetter, OpsError> {
+    /// The dead letter of id `id`; when its stored form does not decode, why, with it as
+    /// [`DeadLetter::corrupt`].
+    fn dead_letter(
+        &self,
+        id: u64,
+    ) -> Result<Result<DeadLetter, (StoreError, DeadLetter)>, OpsError> {
         let key = id.to_be_bytes();
         let bytes = self
             .dead_letters
             .get(key)
             .map_err(backend)?
             .ok_or(OpsError::DeadLetterNotFound(id))?;
-        Ok(decode("dead letter", &key, &bytes)?)
+        Ok(decode("dead letter", &key, &bytes).map_err(|error| {
+            let damaged = DeadLetter::corrupt(id, &bytes, &error);
+            (error, damaged)
+        }))
     }
 
     /// Removes the dead letter but keeps its index entry, so that reading the record again does
