@@ -36,6 +36,29 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // Maps (a touchpoint's attributes) as BTreeMap: a few entries each, built and read in key
         // order (the domain's order) without hashing.
         .btree_map(".")
-        .compile_fds(descriptor_set)?;
+        .compile_fds(descriptor_set.clone())?;
+
+    // `TimelineService`'s server once more, its `GetTimeline` answering a page of entries already
+    // encoded (`crate::encoded`, the same bytes on the wire); every other type is the one
+    // generated above.
+    let encoded_dir = out_dir.join("encoded");
+    std::fs::create_dir_all(&encoded_dir)?;
+    let mut timeline_service = descriptor_set;
+    for file in &mut timeline_service.file {
+        let timeline_file = file.name() == "touchline/v1/timeline.proto";
+        file.service
+            .retain(|service| timeline_file && service.name() == "TimelineService");
+    }
+    tonic_prost_build::configure()
+        .build_client(false)
+        .build_server(true)
+        .out_dir(&encoded_dir)
+        .codec_path("crate::codec::BoundedCodec")
+        .extern_path(
+            ".touchline.v1.GetTimelineResponse",
+            "crate::encoded::TimelinePage",
+        )
+        .extern_path(".touchline.v1", "crate::v1")
+        .compile_fds(timeline_service)?;
     Ok(())
 }

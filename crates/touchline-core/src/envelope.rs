@@ -3,6 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::touchpoint::TouchpointView;
 use crate::{PartnerId, Touchpoint, UnixNanos};
 
 /// A touchpoint with the partner that the credential authenticated, as produced to Kafka.
@@ -31,7 +32,30 @@ pub struct TimelineEntry {
     pub position: LogPosition,
 }
 
+/// A stored [`TimelineEntry`] read without copying its strings (see
+/// [`TouchpointView`]): what `GetTimeline` re-encodes for the wire, with no entry allocated on
+/// the way.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct TimelineEntryView<'a> {
+    pub partner_id: &'a str,
+    #[serde(borrow)]
+    pub touchpoint: TouchpointView<'a>,
+    pub received_at: UnixNanos,
+    pub position: LogPosition,
+}
+
 impl TimelineEntry {
+    /// This entry as a view of its fields.
+    #[must_use]
+    pub fn view(&self) -> TimelineEntryView<'_> {
+        TimelineEntryView {
+            partner_id: self.partner_id.as_str(),
+            touchpoint: self.touchpoint.view(),
+            received_at: self.received_at,
+            position: self.position,
+        }
+    }
+
     #[must_use]
     pub fn new(envelope: Envelope, position: LogPosition) -> Self {
         Self {

@@ -89,6 +89,13 @@ macro_rules! printable_id {
                 &self.0
             }
         }
+
+        // Ordered and hashed as its string: sets of ids can be asked about a borrowed string.
+        impl std::borrow::Borrow<str> for $name {
+            fn borrow(&self) -> &str {
+                &self.0
+            }
+        }
     };
 }
 

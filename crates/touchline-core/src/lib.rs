@@ -13,7 +13,7 @@ pub mod time;
 pub mod touchpoint;
 pub mod validate;
 
-pub use envelope::{Envelope, LogPosition, TimelineEntry};
+pub use envelope::{Envelope, LogPosition, TimelineEntry, TimelineEntryView};
 pub use fold::{CustomerSummary, TouchRef, apply_summary};
 pub use ids::{CustomerId, EventId, EventType, IdError, PartnerId};
 pub use store::{
@@ -21,7 +21,7 @@ pub use store::{
     StreamIdentity, TimelineCursor, TimelineFilter, TimelinePage, TimelineQuery, fingerprint,
 };
 pub use time::UnixNanos;
-pub use touchpoint::{Channel, JourneyStage, Outcome, Sentiment, Touchpoint};
+pub use touchpoint::{Channel, JourneyStage, Outcome, Sentiment, Touchpoint, TouchpointView};
 pub use validate::{
     Limits, RawTouchpoint, RejectReason, Rejection, reject_duplicates_in_batch, validate,
     validate_batch,

@@ -5,7 +5,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::{
-    CustomerId, CustomerSummary, Envelope, JourneyStage, PartnerId, TimelineEntry, UnixNanos,
+    CustomerId, CustomerSummary, Envelope, JourneyStage, PartnerId, TimelineEntry,
+    TimelineEntryView, UnixNanos,
 };
 
 /// The Kafka stream a set of stored positions belongs to: the cluster id and the topic. When it
@@ -125,15 +126,44 @@ pub struct TimelineFilter {
 impl TimelineFilter {
     #[must_use]
     pub fn matches(&self, entry: &TimelineEntry) -> bool {
-        let occurred_at = entry.touchpoint.occurred_at;
+        self.matches_fields(
+            entry.touchpoint.occurred_at,
+            entry.partner_id.as_str(),
+            entry.touchpoint.event_type.as_str(),
+            entry.touchpoint.stage,
+        )
+    }
+
+    /// [`Self::matches`] of a stored entry read as a view.
+    #[must_use]
+    pub fn matches_view(&self, entry: &TimelineEntryView<'_>) -> bool {
+        self.matches_fields(
+            entry.touchpoint.occurred_at,
+            entry.partner_id,
+            entry.touchpoint.event_type,
+            entry.touchpoint.stage,
+        )
+    }
+
+    fn matches_fields(
+        &self,
+        occurred_at: UnixNanos,
+        partner_id: &str,
+        event_type: &str,
+        stage: JourneyStage,
+    ) -> bool {
         self.from.is_none_or(|from| occurred_at >= from)
             && self.to.is_none_or(|to| occurred_at < to)
-            && (self.partners.is_empty() || self.partners.contains(&entry.partner_id))
-            && (self.event_types.is_empty()
-                || self
-                    .event_types
-                    .contains(entry.touchpoint.event_type.as_str()))
-            && (self.stages.is_empty() || self.stages.contains(&entry.touchpoint.stage))
+            && (self.partners.is_empty() || self.partners.contains(partner_id))
+            && (self.event_types.is_empty() || self.event_types.contains(event_type))
+            && (self.stages.is_empty() || self.stages.contains(&stage))
+    }
+
+    /// Whether only the time window filters: a store whose keys order entries by time then
+    /// selects by its key range alone, without reading the entries.
+    #[must_use]
+    pub fn by_time_only(&self) -> bool {
+        self.partners.is_empty() && self.event_types.is_empty() && self.stages.is_empty()
     }
 }
 
@@ -208,6 +238,26 @@ pub trait EventStore: Send + Sync + std::fmt::Debug {
     /// # Errors
     /// When the backend fails or an entry is corrupt.
     fn timeline(&self, query: &TimelineQuery) -> Result<TimelinePage, StoreError>;
+
+    /// The page that [`Self::timeline`] reads, each entry handed to `each` in timeline order as a
+    /// view of the stored entry rather than decoded into a [`TimelineEntry`] (a store that can
+    /// borrow its strings from the stored bytes copies none): for a read that only re-encodes
+    /// the entries, as `GetTimeline` does. Returns where the next page starts (the page's
+    /// [`TimelinePage::next`]).
+    ///
+    /// # Errors
+    /// As [`Self::timeline`].
+    fn timeline_views(
+        &self,
+        query: &TimelineQuery,
+        each: &mut dyn FnMut(&TimelineEntryView<'_>),
+    ) -> Result<Option<TimelineCursor>, StoreError> {
+        let page = self.timeline(query)?;
+        for entry in &page.entries {
+            each(&entry.view());
+        }
+        Ok(page.next)
+    }
 
     /// A customer's summary; `None` for a customer without touchpoints.
     ///

@@ -120,7 +120,74 @@ pub struct Touchpoint {
     pub payload: Vec<u8>,
 }
 
+/// A stored [`Touchpoint`] read without copying its strings: its fields in the same order, each
+/// string, the attributes and the payload borrowed from the bytes that [`Touchpoint`]'s
+/// `Serialize` wrote (so it deserializes from them; checked against the store's format in
+/// touchline-projection). What a read that only re-encodes touchpoints decodes.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct TouchpointView<'a> {
+    pub event_id: &'a str,
+    pub customer_id: &'a str,
+    pub event_type: &'a str,
+    pub occurred_at: UnixNanos,
+    pub channel: Channel,
+    pub stage: JourneyStage,
+    pub outcome: Option<Outcome>,
+    /// In key order, as the map was written.
+    #[serde(borrow, deserialize_with = "borrowed_map")]
+    pub attributes: Vec<(&'a str, &'a str)>,
+    pub payload: &'a [u8],
+}
+
+/// A map of strings (as `BTreeMap<String, String>` serializes) as borrowed pairs, in order.
+fn borrowed_map<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Vec<(&'de str, &'de str)>, D::Error> {
+    struct Pairs;
+    impl<'de> serde::de::Visitor<'de> for Pairs {
+        type Value = Vec<(&'de str, &'de str)>;
+
+        fn expecting(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            formatter.write_str("a map of strings")
+        }
+
+        fn visit_map<A: serde::de::MapAccess<'de>>(
+            self,
+            mut map: A,
+        ) -> Result<Self::Value, A::Error> {
+            // The hint is the stored length: bounded by what a touchpoint may hold, not trusted
+            // beyond that.
+            let mut pairs = Vec::with_capacity(map.size_hint().unwrap_or(0).min(64));
+            while let Some(pair) = map.next_entry()? {
+                pairs.push(pair);
+            }
+            Ok(pairs)
+        }
+    }
+    deserializer.deserialize_map(Pairs)
+}
+
 impl Touchpoint {
+    /// This touchpoint as a view of its fields.
+    #[must_use]
+    pub fn view(&self) -> TouchpointView<'_> {
+        TouchpointView {
+            event_id: self.event_id.as_str(),
+            customer_id: self.customer_id.as_str(),
+            event_type: self.event_type.as_str(),
+            occurred_at: self.occurred_at,
+            channel: self.channel,
+            stage: self.stage,
+            outcome: self.outcome,
+            attributes: self
+                .attributes
+                .iter()
+                .map(|(key, value)| (key.as_str(), value.as_str()))
+                .collect(),
+            payload: &self.payload,
+        }
+    }
+
     /// The sentiment bucket this touchpoint counts in.
     #[must_use]
     pub fn sentiment(&self) -> Sentiment {

@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, BTreeSet, HashSet};
 use proptest::prelude::*;
 use touchline_core::{
     ConsumedRecord, CustomerId, Envelope, EventStore as _, JourneyStage, PartnerId, RecordContent,
-    TimelineCursor, TimelineFilter, TimelineQuery, UnixNanos,
+    TimelineCursor, TimelineEntry, TimelineFilter, TimelineQuery, UnixNanos,
 };
 use touchline_projection::SledStore;
 use touchline_projection::sled_store::MAX_SCAN_PER_PAGE;
@@ -432,6 +432,23 @@ fn undecodable_records_become_dead_letters_and_the_partition_moves_on() {
     assert_eq!(store.log_len(), 1, "a dead letter is not in the log");
 }
 
+/// The page that `timeline_views` hands out (read without copying the entries' strings, what
+/// `GetTimeline` serves) is `timeline`'s, entry for entry, field for field, with the same next
+/// page.
+fn same_views(store: &SledStore, query: &TimelineQuery) {
+    let page = store.timeline(query).expect("reads");
+    let expected: Vec<_> = page.entries.iter().map(TimelineEntry::view).collect();
+    let mut viewed = 0;
+    let next = store
+        .timeline_views(query, &mut |view| {
+            assert_eq!(Some(view), expected.get(viewed), "entry {viewed}");
+            viewed += 1;
+        })
+        .expect("reads");
+    assert_eq!(viewed, expected.len());
+    assert_eq!(next, page.next);
+}
+
 #[test]
 fn timelines_page_in_event_time_order_with_late_events_in_place_and_every_filter() {
     let dir = tempfile::tempdir().expect("temp dir");
@@ -446,15 +463,25 @@ fn timelines_page_in_event_time_order_with_late_events_in_place_and_every_filter
             } else {
                 2000 + i as i64
             };
-            record(
-                0,
-                i as i64,
-                envelope(partner, &format!("e{i:02}"), "alice", occurred_at, stage),
-            )
+            let mut envelope = envelope(partner, &format!("e{i:02}"), "alice", occurred_at, stage);
+            // Every field a stored entry can hold, for the views of it (`same_views`).
+            let touchpoint = &mut envelope.touchpoint;
+            if i % 4 == 1 {
+                touchpoint.attributes = BTreeMap::from([
+                    ("order".to_owned(), format!("o-{i}")),
+                    ("note".to_owned(), String::new()),
+                ]);
+                touchpoint.payload = vec![i as u8; i];
+            }
+            if i % 5 == 0 {
+                touchpoint.outcome = None;
+            }
+            record(0, i as i64, envelope)
         })
         .collect();
     store.apply(&stream("a"), records).expect("applies");
     let all = store.timeline(&query("alice", 100)).expect("reads");
+    same_views(&store, &query("alice", 100));
     assert_eq!(all.entries.len(), 25);
     assert!(all.next.is_none());
     let order: Vec<_> = all.entries.iter().map(|e| e.timeline_order()).collect();
@@ -473,6 +500,7 @@ fn timelines_page_in_event_time_order_with_late_events_in_place_and_every_filter
     let mut page_query = query("alice", 7);
     loop {
         let page = store.timeline(&page_query).expect("reads");
+        same_views(&store, &page_query);
         assert!(page.entries.len() <= 7);
         paged.extend(
             page.entries
@@ -496,6 +524,7 @@ fn timelines_page_in_event_time_order_with_late_events_in_place_and_every_filter
             filter,
             ..query("alice", 100)
         };
+        same_views(&store, &query);
         store.timeline(&query).expect("reads").entries
     };
     let by_time = filtered(TimelineFilter {

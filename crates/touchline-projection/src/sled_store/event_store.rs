@@ -8,7 +8,8 @@ use std::sync::atomic::Ordering;
 
 use touchline_core::{
     ApplyOutcome, ConsumedRecord, CustomerId, CustomerSummary, EventStore, StoreError,
-    StoredPosition, StreamIdentity, TimelineEntry, TimelinePage, TimelineQuery, UnixNanos,
+    StoredPosition, StreamIdentity, TimelineCursor, TimelineEntry, TimelineEntryView, TimelinePage,
+    TimelineQuery, UnixNanos,
 };
 
 use super::{MAX_PAGE_BYTES, MAX_SCAN_PER_PAGE, SledStore, decode, lock, log, read_u64};
@@ -49,91 +50,23 @@ impl EventStore for SledStore {
     }
 
     fn timeline(&self, query: &TimelineQuery) -> Result<TimelinePage, StoreError> {
-        use std::ops::Bound::{Excluded, Included};
-        let customer = &query.customer_id;
-        let start = match (query.after, query.filter.from) {
-            (Some(after), from) if from.is_none_or(|from| after.occurred_at >= from) => {
-                Excluded(keys::timeline(customer, after.occurred_at, after.sequence))
-            }
-            (_, Some(from)) => Included(keys::timeline(customer, from, 0)),
-            (_, None) => Included(keys::customer_prefix(customer)),
-        };
-        let end = match query.filter.to {
-            Some(to) => Excluded(keys::timeline(customer, to, 0)),
-            None => Included(keys::timeline(customer, UnixNanos(i64::MAX), u64::MAX)),
-        };
-        let empty_range = match (&start, &end) {
-            (Included(start) | Excluded(start), Excluded(end)) => start >= end,
-            (Included(start) | Excluded(start), Included(end)) => start > end,
-            _ => false,
-        };
-        if empty_range {
-            return Ok(TimelinePage::default());
-        }
-        let mut page = TimelinePage::default();
-        let mut page_bytes = 0;
-        // The last durable key scanned: a page that ends at the scan limit resumes after it, not
-        // after keys not yet durable (they are shown once flushed, in their place). Where the
-        // page started when none was: the next page scans the same keys again.
-        let mut last_scanned = Some(query.after.unwrap_or(touchline_core::TimelineCursor {
-            occurred_at: query.filter.from.unwrap_or(UnixNanos(i64::MIN)),
-            sequence: 0,
-        }));
-        let timeline = self.active().timeline;
-        // The page's first step is taken before the gate: when its leaf is out of sled's cache,
-        // sled reads it in during that one step (a writer waits for the step, as for any), not
-        // while the page holds the gate, which a writer would wait for too, the leaf's read and
-        // the page's other steps in a row. (Twelve interleaved pairs of quick benches, with a
-        // separate look-up then: end-to-end 0.69-0.70 of the store's own apply against 0.58-0.59
-        // without, and at the same offered rate ingest-to-queryable p99 80 against 96 ms;
-        // BENCHMARKS.md.)
-        let mut steps = timeline.range(start, end);
-        let Some(first) = steps.next() else {
-            return Ok(page);
-        };
-        // A page of up to `GATE_STEPS` keys runs whole between two writes (see `crate::gate`);
-        // a longer scan (a filter that skips many entries) lets the writer in after each
-        // `GATE_STEPS` keys, so as not to hold it back.
-        let mut gate = Some(crate::gate::page());
-        for (scanned, item) in std::iter::once(first).chain(steps).enumerate() {
-            if scanned > 0 && scanned % GATE_STEPS == 0 {
-                drop(gate.take());
-                gate = Some(crate::gate::page());
-            }
-            let (key, value) = item.map_err(backend)?;
-            if scanned >= MAX_SCAN_PER_PAGE {
-                page.next = last_scanned;
-                return Ok(page);
-            }
-            let scanned = keys::timeline_cursor(&key);
-            if let (Some(up_to), Some(scanned)) = (query.up_to_sequence, scanned)
-                && scanned.sequence > up_to
-            {
-                // Applied, not yet durable: shown once flushed.
-                continue;
-            }
-            last_scanned = scanned;
-            let entry: TimelineEntry = decode("timeline entry", &key, &value)?;
-            if !query.filter.matches(&entry) {
-                continue;
-            }
-            page_bytes += value.len();
-            if page.entries.len() == query.page_size
-                || (page_bytes > MAX_PAGE_BYTES && !page.entries.is_empty())
-            {
-                // One more match exists: the page is full and there is a next one.
-                page.next = page
-                    .entries
-                    .last()
-                    .map(|last| touchline_core::TimelineCursor {
-                        occurred_at: last.touchpoint.occurred_at,
-                        sequence: last.position.sequence,
-                    });
-                return Ok(page);
-            }
-            page.entries.push(entry);
-        }
-        Ok(page)
+        let mut entries = Vec::new();
+        let next = self.timeline_scan(query, |key, value| {
+            entries.push(decode("timeline entry", key, value)?);
+            Ok(())
+        })?;
+        Ok(TimelinePage { entries, next })
+    }
+
+    fn timeline_views(
+        &self,
+        query: &TimelineQuery,
+        each: &mut dyn FnMut(&TimelineEntryView<'_>),
+    ) -> Result<Option<TimelineCursor>, StoreError> {
+        self.timeline_scan(query, |key, value| {
+            each(&decode("timeline entry", key, value)?);
+            Ok(())
+        })
     }
 
     fn timeline_entry(
@@ -233,6 +166,107 @@ impl EventStore for SledStore {
 }
 
 impl SledStore {
+    /// Reads the stored entries of a timeline page ([`EventStore::timeline`]) and hands each
+    /// (its key and stored value) to `each`, in timeline order, once sled's steps are done: the
+    /// read gate is held for the steps, not for decoding what they read. Returns where the next
+    /// page starts.
+    fn timeline_scan(
+        &self,
+        query: &TimelineQuery,
+        mut each: impl FnMut(&[u8], &[u8]) -> Result<(), StoreError>,
+    ) -> Result<Option<TimelineCursor>, StoreError> {
+        use std::ops::Bound::{Excluded, Included};
+        let customer = &query.customer_id;
+        let start = match (query.after, query.filter.from) {
+            (Some(after), from) if from.is_none_or(|from| after.occurred_at >= from) => {
+                Excluded(keys::timeline(customer, after.occurred_at, after.sequence))
+            }
+            (_, Some(from)) => Included(keys::timeline(customer, from, 0)),
+            (_, None) => Included(keys::customer_prefix(customer)),
+        };
+        let end = match query.filter.to {
+            Some(to) => Excluded(keys::timeline(customer, to, 0)),
+            None => Included(keys::timeline(customer, UnixNanos(i64::MAX), u64::MAX)),
+        };
+        let empty_range = match (&start, &end) {
+            (Included(start) | Excluded(start), Excluded(end)) => start >= end,
+            (Included(start) | Excluded(start), Included(end)) => start > end,
+            _ => false,
+        };
+        if empty_range {
+            return Ok(None);
+        }
+        // The key range holds exactly the entries of the filter's time window, so a filter of
+        // time alone reads no entry under the gate.
+        let by_time_only = query.filter.by_time_only();
+        let mut kept = Vec::new();
+        let mut next = None;
+        let mut page_bytes = 0;
+        // The last durable key scanned: a page that ends at the scan limit resumes after it, not
+        // after keys not yet durable (they are shown once flushed, in their place). Where the
+        // page started when none was: the next page scans the same keys again.
+        let mut last_scanned = Some(query.after.unwrap_or(TimelineCursor {
+            occurred_at: query.filter.from.unwrap_or(UnixNanos(i64::MIN)),
+            sequence: 0,
+        }));
+        let timeline = self.active().timeline;
+        // The page's first step is taken before the gate: when its leaf is out of sled's cache,
+        // sled reads it in during that one step (a writer waits for the step, as for any), not
+        // while the page holds the gate, which a writer would wait for too, the leaf's read and
+        // the page's other steps in a row. (Twelve interleaved pairs of quick benches, with a
+        // separate look-up then: end-to-end 0.69-0.70 of the store's own apply against 0.58-0.59
+        // without, and at the same offered rate ingest-to-queryable p99 80 against 96 ms;
+        // BENCHMARKS.md.)
+        let mut steps = timeline.range(start, end);
+        let Some(first) = steps.next() else {
+            return Ok(None);
+        };
+        // A page of up to `GATE_STEPS` keys runs whole between two writes (see `crate::gate`);
+        // a longer scan (a filter that skips many entries) lets the writer in after each
+        // `GATE_STEPS` keys, so as not to hold it back.
+        let mut gate = Some(crate::gate::page());
+        for (scanned, item) in std::iter::once(first).chain(steps).enumerate() {
+            if scanned > 0 && scanned % GATE_STEPS == 0 {
+                drop(gate.take());
+                gate = Some(crate::gate::page());
+            }
+            let (key, value) = item.map_err(backend)?;
+            if scanned >= MAX_SCAN_PER_PAGE {
+                next = last_scanned;
+                break;
+            }
+            let scanned = keys::timeline_cursor(&key);
+            if let (Some(up_to), Some(scanned)) = (query.up_to_sequence, scanned)
+                && scanned.sequence > up_to
+            {
+                // Applied, not yet durable: shown once flushed.
+                continue;
+            }
+            last_scanned = scanned;
+            if !by_time_only {
+                let entry: TimelineEntryView<'_> = decode("timeline entry", &key, &value)?;
+                if !query.filter.matches_view(&entry) {
+                    continue;
+                }
+            }
+            page_bytes += value.len();
+            if kept.len() == query.page_size || (page_bytes > MAX_PAGE_BYTES && !kept.is_empty()) {
+                // One more match exists: the page is full and there is a next one.
+                next = kept
+                    .last()
+                    .map(|(key, _): &(Vec<u8>, sled::IVec)| super::stored_timeline_cursor(key))
+                    .transpose()?;
+                break;
+            }
+            kept.push((key, value));
+        }
+        drop(gate);
+        for (key, value) in &kept {
+            each(key, value)?;
+        }
+        Ok(next)
+    }
+
     /// The flush, once `_one_at_a_time` (the flush lock) is held: flushes go one at a time, so
     /// that the watchers' feed gets their entries in log order.
     fn flush_locked(&self, _one_at_a_time: &MutexGuard<'_, ()>) -> Result<(), StoreError> {
