@@ -197,6 +197,56 @@ async fn published_touchpoints_form_an_event_time_ordered_timeline() -> anyhow::
     node.shutdown().await
 }
 
+/// `GetTimeline` writes its entries for the wire from the stored ones (its own encoder), the
+/// summary's first and last touch through prost: a client decodes the same entry from both, and
+/// the touchpoint as it was published, every field of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timeline_entry_comes_back_as_published_with_every_field() -> anyhow::Result<()> {
+    let broker = start_broker().await;
+    let dir = tempfile::tempdir()?;
+    let node = start_node(&broker, dir.path()).await?;
+    let mut ingest = ingest_client(&node).await?;
+    let mut timeline = timeline_client(&node).await?;
+    let mut full = touchpoint("f-1", "frank", "ticket.solved", 7, JourneyStage::Support);
+    full.occurred_at = full.occurred_at.map(|at| prost_types::Timestamp {
+        nanos: 123_456_789,
+        ..at
+    });
+    full.channel = v1::Channel::Phone as i32;
+    full.outcome = Some(v1::Outcome {
+        sentiment: v1::Sentiment::Negative as i32,
+        score: None,
+    });
+    full.attributes = BTreeMap::from([
+        ("agent".to_owned(), "a-17".to_owned()),
+        ("note".to_owned(), String::new()),
+    ]);
+    full.payload = vec![0, 1, 2, 255];
+    let mut bare = touchpoint("f-2", "frank", "ticket.opened", 3, JourneyStage::Support);
+    bare.outcome = None;
+    let answer = publish(&mut ingest, COURIER.1, vec![full.clone(), bare.clone()]).await?;
+    assert_eq!((answer.accepted, answer.rejected), (2, 0));
+
+    let entries = wait_for_timeline(&mut timeline, "frank", 2).await?;
+    assert_eq!(entries[0].touchpoint.as_ref(), Some(&bare));
+    assert_eq!(entries[1].touchpoint.as_ref(), Some(&full));
+    for entry in &entries {
+        assert_eq!(entry.partner_id, COURIER.0);
+        let position = entry.position.expect("a position");
+        assert!(position.sequence > 0 && position.offset >= 0);
+        assert!(entry.received_at.is_some());
+    }
+    let summary = timeline
+        .get_customer_summary(v1::GetCustomerSummaryRequest {
+            customer_id: "frank".into(),
+        })
+        .await?
+        .into_inner();
+    assert_eq!(summary.first_touch.as_ref(), Some(&entries[0]));
+    assert_eq!(summary.last_touch.as_ref(), Some(&entries[1]));
+    node.shutdown().await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_same_event_published_twice_appears_once() -> anyhow::Result<()> {
     let broker = start_broker().await;

@@ -48,11 +48,18 @@ impl TimelineEntry {
     /// This entry as a view of its fields.
     #[must_use]
     pub fn view(&self) -> TimelineEntryView<'_> {
+        // Every field named, as in `Touchpoint::view`.
+        let Self {
+            partner_id,
+            touchpoint,
+            received_at,
+            position,
+        } = self;
         TimelineEntryView {
-            partner_id: self.partner_id.as_str(),
-            touchpoint: self.touchpoint.view(),
-            received_at: self.received_at,
-            position: self.position,
+            partner_id: partner_id.as_str(),
+            touchpoint: touchpoint.view(),
+            received_at: *received_at,
+            position: *position,
         }
     }
 

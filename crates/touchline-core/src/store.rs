@@ -163,7 +163,15 @@ impl TimelineFilter {
     /// selects by its key range alone, without reading the entries.
     #[must_use]
     pub fn by_time_only(&self) -> bool {
-        self.partners.is_empty() && self.event_types.is_empty() && self.stages.is_empty()
+        // Every field named: a filter added later is not skipped here unnoticed.
+        let Self {
+            from: _,
+            to: _,
+            partners,
+            event_types,
+            stages,
+        } = self;
+        partners.is_empty() && event_types.is_empty() && stages.is_empty()
     }
 }
 

@@ -171,20 +171,32 @@ impl Touchpoint {
     /// This touchpoint as a view of its fields.
     #[must_use]
     pub fn view(&self) -> TouchpointView<'_> {
+        // Every field named: a field added to the touchpoint does not compile here until the
+        // view has it too (the view reads the stored bytes in the same order).
+        let Self {
+            event_id,
+            customer_id,
+            event_type,
+            occurred_at,
+            channel,
+            stage,
+            outcome,
+            attributes,
+            payload,
+        } = self;
         TouchpointView {
-            event_id: self.event_id.as_str(),
-            customer_id: self.customer_id.as_str(),
-            event_type: self.event_type.as_str(),
-            occurred_at: self.occurred_at,
-            channel: self.channel,
-            stage: self.stage,
-            outcome: self.outcome,
-            attributes: self
-                .attributes
+            event_id: event_id.as_str(),
+            customer_id: customer_id.as_str(),
+            event_type: event_type.as_str(),
+            occurred_at: *occurred_at,
+            channel: *channel,
+            stage: *stage,
+            outcome: *outcome,
+            attributes: attributes
                 .iter()
                 .map(|(key, value)| (key.as_str(), value.as_str()))
                 .collect(),
-            payload: &self.payload,
+            payload,
         }
     }
 

@@ -550,6 +550,27 @@ fn timelines_page_in_event_time_order_with_late_events_in_place_and_every_filter
         ..TimelineFilter::default()
     });
     assert_eq!(by_partner.len(), 13);
+    // Filtered pages that fill up: each ends after its last match, and the next page goes on
+    // from there.
+    let mut paged = Vec::new();
+    let mut page_query = TimelineQuery {
+        filter: TimelineFilter {
+            partners: BTreeSet::from([PartnerId::parse("courier").expect("valid")]),
+            ..TimelineFilter::default()
+        },
+        ..query("alice", 4)
+    };
+    loop {
+        same_views(&store, &page_query);
+        let page = store.timeline(&page_query).expect("reads");
+        assert!(page.entries.len() <= 4);
+        paged.extend(page.entries);
+        match page.next {
+            Some(cursor) => page_query.after = Some(cursor),
+            None => break,
+        }
+    }
+    assert_eq!(paged, by_partner);
     assert!(
         by_partner
             .iter()

@@ -432,13 +432,26 @@ mod tests {
             encoder.encode(&first.view(), &mut encoded);
             let end_of_first = encoded.len();
             encoder.encode(&second.view(), &mut encoded);
-            let first_wire = into_wire_timeline_entry(first).encode_to_vec();
+            let first_wire = into_wire_timeline_entry(first.clone()).encode_to_vec();
             proptest::prop_assert_eq!(&encoded[..end_of_first], first_wire.as_slice());
             let second_wire = into_wire_timeline_entry(second.clone()).encode_to_vec();
             proptest::prop_assert_eq!(&encoded[end_of_first..], second_wire.as_slice());
-            let decoded = v1::TimelineEntry::decode(&encoded[end_of_first..])
-                .expect("a TimelineEntry");
-            proptest::prop_assert_eq!(decoded, into_wire_timeline_entry(second));
+            // A page of them, as `GetTimeline` answers it, is a `GetTimelineResponse`.
+            let page = crate::encoded::TimelinePage {
+                entries: vec![
+                    encoded[..end_of_first].to_vec().into(),
+                    encoded[end_of_first..].to_vec().into(),
+                ],
+                next_page_token: "next".to_owned(),
+            }
+            .encode_to_vec();
+            let decoded = v1::GetTimelineResponse::decode(page.as_slice())
+                .expect("a GetTimelineResponse");
+            let wire = v1::GetTimelineResponse {
+                entries: vec![into_wire_timeline_entry(first), into_wire_timeline_entry(second)],
+                next_page_token: "next".to_owned(),
+            };
+            proptest::prop_assert_eq!(decoded, wire);
         }
     }
 }

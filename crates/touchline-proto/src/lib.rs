@@ -25,7 +25,8 @@ pub mod v1 {
 /// `TimelineService`'s server with `GetTimeline` answering [`encoded::TimelinePage`]: entries
 /// already in their wire encoding, written from the stored entries without building messages
 /// ([`convert::TimelineEntryEncoder`]). On the wire it is `v1::GetTimelineResponse`, byte for
-/// byte; clients use [`v1::timeline_service_client`].
+/// byte; clients use [`v1::timeline_service_client`]. (`v1::timeline_service_server`, generated
+/// with the rest of the package, is not the one a node serves.)
 pub mod encoded {
     /// `touchline.v1.GetTimelineResponse` with its entries encoded: a repeated message field and
     /// a repeated bytes field of the same number are the same bytes on the wire (each entry

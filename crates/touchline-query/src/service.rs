@@ -417,8 +417,9 @@ impl TimelineService {
                 // Durable entries only, as WatchTimeline sends them.
                 query.up_to_sequence = Some(store.durable_sequence());
                 // Each entry written for the wire from the stored one as it is read, into one
-                // buffer for the page: no entry is decoded into strings of its own (about a
-                // fifth of a read's CPU, BENCHMARKS.md).
+                // buffer for the page: no entry is decoded into strings of its own (decoding,
+                // converting and encoding them took about a quarter of a read's CPU,
+                // BENCHMARKS.md).
                 let mut encoder = TimelineEntryEncoder::default();
                 let mut encoded = Vec::new();
                 let mut ends = Vec::new();
