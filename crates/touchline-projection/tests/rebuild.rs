@@ -4,7 +4,7 @@
 //! are kept once, and can be requeued or discarded (a damaged one too).
 
 use touchline_core::{
-    ConsumedRecord, CustomerId, Envelope, EventStore as _, JourneyStage, RecordContent,
+    ConsumedRecord, CustomerId, Envelope, EventStore as _, JourneyStage, RecordContent, StoreError,
     StreamIdentity, TimelineFilter, TimelineQuery,
 };
 use touchline_projection::{OpsError, Projection, Requeued, SledStore};
@@ -380,7 +380,8 @@ fn a_page_of_dead_letters_stays_within_its_bytes() {
 }
 
 /// A dead letter whose stored form was damaged (a disk that lost bytes) does not hide the others
-/// from the admin API: it is listed as damaged, with its stored bytes, and can be discarded.
+/// from the admin API: it is listed as damaged, with its stored bytes, and can be discarded; a
+/// backup refuses it rather than leave it out.
 #[test]
 fn a_damaged_dead_letter_is_listed_as_such_and_can_be_discarded() {
     let dir = tempfile::tempdir().expect("temp dir");
@@ -421,7 +422,28 @@ fn a_damaged_dead_letter_is_listed_as_such_and_can_be_discarded() {
         ),
         "nothing to decode again"
     );
+    // A backup does not copy it (its restore could not decode it): the cut's dead letters are
+    // refused, with what is damaged, rather than written without it.
+    {
+        let mut cut = store.backup_cut().expect("a cut");
+        let refused = cut
+            .dead_letters
+            .next_page(1 << 20)
+            .expect_err("the damaged dead letter is refused");
+        assert!(
+            matches!(&refused, StoreError::Corrupt { what, .. } if what.contains("dead letter")),
+            "{refused}"
+        );
+    }
     assert_eq!(store.discard_dead_letter(2).expect("discards").id, 2);
+    // Without it, a backup reads the others.
+    let mut cut = store.backup_cut().expect("a cut");
+    let copied = cut.dead_letters.next_page(1 << 20).expect("reads");
+    assert_eq!(
+        copied.iter().map(|dead| dead.id).collect::<Vec<_>>(),
+        [1, 3]
+    );
+    drop(cut);
     assert_eq!(store.dead_letter_count(), 2);
     assert_eq!(
         store
