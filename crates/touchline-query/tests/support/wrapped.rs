@@ -9,8 +9,8 @@ use std::sync::{Arc, Condvar, Mutex, PoisonError};
 
 use touchline_core::{
     ApplyOutcome, ConsumedRecord, CustomerId, CustomerSummary, EventId, EventStore, PartnerId,
-    StoreError, StoredPosition, StreamIdentity, TimelineCursor, TimelineEntry, TimelinePage,
-    TimelineQuery,
+    StoreError, StoredPosition, StreamIdentity, TimelineCursor, TimelineEntry, TimelineEntryView,
+    TimelinePage, TimelineQuery,
 };
 use touchline_projection::SledStore;
 
@@ -71,6 +71,15 @@ impl EventStore for WrappedStore {
     fn timeline(&self, query: &TimelineQuery) -> Result<TimelinePage, StoreError> {
         self.timeline_reads.fetch_add(1, Ordering::SeqCst);
         self.inner.timeline(query)
+    }
+
+    // The store's own (what `GetTimeline` reads), not the trait's default through `timeline`.
+    fn timeline_views(
+        &self,
+        query: &TimelineQuery,
+        each: &mut dyn FnMut(&TimelineEntryView<'_>),
+    ) -> Result<Option<TimelineCursor>, StoreError> {
+        self.inner.timeline_views(query, each)
     }
 
     fn summary(&self, customer_id: &CustomerId) -> Result<Option<CustomerSummary>, StoreError> {
