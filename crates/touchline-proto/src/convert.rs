@@ -101,14 +101,12 @@ pub struct TimelineEntryEncoder {
 impl TimelineEntryEncoder {
     /// Appends the encoding of `entry` to `buf`.
     pub fn encode(&mut self, entry: &TimelineEntryView<'_>, buf: &mut Vec<u8>) {
-        use prost::encoding::{WireType, encode_key, encode_varint, message};
+        use prost::encoding::message;
         // Fields in tag order, and proto3's defaults left out, as prost writes them.
         self.touchpoint.clear();
         encode_touchpoint(&entry.touchpoint, &mut self.touchpoint);
         put_bytes(1, entry.partner_id.as_bytes(), buf);
-        encode_key(2, WireType::LengthDelimited, buf);
-        encode_varint(self.touchpoint.len() as u64, buf);
-        buf.extend_from_slice(&self.touchpoint);
+        put_delimited(2, &self.touchpoint, buf);
         message::encode(3, &wire_position(entry.position), buf);
         message::encode(4, &timestamp(entry.received_at), buf);
     }
@@ -147,12 +145,17 @@ fn encode_touchpoint(touchpoint: &TouchpointView<'_>, buf: &mut Vec<u8>) {
 
 /// A length-delimited field (string or bytes), left out when empty (proto3's default).
 fn put_bytes(tag: u32, value: &[u8], buf: &mut Vec<u8>) {
-    use prost::encoding::{WireType, encode_key, encode_varint};
     if !value.is_empty() {
-        encode_key(tag, WireType::LengthDelimited, buf);
-        encode_varint(value.len() as u64, buf);
-        buf.extend_from_slice(value);
+        put_delimited(tag, value, buf);
     }
+}
+
+/// A length-delimited field written whatever it holds: an encoded message that is present.
+fn put_delimited(tag: u32, value: &[u8], buf: &mut Vec<u8>) {
+    use prost::encoding::{WireType, encode_key, encode_varint};
+    encode_key(tag, WireType::LengthDelimited, buf);
+    encode_varint(value.len() as u64, buf);
+    buf.extend_from_slice(value);
 }
 
 /// What [`put_bytes`] writes, in bytes.
@@ -170,15 +173,13 @@ fn bytes_len(tag: u32, value: &[u8]) -> usize {
 /// them into a message first (ingest encodes every event it accepts).
 #[must_use]
 pub fn encode_envelope(envelope: &Envelope) -> Vec<u8> {
-    use prost::encoding::{WireType, encode_key, encode_varint, message, uint32};
+    use prost::encoding::{message, uint32};
     let mut touchpoint = Vec::new();
     encode_touchpoint(&envelope.touchpoint.view(), &mut touchpoint);
     let mut value = Vec::with_capacity(touchpoint.len() + envelope.partner_id.as_str().len() + 32);
     uint32::encode(1, &ENVELOPE_VERSION, &mut value);
     put_bytes(2, envelope.partner_id.as_str().as_bytes(), &mut value);
-    encode_key(3, WireType::LengthDelimited, &mut value);
-    encode_varint(touchpoint.len() as u64, &mut value);
-    value.extend_from_slice(&touchpoint);
+    put_delimited(3, &touchpoint, &mut value);
     message::encode(4, &timestamp(envelope.received_at), &mut value);
     value
 }

@@ -199,7 +199,7 @@ impl SledStore {
         // The key range holds exactly the entries of the filter's time window, so a filter of
         // time alone reads no entry under the gate.
         let by_time_only = query.filter.by_time_only();
-        let mut kept = Vec::new();
+        let mut kept: Vec<(Vec<u8>, sled::IVec)> = Vec::new();
         let mut next = None;
         let mut page_bytes = 0;
         // The last durable key scanned: a page that ends at the scan limit resumes after it, not
@@ -254,7 +254,7 @@ impl SledStore {
                 // One more match exists: the page is full and there is a next one.
                 next = kept
                     .last()
-                    .map(|(key, _): &(Vec<u8>, sled::IVec)| super::stored_timeline_cursor(key))
+                    .map(|(key, _)| super::stored_timeline_cursor(key))
                     .transpose()?;
                 break;
             }
