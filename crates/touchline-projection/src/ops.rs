@@ -36,6 +36,10 @@ const MAX_ROUNDS_NOT_GAINING: u32 = 50;
 /// until ingest slows down.
 const MAX_FORCED_GAP: u64 = 16_384;
 
+/// How long a start waits for a cancelled rebuild of the same projection to end (its current
+/// step, then the abandonment of its version) before it attaches to it instead.
+const CANCELLED_END_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Whether a rebuild `gap` events from the log's end folds the rest under the writer and
 /// switches now: within one batch (`chunk`) of the end, or, after `not_gaining` rounds in a row
 /// without closing the gap, within [`MAX_FORCED_GAP`].
@@ -133,7 +137,9 @@ impl Rebuilds {
 
     /// Starts a rebuild of `projection`, or attaches to the one running. Returns its progress
     /// and whether it was started by this call. The rebuild runs on until it switches, fails or
-    /// is cancelled, whether anyone watches its progress or not.
+    /// is cancelled, whether anyone watches its progress or not. A rebuild that was cancelled
+    /// and is still ending is waited for (up to 30 s) rather than attached to. Blocking (it waits
+    /// for the store's writer too): call it off the async threads.
     ///
     /// # Errors
     /// [`OpsError::ShuttingDown`] once [`Self::shutdown`] began, or when the store refuses to
@@ -145,12 +151,14 @@ impl Rebuilds {
         self.start_with(projection, run_rebuild)
     }
 
-    /// [`Self::start`], the rebuild itself done by `run`.
+    /// [`Self::start`], the rebuild itself done by `run`. Blocks while a cancelled rebuild of
+    /// the same projection ends (see [`Self::wait_for_cancelled`]).
     fn start_with(
         &self,
         projection: Projection,
         run: RunRebuild,
     ) -> std::result::Result<(watch::Receiver<RebuildProgress>, bool), OpsError> {
+        self.wait_for_cancelled(projection);
         let mut jobs = self.jobs();
         if self.closed.load(Ordering::Acquire) {
             return Err(OpsError::ShuttingDown);
@@ -237,6 +245,28 @@ impl Rebuilds {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .push(Background { cancel, task });
+    }
+
+    /// Waits (without the jobs' lock, for at most [`CANCELLED_END_WAIT`]) for a rebuild of
+    /// `projection` that was cancelled but has not ended yet, so that a start right after a
+    /// cancel starts a rebuild rather than attaching to the one ending (whose caller would be
+    /// told `CANCELLED`, and nothing would be rebuilt).
+    fn wait_for_cancelled(&self, projection: Projection) {
+        let ending = self
+            .jobs()
+            .get(&projection)
+            .filter(|job| job.cancel.is_cancelled() && !job.task.is_finished())
+            .map(|job| job.progress.clone());
+        if let Some(mut progress) = ending
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            // A start runs off the async threads (it waits for the store's writer too): the
+            // admin service starts rebuilds on the blocking pool.
+            let _ = runtime.block_on(tokio::time::timeout(
+                CANCELLED_END_WAIT,
+                progress.wait_for(RebuildProgress::is_finished),
+            ));
+        }
     }
 
     /// Cancels the running rebuild of `projection`; returns its progress, `None` when none runs.
@@ -539,6 +569,50 @@ mod tests {
         Ok(finished.clone())
     }
 
+    /// Waits for the rebuild of `progress` to end, and checks that it switched.
+    async fn switched(progress: watch::Receiver<RebuildProgress>) -> anyhow::Result<()> {
+        let ended = finished(progress).await?;
+        assert!(
+            matches!(ended.state, RebuildState::Switched { .. }),
+            "{ended:?}"
+        );
+        Ok(())
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_rebuild_started_right_after_a_cancel_starts_once_the_cancelled_one_ended()
+    -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let store = Arc::new(SledStore::open(dir.path())?);
+        let rebuilds = Arc::new(Rebuilds::new(Arc::clone(&store), 10));
+        // A rebuild whose end after a cancel takes a while (a long step, then its abandonment).
+        let (cancelled, started) = rebuilds.start_with(
+            Projection::Timeline,
+            |store, projection, version, _, progress, cancel, stop| {
+                tokio::runtime::Handle::current().block_on(cancel.cancelled());
+                std::thread::sleep(std::time::Duration::from_millis(300));
+                abandon(store, projection, version, stop, "cancelled", || {
+                    progress.send_modify(|progress| progress.state = RebuildState::Cancelled);
+                });
+            },
+        )?;
+        assert!(started);
+        assert!(rebuilds.cancel(Projection::Timeline).is_some());
+        // Started again at once, as the admin service starts one (on the blocking pool).
+        let again = Arc::clone(&rebuilds);
+        let (progress, started) =
+            tokio::task::spawn_blocking(move || again.start(Projection::Timeline)).await??;
+        assert!(
+            started,
+            "a rebuild of its own, not the cancelled one's progress"
+        );
+        let ended = finished(cancelled).await?;
+        assert!(matches!(ended.state, RebuildState::Cancelled), "{ended:?}");
+        switched(progress).await?;
+        rebuilds.shutdown().await;
+        Ok(())
+    }
+
     #[tokio::test(flavor = "multi_thread")]
     async fn a_rebuild_that_panics_fails_and_the_projection_can_be_rebuilt() -> anyhow::Result<()> {
         let dir = tempfile::tempdir()?;
@@ -567,11 +641,7 @@ mod tests {
         assert!(rebuilds.cancel(Projection::Timeline).is_none());
         let (progress, started) = rebuilds.start(Projection::Timeline)?;
         assert!(started);
-        let switched = finished(progress).await?;
-        assert!(
-            matches!(switched.state, RebuildState::Switched { .. }),
-            "{switched:?}"
-        );
+        switched(progress).await?;
         rebuilds.shutdown().await;
         Ok(())
     }

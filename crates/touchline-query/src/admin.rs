@@ -491,6 +491,10 @@ impl v1::admin_service_server::AdminService for AdminService {
                             ),
                         )
                     }
+                    // A replay task that panicked (a bug): not Kafka's doing.
+                    ReplayError::Projection(touchline_projection::Error::Blocking(error)) => {
+                        Error::Blocking(error).into()
+                    }
                     ReplayError::Projection(error) => rejected(
                         Code::Unavailable,
                         "KAFKA_UNAVAILABLE",

@@ -208,10 +208,21 @@ fn stream_name(stream: &str) -> Result<(), RestoreFailure> {
     Ok(())
 }
 
-fn dead_letter_id(id: u64) -> Result<(), RestoreFailure> {
+/// A dead-letter id of the file: between 1 and [`MAX_DEAD_LETTER_ID`], and one the backup had
+/// given, below the header's next id (`None`: no header yet). A backup's dead letters and index
+/// entries are all of its cut; an id at or above the next one would be given again by the
+/// restored store, to another record, whose dead letter the first record's index entry would
+/// then point to.
+fn dead_letter_id(id: u64, header: Option<&v1::BackupHeader>) -> Result<(), RestoreFailure> {
     if !(1..=MAX_DEAD_LETTER_ID).contains(&id) {
         return Err(RestoreFailure::Invalid(format!(
             "dead letter id {id} is not between 1 and {MAX_DEAD_LETTER_ID}"
+        )));
+    }
+    let next = header.map_or(0, |header| header.next_dead_letter);
+    if id >= next {
+        return Err(RestoreFailure::Invalid(format!(
+            "dead letter id {id} is not below the backup's next dead-letter id ({next})"
         )));
     }
     Ok(())
@@ -387,7 +398,7 @@ pub fn restore(reader: impl Read, store: &SledStore) -> Result<Restored, Restore
             Frame::DeadLetteredRecord(record) => {
                 kafka_place("a dead-lettered record", record.partition, record.offset)?;
                 stream_name(&record.stream)?;
-                dead_letter_id(record.dead_letter_id)?;
+                dead_letter_id(record.dead_letter_id, header.as_ref())?;
                 store.restore_dead_lettered_record(&DeadLetteredRecord {
                     stream: record.stream,
                     partition: record.partition,
@@ -398,6 +409,7 @@ pub fn restore(reader: impl Read, store: &SledStore) -> Result<Restored, Restore
             }
             Frame::DeadLetter(dead_letter) => {
                 let id = dead_letter.id;
+                dead_letter_id(id, header.as_ref())?;
                 kafka_place("a dead letter", dead_letter.partition, dead_letter.offset)?;
                 stream_name(&dead_letter.stream)?;
                 let dead_letter =

@@ -479,6 +479,51 @@ mod tests {
         Ok(backup)
     }
 
+    /// A backup whose dead-lettered record points to a dead-letter id its header says was never
+    /// given: refused (the restored store would give that id to another record's dead letter,
+    /// which the first record, decoding one day, would take off the list), and nothing is left.
+    #[test]
+    fn a_restore_refuses_a_dead_letter_id_the_backup_had_not_given() -> anyhow::Result<()> {
+        use touchline_proto::v1::DeadLetteredRecord;
+        let dir = tempfile::tempdir()?;
+        let file = |dead_letter_id| {
+            let mut writer = FrameWriter::new();
+            let mut bytes = writer.frame(Frame::Header(BackupHeader {
+                format: FORMAT.to_owned(),
+                dead_lettered_records: 1,
+                next_dead_letter: 5,
+                ..Default::default()
+            }));
+            bytes.extend(writer.frame(Frame::DeadLetteredRecord(DeadLetteredRecord {
+                stream: "cluster/touchpoints".to_owned(),
+                partition: 0,
+                offset: 7,
+                dead_letter_id,
+                fingerprint: 1,
+            })));
+            bytes.extend(writer.trailer(0, LogHasher::default().finish().sha256));
+            bytes
+        };
+        // An id the backup had given (its dead letter since requeued or discarded): restored.
+        let given = dir.path().join("given.backup");
+        std::fs::write(&given, file(4))?;
+        restore_with(&given, &dir.path().join("given"), 1 << 20, &sync_dir)?;
+        // The next id, or one above it: refused.
+        for id in [5, 50] {
+            let backup = dir.path().join(format!("{id}.backup"));
+            std::fs::write(&backup, file(id))?;
+            let target = dir.path().join(id.to_string());
+            let error =
+                restore_with(&backup, &target, 1 << 20, &sync_dir).expect_err("an id never given");
+            assert!(
+                format!("{error:#}").contains("not below the backup's next dead-letter id"),
+                "{error:#}"
+            );
+            assert!(!target.exists());
+        }
+        Ok(())
+    }
+
     /// A folder marked by a restore that did not finish, on which a node runs (it started before
     /// the mark was made): a new restore refuses it and deletes nothing (it emptied the folder,
     /// the running store's files included).

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use futures::StreamExt as _;
 use rdkafka::consumer::{Consumer as _, StreamConsumer};
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
 use rdkafka::message::Message as _;
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::watch;
@@ -409,6 +409,32 @@ type Plan = (
     TopicPartitionList,
 );
 
+/// Where a replay from an instant starts reading `partition`, from the partition's answer to
+/// `offsets_for_times` (its error and offset; `None` when the answer left it out): the first
+/// offset at or after the instant, within `low..=end`, or `end` when no record is at or after it
+/// (the broker's -1). A partition the broker could not answer for (an error on it alone, say a
+/// leader moving, while the call as a whole succeeded) fails the plan, rather than being read
+/// as if it had nothing after the instant and the replay reporting it finished.
+fn start_at_instant(
+    partition: i32,
+    answer: Option<(KafkaResult<()>, Offset)>,
+    low: i64,
+    end: i64,
+) -> std::result::Result<i64, ReplayError> {
+    let unanswered = |why: String| {
+        ReplayError::Projection(Error::Setup(format!(
+            "the offset of partition {partition} at the replay's instant: {why}"
+        )))
+    };
+    match answer {
+        Some((Ok(()), Offset::Offset(offset))) => Ok(offset.max(low).min(end)),
+        Some((Ok(()), Offset::End)) => Ok(end),
+        Some((Ok(()), other)) => Err(unanswered(format!("the broker answered {other:?}"))),
+        Some((Err(error), _)) => Err(unanswered(error.to_string())),
+        None => Err(unanswered("the broker's answer left it out".to_owned())),
+    }
+}
+
 /// Resolves the stream, each partition's range and the assignment to read it.
 fn plan_replay(
     consumer: &StreamConsumer,
@@ -460,15 +486,15 @@ fn plan_replay(
         let start = match from {
             ReplayFrom::Earliest => low,
             ReplayFrom::Offset(offset) => offset.max(low).min(end),
-            ReplayFrom::Timestamp(_) => match by_time
-                .as_ref()
-                .and_then(|list| list.find_partition(topic, partition))
-                .map(|element| element.offset())
-            {
-                Some(Offset::Offset(offset)) => offset.max(low).min(end),
-                // No record at or after the instant.
-                _ => end,
-            },
+            ReplayFrom::Timestamp(_) => start_at_instant(
+                partition,
+                by_time
+                    .as_ref()
+                    .and_then(|list| list.find_partition(topic, partition))
+                    .map(|element| (element.error(), element.offset())),
+                low,
+                end,
+            )?,
         };
         ranges.insert(partition, (start, end));
         if start >= end {
@@ -482,4 +508,39 @@ fn plan_replay(
         assignment.add_partition_offset(topic, partition, Offset::Offset(fetch_from))?;
     }
     Ok((stream, ranges, assignment))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_partition_the_broker_could_not_answer_for_at_the_instant_fails_the_plan() {
+        let start = |answer| start_at_instant(3, answer, 10, 100).ok();
+        // The first offset at or after the instant, within what the replay reads.
+        assert_eq!(start(Some((Ok(()), Offset::Offset(40)))), Some(40));
+        assert_eq!(start(Some((Ok(()), Offset::Offset(5)))), Some(10));
+        assert_eq!(start(Some((Ok(()), Offset::Offset(500)))), Some(100));
+        // No record at or after the instant: nothing to read there.
+        assert_eq!(start(Some((Ok(()), Offset::End))), Some(100));
+        // An error on the partition alone, its offset left as asked (the instant, in ms): not
+        // read as a partition with nothing after the instant.
+        let failed = start_at_instant(
+            3,
+            Some((
+                Err(KafkaError::OffsetFetch(
+                    RDKafkaErrorCode::NotLeaderForPartition,
+                )),
+                Offset::Offset(1_760_000_000_000),
+            )),
+            10,
+            100,
+        );
+        assert!(
+            matches!(&failed, Err(ReplayError::Projection(Error::Setup(why))) if why.contains("partition 3")),
+            "{failed:?}"
+        );
+        assert_eq!(start(Some((Ok(()), Offset::Invalid))), None);
+        assert_eq!(start(None), None);
+    }
 }
