@@ -25,10 +25,40 @@ pub use replay::{REPLAY_IDLE_TIMEOUT, ReplayError, ReplayFrom, ReplayProgress, r
 /// Log events folded per atomic batch of a rebuild, unless configured otherwise.
 pub const REBUILD_CHUNK: usize = 250;
 
-/// Rebuild rounds in a row without closing the gap to the log's end before the rebuild switches
-/// anyway (folding the gap while the projector waits), when the gap is at most
+/// Rebuild rounds since the gap to the log's end last came to a new low before the rebuild
+/// switches anyway (folding the gap while the projector waits), when the gap is at most
 /// [`MAX_FORCED_GAP`].
 const MAX_ROUNDS_NOT_GAINING: u32 = 50;
+
+/// Whether a rebuild gains on the log's end, net of its rounds' noise: the rounds since the gap
+/// last came to a new low. (Counting rounds in a row whose gap did not shrink, a gap that
+/// wandered up and down, the rebuild and ingest about as fast, reset the count at every round
+/// that happened to shrink it, and the rebuild might never switch.)
+#[derive(Debug)]
+struct Gaining {
+    lowest_gap: u64,
+    rounds_since_low: u32,
+}
+
+impl Gaining {
+    fn new() -> Self {
+        Self {
+            lowest_gap: u64::MAX,
+            rounds_since_low: 0,
+        }
+    }
+
+    /// Notes a round's `gap`; returns the rounds since the gap last came to a new low.
+    fn observe(&mut self, gap: u64) -> u32 {
+        if gap < self.lowest_gap {
+            self.lowest_gap = gap;
+            self.rounds_since_low = 0;
+        } else {
+            self.rounds_since_low = self.rounds_since_low.saturating_add(1);
+        }
+        self.rounds_since_low
+    }
+}
 
 /// The largest gap to the log's end a rebuild that cannot gain on it folds under the store's
 /// writer to switch (within one batch it always does): the projector waits while it is folded, a
@@ -41,8 +71,8 @@ const MAX_FORCED_GAP: u64 = 16_384;
 const CANCELLED_END_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Whether a rebuild `gap` events from the log's end folds the rest under the writer and
-/// switches now: within one batch (`chunk`) of the end, or, after `not_gaining` rounds in a row
-/// without closing the gap, within [`MAX_FORCED_GAP`].
+/// switches now: within one batch (`chunk`) of the end, or, after `not_gaining` rounds without
+/// the gap coming to a new low ([`Gaining`]), within [`MAX_FORCED_GAP`].
 fn switch_now(gap: u64, chunk: u64, not_gaining: u32) -> bool {
     gap <= chunk || (not_gaining >= MAX_ROUNDS_NOT_GAINING && gap <= MAX_FORCED_GAP)
 }
@@ -418,21 +448,15 @@ fn run_rebuild(
         });
     };
     let mut next = 1;
-    // Rounds in a row in which the projector appended as fast as the rebuild folded.
-    let mut not_gaining = 0;
-    let mut last_gap = u64::MAX;
+    // Whether the rebuild gains on the projector's appends.
+    let mut gaining = Gaining::new();
     let result = loop {
         if cancel.is_cancelled() {
             break Err(None);
         }
         let end = u64::try_from(store.log_len()).unwrap_or(u64::MAX) + 1;
         let gap = end.saturating_sub(next);
-        if gap >= last_gap {
-            not_gaining += 1;
-        } else {
-            not_gaining = 0;
-        }
-        last_gap = gap;
+        let not_gaining = gaining.observe(gap);
         // Close to the end: the rest is folded under the writer, with the switch. Under an
         // ingest rate the rebuild cannot outrun, it switches anyway after a while, once the gap
         // is small enough for the projector to wait while it is folded.
@@ -556,6 +580,22 @@ mod tests {
         assert!(!switch_now(1_000_000, 250, MAX_ROUNDS_NOT_GAINING));
         // Within a batch larger than the bound: at once all the same.
         assert!(switch_now(20_000, 20_000, 0));
+    }
+
+    #[test]
+    fn a_gap_that_wanders_without_a_new_low_is_not_gaining() {
+        let mut gaining = Gaining::new();
+        assert_eq!(gaining.observe(5_000), 0);
+        assert_eq!(gaining.observe(4_000), 0, "a new low");
+        // Up and down above the low: the rebuild and ingest about as fast.
+        for (round, gap) in [4_500, 4_200, 4_800, 4_100, 4_600].into_iter().enumerate() {
+            assert_eq!(
+                gaining.observe(gap),
+                u32::try_from(round + 1).unwrap_or(u32::MAX)
+            );
+        }
+        assert_eq!(gaining.observe(3_000), 0, "gaining again");
+        assert_eq!(gaining.observe(3_000), 1, "the same gap is no gain");
     }
 
     async fn finished(
