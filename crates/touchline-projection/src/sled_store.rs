@@ -117,6 +117,11 @@ struct WriterState {
     /// record ever dead-lettered there: an event read again within it may be a dead letter's
     /// record that decodes now (see `apply`). New records come above it, and cost no look-up.
     dead_lettered: HashMap<Vec<u8>, (i64, i64)>,
+    /// Dead letters whose record was read again and decoded (its event appended, or in the log
+    /// already) while a backup read its cut's dead letters, which must stay as they were at the cut: taken off the list by the first
+    /// write after the backup has read them. (In memory: after a restart they stay listed until
+    /// requeued, answered as already in the log, or discarded.)
+    deferred_clears: Vec<u64>,
 }
 
 impl WriterState {
@@ -397,6 +402,7 @@ impl SledStore {
             dead_letters: counter(DEAD_LETTER_COUNT, next_dead_letter.saturating_sub(1))?,
             versions,
             dead_lettered: HashMap::new(),
+            deferred_clears: Vec::new(),
         };
         // Keys only, one entry per record ever dead-lettered.
         for item in table(b"Y").scan_prefix(&[]) {

@@ -155,6 +155,32 @@ impl SledStore {
         let mut dead_letters = writer.dead_letters;
         // Dead letters this piece takes off the list, because their record decodes now.
         let mut cleared: HashSet<u64> = requeued.into_iter().collect();
+        // Not while a backup reads its cut's dead letters (they must stay as they were at the
+        // cut, as for a requeue): those found meanwhile wait for the first write after it.
+        let backup_reading = self.backup_readers.load(Ordering::Acquire) > 0;
+        let mut deferred = if backup_reading {
+            writer.deferred_clears.clone()
+        } else {
+            Vec::new()
+        };
+        if !backup_reading {
+            for id in &writer.deferred_clears {
+                // A requeue or a discard may have taken it off since.
+                if self
+                    .dead_letters
+                    .contains_key(id.to_be_bytes())
+                    .map_err(backend)?
+                    && cleared.insert(*id)
+                {
+                    self.dead_letters.remove(&mut batch, id.to_be_bytes());
+                    dead_letters -= 1;
+                    tracing::info!(
+                        dead_letter = id,
+                        "a dead letter whose record decoded when read again while a backup read the dead letters is taken off the list"
+                    );
+                }
+            }
+        }
         // Per partition, the record with the highest offset: its fingerprint is stored with the
         // position. Fingerprints are computed only for those and for dead letters.
         let mut last_records: BTreeMap<i32, (i64, usize)> = BTreeMap::new();
@@ -183,9 +209,7 @@ impl SledStore {
             }
             match record.content {
                 RecordContent::Event { envelope, raw } => {
-                    // Not while a backup reads its cut's dead letters (they must stay as they
-                    // were at the cut, as for a requeue): a later re-read or a requeue clears it.
-                    if dead_letters > 0 && self.backup_readers.load(Ordering::Acquire) == 0 {
+                    if dead_letters > 0 {
                         let place = keys::position(stream_key, record.partition);
                         if writer.maybe_dead_lettered(&place, record.offset)
                             && let Some(id) = self.dead_letter_of(
@@ -193,16 +217,21 @@ impl SledStore {
                                 record.offset,
                                 touchline_core::fingerprint(Some(&raw)),
                             )?
-                            && cleared.insert(id)
                         {
-                            self.dead_letters.remove(&mut batch, id.to_be_bytes());
-                            dead_letters -= 1;
-                            tracing::info!(
-                                dead_letter = id,
-                                partition = record.partition,
-                                offset = record.offset,
-                                "a dead letter's record decodes now: it is taken off the list"
-                            );
+                            if backup_reading {
+                                if !deferred.contains(&id) {
+                                    deferred.push(id);
+                                }
+                            } else if cleared.insert(id) {
+                                self.dead_letters.remove(&mut batch, id.to_be_bytes());
+                                dead_letters -= 1;
+                                tracing::info!(
+                                    dead_letter = id,
+                                    partition = record.partition,
+                                    offset = record.offset,
+                                    "a dead letter's record decodes now: it is taken off the list"
+                                );
+                            }
                         }
                     }
                     let dedupe_key =
@@ -328,6 +357,7 @@ impl SledStore {
         writer.next_sequence = next_sequence;
         writer.next_dead_letter = next_dead_letter;
         writer.dead_letters = dead_letters;
+        writer.deferred_clears = deferred;
         for index_key in dead_in_batch.keys() {
             writer.note_dead_lettered(index_key);
         }
