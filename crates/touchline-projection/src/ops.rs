@@ -66,9 +66,10 @@ impl Gaining {
 /// until ingest slows down.
 const MAX_FORCED_GAP: u64 = 16_384;
 
-/// How long a start waits for a cancelled rebuild of the same projection to end (its current
-/// step, then the abandonment of its version) before it attaches to it instead.
-const CANCELLED_END_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+/// How long a caller that starts a rebuild should wait for a cancelled rebuild of the same
+/// projection to end (its current step, then the abandonment of its version; see
+/// [`Rebuilds::ending`]) before it gives up.
+pub const CANCELLED_END_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Whether a rebuild `gap` events from the log's end folds the rest under the writer and
 /// switches now: within one batch (`chunk`) of the end, or, after `not_gaining` rounds without
@@ -167,13 +168,15 @@ impl Rebuilds {
 
     /// Starts a rebuild of `projection`, or attaches to the one running. Returns its progress
     /// and whether it was started by this call. The rebuild runs on until it switches, fails or
-    /// is cancelled, whether anyone watches its progress or not. A rebuild that was cancelled
-    /// and is still ending is waited for (up to 30 s) rather than attached to. Blocking (it waits
-    /// for the store's writer too): call it off the async threads.
+    /// is cancelled, whether anyone watches its progress or not. Blocking (it waits for the
+    /// store's writer): call it off the async threads.
     ///
     /// # Errors
-    /// [`OpsError::ShuttingDown`] once [`Self::shutdown`] began, or when the store refuses to
-    /// begin (it already builds a version this node does not run).
+    /// [`OpsError::ShuttingDown`] once [`Self::shutdown`] began; [`OpsError::RebuildEnding`]
+    /// while a cancelled rebuild of `projection` is still ending (wait for it, [`Self::ending`],
+    /// and start again: attached to, its caller would be told it was cancelled, and nothing
+    /// rebuilt); or when the store refuses to begin (it already builds a version this node does
+    /// not run).
     pub fn start(
         &self,
         projection: Projection,
@@ -181,14 +184,12 @@ impl Rebuilds {
         self.start_with(projection, run_rebuild)
     }
 
-    /// [`Self::start`], the rebuild itself done by `run`. Blocks while a cancelled rebuild of
-    /// the same projection ends (see [`Self::wait_for_cancelled`]).
+    /// [`Self::start`], the rebuild itself done by `run`.
     fn start_with(
         &self,
         projection: Projection,
         run: RunRebuild,
     ) -> std::result::Result<(watch::Receiver<RebuildProgress>, bool), OpsError> {
-        self.wait_for_cancelled(projection);
         let mut jobs = self.jobs();
         if self.closed.load(Ordering::Acquire) {
             return Err(OpsError::ShuttingDown);
@@ -198,6 +199,9 @@ impl Rebuilds {
             // Not a task that ended without reporting its end (it reports a panic as a failure).
             && !job.task.is_finished()
         {
+            if job.cancel.is_cancelled() {
+                return Err(OpsError::RebuildEnding { projection });
+            }
             return Ok((job.progress.clone(), false));
         }
         let (version, total) = self.store.begin_rebuild(projection)?;
@@ -277,26 +281,20 @@ impl Rebuilds {
             .push(Background { cancel, task });
     }
 
-    /// Waits (without the jobs' lock, for at most [`CANCELLED_END_WAIT`]) for a rebuild of
-    /// `projection` that was cancelled but has not ended yet, so that a start right after a
-    /// cancel starts a rebuild rather than attaching to the one ending (whose caller would be
-    /// told `CANCELLED`, and nothing would be rebuilt).
-    fn wait_for_cancelled(&self, projection: Projection) {
-        let ending = self
-            .jobs()
+    /// The progress of a rebuild of `projection` that was cancelled and has not ended yet (its
+    /// current step, then the abandonment of its version): a start waits for its end (see
+    /// [`Self::start`]). Takes the jobs' lock, which a start holds while it waits for the
+    /// store's writer: call it off the async threads.
+    #[must_use]
+    pub fn ending(&self, projection: Projection) -> Option<watch::Receiver<RebuildProgress>> {
+        self.jobs()
             .get(&projection)
-            .filter(|job| job.cancel.is_cancelled() && !job.task.is_finished())
-            .map(|job| job.progress.clone());
-        if let Some(mut progress) = ending
-            && let Ok(runtime) = tokio::runtime::Handle::try_current()
-        {
-            // A start runs off the async threads (it waits for the store's writer too): the
-            // admin service starts rebuilds on the blocking pool.
-            let _ = runtime.block_on(tokio::time::timeout(
-                CANCELLED_END_WAIT,
-                progress.wait_for(RebuildProgress::is_finished),
-            ));
-        }
+            .filter(|job| {
+                job.cancel.is_cancelled()
+                    && !job.progress.borrow().is_finished()
+                    && !job.task.is_finished()
+            })
+            .map(|job| job.progress.clone())
     }
 
     /// Cancels the running rebuild of `projection`; returns its progress, `None` when none runs.
@@ -619,35 +617,58 @@ mod tests {
         Ok(())
     }
 
+    /// Lets the rebuild of the test below end once it was cancelled.
+    static RELEASED: tokio::sync::Notify = tokio::sync::Notify::const_new();
+
+    /// A start while a cancelled rebuild is still ending (its current step, then its version's
+    /// abandonment) is refused rather than attached to that rebuild (whose caller would be told
+    /// it was cancelled, and nothing rebuilt); once it has ended, a start starts a rebuild.
     #[tokio::test(flavor = "multi_thread")]
-    async fn a_rebuild_started_right_after_a_cancel_starts_once_the_cancelled_one_ended()
-    -> anyhow::Result<()> {
+    async fn a_start_while_a_cancelled_rebuild_ends_waits_for_its_end() -> anyhow::Result<()> {
         let dir = tempfile::tempdir()?;
         let store = Arc::new(SledStore::open(dir.path())?);
         let rebuilds = Arc::new(Rebuilds::new(Arc::clone(&store), 10));
-        // A rebuild whose end after a cancel takes a while (a long step, then its abandonment).
         let (cancelled, started) = rebuilds.start_with(
             Projection::Timeline,
             |store, projection, version, _, progress, cancel, stop| {
-                tokio::runtime::Handle::current().block_on(cancel.cancelled());
-                std::thread::sleep(std::time::Duration::from_millis(300));
+                let runtime = tokio::runtime::Handle::current();
+                runtime.block_on(cancel.cancelled());
+                // Its step goes on until the test lets it end.
+                runtime.block_on(RELEASED.notified());
                 abandon(store, projection, version, stop, "cancelled", || {
                     progress.send_modify(|progress| progress.state = RebuildState::Cancelled);
                 });
             },
         )?;
         assert!(started);
+        // The rebuild is let end whatever the test finds, so that a failure ends it too.
+        struct Release;
+        impl Drop for Release {
+            fn drop(&mut self) {
+                RELEASED.notify_one();
+            }
+        }
+        let release = Release;
         assert!(rebuilds.cancel(Projection::Timeline).is_some());
-        // Started again at once, as the admin service starts one (on the blocking pool).
+        let ending = Arc::clone(&rebuilds);
+        let refused =
+            tokio::task::spawn_blocking(move || ending.start(Projection::Timeline)).await?;
+        assert!(
+            matches!(refused, Err(OpsError::RebuildEnding { .. })),
+            "{refused:?}"
+        );
+        let mut ending = rebuilds
+            .ending(Projection::Timeline)
+            .expect("the cancelled rebuild is ending");
+        drop(release);
+        ending.wait_for(RebuildProgress::is_finished).await?;
+        assert!(rebuilds.ending(Projection::Timeline).is_none());
+        let ended = finished(cancelled).await?;
+        assert!(matches!(ended.state, RebuildState::Cancelled), "{ended:?}");
         let again = Arc::clone(&rebuilds);
         let (progress, started) =
             tokio::task::spawn_blocking(move || again.start(Projection::Timeline)).await??;
-        assert!(
-            started,
-            "a rebuild of its own, not the cancelled one's progress"
-        );
-        let ended = finished(cancelled).await?;
-        assert!(matches!(ended.state, RebuildState::Cancelled), "{ended:?}");
+        assert!(started, "a rebuild of its own");
         switched(progress).await?;
         rebuilds.shutdown().await;
         Ok(())

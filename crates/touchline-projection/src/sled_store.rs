@@ -95,6 +95,10 @@ pub enum OpsError {
     DeadLetterNotFound(u64),
     #[error("dead letter {id} still cannot be decoded: {reason}")]
     StillUndecodable { id: u64, reason: String },
+    #[error(
+        "a cancelled rebuild of {projection} is still ending (its current batch): start again once it has ended"
+    )]
+    RebuildEnding { projection: Projection },
     #[error("the node is shutting down")]
     ShuttingDown,
     #[error(

@@ -13,7 +13,7 @@ use tonic::{Code, Request, Response, Status};
 use touchline_core::{EventStore as _, StreamIdentity};
 use touchline_kafka::KafkaOptions;
 use touchline_projection::ops::{
-    KafkaProbe, RebuildProgress, Rebuilds, ReplayError, ReplayProgress, replay,
+    CANCELLED_END_WAIT, KafkaProbe, RebuildProgress, Rebuilds, ReplayError, ReplayProgress, replay,
 };
 use touchline_projection::{AppliedOffsets, OpsError, Projection, Requeued, SledStore};
 use touchline_proto::v1;
@@ -144,6 +144,11 @@ fn ops_status(error: OpsError) -> Status {
             "REBUILD_CONFLICT",
             error.to_string(),
         ),
+        OpsError::RebuildEnding { .. } => rejected(
+            Code::FailedPrecondition,
+            "REBUILD_ENDING",
+            error.to_string(),
+        ),
         OpsError::BackupReading => rejected(
             Code::FailedPrecondition,
             "BACKUP_RUNNING",
@@ -155,6 +160,38 @@ fn ops_status(error: OpsError) -> Status {
             "the server is shutting down: start the rebuild once it is back",
         ),
         OpsError::Store(error) => Error::Store(error).into(),
+    }
+}
+
+/// Starts a rebuild of `projection`, or attaches to the one running; a cancelled one still
+/// ending is waited for first (up to [`CANCELLED_END_WAIT`]), so that a start right after a
+/// cancel starts a rebuild. The rebuilds' lock and the start (which waits for the store's
+/// writer) are taken on the blocking pool.
+async fn start_rebuild(
+    rebuilds: &Arc<Rebuilds>,
+    projection: Projection,
+) -> Result<(watch::Receiver<RebuildProgress>, bool), Status> {
+    let deadline = tokio::time::Instant::now() + CANCELLED_END_WAIT;
+    loop {
+        let ending = Arc::clone(rebuilds);
+        if let Some(mut ending) = tokio::task::spawn_blocking(move || ending.ending(projection))
+            .await
+            .map_err(blocking)?
+        {
+            // Past the deadline, the start below is refused (`REBUILD_ENDING`).
+            let _ =
+                tokio::time::timeout_at(deadline, ending.wait_for(RebuildProgress::is_finished))
+                    .await;
+        }
+        let starting = Arc::clone(rebuilds);
+        match tokio::task::spawn_blocking(move || starting.start(projection))
+            .await
+            .map_err(blocking)?
+        {
+            // Cancelled between the look and the start: wait for that one too.
+            Err(OpsError::RebuildEnding { .. }) if tokio::time::Instant::now() < deadline => {}
+            started => return started.map_err(ops_status),
+        }
     }
 }
 
@@ -292,11 +329,7 @@ impl v1::admin_service_server::AdminService for AdminService {
         let started = if self.context.shutdown.is_cancelled() {
             Err(ops_status(OpsError::ShuttingDown))
         } else {
-            let rebuilds = Arc::clone(&self.context.rebuilds);
-            tokio::task::spawn_blocking(move || rebuilds.start(projection))
-                .await
-                .map_err(blocking)?
-                .map_err(ops_status)
+            start_rebuild(&self.context.rebuilds, projection).await
         };
         // Audited refused too when the node drains, as a replay is.
         let (progress, _started) = audit("rebuild", &projection, &caller, peer, started)?;

@@ -413,12 +413,14 @@ type Plan = (
 /// `offsets_for_times` (its error and offset; `None` when the answer left it out): the first
 /// offset at or after the instant, within `low..=end`, or `end` when no record is at or after it
 /// (the broker's -1). A partition the broker could not answer for (an error on it alone, say a
-/// leader moving, while the call as a whole succeeded) fails the plan, rather than being read
-/// as if it had nothing after the instant and the replay reporting it finished.
+/// leader moving, while the call as a whole succeeded; or left out of the answer, when
+/// librdkafka leaves the instant asked, in milliseconds, as its offset: above the high
+/// watermark) fails the plan, rather than being read as if it had nothing after the instant and
+/// the replay reporting it finished.
 fn start_at_instant(
     partition: i32,
     answer: Option<(KafkaResult<()>, Offset)>,
-    low: i64,
+    (low, high): (i64, i64),
     end: i64,
 ) -> std::result::Result<i64, ReplayError> {
     let unanswered = |why: String| {
@@ -427,7 +429,7 @@ fn start_at_instant(
         )))
     };
     match answer {
-        Some((Ok(()), Offset::Offset(offset))) => Ok(offset.max(low).min(end)),
+        Some((Ok(()), Offset::Offset(offset))) if offset <= high => Ok(offset.max(low).min(end)),
         Some((Ok(()), Offset::End)) => Ok(end),
         Some((Ok(()), other)) => Err(unanswered(format!("the broker answered {other:?}"))),
         Some((Err(error), _)) => Err(unanswered(error.to_string())),
@@ -492,7 +494,7 @@ fn plan_replay(
                     .as_ref()
                     .and_then(|list| list.find_partition(topic, partition))
                     .map(|element| (element.error(), element.offset())),
-                low,
+                (low, high),
                 end,
             )?,
         };
@@ -516,11 +518,16 @@ mod tests {
 
     #[test]
     fn a_partition_the_broker_could_not_answer_for_at_the_instant_fails_the_plan() {
-        let start = |answer| start_at_instant(3, answer, 10, 100).ok();
+        let start = |answer| start_at_instant(3, answer, (10, 120), 100).ok();
         // The first offset at or after the instant, within what the replay reads.
         assert_eq!(start(Some((Ok(()), Offset::Offset(40)))), Some(40));
         assert_eq!(start(Some((Ok(()), Offset::Offset(5)))), Some(10));
-        assert_eq!(start(Some((Ok(()), Offset::Offset(500)))), Some(100));
+        assert_eq!(start(Some((Ok(()), Offset::Offset(110)))), Some(100));
+        // Left out of the answer, the instant asked left as its offset: not an offset there.
+        assert_eq!(
+            start(Some((Ok(()), Offset::Offset(1_760_000_000_000)))),
+            None
+        );
         // No record at or after the instant: nothing to read there.
         assert_eq!(start(Some((Ok(()), Offset::End))), Some(100));
         // An error on the partition alone, its offset left as asked (the instant, in ms): not
@@ -533,7 +540,7 @@ mod tests {
                 )),
                 Offset::Offset(1_760_000_000_000),
             )),
-            10,
+            (10, 120),
             100,
         );
         assert!(
