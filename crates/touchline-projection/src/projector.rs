@@ -598,34 +598,48 @@ pub(crate) fn kafka_setup(error: &touchline_kafka::Error) -> Error {
     }
 }
 
-/// The estimated memory `message` takes once decoded (see [`MAX_DECODED_RECORD_BYTES`]).
-fn decoded_bytes(message: &impl Message) -> usize {
-    message
-        .payload()
-        .map_or(0, touchline_proto::codec::decoded_envelope_bytes)
-}
-
 /// `messages` in consecutive parts of at most [`MAX_DECODED_PART_BYTES`] once decoded
 /// (estimated; a record above it in a part of its own, a record that will not be decoded counted
 /// by its size): one part for ordinary batches. Each message comes with its estimate, for
 /// [`consumed_record`].
 pub(crate) fn decoded_parts<M: Message>(messages: Vec<M>) -> Vec<Vec<(M, usize)>> {
+    parts_by_decoded_size(
+        messages,
+        |message| message.payload(),
+        MAX_DECODED_RECORD_BYTES,
+        usize::MAX,
+    )
+}
+
+/// `items` in consecutive parts of at most `max_items` and at most [`MAX_DECODED_PART_BYTES`]
+/// once their `payload`s are decoded as envelopes (estimated; an item above it in a part of its
+/// own), each with its estimate. An item estimated above `undecoded_above` will not be decoded:
+/// it counts by its size.
+pub(crate) fn parts_by_decoded_size<T>(
+    items: Vec<T>,
+    payload: impl Fn(&T) -> Option<&[u8]>,
+    undecoded_above: usize,
+    max_items: usize,
+) -> Vec<Vec<(T, usize)>> {
     let mut parts = Vec::new();
     let mut part = Vec::new();
     let mut part_bytes = 0_usize;
-    for message in messages {
-        let decoded = decoded_bytes(&message);
-        let bytes = if decoded > MAX_DECODED_RECORD_BYTES {
-            message.payload().map_or(0, <[u8]>::len)
+    for item in items {
+        let decoded = payload(&item).map_or(0, touchline_proto::codec::decoded_envelope_bytes);
+        let bytes = if decoded > undecoded_above {
+            payload(&item).map_or(0, <[u8]>::len)
         } else {
             decoded
         };
-        if !part.is_empty() && part_bytes.saturating_add(bytes) > MAX_DECODED_PART_BYTES {
+        if !part.is_empty()
+            && (part.len() >= max_items
+                || part_bytes.saturating_add(bytes) > MAX_DECODED_PART_BYTES)
+        {
             parts.push(std::mem::take(&mut part));
             part_bytes = 0;
         }
         part_bytes = part_bytes.saturating_add(bytes);
-        part.push((message, decoded));
+        part.push((item, decoded));
     }
     if !part.is_empty() {
         parts.push(part);
@@ -851,7 +865,10 @@ mod tests {
 
     /// [`consumed_record`] of `message`, its decoded size estimated here.
     fn consumed(message: &impl Message, served: &Served) -> ConsumedRecord {
-        consumed_record(message, decoded_bytes(message), served)
+        let decoded = message
+            .payload()
+            .map_or(0, touchline_proto::codec::decoded_envelope_bytes);
+        consumed_record(message, decoded, served)
     }
 
     fn reason(record: ConsumedRecord) -> Option<String> {

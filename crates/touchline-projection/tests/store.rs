@@ -1122,3 +1122,47 @@ fn a_frame_of_events_restores_in_pieces_and_a_duplicate_across_them_is_found() {
         "{error:?}"
     );
 }
+
+/// Events of many small fields take tens of times their size once decoded: a restore decodes them
+/// in pieces of at most `MAX_DECODED_PART_BYTES` as the projector estimates it, fewer than 1,000
+/// events when they are large (a duplicate is reported within its piece).
+#[test]
+fn a_frame_of_large_events_restores_in_pieces_of_bounded_decoded_size() {
+    use touchline_projection::projector::MAX_DECODED_PART_BYTES;
+    use touchline_projection::sled_store::{LoggedEvent, RestoreError};
+    let logged = |index: usize, id: usize| {
+        let mut event = envelope(
+            "partner",
+            &format!("e{id}"),
+            &format!("customer-{}", index % 7),
+            i64::try_from(index).expect("small"),
+            JourneyStage::Fulfil,
+        );
+        event.touchpoint.attributes = (0..1_000)
+            .map(|attribute| (format!("a{attribute}"), "v".to_owned()))
+            .collect();
+        LoggedEvent {
+            partition: 0,
+            offset: i64::try_from(index).expect("small"),
+            record: touchline_proto::encode_envelope(&event),
+        }
+    };
+    let estimate = touchline_proto::codec::decoded_envelope_bytes(&logged(0, 0).record);
+    let per_piece = u64::try_from(MAX_DECODED_PART_BYTES / estimate).expect("small");
+    assert!(per_piece < 1_000, "large events: {estimate} bytes each");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = SledStore::open(dir.path()).expect("opens");
+    let mut events: Vec<LoggedEvent> = (0..1_000).map(|index| logged(index, index)).collect();
+    // Event 5 again, in the third piece.
+    let third = usize::try_from(2 * per_piece).expect("small");
+    events[third] = logged(third, 5);
+    let error = store.restore_events(1, events).expect_err("a duplicate");
+    assert!(
+        matches!(
+            error,
+            RestoreError::Duplicate { first, last }
+                if first == 2 * per_piece + 1 && last == (3 * per_piece).min(1_000)
+        ),
+        "{error:?} (pieces of {per_piece})"
+    );
+}

@@ -21,6 +21,11 @@ use super::{
 };
 use crate::error::backend;
 use crate::keys;
+use crate::projector::parts_by_decoded_size;
+
+/// The most events of a backup decoded and applied at once by [`SledStore::restore_events`] (so
+/// that a duplicate is reported within a piece of them), besides the decoded size.
+const RESTORE_PIECE: usize = 1000;
 
 /// A consumer position as the store holds it: of a partition of a Kafka stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -198,9 +203,6 @@ pub enum RestoreError {
     Store(#[from] StoreError),
 }
 
-/// Events of a backup decoded and applied at once by [`SledStore::restore_events`].
-const RESTORE_PIECE: usize = 1000;
-
 impl SledStore {
     /// Positions and the record index, read under the writer, and the dead letters, read after it
     /// page by page while requeues and discards wait: they are what the log held when it had
@@ -304,8 +306,11 @@ impl SledStore {
 
     /// Appends a backup's events with the sequences they had (the first is `first_sequence`, the
     /// next the log expects) and projects them, as the projector did. They are decoded and
-    /// applied 1,000 at a time: a frame of many tiny events (up to 128 MiB of them)
-    /// is never decoded whole.
+    /// applied in pieces of at most 1,000 events and [`crate::projector::MAX_DECODED_PART_BYTES`]
+    /// once decoded, as
+    /// the projector estimates it (an event above it in a piece of its own): a frame of many
+    /// events (up to 128 MiB of them, each of many small fields taking tens of times its size
+    /// once decoded) is never decoded whole.
     ///
     /// # Errors
     /// When the events do not follow the log, one is not an event or is there twice, or the
@@ -322,15 +327,21 @@ impl SledStore {
                 found: first_sequence,
             });
         }
-        let mut events = events.into_iter().peekable();
         let mut sequence = first_sequence;
-        while events.peek().is_some() {
+        // Every event is decoded, however large (the projector's dead letters requeued anyway
+        // are in the log too): each counts by its estimate.
+        let pieces = parts_by_decoded_size(
+            events,
+            |event| Some(&event.record[..]),
+            usize::MAX,
+            RESTORE_PIECE,
+        );
+        for piece in pieces {
             let piece_first = sequence;
             let records =
-                events
-                    .by_ref()
-                    .take(RESTORE_PIECE)
-                    .map(|event| {
+                piece
+                    .into_iter()
+                    .map(|(event, _)| {
                         let at = sequence;
                         sequence += 1;
                         let envelope = touchline_proto::decode_envelope(Some(&event.record))
