@@ -126,6 +126,14 @@ struct Job {
     task: JoinHandle<()>,
 }
 
+impl Job {
+    /// Whether the rebuild has not ended: it has not reported its end, and its task has not
+    /// ended without reporting it (it reports a panic as a failure).
+    fn running(&self) -> bool {
+        !self.progress.borrow().is_finished() && !self.task.is_finished()
+    }
+}
+
 /// The rebuilds of one store: at most one per projection at a time.
 #[derive(Debug)]
 pub struct Rebuilds {
@@ -195,9 +203,7 @@ impl Rebuilds {
             return Err(OpsError::ShuttingDown);
         }
         if let Some(job) = jobs.get(&projection)
-            && !job.progress.borrow().is_finished()
-            // Not a task that ended without reporting its end (it reports a panic as a failure).
-            && !job.task.is_finished()
+            && job.running()
         {
             if job.cancel.is_cancelled() {
                 return Err(OpsError::RebuildEnding { projection });
@@ -289,11 +295,7 @@ impl Rebuilds {
     pub fn ending(&self, projection: Projection) -> Option<watch::Receiver<RebuildProgress>> {
         self.jobs()
             .get(&projection)
-            .filter(|job| {
-                job.cancel.is_cancelled()
-                    && !job.progress.borrow().is_finished()
-                    && !job.task.is_finished()
-            })
+            .filter(|job| job.cancel.is_cancelled() && job.running())
             .map(|job| job.progress.clone())
     }
 

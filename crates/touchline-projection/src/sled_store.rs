@@ -122,9 +122,10 @@ struct WriterState {
     /// record that decodes now (see `apply`). New records come above it, and cost no look-up.
     dead_lettered: HashMap<Vec<u8>, (i64, i64)>,
     /// Dead letters whose record was read again and decoded (its event appended, or in the log
-    /// already) while a backup read its cut's dead letters, which must stay as they were at the cut: taken off the list by the first
-    /// write after the backup has read them. (In memory: after a restart they stay listed until
-    /// requeued, answered as already in the log, or discarded.)
+    /// already) while a backup read its cut's dead letters, which must stay as they were at the
+    /// cut: taken off the list by the first write after the backup has read them. (In memory:
+    /// after a restart they stay listed until requeued, answered as already in the log, or
+    /// discarded.)
     deferred_clears: Vec<u64>,
 }
 

@@ -158,12 +158,10 @@ impl SledStore {
         // Not while a backup reads its cut's dead letters (they must stay as they were at the
         // cut, as for a requeue): those found meanwhile wait for the first write after it.
         let backup_reading = self.backup_readers.load(Ordering::Acquire) > 0;
-        let mut deferred = if backup_reading {
-            writer.deferred_clears.clone()
+        let mut deferred = Vec::new();
+        if backup_reading {
+            deferred.clone_from(&writer.deferred_clears);
         } else {
-            Vec::new()
-        };
-        if !backup_reading {
             for id in &writer.deferred_clears {
                 // A requeue or a discard may have taken it off since.
                 if self

@@ -307,10 +307,9 @@ impl SledStore {
     /// Appends a backup's events with the sequences they had (the first is `first_sequence`, the
     /// next the log expects) and projects them, as the projector did. They are decoded and
     /// applied in pieces of at most 1,000 events and [`crate::projector::MAX_DECODED_PART_BYTES`]
-    /// once decoded, as
-    /// the projector estimates it (an event above it in a piece of its own): a frame of many
-    /// events (up to 128 MiB of them, each of many small fields taking tens of times its size
-    /// once decoded) is never decoded whole.
+    /// once decoded, as the projector estimates it (an event above it in a piece of its own): a
+    /// frame of many events (up to 128 MiB of them, each of many small fields taking tens of
+    /// times its size once decoded) is never decoded whole.
     ///
     /// # Errors
     /// When the events do not follow the log, one is not an event or is there twice, or the
