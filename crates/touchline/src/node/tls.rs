@@ -2,7 +2,8 @@
 //! The handshakes are made here (rustls), not by tonic, so that a renewed certificate (or client
 //! CA) is served without a restart: the certificate, key and client-CA files are checked every few
 //! seconds and reloaded when they change (or on SIGHUP); files that do not load keep the ones in
-//! force, with a logged error and `touchline_tls_reloads_total{result="failed"}`.
+//! force, with a logged error and `touchline_tls_reloads_total{result="failed"}`. When the
+//! certificates in force expire is `touchline_tls_expiry_timestamp_seconds{file}`.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -28,11 +29,13 @@ use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
 use touchline_ingest::files::{Stamp, read_regular, stamp};
 use touchline_ingest::metrics::ReloadLabels;
-use tracing::{debug, error, info};
+use tracing::{debug, error, info, warn};
 
 use super::admission::{self, Ticket};
 use crate::config::TlsConfig;
 use crate::connect::{Target, read};
+
+mod expiry;
 
 /// How long a connection may take to finish its TLS handshake before it is closed (sooner when
 /// `server.preface-timeout-ms`, which counts the handshake in, is shorter): a longer wait would
@@ -64,8 +67,18 @@ static RELOADS: std::sync::LazyLock<Family<ReloadLabels, Counter>> =
     std::sync::LazyLock::new(Family::default);
 /// When the TLS files in force were loaded (Unix seconds).
 static LOADED_AT: std::sync::LazyLock<Gauge> = std::sync::LazyLock::new(Gauge::default);
+/// When the first certificate of each file in force expires (Unix seconds).
+static EXPIRES_AT: std::sync::LazyLock<Family<FileLabel, Gauge>> =
+    std::sync::LazyLock::new(Family::default);
 
-/// Registers `touchline_tls_reloads_total{result}` and `touchline_tls_loaded_timestamp_seconds`.
+/// A TLS file, as a label: "cert" (the served chain) or "client-ca".
+#[derive(Debug, Clone, PartialEq, Eq, Hash, prometheus_client::encoding::EncodeLabelSet)]
+struct FileLabel {
+    file: &'static str,
+}
+
+/// Registers `touchline_tls_reloads_total{result}`, `touchline_tls_loaded_timestamp_seconds` and
+/// `touchline_tls_expiry_timestamp_seconds{file}`.
 pub(crate) fn register_metrics(registry: &mut prometheus_client::registry::Registry) {
     registry.register(
         "touchline_tls_reloads",
@@ -76,6 +89,11 @@ pub(crate) fn register_metrics(registry: &mut prometheus_client::registry::Regis
         "touchline_tls_loaded_timestamp_seconds",
         "when the TLS files in force were loaded (Unix seconds)",
         LOADED_AT.clone(),
+    );
+    registry.register(
+        "touchline_tls_expiry_timestamp_seconds",
+        "when the first certificate in force of each TLS file expires (Unix seconds; file=\"cert\" is the served chain, file=\"client-ca\" the client-CA bundle): alert on it minus time(), a certificate that is not renewed stops every TLS connection when it expires",
+        EXPIRES_AT.clone(),
     );
 }
 
@@ -118,11 +136,13 @@ impl TlsServer {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         // Before reading: a change while the node starts is a change the reload sees.
         let loaded = stamps(files);
-        let current = Arc::new(Current(RwLock::new(Arc::new(certified_key(
-            files, &provider,
-        )?))));
-        let acceptor = acceptor(files, &provider, &current)?;
+        let key = certified_key(files, &provider)?;
+        let served = key.cert.clone();
+        let current = Arc::new(Current(RwLock::new(Arc::new(key))));
+        let (acceptor, client_cas) = acceptor(files, &provider, &current)?;
         loaded_now();
+        expiry_in_force("cert", Some(&files.cert_file), &served);
+        expiry_in_force("client-ca", files.client_ca_file.as_deref(), &client_cas);
         Ok(Self {
             acceptor: Arc::new(RwLock::new(acceptor)),
             current,
@@ -134,21 +154,23 @@ impl TlsServer {
     }
 }
 
-/// An acceptor with the client-CA verifier of `files` (if any), serving `current`.
+/// An acceptor with the client-CA verifier of `files` (if any), serving `current`, and the
+/// client-CA certificates (none without a client CA).
 fn acceptor(
     files: &TlsConfig,
     provider: &Arc<CryptoProvider>,
     current: &Arc<Current>,
-) -> anyhow::Result<TlsAcceptor> {
+) -> anyhow::Result<(TlsAcceptor, Vec<CertificateDer<'static>>)> {
     let builder = rustls::ServerConfig::builder_with_provider(Arc::clone(provider))
         .with_safe_default_protocol_versions()
         .context("server.tls: no protocol version")?;
-    let builder = match &files.client_ca_file {
+    let (builder, cas) = match &files.client_ca_file {
         Some(path) => {
             let pem = read("server.tls.client-ca-file", path, read_regular)?;
             // A bundle is taken whole or refused.
             let mut roots = RootCertStore::empty();
-            for certificate in certificates("client-ca-file", path, &pem)? {
+            let cas = certificates("client-ca-file", path, &pem)?;
+            for certificate in cas.iter().cloned() {
                 roots.add(certificate).with_context(|| {
                     format!(
                         "server.tls.client-ca-file {}: a certificate",
@@ -160,13 +182,39 @@ fn acceptor(
                 WebPkiClientVerifier::builder_with_provider(Arc::new(roots), Arc::clone(provider))
                     .build()
                     .with_context(|| format!("server.tls.client-ca-file {}", path.display()))?;
-            builder.with_client_cert_verifier(verifier)
+            (builder.with_client_cert_verifier(verifier), cas)
         }
-        None => builder.with_no_client_auth(),
+        None => (builder.with_no_client_auth(), Vec::new()),
     };
     let mut config = builder.with_cert_resolver(Arc::clone(current) as _);
     config.alpn_protocols = vec![b"h2".to_vec()];
-    Ok(TlsAcceptor::from(Arc::new(config)))
+    Ok((TlsAcceptor::from(Arc::new(config)), cas))
+}
+
+/// Sets when the first of the certificates of a TLS file in force (`file`, at `path`; none
+/// configured: `None`) expires, and warns when that is past (or cannot be read).
+fn expiry_in_force(file: &'static str, path: Option<&Path>, certificates: &[CertificateDer<'_>]) {
+    let label = FileLabel { file };
+    let Some(path) = path else {
+        EXPIRES_AT.remove(&label);
+        return;
+    };
+    let Some(expires_at) = expiry::earliest(certificates.iter().map(AsRef::as_ref)) else {
+        EXPIRES_AT.remove(&label);
+        warn!(
+            file = %path.display(),
+            "the expiry of a TLS certificate in force cannot be read: touchline_tls_expiry_timestamp_seconds is not set for it"
+        );
+        return;
+    };
+    EXPIRES_AT.get_or_create(&label).set(expires_at);
+    if expires_at <= touchline_core::UnixNanos::now().to_parts().0 {
+        warn!(
+            file = %path.display(),
+            expires_at,
+            "a TLS certificate in force has expired (expires_at, Unix seconds): renew the file, the node reloads it when it changes"
+        );
+    }
 }
 
 impl TlsServer {
@@ -291,10 +339,16 @@ impl TlsServer {
                     // settle, and not an error yet.
                     _ if stamps(&files) != now => settled = None,
                     Ok((key, new_acceptor)) => {
+                        expiry_in_force("cert", Some(&files.cert_file), &key.cert);
                         *current.0.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(key);
-                        if let Some(new_acceptor) = new_acceptor {
+                        if let Some((new_acceptor, client_cas)) = new_acceptor {
                             *acceptor.write().unwrap_or_else(PoisonError::into_inner) =
                                 new_acceptor;
+                            expiry_in_force(
+                                "client-ca",
+                                files.client_ca_file.as_deref(),
+                                &client_cas,
+                            );
                             info!(
                                 client_ca = ?files.client_ca_file,
                                 "TLS client CA reloaded"

@@ -8,6 +8,10 @@ fn fixture(name: &str) -> PathBuf {
         .join(name)
 }
 
+/// Held by each test that loads TLS files: the expiry gauge is the process's, one test's load
+/// would change what another asserts.
+static LOADING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// A server on copies of the `server` fixtures in `dir`.
 fn server(dir: &Path) -> anyhow::Result<TlsServer> {
     let files = TlsConfig {
@@ -57,6 +61,7 @@ fn replace_keeping_the_time(from: &Path, to: &Path) -> anyhow::Result<()> {
 
 #[tokio::test]
 async fn files_replaced_with_their_old_modification_times_are_served() -> anyhow::Result<()> {
+    let _loading = LOADING.lock().await;
     let dir = tempfile::tempdir()?;
     let server = server(dir.path())?;
     let before = served(&server);
@@ -80,6 +85,7 @@ async fn files_replaced_with_their_old_modification_times_are_served() -> anyhow
 
 #[tokio::test]
 async fn a_hangup_reloads_at_once_and_a_broken_file_is_counted() -> anyhow::Result<()> {
+    let _loading = LOADING.lock().await;
     let dir = tempfile::tempdir()?;
     let server = server(dir.path())?;
     let before = served(&server);
@@ -115,4 +121,51 @@ async fn a_hangup_reloads_at_once_and_a_broken_file_is_counted() -> anyhow::Resu
     stop.cancel();
     watching.await?;
     Ok(())
+}
+
+#[tokio::test]
+async fn the_expiry_of_the_certificates_in_force_is_a_gauge() -> anyhow::Result<()> {
+    let _loading = LOADING.lock().await;
+    let dir = tempfile::tempdir()?;
+    let mut server = server(dir.path())?;
+    let expiry = |file| EXPIRES_AT.get_or_create(&FileLabel { file }).get();
+    // `openssl x509 -noout -enddate`: Nov  2 03:26:55 2126 GMT.
+    assert_eq!(expiry("cert"), 4_949_263_615);
+
+    // A client CA is loaded at a hangup, with an expired certificate: both follow.
+    std::fs::copy(fixture("ca.pem"), dir.path().join("ca.pem"))?;
+    server.files.client_ca_file = Some(dir.path().join("ca.pem"));
+    let (hangup, hangups) = tokio::sync::mpsc::unbounded_channel();
+    let stop = CancellationToken::new();
+    let watching = server.watch_with(
+        tokio_stream::wrappers::UnboundedReceiverStream::new(hangups).boxed(),
+        stop.clone(),
+    );
+    std::fs::copy(fixture("expired.key"), &server.files.key_file)?;
+    std::fs::copy(fixture("expired.pem"), &server.files.cert_file)?;
+    hangup.send(())?;
+    until("the expired certificate was never loaded", || {
+        server.reloaded.load(Ordering::Relaxed) == 1
+    })
+    .await?;
+    // An expired certificate is still served (clients refuse it; the node warns).
+    assert_eq!(
+        served(&server).as_ref(),
+        fixture_der("expired.pem")?.as_ref()
+    );
+    // 2001-01-01T00:00:00Z, and the CA's Nov  2 03:26:54 2126 GMT.
+    assert_eq!(expiry("cert"), 978_307_200);
+    assert_eq!(expiry("client-ca"), 4_949_263_614);
+    stop.cancel();
+    watching.await?;
+    Ok(())
+}
+
+/// The first certificate of a fixture.
+fn fixture_der(name: &str) -> anyhow::Result<CertificateDer<'static>> {
+    let pem = std::fs::read(fixture(name))?;
+    CertificateDer::pem_slice_iter(&pem)
+        .next()
+        .ok_or_else(|| anyhow::anyhow!("no certificate in {name}"))?
+        .map_err(Into::into)
 }
