@@ -30,6 +30,27 @@ fn partners_file(tokens: &[&str]) -> String {
     )
 }
 
+/// A `PublishStream` opened with `token`: where its batches go, and its answers.
+async fn open_stream(
+    ingest: &mut touchline_proto::v1::ingest_service_client::IngestServiceClient<
+        tonic::transport::Channel,
+    >,
+    token: &str,
+) -> anyhow::Result<(
+    tokio::sync::mpsc::Sender<v1::PublishRequest>,
+    tonic::Streaming<v1::PublishResponse>,
+)> {
+    let (sender, requests) = tokio::sync::mpsc::channel::<v1::PublishRequest>(4);
+    let answers = ingest
+        .publish_stream(touchline_tests::authorized(
+            tokio_stream::wrappers::ReceiverStream::new(requests),
+            token,
+        ))
+        .await?
+        .into_inner();
+    Ok((sender, answers))
+}
+
 /// Everything the code under test logs on this thread.
 #[derive(Clone, Default)]
 struct CapturedLogs(Arc<Mutex<Vec<u8>>>);
@@ -228,28 +249,14 @@ async fn a_revoked_token_ends_its_open_stream_at_the_next_batch() -> anyhow::Res
         )],
         batch_id: id.to_owned(),
     };
-    let (sender, requests) = tokio::sync::mpsc::channel::<v1::PublishRequest>(4);
-    let mut answers = ingest
-        .publish_stream(touchline_tests::authorized(
-            tokio_stream::wrappers::ReceiverStream::new(requests),
-            OLD,
-        ))
-        .await?
-        .into_inner();
+    let (sender, mut answers) = open_stream(&mut ingest, OLD).await?;
     sender.send(batch("s-1")).await?;
     assert_eq!(
         answers.message().await?.map(|answer| answer.accepted),
         Some(1)
     );
     // A second stream of the token, idle after its first batch.
-    let (idle_sender, idle_requests) = tokio::sync::mpsc::channel::<v1::PublishRequest>(4);
-    let mut idle_answers = ingest
-        .publish_stream(touchline_tests::authorized(
-            tokio_stream::wrappers::ReceiverStream::new(idle_requests),
-            OLD,
-        ))
-        .await?
-        .into_inner();
+    let (idle_sender, mut idle_answers) = open_stream(&mut ingest, OLD).await?;
     idle_sender.send(batch("s-idle")).await?;
     assert_eq!(
         idle_answers.message().await?.map(|answer| answer.accepted),
@@ -299,6 +306,69 @@ async fn a_revoked_token_ends_its_open_stream_at_the_next_batch() -> anyhow::Res
         touchline_tests::event_ids(&entries),
         ["s-1", "s-idle", "s-3"],
         "the batch sent after the revocation was not written"
+    );
+    node.shutdown().await
+}
+
+/// A stream batch waiting for its partner's rate (it can wait long: a partner far over its rate
+/// pays for every event) ends the stream when its token is revoked meanwhile, within a second or
+/// so of the reload, not once the wait is over; it publishes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_token_ends_a_stream_whose_batch_waits_for_the_rate() -> anyhow::Result<()> {
+    let broker = start_broker().await;
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("partners.toml");
+    // One event per 100 s: nothing refills the bucket while the test runs.
+    let paced = |tokens: &[&str]| partners_file(tokens) + "rate-per-second = 0.01\nburst = 1\n";
+    std::fs::write(&path, paced(&[OLD, NEW]))?;
+    let directory = PartnerDirectory::load(&path)?;
+    let node = start_node_with(&broker, dir.path(), directory.clone(), |_| {}).await?;
+    let mut ingest = ingest_client(&node).await?;
+    let batch = |first: usize, count: usize| v1::PublishRequest {
+        events: (first..first + count)
+            .map(|n| {
+                touchpoint(
+                    &format!("w-{n}"),
+                    "ivan",
+                    "parcel.scanned",
+                    1,
+                    JourneyStage::Fulfil,
+                )
+            })
+            .collect(),
+        batch_id: format!("w-{first}"),
+    };
+    let (sender, mut answers) = open_stream(&mut ingest, OLD).await?;
+    // The burst of one: published at once, leaving the bucket empty.
+    sender.send(batch(0, 1)).await?;
+    assert_eq!(
+        answers.message().await?.map(|answer| answer.accepted),
+        Some(1)
+    );
+    // 10 events owe 1,000 s, far past the deadline below. Charged (and waiting) once a unary
+    // call of the partner is refused with a retry delay that only this debt gives.
+    sender.send(batch(1, 10)).await?;
+    touchline_tests::wait_until_rate_owes(
+        &mut ingest,
+        NEW,
+        || batch(100, 2).events,
+        std::time::Duration::from_secs(500),
+    )
+    .await?;
+    std::fs::write(&path, paced(&[NEW]))?;
+    directory.reload()?;
+    let ended = tokio::time::timeout(touchline_tests::DEADLINE, answers.message())
+        .await
+        .map_err(|_| anyhow::anyhow!("the waiting batch held the stream past the revocation"))?
+        .expect_err("the stream ends");
+    assert_eq!(
+        (ended.code(), error_reason(&ended).as_deref()),
+        (Code::Unauthenticated, Some("TOKEN_INVALID"))
+    );
+    assert_eq!(
+        touchline_tests::records_in_topic(&broker).await?,
+        1,
+        "the waiting batch was not published"
     );
     node.shutdown().await
 }

@@ -47,16 +47,17 @@ impl RateLimiter {
     }
 
     /// Takes `cost` tokens from `partner`'s bucket whether it holds them or not (it may go into
-    /// debt) and returns how long to wait until they are paid for: zero when the bucket held them.
-    /// Callers that wait are served in the order they took, and [`Self::try_take`] refuses while
-    /// the bucket is in debt.
+    /// debt) and returns how long to wait until they are paid for: zero when the bucket held them,
+    /// and the whole debt, however long (a partner far over its rate would otherwise get through
+    /// faster than it). Callers that wait are served in the order they took, and
+    /// [`Self::try_take`] refuses while the bucket is in debt.
     pub fn take_owing(&self, partner: &PartnerId, rate: f64, burst: f64, cost: usize) -> Duration {
         self.refilled(partner, rate, burst, cost, |tokens, cost| {
             *tokens -= cost;
             if *tokens >= 0.0 {
                 Duration::ZERO
             } else {
-                wait_for(-*tokens, rate)
+                paid_in(-*tokens, rate)
             }
         })
     }
@@ -93,10 +94,17 @@ impl RateLimiter {
     }
 }
 
-/// How long `tokens` take to come back at `rate` per second (between 1 ms and an hour).
+/// How long `tokens` take to come back at `rate` per second, at least 1 ms
+/// ([`Duration::MAX`] for what no duration holds).
+fn paid_in(tokens: f64, rate: f64) -> Duration {
+    let seconds = (tokens / rate.max(f64::MIN_POSITIVE)).max(0.001);
+    Duration::try_from_secs_f64(seconds).unwrap_or(Duration::MAX)
+}
+
+/// How long to wait before trying again to take `tokens` at `rate` per second: as
+/// [`paid_in`], at most an hour (a refused call's `RetryInfo`, not a wait of the server's).
 fn wait_for(tokens: f64, rate: f64) -> Duration {
-    let seconds = (tokens / rate.max(f64::MIN_POSITIVE)).clamp(0.001, 3600.0);
-    Duration::try_from_secs_f64(seconds).unwrap_or(Duration::from_secs(3600))
+    paid_in(tokens, rate).min(Duration::from_secs(3600))
 }
 
 /// Open `PublishStream` calls per partner.
@@ -285,6 +293,29 @@ mod tests {
         let b = partner("b");
         let owed = limiter.take_owing(&b, 10.0, 10.0, 1000);
         assert!(owed > Duration::from_secs(98), "{owed:?}");
+    }
+
+    #[test]
+    fn a_stream_owes_its_whole_debt_however_long() {
+        // Rate 1/s: ten batches of 1,000 owe about 1,000 s more each, far past an hour (a cap
+        // on the wait let a partner publish at several times its rate).
+        let limiter = RateLimiter::default();
+        let a = partner("a");
+        let waits: Vec<Duration> = (0..10)
+            .map(|_| limiter.take_owing(&a, 1.0, 1.0, 1000))
+            .collect();
+        for (n, wait) in (1_u64..).zip(&waits) {
+            let owed = Duration::from_secs(n * 1000 - 1);
+            assert!(
+                *wait > owed - Duration::from_secs(1) && *wait <= owed,
+                "batch {n}: {wait:?}"
+            );
+        }
+        // The hint of a refused call stays at most an hour.
+        let refused = limiter.try_take(&a, 1.0, 1.0, 1).expect_err("in debt");
+        assert_eq!(refused, Duration::from_secs(3600));
+        // A debt no duration holds.
+        assert_eq!(paid_in(1.0, f64::MIN_POSITIVE), Duration::MAX);
     }
 
     #[test]

@@ -62,10 +62,12 @@ pub struct IngestOptions {
     /// Batches being decoded or made durable at once, server-wide. Unary calls past it are shed
     /// with `RESOURCE_EXHAUSTED` before they are decoded; streams wait (backpressure).
     pub max_in_flight_batches: usize,
-    /// Bytes the decoded requests of unary calls being prepared and published may hold at once,
-    /// server-wide (each charged what it holds once decoded, which can be many times its encoded
-    /// size): a call that finds them taken is answered `OVERLOADED` (after its decoding, which
-    /// the codec bounds). A request larger than all of them is charged all of them.
+    /// Bytes the decoded requests of unary calls may hold at once until their events are encoded
+    /// for Kafka, server-wide (each charged what it holds once decoded, which can be many times
+    /// its encoded size): a call that finds them taken is answered `OVERLOADED` (after its
+    /// decoding, which the codec bounds). A request larger than all of them is charged all of
+    /// them. The encoded records then wait for Kafka's confirmation uncharged, bounded by
+    /// `max_in_flight_batches`.
     pub max_in_flight_bytes: usize,
     /// Of `max_in_flight_bytes`, what the requests of one partner's unary calls may hold at once
     /// (never all of it): past it a call is answered `TOO_MANY_CALLS` without being decoded.

@@ -473,11 +473,24 @@ impl Shared {
         // slot comes free as the drain starts is not published while one before it is refused.
         if !wait.is_zero() {
             debug!(partner = %self.opened_as.partner_id, ?wait, "stream batch over the partner's rate: waiting");
-            tokio::select! {
-                biased;
-                () = draining.cancelled() => return Err(Error::ShuttingDown),
-                () = self.wait_ended_for(index) => return Err(Error::ShuttingDown),
-                () = tokio::time::sleep(wait) => {}
+            // The wait can be long (a partner far over its rate pays for every event): a token
+            // revoked or expired meanwhile ends the stream at this batch within a check, not
+            // once the wait is over. None: a debt no instant holds, waited out by nothing.
+            let paid = tokio::time::Instant::now().checked_add(wait);
+            let mut valid = None;
+            loop {
+                let check = tokio::time::Instant::now() + TOKEN_CHECK;
+                let until = paid.map_or(check, |paid| paid.min(check));
+                tokio::select! {
+                    biased;
+                    () = draining.cancelled() => return Err(Error::ShuttingDown),
+                    () = self.wait_ended_for(index) => return Err(Error::ShuttingDown),
+                    () = tokio::time::sleep_until(until) => {}
+                }
+                if paid.is_some_and(|paid| paid <= until) {
+                    break;
+                }
+                self.still_authenticated(&mut valid)?;
             }
         }
         // The partner's share first: its batches wait behind one another, not in front of
