@@ -291,8 +291,11 @@ async fn read_feed(mut live: broadcast::Receiver<Batch>, reader: Reader, stop: C
             Err(RecvError::Closed) => routes.end_all(FeedEnd::Closed, through),
         }
         if routes.inboxes.is_empty() {
-            // Every inbox ended or went: the feed is not read until the next watcher (the
-            // reader's end leaves the router without a reading).
+            // Every inbox ended or went: the feed is not read until the next watcher. The router
+            // is left without a reading here, under the lock that saw no inbox: left to the
+            // reader's end, a watcher that subscribed in between would find this reading still
+            // current, start none, and be ended as lagged by that end.
+            routes.reading = None;
             return;
         }
     }
