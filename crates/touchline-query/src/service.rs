@@ -42,8 +42,13 @@ pub struct TimelineService {
     feed: Option<Feed>,
     /// The watchers of `feed`: one reading of it, routed by customer.
     watchers: Option<Watchers>,
-    /// A slot per open `WatchTimeline` call.
+    /// A slot per running watcher (its task, inbox and queue), held until the watcher ends.
     watches: Arc<tokio::sync::Semaphore>,
+    /// A permit per `WatchTimeline` response stream, held until the stream is dropped: twice the
+    /// watchers' slots, so that a stream whose watcher ended while its client read nothing
+    /// (what was queued stays for the client) still counts, and such streams cannot pile up
+    /// without bound.
+    watch_streams: Arc<tokio::sync::Semaphore>,
     /// How long a watcher waits for its client to take a message.
     watch_stall: std::time::Duration,
     shutdown: CancellationToken,
@@ -76,6 +81,7 @@ impl TimelineService {
             feed: None,
             watchers: None,
             watches: Arc::new(tokio::sync::Semaphore::new(DEFAULT_MAX_WATCHES)),
+            watch_streams: Arc::new(tokio::sync::Semaphore::new(2 * DEFAULT_MAX_WATCHES)),
             watch_stall: crate::watch::STALLED_AFTER,
             shutdown: CancellationToken::new(),
             served: Arc::default(),
@@ -126,13 +132,15 @@ impl TimelineService {
         self
     }
 
-    /// At most `max` `WatchTimeline` calls open at once; more are refused with
-    /// `RESOURCE_EXHAUSTED` (`TOO_MANY_WATCHES`) until one ends.
+    /// At most `max` `WatchTimeline` watchers running at once, and twice that many response
+    /// streams open (a watcher that ended as lagged leaves its stream to its client, with what
+    /// was queued); more calls are refused with `RESOURCE_EXHAUSTED` (`TOO_MANY_WATCHES`) until
+    /// one ends.
     #[must_use]
     pub fn with_max_watches(mut self, max: usize) -> Self {
-        self.watches = Arc::new(tokio::sync::Semaphore::new(
-            max.min(tokio::sync::Semaphore::MAX_PERMITS),
-        ));
+        let max = max.min(tokio::sync::Semaphore::MAX_PERMITS / 2);
+        self.watches = Arc::new(tokio::sync::Semaphore::new(max));
+        self.watch_streams = Arc::new(tokio::sync::Semaphore::new(2 * max));
         self
     }
 
@@ -318,14 +326,21 @@ impl timeline_service_server::TimelineService for TimelineService {
                 "cursor is past the end of this node's log: it was issued by another node, or before this node's store was reset; watch again without a cursor",
             )));
         }
+        let too_many = |what: &str| Error::Rejected {
+            code: tonic::Code::ResourceExhausted,
+            reason: "TOO_MANY_WATCHES",
+            message: format!(
+                "every {what} (query.max-watches): try again later, or another replica"
+            ),
+        };
+        // Held by the response stream: until the client goes or has read it to its end.
+        let open = Arc::clone(&self.watch_streams)
+            .try_acquire_owned()
+            .map_err(|_| too_many("live timeline stream this node keeps at once is open, twice its watchers, counting those whose watcher ended while the client read nothing"))?;
         // Held by the watcher's task: until its client goes, stalls, or the watch ends.
         let slot = Arc::clone(&self.watches)
             .try_acquire_owned()
-            .map_err(|_| Error::Rejected {
-                code: tonic::Code::ResourceExhausted,
-                reason: "TOO_MANY_WATCHES",
-                message: "every live timeline this node serves at once is open (query.max-watches): try again later, or another replica".to_owned(),
-            })?;
+            .map_err(|_| too_many("live timeline this node serves at once is open"))?;
         let live = watchers.subscribe(customer.clone());
         let watch = Watch {
             reads: self.reads.clone(),
@@ -336,7 +351,7 @@ impl timeline_service_server::TimelineService for TimelineService {
             still_allowed,
             stalled_after: self.watch_stall,
         };
-        Ok(Response::new(watch.stream(Some(slot))))
+        Ok(Response::new(watch.stream(Some(slot), open)))
     }
 }
 

@@ -158,9 +158,14 @@ impl Watch {
     /// `still_allowed` sees a revocation, and with the watch's own error (lagged, stalled, the
     /// store failed) after the messages queued before it. The watcher's task holds `slot` until
     /// it ends (its client went, or stalled, or the watch ended otherwise); a stream whose client
-    /// stopped reading keeps at most its queued messages after that, until the client goes.
+    /// stopped reading keeps at most its queued messages after that, until the client goes, and
+    /// holds `open` until it is dropped.
     #[must_use]
-    pub fn stream(self, slot: Option<tokio::sync::OwnedSemaphorePermit>) -> WatchStream {
+    pub fn stream(
+        self,
+        slot: Option<tokio::sync::OwnedSemaphorePermit>,
+        open: tokio::sync::OwnedSemaphorePermit,
+    ) -> WatchStream {
         let tail = Tail::default();
         let still_allowed = self.still_allowed.clone();
         let ending = tail.clone();
@@ -168,6 +173,11 @@ impl Watch {
             tokio_stream::wrappers::ReceiverStream::new(self.spawn_with(tail, slot)),
             move || ending.take(),
         );
+        let messages = futures::StreamExt::map(messages, move |message| {
+            // The stream owns `open`: it goes when the stream is dropped.
+            let _open = &open;
+            message
+        });
         match still_allowed {
             Some(still_allowed) => {
                 Box::pin(crate::still_allowed::until_revoked(messages, still_allowed))

@@ -2,7 +2,8 @@
 //! at once (more are refused with `RESOURCE_EXHAUSTED` `TOO_MANY_WATCHES`, and a watch that ends
 //! frees its slot), and a watcher whose client takes nothing ends as lagged once its queue has
 //! stayed full for the stall time: its task, inbox and slot go, and the client still
-//! gets what was queued, then the error. The real sled store on a temporary directory, the real
+//! gets what was queued, then the error (such a stream counts among the streams open, twice the
+//! watchers, until the client reads it or goes). The real sled store on a temporary directory, the real
 //! `TimelineService` on `127.0.0.1:0`, the generated client.
 
 use std::sync::Arc;
@@ -136,17 +137,45 @@ async fn a_watch_whose_client_takes_nothing_ends_as_lagged_after_what_was_queued
     // client can watch.
     let mut other = client.clone();
     let mut attempt = tokio::time::interval(Duration::from_millis(20));
-    loop {
+    let other_stream = loop {
         attempt.tick().await;
         match other.watch_timeline(watch_alice()).await {
-            Ok(_) => break,
+            Ok(watching) => break watching.into_inner(),
             Err(status) if status.code() == Code::ResourceExhausted => assert!(
                 tokio::time::Instant::now() < deadline,
                 "the stalled watch still holds its slot"
             ),
             Err(status) => anyhow::bail!("unexpected refusal: {status:?}"),
         }
+    };
+    // But a stalled stream, with what was queued for it, still counts among the streams open
+    // (twice the watchers): unread streams cannot pile up without bound. The other client
+    // takes nothing either: once its watcher has ended too, no watcher runs, and the two
+    // unread streams refuse a third.
+    while feed.receiver_count() > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the other watcher still runs although its client takes nothing"
+        );
+        check.tick().await;
     }
+    let refused = other
+        .watch_timeline(watch_alice())
+        .await
+        .expect_err("two unread streams are open");
+    assert_eq!(
+        (
+            refused.code(),
+            refused.get_details_error_info().map(|info| info.reason)
+        ),
+        (Code::ResourceExhausted, Some("TOO_MANY_WATCHES".to_owned())),
+        "{refused:?}"
+    );
+    assert!(
+        refused.message().contains("whose watcher ended"),
+        "{refused:?}"
+    );
+    drop(other_stream);
 
     let mut entries = 0;
     let status = loop {
@@ -180,7 +209,22 @@ async fn a_watch_whose_client_takes_nothing_ends_as_lagged_after_what_was_queued
         Ok(0)
     );
 
-    drop((stream, client, other));
+    // Read to its end, the stalled stream no longer counts.
+    drop(stream);
+    let mut attempt = tokio::time::interval(Duration::from_millis(20));
+    loop {
+        attempt.tick().await;
+        match other.watch_timeline(watch_alice()).await {
+            Ok(_) => break,
+            Err(status) if status.code() == Code::ResourceExhausted => assert!(
+                tokio::time::Instant::now() < deadline,
+                "the stream read to its end still counts"
+            ),
+            Err(status) => anyhow::bail!("unexpected refusal: {status:?}"),
+        }
+    }
+
+    drop((client, other));
     stop(server, store).await;
     Ok(())
 }

@@ -366,7 +366,9 @@ pub struct QueryConfig {
     /// Store reads at once (timeline pages, summaries, watch catch-ups); more wait their turn.
     /// 0: as many as the cores, so that reads do not crowd out the projector's writer.
     pub read_concurrency: usize,
-    /// `WatchTimeline` calls open at once; more are refused (`TOO_MANY_WATCHES`).
+    /// `WatchTimeline` watchers running at once, and twice that many watch streams open (a
+    /// stream whose watcher ended while its client took nothing counts until the client reads
+    /// it or goes); more calls are refused (`TOO_MANY_WATCHES`).
     pub max_watches: usize,
 }
 
