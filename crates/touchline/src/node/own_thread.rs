@@ -9,11 +9,15 @@
 use anyhow::Context as _;
 use tokio::task::JoinHandle;
 
+/// How long the runtime of a task that failed is given to end its blocking calls.
+const FAILED_RUNTIME_END: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Runs `task` on a thread of its own, on a runtime of its own, so that requests flooding the
 /// node's runtime do not delay it. The returned handle ends once the task has ended and its
 /// runtime is gone (with whatever it still held, the store among it), so that what follows a
-/// stop finds everything released. A task that panics, or a runtime that cannot start, ends the
-/// handle with [`touchline_projection::Error::Thread`].
+/// stop finds everything released; after a task that failed, at most [`FAILED_RUNTIME_END`]
+/// later, whatever blocking call it left running (a hung one is abandoned). A task that panics,
+/// or a runtime that cannot start, ends the handle with [`touchline_projection::Error::Thread`].
 pub(super) fn spawn_on_own_thread(
     name: &str,
     task: impl Future<Output = touchline_projection::Result<()>> + Send + 'static,
@@ -28,7 +32,15 @@ pub(super) fn spawn_on_own_thread(
             {
                 Ok(runtime) => {
                     let result = runtime.block_on(task);
-                    drop(runtime);
+                    if result.is_ok() {
+                        drop(runtime);
+                    } else {
+                        // A failed task may leave a blocking call that never returns (sled's
+                        // flush, hung after it could not create a file: the projector fails
+                        // with `FlushStalled`), which dropping the runtime would wait for without
+                        // end: the handle would never end and the node would never fail.
+                        runtime.shutdown_timeout(FAILED_RUNTIME_END);
+                    }
                     result
                 }
                 Err(error) => Err(touchline_projection::Error::Thread(error)),
@@ -74,5 +86,31 @@ mod tests {
             panicking.await,
             Ok(Err(touchline_projection::Error::Thread(_)))
         ));
+    }
+
+    /// A task that fails leaving a blocking call that never returns (a hung sled flush) still
+    /// ends its handle, with its error: the node fails instead of running half-dead.
+    #[tokio::test]
+    async fn a_failed_task_ends_its_handle_although_a_blocking_call_hangs() {
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        let failing = spawn_on_own_thread("tl-test-hung", async move {
+            let (started, running) = tokio::sync::oneshot::channel();
+            drop(tokio::task::spawn_blocking(move || {
+                let _ = started.send(());
+                held.recv()
+            }));
+            let _ = running.await;
+            Err(touchline_projection::Error::Thread(std::io::Error::other(
+                "the flush stalled",
+            )))
+        })
+        .expect("starts");
+        let ended = tokio::time::timeout(std::time::Duration::from_secs(30), failing).await;
+        // The hung call may go now (else its thread would outlive the test).
+        drop(release);
+        assert!(
+            matches!(ended, Ok(Ok(Err(touchline_projection::Error::Thread(_))))),
+            "{ended:?}"
+        );
     }
 }
