@@ -3,7 +3,7 @@
 //! CA) is served without a restart: the certificate, key and client-CA files are checked every few
 //! seconds and reloaded when they change (or on SIGHUP); files that do not load keep the ones in
 //! force, with a logged error and `touchline_tls_reloads_total{result="failed"}`. When the
-//! certificates in force expire is `touchline_tls_expiry_timestamp_seconds{file}`.
+//! served chain in force expires is `touchline_tls_expiry_timestamp_seconds{file="cert"}`.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -67,18 +67,19 @@ static RELOADS: std::sync::LazyLock<Family<ReloadLabels, Counter>> =
     std::sync::LazyLock::new(Family::default);
 /// When the TLS files in force were loaded (Unix seconds).
 static LOADED_AT: std::sync::LazyLock<Gauge> = std::sync::LazyLock::new(Gauge::default);
-/// When the first certificate of each file in force expires (Unix seconds).
+/// When the first certificate of the served chain in force expires (Unix seconds).
 static EXPIRES_AT: std::sync::LazyLock<Family<FileLabel, Gauge>> =
     std::sync::LazyLock::new(Family::default);
 
-/// A TLS file, as a label: "cert" (the served chain) or "client-ca".
+/// A TLS file, as a label: "cert" (the served chain). Not "client-ca": rustls does not look at
+/// a trust anchor's validity, so an expired client CA stops nothing.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, prometheus_client::encoding::EncodeLabelSet)]
 struct FileLabel {
     file: &'static str,
 }
 
 /// Registers `touchline_tls_reloads_total{result}`, `touchline_tls_loaded_timestamp_seconds` and
-/// `touchline_tls_expiry_timestamp_seconds{file}`.
+/// `touchline_tls_expiry_timestamp_seconds{file="cert"}`.
 pub(crate) fn register_metrics(registry: &mut prometheus_client::registry::Registry) {
     registry.register(
         "touchline_tls_reloads",
@@ -92,7 +93,7 @@ pub(crate) fn register_metrics(registry: &mut prometheus_client::registry::Regis
     );
     registry.register(
         "touchline_tls_expiry_timestamp_seconds",
-        "when the first certificate in force of each TLS file expires (Unix seconds; file=\"cert\" is the served chain, file=\"client-ca\" the client-CA bundle): alert on it minus time(), a certificate that is not renewed stops every TLS connection when it expires",
+        "when the first certificate of the served chain in force expires (Unix seconds; file=\"cert\"; absent when a certificate's validity cannot be read, with a warning): alert on it minus time(), clients refuse an expired certificate",
         EXPIRES_AT.clone(),
     );
 }
@@ -139,10 +140,9 @@ impl TlsServer {
         let key = certified_key(files, &provider)?;
         let served = key.cert.clone();
         let current = Arc::new(Current(RwLock::new(Arc::new(key))));
-        let (acceptor, client_cas) = acceptor(files, &provider, &current)?;
+        let acceptor = acceptor(files, &provider, &current)?;
         loaded_now();
-        expiry_in_force("cert", Some(&files.cert_file), &served);
-        expiry_in_force("client-ca", files.client_ca_file.as_deref(), &client_cas);
+        expiry_in_force(&files.cert_file, &served);
         Ok(Self {
             acceptor: Arc::new(RwLock::new(acceptor)),
             current,
@@ -154,23 +154,21 @@ impl TlsServer {
     }
 }
 
-/// An acceptor with the client-CA verifier of `files` (if any), serving `current`, and the
-/// client-CA certificates (none without a client CA).
+/// An acceptor with the client-CA verifier of `files` (if any), serving `current`.
 fn acceptor(
     files: &TlsConfig,
     provider: &Arc<CryptoProvider>,
     current: &Arc<Current>,
-) -> anyhow::Result<(TlsAcceptor, Vec<CertificateDer<'static>>)> {
+) -> anyhow::Result<TlsAcceptor> {
     let builder = rustls::ServerConfig::builder_with_provider(Arc::clone(provider))
         .with_safe_default_protocol_versions()
         .context("server.tls: no protocol version")?;
-    let (builder, cas) = match &files.client_ca_file {
+    let builder = match &files.client_ca_file {
         Some(path) => {
             let pem = read("server.tls.client-ca-file", path, read_regular)?;
             // A bundle is taken whole or refused.
             let mut roots = RootCertStore::empty();
-            let cas = certificates("client-ca-file", path, &pem)?;
-            for certificate in cas.iter().cloned() {
+            for certificate in certificates("client-ca-file", path, &pem)? {
                 roots.add(certificate).with_context(|| {
                     format!(
                         "server.tls.client-ca-file {}: a certificate",
@@ -182,23 +180,19 @@ fn acceptor(
                 WebPkiClientVerifier::builder_with_provider(Arc::new(roots), Arc::clone(provider))
                     .build()
                     .with_context(|| format!("server.tls.client-ca-file {}", path.display()))?;
-            (builder.with_client_cert_verifier(verifier), cas)
+            builder.with_client_cert_verifier(verifier)
         }
-        None => (builder.with_no_client_auth(), Vec::new()),
+        None => builder.with_no_client_auth(),
     };
     let mut config = builder.with_cert_resolver(Arc::clone(current) as _);
     config.alpn_protocols = vec![b"h2".to_vec()];
-    Ok((TlsAcceptor::from(Arc::new(config)), cas))
+    Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
-/// Sets when the first of the certificates of a TLS file in force (`file`, at `path`; none
-/// configured: `None`) expires, and warns when that is past (or cannot be read).
-fn expiry_in_force(file: &'static str, path: Option<&Path>, certificates: &[CertificateDer<'_>]) {
-    let label = FileLabel { file };
-    let Some(path) = path else {
-        EXPIRES_AT.remove(&label);
-        return;
-    };
+/// Sets when the first of the served chain in force (`certificates`, of the file at `path`)
+/// expires, and warns when that is past (or cannot be read).
+fn expiry_in_force(path: &Path, certificates: &[CertificateDer<'_>]) {
+    let label = FileLabel { file: "cert" };
     let Some(expires_at) = expiry::earliest(certificates.iter().map(AsRef::as_ref)) else {
         EXPIRES_AT.remove(&label);
         warn!(
@@ -339,16 +333,11 @@ impl TlsServer {
                     // settle, and not an error yet.
                     _ if stamps(&files) != now => settled = None,
                     Ok((key, new_acceptor)) => {
-                        expiry_in_force("cert", Some(&files.cert_file), &key.cert);
+                        expiry_in_force(&files.cert_file, &key.cert);
                         *current.0.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(key);
-                        if let Some((new_acceptor, client_cas)) = new_acceptor {
+                        if let Some(new_acceptor) = new_acceptor {
                             *acceptor.write().unwrap_or_else(PoisonError::into_inner) =
                                 new_acceptor;
-                            expiry_in_force(
-                                "client-ca",
-                                files.client_ca_file.as_deref(),
-                                &client_cas,
-                            );
                             info!(
                                 client_ca = ?files.client_ca_file,
                                 "TLS client CA reloaded"
