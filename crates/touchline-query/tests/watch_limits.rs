@@ -175,7 +175,6 @@ async fn a_watch_whose_client_takes_nothing_ends_as_lagged_after_what_was_queued
         refused.message().contains("whose watcher ended"),
         "{refused:?}"
     );
-    drop(other_stream);
 
     let mut entries = 0;
     let status = loop {
@@ -209,22 +208,22 @@ async fn a_watch_whose_client_takes_nothing_ends_as_lagged_after_what_was_queued
         Ok(0)
     );
 
-    // Read to its end, the stalled stream no longer counts.
-    drop(stream);
+    // Read to its end (the client still holds it, as it holds the other unread one), the
+    // stalled stream no longer counts.
     let mut attempt = tokio::time::interval(Duration::from_millis(20));
-    loop {
+    let third = loop {
         attempt.tick().await;
         match other.watch_timeline(watch_alice()).await {
-            Ok(_) => break,
+            Ok(watching) => break watching,
             Err(status) if status.code() == Code::ResourceExhausted => assert!(
                 tokio::time::Instant::now() < deadline,
                 "the stream read to its end still counts"
             ),
             Err(status) => anyhow::bail!("unexpected refusal: {status:?}"),
         }
-    }
+    };
 
-    drop((client, other));
+    drop((stream, other_stream, third, client, other));
     stop(server, store).await;
     Ok(())
 }
