@@ -30,6 +30,17 @@ fn partners_file(tokens: &[&str]) -> String {
     )
 }
 
+/// `touchline_auth_failures_total{service="ingest",reason}`.
+fn auth_failures(reason: &'static str) -> u64 {
+    touchline_ingest::metrics::INGEST
+        .auth_failures
+        .get_or_create(&touchline_ingest::metrics::AuthLabels {
+            service: "ingest",
+            reason,
+        })
+        .get()
+}
+
 /// A `PublishStream` opened with `token`: where its batches go, and its answers.
 async fn open_stream(
     ingest: &mut touchline_proto::v1::ingest_service_client::IngestServiceClient<
@@ -275,16 +286,7 @@ async fn a_revoked_token_ends_its_open_stream_at_the_next_batch() -> anyhow::Res
         (Code::Unauthenticated, Some("TOKEN_INVALID"))
     );
     // The idle stream ends without a batch of its own, counted as an authentication failure.
-    let auth_failures = || {
-        touchline_ingest::metrics::INGEST
-            .auth_failures
-            .get_or_create(&touchline_ingest::metrics::AuthLabels {
-                service: "ingest",
-                reason: "TOKEN_INVALID",
-            })
-            .get()
-    };
-    let failures_before = auth_failures();
+    let failures_before = auth_failures("TOKEN_INVALID");
     let ended = tokio::time::timeout(touchline_tests::DEADLINE, idle_answers.message())
         .await?
         .expect_err("the idle stream ends");
@@ -292,7 +294,7 @@ async fn a_revoked_token_ends_its_open_stream_at_the_next_batch() -> anyhow::Res
         (ended.code(), error_reason(&ended).as_deref()),
         (Code::Unauthenticated, Some("TOKEN_INVALID"))
     );
-    assert!(auth_failures() > failures_before);
+    assert!(auth_failures("TOKEN_INVALID") > failures_before);
     drop(idle_sender);
     assert_eq!(
         publish(&mut ingest, NEW, batch("s-3").events)
@@ -310,17 +312,22 @@ async fn a_revoked_token_ends_its_open_stream_at_the_next_batch() -> anyhow::Res
     node.shutdown().await
 }
 
-/// A stream batch waiting for its partner's rate (it can wait long: a partner far over its rate
-/// pays for every event) ends the stream when its token is revoked meanwhile, within a second or
-/// so of the reload, not once the wait is over; it publishes nothing.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_revoked_token_ends_a_stream_whose_batch_waits_for_the_rate() -> anyhow::Result<()> {
+/// Partners `OLD` and `NEW` of one partner paced at `rate` events a second with a burst of one.
+fn paced(tokens: &[&str], rate: f64) -> String {
+    partners_file(tokens) + &format!("rate-per-second = {rate}\nburst = 1\n")
+}
+
+/// A node whose partner is paced at one event per 100 s (nothing refills the bucket while a test
+/// runs), and a stream of `OLD` whose second batch (10 events: 1,000 s of the rate, far past the
+/// deadline) waits for the rate; then the partners file becomes `then`. The stream's next answer
+/// (within the deadline), and the records in the topic after it.
+async fn a_batch_waiting_for_the_rate_when(
+    then: String,
+) -> anyhow::Result<(Result<Option<v1::PublishResponse>, tonic::Status>, i64)> {
     let broker = start_broker().await;
     let dir = tempfile::tempdir()?;
     let path = dir.path().join("partners.toml");
-    // One event per 100 s: nothing refills the bucket while the test runs.
-    let paced = |tokens: &[&str]| partners_file(tokens) + "rate-per-second = 0.01\nburst = 1\n";
-    std::fs::write(&path, paced(&[OLD, NEW]))?;
+    std::fs::write(&path, paced(&[OLD, NEW], 0.01))?;
     let directory = PartnerDirectory::load(&path)?;
     let node = start_node_with(&broker, dir.path(), directory.clone(), |_| {}).await?;
     let mut ingest = ingest_client(&node).await?;
@@ -345,8 +352,8 @@ async fn a_revoked_token_ends_a_stream_whose_batch_waits_for_the_rate() -> anyho
         answers.message().await?.map(|answer| answer.accepted),
         Some(1)
     );
-    // 10 events owe 1,000 s, far past the deadline below. Charged (and waiting) once a unary
-    // call of the partner is refused with a retry delay that only this debt gives.
+    // Charged (and waiting) once a unary call of the partner is refused with a retry delay that
+    // only this debt gives.
     sender.send(batch(1, 10)).await?;
     touchline_tests::wait_until_rate_owes(
         &mut ingest,
@@ -355,22 +362,43 @@ async fn a_revoked_token_ends_a_stream_whose_batch_waits_for_the_rate() -> anyho
         std::time::Duration::from_secs(500),
     )
     .await?;
-    std::fs::write(&path, paced(&[NEW]))?;
+    std::fs::write(&path, then)?;
     directory.reload()?;
-    let ended = tokio::time::timeout(touchline_tests::DEADLINE, answers.message())
+    let answer = tokio::time::timeout(touchline_tests::DEADLINE, answers.message())
         .await
-        .map_err(|_| anyhow::anyhow!("the waiting batch held the stream past the revocation"))?
-        .expect_err("the stream ends");
+        .map_err(|_| anyhow::anyhow!("the waiting batch held the stream past the reload"))?;
+    let records = touchline_tests::records_in_topic(&broker).await?;
+    node.shutdown().await?;
+    Ok((answer, records))
+}
+
+/// A stream batch waiting for its partner's rate (it can wait long: a partner far over its rate
+/// pays for every event) ends the stream when its token is revoked meanwhile, within a second or
+/// so of the reload, not once the wait is over; it publishes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_token_ends_a_stream_whose_batch_waits_for_the_rate() -> anyhow::Result<()> {
+    let failures_before = auth_failures("TOKEN_INVALID");
+    let (answer, records) = a_batch_waiting_for_the_rate_when(paced(&[NEW], 0.01)).await?;
+    let ended = answer.expect_err("the stream ends");
     assert_eq!(
         (ended.code(), error_reason(&ended).as_deref()),
         (Code::Unauthenticated, Some("TOKEN_INVALID"))
     );
-    assert_eq!(
-        touchline_tests::records_in_topic(&broker).await?,
-        1,
-        "the waiting batch was not published"
-    );
-    node.shutdown().await
+    // Counted as a stream its revoked token ended.
+    assert!(auth_failures("TOKEN_INVALID") > failures_before);
+    assert_eq!(records, 1, "the waiting batch was not published");
+    Ok(())
+}
+
+/// A rate raised while a stream batch waits for the old one applies to what it still owes: it is
+/// published within a second or so of the reload, not once the old rate is paid.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_raised_rate_applies_to_a_stream_batch_that_waits_for_the_old_one() -> anyhow::Result<()>
+{
+    let (answer, records) = a_batch_waiting_for_the_rate_when(paced(&[OLD, NEW], 1000.0)).await?;
+    assert_eq!(answer?.map(|answer| answer.accepted), Some(10));
+    assert_eq!(records, 11);
+    Ok(())
 }
 
 /// A unary `Publish` is authenticated at its headers, and again once its body has come (which

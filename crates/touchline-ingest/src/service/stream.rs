@@ -215,6 +215,11 @@ pub(super) fn open(
                 Err(Failed::Batch { events, error }) => {
                     // The one failure the partner is told of.
                     count_failed(&shared.opened_as, events, Some(&error));
+                    if matches!(error, Error::TokenInvalid | Error::TokenExpired) {
+                        // A stream its revoked (or expired) token ended, as the idle check
+                        // counts one.
+                        crate::metrics::INGEST.count_auth_failure("ingest", error.reason());
+                    }
                     (Err(Status::from(error)), true)
                 }
                 Err(Failed::Stream(status)) => (Err(status), true),
@@ -326,22 +331,23 @@ impl Shared {
 
     /// Whether the stream's token still authenticates as the partner it was opened as; `valid`
     /// is the registry it was last found valid in, and until when: while the registry in force
-    /// is that one and the token has not expired, nothing is hashed again.
+    /// is that one and the token has not expired, nothing is hashed again (`None`); else the
+    /// partner as the registry in force has it (its contract may have changed).
     fn still_authenticated(
         &self,
         valid: &mut Option<(Arc<PartnerRegistry>, Option<UnixNanos>)>,
-    ) -> Result<()> {
+    ) -> Result<Option<Authenticated>> {
         let registry = self.inner.partners.current();
         let now = UnixNanos::now();
         if let Some((checked, until)) = valid.as_ref()
             && Arc::ptr_eq(checked, &registry)
             && until.is_none_or(|until| now < until)
         {
-            return Ok(());
+            return Ok(None);
         }
-        let (_, until) = self.authenticate_in(&registry, now)?;
+        let (partner, until) = self.authenticate_in(&registry, now)?;
         *valid = Some((registry, until));
-        Ok(())
+        Ok(Some(partner))
     }
 
     /// Batch `index` failed: the stream ends at it (or at an earlier failure).
@@ -439,7 +445,8 @@ impl Shared {
             share,
             bytes,
         } = admitted;
-        let ready = self.wait_for_turn(index, wait).await;
+        let charged_rate = charge.as_ref().map(|charge| charge.rate);
+        let ready = self.wait_for_turn(index, wait, charged_rate).await;
         let result = match ready {
             Ok((partner, slot)) => {
                 if let Some(charge) = charge {
@@ -467,6 +474,7 @@ impl Shared {
         &self,
         index: u64,
         wait: Duration,
+        charged_rate: Option<f64>,
     ) -> Result<(Authenticated, [OwnedSemaphorePermit; 2])> {
         let draining = &self.inner.draining;
         // Each wait looks at the shutdown and the stream's end first (`biased`): a batch whose
@@ -474,9 +482,11 @@ impl Shared {
         if !wait.is_zero() {
             debug!(partner = %self.opened_as.partner_id, ?wait, "stream batch over the partner's rate: waiting");
             // The wait can be long (a partner far over its rate pays for every event): a token
-            // revoked or expired meanwhile ends the stream at this batch within a check, not
-            // once the wait is over. None: a debt no instant holds, waited out by nothing.
-            let paid = tokio::time::Instant::now().checked_add(wait);
+            // revoked or expired meanwhile ends the stream at this batch within a check, and a
+            // rate changed meanwhile (the partners file reloaded) applies to what the batch
+            // still owes, not once the wait is over. None: a debt no instant holds.
+            let mut paid = tokio::time::Instant::now().checked_add(wait);
+            let mut rate = charged_rate;
             let mut valid = None;
             loop {
                 let check = tokio::time::Instant::now() + TOKEN_CHECK;
@@ -490,7 +500,13 @@ impl Shared {
                 if paid.is_some_and(|paid| paid <= until) {
                     break;
                 }
-                self.still_authenticated(&mut valid)?;
+                if let Some(partner) = self.still_authenticated(&mut valid)? {
+                    let now_rate = self.inner.rate_of(&partner).map(|(rate, _)| rate);
+                    if now_rate != rate {
+                        paid = repaid(paid, rate, now_rate);
+                        rate = now_rate;
+                    }
+                }
             }
         }
         // The partner's share first: its batches wait behind one another, not in front of
@@ -518,6 +534,29 @@ impl Shared {
             return Err(Error::ShuttingDown);
         }
         Ok((partner, [slot, share]))
+    }
+}
+
+/// When a debt due at `paid` at `rate` is paid at `now_rate` from now on: at once without a
+/// limit now; `None` for a debt no instant holds.
+fn repaid(
+    paid: Option<tokio::time::Instant>,
+    rate: Option<f64>,
+    now_rate: Option<f64>,
+) -> Option<tokio::time::Instant> {
+    let now = tokio::time::Instant::now();
+    match (rate, now_rate) {
+        (_, None) => Some(now),
+        (Some(rate), Some(now_rate)) => {
+            let left = paid.map_or(f64::INFINITY, |paid| {
+                paid.saturating_duration_since(now).as_secs_f64()
+            });
+            Duration::try_from_secs_f64(left * rate / now_rate)
+                .ok()
+                .and_then(|left| now.checked_add(left))
+        }
+        // A batch that waits was charged a rate.
+        (None, Some(_)) => paid,
     }
 }
 
@@ -553,6 +592,27 @@ impl StreamWindow {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_changed_rate_rescales_what_a_batch_still_owes() {
+        let now = tokio::time::Instant::now();
+        let in_ten = Some(now + Duration::from_secs(10));
+        let left = |paid: Option<tokio::time::Instant>| {
+            paid.map(|paid| paid.saturating_duration_since(now).as_secs_f64())
+        };
+        let near = |left: Option<f64>, expected: f64| {
+            left.is_some_and(|left| (left - expected).abs() < 0.5)
+        };
+        // Twice the rate: half the time left; half the rate: twice.
+        assert!(near(left(repaid(in_ten, Some(1.0), Some(2.0))), 5.0));
+        assert!(near(left(repaid(in_ten, Some(2.0), Some(1.0))), 20.0));
+        // No limit any more: at once.
+        assert!(near(left(repaid(in_ten, Some(1.0), None)), 0.0));
+        // A debt no instant holds stays so, but for no limit.
+        assert_eq!(repaid(None, Some(1.0), Some(2.0)), None);
+        assert!(repaid(None, Some(1.0), None).is_some());
+        assert_eq!(repaid(in_ten, Some(1.0), Some(f64::MIN_POSITIVE)), None);
+    }
 
     /// A batch that counts more than the whole window (a message that re-encodes longer than it
     /// came) takes the whole window, once it is free, rather than waiting for ever.
