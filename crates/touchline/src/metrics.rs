@@ -18,6 +18,8 @@ use tokio_util::sync::CancellationToken;
 use touchline_query::admin::AdminService;
 use tracing::warn;
 
+mod listener;
+
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct PartitionLabel {
     partition: i32,
@@ -303,7 +305,7 @@ pub async fn serve(
         .with_context(|| format!("cannot listen for metrics on {listen}"))?;
     let local = listener.local_addr()?;
     let task = tokio::spawn(async move {
-        let served = axum::serve(listener, app)
+        let served = axum::serve(listener::Capped::new(listener), app)
             .with_graceful_shutdown(shutdown.cancelled_owned())
             .await;
         if let Err(error) = served {
@@ -311,4 +313,58 @@ pub async fn serve(
         }
     });
     Ok((local, task))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    use super::*;
+
+    async fn scrape_on(
+        stream: &mut tokio::net::TcpStream,
+        addr: SocketAddr,
+    ) -> std::io::Result<()> {
+        stream
+            .write_all(
+                format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")
+                    .as_bytes(),
+            )
+            .await
+    }
+
+    /// Silent connections hold at most `MAX_CONNECTIONS` places: the next one waits, unaccepted,
+    /// until one of them goes (or is closed when idle), instead of each taking a descriptor.
+    #[tokio::test]
+    async fn the_endpoint_serves_a_few_connections_at_once() -> anyhow::Result<()> {
+        let shutdown = CancellationToken::new();
+        let (addr, task) = serve("127.0.0.1:0".parse()?, None, shutdown.clone()).await?;
+        let mut silent = Vec::new();
+        for _ in 0..listener::MAX_CONNECTIONS {
+            silent.push(tokio::net::TcpStream::connect(addr).await?);
+        }
+        let mut waiting = tokio::net::TcpStream::connect(addr).await?;
+        scrape_on(&mut waiting, addr).await?;
+        let mut answer = String::new();
+        // Not answered while every place is held (an absence: looked for a little while).
+        assert!(
+            tokio::time::timeout(
+                Duration::from_millis(300),
+                waiting.read_to_string(&mut answer)
+            )
+            .await
+            .is_err(),
+            "answered past the limit: {answer}"
+        );
+        drop(silent.pop());
+        tokio::time::timeout(Duration::from_secs(30), waiting.read_to_string(&mut answer))
+            .await??;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        drop(silent);
+        shutdown.cancel();
+        task.await?;
+        Ok(())
+    }
 }
