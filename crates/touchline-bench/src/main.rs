@@ -104,6 +104,10 @@ struct Report {
     broker_ceiling: ceilings::BrokerCeiling,
     /// The faster of the two below.
     sled_ceiling_per_second: f64,
+    /// The lower of the two ceilings, "broker" (produce-and-consume) or "sled", which the
+    /// end-to-end ratio is measured against, and its rate.
+    lower_ceiling: &'static str,
+    lower_ceiling_per_second: f64,
     /// The sled ceiling through sled's `apply_batch` alone.
     sled_alone_per_second: f64,
     /// The sled ceiling through the store's batch apply (its gate and epoch collection).
@@ -348,6 +352,8 @@ async fn main() -> anyhow::Result<()> {
         record_bytes,
         broker_ceiling,
         sled_ceiling_per_second: sled_ceiling,
+        lower_ceiling: lower,
+        lower_ceiling_per_second: ceiling,
         sled_alone_per_second: sled_alone,
         sled_collected_per_second: sled_collected,
         store_per_second,
@@ -488,11 +494,15 @@ async fn main() -> anyhow::Result<()> {
     );
     figure(
         "GetTimeline(50) p50 / p99 after ingest",
-        format!(
-            "{} / {}",
-            ms(report.reads_after.p50_ms),
-            ms(report.reads_after.p99_ms)
-        ),
+        if report.reads_after.count == 0 {
+            "n/a (no samples)".to_owned()
+        } else {
+            format!(
+                "{} / {}",
+                ms(report.reads_after.p50_ms),
+                ms(report.reads_after.p99_ms)
+            )
+        },
     );
     figure(
         "GetTimeline(50) reads/s after ingest",

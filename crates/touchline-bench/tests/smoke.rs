@@ -73,7 +73,41 @@ fn the_benchmark_runs_on_the_tiny_preset() -> anyhow::Result<()> {
     // 2,000 events from 2 clients in batches of 100: 20 batches a phase, each answered.
     assert_eq!(count("/full_speed/ack_latency/count"), 20);
     assert_eq!(count("/half_rate/ack_latency/count"), 20);
-    assert!(count("/half_rate/ingest_to_queryable/count") > 0);
+    // The last event of every second batch is watched until it is queryable.
+    assert_eq!(count("/half_rate/ingest_to_queryable/count"), 10);
+    // The paced phase followed its schedule: each client's last batch goes out 9 intervals of
+    // 100 x 2 / 1,500 s after the start (a closed loop would take a fraction of that).
+    let seconds = |pointer: &str| {
+        figures
+            .pointer(pointer)
+            .and_then(serde_json::Value::as_f64)
+            .unwrap_or(f64::NAN)
+    };
+    assert!(
+        seconds("/half_rate/seconds") >= 9.0 * 100.0 * 2.0 / 1500.0,
+        "the paced phase took {} s",
+        seconds("/half_rate/seconds")
+    );
+    // The end-to-end ratio is against the lower of the two ceilings.
+    let lower = seconds("/lower_ceiling_per_second");
+    assert_eq!(
+        lower,
+        seconds("/broker_ceiling/per_second").min(seconds("/sled_ceiling_per_second"))
+    );
+    assert_eq!(
+        figures["lower_ceiling"],
+        if lower == seconds("/sled_ceiling_per_second") {
+            "sled"
+        } else {
+            "broker"
+        }
+    );
+    let ratio = seconds("/full_speed/end_to_end_per_second") / lower;
+    assert!(
+        (seconds("/full_speed_ratio") - ratio).abs() <= 1e-9 * ratio,
+        "{} against {ratio}",
+        seconds("/full_speed_ratio")
+    );
     assert!(
         count("/half_rate/reads_during/count") + count("/half_rate/reads_during_short") > 0,
         "the reader read during ingest"
