@@ -92,15 +92,13 @@ pub struct ApplyOutcome {
 }
 
 impl ApplyOutcome {
-    /// Adds what applying a later part of the same batch did.
+    /// Adds what applying a later part of the same batch did: its positions replace the earlier
+    /// part's, as they did in the store (after a rewind the later one is the lower).
     pub fn absorb(&mut self, later: Self) {
         self.appended += later.appended;
         self.duplicates += later.duplicates;
         self.dead_lettered += later.dead_lettered;
-        for (partition, next_offset) in later.next_offsets {
-            let next = self.next_offsets.entry(partition).or_insert(next_offset);
-            *next = (*next).max(next_offset);
-        }
+        self.next_offsets.extend(later.next_offsets);
     }
 }
 

@@ -46,6 +46,39 @@ fn event_ids(store: &SledStore, query: &TimelineQuery) -> Vec<String> {
         .collect()
 }
 
+/// A partition read again from its start within one batch (a broker that lost its records and
+/// kept its cluster id: librdkafka starts again from the oldest offset) leaves the position after
+/// its last record, with that record's fingerprint, in the store and in what the apply reports,
+/// within a write piece and across two. Before, the highest offset of the batch was kept: the
+/// store held a position that did not go with its fingerprint, and the projector reported it.
+#[test]
+fn a_rewind_within_a_batch_leaves_the_position_after_the_last_record() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = open(&dir);
+    let event = |id: &str| envelope("courier", id, "alice", 100, JourneyStage::Fulfil);
+    // Within one piece of 32, then across pieces (offsets 68 to 99 fill the first).
+    for (name, offsets) in [
+        ("a", vec![98, 99, 0]),
+        ("b", (68..=99).chain([0]).collect::<Vec<i64>>()),
+    ] {
+        let records = offsets
+            .iter()
+            .map(|offset| record(0, *offset, event(&format!("{name}-{offset}"))))
+            .collect();
+        let outcome = store.apply(&stream(name), records).expect("applies");
+        assert_eq!(outcome.next_offsets, BTreeMap::from([(0, 1)]), "{name}");
+        let positions = store.positions(&stream(name)).expect("reads");
+        let last = touchline_proto::encode_envelope(&event(&format!("{name}-0")));
+        assert_eq!(
+            positions
+                .get(&0)
+                .map(|position| (position.next_offset, position.last_fingerprint)),
+            Some((1, touchline_core::fingerprint(Some(&last)))),
+            "{name}"
+        );
+    }
+}
+
 #[test]
 fn a_batch_appends_projects_and_stores_its_positions() {
     let dir = tempfile::tempdir().expect("temp dir");

@@ -171,7 +171,7 @@ impl SledStore {
                     && cleared.insert(*id)
                 {
                     self.dead_letters.remove(&mut batch, id.to_be_bytes());
-                    dead_letters -= 1;
+                    dead_letters = dead_letters.saturating_sub(1);
                     tracing::info!(
                         dead_letter = id,
                         "a dead letter whose record decoded when read again while a backup read the dead letters is taken off the list"
@@ -179,16 +179,11 @@ impl SledStore {
                 }
             }
         }
-        // Per partition, the record with the highest offset: its fingerprint is stored with the
-        // position. Fingerprints are computed only for those and for dead letters.
-        let mut last_records: BTreeMap<i32, (i64, usize)> = BTreeMap::new();
+        // Per partition, its last record: its fingerprint is stored with the position after it.
+        // Fingerprints are computed only for those and for dead letters.
+        let mut last_records: BTreeMap<i32, usize> = BTreeMap::new();
         for (index, record) in records.iter().enumerate() {
-            let last = last_records
-                .entry(record.partition)
-                .or_insert((record.offset, index));
-            if record.offset >= last.0 {
-                *last = (record.offset, index);
-            }
+            last_records.insert(record.partition, index);
         }
         let mut last_fingerprints: BTreeMap<i32, u64> = BTreeMap::new();
         // Dedupe, timeline and summary: about three writes a record, and the log's chunk.
@@ -196,13 +191,14 @@ impl SledStore {
         let mut chunk = log::Chunk::default();
 
         for (index, record) in records.into_iter().enumerate() {
-            let after = record.offset.saturating_add(1);
-            let next_offset = outcome
+            // The partition's last record sets its position, as its fingerprint: after a
+            // rewind (a broker that lost its records and kept its cluster id, where librdkafka
+            // starts the partition again from its oldest offset) the consumer goes on after
+            // that record, not after the highest offset the batch held.
+            outcome
                 .next_offsets
-                .entry(record.partition)
-                .or_insert(after);
-            *next_offset = (*next_offset).max(after);
-            if last_records.get(&record.partition).map(|(_, last)| *last) == Some(index) {
+                .insert(record.partition, record.offset.saturating_add(1));
+            if last_records.get(&record.partition) == Some(&index) {
                 last_fingerprints.insert(record.partition, record.content.fingerprint());
             }
             match record.content {
@@ -222,7 +218,7 @@ impl SledStore {
                                 }
                             } else if cleared.insert(id) {
                                 self.dead_letters.remove(&mut batch, id.to_be_bytes());
-                                dead_letters -= 1;
+                                dead_letters = dead_letters.saturating_sub(1);
                                 tracing::info!(
                                     dead_letter = id,
                                     partition = record.partition,
