@@ -316,9 +316,12 @@ impl Node {
         };
         let reporter = HealthReporter::new();
         // Its `Watch` streams end when the server stops (after NOT_SERVING and the delay).
-        let health_service = tonic_health::pb::health_server::HealthServer::new(
-            health::EndingWatches::new(&reporter, server_shutdown.clone()),
-        );
+        let health_service =
+            tonic_health::pb::health_server::HealthServer::new(health::EndingWatches::new(
+                &reporter,
+                server_shutdown.clone(),
+                health::MAX_HEALTH_WATCHES,
+            ));
         let roles = Roles {
             ingest: config.ingest.enabled,
             projector: config.projector.enabled,

@@ -211,21 +211,35 @@ impl NodeHealth {
     }
 }
 
+/// `Health.Watch` streams open at once on a node: as many as its default `server.max-connections`.
+pub(super) const MAX_HEALTH_WATCHES: usize = 10_000;
+
 /// The standard health service, whose `Watch` streams end when the server stops, with the status
 /// in force then (NOT_SERVING): a client watching (client-side health checking) would otherwise
-/// hold the server's graceful stop for the whole grace period.
+/// hold the server's graceful stop for the whole grace period. At most `max_watches` of them are
+/// open at once (more are refused with RESOURCE_EXHAUSTED): they need no token and last until the
+/// client goes, so the connections' limits times HTTP/2's streams a connection (hundreds of
+/// thousands from one address) would be their only bound.
 pub(super) struct EndingWatches {
     inner: Arc<tonic_health::server::HealthService>,
     stopped: CancellationToken,
+    watches: Arc<tokio::sync::Semaphore>,
 }
 
 impl EndingWatches {
-    pub(super) fn new(reporter: &HealthReporter, stopped: CancellationToken) -> Self {
+    pub(super) fn new(
+        reporter: &HealthReporter,
+        stopped: CancellationToken,
+        max_watches: usize,
+    ) -> Self {
         Self {
             inner: Arc::new(tonic_health::server::HealthService::from_health_reporter(
                 reporter.clone(),
             )),
             stopped,
+            watches: Arc::new(tokio::sync::Semaphore::new(
+                max_watches.min(tokio::sync::Semaphore::MAX_PERMITS),
+            )),
         }
     }
 }
@@ -248,6 +262,12 @@ impl Health for EndingWatches {
         request: tonic::Request<HealthCheckRequest>,
     ) -> Result<tonic::Response<Self::WatchStream>, tonic::Status> {
         use futures::StreamExt as _;
+        // Held by the stream until it is dropped.
+        let open = Arc::clone(&self.watches).try_acquire_owned().map_err(|_| {
+            tonic::Status::resource_exhausted(
+                "every health watch this node serves at once is open: check instead, or watch again later",
+            )
+        })?;
         let service = request.get_ref().service.clone();
         let statuses = self.inner.watch(request).await?.into_inner();
         let inner = Arc::clone(&self.inner);
@@ -261,13 +281,38 @@ impl Health for EndingWatches {
         Ok(tonic::Response::new(Box::pin(
             statuses
                 .take_until(self.stopped.clone().cancelled_owned())
-                .chain(last),
+                .chain(last)
+                .map(move |status| {
+                    let _open = &open;
+                    status
+                }),
         )))
     }
 }
 
 #[cfg(test)]
 mod tests {
+
+    /// Health watches past the limit are refused until one goes.
+    #[tokio::test]
+    async fn at_most_max_watches_health_watches_are_open() {
+        let (reporter, _) = tonic_health::server::health_reporter();
+        let health = EndingWatches::new(&reporter, CancellationToken::new(), 2);
+        let watch = || {
+            health.watch(tonic::Request::new(HealthCheckRequest {
+                service: String::new(),
+            }))
+        };
+        let first = watch().await.expect("under the limit");
+        let _second = watch().await.expect("under the limit");
+        let refused = watch().await.err().expect("past the limit");
+        assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
+        drop(first);
+        assert!(
+            watch().await.is_ok(),
+            "a watch that went gave its place back"
+        );
+    }
 
     #[test]
     fn a_status_is_reported_when_it_changes_not_at_every_probe() {
