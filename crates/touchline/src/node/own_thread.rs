@@ -31,7 +31,16 @@ pub(super) fn spawn_on_own_thread(
                 .build()
             {
                 Ok(runtime) => {
-                    let result = runtime.block_on(task);
+                    // A panic is caught here, not unwound through the runtime's drop, which
+                    // would wait for its blocking calls as below.
+                    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        runtime.block_on(task)
+                    }))
+                    .unwrap_or_else(|_| {
+                        Err(touchline_projection::Error::Thread(std::io::Error::other(
+                            "the task panicked",
+                        )))
+                    });
                     if result.is_ok() {
                         drop(runtime);
                     } else {
@@ -88,29 +97,32 @@ mod tests {
         ));
     }
 
-    /// A task that fails leaving a blocking call that never returns (a hung sled flush) still
-    /// ends its handle, with its error: the node fails instead of running half-dead.
+    /// A task that fails (or panics) leaving a blocking call that never returns (a hung sled
+    /// flush) still ends its handle, with its error: the node fails instead of running half-dead.
     #[tokio::test]
     async fn a_failed_task_ends_its_handle_although_a_blocking_call_hangs() {
-        let (release, held) = std::sync::mpsc::channel::<()>();
-        let failing = spawn_on_own_thread("tl-test-hung", async move {
-            let (started, running) = tokio::sync::oneshot::channel();
-            drop(tokio::task::spawn_blocking(move || {
-                let _ = started.send(());
-                held.recv()
-            }));
-            let _ = running.await;
-            Err(touchline_projection::Error::Thread(std::io::Error::other(
-                "the flush stalled",
-            )))
-        })
-        .expect("starts");
-        let ended = tokio::time::timeout(std::time::Duration::from_secs(30), failing).await;
-        // The hung call may go now (else its thread would outlive the test).
-        drop(release);
-        assert!(
-            matches!(ended, Ok(Ok(Err(touchline_projection::Error::Thread(_))))),
-            "{ended:?}"
-        );
+        for panics in [false, true] {
+            let (release, held) = std::sync::mpsc::channel::<()>();
+            let failing = spawn_on_own_thread("tl-test-hung", async move {
+                let (started, running) = tokio::sync::oneshot::channel();
+                drop(tokio::task::spawn_blocking(move || {
+                    let _ = started.send(());
+                    held.recv()
+                }));
+                let _ = running.await;
+                assert!(!panics, "the task fails");
+                Err(touchline_projection::Error::Thread(std::io::Error::other(
+                    "the flush stalled",
+                )))
+            })
+            .expect("starts");
+            let ended = tokio::time::timeout(std::time::Duration::from_secs(30), failing).await;
+            // The hung call may go now (else its thread would outlive the test).
+            drop(release);
+            assert!(
+                matches!(ended, Ok(Ok(Err(touchline_projection::Error::Thread(_))))),
+                "panics: {panics}: {ended:?}"
+            );
+        }
     }
 }
