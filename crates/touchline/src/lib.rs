@@ -11,6 +11,7 @@ pub mod connect;
 pub mod demo;
 pub mod metrics;
 pub mod node;
+mod peers;
 pub mod stream_client;
 
 pub use config::Config;

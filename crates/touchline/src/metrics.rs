@@ -335,19 +335,49 @@ mod tests {
             .await
     }
 
-    /// Silent connections hold at most `MAX_CONNECTIONS` places: the next one waits, unaccepted,
-    /// until one of them goes (or is closed when idle), instead of each taking a descriptor.
+    /// A connection from `ip` (an address of the loopback network) to `addr`.
+    async fn connect_from(ip: [u8; 4], addr: SocketAddr) -> std::io::Result<tokio::net::TcpStream> {
+        let socket = tokio::net::TcpSocket::new_v4()?;
+        socket.bind(SocketAddr::from((ip, 0)))?;
+        socket.connect(addr).await
+    }
+
+    /// Silent connections hold at most `MAX_CONNECTIONS` places, and those of one address at most
+    /// `MAX_CONNECTIONS_PER_PEER`: past the first, the next connection waits, unaccepted, until
+    /// one of them goes (or is closed when idle); past the second, it is closed at once. Instead
+    /// of each taking a descriptor, or one address taking every place.
     #[tokio::test]
-    async fn the_endpoint_serves_a_few_connections_at_once() -> anyhow::Result<()> {
+    async fn the_endpoint_serves_a_few_connections_at_once_and_a_few_of_one_address()
+    -> anyhow::Result<()> {
         let shutdown = CancellationToken::new();
         let (addr, task) = serve("127.0.0.1:0".parse()?, None, shutdown.clone()).await?;
         let mut silent = Vec::new();
-        for _ in 0..listener::MAX_CONNECTIONS {
-            silent.push(tokio::net::TcpStream::connect(addr).await?);
+        for _ in 0..listener::MAX_CONNECTIONS_PER_PEER {
+            silent.push(connect_from([127, 0, 0, 1], addr).await?);
         }
-        let mut waiting = tokio::net::TcpStream::connect(addr).await?;
-        scrape_on(&mut waiting, addr).await?;
+        // One more of the same address is closed unanswered.
+        let mut closed = connect_from([127, 0, 0, 1], addr).await?;
+        let _ = scrape_on(&mut closed, addr).await;
         let mut answer = String::new();
+        let _ = tokio::time::timeout(Duration::from_secs(30), closed.read_to_string(&mut answer))
+            .await?;
+        assert!(
+            answer.is_empty(),
+            "answered past the address's limit: {answer}"
+        );
+        // Other addresses take the rest of the places.
+        let others = listener::MAX_CONNECTIONS - listener::MAX_CONNECTIONS_PER_PEER;
+        for n in 0..others {
+            let ip = [
+                127,
+                0,
+                0,
+                2 + u8::try_from(n / listener::MAX_CONNECTIONS_PER_PEER)?,
+            ];
+            silent.push(connect_from(ip, addr).await?);
+        }
+        let mut waiting = connect_from([127, 0, 0, 100], addr).await?;
+        scrape_on(&mut waiting, addr).await?;
         // Not answered while every place is held (an absence: looked for a little while).
         assert!(
             tokio::time::timeout(

@@ -321,6 +321,7 @@ impl Node {
                 &reporter,
                 server_shutdown.clone(),
                 health::MAX_HEALTH_WATCHES,
+                health::MAX_HEALTH_WATCHES_PER_PEER,
             ));
         let roles = Roles {
             ingest: config.ingest.enabled,

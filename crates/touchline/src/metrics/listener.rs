@@ -1,4 +1,5 @@
-//! The `/metrics` listener: a few connections at once, each closed once idle.
+//! The `/metrics` listener: a few connections at once, a few of one address, each closed once
+//! idle.
 //!
 //! axum's server keeps a connection for as long as its client holds it, and reads a request's
 //! head without a deadline, so sockets opened and left silent (by anyone who can reach the port)
@@ -20,13 +21,17 @@ use tokio::time::{Instant, Sleep};
 
 /// Connections served at once; the next ones wait in the kernel's backlog, unaccepted.
 pub(super) const MAX_CONNECTIONS: usize = 16;
+/// Of them, what one peer address may hold; more are closed as soon as they are accepted.
+pub(super) const MAX_CONNECTIONS_PER_PEER: usize = 4;
 /// How long a connection may go without reading or writing a byte before it is closed.
 pub(super) const IDLE: Duration = Duration::from_secs(30);
 
-/// `listener`, accepting at most [`MAX_CONNECTIONS`] at once, each closed after [`IDLE`].
+/// `listener`, accepting at most [`MAX_CONNECTIONS`] at once and [`MAX_CONNECTIONS_PER_PEER`]
+/// of one address, each closed after [`IDLE`].
 pub(super) struct Capped {
     listener: TcpListener,
     permits: Arc<Semaphore>,
+    per_peer: crate::peers::PerPeer,
 }
 
 impl Capped {
@@ -34,6 +39,7 @@ impl Capped {
         Self {
             listener,
             permits: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
+            per_peer: crate::peers::PerPeer::new(MAX_CONNECTIONS_PER_PEER),
         }
     }
 }
@@ -45,9 +51,16 @@ impl axum::serve::Listener for Capped {
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {
         // Never closed (this listener holds it): never `None`.
         let permit = Arc::clone(&self.permits).acquire_owned().await.ok();
-        // axum's accept: it logs and retries what fails (a full descriptor table, say).
-        let (tcp, peer) = axum::serve::Listener::accept(&mut self.listener).await;
-        (Idle::new(tcp, permit), peer)
+        loop {
+            // axum's accept: it logs and retries what fails (a full descriptor table, say).
+            let (tcp, peer) = axum::serve::Listener::accept(&mut self.listener).await;
+            // One address past its share is closed at once (dropped), so that it cannot hold
+            // every place and keep the scrapers out.
+            if let Some(place) = self.per_peer.take(peer.ip()) {
+                return (Idle::new(tcp, permit, Some(place)), peer);
+            }
+            tracing::debug!(%peer, "a metrics connection closed: its address holds {MAX_CONNECTIONS_PER_PEER} already");
+        }
     }
 
     fn local_addr(&self) -> io::Result<Self::Addr> {
@@ -63,14 +76,20 @@ pub(super) struct Idle<IO> {
     io: IO,
     idle: Pin<Box<Sleep>>,
     _permit: Option<OwnedSemaphorePermit>,
+    _place: Option<crate::peers::PeerPlace>,
 }
 
 impl<IO> Idle<IO> {
-    fn new(io: IO, permit: Option<OwnedSemaphorePermit>) -> Self {
+    fn new(
+        io: IO,
+        permit: Option<OwnedSemaphorePermit>,
+        place: Option<crate::peers::PeerPlace>,
+    ) -> Self {
         Self {
             io,
             idle: Box::pin(tokio::time::sleep(IDLE)),
             _permit: permit,
+            _place: place,
         }
     }
 
@@ -141,7 +160,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_connection_idle_too_long_fails_and_progress_keeps_it() -> anyhow::Result<()> {
         let (client, server) = tokio::io::duplex(64);
-        let mut server = Idle::new(server, None);
+        let mut server = Idle::new(server, None, None);
         let mut client = client;
         let mut byte = [0_u8; 1];
         // Bytes every 20 s: alive past 30 s.

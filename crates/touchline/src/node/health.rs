@@ -213,17 +213,21 @@ impl NodeHealth {
 
 /// `Health.Watch` streams open at once on a node: as many as its default `server.max-connections`.
 pub(super) const MAX_HEALTH_WATCHES: usize = 10_000;
+/// Of them, what one peer address may hold: a client watches a few services per channel.
+pub(super) const MAX_HEALTH_WATCHES_PER_PEER: usize = 100;
 
 /// The standard health service, whose `Watch` streams end when the server stops, with the status
 /// in force then (NOT_SERVING): a client watching (client-side health checking) would otherwise
 /// hold the server's graceful stop for the whole grace period. At most `max_watches` of them are
-/// open at once (more are refused with RESOURCE_EXHAUSTED): they need no token and last until the
-/// client goes, so the connections' limits times HTTP/2's streams a connection (hundreds of
-/// thousands from one address) would be their only bound.
+/// open at once, and `per_peer` of one peer address (more are refused with RESOURCE_EXHAUSTED):
+/// they need no token and last until the client goes, so the connections' limits times HTTP/2's
+/// streams a connection (hundreds of thousands from one address) would be their only bound, and
+/// one peer could take every place.
 pub(super) struct EndingWatches {
     inner: Arc<tonic_health::server::HealthService>,
     stopped: CancellationToken,
     watches: Arc<tokio::sync::Semaphore>,
+    per_peer: crate::peers::PerPeer,
 }
 
 impl EndingWatches {
@@ -231,6 +235,7 @@ impl EndingWatches {
         reporter: &HealthReporter,
         stopped: CancellationToken,
         max_watches: usize,
+        per_peer: usize,
     ) -> Self {
         Self {
             inner: Arc::new(tonic_health::server::HealthService::from_health_reporter(
@@ -240,6 +245,7 @@ impl EndingWatches {
             watches: Arc::new(tokio::sync::Semaphore::new(
                 max_watches.min(tokio::sync::Semaphore::MAX_PERMITS),
             )),
+            per_peer: crate::peers::PerPeer::new(per_peer),
         }
     }
 }
@@ -263,6 +269,14 @@ impl Health for EndingWatches {
     ) -> Result<tonic::Response<Self::WatchStream>, tonic::Status> {
         use futures::StreamExt as _;
         // Held by the stream until it is dropped.
+        let peer_place = match request.remote_addr() {
+            Some(peer) => Some(self.per_peer.take(peer.ip()).ok_or_else(|| {
+                tonic::Status::resource_exhausted(
+                    "every health watch one address may hold at once is open: check instead, or watch again later",
+                )
+            })?),
+            None => None,
+        };
         let open = Arc::clone(&self.watches).try_acquire_owned().map_err(|_| {
             tonic::Status::resource_exhausted(
                 "every health watch this node serves at once is open: check instead, or watch again later",
@@ -283,7 +297,7 @@ impl Health for EndingWatches {
                 .take_until(self.stopped.clone().cancelled_owned())
                 .chain(last)
                 .map(move |status| {
-                    let _open = &open;
+                    let _open = (&open, &peer_place);
                     status
                 }),
         )))
@@ -293,24 +307,44 @@ impl Health for EndingWatches {
 #[cfg(test)]
 mod tests {
 
-    /// Health watches past the limit are refused until one goes.
+    /// Health watches past the node's limit, or past one address's, are refused until one goes.
     #[tokio::test]
     async fn at_most_max_watches_health_watches_are_open() {
         let (reporter, _) = tonic_health::server::health_reporter();
-        let health = EndingWatches::new(&reporter, CancellationToken::new(), 2);
-        let watch = || {
-            health.watch(tonic::Request::new(HealthCheckRequest {
+        let health = EndingWatches::new(&reporter, CancellationToken::new(), 3, 2);
+        let watch = |peer: &str| {
+            let mut request = tonic::Request::new(HealthCheckRequest {
                 service: String::new(),
-            }))
+            });
+            request
+                .extensions_mut()
+                .insert(tonic::transport::server::TcpConnectInfo {
+                    local_addr: None,
+                    remote_addr: Some(peer.parse().expect("an address")),
+                });
+            health.watch(request)
         };
-        let first = watch().await.expect("under the limit");
-        let _second = watch().await.expect("under the limit");
-        let refused = watch().await.err().expect("past the limit");
+        let first = watch("10.0.0.1:1").await.expect("under the limits");
+        let _second = watch("10.0.0.1:2").await.expect("under the limits");
+        // One address holds at most its share.
+        let refused = watch("10.0.0.1:3")
+            .await
+            .err()
+            .expect("past the peer's limit");
         assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
+        assert!(refused.message().contains("one address"), "{refused:?}");
+        let _third = watch("10.0.0.2:1").await.expect("another peer");
+        // And the node at most its limit.
+        let refused = watch("10.0.0.3:1")
+            .await
+            .err()
+            .expect("past the node's limit");
+        assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
+        assert!(refused.message().contains("this node"), "{refused:?}");
         drop(first);
         assert!(
-            watch().await.is_ok(),
-            "a watch that went gave its place back"
+            watch("10.0.0.1:4").await.is_ok(),
+            "a watch that went gave its places back"
         );
     }
 
