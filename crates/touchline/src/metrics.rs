@@ -129,6 +129,7 @@ fn build(admin: Option<AdminService>) -> Exporter {
     crate::access::register_metrics(&mut registry);
     crate::node::register_tls_metrics(&mut registry);
     crate::node::register_connection_metrics(&mut registry);
+    crate::peers::register_metrics(&mut registry);
     let gauges = StatusGauges::default();
     if admin.is_some() {
         register_status(&mut registry, &gauges);

@@ -39,6 +39,7 @@ use health::{NodeHealth, Roles, report_health};
 pub use open_files::{OpenFiles, raise_open_files_limit};
 use own_thread::spawn_on_own_thread;
 pub use signals::{ShutdownSignals, ignore_hangups};
+pub(crate) use throttle::Throttle;
 pub(crate) use tls::register_metrics as register_tls_metrics;
 use tonic_health::server::HealthReporter;
 

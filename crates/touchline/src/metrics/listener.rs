@@ -39,7 +39,10 @@ impl Capped {
         Self {
             listener,
             permits: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
-            per_peer: crate::peers::PerPeer::new(MAX_CONNECTIONS_PER_PEER),
+            per_peer: crate::peers::PerPeer::new(
+                MAX_CONNECTIONS_PER_PEER,
+                "metrics-connections-per-peer",
+            ),
         }
     }
 }
@@ -59,7 +62,6 @@ impl axum::serve::Listener for Capped {
             if let Some(place) = self.per_peer.take(peer.ip()) {
                 return (Idle::new(tcp, permit, Some(place)), peer);
             }
-            tracing::debug!(%peer, "a metrics connection closed: its address holds {MAX_CONNECTIONS_PER_PEER} already");
         }
     }
 

@@ -219,7 +219,7 @@ pub(super) const MAX_HEALTH_WATCHES_PER_PEER: usize = 100;
 /// The standard health service, whose `Watch` streams end when the server stops, with the status
 /// in force then (NOT_SERVING): a client watching (client-side health checking) would otherwise
 /// hold the server's graceful stop for the whole grace period. At most `max_watches` of them are
-/// open at once, and `per_peer` of one peer address (more are refused with RESOURCE_EXHAUSTED):
+/// open at once, and `per_peer` of one peer address (more are answered UNIMPLEMENTED, see below):
 /// they need no token and last until the client goes, so the connections' limits times HTTP/2's
 /// streams a connection (hundreds of thousands from one address) would be their only bound, and
 /// one peer could take every place.
@@ -228,6 +228,8 @@ pub(super) struct EndingWatches {
     stopped: CancellationToken,
     watches: Arc<tokio::sync::Semaphore>,
     per_peer: crate::peers::PerPeer,
+    /// Of the node-wide limit's refusals.
+    throttle: std::sync::Mutex<crate::node::Throttle>,
 }
 
 impl EndingWatches {
@@ -245,7 +247,8 @@ impl EndingWatches {
             watches: Arc::new(tokio::sync::Semaphore::new(
                 max_watches.min(tokio::sync::Semaphore::MAX_PERMITS),
             )),
-            per_peer: crate::peers::PerPeer::new(per_peer),
+            per_peer: crate::peers::PerPeer::new(per_peer, "health-watches-per-peer"),
+            throttle: std::sync::Mutex::default(),
         }
     }
 }
@@ -268,19 +271,31 @@ impl Health for EndingWatches {
         request: tonic::Request<HealthCheckRequest>,
     ) -> Result<tonic::Response<Self::WatchStream>, tonic::Status> {
         use futures::StreamExt as _;
-        // Held by the stream until it is dropped.
+        // Past a limit, UNIMPLEMENTED: gRPC's client-side health checking (gRFC A17) then takes
+        // the server as one without health checking and uses the channel as healthy, where any
+        // other status would make it take a healthy node for a down one.
+        let past = |what: &str| {
+            tonic::Status::unimplemented(format!(
+                "every health watch {what} is open: use Check, or watch again later"
+            ))
+        };
+        // Held by the stream until it is dropped. (A call whose peer's address is gone, that of
+        // a connection already closed, has no address to count.)
         let peer_place = match request.remote_addr() {
-            Some(peer) => Some(self.per_peer.take(peer.ip()).ok_or_else(|| {
-                tonic::Status::resource_exhausted(
-                    "every health watch one address may hold at once is open: check instead, or watch again later",
-                )
-            })?),
+            Some(peer) => Some(
+                self.per_peer
+                    .take(peer.ip())
+                    .ok_or_else(|| past("one address may hold at once"))?,
+            ),
             None => None,
         };
         let open = Arc::clone(&self.watches).try_acquire_owned().map_err(|_| {
-            tonic::Status::resource_exhausted(
-                "every health watch this node serves at once is open: check instead, or watch again later",
-            )
+            crate::peers::refused(
+                "health-watches",
+                &self.throttle,
+                request.remote_addr().map(|peer| peer.ip()),
+            );
+            past("this node serves at once")
         })?;
         let service = request.get_ref().service.clone();
         let statuses = self.inner.watch(request).await?.into_inner();
@@ -331,7 +346,7 @@ mod tests {
             .await
             .err()
             .expect("past the peer's limit");
-        assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
+        assert_eq!(refused.code(), tonic::Code::Unimplemented);
         assert!(refused.message().contains("one address"), "{refused:?}");
         let _third = watch("10.0.0.2:1").await.expect("another peer");
         // And the node at most its limit.
@@ -339,7 +354,7 @@ mod tests {
             .await
             .err()
             .expect("past the node's limit");
-        assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
+        assert_eq!(refused.code(), tonic::Code::Unimplemented);
         assert!(refused.message().contains("this node"), "{refused:?}");
         drop(first);
         assert!(

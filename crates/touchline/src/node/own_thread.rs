@@ -36,9 +36,14 @@ pub(super) fn spawn_on_own_thread(
                     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                         runtime.block_on(task)
                     }))
-                    .unwrap_or_else(|_| {
+                    .unwrap_or_else(|panic| {
+                        let message = panic
+                            .downcast_ref::<&str>()
+                            .map(|message| (*message).to_owned())
+                            .or_else(|| panic.downcast_ref::<String>().cloned())
+                            .unwrap_or_default();
                         Err(touchline_projection::Error::Thread(std::io::Error::other(
-                            "the task panicked",
+                            format!("the task panicked: {message}"),
                         )))
                     });
                     if result.is_ok() {

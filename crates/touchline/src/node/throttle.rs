@@ -10,7 +10,7 @@ pub(super) const EVERY: Duration = Duration::from_secs(60);
 
 /// When the warning was last logged, and the times it happened since.
 #[derive(Debug, Default)]
-pub(super) struct Throttle {
+pub(crate) struct Throttle {
     last: Option<Instant>,
     since: u64,
 }
@@ -18,7 +18,7 @@ pub(super) struct Throttle {
 impl Throttle {
     /// Counts one more time; `Some(the times since the last warning, this one included)` when a
     /// warning is due now (log it at debug level otherwise).
-    pub(super) fn note(&mut self) -> Option<u64> {
+    pub(crate) fn note(&mut self) -> Option<u64> {
         self.since += 1;
         if self.last.is_some_and(|at| at.elapsed() < EVERY) {
             return None;

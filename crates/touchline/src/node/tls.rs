@@ -93,7 +93,7 @@ pub(crate) fn register_metrics(registry: &mut prometheus_client::registry::Regis
     );
     registry.register(
         "touchline_tls_expiry_timestamp_seconds",
-        "when the first certificate of the served chain in force expires (Unix seconds; file=\"cert\"; absent when a certificate's validity cannot be read, with a warning): alert on it minus time(), clients refuse an expired certificate",
+        "when the first of the served chain's certificates in force to expire does (Unix seconds, the chain's earliest notAfter; file=\"cert\"; absent when a certificate's validity cannot be read, with a warning): alert on it minus time(), clients refuse an expired certificate",
         EXPIRES_AT.clone(),
     );
 }
