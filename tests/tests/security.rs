@@ -401,6 +401,121 @@ async fn a_raised_rate_applies_to_a_stream_batch_that_waits_for_the_old_one() ->
     Ok(())
 }
 
+/// A unary `Publish` of `token` whose message (its body) goes only once released (or never, when
+/// the sender is dropped): sent as a client stream of one message on the unary method's path,
+/// the same on the wire. It holds its partner's call slot meanwhile.
+async fn hold_unary_call(
+    channel: &tonic::transport::Channel,
+    token: &str,
+) -> anyhow::Result<(
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<Result<tonic::Response<Vec<u8>>, tonic::Status>>,
+)> {
+    let (release, released) = tokio::sync::oneshot::channel::<()>();
+    let request = v1::PublishRequest {
+        events: vec![touchpoint(
+            "u-1",
+            "ivan",
+            "parcel.scanned",
+            1,
+            JourneyStage::Fulfil,
+        )],
+        batch_id: String::new(),
+    };
+    let body = futures::stream::once(async move {
+        let _ = released.await;
+        prost::Message::encode_to_vec(&request)
+    });
+    let mut grpc = tonic::client::Grpc::new(channel.clone());
+    grpc.ready().await?;
+    let token = token.to_owned();
+    let held = tokio::spawn(async move {
+        grpc.client_streaming(
+            touchline_tests::authorized(body, &token),
+            http::uri::PathAndQuery::from_static("/touchline.v1.IngestService/Publish"),
+            touchline_tests::RawCodec,
+        )
+        .await
+    });
+    Ok((release, held))
+}
+
+/// A stream batch waiting for its partner's share of the calls (the one slot a unary call holds
+/// while its body does not come) ends the stream when its token is revoked meanwhile, within a
+/// second or so, not once the slot comes; it publishes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_token_ends_a_stream_whose_batch_waits_for_a_call_slot() -> anyhow::Result<()> {
+    // A partner of this test alone: the gauge of its waiting batches counts this stream's.
+    const PARTNER: &str = "slot-courier";
+    let file = |tokens: &[&str]| {
+        format!(
+            "[[partner]]\nid = \"{PARTNER}\"\ntoken-sha256 = [{}]\n",
+            tokens
+                .iter()
+                .map(|token| format!("\"{}\"", hash_token(token)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    };
+    let broker = start_broker().await;
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("partners.toml");
+    std::fs::write(&path, file(&[OLD, NEW]))?;
+    let directory = PartnerDirectory::load(&path)?;
+    let node = start_node_with(&broker, dir.path(), directory.clone(), |config| {
+        config.ingest.max_calls_per_partner = 1;
+        // The held call keeps the partner's one slot far past the deadline below.
+        config.ingest.request_body_timeout_ms = 300_000;
+    })
+    .await?;
+    let channel = node.target().connect().await?;
+    let (_release, held) = hold_unary_call(&channel, NEW).await?;
+    touchline_tests::wait_until_shed(&channel, NEW, "TOO_MANY_CALLS", || !held.is_finished())
+        .await?;
+    let mut ingest = ingest_client(&node).await?;
+    let (sender, mut answers) = open_stream(&mut ingest, OLD).await?;
+    sender
+        .send(v1::PublishRequest {
+            events: vec![touchpoint(
+                "slot-1",
+                "ivan",
+                "parcel.scanned",
+                1,
+                JourneyStage::Fulfil,
+            )],
+            batch_id: "slot-1".to_owned(),
+        })
+        .await?;
+    // Admitted (its token checked), and waiting for the slot.
+    let waiting = || {
+        touchline_ingest::metrics::INGEST
+            .stream_batches_waiting
+            .get_or_create(&touchline_ingest::metrics::PartnerLabels {
+                partner: PARTNER.to_owned(),
+            })
+            .get()
+    };
+    wait_until("the stream's batch waits for the slot", || waiting() == 1).await?;
+    std::fs::write(&path, file(&[NEW]))?;
+    directory.reload()?;
+    let ended = tokio::time::timeout(touchline_tests::DEADLINE, answers.message())
+        .await
+        .map_err(|_| anyhow::anyhow!("the waiting batch held the stream past the revocation"))?
+        .expect_err("the stream ends");
+    assert_eq!(
+        (ended.code(), error_reason(&ended).as_deref()),
+        (Code::Unauthenticated, Some("TOKEN_INVALID"))
+    );
+    assert!(!held.is_finished(), "the slot was still held");
+    assert_eq!(waiting(), 0, "the batch no longer waits");
+    assert_eq!(
+        touchline_tests::records_in_topic(&broker).await?,
+        0,
+        "nothing was published"
+    );
+    node.shutdown().await
+}
+
 /// A unary `Publish` is authenticated at its headers, and again once its body has come (which
 /// may take up to `ingest.request-body-timeout-ms`): a token revoked meanwhile publishes nothing
 /// (`TOKEN_INVALID`), as a stream's next batch publishes nothing. Before, the call was published
@@ -420,33 +535,7 @@ async fn a_unary_call_whose_token_is_revoked_before_its_body_came_publishes_noth
     })
     .await?;
     let channel = node.target().connect().await?;
-    // A unary call whose message (its body) goes only once released: sent as a client stream
-    // of one message on the unary method's path, the same on the wire.
-    let (release, released) = tokio::sync::oneshot::channel::<()>();
-    let request = v1::PublishRequest {
-        events: vec![touchpoint(
-            "u-1",
-            "ivan",
-            "parcel.scanned",
-            1,
-            JourneyStage::Fulfil,
-        )],
-        batch_id: String::new(),
-    };
-    let body = futures::stream::once(async move {
-        let _ = released.await;
-        prost::Message::encode_to_vec(&request)
-    });
-    let mut grpc = tonic::client::Grpc::new(channel.clone());
-    grpc.ready().await?;
-    let held = tokio::spawn(async move {
-        grpc.client_streaming(
-            touchline_tests::authorized(body, OLD),
-            http::uri::PathAndQuery::from_static("/touchline.v1.IngestService/Publish"),
-            touchline_tests::RawCodec,
-        )
-        .await
-    });
+    let (release, held) = hold_unary_call(&channel, OLD).await?;
     touchline_tests::wait_until_shed(&channel, NEW, "TOO_MANY_CALLS", || !held.is_finished())
         .await?;
 

@@ -38,6 +38,11 @@ pub struct AuthLabels {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct PartnerLabels {
+    pub partner: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct ReloadLabels {
     /// "ok" or "failed".
     pub result: &'static str,
@@ -58,6 +63,9 @@ pub struct IngestMetrics {
     /// When the partners file in force was loaded (Unix seconds), and how many partners it has.
     pub partners_loaded_at: Gauge,
     pub partners: Gauge,
+    /// `PublishStream` batches admitted and waiting for their partner's rate, its share of the
+    /// calls or a server-wide slot, by partner.
+    pub stream_batches_waiting: Family<PartnerLabels, Gauge>,
 }
 
 pub static INGEST: LazyLock<IngestMetrics> = LazyLock::new(|| IngestMetrics {
@@ -66,6 +74,7 @@ pub static INGEST: LazyLock<IngestMetrics> = LazyLock::new(|| IngestMetrics {
     shed_calls: Family::default(),
     partners_loaded_at: Gauge::default(),
     partners: Gauge::default(),
+    stream_batches_waiting: Family::default(),
     events: Family::default(),
     // 500 us .. ~16 s.
     produce_seconds: Histogram::new(exponential_buckets(0.000_5, 2.0, 16)),
@@ -150,5 +159,10 @@ pub fn register(registry: &mut Registry) {
         "touchline_partners",
         "Partners in the partners file in force",
         INGEST.partners.clone(),
+    );
+    registry.register(
+        "touchline_ingest_stream_batches_waiting",
+        "PublishStream batches admitted and waiting for their partner's rate, its share of the calls or a server-wide slot, by partner",
+        INGEST.stream_batches_waiting.clone(),
     );
 }

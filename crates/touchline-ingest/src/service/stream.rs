@@ -469,7 +469,9 @@ impl Shared {
 
     /// Waits for the rate batch `index` owes, for a slot of its partner's share and for a
     /// server-wide slot, then checks its token
-    /// (revoked while it waited?) and the stream (an earlier batch failed meanwhile?).
+    /// (revoked while it waited?) and the stream (an earlier batch failed meanwhile?). While it
+    /// waits, its token is checked every [`TOKEN_CHECK`]: a token revoked or expired meanwhile
+    /// ends the stream at this batch then, not once the waits are over.
     async fn wait_for_turn(
         &self,
         index: u64,
@@ -477,6 +479,9 @@ impl Shared {
         charged_rate: Option<f64>,
     ) -> Result<(Authenticated, [OwnedSemaphorePermit; 2])> {
         let draining = &self.inner.draining;
+        let _waiting = Waiting::start(&self.opened_as.partner_id);
+        // Where the token was last found valid, for every check of the waits.
+        let mut valid = None;
         // Each wait looks at the shutdown and the stream's end first (`biased`): a batch whose
         // slot comes free as the drain starts is not published while one before it is refused.
         if !wait.is_zero() {
@@ -487,7 +492,6 @@ impl Shared {
             // still owes, not once the wait is over. None: a debt no instant holds.
             let mut paid = tokio::time::Instant::now().checked_add(wait);
             let mut rate = charged_rate;
-            let mut valid = None;
             loop {
                 let check = tokio::time::Instant::now() + TOKEN_CHECK;
                 let until = paid.map_or(check, |paid| paid.min(check));
@@ -511,22 +515,22 @@ impl Shared {
         }
         // The partner's share first: its batches wait behind one another, not in front of
         // other partners' for the server's slots.
-        let share = tokio::select! {
-            biased;
-            () = draining.cancelled() => return Err(Error::ShuttingDown),
-            () = self.wait_ended_for(index) => return Err(Error::ShuttingDown),
-            share = self.inner.calls.take(&self.opened_as.partner_id) => {
-                share.ok_or(Error::ShuttingDown)?
-            }
-        };
-        let slot = tokio::select! {
-            biased;
-            () = draining.cancelled() => return Err(Error::ShuttingDown),
-            () = self.wait_ended_for(index) => return Err(Error::ShuttingDown),
-            slot = Arc::clone(&self.inner.in_flight).acquire_owned() => {
-                slot.map_err(|_| Error::ShuttingDown)?
-            }
-        };
+        let share = self
+            .checking(
+                index,
+                self.inner.calls.take(&self.opened_as.partner_id),
+                &mut valid,
+            )
+            .await?
+            .ok_or(Error::ShuttingDown)?;
+        let slot = self
+            .checking(
+                index,
+                Arc::clone(&self.inner.in_flight).acquire_owned(),
+                &mut valid,
+            )
+            .await?
+            .map_err(|_| Error::ShuttingDown)?;
         let partner = self.authenticate()?;
         // A batch that waited is published only if nothing ended the stream or started the
         // drain meanwhile (the batch refused before it may not have said so yet).
@@ -534,6 +538,56 @@ impl Shared {
             return Err(Error::ShuttingDown);
         }
         Ok((partner, [slot, share]))
+    }
+}
+
+impl Shared {
+    /// `waiting`'s outcome, unless the drain starts, the stream ends before batch `index` or its
+    /// token no longer authenticates first (checked every [`TOKEN_CHECK`]; `valid` as for
+    /// [`Shared::still_authenticated`]). `waiting` is polled throughout, so that it keeps its
+    /// place in the queue it waits in.
+    async fn checking<T>(
+        &self,
+        index: u64,
+        waiting: impl Future<Output = T>,
+        valid: &mut Option<(Arc<PartnerRegistry>, Option<UnixNanos>)>,
+    ) -> Result<T> {
+        let mut waiting = std::pin::pin!(waiting);
+        let mut check =
+            tokio::time::interval_at(tokio::time::Instant::now() + TOKEN_CHECK, TOKEN_CHECK);
+        loop {
+            tokio::select! {
+                biased;
+                () = self.inner.draining.cancelled() => return Err(Error::ShuttingDown),
+                () = self.wait_ended_for(index) => return Err(Error::ShuttingDown),
+                ready = &mut waiting => return Ok(ready),
+                _ = check.tick() => {
+                    self.still_authenticated(valid)?;
+                }
+            }
+        }
+    }
+}
+
+/// Counts a batch in `touchline_ingest_stream_batches_waiting` until dropped.
+struct Waiting(prometheus_client::metrics::gauge::Gauge);
+
+impl Waiting {
+    fn start(partner: &PartnerId) -> Self {
+        let gauge = crate::metrics::INGEST
+            .stream_batches_waiting
+            .get_or_create(&crate::metrics::PartnerLabels {
+                partner: partner.to_string(),
+            })
+            .clone();
+        gauge.inc();
+        Self(gauge)
+    }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 
