@@ -29,6 +29,14 @@ pub(crate) fn register_metrics(registry: &mut prometheus_client::registry::Regis
         "/metrics connections and Health.Watch streams refused for a limit of the node's (limit: metrics-connections-per-peer, health-watches, health-watches-per-peer); behind a proxy or NAT every client counts as its address",
         REFUSED.clone(),
     );
+    // Every series from the start, at 0, for alerts on their increase.
+    for limit in [
+        "metrics-connections-per-peer",
+        "health-watches",
+        "health-watches-per-peer",
+    ] {
+        drop(REFUSED.get_or_create(&LimitLabel { limit }));
+    }
 }
 
 /// Counts a refusal for `limit`, and logs it (a warning once a minute, with the count since).

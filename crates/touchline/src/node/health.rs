@@ -276,7 +276,7 @@ impl Health for EndingWatches {
         // other status would make it take a healthy node for a down one.
         let past = |what: &str| {
             tonic::Status::unimplemented(format!(
-                "every health watch {what} is open: use Check, or watch again later"
+                "every health watch {what} is open: use Check (a client-side health checker stops watching on this connection)"
             ))
         };
         // Held by the stream until it is dropped. (A call whose peer's address is gone, that of

@@ -124,10 +124,16 @@ mod tests {
             let ended = tokio::time::timeout(std::time::Duration::from_secs(30), failing).await;
             // The hung call may go now (else its thread would outlive the test).
             drop(release);
-            assert!(
-                matches!(ended, Ok(Ok(Err(touchline_projection::Error::Thread(_))))),
-                "panics: {panics}: {ended:?}"
-            );
+            let Ok(Ok(Err(touchline_projection::Error::Thread(error)))) = ended else {
+                panic!("panics: {panics}: {ended:?}");
+            };
+            // A panic's message goes into the error.
+            let expected = if panics {
+                "the task panicked: the task fails"
+            } else {
+                "the flush stalled"
+            };
+            assert_eq!(error.to_string(), expected);
         }
     }
 }
