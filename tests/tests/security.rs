@@ -19,8 +19,13 @@ const NEW: &str = "new-token-of-the-courier-91bc";
 const EXPIRED: &str = "expired-token-of-the-courier-55d0";
 
 fn partners_file(tokens: &[&str]) -> String {
+    partners_file_of("swift-courier", tokens)
+}
+
+/// The partners file of one partner, `id`, with `tokens` and an expired rotation token.
+fn partners_file_of(id: &str, tokens: &[&str]) -> String {
     format!(
-        "[[partner]]\nid = \"swift-courier\"\ntoken-sha256 = [{}]\ntokens = [{{ sha256 = \"{}\", expires-at = \"2020-01-01T00:00:00Z\" }}]\n",
+        "[[partner]]\nid = \"{id}\"\ntoken-sha256 = [{}]\ntokens = [{{ sha256 = \"{}\", expires-at = \"2020-01-01T00:00:00Z\" }}]\n",
         tokens
             .iter()
             .map(|token| format!("\"{}\"", hash_token(token)))
@@ -447,16 +452,7 @@ async fn hold_unary_call(
 async fn a_revoked_token_ends_a_stream_whose_batch_waits_for_a_call_slot() -> anyhow::Result<()> {
     // A partner of this test alone: the gauge of its waiting batches counts this stream's.
     const PARTNER: &str = "slot-courier";
-    let file = |tokens: &[&str]| {
-        format!(
-            "[[partner]]\nid = \"{PARTNER}\"\ntoken-sha256 = [{}]\n",
-            tokens
-                .iter()
-                .map(|token| format!("\"{}\"", hash_token(token)))
-                .collect::<Vec<_>>()
-                .join(", ")
-        )
-    };
+    let file = |tokens: &[&str]| partners_file_of(PARTNER, tokens);
     let broker = start_broker().await;
     let dir = tempfile::tempdir()?;
     let path = dir.path().join("partners.toml");

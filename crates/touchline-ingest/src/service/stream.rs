@@ -539,9 +539,7 @@ impl Shared {
         }
         Ok((partner, [slot, share]))
     }
-}
 
-impl Shared {
     /// `waiting`'s outcome, unless the drain starts, the stream ends before batch `index` or its
     /// token no longer authenticates first (checked every [`TOKEN_CHECK`]; `valid` as for
     /// [`Shared::still_authenticated`]). `waiting` is polled throughout, so that it keeps its

@@ -125,10 +125,7 @@ mod tests {
     use super::*;
 
     fn fixture(name: &str) -> Vec<CertificateDer<'static>> {
-        let path = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("../../tests/data/tls")
-            .join(name);
-        CertificateDer::pem_file_iter(path)
+        CertificateDer::pem_file_iter(super::super::tests::fixture(name))
             .and_then(Iterator::collect)
             .unwrap_or_default()
     }
