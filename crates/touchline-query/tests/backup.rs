@@ -4,7 +4,7 @@
 
 mod support;
 
-use touchline_core::{ConsumedRecord, EventStore as _, RecordContent, StreamIdentity};
+use touchline_core::{ConsumedRecord, EventStore as _, RecordContent, StreamIdentity, UnixNanos};
 use touchline_projection::sled_store::RestoreError;
 use touchline_projection::{Projection, SledStore};
 use touchline_query::backup::{self, RestoreFailure};
@@ -131,8 +131,9 @@ fn a_restored_store_is_the_store_backed_up() {
     assert_eq!(restored_store.dead_letter_count(), 1);
 
     // It goes on as the source would: the discarded record is not a dead letter again, the next
-    // dead letter gets a new id, a redelivered event is still a duplicate, and a new event gets
-    // the next sequence.
+    // dead letter gets a new id (in a range of the restore's own: the source's next ids may name
+    // other records), a redelivered event is still a duplicate, and a new event gets the next
+    // sequence.
     let next = |store: &SledStore, offset: i64| {
         store
             .apply(
@@ -153,15 +154,15 @@ fn a_restored_store_is_the_store_backed_up() {
         true,
     );
     assert_eq!(restored_store.log_len(), 451);
-    assert_eq!(
-        restored_store
-            .dead_letters(10)
-            .expect("lists")
-            .iter()
-            .map(|dead_letter| dead_letter.id)
-            .collect::<Vec<_>>(),
-        vec![2, 3]
-    );
+    let ids = restored_store
+        .dead_letters(10)
+        .expect("lists")
+        .iter()
+        .map(|dead_letter| dead_letter.id)
+        .collect::<Vec<_>>();
+    assert_eq!(ids.len(), 2, "{ids:?}");
+    assert_eq!(ids[0], 2);
+    assert!(ids[1] > 3 && ids[1] % (1 << 32) == 0, "{ids:?}");
     assert_eq!(
         restored_store
             .checksum(Projection::Timeline, 1)
@@ -232,23 +233,39 @@ fn counters_survive_the_restored_store_being_opened_again() {
     let file = backup_bytes(&store);
     let path = dir.path().join("restored");
     let restored_store = SledStore::open(&path).expect("opens");
+    let restored_at = UnixNanos::now();
     backup::restore(file.as_slice(), &restored_store).expect("restores");
     drop(restored_store);
     let reopened = SledStore::open(&path).expect("opens");
     assert_eq!(reopened.dead_letter_count(), 0);
     assert_eq!(reopened.log_len(), 30);
-    // The next dead letter gets id 3, as it would have at the source.
+    // The next dead letter gets no id the source gave or could have given after its backup
+    // (3, 4, ...: to other records than the restored node reads): the restore started a range
+    // of its own, at a multiple of 2^32 no lower than the minute's.
     reopened
         .apply(&stream(), vec![undecodable(99, vec![0xfd])])
         .expect("applies");
     let listed = reopened.dead_letters(10).expect("lists");
-    assert_eq!(
-        listed
-            .iter()
-            .map(|dead_letter| dead_letter.id)
-            .collect::<Vec<_>>(),
-        vec![3]
+    let [dead_letter] = listed.as_slice() else {
+        panic!("one dead letter: {listed:?}")
+    };
+    assert_eq!(dead_letter.id % (1 << 32), 0, "{}", dead_letter.id);
+    assert!(
+        dead_letter.id >= minute_range(restored_at),
+        "{}",
+        dead_letter.id
     );
+    // Ids go on from there.
+    reopened
+        .apply(&stream(), vec![undecodable(100, vec![0xfd])])
+        .expect("applies");
+    let listed = reopened.dead_letters(10).expect("lists");
+    assert_eq!(listed[1].id, dead_letter.id + 1);
+}
+
+/// The first dead-letter id of the range of a restore at `at` ([`UnixNanos`]' minute).
+fn minute_range(at: UnixNanos) -> u64 {
+    u64::try_from(at.0 / 60_000_000_000).expect("after 1970") << 32
 }
 
 #[test]

@@ -421,10 +421,15 @@ pub async fn dead_letters(
             }
         }
         DeadLetterAction::Discard { id } => {
-            client
+            let discarded = client
                 .discard_dead_letter(with_token(v1::DeadLetterRequest { id }, token)?)
-                .await?;
-            crate::outln!("dead letter {id} discarded")?;
+                .await?
+                .into_inner();
+            // Where its record was, for the operator's record of what was deleted.
+            crate::outln!("dead letter {id} discarded:")?;
+            if let Some(dead_letter) = &discarded.discarded {
+                print_dead_letter(dead_letter)?;
+            }
         }
     }
     Ok(())

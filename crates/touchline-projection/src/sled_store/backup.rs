@@ -16,7 +16,7 @@ use touchline_core::{
 
 use super::log::LogHasher;
 use super::{
-    Checksum, DEAD_LETTER_COUNT, DeadLetter, NEXT_DEAD_LETTER, SledStore, encode, log,
+    Checksum, DEAD_LETTER_COUNT, DeadLetter, NEXT_DEAD_LETTER, SledStore, encode, lock, log,
     read_u64_pair, u64_pair,
 };
 use crate::error::backend;
@@ -286,7 +286,9 @@ impl SledStore {
     pub fn check_empty(&self) -> Result<(), RestoreError> {
         let writer = self.lock_writer();
         let events = writer.next_sequence.saturating_sub(1);
-        let dead_letters = writer.next_dead_letter.saturating_sub(1);
+        // Those on the list (a restore starts its ids in a range of its own, so the next id
+        // says nothing of whether any were given).
+        let dead_letters = writer.dead_letters;
         let positions = self
             .positions
             .scan_prefix(&[])
@@ -361,6 +363,11 @@ impl SledStore {
             let count = records.len() as u64;
             // Only events: the stream key names dead letters, of which there are none here.
             let outcome = self.apply_records("", records, false)?;
+            // A restore's store is open to nothing else (`open_for_restore`): no watcher waits
+            // for the entries an apply queues for the next flush, which would otherwise keep a
+            // frame's every entry decoded (up to 128 MiB of records, tens of times that once
+            // decoded) until the restore's next flush.
+            lock(&self.unflushed).clear();
             if outcome.appended != count {
                 return Err(RestoreError::Duplicate {
                     first: piece_first,
@@ -455,13 +462,18 @@ impl SledStore {
         Ok(())
     }
 
-    /// Sets the id the next dead letter gets (never below what the restored ones need).
+    /// Sets the id the next dead letter gets, from the backup's `next_dead_letter`: the start of
+    /// a range of its own, so that no id the backed-up node gave after its cut names another
+    /// record here.
     ///
     /// # Errors
     /// When the backend fails.
     pub fn restore_next_dead_letter(&self, next_dead_letter: u64) -> Result<(), StoreError> {
         let mut writer = self.lock_writer();
-        let next = writer.next_dead_letter.max(next_dead_letter);
+        let minutes = u64::try_from(UnixNanos::now().0 / 60_000_000_000).unwrap_or(0);
+        let next = writer
+            .next_dead_letter
+            .max(fresh_dead_letter_ids(next_dead_letter, minutes));
         // Both counters: a store without the count takes it as every id ever given.
         let mut batch = sled::Batch::default();
         self.meta
@@ -477,6 +489,28 @@ impl SledStore {
     }
 }
 
+/// How far apart the ranges of dead-letter ids given after restores are (2^32 ids each).
+const DEAD_LETTER_RANGE_BITS: u32 = 32;
+
+/// The first dead-letter id of a store restored from a backup whose next id was `next`, at
+/// `minutes` since the Unix epoch. The node the backup was taken from may have given ids from
+/// `next` on after its cut, to records that a restored node, reading Kafka again in another
+/// order (partitions interleave as fetches come), would give other ids: an operator's
+/// "discard 42" from before the restore would discard another record. So a restored store
+/// starts a range of its own: the next multiple of 2^32 above the backup's ids, and not below
+/// the current minute's multiple either, so that two restores of one backup (the first
+/// restored node lost too) start apart. Ids stay below [`MAX_DEAD_LETTER_ID`] (until the year
+/// 4000); past it the backup's `next` is kept.
+fn fresh_dead_letter_ids(next: u64, minutes: u64) -> u64 {
+    let range = (next.saturating_sub(1) >> DEAD_LETTER_RANGE_BITS)
+        .saturating_add(1)
+        .max(minutes);
+    range
+        .checked_shl(DEAD_LETTER_RANGE_BITS)
+        .filter(|fresh| range < 1 << (64 - DEAD_LETTER_RANGE_BITS) && *fresh <= MAX_DEAD_LETTER_ID)
+        .map_or(next, |fresh| fresh.max(next))
+}
+
 /// A position value: the next offset and the fingerprint of the record before it.
 pub(super) fn read_position(key: &[u8], value: &[u8]) -> Result<StoredPosition, StoreError> {
     let (next_offset, last_fingerprint) = read_u64_pair("position", key, value)?;
@@ -484,4 +518,67 @@ pub(super) fn read_position(key: &[u8], value: &[u8]) -> Result<StoredPosition, 
         next_offset: next_offset.cast_signed(),
         last_fingerprint,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use touchline_core::RecordContent;
+
+    use super::super::failure::tests::record;
+    use super::super::lock;
+    use super::{LoggedEvent, MAX_DEAD_LETTER_ID, SledStore, fresh_dead_letter_ids};
+
+    #[test]
+    fn a_restore_keeps_no_decoded_entries_for_watchers() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let store = SledStore::open_for_restore(dir.path(), 1 << 20)?;
+        // Three pieces of a frame, applied with no flush between them.
+        let events = (0..2500)
+            .map(|offset| {
+                let RecordContent::Event { raw, .. } = record(offset).content else {
+                    unreachable!("an event")
+                };
+                LoggedEvent {
+                    partition: 0,
+                    offset,
+                    record: raw,
+                }
+            })
+            .collect();
+        store.restore_events(1, events)?;
+        assert_eq!(
+            store.log_count.load(std::sync::atomic::Ordering::Acquire),
+            2500
+        );
+        // Nothing queued for a flush to send: a restore has no watchers, and a frame's entries
+        // kept decoded until its flush could take many times the frame's size.
+        assert!(lock(&store.unflushed).is_empty());
+        Ok(())
+    }
+
+    #[test]
+    fn a_restore_starts_dead_letter_ids_in_a_range_of_their_own() {
+        const RANGE: u64 = 1 << 32;
+        // Above every id of the backup, at the next multiple of 2^32, even with none given.
+        assert_eq!(fresh_dead_letter_ids(1, 0), RANGE);
+        assert_eq!(fresh_dead_letter_ids(5, 0), RANGE);
+        assert_eq!(fresh_dead_letter_ids(RANGE, 0), RANGE);
+        assert_eq!(fresh_dead_letter_ids(RANGE + 1, 0), 2 * RANGE);
+        // Not below the current minute's range: a second restore of the same backup later on
+        // starts apart from the first.
+        let minutes = 29_500_000;
+        assert_eq!(fresh_dead_letter_ids(5, minutes), minutes * RANGE);
+        assert!(fresh_dead_letter_ids(5, minutes + 1) > fresh_dead_letter_ids(5, minutes));
+        // Never above the highest id a restore takes: the backup's next id is kept then.
+        assert_eq!(
+            fresh_dead_letter_ids(MAX_DEAD_LETTER_ID, 0),
+            MAX_DEAD_LETTER_ID
+        );
+        assert_eq!(fresh_dead_letter_ids(5, u64::MAX), 5);
+        assert_eq!(
+            fresh_dead_letter_ids(5, MAX_DEAD_LETTER_ID >> 32),
+            MAX_DEAD_LETTER_ID
+        );
+        assert_eq!(fresh_dead_letter_ids(5, (MAX_DEAD_LETTER_ID >> 32) + 1), 5);
+    }
 }

@@ -117,7 +117,7 @@ impl SledStore {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use std::collections::BTreeMap;
 
     use touchline_core::{
@@ -127,7 +127,8 @@ mod tests {
 
     use super::*;
 
-    fn record(offset: i64) -> ConsumedRecord {
+    /// An event of customer `alice` at `offset` of partition 0 (event id `e{offset}`).
+    pub(in crate::sled_store) fn record(offset: i64) -> ConsumedRecord {
         let envelope = Envelope {
             partner_id: PartnerId::parse("courier").expect("valid partner"),
             touchpoint: Touchpoint {
