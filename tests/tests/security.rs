@@ -278,18 +278,33 @@ async fn a_revoked_token_ends_its_open_stream_at_the_next_batch() -> anyhow::Res
         idle_answers.message().await?.map(|answer| answer.accepted),
         Some(1)
     );
+    // A third, whose next batch is malformed (no events).
+    let (empty_sender, mut empty_answers) = open_stream(&mut ingest, OLD).await?;
 
     std::fs::write(&path, partners_file(&[NEW]))?;
     directory.reload()?;
     // The stream may already have ended on its own check: the batch is then not sent at all.
     let _ = sender.send(batch("s-2")).await;
-    let ended = tokio::time::timeout(touchline_tests::DEADLINE, answers.message())
-        .await?
-        .expect_err("the stream ends");
-    assert_eq!(
-        (ended.code(), error_reason(&ended).as_deref()),
-        (Code::Unauthenticated, Some("TOKEN_INVALID"))
-    );
+    let _ = empty_sender
+        .send(v1::PublishRequest {
+            events: Vec::new(),
+            batch_id: "s-empty".to_owned(),
+        })
+        .await;
+    for (answers, what) in [
+        (&mut answers, "a batch"),
+        (&mut empty_answers, "an empty batch"),
+    ] {
+        let ended = tokio::time::timeout(touchline_tests::DEADLINE, answers.message())
+            .await?
+            .expect_err("the stream ends");
+        // The token is checked first, as a unary call's is: not BATCH_EMPTY.
+        assert_eq!(
+            (ended.code(), error_reason(&ended).as_deref()),
+            (Code::Unauthenticated, Some("TOKEN_INVALID")),
+            "{what}"
+        );
+    }
     // The idle stream ends without a batch of its own, counted as an authentication failure.
     let failures_before = auth_failures("TOKEN_INVALID");
     let ended = tokio::time::timeout(touchline_tests::DEADLINE, idle_answers.message())

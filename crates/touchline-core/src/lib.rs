@@ -23,6 +23,6 @@ pub use store::{
 pub use time::UnixNanos;
 pub use touchpoint::{Channel, JourneyStage, Outcome, Sentiment, Touchpoint, TouchpointView};
 pub use validate::{
-    Limits, RawTouchpoint, RejectReason, Rejection, reject_duplicates_in_batch, validate,
-    validate_batch,
+    Limits, RawTouchpoint, RejectReason, Rejection, reject_duplicates_in_batch,
+    reject_duplicates_in_batch_by, validate, validate_batch,
 };

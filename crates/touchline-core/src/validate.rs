@@ -393,10 +393,18 @@ pub fn validate_batch(
 
 /// Rejects every valid event whose `event_id` an earlier valid event of the batch already has.
 pub fn reject_duplicates_in_batch(results: &mut [Result<Touchpoint, Rejection>]) {
+    reject_duplicates_in_batch_by(results, |touchpoint| touchpoint);
+}
+
+/// [`reject_duplicates_in_batch`] of results that hold more than the event, each `touchpoint` of.
+pub fn reject_duplicates_in_batch_by<T>(
+    results: &mut [Result<T, Rejection>],
+    touchpoint: impl Fn(&T) -> &Touchpoint,
+) {
     let mut seen = HashSet::with_capacity(results.len());
     for result in results.iter_mut() {
-        if let Ok(touchpoint) = result
-            && !seen.insert(touchpoint.event_id.clone())
+        if let Ok(checked) = result
+            && !seen.insert(touchpoint(checked).event_id.clone())
         {
             *result = Err(Rejection::new(
                 RejectReason::DuplicateInBatch,

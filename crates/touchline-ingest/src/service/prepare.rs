@@ -4,8 +4,8 @@
 
 use prost::Message as _;
 use touchline_core::{
-    Envelope, Limits, RejectReason, Rejection, Touchpoint, UnixNanos, reject_duplicates_in_batch,
-    validate,
+    Envelope, Limits, RejectReason, Rejection, Touchpoint, UnixNanos,
+    reject_duplicates_in_batch_by, validate,
 };
 use touchline_proto::convert::raw_touchpoint;
 use touchline_proto::v1;
@@ -34,6 +34,35 @@ fn check_event(
     }
     partner.contract.check(&touchpoint)?;
     Ok(touchpoint)
+}
+
+/// [`check_event`], and the event's record as it goes to Kafka, refused when it would take more
+/// than `max_decoded` bytes once decoded (what the projector would refuse to decode is not
+/// acknowledged; only limits raised far past their defaults let such an event through).
+fn check_and_encode(
+    event: v1::Touchpoint,
+    partner: &Authenticated,
+    now: UnixNanos,
+    limits: &Limits,
+    max_decoded: usize,
+) -> Result<(Touchpoint, Vec<u8>), Rejection> {
+    let envelope = Envelope {
+        partner_id: partner.partner_id.clone(),
+        touchpoint: check_event(event, partner, now, limits)?,
+        received_at: now,
+    };
+    let value = touchline_proto::encode_envelope(&envelope);
+    let decoded = touchline_proto::codec::decoded_envelope_bytes(&value);
+    if decoded > max_decoded {
+        return Err(Rejection::new(
+            RejectReason::EventTooLarge,
+            "",
+            format!(
+                "the event would take about {decoded} bytes once decoded, more than the {max_decoded} a record may take in the projector"
+            ),
+        ));
+    }
+    Ok((envelope.touchpoint, value))
 }
 
 /// A batch checked and encoded, ready to produce.
@@ -75,35 +104,23 @@ fn prepare_within(
         .iter()
         .map(|event| touchline_core::ids::echoed_id(&event.event_id).to_owned())
         .collect();
-    let mut checked: Vec<Result<Touchpoint, Rejection>> = events
+    // Each event checked and encoded first, the duplicates rejected after: when an event's first
+    // copy is refused (whatever for), the next copy is checked in its place.
+    let mut checked: Vec<_> = events
         .into_iter()
-        .map(|event| check_event(event, partner, now, limits))
+        .map(|event| check_and_encode(event, partner, now, limits, max_decoded))
         .collect();
-    reject_duplicates_in_batch(&mut checked);
+    reject_duplicates_in_batch_by(&mut checked, |(touchpoint, _)| touchpoint);
     let mut envelopes = Vec::new();
     let mut slots = Vec::with_capacity(checked.len());
     for result in checked {
         match result {
-            Ok(touchpoint) => {
+            Ok((touchpoint, value)) => {
                 let envelope = Envelope {
                     partner_id: partner.partner_id.clone(),
                     touchpoint,
                     received_at: now,
                 };
-                let value = touchline_proto::encode_envelope(&envelope);
-                // What the projector would refuse to decode is not acknowledged (only limits
-                // raised far past their defaults let such an event through).
-                let decoded = touchline_proto::codec::decoded_envelope_bytes(&value);
-                if decoded > max_decoded {
-                    slots.push(Err(Rejection::new(
-                        RejectReason::EventTooLarge,
-                        "",
-                        format!(
-                            "the event would take about {decoded} bytes once decoded, more than the {max_decoded} a record may take in the projector"
-                        ),
-                    )));
-                    continue;
-                }
                 slots.push(Ok(envelopes.len()));
                 envelopes.push((envelope, value));
             }
@@ -121,11 +138,9 @@ fn prepare_within(
 mod tests {
     use super::*;
 
-    /// An event whose record the projector would refuse to decode (above its bound, here lowered
-    /// to 2 KiB) is rejected, not acknowledged; the others of the batch go on.
-    #[test]
-    fn an_event_the_projector_would_not_decode_is_too_large() {
-        let event = |id: &str, attributes: usize| v1::Touchpoint {
+    /// An event of `alice` with `attributes` attributes.
+    fn event(id: &str, attributes: usize) -> v1::Touchpoint {
+        v1::Touchpoint {
             event_id: id.to_owned(),
             customer_id: "alice".to_owned(),
             r#type: "parcel.scanned".to_owned(),
@@ -138,22 +153,48 @@ mod tests {
                 .map(|n| (format!("k{n}"), "v".to_owned()))
                 .collect(),
             ..v1::Touchpoint::default()
-        };
+        }
+    }
+
+    /// Prepared with the projector's bound lowered to 2 KiB (20 attributes pass it, 1 does not).
+    fn prepare_2_kib(events: Vec<v1::Touchpoint>) -> Prepared {
         let partner = Authenticated {
             partner_id: touchline_core::PartnerId::parse("courier").expect("valid"),
             contract: std::sync::Arc::default(),
         };
-        let prepared = prepare_within(
-            vec![event("small", 1), event("many", 20)],
+        prepare_within(
+            events,
             &partner,
             UnixNanos(2_000_000_000),
             &Limits::default(),
             2048,
-        );
+        )
+    }
+
+    /// An event whose record the projector would refuse to decode (above its bound, here lowered
+    /// to 2 KiB) is rejected, not acknowledged; the others of the batch go on.
+    #[test]
+    fn an_event_the_projector_would_not_decode_is_too_large() {
+        let prepared = prepare_2_kib(vec![event("small", 1), event("many", 20)]);
         assert!(prepared.slots[0].is_ok());
         let refused = prepared.slots[1].as_ref().expect_err("refused");
         assert_eq!(refused.reason, RejectReason::EventTooLarge);
         assert!(refused.message.contains("once decoded"), "{refused:?}");
         assert_eq!(prepared.envelopes.len(), 1);
+    }
+
+    /// A first copy refused as too large once decoded leaves the next copy of its id to be
+    /// checked in its place, as for any other refusal: not refused as a duplicate.
+    #[test]
+    fn the_copy_after_one_too_large_once_decoded_is_no_duplicate() {
+        let prepared = prepare_2_kib(vec![event("x", 20), event("x", 1)]);
+        let refused = prepared.slots[0].as_ref().expect_err("refused");
+        assert_eq!(refused.reason, RejectReason::EventTooLarge);
+        assert_eq!(prepared.slots[1].as_ref().ok(), Some(&0));
+        assert_eq!(prepared.envelopes.len(), 1);
+        // A copy after an accepted one is a duplicate.
+        let prepared = prepare_2_kib(vec![event("y", 1), event("y", 1)]);
+        let refused = prepared.slots[1].as_ref().expect_err("refused");
+        assert_eq!(refused.reason, RejectReason::DuplicateInBatch);
     }
 }

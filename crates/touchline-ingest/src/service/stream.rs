@@ -385,17 +385,18 @@ impl Shared {
         }
     }
 
-    /// Admits batch `index`, in request order: its shape, its token (a token revoked or expired
-    /// since the stream opened ends the stream here, before it charges the rate), its share of
-    /// the partner's rate (taken in request order, paid for by waiting), its share of the window.
+    /// Admits batch `index`, in request order: its token (a token revoked or expired since the
+    /// stream opened ends the stream here, before anything else is checked, as a unary call's
+    /// token is checked before its request), its shape, its share of the partner's rate (taken in
+    /// request order, paid for by waiting), its share of the window.
     async fn admit(&self, index: u64, batch: v1::PublishRequest) -> Result<Admitted> {
         let events = batch.events.len();
         let admitted = async {
             if self.ended_for(index) {
                 return Err(Error::ShuttingDown);
             }
-            self.inner.check_shape(&batch)?;
             let partner = self.authenticate()?;
+            self.inner.check_shape(&batch)?;
             let (wait, charge) = match self.inner.rate_of(&partner) {
                 Some((rate, burst)) => {
                     let wait =
