@@ -132,10 +132,20 @@ pub fn canonical_property(name: &str) -> &str {
     }
 }
 
-/// Sets pass-through `properties` on `config`, each under its [`canonical_property`] name.
+/// Properties Touchline sets from keys of its own (`bootstrap-servers`, `group-id`): a
+/// pass-through table may repeat them (the configuration refuses another value), and the key
+/// wins. `touchline dev` points `bootstrap-servers` at its embedded broker: a table that repeated
+/// the real brokers must not point its clients back at them.
+pub const SET_FROM_KEYS: [&str; 2] = ["bootstrap.servers", "group.id"];
+
+/// Sets pass-through `properties` on `config`, each under its [`canonical_property`] name, except
+/// those [`SET_FROM_KEYS`].
 pub(crate) fn apply_overrides(config: &mut ClientConfig, properties: &BTreeMap<String, String>) {
     for (key, value) in properties {
-        config.set(canonical_property(key), value);
+        let property = canonical_property(key);
+        if !SET_FROM_KEYS.contains(&property) {
+            config.set(property, value);
+        }
     }
 }
 
@@ -263,6 +273,35 @@ mod tests {
             Some("5")
         );
         assert_eq!(options.consumer_config().get("linger.ms"), Some("20"));
+    }
+
+    /// `touchline dev` points `bootstrap-servers` at its embedded broker: the real brokers
+    /// repeated in a table (the configuration allows only the key's value) do not win.
+    #[test]
+    fn the_brokers_and_the_group_come_from_their_keys_whatever_the_tables_repeat() {
+        let options = KafkaOptions {
+            bootstrap_servers: "127.0.0.1:9092".to_owned(),
+            group_id: "touchline-dev".to_owned(),
+            properties: BTreeMap::from([
+                ("bootstrap.servers".to_owned(), "kafka:9092".to_owned()),
+                ("group.id".to_owned(), "touchline".to_owned()),
+            ]),
+            producer_properties: BTreeMap::from([(
+                "metadata.broker.list".to_owned(),
+                "kafka:9092".to_owned(),
+            )]),
+            consumer_properties: BTreeMap::from([("group.id".to_owned(), "touchline".to_owned())]),
+            ..KafkaOptions::default()
+        };
+        for config in [options.producer_config(), options.consumer_config()] {
+            assert_eq!(config.get("bootstrap.servers"), Some("127.0.0.1:9092"));
+            assert_eq!(config.get("metadata.broker.list"), None);
+        }
+        assert_eq!(
+            options.consumer_config().get("group.id"),
+            Some("touchline-dev")
+        );
+        assert_eq!(options.producer_config().get("group.id"), None);
     }
 
     #[test]

@@ -305,16 +305,23 @@ pub async fn replay(
         .await?
         .into_inner();
     let mut last: Option<v1::ReplayProgress> = None;
+    // The replay is the command's work, its lines only a report: output piped into a reader that
+    // stopped (`touchline replay --from earliest | head -1`) stops the printing, not the replay
+    // (leaving the stream would stop it at its next batch, and the command would end as if done).
+    let mut printing = true;
     while let Some(progress) = stream.next().await {
         let progress = progress?;
-        if last.as_ref().is_none_or(|last| last.ranges.is_empty()) {
+        if printing && last.as_ref().is_none_or(|last| last.ranges.is_empty()) {
             for range in &progress.ranges {
-                crate::outln!(
+                printing = still_open(crate::outln!(
                     "partition {}: offsets {}..{}",
                     range.partition,
                     range.start_offset,
                     range.end_offset
-                )?;
+                ))?;
+                if !printing {
+                    break;
+                }
             }
         }
         crate::note!(
@@ -334,13 +341,25 @@ pub async fn replay(
         last.finished,
         "the replay stopped before reading every partition to its end (the server is shutting down?)"
     );
-    crate::outln!(
-        "replay done: {} records read, {} events appended, {} already in the log",
-        last.read,
-        last.appended,
-        last.duplicates
-    )?;
+    if printing {
+        still_open(crate::outln!(
+            "replay done: {} records read, {} events appended, {} already in the log",
+            last.read,
+            last.appended,
+            last.duplicates
+        ))?;
+    }
     Ok(())
+}
+
+/// Whether standard output is still open after a write: `false` once its reader went away, the
+/// write's error otherwise.
+fn still_open(written: Result<(), crate::OutputError>) -> Result<bool, crate::OutputError> {
+    match written {
+        Ok(()) => Ok(true),
+        Err(error) if error.is_closed() => Ok(false),
+        Err(error) => Err(error),
+    }
 }
 
 /// What `touchline dead-letters` does.

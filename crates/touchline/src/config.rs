@@ -34,6 +34,9 @@ pub struct Config {
     pub log: LogConfig,
 }
 
+/// The shortest `kafka.retention-ms` of a created topic (one hour), but for -1 (forever).
+const MIN_RETENTION_MS: i64 = 3_600_000;
+
 /// Consumer properties the projector depends on, refused with another value than the one
 /// [`touchline_kafka::KafkaOptions::consumer_config`] sets: (name, why).
 const CONSUMER_FIXED: [(&str, &str); 4] = [
@@ -69,18 +72,54 @@ fn same_setting(value: &str, required: &str) -> bool {
     }
 }
 
+/// An integer property's value as librdkafka reads it: `(int)strtol(value, &end, 0)`, so white
+/// space first, a sign, `0x` for hexadecimal, a leading `0` for octal, whatever follows the
+/// digits ignored, a value past 64 bits clamped and then cut to 32 (`"010000000"` is 2,097,152,
+/// `"4000000kb"` is 4,000,000). `None` where it reads no number (it refuses the value).
+fn librdkafka_integer(value: &str) -> Option<i32> {
+    let text = value.trim_start_matches([' ', '\t', '\n', '\x0b', '\x0c', '\r']);
+    let (negative, text) = match text.as_bytes().first() {
+        Some(b'-') => (true, &text[1..]),
+        Some(b'+') => (false, &text[1..]),
+        _ => (false, text),
+    };
+    let (radix, digits) = match text.strip_prefix("0x").or_else(|| text.strip_prefix("0X")) {
+        Some(hex) if hex.starts_with(|c: char| c.is_ascii_hexdigit()) => (16, hex),
+        _ if text.starts_with('0') => (8, text),
+        _ => (10, text),
+    };
+    let end = digits
+        .find(|c: char| !c.is_digit(radix))
+        .unwrap_or(digits.len());
+    if end == 0 {
+        return None;
+    }
+    // Only digits of the radix: an error is an overflow, which strtol clamps.
+    let long = match i64::from_str_radix(&digits[..end], radix) {
+        Ok(magnitude) if negative => -magnitude,
+        Ok(magnitude) => magnitude,
+        Err(_) if negative => i64::MIN,
+        Err(_) => i64::MAX,
+    };
+    // C's conversion of a long to an int keeps the low 32 bits.
+    #[allow(clippy::cast_possible_truncation)]
+    Some(long as i32)
+}
+
 /// Pass-through properties under the names librdkafka resolves them to
 /// ([`touchline_kafka::canonical_property`]), so that a guard sees `topic.acks` as `acks`.
 ///
 /// # Errors
 /// When two spellings set one property (librdkafka would apply them in no fixed order), a name
 /// holds a `-` (no librdkafka property does: a `TOUCHLINE_` variable that spelled a property as
-/// a key), or a table sets other brokers than `bootstrap_servers` (`kafka.bootstrap-servers`,
-/// which every client uses).
+/// a key), or a table sets other brokers than `kafka.bootstrap-servers` (which every client uses)
+/// or another consumer group than `kafka.group-id` (a table's `group.id` would outlive a
+/// `TOUCHLINE_KAFKA__GROUP_ID` given to each replica). Either may be repeated: the key is used
+/// ([`touchline_kafka::SET_FROM_KEYS`]).
 fn canonical_properties<'a>(
     table: &str,
     properties: &'a BTreeMap<String, String>,
-    bootstrap_servers: &str,
+    kafka: &KafkaOptions,
 ) -> anyhow::Result<BTreeMap<&'a str, &'a str>> {
     let mut canonical = BTreeMap::new();
     let mut spelled: BTreeMap<&str, &str> = BTreeMap::new();
@@ -92,8 +131,12 @@ fn canonical_properties<'a>(
         );
         let property = touchline_kafka::canonical_property(name);
         anyhow::ensure!(
-            property != "bootstrap.servers" || value == bootstrap_servers,
+            property != "bootstrap.servers" || *value == kafka.bootstrap_servers,
             "{table}: {name} is refused: the brokers are kafka.bootstrap-servers, which every client (producer, consumer, topic set-up) uses"
+        );
+        anyhow::ensure!(
+            property != "group.id" || *value == kafka.group_id,
+            "{table}: {name} is refused: the consumer group is kafka.group-id (TOUCHLINE_KAFKA__GROUP_ID), which it would override"
         );
         if let Some(other) = spelled.insert(property, name) {
             anyhow::bail!(
@@ -551,21 +594,26 @@ impl Config {
                 self.kafka.replication_factor
             );
         }
+        if let Some(retention) = self.kafka.retention_ms {
+            // Kafka deletes what is older, read or not: a value in other units (30 for days,
+            // 604800 for a week in seconds) would delete acknowledged events before a projector
+            // that lags, or starts anew, reads them.
+            anyhow::ensure!(
+                retention == -1 || retention >= MIN_RETENTION_MS,
+                "kafka.retention-ms ({retention}) must be -1 (kept forever) or at least {MIN_RETENTION_MS} (an hour): Kafka deletes acknowledged events older than it whether or not a projector read them; it is in milliseconds"
+            );
+        }
         let (common, producer, consumer) = (
-            canonical_properties(
-                "kafka.properties",
-                &self.kafka.properties,
-                &self.kafka.bootstrap_servers,
-            )?,
+            canonical_properties("kafka.properties", &self.kafka.properties, &self.kafka)?,
             canonical_properties(
                 "kafka.producer-properties",
                 &self.kafka.producer_properties,
-                &self.kafka.bootstrap_servers,
+                &self.kafka,
             )?,
             canonical_properties(
                 "kafka.consumer-properties",
                 &self.kafka.consumer_properties,
-                &self.kafka.bootstrap_servers,
+                &self.kafka,
             )?,
         );
         // Pass-through properties may tune the clients, not weaken what an acknowledgement means
@@ -583,6 +631,17 @@ impl Config {
                     "kafka property enable.idempotence={idempotence} is refused: retries must not duplicate or reorder events"
                 );
             }
+            // Ingest acknowledges an event once its delivery is reported.
+            if let Some(&only_errors) = properties.get("delivery.report.only.error") {
+                anyhow::ensure!(
+                    same_setting(only_errors, "false"),
+                    "kafka property delivery.report.only.error={only_errors} is refused: ingest acknowledges an event when its delivery is reported, so no event would ever be acknowledged"
+                );
+            }
+            anyhow::ensure!(
+                !properties.contains_key("transactional.id"),
+                "kafka property transactional.id is refused: ingest's producer is idempotent, not transactional (a transactional producer refuses every record sent outside a transaction)"
+            );
         }
         // What the projector's consumer is given before the pass-through (none here).
         let touchline_set = touchline_kafka::KafkaOptions::default().consumer_config();
@@ -652,8 +711,12 @@ impl Config {
             .producer_properties
             .get("message.max.bytes")
             .or_else(|| self.kafka.properties.get("message.max.bytes"));
-        // An unreadable value is librdkafka's to refuse, when the producer is made.
-        let Ok(message_max) = set.map_or(Ok(1_000_000), |value| value.trim().parse::<u64>()) else {
+        // Read as librdkafka reads it; an unreadable value (or one out of its range) is
+        // librdkafka's to refuse, when the producer is made.
+        let Some(Ok(message_max)) = set
+            .map_or(Some(1_000_000), |value| librdkafka_integer(value))
+            .map(u64::try_from)
+        else {
             return Ok(());
         };
         let event_max = count(self.ingest.limits.max_event_bytes);

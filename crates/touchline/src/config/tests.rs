@@ -162,9 +162,77 @@ fn an_event_limit_past_what_the_producer_may_send_is_refused() {
         .producer_properties
         .insert("message.max.bytes".to_owned(), "2000100".to_owned());
     assert!(config.validate().is_err(), "no room for the envelope");
+    // Read as librdkafka reads it: octal, hexadecimal, trailing characters ignored.
+    config.ingest.limits.max_event_bytes = 3_000_000;
+    for (value, fits) in [
+        ("010000000", false),
+        ("0x400000", true),
+        ("0x100000", false),
+        (" 4000000kb", true),
+        ("2000000 ", false),
+        ("5000000 ", true),
+    ] {
+        config
+            .kafka
+            .producer_properties
+            .insert("message.max.bytes".to_owned(), value.to_owned());
+        assert_eq!(config.validate().is_ok(), fits, "message.max.bytes={value}");
+    }
+    // What librdkafka refuses when the producer is made is left to it.
+    config
+        .kafka
+        .producer_properties
+        .insert("message.max.bytes".to_owned(), "many".to_owned());
+    config.validate().expect("librdkafka's to refuse");
     // A node without ingest does not apply the limit.
     config.ingest.enabled = false;
     config.validate().expect("no ingest, no check");
+}
+
+#[test]
+fn a_retention_in_other_units_is_refused() {
+    for (retention, valid) in [
+        (None, true),
+        (Some(-1), true),
+        (Some(3_600_000), true),
+        (Some(30 * 24 * 3_600_000), true),
+        (Some(30), false),
+        (Some(604_800), false),
+        (Some(0), false),
+        (Some(-2), false),
+    ] {
+        let mut config = Config::default();
+        config.kafka.retention_ms = retention;
+        let checked = config.validate();
+        assert_eq!(checked.is_ok(), valid, "{retention:?}: {checked:?}");
+        if let Err(refused) = checked {
+            assert!(
+                refused.to_string().contains("kafka.retention-ms"),
+                "{refused}"
+            );
+        }
+    }
+}
+
+#[test]
+fn integers_are_read_as_librdkafka_reads_them() {
+    for (value, read) in [
+        ("1000000", Some(1_000_000)),
+        ("010000000", Some(2_097_152)),
+        ("0x10", Some(16)),
+        ("0X1f", Some(31)),
+        ("0x", Some(0)),
+        ("08", Some(0)),
+        ("  +12abc", Some(12)),
+        ("-5", Some(-5)),
+        ("4294967297", Some(1)),
+        ("99999999999999999999", Some(-1)),
+        ("", None),
+        ("kb", None),
+        ("-", None),
+    ] {
+        assert_eq!(super::librdkafka_integer(value), read, "{value:?}");
+    }
 }
 
 #[test]
@@ -181,6 +249,39 @@ fn weakening_acknowledgements_is_refused() {
         .properties
         .insert("enable.idempotence".to_owned(), "false".to_owned());
     assert!(config.validate().is_err());
+}
+
+/// A producer that would never report a delivery, or refuses every record sent outside a
+/// transaction: no event would ever be acknowledged.
+#[test]
+fn a_producer_that_would_acknowledge_nothing_is_refused() {
+    for (name, value, says) in [
+        (
+            "delivery.report.only.error",
+            "true",
+            "delivery.report.only.error=true is refused",
+        ),
+        ("delivery.report.only.error", "1", "no event would ever"),
+        ("transactional.id", "touchline", "not transactional"),
+    ] {
+        for common in [false, true] {
+            let mut config = Config::default();
+            let table = if common {
+                &mut config.kafka.properties
+            } else {
+                &mut config.kafka.producer_properties
+            };
+            table.insert(name.to_owned(), value.to_owned());
+            let refused = config.validate().expect_err(name).to_string();
+            assert!(refused.contains(says), "{name}={value}: {refused}");
+        }
+    }
+    let mut config = Config::default();
+    config
+        .kafka
+        .producer_properties
+        .insert("delivery.report.only.error".to_owned(), "false".to_owned());
+    config.validate().expect("the default, repeated");
 }
 
 #[test]
@@ -351,6 +452,20 @@ fn guarded_properties_are_guarded_under_every_spelling() {
                 .as_deref()
                 .is_some_and(|error| error.contains("kafka.bootstrap-servers")),
             "{name}: {refused:?}"
+        );
+    }
+    // Another consumer group than kafka.group-id likewise; repeating it changes nothing.
+    for section in [common, consumer] {
+        let other = refused(section, "group.id", "elsewhere");
+        assert!(
+            other
+                .as_deref()
+                .is_some_and(|error| error.contains("kafka.group-id")),
+            "{other:?}"
+        );
+        assert_eq!(
+            refused(section, "group.id", &Config::default().kafka.group_id),
+            None
         );
     }
     // A property spelled as a key, from a variable (TOUCHLINE_KAFKA__PROPERTIES__SECURITY_PROTOCOL).
