@@ -313,7 +313,7 @@ impl Watch {
                 }
             }
         };
-        if let Some(mut entries) = self.missed_in_log(durable).await {
+        if let Some(mut entries) = self.missed_in_log(sender, durable).await {
             entries.sort_by_key(TimelineEntry::timeline_order);
             for entry in &entries {
                 let late = mark_late(&mut latest, entry);
@@ -329,6 +329,12 @@ impl Watch {
         }
         let mut page_after: Option<TimelineCursor> = None;
         loop {
+            // A resumed watch passes over its customer's entries up to its cursor without
+            // sending anything, which would notice a client gone or a token revoked: page by page
+            // it looks (else the watcher would scan a long timeline for no one, holding its slot).
+            if self.gone(sender) {
+                return None;
+            }
             let query = TimelineQuery {
                 customer_id: self.customer.clone(),
                 page_size: CATCH_UP_PAGE,
@@ -371,8 +377,13 @@ impl Watch {
     /// long timeline), read a page of [`CATCH_UP_PAGE`] events at a time and given up past
     /// [`CATCH_UP_PAGE`] entries or about [`MAX_PAGE_BYTES`] of them (so that it holds no more
     /// than a page of the timeline read would). `None`: read the timeline instead, also when the
-    /// log read fails (the timeline read answers for itself).
-    async fn missed_in_log(&self, durable: u64) -> Option<Vec<TimelineEntry>> {
+    /// log read fails (the timeline read answers for itself) or the client is gone (which the
+    /// timeline read sees before it reads).
+    async fn missed_in_log(
+        &self,
+        sender: &mpsc::Sender<Message>,
+        durable: u64,
+    ) -> Option<Vec<TimelineEntry>> {
         let missed_events = durable.saturating_sub(self.after);
         if self.after == 0 || missed_events > MAX_LOG_CATCH_UP {
             return None;
@@ -395,6 +406,9 @@ impl Watch {
         let end = durable.saturating_add(1);
         let mut from = self.after.saturating_add(1);
         while from < end {
+            if self.gone(sender) {
+                return None;
+            }
             let page_end = from.saturating_add(CATCH_UP_PAGE as u64).min(end);
             let customer = self.customer.clone();
             let page = self
@@ -476,6 +490,11 @@ impl Watch {
         self.still_allowed
             .as_ref()
             .is_some_and(|still| still.revoked().is_some())
+    }
+
+    /// Whether the watch is over for want of a client: it went, or its token was revoked.
+    fn gone(&self, sender: &mpsc::Sender<Message>) -> bool {
+        sender.is_closed() || self.revoked()
     }
 }
 

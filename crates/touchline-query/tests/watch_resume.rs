@@ -338,3 +338,63 @@ async fn entries_flushed_while_a_watch_starts_come_once() -> anyhow::Result<()> 
     }
     Ok(())
 }
+
+/// A watch resumed at the end of a long timeline passes over the customer's entries up to its
+/// cursor without sending any: a client that went meanwhile ends the watcher before its next page,
+/// rather than after a scan of the whole timeline for no one (holding its `query.max-watches`
+/// slot and the reads it waits for all along).
+#[tokio::test]
+async fn a_resumed_watch_whose_client_went_stops_reading_the_timeline() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let store = WrappedStore::open(&dir)?;
+    let mut offset = -1;
+    // Three pages of erin's entries (sequences 1..=2500), then as many of another customer's:
+    // more events logged since the cursor than erin has entries, so the watcher reads her
+    // timeline, not the log.
+    for (customer_id, first) in [("erin", 0), ("frank", 2500)] {
+        for chunk in (first..first + 2500).collect::<Vec<i64>>().chunks(500) {
+            let events = chunk
+                .iter()
+                .map(|n| event(&format!("e-{n}"), customer_id, *n))
+                .collect();
+            apply(&*store, &mut offset, events, true);
+        }
+    }
+    store.flush()?;
+    reads(&store);
+    let (feed, _) = broadcast::channel(16);
+    let live = Watchers::new(&feed).subscribe(customer("erin"));
+    let slots = Arc::new(tokio::sync::Semaphore::new(1));
+    let slot = Arc::clone(&slots).try_acquire_owned()?;
+    let open = Arc::new(tokio::sync::Semaphore::new(1)).try_acquire_owned()?;
+    let store_dyn: Arc<dyn EventStore> = Arc::clone(&store) as Arc<dyn EventStore>;
+    let stream = Watch {
+        reads: StoreReads::new(store_dyn, 1),
+        customer: customer("erin"),
+        after: 2500,
+        live,
+        shutdown: CancellationToken::new(),
+        still_allowed: None,
+        stalled_after: touchline_query::watch::STALLED_AFTER,
+    }
+    .stream(Some(slot), open);
+    // The client goes before the watcher has read anything (this test's runtime has one thread:
+    // the watcher's task has not run yet).
+    drop(stream);
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while slots.available_permits() == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the watcher did not end"
+        );
+        tokio::task::yield_now().await;
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    let (log_reads, timeline_reads) = reads(&store);
+    assert_eq!(
+        (log_reads, timeline_reads),
+        (0, 0),
+        "no page read for a client that went"
+    );
+    Ok(())
+}
