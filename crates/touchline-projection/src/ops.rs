@@ -140,6 +140,9 @@ pub struct Rebuilds {
     store: Arc<SledStore>,
     chunk: usize,
     jobs: Mutex<HashMap<Projection, Job>>,
+    /// Each job's progress, set (under `jobs`) as a job starts: read by [`Self::progress`]
+    /// without `jobs`, which a start holds while it waits for the store's writer.
+    progress: Mutex<BTreeMap<Projection, watch::Receiver<RebuildProgress>>>,
     /// Set (under `jobs`) by shutdown: no rebuild starts after it, so none runs unawaited.
     closed: AtomicBool,
     /// Deletions running in the background (of the version a switched rebuild replaced, when a
@@ -163,6 +166,7 @@ impl Rebuilds {
             store,
             chunk: chunk.max(1),
             jobs: Mutex::new(HashMap::new()),
+            progress: Mutex::new(BTreeMap::new()),
             closed: AtomicBool::new(false),
             retiring: Mutex::new(Vec::new()),
         }
@@ -236,6 +240,10 @@ impl Rebuilds {
                 }
             }
         });
+        self.progress
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(projection, progress.clone());
         let replaced = jobs.insert(
             projection,
             Job {
@@ -311,12 +319,15 @@ impl Rebuilds {
         Some(job.progress.clone())
     }
 
-    /// The latest progress of every rebuild this node ran, running or finished.
+    /// The latest progress of every rebuild this node ran, running or finished: without waiting
+    /// for a start (which waits for the store's writer, held by a verification's scan, say).
     #[must_use]
     pub fn progress(&self) -> BTreeMap<Projection, RebuildProgress> {
-        self.jobs()
+        self.progress
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .iter()
-            .map(|(projection, job)| (*projection, job.progress.borrow().clone()))
+            .map(|(projection, progress)| (*projection, progress.borrow().clone()))
             .collect()
     }
 
@@ -596,6 +607,53 @@ mod tests {
         }
         assert_eq!(gaining.observe(3_000), 0, "gaining again");
         assert_eq!(gaining.observe(3_000), 1, "the same gap is no gain");
+    }
+
+    /// The status (versions and rebuilds' progress) does not wait for the store's writer, which a
+    /// verification holds for its summaries' scan: nor for a rebuild's start, which waits for the
+    /// writer while it holds the jobs' lock.
+    #[test]
+    fn the_versions_and_the_progress_are_read_while_the_writer_is_held() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let store = Arc::new(SledStore::open(dir.path())?);
+        let rebuilds = Rebuilds::new(Arc::clone(&store), 100);
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .build()?;
+        let writer = store.hold_writer();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        std::thread::scope(|scope| -> anyhow::Result<()> {
+            let starting = scope.spawn(|| {
+                let _runtime = runtime.enter();
+                rebuilds
+                    .start(Projection::Timeline)
+                    .map(|(_, started)| started)
+            });
+            // The start holds the jobs' lock while it waits for the writer.
+            while rebuilds.jobs.try_lock().is_ok() {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the start did not begin"
+                );
+                std::thread::yield_now();
+            }
+            let (sender, read) = std::sync::mpsc::channel();
+            let (store, rebuilds) = (&store, &rebuilds);
+            scope.spawn(move || {
+                let _ = sender.send((store.projection_versions(), rebuilds.progress()));
+            });
+            let read = read.recv_timeout(deadline - std::time::Instant::now());
+            drop(writer);
+            let (versions, progress) = read.map_err(|_| {
+                anyhow::anyhow!("the versions or the progress waited for the writer")
+            })?;
+            assert_eq!(versions[&Projection::Timeline].building, None);
+            assert!(progress.is_empty());
+            assert!(matches!(starting.join(), Ok(Ok(true))));
+            Ok(())
+        })?;
+        runtime.block_on(rebuilds.shutdown());
+        Ok(())
     }
 
     async fn finished(

@@ -117,6 +117,11 @@ struct WriterState {
     next_dead_letter: u64,
     dead_letters: u64,
     versions: BTreeMap<Projection, ProjectionVersions>,
+    /// A copy of `versions`, published by [`WriterState::publish_versions`] after each change,
+    /// for readers that must not wait for the writer ([`SledStore::projection_versions`]: the
+    /// status and every `/metrics` scrape, while a verification holds the writer for its
+    /// summaries' scan, say).
+    published_versions: Arc<Mutex<BTreeMap<Projection, ProjectionVersions>>>,
     /// Per (stream, partition) key ([`crate::keys::position`]), the lowest and highest offset of a
     /// record ever dead-lettered there: an event read again within it may be a dead letter's
     /// record that decodes now (see `apply`). New records come above it, and cost no look-up.
@@ -175,6 +180,8 @@ pub struct SledStore {
     meta: Table,
     active: RwLock<Active>,
     writer: Mutex<WriterState>,
+    /// The writer's `published_versions`.
+    versions: Arc<Mutex<BTreeMap<Projection, ProjectionVersions>>>,
     /// This log's identity (see [`LOG_ID`]).
     log_id: u64,
     /// Events in the log and dead letters, readable without waiting for the writer.
@@ -405,6 +412,7 @@ impl SledStore {
             next_sequence: counter(NEXT_SEQUENCE, 1)?,
             next_dead_letter,
             dead_letters: counter(DEAD_LETTER_COUNT, next_dead_letter.saturating_sub(1))?,
+            published_versions: Arc::new(Mutex::new(versions.clone())),
             versions,
             dead_lettered: HashMap::new(),
             deferred_clears: Vec::new(),
@@ -445,6 +453,7 @@ impl SledStore {
             flushing: Mutex::new(()),
             leftovers: Mutex::new(Vec::new()),
             failure: failure::Failure::default(),
+            versions: Arc::clone(&writer.published_versions),
             writer: Mutex::new(writer),
             log_id,
             tree,
@@ -456,6 +465,12 @@ impl SledStore {
 
     fn lock_writer(&self) -> MutexGuard<'_, WriterState> {
         lock(&self.writer)
+    }
+
+    /// Holds the writer until the guard is dropped: for tests of what must not wait for it.
+    #[cfg(test)]
+    pub(crate) fn hold_writer(&self) -> impl Drop + '_ {
+        self.lock_writer()
     }
 
     /// Entries as they become durable (after each flush), in log order: the feed of live

@@ -157,6 +157,7 @@ impl SledStore {
                     .map(|version| (projection, *version)),
             );
         }
+        writer.publish_versions();
         *lock(&self.leftovers) = leftovers;
         Ok(())
     }
@@ -183,10 +184,11 @@ impl SledStore {
         Ok(true)
     }
 
-    /// The versions of every projection.
+    /// The versions of every projection, as the writer last changed them: without waiting for
+    /// the writer.
     #[must_use]
     pub fn projection_versions(&self) -> BTreeMap<Projection, ProjectionVersions> {
-        self.lock_writer().versions.clone()
+        lock(&self.versions).clone()
     }
 
     /// Starts building a new version of `projection`: returns the version and the log's length
@@ -216,6 +218,7 @@ impl SledStore {
         )?;
         self.write_now(&self.meta, projection.meta_key(), encode(&updated)?)?;
         *versions = updated;
+        writer.publish_versions();
         Ok((version, log_len))
     }
 
@@ -295,6 +298,7 @@ impl SledStore {
                 .insert(&mut batch, projection.meta_key(), encode(&updated)?);
             self.write(batch, folded(from, next))?;
             *versions = updated;
+            writer.publish_versions();
             let table = Arc::new(self.version_table(projection, version));
             let mut active = self
                 .active
@@ -382,6 +386,7 @@ impl SledStore {
         updated.dropping.push(version);
         self.write_now(&self.meta, projection.meta_key(), encode(&updated)?)?;
         *versions = updated;
+        writer.publish_versions();
         Ok(())
     }
 
@@ -447,11 +452,18 @@ impl SledStore {
         updated.dropping.retain(|dropping| *dropping != version);
         self.write_now(&self.meta, projection.meta_key(), encode(&updated)?)?;
         *versions = updated;
+        writer.publish_versions();
         Ok(true)
     }
 }
 
 impl WriterState {
+    /// Publishes `versions` for [`SledStore::projection_versions`]: after each change of them,
+    /// under the writer (so copies are published in the order of the changes).
+    fn publish_versions(&self) {
+        lock(&self.published_versions).clone_from(&self.versions);
+    }
+
     /// Whether `version` of `projection` is the one being built (not cancelled, not replaced).
     fn check_building(&self, projection: Projection, version: u32) -> Result<(), OpsError> {
         match self.versions.get(&projection) {
