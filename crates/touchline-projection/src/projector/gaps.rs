@@ -10,9 +10,11 @@
 //!
 //! The loss is counted once the batch after the gap is applied, with the position past it: a
 //! projector stopped or failing before that leaves its stored position before the gap, and the
-//! next start counts the loss instead (`resume::check_position`, which counts records lost below
-//! a stored position; a gap is only seen once a partition's first record was read). A process
-//! that dies between that apply and its flush counts the loss again at its next start.
+//! next start resumes there and sees the same gap (a start whose stored position retention has
+//! passed fetches from the oldest record, `resume::check_position`, and expects the stored
+//! position: its first record is the gap). A process that dies between that apply and its flush
+//! counts the loss again at its next start; a partition with no record left counts it once a
+//! record comes.
 //!
 //! Limits: the oldest offset is asked after the gap is seen, and a consumer may hold up to
 //! 20,000 records fetched ahead: if retention passes a transaction marker of another producer

@@ -145,21 +145,21 @@ fn check_position(
     if next <= low {
         if next < low {
             // Acknowledged events may be among them: what a node restored from an old backup, or
-            // stopped for longer than the retention, cannot get back. Counted for alerts.
-            crate::metrics::PROJECTOR
-                .lost_to_retention
-                .inc_by((low - next).cast_unsigned());
+            // stopped for longer than the retention, cannot get back. Counted for alerts by the
+            // gap the first record read makes after `next` (`gaps`), once it is applied with its
+            // position: counted here, the loss would be counted again at every start until then
+            // (a partition with no record left, a node stopped before its first flush).
             warn!(
                 partition,
                 next,
                 low,
                 lost = low - next,
-                "records after the stored position were deleted by retention before they were projected; reading from the oldest record left (counted in touchline_projector_records_lost_to_retention_total)"
+                "records after the stored position were deleted by retention before they were projected; reading from the oldest record left (counted in touchline_projector_records_lost_to_retention_total once a record after them is projected)"
             );
         }
         return Ok(Some(Resume {
             fetch_from: low,
-            next: low,
+            next,
         }));
     }
     // A probe that timed out proves nothing (a slow broker, a leader moving): asked again before
