@@ -65,6 +65,9 @@ pub const MAX_PAGE_BYTES: usize = 2 * 1024 * 1024;
 const NEXT_SEQUENCE: &[u8] = b"next_sequence";
 const NEXT_DEAD_LETTER: &[u8] = b"next_dead_letter";
 const DEAD_LETTER_COUNT: &[u8] = b"dead_letter_count";
+/// The ids of dead letters whose clear a backup deferred (`WriterState::deferred_clears`), one
+/// big-endian u64 each; absent when there are none.
+const DEFERRED_CLEARS: &[u8] = b"deferred_clears";
 /// The key layout of the store. Absent in an empty store; a store with data and another format
 /// is refused rather than misread, but format 3 is migrated when opened. 2: versioned
 /// projections; 3: summaries refer to their first and last touch instead of copying them; 4: the
@@ -128,9 +131,9 @@ struct WriterState {
     dead_lettered: HashMap<Vec<u8>, (i64, i64)>,
     /// Dead letters whose record was read again and decoded (its event appended, or in the log
     /// already) while a backup read its cut's dead letters, which must stay as they were at the
-    /// cut: taken off the list by the first write after the backup has read them. (In memory:
-    /// after a restart they stay listed until requeued, answered as already in the log, or
-    /// discarded.)
+    /// cut: taken off the list by the first write after the backup has read them, or by the next
+    /// backup's cut, or the next open ([`SledStore::settle_deferred_clears`]). Stored
+    /// ([`DEFERRED_CLEARS`]) with the write that defers them.
     deferred_clears: Vec<u64>,
 }
 
@@ -280,6 +283,18 @@ fn read_u64(what: &'static str, key: &[u8], bytes: &[u8]) -> Result<u64, StoreEr
     Ok(u64::from_be_bytes(array))
 }
 
+/// Big-endian u64s one after the other.
+fn read_ids(key: &[u8], bytes: &[u8]) -> Result<Vec<u64>, StoreError> {
+    let (ids, []) = bytes.as_chunks::<8>() else {
+        return Err(StoreError::Corrupt {
+            what: "dead-letter ids",
+            key: format!("{key:02x?}"),
+            reason: format!("{} bytes, not a multiple of 8", bytes.len()),
+        });
+    };
+    Ok(ids.iter().map(|id| u64::from_be_bytes(*id)).collect())
+}
+
 /// sled's page cache unless configured otherwise. sled's resident memory runs well above it (it
 /// counts serialized sizes), so it is kept modest; see BENCHMARKS.md (memory).
 pub const DEFAULT_CACHE_BYTES: u64 = 64 * 1024 * 1024;
@@ -415,7 +430,10 @@ impl SledStore {
             published_versions: Arc::new(Mutex::new(versions.clone())),
             versions,
             dead_lettered: HashMap::new(),
-            deferred_clears: Vec::new(),
+            deferred_clears: match meta.get(DEFERRED_CLEARS).map_err(backend)? {
+                Some(bytes) => read_ids(DEFERRED_CLEARS, &bytes)?,
+                None => Vec::new(),
+            },
         };
         // Keys only, one entry per record ever dead-lettered.
         for item in table(b"Y").scan_prefix(&[]) {
@@ -460,6 +478,7 @@ impl SledStore {
             db,
         };
         store.mark_leftovers()?;
+        store.settle_deferred_clears(&mut store.lock_writer())?;
         Ok(store)
     }
 

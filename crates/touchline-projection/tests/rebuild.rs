@@ -637,6 +637,85 @@ fn a_dead_letters_record_that_decodes_when_read_again_takes_it_off_the_list() {
     assert_eq!(store.dead_letter_count(), 0, "the count was written");
 }
 
+/// The event record of `envelope(i)` at `offset` of partition 1, and the same record as a dead
+/// letter (undecodable by an older Touchline).
+fn decodes_later(i: u64, offset: i64) -> (ConsumedRecord, ConsumedRecord) {
+    let good = support::record(1, offset, envelope(i));
+    let RecordContent::Event { raw, .. } = &good.content else {
+        unreachable!("an event record")
+    };
+    let then = ConsumedRecord {
+        partition: 1,
+        offset,
+        content: RecordContent::Undecodable {
+            reason: "decoder too old".to_owned(),
+            key: None,
+            value: Some(raw.clone()),
+        },
+    };
+    (good, then)
+}
+
+/// A dead letter whose record decoded while a backup read the dead letters stays listed until
+/// the first write after, as above; with no write before a restart, the next start takes it off
+/// (the deferral is stored), and with none before the next backup, that backup's cut does: it does
+/// not copy as listed a dead letter whose event it copies.
+#[test]
+fn a_deferred_dead_letter_clear_outlives_a_restart_and_comes_before_the_next_cut() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = SledStore::open(dir.path()).expect("opens");
+    let (first, first_then) = decodes_later(1, 9);
+    let (second, second_then) = decodes_later(8, 10);
+    store
+        .apply(&stream(), vec![garbage(5), first_then, second_then])
+        .expect("applies");
+    assert_eq!(store.dead_letter_count(), 3);
+    let listed_offsets = |store: &SledStore| {
+        store
+            .dead_letters(10)
+            .expect("lists")
+            .iter()
+            .map(|dead_letter| dead_letter.offset)
+            .collect::<Vec<_>>()
+    };
+
+    let cut = store.backup_cut().expect("a cut");
+    let outcome = store
+        .apply_replayed(&stream(), vec![first])
+        .expect("applies");
+    assert_eq!(outcome.appended, 1);
+    drop(cut);
+    // No write after the backup: a restart.
+    store.flush().expect("flushes");
+    drop(store);
+    let store = support::open_when_released(dir.path());
+    assert_eq!(store.dead_letter_count(), 2);
+    assert_eq!(listed_offsets(&store), [5, 10]);
+    drop(store);
+    let store = support::open_when_released(dir.path());
+    assert_eq!(store.dead_letter_count(), 2, "the count was written");
+
+    let cut = store.backup_cut().expect("a cut");
+    let outcome = store
+        .apply_replayed(&stream(), vec![second])
+        .expect("applies");
+    assert_eq!(outcome.appended, 1);
+    assert_eq!(store.dead_letter_count(), 2, "as at the cut");
+    drop(cut);
+    // The next backup's cut, before any write.
+    let mut cut = store.backup_cut().expect("a cut");
+    assert_eq!(cut.dead_letters.count, 1);
+    let page = cut.dead_letters.next_page(1 << 20).expect("reads");
+    assert_eq!(
+        page.iter()
+            .map(|dead_letter| dead_letter.offset)
+            .collect::<Vec<_>>(),
+        [5]
+    );
+    drop(cut);
+    assert_eq!(listed_offsets(&store), [5]);
+}
+
 #[test]
 fn the_leftover_deletion_leaves_a_version_a_later_rebuild_replaced_to_that_rebuild() {
     let dir = tempfile::tempdir().expect("temp dir");
