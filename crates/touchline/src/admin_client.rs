@@ -221,7 +221,7 @@ pub async fn rebuild(
             rebuild_state(progress.state),
             progress.done
         )?;
-        return Ok(());
+        return cancelled(&progress);
     }
     let mut stream = client
         .rebuild_projection(with_token(
@@ -269,18 +269,37 @@ pub async fn rebuild(
         Ok(v1::RebuildState::Running) => anyhow::bail!(
             "the progress stream ended while the rebuild runs on; `touchline rebuild {projection}` attaches to it again"
         ),
-        _ => anyhow::bail!(
-            "rebuild of {} v{} {}{}; the active version is untouched",
-            last.projection,
-            last.version,
-            rebuild_state(last.state),
-            if last.error.is_empty() {
-                String::new()
-            } else {
-                format!(": {}", last.error)
-            }
-        ),
+        _ => anyhow::bail!("{}", rebuild_ended(&last)),
     }
+}
+
+/// Whether the rebuild a cancel answered with ended cancelled (the command's success): one that
+/// switched first (the cancel came during its final catch-up) or failed was not cancelled.
+fn cancelled(progress: &v1::RebuildProgress) -> anyhow::Result<()> {
+    match v1::RebuildState::try_from(progress.state) {
+        Ok(v1::RebuildState::Cancelled) => Ok(()),
+        Ok(v1::RebuildState::Switched) => anyhow::bail!(
+            "not cancelled: the rebuild switched first, {} v{} is active",
+            progress.projection,
+            progress.version
+        ),
+        _ => anyhow::bail!("not cancelled: {}", rebuild_ended(progress)),
+    }
+}
+
+/// What a rebuild that did not switch ended in, with its error.
+fn rebuild_ended(progress: &v1::RebuildProgress) -> String {
+    format!(
+        "rebuild of {} v{} {}{}; the active version is untouched",
+        progress.projection,
+        progress.version,
+        rebuild_state(progress.state),
+        if progress.error.is_empty() {
+            String::new()
+        } else {
+            format!(": {}", progress.error)
+        }
+    )
 }
 
 /// Replays the topic into the log, printing progress.
@@ -677,5 +696,29 @@ mod tests {
             .map(|failures| resume_delay(failures).as_secs())
             .collect();
         assert_eq!(waits, [1, 2, 4, 8, 16, 30, 30, 30, 30, 30, 30, 30]);
+    }
+
+    /// `touchline rebuild X --cancel` succeeds only when the rebuild ended cancelled.
+    #[test]
+    fn a_cancel_succeeds_only_when_the_rebuild_ended_cancelled() {
+        let ended = |state: v1::RebuildState, error: &str| v1::RebuildProgress {
+            projection: "timeline".to_owned(),
+            version: 2,
+            state: state.into(),
+            error: error.to_owned(),
+            ..v1::RebuildProgress::default()
+        };
+        assert!(cancelled(&ended(v1::RebuildState::Cancelled, "")).is_ok());
+        let switched = cancelled(&ended(v1::RebuildState::Switched, ""))
+            .expect_err("switched first")
+            .to_string();
+        assert!(switched.contains("timeline v2 is active"), "{switched}");
+        let failed = cancelled(&ended(v1::RebuildState::Failed, "disk full"))
+            .expect_err("failed")
+            .to_string();
+        assert!(
+            failed.contains("failed: disk full") && failed.contains("not cancelled"),
+            "{failed}"
+        );
     }
 }
