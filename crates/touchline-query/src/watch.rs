@@ -257,6 +257,7 @@ impl Watch {
                     return;
                 }
             }
+            inbox.sent();
             // Every entry of the customer up to where the feed was read is queued: a watch that
             // lags resumes after it, without reading other customers' entries again.
             delivered = delivered.max(through);

@@ -6,7 +6,7 @@
 //! keeps neither the shared feed's slots (every customer's entries of up to
 //! [`touchline_projection::WATCH_BUFFER`] flushes) nor its place in it: it holds at most its own
 //! customer's entries, [`MAX_ENTRIES`] and about [`MAX_BYTES`] of them (or one flush's of up to
-//! eight times as many), and lags past that.
+//! eight times as many, taken or not, beside those), and lags past that.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -58,6 +58,10 @@ struct State {
     /// The entries in `entries`, and about their bytes ([`approximate_bytes`]).
     count: usize,
     bytes: usize,
+    /// The watcher holds entries it took and has not sent yet ([`Inbox::take`] to
+    /// [`Inbox::sent`]): an empty inbox takes one flush whole only while it holds none, so that a
+    /// watcher holds at most one such flush, not one taken and another queued.
+    held: bool,
     /// The feed's end for this inbox, and how far the feed was read for it then.
     end: Option<(FeedEnd, u64)>,
 }
@@ -175,6 +179,7 @@ impl Inbox {
         let mut state = lock(&self.shared.state);
         state.count = 0;
         state.bytes = 0;
+        state.held = !state.entries.is_empty();
         let (end, through) = match state.end {
             Some((end, through)) => (Some(end), through),
             // Under the inbox's lock: a flush whose `through` is seen here put its entries in the
@@ -191,6 +196,11 @@ impl Inbox {
             through,
             end,
         }
+    }
+
+    /// Tells the inbox that the watcher sent (or dropped) what it took last.
+    pub(super) fn sent(&self) {
+        lock(&self.shared.state).held = false;
     }
 
     /// Resolves once something arrived since the last wait (at once if it did meanwhile).
@@ -339,7 +349,7 @@ impl Routes {
                     if state.end.is_some() {
                         false
                     } else {
-                        let factor = if state.entries.is_empty() {
+                        let factor = if state.entries.is_empty() && !state.held {
                             ONE_FLUSH_FACTOR
                         } else {
                             1
@@ -539,6 +549,50 @@ mod tests {
             (taken.through, taken.end),
             (next + 1, Some(FeedEnd::Lagged)),
             "resumes before the flush it could not take"
+        );
+        Ok(())
+    }
+
+    /// An empty inbox takes one flush whole up to eight times the bounds, but only while its
+    /// watcher holds none it took: a watcher holds one such flush at most, not one it sends and
+    /// another queued.
+    #[tokio::test]
+    async fn an_empty_inbox_takes_one_large_flush_while_its_watcher_holds_none()
+    -> anyhow::Result<()> {
+        let (feed, _) = broadcast::channel(16);
+        let watchers = Watchers::new(&feed);
+        let alice = watchers.subscribe(customer_id("alice"));
+        let large = u64::try_from(MAX_ENTRIES * 2)?;
+        let flush = |first: u64| {
+            batch(
+                (first..first + large)
+                    .map(|sequence| entry("alice", sequence))
+                    .collect(),
+            )
+        };
+        feed.send(flush(1))?;
+        let taken = take_through(&alice, large).await?;
+        assert_eq!(routed(&taken).len(), MAX_ENTRIES * 2, "taken whole");
+        alice.sent();
+        // Sent: the next large flush is taken whole too.
+        feed.send(flush(large + 1))?;
+        let taken = take_through(&alice, 2 * large).await?;
+        assert_eq!(routed(&taken).len(), MAX_ENTRIES * 2);
+        assert!(taken.iter().all(|taken| taken.end.is_none()));
+        // Held (not sent yet): a large flush is past the bounds, and the watcher lags.
+        feed.send(flush(2 * large + 1))?;
+        wait_until("the inbox ended", || {
+            lock(&alice.shared.state).end.is_some()
+        })
+        .await?;
+        let taken = alice.take();
+        assert_eq!(
+            (taken.through, taken.end),
+            (2 * large, Some(FeedEnd::Lagged))
+        );
+        assert!(
+            sequences(&taken).is_empty(),
+            "none of the flush it could not take"
         );
         Ok(())
     }
