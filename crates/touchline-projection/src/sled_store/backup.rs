@@ -178,11 +178,13 @@ pub const MAX_DEAD_LETTER_ID: u64 = 1 << 62;
 #[derive(Debug, thiserror::Error)]
 pub enum RestoreError {
     #[error(
-        "the store is not empty ({events} events, {dead_letters} dead letters, positions: {positions}): a backup is restored only into an empty store"
+        "the store is not empty ({events} events, {dead_letters} dead letters, records once dead-lettered: {dead_lettered}, positions: {positions}): a backup is restored only into an empty store"
     )]
     NotEmpty {
         events: u64,
         dead_letters: u64,
+        /// Records once dead-lettered (their dead letters perhaps discarded since).
+        dead_lettered: bool,
         positions: bool,
     },
     #[error(
@@ -289,20 +291,24 @@ impl SledStore {
     pub fn check_empty(&self) -> Result<(), RestoreError> {
         let writer = self.lock_writer();
         let events = writer.next_sequence.saturating_sub(1);
-        // Those on the list (a restore starts its ids in a range of its own, so the next id
-        // says nothing of whether any were given).
+        // Those on the list, and the index of every record once dead-lettered (a restore starts
+        // its ids in a range of its own, so the next id says nothing of whether any were given).
         let dead_letters = writer.dead_letters;
-        let positions = self
-            .positions
-            .scan_prefix(&[])
-            .next()
-            .transpose()
-            .map_err(backend)?
-            .is_some();
-        if events > 0 || dead_letters > 0 || positions {
+        let holds = |table: &crate::table::Table| -> Result<bool, StoreError> {
+            Ok(table
+                .scan_prefix(&[])
+                .next()
+                .transpose()
+                .map_err(backend)?
+                .is_some())
+        };
+        let dead_lettered = holds(&self.dead_letter_index)?;
+        let positions = holds(&self.positions)?;
+        if events > 0 || dead_letters > 0 || dead_lettered || positions {
             return Err(RestoreError::NotEmpty {
                 events,
                 dead_letters,
+                dead_lettered,
                 positions,
             });
         }
@@ -473,10 +479,13 @@ impl SledStore {
     /// When the backend fails.
     pub fn restore_next_dead_letter(&self, next_dead_letter: u64) -> Result<(), StoreError> {
         let mut writer = self.lock_writer();
-        let minutes = u64::try_from(UnixNanos::now().0 / 60_000_000_000).unwrap_or(0);
+        let minute = u64::try_from(
+            (UnixNanos::now().0 / 1_000_000_000 - DEAD_LETTER_RANGE_EPOCH_SECONDS) / 60,
+        )
+        .unwrap_or(0);
         let next = writer
             .next_dead_letter
-            .max(fresh_dead_letter_ids(next_dead_letter, minutes));
+            .max(fresh_dead_letter_ids(next_dead_letter, minute));
         // Both counters: a store without the count takes it as every id ever given.
         let mut batch = sled::Batch::default();
         self.meta
@@ -492,25 +501,33 @@ impl SledStore {
     }
 }
 
-/// How far apart the ranges of dead-letter ids given after restores are (2^32 ids each).
-const DEAD_LETTER_RANGE_BITS: u32 = 32;
+/// How far apart the ranges of dead-letter ids given after restores are (2^24 ids each).
+const DEAD_LETTER_RANGE_BITS: u32 = 24;
+
+/// Fresh ranges stay below this id: 2^53, the largest integer a JSON number keeps exactly in
+/// most readers (JavaScript's log viewers among them: an id above it shown rounded would name
+/// another dead letter).
+const FRESH_DEAD_LETTER_IDS_BELOW: u64 = 1 << 53;
+
+/// The minute the ranges of restores count from: 2025-01-01T00:00:00Z.
+const DEAD_LETTER_RANGE_EPOCH_SECONDS: i64 = 1_735_689_600;
 
 /// The first dead-letter id of a store restored from a backup whose next id was `next`, at
-/// `minutes` since the Unix epoch. The node the backup was taken from may have given ids from
-/// `next` on after its cut, to records that a restored node, reading Kafka again in another
-/// order (partitions interleave as fetches come), would give other ids: an operator's
-/// "discard 42" from before the restore would discard another record. So a restored store
-/// starts a range of its own: the next multiple of 2^32 above the backup's ids, and not below
-/// the current minute's multiple either, so that two restores of one backup (the first
-/// restored node lost too) start apart. Ids stay below [`MAX_DEAD_LETTER_ID`] (until the year
-/// 4000); past it the backup's `next` is kept.
-fn fresh_dead_letter_ids(next: u64, minutes: u64) -> u64 {
+/// `minute` (minutes since [`DEAD_LETTER_RANGE_EPOCH_SECONDS`]). The node the backup was taken
+/// from may have given ids from `next` on after its cut, to records that a restored node,
+/// reading Kafka again in another order (partitions interleave as fetches come), would give other
+/// ids: an operator's "discard 42" from before the restore would discard another record. So a
+/// restored store starts a range of its own: the next multiple of 2^24 above the backup's ids,
+/// and not below the minute's multiple either, so that two restores of one backup (the first
+/// restored node lost too) a minute or more apart start apart. Ids stay below 2^53 (until the
+/// year 3045); past it the backup's `next` is kept.
+fn fresh_dead_letter_ids(next: u64, minute: u64) -> u64 {
     let range = (next.saturating_sub(1) >> DEAD_LETTER_RANGE_BITS)
         .saturating_add(1)
-        .max(minutes);
+        .max(minute);
     range
-        .checked_shl(DEAD_LETTER_RANGE_BITS)
-        .filter(|fresh| range < 1 << (64 - DEAD_LETTER_RANGE_BITS) && *fresh <= MAX_DEAD_LETTER_ID)
+        .checked_mul(1 << DEAD_LETTER_RANGE_BITS)
+        .filter(|fresh| *fresh < FRESH_DEAD_LETTER_IDS_BELOW)
         .map_or(next, |fresh| fresh.max(next))
 }
 
@@ -527,9 +544,50 @@ pub(super) fn read_position(key: &[u8], value: &[u8]) -> Result<StoredPosition, 
 mod tests {
     use touchline_core::RecordContent;
 
-    use super::super::failure::tests::record;
+    use touchline_core::ConsumedRecord;
+
+    use super::super::failure::tests::{record, stream};
     use super::super::lock;
-    use super::{LoggedEvent, MAX_DEAD_LETTER_ID, SledStore, fresh_dead_letter_ids};
+    use super::{LoggedEvent, MAX_DEAD_LETTER_ID, RestoreError, SledStore, fresh_dead_letter_ids};
+
+    /// A store that once dead-lettered a record still knows it after the dead letter is
+    /// discarded (so that reading it again does not make it a dead letter again): a restore into
+    /// it would keep that knowledge beside the backup's, so it is not empty.
+    #[test]
+    fn a_store_whose_dead_letters_were_all_discarded_is_not_empty() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let store = SledStore::open(dir.path())?;
+        store.check_empty()?;
+        // A replay's dead letter: no position stored, no event.
+        store.apply_replayed(
+            &stream(),
+            vec![ConsumedRecord {
+                partition: 0,
+                offset: 3,
+                content: RecordContent::Undecodable {
+                    reason: "not an envelope".to_owned(),
+                    key: None,
+                    value: Some(vec![0xff]),
+                },
+            }],
+        )?;
+        let listed = store.dead_letters(10)?;
+        store.discard_dead_letter(listed[0].id)?;
+        assert!(
+            matches!(
+                store.check_empty(),
+                Err(RestoreError::NotEmpty {
+                    events: 0,
+                    dead_letters: 0,
+                    dead_lettered: true,
+                    positions: false,
+                })
+            ),
+            "{:?}",
+            store.check_empty()
+        );
+        Ok(())
+    }
 
     #[test]
     fn a_restore_keeps_no_decoded_entries_for_watchers() -> anyhow::Result<()> {
@@ -561,27 +619,25 @@ mod tests {
 
     #[test]
     fn a_restore_starts_dead_letter_ids_in_a_range_of_their_own() {
-        const RANGE: u64 = 1 << 32;
-        // Above every id of the backup, at the next multiple of 2^32, even with none given.
+        const RANGE: u64 = 1 << 24;
+        // Above every id of the backup, at the next multiple of 2^24, even with none given.
         assert_eq!(fresh_dead_letter_ids(1, 0), RANGE);
         assert_eq!(fresh_dead_letter_ids(5, 0), RANGE);
         assert_eq!(fresh_dead_letter_ids(RANGE, 0), RANGE);
         assert_eq!(fresh_dead_letter_ids(RANGE + 1, 0), 2 * RANGE);
         // Not below the current minute's range: a second restore of the same backup later on
         // starts apart from the first.
-        let minutes = 29_500_000;
-        assert_eq!(fresh_dead_letter_ids(5, minutes), minutes * RANGE);
-        assert!(fresh_dead_letter_ids(5, minutes + 1) > fresh_dead_letter_ids(5, minutes));
-        // Never above the highest id a restore takes: the backup's next id is kept then.
+        let minute = 1_000_000;
+        assert_eq!(fresh_dead_letter_ids(5, minute), minute * RANGE);
+        assert!(fresh_dead_letter_ids(5, minute + 1) > fresh_dead_letter_ids(5, minute));
+        // Below 2^53, which JSON readers keep exactly: past it the backup's next id is kept.
+        let last_range = (1 << 53) / RANGE - 1;
+        assert_eq!(fresh_dead_letter_ids(5, last_range), last_range * RANGE);
+        assert_eq!(fresh_dead_letter_ids(5, last_range + 1), 5);
+        assert_eq!(fresh_dead_letter_ids(5, u64::MAX), 5);
         assert_eq!(
             fresh_dead_letter_ids(MAX_DEAD_LETTER_ID, 0),
             MAX_DEAD_LETTER_ID
         );
-        assert_eq!(fresh_dead_letter_ids(5, u64::MAX), 5);
-        assert_eq!(
-            fresh_dead_letter_ids(5, MAX_DEAD_LETTER_ID >> 32),
-            MAX_DEAD_LETTER_ID
-        );
-        assert_eq!(fresh_dead_letter_ids(5, (MAX_DEAD_LETTER_ID >> 32) + 1), 5);
     }
 }

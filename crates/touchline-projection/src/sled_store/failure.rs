@@ -154,7 +154,7 @@ pub(super) mod tests {
         }
     }
 
-    fn stream() -> StreamIdentity {
+    pub(in crate::sled_store) fn stream() -> StreamIdentity {
         StreamIdentity {
             cluster_id: "c".to_owned(),
             topic: "touchpoints".to_owned(),
