@@ -230,6 +230,20 @@ pub trait EventStore: Send + Sync + std::fmt::Debug {
         records: Vec<ConsumedRecord>,
     ) -> Result<ApplyOutcome, StoreError>;
 
+    /// Records that the records of `partition` of `stream` before `next_offset` are gone, read
+    /// or not (retention deleted them): the partition's stored position moves to `next_offset`,
+    /// with no record before it, unless it is there or further already. Durable with the next
+    /// flush.
+    ///
+    /// # Errors
+    /// When the backend fails.
+    fn skip_to(
+        &self,
+        stream: &StreamIdentity,
+        partition: i32,
+        next_offset: i64,
+    ) -> Result<(), StoreError>;
+
     /// The stored position per partition of `stream`; empty when the stream is new.
     ///
     /// # Errors

@@ -212,6 +212,14 @@ impl Projector {
                         // No stored position, or none verified: from the beginning.
                         let offset = match checked.remove(&partition).flatten() {
                             Some(resume) => {
+                                if resume.lost > 0 {
+                                    // Stored before it is counted: a later start, finding the
+                                    // position past the loss, does not count it again.
+                                    store.skip_to(&stream, partition, resume.next)?;
+                                    crate::metrics::PROJECTOR
+                                        .lost_to_retention
+                                        .inc_by(resume.lost);
+                                }
                                 applied.insert(partition, resume.next);
                                 rereads.insert(partition, resume);
                                 Offset::Offset(resume.fetch_from)

@@ -10,11 +10,10 @@
 //!
 //! The loss is counted once the batch after the gap is applied, with the position past it: a
 //! projector stopped or failing before that leaves its stored position before the gap, and the
-//! next start resumes there and sees the same gap (a start whose stored position retention has
-//! passed fetches from the oldest record, `resume::check_position`, and expects the stored
-//! position: its first record is the gap). A process that dies between that apply and its flush
-//! counts the loss again at its next start; a partition with no record left counts it once a
-//! record comes.
+//! next start counts the loss instead (`resume::check_position` finds records lost below a stored
+//! position; the projector stores the position past them, then counts them, so that a later start
+//! does not count them again). A process that dies between that write and its flush counts the
+//! loss again at its next start.
 //!
 //! Limits: the oldest offset is asked after the gap is seen, and a consumer may hold up to
 //! 20,000 records fetched ahead: if retention passes a transaction marker of another producer
@@ -79,6 +78,7 @@ mod tests {
             Resume {
                 fetch_from: 95,
                 next: 100,
+                lost: 0,
             },
         );
         let mut gaps = Gaps::new(&BTreeMap::from([(0, 100)]));

@@ -20,6 +20,9 @@ use crate::Result;
 pub(super) struct Resume {
     pub(super) fetch_from: i64,
     pub(super) next: i64,
+    /// Records after the stored position that retention deleted before they were read: the
+    /// projector stores `next` as the position past them and counts them, once.
+    pub(super) lost: u64,
 }
 
 /// Per partition, the records read again before a resume point: a [`Resume`] fetches from
@@ -140,26 +143,26 @@ fn check_position(
         return Ok(Some(Resume {
             fetch_from: 0,
             next: 0,
+            lost: 0,
         }));
     }
     if next <= low {
         if next < low {
             // Acknowledged events may be among them: what a node restored from an old backup, or
-            // stopped for longer than the retention, cannot get back. Counted for alerts by the
-            // gap the first record read makes after `next` (`gaps`), once it is applied with its
-            // position: counted here, the loss would be counted again at every start until then
-            // (a partition with no record left, a node stopped before its first flush).
+            // stopped for longer than the retention, cannot get back. Counted for alerts, once:
+            // the position past them is stored first (`Resume::lost`).
             warn!(
                 partition,
                 next,
                 low,
                 lost = low - next,
-                "records after the stored position were deleted by retention before they were projected; reading from the oldest record left (counted in touchline_projector_records_lost_to_retention_total once a record after them is projected)"
+                "records after the stored position were deleted by retention before they were projected; reading from the oldest record left (counted in touchline_projector_records_lost_to_retention_total)"
             );
         }
         return Ok(Some(Resume {
             fetch_from: low,
-            next,
+            next: low,
+            lost: (low - next).cast_unsigned(),
         }));
     }
     // A probe that timed out proves nothing (a slow broker, a leader moving): asked again before
@@ -186,6 +189,7 @@ fn check_position(
                 return Ok(Some(Resume {
                     fetch_from: first,
                     next,
+                    lost: 0,
                 }));
             }
             warn!(
@@ -331,7 +335,14 @@ mod tests {
 
     fn skipping(fetch_from: i64, next: i64) -> Rereads {
         let mut rereads = Rereads::default();
-        rereads.insert(0, Resume { fetch_from, next });
+        rereads.insert(
+            0,
+            Resume {
+                fetch_from,
+                next,
+                lost: 0,
+            },
+        );
         rereads
     }
 

@@ -29,6 +29,29 @@ impl EventStore for SledStore {
         self.apply_records(&stream.key(), records, true)
     }
 
+    fn skip_to(
+        &self,
+        stream: &StreamIdentity,
+        partition: i32,
+        next_offset: i64,
+    ) -> Result<(), StoreError> {
+        let key = keys::position(&stream.key(), partition);
+        // Under the writer: no apply stores the partition's position meanwhile.
+        let _writer = self.lock_writer();
+        if let Some(value) = self.positions.get(&key).map_err(backend)?
+            && super::backup::read_position(&key, &value)?.next_offset >= next_offset
+        {
+            return Ok(());
+        }
+        let mut batch = sled::Batch::default();
+        self.positions.insert(
+            &mut batch,
+            &key,
+            super::u64_pair(next_offset.cast_unsigned(), 0),
+        );
+        self.write(batch, 1)
+    }
+
     fn positions(
         &self,
         stream: &StreamIdentity,

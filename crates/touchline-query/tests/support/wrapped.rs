@@ -61,6 +61,15 @@ impl EventStore for WrappedStore {
         self.inner.apply(stream, records)
     }
 
+    fn skip_to(
+        &self,
+        stream: &StreamIdentity,
+        partition: i32,
+        next_offset: i64,
+    ) -> Result<(), StoreError> {
+        self.inner.skip_to(stream, partition, next_offset)
+    }
+
     fn positions(
         &self,
         stream: &StreamIdentity,
