@@ -58,10 +58,12 @@ struct State {
     /// The entries in `entries`, and about their bytes ([`approximate_bytes`]).
     count: usize,
     bytes: usize,
-    /// The watcher holds entries it took and has not sent yet ([`Inbox::take`] to
-    /// [`Inbox::sent`]): an empty inbox takes one flush whole only while it holds none, so that a
-    /// watcher holds at most one such flush, not one taken and another queued.
-    held: bool,
+    /// The entries the watcher took and has not sent yet ([`Inbox::take`] to [`Inbox::sent`]),
+    /// and about their bytes: an empty inbox takes one flush whole only while those are within
+    /// the bounds, so that a watcher holds at most one such flush, not one taken and another
+    /// queued.
+    held_count: usize,
+    held_bytes: usize,
     /// The feed's end for this inbox, and how far the feed was read for it then.
     end: Option<(FeedEnd, u64)>,
 }
@@ -177,9 +179,8 @@ impl Inbox {
     /// Takes what arrived since the last take.
     pub(super) fn take(&self) -> Taken {
         let mut state = lock(&self.shared.state);
-        state.count = 0;
-        state.bytes = 0;
-        state.held = !state.entries.is_empty();
+        state.held_count = std::mem::take(&mut state.count);
+        state.held_bytes = std::mem::take(&mut state.bytes);
         let (end, through) = match state.end {
             Some((end, through)) => (Some(end), through),
             // Under the inbox's lock: a flush whose `through` is seen here put its entries in the
@@ -200,7 +201,9 @@ impl Inbox {
 
     /// Tells the inbox that the watcher sent (or dropped) what it took last.
     pub(super) fn sent(&self) {
-        lock(&self.shared.state).held = false;
+        let mut state = lock(&self.shared.state);
+        state.held_count = 0;
+        state.held_bytes = 0;
     }
 
     /// Resolves once something arrived since the last wait (at once if it did meanwhile).
@@ -349,7 +352,9 @@ impl Routes {
                     if state.end.is_some() {
                         false
                     } else {
-                        let factor = if state.entries.is_empty() && !state.held {
+                        let holds_a_flush =
+                            state.held_count > MAX_ENTRIES || state.held_bytes > MAX_BYTES;
+                        let factor = if state.entries.is_empty() && !holds_a_flush {
                             ONE_FLUSH_FACTOR
                         } else {
                             1
@@ -554,8 +559,8 @@ mod tests {
     }
 
     /// An empty inbox takes one flush whole up to eight times the bounds, but only while its
-    /// watcher holds none it took: a watcher holds one such flush at most, not one it sends and
-    /// another queued.
+    /// watcher holds no such flush it took: a watcher holds one at most, not one it sends and
+    /// another queued (holding a few entries, it takes one).
     #[tokio::test]
     async fn an_empty_inbox_takes_one_large_flush_while_its_watcher_holds_none()
     -> anyhow::Result<()> {
@@ -579,8 +584,16 @@ mod tests {
         let taken = take_through(&alice, 2 * large).await?;
         assert_eq!(routed(&taken).len(), MAX_ENTRIES * 2);
         assert!(taken.iter().all(|taken| taken.end.is_none()));
-        // Held (not sent yet): a large flush is past the bounds, and the watcher lags.
-        feed.send(flush(2 * large + 1))?;
+        alice.sent();
+        // A few entries held (not sent yet): a large flush is taken whole all the same.
+        feed.send(batch(vec![entry("alice", 2 * large + 1)]))?;
+        take_through(&alice, 2 * large + 1).await?;
+        feed.send(flush(2 * large + 2))?;
+        let taken = take_through(&alice, 3 * large + 1).await?;
+        assert_eq!(routed(&taken).len(), MAX_ENTRIES * 2);
+        assert!(taken.iter().all(|taken| taken.end.is_none()));
+        // A large flush held (not sent yet): another is past the bounds, and the watcher lags.
+        feed.send(flush(3 * large + 2))?;
         wait_until("the inbox ended", || {
             lock(&alice.shared.state).end.is_some()
         })
@@ -588,7 +601,7 @@ mod tests {
         let taken = alice.take();
         assert_eq!(
             (taken.through, taken.end),
-            (2 * large, Some(FeedEnd::Lagged))
+            (3 * large + 1, Some(FeedEnd::Lagged))
         );
         assert!(
             sequences(&taken).is_empty(),
