@@ -252,38 +252,50 @@ const SCRAPE_REUSE: std::time::Duration = std::time::Duration::from_secs(1);
 /// The last scrape's text and when it was made. Scrapes run one at a time under its lock: each
 /// reads the node's status (the store, and the broker for up to 1.5 s) on a blocking thread, so
 /// that many clients of `/metrics` (or one scraping in a loop) hold one thread, not one each,
-/// and those that come within [`SCRAPE_REUSE`] get the same text.
+/// and those that come within [`SCRAPE_REUSE`] get the same text. The refresh holds the lock, not
+/// the request: a client that leaves during a refresh does not let another start beside it (one
+/// that connects and leaves in a loop would otherwise fill the blocking pool with status reads
+/// waiting for a slow broker, and every blocking task of the node behind them).
 type LastScrape = tokio::sync::Mutex<Option<(std::time::Instant, Arc<str>)>>;
 
 async fn scrape(exporter: Arc<Exporter>, last: Arc<LastScrape>) -> axum::response::Response {
-    let mut last = last.lock().await;
-    let text = match last.as_ref() {
-        Some((at, text)) if at.elapsed() < SCRAPE_REUSE => Arc::clone(text),
-        _ => {
-            let encoded = tokio::task::spawn_blocking(move || {
-                exporter.refresh();
-                exporter.encode()
-            })
-            .await
-            .map_err(|error| error.to_string())
-            .and_then(|encoded| encoded.map_err(|error| error.to_string()));
-            let text: Arc<str> = match encoded {
-                Ok(text) => text.into(),
-                Err(error) => return (StatusCode::INTERNAL_SERVER_ERROR, error).into_response(),
-            };
-            *last = Some((std::time::Instant::now(), Arc::clone(&text)));
-            text
-        }
-    };
-    drop(last);
-    (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        text.to_string(),
-    )
-        .into_response()
+    match scrape_with(last, move || {
+        exporter.refresh();
+        exporter.encode()
+    })
+    .await
+    {
+        Ok(text) => (
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            text.to_string(),
+        )
+            .into_response(),
+        Err(error) => (StatusCode::INTERNAL_SERVER_ERROR, error).into_response(),
+    }
+}
+
+/// The text of a scrape: the last one's within [`SCRAPE_REUSE`], else `refresh`'s, run on a
+/// blocking thread that holds `last` until it ends.
+async fn scrape_with(
+    last: Arc<LastScrape>,
+    refresh: impl FnOnce() -> Result<String, std::fmt::Error> + Send + 'static,
+) -> Result<Arc<str>, String> {
+    let mut last = last.lock_owned().await;
+    if let Some((at, text)) = last.as_ref()
+        && at.elapsed() < SCRAPE_REUSE
+    {
+        return Ok(Arc::clone(text));
+    }
+    tokio::task::spawn_blocking(move || {
+        let text: Arc<str> = refresh().map_err(|error| error.to_string())?.into();
+        *last = Some((std::time::Instant::now(), Arc::clone(&text)));
+        Ok(text)
+    })
+    .await
+    .map_err(|error| error.to_string())?
 }
 
 /// Serves `/metrics` on `listen` until `shutdown`; returns the bound address and the task.
@@ -323,6 +335,48 @@ mod tests {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
     use super::*;
+
+    /// A scrape whose client leaves during its refresh keeps the lock until the refresh ends: a
+    /// scrape after it waits for it and gets its text, rather than starting a second refresh
+    /// beside it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_scrape_left_by_its_client_holds_the_lock_until_its_refresh_ends()
+    -> anyhow::Result<()> {
+        let last = Arc::new(LastScrape::default());
+        let refreshes = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let first = tokio::spawn(scrape_with(Arc::clone(&last), {
+            let refreshes = Arc::clone(&refreshes);
+            move || {
+                refreshes.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let _ = released.recv();
+                Ok("first".to_owned())
+            }
+        }));
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while refreshes.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+            assert!(tokio::time::Instant::now() < deadline, "no refresh");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // The client leaves: its request is dropped while the refresh runs.
+        first.abort();
+        assert!(first.await.is_err_and(|error| error.is_cancelled()));
+        assert!(last.try_lock().is_err(), "the refresh still holds the lock");
+        let second = tokio::spawn(scrape_with(Arc::clone(&last), {
+            let refreshes = Arc::clone(&refreshes);
+            move || {
+                refreshes.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                Ok("second".to_owned())
+            }
+        }));
+        release.send(())?;
+        let text = tokio::time::timeout(Duration::from_secs(10), second)
+            .await??
+            .map_err(anyhow::Error::msg)?;
+        assert_eq!(&*text, "first", "the refresh's text, reused");
+        assert_eq!(refreshes.load(std::sync::atomic::Ordering::SeqCst), 1);
+        Ok(())
+    }
 
     async fn scrape_on(
         stream: &mut tokio::net::TcpStream,
