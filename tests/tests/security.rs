@@ -858,3 +858,56 @@ async fn admin_and_query_tokens_follow_the_configuration_file_without_a_restart(
 fn reloads(result: &'static str) -> u64 {
     touchline::access::reloads(result)
 }
+
+/// A node's shutdown serves calls during its delay (load balancers are told first): the partners
+/// file is still followed then, so a token revoked during the delay is refused. (Its reload
+/// stopped with health and metrics at the shutdown's start before.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_revoked_during_the_shutdown_delay_is_refused() -> anyhow::Result<()> {
+    let broker = start_broker().await;
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("partners.toml");
+    std::fs::write(&path, partners_file(&[OLD, NEW]))?;
+    let directory = PartnerDirectory::load(&path)?;
+    // Six seconds: the file is polled every two.
+    let node = start_node_with(&broker, dir.path(), directory, |config| {
+        config.server.shutdown_delay_ms = 6_000;
+    })
+    .await?;
+    touchline_tests::wait_for_health(&node, "", true).await?;
+    let target = node.target().clone();
+    let mut ingest = ingest_client(&node).await?;
+    let event = |n: usize| {
+        vec![touchpoint(
+            &format!("d-{n}"),
+            "ivan",
+            "parcel.scanned",
+            1,
+            JourneyStage::Fulfil,
+        )]
+    };
+    let stopping = tokio::spawn(node.shutdown());
+    touchline_tests::wait_for_health_at(&target, "", false).await?;
+    // Revoked by the file alone (no reload called): the node's own watch of it.
+    std::fs::write(&path, partners_file(&[NEW]))?;
+    let mut n = 0;
+    let refused = loop {
+        n += 1;
+        match publish(&mut ingest, OLD, event(n)).await {
+            Ok(_) => {}
+            Err(error) => break error,
+        }
+        anyhow::ensure!(
+            !stopping.is_finished(),
+            "the delay ended with the revoked token still accepted"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    assert_eq!(
+        (refused.code(), error_reason(&refused).as_deref()),
+        (Code::Unauthenticated, Some("TOKEN_INVALID"))
+    );
+    assert!(!stopping.is_finished(), "refused during the delay");
+    assert_eq!(publish(&mut ingest, NEW, event(0)).await?.accepted, 1);
+    stopping.await?
+}

@@ -409,8 +409,10 @@ async fn run_node(
         error = node.failed() => Some(error),
     };
     shutting_down.cancel();
-    stop_watching.cancel();
+    // The token lists follow the file until the node has stopped: calls are served during the
+    // shutdown's delay and grace, and a token revoked then is refused.
     let stopped = node.shutdown().await;
+    stop_watching.cancel();
     match failure {
         Some(error) => Err(error),
         None => stopped,

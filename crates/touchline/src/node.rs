@@ -74,6 +74,11 @@ pub struct Node {
     health: NodeHealth,
     background: Vec<JoinHandle<()>>,
     background_shutdown: CancellationToken,
+    /// The partners file's and TLS files' reloads: they go on until the server has stopped, so
+    /// that a token or client CA revoked during the shutdown's delay and grace (calls are served
+    /// meanwhile) is refused.
+    reloads: Vec<JoinHandle<()>>,
+    reloads_shutdown: CancellationToken,
     metrics_addr: Option<SocketAddr>,
     access: AccessTokens,
     /// Stops the server, the projector and the background tasks when the node is dropped without
@@ -192,6 +197,7 @@ impl Node {
         let server_shutdown = CancellationToken::new();
         let cut_connections = CancellationToken::new();
         let background_shutdown = CancellationToken::new();
+        let reloads_shutdown = CancellationToken::new();
         let projector_stopped = CancellationToken::new();
         // A start that fails half-way stops what it started (the projector, health, metrics); a
         // node dropped without shutdown stops everything the same way.
@@ -200,6 +206,7 @@ impl Node {
             server_shutdown.clone(),
             cut_connections.clone(),
             background_shutdown.clone(),
+            reloads_shutdown.clone(),
         ]);
         let probe = Arc::new(KafkaProbe::new(&config.kafka)?);
         let mut store = None;
@@ -363,13 +370,14 @@ impl Node {
             // Started once nothing of the start can fail any more: shutdown stops and awaits it.
             rebuilds.drop_leftovers();
         }
+        let mut reloads = Vec::new();
         if let Some(tls) = &tls {
-            background.push(tls.watch(background_shutdown.clone()));
+            reloads.push(tls.watch(reloads_shutdown.clone()));
         }
         // Every role reads the partners file (admin and query calls tell a partner's token from
         // an unknown one), so every node reloads it; started once the start cannot fail.
-        background.push(tokio::spawn(
-            partners.clone().watch(background_shutdown.clone()),
+        reloads.push(tokio::spawn(
+            partners.clone().watch(reloads_shutdown.clone()),
         ));
         let server = listener::serve(
             router,
@@ -398,6 +406,8 @@ impl Node {
             health,
             background,
             background_shutdown,
+            reloads,
+            reloads_shutdown,
             metrics_addr,
             access,
         })
@@ -507,18 +517,7 @@ impl Node {
         self.background_shutdown.cancel();
         // `/metrics` waits for its connections: one stalled in the middle of a request (hyper
         // keeps it open) must not hold the shutdown before health even says NOT_SERVING.
-        let background_deadline = tokio::time::Instant::now() + BACKGROUND_STOP_WAIT;
-        for mut task in self.background {
-            if tokio::time::timeout_at(background_deadline, &mut task)
-                .await
-                .is_err()
-            {
-                warn!(
-                    "a background task (metrics, health, TLS reload) did not stop in time: ended"
-                );
-                task.abort();
-            }
-        }
+        stop_within(self.background, "metrics, health").await;
         self.health.not_serving().await;
         if !self.shutdown_delay.is_zero() {
             // Load balancers and endpoint lists see NOT_SERVING (or the pod going) before the
@@ -553,6 +552,9 @@ impl Node {
                 }
             }
         }
+        // No call is served any more: the partners file and the TLS files need no reload.
+        self.reloads_shutdown.cancel();
+        stop_within(self.reloads, "partners file, TLS reload").await;
         if let Some(admin) = &self.admin {
             // A replay stops at its next batch (told when the server stopped); none is written
             // after the final flush.
@@ -621,8 +623,26 @@ fn on_headers(
 /// projector's group commit has flushed all but its last batch).
 const FINAL_FLUSH_WAIT: Duration = Duration::from_secs(30);
 
-/// How long a shutdown waits for the background tasks (metrics, health reporting, TLS reloads).
+/// How long a shutdown waits for the background tasks (metrics, health reporting), and then for
+/// the reloads (partners file, TLS files).
 const BACKGROUND_STOP_WAIT: Duration = Duration::from_secs(1);
+
+/// Awaits `tasks` (told to stop) for [`BACKGROUND_STOP_WAIT`] in all; those still running then
+/// are ended, and awaited once ended: a task being polled on another thread as it is aborted
+/// (health reporting, in the middle of a write of SERVING) is done with when this returns.
+async fn stop_within(tasks: Vec<JoinHandle<()>>, what: &str) {
+    let deadline = tokio::time::Instant::now() + BACKGROUND_STOP_WAIT;
+    for mut task in tasks {
+        if tokio::time::timeout_at(deadline, &mut task).await.is_err() {
+            warn!(
+                tasks = what,
+                "a background task did not stop in time: ended"
+            );
+            task.abort();
+            let _ = task.await;
+        }
+    }
+}
 /// How long the gRPC server gets to end once its connections were closed: their calls' tasks end
 /// as they see the connection gone.
 const CUT_WAIT: Duration = Duration::from_secs(1);
