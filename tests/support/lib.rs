@@ -572,6 +572,25 @@ pub async fn produce_raw(
     broker: &TestBroker,
     records: Vec<(String, Vec<u8>)>,
 ) -> anyhow::Result<Vec<(i32, i64)>> {
+    produce_values(
+        broker,
+        records
+            .into_iter()
+            .map(|(key, value)| (key, Some(value)))
+            .collect(),
+    )
+    .await
+}
+
+/// [`produce_raw`] of records that may have no value (`None`: a tombstone, as another producer
+/// may write).
+///
+/// # Errors
+/// When a record cannot be produced.
+pub async fn produce_values(
+    broker: &TestBroker,
+    records: Vec<(String, Option<Vec<u8>>)>,
+) -> anyhow::Result<Vec<(i32, i64)>> {
     use rdkafka::producer::{FutureProducer, FutureRecord};
     let producer: FutureProducer = rdkafka::ClientConfig::new()
         .set("bootstrap.servers", broker.bootstrap_servers())
@@ -581,9 +600,12 @@ pub async fn produce_raw(
     let deliveries: Vec<_> = records
         .iter()
         .map(|(key, value)| {
-            producer
-                .send_result(FutureRecord::to(broker.topic()).key(key).payload(value))
-                .map_err(|(error, _)| error)
+            let record = FutureRecord::<String, Vec<u8>>::to(broker.topic()).key(key);
+            let record = match value {
+                Some(value) => record.payload(value),
+                None => record,
+            };
+            producer.send_result(record).map_err(|(error, _)| error)
         })
         .collect::<Result<_, _>>()?;
     let mut positions = Vec::with_capacity(deliveries.len());

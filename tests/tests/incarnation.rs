@@ -12,7 +12,8 @@ use touchline_core::{
 };
 use touchline_projection::SledStore;
 use touchline_tests::{
-    COURIER, event_ids, produce_raw, start_broker, start_node, timeline_client, wait_for_timeline,
+    COURIER, event_ids, produce_raw, produce_values, start_broker, start_node, timeline_client,
+    wait_for_timeline,
 };
 
 fn envelope(event_id: &str, seconds: i64) -> Envelope {
@@ -31,6 +32,21 @@ fn envelope(event_id: &str, seconds: i64) -> Envelope {
         },
         received_at: UnixNanos(seconds * 1_000_000_000),
     }
+}
+
+/// The broker's cluster id, as the projector reads it.
+async fn cluster_id(broker: &touchline_tests::TestBroker) -> anyhow::Result<String> {
+    let bootstrap = broker.bootstrap_servers().to_owned();
+    tokio::task::spawn_blocking(move || -> anyhow::Result<String> {
+        let consumer: rdkafka::consumer::BaseConsumer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", &bootstrap)
+            .create()?;
+        Ok(touchline_kafka::fetch_cluster_id(
+            rdkafka::consumer::Consumer::client(&consumer),
+            Duration::from_secs(10),
+        )?)
+    })
+    .await?
 }
 
 /// Ten records for one customer on a fresh broker; a store that says it already projected up to
@@ -61,17 +77,7 @@ async fn resume_with(stored_at_4: Envelope, expect_entries: usize) -> anyhow::Re
     );
 
     let dir = tempfile::tempdir()?;
-    let bootstrap = broker.bootstrap_servers().to_owned();
-    let cluster_id = tokio::task::spawn_blocking(move || -> anyhow::Result<String> {
-        let consumer: rdkafka::consumer::BaseConsumer = rdkafka::ClientConfig::new()
-            .set("bootstrap.servers", &bootstrap)
-            .create()?;
-        Ok(touchline_kafka::fetch_cluster_id(
-            rdkafka::consumer::Consumer::client(&consumer),
-            Duration::from_secs(10),
-        )?)
-    })
-    .await??;
+    let cluster_id = cluster_id(&broker).await?;
     {
         let store = SledStore::open(&dir.path().join("store"))?;
         let raw = touchline_proto::encode_envelope(&stored_at_4);
@@ -115,5 +121,46 @@ async fn a_position_from_another_incarnation_reads_the_partition_from_the_start(
     let mut expected = vec!["old-4".to_owned()];
     expected.extend((0..10).map(|i| format!("new-{i}")));
     assert_eq!(ids, expected);
+    Ok(())
+}
+
+/// A position stored past records retention deleted (a start found them gone) has no record before
+/// it: on a broker whose oldest record is before it again (another incarnation under the same
+/// cluster id), the partition is read from its start, also when the record just before the
+/// position has no value (a tombstone of another producer, whose fingerprint is 0).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_position_past_deleted_records_on_a_broker_that_holds_records_before_it_reads_from_the_start()
+-> anyhow::Result<()> {
+    let broker = start_broker().await;
+    // Offsets 0..=3 events, 4 a record without a value, 5..=9 events: one request each (Tansu
+    // fetches from a batch's start only).
+    let mut positions = Vec::new();
+    for i in 0..10_i64 {
+        let value = (i != 4).then(|| {
+            touchline_proto::encode_envelope(&envelope(&format!("new-{i}"), 1_780_000_000 + i))
+        });
+        positions.extend(produce_values(&broker, vec![("erin".to_owned(), value)]).await?);
+    }
+    let partition = positions[0].0;
+    assert_eq!(positions[4], (partition, 4));
+    let dir = tempfile::tempdir()?;
+    {
+        let store = SledStore::open(&dir.path().join("store"))?;
+        let stream = StreamIdentity {
+            cluster_id: cluster_id(&broker).await?,
+            topic: broker.topic().to_owned(),
+        };
+        store.skip_to(&stream, partition, 5)?;
+        store.flush()?;
+    }
+    let node = start_node(&broker, dir.path()).await?;
+    let mut timeline = timeline_client(&node).await?;
+    let entries = wait_for_timeline(&mut timeline, "erin", 9).await?;
+    node.shutdown().await?;
+    let expected: Vec<String> = (0..10)
+        .filter(|i| *i != 4)
+        .map(|i| format!("new-{i}"))
+        .collect();
+    assert_eq!(event_ids(&entries), expected);
     Ok(())
 }

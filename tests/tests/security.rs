@@ -869,9 +869,9 @@ async fn a_token_revoked_during_the_shutdown_delay_is_refused() -> anyhow::Resul
     let path = dir.path().join("partners.toml");
     std::fs::write(&path, partners_file(&[OLD, NEW]))?;
     let directory = PartnerDirectory::load(&path)?;
-    // Six seconds: the file is polled every two.
+    // Ten seconds: the file is polled every two.
     let node = start_node_with(&broker, dir.path(), directory, |config| {
-        config.server.shutdown_delay_ms = 6_000;
+        config.server.shutdown_delay_ms = 10_000;
     })
     .await?;
     touchline_tests::wait_for_health(&node, "", true).await?;

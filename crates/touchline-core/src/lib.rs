@@ -17,8 +17,9 @@ pub use envelope::{Envelope, LogPosition, TimelineEntry, TimelineEntryView};
 pub use fold::{CustomerSummary, TouchRef, apply_summary};
 pub use ids::{CustomerId, EventId, EventType, IdError, PartnerId};
 pub use store::{
-    ApplyOutcome, ConsumedRecord, EventStore, RecordContent, StoreError, StoredPosition,
-    StreamIdentity, TimelineCursor, TimelineFilter, TimelinePage, TimelineQuery, fingerprint,
+    ApplyOutcome, ConsumedRecord, EventStore, NO_RECORD_FINGERPRINT, RecordContent, StoreError,
+    StoredPosition, StreamIdentity, TimelineCursor, TimelineFilter, TimelinePage, TimelineQuery,
+    fingerprint,
 };
 pub use time::UnixNanos;
 pub use touchpoint::{Channel, JourneyStage, Outcome, Sentiment, Touchpoint, TouchpointView};

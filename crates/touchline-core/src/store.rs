@@ -49,6 +49,11 @@ pub enum RecordContent {
     },
 }
 
+/// The fingerprint a position stored by [`EventStore::skip_to`] has: no record before it was read
+/// (retention deleted them). Not the fingerprint of a record's value in practice (that of a
+/// missing value is 0).
+pub const NO_RECORD_FINGERPRINT: u64 = u64::MAX;
+
 /// A stable 64-bit fingerprint (FNV-1a) of a record value, stored with each position so that a
 /// restart can check that the broker still holds the record the position was taken after.
 #[must_use]
@@ -232,8 +237,8 @@ pub trait EventStore: Send + Sync + std::fmt::Debug {
 
     /// Records that the records of `partition` of `stream` before `next_offset` are gone, read
     /// or not (retention deleted them): the partition's stored position moves to `next_offset`,
-    /// with no record before it, unless it is there or further already. Durable with the next
-    /// flush.
+    /// with [`NO_RECORD_FINGERPRINT`], unless it is there or further already. Durable with the
+    /// next flush.
     ///
     /// # Errors
     /// When the backend fails.

@@ -208,17 +208,14 @@ impl Projector {
                     let mut assignment = TopicPartitionList::new();
                     let mut applied = BTreeMap::new();
                     let mut rereads = Rereads::default();
+                    let mut lost = 0;
                     for partition in owned {
                         // No stored position, or none verified: from the beginning.
                         let offset = match checked.remove(&partition).flatten() {
                             Some(resume) => {
                                 if resume.lost > 0 {
-                                    // Stored before it is counted: a later start, finding the
-                                    // position past the loss, does not count it again.
                                     store.skip_to(&stream, partition, resume.next)?;
-                                    crate::metrics::PROJECTOR
-                                        .lost_to_retention
-                                        .inc_by(resume.lost);
+                                    lost += resume.lost;
                                 }
                                 applied.insert(partition, resume.next);
                                 rereads.insert(partition, resume);
@@ -228,6 +225,12 @@ impl Projector {
                         };
                         info!(partition, ?offset, "assigning partition");
                         assignment.add_partition_offset(&topic, partition, offset)?;
+                    }
+                    if lost > 0 {
+                        // Durable before they are counted: a later start, finding the positions
+                        // past the loss, does not count it again.
+                        store.flush()?;
+                        crate::metrics::PROJECTOR.lost_to_retention.inc_by(lost);
                     }
                     Ok((consumer, stream, assignment, partitions, (applied, rereads)))
                 }

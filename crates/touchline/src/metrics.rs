@@ -246,6 +246,10 @@ impl Exporter {
     }
 }
 
+/// How long a scrape waits for the one refreshing before it (a refresh asks the broker for up to
+/// 1.5 s).
+const SCRAPE_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// How long a scrape's text serves the scrapes that come after it.
 const SCRAPE_REUSE: std::time::Duration = std::time::Duration::from_secs(1);
 
@@ -259,7 +263,7 @@ const SCRAPE_REUSE: std::time::Duration = std::time::Duration::from_secs(1);
 type LastScrape = tokio::sync::Mutex<Option<(std::time::Instant, Arc<str>)>>;
 
 async fn scrape(exporter: Arc<Exporter>, last: Arc<LastScrape>) -> axum::response::Response {
-    match scrape_with(last, move || {
+    match scrape_with(last, SCRAPE_LOCK_WAIT, move || {
         exporter.refresh();
         exporter.encode()
     })
@@ -273,17 +277,28 @@ async fn scrape(exporter: Arc<Exporter>, last: Arc<LastScrape>) -> axum::respons
             text.to_string(),
         )
             .into_response(),
-        Err(error) => (StatusCode::INTERNAL_SERVER_ERROR, error).into_response(),
+        Err(error) => (StatusCode::SERVICE_UNAVAILABLE, error).into_response(),
     }
 }
 
 /// The text of a scrape: the last one's within [`SCRAPE_REUSE`], else `refresh`'s, run on a
-/// blocking thread that holds `last` until it ends.
+/// blocking thread that holds `last` until it ends; waits for the refresh before it up to `wait`
+/// ([`SCRAPE_LOCK_WAIT`]).
 async fn scrape_with(
     last: Arc<LastScrape>,
+    wait: std::time::Duration,
     refresh: impl FnOnce() -> Result<String, std::fmt::Error> + Send + 'static,
 ) -> Result<Arc<str>, String> {
-    let mut last = last.lock_owned().await;
+    // A refresh stuck past `wait` (a store call that does not return) fails the scrapes behind
+    // it, rather than holding each for ever.
+    let mut last = tokio::time::timeout(wait, last.lock_owned())
+        .await
+        .map_err(|_| {
+            format!(
+                "the node's status has not been read for {} ms: a refresh does not end",
+                wait.as_millis()
+            )
+        })?;
     if let Some((at, text)) = last.as_ref()
         && at.elapsed() < SCRAPE_REUSE
     {
@@ -336,6 +351,42 @@ mod tests {
 
     use super::*;
 
+    /// A refresh that does not end fails the scrapes behind it once they have waited for it,
+    /// rather than holding them for ever.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_scrape_behind_a_refresh_that_does_not_end_fails_after_its_wait() -> anyhow::Result<()>
+    {
+        let last = Arc::new(LastScrape::default());
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let (started, refreshing) = tokio::sync::oneshot::channel();
+        let first = tokio::spawn(scrape_with(
+            Arc::clone(&last),
+            SCRAPE_LOCK_WAIT,
+            move || {
+                let _ = started.send(());
+                let _ = released.recv();
+                Ok("first".to_owned())
+            },
+        ));
+        refreshing.await?;
+        let second = tokio::time::timeout(
+            Duration::from_secs(10),
+            scrape_with(Arc::clone(&last), Duration::from_millis(100), || {
+                Ok("second".to_owned())
+            }),
+        )
+        .await?;
+        assert!(
+            second
+                .as_ref()
+                .is_err_and(|error| error.contains("a refresh does not end")),
+            "{second:?}"
+        );
+        release.send(())?;
+        assert_eq!(&*first.await?.map_err(anyhow::Error::msg)?, "first");
+        Ok(())
+    }
+
     /// A scrape whose client leaves during its refresh keeps the lock until the refresh ends: a
     /// scrape after it waits for it and gets its text, rather than starting a second refresh
     /// beside it.
@@ -345,7 +396,7 @@ mod tests {
         let last = Arc::new(LastScrape::default());
         let refreshes = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let (release, released) = std::sync::mpsc::channel::<()>();
-        let first = tokio::spawn(scrape_with(Arc::clone(&last), {
+        let first = tokio::spawn(scrape_with(Arc::clone(&last), SCRAPE_LOCK_WAIT, {
             let refreshes = Arc::clone(&refreshes);
             move || {
                 refreshes.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
@@ -362,7 +413,7 @@ mod tests {
         first.abort();
         assert!(first.await.is_err_and(|error| error.is_cancelled()));
         assert!(last.try_lock().is_err(), "the refresh still holds the lock");
-        let second = tokio::spawn(scrape_with(Arc::clone(&last), {
+        let second = tokio::spawn(scrape_with(Arc::clone(&last), SCRAPE_LOCK_WAIT, {
             let refreshes = Arc::clone(&refreshes);
             move || {
                 refreshes.fetch_add(1, std::sync::atomic::Ordering::SeqCst);

@@ -628,8 +628,9 @@ const FINAL_FLUSH_WAIT: Duration = Duration::from_secs(30);
 const BACKGROUND_STOP_WAIT: Duration = Duration::from_secs(1);
 
 /// Awaits `tasks` (told to stop) for [`BACKGROUND_STOP_WAIT`] in all; those still running then
-/// are ended, and awaited once ended: a task being polled on another thread as it is aborted
-/// (health reporting, in the middle of a write of SERVING) is done with when this returns.
+/// are ended, and awaited a moment ([`ABORTED_WAIT`]) once ended: a task being polled on another
+/// thread as it is aborted (health reporting, in the middle of a write of SERVING) is done with
+/// when this returns, unless its poll is stuck (a file read on a hung mount), which is left.
 async fn stop_within(tasks: Vec<JoinHandle<()>>, what: &str) {
     let deadline = tokio::time::Instant::now() + BACKGROUND_STOP_WAIT;
     for mut task in tasks {
@@ -639,10 +640,19 @@ async fn stop_within(tasks: Vec<JoinHandle<()>>, what: &str) {
                 "a background task did not stop in time: ended"
             );
             task.abort();
-            let _ = task.await;
+            if tokio::time::timeout(ABORTED_WAIT, task).await.is_err() {
+                warn!(
+                    tasks = what,
+                    "an ended background task is still running: left"
+                );
+            }
         }
     }
 }
+
+/// How long [`stop_within`] waits for a task it ended.
+const ABORTED_WAIT: Duration = Duration::from_millis(200);
+
 /// How long the gRPC server gets to end once its connections were closed: their calls' tasks end
 /// as they see the connection gone.
 const CUT_WAIT: Duration = Duration::from_secs(1);

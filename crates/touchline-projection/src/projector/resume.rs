@@ -165,6 +165,17 @@ fn check_position(
             lost: (low - next).cast_unsigned(),
         }));
     }
+    if position.last_fingerprint == touchline_core::NO_RECORD_FINGERPRINT {
+        // Stored past records retention deleted (`Resume::lost`), at the oldest offset then: the
+        // same log's oldest offset never falls below it again, so this is another log.
+        warn!(
+            partition,
+            next,
+            low,
+            "the stored position was past deleted records, and the broker's oldest record is now before it: a new broker or topic, reading it from the beginning"
+        );
+        return Ok(None);
+    }
     // A probe that timed out proves nothing (a slow broker, a leader moving): asked again before
     // the partition is read from the beginning, which costs a whole partition's re-read.
     let mut found = find(kafka, topic, partition, next - 1, (low, high))?;

@@ -520,15 +520,20 @@ const DEAD_LETTER_RANGE_EPOCH_SECONDS: i64 = 1_735_689_600;
 /// restored store starts a range of its own: the next multiple of 2^24 above the backup's ids,
 /// and not below the minute's multiple either, so that two restores of one backup (the first
 /// restored node lost too) a minute or more apart start apart. Ids stay below 2^53 (until the
-/// year 3045); past it the backup's `next` is kept.
+/// year 3045); a backup whose ids are past it already (a store restored by an older Touchline,
+/// whose ranges were larger) gets the next range above its ids, without the minute's; past
+/// [`MAX_DEAD_LETTER_ID`] the backup's `next` is kept.
 fn fresh_dead_letter_ids(next: u64, minute: u64) -> u64 {
-    let range = (next.saturating_sub(1) >> DEAD_LETTER_RANGE_BITS)
-        .saturating_add(1)
-        .max(minute);
-    range
-        .checked_mul(1 << DEAD_LETTER_RANGE_BITS)
+    let above = (next.saturating_sub(1) >> DEAD_LETTER_RANGE_BITS).saturating_add(1);
+    let start = |range: u64| {
+        range
+            .checked_mul(1 << DEAD_LETTER_RANGE_BITS)
+            .map(|fresh| fresh.max(next))
+    };
+    start(above.max(minute))
         .filter(|fresh| *fresh < FRESH_DEAD_LETTER_IDS_BELOW)
-        .map_or(next, |fresh| fresh.max(next))
+        .or_else(|| start(above).filter(|fresh| *fresh <= MAX_DEAD_LETTER_ID))
+        .unwrap_or(next)
 }
 
 /// A position value: the next offset and the fingerprint of the record before it.
@@ -633,11 +638,22 @@ mod tests {
         // Below 2^53, which JSON readers keep exactly: past it the backup's next id is kept.
         let last_range = (1 << 53) / RANGE - 1;
         assert_eq!(fresh_dead_letter_ids(5, last_range), last_range * RANGE);
-        assert_eq!(fresh_dead_letter_ids(5, last_range + 1), 5);
-        assert_eq!(fresh_dead_letter_ids(5, u64::MAX), 5);
+        // Past 2^53 by the minute (the year 3045): the range above the backup's ids.
+        assert_eq!(fresh_dead_letter_ids(5, last_range + 1), RANGE);
+        assert_eq!(fresh_dead_letter_ids(5, u64::MAX), RANGE);
+        // A backup whose ids are past 2^53 already (restored by an older Touchline): the range
+        // above them all the same, never the ids it may have given.
+        let old_scheme = (29_500_000 << 32) + 7;
+        let fresh = fresh_dead_letter_ids(old_scheme, minute);
+        assert!(fresh > old_scheme && fresh.is_multiple_of(RANGE), "{fresh}");
+        // Up to the highest id a restore takes; past it, the backup's next id.
         assert_eq!(
             fresh_dead_letter_ids(MAX_DEAD_LETTER_ID, 0),
             MAX_DEAD_LETTER_ID
+        );
+        assert_eq!(
+            fresh_dead_letter_ids(MAX_DEAD_LETTER_ID + 1, 0),
+            MAX_DEAD_LETTER_ID + 1
         );
     }
 }

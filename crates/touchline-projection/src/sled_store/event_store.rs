@@ -47,7 +47,10 @@ impl EventStore for SledStore {
         self.positions.insert(
             &mut batch,
             &key,
-            super::u64_pair(next_offset.cast_unsigned(), 0),
+            super::u64_pair(
+                next_offset.cast_unsigned(),
+                touchline_core::NO_RECORD_FINGERPRINT,
+            ),
         );
         self.write(batch, 1)
     }
