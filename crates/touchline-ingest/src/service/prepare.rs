@@ -36,7 +36,7 @@ fn check_event(
     Ok(touchpoint)
 }
 
-/// [`check_event`], and the event's record as it goes to Kafka, refused when it would take more
+/// [`check_event`], the event's envelope and its record as it goes to Kafka, refused when it would take more
 /// than `max_decoded` bytes once decoded (what the projector would refuse to decode is not
 /// acknowledged; only limits raised far past their defaults let such an event through).
 fn check_and_encode(
@@ -45,7 +45,7 @@ fn check_and_encode(
     now: UnixNanos,
     limits: &Limits,
     max_decoded: usize,
-) -> Result<(Touchpoint, Vec<u8>), Rejection> {
+) -> Result<(Envelope, Vec<u8>), Rejection> {
     let envelope = Envelope {
         partner_id: partner.partner_id.clone(),
         touchpoint: check_event(event, partner, now, limits)?,
@@ -62,7 +62,7 @@ fn check_and_encode(
             ),
         ));
     }
-    Ok((envelope.touchpoint, value))
+    Ok((envelope, value))
 }
 
 /// A batch checked and encoded, ready to produce.
@@ -110,19 +110,14 @@ fn prepare_within(
         .into_iter()
         .map(|event| check_and_encode(event, partner, now, limits, max_decoded))
         .collect();
-    reject_duplicates_in_batch_by(&mut checked, |(touchpoint, _)| touchpoint);
+    reject_duplicates_in_batch_by(&mut checked, |(envelope, _)| &envelope.touchpoint);
     let mut envelopes = Vec::new();
     let mut slots = Vec::with_capacity(checked.len());
     for result in checked {
         match result {
-            Ok((touchpoint, value)) => {
-                let envelope = Envelope {
-                    partner_id: partner.partner_id.clone(),
-                    touchpoint,
-                    received_at: now,
-                };
+            Ok(accepted) => {
                 slots.push(Ok(envelopes.len()));
-                envelopes.push((envelope, value));
+                envelopes.push(accepted);
             }
             Err(rejection) => slots.push(Err(rejection)),
         }
