@@ -511,6 +511,52 @@ async fn a_health_watch_ends_with_the_server_and_does_not_hold_its_stop() -> any
     Ok(())
 }
 
+/// A reflection stream (no token needed) whose client keeps its request side open ends with
+/// `UNAVAILABLE` when the server stops: it does not hold the stop for the grace period (ten
+/// minutes here, far past the test's deadline), and its answers before that are whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reflection_stream_ends_with_the_server_and_does_not_hold_its_stop() -> anyhow::Result<()>
+{
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::{ServerReflectionRequest, server_reflection_response};
+
+    let broker = start_broker().await;
+    let dir = tempfile::tempdir()?;
+    let node = start_node_with(&broker, dir.path(), partners(), |config| {
+        config.server.shutdown_grace_ms = 600_000;
+    })
+    .await?;
+    let mut reflection = ServerReflectionClient::new(node.target().connect().await?);
+    // The request side stays open: the sender is kept.
+    let (requests, outgoing) = mpsc::channel(4);
+    let mut answers = reflection
+        .server_reflection_info(ReceiverStream::new(outgoing))
+        .await?
+        .into_inner();
+    requests
+        .send(ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        })
+        .await?;
+    let answer = tokio::time::timeout(touchline_tests::DEADLINE, answers.message())
+        .await??
+        .ok_or_else(|| anyhow::anyhow!("no answer"))?;
+    assert!(matches!(
+        answer.message_response,
+        Some(server_reflection_response::MessageResponse::ListServicesResponse(_))
+    ));
+    let stopping = tokio::spawn(node.shutdown());
+    let ended = tokio::time::timeout(touchline_tests::DEADLINE, answers.message())
+        .await?
+        .expect_err("the stream ends with the server");
+    assert_eq!(ended.code(), tonic::Code::Unavailable, "{ended:?}");
+    tokio::time::timeout(touchline_tests::DEADLINE, stopping).await???;
+    drop(requests);
+    Ok(())
+}
+
 /// With `server.max-connection-age-ms`, a connection is asked to go (HTTP/2 GOAWAY) once that old:
 /// the partner's stream in flight on it goes on, and its new calls go on a new connection.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

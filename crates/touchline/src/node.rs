@@ -25,6 +25,7 @@ use crate::config::Config;
 
 mod admission;
 mod cuttable;
+mod ending;
 mod health;
 mod listener;
 mod open_files;
@@ -359,7 +360,7 @@ impl Node {
 
         let local_addr = listener.local_addr()?;
         let admin_handle = admin.clone();
-        let router = listener::router(server, health_service)?
+        let router = listener::router(server, health_service, &server_shutdown)?
             .add_optional_service(ingest)
             .add_optional_service(query)
             .add_optional_service(admin.map(|admin| {

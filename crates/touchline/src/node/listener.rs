@@ -11,6 +11,7 @@ use tracing::{debug, warn};
 
 use super::admission::{Admission, Ticket};
 use super::cuttable::Cuttable;
+use super::ending::EndingAtStop;
 use super::throttle::Throttle;
 use super::tls::TlsServer;
 use crate::config::ServerConfig;
@@ -23,16 +24,21 @@ use crate::config::ServerConfig;
 pub(super) fn router<H: tonic_health::pb::health_server::Health>(
     mut server: Server,
     health: tonic_health::pb::health_server::HealthServer<H>,
+    stopped: &CancellationToken,
 ) -> anyhow::Result<Router> {
     let reflection = || {
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(touchline_proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
     };
+    // Reflection's streams end when the server stops, as health watches do.
     Ok(server
         .add_service(health)
-        .add_service(reflection().build_v1()?)
-        .add_service(reflection().build_v1alpha()?))
+        .add_service(EndingAtStop::new(reflection().build_v1()?, stopped.clone()))
+        .add_service(EndingAtStop::new(
+            reflection().build_v1alpha()?,
+            stopped.clone(),
+        )))
 }
 
 /// Serves `router` on `listener` (over `tls` when configured) until `shutdown`, when it stops
