@@ -177,7 +177,10 @@ impl KafkaOptions {
             .set("socket.nagle.disable", "true")
             .set("compression.type", "lz4")
             .set("queue.buffering.max.messages", "200000")
-            .set("message.timeout.ms", message_timeout_ms.to_string());
+            .set("message.timeout.ms", message_timeout_ms.to_string())
+            // A topic deleted while ingest runs is not created again by its metadata requests,
+            // with the broker's defaults: Touchline creates it, with its settings, at a start.
+            .set("allow.auto.create.topics", "false");
         apply_overrides(&mut config, &self.properties);
         apply_overrides(&mut config, &self.producer_properties);
         config

@@ -27,6 +27,10 @@ fn admin_client(options: &KafkaOptions) -> Result<AdminClient<DefaultClientConte
     let mut config = rdkafka::ClientConfig::new();
     config.set("bootstrap.servers", &options.bootstrap_servers);
     crate::apply_overrides(&mut config, &options.properties);
+    // librdkafka's admin client is a producer, which asks the broker to create a topic it asks
+    // about: the check below would create it with the broker's defaults (its partitions, its
+    // cleanup policy) before Touchline could with its own, or refuse it as missing.
+    config.set("allow.auto.create.topics", "false");
     Ok(config.create()?)
 }
 
@@ -63,11 +67,14 @@ pub async fn ensure_topic(options: &KafkaOptions) -> Result<TopicState> {
     let min_insync = options
         .min_insync_replicas
         .map(|replicas| replicas.to_string());
+    // Deleted by age, never compacted (whatever the broker's `log.cleanup.policy`): records are
+    // keyed by customer, and compaction would keep only each customer's last event.
     let mut new_topic = NewTopic::new(
         &topic,
         options.partitions,
         TopicReplication::Fixed(options.replication_factor),
-    );
+    )
+    .set("cleanup.policy", "delete");
     if let Some(retention) = &retention {
         new_topic = new_topic.set("retention.ms", retention);
     }

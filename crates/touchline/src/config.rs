@@ -643,6 +643,14 @@ impl Config {
                 "kafka property transactional.id is refused: ingest's producer is idempotent, not transactional (a transactional producer refuses every record sent outside a transaction)"
             );
         }
+        for properties in [&common, &producer, &consumer] {
+            if let Some(&create) = properties.get("allow.auto.create.topics") {
+                anyhow::ensure!(
+                    same_setting(create, "false"),
+                    "kafka property allow.auto.create.topics={create} is refused: the topic is created by Touchline with its settings (kafka.create-topic), not by the broker's defaults when a client asks for it"
+                );
+            }
+        }
         // What the projector's consumer is given before the pass-through (none here).
         let touchline_set = touchline_kafka::KafkaOptions::default().consumer_config();
         // The projector's resume reads from the earliest record when a position is gone (dedupe

@@ -263,6 +263,7 @@ fn a_producer_that_would_acknowledge_nothing_is_refused() {
         ),
         ("delivery.report.only.error", "1", "no event would ever"),
         ("transactional.id", "touchline", "not transactional"),
+        ("allow.auto.create.topics", "true", "created by Touchline"),
     ] {
         for common in [false, true] {
             let mut config = Config::default();
