@@ -239,7 +239,7 @@ fn cases() -> Vec<(&'static str, Vec<u8>, Expect)> {
             Rejected(R::ReasonPayloadTooLarge),
         ),
         (
-            "duplicate event ids in one batch",
+            "invalid duplicates of one event id each get their own reason",
             v1::PublishRequest {
                 events: vec![valid("twice"), valid("twice")]
                     .into_iter()

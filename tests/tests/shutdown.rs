@@ -60,6 +60,7 @@ async fn shutdown_drains_open_streams_and_keeps_every_acknowledged_event() -> an
         .await
         .expect_err("the stream ends with a status");
     assert_eq!(ended.code(), tonic::Code::Unavailable);
+    assert_eq!(error_reason(&ended).as_deref(), Some("SHUTTING_DOWN"));
     assert!(
         ended.message().contains("shutting down"),
         "{}",

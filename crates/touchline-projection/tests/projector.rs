@@ -220,7 +220,9 @@ async fn a_failed_write_stops_the_projector_before_any_later_batch_is_stored() {
     let stream = handle.stream().clone();
     let stopped = stops_by_itself(projector).await;
     assert!(
-        stopped.is_err(),
+        stopped
+            .as_ref()
+            .is_err_and(|error| format!("{error:#}").contains("injected write failure")),
         "the failed write is reported: {stopped:?}"
     );
 

@@ -124,11 +124,12 @@ async fn get_customer_summary_serves_what_it_read_only_once_it_is_durable() -> a
     let flusher_store = Arc::clone(&store);
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let stop_flusher = Arc::clone(&stop);
-    let flusher = std::thread::spawn(move || {
+    let flusher = std::thread::spawn(move || -> Result<(), touchline_core::StoreError> {
         while !stop_flusher.load(std::sync::atomic::Ordering::Acquire) {
-            let _ = flusher_store.flush();
+            flusher_store.flush()?;
             std::thread::yield_now();
         }
+        Ok(())
     });
     let summary = client
         .get_customer_summary(v1::GetCustomerSummaryRequest {
@@ -137,7 +138,9 @@ async fn get_customer_summary_serves_what_it_read_only_once_it_is_durable() -> a
         .await?
         .into_inner();
     stop.store(true, std::sync::atomic::Ordering::Release);
-    let _ = flusher.join();
+    flusher
+        .join()
+        .map_err(|_| anyhow::anyhow!("the flusher panicked"))??;
     assert_eq!(summary.total_touchpoints, 3, "{summary:?}");
     assert!(store.durable_sequence() >= 3);
 
