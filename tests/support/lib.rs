@@ -728,9 +728,15 @@ pub async fn wait_until_shed(
             status.code() == tonic::Code::Internal,
             "a probe got neither {reason} nor decoded: {status:?}"
         );
+        // Two failures, told apart: the call meant to hold the slot ended (it was answered at
+        // once: refused, or its producer unavailable), or it never took the slot in time.
         anyhow::ensure!(
-            holding() && tokio::time::Instant::now() < deadline,
-            "no call was shed with {reason} while the slot was held"
+            holding(),
+            "the call meant to hold the slot ended before a call was shed with {reason}"
+        );
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "no call was shed with {reason} within {DEADLINE:?}, the call meant to hold the slot still in flight"
         );
     }
 }

@@ -424,6 +424,25 @@ async fn a_raised_rate_applies_to_a_stream_batch_that_waits_for_the_old_one() ->
 /// A unary `Publish` of `token` whose message (its body) goes only once released (or never, when
 /// the sender is dropped): sent as a client stream of one message on the unary method's path,
 /// the same on the wire. It holds its partner's call slot meanwhile.
+/// Waits until a probe of the partner is shed with `TOO_MANY_CALLS` while `held` (from
+/// [`hold_unary_call`]) holds the partner's one slot; `held` back. When the wait fails, its error
+/// says how `held` ended, if it did (a flaky failure on Tansu once could not tell).
+async fn held_the_slot(
+    channel: &tonic::transport::Channel,
+    held: tokio::task::JoinHandle<Result<tonic::Response<Vec<u8>>, tonic::Status>>,
+) -> anyhow::Result<tokio::task::JoinHandle<Result<tonic::Response<Vec<u8>>, tonic::Status>>> {
+    match touchline_tests::wait_until_shed(channel, NEW, "TOO_MANY_CALLS", || !held.is_finished())
+        .await
+    {
+        Ok(_) => Ok(held),
+        Err(error) if held.is_finished() => {
+            let ended = held.await;
+            Err(error.context(format!("the held call ended: {ended:?}")))
+        }
+        Err(error) => Err(error),
+    }
+}
+
 async fn hold_unary_call(
     channel: &tonic::transport::Channel,
     token: &str,
@@ -481,8 +500,7 @@ async fn a_revoked_token_ends_a_stream_whose_batch_waits_for_a_call_slot() -> an
     .await?;
     let channel = node.target().connect().await?;
     let (_release, held) = hold_unary_call(&channel, NEW).await?;
-    touchline_tests::wait_until_shed(&channel, NEW, "TOO_MANY_CALLS", || !held.is_finished())
-        .await?;
+    let held = held_the_slot(&channel, held).await?;
     let mut ingest = ingest_client(&node).await?;
     let (sender, mut answers) = open_stream(&mut ingest, OLD).await?;
     sender
@@ -549,8 +567,7 @@ async fn a_unary_call_whose_token_is_revoked_before_its_body_came_publishes_noth
     .await?;
     let channel = node.target().connect().await?;
     let (release, held) = hold_unary_call(&channel, OLD).await?;
-    touchline_tests::wait_until_shed(&channel, NEW, "TOO_MANY_CALLS", || !held.is_finished())
-        .await?;
+    let held = held_the_slot(&channel, held).await?;
 
     std::fs::write(&path, partners_file(&[NEW]))?;
     directory.reload()?;
