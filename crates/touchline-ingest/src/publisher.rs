@@ -13,7 +13,7 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer as _, PurgeConfig};
 use tokio::sync::watch;
 use touchline_core::{Envelope, EventStore};
-use touchline_kafka::KafkaOptions;
+use touchline_kafka::{KafkaOptions, OffRuntime};
 use tracing::{debug, error, warn};
 
 use crate::{Error, Result};
@@ -104,44 +104,6 @@ impl ProducerSlot {
             producer: Arc::new(OffRuntime::new(producer)),
             all_brokers_down,
         })
-    }
-}
-
-/// A value whose last holder, when it lets go inside the runtime, has it dropped on a blocking
-/// thread: destroying a librdkafka client blocks (it joins its threads), and the last holder of a
-/// replaced producer may be a call ending on an async worker, which would stall every call
-/// scheduled there.
-#[derive(Debug)]
-struct OffRuntime<T: Send + 'static>(Option<T>);
-
-impl<T: Send + 'static> OffRuntime<T> {
-    fn new(value: T) -> Self {
-        Self(Some(value))
-    }
-}
-
-impl<T: Send + 'static> std::ops::Deref for OffRuntime<T> {
-    type Target = T;
-
-    fn deref(&self) -> &T {
-        // Taken only by `drop`, after which nothing can reach it.
-        self.0
-            .as_ref()
-            .expect("an OffRuntime's value is taken only when it is dropped")
-    }
-}
-
-impl<T: Send + 'static> Drop for OffRuntime<T> {
-    fn drop(&mut self) {
-        let Some(value) = self.0.take() else { return };
-        match tokio::runtime::Handle::try_current() {
-            // A runtime shutting down refuses the task and drops the value here: blocking, but
-            // only at the end.
-            Ok(runtime) => {
-                runtime.spawn_blocking(move || drop(value));
-            }
-            Err(_) => drop(value),
-        }
     }
 }
 

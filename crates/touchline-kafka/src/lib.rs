@@ -215,6 +215,47 @@ impl KafkaOptions {
     }
 }
 
+/// A value whose last holder, when it lets go inside the runtime, has it dropped on a blocking
+/// thread: destroying a librdkafka client blocks (it joins its threads; a consumer of a group
+/// closes first, polling until it has), and the last holder of a client (a replaced producer, a
+/// replay's consumer) may be a task ending on an async worker, which would stall every task
+/// scheduled there.
+#[derive(Debug)]
+pub struct OffRuntime<T: Send + 'static>(Option<T>);
+
+impl<T: Send + 'static> OffRuntime<T> {
+    /// Holds `value` until the last holder lets go.
+    #[must_use]
+    pub fn new(value: T) -> Self {
+        Self(Some(value))
+    }
+}
+
+impl<T: Send + 'static> std::ops::Deref for OffRuntime<T> {
+    type Target = T;
+
+    fn deref(&self) -> &T {
+        // Taken only by `drop`, after which nothing can reach it.
+        self.0
+            .as_ref()
+            .expect("an OffRuntime's value is taken only when it is dropped")
+    }
+}
+
+impl<T: Send + 'static> Drop for OffRuntime<T> {
+    fn drop(&mut self) {
+        let Some(value) = self.0.take() else { return };
+        match tokio::runtime::Handle::try_current() {
+            // A runtime shutting down refuses the task and drops the value here: blocking, but
+            // only at the end.
+            Ok(runtime) => {
+                runtime.spawn_blocking(move || drop(value));
+            }
+            Err(_) => drop(value),
+        }
+    }
+}
+
 /// Asks the broker for its cluster id. Blocking: call it from a blocking context.
 ///
 /// # Errors
@@ -373,5 +414,38 @@ mod tests {
             timeout(&set.producer_config_lasting(Duration::from_secs(90))).as_deref(),
             Some("10000")
         );
+    }
+
+    /// The last holder of a client (a replaced producer, a replay's consumer) may be a task
+    /// ending on an async worker: what it holds is dropped on a blocking thread, not there
+    /// (destroying a librdkafka client joins its threads).
+    #[test]
+    fn a_value_let_go_of_on_the_runtime_is_dropped_on_another_thread()
+    -> Result<(), Box<dyn std::error::Error>> {
+        #[derive(Debug)]
+        struct Recorder(std::sync::mpsc::Sender<std::thread::ThreadId>);
+        impl Drop for Recorder {
+            fn drop(&mut self) {
+                let _ = self.0.send(std::thread::current().id());
+            }
+        }
+        let (dropped, dropped_on) = std::sync::mpsc::channel();
+        let runtime = tokio::runtime::Builder::new_current_thread().build()?;
+        let worker = runtime.block_on(async {
+            drop(std::sync::Arc::new(OffRuntime::new(Recorder(
+                dropped.clone(),
+            ))));
+            std::thread::current().id()
+        });
+        let on = dropped_on.recv_timeout(Duration::from_secs(30))?;
+        assert_ne!(on, worker, "dropped on the runtime's own thread");
+        drop(runtime);
+        // Outside a runtime: at once, where it is let go of.
+        drop(OffRuntime::new(Recorder(dropped)));
+        assert_eq!(
+            dropped_on.recv_timeout(Duration::from_secs(30))?,
+            std::thread::current().id()
+        );
+        Ok(())
     }
 }

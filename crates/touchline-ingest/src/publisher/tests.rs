@@ -198,32 +198,3 @@ async fn a_call_on_a_producer_kept_after_losing_every_broker_fails_at_once() {
     );
     assert_eq!(generation(&publisher), 0, "kept: it started moments ago");
 }
-
-/// The last holder of a replaced producer may be a call ending on an async worker: what it holds
-/// is dropped on a blocking thread, not there (destroying a librdkafka client joins its threads).
-#[test]
-fn a_value_let_go_of_on_the_runtime_is_dropped_on_another_thread() -> anyhow::Result<()> {
-    #[derive(Debug)]
-    struct Recorder(std::sync::mpsc::Sender<std::thread::ThreadId>);
-    impl Drop for Recorder {
-        fn drop(&mut self) {
-            let _ = self.0.send(std::thread::current().id());
-        }
-    }
-    let (dropped, dropped_on) = std::sync::mpsc::channel();
-    let runtime = tokio::runtime::Builder::new_current_thread().build()?;
-    let worker = runtime.block_on(async {
-        drop(Arc::new(OffRuntime::new(Recorder(dropped.clone()))));
-        std::thread::current().id()
-    });
-    let on = dropped_on.recv_timeout(Duration::from_secs(30))?;
-    assert_ne!(on, worker, "dropped on the runtime's own thread");
-    drop(runtime);
-    // Outside a runtime: at once, where it is let go of.
-    drop(OffRuntime::new(Recorder(dropped)));
-    assert_eq!(
-        dropped_on.recv_timeout(Duration::from_secs(30))?,
-        std::thread::current().id()
-    );
-    Ok(())
-}

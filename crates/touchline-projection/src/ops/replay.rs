@@ -13,7 +13,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use touchline_core::{EventStore as _, StoredPosition, StreamIdentity, UnixNanos};
-use touchline_kafka::KafkaOptions;
+use touchline_kafka::{KafkaOptions, OffRuntime};
 use tracing::{debug, info, warn};
 
 use crate::metrics::PROJECTOR;
@@ -121,7 +121,9 @@ pub async fn replay(
         .set("auto.offset.reset", "error")
         .create()
         .map_err(Error::from)?;
-    let consumer = Arc::new(consumer);
+    // Destroyed off the runtime, however the replay ends (a group member's close polls, then
+    // joins librdkafka's threads).
+    let consumer = Arc::new(OffRuntime::new(consumer));
     let (stream, ranges, assignment) = tokio::task::spawn_blocking({
         let consumer = Arc::clone(&consumer);
         let topic = kafka.topic.clone();
@@ -322,7 +324,7 @@ pub async fn replay(
 /// answers a fetch from inside a record batch from the next batch): the records before the next
 /// offset are skipped again.
 async fn range_gone(
-    consumer: &Arc<StreamConsumer>,
+    consumer: &Arc<OffRuntime<StreamConsumer>>,
     kafka: &KafkaOptions,
     unfinished: Vec<(i32, i64, i64)>,
 ) -> std::result::Result<bool, ReplayError> {
