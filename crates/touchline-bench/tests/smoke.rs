@@ -108,9 +108,12 @@ fn the_benchmark_runs_on_the_tiny_preset() -> anyhow::Result<()> {
         "{} against {ratio}",
         seconds("/full_speed_ratio")
     );
+    // Full pages of 50 during ingest: the `GetTimeline` target's figure (short reads, before
+    // the read customers have 50 entries, are counted apart and do not make it).
     assert!(
-        count("/half_rate/reads_during/count") + count("/half_rate/reads_during_short") > 0,
-        "the reader read during ingest"
+        count("/half_rate/reads_during/count") > 0,
+        "full pages of 50 during ingest (short reads: {})",
+        count("/half_rate/reads_during_short")
     );
     assert!(
         count("/reads_after/count") > 0,
@@ -124,6 +127,7 @@ fn the_benchmark_runs_on_the_tiny_preset() -> anyhow::Result<()> {
         "/full_speed/ack_latency",
         "/half_rate/ack_latency",
         "/half_rate/ingest_to_queryable",
+        "/half_rate/reads_during",
         "/reads_after",
     ] {
         let at = |name: &str| {
