@@ -162,12 +162,22 @@ impl SledStore {
         if backup_reading {
             deferred.clone_from(&writer.deferred_clears);
         } else {
-            self.clear_deferred(
-                &writer.deferred_clears,
-                &mut batch,
-                &mut cleared,
-                &mut dead_letters,
-            )?;
+            for id in &writer.deferred_clears {
+                // A requeue or a discard may have taken it off since.
+                if self
+                    .dead_letters
+                    .contains_key(id.to_be_bytes())
+                    .map_err(backend)?
+                    && cleared.insert(*id)
+                {
+                    self.dead_letters.remove(&mut batch, id.to_be_bytes());
+                    dead_letters = dead_letters.saturating_sub(1);
+                    tracing::info!(
+                        dead_letter = id,
+                        "a dead letter whose record decoded when read again while a backup read the dead letters is taken off the list"
+                    );
+                }
+            }
         }
         // Per partition, its last record: its fingerprint is stored with the position after it.
         // Fingerprints are computed only for those and for dead letters.
@@ -356,38 +366,11 @@ impl SledStore {
         Ok(outcome)
     }
 
-    /// Takes the dead letters `ids` (deferred clears) off the list in `batch`, those still listed
-    /// and not `cleared` already (a requeue or a discard may have taken one off since), counting
-    /// them off `dead_letters` and into `cleared`.
-    fn clear_deferred(
-        &self,
-        ids: &[u64],
-        batch: &mut sled::Batch,
-        cleared: &mut HashSet<u64>,
-        dead_letters: &mut u64,
-    ) -> Result<(), StoreError> {
-        for id in ids {
-            if self
-                .dead_letters
-                .contains_key(id.to_be_bytes())
-                .map_err(backend)?
-                && cleared.insert(*id)
-            {
-                self.dead_letters.remove(batch, id.to_be_bytes());
-                *dead_letters = dead_letters.saturating_sub(1);
-                tracing::info!(
-                    dead_letter = id,
-                    "a dead letter whose record decoded when read again while a backup read the dead letters is taken off the list"
-                );
-            }
-        }
-        Ok(())
-    }
-
     /// Takes the dead letters whose clear a backup deferred off the list now, unless a backup
     /// still reads its cut's dead letters: at an open (they were stored, and a restart before
     /// the next write would keep them listed for good), and before a backup's cut (which would
-    /// copy them, listed, beside their events).
+    /// copy them, listed, beside their events). A write of no records, which settles them as
+    /// every write does.
     ///
     /// # Errors
     /// When the backend fails.
@@ -398,24 +381,8 @@ impl SledStore {
         if writer.deferred_clears.is_empty() || self.backup_readers.load(Ordering::Acquire) > 0 {
             return Ok(());
         }
-        let mut batch = sled::Batch::default();
-        let mut dead_letters = writer.dead_letters;
-        let mut cleared = HashSet::new();
-        self.clear_deferred(
-            &writer.deferred_clears,
-            &mut batch,
-            &mut cleared,
-            &mut dead_letters,
-        )?;
-        self.meta
-            .insert(&mut batch, DEAD_LETTER_COUNT, &dead_letters.to_be_bytes());
-        store_deferred_clears(&self.meta, &mut batch, &[]);
-        self.write(batch, cleared.len() + 2)?;
-        writer.dead_letters = dead_letters;
-        writer.deferred_clears.clear();
-        self.dead_letter_count
-            .store(dead_letters, Ordering::Release);
-        Ok(())
+        self.apply_locked(writer, "", Vec::new(), false, sled::Batch::default(), None)
+            .map(|_| ())
     }
 
     /// Applies records re-read from Kafka by a replay: new events are appended and projected,
